@@ -1,0 +1,138 @@
+"""The store's bookkeeping objects: registered models, entries and their extents, reservations, leases.
+
+Lifecycle of an entry (owned by ``kvd.store.Store``):
+
+1. ``reserve`` creates an ``Entry`` with host slot runs for each extent, held by a ``Reservation``;
+   it is *pending*: invisible to lookups, its key is blocked for other writers.
+2. ``commit`` checksums the extents and inserts the entry into the index, all at once per entry:
+   a lookup sees the whole entry or nothing.
+3. Reads take a ``Lease``; a leased entry's extents cannot be evicted, moved or dropped.
+4. Demotion copies extents to SSD and frees host slots; eviction drops them; an entry with no extent
+   left anywhere leaves the index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvd.headmap import HeadMap
+from kvd.keys import ModelSpec
+from kvd.layout import ExtentPlan
+from kvd.tiers.base import Location
+
+EntryKey = tuple[str, str, str]  # (namespace, fingerprint, hash)
+
+
+@dataclass(slots=True)
+class ModelRecord:
+    fingerprint: str
+    spec: ModelSpec
+    head_map: HeadMap
+    registered_at: float
+
+    @property
+    def num_global_heads(self) -> int:
+        return self.head_map.num_global
+
+
+@dataclass(slots=True)
+class Extent:
+    """One head class's segments of one entry, and every place a copy of them lives."""
+
+    plan: ExtentPlan
+    checksum: int | None = None  # xxh3-64 of the raw bytes, set at commit
+    host: Location | None = None  # slot run in the arena
+    ssd: Location | None = None  # record in the SSD tier
+    ssd_codec: str | None = None  # codec of the SSD copy; lossy codecs make it unloadable for exact readers
+    dropped: bool = False  # deliberately not kept anywhere (placement "drop" of far local tokens)
+
+    @property
+    def head_class(self) -> str:
+        return self.plan.head_class
+
+    @property
+    def nbytes(self) -> int:
+        return self.plan.nbytes
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.host is not None or self.ssd_codec in (None, "raw", "lossless")
+
+    def tiers(self) -> list[str]:
+        return [t for t, loc in (("host", self.host), ("ssd", self.ssd)) if loc is not None]
+
+
+@dataclass(slots=True)
+class Entry:
+    key: EntryKey
+    kind: str  # "prefix" | "chunk"
+    num_tokens: int
+    start_token: int
+    end_token: int
+    extents: dict[str, Extent]  # head class -> extent
+    created: float
+    last_access: float
+    pinned: bool = False
+    leases: int = 0
+    reuse_count: int = 0  # lookups and leases that found it
+    seen: int = 1  # times stored or looked up (admission to SSD counts these)
+
+    @property
+    def namespace(self) -> str:
+        return self.key[0]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key[1]
+
+    @property
+    def hash(self) -> str:
+        return self.key[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.extents.values())
+
+    def fastest_tier(self) -> str | None:
+        if any(x.host for x in self.extents.values()):
+            return "host"
+        if any(x.ssd for x in self.extents.values()):
+            return "ssd"
+        return None
+
+    def available_classes(self, *, exact: bool = True) -> list[str]:
+        """Head classes whose bytes can be served (``exact``: losslessly)."""
+        return [
+            c for c, x in self.extents.items()
+            if (x.host is not None or x.ssd is not None) and (x.is_lossless or not exact)
+        ]
+
+    def is_complete(self) -> bool:
+        return len(self.available_classes()) == len(self.extents)
+
+    def tiers(self) -> list[str]:
+        out: list[str] = []
+        for x in self.extents.values():
+            for t in x.tiers():
+                if t not in out:
+                    out.append(t)
+        return out
+
+
+@dataclass(slots=True)
+class Reservation:
+    reservation_id: str
+    owner_pid: int | None
+    expires_at: float
+    entries: dict[str, Entry]  # hash -> pending entry
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: str
+    owner_pid: int | None
+    expires_at: float
+    keys: list[EntryKey]
+    nbytes: int = 0
+    # Extents pinned by this lease (head class filter applied): key -> classes
+    classes: dict[EntryKey, list[str]] = field(default_factory=dict)
