@@ -307,6 +307,12 @@ class EvictRequest(_Model):
 class FlushRequest(_Model):
     namespace: str | None = None
     fingerprint: str | None = None
+    hashes: list[str] | None = None  # only these entries (with namespace and fingerprint); None: all matching
+
+    @field_validator("hashes")
+    @classmethod
+    def check_hashes_field(cls, v: list[str] | None) -> list[str] | None:
+        return _hashes(v)
 
 
 class TierStatsBody(_Model):

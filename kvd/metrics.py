@@ -1,0 +1,141 @@
+"""Prometheus metrics of the daemon, and NVML GPU telemetry where a GPU exists.
+
+Every metric lives in the daemon's own ``CollectorRegistry`` (never the global one), so several
+daemons in one test process do not collide. Names are ``kvd_*`` in base units (bytes, seconds),
+counters end in ``_total``, and every hit counter has its denominator: ``kvd_lookup_tokens_total``
+(tokens asked about) beside ``kvd_hit_tokens_total{tier, head_class}`` (tokens found).
+
+Tier gauges are read at scrape time from the store (a callback collector), so they are never stale.
+GPU metrics are *absent* on machines without an NVIDIA GPU or NVML, not zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvd.tiers.base import TierStats
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class _TierCollector(Collector):
+    def __init__(self, read: Callable[[], list[TierStats]], read_entries: Callable[[], dict[str, tuple[int, int]]]):
+        self._read = read
+        self._read_entries = read_entries
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        used = GaugeMetricFamily("kvd_tier_used_bytes", "Bytes held in the tier", labels=["tier"])
+        cap = GaugeMetricFamily("kvd_tier_capacity_bytes", "Capacity of the tier in bytes", labels=["tier"])
+        ents = GaugeMetricFamily("kvd_tier_entries", "Entries with at least one extent in the tier", labels=["tier"])
+        segs = GaugeMetricFamily("kvd_tier_segments", "(entry, layer, KV head) segments in the tier", labels=["tier"])
+        for s in self._read():
+            used.add_metric([s.name], s.used_bytes)
+            cap.add_metric([s.name], s.capacity_bytes)
+        for tier, (num_entries, num_segments) in self._read_entries().items():
+            ents.add_metric([tier], num_entries)
+            segs.add_metric([tier], num_segments)
+        yield from (used, cap, ents, segs)
+
+
+class _NvmlCollector(Collector):
+    """GPU memory, utilisation and PCIe throughput per device, through nvidia-ml-py."""
+
+    def __init__(self, nvml) -> None:  # the imported pynvml module, initialised
+        self._nvml = nvml
+        self._handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nv = self._nvml
+        mem_used = GaugeMetricFamily("kvd_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        mem_total = GaugeMetricFamily("kvd_gpu_memory_total_bytes", "GPU memory in total", labels=["gpu"])
+        util = GaugeMetricFamily("kvd_gpu_utilization_ratio", "GPU utilisation (0-1)", labels=["gpu"])
+        pcie = GaugeMetricFamily("kvd_gpu_pcie_bytes_per_second", "PCIe throughput", labels=["gpu", "direction"])
+        for i, h in enumerate(self._handles):
+            try:
+                m = nv.nvmlDeviceGetMemoryInfo(h)
+                mem_used.add_metric([str(i)], m.used)
+                mem_total.add_metric([str(i)], m.total)
+                util.add_metric([str(i)], nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
+                for direction, counter in (("tx", nv.NVML_PCIE_UTIL_TX_BYTES), ("rx", nv.NVML_PCIE_UTIL_RX_BYTES)):
+                    # NVML reports KB/s over a 20 ms window.
+                    pcie.add_metric([str(i), direction], nv.nvmlDeviceGetPcieThroughput(h, counter) * 1024.0)
+            except Exception:  # noqa: BLE001 - telemetry must never break a scrape
+                logger.debug("NVML read failed for GPU %d", i, exc_info=True)
+        yield from (mem_used, mem_total, util, pcie)
+
+
+def _nvml_collector() -> Collector | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return None
+        return _NvmlCollector(pynvml)
+    except Exception:  # noqa: BLE001 - no driver, no library, no GPU: GPU metrics are absent
+        return None
+
+
+class Metrics:
+    """All of the daemon's metrics. The store and the API update them; ``/metrics`` renders them."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.lookup_tokens = Counter("kvd_lookup_tokens", "Tokens asked about by lookups", ["kind"], registry=r)
+        self.hit_tokens = Counter(
+            "kvd_hit_tokens", "Tokens found by lookups, by fastest tier and head class",
+            ["kind", "tier", "head_class"], registry=r)
+        self.moved_bytes = Counter(
+            "kvd_moved_bytes", "Bytes moved, by direction (store: engine->arena, load: arena->engine, "
+            "demote: arena->ssd, promote: ssd->arena)", ["direction"], registry=r)
+        self.moved_seconds = Counter(
+            "kvd_moved_seconds", "Seconds spent moving bytes, by direction (client-reported for store/load)",
+            ["direction"], registry=r)
+        self.route_latency = Histogram(
+            "kvd_request_duration_seconds", "Control API request latency by route", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("kvd_requests", "Control API requests by route and status", ["route", "status"],
+                                registry=r)
+        self.leases_held = Gauge("kvd_leases_held", "Read leases currently held", registry=r)
+        self.leases_expired = Counter("kvd_leases_expired", "Leases taken back (TTL or client death)", ["reason"],
+                                      registry=r)
+        self.reservations_open = Gauge("kvd_reservations_open", "Reservations not yet committed", registry=r)
+        self.reservations_expired = Counter("kvd_reservations_expired", "Reservations taken back uncommitted",
+                                            registry=r)
+        self.committed_entries = Counter("kvd_committed_entries", "Entries committed", ["kind"], registry=r)
+        self.no_space = Counter("kvd_reserve_no_space", "Entries refused because nothing could be evicted",
+                                registry=r)
+        self.evicted_entries = Counter("kvd_evicted_entries", "Entries (or their extents) evicted from a tier",
+                                       ["tier"], registry=r)
+        self.checksum_failures = Counter("kvd_checksum_failures", "Extents whose bytes failed verification",
+                                         ["tier"], registry=r)
+        self.demotions = Counter("kvd_demotions", "Extents written from the arena to SSD", ["head_class"],
+                                 registry=r)
+        self.promotions = Counter("kvd_promotions", "Extents read from SSD into the arena", ["head_class"],
+                                  registry=r)
+        self.admission_refusals = Counter("kvd_admission_refusals", "Entries not admitted to SSD", registry=r)
+        self.prefetch_latency = Histogram("kvd_prefetch_duration_seconds", "SSD -> arena prefetch latency per entry",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.codec_raw_bytes = Counter("kvd_codec_raw_bytes", "Raw bytes through a codec", ["codec", "op"],
+                                       registry=r)
+        self.codec_encoded_bytes = Counter("kvd_codec_encoded_bytes", "Encoded bytes through a codec",
+                                           ["codec", "op"], registry=r)
+        self.codec_seconds = Counter("kvd_codec_seconds", "Seconds spent in a codec", ["codec", "op"], registry=r)
+        self.errors = Counter("kvd_errors", "Handled failures by kind", ["kind"], registry=r)
+
+    def attach_tiers(self, read: Callable[[], list[TierStats]],
+                     read_entries: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self.registry.register(_TierCollector(read, read_entries))
+
+    def attach_gpu(self) -> bool:
+        c = _nvml_collector()
+        if c is not None:
+            self.registry.register(c)
+        return c is not None

@@ -1,0 +1,544 @@
+"""The tiered store: the index of entries, reservations and leases, and the calls into tiers and policies.
+
+The store orchestrates; tiers hold bytes (``kvd.tiers``) and policies decide (``kvd.policies``). It is
+driven by the control API's handlers, one method per route, and by the daemon's background tasks
+(``expire`` for leases and reservations; ``kvd.mover`` for demotion and prefetch). Everything here runs
+on the event loop and never blocks it: checksums, SSD I/O and codecs go to the executor.
+
+Invariants:
+- an entry is in ``_index`` only after its commit finished: lookups see whole entries or nothing;
+- a key is in at most one of ``_index``, a reservation's pending entries, or ``_doomed``;
+- extents of an entry with ``leases > 0`` are never freed, moved or overwritten;
+- "cannot right now" (no room, nothing evictable) answers ``no_space`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+
+import xxhash
+
+from kvd import protocol as P
+from kvd.config import Settings
+from kvd.entries import Entry, EntryKey, Extent, Lease, ModelRecord, Reservation
+from kvd.errors import Conflict, FingerprintMismatch, InvalidRequest, NotFound, RequestTooLarge
+from kvd.headmap import HeadMap
+from kvd.keys import ModelSpec, prefix_hashes
+from kvd.layout import plan_extents
+from kvd.metrics import Metrics
+from kvd.tiers.base import TierStats
+from kvd.tiers.host import HostTier
+
+logger = logging.getLogger(__name__)
+
+_COMMITTED_MEMORY = 4096  # reservation ids remembered after commit, to tell a double commit from a typo
+
+
+def owner_is_alive(pid: int) -> bool:
+    """Whether the process holding a lease still exists (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def entry_meta(e: Entry, model: ModelRecord):
+    """What eviction policies see of an entry: sizes, position and head-class make-up, never bytes."""
+    from kvd.policies.eviction import EntryMeta
+
+    global_bytes = e.extents["global"].nbytes if "global" in e.extents else 0
+    return EntryMeta(nbytes=e.nbytes, num_tokens=e.num_tokens, num_layers=model.spec.num_layers,
+                     start_token=e.start_token, global_fraction=global_bytes / max(1, e.nbytes),
+                     pinned=e.pinned)
+
+
+class Store:
+    def __init__(
+        self,
+        settings: Settings,
+        host: HostTier,
+        *,
+        metrics: Metrics,
+        executor: Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        host_policy=None,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.metrics = metrics
+        self.executor = executor
+        self.clock = clock
+        self.started_at = clock()
+        if host_policy is None:
+            from kvd.policies.eviction import make_eviction
+
+            host_policy = make_eviction(settings.policy)
+        self.host_policy = host_policy
+        self.models: dict[str, ModelRecord] = {}  # fingerprint -> model
+        self._index: dict[EntryKey, Entry] = {}
+        self._pending: dict[EntryKey, str] = {}  # key -> reservation id holding it
+        self._doomed: dict[EntryKey, Entry] = {}  # deleted while leased; freed on last release
+        self._reservations: dict[str, Reservation] = {}
+        self._committing: set[str] = set()
+        self._committed_ids: OrderedDict[str, None] = OrderedDict()
+        self._leases: dict[str, Lease] = {}
+        self.mover = None  # kvd.mover.Mover when an SSD tier is configured (set by the daemon)
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def register_model(self, req: P.RegisterModelRequest) -> P.RegisterModelResponse:
+        spec = ModelSpec(model_id=req.model_id, revision=req.revision, num_layers=req.num_layers,
+                         num_kv_heads=req.num_kv_heads, head_dim=req.head_dim, kv_dtype=req.kv_dtype,
+                         rope=req.rope, layout=req.layout)
+        fp = spec.fingerprint()
+        if req.fingerprint is not None and req.fingerprint != fp:
+            raise FingerprintMismatch(
+                f"fingerprint {req.fingerprint} does not match {fp}, computed from the model fields sent; "
+                "the client and daemon disagree on the model layout — upgrade both to the same kvd")
+        hm = req.head_map
+        if hm is not None:
+            hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
+        else:
+            hm = HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)
+        known = self.models.get(fp)
+        if known is not None and known.head_map.class_grid() != hm.class_grid():
+            if self._count_entries(fp):
+                raise Conflict(
+                    f"model {spec.model_id} ({fp}) is registered with another head map and has stored "
+                    "entries, whose extents follow the old map; delete them (kvctl evict) or use a new revision")
+        if known is None or known.head_map != hm:
+            self.models[fp] = ModelRecord(fp, spec, hm, self.clock())
+            logger.info("registered model %s (%s): %d layers × %d KV heads, %d global",
+                        spec.model_id, fp, spec.num_layers, spec.num_kv_heads, hm.num_global)
+        return P.RegisterModelResponse(
+            fingerprint=fp, chunk_tokens=self.settings.keys.chunk_tokens, arena=self.arena_info(),
+            head_map_method=hm.method, num_global_heads=hm.num_global)
+
+    def model(self, fingerprint: str) -> ModelRecord:
+        m = self.models.get(fingerprint)
+        if m is None:
+            raise NotFound(f"model {fingerprint!r} is not registered with this daemon; register it first "
+                           "(POST /v1/models; clients do this on connect and after a daemon restart)")
+        return m
+
+    def arena_info(self) -> P.ArenaInfo:
+        return P.ArenaInfo(path=str(self.host.path), capacity_bytes=self.host.capacity_bytes,
+                           slot_bytes=self.host.slot_bytes, arena_id=self.host.arena_id)
+
+    # ---- lookup ---------------------------------------------------------------------------------
+
+    def lookup(self, req: P.LookupRequest) -> P.LookupResponse:
+        self.model(req.fingerprint)
+        chunk = self.settings.keys.chunk_tokens
+        if req.token_ids is not None and req.prefix_hashes is not None:
+            raise InvalidRequest("send token_ids or prefix_hashes, not both")
+        if req.token_ids is not None:
+            if len(req.token_ids) > self.settings.daemon.max_tokens_per_request:
+                raise RequestTooLarge(f"{len(req.token_ids)} token ids; at most "
+                                      f"{self.settings.daemon.max_tokens_per_request} per lookup")
+            hashes = prefix_hashes(req.token_ids, chunk_tokens=chunk, namespace=req.namespace,
+                                   fingerprint=req.fingerprint)
+        else:
+            hashes = req.prefix_hashes or []
+        self._check_count(len(hashes) + len(req.chunk_hashes or []))
+        now = self.clock()
+        prefix = [self._status(req.namespace, req.fingerprint, h, now, "prefix", req.prefetch) for h in hashes]
+        chunks = [self._status(req.namespace, req.fingerprint, h, now, "chunk", req.prefetch)
+                  for h in (req.chunk_hashes or [])]
+        hits = 0
+        for s in prefix:
+            if not s.complete:
+                break
+            hits += 1
+        self.metrics.lookup_tokens.labels("prefix").inc(len(hashes) * chunk)
+        self.metrics.lookup_tokens.labels("chunk").inc(sum(s.num_tokens for s in chunks))
+        return P.LookupResponse(chunk_tokens=chunk, num_prefix_hits=hits, prefix=prefix, chunks=chunks)
+
+    def _status(self, ns: str, fp: str, h: str, now: float, kind: str, prefetch: bool) -> P.EntryStatus:
+        e = self._index.get((ns, fp, h))
+        if e is None:
+            return P.EntryStatus(hash=h, tier=None)
+        e.seen += 1
+        e.last_access = now
+        classes = e.available_classes()
+        tier = e.fastest_tier()
+        for c in classes:
+            x = e.extents[c]
+            t = "host" if x.host is not None else "ssd"
+            self.metrics.hit_tokens.labels(kind, t, c).inc(e.num_tokens)
+        if prefetch and self.mover is not None and tier != "host":
+            self.mover.prefetch(e)
+        return P.EntryStatus(hash=h, tier=tier, classes=classes, complete=e.is_complete(),
+                             num_tokens=e.num_tokens)
+
+    # ---- store: reserve / commit / abort --------------------------------------------------------
+
+    def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
+        model = self.model(req.fingerprint)
+        self._check_count(len(req.entries))
+        now = self.clock()
+        rid = uuid.uuid4().hex
+        pending: dict[str, Entry] = {}
+        out: list[P.ReservedEntry] = []
+        seen_in_request: set[str] = set()
+        try:
+            for r in req.entries:
+                if r.hash in seen_in_request:
+                    raise InvalidRequest(f"entry {r.hash} appears twice in one reserve request")
+                seen_in_request.add(r.hash)
+                key = (req.namespace, req.fingerprint, r.hash)
+                existing = self._index.get(key)
+                if existing is not None or key in self._pending:
+                    if existing is not None:
+                        existing.seen += 1
+                        existing.last_access = now
+                    out.append(P.ReservedEntry(hash=r.hash, status="exists"))
+                    continue
+                entry = self._reserve_entry(model, key, r, now)
+                if entry is None:
+                    self.metrics.no_space.inc()
+                    out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
+                    continue
+                pending[r.hash] = entry
+                self._pending[key] = rid
+                out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=self._extent_infos(entry)))
+        except BaseException:
+            for entry in pending.values():
+                self._pending.pop(entry.key, None)
+                self._free_host(entry)
+            raise
+        ttl = self.settings.host.reservation_ttl_s
+        if pending:
+            self._reservations[rid] = Reservation(rid, owner_pid, now + ttl, pending)
+            self.metrics.reservations_open.set(len(self._reservations))
+        return P.ReserveResponse(reservation_id=rid if pending else None, expires_in_s=ttl,
+                                 arena_id=self.host.arena_id, entries=out)
+
+    def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, now: float) -> Entry | None:
+        plans = plan_extents(model.spec, model.head_map, r.num_tokens)
+        end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
+        entry = Entry(key=key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
+                      extents={c: Extent(plan=p) for c, p in plans.items()}, created=now, last_access=now)
+        for x in entry.extents.values():
+            loc = self.host.reserve(x.nbytes) or (self._make_room(x.nbytes, now) and self.host.reserve(x.nbytes))
+            if not loc:
+                self._free_host(entry)
+                return None
+            x.host = loc
+        return entry
+
+    def _make_room(self, nbytes: int, now: float) -> bool:
+        """Evict host copies until a run of ``nbytes`` fits. Drops only; never blocks on I/O."""
+        for _ in range(8):  # fragmentation: freed bytes may not be adjacent; retry a few rounds
+            if self.host.can_reserve(nbytes):
+                return True
+            victims = self.host_policy.victims(nbytes, now=now, can_evict=self._host_evictable)
+            if not victims:
+                return False
+            for key in victims:
+                self._evict_host(self._index[key])
+        return self.host.can_reserve(nbytes)
+
+    def _host_evictable(self, key: EntryKey) -> bool:
+        e = self._index.get(key)
+        return e is not None and not e.pinned and e.leases == 0 and e.fastest_tier() == "host" and not (
+            self.mover is not None and self.mover.is_busy(key))
+
+    def _evict_host(self, e: Entry) -> None:
+        """Drop the entry's host copies; the entry leaves the index if no other tier holds it."""
+        self._free_host(e)
+        self.host_policy.on_remove(e.key)
+        self.metrics.evicted_entries.labels("host").inc()
+        if e.fastest_tier() is None:
+            self._remove(e)
+
+    async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
+        res = self._reservations.get(req.reservation_id)
+        if res is None or req.reservation_id in self._committing:
+            if req.reservation_id in self._committed_ids or req.reservation_id in self._committing:
+                raise Conflict(f"reservation {req.reservation_id} was already committed")
+            raise NotFound(f"reservation {req.reservation_id} does not exist or expired "
+                           f"(reservations live {self.settings.host.reservation_ttl_s} s); reserve again")
+        chosen = list(res.entries) if req.hashes is None else req.hashes
+        unknown = [h for h in chosen if h not in res.entries]
+        if unknown:
+            raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {req.reservation_id}")
+        self._committing.add(req.reservation_id)
+        try:
+            entries = [res.entries[h] for h in chosen]
+            if self.settings.host.verify_on_commit:
+                sums = await self._run(self._checksums, entries)
+                for e, s in zip(entries, sums):
+                    for x, c in zip(e.extents.values(), s):
+                        x.checksum = c
+        finally:
+            self._committing.discard(req.reservation_id)
+        # Synchronous from here on: each entry becomes visible whole, and the reservation ends.
+        del self._reservations[req.reservation_id]
+        self._committed_ids[req.reservation_id] = None
+        while len(self._committed_ids) > _COMMITTED_MEMORY:
+            self._committed_ids.popitem(last=False)
+        now = self.clock()
+        nbytes = 0
+        for e in res.entries.values():
+            self._pending.pop(e.key, None)
+            if e.hash not in chosen:
+                self._free_host(e)
+                continue
+            e.created = e.last_access = now
+            self._index[e.key] = e
+            self.host_policy.on_insert(e.key, entry_meta(e, self.models[e.fingerprint]))
+            self.metrics.committed_entries.labels(e.kind).inc()
+            nbytes += e.nbytes
+            if self.mover is not None:
+                self.mover.on_commit(e)
+        self.metrics.moved_bytes.labels("store").inc(nbytes)
+        self.metrics.moved_seconds.labels("store").inc(req.transfer_s)
+        self.metrics.reservations_open.set(len(self._reservations))
+        return P.CommitResponse(committed=chosen)
+
+    def _checksums(self, entries: list[Entry]) -> list[list[int]]:
+        return [[xxhash.xxh3_64_intdigest(self.host.read(x.host)[: x.nbytes]) for x in e.extents.values()]
+                for e in entries]
+
+    def abort(self, req: P.AbortRequest) -> P.CountResponse:
+        res = self._reservations.get(req.reservation_id)
+        if res is None or req.reservation_id in self._committing:
+            raise NotFound(f"reservation {req.reservation_id} does not exist, expired or is being committed")
+        self._drop_reservation(res)
+        return P.CountResponse(count=len(res.entries))
+
+    def _drop_reservation(self, res: Reservation) -> None:
+        del self._reservations[res.reservation_id]
+        for e in res.entries.values():
+            self._pending.pop(e.key, None)
+            self._free_host(e)
+        self.metrics.reservations_open.set(len(self._reservations))
+
+    # ---- load: lease / release ------------------------------------------------------------------
+
+    async def lease(self, req: P.LeaseRequest, owner_pid: int | None = None) -> P.LeaseResponse:
+        model = self.model(req.fingerprint)
+        self._check_count(len(req.hashes))
+        if req.classes is not None:
+            bad = [c for c in req.classes if c not in ("global", "local")]
+            if bad:
+                raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")
+        keys = [(req.namespace, req.fingerprint, h) for h in req.hashes]
+        if self.mover is not None:
+            wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
+            await self.mover.wait_for_host(keys, req.classes, wait)
+        now = self.clock()
+        lease = Lease(uuid.uuid4().hex, owner_pid, now + self.settings.host.lease_ttl_s, [])
+        out = []
+        for key in keys:
+            out.append(self._lease_one(lease, key, req.classes, model, now))
+        if lease.keys:
+            self._leases[lease.lease_id] = lease
+            self.metrics.leases_held.set(len(self._leases))
+        return P.LeaseResponse(lease_id=lease.lease_id if lease.keys else None,
+                               expires_in_s=self.settings.host.lease_ttl_s, arena_id=self.host.arena_id,
+                               entries=out)
+
+    def _lease_one(self, lease: Lease, key: EntryKey, classes: list[str] | None, model: ModelRecord,
+                   now: float) -> P.LeasedEntry:
+        e = self._index.get(key)
+        h = key[2]
+        if e is None:
+            return P.LeasedEntry(hash=h, status="missing")
+        want = [c for c in e.extents if classes is None or c in classes]
+        if not all(e.extents[c].host is not None for c in want):
+            busy = self.mover is not None and self.mover.is_busy(key)
+            return P.LeasedEntry(hash=h, status="timeout" if busy else "missing", num_tokens=e.num_tokens)
+        e.leases += 1
+        e.reuse_count += 1
+        e.last_access = now
+        self.host_policy.on_access(key, now)
+        lease.keys.append(key)
+        lease.classes[key] = want
+        lease.nbytes += sum(e.extents[c].nbytes for c in want)
+        return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens,
+                             extents=self._extent_infos(e, want))
+
+    def release(self, req: P.ReleaseRequest) -> P.CountResponse:
+        lease = self._leases.pop(req.lease_id, None)
+        if lease is None:
+            raise NotFound(f"lease {req.lease_id} is not held: never taken, already released, or expired "
+                           f"(leases live {self.settings.host.lease_ttl_s} s)")
+        self._end_lease(lease)
+        self.metrics.moved_bytes.labels("load").inc(lease.nbytes)
+        self.metrics.moved_seconds.labels("load").inc(req.transfer_s)
+        return P.CountResponse(count=len(lease.keys))
+
+    def _end_lease(self, lease: Lease) -> None:
+        for key in lease.keys:
+            e = self._index.get(key) or self._doomed.get(key)
+            if e is None:
+                continue
+            e.leases -= 1
+            assert e.leases >= 0, f"lease count of {key} went negative"
+            if e.leases == 0 and key in self._doomed:
+                del self._doomed[key]
+                self._free_all(e)
+        self.metrics.leases_held.set(len(self._leases))
+
+    # ---- admin: delete, pin, list, evict ---------------------------------------------------------
+
+    def _select(self, req: P.EntriesRequest) -> list[Entry]:
+        self._check_count(len(req.hashes))
+        fps = [req.fingerprint] if req.fingerprint else list(self.models)
+        return [e for h in req.hashes for fp in fps if (e := self._index.get((req.namespace, fp, h))) is not None]
+
+    def delete(self, req: P.EntriesRequest) -> P.CountResponse:
+        found = self._select(req)
+        for e in found:
+            self._remove(e)
+        return P.CountResponse(count=len(found))
+
+    def set_pinned(self, req: P.EntriesRequest, pinned: bool) -> P.CountResponse:
+        found = self._select(req)
+        for e in found:
+            e.pinned = pinned
+            if pinned and self.mover is not None:
+                self.mover.on_pin(e)
+        return P.CountResponse(count=len(found))
+
+    async def evict(self, req: P.EvictRequest) -> P.CountResponse:
+        """Drop host copies (tier=host) of matching, unleased, unpinned entries; SSD via the mover."""
+        if req.tier != "host":
+            return P.CountResponse(count=await self._need_mover(req.tier).evict(req))
+        budget = req.max_bytes
+        count = 0
+        for e in list(self._index.values()):
+            if (req.namespace and e.namespace != req.namespace) or (req.fingerprint and e.fingerprint != req.fingerprint):
+                continue
+            if e.pinned or e.leases or e.fastest_tier() != "host":
+                continue
+            if budget is not None and budget <= 0:
+                break
+            if budget is not None:
+                budget -= e.nbytes
+            self._evict_host(e)
+            count += 1
+        return P.CountResponse(count=count)
+
+    async def flush(self, req: P.FlushRequest) -> P.CountResponse:
+        """Write every matching host-only entry to SSD now (``kvctl flush``)."""
+        return P.CountResponse(count=await self._need_mover("ssd").flush(req))
+
+    async def compact(self) -> P.CountResponse:
+        return P.CountResponse(count=await self._need_mover("ssd").compact())
+
+    def _need_mover(self, tier: str):
+        if self.mover is None:
+            raise InvalidRequest(f"tier {tier!r} is not enabled on this daemon (ssd.enabled = false)")
+        return self.mover
+
+    # ---- background: expiry ---------------------------------------------------------------------
+
+    def expire(self, now: float | None = None, *, is_alive: Callable[[int], bool] = owner_is_alive) -> int:
+        """Take back reservations and leases past their TTL or whose owner process died."""
+        now = self.clock() if now is None else now
+        n = 0
+        for res in list(self._reservations.values()):
+            if res.reservation_id in self._committing:
+                continue
+            if res.expires_at <= now or (res.owner_pid is not None and not is_alive(res.owner_pid)):
+                self._drop_reservation(res)
+                self.metrics.reservations_expired.inc()
+                n += 1
+        for lease in list(self._leases.values()):
+            reason = "ttl" if lease.expires_at <= now else (
+                "owner_died" if lease.owner_pid is not None and not is_alive(lease.owner_pid) else None)
+            if reason:
+                del self._leases[lease.lease_id]
+                self._end_lease(lease)
+                self.metrics.leases_expired.labels(reason).inc()
+                logger.warning("lease %s of pid %s taken back (%s), %d entries", lease.lease_id,
+                               lease.owner_pid, reason, len(lease.keys))
+                n += 1
+        return n
+
+    def tier_stats(self) -> list[TierStats]:
+        out = [self.host.stats()]
+        if self.mover is not None:
+            out.append(self.mover.ssd.stats())
+        return out
+
+    def num_entries(self) -> int:
+        return len(self._index)
+
+    def num_leases(self) -> int:
+        return len(self._leases)
+
+    def num_reservations(self) -> int:
+        return len(self._reservations)
+
+    def num_committing(self) -> int:
+        return len(self._committing)
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def get(self, key: EntryKey) -> Entry | None:
+        return self._index.get(key)
+
+    def iter_entries(self) -> Iterable[Entry]:
+        return self._index.values()
+
+    def insert_recovered(self, e: Entry) -> None:
+        """Put an entry rebuilt from a persistent tier into the index (daemon start)."""
+        self._index[e.key] = e
+
+    def _check_count(self, n: int) -> None:
+        limit = self.settings.daemon.max_entries_per_request
+        if n > limit:
+            raise RequestTooLarge(f"{n} entries in one request; at most {limit} (daemon.max_entries_per_request)")
+
+    def _extent_infos(self, e: Entry, classes: list[str] | None = None) -> list[P.ExtentInfo]:
+        return [P.ExtentInfo(head_class=c, offset=x.host.offset, nbytes=x.nbytes,
+                             checksum=None if x.checksum is None else f"{x.checksum:016x}")
+                for c, x in e.extents.items() if x.host is not None and (classes is None or c in classes)]
+
+    def _free_host(self, e: Entry) -> None:
+        for x in e.extents.values():
+            if x.host is not None:
+                self.host.drop(x.host)
+                x.host = None
+
+    def _free_all(self, e: Entry) -> None:
+        self._free_host(e)
+        if self.mover is not None:
+            self.mover.drop_ssd(e)
+
+    def _remove(self, e: Entry) -> None:
+        """Take the entry out of the index; free its bytes now, or on its last release if leased."""
+        if self._index.pop(e.key, None) is None:
+            return
+        self.host_policy.on_remove(e.key)
+        if self.mover is not None:
+            self.mover.on_remove(e)
+        if e.leases:
+            self._doomed[e.key] = e
+        else:
+            self._free_all(e)
+
+    def _count_entries(self, fp: str) -> int:
+        return sum(1 for e in self._index.values() if e.fingerprint == fp)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
