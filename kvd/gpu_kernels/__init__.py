@@ -1,1 +1,51 @@
-"""gpu_kernels."""
+"""Triton kernels of kvd, each beside a plain-torch reference with the same signature (``*_ref``).
+
+Imports only torch and triton. The references run anywhere (the CPU backend, tests); the kernels run
+on CUDA GPUs and, for tests, on the CPU under ``TRITON_INTERPRET=1``. Shapes and contracts are in each
+module's docstring; docs/kernels.md has the overview and the H200 measurements.
+
+- ``segpaged_decode``: SegPagedAttention decode over per-(request, KV head) page lists (flash-decoding).
+- ``segpaged_prefill``: varlen causal prefill/extend with per-head sink + window visibility.
+- ``gather_segments`` / ``scatter_segments``: vLLM paged KV layouts <-> contiguous per-head segments.
+- ``rope_shift``: rotate cached keys by a position delta, in place.
+- ``quantize_keys`` / ``quantize_values`` / ``dequantize_*``: fp8 e4m3 and int8, codec math.
+- ``split_byte_planes`` / ``merge_byte_planes``: 16-bit byte planes of the lossless codec.
+"""
+
+from kvd.gpu_kernels.byte_planes import (
+    merge_byte_planes,
+    merge_byte_planes_ref,
+    split_byte_planes,
+    split_byte_planes_ref,
+)
+from kvd.gpu_kernels.gather_scatter import (
+    LAYOUTS,
+    gather_segments,
+    gather_segments_ref,
+    scatter_segments,
+    scatter_segments_ref,
+)
+from kvd.gpu_kernels.quant import (
+    QMAX,
+    dequantize_keys,
+    dequantize_keys_ref,
+    dequantize_values,
+    dequantize_values_ref,
+    quantize_keys,
+    quantize_keys_ref,
+    quantize_values,
+    quantize_values_ref,
+)
+from kvd.gpu_kernels.rope_shift import rope_shift, rope_shift_ref
+from kvd.gpu_kernels.segpaged_decode import segpaged_decode, segpaged_decode_ref
+from kvd.gpu_kernels.segpaged_prefill import segpaged_prefill, segpaged_prefill_ref
+
+__all__ = [
+    "LAYOUTS", "QMAX",
+    "dequantize_keys", "dequantize_keys_ref", "dequantize_values", "dequantize_values_ref",
+    "gather_segments", "gather_segments_ref", "scatter_segments", "scatter_segments_ref",
+    "merge_byte_planes", "merge_byte_planes_ref", "split_byte_planes", "split_byte_planes_ref",
+    "quantize_keys", "quantize_keys_ref", "quantize_values", "quantize_values_ref",
+    "rope_shift", "rope_shift_ref",
+    "segpaged_decode", "segpaged_decode_ref", "segpaged_prefill", "segpaged_prefill_ref",
+]

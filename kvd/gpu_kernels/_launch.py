@@ -1,0 +1,81 @@
+"""Helpers shared by the kernel launchers: interpreter detection, argument checks, small maths.
+
+Launchers check their arguments here and raise ``ValueError`` naming the tensor, the value seen and
+what was expected; they never call ``.contiguous()`` silently (STYLE.md §3).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def upcast_dot() -> bool:
+    """Whether kernels upcast ``tl.dot`` operands to fp32.
+
+    Only under the interpreter: Triton 3.9's interpreter multiplies bf16 tiles as their raw uint16
+    bits. Products of bf16/fp16 values are exact in fp32, so only the summation order differs from
+    the GPU's tensor-core dot.
+    """
+    return is_interpreter()
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few persistent programs exercise the work loop
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim, got shape {tuple(t.shape)} strides {t.stride()}")
+
+
+def check_ndim(name: str, t: torch.Tensor, ndim: int, what: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(t.shape)}")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise ValueError(f"{name} has dtype {t.dtype}, expected one of {names}")
+
+
+def check_index(name: str, t: torch.Tensor, ndim: int, what: str) -> None:
+    """An index tensor: int32 (or int64 where stated by the caller), ``ndim`` dims, last dim contiguous."""
+    check_ndim(name, t, ndim, what)
+    check_dtype(name, t, (torch.int32, torch.int64))
+    check_last_dim_contiguous(name, t)
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {n: t.device for n, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors must be on one device, got {devices}")
+
+
+@triton.jit
+def cast_rtne(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` to ``DTYPE``, rounding to nearest even.
+
+    bf16 is rounded on the fp32 bit pattern and then cast exactly: the GPU's cast does the same, but
+    Triton 3.9's interpreter truncates fp32 -> bf16, which would break bit-exact tests.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000  # keep 8 mantissa bits, ties to even
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

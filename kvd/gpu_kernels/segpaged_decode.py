@@ -1,0 +1,322 @@
+"""SegPagedAttention, decode: one query token per request against per-(request, KV head) page lists.
+
+Shapes (B requests, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head dim, N tokens per page):
+
+    q           [B, Hq, D]            bf16/fp16; any strides with a contiguous last dim
+    k_pool      [P, N, D]             one layer's key pages; v_pool the same shape and dtype as k_pool
+    page_table  [B * Hkv, max_pages]  int32; row r = b * Hkv + h lists the pages of (request b, KV head h)
+                                      in token order; entries past the row's pages are never read
+    seq_lens    [B * Hkv]             int32 tokens listed in row r, 0 <= seq_len <= max_pages * N:
+                                      pages 0..n-2 are full, page n-1 holds the rest (n = ceil(seq_len / N))
+    out         [B, Hq, D]            dtype of q
+    lse         [B, Hq]               fp32, natural log of the sum of exp(scaled scores); only if asked
+
+Semantics: query head j of request b attends to *every* token listed for KV head j // G (consecutive
+query heads share a KV head, as SDPA ``enable_gqa`` and transformers ``repeat_kv`` do). There is no
+mask: the page list is the sparsity. A local head's list holds only its sink and window pages, a global
+head's the whole context. An empty list gives zeros (and lse = -inf).
+
+Kernel (flash-decoding): each row is cut into work items of ``split_tokens`` tokens; row r owns
+ceil(seq_len_r / split_tokens) consecutive items. A persistent grid of about ``programs_per_sm`` programs
+per SM walks the items round-robin, so a batch mixing 128K-token global rows with 640-token local rows
+costs only the listed tokens and launches no empty programs. Each item computes all G query heads of
+its KV head from one read of its pages (the GQA group is the M side of the tile, padded to 16 for
+``tl.dot``), and writes an fp32 partial output and its log2-sum-exp. A second kernel merges each row's
+items with the stable log-sum-exp rule. Rows, items and the work map are computed on the device, so a
+call needs no host sync and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvd.gpu_kernels._launch import (
+    cast_rtne,
+    check_dtype,
+    check_index,
+    check_last_dim_contiguous,
+    check_ndim,
+    check_same_device,
+    next_pow2,
+    num_sms,
+    upcast_dot,
+)
+
+LOG2E = 1.4426950408889634  # 1/ln(2): scores are kept in log2 units so the kernel can use exp2
+LN2 = 0.6931471805599453
+
+MAX_ROWS = 16384  # the work map holds one lane per row
+
+
+@triton.jit
+def _mma(a, b, UPCAST: tl.constexpr):
+    # the interpreter multiplies bf16 as raw bits: upcast there (exact products, fp32 sums)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R: tl.constexpr):
+    # row -> [first item, first item + n_items): items of one row are consecutive, rows in order
+    offs_r = tl.arange(0, BLOCK_R)
+    lens = tl.load(lens_ptr + offs_r, mask=offs_r < num_rows, other=0)
+    lens = tl.minimum(lens, max_tokens)  # a bad length must not write past the partial buffers
+    n_items = (lens + split_tokens - 1) // split_tokens
+    item_end = tl.cumsum(n_items, 0)
+    return offs_r, lens, n_items, item_end
+
+
+@triton.jit
+def _segpaged_decode_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+    # sizes
+    num_rows, num_kv_heads, max_tokens, split_tokens, qk_scale,
+    # strides
+    stride_qb, stride_qh,
+    stride_kp, stride_kn,
+    stride_vp, stride_vn,
+    stride_tr,
+    # meta-parameters
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    offs_r, lens, n_items, item_end = _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R)
+    total_items = tl.sum(n_items, 0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP  # the group is padded to BLOCK_G >= 16 rows for tl.dot
+    mask_d = offs_d < HEAD_DIM
+
+    for item in range(tl.program_id(0), total_items, tl.num_programs(0)):
+        # -- which row and which tokens this item covers ------------------------------------
+        row = tl.sum((item_end <= item).to(tl.int32), 0)
+        at_row = offs_r == row
+        first_item = tl.sum(tl.where(at_row, item_end - n_items, 0), 0)
+        seq_len = tl.sum(tl.where(at_row, lens, 0), 0)
+        start = (item - first_item) * split_tokens
+        end = tl.minimum(start + split_tokens, seq_len)
+        b = row // num_kv_heads
+        h = row % num_kv_heads
+
+        # -- the G query heads of KV head h -----------------------------------------------------
+        q_offs = b.to(tl.int64) * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptr + q_offs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+        # -- online softmax over the item's tokens (fp32 accumulation) -------------------------
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        table_row = table_ptr + row.to(tl.int64) * stride_tr
+        for tok0 in range(start, end, BLOCK_N):
+            offs_t = tok0 + offs_n
+            mask_t = offs_t < end
+            page = tl.load(table_row + offs_t // PAGE_TOKENS, mask=mask_t, other=0).to(tl.int64)
+            in_page = (offs_t % PAGE_TOKENS).to(tl.int64)
+            kv_mask = mask_t[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            qk = _mma(q, tl.trans(k), UPCAST_DOT) * qk_scale
+            qk = tl.where(mask_t[None, :], qk, float("-inf"))  # the item's last tile may be partial
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds >= 1 listed token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST_DOT)
+            m_i = m_new
+
+        # -- partial result of this item: normalised output and log2-sum-exp ------------------
+        out_offs = (tl.cast(item, tl.int64) * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(part_out_ptr + out_offs, acc / l_i[:, None], mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(part_lse_ptr + tl.cast(item, tl.int64) * GROUP + offs_g, m_i + tl.log2(l_i), mask=mask_g)
+
+
+@triton.jit
+def _segpaged_decode_merge_kernel(
+    # pointers
+    part_out_ptr, part_lse_ptr, lens_ptr, out_ptr, lse_ptr,
+    # sizes
+    num_rows, num_kv_heads, max_tokens, split_tokens,
+    # strides
+    stride_ob, stride_oh, stride_lb, stride_lh,
+    # meta-parameters
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_LSE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs_r, lens, n_items, item_end = _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R)
+    at_row = offs_r == row
+    last_item = tl.sum(tl.where(at_row, item_end, 0), 0)
+    first_item = last_item - tl.sum(tl.where(at_row, n_items, 0), 0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    # stable merge: out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M), M the running max
+    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for item in range(first_item, last_item):
+        lse_i = tl.load(part_lse_ptr + tl.cast(item, tl.int64) * GROUP + offs_g, mask=mask_g, other=0.0)
+        o_i = tl.load(part_out_ptr + (tl.cast(item, tl.int64) * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
+                      mask=mask_gd, other=0.0)
+        m_new = tl.maximum(m_run, lse_i)
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(lse_i - m_new)
+        den = den * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_i
+        m_run = m_new
+
+    is_empty = den == 0.0  # empty page list: zeros, lse -inf
+    out = acc / tl.where(is_empty, 1.0, den)[:, None]
+    b = row // num_kv_heads
+    h = row % num_kv_heads
+    heads = h * GROUP + offs_g
+    o_offs = b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_offs, cast_rtne(out, out_ptr.dtype.element_ty), mask=mask_gd)
+    if HAS_LSE:
+        lse = tl.where(is_empty, float("-inf"), (m_run + tl.log2(den)) * 0.6931471805599453)  # ln(2)
+        tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh, lse, mask=mask_g)
+
+
+def _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads):
+    check_ndim("q", q, 3, "[B, Hq, D]")
+    check_ndim("k_pool", k_pool, 3, "[num_pages, page_tokens, D]")
+    check_dtype("q", q, (torch.bfloat16, torch.float16))
+    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dtype != q.dtype:
+        raise ValueError(
+            f"k_pool {tuple(k_pool.shape)} {k_pool.dtype} and v_pool {tuple(v_pool.shape)} {v_pool.dtype} "
+            f"must match each other and q's dtype {q.dtype}")
+    B, Hq, D = q.shape
+    if k_pool.shape[2] != D:
+        raise ValueError(f"k_pool head dim {k_pool.shape[2]} != q head dim {D}")
+    if num_kv_heads <= 0 or Hq % num_kv_heads:
+        raise ValueError(f"q has {Hq} heads, not a multiple of num_kv_heads={num_kv_heads}")
+    check_index("page_table", page_table, 2, "[B * num_kv_heads, max_pages]")
+    check_index("seq_lens", seq_lens, 1, "[B * num_kv_heads]")
+    rows = B * num_kv_heads
+    if page_table.shape[0] != rows or seq_lens.shape[0] != rows:
+        raise ValueError(f"page_table {tuple(page_table.shape)} and seq_lens {tuple(seq_lens.shape)} need "
+                         f"{rows} rows (B={B} x num_kv_heads={num_kv_heads})")
+    if rows > MAX_ROWS:
+        raise ValueError(f"{rows} (request, KV head) rows exceed {MAX_ROWS}; split the batch")
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        check_last_dim_contiguous(name, t)
+    check_same_device(q=q, k_pool=k_pool, v_pool=v_pool, page_table=page_table, seq_lens=seq_lens)
+
+
+def default_split_tokens(head_dim: int, dtype_bytes: int = 2) -> int:
+    """Tokens per work item: about 256 KB of K+V, so the partial write and merge stay under 1% of it."""
+    return max(64, (256 * 1024) // (2 * head_dim * dtype_bytes))
+
+
+def segpaged_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    num_kv_heads: int,
+    return_lse: bool = False,
+    split_tokens: int | None = None,
+    programs_per_sm: int = 2,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``q`` over each (request, KV head)'s page list; see the module docstring.
+
+    Args:
+        scale: softmax scale (usually ``D ** -0.5``).
+        num_kv_heads: KV heads per request (rows of ``page_table`` are ``b * num_kv_heads + h``).
+        return_lse: also return ``lse [B, Hq]`` (fp32, natural log) for merging with other attention.
+        split_tokens: tokens per work item (a multiple of the tile, 64); default ~256 KB of K+V.
+        programs_per_sm: persistent programs per SM.
+    Returns:
+        ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
+    """
+    _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads)
+    B, Hq, D = q.shape
+    page_tokens = k_pool.shape[1]
+    group = Hq // num_kv_heads
+    rows = B * num_kv_heads
+    block_n = 16 if q.device.type != "cuda" else 64
+    split = split_tokens or default_split_tokens(D, q.element_size())
+    split = max(block_n, triton.cdiv(split, block_n) * block_n)
+    max_tokens = page_table.shape[1] * page_tokens
+    max_items = rows * triton.cdiv(max(max_tokens, 1), split)
+
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq), device=q.device, dtype=torch.float32) if return_lse else out
+    part_out = torch.empty((max_items, group, D), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((max_items, group), device=q.device, dtype=torch.float32)
+    meta = dict(GROUP=group, BLOCK_G=max(16, next_pow2(group)), HEAD_DIM=D, BLOCK_D=next_pow2(D),
+                BLOCK_R=max(16, next_pow2(rows)))
+    grid = (max(1, min(max_items, programs_per_sm * num_sms(q.device))),)
+    _segpaged_decode_kernel[grid](
+        q, k_pool, v_pool, page_table, seq_lens, part_out, part_lse,
+        rows, num_kv_heads, max_tokens, split, scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_pool.stride(0), k_pool.stride(1),
+        v_pool.stride(0), v_pool.stride(1),
+        page_table.stride(0),
+        PAGE_TOKENS=page_tokens, BLOCK_N=block_n, UPCAST_DOT=upcast_dot(),
+        num_warps=4, num_stages=3, **meta,
+    )
+    _segpaged_decode_merge_kernel[(rows,)](
+        part_out, part_lse, seq_lens, out, lse,
+        rows, num_kv_heads, max_tokens, split,
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        HAS_LSE=return_lse, num_warps=4, **meta,
+    )
+    return (out, lse) if return_lse else out
+
+
+def segpaged_decode_ref(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    num_kv_heads: int,
+    return_lse: bool = False,
+    split_tokens: int | None = None,
+    programs_per_sm: int = 2,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch SegPagedAttention decode (fp32 math), same signature and result as ``segpaged_decode``.
+
+    Gathers every row's listed tokens into a padded ``[rows, max_tokens, D]`` view, so memory grows with
+    the longest list; ``split_tokens`` and ``programs_per_sm`` are accepted and ignored.
+    """
+    _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads)
+    B, Hq, D = q.shape
+    page_tokens = k_pool.shape[1]
+    group = Hq // num_kv_heads
+    rows, max_pages = page_table.shape
+    lens = seq_lens.long().clamp(0, max_pages * page_tokens)
+    n_pages = (lens + page_tokens - 1) // page_tokens
+    # entries past a row's pages may hold anything: point them at page 0 and mask their tokens
+    listed = torch.arange(max_pages, device=q.device)[None, :] < n_pages[:, None]
+    pages = torch.where(listed, page_table.long(), 0)
+    k = k_pool[pages].reshape(rows, max_pages * page_tokens, D).float()  # [rows, T, D]
+    v = v_pool[pages].reshape(rows, max_pages * page_tokens, D).float()
+    valid = torch.arange(max_pages * page_tokens, device=q.device)[None, :] < lens[:, None]  # [rows, T]
+    qg = q.float().reshape(B * num_kv_heads, group, D)  # row r = b * Hkv + h holds heads h*G..h*G+G-1
+    scores = torch.einsum("rgd,rtd->rgt", qg, k) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [rows, G]; -inf for an empty list
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.einsum("rgt,rtd->rgd", probs, v).reshape(B, Hq, D).to(q.dtype)
+    return (out, lse.reshape(B, Hq)) if return_lse else out
+
+
+__all__ = ["segpaged_decode", "segpaged_decode_ref", "default_split_tokens"]
