@@ -50,7 +50,7 @@ def _describe(e: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(body)"
         parts.append(f"{loc}: {err['msg']}")
     more = f" (and {e.error_count() - 5} more)" if e.error_count() > 5 else ""
-    return "; ".join(parts) + more
+    return f"{e.title}: " + "; ".join(parts) + more
 
 
 @web.middleware

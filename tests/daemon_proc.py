@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
+import signal as _signal
 import socket
 import subprocess
 import sys
@@ -75,7 +75,7 @@ class DaemonProc:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = _signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from kvd import protocol as P
 from kvd.connectors.client import KvdClient
 from kvd.errors import KvdError
@@ -202,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     client = KvdClient(args.socket, timeout_s=args.timeout, register_cuda=False)
     try:
         return COMMANDS[args.cmd](client, args)
+    except ValidationError as e:  # bad arguments caught by the request models: a usage error
+        print(f"kvctl: {'; '.join(err['msg'] for err in e.errors())}", file=sys.stderr)
+        return 2
     except KvdError as e:
         print(f"kvctl: {e}", file=sys.stderr)
         return 1
