@@ -1,0 +1,471 @@
+"""The SSD tier: encoded extents in one LMDB environment, verified on every read.
+
+Layout: one LMDB environment (``ssd.path``) with two named databases: ``meta`` (the format marker,
+plus small daemon records, see ``put_meta``) and ``extents`` (LMDB key = ``Location.key``, value =
+one record). A record is a header then one codec payload (``kvd.codec``)::
+
+    magic b"KVDS" | format u16 | codec_id u8 | dtype_id u8 | num_segments u32 | tokens u32
+    | head_dim u32 | raw_nbytes u64 | raw_xxh u64 | payload_nbytes u64 | payload_xxh u64
+    | created_s f64 | key_len u16 | fingerprint_len u16 | key | fingerprint (ascii) | header_xxh u64
+    | payload
+
+``raw_xxh`` is xxh3-64 of the bytes a read returns (for lossy codecs: the dequantized bytes, computed
+by decoding once at encode), ``payload_xxh`` of the payload, ``header_xxh`` of everything before it.
+A read checks the header, then the payload before decoding it, then the decoded bytes: any mismatch
+raises ``CorruptData`` and nothing is returned (the store counts a miss, logs, and drops the record).
+
+Lifecycle of a record: ``encode`` (CPU only, any thread) builds it → ``reserve(len(record), key)``
+accounts its encoded size against ``capacity_bytes`` (``None`` when full, nothing changes) →
+``write``/``write_many`` commit it (batched: one LMDB transaction per ``write_batch`` records) →
+``read``/``read_into`` → ``drop`` deletes it (or releases a reservation never written). One key is in
+exactly one state at a time; reserving a key that is reserved or stored is a store bug.
+
+Durability: transactions commit with ``sync`` and ``metasync`` on (LMDB's defaults), so a write that
+returned is on disk and survives ``kill -9`` and power loss; LMDB's copy-on-write B-tree never leaves
+a half-written transaction visible. Turning ``sync`` off makes commits cheaper (no fsync) and still
+survives a process crash (the data is in the OS page cache), but a power loss or kernel crash may
+undo the last commits; ``metasync`` off defers only the meta-page flush (the last commit may roll back
+after a power loss, never corrupt). kvd acknowledges "on SSD" only after commit, so we keep both on.
+
+Restart: opening walks every header once (headers only; payloads are verified when read), drops
+records whose header is corrupt, and rebuilds the capacity accounting. ``scan()`` gives the store
+each record's header so it can rebuild its index; that is why it exists beside the five tier methods.
+
+Threads: every method blocks and may be called from any thread (the store's executor, never the
+event loop). LMDB serialises writers and gives each reader a snapshot; the accounting is under a
+lock; ``compact`` waits for operations in flight and holds new ones off while it swaps the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import xxhash
+
+from kvd.codec import CODEC_IDS, CODEC_NAMES, DTYPE_IDS, DTYPE_NAMES, Buffer, Codecs, Shape, payload_info
+from kvd.config import CodecSettings, SsdSettings
+from kvd.errors import ConfigError, CorruptData, InvalidRequest, KvdError, StorageFormatError
+from kvd.tiers.base import Location, Tier, TierStats
+
+logger = logging.getLogger(__name__)
+
+SSD_FORMAT = 1
+FORMAT_MARKER = b"kvd-ssd"
+_REC = struct.Struct("<4sHBBIIIQQQQdHH")
+_REC_MAGIC = b"KVDS"
+_XXH = struct.Struct("<Q")
+_USER_META = b"user/"
+
+
+class SsdFull(KvdError):
+    """The LMDB map or the disk is full although the capacity accounting had room (B-tree overhead,
+    fragmentation, a disk shared with others). Nothing of the failed transaction was written."""
+
+    status = 507
+    code = "ssd_full"
+
+    def __init__(self, message: str, num_written: int = 0) -> None:
+        super().__init__(message)
+        self.num_written = num_written  # write_many: this many leading items were committed
+
+
+@dataclass(slots=True, frozen=True)
+class ExtentHeader:
+    """A record's header: what the store needs to index it without reading the payload."""
+
+    key: bytes
+    fingerprint: str
+    codec: str
+    dtype: str
+    shape: Shape
+    raw_nbytes: int
+    raw_xxh: int
+    payload_nbytes: int
+    payload_xxh: int
+    created_s: float
+
+
+@dataclass(slots=True, frozen=True)
+class SsdRecordInfo:
+    """One stored record as ``scan()`` reports it."""
+
+    location: Location
+    header: ExtentHeader
+
+
+def _pack_header(h: ExtentHeader) -> bytes:
+    fp = h.fingerprint.encode("ascii")
+    body = _REC.pack(_REC_MAGIC, SSD_FORMAT, CODEC_IDS[h.codec], DTYPE_IDS[h.dtype], *h.shape, h.raw_nbytes,
+                     h.raw_xxh, h.payload_nbytes, h.payload_xxh, h.created_s, len(h.key), len(fp)) + h.key + fp
+    return body + _XXH.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def _unpack_header(value: memoryview, key: bytes) -> tuple[ExtentHeader, int]:
+    """``(header, payload offset)``; ``CorruptData`` if the header fails its checksum or disagrees."""
+    if value.nbytes < _REC.size + _XXH.size:
+        raise CorruptData(f"SSD record {key.hex()} is {value.nbytes} bytes, shorter than a header")
+    (magic, fmt, codec_id, dtype_id, s, t, d, nraw, raw_xxh, npay, pay_xxh, created, klen,
+     fplen) = _REC.unpack_from(value)
+    end = _REC.size + klen + fplen
+    if magic != _REC_MAGIC or end + _XXH.size > value.nbytes:
+        raise CorruptData(f"SSD record {key.hex()}: bad magic or header length")
+    (want,) = _XXH.unpack_from(value, end)
+    if xxhash.xxh3_64_intdigest(value[:end]) != want:
+        raise CorruptData(f"SSD record {key.hex()}: header checksum mismatch")
+    if fmt != SSD_FORMAT:
+        raise StorageFormatError(f"SSD record {key.hex()} has format {fmt}; this kvd reads {SSD_FORMAT}")
+    stored_key = bytes(value[_REC.size : _REC.size + klen])
+    if stored_key != key or codec_id not in CODEC_NAMES or dtype_id not in DTYPE_NAMES:
+        raise CorruptData(f"SSD record {key.hex()}: header names key {stored_key.hex()} or unknown codec/dtype")
+    fp = bytes(value[_REC.size + klen : end]).decode("ascii", "replace")
+    offset = end + _XXH.size
+    if value.nbytes - offset != npay:
+        raise CorruptData(f"SSD record {key.hex()}: payload is {value.nbytes - offset} bytes, header says {npay}")
+    header = ExtentHeader(key, fp, CODEC_NAMES[codec_id], DTYPE_NAMES[dtype_id], (s, t, d), nraw, raw_xxh,
+                          npay, pay_xxh, created)
+    return header, offset
+
+
+class _Gate:
+    """Many operations at once (``with gate:``), or one exclusive (``with gate.exclusive():``, for
+    ``compact``/``close``) once none is in flight; new operations wait while it runs."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._exclusive = False
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class SsdTier(Tier):
+    """Encoded extents in LMDB. ``Location.key`` is the record's LMDB key; ``nbytes`` its encoded size."""
+
+    name = "ssd"
+
+    def __init__(self, path: Path, settings: SsdSettings, codec_settings: CodecSettings | None = None, *,
+                 clock: Callable[[], float] = time.time, sync: bool = True) -> None:
+        self.path = Path(path)
+        self.capacity_bytes = int(settings.capacity_bytes)
+        self.map_size_bytes = int(settings.map_size_bytes) or int(self.capacity_bytes * 1.25)
+        self.write_batch = settings.write_batch
+        self.codecs = Codecs(codec_settings)
+        self._clock = clock  # wall clock: created_s must mean the same after a restart
+        self._sync = sync
+        self._lock = threading.Lock()  # guards the accounting below
+        self._gate = _Gate()
+        self._sizes: dict[bytes, int] = {}  # key -> encoded bytes of a committed record
+        self._pending: dict[bytes, int] = {}  # key -> bytes reserved, not yet written
+        self._used = 0
+        self._reserved = 0
+        self.num_corrupt = 0  # reads that failed verification (never served)
+        self.num_dropped_at_open = 0  # records with corrupt headers removed when opening
+        self._open()
+
+    # ---- open / format ------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"ssd.path {self.path} cannot be used as a directory: {e.strerror}") from None
+        stale = self.path.with_name(self.path.name + ".compact")
+        shutil.rmtree(stale, ignore_errors=True)  # a compaction interrupted before its swap
+        data_file = self.path / "data.mdb"
+        is_new = not data_file.exists() or data_file.stat().st_size == 0
+        try:
+            self._env = lmdb.open(str(self.path), map_size=self.map_size_bytes, max_dbs=2, sync=self._sync,
+                                  metasync=self._sync, readahead=True, writemap=False, lock=True,
+                                  max_readers=256)
+        except lmdb.Error as e:
+            raise StorageFormatError(
+                f"{data_file} is not a readable LMDB file ({e.__class__.__name__}: {e}); it is corrupt or "
+                "not a kvd SSD store: move it away, or set ssd.path to an empty directory") from None
+        try:
+            self._check_format(is_new)
+            self._load_accounting()
+        except BaseException:
+            self._env.close()
+            raise
+
+    def _check_format(self, is_new: bool) -> None:
+        marker = b"%s/%d" % (FORMAT_MARKER, SSD_FORMAT)
+        where = self.path / "data.mdb"
+        try:
+            if is_new:
+                with self._env.begin(write=True) as txn:
+                    self._meta = self._env.open_db(b"meta", txn=txn)
+                    self._data = self._env.open_db(b"extents", txn=txn)
+                    txn.put(b"format", marker, db=self._meta)
+                return
+            # Without txn=, py-lmdb opens the handles in a transaction it commits, so they stay
+            # valid for every later transaction (a handle opened in a read txn would not).
+            self._meta = self._env.open_db(b"meta", create=False)
+            self._data = self._env.open_db(b"extents", create=False)
+            with self._env.begin() as txn:
+                found = txn.get(b"format", db=self._meta)
+        except lmdb.Error as e:
+            raise StorageFormatError(
+                f"{where} is an LMDB file but not a kvd SSD store ({e.__class__.__name__}: {e}); move it away "
+                "or set ssd.path to an empty directory") from None
+        if found is None or not found.startswith(FORMAT_MARKER + b"/"):
+            raise StorageFormatError(f"{where} has no kvd format marker (found {found!r}); it is not a kvd SSD "
+                                     "store: move it away or set ssd.path to an empty directory")
+        if found != marker:
+            raise StorageFormatError(f"{where} was written in format {found.decode(errors='replace')}; this kvd "
+                                     f"reads {marker.decode()}: use the matching kvd or clear the directory")
+
+    def _load_accounting(self) -> None:
+        bad: list[bytes] = []
+        with self._env.begin(buffers=True) as txn:
+            for key, value in txn.cursor(db=self._data):
+                k = bytes(key)
+                try:
+                    _unpack_header(value, k)
+                except (CorruptData, StorageFormatError):
+                    bad.append(k)
+                    continue
+                self._sizes[k] = value.nbytes
+        if bad:
+            with self._env.begin(write=True) as txn:
+                for k in bad:
+                    txn.delete(k, db=self._data)
+            self.num_dropped_at_open = len(bad)
+            logger.warning("ssd tier %s: removed %d records with corrupt headers at open", self.path, len(bad))
+        self._used = sum(self._sizes.values())
+        logger.info("ssd tier %s: %d records, %d bytes of %d", self.path, len(self._sizes), self._used,
+                    self.capacity_bytes)
+
+    # ---- records ------------------------------------------------------------------------------
+
+    def encode(self, key: bytes, raw: Buffer, *, fingerprint: str, dtype: str, shape: Shape, codec: str,
+               raw_xxh: int | None = None) -> bytes:
+        """Build the record for ``raw`` (CPU only, no I/O, any thread). ``raw_xxh``: xxh3-64 of ``raw``
+        when the caller already has it (the arena's commit checksum); lossy codecs ignore it.
+
+        Raises ``InvalidRequest`` for a bad key, codec, dtype or a length that does not fit ``shape``.
+        """
+        self._check_key(key)
+        c = self.codecs.get(codec)
+        payload = c.encode(raw, dtype=dtype, shape=shape)
+        used = payload_info(payload).codec  # lossy falls back to lossless on NaN/Inf
+        if used in ("raw", "lossless"):
+            digest = raw_xxh if raw_xxh is not None else xxhash.xxh3_64_intdigest(raw)
+        else:  # the bytes a read will return are the dequantized ones
+            digest = xxhash.xxh3_64_intdigest(c.decode(payload, dtype=dtype, shape=shape))
+        header = ExtentHeader(key, fingerprint, used, dtype, tuple(shape), len(memoryview(raw).cast("B")),
+                              digest, len(payload), xxhash.xxh3_64_intdigest(payload), self._clock())
+        return b"".join([_pack_header(header), payload])
+
+    def _check_key(self, key: bytes) -> None:
+        if not isinstance(key, bytes) or not 0 < len(key) <= self._env.max_key_size():
+            raise InvalidRequest(f"SSD key {key!r} must be 1..{self._env.max_key_size()} bytes")
+
+    # ---- Tier ---------------------------------------------------------------------------------
+
+    def reserve(self, nbytes: int, key: bytes = b"") -> Location | None:
+        """Account ``nbytes`` (a record's encoded size) for ``key``; ``None`` if over capacity."""
+        self._check_key(key)
+        with self._lock:
+            assert key not in self._pending and key not in self._sizes, \
+                f"SSD key {key.hex()} is already reserved or stored; drop it first"
+            if self._used + self._reserved + nbytes > self.capacity_bytes:
+                return None
+            self._pending[key] = nbytes
+            self._reserved += nbytes
+        return Location(self.name, 0, nbytes, key)
+
+    def write(self, loc: Location, data: Buffer) -> None:
+        """Commit one record (from ``encode``) durably. ``SsdFull`` if LMDB has no room after all."""
+        self.write_many([(loc, data)])
+
+    def write_many(self, items: Iterable[tuple[Location, Buffer]]) -> None:
+        """Commit records in transactions of ``write_batch``; each commit is durable on return.
+
+        Raises ``SsdFull`` when a transaction does not fit: its records are not written (their
+        reservations stay, for the caller to ``drop``), ``num_written`` leading items were committed.
+        """
+        items = list(items)
+        for loc, data in items:
+            self._check_record(loc, data)
+        done = 0
+        with self._gate:
+            for start in range(0, len(items), self.write_batch):
+                batch = items[start : start + self.write_batch]
+                try:
+                    with self._env.begin(write=True, db=self._data) as txn:
+                        for loc, data in batch:
+                            txn.put(loc.key, data, db=self._data)
+                except (lmdb.MapFullError, lmdb.DiskError) as e:
+                    raise SsdFull(f"SSD tier {self.path}: LMDB could not take {len(batch)} records "
+                                  f"({e.__class__.__name__}); raise ssd.map_size_bytes or free disk space",
+                                  num_written=done) from None
+                with self._lock:
+                    for loc, data in batch:
+                        self._reserved -= self._pending.pop(loc.key)
+                        self._sizes[loc.key] = memoryview(data).nbytes
+                        self._used += memoryview(data).nbytes
+                done += len(batch)
+
+    def _check_record(self, loc: Location, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        with self._lock:
+            reserved = self._pending.get(loc.key)
+        if reserved is None or view.nbytes > reserved:
+            raise InvalidRequest(f"SSD write of {view.nbytes} bytes for key {loc.key.hex()}, which has "
+                                 f"{'no reservation' if reserved is None else f'{reserved} bytes reserved'}")
+        try:
+            _unpack_header(view, loc.key)
+        except (CorruptData, StorageFormatError) as e:
+            raise InvalidRequest(f"SSD write for key {loc.key.hex()} is not a record built by encode(): {e}") from None
+
+    def read(self, loc: Location) -> bytearray:
+        """The extent's bytes, verified (lossy codecs: dequantized). ``CorruptData`` on any mismatch."""
+        header = self.header(loc)
+        out = bytearray(header.raw_nbytes)
+        self.read_into(loc, out)
+        return out
+
+    def read_into(self, loc: Location, out: Buffer) -> ExtentHeader:
+        """Decode the record at ``loc`` into ``out`` (exactly ``raw_nbytes``; e.g. an arena slot run).
+
+        Verification order: header checksum → payload checksum (before decoding anything) → decoded
+        bytes against ``raw_xxh``. On ``CorruptData`` ``out`` holds garbage and must not be served.
+        ``KeyError``-free: a key that is not stored raises ``CorruptData`` too (the index was wrong).
+        """
+        with self._gate, self._env.begin(buffers=True, db=self._data) as txn:
+            value = txn.get(loc.key, db=self._data)
+            if value is None:
+                self._count_corrupt()
+                raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
+            try:
+                header, offset = _unpack_header(value, loc.key)
+                payload = value[offset:]
+                if xxhash.xxh3_64_intdigest(payload) != header.payload_xxh:
+                    raise CorruptData(f"SSD record {loc.key.hex()}: payload checksum mismatch")
+                out_view = memoryview(out).cast("B")
+                if out_view.nbytes != header.raw_nbytes:
+                    raise InvalidRequest(f"output buffer of {out_view.nbytes} bytes for an extent of "
+                                         f"{header.raw_nbytes}")
+                self.codecs.decode_into(payload, out_view)
+            except CorruptData:
+                self._count_corrupt()
+                raise
+        if xxhash.xxh3_64_intdigest(out_view) != header.raw_xxh:
+            self._count_corrupt()
+            raise CorruptData(f"SSD record {loc.key.hex()}: decoded bytes fail their checksum")
+        return header
+
+    def header(self, loc: Location) -> ExtentHeader:
+        """The record's header (checked) without its payload. ``CorruptData`` if absent or corrupt."""
+        with self._gate, self._env.begin(buffers=True, db=self._data) as txn:
+            value = txn.get(loc.key, db=self._data)
+            if value is None:
+                raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
+            return _unpack_header(value, loc.key)[0]
+
+    def _count_corrupt(self) -> None:
+        with self._lock:
+            self.num_corrupt += 1
+
+    def drop(self, loc: Location) -> None:
+        """Delete the record (or release a reservation never written). Dropping twice is a bug."""
+        with self._lock:
+            reserved = self._pending.pop(loc.key, None)
+            if reserved is not None:
+                self._reserved -= reserved
+                return
+            assert loc.key in self._sizes, f"SSD key {loc.key.hex()} dropped twice or never written"
+        with self._gate, self._env.begin(write=True, db=self._data) as txn:
+            txn.delete(loc.key, db=self._data)
+        with self._lock:
+            self._used -= self._sizes.pop(loc.key)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(self.name, self.capacity_bytes, self._used + self._reserved, len(self._sizes))
+
+    # ---- extras for the daemon ----------------------------------------------------------------
+
+    def scan(self) -> list[SsdRecordInfo]:
+        """Every committed record's location and header, to rebuild the store's index at start.
+        Records whose header turned corrupt since open are skipped (their reads would fail anyway)."""
+        out = []
+        with self._gate, self._env.begin(buffers=True, db=self._data) as txn:
+            for key, value in txn.cursor(db=self._data):
+                k = bytes(key)
+                try:
+                    header, _ = _unpack_header(value, k)
+                except (CorruptData, StorageFormatError):
+                    continue
+                out.append(SsdRecordInfo(Location(self.name, 0, value.nbytes, k), header))
+        return out
+
+    def put_meta(self, name: str, value: bytes) -> None:
+        """Store a small daemon record durably (e.g. registered models and head maps, so that SSD
+        records can be matched to their model after a restart, before any engine re-registers)."""
+        with self._gate, self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(_USER_META + name.encode(), value, db=self._meta)
+
+    def get_meta(self, name: str) -> bytes | None:
+        with self._gate, self._env.begin(db=self._meta) as txn:
+            return txn.get(_USER_META + name.encode(), db=self._meta)
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the LMDB file without free pages (``kvctl compact``); ``(bytes before, after)``.
+
+        Blocks other operations of this tier meanwhile (it copies the whole live data set). The copy
+        is made beside the environment and swapped in with one rename, so a crash leaves either file.
+        """
+        data_file = self.path / "data.mdb"
+        tmp = self.path.with_name(self.path.name + ".compact")
+        with self._gate.exclusive():
+            before = data_file.stat().st_size
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._env.copy(str(tmp), compact=True)
+            self._env.close()
+            os.replace(tmp / "data.mdb", data_file)
+            shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                self._sizes.clear()
+                self._used = 0
+            self._open()
+            after = data_file.stat().st_size
+        logger.info("ssd tier %s compacted: %d -> %d bytes", self.path, before, after)
+        return before, after
+
+    def close(self) -> None:
+        with self._gate.exclusive():
+            self._env.close()

@@ -1,0 +1,362 @@
+"""SSD tier: round trips through every codec, restart, corruption detection, foreign files, capacity,
+batched writes, compaction, and kill -9 during writes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from kvd.codec import Codecs, raw_nbytes
+from kvd.config import SsdSettings
+from kvd.errors import CorruptData, InvalidRequest, StorageFormatError
+from kvd.tiers.ssd import _REC, _REC_MAGIC, SsdFull, SsdTier
+
+FP = "0123456789abcdef0123456789abcdef"
+SHAPE = (4, 64, 32)  # 4 segments of 64 tokens × head_dim 32, bf16: 32 KiB raw
+
+
+def kv_bytes(seed: int, shape=SHAPE) -> bytes:
+    """bf16 bit patterns of KV-like data (normal values, a few outlier channels)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(raw_nbytes("bfloat16", shape) // 2).astype(np.float32)
+    x[::29] *= 16
+    return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+
+def make_tier(path: Path, **kw) -> SsdTier:
+    settings = SsdSettings(capacity_bytes=kw.pop("capacity_bytes", 64 << 20), **kw)
+    return SsdTier(path, settings)
+
+
+def put(tier: SsdTier, key: bytes, raw: bytes, codec: str = "lossless"):
+    record = tier.encode(key, raw, fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec=codec)
+    loc = tier.reserve(len(record), key)
+    assert loc is not None
+    tier.write(loc, record)
+    return loc
+
+
+@pytest.fixture
+def tier(tmp_path):
+    t = make_tier(tmp_path / "ssd")
+    yield t
+    t.close()
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless", "fp8", "int8"])
+def test_round_trip_through_every_codec(tier, codec):
+    raw = kv_bytes(1)
+    loc = put(tier, b"k-" + codec.encode(), raw, codec)
+    out = tier.read(loc)
+    if codec in ("raw", "lossless"):
+        assert bytes(out) == raw
+    else:  # exactly what the codec itself decodes (its error bounds are tested in test_codec)
+        c = Codecs().get(codec)
+        assert out == c.decode(c.encode(raw, dtype="bfloat16", shape=SHAPE), dtype="bfloat16", shape=SHAPE)
+    header = tier.header(loc)
+    assert (header.codec, header.dtype, header.shape, header.fingerprint) == (codec, "bfloat16", SHAPE, FP)
+    assert header.raw_nbytes == len(raw) and loc.nbytes == tier.stats().used_bytes
+
+
+def test_lossless_record_is_smaller_than_raw(tier):
+    raw = kv_bytes(2)
+    assert put(tier, b"a", raw, "lossless").nbytes < 0.85 * put(tier, b"b", raw, "raw").nbytes
+
+
+def test_read_into_fills_a_caller_buffer(tier):
+    raw = kv_bytes(3)
+    loc = put(tier, b"k", raw)
+    out = bytearray(len(raw))
+    header = tier.read_into(loc, memoryview(out))
+    assert bytes(out) == raw and header.key == b"k"
+
+
+def test_restart_keeps_records_headers_and_meta(tmp_path):
+    t = make_tier(tmp_path / "ssd")
+    raws = {f"key-{i}".encode(): kv_bytes(i) for i in range(5)}
+    for key, raw in raws.items():
+        put(t, key, raw)
+    t.put_meta("models", b'{"smollm2": 1}')
+    before = t.stats()
+    t.close()
+
+    t = make_tier(tmp_path / "ssd")  # as after a daemon restart
+    assert t.stats() == before
+    assert t.get_meta("models") == b'{"smollm2": 1}' and t.get_meta("absent") is None
+    infos = {info.location.key: info for info in t.scan()}
+    assert set(infos) == set(raws)
+    for key, info in infos.items():
+        assert info.header.fingerprint == FP and info.header.shape == SHAPE
+        assert bytes(t.read(info.location)) == raws[key]
+    t.close()
+
+
+# ---- corruption ---------------------------------------------------------------------------------
+
+
+def _record_spans(data_file: Path) -> dict[bytes, tuple[int, int, int]]:
+    """key -> (header start, payload start, payload length) of every record in the LMDB file."""
+    blob = data_file.read_bytes()
+    spans = {}
+    pos = blob.find(_REC_MAGIC)
+    while pos >= 0:
+        fields = _REC.unpack_from(blob, pos)
+        npay, klen, fplen = fields[9], fields[12], fields[13]
+        key = blob[pos + _REC.size : pos + _REC.size + klen]
+        spans[key] = (pos, pos + _REC.size + klen + fplen + 8, npay)
+        pos = blob.find(_REC_MAGIC, pos + 1)
+    return spans
+
+
+def _flip(data_file: Path, offset: int) -> None:
+    with open(data_file, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_flipped_bytes_in_lmdb_file_are_detected_and_never_served(tmp_path):
+    t = make_tier(tmp_path / "ssd")
+    raws = {f"rec-{i}".encode(): kv_bytes(10 + i) for i in range(6)}
+    locs = {key: put(t, key, raw, "lossless" if i % 2 else "raw") for i, (key, raw) in enumerate(raws.items())}
+    t.close()
+    data_file = tmp_path / "ssd" / "data.mdb"
+    spans = _record_spans(data_file)
+    assert set(spans) == set(raws)
+    # Damage: rec-0 payload start (codec header), rec-1 middle of payload, rec-2 last payload byte,
+    # rec-3 header (shape field); rec-4 and rec-5 untouched.
+    _flip(data_file, spans[b"rec-0"][1] + 2)
+    _flip(data_file, spans[b"rec-1"][1] + spans[b"rec-1"][2] // 2)
+    _flip(data_file, spans[b"rec-2"][1] + spans[b"rec-2"][2] - 1)
+    _flip(data_file, spans[b"rec-3"][0] + 10)
+
+    t = make_tier(tmp_path / "ssd")
+    # The corrupt header is found while opening: the record is removed and never listed.
+    assert t.num_dropped_at_open == 1
+    assert {i.location.key for i in t.scan()} == set(raws) - {b"rec-3"}
+    for key in (b"rec-0", b"rec-1", b"rec-2"):
+        with pytest.raises(CorruptData, match="checksum"):
+            t.read(locs[key])
+        t.drop(locs[key])  # what the store does with it
+    assert t.num_corrupt == 3
+    for key in (b"rec-4", b"rec-5"):
+        assert bytes(t.read(locs[key])) == raws[key]
+    t.close()
+
+
+def test_decoder_fault_is_caught_by_the_raw_checksum(tier, monkeypatch):
+    """A codec bug that decodes to wrong bytes must not be served: the raw checksum catches it."""
+    loc = put(tier, b"k", kv_bytes(4))
+
+    def bad_decode(payload, out):
+        memoryview(out)[:4] = b"\0\0\0\0"
+
+    monkeypatch.setattr(tier.codecs, "decode_into", bad_decode)
+    with pytest.raises(CorruptData, match="decoded bytes"):
+        tier.read(loc)
+
+
+def test_read_of_a_missing_key_is_corrupt_data(tier):
+    loc = put(tier, b"k", kv_bytes(5))
+    tier.drop(loc)
+    with pytest.raises(CorruptData, match="not in"):
+        tier.read(loc)
+
+
+# ---- foreign and corrupt files ------------------------------------------------------------------
+
+
+def test_foreign_lmdb_is_a_clear_format_error(tmp_path):
+    env = lmdb.open(str(tmp_path / "other"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"hello", b"world")
+    env.close()
+    with pytest.raises(StorageFormatError, match="not a kvd SSD store"):
+        make_tier(tmp_path / "other")
+
+
+def test_lmdb_with_our_db_names_but_no_marker_is_a_format_error(tmp_path):
+    env = lmdb.open(str(tmp_path / "other"), map_size=1 << 20, max_dbs=2)
+    env.open_db(b"meta")
+    env.open_db(b"extents")
+    env.close()
+    with pytest.raises(StorageFormatError, match="no kvd format marker"):
+        make_tier(tmp_path / "other")
+
+
+def test_other_format_version_is_a_format_error(tmp_path):
+    make_tier(tmp_path / "ssd").close()
+    env = lmdb.open(str(tmp_path / "ssd"), map_size=1 << 20, max_dbs=2)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"kvd-ssd/9", db=meta)
+    env.close()
+    with pytest.raises(StorageFormatError, match="format kvd-ssd/9"):
+        make_tier(tmp_path / "ssd")
+
+
+@pytest.mark.parametrize("content", [b"not an lmdb file at all" * 100, bytes(4096 * 3)])
+def test_garbage_data_file_is_a_format_error_not_a_crash(tmp_path, content):
+    (tmp_path / "ssd").mkdir()
+    (tmp_path / "ssd" / "data.mdb").write_bytes(content)
+    with pytest.raises(StorageFormatError, match="data.mdb"):
+        make_tier(tmp_path / "ssd")
+
+
+# ---- capacity, reservations, batches ------------------------------------------------------------
+
+
+def test_reserve_returns_none_when_over_capacity_and_changes_nothing(tmp_path):
+    t = make_tier(tmp_path / "ssd", capacity_bytes=100_000)
+    a = t.reserve(60_000, b"a")
+    assert a is not None
+    before = t.stats()
+    assert t.reserve(50_000, b"b") is None  # 60k reserved + 50k > 100k
+    assert t.stats() == before
+    t.drop(a)  # a reservation never written is released
+    assert t.stats().used_bytes == 0
+    assert t.reserve(50_000, b"b") is not None
+    t.close()
+
+
+def test_capacity_counts_encoded_bytes(tier):
+    loc = put(tier, b"k", kv_bytes(6))
+    assert tier.stats().used_bytes == loc.nbytes < len(kv_bytes(6))
+
+
+def test_drop_twice_is_a_bug(tier):
+    loc = put(tier, b"k", kv_bytes(7))
+    tier.drop(loc)
+    with pytest.raises(AssertionError):
+        tier.drop(loc)
+
+
+def test_write_needs_a_reservation_and_a_record(tier):
+    record = tier.encode(b"k", kv_bytes(8), fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="raw")
+    loc = tier.reserve(len(record), b"k")
+    with pytest.raises(InvalidRequest, match="no reservation"):
+        tier.write(loc.__class__("ssd", 0, len(record), b"other"), record)
+    with pytest.raises(InvalidRequest, match="not a record"):
+        tier.write(loc, b"x" * 100)
+
+
+def test_write_many_commits_all_batches(tmp_path):
+    t = make_tier(tmp_path / "ssd", write_batch=2)
+    items = []
+    for i in range(5):
+        key = f"b{i}".encode()
+        rec = t.encode(key, kv_bytes(i), fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="lossless")
+        items.append((t.reserve(len(rec), key), rec))
+    t.write_many(items)
+    assert t.stats().num_records == 5
+    assert all(bytes(t.read(loc)) == kv_bytes(i) for i, (loc, _) in enumerate(items))
+    t.close()
+
+
+def test_lmdb_map_full_raises_ssd_full_and_keeps_earlier_batches(tmp_path):
+    # Capacity accounting thinks there is room, but the LMDB map is tiny: the second batch cannot fit.
+    t = make_tier(tmp_path / "ssd", capacity_bytes=64 << 20, map_size_bytes=256 << 10, write_batch=2)
+    items = []
+    for i in range(8):
+        key = f"m{i}".encode()
+        rec = t.encode(key, kv_bytes(i), fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="raw")
+        items.append((t.reserve(len(rec), key), rec))
+    with pytest.raises(SsdFull) as err:
+        t.write_many(items)
+    done = err.value.num_written
+    assert 0 < done < 8 and done % 2 == 0
+    assert t.stats().num_records == done
+    for loc, _ in items[done:]:
+        t.drop(loc)  # their reservations stay until the caller gives them back
+    assert t.stats().used_bytes == sum(loc.nbytes for loc, _ in items[:done])
+    t.close()
+
+
+def test_compact_keeps_live_records_and_shrinks_the_file(tmp_path):
+    t = make_tier(tmp_path / "ssd")
+    locs = [put(t, f"c{i}".encode(), kv_bytes(i), "raw") for i in range(20)]
+    for loc in locs[:15]:
+        t.drop(loc)
+    before, after = t.compact()
+    assert after < before
+    assert {i.location.key for i in t.scan()} == {f"c{i}".encode() for i in range(15, 20)}
+    assert all(bytes(t.read(loc)) == kv_bytes(i + 15) for i, loc in enumerate(locs[15:]))
+    t.close()
+
+
+def test_concurrent_reads_and_writes_from_threads(tier):
+    raws = {f"t{i}".encode(): kv_bytes(i) for i in range(8)}
+    locs = {k: put(tier, k, r) for k, r in list(raws.items())[:4]}
+    errors: list[str] = []
+
+    def reader() -> None:
+        for _ in range(20):
+            for k, loc in list(locs.items())[:4]:
+                if bytes(tier.read(loc)) != raws[k]:
+                    errors.append(k.decode())
+
+    def writer() -> None:
+        for k in list(raws)[4:]:
+            put(tier, k, raws[k])
+
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == [] and tier.stats().num_records == 8
+
+
+# ---- kill -9 ------------------------------------------------------------------------------------
+
+_WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from tests.tiers.test_ssd import kv_bytes, make_tier, put
+    from pathlib import Path
+    t = make_tier(Path({path!r}))
+    start = len(t.scan())
+    for i in range(start, start + 100000):
+        put(t, b"w%06d" % i, kv_bytes(i))
+        print(i, flush=True)  # acknowledged: write() returned
+""")
+
+
+def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path):
+    path = tmp_path / "ssd"
+    root = str(Path(__file__).resolve().parents[2])
+    rng = random.Random(1234)
+    acknowledged: set[int] = set()
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=root, path=str(path))],
+                                stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        target = len(acknowledged) + rng.randint(3, 25)
+        while len(acknowledged) < target and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acknowledged.add(int(line))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        t = make_tier(path)
+        stored = {int(info.location.key[1:]): info.location for info in t.scan()}
+        assert acknowledged <= set(stored), f"lost acknowledged writes {sorted(acknowledged - set(stored))}"
+        for i, loc in stored.items():  # acknowledged or not, whatever is there is whole
+            assert bytes(t.read(loc)) == kv_bytes(i)
+        t.close()
+    assert len(acknowledged) >= 9
+
