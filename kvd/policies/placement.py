@@ -1,0 +1,67 @@
+"""Head-aware placement: for one extent, hot (kept in the host arena) or cold (SSD only), and the
+codec it gets on SSD.
+
+The store packs an entry's segments into one extent per head class. Global heads read every earlier
+token, so their KV stays hot. A local head reads only its first ``sink`` tokens and the last
+``window`` tokens before the query, so a local-head extent is needed hot only if the entry's tokens
+overlap ``[0, sink)`` or the serving window at the end of the sequence as known at store time;
+elsewhere it goes cold, and may be compressed harder (``codec.local_cold_codec``) or not kept at all
+(``drop``).
+
+Codec on SSD (settings ``[codec]``):
+
+| extent                         | hot | SSD codec                                           |
+| ------------------------------ | --- | --------------------------------------------------- |
+| global head                    | yes | ``global_cold_codec`` (lossless unless configured)  |
+| local head, inside the window  | yes | ``hot_codec`` (raw or lossless: never lossy)        |
+| local head, outside the window | no  | ``local_cold_codec`` (lossless, fp8, int8) or none (drop) |
+
+Window rule: the next query sits at position ``end_token`` and a local head sees keys in
+``(end − window, end]``; we treat ``[end − window, end)`` as inside — one token wider than needed,
+erring on the hot side. Tokens are ``[start_token, start_token + num_tokens)``. An extent packs
+several local heads; pass the largest ``sink`` and ``window`` among them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kvd.config import CodecSettings
+from kvd.errors import InvalidRequest
+
+
+@dataclass(slots=True, frozen=True)
+class Placement:
+    is_hot: bool  # keep in the host arena
+    ssd_codec: str | None  # codec when written to SSD; None: never written (local_cold_codec = drop)
+    reason: str  # "global", "local_sink", "local_window", "local_cold"
+
+    @property
+    def is_dropped(self) -> bool:
+        """Cold and not kept on SSD either: the extent is freed when it leaves the arena."""
+        return not self.is_hot and self.ssd_codec is None
+
+
+class HeadClassPlacement:
+    def __init__(self, codec: CodecSettings) -> None:
+        self.codec = codec
+
+    def place(self, head_class: Literal["global", "local"], *, start_token: int, num_tokens: int,
+              end_token: int | None, sink: int, window: int) -> Placement:
+        """Placement of one extent of ``head_class`` holding tokens ``[start, start + num_tokens)``
+        of a sequence that was ``end_token`` long at store time (None: the entry ends it)."""
+        if start_token < 0 or num_tokens <= 0 or sink < 0 or window < 0:
+            raise InvalidRequest(f"placement of tokens [{start_token}, +{num_tokens}) with sink {sink}, "
+                                 f"window {window}: all must be ≥ 0 and num_tokens > 0")
+        if head_class == "global":
+            return Placement(True, self.codec.global_cold_codec, "global")
+        if head_class != "local":
+            raise InvalidRequest(f"head class {head_class!r} is not 'global' or 'local'")
+        end = start_token + num_tokens if end_token is None else max(end_token, start_token + num_tokens)
+        if start_token < sink:
+            return Placement(True, self.codec.hot_codec, "local_sink")
+        if start_token + num_tokens > end - window:
+            return Placement(True, self.codec.hot_codec, "local_window")
+        cold = self.codec.local_cold_codec
+        return Placement(False, None if cold == "drop" else cold, "local_cold")
