@@ -48,7 +48,10 @@ def _describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "(body)"
-        parts.append(f"{loc}: {err['msg']}")
+        msg = err["msg"]
+        if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == P.HASH_PATTERN:
+            msg = f"{err['input']!r} is not an entry hash (32 lowercase hex characters)"
+        parts.append(f"{loc}: {msg}")
     more = f" (and {e.error_count() - 5} more)" if e.error_count() > 5 else ""
     return f"{e.title}: " + "; ".join(parts) + more
 
@@ -133,7 +136,7 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.post("/v1/lookup")
 async def lookup(request: web.Request) -> web.Response:
     req = await _body(request, P.LookupRequest)
-    return _json(request.app[STORE].lookup(req))
+    return web.Response(body=request.app[STORE].lookup(req).to_json(), content_type="application/json")
 
 
 @routes.post("/v1/reserve")

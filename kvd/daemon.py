@@ -278,10 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.daemon.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(_amain(settings, config_path, overrides))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_amain(settings, config_path, overrides))
     except KvdError as e:
         logger.error("%s", e)
         return 1
+
+
+def _loop_factory():
+    """uvloop where installed (about a third less per-request overhead in aiohttp), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _amain(settings: Settings, config_path: str | None, overrides: dict) -> int:

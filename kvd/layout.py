@@ -56,6 +56,34 @@ class ExtentPlan:
         """Byte offset of the segment's K inside the extent; its V follows at + segment_bytes // 2."""
         return self._index[(layer, head)] * self.segment_bytes
 
+    @cached_property
+    def blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """Rectangles ``(layer0, layer1, head0, head1, first_segment)`` tiling the extent in order.
+
+        Segments of a rectangle are consecutive in the extent, so a copy between the extent and a
+        ``kv[L, 2, H, T, D]`` tensor is one strided copy per rectangle instead of one per segment.
+        Example: heads (0,0), (1,0), (2,0) -> ((0, 3, 0, 1, 0),); (0,1), (0,2), (1,2) -> ((0, 1, 1, 3, 0),
+        (1, 2, 2, 3, 2)).
+        """
+        rects: list[list[int]] = []
+        i = 0
+        while i < len(self.heads):
+            layer, h0 = self.heads[i]
+            j = i + 1
+            while j < len(self.heads) and self.heads[j] == (layer, h0 + (j - i)):
+                j += 1
+            h1 = h0 + (j - i)
+            whole_layer = j == len(self.heads) or self.heads[j][0] != layer
+            prev = rects[-1] if rects else None
+            if (prev is not None and whole_layer and prev[1] == layer and prev[2:4] == [h0, h1]
+                    and prev[5]):  # prev also spans whole layers
+                prev[1] = layer + 1
+            else:
+                starts_layer = i == 0 or self.heads[i - 1][0] != layer
+                rects.append([layer, layer + 1, h0, h1, i, int(whole_layer and starts_layer)])
+            i = j
+        return tuple((r[0], r[1], r[2], r[3], r[4]) for r in rects)
+
     def layer_span(self, layer: int) -> tuple[int, int]:
         """``[first, last)`` segment indices of ``layer`` (consecutive, since the order is layer-major)."""
         idx = [i for i, (lyr, _) in enumerate(self.heads) if lyr == layer]

@@ -11,36 +11,28 @@ keeps a 32K-token lookup under 5 KB.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from kvd.errors import InvalidRequest
 from kvd.headmap import HeadMap
-from kvd.keys import check_hash, check_namespace
+from kvd.keys import check_namespace
 
 API_VERSION = "v1"
 
 EntryKind = Literal["prefix", "chunk"]
+# A 128-bit entry hash as 32 lowercase hex chars; checked by pydantic-core (in Rust), which keeps a
+# 128-hash lookup cheap. The API rewrites the pattern error into words (``kvd.api._describe``).
+HASH_PATTERN = r"^[0-9a-f]{32}$"
+Hash = Annotated[str, StringConstraints(pattern=HASH_PATTERN)]
 TierName = Literal["host", "ssd", "remote"]
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def _hash(v: str) -> str:
-    try:
-        return check_hash(v)
-    except InvalidRequest as e:
-        raise ValueError(str(e)) from None
-
-
-def _hashes(v: list[str] | None) -> list[str] | None:
-    if v is not None:
-        for h in v:
-            _hash(h)
-    return v
 
 
 def _namespace(v: str) -> str:
@@ -119,7 +111,7 @@ class ExtentInfo(_Model):
 
 
 class ReserveEntry(_Model):
-    hash: str
+    hash: Hash
     kind: EntryKind = "prefix"
     num_tokens: int = Field(gt=0, le=1 << 20)
     # Position of the entry's first token in the sequence it came from, and that sequence's length
@@ -127,10 +119,6 @@ class ReserveEntry(_Model):
     start_token: int = Field(default=0, ge=0)
     end_token: int | None = Field(default=None, ge=0)
 
-    @field_validator("hash")
-    @classmethod
-    def check_hash_field(cls, v: str) -> str:
-        return _hash(v)
 
 
 class ReserveRequest(_Model):
@@ -162,14 +150,10 @@ class ReserveResponse(_Model):
 class CommitRequest(_Model):
     reservation_id: str
     # Commit only these entries of the reservation (the rest are aborted); None: all of them.
-    hashes: list[str] | None = None
+    hashes: list[Hash] | None = None
     # Seconds the client spent copying the reservation's bytes in (for the bytes/seconds counters).
     transfer_s: float = Field(default=0.0, ge=0, le=3600)
 
-    @field_validator("hashes")
-    @classmethod
-    def check_hashes_field(cls, v: list[str] | None) -> list[str] | None:
-        return _hashes(v)
 
 
 class CommitResponse(_Model):
@@ -185,9 +169,9 @@ class LookupRequest(_Model):
     namespace: str = "default"
     # Prefix entries: token ids (the daemon chunks and hashes them) or the client's own prefix hashes.
     token_ids: list[int] | None = None
-    prefix_hashes: list[str] | None = None
+    prefix_hashes: list[Hash] | None = None
     # Chunk entries (content hashes) to look up, in any order.
-    chunk_hashes: list[str] | None = None
+    chunk_hashes: list[Hash] | None = None
     # Start moving entries found only on slower tiers into the arena.
     prefetch: bool = True
 
@@ -195,32 +179,63 @@ class LookupRequest(_Model):
     @classmethod
     def check_namespace_field(cls, v: str) -> str:
         return _namespace(v)
-    @field_validator("prefix_hashes", "chunk_hashes")
-    @classmethod
-    def check_hashes_field(cls, v: list[str] | None) -> list[str] | None:
-        return _hashes(v)
 
 
 class EntryStatus(_Model):
+    index: int  # position of the hash in the request's list
     hash: str
-    tier: TierName | None  # fastest tier holding it; None: not stored
-    classes: list[str] = Field(default_factory=list)  # head classes available (all of them: complete)
-    complete: bool = False
-    num_tokens: int = 0
+    tier: TierName  # fastest tier holding it
+    classes: list[str]  # head classes available losslessly (all of them: complete)
+    complete: bool
+    num_tokens: int
 
 
 class LookupResponse(_Model):
+    """Found entries only: a miss costs nothing to encode, so a 128-chunk lookup stays small."""
+
     chunk_tokens: int
     # Leading prefix chunks stored *completely* (every head class): what an exact engine can load.
     num_prefix_hits: int
-    prefix: list[EntryStatus]
-    chunks: list[EntryStatus]
+    prefix: list[EntryStatus]  # found prefix entries, in request order
+    chunks: list[EntryStatus]  # found chunk entries, in request order
+
+
+@dataclass(slots=True)
+class EntryRow:
+    """Server-side form of ``EntryStatus``: building pydantic objects per lookup cost more than the
+    lookup itself (3 µs each), so the daemon answers from these rows and ``LookupResult.to_json``."""
+
+    index: int
+    hash: str
+    tier: str
+    classes: list[str]
+    complete: bool
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class LookupResult:
+    chunk_tokens: int
+    num_prefix_hits: int
+    prefix: list[EntryRow]
+    chunks: list[EntryRow]
+
+    def to_json(self) -> bytes:
+        """Exactly the JSON of the equivalent ``LookupResponse`` (a test holds the two together)."""
+
+        def rows(rs: list[EntryRow]) -> list[dict[str, Any]]:
+            return [{"index": r.index, "hash": r.hash, "tier": r.tier, "classes": r.classes,
+                     "complete": r.complete, "num_tokens": r.num_tokens} for r in rs]
+
+        return json.dumps({"chunk_tokens": self.chunk_tokens, "num_prefix_hits": self.num_prefix_hits,
+                           "prefix": rows(self.prefix), "chunks": rows(self.chunks)},
+                          separators=(",", ":")).encode()
 
 
 class LeaseRequest(_Model):
     fingerprint: str
     namespace: str = "default"
-    hashes: list[str]
+    hashes: list[Hash]
     # Only these head classes are needed (e.g. a head-aware reader that recomputes global heads).
     classes: list[str] | None = None
     # How long to wait for entries being prefetched from slower tiers; None: the daemon's default.
@@ -230,10 +245,6 @@ class LeaseRequest(_Model):
     @classmethod
     def check_namespace_field(cls, v: str) -> str:
         return _namespace(v)
-    @field_validator("hashes")
-    @classmethod
-    def check_hashes_field(cls, v: list[str] | None) -> list[str] | None:
-        return _hashes(v)
 
 
 class LeasedEntry(_Model):
@@ -260,16 +271,12 @@ class EntriesRequest(_Model):
 
     namespace: str = "default"
     fingerprint: str | None = None
-    hashes: list[str]
+    hashes: list[Hash]
 
     @field_validator("namespace")
     @classmethod
     def check_namespace_field(cls, v: str) -> str:
         return _namespace(v)
-    @field_validator("hashes")
-    @classmethod
-    def check_hashes_field(cls, v: list[str] | None) -> list[str] | None:
-        return _hashes(v)
 
 
 class CountResponse(_Model):
@@ -307,12 +314,8 @@ class EvictRequest(_Model):
 class FlushRequest(_Model):
     namespace: str | None = None
     fingerprint: str | None = None
-    hashes: list[str] | None = None  # only these entries (with namespace and fingerprint); None: all matching
+    hashes: list[Hash] | None = None  # only these entries (with namespace and fingerprint); None: all matching
 
-    @field_validator("hashes")
-    @classmethod
-    def check_hashes_field(cls, v: list[str] | None) -> list[str] | None:
-        return _hashes(v)
 
 
 class TierStatsBody(_Model):

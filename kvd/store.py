@@ -141,7 +141,7 @@ class Store:
 
     # ---- lookup ---------------------------------------------------------------------------------
 
-    def lookup(self, req: P.LookupRequest) -> P.LookupResponse:
+    def lookup(self, req: P.LookupRequest) -> P.LookupResult:
         self.model(req.fingerprint)
         chunk = self.settings.keys.chunk_tokens
         if req.token_ids is not None and req.prefix_hashes is not None:
@@ -156,34 +156,42 @@ class Store:
             hashes = req.prefix_hashes or []
         self._check_count(len(hashes) + len(req.chunk_hashes or []))
         now = self.clock()
-        prefix = [self._status(req.namespace, req.fingerprint, h, now, "prefix", req.prefetch) for h in hashes]
-        chunks = [self._status(req.namespace, req.fingerprint, h, now, "chunk", req.prefetch)
-                  for h in (req.chunk_hashes or [])]
+        hit_tokens: dict[tuple[str, str, str], int] = {}  # (kind, tier, head class) -> tokens
+        prefix = self._found(req.namespace, req.fingerprint, hashes, now, "prefix", req.prefetch, hit_tokens)
+        chunks = self._found(req.namespace, req.fingerprint, req.chunk_hashes or [], now, "chunk", req.prefetch,
+                             hit_tokens)
         hits = 0
-        for s in prefix:
-            if not s.complete:
+        for r in prefix:
+            if r.index != hits or not r.complete:
                 break
             hits += 1
+        # Counters once per label set, not per entry: a 128-chunk lookup stays cheap.
         self.metrics.lookup_tokens.labels("prefix").inc(len(hashes) * chunk)
-        self.metrics.lookup_tokens.labels("chunk").inc(sum(s.num_tokens for s in chunks))
-        return P.LookupResponse(chunk_tokens=chunk, num_prefix_hits=hits, prefix=prefix, chunks=chunks)
+        if req.chunk_hashes:
+            self.metrics.lookup_tokens.labels("chunk").inc(sum(r.num_tokens for r in chunks))
+        for labels, n in hit_tokens.items():
+            self.metrics.hit_tokens.labels(*labels).inc(n)
+        return P.LookupResult(chunk_tokens=chunk, num_prefix_hits=hits, prefix=prefix, chunks=chunks)
 
-    def _status(self, ns: str, fp: str, h: str, now: float, kind: str, prefetch: bool) -> P.EntryStatus:
-        e = self._index.get((ns, fp, h))
-        if e is None:
-            return P.EntryStatus(hash=h, tier=None)
-        e.seen += 1
-        e.last_access = now
-        classes = e.available_classes()
-        tier = e.fastest_tier()
-        for c in classes:
-            x = e.extents[c]
-            t = "host" if x.host is not None else "ssd"
-            self.metrics.hit_tokens.labels(kind, t, c).inc(e.num_tokens)
-        if prefetch and self.mover is not None and tier != "host":
-            self.mover.prefetch(e)
-        return P.EntryStatus(hash=h, tier=tier, classes=classes, complete=e.is_complete(),
-                             num_tokens=e.num_tokens)
+    def _found(self, ns: str, fp: str, hashes: list[str], now: float, kind: str, prefetch: bool,
+               hit_tokens: dict[tuple[str, str, str], int]) -> list[P.EntryRow]:
+        out = []
+        index = self._index
+        for i, h in enumerate(hashes):
+            e = index.get((ns, fp, h))
+            if e is None:
+                continue
+            e.seen += 1
+            e.last_access = now
+            classes = e.available_classes()
+            for c in classes:
+                key = (kind, "host" if e.extents[c].host is not None else "ssd", c)
+                hit_tokens[key] = hit_tokens.get(key, 0) + e.num_tokens
+            tier = e.fastest_tier()
+            if prefetch and self.mover is not None and tier != "host":
+                self.mover.prefetch(e)
+            out.append(P.EntryRow(i, h, tier, classes, len(classes) == len(e.extents), e.num_tokens))
+        return out
 
     # ---- store: reserve / commit / abort --------------------------------------------------------
 

@@ -76,7 +76,7 @@ def test_leading_hits_stop_at_the_first_gap(store):
     hs = hashes(3)
     commit(store, reserve(store, [hs[0], hs[2]]).reservation_id)
     res = lookup(store, hs)
-    assert res.num_prefix_hits == 1 and [s.tier for s in res.prefix] == ["host", None, "host"]
+    assert res.num_prefix_hits == 1 and [(r.index, r.tier) for r in res.prefix] == [(0, "host"), (2, "host")]
 
 
 def test_partial_commit_aborts_the_rest(store):
@@ -104,8 +104,8 @@ def test_lease_protects_and_expires(store):
     assert le.entries[0].status == "ok" and le.lease_id
     # A new entry evicts the least recently used *unleased* entry, never the leased one.
     commit(store, reserve(store, hashes(1, start=10)).reservation_id)
-    assert lookup(store, hs).prefix[0].tier == "host"
-    assert sum(s.tier is None for s in lookup(store, hs).prefix) == 1
+    res = lookup(store, hs)
+    assert res.prefix[0].index == 0 and res.prefix[0].tier == "host" and len(res.prefix) == 3
     # The owner dies: its lease is taken back at the next expiry pass.
     assert store.expire(is_alive=lambda pid: pid != 4242) == 1
     assert store.num_leases() == 0
@@ -172,6 +172,16 @@ def test_request_limits(store):
         reserve(store, hashes(4))
     with pytest.raises(InvalidRequest, match="twice"):
         reserve(store, [hashes(1)[0]] * 2)
+
+
+def test_lookup_result_json_is_a_lookup_response(store):
+    hs = hashes(3)
+    commit(store, reserve(store, hs[1:]).reservation_id)
+    res = lookup(store, hs)
+    doc = P.LookupResponse.model_validate_json(res.to_json())
+    assert doc.num_prefix_hits == 0 and [(e.index, e.tier, e.complete) for e in doc.prefix] == [
+        (1, "host", True), (2, "host", True)]
+    assert set(doc.prefix[0].classes) == {"global", "local"}
 
 
 def test_lookup_by_token_ids_matches_hashes(store):

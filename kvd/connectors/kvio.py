@@ -64,12 +64,14 @@ def register(client: KvdClient, spec: ModelSpec, head_map: HeadMap | None = None
     return ModelHandle(client, spec, hm, resp.fingerprint, resp.chunk_tokens, namespace)
 
 
-def _index_tensors(plan: ExtentPlan, device):
-    import torch
-
-    layers = torch.tensor([lh[0] for lh in plan.heads], device=device)
-    heads = torch.tensor([lh[1] for lh in plan.heads], device=device)
-    return layers, heads
+def extent_to_kv_views(plan: ExtentPlan, extent, kv, s0: int):
+    """Pairs ``(extent part, kv part)`` of equal shape ``[layers, heads, 2, T, D]``, one per block of
+    the plan: copying each pair moves the extent to or from ``kv[L, 2, H, s0:s0+T, D]``."""
+    t, d = plan.num_tokens, plan.head_dim
+    for l0, l1, h0, h1, seg0 in plan.blocks:
+        n = (l1 - l0) * (h1 - h0)
+        part = extent[seg0 : seg0 + n].view(l1 - l0, h1 - h0, 2, t, d)
+        yield part, kv[l0:l1, :, h0:h1, s0 : s0 + t].permute(0, 2, 1, 3, 4)
 
 
 def _check_kv(handle: ModelHandle, kv, num_tokens: int) -> None:
@@ -114,16 +116,16 @@ def store_prefix(handle: ModelHandle, token_ids, kv, *, start_chunk: int = 0) ->
     try:
         arena = client.arena(resp.arena_id)
         plans = handle.plans(c)
-        idx = {cls: _index_tensors(p, kv.device) for cls, p in plans.items()}
         for i, e in enumerate(resp.entries):
             if e.status != "reserved":
                 continue
             s0 = (start_chunk + i) * c
             for ext in e.extents:
-                layers, heads = idx[ext.head_class]
-                dst = arena.torch_extent(ext, plans[ext.head_class], handle.spec.kv_dtype)
-                # kv[layers, :, heads, s0:s0+c] -> [n_seg, 2, c, D]: one gather, one copy into the arena.
-                dst.copy_(kv[layers, :, heads, s0 : s0 + c])
+                plan = plans[ext.head_class]
+                dst = arena.torch_extent(ext, plan, handle.spec.kv_dtype)
+                # One strided copy per block of the plan, straight into the arena (no staging tensor).
+                for part, src in extent_to_kv_views(plan, dst, kv, s0):
+                    part.copy_(src)
     except BaseException:
         client.abort(P.AbortRequest(reservation_id=resp.reservation_id))
         raise
@@ -175,12 +177,11 @@ class LoadedPrefix:
         h = self.handle
         c = h.chunk_tokens
         plans = h.plans(c)
-        idx = {cls: _index_tensors(p, kv.device) for cls, p in plans.items()}
         for i in range(self.num_chunks):
             s0 = (start_chunk + i) * c
             for cls, view in self.extents(i).items():
-                layers, heads = idx[cls]
-                kv[layers, :, heads, s0 : s0 + c] = view.to(kv.device, non_blocking=True)
+                for part, dst in extent_to_kv_views(plans[cls], view, kv, s0):
+                    dst.copy_(part, non_blocking=True)
 
     def to_tensor(self, device="cpu"):
         import torch
