@@ -9,7 +9,7 @@ module's docstring; docs/kernels.md has the overview and the H200 measurements.
 - ``gather_segments`` / ``scatter_segments``: vLLM paged KV layouts <-> contiguous per-head segments.
 - ``rope_shift``: rotate cached keys by a position delta, in place.
 - ``quantize_keys`` / ``quantize_values`` / ``dequantize_*``: fp8 e4m3 and int8, codec math.
-- ``split_byte_planes`` / ``merge_byte_planes``: 16-bit byte planes of the lossless codec.
+- ``split_byte_planes`` / ``merge_byte_planes``: byte planes of the lossless codec (plane i = byte i).
 """
 
 from kvd.gpu_kernels.byte_planes import (

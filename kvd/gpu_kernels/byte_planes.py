@@ -1,11 +1,12 @@
-"""Byte-plane split and merge of 16-bit tensors, the first step of the lossless codec.
+"""Byte-plane split and merge, the first step of the lossless codec (``kvd/codec.py``).
 
-A bf16/fp16 tensor of n elements, viewed as little-endian bytes, interleaves low and high bytes
-(``lo0 hi0 lo1 hi1 ...``). The high bytes (sign, exponent, top mantissa bits) compress well on their
-own; the low bytes are close to noise. ``split_byte_planes`` returns ``planes [2, n]`` uint8 with
-``planes[0]`` = the high-byte plane (bytes at odd addresses) and ``planes[1]`` = the low-byte plane,
-each contiguous; ``merge_byte_planes`` is the exact inverse. Running it on the GPU lets cold data be
-prepared before it crosses PCIe.
+An element of E bytes (bf16/fp16: 2, fp32: 4), read little-endian, has bytes 0 (least significant)
+.. E-1. ``split_byte_planes(x)`` returns ``planes [E, n]`` uint8 with ``planes[i]`` = byte i of every
+element in order, each plane contiguous: exactly the codec's plane order (for bf16, plane 1 holds the
+sign, exponent and top mantissa bits and compresses well; plane 0 is close to noise). Given an extent
+buffer (K of every segment, then V, as laid out in memory) the planes come out in the codec's
+"K bytes then V bytes" order. ``merge_byte_planes`` is the exact inverse. Running it on the GPU lets
+cold data be prepared before it crosses PCIe.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import triton.language as tl
 
 from kvd.gpu_kernels._launch import is_interpreter
 
-SIXTEEN_BIT = (torch.bfloat16, torch.float16, torch.int16, torch.uint16)
+WORD_VIEWS = {2: torch.int16, 4: torch.int32}  # element size in bytes -> integer view
+PLANE_DTYPES = (torch.bfloat16, torch.float16, torch.int16, torch.uint16, torch.float32, torch.int32)
 
 
 @triton.jit
@@ -26,61 +28,74 @@ def _byte_planes_kernel(
     # sizes
     num_words,
     # meta-parameters
-    BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    NUM_BYTES: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     offs = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_words
     if SPLIT:
-        w = tl.load(words_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
-        tl.store(planes_ptr + offs, (w >> 8).to(tl.uint8), mask=mask)  # high plane first
-        tl.store(planes_ptr + num_words + offs, (w & 0xFF).to(tl.uint8), mask=mask)
+        w = tl.load(words_ptr + offs, mask=mask, other=0).to(tl.int32)
+        for i in tl.static_range(NUM_BYTES):
+            tl.store(planes_ptr + i * num_words + offs, ((w >> (8 * i)) & 0xFF).to(tl.uint8), mask=mask)
     else:
-        hi = tl.load(planes_ptr + offs, mask=mask, other=0).to(tl.int32)
-        lo = tl.load(planes_ptr + num_words + offs, mask=mask, other=0).to(tl.int32)
-        tl.store(words_ptr + offs, ((hi << 8) | lo).to(tl.int16), mask=mask)
+        w = tl.zeros([BLOCK], tl.int32)
+        for i in tl.static_range(NUM_BYTES):
+            byte = tl.load(planes_ptr + i * num_words + offs, mask=mask, other=0).to(tl.int32)
+            w = w | (byte << (8 * i))
+        tl.store(words_ptr + offs, w.to(words_ptr.dtype.element_ty), mask=mask)
 
 
 def _block() -> int:
     return 1024 if is_interpreter() else 4096
 
 
+def _check_x(x: torch.Tensor) -> None:
+    if x.dtype not in PLANE_DTYPES or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous 2- or 4-byte tensor ({PLANE_DTYPES}), got {x.dtype} "
+                         f"strides {x.stride()}")
+
+
+def _check_planes(planes: torch.Tensor, dtype: torch.dtype) -> int:
+    if dtype not in PLANE_DTYPES:
+        raise ValueError(f"dtype {dtype} unsupported; expected one of {PLANE_DTYPES}")
+    size = torch.empty((), dtype=dtype).element_size()
+    if planes.dtype != torch.uint8 or planes.dim() != 2 or planes.shape[0] != size or not planes.is_contiguous():
+        raise ValueError(f"planes must be contiguous uint8 [{size}, n] for {dtype}, got {planes.dtype} "
+                         f"{tuple(planes.shape)}")
+    return size
+
+
 def split_byte_planes(x: torch.Tensor) -> torch.Tensor:
-    """16-bit ``x`` (contiguous, any shape) -> ``planes [2, x.numel()]`` uint8: high bytes, then low bytes."""
-    if x.dtype not in SIXTEEN_BIT or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous 16-bit tensor, got {x.dtype} strides {x.stride()}")
-    n = x.numel()
-    planes = torch.empty((2, n), dtype=torch.uint8, device=x.device)
+    """Contiguous ``x`` (any shape, E-byte elements) -> ``planes [E, x.numel()]`` uint8, plane i = byte i."""
+    _check_x(x)
+    size, n = x.element_size(), x.numel()
+    planes = torch.empty((size, n), dtype=torch.uint8, device=x.device)
     if n:
-        _byte_planes_kernel[(triton.cdiv(n, _block()),)](x.view(torch.int16), planes, n, BLOCK=_block(),
-                                                         SPLIT=True, num_warps=4)
+        _byte_planes_kernel[(triton.cdiv(n, _block()),)](
+            x.view(WORD_VIEWS[size]), planes, n, NUM_BYTES=size, BLOCK=_block(), SPLIT=True, num_warps=4)
     return planes
 
 
 def merge_byte_planes(planes: torch.Tensor, *, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Inverse of ``split_byte_planes``: ``planes [2, n]`` uint8 -> tensor of ``dtype`` (``shape`` or ``[n]``)."""
-    if planes.dtype != torch.uint8 or planes.dim() != 2 or planes.shape[0] != 2 or not planes.is_contiguous():
-        raise ValueError(f"planes must be contiguous uint8 [2, n], got {planes.dtype} {tuple(planes.shape)}")
-    if dtype not in SIXTEEN_BIT:
-        raise ValueError(f"dtype {dtype} is not a 16-bit type")
+    """Inverse of ``split_byte_planes``: ``planes [E, n]`` -> tensor of ``dtype``, ``shape`` or ``[n]``."""
+    size = _check_planes(planes, dtype)
     n = planes.shape[1]
     out = torch.empty(n, dtype=dtype, device=planes.device)
     if n:
-        _byte_planes_kernel[(triton.cdiv(n, _block()),)](out.view(torch.int16), planes, n, BLOCK=_block(),
-                                                         SPLIT=False, num_warps=4)
+        _byte_planes_kernel[(triton.cdiv(n, _block()),)](
+            out.view(WORD_VIEWS[size]), planes, n, NUM_BYTES=size, BLOCK=_block(), SPLIT=False, num_warps=4)
     return out.view(shape) if shape is not None else out
 
 
 def split_byte_planes_ref(x: torch.Tensor) -> torch.Tensor:
     """Plain torch, same signature and result as ``split_byte_planes`` (little-endian host)."""
-    if x.dtype not in SIXTEEN_BIT or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous 16-bit tensor, got {x.dtype} strides {x.stride()}")
-    b = x.reshape(-1).view(torch.uint8).view(-1, 2)  # [n, (low, high)]
-    return torch.stack((b[:, 1], b[:, 0])).contiguous()
+    _check_x(x)
+    return x.reshape(-1).view(torch.uint8).view(-1, x.element_size()).t().contiguous()
 
 
 def merge_byte_planes_ref(planes: torch.Tensor, *, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Plain torch, same signature and result as ``merge_byte_planes``."""
-    out = torch.stack((planes[1], planes[0]), dim=1).contiguous().view(dtype).reshape(-1)
+    _check_planes(planes, dtype)
+    out = planes.t().contiguous().view(dtype).reshape(-1)
     return out.view(shape) if shape is not None else out
 
 

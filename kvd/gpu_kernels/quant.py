@@ -25,7 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kvd.gpu_kernels._launch import cast_rtne, check_dtype, check_last_dim_contiguous, is_interpreter, next_pow2
+from kvd.gpu_kernels._launch import (
+    cast_rtne,
+    check_dtype,
+    check_last_dim_contiguous,
+    is_interpreter,
+    next_pow2,
+)
 
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -28,7 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kvd.gpu_kernels._launch import cast_rtne, check_dtype, check_last_dim_contiguous, is_interpreter, next_pow2
+from kvd.gpu_kernels._launch import (
+    cast_rtne,
+    check_dtype,
+    check_last_dim_contiguous,
+    is_interpreter,
+    next_pow2,
+)
 
 TWO_PI = 6.283185307179586
 

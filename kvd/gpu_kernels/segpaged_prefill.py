@@ -48,7 +48,7 @@ from kvd.gpu_kernels._launch import (
 )
 from kvd.gpu_kernels.segpaged_decode import LOG2E, _mma
 
-INT32_MAX = 2**31 - 1
+INT32_MAX = tl.constexpr(2**31 - 1)  # "no page": larger than any position
 
 
 @triton.jit
