@@ -2,15 +2,7 @@
 
 Layout: one LMDB environment (``ssd.path``) with two named databases: ``meta`` (the format marker,
 plus small daemon records, see ``put_meta``) and ``extents`` (LMDB key = ``Location.key``, value =
-one record). A record is a header then one codec payload (``kvd.codec``)::
-
-    magic b"KVDS" | format u16 | codec_id u8 | dtype_id u8 | num_segments u32 | tokens u32
-    | head_dim u32 | raw_nbytes u64 | raw_xxh u64 | payload_nbytes u64 | payload_xxh u64
-    | created_s f64 | key_len u16 | fingerprint_len u16 | key | fingerprint (ascii) | header_xxh u64
-    | payload
-
-``raw_xxh`` is xxh3-64 of the bytes a read returns (for lossy codecs: the dequantized bytes, computed
-by decoding once at encode), ``payload_xxh`` of the payload, ``header_xxh`` of everything before it.
+one record: a checked header then one codec payload, see ``kvd.tiers.ssd_record``).
 A read checks the header, then the payload before decoding it, then the decoded bytes: any mismatch
 raises ``CorruptData`` and nothing is returned (the store counts a miss, logs, and drops the record).
 
@@ -41,7 +33,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -52,18 +43,15 @@ from pathlib import Path
 import lmdb
 import xxhash
 
-from kvd.codec import CODEC_IDS, CODEC_NAMES, DTYPE_IDS, DTYPE_NAMES, Buffer, Codecs, Shape, payload_info
+from kvd.codec import Buffer, Codecs, Shape, payload_info
 from kvd.config import CodecSettings, SsdSettings
 from kvd.errors import ConfigError, CorruptData, InvalidRequest, KvdError, StorageFormatError
 from kvd.tiers.base import Location, Tier, TierStats
+from kvd.tiers.ssd_record import SSD_FORMAT, ExtentHeader, pack_header, unpack_header
 
 logger = logging.getLogger(__name__)
 
-SSD_FORMAT = 1
 FORMAT_MARKER = b"kvd-ssd"
-_REC = struct.Struct("<4sHBBIIIQQQQdHH")
-_REC_MAGIC = b"KVDS"
-_XXH = struct.Struct("<Q")
 _USER_META = b"user/"
 
 
@@ -80,60 +68,11 @@ class SsdFull(KvdError):
 
 
 @dataclass(slots=True, frozen=True)
-class ExtentHeader:
-    """A record's header: what the store needs to index it without reading the payload."""
-
-    key: bytes
-    fingerprint: str
-    codec: str
-    dtype: str
-    shape: Shape
-    raw_nbytes: int
-    raw_xxh: int
-    payload_nbytes: int
-    payload_xxh: int
-    created_s: float
-
-
-@dataclass(slots=True, frozen=True)
 class SsdRecordInfo:
     """One stored record as ``scan()`` reports it."""
 
     location: Location
     header: ExtentHeader
-
-
-def _pack_header(h: ExtentHeader) -> bytes:
-    fp = h.fingerprint.encode("ascii")
-    body = _REC.pack(_REC_MAGIC, SSD_FORMAT, CODEC_IDS[h.codec], DTYPE_IDS[h.dtype], *h.shape, h.raw_nbytes,
-                     h.raw_xxh, h.payload_nbytes, h.payload_xxh, h.created_s, len(h.key), len(fp)) + h.key + fp
-    return body + _XXH.pack(xxhash.xxh3_64_intdigest(body))
-
-
-def _unpack_header(value: memoryview, key: bytes) -> tuple[ExtentHeader, int]:
-    """``(header, payload offset)``; ``CorruptData`` if the header fails its checksum or disagrees."""
-    if value.nbytes < _REC.size + _XXH.size:
-        raise CorruptData(f"SSD record {key.hex()} is {value.nbytes} bytes, shorter than a header")
-    (magic, fmt, codec_id, dtype_id, s, t, d, nraw, raw_xxh, npay, pay_xxh, created, klen,
-     fplen) = _REC.unpack_from(value)
-    end = _REC.size + klen + fplen
-    if magic != _REC_MAGIC or end + _XXH.size > value.nbytes:
-        raise CorruptData(f"SSD record {key.hex()}: bad magic or header length")
-    (want,) = _XXH.unpack_from(value, end)
-    if xxhash.xxh3_64_intdigest(value[:end]) != want:
-        raise CorruptData(f"SSD record {key.hex()}: header checksum mismatch")
-    if fmt != SSD_FORMAT:
-        raise StorageFormatError(f"SSD record {key.hex()} has format {fmt}; this kvd reads {SSD_FORMAT}")
-    stored_key = bytes(value[_REC.size : _REC.size + klen])
-    if stored_key != key or codec_id not in CODEC_NAMES or dtype_id not in DTYPE_NAMES:
-        raise CorruptData(f"SSD record {key.hex()}: header names key {stored_key.hex()} or unknown codec/dtype")
-    fp = bytes(value[_REC.size + klen : end]).decode("ascii", "replace")
-    offset = end + _XXH.size
-    if value.nbytes - offset != npay:
-        raise CorruptData(f"SSD record {key.hex()}: payload is {value.nbytes - offset} bytes, header says {npay}")
-    header = ExtentHeader(key, fp, CODEC_NAMES[codec_id], DTYPE_NAMES[dtype_id], (s, t, d), nraw, raw_xxh,
-                          npay, pay_xxh, created)
-    return header, offset
 
 
 class _Gate:
@@ -252,7 +191,7 @@ class SsdTier(Tier):
             for key, value in txn.cursor(db=self._data):
                 k = bytes(key)
                 try:
-                    _unpack_header(value, k)
+                    unpack_header(value, k)
                 except (CorruptData, StorageFormatError):
                     bad.append(k)
                     continue
@@ -286,7 +225,7 @@ class SsdTier(Tier):
             digest = xxhash.xxh3_64_intdigest(c.decode(payload, dtype=dtype, shape=shape))
         header = ExtentHeader(key, fingerprint, used, dtype, tuple(shape), len(memoryview(raw).cast("B")),
                               digest, len(payload), xxhash.xxh3_64_intdigest(payload), self._clock())
-        return b"".join([_pack_header(header), payload])
+        return b"".join([pack_header(header), payload])
 
     def _check_key(self, key: bytes) -> None:
         if not isinstance(key, bytes) or not 0 < len(key) <= self._env.max_key_size():
@@ -346,7 +285,7 @@ class SsdTier(Tier):
             raise InvalidRequest(f"SSD write of {view.nbytes} bytes for key {loc.key.hex()}, which has "
                                  f"{'no reservation' if reserved is None else f'{reserved} bytes reserved'}")
         try:
-            _unpack_header(view, loc.key)
+            unpack_header(view, loc.key)
         except (CorruptData, StorageFormatError) as e:
             raise InvalidRequest(f"SSD write for key {loc.key.hex()} is not a record built by encode(): {e}") from None
 
@@ -370,7 +309,7 @@ class SsdTier(Tier):
                 self._count_corrupt()
                 raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
             try:
-                header, offset = _unpack_header(value, loc.key)
+                header, offset = unpack_header(value, loc.key)
                 payload = value[offset:]
                 if xxhash.xxh3_64_intdigest(payload) != header.payload_xxh:
                     raise CorruptData(f"SSD record {loc.key.hex()}: payload checksum mismatch")
@@ -393,7 +332,7 @@ class SsdTier(Tier):
             value = txn.get(loc.key, db=self._data)
             if value is None:
                 raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
-            return _unpack_header(value, loc.key)[0]
+            return unpack_header(value, loc.key)[0]
 
     def _count_corrupt(self) -> None:
         with self._lock:
@@ -426,7 +365,7 @@ class SsdTier(Tier):
             for key, value in txn.cursor(db=self._data):
                 k = bytes(key)
                 try:
-                    header, _ = _unpack_header(value, k)
+                    header, _ = unpack_header(value, k)
                 except (CorruptData, StorageFormatError):
                     continue
                 out.append(SsdRecordInfo(Location(self.name, 0, value.nbytes, k), header))

@@ -20,7 +20,8 @@ import pytest
 from kvd.codec import Codecs, raw_nbytes
 from kvd.config import SsdSettings
 from kvd.errors import CorruptData, InvalidRequest, StorageFormatError
-from kvd.tiers.ssd import _REC, _REC_MAGIC, SsdFull, SsdTier
+from kvd.tiers.ssd import SsdFull, SsdTier
+from kvd.tiers.ssd_record import RECORD_HEAD, RECORD_MAGIC, record_header
 
 FP = "0123456789abcdef0123456789abcdef"
 SHAPE = (4, 64, 32)  # 4 segments of 64 tokens × head_dim 32, bf16: 32 KiB raw
@@ -69,6 +70,13 @@ def test_round_trip_through_every_codec(tier, codec):
     assert header.raw_nbytes == len(raw) and loc.nbytes == tier.stats().used_bytes
 
 
+def test_record_header_reports_the_codec_actually_used(tier):
+    nan = np.full(raw_nbytes("bfloat16", SHAPE) // 2, 0x7FC0, dtype=np.uint16).tobytes()
+    record = tier.encode(b"n", nan, fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="fp8")
+    header = record_header(record, b"n")
+    assert header.codec == "lossless" and header.raw_nbytes == len(nan)  # NaN cannot be scaled
+
+
 def test_lossless_record_is_smaller_than_raw(tier):
     raw = kv_bytes(2)
     assert put(tier, b"a", raw, "lossless").nbytes < 0.85 * put(tier, b"b", raw, "raw").nbytes
@@ -109,13 +117,13 @@ def _record_spans(data_file: Path) -> dict[bytes, tuple[int, int, int]]:
     """key -> (header start, payload start, payload length) of every record in the LMDB file."""
     blob = data_file.read_bytes()
     spans = {}
-    pos = blob.find(_REC_MAGIC)
+    pos = blob.find(RECORD_MAGIC)
     while pos >= 0:
-        fields = _REC.unpack_from(blob, pos)
+        fields = RECORD_HEAD.unpack_from(blob, pos)
         npay, klen, fplen = fields[9], fields[12], fields[13]
-        key = blob[pos + _REC.size : pos + _REC.size + klen]
-        spans[key] = (pos, pos + _REC.size + klen + fplen + 8, npay)
-        pos = blob.find(_REC_MAGIC, pos + 1)
+        key = blob[pos + RECORD_HEAD.size : pos + RECORD_HEAD.size + klen]
+        spans[key] = (pos, pos + RECORD_HEAD.size + klen + fplen + 8, npay)
+        pos = blob.find(RECORD_MAGIC, pos + 1)
     return spans
 
 
