@@ -18,3 +18,25 @@ except ImportError:  # pragma: no cover - torch is a dependency
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# ---- real model fixtures (issue 5) ------------------------------------------------------------
+# One conversion and one fp32 load per session, shared by every test marked ``model``. The model
+# object is shared: treat it as read-only, and undo anything you change (``apply_head_map`` does).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """Path of the converted SmolLM2-135M-Instruct safetensors dir (converted on first use, ~30 s)."""
+    from kvd.models import smollm2_dir as _smollm2_dir
+
+    return _smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32(smollm2_dir):
+    """``(model, tokenizer)``: SmolLM2 loaded once in fp32, eval mode."""
+    from kvd.models import load_causal_lm
+
+    return load_causal_lm(smollm2_dir)
