@@ -44,18 +44,6 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json(P.ErrorBody(error=code, message=message), status)
 
 
-def _describe(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "(body)"
-        msg = err["msg"]
-        if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == P.HASH_PATTERN:
-            msg = f"{err['input']!r} is not an entry hash (32 lowercase hex characters)"
-        parts.append(f"{loc}: {msg}")
-    more = f" (and {e.error_count() - 5} more)" if e.error_count() > 5 else ""
-    return f"{e.title}: " + "; ".join(parts) + more
-
-
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS]
@@ -68,7 +56,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except KvdError as e:
         resp = _error(e.status, e.code, str(e))
     except ValidationError as e:
-        resp = _error(400, "invalid_request", _describe(e))
+        resp = _error(400, "invalid_request", P.describe_validation_error(e))
     except web.HTTPException as e:
         resp = _error(e.status, "http", e.reason or str(e))
     except Exception:  # noqa: BLE001 - the boundary: log, answer 500, keep serving

@@ -36,7 +36,9 @@ from kvd.metrics import Metrics
 from kvd.reporting import entry_counts
 from kvd.store import Store
 from kvd.systemd import Notifier
+from kvd.mover import Mover
 from kvd.tiers.host import HostTier
+from kvd.tiers.ssd import SsdTier
 
 logger = logging.getLogger("kvd")
 
@@ -83,9 +85,25 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
         app[STORE] = store
         logger.info("host arena %s: %d MiB in %d slots of %d KiB", host.path, host.capacity_bytes >> 20,
                     host.num_slots, host.slot_bytes >> 10)
+        ssd = mover = task = None
         try:
+            if settings.ssd.enabled:
+                ssd = await asyncio.get_running_loop().run_in_executor(
+                    executor, lambda: SsdTier(settings.ssd_path(), settings.ssd, settings.codec))
+                mover = store.mover = Mover(store, ssd)
+                n = await mover.recover()
+                logger.info("ssd tier %s: %d entries recovered", ssd.path, n)
+                task = asyncio.create_task(mover.run(), name="kvd-mover")
             yield
         finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if mover is not None:
+                await mover.close()
+            if ssd is not None:
+                ssd.close()
             host.close()
             executor.shutdown(wait=True, cancel_futures=True)
 

@@ -45,6 +45,10 @@ class Extent:
     ssd: Location | None = None  # record in the SSD tier
     ssd_codec: str | None = None  # codec of the SSD copy; lossy codecs make it unloadable for exact readers
     dropped: bool = False  # deliberately not kept anywhere (placement "drop" of far local tokens)
+    # Head-aware placement, decided at commit (kvd.policies.placement): keep in the arena or not,
+    # and the codec of its SSD copy (None: never written to SSD).
+    is_hot: bool = True
+    ssd_target: str | None = "lossless"
 
     @property
     def head_class(self) -> str:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from kvd.errors import InvalidRequest
 from kvd.headmap import HeadMap
@@ -29,6 +29,19 @@ EntryKind = Literal["prefix", "chunk"]
 HASH_PATTERN = r"^[0-9a-f]{32}$"
 Hash = Annotated[str, StringConstraints(pattern=HASH_PATTERN)]
 TierName = Literal["host", "ssd", "remote"]
+
+
+def describe_validation_error(e: ValidationError, limit: int = 5) -> str:
+    """One line naming each bad field and what was wrong, e.g. for a 400 answer or a kvctl usage error."""
+    parts = []
+    for err in e.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(body)"
+        msg = err["msg"]
+        if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == HASH_PATTERN:
+            msg = f"{err['input']!r} is not an entry hash (32 lowercase hex characters)"
+        parts.append(f"{loc}: {msg}")
+    more = f" (and {e.error_count() - limit} more)" if e.error_count() > limit else ""
+    return f"{e.title}: " + "; ".join(parts) + more
 
 
 class _Model(BaseModel):

@@ -1,14 +1,15 @@
 """The tiered store: the index of entries, reservations and leases, and the calls into tiers and policies.
 
-The store orchestrates; tiers hold bytes (``kvd.tiers``) and policies decide (``kvd.policies``). It is
-driven by the control API's handlers, one method per route, and by the daemon's background tasks
-(``expire`` for leases and reservations; ``kvd.mover`` for demotion and prefetch). Everything here runs
-on the event loop and never blocks it: checksums, SSD I/O and codecs go to the executor.
+The store orchestrates; tiers hold bytes (``kvd.tiers``), policies decide (``kvd.policies``), the
+registry knows models (``kvd.registry``) and the mover carries extents between arena and SSD
+(``kvd.mover``). It is driven by the control API's handlers, one method per route, and by the
+daemon's background tasks. Everything here runs on the event loop and never blocks it: checksums,
+SSD I/O and codecs go to the executor.
 
 Invariants:
 - an entry is in ``_index`` only after its commit finished: lookups see whole entries or nothing;
 - a key is in at most one of ``_index``, a reservation's pending entries, or ``_doomed``;
-- extents of an entry with ``leases > 0`` are never freed, moved or overwritten;
+- bytes of an entry with ``leases > 0`` (readers, or the mover) are never freed or overwritten;
 - "cannot right now" (no room, nothing evictable) answers ``no_space`` and changes nothing.
 """
 
@@ -28,12 +29,12 @@ import xxhash
 from kvd import protocol as P
 from kvd.config import Settings
 from kvd.entries import Entry, EntryKey, Extent, Lease, ModelRecord, Reservation
-from kvd.errors import Conflict, FingerprintMismatch, InvalidRequest, NotFound, RequestTooLarge
-from kvd.headmap import HeadMap
-from kvd.keys import ModelSpec, prefix_hashes
+from kvd.errors import Conflict, InvalidRequest, NotFound, RequestTooLarge
+from kvd.keys import prefix_hashes
 from kvd.layout import plan_extents
 from kvd.metrics import Metrics
-from kvd.tiers.base import TierStats
+from kvd.registry import ModelRegistry
+from kvd.tiers.base import Location, TierStats
 from kvd.tiers.host import HostTier
 
 logger = logging.getLogger(__name__)
@@ -56,39 +57,20 @@ def owner_is_alive(pid: int) -> bool:
         return True
 
 
-def entry_meta(e: Entry, model: ModelRecord):
-    """What eviction policies see of an entry: sizes, position and head-class make-up, never bytes."""
-    from kvd.policies.eviction import EntryMeta
-
-    global_bytes = e.extents["global"].nbytes if "global" in e.extents else 0
-    return EntryMeta(nbytes=e.nbytes, num_tokens=e.num_tokens, num_layers=model.spec.num_layers,
-                     start_token=e.start_token, global_fraction=global_bytes / max(1, e.nbytes),
-                     pinned=e.pinned)
-
-
 class Store:
-    def __init__(
-        self,
-        settings: Settings,
-        host: HostTier,
-        *,
-        metrics: Metrics,
-        executor: Executor | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        host_policy=None,
-    ) -> None:
+    def __init__(self, settings: Settings, host: HostTier, *, metrics: Metrics, executor: Executor | None = None,
+                 clock: Callable[[], float] = time.monotonic, host_policy=None) -> None:
+        from kvd.policies.eviction import make_eviction
+
         self.settings = settings
         self.host = host
         self.metrics = metrics
         self.executor = executor
         self.clock = clock
         self.started_at = clock()
-        if host_policy is None:
-            from kvd.policies.eviction import make_eviction
-
-            host_policy = make_eviction(settings.policy)
-        self.host_policy = host_policy
-        self.models: dict[str, ModelRecord] = {}  # fingerprint -> model
+        self.host_policy = host_policy or make_eviction(settings.policy, capacity_bytes=host.capacity_bytes)
+        self.registry = ModelRegistry(clock)
+        self.models = self.registry.models  # fingerprint -> ModelRecord
         self._index: dict[EntryKey, Entry] = {}
         self._pending: dict[EntryKey, str] = {}  # key -> reservation id holding it
         self._doomed: dict[EntryKey, Entry] = {}  # deleted while leased; freed on last release
@@ -100,40 +82,16 @@ class Store:
 
     # ---- models ---------------------------------------------------------------------------------
 
-    def register_model(self, req: P.RegisterModelRequest) -> P.RegisterModelResponse:
-        spec = ModelSpec(model_id=req.model_id, revision=req.revision, num_layers=req.num_layers,
-                         num_kv_heads=req.num_kv_heads, head_dim=req.head_dim, kv_dtype=req.kv_dtype,
-                         rope=req.rope, layout=req.layout)
-        fp = spec.fingerprint()
-        if req.fingerprint is not None and req.fingerprint != fp:
-            raise FingerprintMismatch(
-                f"fingerprint {req.fingerprint} does not match {fp}, computed from the model fields sent; "
-                "the client and daemon disagree on the model layout — upgrade both to the same kvd")
-        hm = req.head_map
-        if hm is not None:
-            hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
-        else:
-            hm = HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)
-        known = self.models.get(fp)
-        if known is not None and known.head_map.class_grid() != hm.class_grid():
-            if self._count_entries(fp):
-                raise Conflict(
-                    f"model {spec.model_id} ({fp}) is registered with another head map and has stored "
-                    "entries, whose extents follow the old map; delete them (kvctl evict) or use a new revision")
-        if known is None or known.head_map != hm:
-            self.models[fp] = ModelRecord(fp, spec, hm, self.clock())
-            logger.info("registered model %s (%s): %d layers × %d KV heads, %d global",
-                        spec.model_id, fp, spec.num_layers, spec.num_kv_heads, hm.num_global)
+    def register_model(self, req: P.RegisterModelRequest, *, persist: bool = True) -> P.RegisterModelResponse:
+        record, changed = self.registry.register(req, has_entries=self._has_entries)
+        if changed and persist and self.mover is not None:
+            self.mover.persist_model(req, record.fingerprint)
         return P.RegisterModelResponse(
-            fingerprint=fp, chunk_tokens=self.settings.keys.chunk_tokens, arena=self.arena_info(),
-            head_map_method=hm.method, num_global_heads=hm.num_global)
+            fingerprint=record.fingerprint, chunk_tokens=self.settings.keys.chunk_tokens, arena=self.arena_info(),
+            head_map_method=record.head_map.method, num_global_heads=record.num_global_heads)
 
     def model(self, fingerprint: str) -> ModelRecord:
-        m = self.models.get(fingerprint)
-        if m is None:
-            raise NotFound(f"model {fingerprint!r} is not registered with this daemon; register it first "
-                           "(POST /v1/models; clients do this on connect and after a daemon restart)")
-        return m
+        return self.registry.get(fingerprint)
 
     def arena_info(self) -> P.ArenaInfo:
         return P.ArenaInfo(path=str(self.host.path), capacity_bytes=self.host.capacity_bytes,
@@ -155,11 +113,9 @@ class Store:
         else:
             hashes = req.prefix_hashes or []
         self._check_count(len(hashes) + len(req.chunk_hashes or []))
-        now = self.clock()
         hit_tokens: dict[tuple[str, str, str], int] = {}  # (kind, tier, head class) -> tokens
-        prefix = self._found(req.namespace, req.fingerprint, hashes, now, "prefix", req.prefetch, hit_tokens)
-        chunks = self._found(req.namespace, req.fingerprint, req.chunk_hashes or [], now, "chunk", req.prefetch,
-                             hit_tokens)
+        prefix = self._found(req, hashes, "prefix", hit_tokens)
+        chunks = self._found(req, req.chunk_hashes or [], "chunk", hit_tokens)
         hits = 0
         for r in prefix:
             if r.index != hits or not r.complete:
@@ -173,10 +129,11 @@ class Store:
             self.metrics.hit_tokens.labels(*labels).inc(n)
         return P.LookupResult(chunk_tokens=chunk, num_prefix_hits=hits, prefix=prefix, chunks=chunks)
 
-    def _found(self, ns: str, fp: str, hashes: list[str], now: float, kind: str, prefetch: bool,
+    def _found(self, req: P.LookupRequest, hashes: list[str], kind: str,
                hit_tokens: dict[tuple[str, str, str], int]) -> list[P.EntryRow]:
         out = []
-        index = self._index
+        now = self.clock()
+        ns, fp, index, mover = req.namespace, req.fingerprint, self._index, self.mover
         for i, h in enumerate(hashes):
             e = index.get((ns, fp, h))
             if e is None:
@@ -188,8 +145,10 @@ class Store:
                 key = (kind, "host" if e.extents[c].host is not None else "ssd", c)
                 hit_tokens[key] = hit_tokens.get(key, 0) + e.num_tokens
             tier = e.fastest_tier()
-            if prefetch and self.mover is not None and tier != "host":
-                self.mover.prefetch(e)
+            if mover is not None:
+                mover.on_seen(e)
+                if req.prefetch and tier != "host":
+                    mover.prefetch(e)
             out.append(P.EntryRow(i, h, tier, classes, len(classes) == len(e.extents), e.num_tokens))
         return out
 
@@ -198,37 +157,29 @@ class Store:
     def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
         model = self.model(req.fingerprint)
         self._check_count(len(req.entries))
+        if len({r.hash for r in req.entries}) != len(req.entries):
+            raise InvalidRequest("an entry appears twice in one reserve request")
         now = self.clock()
         rid = uuid.uuid4().hex
         pending: dict[str, Entry] = {}
         out: list[P.ReservedEntry] = []
-        seen_in_request: set[str] = set()
-        try:
-            for r in req.entries:
-                if r.hash in seen_in_request:
-                    raise InvalidRequest(f"entry {r.hash} appears twice in one reserve request")
-                seen_in_request.add(r.hash)
-                key = (req.namespace, req.fingerprint, r.hash)
-                existing = self._index.get(key)
-                if existing is not None or key in self._pending:
-                    if existing is not None:
-                        existing.seen += 1
-                        existing.last_access = now
-                    out.append(P.ReservedEntry(hash=r.hash, status="exists"))
-                    continue
-                entry = self._reserve_entry(model, key, r, now)
-                if entry is None:
-                    self.metrics.no_space.inc()
-                    out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
-                    continue
-                pending[r.hash] = entry
-                self._pending[key] = rid
-                out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=self._extent_infos(entry)))
-        except BaseException:
-            for entry in pending.values():
-                self._pending.pop(entry.key, None)
-                self._free_host(entry)
-            raise
+        for r in req.entries:
+            key = (req.namespace, req.fingerprint, r.hash)
+            existing = self._index.get(key)
+            if existing is not None or key in self._pending:
+                if existing is not None:
+                    existing.seen += 1
+                    existing.last_access = now
+                out.append(P.ReservedEntry(hash=r.hash, status="exists"))
+                continue
+            entry = self._reserve_entry(model, key, r, now)
+            if entry is None:
+                self.metrics.no_space.inc()
+                out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
+                continue
+            pending[r.hash] = entry
+            self._pending[key] = rid
+            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=self._extent_infos(entry)))
         ttl = self.settings.host.reservation_ttl_s
         if pending:
             self._reservations[rid] = Reservation(rid, owner_pid, now + ttl, pending)
@@ -242,74 +193,64 @@ class Store:
         entry = Entry(key=key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
                       extents={c: Extent(plan=p) for c, p in plans.items()}, created=now, last_access=now)
         for x in entry.extents.values():
-            loc = self.host.reserve(x.nbytes) or (self._make_room(x.nbytes, now) and self.host.reserve(x.nbytes))
-            if not loc:
+            x.host = self.reserve_host(x.nbytes)
+            if x.host is None:
                 self._free_host(entry)
                 return None
-            x.host = loc
         return entry
 
-    def _make_room(self, nbytes: int, now: float) -> bool:
-        """Evict host copies until a run of ``nbytes`` fits. Drops only; never blocks on I/O."""
-        for _ in range(8):  # fragmentation: freed bytes may not be adjacent; retry a few rounds
-            if self.host.can_reserve(nbytes):
-                return True
-            victims = self.host_policy.victims(nbytes, now=now, can_evict=self._host_evictable)
+    def reserve_host(self, nbytes: int) -> Location | None:
+        """A slot run for ``nbytes``, evicting host copies if needed. Drops only: never blocks on I/O."""
+        loc = self.host.reserve(nbytes)
+        if loc is not None:
+            return loc
+        now = self.clock()
+        for _ in range(8):  # fragmentation: freed runs may not be adjacent; retry a few rounds
+            victims = self.host_policy.victims(nbytes, now=now, can_evict=self.host_evictable)
             if not victims:
-                return False
+                return None
             for key in victims:
-                self._evict_host(self._index[key])
-        return self.host.can_reserve(nbytes)
-
-    def _host_evictable(self, key: EntryKey) -> bool:
-        e = self._index.get(key)
-        return e is not None and not e.pinned and e.leases == 0 and e.fastest_tier() == "host" and not (
-            self.mover is not None and self.mover.is_busy(key))
-
-    def _evict_host(self, e: Entry) -> None:
-        """Drop the entry's host copies; the entry leaves the index if no other tier holds it."""
-        self._free_host(e)
-        self.host_policy.on_remove(e.key)
-        self.metrics.evicted_entries.labels("host").inc()
-        if e.fastest_tier() is None:
-            self._remove(e)
+                self.evict_host(self._index[key])
+            loc = self.host.reserve(nbytes)
+            if loc is not None:
+                return loc
+        return None
 
     async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
-        res = self._reservations.get(req.reservation_id)
-        if res is None or req.reservation_id in self._committing:
-            if req.reservation_id in self._committed_ids or req.reservation_id in self._committing:
-                raise Conflict(f"reservation {req.reservation_id} was already committed")
-            raise NotFound(f"reservation {req.reservation_id} does not exist or expired "
+        rid = req.reservation_id
+        res = self._reservations.get(rid)
+        if res is None or rid in self._committing:
+            if rid in self._committed_ids or rid in self._committing:
+                raise Conflict(f"reservation {rid} was already committed")
+            raise NotFound(f"reservation {rid} does not exist or expired "
                            f"(reservations live {self.settings.host.reservation_ttl_s} s); reserve again")
         chosen = list(res.entries) if req.hashes is None else req.hashes
         unknown = [h for h in chosen if h not in res.entries]
         if unknown:
-            raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {req.reservation_id}")
-        self._committing.add(req.reservation_id)
+            raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
+        self._committing.add(rid)
         try:
             entries = [res.entries[h] for h in chosen]
             if self.settings.host.verify_on_commit:
-                sums = await self._run(self._checksums, entries)
-                for e, s in zip(entries, sums):
-                    for x, c in zip(e.extents.values(), s):
+                for e, sums in zip(entries, await self.run_io(self._checksums, entries)):
+                    for x, c in zip(e.extents.values(), sums):
                         x.checksum = c
         finally:
-            self._committing.discard(req.reservation_id)
+            self._committing.discard(rid)
         # Synchronous from here on: each entry becomes visible whole, and the reservation ends.
-        del self._reservations[req.reservation_id]
-        self._committed_ids[req.reservation_id] = None
+        del self._reservations[rid]
+        self._committed_ids[rid] = None
         while len(self._committed_ids) > _COMMITTED_MEMORY:
             self._committed_ids.popitem(last=False)
-        now = self.clock()
-        nbytes = 0
+        now, nbytes, keep = self.clock(), 0, set(chosen)
         for e in res.entries.values():
             self._pending.pop(e.key, None)
-            if e.hash not in chosen:
+            if e.hash not in keep:
                 self._free_host(e)
                 continue
             e.created = e.last_access = now
             self._index[e.key] = e
-            self.host_policy.on_insert(e.key, entry_meta(e, self.models[e.fingerprint]))
+            self.host_policy.on_insert(e.key, self.meta(e, tier="host"), now)
             self.metrics.committed_entries.labels(e.kind).inc()
             nbytes += e.nbytes
             if self.mover is not None:
@@ -340,47 +281,39 @@ class Store:
     # ---- load: lease / release ------------------------------------------------------------------
 
     async def lease(self, req: P.LeaseRequest, owner_pid: int | None = None) -> P.LeaseResponse:
-        model = self.model(req.fingerprint)
+        self.model(req.fingerprint)
         self._check_count(len(req.hashes))
-        if req.classes is not None:
-            bad = [c for c in req.classes if c not in ("global", "local")]
-            if bad:
-                raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")
+        if req.classes is not None and (bad := [c for c in req.classes if c not in ("global", "local")]):
+            raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")
         keys = [(req.namespace, req.fingerprint, h) for h in req.hashes]
         if self.mover is not None:
             wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
             await self.mover.wait_for_host(keys, req.classes, wait)
         now = self.clock()
-        lease = Lease(uuid.uuid4().hex, owner_pid, now + self.settings.host.lease_ttl_s, [])
-        out = []
-        for key in keys:
-            out.append(self._lease_one(lease, key, req.classes, model, now))
+        ttl = self.settings.host.lease_ttl_s
+        lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [])
+        out = [self._lease_one(lease, key, req.classes, now) for key in keys]
         if lease.keys:
             self._leases[lease.lease_id] = lease
             self.metrics.leases_held.set(len(self._leases))
-        return P.LeaseResponse(lease_id=lease.lease_id if lease.keys else None,
-                               expires_in_s=self.settings.host.lease_ttl_s, arena_id=self.host.arena_id,
-                               entries=out)
+        return P.LeaseResponse(lease_id=lease.lease_id if lease.keys else None, expires_in_s=ttl,
+                               arena_id=self.host.arena_id, entries=out)
 
-    def _lease_one(self, lease: Lease, key: EntryKey, classes: list[str] | None, model: ModelRecord,
-                   now: float) -> P.LeasedEntry:
+    def _lease_one(self, lease: Lease, key: EntryKey, classes: list[str] | None, now: float) -> P.LeasedEntry:
         e = self._index.get(key)
-        h = key[2]
         if e is None:
-            return P.LeasedEntry(hash=h, status="missing")
+            return P.LeasedEntry(hash=key[2], status="missing")
         want = [c for c in e.extents if classes is None or c in classes]
         if not all(e.extents[c].host is not None for c in want):
-            busy = self.mover is not None and self.mover.is_busy(key)
-            return P.LeasedEntry(hash=h, status="timeout" if busy else "missing", num_tokens=e.num_tokens)
+            lost = any(e.extents[c].host is None and e.extents[c].ssd is None for c in want)
+            return P.LeasedEntry(hash=key[2], status="missing" if lost else "timeout", num_tokens=e.num_tokens)
         e.leases += 1
         e.reuse_count += 1
         e.last_access = now
         self.host_policy.on_access(key, now)
         lease.keys.append(key)
-        lease.classes[key] = want
         lease.nbytes += sum(e.extents[c].nbytes for c in want)
-        return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens,
-                             extents=self._extent_infos(e, want))
+        return P.LeasedEntry(hash=key[2], status="ok", num_tokens=e.num_tokens, extents=self._extent_infos(e, want))
 
     def release(self, req: P.ReleaseRequest) -> P.CountResponse:
         lease = self._leases.pop(req.lease_id, None)
@@ -395,16 +328,19 @@ class Store:
     def _end_lease(self, lease: Lease) -> None:
         for key in lease.keys:
             e = self._index.get(key) or self._doomed.get(key)
-            if e is None:
-                continue
-            e.leases -= 1
-            assert e.leases >= 0, f"lease count of {key} went negative"
-            if e.leases == 0 and key in self._doomed:
-                del self._doomed[key]
-                self._free_all(e)
+            if e is not None:
+                self.unhold(e)
         self.metrics.leases_held.set(len(self._leases))
 
-    # ---- admin: delete, pin, list, evict ---------------------------------------------------------
+    def unhold(self, e: Entry) -> None:
+        """One reader (a lease, or the mover) is done with ``e``; a deleted entry is freed at the last."""
+        e.leases -= 1
+        assert e.leases >= 0, f"lease count of {e.key} went negative"
+        if e.leases == 0 and self._doomed.get(e.key) is e:
+            del self._doomed[e.key]
+            self._free_all(e)
+
+    # ---- admin: delete, pin, evict, flush ---------------------------------------------------------
 
     def _select(self, req: P.EntriesRequest) -> list[Entry]:
         self._check_count(len(req.hashes))
@@ -421,26 +357,24 @@ class Store:
         found = self._select(req)
         for e in found:
             e.pinned = pinned
+            if e.fastest_tier() == "host":
+                self.host_policy.on_insert(e.key, self.meta(e, tier="host"), self.clock())
             if pinned and self.mover is not None:
                 self.mover.on_pin(e)
         return P.CountResponse(count=len(found))
 
     async def evict(self, req: P.EvictRequest) -> P.CountResponse:
-        """Drop host copies (tier=host) of matching, unleased, unpinned entries; SSD via the mover."""
+        """Drop host copies of matching, unleased, unpinned entries (tier=host); SSD records (tier=ssd)."""
         if req.tier != "host":
             return P.CountResponse(count=await self._need_mover(req.tier).evict(req))
-        budget = req.max_bytes
-        count = 0
+        budget, count = req.max_bytes, 0
         for e in list(self._index.values()):
             if (req.namespace and e.namespace != req.namespace) or (req.fingerprint and e.fingerprint != req.fingerprint):
                 continue
-            if e.pinned or e.leases or e.fastest_tier() != "host":
+            if not self.host_evictable(e.key) or (budget is not None and budget <= 0):
                 continue
-            if budget is not None and budget <= 0:
-                break
-            if budget is not None:
-                budget -= e.nbytes
-            self._evict_host(e)
+            budget = None if budget is None else budget - e.nbytes
+            self.evict_host(e)
             count += 1
         return P.CountResponse(count=count)
 
@@ -463,9 +397,8 @@ class Store:
         now = self.clock() if now is None else now
         n = 0
         for res in list(self._reservations.values()):
-            if res.reservation_id in self._committing:
-                continue
-            if res.expires_at <= now or (res.owner_pid is not None and not is_alive(res.owner_pid)):
+            if res.reservation_id not in self._committing and (
+                    res.expires_at <= now or (res.owner_pid is not None and not is_alive(res.owner_pid))):
                 self._drop_reservation(res)
                 self.metrics.reservations_expired.inc()
                 n += 1
@@ -481,11 +414,68 @@ class Store:
                 n += 1
         return n
 
+    # ---- used by the mover and reporting ---------------------------------------------------------
+
+    def get(self, key: EntryKey) -> Entry | None:
+        return self._index.get(key)
+
+    def iter_entries(self) -> Iterable[Entry]:
+        return list(self._index.values())
+
+    def insert_recovered(self, e: Entry) -> None:
+        """Put an entry rebuilt from a persistent tier into the index (daemon start)."""
+        self._index[e.key] = e
+
+    def meta(self, e: Entry, *, tier: str):
+        """What eviction policies see of an entry in ``tier``: sizes, position, head classes, never bytes."""
+        from kvd.policies.eviction import EntryMeta
+
+        exts = [x for x in e.extents.values() if (x.host if tier == "host" else x.ssd) is not None]
+        nbytes = sum(x.nbytes if tier == "host" else x.ssd.nbytes for x in exts)
+        glob = sum(x.nbytes for x in exts if x.head_class == "global")
+        total = sum(x.nbytes for x in exts)
+        return EntryMeta(nbytes=nbytes, num_tokens=e.num_tokens, num_layers=self.models[e.fingerprint].spec.num_layers,
+                         start_token=e.start_token, global_fraction=glob / total if total else 1.0, pinned=e.pinned)
+
+    def host_evictable(self, key: EntryKey) -> bool:
+        e = self._index.get(key)
+        return (e is not None and not e.pinned and e.leases == 0 and e.fastest_tier() == "host"
+                and not (self.mover is not None and self.mover.is_busy(key)))
+
+    def evict_host(self, e: Entry) -> None:
+        """Drop the entry's host copies; it leaves the index if no other tier holds it."""
+        self._free_host(e)
+        self.host_policy.on_remove(e.key)
+        self.metrics.evicted_entries.labels("host").inc()
+        if e.fastest_tier() is None:
+            self.forget(e)
+
+    def free_extent_host(self, e: Entry, x: Extent) -> None:
+        """One extent leaves the arena (cold placement); the entry's host accounting follows."""
+        if x.host is not None:
+            self.host.drop(x.host)
+            x.host = None
+        if e.key in self._index:
+            if any(y.host is not None for y in e.extents.values()):
+                self.host_policy.on_insert(e.key, self.meta(e, tier="host"), self.clock())
+            else:
+                self.host_policy.on_remove(e.key)
+
+    def forget(self, e: Entry) -> None:
+        """The entry has no copy left anywhere: it leaves the index."""
+        if self._index.get(e.key) is e:
+            del self._index[e.key]
+            self.host_policy.on_remove(e.key)
+            if self.mover is not None:
+                self.mover.on_remove(e, deleted=False)
+
+    async def run_io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ---- stats ----------------------------------------------------------------------------------
+
     def tier_stats(self) -> list[TierStats]:
-        out = [self.host.stats()]
-        if self.mover is not None:
-            out.append(self.mover.ssd.stats())
-        return out
+        return [self.host.stats()] + ([self.mover.ssd.stats()] if self.mover is not None else [])
 
     def num_entries(self) -> int:
         return len(self._index)
@@ -500,16 +490,6 @@ class Store:
         return len(self._committing)
 
     # ---- helpers --------------------------------------------------------------------------------
-
-    def get(self, key: EntryKey) -> Entry | None:
-        return self._index.get(key)
-
-    def iter_entries(self) -> Iterable[Entry]:
-        return self._index.values()
-
-    def insert_recovered(self, e: Entry) -> None:
-        """Put an entry rebuilt from a persistent tier into the index (daemon start)."""
-        self._index[e.key] = e
 
     def _check_count(self, n: int) -> None:
         limit = self.settings.daemon.max_entries_per_request
@@ -533,20 +513,16 @@ class Store:
             self.mover.drop_ssd(e)
 
     def _remove(self, e: Entry) -> None:
-        """Take the entry out of the index; free its bytes now, or on its last release if leased."""
-        if self._index.pop(e.key, None) is None:
+        """Take the entry out of the index; free its bytes now, or on its last release if held."""
+        if self._index.get(e.key) is not e:
             return
-        self.host_policy.on_remove(e.key)
+        self.forget(e)
         if self.mover is not None:
-            self.mover.on_remove(e)
+            self.mover.on_remove(e, deleted=True)
         if e.leases:
             self._doomed[e.key] = e
         else:
             self._free_all(e)
 
-    def _count_entries(self, fp: str) -> int:
-        return sum(1 for e in self._index.values() if e.fingerprint == fp)
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
+    def _has_entries(self, fp: str) -> bool:
+        return any(e.fingerprint == fp for e in self._index.values())

@@ -12,7 +12,8 @@ from kvd.keys import ModelSpec, prefix_hashes
 from kvd.metrics import Metrics
 from kvd.store import Store
 from kvd.tiers.host import HostTier
-from tests.fakes import FakeClock, RecordingLru
+from kvd.policies.eviction import LruEviction
+from tests.fakes import FakeClock
 
 SPEC = ModelSpec("toy", num_layers=2, num_kv_heads=2, head_dim=64, kv_dtype="bfloat16")
 HM = HeadMap.from_classes("toy", [[True, False], [False, True]], sink=4, window=64)
@@ -25,7 +26,7 @@ def store(tmp_path):
         "host": {"capacity_bytes": 1 << 20, "slot_bytes": 128 << 10}})  # 8 slots = 4 entries
     clock = FakeClock()
     host = HostTier(tmp_path / "arena", 1 << 20, 128 << 10)
-    s = Store(settings, host, metrics=Metrics(), clock=clock, host_policy=RecordingLru())
+    s = Store(settings, host, metrics=Metrics(), clock=clock, host_policy=LruEviction())
     s.clock_fake = clock
     fp = s.register_model(P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64,
                                                  head_map=HM)).fingerprint

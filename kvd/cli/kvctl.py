@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.cmd](client, args)
     except ValidationError as e:  # bad arguments caught by the request models: a usage error
-        print(f"kvctl: {'; '.join(err['msg'] for err in e.errors())}", file=sys.stderr)
+        print(f"kvctl: {P.describe_validation_error(e)}", file=sys.stderr)
         return 2
     except KvdError as e:
         print(f"kvctl: {e}", file=sys.stderr)
