@@ -182,7 +182,9 @@ class _Zstd:
         data = data.cast("B")  # flat bytes, whatever the array's shape
         cctx = self._compressor(threaded)
         if n > 2 * PROBE_BYTES:
-            probe = data[:PROBE_BYTES]
+            # Sample the start of both halves: a plane holds K's bytes, then V's.
+            half = PROBE_BYTES // 2
+            probe = b"".join([data[:half], data[n // 2 : n // 2 + half]])
             if len(self._compressor(False).compress(probe)) >= KEEP_IF_BELOW * PROBE_BYTES:
                 return _STORED, data
         packed = cctx.compress(data)
