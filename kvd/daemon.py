@@ -153,7 +153,9 @@ def reload_settings(current: Settings, fresh: Settings) -> tuple[list[str], list
             if getattr(old, key) == getattr(new, key):
                 continue
             if (section, key) in RELOADABLE:
-                setattr(old, key, getattr(new, key))
+                # ``fresh`` was validated as a whole; assigning field by field through validation could
+                # fail in between (raising high_watermark and low_watermark together), so copy raw.
+                object.__setattr__(old, key, getattr(new, key))
                 applied.append(f"{section}.{key}")
             else:
                 ignored.append(f"{section}.{key}")

@@ -101,10 +101,14 @@ class Mover:
         """A store or lookup hit: count it, and queue the entry for SSD once admitted."""
         self.admission.record(e.key)
         if e.key not in self._queue and self._needs_write(e):
-            if self.admission.admit(e.key, pinned=e.pinned, seen=e.seen):
+            if self._admit(e):
                 self._enqueue(e)
             else:
                 self.metrics.admission_refusals.inc()
+
+    def _admit(self, e: Entry) -> bool:
+        self.admission.admit_after = self.store.settings.ssd.admit_after  # reloadable (SIGHUP)
+        return self.admission.admit(e.key, pinned=e.pinned, seen=e.seen)
 
     def on_pin(self, e: Entry) -> None:
         if self._needs_write(e):
@@ -156,13 +160,17 @@ class Mover:
                 await asyncio.wait_for(self._wake.wait(), IDLE_S)
             self._wake.clear()
             try:
-                await self._write_back()
-                await self._relieve_pressure()
+                await self.step()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop survives; the failure is logged and counted
                 logger.exception("mover iteration failed")
                 self.metrics.errors.labels("mover").inc()
+
+    async def step(self) -> None:
+        """One round of background work (the loop's body; tests call it directly)."""
+        await self._write_back()
+        await self._relieve_pressure()
 
     async def close(self) -> None:
         for t in list(self._tasks) + list(self._prefetching.values()):
@@ -210,8 +218,7 @@ class Mover:
             if not victims:
                 return
             entries = [self.store.get(k) for k in victims]
-            admitted = [e for e in entries if e is not None and self._needs_write(e)
-                        and self.admission.admit(e.key, pinned=e.pinned, seen=e.seen)]
+            admitted = [e for e in entries if e is not None and self._needs_write(e) and self._admit(e)]
             if admitted:
                 await self.write_entries(admitted)
             for e in entries:
