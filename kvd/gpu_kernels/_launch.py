@@ -14,18 +14,15 @@ import triton.language as tl
 
 
 def is_interpreter() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (tests without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels through its CPU interpreter (tests without a GPU).
 
-
-def upcast_dot() -> bool:
-    """Whether kernels upcast ``tl.dot`` operands to fp32.
-
-    Only under the interpreter: Triton 3.9's interpreter multiplies bf16 tiles as their raw uint16
-    bits. Products of bf16/fp16 values are exact in fp32, so only the summation order differs from
-    the GPU's tensor-core dot.
+    Kernels take it as the constexpr ``INTERPRET`` and then work around two faults of Triton 3.9's
+    interpreter: it multiplies bf16 tiles in ``tl.dot`` as raw uint16 bits (so dot operands are upcast
+    to fp32: products of bf16/fp16 are exact in fp32, only the summation order differs), and its
+    fp32 -> bf16 / fp8 casts truncate or carry wrongly (so values are first rounded to the target grid
+    on their bit pattern, after which the cast is exact). On the GPU the hardware does both directly.
     """
-    return is_interpreter()
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def num_sms(device: torch.device) -> int:
@@ -68,13 +65,9 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 
 @triton.jit
-def cast_rtne(x, DTYPE: tl.constexpr):
-    """fp32 ``x`` to ``DTYPE``, rounding to nearest even.
-
-    bf16 is rounded on the fp32 bit pattern and then cast exactly: the GPU's cast does the same, but
-    Triton 3.9's interpreter truncates fp32 -> bf16, which would break bit-exact tests.
-    """
-    if DTYPE == tl.bfloat16:
+def cast_rtne(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``x`` to ``DTYPE``, rounding to nearest even (the GPU's cast; see ``is_interpreter``)."""
+    if INTERPRET and DTYPE == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000  # keep 8 mantissa bits, ties to even
         x = bits.to(tl.float32, bitcast=True)

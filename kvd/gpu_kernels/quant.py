@@ -14,9 +14,10 @@ Shapes: ``x [S, T, D]`` (S segments; any strides, last dim contiguous) or ``[T, 
 shape (contiguous); key scales ``[S, D]``, value scales ``[S, T]`` (``[D]`` / ``[T]`` for 2-D input).
 
 Kernels: keys, one program per (segment, channel tile) makes two passes over T (max, then quantize;
-the second pass reads from L2); values, one program per (segment, token tile) in one pass. The kernels
-round to the e4m3 grid themselves and then cast an exact value, so the result does not depend on the
-cast's rounding (Triton's interpreter rounds fp8 wrongly when the mantissa carries).
+the second pass reads from L2); values, one program per (segment, token tile) in one pass. On the GPU
+the fp8 cast is the hardware's (round to nearest even, checked bit for bit against torch by
+benchmarks/kernels.py); under the interpreter, whose fp8 cast carries wrongly, the kernels round to the
+e4m3 grid themselves first, so the cast is exact.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
+def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, INTERPRET: tl.constexpr):
     y = tl.math.div_rn(x, scale)  # IEEE division, as torch's x / s
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_FP8:
-        y = _round_to_e4m3(y)
+        if INTERPRET:  # the GPU's cvt.rn.satfinite.e4m3 rounds itself
+            y = _round_to_e4m3(y)
     else:
         y = _round_half_even(y)
     return y
@@ -81,7 +83,7 @@ def _quantize_keys_kernel(
     stride_xs, stride_xt, stride_qs, stride_qt, stride_ss,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr,
-    IS_FP8: tl.constexpr,
+    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -105,7 +107,7 @@ def _quantize_keys_kernel(
         rows = (t0 + offs_t).to(tl.int64)
         mask = ((t0 + offs_t) < num_tokens)[:, None] & mask_d[None, :]
         x = tl.load(x_seg + rows[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = _quantize_values_tile(x, scale[None, :], QMAX, IS_FP8)
+        y = _quantize_values_tile(x, scale[None, :], QMAX, IS_FP8, INTERPRET)
         tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -119,7 +121,7 @@ def _quantize_values_kernel(
     stride_xs, stride_xt, stride_qs, stride_qt, stride_ss,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr,
-    IS_FP8: tl.constexpr,
+    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -132,7 +134,7 @@ def _quantize_values_kernel(
     scale = tl.math.div_rn(tl.max(tl.abs(x), 1), QMAX)  # per token
     scale = tl.where(scale == 0.0, 1.0, scale)
     tl.store(scale_ptr + tl.cast(pid_s, tl.int64) * stride_ss + offs_t, scale, mask=mask_t)
-    y = _quantize_values_tile(x, scale[:, None], QMAX, IS_FP8)
+    y = _quantize_values_tile(x, scale[:, None], QMAX, IS_FP8, INTERPRET)
     tl.store(q_ptr + tl.cast(pid_s, tl.int64) * stride_qs + rows[:, None] * stride_qt + offs_d[None, :],
              y.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -147,6 +149,7 @@ def _dequantize_kernel(
     stride_qs, stride_qt, stride_xs, stride_xt, stride_ss,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -163,7 +166,7 @@ def _dequantize_kernel(
         scale = tl.load(scale_ptr + seg * stride_ss + offs_t, mask=mask_t, other=1.0)[:, None]
     x = q.to(tl.float32) * scale
     tl.store(x_ptr + seg * stride_xs + rows[:, None] * stride_xt + offs_d[None, :],
-             cast_rtne(x, x_ptr.dtype.element_ty), mask=mask)
+             cast_rtne(x, x_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def _as_3d(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +192,8 @@ def _quantize(x, qdtype, per_channel):
     scale = torch.empty((S, D if per_channel else T), dtype=torch.float32, device=x.device)
     if S and T and D:
         block_d = next_pow2(D)
-        meta = dict(HEAD_DIM=D, QMAX=QMAX[qdtype], IS_FP8=qdtype == torch.float8_e4m3fn, num_warps=4)
+        meta = dict(HEAD_DIM=D, QMAX=QMAX[qdtype], IS_FP8=qdtype == torch.float8_e4m3fn,
+                    INTERPRET=is_interpreter(), num_warps=4)
         strides = (x3.stride(0), x3.stride(1), q.stride(0), q.stride(1), scale.stride(0))
         if per_channel:
             block_d = min(block_d, 64)
@@ -223,7 +227,8 @@ def _dequantize(q, scale, dtype, per_channel):
         block_t = 16 if is_interpreter() else max(1, 4096 // block_d)
         _dequantize_kernel[(S, triton.cdiv(T, block_t))](
             q3, s2, x, T, q3.stride(0), q3.stride(1), x.stride(0), x.stride(1), s2.stride(0),
-            HEAD_DIM=D, BLOCK_T=block_t, BLOCK_D=block_d, PER_CHANNEL=per_channel, num_warps=4)
+            HEAD_DIM=D, BLOCK_T=block_t, BLOCK_D=block_d, PER_CHANNEL=per_channel, INTERPRET=is_interpreter(),
+            num_warps=4)
     return x[0] if q.dim() == 2 else x
 
 

@@ -49,7 +49,7 @@ def _rope_shift_kernel(
     stride_kt, stride_kh,
     # meta-parameters
     HALF: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    PER_TOKEN: tl.constexpr,
+    PER_TOKEN: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -81,8 +81,8 @@ def _rope_shift_kernel(
     mask = mask_t[:, None, None] & (offs_h < num_heads)[None, :, None] & mask_f[None, None, :]
     x1 = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(k_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(k_ptr + offs, cast_rtne(x1 * cos - x2 * sin, k_ptr.dtype.element_ty), mask=mask)
-    tl.store(k_ptr + offs + HALF, cast_rtne(x2 * cos + x1 * sin, k_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_ptr + offs, cast_rtne(x1 * cos - x2 * sin, k_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(k_ptr + offs + HALF, cast_rtne(x2 * cos + x1 * sin, k_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def _as_3d(k: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ def rope_shift(k: torch.Tensor, inv_freq: torch.Tensor, delta: int | torch.Tenso
         k3, inv_freq, delta if per_token else inv_freq,
         0.0 if per_token else float(delta), T, H,
         k3.stride(0), k3.stride(1),
-        HALF=D // 2, BLOCK_F=next_pow2(D // 2), BLOCK_T=block_t, BLOCK_H=block_h, PER_TOKEN=per_token,
+        HALF=D // 2, BLOCK_F=next_pow2(D // 2), BLOCK_T=block_t, BLOCK_H=block_h, PER_TOKEN=per_token, INTERPRET=is_interpreter(),
         num_warps=4,
     )
     return k

@@ -39,9 +39,9 @@ from kvd.gpu_kernels._launch import (
     check_last_dim_contiguous,
     check_ndim,
     check_same_device,
+    is_interpreter,
     next_pow2,
     num_sms,
-    upcast_dot,
 )
 
 LOG2E = 1.4426950408889634  # 1/ln(2): scores are kept in log2 units so the kernel can use exp2
@@ -51,9 +51,9 @@ MAX_ROWS = 16384  # the work map holds one lane per row
 
 
 @triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
+def _mma(a, b, INTERPRET: tl.constexpr):
     # the interpreter multiplies bf16 as raw bits: upcast there (exact products, fp32 sums)
-    if UPCAST:
+    if INTERPRET:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b)
@@ -83,7 +83,7 @@ def _segpaged_decode_kernel(
     stride_tr,
     # meta-parameters
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs_r, lens, n_items, item_end = _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R)
     total_items = tl.sum(n_items, 0)
@@ -123,13 +123,13 @@ def _segpaged_decode_kernel(
                         mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)
-            qk = _mma(q, tl.trans(k), UPCAST_DOT) * qk_scale
+            qk = _mma(q, tl.trans(k), INTERPRET) * qk_scale
             qk = tl.where(mask_t[None, :], qk, float("-inf"))  # the item's last tile may be partial
             m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds >= 1 listed token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST_DOT)
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, INTERPRET)
             m_i = m_new
 
         # -- partial result of this item: normalised output and log2-sum-exp ------------------
@@ -148,7 +148,7 @@ def _segpaged_decode_merge_kernel(
     stride_ob, stride_oh, stride_lb, stride_lh,
     # meta-parameters
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_LSE: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs_r, lens, n_items, item_end = _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R)
@@ -181,7 +181,7 @@ def _segpaged_decode_merge_kernel(
     h = row % num_kv_heads
     heads = h * GROUP + offs_g
     o_offs = b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_ptr + o_offs, cast_rtne(out, out_ptr.dtype.element_ty), mask=mask_gd)
+    tl.store(out_ptr + o_offs, cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask_gd)
     if HAS_LSE:
         lse = tl.where(is_empty, float("-inf"), (m_run + tl.log2(den)) * 0.6931471805599453)  # ln(2)
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh, lse, mask=mask_g)
@@ -267,14 +267,14 @@ def segpaged_decode(
         k_pool.stride(0), k_pool.stride(1),
         v_pool.stride(0), v_pool.stride(1),
         page_table.stride(0),
-        PAGE_TOKENS=page_tokens, BLOCK_N=block_n, UPCAST_DOT=upcast_dot(),
+        PAGE_TOKENS=page_tokens, BLOCK_N=block_n, INTERPRET=is_interpreter(),
         num_warps=4, num_stages=3, **meta,
     )
     _segpaged_decode_merge_kernel[(rows,)](
         part_out, part_lse, seq_lens, out, lse,
         rows, num_kv_heads, max_tokens, split,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HAS_LSE=return_lse, num_warps=4, **meta,
+        HAS_LSE=return_lse, INTERPRET=is_interpreter(), num_warps=4, **meta,
     )
     return (out, lse) if return_lse else out
 

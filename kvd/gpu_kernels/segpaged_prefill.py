@@ -44,7 +44,6 @@ from kvd.gpu_kernels._launch import (
     check_same_device,
     is_interpreter,
     next_pow2,
-    upcast_dot,
 )
 from kvd.gpu_kernels.segpaged_decode import LOG2E, _mma
 
@@ -57,32 +56,34 @@ def _attend_range(
     k_ptr, v_ptr, table_row, ppos_row, qk_scale,
     stride_kp, stride_kn, stride_vp, stride_vn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     for k0 in range(kidx_start, kidx_end, BLOCK_N):
-        # -- listed tokens k0.. -> page, position --------------------------------------------------
+        # -- listed tokens k0.. -> page, slot ----------------------------------------------------
         kidx = k0 + offs_n
         in_range = kidx < kidx_end
         page_idx = kidx // PAGE_TOKENS
         page = tl.load(table_row + page_idx, mask=in_range, other=0).to(tl.int64)
-        kpos = tl.load(ppos_row + page_idx, mask=in_range, other=0) + kidx % PAGE_TOKENS
         in_page = (kidx % PAGE_TOKENS).to(tl.int64)
         kv_mask = in_range[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        qk = _mma(q, tl.trans(k), UPCAST_DOT) * qk_scale
+        qk = _mma(q, tl.trans(k), INTERPRET) * qk_scale
 
         # -- mask only where some (query, key) pair of the tile may be invisible ----------------
-        kpos_lo = tl.min(tl.where(in_range, kpos, INT32_MAX), 0)
-        kpos_hi = tl.max(tl.where(in_range, kpos, -1), 0)
+        # positions ascend along the list: the tile spans [pos of its first, pos of its last token]
+        last = tl.minimum(k0 + BLOCK_N, kidx_end) - 1
+        kpos_lo = tl.load(ppos_row + k0 // PAGE_TOKENS) + k0 % PAGE_TOKENS
+        kpos_hi = tl.load(ppos_row + last // PAGE_TOKENS) + last % PAGE_TOKENS
         needs_mask = (k0 + BLOCK_N > kidx_end) | (kpos_hi > qmin)  # ragged end, diagonal
         needs_mask = needs_mask | (is_local & (kpos_lo <= qmax - window) & (kpos_hi >= sink))  # window edge
         if needs_mask:
+            kpos = tl.load(ppos_row + page_idx, mask=in_range, other=0) + kidx % PAGE_TOKENS
             visible = in_range[None, :] & (kpos[None, :] <= qpos[:, None])
             in_window = (kpos[None, :] < sink) | (kpos[None, :] > qpos[:, None] - window)
             visible = visible & (in_window | (window <= 0))
@@ -94,7 +95,7 @@ def _attend_range(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, INTERPRET)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -127,7 +128,7 @@ def _segpaged_prefill_kernel(
     # meta-parameters
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     BLOCK_TOK: tl.constexpr = BLOCK_M // BLOCK_G  # tile rows are (token, group member) pairs
     row = tl.program_id(1)
@@ -172,19 +173,19 @@ def _segpaged_prefill_kernel(
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, 0, tl.minimum(n_sink * PAGE_TOKENS, seq_len), qmin, qmax, sink, window,
             is_local, k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, UPCAST_DOT)
+            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, INTERPRET)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, tl.maximum(n_sink, n_skip) * PAGE_TOKENS,
             tl.minimum(n_end * PAGE_TOKENS, seq_len), qmin, qmax, sink, window,
             is_local, k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, UPCAST_DOT)
+            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, INTERPRET)
 
         # -- write: queries that saw nothing get zeros ------------------------------------------
         is_empty = l_i == 0.0
         out = acc / tl.where(is_empty, 1.0, l_i)[:, None]
         heads = h * GROUP + g
         o_offs = (tok64 * stride_ot + heads * stride_oh)[:, None] + offs_d[None, :]
-        tl.store(out_ptr + o_offs, cast_rtne(out, out_ptr.dtype.element_ty), mask=mask_md)
+        tl.store(out_ptr + o_offs, cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask_md)
         if HAS_LSE:
             lse = tl.where(is_empty, float("-inf"), (m_i + tl.log2(l_i)) * 0.6931471805599453)  # ln(2)
             tl.store(lse_ptr + tok64 * stride_lt + heads * stride_lh, lse, mask=mask_m)
@@ -293,7 +294,7 @@ def segpaged_prefill(
             page_table.stride(0), page_pos.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
     _launch(args, rows, max_seqlen_q, block_g, config, GROUP=group, BLOCK_G=block_g, HEAD_DIM=D,
             BLOCK_D=next_pow2(D), PAGE_TOKENS=k_pool.shape[1], BLOCK_P=64 if is_interpreter() else 256,
-            HAS_LSE=return_lse, UPCAST_DOT=upcast_dot())
+            HAS_LSE=return_lse, INTERPRET=is_interpreter())
     return (out, lse) if return_lse else out
 
 
