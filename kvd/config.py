@@ -113,13 +113,6 @@ class PolicySettings(_Section):
     recency_half_life_s: float = Field(default=300.0, gt=0)
 
 
-class RemoteSettings(_Section):
-    enabled: bool = False
-    url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "kvd:"
-    ttl_s: float = Field(default=0, ge=0)  # 0: no expiry
-
-
 class Settings(_Section):
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     keys: KeySettings = Field(default_factory=KeySettings)
@@ -127,7 +120,6 @@ class Settings(_Section):
     ssd: SsdSettings = Field(default_factory=SsdSettings)
     codec: CodecSettings = Field(default_factory=CodecSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
-    remote: RemoteSettings = Field(default_factory=RemoteSettings)
 
     # ---- resolved paths (computed once, here, so modules never read the environment) ----------
 

@@ -28,7 +28,7 @@ EntryKind = Literal["prefix", "chunk"]
 # 128-hash lookup cheap. The API rewrites the pattern error into words (``kvd.api._describe``).
 HASH_PATTERN = r"^[0-9a-f]{32}$"
 Hash = Annotated[str, StringConstraints(pattern=HASH_PATTERN)]
-TierName = Literal["host", "ssd", "remote"]
+TierName = Literal["host", "ssd"]  # a shared remote tier (Redis) is planned, not built
 
 
 def describe_validation_error(e: ValidationError, limit: int = 5) -> str:

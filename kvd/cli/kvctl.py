@@ -167,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list entries")
     ls.add_argument("--model", metavar="FINGERPRINT")
     ls.add_argument("--namespace")
-    ls.add_argument("--tier", choices=["host", "ssd", "remote"])
+    ls.add_argument("--tier", choices=["host", "ssd"])
     ls.add_argument("--limit", type=int, default=100)
     sub.add_parser("stats", help="per-tier usage, hit rates, counters")
     for name, helptext in (("pin", "never evict these entries"), ("unpin", "make entries evictable again"),
