@@ -33,10 +33,10 @@ from kvd.api import METRICS, STATE, STORE, config_view, control_routes, error_mi
 from kvd.config import Settings, default_config_text, load_settings
 from kvd.errors import ConfigError, KvdError
 from kvd.metrics import Metrics
+from kvd.mover import Mover
 from kvd.reporting import entry_counts
 from kvd.store import Store
 from kvd.systemd import Notifier
-from kvd.mover import Mover
 from kvd.tiers.host import HostTier
 from kvd.tiers.ssd import SsdTier
 

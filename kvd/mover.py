@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 from kvd import protocol as P
 from kvd.entries import Entry, EntryKey, Extent
 from kvd.errors import CorruptData, KvdError
-from kvd.layout import plan_extents
 from kvd.policies.admission import SsdAdmission
 from kvd.policies.eviction import make_eviction
 from kvd.policies.placement import HeadClassPlacement
+from kvd.recovery import MODEL_META, fingerprints, model_records, rebuild_entries, ssd_key
 from kvd.tiers.base import Location
 from kvd.tiers.ssd import SsdFull, SsdTier
 from kvd.tiers.ssd_record import record_header
@@ -47,24 +47,6 @@ logger = logging.getLogger(__name__)
 MAX_QUEUE = 65536  # entries waiting for write-back; beyond it the oldest waits for demotion instead
 BATCH_BYTES = 64 << 20  # raw bytes encoded per batch: bounds memory in flight
 IDLE_S = 0.2
-_SEP = "\x1f"  # unit separator: never in a namespace, fingerprint or hash
-
-
-def ssd_key(e: Entry, head_class: str) -> bytes:
-    """Everything needed to rebuild the index entry from the key alone (headers carry the rest)."""
-    return _SEP.join([e.namespace, e.fingerprint, e.hash, head_class, e.kind, str(e.start_token),
-                      str(e.end_token), str(e.num_tokens)]).encode()
-
-
-def parse_ssd_key(key: bytes) -> tuple[str, str, str, str, str, int, int, int] | None:
-    parts = key.decode(errors="replace").split(_SEP)
-    if len(parts) != 8:
-        return None
-    ns, fp, h, cls, kind, start, end, n = parts
-    try:
-        return ns, fp, h, cls, kind, int(start), int(end), int(n)
-    except ValueError:
-        return None
 
 
 class Mover:
@@ -456,55 +438,23 @@ class Mover:
     # ---- recovery -------------------------------------------------------------------------------
 
     def persist_model(self, req: P.RegisterModelRequest, fp: str) -> None:
-        self._spawn(self.store.run_io(self.ssd.put_meta, f"model/{fp}",
-                                      req.model_copy(update={"fingerprint": fp}).model_dump_json().encode()))
+        doc = req.model_copy(update={"fingerprint": fp}).model_dump_json().encode()
+        self._spawn(self.store.run_io(self.ssd.put_meta, MODEL_META + fp, doc))
 
     async def recover(self) -> int:
-        """Rebuild the index from the SSD tier (at start, before serving)."""
+        """Rebuild the index from the SSD tier (at start, before serving). Returns the entries recovered."""
         records = await self.store.run_io(self.ssd.scan)
-        by_entry: dict[EntryKey, list] = {}
-        for rec in records:
-            parsed = parse_ssd_key(rec.header.key)
-            if parsed is None:
-                continue
-            by_entry.setdefault(parsed[:3], []).append((parsed, rec))
-        fps = {k[1] for k in by_entry}
-        for fp in fps:
-            raw = await self.store.run_io(self.ssd.get_meta, f"model/{fp}")
-            if raw is not None:
-                with contextlib.suppress(KvdError, ValueError):
-                    self.store.register_model(P.RegisterModelRequest.model_validate_json(raw), persist=False)
+        raw = {fp: await self.store.run_io(self.ssd.get_meta, MODEL_META + fp) for fp in fingerprints(records)}
+        for req in model_records(raw):
+            with contextlib.suppress(KvdError):
+                self.store.register_model(req, persist=False)
         now = self.store.clock()
-        n = 0
-        orphans: list[Location] = []
-        for key, parts in by_entry.items():
-            model = self.store.models.get(key[1])
-            if model is None:
-                orphans += [rec.location for _, rec in parts]
-                continue
-            (_, _, _, _, kind, start, end, num_tokens) = parts[0][0]
-            plans = plan_extents(model.spec, model.head_map, num_tokens)
-            extents = {c: Extent(plan=p) for c, p in plans.items()}
-            for parsed, rec in parts:
-                x = extents.get(parsed[3])
-                if x is None or rec.header.raw_nbytes != x.nbytes:
-                    orphans.append(rec.location)
-                    continue
-                x.ssd, x.ssd_codec, x.checksum = rec.location, rec.header.codec, rec.header.raw_xxh
-            for x in extents.values():
-                if x.ssd is None:  # never written (placement "drop" or not yet demoted before a crash)
-                    x.dropped = True
-            e = Entry(key=key, kind=kind, num_tokens=num_tokens, start_token=start, end_token=end,
-                      extents=extents, created=now, last_access=now)
-            if e.fastest_tier() is None:
-                continue
+        entries, orphans = rebuild_entries(records, self.store.models, now)
+        for e in entries:
             self.store.insert_recovered(e)
-            self.ssd_policy.on_insert(key, self.store.meta(e, tier="ssd"), now)
-            n += 1
+            self.ssd_policy.on_insert(e.key, self.store.meta(e, tier="ssd"), now)
         if orphans:
             logger.warning("ssd tier: %d records of unknown models or shapes dropped at start", len(orphans))
             self._spawn(self._drop_records(orphans))
-        self.counts["recovered_entries"] = n
-        return n
-
-
+        self.counts["recovered_entries"] = len(entries)
+        return len(entries)

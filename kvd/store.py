@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 
@@ -29,33 +27,16 @@ import xxhash
 from kvd import protocol as P
 from kvd.config import Settings
 from kvd.entries import Entry, EntryKey, Extent, Lease, ModelRecord, Reservation
-from kvd.errors import Conflict, InvalidRequest, NotFound, RequestTooLarge
+from kvd.errors import InvalidRequest, RequestTooLarge
 from kvd.keys import prefix_hashes
 from kvd.layout import plan_extents
+from kvd.leases import HoldTable, owner_is_alive
 from kvd.metrics import Metrics
 from kvd.registry import ModelRegistry
 from kvd.tiers.base import Location, TierStats
 from kvd.tiers.host import HostTier
 
 logger = logging.getLogger(__name__)
-
-_COMMITTED_MEMORY = 4096  # reservation ids remembered after commit, to tell a double commit from a typo
-
-
-def owner_is_alive(pid: int) -> bool:
-    """Whether the process holding a lease still exists (a zombie counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
 
 class Store:
     def __init__(self, settings: Settings, host: HostTier, *, metrics: Metrics, executor: Executor | None = None,
@@ -74,10 +55,8 @@ class Store:
         self._index: dict[EntryKey, Entry] = {}
         self._pending: dict[EntryKey, str] = {}  # key -> reservation id holding it
         self._doomed: dict[EntryKey, Entry] = {}  # deleted while leased; freed on last release
-        self._reservations: dict[str, Reservation] = {}
-        self._committing: set[str] = set()
-        self._committed_ids: OrderedDict[str, None] = OrderedDict()
-        self._leases: dict[str, Lease] = {}
+        self.holds = HoldTable(reservation_ttl_s=lambda: settings.host.reservation_ttl_s,
+                               lease_ttl_s=lambda: settings.host.lease_ttl_s)
         self.mover = None  # kvd.mover.Mover when an SSD tier is configured (set by the daemon)
 
     # ---- models ---------------------------------------------------------------------------------
@@ -182,8 +161,8 @@ class Store:
             out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=self._extent_infos(entry)))
         ttl = self.settings.host.reservation_ttl_s
         if pending:
-            self._reservations[rid] = Reservation(rid, owner_pid, now + ttl, pending)
-            self.metrics.reservations_open.set(len(self._reservations))
+            self.holds.add_reservation(Reservation(rid, owner_pid, now + ttl, pending))
+            self.metrics.reservations_open.set(len(self.holds.reservations))
         return P.ReserveResponse(reservation_id=rid if pending else None, expires_in_s=ttl,
                                  arena_id=self.host.arena_id, entries=out)
 
@@ -218,30 +197,22 @@ class Store:
 
     async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
         rid = req.reservation_id
-        res = self._reservations.get(rid)
-        if res is None or rid in self._committing:
-            if rid in self._committed_ids or rid in self._committing:
-                raise Conflict(f"reservation {rid} was already committed")
-            raise NotFound(f"reservation {rid} does not exist or expired "
-                           f"(reservations live {self.settings.host.reservation_ttl_s} s); reserve again")
-        chosen = list(res.entries) if req.hashes is None else req.hashes
-        unknown = [h for h in chosen if h not in res.entries]
-        if unknown:
-            raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
-        self._committing.add(rid)
+        res = self.holds.begin_commit(rid)
+        done = False
         try:
+            chosen = list(res.entries) if req.hashes is None else req.hashes
+            unknown = [h for h in chosen if h not in res.entries]
+            if unknown:
+                raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
             if self.settings.host.verify_on_commit:
                 for e, sums in zip(entries, await self.run_io(self._checksums, entries)):
                     for x, c in zip(e.extents.values(), sums):
                         x.checksum = c
+            done = True
         finally:
-            self._committing.discard(rid)
-        # Synchronous from here on: each entry becomes visible whole, and the reservation ends.
-        del self._reservations[rid]
-        self._committed_ids[rid] = None
-        while len(self._committed_ids) > _COMMITTED_MEMORY:
-            self._committed_ids.popitem(last=False)
+            # Synchronous from here on: each entry becomes visible whole, and the reservation ends.
+            self.holds.end_commit(rid, done=done)
         now, nbytes, keep = self.clock(), 0, set(chosen)
         for e in res.entries.values():
             self._pending.pop(e.key, None)
@@ -257,7 +228,7 @@ class Store:
                 self.mover.on_commit(e)
         self.metrics.moved_bytes.labels("store").inc(nbytes)
         self.metrics.moved_seconds.labels("store").inc(req.transfer_s)
-        self.metrics.reservations_open.set(len(self._reservations))
+        self.metrics.reservations_open.set(len(self.holds.reservations))
         return P.CommitResponse(committed=chosen)
 
     def _checksums(self, entries: list[Entry]) -> list[list[int]]:
@@ -265,18 +236,15 @@ class Store:
                 for e in entries]
 
     def abort(self, req: P.AbortRequest) -> P.CountResponse:
-        res = self._reservations.get(req.reservation_id)
-        if res is None or req.reservation_id in self._committing:
-            raise NotFound(f"reservation {req.reservation_id} does not exist, expired or is being committed")
+        res = self.holds.pop_reservation(req.reservation_id)
         self._drop_reservation(res)
         return P.CountResponse(count=len(res.entries))
 
     def _drop_reservation(self, res: Reservation) -> None:
-        del self._reservations[res.reservation_id]
         for e in res.entries.values():
             self._pending.pop(e.key, None)
             self._free_host(e)
-        self.metrics.reservations_open.set(len(self._reservations))
+        self.metrics.reservations_open.set(len(self.holds.reservations))
 
     # ---- load: lease / release ------------------------------------------------------------------
 
@@ -294,8 +262,8 @@ class Store:
         lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [])
         out = [self._lease_one(lease, key, req.classes, now) for key in keys]
         if lease.keys:
-            self._leases[lease.lease_id] = lease
-            self.metrics.leases_held.set(len(self._leases))
+            self.holds.add_lease(lease)
+            self.metrics.leases_held.set(len(self.holds.leases))
         return P.LeaseResponse(lease_id=lease.lease_id if lease.keys else None, expires_in_s=ttl,
                                arena_id=self.host.arena_id, entries=out)
 
@@ -316,10 +284,7 @@ class Store:
         return P.LeasedEntry(hash=key[2], status="ok", num_tokens=e.num_tokens, extents=self._extent_infos(e, want))
 
     def release(self, req: P.ReleaseRequest) -> P.CountResponse:
-        lease = self._leases.pop(req.lease_id, None)
-        if lease is None:
-            raise NotFound(f"lease {req.lease_id} is not held: never taken, already released, or expired "
-                           f"(leases live {self.settings.host.lease_ttl_s} s)")
+        lease = self.holds.pop_lease(req.lease_id)
         self._end_lease(lease)
         self.metrics.moved_bytes.labels("load").inc(lease.nbytes)
         self.metrics.moved_seconds.labels("load").inc(req.transfer_s)
@@ -330,7 +295,7 @@ class Store:
             e = self._index.get(key) or self._doomed.get(key)
             if e is not None:
                 self.unhold(e)
-        self.metrics.leases_held.set(len(self._leases))
+        self.metrics.leases_held.set(len(self.holds.leases))
 
     def unhold(self, e: Entry) -> None:
         """One reader (a lease, or the mover) is done with ``e``; a deleted entry is freed at the last."""
@@ -395,24 +360,16 @@ class Store:
     def expire(self, now: float | None = None, *, is_alive: Callable[[int], bool] = owner_is_alive) -> int:
         """Take back reservations and leases past their TTL or whose owner process died."""
         now = self.clock() if now is None else now
-        n = 0
-        for res in list(self._reservations.values()):
-            if res.reservation_id not in self._committing and (
-                    res.expires_at <= now or (res.owner_pid is not None and not is_alive(res.owner_pid))):
-                self._drop_reservation(res)
-                self.metrics.reservations_expired.inc()
-                n += 1
-        for lease in list(self._leases.values()):
-            reason = "ttl" if lease.expires_at <= now else (
-                "owner_died" if lease.owner_pid is not None and not is_alive(lease.owner_pid) else None)
-            if reason:
-                del self._leases[lease.lease_id]
-                self._end_lease(lease)
-                self.metrics.leases_expired.labels(reason).inc()
-                logger.warning("lease %s of pid %s taken back (%s), %d entries", lease.lease_id,
-                               lease.owner_pid, reason, len(lease.keys))
-                n += 1
-        return n
+        reservations, leases = self.holds.take_expired(now, is_alive)
+        for res in reservations:
+            self._drop_reservation(res)
+            self.metrics.reservations_expired.inc()
+        for lease, reason in leases:
+            self._end_lease(lease)
+            self.metrics.leases_expired.labels(reason).inc()
+            logger.warning("lease %s of pid %s taken back (%s), %d entries", lease.lease_id, lease.owner_pid,
+                           reason, len(lease.keys))
+        return len(reservations) + len(leases)
 
     # ---- used by the mover and reporting ---------------------------------------------------------
 
@@ -481,13 +438,13 @@ class Store:
         return len(self._index)
 
     def num_leases(self) -> int:
-        return len(self._leases)
+        return len(self.holds.leases)
 
     def num_reservations(self) -> int:
-        return len(self._reservations)
+        return len(self.holds.reservations)
 
     def num_committing(self) -> int:
-        return len(self._committing)
+        return len(self.holds.committing)
 
     # ---- helpers --------------------------------------------------------------------------------
 

@@ -1,6 +1,5 @@
 """Scenario tests of arena <-> SSD movement: admission, placement, demotion, prefetch, corruption, restart."""
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np

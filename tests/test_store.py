@@ -10,9 +10,9 @@ from kvd.errors import Conflict, FingerprintMismatch, InvalidRequest, NotFound, 
 from kvd.headmap import HeadMap
 from kvd.keys import ModelSpec, prefix_hashes
 from kvd.metrics import Metrics
+from kvd.policies.eviction import LruEviction
 from kvd.store import Store
 from kvd.tiers.host import HostTier
-from kvd.policies.eviction import LruEviction
 from tests.fakes import FakeClock
 
 SPEC = ModelSpec("toy", num_layers=2, num_kv_heads=2, head_dim=64, kv_dtype="bfloat16")

@@ -20,7 +20,7 @@ def bar(done: int, total: int, width: int = 30) -> str:
 def flush_with_progress(c: KvdClient, req: P.FlushRequest, *, quiet: bool = False) -> P.CountResponse:
     """List host entries not yet on SSD, then flush them batch by batch, drawing a bar on stderr."""
     listing = c.entries(model=req.fingerprint, namespace=req.namespace, tier="host", limit=1_000_000)
-    todo = sorted(((e.namespace, e.fingerprint, e.hash) for e in listing.entries if "ssd" not in e.tiers))
+    todo = sorted((e.namespace, e.fingerprint, e.hash) for e in listing.entries if "ssd" not in e.tiers)
     done = 0
     show = not quiet and sys.stderr.isatty()
     for (ns, fp), group in groupby(todo, key=lambda k: k[:2]):

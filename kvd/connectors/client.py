@@ -27,8 +27,8 @@ from pydantic import BaseModel
 
 from kvd import protocol as P
 from kvd.config import default_socket_path
-from kvd.errors import ERRORS_BY_CODE, DaemonUnavailable, KvdError, NotFound
 from kvd.connectors.arena import ArenaMapping
+from kvd.errors import ERRORS_BY_CODE, DaemonUnavailable, KvdError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -95,7 +95,7 @@ class KvdClient:
                 self._conn.request(method, path, body=body, headers=headers)
                 resp = self._conn.getresponse()
                 return resp.status, resp.read()
-            except (TimeoutError, socket.timeout) as e:
+            except TimeoutError as e:
                 self._close_conn()
                 raise DaemonUnavailable(f"kvd at {self.socket_path} did not answer {path} within {timeout} s") from e
             except (OSError, http.client.HTTPException) as e:
