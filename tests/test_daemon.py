@@ -205,3 +205,36 @@ def test_second_daemon_on_the_same_socket_refuses_clearly(daemon, tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvd.daemon", "--socket", daemon.socket, "--metrics-addr", ""],
                        capture_output=True, text=True, timeout=60, env=daemon.env())
     assert r.returncode == 1 and "already serving" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_async_client_round_trip(daemon):
+    """The asyncio client: register, reserve, write through its arena views, commit, lease, read back."""
+    from kvd import protocol as P
+    from kvd.connectors.client import AsyncKvdClient
+
+    c = AsyncKvdClient(daemon.socket, register_cuda=False)
+    try:
+        reg = await c.register_model(P.RegisterModelRequest(model_id="toy", num_layers=3, num_kv_heads=2,
+                                                            head_dim=64, head_map=HM))
+        h = kvio.ModelHandle(None, SPEC, HM, reg.fingerprint, reg.chunk_tokens)
+        hashes = h.hashes(list(range(256)))
+        kv = kv_for(SPEC, 256, 11)
+        r = await c.reserve(P.ReserveRequest(fingerprint=reg.fingerprint,
+                                             entries=[P.ReserveEntry(hash=hashes[0], num_tokens=256)]))
+        arena = await c.arena(r.arena_id)
+        for ext in r.entries[0].extents:
+            view = arena.torch_extent(ext, h.plans(256)[ext.head_class], "bfloat16")
+            for part, src in kvio.extent_to_kv_views(h.plans(256)[ext.head_class], view, kv, 0):
+                part.copy_(src)
+        await c.commit(P.CommitRequest(reservation_id=r.reservation_id))
+        assert (await c.lookup(P.LookupRequest(fingerprint=reg.fingerprint, prefix_hashes=hashes))).num_prefix_hits == 1
+        le = await c.lease(P.LeaseRequest(fingerprint=reg.fingerprint, hashes=hashes))
+        out = torch.empty_like(kv)
+        for ext in le.entries[0].extents:
+            plan = h.plans(256)[ext.head_class]
+            for part, dst in kvio.extent_to_kv_views(plan, arena.torch_extent(ext, plan, "bfloat16"), out, 0):
+                dst.copy_(part)
+        assert torch.equal(out, kv)
+        await c.release(P.ReleaseRequest(lease_id=le.lease_id))
+    finally:
+        await c.close()

@@ -241,11 +241,14 @@ class KvdClient:
 class AsyncKvdClient:
     """asyncio client over aiohttp's Unix connector; same routes and errors as ``KvdClient``."""
 
-    def __init__(self, socket_path: str | Path | None = None, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, socket_path: str | Path | None = None, *, timeout_s: float = 5.0,
+                 register_cuda: bool = True) -> None:
         self.socket_path = str(socket_path or default_socket_path())
         self.timeout_s = timeout_s
+        self.register_cuda = register_cuda
         self._session = None
         self._models = _Registrations()
+        self._arena: ArenaMapping | None = None
 
     async def _session_get(self):
         import aiohttp
@@ -288,7 +291,23 @@ class AsyncKvdClient:
     async def register_model(self, req: P.RegisterModelRequest) -> P.RegisterModelResponse:
         resp = await self.call("POST", "/v1/models", req, P.RegisterModelResponse)
         self._models.by_fingerprint[resp.fingerprint] = req.model_copy(update={"fingerprint": resp.fingerprint})
+        self._map(resp.arena)
         return resp
+
+    def _map(self, info: P.ArenaInfo) -> None:
+        if self._arena is None or self._arena.arena_id != info.arena_id:
+            if self._arena is not None:
+                self._arena.close()
+            self._arena = ArenaMapping(info, register_cuda=self.register_cuda)
+
+    async def arena(self, arena_id: str | None = None) -> ArenaMapping:
+        """The mapped arena (zero-copy views); remapped if the daemon reports another ``arena_id``."""
+        if self._arena is not None and arena_id in (None, self._arena.arena_id):
+            return self._arena
+        for req in self._models.by_fingerprint.values():
+            self._map((await self.call("POST", "/v1/models", req, P.RegisterModelResponse)).arena)
+            return self._arena
+        raise DaemonUnavailable("no arena mapped yet: register a model first")
 
     async def health(self) -> P.HealthResponse:
         return await self.call("GET", "/v1/health", None, P.HealthResponse)
@@ -312,6 +331,12 @@ class AsyncKvdClient:
     async def stats(self) -> P.StatsResponse:
         return await self.call("GET", "/v1/stats", None, P.StatsResponse)
 
+    async def abort(self, req: P.AbortRequest) -> P.CountResponse:
+        return await self.call("POST", "/v1/abort", req, P.CountResponse)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
