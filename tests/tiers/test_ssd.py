@@ -90,6 +90,15 @@ def test_read_into_fills_a_caller_buffer(tier):
     assert bytes(out) == raw and header.key == b"k"
 
 
+def test_large_record_round_trips_through_the_read_ahead_hint(tier):
+    shape = (8, 256, 64)  # 512 KiB: large enough for the WILLNEED hint
+    raw = kv_bytes(9, shape)
+    record = tier.encode(b"big", raw, fingerprint=FP, dtype="bfloat16", shape=shape, codec="lossless")
+    loc = tier.reserve(len(record), b"big")
+    tier.write(loc, record)
+    assert bytes(tier.read(loc)) == raw
+
+
 def test_restart_keeps_records_headers_and_meta(tmp_path):
     t = make_tier(tmp_path / "ssd")
     raws = {f"key-{i}".encode(): kv_bytes(i) for i in range(5)}
