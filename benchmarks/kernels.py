@@ -63,6 +63,7 @@ from kvd.gpu_kernels import (  # noqa: E402
     segpaged_prefill_ref,
     split_byte_planes,
 )
+from kvd.gpu_kernels.segpaged_decode import decode_configs  # noqa: E402
 from kvd.gpu_kernels.segpaged_prefill import _configs as prefill_configs  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
@@ -181,17 +182,20 @@ def decode_case(L: int, B: int, tag: str, with_flex: bool) -> None:
 
     read = int(lens.sum()) * D * 2 * k_pool.element_size() + 2 * q.nbytes
     variants = {}
-    for split in (512,) if SMOKE else (256, 512, 1024):
-        for pps in (2,) if SMOKE else (2, 3, 4):
-            ms = bench_ms(lambda s=split, p=pps: segpaged_decode(q, k_pool, v_pool, table, lens, split_tokens=s,
-                                                                  programs_per_sm=p, **kw))
-            variants[f"split{split}_pps{pps}"] = ms
+    for ci, cfg in enumerate(decode_configs()):
+        for split in (512,) if SMOKE else (1024, 2048):
+            for pps in (2,) if SMOKE else (2, 3):
+                name = f"n{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}_split{split}_pps{pps}"
+                variants[name] = bench_ms(lambda s=split, p=pps, c=cfg: segpaged_decode(
+                    q, k_pool, v_pool, table, lens, split_tokens=s, programs_per_sm=p, config=c, **kw))
+        if ci == 0:
+            default_ms = bench_ms(lambda: segpaged_decode(q, k_pool, v_pool, table, lens, **kw))
     best = min(variants, key=variants.get)
     ours = variants[best]
     # SDPA dense over the full KV of all heads (what a head-unaware engine reads)
     kd, vd = randn(B, HKV, L, D), randn(B, HKV, L, D)
     sdpa = bench_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], kd, vd, scale=scale, enable_gqa=True))
-    res = dict(ours_ms=ours, best=best, variants_ms=variants, sdpa_ms=sdpa, bytes_read=read,
+    res = dict(ours_ms=ours, best=best, variants_ms=variants, default_ms=default_ms, sdpa_ms=sdpa, bytes_read=read,
                ours_TBps=read / ours / 1e9, sdpa_TBps=2 * kd.nbytes / sdpa / 1e9)
     R[f"decode_speedup_vs_sdpa_{tag}"] = sdpa / ours
     if with_flex and not SMOKE:
@@ -296,6 +300,8 @@ def prefill_32k() -> None:
     res = dict(ours_ms=ours, best=best, variants_ms=variants, sdpa_ms=sdpa, useful_flop=useful,
                ours_TFLOPs_useful=useful / ours / 1e9)
     R["prefill_speedup_vs_sdpa_32k"] = sdpa / ours
+    R["detail"]["prefill_32k"] = res
+    save()
     if not SMOKE:
         res["flex_ms"] = flex_prefill_ms(qd, kd, vd, S, scale, outs[0], res)
         R["prefill_speedup_vs_flex_32k"] = res["flex_ms"] / ours
@@ -311,7 +317,7 @@ def flex_prefill_ms(qd, kd, vd, S, scale, ours_out, res) -> float:
         local = (kv_idx < SINK) | (kv_idx > q_idx - WINDOW)
         return (kv_idx <= q_idx) & (((h // G) == 0) | local)
 
-    bm = create_block_mask(mask_mod, B=None, H=HQ, Q_LEN=S, KV_LEN=S, device=DEV)
+    bm = create_block_mask(mask_mod, B=None, H=HQ, Q_LEN=S, KV_LEN=S, device=DEV, _compile=True)
     flex = torch.compile(flex_attention, dynamic=False)
     t0 = time.time()
     fo = flex(qd, kd, vd, block_mask=bm, scale=scale, enable_gqa=True)

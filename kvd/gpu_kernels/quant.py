@@ -14,10 +14,10 @@ Shapes: ``x [S, T, D]`` (S segments; any strides, last dim contiguous) or ``[T, 
 shape (contiguous); key scales ``[S, D]``, value scales ``[S, T]`` (``[D]`` / ``[T]`` for 2-D input).
 
 Kernels: keys, one program per (segment, channel tile) makes two passes over T (max, then quantize;
-the second pass reads from L2); values, one program per (segment, token tile) in one pass. On the GPU
-the fp8 cast is the hardware's (round to nearest even, checked bit for bit against torch by
-benchmarks/kernels.py); under the interpreter, whose fp8 cast carries wrongly, the kernels round to the
-e4m3 grid themselves first, so the cast is exact.
+the second pass reads from L2); values, one program per (segment, token tile) in one pass. The kernels
+round to the e4m3 grid themselves (round to nearest even on the fp32 bit pattern) and then cast an
+exact value: Triton's own fp32 -> e4m3 cast did not match torch's bit for bit on the H200 (Triton 3.6,
+0.15% of codes off by one step) and carries wrongly under the interpreter.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, IN
     y = tl.math.div_rn(x, scale)  # IEEE division, as torch's x / s
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_FP8:
-        if INTERPRET:  # the GPU's cvt.rn.satfinite.e4m3 rounds itself
-            y = _round_to_e4m3(y)
+        # round to the e4m3 grid here, so the cast is exact: Triton 3.6's fp32 -> e4m3 cast on the
+        # H200 differed from torch's round-to-nearest-even on ~0.15% of codes (double rounding), and
+        # the interpreter's cast carries wrongly
+        y = _round_to_e4m3(y)
     else:
         y = _round_half_even(y)
     return y

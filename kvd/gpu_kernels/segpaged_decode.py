@@ -17,7 +17,7 @@ mask: the page list is the sparsity. A local head's list holds only its sink and
 head's the whole context. An empty list gives zeros (and lse = -inf).
 
 Kernel (flash-decoding): each row is cut into work items of ``split_tokens`` tokens; row r owns
-ceil(seq_len_r / split_tokens) consecutive items. A persistent grid of about ``programs_per_sm`` programs
+ceil(seq_len_r / split_tokens) consecutive items. A persistent grid of ``programs_per_sm`` programs
 per SM walks the items round-robin, so a batch mixing 128K-token global rows with 640-token local rows
 costs only the listed tokens and launches no empty programs. Each item computes all G query heads of
 its KV head from one read of its pages (the GQA group is the M side of the tile, padded to 16 for
@@ -147,44 +147,51 @@ def _segpaged_decode_merge_kernel(
     # strides
     stride_ob, stride_oh, stride_lb, stride_lh,
     # meta-parameters
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_LSE: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr, HAS_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    # one program per (row, query head of the group); items are read BLOCK_I at a time so the loads
+    # of a long row (hundreds of items) are in flight together, not one dependent load per item
     row = tl.program_id(0)
+    g = tl.program_id(1)
     offs_r, lens, n_items, item_end = _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R)
     at_row = offs_r == row
     last_item = tl.sum(tl.where(at_row, item_end, 0), 0)
     first_item = last_item - tl.sum(tl.where(at_row, n_items, 0), 0)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_i = tl.arange(0, BLOCK_I)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < GROUP
-    mask_gd = mask_g[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask_d = offs_d < HEAD_DIM
 
-    # stable merge: out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M), M the running max
-    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    den = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for item in range(first_item, last_item):
-        lse_i = tl.load(part_lse_ptr + tl.cast(item, tl.int64) * GROUP + offs_g, mask=mask_g, other=0.0)
-        o_i = tl.load(part_out_ptr + (tl.cast(item, tl.int64) * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],
-                      mask=mask_gd, other=0.0)
-        m_new = tl.maximum(m_run, lse_i)
-        alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(lse_i - m_new)
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o_i
-        m_run = m_new
+    # pass 1: the largest log2-sum-exp of the row's items
+    m = tl.full([BLOCK_I], float("-inf"), tl.float32)
+    for i0 in range(first_item, last_item, BLOCK_I):
+        items = (i0 + offs_i).to(tl.int64)
+        m = tl.maximum(m, tl.load(part_lse_ptr + items * GROUP + g, mask=items < last_item, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty list: no items
 
-    is_empty = den == 0.0  # empty page list: zeros, lse -inf
-    out = acc / tl.where(is_empty, 1.0, den)[:, None]
+    # pass 2: out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M)
+    den = tl.zeros([BLOCK_I], tl.float32)
+    acc = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
+    for i0 in range(first_item, last_item, BLOCK_I):
+        items = (i0 + offs_i).to(tl.int64)
+        in_row = items < last_item
+        w = tl.exp2(tl.load(part_lse_ptr + items * GROUP + g, mask=in_row, other=float("-inf")) - m_safe)
+        o = tl.load(part_out_ptr + (items * GROUP + g)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=in_row[:, None] & mask_d[None, :], other=0.0)
+        den += w
+        acc += w[:, None] * o
+    den_all = tl.sum(den, 0)
+    is_empty = den_all == 0.0  # empty page list: zeros, lse -inf
+    out = tl.sum(acc, 0) / tl.where(is_empty, 1.0, den_all)
+
     b = row // num_kv_heads
-    h = row % num_kv_heads
-    heads = h * GROUP + offs_g
-    o_offs = b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_ptr + o_offs, cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask_gd)
+    head = (row % num_kv_heads) * GROUP + g
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+             cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask_d)
     if HAS_LSE:
-        lse = tl.where(is_empty, float("-inf"), (m_run + tl.log2(den)) * 0.6931471805599453)  # ln(2)
-        tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh, lse, mask=mask_g)
+        lse = tl.where(is_empty, float("-inf"), (m_safe + tl.log2(den_all)) * 0.6931471805599453)  # ln(2)
+        tl.store(lse_ptr + b.to(tl.int64) * stride_lb + head * stride_lh, lse)
 
 
 def _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads):
@@ -214,8 +221,17 @@ def _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads):
 
 
 def default_split_tokens(head_dim: int, dtype_bytes: int = 2) -> int:
-    """Tokens per work item: about 256 KB of K+V, so the partial write and merge stay under 1% of it."""
-    return max(64, (256 * 1024) // (2 * head_dim * dtype_bytes))
+    """Tokens per work item: about 1 MB of K+V (2048 tokens at D=128), so each item's pipeline start
+    and partial write are small against its reads (H200: 1024-token items beat 256 and 512)."""
+    return max(64, (1024 * 1024) // (2 * head_dim * dtype_bytes))
+
+
+def decode_configs() -> list[dict]:
+    """Tile candidates ``(BLOCK_N, num_warps, num_stages)``; the interpreter runs one small tile."""
+    if is_interpreter():
+        return [dict(BLOCK_N=16, num_warps=4, num_stages=1)]
+    return [dict(BLOCK_N=bn, num_warps=w, num_stages=st)
+            for bn, w, st in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 8, 4), (128, 8, 2))]
 
 
 def segpaged_decode(
@@ -229,7 +245,8 @@ def segpaged_decode(
     num_kv_heads: int,
     return_lse: bool = False,
     split_tokens: int | None = None,
-    programs_per_sm: int = 2,
+    programs_per_sm: int = 3,
+    config: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``q`` over each (request, KV head)'s page list; see the module docstring.
 
@@ -237,8 +254,9 @@ def segpaged_decode(
         scale: softmax scale (usually ``D ** -0.5``).
         num_kv_heads: KV heads per request (rows of ``page_table`` are ``b * num_kv_heads + h``).
         return_lse: also return ``lse [B, Hq]`` (fp32, natural log) for merging with other attention.
-        split_tokens: tokens per work item (a multiple of the tile, 64); default ~256 KB of K+V.
+        split_tokens: tokens per work item (rounded up to the tile); default ~1 MB of K+V.
         programs_per_sm: persistent programs per SM.
+        config: ``dict(BLOCK_N, num_warps, num_stages)``; default the first of ``decode_configs()``.
     Returns:
         ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
@@ -247,7 +265,8 @@ def segpaged_decode(
     page_tokens = k_pool.shape[1]
     group = Hq // num_kv_heads
     rows = B * num_kv_heads
-    block_n = 16 if q.device.type != "cuda" else 64
+    config = config or decode_configs()[0]
+    block_n = config["BLOCK_N"]
     split = split_tokens or default_split_tokens(D, q.element_size())
     split = max(block_n, triton.cdiv(split, block_n) * block_n)
     max_tokens = page_table.shape[1] * page_tokens
@@ -268,13 +287,14 @@ def segpaged_decode(
         v_pool.stride(0), v_pool.stride(1),
         page_table.stride(0),
         PAGE_TOKENS=page_tokens, BLOCK_N=block_n, INTERPRET=is_interpreter(),
-        num_warps=4, num_stages=3, **meta,
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **meta,
     )
-    _segpaged_decode_merge_kernel[(rows,)](
+    _segpaged_decode_merge_kernel[(rows, group)](
         part_out, part_lse, seq_lens, out, lse,
         rows, num_kv_heads, max_tokens, split,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HAS_LSE=return_lse, INTERPRET=is_interpreter(), num_warps=4, **meta,
+        GROUP=group, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_R=meta["BLOCK_R"], BLOCK_I=16,
+        HAS_LSE=return_lse, INTERPRET=is_interpreter(), num_warps=4,
     )
     return (out, lse) if return_lse else out
 
@@ -290,12 +310,13 @@ def segpaged_decode_ref(
     num_kv_heads: int,
     return_lse: bool = False,
     split_tokens: int | None = None,
-    programs_per_sm: int = 2,
+    programs_per_sm: int = 3,
+    config: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch SegPagedAttention decode (fp32 math), same signature and result as ``segpaged_decode``.
 
     Gathers every row's listed tokens into a padded ``[rows, max_tokens, D]`` view, so memory grows with
-    the longest list; ``split_tokens`` and ``programs_per_sm`` are accepted and ignored.
+    the longest list; ``split_tokens``, ``programs_per_sm`` and ``config`` are accepted and ignored.
     """
     _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads)
     B, Hq, D = q.shape
@@ -319,4 +340,4 @@ def segpaged_decode_ref(
     return (out, lse.reshape(B, Hq)) if return_lse else out
 
 
-__all__ = ["segpaged_decode", "segpaged_decode_ref", "default_split_tokens"]
+__all__ = ["decode_configs", "default_split_tokens", "segpaged_decode", "segpaged_decode_ref"]

@@ -23,10 +23,10 @@ result is the same. Query heads j of KV head j // G are folded into one tile: it
 (token, group member) pairs, so one read of each key tile serves the whole GQA group.
 
 Kernel: grid (query tiles, B * Hkv), the latest (longest) tiles first. Each program first counts the
-row's pages by position (one vector pass over ``page_pos``): sink pages, pages wholly before the
-window of the tile's earliest query, pages past its latest query. It then visits only the sink pages
-and the window-to-diagonal pages; the mask is applied only on tiles that need it (diagonal, window
-edge, sink, ragged end).
+row's pages by position (one vector pass over ``page_pos``) and splits them into four ranges: sink
+pages, the window's edge, pages every query of the tile sees whole, and the diagonal (plus a ragged
+end). It visits only those; the mask is computed only in the three masked ranges, as in
+FlashAttention's split of the causal loop, so the long middle range runs without it.
 """
 
 from __future__ import annotations
@@ -52,37 +52,38 @@ INT32_MAX = tl.constexpr(2**31 - 1)  # "no page": larger than any position
 
 @triton.jit
 def _attend_range(
-    acc, m_i, l_i, q, qpos, kidx_start, kidx_end, qmin, qmax, sink, window, is_local,
+    acc, m_i, l_i, q, qpos, kidx_start, kidx_end, sink, window,
     k_ptr, v_ptr, table_row, ppos_row, qk_scale,
     stride_kp, stride_kn, stride_vp, stride_vn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    MASKED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    # listed tokens [kidx_start, kidx_end); unmasked ranges hold only whole, fully visible tiles
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     for k0 in range(kidx_start, kidx_end, BLOCK_N):
         # -- listed tokens k0.. -> page, slot ----------------------------------------------------
         kidx = k0 + offs_n
-        in_range = kidx < kidx_end
         page_idx = kidx // PAGE_TOKENS
-        page = tl.load(table_row + page_idx, mask=in_range, other=0).to(tl.int64)
         in_page = (kidx % PAGE_TOKENS).to(tl.int64)
-        kv_mask = in_range[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        if MASKED:
+            in_range = kidx < kidx_end
+            page = tl.load(table_row + page_idx, mask=in_range, other=0).to(tl.int64)
+            kv_mask = in_range[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+        else:
+            page = tl.load(table_row + page_idx).to(tl.int64)
+            k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
+                        mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
+                        mask=mask_d[None, :], other=0.0)
         qk = _mma(q, tl.trans(k), INTERPRET) * qk_scale
-
-        # -- mask only where some (query, key) pair of the tile may be invisible ----------------
-        # positions ascend along the list: the tile spans [pos of its first, pos of its last token]
-        last = tl.minimum(k0 + BLOCK_N, kidx_end) - 1
-        kpos_lo = tl.load(ppos_row + k0 // PAGE_TOKENS) + k0 % PAGE_TOKENS
-        kpos_hi = tl.load(ppos_row + last // PAGE_TOKENS) + last % PAGE_TOKENS
-        needs_mask = (k0 + BLOCK_N > kidx_end) | (kpos_hi > qmin)  # ragged end, diagonal
-        needs_mask = needs_mask | (is_local & (kpos_lo <= qmax - window) & (kpos_hi >= sink))  # window edge
-        if needs_mask:
+        if MASKED:
+            # causal in positions; a local head also needs p < sink or p > s - window
             kpos = tl.load(ppos_row + page_idx, mask=in_range, other=0) + kidx % PAGE_TOKENS
             visible = in_range[None, :] & (kpos[None, :] <= qpos[:, None])
             in_window = (kpos[None, :] < sink) | (kpos[None, :] > qpos[:, None] - window)
@@ -101,18 +102,26 @@ def _attend_range(
 
 
 @triton.jit
-def _count_pages(ppos_row, n_pages, sink, skip_below, qmax, BLOCK_P: tl.constexpr):
-    # pages are ascending by position: each count is a prefix length of the row
+def _count_pages(ppos_row, n_pages, sink, skip_below, window_full_above, causal_full_below, qmax,
+                 BLOCK_P: tl.constexpr):
+    # pages ascend by position, so each count is the length of a prefix of the row:
+    #   n_sink: pages starting below the sink; n_skip: pages wholly before every query's window;
+    #   n_win: pages not wholly inside every query's window; n_causal: pages wholly at or before the
+    #   earliest query; n_end: pages starting at or before the latest query
     n_sink = 0
     n_skip = 0
+    n_win = 0
+    n_causal = 0
     n_end = 0
     for p0 in range(0, n_pages, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         pos = tl.load(ppos_row + offs_p, mask=offs_p < n_pages, other=INT32_MAX)
         n_sink += tl.sum((pos < sink).to(tl.int32), 0)
         n_skip += tl.sum((pos <= skip_below).to(tl.int32), 0)
+        n_win += tl.sum((pos <= window_full_above).to(tl.int32), 0)
+        n_causal += tl.sum((pos <= causal_full_below).to(tl.int32), 0)
         n_end += tl.sum((pos <= qmax).to(tl.int32), 0)
-    return n_sink, n_skip, n_end
+    return n_sink, n_skip, n_win, n_causal, n_end
 
 
 @triton.jit
@@ -152,33 +161,48 @@ def _segpaged_prefill_kernel(
         qmin = tl.load(qpos_ptr + q_start + tile * BLOCK_TOK)
         qmax = tl.load(qpos_ptr + q_start + tl.minimum(tile * BLOCK_TOK + BLOCK_TOK, q_len) - 1)
 
-        # -- which pages this tile needs -----------------------------------------------------------
+        # -- which pages this tile needs, and which of them need the mask ---------------------------
         sink = tl.load(sink_ptr + h)
         window = tl.load(window_ptr + h)
         is_local = window > 0
         sink = tl.where(is_local, sink, 0)
         seq_len = tl.load(lens_ptr + row)
-        n_pages = tl.cdiv(seq_len, PAGE_TOKENS)
         table_row = table_ptr + row.to(tl.int64) * stride_tr
         ppos_row = ppos_ptr + row.to(tl.int64) * stride_pr
-        # a page starting at or below qmin - window - N ends before the earliest query's window
-        skip_below = tl.where(is_local, qmin - window - PAGE_TOKENS, -1)
-        n_sink, n_skip, n_end = _count_pages(ppos_row, n_pages, sink, skip_below, qmax, BLOCK_P)
+        n_sink, n_skip, n_win, n_causal, n_end = _count_pages(
+            ppos_row, tl.cdiv(seq_len, PAGE_TOKENS), sink,
+            tl.where(is_local, qmin - window - PAGE_TOKENS, -1),  # page ends before qmin's window
+            tl.where(is_local, qmax - window, -1),  # page may reach below qmax's window
+            qmin - PAGE_TOKENS + 1, qmax, BLOCK_P)
+        # ranges of pages: [0, sink) masked | [w0, w1) window edge, masked | [w1, c) visible to every
+        # query of the tile, unmasked, whole tiles only | [c, end) diagonal and ragged end, masked
         n_sink = tl.minimum(n_sink, n_end)
+        w0 = tl.maximum(n_sink, n_skip)
+        w1 = tl.maximum(w0, tl.minimum(n_win, n_end))
+        c = tl.maximum(w1, tl.minimum(tl.minimum(n_causal, n_end), seq_len // PAGE_TOKENS))
+        free_start = w1 * PAGE_TOKENS
+        free_end = free_start + (c * PAGE_TOKENS - free_start) // BLOCK_N * BLOCK_N
+        end = tl.minimum(n_end * PAGE_TOKENS, seq_len)
 
-        # -- sink pages, then window-to-diagonal pages ------------------------------------------
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, qpos, 0, tl.minimum(n_sink * PAGE_TOKENS, seq_len), qmin, qmax, sink, window,
-            is_local, k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, INTERPRET)
+            acc, m_i, l_i, q, qpos, 0, tl.minimum(n_sink * PAGE_TOKENS, seq_len), sink, window,
+            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
+            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, INTERPRET)
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, qpos, tl.maximum(n_sink, n_skip) * PAGE_TOKENS,
-            tl.minimum(n_end * PAGE_TOKENS, seq_len), qmin, qmax, sink, window,
-            is_local, k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, INTERPRET)
+            acc, m_i, l_i, q, qpos, w0 * PAGE_TOKENS, tl.minimum(free_start, seq_len), sink, window,
+            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
+            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, INTERPRET)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, qpos, free_start, free_end, sink, window,
+            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
+            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, False, INTERPRET)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, qpos, free_end, end, sink, window,
+            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
+            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, INTERPRET)
 
         # -- write: queries that saw nothing get zeros ------------------------------------------
         is_empty = l_i == 0.0
@@ -196,14 +220,14 @@ def _configs() -> list[dict]:
     if is_interpreter():
         return [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))]
+            for bm, bn, w, s in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3))]
 
 
 def _check(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
-           window_tokens, num_kv_heads):
+           window_tokens, num_kv_heads, dtypes=(torch.bfloat16, torch.float16)):
     check_ndim("q", q, 3, "[T, Hq, D]")
     check_ndim("k_pool", k_pool, 3, "[num_pages, page_tokens, D]")
-    check_dtype("q", q, (torch.bfloat16, torch.float16))
+    check_dtype("q", q, dtypes)
     if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dtype != q.dtype:
         raise ValueError(f"k_pool {tuple(k_pool.shape)} {k_pool.dtype} and v_pool {tuple(v_pool.shape)} "
                          f"{v_pool.dtype} must match each other and q's dtype {q.dtype}")
@@ -318,10 +342,11 @@ def segpaged_prefill_ref(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch prefill (fp32 math, one request at a time), same signature and result as the kernel.
 
-    ``max_seqlen_q`` and ``config`` are accepted and ignored.
+    ``max_seqlen_q`` and ``config`` are accepted and ignored. Unlike the kernel it also takes fp32.
     """
+    # fp32 is accepted here (not by the kernel): the CPU fidelity path of the transformers adapter runs in fp32
     _check(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
-           window_tokens, num_kv_heads)
+           window_tokens, num_kv_heads, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     T, Hq, D = q.shape
     group = Hq // num_kv_heads
     page_tokens = k_pool.shape[1]
