@@ -54,7 +54,8 @@ def check_all(d: DaemonProc, acked: dict) -> tuple[int, int]:
 
 
 def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path):
-    d = DaemonProc(tmp_path, env_extra={"KVD_SSD__ADMIT_AFTER": "100"})
+    # Room for everything the writer can produce, so that no SSD eviction hides (or excuses) a loss.
+    d = DaemonProc(tmp_path, env_extra={"KVD_SSD__ADMIT_AFTER": "100", "KVD_SSD__CAPACITY_BYTES": "8GiB"})
     acked: dict[int, list[str]] = {}
     rng = random.Random(1234)
     try:
@@ -71,6 +72,8 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path):
         d.start()
         exact, missing = check_all(d, acked)
         assert (exact, missing) == (len(acked), 0)
+        with d.client() as c:
+            assert c.stats().counters["ssd_evictions"] == 0
     finally:
         d.kill()
 
