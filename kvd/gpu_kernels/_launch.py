@@ -6,6 +6,7 @@ what was expected; they never call ``.contiguous()`` silently (STYLE.md §3).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,7 +29,12 @@ def is_interpreter() -> bool:
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a few persistent programs exercise the work loop
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def next_pow2(n: int) -> int:

@@ -258,7 +258,10 @@ def _quantize_ref(x, qdtype, per_channel):
     _check_quant(x, qdtype)
     qmax = QMAX[qdtype]
     xf = x.float()
-    scale = xf.abs().amax(dim=-2 if per_channel else -1) / qmax
+    amax = xf.abs().amax(dim=-2 if per_channel else -1)
+    # a tensor divisor: torch on CUDA divides by a Python scalar as a multiply by its reciprocal,
+    # which is not the IEEE quotient the codec specifies (differs in the last bit now and then)
+    scale = amax / torch.full_like(amax, qmax)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     y = (xf / (scale.unsqueeze(-2) if per_channel else scale.unsqueeze(-1))).clamp(-qmax, qmax)
     q = y.to(qdtype) if qdtype == torch.float8_e4m3fn else torch.round(y).to(qdtype)

@@ -60,6 +60,20 @@ def _mma(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _tile_pages(table_row, k0, offs_n, mask_n, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (page id, slot) of listed tokens k0 + offs_n. Tiles start at multiples of BLOCK_N, so when a
+    # page holds whole tiles the tile's page is one scalar load and its rows are contiguous
+    if PAGE_TOKENS % BLOCK_N == 0:
+        page = tl.load(table_row + k0 // PAGE_TOKENS).to(tl.int64)
+        slot = (k0 % PAGE_TOKENS + offs_n).to(tl.int64)
+    else:
+        kidx = k0 + offs_n
+        page = tl.load(table_row + kidx // PAGE_TOKENS, mask=mask_n, other=0).to(tl.int64)
+        slot = (kidx % PAGE_TOKENS).to(tl.int64)
+    return page, slot
+
+
+@triton.jit
 def _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R: tl.constexpr):
     # row -> [first item, first item + n_items): items of one row are consecutive, rows in order
     offs_r = tl.arange(0, BLOCK_R)
@@ -114,10 +128,8 @@ def _segpaged_decode_kernel(
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         table_row = table_ptr + row.to(tl.int64) * stride_tr
         for tok0 in range(start, end, BLOCK_N):
-            offs_t = tok0 + offs_n
-            mask_t = offs_t < end
-            page = tl.load(table_row + offs_t // PAGE_TOKENS, mask=mask_t, other=0).to(tl.int64)
-            in_page = (offs_t % PAGE_TOKENS).to(tl.int64)
+            mask_t = tok0 + offs_n < end
+            page, in_page = _tile_pages(table_row, tok0, offs_n, mask_t, PAGE_TOKENS, BLOCK_N)
             kv_mask = mask_t[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)

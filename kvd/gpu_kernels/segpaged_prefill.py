@@ -45,7 +45,7 @@ from kvd.gpu_kernels._launch import (
     is_interpreter,
     next_pow2,
 )
-from kvd.gpu_kernels.segpaged_decode import LOG2E, _mma
+from kvd.gpu_kernels.segpaged_decode import LOG2E, _mma, _tile_pages
 
 INT32_MAX = tl.constexpr(2**31 - 1)  # "no page": larger than any position
 
@@ -66,17 +66,15 @@ def _attend_range(
         # -- listed tokens k0.. -> page, slot ----------------------------------------------------
         kidx = k0 + offs_n
         page_idx = kidx // PAGE_TOKENS
-        in_page = (kidx % PAGE_TOKENS).to(tl.int64)
+        in_range = kidx < kidx_end
+        page, in_page = _tile_pages(table_row, k0, offs_n, in_range, PAGE_TOKENS, BLOCK_N)
         if MASKED:
-            in_range = kidx < kidx_end
-            page = tl.load(table_row + page_idx, mask=in_range, other=0).to(tl.int64)
             kv_mask = in_range[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)
         else:
-            page = tl.load(table_row + page_idx).to(tl.int64)
             k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
                         mask=mask_d[None, :], other=0.0)
             v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
