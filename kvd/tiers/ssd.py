@@ -20,8 +20,15 @@ undo the last commits; ``metasync`` off defers only the meta-page flush (the las
 after a power loss, never corrupt). kvd acknowledges "on SSD" only after commit, so we keep both on.
 
 Restart: opening walks every header once (headers only; payloads are verified when read), drops
-records whose header is corrupt, and rebuilds the capacity accounting. ``scan()`` gives the store
-each record's header so it can rebuild its index; that is why it exists beside the five tier methods.
+records whose header is corrupt, and rebuilds the capacity accounting.
+
+Methods beyond the five of ``Tier``, and why: ``encode`` builds a record (the header and its
+checksums are this tier's format, so building it belongs here, but it does no I/O so the store can
+run it on any executor thread before reserving); ``read_into`` decodes straight into arena slots
+(no intermediate copy of a multi-MiB extent); ``header`` reads one header; ``scan`` lists every
+header so the store can rebuild its index at start; ``put_meta``/``get_meta`` keep small daemon
+records (registered models) in the same durable file as the extents they describe; ``compact`` serves
+``kvctl compact``.
 
 Threads: every method blocks and may be called from any thread (the store's executor, never the
 event loop). LMDB serialises writers and gives each reader a snapshot; the accounting is under a
