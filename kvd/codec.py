@@ -396,14 +396,19 @@ class Codecs:
         lossless = LosslessCodec(zstd)
         self._by_name: dict[str, Codec] = {"raw": RawCodec(), "lossless": lossless}
         self._zstd, self._lossless = zstd, lossless
+        self._build_lock = threading.Lock()
 
     def get(self, name: str) -> Codec:
-        if name not in self._by_name:
-            if name not in CODEC_IDS:
-                raise InvalidRequest(f"unknown codec {name!r}; supported: {', '.join(CODEC_IDS)} "
-                                     "(settings codec.hot_codec, codec.local_cold_codec, codec.global_cold_codec)")
-            self._by_name[name] = QuantCodec(name, self._zstd, self._lossless)  # built on first use
-        return self._by_name[name]
+        codec = self._by_name.get(name)
+        if codec is not None:
+            return codec
+        if name not in CODEC_IDS:
+            raise InvalidRequest(f"unknown codec {name!r}; supported: {', '.join(CODEC_IDS)} "
+                                 "(settings codec.hot_codec, codec.local_cold_codec, codec.global_cold_codec)")
+        with self._build_lock:  # lossy codecs are built on first use (they import torch)
+            if name not in self._by_name:
+                self._by_name[name] = QuantCodec(name, self._zstd, self._lossless)
+            return self._by_name[name]
 
     def decode_into(self, payload: Buffer, out: Buffer) -> PayloadInfo:
         """Decode any payload by the codec its header names; returns that header."""
