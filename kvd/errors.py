@@ -84,6 +84,18 @@ class StorageFormatError(KvdError):
     code = "storage_format"
 
 
+class SsdFull(KvdError):
+    """The LMDB map or the disk is full although the capacity accounting had room (B-tree overhead,
+    fragmentation, a disk shared with others). Nothing of the failed transaction was written."""
+
+    status = 507
+    code = "ssd_full"
+
+    def __init__(self, message: str, num_written: int = 0) -> None:
+        super().__init__(message)
+        self.num_written = num_written  # write_many: this many leading items were committed
+
+
 ERRORS_BY_CODE: dict[str, type[KvdError]] = {
     cls.code: cls
     for cls in (
@@ -99,5 +111,6 @@ ERRORS_BY_CODE: dict[str, type[KvdError]] = {
         HeadMapError,
         CorruptData,
         StorageFormatError,
+        SsdFull,
     )
 }

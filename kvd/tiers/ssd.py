@@ -53,7 +53,7 @@ import xxhash
 
 from kvd.codec import Buffer, Codecs, Shape, payload_info
 from kvd.config import CodecSettings, SsdSettings
-from kvd.errors import ConfigError, CorruptData, InvalidRequest, KvdError, StorageFormatError
+from kvd.errors import ConfigError, CorruptData, InvalidRequest, SsdFull, StorageFormatError
 from kvd.tiers.base import Location, Tier, TierStats
 from kvd.tiers.ssd_record import SSD_FORMAT, ExtentHeader, pack_header, unpack_header
 
@@ -62,18 +62,6 @@ logger = logging.getLogger(__name__)
 FORMAT_MARKER = b"kvd-ssd"
 _WILL_NEED_MIN_BYTES = 256 << 10  # smaller records: the kernel's own read-ahead is enough
 _USER_META = b"user/"
-
-
-class SsdFull(KvdError):
-    """The LMDB map or the disk is full although the capacity accounting had room (B-tree overhead,
-    fragmentation, a disk shared with others). Nothing of the failed transaction was written."""
-
-    status = 507
-    code = "ssd_full"
-
-    def __init__(self, message: str, num_written: int = 0) -> None:
-        super().__init__(message)
-        self.num_written = num_written  # write_many: this many leading items were committed
 
 
 @dataclass(slots=True, frozen=True)
