@@ -16,8 +16,9 @@ shape (contiguous); key scales ``[S, D]``, value scales ``[S, T]`` (``[D]`` / ``
 Kernels: keys, one program per (segment, channel tile) makes two passes over T (max, then quantize;
 the second pass reads from L2); values, one program per (segment, token tile) in one pass. The kernels
 round to the e4m3 grid themselves (round to nearest even on the fp32 bit pattern) and then cast an
-exact value: Triton's own fp32 -> e4m3 cast did not match torch's bit for bit on the H200 (Triton 3.6,
-0.15% of codes off by one step) and carries wrongly under the interpreter.
+exact value, so the codes do not depend on how a Triton version lowers the cast (the interpreter's
+carries wrongly). Note for any torch reference on CUDA: ``t / 448.0`` there is a multiply by the
+reciprocal, not the IEEE quotient; divide by a tensor (as ``*_ref`` here does) to get the codec's math.
 """
 
 from __future__ import annotations
@@ -66,9 +67,8 @@ def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, IN
     y = tl.math.div_rn(x, scale)  # IEEE division, as torch's x / s
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_FP8:
-        # round to the e4m3 grid here, so the cast is exact: Triton 3.6's fp32 -> e4m3 cast on the
-        # H200 differed from torch's round-to-nearest-even on ~0.15% of codes (double rounding), and
-        # the interpreter's cast carries wrongly
+        # round to the e4m3 grid here, so the cast is exact whatever the cast's rounding (the
+        # interpreter's carries wrongly); checked bit for bit against torch on the H200
         y = _round_to_e4m3(y)
     else:
         y = _round_half_even(y)

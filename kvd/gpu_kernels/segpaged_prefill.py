@@ -214,11 +214,12 @@ def _segpaged_prefill_kernel(
 
 
 def _configs() -> list[dict]:
-    """(BLOCK_M, BLOCK_N, warps, stages) candidates; the interpreter runs one small fixed config."""
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates, best first on the H200 (32K prefill: 4.86 / 5.48 /
+    5.66 / 6.36 ms); the interpreter runs one small fixed config."""
     if is_interpreter():
         return [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3))]
+            for bm, bn, w, s in ((128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))]
 
 
 def _check(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
