@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from kvd.errors import InvalidRequest
 from kvd.headmap import HeadMap
@@ -183,10 +183,18 @@ class LookupRequest(_Model):
     # Prefix entries: token ids (the daemon chunks and hashes them) or the client's own prefix hashes.
     token_ids: list[int] | None = None
     prefix_hashes: list[Hash] | None = None
-    # Chunk entries (content hashes) to look up, in any order.
+    # Chunk entries (content hashes) to look up, in any order, with their lengths in tokens (optional;
+    # the denominator of the chunk hit-rate metric).
     chunk_hashes: list[Hash] | None = None
+    chunk_num_tokens: list[Annotated[int, Field(ge=0)]] | None = None
     # Start moving entries found only on slower tiers into the arena.
     prefetch: bool = True
+
+    @model_validator(mode="after")
+    def _lengths(self) -> LookupRequest:
+        if self.chunk_num_tokens is not None and len(self.chunk_num_tokens) != len(self.chunk_hashes or []):
+            raise ValueError("chunk_num_tokens must give one length per chunk hash")
+        return self
 
     @field_validator("namespace")
     @classmethod

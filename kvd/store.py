@@ -38,6 +38,7 @@ from kvd.tiers.host import HostTier
 
 logger = logging.getLogger(__name__)
 
+
 class Store:
     def __init__(self, settings: Settings, host: HostTier, *, metrics: Metrics, executor: Executor | None = None,
                  clock: Callable[[], float] = time.monotonic, host_policy=None) -> None:
@@ -103,7 +104,10 @@ class Store:
         # Counters once per label set, not per entry: a 128-chunk lookup stays cheap.
         self.metrics.lookup_tokens.labels("prefix").inc(len(hashes) * chunk)
         if req.chunk_hashes:
-            self.metrics.lookup_tokens.labels("chunk").inc(sum(r.num_tokens for r in chunks))
+            # The denominator needs every asked chunk's length; the client sends it (chunk_num_tokens),
+            # else only found chunks count and the chunk hit rate reads high.
+            asked = sum(req.chunk_num_tokens) if req.chunk_num_tokens else sum(r.num_tokens for r in chunks)
+            self.metrics.lookup_tokens.labels("chunk").inc(asked)
         for labels, n in hit_tokens.items():
             self.metrics.hit_tokens.labels(*labels).inc(n)
         return P.LookupResult(chunk_tokens=chunk, num_prefix_hits=hits, prefix=prefix, chunks=chunks)
