@@ -144,7 +144,7 @@ class DaemonSession:
     def _trip(self, what: str, e: Exception) -> None:
         self.counters["daemon_failures"] += 1
         level = logging.WARNING if self._backoff_s == self.settings.retry_interval_s else logging.DEBUG
-        logger.log(level, "kvd %s failed (%s); vLLM recomputes; next try in %.1f s", what, e, self._backoff_s)
+        logger.log(level, "kvd %s failed (%s); serving without it, next try in %.1f s", what, e, self._backoff_s)
         self._closed_until = self.clock() + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self.settings.max_retry_interval_s)
 
