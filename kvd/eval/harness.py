@@ -69,14 +69,20 @@ class PromptResult:
 
 
 def make_prompts(tok, task: str, length: int, num: int, *, kl_positions: int = 1024,
-                 seed_base: int = tasks.EVAL_SEED_BASE) -> list[Prompt]:
-    """``num`` evaluation prompts of ``task`` at about ``length`` tokens (seeds ``seed_base + i``)."""
+                 seed_base: int = tasks.EVAL_SEED_BASE, passkey_variant: str = "repeat") -> list[Prompt]:
+    """``num`` evaluation prompts of ``task`` at about ``length`` tokens (seeds ``seed_base + i``).
+
+    ``passkey_variant``: ``repeat``/``prose`` filler, optionally ``-chat`` (see ``tasks.passkey``).
+    """
     out = []
     for i in range(num):
         seed = seed_base + i
         if task in ("passkey", "multikey"):
-            gen = tasks.passkey if task == "passkey" else tasks.multikey
-            rec = gen(tok, seed, length)
+            if task == "passkey":
+                filler, _, chat = passkey_variant.partition("-")
+                rec = tasks.passkey(tok, seed, length, filler=filler, chat=chat == "chat")
+            else:
+                rec = tasks.multikey(tok, seed, length)
             p_ids = tok(rec.prompt)["input_ids"]
             a_ids = tok(rec.answer)["input_ids"]
             ids = p_ids + a_ids
@@ -115,13 +121,13 @@ class Harness:
     @torch.no_grad()
     def _run(self, prompt: Prompt, head_map: HeadMap | None, gen_tokens: int) -> dict:
         """Log-probs at the scored positions and (optionally) a greedy continuation."""
-        ids = torch.tensor([prompt.ids])
+        ids = torch.tensor([prompt.ids], device=self.model.device)
         model = self.model
 
         def go():
             out = model.model(input_ids=ids, use_cache=gen_tokens > 0)
             h = out.last_hidden_state[0, list(prompt.scored)]
-            logp = torch.log_softmax(model.lm_head(h).float(), -1)
+            logp = torch.log_softmax(model.lm_head(h).float(), -1).cpu()
             gen = self._greedy(out.past_key_values, out.last_hidden_state[:, -1:], gen_tokens) if gen_tokens else []
             return {"logp": logp, "gen": gen}
 
@@ -138,7 +144,8 @@ class Harness:
         for _ in range(n - 1):
             if tok_id in eos_ids:
                 break
-            o = model.model(input_ids=torch.tensor([[tok_id]]), past_key_values=cache, use_cache=True)
+            o = model.model(input_ids=torch.tensor([[tok_id]], device=model.device), past_key_values=cache,
+                            use_cache=True)
             cache = o.past_key_values
             tok_id = int(model.lm_head(o.last_hidden_state[0, -1]).argmax())
             out.append(tok_id)

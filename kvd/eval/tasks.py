@@ -135,8 +135,22 @@ def _insert_at_depth(rng: random.Random, words: list[str], needle: str) -> tuple
     return " ".join(words[:cut] + [needle] + words[cut:]), cut / max(1, len(words))
 
 
-def passkey(tok, seed: int, num_tokens: int) -> RecallPrompt:
-    """A passkey prompt of about ``num_tokens`` tokens (needle at a random depth in generated prose)."""
+_REPEAT_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                  "There and back again. ")
+
+
+def _repeat_filler(num_words: int) -> str:
+    n = len(_REPEAT_FILLER.split())
+    return (_REPEAT_FILLER * (num_words // n + 1)).strip()
+
+
+def passkey(tok, seed: int, num_tokens: int, *, filler: str = "repeat", chat: bool = False) -> RecallPrompt:
+    """A passkey prompt of about ``num_tokens`` tokens, the needle at a random depth in the filler.
+
+    ``filler="repeat"``: the classic repeated sentences (Mohtashami & Jaggi's format), the one this
+    small model can solve with full KV; ``"prose"``: generated prose (harder: full KV mostly fails).
+    ``chat``: wrap text and question in the model's chat template, the answer opened by the assistant.
+    """
     if num_tokens < 128:
         raise InvalidRequest(f"passkey prompts need ≥ 128 tokens, got {num_tokens}")
     rng = random.Random(seed)
@@ -145,10 +159,18 @@ def passkey(tok, seed: int, num_tokens: int) -> RecallPrompt:
             "Find it and remember it.\n\n")
     tail = "\n\nWhat is the pass key? The pass key is"
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    budget = num_tokens - len(tok(head + tail + " " + needle)["input_ids"])
-    words = _fill_to(tok, prose(seed * 7 + 1, budget).split(), budget)
+
+    def wrap(body: str) -> str:
+        if not chat:
+            return head + body + tail
+        msg = [{"role": "user", "content": head + body + "\n\nWhat is the pass key?"}]
+        return tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True) + "The pass key is"
+
+    budget = num_tokens - len(tok(wrap(needle))["input_ids"]) - 1
+    text = prose(seed * 7 + 1, budget) if filler == "prose" else _repeat_filler(budget)
+    words = _fill_to(tok, text.split(), budget)
     body, depth = _insert_at_depth(rng, words, needle)
-    return RecallPrompt("passkey", seed, head + body + tail, " " + key, depth)
+    return RecallPrompt("passkey", seed, wrap(body), " " + key, depth)
 
 
 def multikey(tok, seed: int, num_tokens: int, num_keys: int = 6) -> RecallPrompt:

@@ -58,8 +58,12 @@ class ProfileConfig:
     # exists at each budget the benchmark sweeps.
     checkpoints: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     max_fraction: float = 0.8
-    kl_target: float = 0.01
+    # Shipped state: None = the lowest calibration KL among states within ``max_fraction_4k`` (spend
+    # the byte bound on fidelity); a number = the cheapest state whose calibration KL ≤ it.
+    kl_target: float | None = None
     max_fraction_4k: float = 0.5
+    num_natural: int = 1  # calibration sequences of natural text (stdlib docstrings)
+    num_recall: int = 1  # calibration sequences of multi-key recall
     seed: int = 0
 
 
@@ -71,26 +75,35 @@ class CalibSeq:
 
 
 def calibration_set(tok, cfg: ProfileConfig) -> list[CalibSeq]:
-    """The two calibration sequences (seeds < 1000: never used for evaluation)."""
+    """The calibration sequences (seeds < 1000: never used for evaluation): ``num_natural`` windows
+    of standard-library docstrings and ``num_recall`` multi-key recall texts."""
     t = cfg.calib_tokens
-    nat = tasks.natural_text_ids(tok, "stdlib", cfg.seed, t)
     k = min(cfg.kl_positions, t - 1)
-    seqs = [CalibSeq("stdlib", torch.tensor([nat]), torch.arange(t - k, t))]
-    rec = tasks.multikey(tok, cfg.seed + 1, max(128, t - 24 * 8), num_keys=8)
+    seqs = []
+    for i in range(cfg.num_natural):
+        nat = tasks.natural_text_ids(tok, "stdlib", cfg.seed + 10 * i, t)
+        seqs.append(CalibSeq(f"stdlib{i}", torch.tensor([nat]), torch.arange(t - k, t)))
+    for i in range(cfg.num_recall):
+        seqs.append(_recall_seq(tok, cfg.seed + 1 + 10 * i, t))
+    return seqs
+
+
+def _recall_seq(tok, seed: int, t: int) -> CalibSeq:
+    """8 facts hidden in ~``t`` tokens, then every fact asked; scored on the answer digits only."""
+    rec = tasks.multikey(tok, seed, max(128, t - 24 * 8), num_keys=8)
     ids = tok(rec.prompt)["input_ids"]
-    answers = []
     facts = list(rec.facts)
     asked = next(i for i, (_, c) in enumerate(facts) if " " + c == rec.answer)
-    order = [asked] + [i for i in range(len(facts)) if i != asked]
-    for n, (name, code) in enumerate(order and [facts[i] for i in order]):
+    order = [facts[asked]] + [f for i, f in enumerate(facts) if i != asked]
+    answers: list[int] = []
+    for n, (name, code) in enumerate(order):
         if n:
             ids += tok(f"\nQuestion: what is the secret code for {name}? The secret code for {name} is")["input_ids"]
         ans = tok(" " + code)["input_ids"]
         answers += range(len(ids), len(ids) + len(ans))
         ids += ans
     pos = torch.tensor([a - 1 for a in answers])  # logits at a-1 predict token a
-    seqs.append(CalibSeq("multikey", torch.tensor([ids]), pos))
-    return seqs
+    return CalibSeq(f"multikey{seed}", torch.tensor([ids]), pos)
 
 
 # ---- KL probe attention ----------------------------------------------------------------------
@@ -130,7 +143,7 @@ class _Runner:
         self.ref = []
         with torch.no_grad():
             for s in seqs:
-                h = model.model(input_ids=s.ids, use_cache=False).last_hidden_state
+                h = model.model(input_ids=s.ids.to(model.device), use_cache=False).last_hidden_state
                 self.ref.append(torch.log_softmax(model.lm_head(h[0, s.positions]).float(), -1))
 
     def step(self, choice: list[list[int]]) -> tuple[list[float], torch.Tensor]:
@@ -145,7 +158,7 @@ class _Runner:
             for s, ref in zip(self.seqs, self.ref, strict=True):
                 for mod, row in zip(self.mods, choice, strict=True):
                     mod.kvd_kl = _KlState(tuple(self.options[c] for c in row), self.options)
-                h = model.model(input_ids=s.ids, use_cache=False).last_hidden_state
+                h = model.model(input_ids=s.ids.to(model.device), use_cache=False).last_hidden_state
                 logq = torch.log_softmax(model.lm_head(h[0, s.positions]).float(), -1)
                 kl = (ref.exp() * (ref - logq)).sum(-1).mean()
                 kl.backward()
@@ -154,7 +167,7 @@ class _Runner:
                     st = mod.kvd_kl
                     g = st.probe.grad[0]  # [q, Hq, D]
                     per_q = -(st.deltas * g[None]).sum(dim=(1, 3))  # [n_opt, Hq]
-                    gains[layer] += per_q.view(len(self.options), nkv, -1).sum(-1).T.double()
+                    gains[layer] += per_q.view(len(self.options), nkv, -1).sum(-1).T.double().cpu()
                     mod.kvd_kl = None
         finally:
             model.set_attn_implementation(previous)
@@ -260,15 +273,30 @@ def trajectory_maps(head_map: HeadMap) -> list[tuple[float, float, HeadMap]]:
 
 
 def select(trajectory: list[dict], cfg: ProfileConfig, model_name: str) -> int:
-    """Index of the shipped state: cheapest with KL ≤ target within the 4K byte bound."""
-    ok = []
-    for i, s in enumerate(trajectory):
-        f4k = map_from_choice(model_name, s["choice"], cfg).kv_fraction(4096)
-        if f4k <= cfg.max_fraction_4k:
-            ok.append((s["kl"] > cfg.kl_target, s["fraction"] if s["kl"] <= cfg.kl_target else s["kl"], i))
+    """Index of the shipped state among those with ``kv_fraction(4096) ≤ max_fraction_4k``: the
+    lowest calibration KL, or with ``kl_target`` the cheapest state meeting it (else lowest KL)."""
+    ok = [(s["kl"], s["fraction"], i) for i, s in enumerate(trajectory)
+          if map_from_choice(model_name, s["choice"], cfg).kv_fraction(4096) <= cfg.max_fraction_4k]
     if not ok:
         return 0
+    if cfg.kl_target is not None:
+        meeting = [(f, i) for kl, f, i in ok if kl <= cfg.kl_target]
+        if meeting:
+            return min(meeting)[1]
     return min(ok)[2]
+
+
+def reselect(head_map: HeadMap, **changes) -> HeadMap:
+    """The same profile with another selection rule (``kl_target``, ``max_fraction_4k``): no rerun."""
+    cal = dict(head_map.calibration or {})
+    conf = {**cal["config"], **changes}
+    cfg = ProfileConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.items()})
+    idx = select(cal["trajectory"], cfg, head_map.model)
+    cal.update(config=conf, selected_round=idx, calibration_kl=cal["trajectory"][idx]["kl"])
+    scores = dict(head_map.scores or {})
+    scores["window"] = [[float(x) for x in row] for row in _window_grid(cal["trajectory"][idx]["choice"], cfg)]
+    return map_from_choice(head_map.model, cal["trajectory"][idx]["choice"], cfg, method=head_map.method,
+                           scores=scores, calibration=cal, fingerprint=head_map.fingerprint)
 
 
 def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: ProfileConfig | None = None,
@@ -286,8 +314,9 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
     name = Path(str(model_dir)).name
     spec = model_spec(model.config, model_id=name)
     seqs = calibration_set(tok, cfg)
-    edge = head_scores.edge_mass(model, [seqs[0].ids], sink=cfg.sink, window=cfg.window)
-    nat = seqs[0].ids[0].tolist()
+    edge = head_scores.edge_mass(model, [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")],
+                                 sink=cfg.sink, window=cfg.window)
+    nat = seqs[0].ids[0].tolist()  # the first natural sequence (num_natural >= 1)
     third = min(256, len(nat) // 3)
     shift = head_scores.prefix_shift(model, nat[2 * third:3 * third],
                                      (nat[:third], tasks_prose_ids(tok, cfg.seed + 2, third)))
@@ -331,17 +360,28 @@ def main(argv: list[str] | None = None) -> int:
     d = ProfileConfig()
     ap.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
     ap.add_argument("--kl-target", type=float, default=d.kl_target)
+    ap.add_argument("--max-fraction-4k", type=float, default=d.max_fraction_4k)
     ap.add_argument("--max-fraction", type=float, default=d.max_fraction)
     ap.add_argument("--round-fraction", type=float, default=d.round_fraction)
     ap.add_argument("--global-ratio", type=float, default=d.global_ratio)
     ap.add_argument("--windows", default=",".join(map(str, d.windows)))
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--num-natural", type=int, default=d.num_natural)
+    ap.add_argument("--num-recall", type=int, default=d.num_recall)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction=a.max_fraction,
+    cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k, max_fraction=a.max_fraction,
                   round_fraction=a.round_fraction, global_ratio=a.global_ratio, seed=a.seed,
-                  windows=tuple(int(w) for w in a.windows.split(",")))
-    hm = profile(a.model_dir, a.out, cfg=cfg)
+                  windows=tuple(int(w) for w in a.windows.split(",")),
+                  num_natural=a.num_natural, num_recall=a.num_recall)
+    model = tok = None
+    if a.device != "cpu":
+        from kvd.models import load_causal_lm
+
+        model, tok = load_causal_lm(a.model_dir)
+        model.to(a.device)
+    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok)
     logger.info("wrote %s: %d/%d heads global, kv_fraction(4096)=%.3f, calibration KL %.4f",
                 a.out, hm.num_global, hm.num_layers * hm.num_kv_heads, hm.kv_fraction(4096),
                 hm.calibration["calibration_kl"])

@@ -47,12 +47,13 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     k = key.repeat_interleave(n_rep, dim=1)
     v = value.repeat_interleave(n_rep, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    kpos = torch.arange(kv_len)
+    dev = query.device
+    kpos = torch.arange(kv_len, device=dev)
     outs, rows = [], []
-    edge = torch.zeros(hq, dtype=torch.float64)
+    edge = torch.zeros(hq, dtype=torch.float64, device=dev)
     count = 0
     for s in range(0, q_len, _CHUNK):
-        qpos = torch.arange(kv_len - q_len + s, kv_len - q_len + min(q_len, s + _CHUNK))
+        qpos = torch.arange(kv_len - q_len + s, kv_len - q_len + min(q_len, s + _CHUNK), device=dev)
         scores = torch.matmul(query[:, :, s:s + len(qpos)], k.transpose(-1, -2)) * scale
         scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # [B, Hq, c, kv]
@@ -113,7 +114,7 @@ def edge_mass(model, sequences: list[torch.Tensor], *, sink: int, window: int) -
             model.model(input_ids=ids, use_cache=False)
     grid = []
     for st in states:
-        per_q = (st.edge_sum / max(1, st.edge_count)).float()
+        per_q = (st.edge_sum / max(1, st.edge_count)).float().cpu()
         grid.append(_to_kv_heads(per_q, nkv))
     return grid
 
@@ -127,7 +128,7 @@ def prefix_shift(model, chunk: list[int], prefixes: tuple[list[int], list[int]])
     span = (len(p1), len(p1) + len(chunk))
     captured = []
     for prefix in (p1, p2):
-        ids = torch.tensor([prefix + chunk])
+        ids = torch.tensor([prefix + chunk], device=model.device)
         with _probing(model, 0, 1, capture=span) as states:
             model.model(input_ids=ids, use_cache=False)
         captured.append([st.rows for st in states])
@@ -135,5 +136,5 @@ def prefix_shift(model, chunk: list[int], prefixes: tuple[list[int], list[int]])
     grid = []
     for a, b in zip(*captured, strict=True):  # per layer: [Hq, c, c]
         cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)  # [Hq, c]
-        grid.append(_to_kv_heads((1.0 - cos.mean(dim=-1)).clamp(min=0.0), nkv))
+        grid.append(_to_kv_heads((1.0 - cos.mean(dim=-1)).clamp(min=0.0).cpu(), nkv))
     return grid
