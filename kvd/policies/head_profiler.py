@@ -50,10 +50,10 @@ class ProfileConfig:
     global_ratio: float = 0.15
     edge_threshold: float | None = None
     shift_threshold: float | None = None
-    windows: tuple[int, ...] = (128, 256, 512, 1024)  # per-head window options of the KL selection
+    windows: tuple[int, ...] = (64, 128, 256, 512, 1024, 1536)  # per-head window options of the KL selection
     calib_tokens: int = 2048
     kl_positions: int = 1024
-    round_fraction: float = 0.05  # KV bytes (fraction of full at calib_tokens) bought per round
+    round_fraction: float = 0.02  # KV bytes (fraction of full at calib_tokens) bought per round
     # Fractions the trajectory must pass through exactly (a round never crosses one), so that a map
     # exists at each budget the benchmark sweeps.
     checkpoints: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -62,8 +62,12 @@ class ProfileConfig:
     # the byte bound on fidelity); a number = the cheapest state whose calibration KL ≤ it.
     kl_target: float | None = None
     max_fraction_4k: float = 0.5
-    num_natural: int = 1  # calibration sequences of natural text (stdlib docstrings)
-    num_recall: int = 1  # calibration sequences of multi-key recall
+    num_natural: int = 4  # calibration sequences of natural text (stdlib docstrings)
+    num_recall: int = 2  # calibration sequences of multi-key recall
+    # After selection: the recall refinement (``kvd.policies.head_refine``) at this many tokens with
+    # this many passkey texts; 0 turns it off.
+    refine_tokens: int = 4096
+    refine_passkeys: int = 4
     seed: int = 0
 
 
@@ -300,7 +304,7 @@ def reselect(head_map: HeadMap, **changes) -> HeadMap:
 
 
 def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: ProfileConfig | None = None,
-            model=None, tok=None, progress: bool = True) -> HeadMap:
+            model=None, tok=None, progress: bool = True, model_name: str | None = None) -> HeadMap:
     """Profile the model in ``model_dir`` and write its head map to ``out`` (if given); return it.
 
     ``model``/``tok`` may be passed in to reuse a loaded fp32 model (tests do).
@@ -311,7 +315,7 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
     if model is None:
         model, tok = load_causal_lm(model_dir)
     t0 = time.monotonic()
-    name = Path(str(model_dir)).name
+    name = model_name or Path(str(model_dir)).name  # also the fingerprint's model_id
     spec = model_spec(model.config, model_id=name)
     seqs = calibration_set(tok, cfg)
     edge = head_scores.edge_mass(model, [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")],
@@ -322,7 +326,6 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
                                      (nat[:third], tasks_prose_ids(tok, cfg.seed + 2, third)))
     traj = kl_greedy(model, seqs, cfg, progress=progress)
     idx = select(traj, cfg, name)
-    first_gain = traj[0]
     calibration = {
         "config": asdict(cfg),
         "sequences": [{"name": s.name, "tokens": int(s.ids.shape[1]), "scored_positions": len(s.positions)}
@@ -332,13 +335,16 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
         "calibration_kl": traj[idx]["kl"],
         "seconds": round(time.monotonic() - t0, 1),
     }
-    del first_gain
     calibration = json.loads(json.dumps(calibration))  # tuples -> lists: equal to what load() returns
     scores = {"edge_mass": edge, "prefix_shift": shift,
               "combined": [[max(a, b) for a, b in zip(e, s, strict=True)] for e, s in zip(edge, shift, strict=True)],
               "window": [[float(x) for x in row] for row in _window_grid(traj[idx]["choice"], cfg)]}
     hm = map_from_choice(name, traj[idx]["choice"], cfg, method="kl_greedy", scores=scores,
                          calibration=calibration, fingerprint=spec.fingerprint())
+    if cfg.refine_tokens > 0:
+        from kvd.policies.head_refine import refine  # imports this module: import here
+
+        hm = refine(model, tok, hm, recall_tokens=cfg.refine_tokens, num_passkey=cfg.refine_passkeys)
     if out is not None:
         hm.save(out)
     return hm
@@ -368,20 +374,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--num-natural", type=int, default=d.num_natural)
     ap.add_argument("--num-recall", type=int, default=d.num_recall)
+    ap.add_argument("--refine-tokens", type=int, default=d.refine_tokens, help="0: no recall refinement")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
+    ap.add_argument("--model-name", default=None, help="model id for the map and fingerprint (default: dir name)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k, max_fraction=a.max_fraction,
                   round_fraction=a.round_fraction, global_ratio=a.global_ratio, seed=a.seed,
                   windows=tuple(int(w) for w in a.windows.split(",")),
-                  num_natural=a.num_natural, num_recall=a.num_recall)
+                  num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens)
     model = tok = None
     if a.device != "cpu":
         from kvd.models import load_causal_lm
 
         model, tok = load_causal_lm(a.model_dir)
         model.to(a.device)
-    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok)
+    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok, model_name=a.model_name)
     logger.info("wrote %s: %d/%d heads global, kv_fraction(4096)=%.3f, calibration KL %.4f",
                 a.out, hm.num_global, hm.num_layers * hm.num_kv_heads, hm.kv_fraction(4096),
                 hm.calibration["calibration_kl"])

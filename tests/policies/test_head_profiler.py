@@ -11,7 +11,8 @@ from kvd.policies.head_profiler import ProfileConfig, main, profile, redknot_map
 pytestmark = pytest.mark.model
 
 TINY = ProfileConfig(calib_tokens=160, kl_positions=48, windows=(16, 32), round_fraction=0.25,
-                     max_fraction=0.6, checkpoints=(), kl_target=0.05, max_fraction_4k=0.5)
+                     max_fraction=0.6, checkpoints=(), kl_target=0.05, max_fraction_4k=0.5,
+                     num_natural=1, num_recall=1, refine_tokens=0)
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,20 @@ def test_redknot_baseline_marks_the_top_ratio_global(tiny_map):
 def test_main_rejects_missing_out(capsys):
     with pytest.raises(SystemExit):
         main(["somewhere"])
+
+
+def test_swap_trades_bytes_without_crossing_the_bound():
+    """Recall refinement: an upgrade is paid for by the cheapest downgrade, within the byte bound."""
+    import torch
+
+    from kvd.policies.head_refine import _swap
+
+    costs = [0.25, 0.5, 1.0]  # window, bigger window, global
+    choice = [[1, 1], [0, 0]]
+    gains = torch.zeros(2, 2, 3, dtype=torch.float64)
+    gains[1, 0, 2] = 0.9  # head (1,0) gains a lot from going global (+0.75 bytes)
+    gains[0, 0, 0] = -0.01  # head (0,0) loses little when shrunk (-0.25 bytes)
+    gains[0, 1, 0] = -0.5  # head (0,1) loses a lot
+    moves = _swap(choice, gains, costs, room=0.5, max_moves=4)
+    assert choice == [[0, 1], [2, 0]] and moves == 2
+    assert sum(costs[c] for row in choice for c in row) <= sum([0.5, 0.5, 0.25, 0.25]) + 0.5
