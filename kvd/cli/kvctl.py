@@ -146,9 +146,15 @@ def cmd_config(c: KvdClient, args: argparse.Namespace) -> int:
 
 
 def cmd_profile(c: KvdClient | None, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from kvd.policies.head_profiler import main as profile_main
 
-    return profile_main([args.model_dir, "--out", args.out, *args.extra])
+    if not (Path(args.model_dir) / "config.json").is_file():
+        print(f"kvctl: {args.model_dir} is not a model directory (no config.json); pass a local "
+              "transformers model dir (python -m kvd.models fetch smollm2 makes one)", file=sys.stderr)
+        return 2
+    return profile_main([args.model_dir, "--out", args.out, *args.extra])  # runs locally, no daemon
 
 
 COMMANDS = {"status": cmd_status, "models": cmd_models, "ls": cmd_ls, "stats": cmd_stats, "pin": cmd_pin,
@@ -187,16 +193,19 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("compact", help="compact the SSD tier's LMDB file")
     cfg = sub.add_parser("config", help="configuration")
     cfg.add_argument("action", choices=["show"])
-    pr = sub.add_parser("profile", help="profile a model's KV heads into a head map (runs locally)")
+    pr = sub.add_parser("profile", help="profile a model's KV heads into a head map (runs locally; further "
+                        "options go to the profiler: kvctl profile DIR --out F --help-profiler)")
     pr.add_argument("model_dir")
     pr.add_argument("--out", required=True)
-    pr.add_argument("extra", nargs=argparse.REMAINDER, help="further profiler options")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parser().parse_args(argv)
+        args, extra = parser().parse_known_args(argv)
+        if extra and args.cmd != "profile":
+            parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = [("--help" if x == "--help-profiler" else x) for x in extra]
     except SystemExit as e:  # argparse: 2 on usage errors, 0 for --help
         return int(e.code or 0)
     if args.cmd == "profile":

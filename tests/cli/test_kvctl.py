@@ -83,3 +83,9 @@ def test_console_script_runs(live):
     r = subprocess.run([sys.executable, "-m", "kvd.cli.kvctl", "--socket", live.socket, "--json", "status"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["health"]["status"] == "ok"
+
+
+def test_profile_checks_its_model_dir(tmp_path, capsys):
+    assert kvctl_main(["profile", str(tmp_path), "--out", str(tmp_path / "m.json")]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert kvctl_main(["ls", "--bogus"]) == 2
