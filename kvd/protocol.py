@@ -11,7 +11,6 @@ keeps a 32K-token lookup under 5 KB.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -252,13 +251,19 @@ class LookupResult:
     def to_json(self) -> bytes:
         """Exactly the JSON of the equivalent ``LookupResponse`` (a test holds the two together)."""
 
-        def rows(rs: list[EntryRow]) -> list[dict[str, Any]]:
-            return [{"index": r.index, "hash": r.hash, "tier": r.tier, "classes": r.classes,
-                     "complete": r.complete, "num_tokens": r.num_tokens} for r in rs]
+        # Formatted directly: hashes, tiers and class names are the daemon's own ASCII tokens, so no
+        # escaping is needed, and this is about twice as fast as json.dumps of the same dicts.
+        def rows(rs: list[EntryRow]) -> str:
+            return ",".join(
+                f'{{"index":{r.index},"hash":"{r.hash}","tier":"{r.tier}","classes":{_names(r.classes)},'
+                f'"complete":{"true" if r.complete else "false"},"num_tokens":{r.num_tokens}}}' for r in rs)
 
-        return json.dumps({"chunk_tokens": self.chunk_tokens, "num_prefix_hits": self.num_prefix_hits,
-                           "prefix": rows(self.prefix), "chunks": rows(self.chunks)},
-                          separators=(",", ":")).encode()
+        return (f'{{"chunk_tokens":{self.chunk_tokens},"num_prefix_hits":{self.num_prefix_hits},'
+                f'"prefix":[{rows(self.prefix)}],"chunks":[{rows(self.chunks)}]}}').encode()
+
+
+def _names(names: list[str]) -> str:
+    return "[" + ",".join(f'"{n}"' for n in names) + "]"
 
 
 class LeaseRequest(_Model):

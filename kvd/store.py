@@ -123,11 +123,20 @@ class Store:
                 continue
             e.seen += 1
             e.last_access = now
-            classes = e.available_classes()
-            for c in classes:
-                key = (kind, "host" if e.extents[c].host is not None else "ssd", c)
-                hit_tokens[key] = hit_tokens.get(key, 0) + e.num_tokens
-            tier = e.fastest_tier()
+            # One pass over the (at most two) extents: what is servable exactly, and from where.
+            classes, tier = [], None
+            for c, x in e.extents.items():
+                where = "host" if x.host is not None else ("ssd" if x.ssd is not None else None)
+                if where is None:
+                    continue
+                if tier != "host":
+                    tier = where
+                if where == "host" or x.is_lossless:
+                    classes.append(c)
+                    key = (kind, where, c)
+                    hit_tokens[key] = hit_tokens.get(key, 0) + e.num_tokens
+            if tier is None:
+                continue
             if mover is not None:
                 mover.on_seen(e)
                 if req.prefetch and tier != "host":
@@ -188,7 +197,7 @@ class Store:
         if loc is not None:
             return loc
         now = self.clock()
-        for _ in range(8):  # fragmentation: freed runs may not be adjacent; retry a few rounds
+        for _ in range(2):  # the policy's choice first: usually frees a run
             victims = self.host_policy.victims(nbytes, now=now, can_evict=self.host_evictable)
             if not victims:
                 return None
@@ -197,7 +206,61 @@ class Store:
             loc = self.host.reserve(nbytes)
             if loc is not None:
                 return loc
-        return None
+        # Fragmented: the bytes freed are not adjacent. Evict by place instead of by priority: the
+        # window of consecutive slots whose occupants are all evictable and fewest.
+        window = self._evictable_window(self.host.slots_for(nbytes))
+        if window is None:
+            return None
+        for e in window:
+            self.evict_host(e)
+        return self.host.reserve(nbytes)
+
+    def _evictable_window(self, count: int) -> list[Entry] | None:
+        """Entries to evict so that ``count`` consecutive slots become free (None: impossible now)."""
+        owner: list[Entry | None] = [None] * self.host.num_slots  # slot -> entry holding it
+        blocked = [False] * self.host.num_slots  # held by a pending, leased, pinned or busy entry
+        for e in self._index.values():
+            ok = self.host_evictable(e.key)
+            for x in e.extents.values():
+                if x.host is not None:
+                    first = x.host.offset // self.host.slot_bytes
+                    for slot in range(first, first + x.host.nbytes // self.host.slot_bytes):
+                        owner[slot], blocked[slot] = e, not ok
+        used = self.host.allocator.used_slots - sum(o is not None for o in owner)
+        if used:  # slots of reservations and the doomed are not in the index: they block too
+            for loc in self._unindexed_host_locations():
+                first = loc.offset // self.host.slot_bytes
+                for slot in range(first, first + loc.nbytes // self.host.slot_bytes):
+                    blocked[slot] = True
+        best: tuple[int, int] | None = None  # (distinct occupants, start)
+        start, occupants = 0, {}
+        for end in range(self.host.num_slots):
+            if blocked[end]:
+                start, occupants = end + 1, {}
+                continue
+            if owner[end] is not None:
+                occupants[id(owner[end])] = occupants.get(id(owner[end]), 0) + 1
+            if end - start + 1 > count:
+                o = owner[start]
+                if o is not None:
+                    occupants[id(o)] -= 1
+                    if not occupants[id(o)]:
+                        del occupants[id(o)]
+                start += 1
+            if end - start + 1 == count and (best is None or len(occupants) < best[0]):
+                best = (len(occupants), start)
+        if best is None:
+            return None
+        seen: dict[int, Entry] = {}
+        for slot in range(best[1], best[1] + count):
+            if owner[slot] is not None:
+                seen[id(owner[slot])] = owner[slot]
+        return list(seen.values())
+
+    def _unindexed_host_locations(self) -> list[Location]:
+        entries = [e for r in self.holds.reservations.values() for e in r.entries.values()]
+        entries += list(self._doomed.values())
+        return [x.host for e in entries for x in e.extents.values() if x.host is not None]
 
     async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
         rid = req.reservation_id

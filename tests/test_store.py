@@ -194,3 +194,29 @@ def test_lookup_by_token_ids_matches_hashes(store):
     m = store.metrics.registry.get_sample_value
     assert m("kvd_lookup_tokens_total", {"kind": "prefix"}) == 512
     assert m("kvd_hit_tokens_total", {"kind": "prefix", "tier": "host", "head_class": "global"}) == 512
+
+
+def test_fragmented_arena_evicts_a_window_for_a_large_extent(tmp_path):
+    """Regression: single-slot entries scattered over the arena left no run for a larger extent, and
+    evicting by priority freed bytes that were not adjacent; reserve said no_space forever."""
+    settings = load_settings(None, environ={}, overrides={"host": {"capacity_bytes": 1 << 20, "slot_bytes": 64 << 10}})
+    host = HostTier(tmp_path / "arena", 1 << 20, 64 << 10)  # 16 slots
+    store = Store(settings, host, metrics=Metrics(), clock=FakeClock(), host_policy=LruEviction())
+    small = store.register_model(P.RegisterModelRequest(model_id="s", num_layers=1, num_kv_heads=1,
+                                                        head_dim=64)).fingerprint  # 64 KiB entries
+    big = store.register_model(P.RegisterModelRequest(model_id="b", num_layers=4, num_kv_heads=1,
+                                                      head_dim=64)).fingerprint  # 256 KiB entries
+    hs = hashes(16)
+    commit(store, store.reserve(P.ReserveRequest(fingerprint=small, entries=[
+        P.ReserveEntry(hash=h, num_tokens=256) for h in hs])).reservation_id)
+    # Recency order that is not address order: touch every other entry, so LRU victims alternate.
+    for h in hs[::2]:
+        le = asyncio.run(store.lease(P.LeaseRequest(fingerprint=small, hashes=[h])))
+        store.release(P.ReleaseRequest(lease_id=le.lease_id))
+    r = store.reserve(P.ReserveRequest(fingerprint=big, entries=[P.ReserveEntry(hash=hashes(1, 50)[0], num_tokens=256)]))
+    assert r.entries[0].status == "reserved"
+    # Two rounds of policy victims (8 odd slots), then one window of 4 slots with 2 occupants: 10 go.
+    # Priority-only eviction needed a third round and evicted 12.
+    survivors = store.lookup(P.LookupRequest(fingerprint=small, prefix_hashes=hs)).prefix
+    assert len(survivors) == 6
+    host.close()
