@@ -54,7 +54,7 @@ ENTRIES_PER_STORE = 128
 def start_daemon(root: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
     env.update({"KVD_HOST__PATH": str(root / "arena"), "KVD_HOST__CAPACITY_BYTES": "1GiB",
-                "KVD_SSD__ENABLED": "false", "KVD_DAEMON__LOG_LEVEL": "WARNING"})
+                "KVD_SSD__ENABLED": "false", "KVD_DAEMON__LOG_LEVEL": os.environ.get("KVD_BENCH_LOG", "WARNING")})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -154,6 +154,8 @@ def arena_copy(sock: str, repeats: int = 9) -> tuple[float, float, int]:
         hashes = h.hashes(np.arange(n_tok))
         r = c.reserve(P.ReserveRequest(fingerprint=h.fingerprint, namespace="copy", entries=[
             P.ReserveEntry(hash=x, num_tokens=256) for x in hashes]))
+        statuses = [e.status for e in r.entries]
+        assert statuses == ["reserved"] * len(hashes), f"arena copy could not reserve its entries: {statuses}"
         arena = c.arena(r.arena_id)
         plan = h.plans(256)["global"]
         dsts = [arena.torch_extent(e.extents[0], plan, "bfloat16") for e in r.entries]

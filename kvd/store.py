@@ -217,24 +217,24 @@ class Store:
 
     def _evictable_window(self, count: int) -> list[Entry] | None:
         """Entries to evict so that ``count`` consecutive slots become free (None: impossible now)."""
-        owner: list[Entry | None] = [None] * self.host.num_slots  # slot -> entry holding it
-        blocked = [False] * self.host.num_slots  # held by a pending, leased, pinned or busy entry
+        n = self.host.num_slots
+        owner: list[Entry | None] = [None] * n  # slot -> evictable entry holding it
+        # Blocked unless free or held by an evictable entry: slots of pending reservations (this
+        # request's too), leased, pinned, busy or doomed entries all stay where they are.
+        blocked = [True] * n
+        for start, length in self.host.allocator.free_runs():
+            blocked[start : start + length] = [False] * length
         for e in self._index.values():
-            ok = self.host_evictable(e.key)
+            if not self.host_evictable(e.key):
+                continue
             for x in e.extents.values():
                 if x.host is not None:
                     first = x.host.offset // self.host.slot_bytes
                     for slot in range(first, first + x.host.nbytes // self.host.slot_bytes):
-                        owner[slot], blocked[slot] = e, not ok
-        used = self.host.allocator.used_slots - sum(o is not None for o in owner)
-        if used:  # slots of reservations and the doomed are not in the index: they block too
-            for loc in self._unindexed_host_locations():
-                first = loc.offset // self.host.slot_bytes
-                for slot in range(first, first + loc.nbytes // self.host.slot_bytes):
-                    blocked[slot] = True
+                        owner[slot], blocked[slot] = e, False
         best: tuple[int, int] | None = None  # (distinct occupants, start)
         start, occupants = 0, {}
-        for end in range(self.host.num_slots):
+        for end in range(n):
             if blocked[end]:
                 start, occupants = end + 1, {}
                 continue
@@ -256,11 +256,6 @@ class Store:
             if owner[slot] is not None:
                 seen[id(owner[slot])] = owner[slot]
         return list(seen.values())
-
-    def _unindexed_host_locations(self) -> list[Location]:
-        entries = [e for r in self.holds.reservations.values() for e in r.entries.values()]
-        entries += list(self._doomed.values())
-        return [x.host for e in entries for x in e.extents.values() if x.host is not None]
 
     async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
         rid = req.reservation_id

@@ -86,6 +86,10 @@ class SlotAllocator:
             count += self._remove(start + count)
         self._add(start, count)
 
+    def free_runs(self) -> list[tuple[int, int]]:
+        """``(start, length)`` of every free run."""
+        return list(self._by_start.items())
+
     def largest_free_run(self) -> int:
         return max(self._by_len, default=0)
 
