@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from kvd.headmap import HeadMap
 from kvd.keys import ModelSpec
-from kvd.layout import ExtentPlan
+from kvd.layout import ExtentPlan, plan_extents
 from kvd.tiers.base import Location
 
 EntryKey = tuple[str, str, str]  # (namespace, fingerprint, hash)
@@ -29,10 +29,20 @@ class ModelRecord:
     spec: ModelSpec
     head_map: HeadMap
     registered_at: float
+    _plans: dict[int, dict[str, ExtentPlan]] = field(default_factory=dict)  # num_tokens -> plans
 
     @property
     def num_global_heads(self) -> int:
         return self.head_map.num_global
+
+    def plans(self, num_tokens: int) -> dict[str, ExtentPlan]:
+        """Extent layout for an entry of ``num_tokens`` (cached: entries mostly share one length)."""
+        p = self._plans.get(num_tokens)
+        if p is None:
+            if len(self._plans) > 1024:
+                self._plans.clear()
+            p = self._plans[num_tokens] = plan_extents(self.spec, self.head_map, num_tokens)
+        return p
 
 
 @dataclass(slots=True)

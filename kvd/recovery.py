@@ -12,7 +12,6 @@ import logging
 
 from kvd import protocol as P
 from kvd.entries import Entry, EntryKey, Extent, ModelRecord
-from kvd.layout import plan_extents
 from kvd.tiers.base import Location
 from kvd.tiers.ssd import SsdRecordInfo
 
@@ -69,7 +68,7 @@ def rebuild_entries(records: list[SsdRecordInfo], models: dict[str, ModelRecord]
             orphans += [rec.location for _, rec in parts]
             continue
         (_, _, _, _, kind, start, end, num_tokens) = parts[0][0]
-        extents = {c: Extent(plan=p) for c, p in plan_extents(model.spec, model.head_map, num_tokens).items()}
+        extents = {c: Extent(plan=p) for c, p in model.plans(num_tokens).items()}
         for parsed, rec in parts:
             x = extents.get(parsed[3])
             if x is None or rec.header.raw_nbytes != x.nbytes:

@@ -29,7 +29,6 @@ from kvd.config import Settings
 from kvd.entries import Entry, EntryKey, Extent, Lease, ModelRecord, Reservation
 from kvd.errors import InvalidRequest, RequestTooLarge
 from kvd.keys import prefix_hashes
-from kvd.layout import plan_extents
 from kvd.leases import HoldTable, owner_is_alive
 from kvd.metrics import Metrics
 from kvd.registry import ModelRegistry
@@ -180,7 +179,7 @@ class Store:
                                  arena_id=self.host.arena_id, entries=out)
 
     def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, now: float) -> Entry | None:
-        plans = plan_extents(model.spec, model.head_map, r.num_tokens)
+        plans = model.plans(r.num_tokens)
         end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
         entry = Entry(key=key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
                       extents={c: Extent(plan=p) for c, p in plans.items()}, created=now, last_access=now)
