@@ -9,10 +9,12 @@ portable across engines, layouts and ISAs, and the head map's codecs can read it
 Rather than trusting a name, ``probe_block_layout`` asks the engine's own write kernel: it writes keys
 and values that encode (head, token, dim) into a two-block scratch tensor with the real layer's strides
 and reads back where each element landed. The result is a permutation of one block, checked to be a
-bijection, which is exact on any ISA. Copiers built on it:
+bijection, which is exact on any ISA. Copiers built on it (``make_copier`` picks):
 
-- ``PermCopier`` (CPU, and any layout without a kernel): per layer, one ``index_select`` with the
-  permutation plus one ``index_copy_`` over all blocks moved in the step.
+- ``StridedCopier`` (CPU; any layout that is a strided view of a block, which every CPU ISA and GPU
+  layout seen is): per layer, strided copies between the arena and a block-ordered staging buffer,
+  then whole blocks into place. On the CPU through numpy (one thread; see ``_copy`` for why).
+- ``PermCopier`` (a layout that is no strided view): the same with a gather by the permutation.
 - ``KernelCopier`` (CUDA, layouts ``LBNHC``/``LBHNC``): ``kvd.gpu_kernels`` gather/scatter, reading or
   writing the (pinned) arena directly; ``use_triton=False`` runs their torch references (tests).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvd.errors import ConfigError
@@ -324,19 +327,45 @@ class StridedCopier:
         for p in pieces:
             for plan, view in p.extents:
                 for src, dst in self._views(staging, o, p, plan, view, layer):
-                    dst.copy_(src)
+                    _copy(dst, src)
             o += len(p.block_ids)
-        blocks.index_copy_(0, ids, staging)
+        if kv_layer.device.type == "cpu":
+            _np(blocks)[ids.numpy()] = _np(staging)
+        else:
+            blocks.index_copy_(0, ids, staging)
 
     def save_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
         ids, blocks = self._staging(kv_layer, pieces)
-        staging = blocks.index_select(0, ids)
+        if kv_layer.device.type == "cpu":
+            staging = torch.from_numpy(_np(blocks)[ids.numpy()]).view(kv_layer.dtype)
+        else:
+            staging = blocks.index_select(0, ids)
         o = 0
         for p in pieces:
             for plan, view in p.extents:
                 for src, dst in self._views(staging, o, p, plan, view, layer):
-                    src.copy_(dst)
+                    _copy(src, dst)
             o += len(p.block_ids)
+
+
+_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_TORCH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (any dtype, as same-size integers; strides kept)."""
+    return t.view(_TORCH_INT[t.element_size()]).numpy()
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; on the CPU through numpy, which copies on the calling thread. torch would
+    split large copies over its OpenMP threads, which vLLM pins to cores: when another process holds
+    one of those cores, every such copy waits for it (measured: 10x slower loads on a busy 2-core
+    machine), and vLLM forbids changing the thread count in its workers."""
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        np.copyto(_np(dst), _np(src), casting="no")
+    else:
+        dst.copy_(src)
 
 
 def _flat(view: torch.Tensor) -> torch.Tensor:

@@ -204,10 +204,11 @@ class WorkerIO:
             self._fail(ld.spec, ld.spec.start, why)
         st.loads = []
 
-    def _release(self, ld: _Load) -> None:
+    def _release(self, ld: _Load, transfer_s: float = 0.0) -> None:
         if ld.lease_id is not None:
             lease_id, ld.lease_id = ld.lease_id, None
-            self.session.call("release", lambda h: h.client.release(P.ReleaseRequest(lease_id=lease_id)))
+            self.session.call("release", lambda h: h.client.release(P.ReleaseRequest(
+                lease_id=lease_id, transfer_s=min(transfer_s, 3600.0))))
 
     # ---- saves -----------------------------------------------------------------------------------
 
@@ -289,8 +290,8 @@ class WorkerIO:
             if len(st.layers_loaded) != num_layers:
                 self._abandon_loads(f"only {len(st.layers_loaded)} of {num_layers} layers were loaded")
             t0 = time.perf_counter()
-            for ld in st.loads:
-                self._release(ld)
+            for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
+                self._release(ld, st.t_load_s / len(st.loads))
                 self.counters["loaded_tokens"] += ld.spec.end - ld.spec.start
             st.t_load_s += time.perf_counter() - t0
         if st.saves:
