@@ -56,11 +56,17 @@ test: $(VENV)/.test-installed
 test-fast: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not model and not vllm" $(PYTEST_ARGS)
 
+# CPU benchmarks that run in minutes here; each checks correctness first and writes
+# benchmarks/results/*.json + .png; the report regenerates docs/benchmarks.md from all results.
+# The long ones (fidelity_headmap, pi_reuse_fidelity, vllm_e2e) and the GPU ones (kernels,
+# pi_reuse_speed) are run by hand: see docs/benchmarks.md.
 bench: $(VENV)/.test-installed
 	$(PY) benchmarks/control_plane.py
+	$(PY) benchmarks/ssd_tier.py
+	$(PY) benchmarks/report.py
 
 bench-gpu:
-	@echo "GPU benchmarks run on a CUDA machine: see docs/benchmarks.md"
+	@echo "On a CUDA machine: python benchmarks/kernels.py; python benchmarks/pi_reuse_speed.py"
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check kvd tests benchmarks
