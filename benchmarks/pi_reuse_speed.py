@@ -38,6 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from pi_reuse_costmodel import predict, read_bytes  # noqa: E402
 
 from kvd.connectors.hf_pool import HeadLayout, PagePool  # noqa: E402
 from kvd.connectors.hf_reuse import chunk_key, compute_chunk, reuse_request  # noqa: E402
@@ -150,20 +153,6 @@ def h2d_s(nbytes: int, device: str, piece: int = 256 << 20) -> float:
     return time.perf_counter() - t0
 
 
-def read_bytes(method: str, cfg, layout: HeadLayout, chunk_bytes: int) -> int:
-    """Chunk-entry bytes a method copies from the host tier: none for full recompute, the local-head
-    extents for kvd when it keeps cached local KV and freezes no token, every extent otherwise."""
-    if not cfg.uses_cache:
-        return 0
-    if cfg.method == "kvd" and cfg.sparse_ffn is None or (cfg.sparse_ffn and cfg.sparse_ffn.skipped != "freeze"
-                                                           and cfg.method == "kvd"):
-        if cfg.local_kv == "recomputed":
-            return 0
-        local = sum(w > 0 for row in layout.window for w in row) / (layout.num_layers * layout.num_kv_heads)
-        return int(chunk_bytes * local)
-    return chunk_bytes
-
-
 def run_checks(model, segs, store, layout, device: str, dtype, res: dict) -> str:
     """Correctness before timing; returns the attention backend to time with."""
     backend = "paged"
@@ -206,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
     ap.add_argument("--plot", action="store_true", help="only draw the plot from the two result files")
+    ap.add_argument("--predict", action="store_true",
+                    help="no GPU run: write the cost model's predicted TTFTs (predicted_* keys) and plot them")
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--doc-tokens", type=int, default=2048)
     ap.add_argument("--question-tokens", type=int, default=128)
@@ -216,6 +207,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:
         plot(out)
+        return 0
+    if args.predict:
+        write_prediction(out, args)
         return 0
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -256,6 +250,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def write_prediction(out: Path, args) -> None:
+    """``--predict``: the cost model's TTFTs into pi_reuse_speed.json (``predicted_*`` keys), and the plot."""
+    layout = stretched_layout(FULL["num_hidden_layers"], FULL["num_key_value_heads"])
+    pred = predict(FULL, layout, args.docs, args.doc_tokens, args.question_tokens, BENCH_METHODS)
+    path = out / "pi_reuse_speed.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.update(pred, status=doc.get("status", "predicted only: no H200 run was made (see docs/chunk_reuse.md)"),
+               date_predicted=time.strftime("%Y-%m-%d"), shape=FULL, docs=args.docs, doc_tokens=args.doc_tokens,
+               question_tokens=args.question_tokens,
+               global_head_share=1 - sum(w > 0 for r in layout.window for w in r) / (32 * 8))
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(out)
+    print(json.dumps({k: round(v, 3) for k, v in pred.items() if k.startswith("predicted_ttft")}, indent=1))
+
+
 def time_methods(model, segs, store, layout, device, dtype, backend, args, res, save) -> None:
     cfgm = model.config
     glob = HeadLayout.all_global(cfgm.num_hidden_layers, cfgm.num_key_value_heads)
@@ -288,7 +297,7 @@ def time_methods(model, segs, store, layout, device, dtype, backend, args, res, 
         res[f"ttft_{method}_s"] = dt
         res[f"active_fraction_{method}"] = r.active_fraction
         res[f"ffn_fraction_{method}"] = r.ffn_fraction
-        res[f"host_bytes_{method}"] = read_bytes(method, cfg, layout, chunk_bytes)
+        res[f"host_bytes_{method}"] = read_bytes(cfg, layout, chunk_bytes)
         res[f"ttft_host_{method}_s"] = dt + h2d_s(res[f"host_bytes_{method}"], device)
         print(f"{method}: ttft {dt:.3f} s (with host load {res[f'ttft_host_{method}_s']:.3f} s)", flush=True)
         save()
@@ -300,127 +309,31 @@ def time_methods(model, segs, store, layout, device, dtype, backend, args, res, 
             res[f"speedup_{m}"] = res["ttft_recompute_s"] / res[f"ttft_{m}_s"]
 
 
-# ---- predicted TTFT (a cost model, for when no GPU run could be made) -----------------------------
-
-# Rates measured on this workplace's H200 (benchmarks/results/kernels.json, notes/kernels.md) or given
-# by the device docs; the model is a roofline per operation, each op at its own measured rate.
-RATES = {
-    "matmul_TFLOPs": 0.85 * 790,  # bf16 GEMM: 790 measured on 8192^3; 85% assumed for the model's shapes
-    "sdpa_causal_TFLOPs": 8.8e12 / 14.90e-3 / 1e12,  # SDPA causal prefill 32K x 32 heads: 14.90 ms
-    "segpaged_TFLOPs": 1.34e12 / 4.86e-3 / 1e12,  # SegPaged prefill 32K (1 global + 7 local heads): 4.86 ms
-    "hbm_TBps": 4.25,  # device-to-device copy
-    "h2d_GBps": 55.4,  # pinned host -> GPU
-    "num_sms": 132,
-    "host_overhead_per_layer_ms": 0.3,  # assumed (page tables, selections, launches); not measured
-}
-
-
-def _pairs(q_pos, reach: float) -> float:
-    """Query-key pairs the attention computes for queries at ``q_pos`` (numpy int array), each seeing
-    ``min(p + 1, reach)`` keys (reach = inf for a global head)."""
-    import numpy as np
-
-    return float(np.minimum(q_pos + 1, reach).sum())
-
-
-def _query_sets(name: str, cfg, S: int, docs: int, doc_tokens: int, q_tokens: int, num_layers: int):
-    """Per layer: positions whose hidden states the method computes (expected, selections uniform)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    allpos = np.arange(S)
-    question = np.arange(docs * doc_tokens, S)
-    starts = np.arange(docs) * doc_tokens
-
-    def firsts(k):
-        return (starts[:, None] + np.arange(min(k, doc_tokens))[None, :]).reshape(-1)
-
-    def sample(exclude, frac):
-        free = np.setdiff1d(allpos, exclude)
-        return np.sort(np.concatenate([exclude, rng.choice(free, int(round(frac * free.size)), replace=False)]))
-
-    if not cfg.uses_cache:
-        return [allpos] * num_layers
-    if cfg.method == "naive":
-        return [question] * num_layers
-    if cfg.method == "epic":
-        return [np.sort(np.concatenate([firsts(cfg.epic_tokens), question]))] * num_layers
-    if cfg.method == "cacheblend":
-        sel = sample(question, cfg.cacheblend_ratio)
-        return [allpos if layer < cfg.cacheblend_layer else sel for layer in range(num_layers)]
-    sf = cfg.sparse_ffn
-    if sf is None or sf.skipped != "freeze":
-        return [allpos] * num_layers
-    keep = sample(np.union1d(question, firsts(cfg.boundary_tokens)), sf.keep_fraction or sf.mass)
-    return [allpos if layer <= sf.dense_layers else keep for layer in range(num_layers)]
-
-
-def predict(shape: dict, layout: HeadLayout, docs: int, doc_tokens: int, q_tokens: int, methods) -> dict:
-    """Predicted TTFT per method from exact FLOP and byte counts at the measured rates (RATES)."""
-    R = RATES
-    h, inter, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    Hq, Hkv, D = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
-    G, S, N = Hq // Hkv, docs * doc_tokens + q_tokens, 64
-    attn_w = h * (Hq + 2 * Hkv) * D + Hq * D * h  # projection weights (elements)
-    ffn_w = 3 * h * inter
-
-    def gemm_s(tokens, weights):  # roofline: FLOPs at the GEMM rate vs reading the weights once
-        return max(2 * tokens * weights / (R["matmul_TFLOPs"] * 1e12), 2 * weights / (R["hbm_TBps"] * 1e12))
-
-    kv_layer_bytes = 2 * Hkv * S * D * 2  # K and V of one layer, bf16
-    out = {"predicted_rates": R, "predicted_num_tokens": S}
-    for name in methods:
-        cfg = method_config(name)
-        sets = _query_sets(name, cfg, S, docs, doc_tokens, q_tokens, L)
-        t = 0.0
-        for layer, qpos in enumerate(sets):
-            A = qpos.size
-            ffn_tokens = A
-            if cfg.sparse_ffn is not None and cfg.sparse_ffn.skipped == "freeze" and layer == cfg.sparse_ffn.dense_layers:
-                ffn_tokens = sets[min(layer + 1, L - 1)].size
-            t += gemm_s(A, attn_w) + gemm_s(ffn_tokens, ffn_w)
-            if cfg.method == "cacheblend" and layer == cfg.cacheblend_layer:
-                t += gemm_s(S, h * Hkv * D)  # the check layer's K projection for every token
-            lay = layout if name.startswith("kvd") else HeadLayout.all_global(L, Hkv)
-            dense = A == S
-            programs = -(-A // (128 // G)) * Hkv  # SegPaged query tiles x rows
-            occupancy = min(1.0, programs / R["num_sms"])
-            for head in range(Hkv):
-                w, sink = lay.window[layer][head], lay.sink[layer][head]
-                reach = float("inf") if w == 0 else (-(-sink // N) * N if sink else 0) + w + N
-                flops = 4 * D * G * _pairs(qpos, reach)
-                rate = R["sdpa_causal_TFLOPs"] if (dense and w == 0) else R["segpaged_TFLOPs"] * occupancy
-                t += flops / (rate * 1e12)
-            if cfg.uses_cache or name.startswith("kvd"):  # K/V assembled over S, written to the pool
-                t += 3 * kv_layer_bytes / (R["hbm_TBps"] * 1e12) + R["host_overhead_per_layer_ms"] / 1e3
-        if cfg.uses_cache:  # chunk copies into the assembled context, RoPE shift of the keys
-            t += (2 * L * kv_layer_bytes + L * kv_layer_bytes) / (R["hbm_TBps"] * 1e12)
-        out[f"predicted_ttft_{name}_s"] = t
-        out[f"predicted_active_fraction_{name}"] = sum(q.size for q in sets) / (S * L)
-    base = out["predicted_ttft_recompute_s"]
-    for name in methods:
-        out[f"predicted_speedup_{name}"] = base / out[f"predicted_ttft_{name}_s"]
-    return out
-
-
 def plot(out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not (out / "pi_reuse_fidelity.json").exists():
+        print(f"no {out / 'pi_reuse_fidelity.json'}: run benchmarks/pi_reuse_fidelity.py first; no plot")
+        return
     fid = json.loads((out / "pi_reuse_fidelity.json").read_text())
     spd = json.loads((out / "pi_reuse_speed.json").read_text())
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    measured = all(f"ttft_{m}_s" in spd for m in BENCH_METHODS)
+    key = "ttft_{}_s" if measured else "predicted_ttft_{}_s"
     for m in BENCH_METHODS:
-        if f"ttft_{m}_s" not in spd or f"acc_{m}" not in fid:
+        if key.format(m) not in spd or f"acc_{m}" not in fid:
             continue
-        x, y = spd[f"ttft_{m}_s"], 100 * fid[f"acc_{m}"]
+        x, y = spd[key.format(m)], 100 * fid[f"acc_{m}"]
         ax.scatter([x], [y], s=60, marker="*" if m.startswith("kvd") else "o", zorder=3)
         ax.annotate(f"{m}\n(top-1 {fid[f'top1_{m}']:.2f})", (x, y), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel(f"TTFT, s (H200, Llama-3-8B shape, {spd['num_tokens']} tokens, log scale)")
+    what = "measured" if measured else "PREDICTED by the cost model, not measured"
+    n = spd.get("num_tokens", spd.get("predicted_num_tokens"))
+    ax.set_xlabel(f"TTFT, s (H200, Llama-3-8B shape, {n} tokens; {what}; log scale)", fontsize=8)
     ax.set_ylabel("answer accuracy, % (SmolLM2-135M, CPU fp32)")
     ax.set_title("Chunk reuse: accuracy vs time to first token")
     ax.grid(True, alpha=0.3)

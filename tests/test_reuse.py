@@ -128,7 +128,7 @@ def test_recompute_equals_model_forward_and_all_global_kvd_equals_recompute(tiny
     assert torch.equal(_run(tiny, ReuseConfig("kvd"), glob).logits, rec)
 
 
-@pytest.mark.parametrize("name", ["kvd", "kvd_sparse_ffn", "naive", "cacheblend", "epic"])
+@pytest.mark.parametrize("name", ["kvd", "kvd_sparse_ffn", "kvd_cached_local", "naive", "cacheblend", "epic"])
 def test_sdpa_fallbacks_match_segpaged(tiny, name):
     cfg = method_config(name)
     layout = tiny[4] if name.startswith("kvd") else HeadLayout.all_global(3, 2)
@@ -163,8 +163,8 @@ def test_methods_compute_what_they_say(tiny):
 
 def test_chunk_entries_round_trip_through_the_daemon(tiny, tmp_path):
     """Through ``attach(client=...)``: a request stores its chunks in the daemon, a later request with
-    the chunks in another order loads them (kvd leases only the local-head extents) and gets the
-    logits a local chunk store gives."""
+    the chunks in another order loads them (kvd with cached local KV leases only the local-head
+    extents) and gets the logits a local chunk store gives."""
     from kvd.connectors import hf
     from kvd.headmap import HeadMap
     from tests.daemon_proc import DaemonProc
@@ -176,12 +176,14 @@ def test_chunk_entries_round_trip_through_the_daemon(tiny, tmp_path):
     try:
         with d.client() as client, torch.no_grad():
             cache = hf.attach(model, head_map=hm, client=client)
-            first = cache.reuse(segs)
+            assert cache.reuse(segs).chunks_hit == 0  # kvd's default recomputes all KV: no chunk lookup
+            assert client.entries().entries == []
+            first = cache.fresh().reuse(segs, local_kv="cached")
             assert (first.chunks_hit, first.chunks_computed) == (0, 3)
             assert len(client.entries().entries) == 3
-            second = cache.fresh().reuse(reordered)
+            second = cache.fresh().reuse(reordered, local_kv="cached")
             assert (second.chunks_hit, second.chunks_computed) == (3, 0)
-            local = hf.attach(model, head_map=hm).reuse(reordered)
+            local = hf.attach(model, head_map=hm).reuse(reordered, local_kv="cached")
             hf.detach(model)
         torch.testing.assert_close(second.logits, local.logits, atol=1e-5, rtol=1e-5)
     finally:

@@ -197,7 +197,7 @@ def _layer(ctx: _Ctx, layer_idx: int, mod, x: torch.Tensor, act: torch.Tensor, s
     x = x + attn.o_proj(out)
     sf = cfg.sparse_ffn
     sel = None
-    freeze = sf is not None and sf.skipped == "freeze" and ctx.cached is not None
+    freeze = cfg.freezes and ctx.cached is not None
     # identity: every layer from dense_layers on selects; freeze: one selection at dense_layers (the
     # survivors then run whole layers, so selecting again would shrink the set layer after layer)
     selects = sf is not None and (layer_idx == sf.dense_layers if freeze else layer_idx >= sf.dense_layers)
@@ -236,7 +236,7 @@ def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig,
     core = model.model
     device = core.embed_tokens.weight.device
     S = asm.num_tokens
-    if cfg.uses_cache and cached is None:
+    if cfg.reads_cache and cached is None:
         raise ValueError(f"method {cfg.method!r} needs the cached KV (assemble_cached)")
     layout.check_fits(len(core.layers), model.config.num_key_value_heads)
     ids = asm.token_ids.to(device)
@@ -246,7 +246,7 @@ def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig,
     cos, sin = core.rotary_emb(x, positions[None])
     must_run = ~asm.reused | asm.first_tokens(cfg.boundary_tokens)
     local_cached = ~must_run if cfg.local_kv == "cached" else torch.zeros_like(must_run)
-    ctx = _Ctx(cfg, layout, pool, cached if cfg.uses_cache else None, asm.reused.to(device), local_cached.to(device),
+    ctx = _Ctx(cfg, layout, pool, cached if cfg.reads_cache else None, asm.reused.to(device), local_cached.to(device),
                must_run.to(device), cos[0], sin[0], S, [] if collect_kv else None, attention)
     result = PrefillResult(logits=None)
     for i, mod in enumerate(core.layers):

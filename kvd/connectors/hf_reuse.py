@@ -125,14 +125,15 @@ def reuse_request(model, segments: Sequence[Segment], cfg: ReuseConfig, pool: Pa
             raise ValueError("nothing to prefill: the request is one token")
         segs = segs[:-1] + ([Segment(last[:-1])] if len(last) > 1 else [])
     layout = pool.layout
-    # kvd recomputes the global heads: it reads (and leases) only the local-head KV of its chunks
-    classes = ["local"] if cfg.method == "kvd" and not layout.is_all_global else None
-    chunk_kv, hits, computed = load_chunks(model, segs, store, namespace=namespace, fingerprint=fingerprint,
-                                           classes=classes)
+    chunk_kv, hits, computed = [None] * len(segs), 0, 0
+    if cfg.reads_cache:
+        classes = None if layout.is_all_global else cfg.cache_classes
+        chunk_kv, hits, computed = load_chunks(model, segs, store, namespace=namespace, fingerprint=fingerprint,
+                                               classes=classes)
     asm = assemble(segs, [kv is not None for kv in chunk_kv])
     mc = model.config
     cached = None
-    if cfg.uses_cache:
+    if cfg.reads_cache:
         cached = assemble_cached(asm, chunk_kv, model_inv_freq(model), num_layers=mc.num_hidden_layers,
                                  num_kv_heads=mc.num_key_value_heads, head_dim=pool.head_dim, dtype=pool.dtype,
                                  device=pool.device)

@@ -117,6 +117,26 @@ class ReuseConfig:
     def uses_cache(self) -> bool:
         return self.method != "recompute"
 
+    @property
+    def freezes(self) -> bool:
+        return self.sparse_ffn is not None and self.sparse_ffn.skipped == "freeze"
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether any cached KV enters the result. kvd with recomputed local KV and no frozen tokens
+        recomputes every head of every token, so it skips the chunk store altogether."""
+        if self.method == "kvd":
+            return self.local_kv == "cached" or self.freezes
+        return self.uses_cache
+
+    @property
+    def cache_classes(self) -> list[str] | None:
+        """Head classes of the chunk entries the method reads (None: all). kvd without frozen tokens
+        reads only the local heads' extents: it recomputes the global heads."""
+        if self.method == "kvd" and not self.freezes:
+            return ["local"]
+        return None
+
 
 # The methods the benchmarks compare, by result-key name, and their settings (one place, so that the
 # CPU fidelity run and the GPU speed run measure the same thing).

@@ -1,7 +1,7 @@
 """The transformers adapter on the real SmolLM2 (fp32, CPU): plain transformers when every head is
 global, the masked reference with a head map, generate() unchanged, prefix entries through a real
-daemon. Tolerance: max |Δlogit| ≤ 1e-3 (fp32 logits of magnitude ~20; the page-pool path sums in a
-different order than sdpa)."""
+daemon. Tolerance: max |Δlogit| ≤ 5e-4 (fp32 logits of magnitude ~20; measured 5e-5 to 9e-5 over
+300 tokens: the page-pool path sums in another order than sdpa)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvd.headmap import HeadMap
 from tests.daemon_proc import DaemonProc
 
 pytestmark = pytest.mark.model
-ATOL = 1e-3
+ATOL = 5e-4
 
 
 def _ids(n: int, seed: int) -> torch.Tensor:

@@ -50,25 +50,31 @@ def test_rope_shift_of_layer0_keys_matches_keys_computed_at_new_positions(model)
 
 
 def test_chunk_reuse_at_new_positions_recovers_and_decodes(model):
-    """Documents cached by a first request come back in another order: kvd's logits are much closer
-    to full recompute than naive reuse's, and generate() continues from the reused cache."""
+    """Documents cached by a first request come back in another order. kvd (default: every head's KV
+    recomputed, local heads attending within sink + window) has under a tenth of naive reuse's KL to
+    full recompute; the variants that read the chunks (cached local KV, Sparse FFN freezing tokens)
+    load them at their new positions; generate() continues from the cache."""
+    from kvd.reuse.plan import SPARSE_FFN
+
     hm = HeadMap.load("config/heads/smollm2-135m.json")
     head, docs, question = _ids(12, 3), [_ids(n, 10 + i) for i, n in enumerate((70, 90, 60))], _ids(20, 4)
     first = [Segment(head), *[Segment(d, reusable=True) for d in docs], Segment(question)]
     again = [Segment(head), *[Segment(docs[i], reusable=True) for i in (2, 0, 1)], Segment(question)]
     with torch.no_grad():
         kvd = hf.attach(model, head_map=hm)
-        assert kvd.reuse(first).chunks_computed == 3
+        assert kvd.reuse(first, local_kv="cached").chunks_computed == 3
         full = hf.attach(model, chunk_store=kvd.att.chunk_store)
         ref = full.fresh().reuse(again, method="recompute")
         naive = full.fresh().reuse(again, method="naive")
-        res = kvd.fresh().reuse(again, boundary_tokens=32)
-        assert res.chunks_hit == 3 and res.num_cached_tokens == 220
-        assert _kl(ref.logits, res.logits) < 0.5 * _kl(ref.logits, naive.logits)
-        plain = model(res.input_ids).logits[0, -1]
-        torch.testing.assert_close(ref.logits[0], plain, atol=1e-3, rtol=1e-4)
+        assert naive.chunks_hit == 3 and naive.num_cached_tokens == 220
+        res = kvd.fresh().reuse(again)
+        assert _kl(ref.logits, res.logits) < 0.1 * _kl(ref.logits, naive.logits)
+        cached_local = kvd.fresh().reuse(again, local_kv="cached")
+        sparse = kvd.fresh().reuse(again, sparse_ffn=SPARSE_FFN)
+        assert cached_local.chunks_hit == 3 and sparse.chunks_hit == 3 and sparse.active_fraction < 1
+        assert torch.isfinite(cached_local.logits).all() and torch.isfinite(sparse.logits).all()
         cache = kvd.fresh()
-        left = cache.reuse(again, boundary_tokens=32, leave_last=True)
+        left = cache.reuse(again, leave_last=True)
         out = model.generate(left.input_ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == left.input_ids.shape[1] + 4
     assert out[0, -4] == res.logits[0].argmax()
