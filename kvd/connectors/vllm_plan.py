@@ -74,6 +74,7 @@ class _Tracked:
     hits: int = 0  # leading chunks the daemon held at the last lookup
     lookup_at: float = float("-inf")
     hit_tiers: list[str] = field(default_factory=list)  # fastest tier of each hit chunk
+    offer_end: int = 0  # end of the tokens last offered to vLLM
     pending_load: int = 0  # external tokens vLLM accepted, not yet planned
     block_ids: list[int] = field(default_factory=list)
     computed: int = 0
@@ -149,7 +150,8 @@ class SchedulerPlanner:
         if loadable * c <= num_computed:
             return 0
         self._lookup(t)
-        n = min(t.hits, loadable) * c - num_computed
+        t.offer_end = min(t.hits, loadable) * c
+        n = t.offer_end - num_computed
         if n > 0:
             self.session.counters["lookup_hit_tokens"] += n
         return max(n, 0)
@@ -165,14 +167,12 @@ class SchedulerPlanner:
         h = self.session.handle()
         if t is None or h is None or num_external <= 0:
             return {}
-        c = h.chunk_tokens
-        end = len(t.hit_tiers) * c
+        c, end = h.chunk_tokens, t.offer_end
         out: dict[str, int] = {}
-        for i, tier in enumerate(t.hit_tiers):
-            lo = max(i * c, end - num_external)
-            if (i + 1) * c > lo:
-                key = "host" if tier == "host" else "disk"
-                out[key] = out.get(key, 0) + (i + 1) * c - lo
+        for i in range((end - num_external) // c, -(-end // c)):
+            n = min((i + 1) * c, end) - max(i * c, end - num_external)
+            key = "host" if i < len(t.hit_tiers) and t.hit_tiers[i] == "host" else "disk"
+            out[key] = out.get(key, 0) + n
         return out if sum(out.values()) == num_external else {}
 
     def build(self, so) -> StepPlan:

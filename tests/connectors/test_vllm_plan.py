@@ -76,6 +76,8 @@ def test_matched_tokens_are_the_stored_leading_chunks_beyond_the_local_hit(daemo
     assert p.num_new_matched_tokens(request("a", toks), 0) == 768
     assert p.num_new_matched_tokens(request("a", toks), 384) == 384  # vLLM's own hit ends inside chunk 1
     assert p.num_new_matched_tokens(request("a", toks), 768) == 0
+    assert p.num_new_matched_tokens(request("a", toks), 384) == 384
+    assert p.hit_sources(request("a", toks), 384) == {"host": 384}  # for vLLM's per-tier hit counters
     # The last prompt token is never claimed: a 768-token prompt can take 2 chunks, not 3.
     assert p.num_new_matched_tokens(request("b", toks[:768]), 0) == 512
     # Divergence inside chunk 1: only chunk 0 is this prompt's prefix.
