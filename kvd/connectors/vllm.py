@@ -33,7 +33,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvd.connectors.vllm_copy import make_copier, probe_block_layout
+from kvd.connectors.vllm_copy import make_copier
+from kvd.connectors.vllm_layout import probe_block_layout
 from kvd.connectors.vllm_plan import SchedulerPlanner, StepPlan
 from kvd.connectors.vllm_session import ConnectorSettings, DaemonSession, load_head_map, model_spec_from_vllm
 from kvd.connectors.vllm_worker import WorkerIO

@@ -11,15 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvd.connectors.vllm_copy import (
-    KernelCopier,
-    PermCopier,
-    Piece,
-    StridedCopier,
-    known_layout,
-    make_copier,
-    probe_block_layout,
-)
+from kvd.connectors.vllm_copy import KernelCopier, PermCopier, Piece, StridedCopier, make_copier
+from kvd.connectors.vllm_layout import known_layout, probe_block_layout
 from kvd.gpu_kernels import gather_segments_ref
 from kvd.headmap import HeadMap
 from kvd.keys import ModelSpec

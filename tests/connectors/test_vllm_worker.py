@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from kvd import protocol as P
-from kvd.connectors.vllm_copy import BlockLayout, known_layout, make_copier
+from kvd.connectors.vllm_copy import make_copier
+from kvd.connectors.vllm_layout import BlockLayout, known_layout
 from kvd.connectors.vllm_plan import LoadSpec, SaveSpec, StepPlan
 from kvd.connectors.vllm_session import ConnectorSettings, DaemonSession
 from kvd.connectors.vllm_worker import WorkerIO
