@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from kvd import protocol as P  # noqa: E402
 from kvd.connectors import kvio  # noqa: E402
 from kvd.connectors.client import KvdClient  # noqa: E402
-from kvd.connectors.kvio import extent_to_kv_views  # noqa: E402
+from kvd.connectors.kvio import copy_block, extent_to_kv_views  # noqa: E402
 from kvd.errors import DaemonUnavailable  # noqa: E402
 from kvd.keys import ModelSpec  # noqa: E402
 
@@ -120,7 +120,7 @@ def store_worker(sock: str, seconds: float, start_at: float, wid: int, q) -> Non
             for ext in e.extents:
                 dst = arena.torch_extent(ext, plan, "bfloat16")
                 for part, src in extent_to_kv_views(plan, dst, kv, i * 256):
-                    part.copy_(src)
+                    copy_block(part, src)
                 nbytes += ext.nbytes
         t1 = time.perf_counter()
         if r.reservation_id:
@@ -145,7 +145,7 @@ def run_phase(target, sock: str, clients: int, seconds: float, extra=()) -> list
     return out
 
 
-def arena_copy(sock: str, repeats: int = 9) -> tuple[float, float, int]:
+def arena_copy(sock: str, repeats: int = 21) -> tuple[float, float, int]:
     """GB/s of the client's store copy (KV tensor -> arena extents) and of numpy memcpy, same bytes."""
     with KvdClient(sock, register_cuda=False) as c:
         h = kvio.register(c, COPY_SPEC, namespace="copy")
@@ -164,7 +164,7 @@ def arena_copy(sock: str, repeats: int = 9) -> tuple[float, float, int]:
         def copy_in() -> None:  # exactly the client's store path (kvio.store_prefix) minus the RPCs
             for i, dst in enumerate(dsts):
                 for part, src in extent_to_kv_views(plan, dst, kv, i * 256):
-                    part.copy_(src)
+                    copy_block(part, src)
 
         src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
         dst = np.empty_like(src)
