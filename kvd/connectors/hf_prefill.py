@@ -2,10 +2,11 @@
 
 ``prefill`` walks the decoder layers itself instead of calling ``model.forward``, because the reuse
 methods (``kvd.reuse.plan``) differ inside a layer: which tokens' hidden states are computed (all
-for ``recompute``/``kvd``, subsets for the baselines), which heads keep the recomputed KV (kvd: the
-global heads; local heads keep the cached KV, ``ReuseConfig.local_kv``) and which tokens run the
-FFN (Sparse FFN). It uses the model's own modules (norms, projections, MLP, rotary embedding), so
-``recompute`` matches ``model.forward`` (a test holds it to that).
+for ``recompute``/``kvd``, subsets for the baselines and for kvd once Sparse FFN has frozen tokens),
+which heads keep the recomputed KV (kvd: every head by default; with ``ReuseConfig.local_kv="cached"``
+only the global heads) and which tokens run the FFN (Sparse FFN). It uses the model's own modules
+(norms, projections, MLP, rotary embedding), so ``recompute`` matches ``model.forward`` (a test holds
+it to that).
 
 Attention per layer: when every token is a query (``recompute``, ``kvd``), global heads run plain
 causal sdpa over the layer's KV (FlashAttention on a GPU) and local heads SegPagedAttention over their

@@ -15,14 +15,15 @@ Methods (``ReuseConfig.method``), all prefilling the same assembled context in o
 | method       | tokens whose hidden states are computed        | KV kept from that forward              |
 | ------------ | ---------------------------------------------- | -------------------------------------- |
 | ``recompute``| all, every layer (the reference)               | all heads                              |
-| ``kvd``      | all, every layer                               | global heads; local heads keep the cached KV (recomputed only where nothing is cached) |
+| ``kvd``      | all, every layer (with Sparse FFN "freeze": all up to its layer, then the selected) | all heads (``local_kv="recomputed"``, the default); or global heads only, local heads keeping the cached KV (``"cached"``, RedKnot's rule) |
 | ``naive``    | uncached tokens only                           | all heads, uncached tokens             |
 | ``cacheblend``| all in layers ≤ check layer, then the ``ratio`` of cached tokens whose check-layer K deviates most (+ uncached) | all heads, those tokens |
 | ``epic``     | the first ``epic_tokens`` of each cached segment + uncached tokens | all heads, those tokens |
 
 ``kvd`` attends with the head map (global heads: whole context; local heads: sink + window); the
 baselines attend with full KV. Sparse FFN (``SparseFfn``) may be added to any method; the benchmarks
-use it with ``kvd``.
+use it with ``kvd``. Where cached KV is not kept, the forward's own KV is (a token nothing is cached
+for is always computed). docs/chunk_reuse.md has the measurements behind the defaults.
 """
 
 from __future__ import annotations
