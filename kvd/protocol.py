@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -60,6 +60,9 @@ def _namespace(v: str) -> str:
         return check_namespace(v)
     except InvalidRequest as e:
         raise ValueError(str(e)) from None
+
+
+NamespaceStr = Annotated[str, AfterValidator(_namespace)]  # tenant / cache salt, checked
 
 
 class ErrorBody(_Model):
@@ -143,13 +146,9 @@ class ReserveEntry(_Model):
 
 class ReserveRequest(_Model):
     fingerprint: str
-    namespace: str = "default"
+    namespace: NamespaceStr = "default"
     entries: list[ReserveEntry]
 
-    @field_validator("namespace")
-    @classmethod
-    def check_namespace_field(cls, v: str) -> str:
-        return _namespace(v)
 
 
 class ReservedEntry(_Model):
@@ -186,7 +185,7 @@ class AbortRequest(_Model):
 
 class LookupRequest(_Model):
     fingerprint: str
-    namespace: str = "default"
+    namespace: NamespaceStr = "default"
     # Prefix entries: token ids (the daemon chunks and hashes them) or the client's own prefix hashes.
     token_ids: list[int] | None = None
     prefix_hashes: list[Hash] | None = None
@@ -203,10 +202,6 @@ class LookupRequest(_Model):
             raise ValueError("chunk_num_tokens must give one length per chunk hash")
         return self
 
-    @field_validator("namespace")
-    @classmethod
-    def check_namespace_field(cls, v: str) -> str:
-        return _namespace(v)
 
 
 class EntryStatus(_Model):
@@ -268,17 +263,13 @@ def _names(names: list[str]) -> str:
 
 class LeaseRequest(_Model):
     fingerprint: str
-    namespace: str = "default"
+    namespace: NamespaceStr = "default"
     hashes: list[Hash]
     # Only these head classes are needed (e.g. a head-aware reader that recomputes global heads).
     classes: list[str] | None = None
     # How long to wait for entries being prefetched from slower tiers; None: the daemon's default.
     wait_s: float | None = Field(default=None, ge=0, le=600)
 
-    @field_validator("namespace")
-    @classmethod
-    def check_namespace_field(cls, v: str) -> str:
-        return _namespace(v)
 
 
 class LeasedEntry(_Model):
@@ -303,14 +294,10 @@ class ReleaseRequest(_Model):
 class EntriesRequest(_Model):
     """Delete / pin / unpin: entries by hash within a namespace (and model, if given)."""
 
-    namespace: str = "default"
+    namespace: NamespaceStr = "default"
     fingerprint: str | None = None
     hashes: list[Hash]
 
-    @field_validator("namespace")
-    @classmethod
-    def check_namespace_field(cls, v: str) -> str:
-        return _namespace(v)
 
 
 class CountResponse(_Model):
