@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from kvd.headmap import HeadMap
 from kvd.keys import ModelSpec
 from kvd.layout import ExtentPlan, plan_extents
+from kvd.policies.eviction import EntryMeta
 from kvd.tiers.base import Location
 
 EntryKey = tuple[str, str, str]  # (namespace, fingerprint, hash)
@@ -123,6 +124,16 @@ class Entry:
 
     def is_complete(self) -> bool:
         return len(self.available_classes()) == len(self.extents)
+
+    def policy_meta(self, tier: str, num_layers: int) -> EntryMeta:
+        """What eviction policies see of this entry in ``tier``: sizes, position, head classes, never bytes."""
+        exts = [x for x in self.extents.values() if (x.host if tier == "host" else x.ssd) is not None]
+        nbytes = sum(x.nbytes if tier == "host" else x.ssd.nbytes for x in exts)
+        glob = sum(x.nbytes for x in exts if x.head_class == "global")
+        total = sum(x.nbytes for x in exts)
+        return EntryMeta(nbytes=nbytes, num_tokens=self.num_tokens, num_layers=num_layers,
+                         start_token=self.start_token, global_fraction=glob / total if total else 1.0,
+                         pinned=self.pinned)
 
     def tiers(self) -> list[str]:
         out: list[str] = []

@@ -32,6 +32,7 @@ from kvd.keys import prefix_hashes
 from kvd.leases import HoldTable, owner_is_alive
 from kvd.metrics import Metrics
 from kvd.registry import ModelRegistry
+from kvd.room import evictable_window
 from kvd.tiers.base import Location, TierStats
 from kvd.tiers.host import HostTier
 
@@ -207,54 +208,13 @@ class Store:
                 return loc
         # Fragmented: the bytes freed are not adjacent. Evict by place instead of by priority: the
         # window of consecutive slots whose occupants are all evictable and fewest.
-        window = self._evictable_window(self.host.slots_for(nbytes))
+        evictable = (e for e in self._index.values() if self.host_evictable(e.key))
+        window = evictable_window(self.host, evictable, self.host.slots_for(nbytes))
         if window is None:
             return None
         for e in window:
             self.evict_host(e)
         return self.host.reserve(nbytes)
-
-    def _evictable_window(self, count: int) -> list[Entry] | None:
-        """Entries to evict so that ``count`` consecutive slots become free (None: impossible now)."""
-        n = self.host.num_slots
-        owner: list[Entry | None] = [None] * n  # slot -> evictable entry holding it
-        # Blocked unless free or held by an evictable entry: slots of pending reservations (this
-        # request's too), leased, pinned, busy or doomed entries all stay where they are.
-        blocked = [True] * n
-        for start, length in self.host.allocator.free_runs():
-            blocked[start : start + length] = [False] * length
-        for e in self._index.values():
-            if not self.host_evictable(e.key):
-                continue
-            for x in e.extents.values():
-                if x.host is not None:
-                    first = x.host.offset // self.host.slot_bytes
-                    for slot in range(first, first + x.host.nbytes // self.host.slot_bytes):
-                        owner[slot], blocked[slot] = e, False
-        best: tuple[int, int] | None = None  # (distinct occupants, start)
-        start, occupants = 0, {}
-        for end in range(n):
-            if blocked[end]:
-                start, occupants = end + 1, {}
-                continue
-            if owner[end] is not None:
-                occupants[id(owner[end])] = occupants.get(id(owner[end]), 0) + 1
-            if end - start + 1 > count:
-                o = owner[start]
-                if o is not None:
-                    occupants[id(o)] -= 1
-                    if not occupants[id(o)]:
-                        del occupants[id(o)]
-                start += 1
-            if end - start + 1 == count and (best is None or len(occupants) < best[0]):
-                best = (len(occupants), start)
-        if best is None:
-            return None
-        seen: dict[int, Entry] = {}
-        for slot in range(best[1], best[1] + count):
-            if owner[slot] is not None:
-                seen[id(owner[slot])] = owner[slot]
-        return list(seen.values())
 
     async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
         rid = req.reservation_id
@@ -445,15 +405,8 @@ class Store:
         self._index[e.key] = e
 
     def meta(self, e: Entry, *, tier: str):
-        """What eviction policies see of an entry in ``tier``: sizes, position, head classes, never bytes."""
-        from kvd.policies.eviction import EntryMeta
-
-        exts = [x for x in e.extents.values() if (x.host if tier == "host" else x.ssd) is not None]
-        nbytes = sum(x.nbytes if tier == "host" else x.ssd.nbytes for x in exts)
-        glob = sum(x.nbytes for x in exts if x.head_class == "global")
-        total = sum(x.nbytes for x in exts)
-        return EntryMeta(nbytes=nbytes, num_tokens=e.num_tokens, num_layers=self.models[e.fingerprint].spec.num_layers,
-                         start_token=e.start_token, global_fraction=glob / total if total else 1.0, pinned=e.pinned)
+        """What eviction policies see of an entry in ``tier`` (``Entry.policy_meta``)."""
+        return e.policy_meta(tier, self.models[e.fingerprint].spec.num_layers)
 
     def host_evictable(self, key: EntryKey) -> bool:
         e = self._index.get(key)
