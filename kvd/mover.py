@@ -342,7 +342,9 @@ class Mover:
             for cls in classes:
                 x = e.extents[cls]
                 loc = self.store.reserve_host(x.nbytes)
-                if loc is None:
+                if loc is None:  # no room now: give back what this promotion took; the reader recomputes
+                    for _, taken in slots:
+                        self.store.host.drop(taken)
                     self.counts["prefetch_failures"] += 1
                     return False
                 slots.append((x, loc))
@@ -395,12 +397,26 @@ class Mover:
     # ---- admin ----------------------------------------------------------------------------------
 
     async def flush(self, req: P.FlushRequest) -> int:
-        """Write matching host-only entries to SSD now, whatever admission says (operator's call)."""
+        """Write matching entries to SSD now, whatever admission says (operator's call). Returns how
+        many of them are durably on SSD afterwards: an entry the mover was busy with is waited for
+        (up to the prefetch deadline); one evicted before the flush arrived is not counted."""
         chosen = self._matching(req.namespace, req.fingerprint, req.hashes)
-        todo = [e for e in chosen if self._needs_write(e)]
-        for i in range(0, len(todo), self.ssd.write_batch):
-            await self.write_entries(todo[i : i + self.ssd.write_batch])
-        return sum(1 for e in todo if not self._needs_write(e))
+        deadline = time.monotonic() + self.store.settings.ssd.prefetch_deadline_s
+        while True:
+            todo = [e for e in chosen if self._needs_write(e) and e.key not in self._busy]
+            for i in range(0, len(todo), self.ssd.write_batch):
+                await self.write_entries(todo[i : i + self.ssd.write_batch])
+            waiting = [e for e in chosen if self._needs_write(e) and e.key in self._busy]
+            if not waiting or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        return sum(1 for e in chosen if self.store.get(e.key) is e and self._on_ssd(e))
+
+    @staticmethod
+    def _on_ssd(e: Entry) -> bool:
+        """Every extent kept anywhere has its SSD copy (dropped cold extents excepted)."""
+        return any(x.ssd for x in e.extents.values()) and all(
+            x.ssd is not None or x.dropped for x in e.extents.values())
 
     async def evict(self, req: P.EvictRequest) -> int:
         n = 0

@@ -276,8 +276,17 @@ class Store:
             raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")
         keys = [(req.namespace, req.fingerprint, h) for h in req.hashes]
         if self.mover is not None:
-            wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
-            await self.mover.wait_for_host(keys, req.classes, wait)
+            # Hold the entries while their prefetches run: otherwise promoting one can evict another
+            # promoted a moment earlier for this same lease (found by the kill -9 test).
+            held = [e for k in keys if (e := self._index.get(k)) is not None]
+            for e in held:
+                e.leases += 1
+            try:
+                wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
+                await self.mover.wait_for_host(keys, req.classes, wait)
+            finally:
+                for e in held:
+                    self.unhold(e)
         now = self.clock()
         ttl = self.settings.host.lease_ttl_s
         lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [])

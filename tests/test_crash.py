@@ -31,8 +31,9 @@ def writer(d: DaemonProc, start: int, acked: dict, stop: threading.Event) -> Non
             while not stop.is_set():
                 kvio.store_prefix(h, toks(i), kv_for(SPEC, TOKENS, i))
                 hashes = h.hashes(toks(i))
-                c.flush(P.FlushRequest(namespace="default", fingerprint=h.fingerprint, hashes=hashes))
-                acked[i] = hashes
+                done = c.flush(P.FlushRequest(namespace="default", fingerprint=h.fingerprint, hashes=hashes))
+                if done.count == len(hashes):  # acknowledged: both entries durably on SSD
+                    acked[i] = hashes
                 i += 1
     except KvdError:
         pass  # the daemon was killed under us: expected
