@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -129,11 +130,12 @@ def run_method(caches: dict, method: str, segs: list[Segment], req: Request) -> 
                       boundary_tokens=cfg.boundary_tokens)
     model = cache.att.model
     S = res.input_ids.shape[1]
-    ans = torch.tensor(req.answer)[None]
-    pos = torch.arange(S, S + ans.shape[1] - 1)[None]
+    dev = model.device
+    ans = torch.tensor(req.answer, device=dev)[None]
+    pos = torch.arange(S, S + ans.shape[1] - 1, device=dev)[None]
     rest = model(ans[:, :-1], past_key_values=cache, position_ids=pos).logits[0] if ans.shape[1] > 1 else None
     logits = res.logits if rest is None else torch.cat([res.logits, rest], 0)
-    return logits.argmax(-1), res
+    return logits.argmax(-1).cpu(), res
 
 
 def main(argv=None) -> int:
@@ -148,17 +150,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda to sweep settings fast (fp32 either way)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from kvd.models import load_causal_lm, smollm2_dir
 
     model, tok = load_causal_lm(smollm2_dir())
+    model.to(args.device)
     head_map = HeadMap.load(args.head_map)
     store = LocalChunkStore()
     caches = {"kvd": hf.attach(model, head_map=head_map, chunk_store=store),
               "full": hf.attach(model, chunk_store=store)}
     corpus = make_corpus(tok, args.corpus, args.doc_words, args.seed)
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in re.split(r",(?![^\[]*\])", args.methods) if m]  # commas inside [...] stay
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "pi_reuse_fidelity.rows.jsonl"
@@ -205,8 +209,8 @@ def main(argv=None) -> int:
 def summarize(done: dict, methods: list[str], args, out: Path) -> None:
     seeds = sorted({s for s, _ in done})
     seeds = [s for s in seeds if all((s, m) in done for m in methods)]
-    res = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu", "machine": platform.machine(),
-           "date": time.strftime("%Y-%m-%d"), "num_requests": len(seeds), "docs_per_request": args.docs,
+    res = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "machine": platform.machine(),
+           "device": args.device, "date": time.strftime("%Y-%m-%d"), "num_requests": len(seeds), "docs_per_request": args.docs,
            "corpus_docs": args.corpus, "head_map": os.path.relpath(args.head_map, ROOT),
            "sparse_ffn": {"keep_fraction": SPARSE_FFN.keep_fraction, "dense_layers": SPARSE_FFN.dense_layers,
                           "recent_tokens": SPARSE_FFN.recent_tokens, "importance": SPARSE_FFN.importance,

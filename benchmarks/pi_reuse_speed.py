@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -52,6 +53,11 @@ FULL = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hi
 SMOKE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 NAMESPACE, FINGERPRINT = "bench", "0" * 32
+
+
+def split_methods(text: str) -> list[str]:
+    """``--methods`` list; commas inside ``[...]`` (Sparse FFN overrides) do not split."""
+    return [m for m in re.split(r",(?![^\[]*\])", text) if m]
 
 
 def build_model(shape: dict, device: str, dtype):
@@ -279,7 +285,7 @@ def time_methods(model, segs, store, layout, device, dtype, backend, args, res, 
     except Exception:
         res["error_recompute_model"] = traceback.format_exc()[-2000:]
     chunk_bytes = sum(kv.numel() * kv.element_size() for kv in store._entries.values())
-    for method in args.methods.split(","):
+    for method in split_methods(args.methods):
         cfg = method_config(method)
         pool = pools["kvd" if method.startswith("kvd") else "full"]
 
@@ -304,7 +310,7 @@ def time_methods(model, segs, store, layout, device, dtype, backend, args, res, 
     if "ttft_recompute_s" in res and "ttft_recompute_model_s" in res:
         res["ttft_recompute_engine_s"] = res["ttft_recompute_s"]
         res["ttft_recompute_s"] = min(res["ttft_recompute_s"], res["ttft_recompute_model_s"])
-    for m in args.methods.split(","):
+    for m in split_methods(args.methods):
         if f"ttft_{m}_s" in res and "ttft_recompute_s" in res:
             res[f"speedup_{m}"] = res["ttft_recompute_s"] / res[f"ttft_{m}_s"]
 

@@ -152,6 +152,13 @@ def _reuse_rows(fid: dict | None, speed: dict | None) -> list[tuple[str, float |
         if speed.get(f"{prefix}ttft_recompute_s") and speed.get(f"{prefix}ttft_kvd_sparse_ffn_s"):
             r = speed[f"{prefix}ttft_recompute_s"] / speed[f"{prefix}ttft_kvd_sparse_ffn_s"]
             rows.append((f"recompute / kvd_sparse_ffn{label}", r, "≥ 2.5", None if prefix else r >= 2.5))
+        if fid and not prefix:
+            # Dominated: some baseline is both faster and more accurate (accuracy from the CPU run).
+            base = [m for m in ("recompute", "naive", "cacheblend", "epic") if f"ttft_{m}_s" in speed and f"acc_{m}" in fid]
+            for m in ("kvd", "kvd_sparse_ffn"):
+                if f"ttft_{m}_s" in speed and f"acc_{m}" in fid:
+                    by = [b for b in base if speed[f"ttft_{b}_s"] < speed[f"ttft_{m}_s"] and fid[f"acc_{b}"] > fid[f"acc_{m}"]]
+                    rows.append((f"{m} dominated by", ", ".join(by) or "none", "none", not by))
     return rows
 
 
@@ -171,7 +178,7 @@ def _table(rows) -> list[str]:
 
 def _where(d: dict) -> str:
     date = d.get("date") or d.get("date_predicted") or d.get("versions", {}).get("date", "")
-    machine = d.get("machine") or d.get("versions", {}).get("gpu", "")
+    machine = d.get("machine") or d.get("device") or d.get("versions", {}).get("gpu", "")
     if "versions" in d:
         v = d["versions"]
         machine = f"{v.get('gpu')}, torch {v.get('torch')}, Triton {v.get('triton')}, CUDA {v.get('cuda')}"
@@ -204,7 +211,7 @@ def main() -> None:
         lines += _table(_vllm_rows(d)) + [""]
     fid, speed = _load("pi_reuse_fidelity"), _load("pi_reuse_speed")
     if fid or speed:
-        where = "; ".join(w for x in (fid, speed) if x and (w := _where(x)))
+        where = "; ".join(f"{what}: {w}" for what, x in (("accuracy", fid), ("TTFT", speed)) if x and (w := _where(x)))
         lines += ["## Position-independent chunk reuse (issue 7)", "", f"Measured {where}. Scripts: "
                   "`benchmarks/pi_reuse_fidelity.py`, `benchmarks/pi_reuse_speed.py`.", ""]
         lines += _table(_reuse_rows(fid, speed)) + [""]

@@ -128,7 +128,9 @@ def test_recompute_equals_model_forward_and_all_global_kvd_equals_recompute(tiny
     assert torch.equal(_run(tiny, ReuseConfig("kvd"), glob).logits, rec)
 
 
-@pytest.mark.parametrize("name", ["kvd", "kvd_sparse_ffn", "kvd_cached_local", "naive", "cacheblend", "epic"])
+# The tiny model has 3 layers: SPARSE_FFN selects at layer 4, so the sparse paths need an earlier layer.
+@pytest.mark.parametrize("name", ["kvd", "kvd_sparse_ffn[dense_layers=1]", "kvd_sparse_ffn[dense_layers=1,importance=output_norm]",
+                                  "kvd_cached_local", "naive", "cacheblend", "epic"])
 def test_sdpa_fallbacks_match_segpaged(tiny, name):
     cfg = method_config(name)
     layout = tiny[4] if name.startswith("kvd") else HeadLayout.all_global(3, 2)
@@ -224,3 +226,18 @@ def test_pool_listing_and_assembled_keys_drive_the_triton_kernels():
     a = rope_shift(view.clone(), inv, delta).float()
     b = rope_shift_ref(view.clone(), inv, delta).float()
     assert (a - b).abs().max() <= 2e-2
+
+
+def test_method_names_override_sparse_ffn_fields():
+    from kvd.reuse.plan import SPARSE_FFN
+
+    cfg = method_config("kvd_sparse_ffn[keep_fraction=0.3,dense_layers=1,importance=output_norm]")
+    assert cfg.method == "kvd" and cfg.sparse_ffn.keep_fraction == 0.3 and cfg.sparse_ffn.dense_layers == 1
+    assert cfg.sparse_ffn.importance == "output_norm" and cfg.sparse_ffn.recent_tokens == SPARSE_FFN.recent_tokens
+    assert method_config("kvd_sparse_ffn").sparse_ffn == SPARSE_FFN
+    with pytest.raises(ValueError, match="not a SparseFfn field"):
+        method_config("kvd_sparse_ffn[keep=0.3]")
+    with pytest.raises(ValueError, match="bad Sparse FFN settings"):
+        method_config("kvd_sparse_ffn[keep_fraction=2]")
+    with pytest.raises(ValueError, match="unknown benchmark method"):
+        method_config("kvd_sparse")

@@ -138,7 +138,7 @@ def reuse_request(model, segments: Sequence[Segment], cfg: ReuseConfig, pool: Pa
                                  num_kv_heads=mc.num_key_value_heads, head_dim=pool.head_dim, dtype=pool.dtype,
                                  device=pool.device)
     res = prefill(model, asm, cached, cfg, layout, pool, compute_logits=not leave_last, attention=attention)
-    full = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.long)[None]
+    full = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.long, device=pool.device)[None]
     S, L = asm.num_tokens, mc.num_hidden_layers
     return ReuseResult(
         input_ids=full, logits=None if res.logits is None else res.logits[None],
