@@ -13,11 +13,11 @@ The math is the CPU codec's (``kvd/codec.py``), step for step, so either side de
 Shapes: ``x [S, T, D]`` (S segments; any strides, last dim contiguous) or ``[T, D]``; ``q`` has x's
 shape (contiguous); key scales ``[S, D]``, value scales ``[S, T]`` (``[D]`` / ``[T]`` for 2-D input).
 
-Kernels: keys, one program per (segment, channel tile) makes two passes over T (max, then quantize;
-the second pass reads from L2); values, one program per (segment, token tile) in one pass. The kernels
-round to the e4m3 grid themselves (round to nearest even on the fp32 bit pattern) and then cast an
-exact value, so the codes do not depend on how a Triton version lowers the cast (the interpreter's
-carries wrongly). Note for any torch reference on CUDA: ``t / 448.0`` there is a multiply by the
+Kernels: keys, one program per (segment, channel tile), reading the segment once when it has at most
+256 tokens, else in two passes over T (max, then quantize; the second pass reads from L2); values, one
+program per (segment, token tile) in one pass. On a GPU the fp8 codes come from the hardware cast
+(round to nearest even); under the interpreter, whose cast carries wrongly, the kernels round to the
+e4m3 grid themselves (on the fp32 bit pattern) and then cast an exact value. Note for any torch reference on CUDA: ``t / 448.0`` there is a multiply by the
 reciprocal, not the IEEE quotient; divide by a tensor (as ``*_ref`` here does) to get the codec's math.
 """
 
@@ -67,12 +67,21 @@ def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, IN
     y = tl.math.div_rn(x, scale)  # IEEE division, as torch's x / s
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_FP8:
-        # round to the e4m3 grid here, so the cast is exact whatever the cast's rounding (the
-        # interpreter's carries wrongly); checked bit for bit against torch on the H200
+        # Round to the e4m3 grid here, so the cast is exact whatever its rounding: the interpreter's
+        # carries wrongly, and Triton 3.6's fp32 -> fp8e4nv cast on the H200 gave other codes than
+        # torch for 9% of the elements even with fp_downcast_rounding="rtne" (benchmarks/kernels.py,
+        # 2026-11-28), so the cheaper hardware cast is not used.
         y = _round_to_e4m3(y)
     else:
         y = _round_half_even(y)
     return y
+
+
+@triton.jit
+def _to_code(y, DTYPE: tl.constexpr, IS_FP8: tl.constexpr):
+    if IS_FP8:
+        return y.to(DTYPE, fp_downcast_rounding="rtne")
+    return y.to(DTYPE)
 
 
 @triton.jit
@@ -85,7 +94,7 @@ def _quantize_keys_kernel(
     stride_xs, stride_xt, stride_qs, stride_qt, stride_ss,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr,
-    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -93,6 +102,17 @@ def _quantize_keys_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     x_seg = x_ptr + tl.cast(pid_s, tl.int64) * stride_xs
     q_seg = q_ptr + tl.cast(pid_s, tl.int64) * stride_qs
+    if ONE_PASS:  # the whole [T, BLOCK_D] slab fits in registers: read it once
+        rows = offs_t.to(tl.int64)
+        mask = (offs_t < num_tokens)[:, None] & mask_d[None, :]
+        # (names differ from the loop's below: Triton types variables across both branches)
+        slab = tl.load(x_seg + rows[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.math.div_rn(tl.max(tl.abs(slab), 0), QMAX)
+        s1 = tl.where(s1 == 0.0, 1.0, s1)
+        tl.store(scale_ptr + tl.cast(pid_s, tl.int64) * stride_ss + offs_d, s1, mask=mask_d)
+        codes = _quantize_values_tile(slab, s1[None, :], QMAX, IS_FP8, INTERPRET)
+        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], _to_code(codes, q_ptr.dtype.element_ty, IS_FP8), mask=mask)
+        return
 
     # -- pass 1: per-channel max |x| over all tokens -------------------------------------------
     amax = tl.zeros([BLOCK_D], tl.float32)
@@ -110,7 +130,7 @@ def _quantize_keys_kernel(
         mask = ((t0 + offs_t) < num_tokens)[:, None] & mask_d[None, :]
         x = tl.load(x_seg + rows[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = _quantize_values_tile(x, scale[None, :], QMAX, IS_FP8, INTERPRET)
-        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], _to_code(y, q_ptr.dtype.element_ty, IS_FP8), mask=mask)
 
 
 @triton.jit
@@ -138,7 +158,7 @@ def _quantize_values_kernel(
     tl.store(scale_ptr + tl.cast(pid_s, tl.int64) * stride_ss + offs_t, scale, mask=mask_t)
     y = _quantize_values_tile(x, scale[:, None], QMAX, IS_FP8, INTERPRET)
     tl.store(q_ptr + tl.cast(pid_s, tl.int64) * stride_qs + rows[:, None] * stride_qt + offs_d[None, :],
-             y.to(q_ptr.dtype.element_ty), mask=mask)
+             _to_code(y, q_ptr.dtype.element_ty, IS_FP8), mask=mask)
 
 
 @triton.jit
@@ -199,9 +219,12 @@ def _quantize(x, qdtype, per_channel):
         strides = (x3.stride(0), x3.stride(1), q.stride(0), q.stride(1), scale.stride(0))
         if per_channel:
             block_d = min(block_d, 64)
-            block_t = 16 if is_interpreter() else 32
+            # Segments of up to 256 tokens (kvd's chunks) are quantized from registers in one read;
+            # longer ones take two passes over T (max, then quantize; the re-read hits L2).
+            one_pass = T <= 256
+            block_t = next_pow2(T) if one_pass else (16 if is_interpreter() else 32)
             _quantize_keys_kernel[(S, triton.cdiv(D, block_d))](
-                x3, q, scale, T, *strides, BLOCK_T=block_t, BLOCK_D=block_d, **meta)
+                x3, q, scale, T, *strides, BLOCK_T=block_t, BLOCK_D=block_d, ONE_PASS=one_pass, **meta)
         else:
             block_t = 16 if is_interpreter() else max(1, 4096 // block_d)
             _quantize_values_kernel[(S, triton.cdiv(T, block_t))](

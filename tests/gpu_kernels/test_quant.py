@@ -38,7 +38,8 @@ def _codes(q):
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["fp8", "int8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [(3, 37, 64), (2, 128, 128), (1, 5, 128)], ids=["S3-T37-D64", "S2-T128-D128", "S1-T5-D128"])
+@pytest.mark.parametrize("shape", [(3, 37, 64), (2, 128, 128), (1, 5, 128), (1, 300, 64)],
+                         ids=["S3-T37-D64", "S2-T128-D128", "S1-T5-D128", "S1-T300-D64-two-pass"])
 def test_quantize_bit_exact_and_dequantize(shape, dtype, qdtype, poison):
     x = _kv(*shape, dtype, seed=sum(shape))
     for name, quant, quant_ref, deq, deq_ref in (
