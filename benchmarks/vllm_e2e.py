@@ -21,8 +21,8 @@ against kvd daemons started here (host arena 2 GiB, SSD tier off: the hot path i
    stored in step 1, never seen by this engine: a hit after an engine restart; the example files are
    in the page cache, its best case), ``example_cold`` (K_L_r, its files evicted from the page cache
    just before: read from the disk), ``prefix_cache_kvd_engine`` (vLLM's own hit inside the kvd
-   engine) and at 4K ``prefix_cache_3840of4096`` (vLLM's own hit on exactly kvd's 15 chunks plus 256
-   new tokens: what the 256-token chunk granularity costs by itself).
+   engine) and at 4K ``prefix_cache_3840of4096`` (vLLM's own hit on 15 chunks plus 256 new tokens:
+   what kvd cost before its loads could end inside the last chunk, kept for comparison).
 3. ``kvd_load`` and ``example_load`` shut down; ``kvd128_load`` starts, and the same rounds time
    ``kvd_chunk128`` against ``prefix_cache_phase3`` (the baseline again, same moments).
 
@@ -33,7 +33,7 @@ Prompts are English-like sentences ending in the alphabet (a continuation the mo
 tests/connectors/test_vllm_e2e.py).
 
 Where kvd's time goes is measured too: the scheduler's lookup RPC and the worker's lease + release RPCs
-for Q_4096's 15 chunks (from this process, median of 50), and the arena -> vLLM copy speed the workers
+for Q_4096's 16 chunks (from this process, median of 50), and the arena -> vLLM copy speed the workers
 reported to the daemon (``kvd_moved_bytes_total`` / ``kvd_moved_seconds_total`` for loads).
 """
 
@@ -230,7 +230,7 @@ def rpc_profile(sock: str, prompt: list[int]) -> dict[str, float]:
 
     with KvdClient(sock, register_cuda=False) as c:
         (m,) = c.models().models
-        hashes = prefix_hashes(prompt, chunk_tokens=256, namespace="bench", fingerprint=m.fingerprint)[:15]
+        hashes = prefix_hashes(prompt, chunk_tokens=256, namespace="bench", fingerprint=m.fingerprint)[:16]
         look, lease = [], []
         for _ in range(50):
             t0 = time.perf_counter()
@@ -353,7 +353,7 @@ def drop_page_cache(files: list[Path] | None) -> None:
 
 # mode -> (engine, prompt): recompute on prompts nobody saw; vLLM's own hit on the check prompt it
 # served; kvd / example hits on prompts the storing engines stored; example_cold on files just evicted
-# from the page cache; vLLM's own hit in the kvd engine; vLLM's own hit on exactly kvd's 15 chunks.
+# from the page cache; vLLM's own hit in the kvd engine; vLLM's own hit on 15 chunks + 256 new tokens.
 PHASE2 = {"recompute": ("baseline", "R{L}_{r}"), "prefix_cache": ("baseline", "Q{L}_{c}"),
           "kvd": ("kvd", "Q{L}_{r}"), "example": ("example", "Q{L}_{r}"), "example_cold": ("example", "K{L}_{r}"),
           "prefix_cache_kvd_engine": ("kvd", "Q{L}_{c}"), "prefix_cache_3840of4096": ("baseline", "C{r}")}
@@ -419,7 +419,7 @@ def summarize(runs, checks, store_checks, times, cached, profile, load_bytes, lo
     res["kvd_chunk128_over_prefix_cache_4096"] = t["kvd_chunk128"] / t["prefix_cache_phase3"]
     res.update({k: round(v, 3) for k, v in profile.items()})
     res["load_copy_MBps"] = load_bytes / load_s / 1e6 if load_s else None
-    res["load_copy_4096_ms_est"] = 3840 * 23040 / (load_bytes / load_s) * 1e3 if load_s else None
+    res["load_copy_4096_ms_est"] = 3968 * 23040 / (load_bytes / load_s) * 1e3 if load_s else None
     res["arena_bytes"] = "2GiB"
     return res
 

@@ -7,8 +7,9 @@ into a picklable ``StepPlan`` for the workers:
 
 - **load**: tokens ``[start, end)`` of a new (or resumed) request that vLLM agreed to take from kvd
   (``get_num_new_matched_tokens`` → ``update_state_after_alloc`` → ``build``). ``start`` is vLLM's own
-  prefix hit (block-aligned, possibly inside a chunk); ``end`` is a chunk boundary, never past the last
-  prompt token minus one (vLLM must compute at least one token to sample).
+  prefix hit (block-aligned, possibly inside a chunk); ``end`` is the end of the last hit chunk or, when
+  that chunk holds the last prompt token, the block boundary before it (vLLM must compute at least one
+  token to sample, and a chunk entry serves any prefix of its tokens).
 - **save**: the prompt's full chunks that become complete in this step, saved by the workers in the
   same step (synchronously, see ``kvd.connectors.vllm_worker``). Chunks the daemon already held at
   lookup time are skipped; decode steps and partial chunks are never saved.
@@ -146,11 +147,14 @@ class SchedulerPlanner:
         if t is None or not self.can_load:
             return 0
         c = h.chunk_tokens
-        loadable = min(len(t.hashes), (t.num_prompt - 1) // c)  # vLLM computes at least the last token
-        if loadable * c <= num_computed:
+        # vLLM computes at least the last prompt token, and loads fill whole blocks: the offer ends at
+        # the last block boundary before it, which may lie inside the last hit chunk (a stored chunk is
+        # exact for any prefix of its tokens), so a prompt of whole chunks recomputes < one block.
+        limit = min(len(t.hashes) * c, (t.num_prompt - 1) // self.block_size * self.block_size)
+        if limit <= num_computed:
             return 0
         self._lookup(t)
-        t.offer_end = min(t.hits, loadable) * c
+        t.offer_end = min(t.hits * c, limit)
         n = t.offer_end - num_computed
         if n > 0:
             self.session.counters["lookup_hit_tokens"] += n

@@ -78,8 +78,11 @@ def test_matched_tokens_are_the_stored_leading_chunks_beyond_the_local_hit(daemo
     assert p.num_new_matched_tokens(request("a", toks), 768) == 0
     assert p.num_new_matched_tokens(request("a", toks), 384) == 384
     assert p.hit_sources(request("a", toks), 384) == {"host": 384}  # for vLLM's per-tier hit counters
-    # The last prompt token is never claimed: a 768-token prompt can take 2 chunks, not 3.
-    assert p.num_new_matched_tokens(request("b", toks[:768]), 0) == 512
+    # The last prompt token is never claimed: a 768-token prompt takes 2 chunks and the first block of
+    # the third (a chunk serves any prefix of its tokens); vLLM recomputes the last block.
+    assert p.num_new_matched_tokens(request("b", toks[:768]), 0) == 640
+    assert p.num_new_matched_tokens(request("b2", toks[:769]), 0) == 768  # one token past the chunks
+    assert p.num_new_matched_tokens(request("b3", toks[:700]), 0) == 512  # chunk 2 is not full: not keyed
     # Divergence inside chunk 1: only chunk 0 is this prompt's prefix.
     other = toks[:300] + tokens(700, 2)
     assert p.num_new_matched_tokens(request("c", other), 0) == 256

@@ -111,6 +111,21 @@ def test_load_starting_inside_a_chunk_leaves_the_local_hit_alone(daemon):
     assert all(torch.equal(before[n][14], t[14]) for n, t in dst.kv_caches.items())  # vLLM's own block
 
 
+def test_load_ending_inside_the_last_chunk_copies_only_its_first_blocks(daemon):
+    src = make_worker(daemon, "partial-end", seed=5)
+    toks = toks_for(5, 768)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 7)), len(toks)),)))
+    dst = make_worker(daemon, "partial-end", seed=6)
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    blocks = (14, 15, 16, 17, 18, 19)
+    # A 768-token prompt: vLLM computes the last block, so the load ends at 640, inside chunk 2.
+    assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 640, blocks),))) == set()
+    assert blocks_equal(src, (1, 2, 3, 4, 5), dst, blocks[:5])
+    assert all(torch.equal(before[n][19], t[19]) for n, t in dst.kv_caches.items())  # left to vLLM
+    assert dst.counters["loaded_tokens"] == 640
+
+
 def test_missing_chunk_reports_its_blocks_and_loads_the_rest(daemon):
     src = make_worker(daemon, "missing", seed=5)
     toks = toks_for(5)
