@@ -110,7 +110,7 @@ def _fidelity_rows(d: dict) -> list[tuple[str, float | None, str, bool | None]]:
 
 def _vllm_rows(d: dict) -> list[tuple[str, float | None, str, bool | None]]:
     rows: list[tuple[str, float | None, str, bool | None]] = []
-    for length in ("1024", "2048", "4096", "1k", "2k", "4k"):
+    for length in ("1024", "2048", "3000", "4096", "1k", "2k", "4k"):
         for mode in ("recompute", "kvd", "example", "prefix_cache"):
             v = d.get(f"ttft_{mode}_{length}_s")
             if v is not None:

@@ -1,5 +1,6 @@
 """Time to first token of real vLLM (CPU build) on SmolLM2-135M-Instruct: recompute vs. kvd vs. vLLM's
-ExampleConnector vs. vLLM's own prefix cache, for 1K, 2K and 4K-token prompts.
+ExampleConnector vs. vLLM's own prefix cache, for 1K, 2K, 3,000 and 4K-token prompts (3,000 = 11 chunks +
+184 tokens: kvd serves the 11 chunks and the prompt's 128-token tail entry).
 
 Run ``nice python benchmarks/vllm_e2e.py [--runs 5]``; results go to benchmarks/results/vllm_e2e.json and
 .png. Engines are subprocesses of this script (``--engine JOB``: vLLM, then one command per stdin line)
@@ -57,7 +58,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-LENGTHS = (1024, 2048, 4096)
+LENGTHS = (1024, 2048, 3000, 4096)  # 3000: not a whole number of chunks or blocks (tail entries)
 MODES = ("recompute", "kvd", "example", "prefix_cache")
 CHECK_TOKENS, LOGPROB_TOL = 8, 0.25
 # vLLM's worker and engine core busy-wait (sched_yield) for 1 s after each message before they sleep;

@@ -179,6 +179,30 @@ def prefix_hashes(
     return out
 
 
+def prefix_tail_hash(
+    token_ids: Sequence[int] | np.ndarray,
+    *,
+    chunk_tokens: int,
+    tail_tokens: int,
+    namespace: str,
+    fingerprint: str,
+    parent: str | None,
+) -> EntryHash:
+    """Key of a **tail entry**: the first ``tail_tokens`` tokens after the last full chunk, chained
+    after ``parent`` (that chunk's hash, or None when the prompt has no full chunk). The same chain
+    step as ``prefix_hashes``, over fewer tokens: a tail names the KV of exactly those tokens behind
+    exactly that prefix. Engines choose block-aligned tails, so prompts of any length can be served
+    down to a block (``kvd.connectors.vllm_plan``)."""
+    arr = as_token_array(token_ids)
+    full = arr.size // chunk_tokens
+    if not 0 < tail_tokens <= arr.size - full * chunk_tokens:
+        raise InvalidRequest(f"tail_tokens={tail_tokens}: a tail has 1..{arr.size - full * chunk_tokens} tokens here")
+    if (parent is None) != (full == 0):
+        raise InvalidRequest("parent must be the last full chunk's hash (None only without full chunks)")
+    seed = _seed(namespace, fingerprint) if parent is None else bytes.fromhex(parent)
+    return EntryHash(_digest(seed, arr[full * chunk_tokens : full * chunk_tokens + tail_tokens].tobytes()))
+
+
 def content_hash(token_ids: Sequence[int] | np.ndarray, *, namespace: str, fingerprint: str) -> EntryHash:
     """Hash of a token run on its own: the key of a chunk entry (KV computed at positions [0, n))."""
     arr = as_token_array(token_ids)

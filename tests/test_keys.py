@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvd.errors import InvalidRequest
-from kvd.keys import ModelSpec, SegmentKey, check_hash, chunk_spans, content_hash, fingerprint, prefix_hashes
+from kvd.keys import (
+    ModelSpec,
+    SegmentKey,
+    check_hash,
+    chunk_spans,
+    content_hash,
+    fingerprint,
+    prefix_hashes,
+    prefix_tail_hash,
+)
 
 SPEC = ModelSpec("smollm2-135m", num_layers=30, num_kv_heads=3, head_dim=64, kv_dtype="bfloat16",
                  rope={"rope_theta": 100000.0, "rope_type": "default"})
@@ -94,3 +103,20 @@ def test_bad_specs_name_the_field():
         ModelSpec("m", 2, 2, 64, kv_dtype="int4")
     assert SPEC.segment_bytes(256) == 65536
     assert str(SegmentKey(check_hash("0" * 32), 1, 2)).endswith("/L1/H2")
+
+
+def test_prefix_tail_hash_chains_after_the_last_full_chunk():
+    toks = list(range(1000, 1700))  # 2 chunks of 256, then 188 tokens
+    kw = dict(chunk_tokens=256, namespace="ns", fingerprint="f" * 32)
+    hs = prefix_hashes(toks, **kw)
+    tail = prefix_tail_hash(toks, tail_tokens=128, parent=hs[-1], **kw)
+    assert tail not in hs
+    # The key depends only on the prefix and the tail's own tokens, not on what follows them.
+    assert prefix_tail_hash(toks[:640], tail_tokens=128, parent=hs[-1], **kw) == tail
+    assert prefix_tail_hash(toks[:639] + [7], tail_tokens=128, parent=hs[-1], **kw) != tail
+    assert prefix_tail_hash(toks, tail_tokens=64, parent=hs[-1], **kw) != tail
+    assert prefix_tail_hash(toks[:100], tail_tokens=64, parent=None, **kw) != tail
+    with pytest.raises(InvalidRequest, match="tail has 1..188"):
+        prefix_tail_hash(toks, tail_tokens=200, parent=hs[-1], **kw)
+    with pytest.raises(InvalidRequest, match="parent must be"):
+        prefix_tail_hash(toks, tail_tokens=128, parent=None, **kw)

@@ -11,8 +11,10 @@ into a picklable ``StepPlan`` for the workers:
   that chunk holds the last prompt token, the block boundary before it (vLLM must compute at least one
   token to sample, and a chunk entry serves any prefix of its tokens).
 - **save**: the prompt's full chunks that become complete in this step, saved by the workers in the
-  same step (synchronously, see ``kvd.connectors.vllm_worker``). Chunks the daemon already held at
-  lookup time are skipped; decode steps and partial chunks are never saved.
+  same step (synchronously, see ``kvd.connectors.vllm_worker``), and the prompt's **tail entry**: the
+  block-aligned tokens after its last full chunk, all but the last prompt token, so that a rerun of a
+  prompt of any length loads all but its last block. Entries the daemon already held at lookup time
+  are skipped; decode steps are never saved.
 
 Lifecycle of a tracked request: created at its first lookup → block ids and progress follow each
 step's scheduler output → dropped at ``finished``. Requests kvd must not key are not tracked: LoRA
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from kvd import protocol as P
 from kvd.connectors.kvio import ModelHandle
 from kvd.connectors.vllm_session import DaemonSession
-from kvd.keys import prefix_hashes
+from kvd.keys import prefix_hashes, prefix_tail_hash
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class LoadSpec:
     start: int
     end: int
     block_ids: tuple[int, ...]  # vLLM blocks of tokens [0, end) at least (block 0 of the request first)
+    last_tokens: int = 0  # > 0: the last hash is a tail entry of this many tokens (else a full chunk)
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,6 +62,15 @@ class SaveSpec:
     hashes: tuple[str, ...]
     block_ids: tuple[int, ...]
     prompt_tokens: int  # the sequence's length, for the daemon's placement policy
+    last_tokens: int = 0  # > 0: the last hash is a tail entry of this many tokens (else a full chunk)
+
+
+def entry_sizes(hashes: tuple[str, ...], chunk_tokens: int, last_tokens: int) -> list[int]:
+    """Tokens of each entry of a ``LoadSpec`` / ``SaveSpec``: whole chunks, the last one possibly a tail."""
+    sizes = [chunk_tokens] * len(hashes)
+    if last_tokens and sizes:
+        sizes[-1] = last_tokens
+    return sizes
 
 
 @dataclass(slots=True, frozen=True)
@@ -80,6 +92,18 @@ class _Tracked:
     block_ids: list[int] = field(default_factory=list)
     computed: int = 0
     next_save: int = 0  # first chunk not stored yet (nor known to be stored)
+    # The tail entry: the block-aligned tokens after the last full chunk that a rerun of this prompt
+    # could load (all but the last prompt token), keyed by ``kvd.keys.prefix_tail_hash``.
+    tail: str | None = None
+    tail_tokens: int = 0
+    tail_hit: bool = False  # the daemon held it (behind every full chunk) at the last lookup
+    tail_saved: bool = False
+
+    def keys(self, first: int, last: int) -> tuple[tuple[str, ...], int]:
+        """Keys of entries ``first..last-1`` (index ``len(hashes)`` is the tail) and the tail's
+        token count when it is among them (else 0)."""
+        keys = self.hashes + ([self.tail] if self.tail else [])
+        return tuple(keys[first:last]), self.tail_tokens if self.tail and first <= len(self.hashes) < last else 0
 
 
 def salted_namespace(base: str, cache_salt: str | None) -> str:
@@ -111,9 +135,14 @@ class SchedulerPlanner:
             self.session.counters["requests_not_keyed"] += 1
             return None
         ns = salted_namespace(h.namespace, getattr(request, "cache_salt", None))
-        hashes = prefix_hashes(request.prompt_token_ids, chunk_tokens=h.chunk_tokens, namespace=ns,
-                               fingerprint=h.fingerprint)
+        ids, c = request.prompt_token_ids, h.chunk_tokens
+        hashes = prefix_hashes(ids, chunk_tokens=c, namespace=ns, fingerprint=h.fingerprint)
         t = self.requests[request.request_id] = _Tracked(ns, request.num_prompt_tokens, hashes)
+        tail = (request.num_prompt_tokens - 1 - len(hashes) * c) // self.block_size * self.block_size
+        if tail > 0:
+            t.tail, t.tail_tokens = prefix_tail_hash(ids, chunk_tokens=c, tail_tokens=tail, namespace=ns,
+                                                     fingerprint=h.fingerprint,
+                                                     parent=hashes[-1] if hashes else None), tail
         return t
 
     def _lookup(self, t: _Tracked) -> None:
@@ -123,18 +152,22 @@ class SchedulerPlanner:
             return
         t.lookup_at = now
 
+        keys = list(t.keys(0, len(t.hashes) + 1)[0])
+
         def ask(h: ModelHandle) -> P.LookupResponse:
             return h.client.lookup(P.LookupRequest(fingerprint=h.fingerprint, namespace=t.namespace,
-                                                   prefix_hashes=t.hashes, prefetch=True))
+                                                   prefix_hashes=keys, prefetch=True))
 
         resp = self.session.call("lookup", ask)
         self.session.counters["lookups"] += 1
         if resp is None:
-            t.hits, t.hit_tiers = 0, []
+            t.hits, t.hit_tiers, t.tail_hit = 0, [], False
             return
-        t.hits = resp.num_prefix_hits
-        t.hit_tiers = [r.tier for r in resp.prefix[: t.hits]]
+        t.hits = min(resp.num_prefix_hits, len(t.hashes))
+        t.tail_hit = resp.num_prefix_hits > len(t.hashes)
+        t.hit_tiers = [r.tier for r in resp.prefix[: resp.num_prefix_hits]]
         t.next_save = max(t.next_save, t.hits)
+        t.tail_saved = t.tail_saved or t.tail_hit
 
     # ---- vLLM scheduler hooks -------------------------------------------------------------------
 
@@ -149,12 +182,14 @@ class SchedulerPlanner:
         c = h.chunk_tokens
         # vLLM computes at least the last prompt token, and loads fill whole blocks: the offer ends at
         # the last block boundary before it, which may lie inside the last hit chunk (a stored chunk is
-        # exact for any prefix of its tokens), so a prompt of whole chunks recomputes < one block.
-        limit = min(len(t.hashes) * c, (t.num_prompt - 1) // self.block_size * self.block_size)
+        # exact for any prefix of its tokens) or at the end of the tail entry, so any prompt whose
+        # entries are all stored recomputes less than one block, as with vLLM's own cache.
+        limit = min(len(t.hashes) * c + t.tail_tokens, (t.num_prompt - 1) // self.block_size * self.block_size)
         if limit <= num_computed:
             return 0
         self._lookup(t)
-        t.offer_end = min(t.hits * c, limit)
+        tail = t.tail_tokens if t.tail_hit and t.hits == len(t.hashes) else 0
+        t.offer_end = min(t.hits * c + tail, limit)
         n = t.offer_end - num_computed
         if n > 0:
             self.session.counters["lookup_hit_tokens"] += n
@@ -174,7 +209,7 @@ class SchedulerPlanner:
         c, end = h.chunk_tokens, t.offer_end
         out: dict[str, int] = {}
         for i in range((end - num_external) // c, -(-end // c)):
-            n = min((i + 1) * c, end) - max(i * c, end - num_external)
+            n = min((i + 1) * c, end) - max(i * c, end - num_external)  # the tail is entry len(hashes)
             key = "host" if i < len(t.hit_tiers) and t.hit_tiers[i] == "host" else "disk"
             out[key] = out.get(key, 0) + n
         return out if sum(out.values()) == num_external else {}
@@ -212,22 +247,33 @@ class SchedulerPlanner:
         start, end = num_computed - t.pending_load, num_computed
         t.pending_load = 0
         first, last = start // c, -(-end // c)
-        if start % self.block_size or end > len(t.hashes) * c or start < 0:
+        if start % self.block_size or end > len(t.hashes) * c + t.tail_tokens or start < 0:
             # Not a range this plan can express; the worker reports it failed, vLLM recomputes it.
             logger.warning("kvd: load of tokens [%d, %d) of %s is not block-aligned; recomputing", start, end, rid)
-        loads.append(LoadSpec(rid, t.namespace, first, tuple(t.hashes[first:last]), start, end,
-                              tuple(t.block_ids)))
-        t.next_save = max(t.next_save, last)
+        keys, last_tokens = t.keys(first, last)
+        loads.append(LoadSpec(rid, t.namespace, first, keys, start, end, tuple(t.block_ids), last_tokens))
+        t.next_save = max(t.next_save, min(last, len(t.hashes)))
+        t.tail_saved = t.tail_saved or last > len(t.hashes)
 
     def _save(self, rid: str, num_scheduled: int, h: ModelHandle) -> SaveSpec | None:
         t = self.requests.get(rid)
         if t is None or not self.can_save:
             return None
-        done = min(t.computed + num_scheduled, t.num_prompt) // h.chunk_tokens
-        if done <= t.next_save:
+        c = h.chunk_tokens
+        reached = min(t.computed + num_scheduled, t.num_prompt)
+        done = reached // c
+        # The tail goes with (or after) the last full chunk, once its tokens are computed.
+        with_tail = (t.tail is not None and not t.tail_saved and done >= len(t.hashes)
+                     and reached >= len(t.hashes) * c + t.tail_tokens)
+        if done <= t.next_save and not with_tail:
             return None
-        first, t.next_save = t.next_save, done
-        return SaveSpec(rid, t.namespace, first, tuple(t.hashes[first:done]), tuple(t.block_ids), t.num_prompt)
+        first = min(t.next_save, len(t.hashes))
+        t.next_save = max(t.next_save, done)
+        keys, last_tokens = t.keys(first, len(t.hashes) + 1 if with_tail else done)
+        t.tail_saved = t.tail_saved or with_tail
+        if not keys:
+            return None
+        return SaveSpec(rid, t.namespace, first, keys, tuple(t.block_ids), t.num_prompt, last_tokens)
 
     def on_load_errors(self, invalid_block_ids: Iterable[int]) -> None:
         """Chunks whose blocks failed to load are recomputed by vLLM; save them again once they are."""
@@ -240,6 +286,7 @@ class SchedulerPlanner:
             if idx:
                 t.next_save = min(t.next_save, idx[0] // per_chunk)
                 t.hits = min(t.hits, idx[0] // per_chunk)
+                t.tail_hit = t.tail_saved = False  # it comes after the failed blocks: recomputed, saved again
 
     def finished(self, req_id: str) -> None:
         self.requests.pop(req_id, None)

@@ -32,7 +32,7 @@ import xxhash
 from kvd import protocol as P
 from kvd.connectors.kvio import ModelHandle
 from kvd.connectors.vllm_copy import KernelCopier, PermCopier, Piece
-from kvd.connectors.vllm_plan import LoadSpec, SaveSpec, StepPlan
+from kvd.connectors.vllm_plan import LoadSpec, SaveSpec, StepPlan, entry_sizes
 from kvd.connectors.vllm_session import DaemonSession
 from kvd.errors import KvdError
 
@@ -109,9 +109,9 @@ class WorkerIO:
             self.step.failed_reqs.add(spec.req_id)
         logger.warning("kvd: %d tokens of %s not loaded (%s); vLLM recomputes them", spec.end - lo, spec.req_id, why)
 
-    def _extent_views(self, h: ModelHandle, arena_id: str, extents: list[P.ExtentInfo]):
+    def _extent_views(self, h: ModelHandle, arena_id: str, extents: list[P.ExtentInfo], num_tokens: int):
         arena = h.client.arena(arena_id)
-        plans = h.plans(h.chunk_tokens)
+        plans = h.plans(num_tokens)
         return [(plans[x.head_class], arena.torch_extent(x, plans[x.head_class], h.spec.kv_dtype)) for x in extents]
 
     # ---- step ------------------------------------------------------------------------------------
@@ -139,8 +139,9 @@ class WorkerIO:
             self._fail(spec, spec.start, "kvd unavailable")
             return None
         c = h.chunk_tokens
+        sizes = entry_sizes(spec.hashes, c, spec.last_tokens)
         if (spec.start % self.block_size or spec.start < spec.first_chunk * c
-                or spec.end > (spec.first_chunk + len(spec.hashes)) * c or len(spec.block_ids) * self.block_size < spec.end):
+                or spec.end > spec.first_chunk * c + sum(sizes) or len(spec.block_ids) * self.block_size < spec.end):
             self._fail(spec, spec.start, "range not aligned to blocks and chunks")
             return None
         resp = self.session.call("lease", lambda h: h.client.lease(P.LeaseRequest(
@@ -153,13 +154,16 @@ class WorkerIO:
         try:
             for i, e in enumerate(resp.entries):
                 chunk = spec.first_chunk + i
+                if e.status == "ok" and e.num_tokens != sizes[i]:  # never copy KV of another shape
+                    self._fail(spec, chunk * c, f"entry {chunk} holds {e.num_tokens} tokens, expected {sizes[i]}")
+                    break
                 if e.status != "ok" or not self._verified(h, resp.arena_id, e):
                     self._fail(spec, chunk * c, f"chunk {chunk} is {e.status if e.status != 'ok' else 'corrupt'}")
                     break
-                t0, t1 = max(spec.start, chunk * c), min(spec.end, (chunk + 1) * c)
+                t0, t1 = max(spec.start, chunk * c), min(spec.end, chunk * c + sizes[i])
                 if t1 > t0:
-                    load.pieces.append(Piece(self._kernel_blocks(spec.block_ids, t0, t1), t0 - chunk * c,
-                                             t1 - chunk * c, self._extent_views(h, resp.arena_id, e.extents)))
+                    load.pieces.append(Piece(self._kernel_blocks(spec.block_ids, t0, t1), t0 - chunk * c, t1 - chunk * c,
+                                             self._extent_views(h, resp.arena_id, e.extents, sizes[i])))
         except (KvdError, ValueError) as e:  # the arena could not be mapped or a view not built
             self._release(load)
             self._fail(spec, spec.start, f"arena: {e}")
@@ -240,10 +244,11 @@ class WorkerIO:
         if h is None:
             return None
         c_tokens = h.chunk_tokens
+        sizes = entry_sizes(spec.hashes, c_tokens, spec.last_tokens)
         resp = self.session.call("reserve", lambda h: h.client.reserve(P.ReserveRequest(
             fingerprint=h.fingerprint, namespace=spec.namespace,
-            entries=[P.ReserveEntry(hash=x, num_tokens=c_tokens, start_token=(spec.first_chunk + i) * c_tokens,
-                                    end_token=spec.prompt_tokens) for i, x in enumerate(spec.hashes)])))
+            entries=[P.ReserveEntry(hash=x, num_tokens=n, start_token=(spec.first_chunk + i) * c_tokens,
+                                    end_token=spec.prompt_tokens) for i, (x, n) in enumerate(zip(spec.hashes, sizes))])))
         if resp is None:
             return None
         status = [e.status for e in resp.entries]
@@ -255,9 +260,9 @@ class WorkerIO:
         try:
             for i, e in enumerate(resp.entries):
                 if e.status == "reserved":
-                    chunk = spec.first_chunk + i
-                    blocks = self._kernel_blocks(spec.block_ids, chunk * c_tokens, (chunk + 1) * c_tokens)
-                    save.pieces.append(Piece(blocks, 0, c_tokens, self._extent_views(h, resp.arena_id, e.extents)))
+                    chunk, n = spec.first_chunk + i, sizes[i]
+                    blocks = self._kernel_blocks(spec.block_ids, chunk * c_tokens, chunk * c_tokens + n)
+                    save.pieces.append(Piece(blocks, 0, n, self._extent_views(h, resp.arena_id, e.extents, n)))
         except (KvdError, ValueError, IndexError) as e:
             logger.warning("kvd: cannot store %s (%s)", spec.req_id, e)
             self._abort(save.reservation_id)

@@ -9,10 +9,11 @@ since vLLM must start under ``if __name__ == "__main__"``), side by side against
 - ``b`` (kvd, prefix caching on): serves P3 while ``a`` is alive (reusing ``a``'s KV), stores P4; after
   ``a`` has shut down: P8 (a restarted engine finds the prefix in kvd), P2 (shares only 700 tokens
   with P1: only its two leading chunks come from kvd), P1 (vLLM's own prefix hit from P2 covers 640
-  tokens; kvd supplies the next 128, half a chunk); then the daemon is killed while P5 and P7 are in
+  tokens; kvd supplies the next 256: half a chunk and the tail entry); then the daemon is killed while P5 and P7 are in
   flight, and P6 is served with the daemon gone.
 
-Prompts are about 1,000 tokens of English-like text; chunks are 256 tokens, vLLM blocks 128.
+Prompts are about 1,000 tokens of English-like text; chunks are 256 tokens, vLLM blocks 128: a prompt is
+3 chunks and a 128-token tail entry [768, 896), so a hit supplies 896 tokens and vLLM computes 104.
 """
 
 from __future__ import annotations
@@ -212,34 +213,36 @@ def test_storing_engine_output_is_unchanged(runs):
 
 
 def test_restarted_engine_loads_the_prefix_from_kvd(runs):
-    """P8 was served by ``a``, which has shut down; ``b`` never saw it: 3 chunks come from kvd."""
+    """P8 was served by ``a``, which has shut down; ``b`` never saw it: 3 chunks and the tail come from kvd."""
     o = out(runs, "b", "P8")
-    assert o["num_cached_tokens"] == 768
+    assert o["num_cached_tokens"] == 896
     assert same_as_ref(runs, "b", "P8")
 
 
 def test_two_engines_sharing_a_daemon_reuse_each_others_kv(runs):
-    assert out(runs, "b", "P3")["num_cached_tokens"] == 768  # stored by a, a still running
+    assert out(runs, "b", "P3")["num_cached_tokens"] == 896  # stored by a, a still running
     assert same_as_ref(runs, "b", "P3")
-    assert out(runs, "a", "P4")["num_cached_tokens"] == 768  # stored by b
+    assert out(runs, "a", "P4")["num_cached_tokens"] == 896  # stored by b
     assert same_as_ref(runs, "a", "P4")
 
 
 def test_a_prompt_sharing_only_a_prefix_reuses_only_that_prefix(runs, prompts):
-    from kvd.keys import prefix_hashes
+    from kvd.keys import prefix_hashes, prefix_tail_hash
 
     o = out(runs, "b", "P2")
     assert o["num_cached_tokens"] == 512  # P2 leaves P1 at token 700: chunks 0 and 1 only
     assert same_as_ref(runs, "b", "P2")
-    # P1 after P2 in the same engine: vLLM's own cache covers 640 tokens; kvd loads [640, 768).
+    # P1 after P2 in the same engine: vLLM's own cache covers 640 tokens; kvd loads [640, 896).
     o = out(runs, "b", "P1")
-    assert o["num_cached_tokens"] == 768
+    assert o["num_cached_tokens"] == 896
     assert same_as_ref(runs, "b", "P1")
     before, after = runs[0]["b"]["snapshots"]["before_P1"], runs[0]["b"]["snapshots"]["after_P1"]
     leased = {h for h in after if after[h] > before.get(h, 0)}
     (fp,) = runs[0]["b"]["fingerprints"]  # one model in the daemon
     chunks = prefix_hashes(prompts["P1"], chunk_tokens=256, namespace="e2e", fingerprint=fp)
-    assert leased == {chunks[2]}
+    tail = prefix_tail_hash(prompts["P1"], chunk_tokens=256, tail_tokens=128, namespace="e2e", fingerprint=fp,
+                            parent=chunks[-1])
+    assert leased == {chunks[2], tail}
 
 
 def test_daemon_killed_mid_run_requests_complete_correctly(runs):

@@ -13,11 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kvd import protocol as P
 from kvd.connectors import kvio
 from kvd.connectors.vllm_plan import SchedulerPlanner, salted_namespace
 from kvd.connectors.vllm_session import ConnectorSettings, DaemonSession
 from kvd.errors import ConfigError
-from kvd.keys import ModelSpec
+from kvd.keys import ModelSpec, prefix_tail_hash
 from tests.daemon_proc import DaemonProc
 
 SPEC = ModelSpec("toy-vllm", num_layers=2, num_kv_heads=2, head_dim=16, kv_dtype="bfloat16")
@@ -145,14 +146,15 @@ def test_resumed_request_replaces_its_blocks_and_load_errors_resave(daemon):
     r = request("r", toks)
     assert p.num_new_matched_tokens(r, 0) == 0
     plan = p.build(step(new=[("r", [1, 2, 3, 4, 5, 6], 0)], scheduled={"r": 700}))
-    assert [(s.first_chunk, len(s.hashes)) for s in plan.saves] == [(0, 2)]
+    # Two chunks and the tail: tokens [512, 640), all of the prompt's last block but its last token's
+    assert [(s.first_chunk, len(s.hashes), s.last_tokens) for s in plan.saves] == [(0, 3, 128)]
     # Preempted, then resumed into other blocks: the new list replaces the old one.
     p.build(step(cached=[("r", [20, 21, 22, 23, 24, 25], 0, True)], scheduled={"r": 0}))
     assert p.requests["r"].block_ids == [20, 21, 22, 23, 24, 25]
     # A load error in block 22 (chunk 1): chunk 1 will be stored again once recomputed.
     p.on_load_errors({22})
     plan = p.build(step(cached=[("r", None, 0, False)], scheduled={"r": 700}))
-    assert [(s.first_chunk, len(s.hashes)) for s in plan.saves] == [(1, 1)]
+    assert [(s.first_chunk, len(s.hashes), s.last_tokens) for s in plan.saves] == [(1, 2, 128)]
 
 
 def test_roles_limit_loads_and_saves(daemon):
@@ -186,3 +188,48 @@ def test_chunk_not_a_multiple_of_the_block_is_refused(tmp_path):
             session(d).require_compatible()
     finally:
         d.kill()
+
+
+def commit_entry(d: DaemonProc, key: str, num_tokens: int, start: int, namespace: str = "plan") -> None:
+    """An entry the daemon holds (its bytes do not matter to the scheduler side)."""
+    with d.client() as c:
+        h = kvio.register(c, SPEC, namespace=namespace)
+        r = c.reserve(P.ReserveRequest(fingerprint=h.fingerprint, namespace=namespace, entries=[
+            P.ReserveEntry(hash=key, num_tokens=num_tokens, start_token=start, end_token=start + num_tokens + 1)]))
+        c.commit(P.CommitRequest(reservation_id=r.reservation_id))
+
+
+def test_tail_entry_is_keyed_saved_and_offered_after_the_full_chunks(daemon):
+    toks = tokens(1000, 11)  # 3 full chunks (768) + 232 tokens: the tail is [768, 896)
+    p = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    r = request("r", toks)
+    t = p.requests.get("r") or p._track(r, p.session.handle())
+    assert t.tail_tokens == 128 and len(t.hashes) == 3
+    assert t.tail == prefix_tail_hash(toks, chunk_tokens=C, tail_tokens=128, namespace="plan",
+                                      fingerprint=p.session.handle().fingerprint, parent=t.hashes[-1])
+    assert t.tail not in t.hashes
+    # The first serving computes everything and stores the chunks with the tail in one save.
+    assert p.num_new_matched_tokens(r, 0) == 0
+    (save,) = p.build(step(new=[("r", list(range(1, 9)), 0)], scheduled={"r": 1000})).saves
+    assert (save.first_chunk, save.hashes, save.last_tokens) == (0, (*t.hashes, t.tail), 128)
+    assert p.build(step(cached=[("r", None, 1000, False)], scheduled={"r": 1})).saves == ()
+    p.finished("r")
+    # Another engine: chunks stored, tail not yet -> 768; with the tail -> 896 (vLLM computes 104).
+    store(daemon, toks[:768])
+    p2 = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    assert p2.num_new_matched_tokens(request("a", toks), 0) == 768
+    commit_entry(daemon, t.tail, 128, 768)
+    p3 = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    r3 = request("b", toks)
+    assert p3.num_new_matched_tokens(r3, 0) == 896
+    assert p3.num_new_matched_tokens(r3, 768) == 128  # vLLM's own hit covers the chunks
+    p3.after_alloc(r3, 896)
+    plan = p3.build(step(new=[("b", list(range(20, 28)), 896)], scheduled={"b": 104}))
+    (load,) = plan.loads
+    assert (load.start, load.end, load.hashes, load.last_tokens) == (0, 896, (*t.hashes, t.tail), 128)
+    assert plan.saves == ()  # everything it loaded is stored already
+    # A shorter prompt with the same tokens there has the same block-aligned tail and shares it; one
+    # whose tokens differ inside the tail does not.
+    p4 = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    assert p4.num_new_matched_tokens(request("c", toks[:950]), 0) == 896
+    assert p4.num_new_matched_tokens(request("d", toks[:800] + tokens(200, 12)), 0) == 768

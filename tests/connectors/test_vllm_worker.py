@@ -19,7 +19,7 @@ from kvd.connectors.vllm_plan import LoadSpec, SaveSpec, StepPlan
 from kvd.connectors.vllm_session import ConnectorSettings, DaemonSession
 from kvd.connectors.vllm_worker import WorkerIO
 from kvd.headmap import HeadMap
-from kvd.keys import ModelSpec, prefix_hashes
+from kvd.keys import ModelSpec, prefix_hashes, prefix_tail_hash
 from tests.daemon_proc import DaemonProc
 
 L, H, D, N = 3, 2, 16, 128
@@ -124,6 +124,39 @@ def test_load_ending_inside_the_last_chunk_copies_only_its_first_blocks(daemon):
     assert blocks_equal(src, (1, 2, 3, 4, 5), dst, blocks[:5])
     assert all(torch.equal(before[n][19], t[19]) for n, t in dst.kv_caches.items())  # left to vLLM
     assert dst.counters["loaded_tokens"] == 640
+
+
+@pytest.mark.parametrize("two_classes", [False, True], ids=["all-global", "head-map"])
+def test_tail_entry_round_trip_and_shape_check(daemon, two_classes):
+    hm = HeadMap.from_classes("m", [[True, False]] * L, sink=4, window=64) if two_classes else None
+    model = f"tail-{two_classes}"
+    src = make_worker(daemon, model, head_map=hm, seed=7)
+    toks = toks_for(7, 700)  # 2 chunks + a tail of one block: tokens [512, 640)
+    hs = hashes(src, toks)
+    tail = prefix_tail_hash(toks, chunk_tokens=C, tail_tokens=128, namespace=NS,
+                            fingerprint=src.session.spec.fingerprint(), parent=hs[-1])
+    src_blocks = (3, 8, 1, 6, 2, 9)
+    plan = StepPlan(saves=(SaveSpec("a", NS, 0, (*hs, tail), src_blocks, len(toks), last_tokens=128),))
+    assert run_step(src, plan) == set()
+    assert src.counters["stored_chunks"] == 3
+    with daemon.client() as c:
+        (row,) = [r for r in c.lookup(P.LookupRequest(fingerprint=src.session.handle().fingerprint, namespace=NS,
+                                                      prefix_hashes=[*hs, tail])).prefix if r.hash == tail]
+        assert row.num_tokens == 128
+    dst = make_worker(daemon, model, head_map=hm, seed=8)
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    dst_blocks = (10, 4, 14, 7, 11, 13)
+    load = LoadSpec("b", NS, 0, (*hs, tail), 0, 640, dst_blocks, last_tokens=128)
+    assert run_step(dst, StepPlan(loads=(load,))) == set()
+    assert blocks_equal(src, src_blocks[:5], dst, dst_blocks[:5])
+    assert all(torch.equal(before[n][13], t[13]) for n, t in dst.kv_caches.items())  # the last block: vLLM's
+    # A spec that takes the tail for a full chunk (wrong shape) is refused, its blocks reported, not copied.
+    dst2 = make_worker(daemon, model, head_map=hm, seed=9)
+    before = {n: t.clone() for n, t in dst2.kv_caches.items()}
+    errors = run_step(dst2, StepPlan(loads=(LoadSpec("c", NS, 0, (*hs, tail), 0, 768, dst_blocks + (15,)),)))
+    assert errors == {11, 13}  # tokens [512, 768): the entry that does not have the expected shape
+    assert blocks_equal(src, src_blocks[:4], dst2, dst_blocks[:4])  # the two full chunks still load
+    assert all(torch.equal(before[n][b], t[b]) for n, t in dst2.kv_caches.items() for b in (11, 13))
 
 
 def test_missing_chunk_reports_its_blocks_and_loads_the_rest(daemon):
