@@ -15,10 +15,12 @@ shape (contiguous); key scales ``[S, D]``, value scales ``[S, T]`` (``[D]`` / ``
 
 Kernels: keys, one program per (segment, channel tile), reading the segment once when it has at most
 256 tokens, else in two passes over T (max, then quantize; the second pass reads from L2); values, one
-program per (segment, token tile) in one pass. On a GPU the fp8 codes come from the hardware cast
-(round to nearest even); under the interpreter, whose cast carries wrongly, the kernels round to the
-e4m3 grid themselves (on the fp32 bit pattern) and then cast an exact value. Note for any torch reference on CUDA: ``t / 448.0`` there is a multiply by the
-reciprocal, not the IEEE quotient; divide by a tensor (as ``*_ref`` here does) to get the codec's math.
+program per (segment, token tile) in one pass. The kernels round to the e4m3 grid themselves (round
+to nearest even on the fp32 bit pattern) and then cast an exact value, so the codes do not depend on
+how a Triton version lowers the cast (the interpreter's carries wrongly; Triton 3.6's on the H200 gave
+other codes than torch for 9% of elements). Note for any torch reference on CUDA: ``t / 448.0`` there
+is a multiply by the reciprocal, not the IEEE quotient; divide by a tensor (as ``*_ref`` here does) to
+get the codec's math.
 """
 
 from __future__ import annotations
@@ -78,13 +80,6 @@ def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, IN
 
 
 @triton.jit
-def _to_code(y, DTYPE: tl.constexpr, IS_FP8: tl.constexpr):
-    if IS_FP8:
-        return y.to(DTYPE, fp_downcast_rounding="rtne")
-    return y.to(DTYPE)
-
-
-@triton.jit
 def _quantize_keys_kernel(
     # pointers
     x_ptr, q_ptr, scale_ptr,
@@ -111,7 +106,7 @@ def _quantize_keys_kernel(
         s1 = tl.where(s1 == 0.0, 1.0, s1)
         tl.store(scale_ptr + tl.cast(pid_s, tl.int64) * stride_ss + offs_d, s1, mask=mask_d)
         codes = _quantize_values_tile(slab, s1[None, :], QMAX, IS_FP8, INTERPRET)
-        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], _to_code(codes, q_ptr.dtype.element_ty, IS_FP8), mask=mask)
+        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], codes.to(q_ptr.dtype.element_ty), mask=mask)
         return
 
     # -- pass 1: per-channel max |x| over all tokens -------------------------------------------
@@ -130,7 +125,7 @@ def _quantize_keys_kernel(
         mask = ((t0 + offs_t) < num_tokens)[:, None] & mask_d[None, :]
         x = tl.load(x_seg + rows[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = _quantize_values_tile(x, scale[None, :], QMAX, IS_FP8, INTERPRET)
-        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], _to_code(y, q_ptr.dtype.element_ty, IS_FP8), mask=mask)
+        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -158,7 +153,7 @@ def _quantize_values_kernel(
     tl.store(scale_ptr + tl.cast(pid_s, tl.int64) * stride_ss + offs_t, scale, mask=mask_t)
     y = _quantize_values_tile(x, scale[:, None], QMAX, IS_FP8, INTERPRET)
     tl.store(q_ptr + tl.cast(pid_s, tl.int64) * stride_qs + rows[:, None] * stride_qt + offs_d[None, :],
-             _to_code(y, q_ptr.dtype.element_ty, IS_FP8), mask=mask)
+             y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
