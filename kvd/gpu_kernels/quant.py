@@ -15,15 +15,18 @@ shape (contiguous); key scales ``[S, D]``, value scales ``[S, T]`` (``[D]`` / ``
 
 Kernels: keys, one program per (segment, channel tile), reading the segment once when it has at most
 256 tokens, else in two passes over T (max, then quantize; the second pass reads from L2); values, one
-program per (segment, token tile) in one pass. The kernels round to the e4m3 grid themselves (round
-to nearest even on the fp32 bit pattern) and then cast an exact value, so the codes do not depend on
-how a Triton version lowers the cast (the interpreter's carries wrongly; Triton 3.6's on the H200 gave
-other codes than torch for 9% of elements). Note for any torch reference on CUDA: ``t / 448.0`` there
-is a multiply by the reciprocal, not the IEEE quotient; divide by a tensor (as ``*_ref`` here does) to
-get the codec's math.
+program per (segment, token tile) in one pass. fp8 codes come from the PTX
+``cvt.rn.satfinite.e4m3x2.f32`` on GPUs that have it (sm_89+), through inline assembly: Triton 3.6's
+own fp32 -> fp8e4nv cast gave other codes than torch for 9% of elements on the H200. Elsewhere (the
+interpreter, whose cast carries wrongly, and older GPUs) the kernels round to the e4m3 grid themselves
+(round to nearest even on the fp32 bit pattern) and then cast an exact value. Note for any torch
+reference on CUDA: ``t / 448.0`` there is a multiply by the reciprocal, not the IEEE quotient; divide by
+a tensor (as ``*_ref`` here does) to get the codec's math.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -38,6 +41,17 @@ from kvd.gpu_kernels._launch import (
 )
 
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+# fp8 codes on a GPU of compute capability >= 8.9: 1 = the PTX cvt.rn.satfinite.e4m3x2.f32 (element 0
+# in the low byte; bit-identical to torch on all 134M codes of benchmarks/kernels.py on the H200, and
+# 1.6x faster), 0 = the in-kernel rounding (the interpreter's path, and older GPUs'). 2 = the other
+# element order, kept only so that benchmarks/kernels.py can show it is wrong. KVD_FP8_HW_CAST overrides.
+FP8_HW_CAST = int(os.environ.get("KVD_FP8_HW_CAST", "1"))
+
+
+def _hw_cast(x: torch.Tensor) -> int:
+    if is_interpreter() or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 9):
+        return 0
+    return FP8_HW_CAST
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -65,18 +79,46 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, INTERPRET: tl.constexpr):
+def _cvt_e4m3x2_lo_first(y):
+    # PTX cvt.rn.satfinite.e4m3x2.f32 d, a, b puts a in the high byte: element 0 ($1) goes low.
+    return tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,r,r", [y],
+                                     dtype=tl.int8, is_pure=True, pack=2)
+
+
+@triton.jit
+def _cvt_e4m3x2_hi_first(y):
+    return tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $1, $2;", "=h,r,r", [y],
+                                     dtype=tl.int8, is_pure=True, pack=2)
+
+
+@triton.jit
+def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+                          HW_CAST: tl.constexpr = 0):
+    """Codes as fp32 values on the target grid, or (``HW_CAST`` 1/2, fp8 on a GPU) as int8 bit patterns."""
     y = tl.math.div_rn(x, scale)  # IEEE division, as torch's x / s
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-    if IS_FP8:
+    if IS_FP8 and HW_CAST == 1:
+        y = _cvt_e4m3x2_lo_first(y)
+    elif IS_FP8 and HW_CAST == 2:
+        y = _cvt_e4m3x2_hi_first(y)
+    elif IS_FP8:
         # Round to the e4m3 grid here, so the cast is exact whatever its rounding: the interpreter's
         # carries wrongly, and Triton 3.6's fp32 -> fp8e4nv cast on the H200 gave other codes than
         # torch for 9% of the elements even with fp_downcast_rounding="rtne" (benchmarks/kernels.py,
-        # 2026-11-28), so the cheaper hardware cast is not used.
+        # 2026-11-28); GPUs with the e4m3 cvt take the inline-assembly branch above.
         y = _round_to_e4m3(y)
     else:
         y = _round_half_even(y)
     return y
+
+
+@triton.jit
+def _as_code(y, DTYPE: tl.constexpr, IS_FP8: tl.constexpr, HW_CAST: tl.constexpr):
+    if IS_FP8 and HW_CAST != 0:
+        out = y.to(DTYPE, bitcast=True)
+    else:  # (not an early return: Triton would still compile the other cast)
+        out = y.to(DTYPE)
+    return out
 
 
 @triton.jit
@@ -89,7 +131,7 @@ def _quantize_keys_kernel(
     stride_xs, stride_xt, stride_qs, stride_qt, stride_ss,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr,
-    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr, ONE_PASS: tl.constexpr,
+    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr, ONE_PASS: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -105,8 +147,9 @@ def _quantize_keys_kernel(
         s1 = tl.math.div_rn(tl.max(tl.abs(slab), 0), QMAX)
         s1 = tl.where(s1 == 0.0, 1.0, s1)
         tl.store(scale_ptr + tl.cast(pid_s, tl.int64) * stride_ss + offs_d, s1, mask=mask_d)
-        codes = _quantize_values_tile(slab, s1[None, :], QMAX, IS_FP8, INTERPRET)
-        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], codes.to(q_ptr.dtype.element_ty), mask=mask)
+        codes = _quantize_values_tile(slab, s1[None, :], QMAX, IS_FP8, INTERPRET, HW_CAST)
+        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :],
+                 _as_code(codes, q_ptr.dtype.element_ty, IS_FP8, HW_CAST), mask=mask)
         return
 
     # -- pass 1: per-channel max |x| over all tokens -------------------------------------------
@@ -124,8 +167,9 @@ def _quantize_keys_kernel(
         rows = (t0 + offs_t).to(tl.int64)
         mask = ((t0 + offs_t) < num_tokens)[:, None] & mask_d[None, :]
         x = tl.load(x_seg + rows[:, None] * stride_xt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = _quantize_values_tile(x, scale[None, :], QMAX, IS_FP8, INTERPRET)
-        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+        y = _quantize_values_tile(x, scale[None, :], QMAX, IS_FP8, INTERPRET, HW_CAST)
+        tl.store(q_seg + rows[:, None] * stride_qt + offs_d[None, :], _as_code(y, q_ptr.dtype.element_ty, IS_FP8, HW_CAST),
+                 mask=mask)
 
 
 @triton.jit
@@ -138,7 +182,7 @@ def _quantize_values_kernel(
     stride_xs, stride_xt, stride_qs, stride_qt, stride_ss,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr,
-    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    IS_FP8: tl.constexpr, INTERPRET: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -151,9 +195,9 @@ def _quantize_values_kernel(
     scale = tl.math.div_rn(tl.max(tl.abs(x), 1), QMAX)  # per token
     scale = tl.where(scale == 0.0, 1.0, scale)
     tl.store(scale_ptr + tl.cast(pid_s, tl.int64) * stride_ss + offs_t, scale, mask=mask_t)
-    y = _quantize_values_tile(x, scale[:, None], QMAX, IS_FP8, INTERPRET)
+    y = _quantize_values_tile(x, scale[:, None], QMAX, IS_FP8, INTERPRET, HW_CAST)
     tl.store(q_ptr + tl.cast(pid_s, tl.int64) * stride_qs + rows[:, None] * stride_qt + offs_d[None, :],
-             y.to(q_ptr.dtype.element_ty), mask=mask)
+             _as_code(y, q_ptr.dtype.element_ty, IS_FP8, HW_CAST), mask=mask)
 
 
 @triton.jit
@@ -210,7 +254,7 @@ def _quantize(x, qdtype, per_channel):
     if S and T and D:
         block_d = next_pow2(D)
         meta = dict(HEAD_DIM=D, QMAX=QMAX[qdtype], IS_FP8=qdtype == torch.float8_e4m3fn,
-                    INTERPRET=is_interpreter(), num_warps=4)
+                    INTERPRET=is_interpreter(), HW_CAST=_hw_cast(x), num_warps=4)
         strides = (x3.stride(0), x3.stride(1), q.stride(0), q.stride(1), scale.stride(0))
         if per_channel:
             block_d = min(block_d, 64)
