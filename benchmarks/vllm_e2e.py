@@ -4,7 +4,8 @@ ExampleConnector vs. vLLM's own prefix cache, for 1K, 2K, 3,000 and 4K-token pro
 
 Run ``nice python benchmarks/vllm_e2e.py [--runs 5]``; results go to benchmarks/results/vllm_e2e.json and
 .png. Engines are subprocesses of this script (``--engine JOB``: vLLM, then one command per stdin line)
-against kvd daemons started here (host arena 2 GiB, SSD tier off: the hot path is measured):
+against kvd daemons started here (host arena 4 GiB, room for every prompt stored; SSD tier off: the
+hot path is measured):
 
 1. ``kvd_store`` (KvdConnector), ``kvd128_store`` (KvdConnector on a second daemon with 128-token chunks,
    vLLM's CPU block size) and ``example_store`` (vLLM's ExampleConnector: one safetensors file per layer
@@ -58,6 +59,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+ARENA = "4GiB"  # every stored prompt fits (8 x 10,168 tokens x 23 KB = 1.9 GB + warm-ups), so no run misses
 LENGTHS = (1024, 2048, 3000, 4096)  # 3000: not a whole number of chunks or blocks (tail entries)
 MODES = ("recompute", "kvd", "example", "prefix_cache")
 CHECK_TOKENS, LOGPROB_TOL = 8, 0.25
@@ -185,7 +187,7 @@ def start_daemon(root: Path, *, chunk_tokens: int = 256) -> tuple[subprocess.Pop
         port = s.getsockname()[1]
     sock = str(root / "kvd.sock")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
-    env.update({"KVD_HOST__PATH": str(root / "arena"), "KVD_HOST__CAPACITY_BYTES": "2GiB",
+    env.update({"KVD_HOST__PATH": str(root / "arena"), "KVD_HOST__CAPACITY_BYTES": ARENA,
                 "KVD_SSD__ENABLED": "false", "KVD_SSD__PATH": str(root / "ssd"), "PYTHONPATH": str(REPO),
                 "KVD_KEYS__CHUNK_TOKENS": str(chunk_tokens)})
     proc = subprocess.Popen([sys.executable, "-m", "kvd.daemon", "--socket", sock, "--metrics-addr",
@@ -421,7 +423,7 @@ def summarize(runs, checks, store_checks, times, cached, profile, load_bytes, lo
     res.update({k: round(v, 3) for k, v in profile.items()})
     res["load_copy_MBps"] = load_bytes / load_s / 1e6 if load_s else None
     res["load_copy_4096_ms_est"] = 3968 * 23040 / (load_bytes / load_s) * 1e3 if load_s else None
-    res["arena_bytes"] = "2GiB"
+    res["arena_bytes"] = ARENA
     return res
 
 
