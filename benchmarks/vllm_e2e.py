@@ -32,7 +32,7 @@ TTFT = wall time of ``LLM.generate`` for one prompt with ``max_tokens=1`` on an 
 Asks are 1.5 s apart: vLLM's worker and engine core busy-wait for 1 s after each message, which on
 2 cores would slow the next engine asked (measured: +0.3 s per request before this pause).
 Prompts are English-like sentences ending in the alphabet (a continuation the model is sure of; see
-tests/connectors/test_vllm_e2e.py).
+``kvd.eval.tasks.alphabet_document``).
 
 Where kvd's time goes is measured too: the scheduler's lookup RPC and the worker's lease + release RPCs
 for Q_4096's 16 chunks (from this process, median of 50), and the arena -> vLLM copy speed the workers
@@ -67,11 +67,6 @@ CHECK_TOKENS, LOGPROB_TOL = 8, 0.25
 # on 2 cores, an engine that just answered slows whichever engine is asked next. Pause between asks.
 PAUSE_S = 1.5
 GOALS_4K = {"kvd_speedup_vs_recompute": 5.0, "kvd_speedup_vs_example": 2.0, "kvd_over_prefix_cache_max": 2.0}
-WORDS = ("river mountain city lantern harbor garden winter summer engine library market bridge tower forest "
-         "island village meadow castle valley desert ocean canyon station museum theater school farmer sailor "
-         "painter doctor teacher merchant soldier writer builder baker student pilot").split()
-VERBS = "visits builds paints describes remembers crosses guards follows studies finds leaves opens".split()
-TAIL = "Letters: " + " ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + " A B C D E F"
 
 
 # ---- one engine (a subprocess serving commands) -------------------------------------------------
@@ -151,14 +146,6 @@ class Engine:
 # ---- the orchestrator ----------------------------------------------------------------------------
 
 
-def document(seed: int, num_tokens: int, tok) -> list[int]:
-    rng = random.Random(seed)
-    tail = tok.encode(" " + TAIL, add_special_tokens=False)
-    ids: list[int] = []
-    while len(ids) < num_tokens - len(tail):
-        a, b, c = rng.sample(WORDS, 3)
-        ids += tok.encode(f"The {a} {rng.choice(VERBS)} the {b} near the {c}. ", add_special_tokens=False)
-    return ids[: num_tokens - len(tail)] + tail
 
 
 def build_prompts(model_dir: Path, runs: int) -> dict[str, list[int]]:
@@ -167,16 +154,18 @@ def build_prompts(model_dir: Path, runs: int) -> dict[str, list[int]]:
     C{r}: Q4096's first 3,840 tokens and 256 new ones."""
     from transformers import AutoTokenizer
 
+    from kvd.eval.tasks import alphabet_document
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     p: dict[str, list[int]] = {}
     for i, L in enumerate(LENGTHS):
-        p[f"W{L}"] = document(100 + i, L, tok)
+        p[f"W{L}"] = alphabet_document(100 + i, L, tok)
         for r in range(runs + 1):
-            p[f"Q{L}_{r}"] = document(1 + 10 * i + r, L, tok)
-            p[f"R{L}_{r}"] = document(1000 + 10 * i + r, L, tok)
-            p[f"K{L}_{r}"] = document(3000 + 10 * i + r, L, tok)
+            p[f"Q{L}_{r}"] = alphabet_document(1 + 10 * i + r, L, tok)
+            p[f"R{L}_{r}"] = alphabet_document(1000 + 10 * i + r, L, tok)
+            p[f"K{L}_{r}"] = alphabet_document(3000 + 10 * i + r, L, tok)
     for r in range(runs):
-        p[f"C{r}"] = p[f"Q4096_{runs}"][:3840] + document(2000 + r, 256, tok)
+        p[f"C{r}"] = p[f"Q4096_{runs}"][:3840] + alphabet_document(2000 + r, 256, tok)
     return p
 
 

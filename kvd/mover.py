@@ -235,7 +235,7 @@ class Mover:
         held = {e.key: e for e, _, _ in jobs}
         for e in held.values():
             self._busy.add(e.key)
-            e.leases += 1
+            self.store.hold(e)
         try:
             records = await self.store.run_io(self._encode_all, [(e, cls, x) for e, cls, x in jobs])
             written = await self._reserve_and_write(jobs, records)
@@ -335,7 +335,7 @@ class Mover:
 
     async def _promote(self, e: Entry, classes: list[str]) -> bool:
         t0 = time.perf_counter()
-        e.leases += 1
+        self.store.hold(e)
         self._busy.add(e.key)
         slots: list[tuple[Extent, Location]] = []
         try:

@@ -280,7 +280,7 @@ class Store:
             # promoted a moment earlier for this same lease (found by the kill -9 test).
             held = [e for k in keys if (e := self._index.get(k)) is not None]
             for e in held:
-                e.leases += 1
+                self.hold(e)
             try:
                 wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
                 await self.mover.wait_for_host(keys, req.classes, wait)
@@ -305,7 +305,7 @@ class Store:
         if not all(e.extents[c].host is not None for c in want):
             lost = any(e.extents[c].host is None and e.extents[c].ssd is None for c in want)
             return P.LeasedEntry(hash=key[2], status="missing" if lost else "timeout", num_tokens=e.num_tokens)
-        e.leases += 1
+        self.hold(e)
         e.reuse_count += 1
         e.last_access = now
         self.host_policy.on_access(key, now)
@@ -326,6 +326,10 @@ class Store:
             if e is not None:
                 self.unhold(e)
         self.metrics.leases_held.set(len(self.holds.leases))
+
+    def hold(self, e: Entry) -> None:
+        """One more reader (a lease, or the mover) of ``e``: it is not evicted or freed until ``unhold``."""
+        e.leases += 1
 
     def unhold(self, e: Entry) -> None:
         """One reader (a lease, or the mover) is done with ``e``; a deleted entry is freed at the last."""

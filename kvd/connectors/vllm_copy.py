@@ -11,7 +11,7 @@ portable across engines, layouts and ISAs, and the head map's codecs can read it
 
 - ``StridedCopier`` (CPU; any layout that is a strided view of a block, which every CPU ISA and GPU
   layout seen is): per layer, strided copies between the arena and a block-ordered staging buffer,
-  then whole blocks into place. On the CPU through numpy (one thread; see ``_copy`` for why).
+  then whole blocks into place. On the CPU through numpy (one thread; see ``kvio.copy_block`` for why).
 - ``PermCopier`` (a layout that is no strided view): the same with a gather by the permutation.
 - ``KernelCopier`` (CUDA, layouts ``LBNHC``/``LBHNC``): ``kvd.gpu_kernels`` gather/scatter, reading or
   writing the (pinned) arena directly; ``use_triton=False`` runs their torch references (tests).
@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from kvd.connectors.kvio import copy_block, numpy_view
 from kvd.connectors.vllm_layout import BlockLayout
 from kvd.gpu_kernels import gather_segments, gather_segments_ref, scatter_segments, scatter_segments_ref
 from kvd.layout import ExtentPlan
@@ -225,45 +225,25 @@ class StridedCopier:
         for p in pieces:
             for plan, view in p.extents:
                 for src, dst in self._views(staging, o, p, plan, view, layer):
-                    _copy(dst, src)
+                    copy_block(dst, src, non_blocking=False)
             o += len(p.block_ids)
         if kv_layer.device.type == "cpu":
-            _np(blocks)[ids.numpy()] = _np(staging)
+            numpy_view(blocks)[ids.numpy()] = numpy_view(staging)
         else:
             blocks.index_copy_(0, ids, staging)
 
     def save_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
         ids, blocks = self._staging(kv_layer, pieces)
         if kv_layer.device.type == "cpu":
-            staging = torch.from_numpy(_np(blocks)[ids.numpy()]).view(kv_layer.dtype)
+            staging = torch.from_numpy(numpy_view(blocks)[ids.numpy()]).view(kv_layer.dtype)
         else:
             staging = blocks.index_select(0, ids)
         o = 0
         for p in pieces:
             for plan, view in p.extents:
                 for src, dst in self._views(staging, o, p, plan, view, layer):
-                    _copy(src, dst)
+                    copy_block(src, dst, non_blocking=False)
             o += len(p.block_ids)
-
-
-_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
-_TORCH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor (any dtype, as same-size integers; strides kept)."""
-    return t.view(_TORCH_INT[t.element_size()]).numpy()
-
-
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)``; on the CPU through numpy, which copies on the calling thread. torch would
-    split large copies over its OpenMP threads, which vLLM pins to cores: when another process holds
-    one of those cores, every such copy waits for it (measured: 10x slower loads on a busy 2-core
-    machine), and vLLM forbids changing the thread count in its workers."""
-    if dst.device.type == "cpu" and src.device.type == "cpu":
-        np.copyto(_np(dst), _np(src), casting="no")
-    else:
-        dst.copy_(src)
 
 
 def _flat(view: torch.Tensor) -> torch.Tensor:

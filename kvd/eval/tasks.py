@@ -213,3 +213,24 @@ def natural_text_ids(tok, source: str, seed: int, num_tokens: int) -> list[int]:
     if len(ids) < num_tokens:
         raise InvalidRequest(f"{source} text gave {len(ids)} tokens, {num_tokens} asked")
     return ids[:num_tokens]
+
+
+_PLACES = ("river mountain city lantern harbor garden winter summer engine library market bridge tower forest "
+           "island village meadow castle valley desert ocean canyon station museum theater school farmer sailor "
+           "painter doctor teacher merchant soldier writer builder baker student pilot").split()
+_ACTS = "visits builds paints describes remembers crosses guards follows studies finds leaves opens".split()
+_ALPHABET_TAIL = "Letters: " + " ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + " A B C D E F"
+
+
+def alphabet_document(seed: int, num_tokens: int, tok) -> list[int]:
+    """``num_tokens`` token ids of English-like sentences ending in the alphabet, whose continuation
+    the model is sure of. For comparing engines' greedy outputs: vLLM's CPU kernels round differently
+    from one process to the next, so outputs are compared where no two tokens are near a tie (free
+    text, numbers above all, flips on noise). Used by the vLLM e2e tests and benchmark."""
+    rng = random.Random(seed)
+    tail = tok.encode(" " + _ALPHABET_TAIL, add_special_tokens=False)
+    ids: list[int] = []
+    while len(ids) < num_tokens - len(tail):
+        a, b, c = rng.sample(_PLACES, 3)
+        ids += tok.encode(f"The {a} {rng.choice(_ACTS)} the {b} near the {c}. ", add_special_tokens=False)
+    return ids[: num_tokens - len(tail)] + tail

@@ -26,6 +26,7 @@ a tensor (as ``*_ref`` here does) to get the codec's math.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,18 +42,21 @@ from kvd.gpu_kernels._launch import (
 )
 
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
-# fp8 codes on a GPU of compute capability >= 8.9: 1 = the PTX cvt.rn.satfinite.e4m3x2.f32 (element 0
-# in the low byte; bit-identical to torch on all 134M codes of benchmarks/kernels.py on the H200, and
-# 1.6x faster), 0 = the in-kernel rounding (the interpreter's path, and older GPUs'). 2 = the other
-# element order, kept only so that benchmarks/kernels.py can show it is wrong. KVD_FP8_HW_CAST overrides.
-FP8_HW_CAST = int(os.environ.get("KVD_FP8_HW_CAST", "1"))
-
-
-def _hw_cast(x: torch.Tensor) -> int:
-    if is_interpreter() or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 9):
-        return 0
-    return FP8_HW_CAST
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# fp8 codes on a GPU of compute capability >= 8.9 come from the PTX cvt.rn.satfinite.e4m3x2.f32
+# (bit-identical to torch on all 134M codes of benchmarks/kernels.py on the H200, 1.6x faster than the
+# in-kernel rounding, which the interpreter and older GPUs use). KVD_FP8_HW_CAST=0 turns it off.
+FP8_HW_CAST = os.environ.get("KVD_FP8_HW_CAST", "1") != "0"
+
+
+@functools.cache
+def _has_e4m3_cvt(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def _hw_cast(x: torch.Tensor) -> bool:
+    return (FP8_HW_CAST and not is_interpreter() and x.device.type == "cuda"
+            and _has_e4m3_cvt(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 
 @triton.jit
@@ -79,28 +83,21 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _cvt_e4m3x2_lo_first(y):
-    # PTX cvt.rn.satfinite.e4m3x2.f32 d, a, b puts a in the high byte: element 0 ($1) goes low.
+def _cvt_e4m3x2(y):
+    # PTX cvt.rn.satfinite.e4m3x2.f32 d, a, b puts a in the high byte: element 0 ($1) goes low (the
+    # other order gives wrong codes for nearly every element; benchmarks/kernels.py checks each one).
     return tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,r,r", [y],
                                      dtype=tl.int8, is_pure=True, pack=2)
 
 
 @triton.jit
-def _cvt_e4m3x2_hi_first(y):
-    return tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $1, $2;", "=h,r,r", [y],
-                                     dtype=tl.int8, is_pure=True, pack=2)
-
-
-@triton.jit
 def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, INTERPRET: tl.constexpr,
-                          HW_CAST: tl.constexpr = 0):
-    """Codes as fp32 values on the target grid, or (``HW_CAST`` 1/2, fp8 on a GPU) as int8 bit patterns."""
+                          HW_CAST: tl.constexpr = False):
+    """Codes as fp32 values on the target grid, or (``HW_CAST``: fp8 on a GPU) as int8 bit patterns."""
     y = tl.math.div_rn(x, scale)  # IEEE division, as torch's x / s
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-    if IS_FP8 and HW_CAST == 1:
-        y = _cvt_e4m3x2_lo_first(y)
-    elif IS_FP8 and HW_CAST == 2:
-        y = _cvt_e4m3x2_hi_first(y)
+    if IS_FP8 and HW_CAST:
+        y = _cvt_e4m3x2(y)
     elif IS_FP8:
         # Round to the e4m3 grid here, so the cast is exact whatever its rounding: the interpreter's
         # carries wrongly, and Triton 3.6's fp32 -> fp8e4nv cast on the H200 gave other codes than
@@ -114,7 +111,7 @@ def _quantize_values_tile(x, scale, QMAX: tl.constexpr, IS_FP8: tl.constexpr, IN
 
 @triton.jit
 def _as_code(y, DTYPE: tl.constexpr, IS_FP8: tl.constexpr, HW_CAST: tl.constexpr):
-    if IS_FP8 and HW_CAST != 0:
+    if IS_FP8 and HW_CAST:
         out = y.to(DTYPE, bitcast=True)
     else:  # (not an early return: Triton would still compile the other cast)
         out = y.to(DTYPE)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -95,36 +94,19 @@ def engine_main(job_path: str) -> None:
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 
-WORDS = ("river mountain city lantern harbor garden winter summer engine library market bridge tower "
-         "forest island village meadow castle valley desert ocean canyon station museum theater school "
-         "farmer sailor painter doctor teacher merchant soldier writer builder baker student pilot").split()
-VERBS = "visits builds paints describes remembers crosses guards follows studies finds leaves opens".split()
 
 
-TAIL = "Letters: " + " ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + " A B C D E F"
-
-
-def document(seed: int, num_tokens: int, tok) -> list[int]:
-    """English-like sentences cut to length, ending in the alphabet, whose continuation the model is
-    sure of: vLLM's CPU kernels round differently from one process to the next, so greedy outputs
-    are compared where no two tokens are near a tie (free text, numbers above all, flips on noise).
-    Logprobs are compared too, within a tolerance, which garbage KV would blow far past."""
-    rng = random.Random(seed)
-    tail = tok.encode(" " + TAIL, add_special_tokens=False)
-    ids: list[int] = []
-    while len(ids) < num_tokens - len(tail):
-        a, b, c = rng.sample(WORDS, 3)
-        ids += tok.encode(f"The {a} {rng.choice(VERBS)} the {b} near the {c}. ", add_special_tokens=False)
-    return ids[: num_tokens - len(tail)] + tail
 
 
 @pytest.fixture(scope="module")
 def prompts(smollm2_dir):
     from transformers import AutoTokenizer
 
+    from kvd.eval.tasks import alphabet_document  # its docstring: why these prompts
+
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    p = {f"P{i}": document(i, 1000, tok) for i in (1, 3, 4, 5, 6, 7, 8)}
-    p["P2"] = p["P1"][:700] + document(2, 300, tok)  # the same prefix up to token 700, then its own
+    p = {f"P{i}": alphabet_document(i, 1000, tok) for i in (1, 3, 4, 5, 6, 7, 8)}
+    p["P2"] = p["P1"][:700] + alphabet_document(2, 300, tok)  # the same prefix up to token 700, then its own
     return p
 
 
