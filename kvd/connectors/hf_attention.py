@@ -60,6 +60,19 @@ def paged_attention(pool: PagePool, layer: int, q: torch.Tensor, q_pos: torch.Te
               num_kv_heads=num_kv_heads, max_seqlen_q=max_seqlen_q)
 
 
+def q_heads(kv_heads: Sequence[int], group: int, device) -> torch.Tensor:
+    """Query-head indices of ``kv_heads`` under GQA (query head j uses KV head j // group)."""
+    return torch.tensor([h * group + i for h in kv_heads for i in range(group)], dtype=torch.long, device=device)
+
+
+def _by_window(sink: Sequence[int], window: Sequence[int]) -> dict[tuple[int, int], list[int]]:
+    """KV heads grouped by their ``(sink, window)``: each group is attended with one mask."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, (s, w) in enumerate(zip(sink, window)):
+        groups.setdefault((int(s), int(w)), []).append(h)
+    return groups
+
+
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of ``q [S, Hq', D]`` (positions 0..S-1) over ``k``/``v [Hkv', S, D]``; ``[S, Hq', D]``.
 
@@ -83,11 +96,8 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: 
     """
     S, group = q.shape[0], q.shape[1] // k.shape[0]
     out = torch.empty_like(q)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for h, (s, w) in enumerate(zip(sink, window)):
-        groups.setdefault((int(s), int(w)), []).append(h)
-    for (s, w), heads in groups.items():
-        qh = torch.tensor([h * group + i for h in heads for i in range(group)], device=q.device)
+    for (s, w), heads in _by_window(sink, window).items():
+        qh = q_heads(heads, group, q.device)
         kh = k[heads].repeat_interleave(group, dim=0)
         vh = v[heads].repeat_interleave(group, dim=0)
         for b0 in range(0, S, block):
@@ -113,12 +123,9 @@ def sparse_query_attention(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor
     group = q.shape[1] // num_kv_heads
     sink = list(sink) if sink is not None else [0] * num_kv_heads
     window = list(window) if window is not None else [0] * num_kv_heads
-    groups: dict[tuple[int, int], list[int]] = {}
-    for h in range(num_kv_heads):
-        groups.setdefault((int(sink[h]), int(window[h])), []).append(h)
     out = torch.empty_like(q)
-    for (s, w), heads in groups.items():
-        qh = torch.tensor([h * group + i for h in heads for i in range(group)], device=q.device)
+    for (s, w), heads in _by_window(sink, window).items():
+        qh = q_heads(heads, group, q.device)
         for b0 in range(0, q.shape[0], block):
             b1 = min(q.shape[0], b0 + block)
             end = int(q_pos[b1 - 1]) + 1

@@ -18,7 +18,6 @@ attention; afterwards the local heads' pages outside sink + window are freed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from kvd.connectors.hf_attention import (
     dense_causal_attention,
     paged_attention,
+    q_heads,
     sparse_query_attention,
     windowed_attention,
 )
@@ -66,10 +66,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rot * sin[:, None]
-
-
-def _q_heads(kv_heads: Sequence[int], group: int, device) -> torch.Tensor:
-    return torch.tensor([h * group + i for h in kv_heads for i in range(group)], dtype=torch.long, device=device)
 
 
 # ---- the forward ------------------------------------------------------------------------------------
@@ -129,14 +125,14 @@ def _attend(ctx: _Ctx, layer: int, q: torch.Tensor, act: torch.Tensor, K, V, sca
         out = torch.empty_like(q)
         glob, loc = ctx.layout.global_heads(layer), ctx.layout.local_heads(layer)
         if glob:
-            qh = _q_heads(glob, group, q.device)
+            qh = q_heads(glob, group, q.device)
             out[:, qh] = dense_causal_attention(q[:, qh], K[glob], V[glob], scale)
         if loc and not paged:
-            qh = _q_heads(loc, group, q.device)
+            qh = q_heads(loc, group, q.device)
             out[:, qh] = windowed_attention(q[:, qh], K[loc], V[loc], [ctx.layout.sink[layer][h] for h in loc],
                                             [ctx.layout.window[layer][h] for h in loc], scale)
         elif loc:
-            qh = _q_heads(loc, group, q.device)
+            qh = q_heads(loc, group, q.device)
             pos = torch.arange(S, dtype=torch.int32, device=q.device)
             cu = torch.tensor([0, S], dtype=torch.int32, device=q.device)
             out[:, qh] = paged_attention(ctx.pool, layer, q[:, qh].contiguous(), pos, cu, scale, heads=loc,
@@ -175,7 +171,7 @@ def _importance(ctx: _Ctx, layer: int, sf, q, act, K, out, scale) -> torch.Tenso
         return torch.where(ctx.reused[act], dev, dev.max())
     group = q.shape[1] // K.shape[0]
     recent = torch.nonzero(act >= ctx.num_tokens - max(1, sf.recent_tokens)).reshape(-1)
-    qh = _q_heads(heads, group, q.device)
+    qh = q_heads(heads, group, q.device)
     got = received_attention(q[recent][:, qh], K[heads], act[recent], scale)
     return got[act]
 
