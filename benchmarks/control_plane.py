@@ -35,12 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvd import protocol as P  # noqa: E402
-from kvd.connectors import kvio  # noqa: E402
-from kvd.connectors.client import KvdClient  # noqa: E402
-from kvd.connectors.kvio import copy_block, extent_to_kv_views  # noqa: E402
-from kvd.errors import DaemonUnavailable  # noqa: E402
-from kvd.keys import ModelSpec  # noqa: E402
+from kvd.client import prefix as kvio  # noqa: E402
+from kvd.client.client import KvdClient  # noqa: E402
+from kvd.client.prefix import copy_block, extent_to_kv_views  # noqa: E402
+from kvd.core import protocol as P  # noqa: E402
+from kvd.core.errors import DaemonUnavailable  # noqa: E402
+from kvd.core.keys import ModelSpec  # noqa: E402
 
 LOOKUP_SPEC = ModelSpec("bench-lookup", num_layers=30, num_kv_heads=3, head_dim=64, kv_dtype="bfloat16")
 STORE_SPEC = ModelSpec("bench-store", num_layers=1, num_kv_heads=4, head_dim=64, kv_dtype="bfloat16")
@@ -58,7 +58,7 @@ def start_daemon(root: Path) -> subprocess.Popen:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "kvd.daemon", "--socket", str(root / "kvd.sock"),
+    proc = subprocess.Popen([sys.executable, "-m", "kvd.daemon.service", "--socket", str(root / "kvd.sock"),
                              "--metrics-addr", f"127.0.0.1:{port}"], env=env, cwd=ROOT)
     c = KvdClient(root / "kvd.sock", register_cuda=False)
     for _ in range(600):

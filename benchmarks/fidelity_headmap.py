@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kvd.eval.harness import Harness, make_prompts, result_dict, summarize  # noqa: E402
-from kvd.headmap import HeadMap  # noqa: E402
-from kvd.models import load_causal_lm, smollm2_dir  # noqa: E402
-from kvd.policies.head_profiler import trajectory_maps  # noqa: E402
+from kvd.calibrate.harness import Harness, make_prompts, result_dict, summarize  # noqa: E402
+from kvd.calibrate.profiler import trajectory_maps  # noqa: E402
+from kvd.core.headmap import HeadMap  # noqa: E402
+from kvd.testing.models import load_causal_lm, smollm2_dir  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -94,7 +94,7 @@ class Checkpoint:
 
 
 def _res(d: dict):
-    from kvd.eval.harness import PromptResult
+    from kvd.calibrate.harness import PromptResult
     return PromptResult(**d)
 
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda; fp32 either way")
     ap.add_argument("--pareto-from", default=None, help="results JSON whose Pareto sweep to reuse")
     ap.add_argument("--passkey-variant", default="auto",
-                    help="repeat|prose[-chat] (kvd.eval.tasks.passkey), or auto: the one full KV solves best")
+                    help="repeat|prose[-chat] (kvd.calibrate.tasks.passkey), or auto: the one full KV solves best")
     ap.add_argument("--quick", action="store_true", help="2 natural prompts, 4 recall prompts per length")
     ap.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     args = ap.parse_args(argv)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvd.connectors.hf_pool import HeadLayout
+from kvd.connectors.hf.pool import HeadLayout
 from kvd.reuse.plan import method_config
 
 # Rates measured on this workplace's H200 (benchmarks/results/kernels.json, notes/kernels.md) or given

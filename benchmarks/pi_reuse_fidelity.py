@@ -1,7 +1,7 @@
 """Fidelity of position-independent chunk reuse on SmolLM2 (CPU, fp32): issue 7's accuracy goals.
 
 Task (generated, nothing downloaded): a corpus of documents of generated prose (evaluation seeds of
-``kvd.eval.tasks``), each holding one fact ``The access code for the <place> is <5 digits>.`` (two
+``kvd.calibrate.tasks``), each holding one fact ``The access code for the <place> is <5 digits>.`` (two
 facts per document made the 135M model confuse them even with full recompute: ~45% accuracy).
 A request is a system header, ``--docs`` documents drawn from the corpus in a random order (so each
 document comes back in several requests at different positions), and a question about one fact
@@ -9,7 +9,7 @@ document comes back in several requests at different positions), and a question 
 (``... The access code for the <place> is``). Documents are the reusable segments; header and question
 are not.
 
-Scoring (teacher-forced, one forward per method and request, as ``kvd.eval.harness`` does): the
+Scoring (teacher-forced, one forward per method and request, as ``kvd.calibrate.harness`` does): the
 method prefills the request (``KvdCache.reuse``), then the answer tokens are fed through the cache.
 A request is *correct* when the argmax at every scored answer position (the first answer token and
 every digit) is the answer token: exactly the condition for greedy decoding to produce the codes.
@@ -41,9 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvd.connectors import hf  # noqa: E402
-from kvd.eval.tasks import EVAL_SEED_BASE, prose  # noqa: E402
-from kvd.headmap import HeadMap  # noqa: E402
+from kvd.calibrate.tasks import EVAL_SEED_BASE, prose  # noqa: E402
+from kvd.connectors.hf import cache as hf  # noqa: E402
+from kvd.core.headmap import HeadMap  # noqa: E402
 from kvd.reuse.chunks import LocalChunkStore  # noqa: E402
 from kvd.reuse.plan import BENCH_METHODS, SPARSE_FFN, Segment, method_config  # noqa: E402
 
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda to sweep settings fast (fp32 either way)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from kvd.models import load_causal_lm, smollm2_dir
+    from kvd.testing.models import load_causal_lm, smollm2_dir
 
     model, tok = load_causal_lm(smollm2_dir())
     model.to(args.device)

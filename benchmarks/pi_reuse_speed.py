@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pi_reuse_costmodel import predict, read_bytes  # noqa: E402
 
-from kvd.connectors.hf_pool import HeadLayout, PagePool  # noqa: E402
-from kvd.connectors.hf_reuse import chunk_key, compute_chunk, reuse_request  # noqa: E402
+from kvd.connectors.hf.pool import HeadLayout, PagePool  # noqa: E402
+from kvd.connectors.hf.reuse import chunk_key, compute_chunk, reuse_request  # noqa: E402
 from kvd.reuse.chunks import LocalChunkStore  # noqa: E402
 from kvd.reuse.plan import BENCH_METHODS, Segment, method_config  # noqa: E402
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import pi_reuse_fidelity as fid  # noqa: E402
 
-from kvd.connectors import hf  # noqa: E402
-from kvd.headmap import HeadMap  # noqa: E402
+from kvd.connectors.hf import cache as hf  # noqa: E402
+from kvd.core.headmap import HeadMap  # noqa: E402
 from kvd.reuse.chunks import LocalChunkStore  # noqa: E402
 from kvd.reuse.plan import SPARSE_FFN, SparseFfn  # noqa: E402
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from kvd.models import load_causal_lm, smollm2_dir
+    from kvd.testing.models import load_causal_lm, smollm2_dir
 
     model, tok = load_causal_lm(smollm2_dir())
     store = LocalChunkStore()

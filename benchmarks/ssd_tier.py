@@ -42,8 +42,8 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvd.codec import Codecs  # noqa: E402
-from kvd.config import CodecSettings, SsdSettings  # noqa: E402
+from kvd.codecs import Codecs  # noqa: E402
+from kvd.core.config import CodecSettings, SsdSettings  # noqa: E402
 from kvd.tiers.ssd import SsdTier  # noqa: E402
 
 CACHE_DIR = Path.home() / ".cache" / "kvd" / "bench"
@@ -66,7 +66,7 @@ def real_kv(num_tokens: int = NUM_TOKENS) -> tuple[np.ndarray, np.ndarray, dict]
 
     import torch
 
-    from kvd.models import load_causal_lm, smollm2_dir
+    from kvd.testing.models import load_causal_lm, smollm2_dir
 
     model, tok = load_causal_lm(smollm2_dir(), dtype="float32")
     text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))

@@ -32,7 +32,7 @@ TTFT = wall time of ``LLM.generate`` for one prompt with ``max_tokens=1`` on an 
 Asks are 1.5 s apart: vLLM's worker and engine core busy-wait for 1 s after each message, which on
 2 cores would slow the next engine asked (measured: +0.3 s per request before this pause).
 Prompts are English-like sentences ending in the alphabet (a continuation the model is sure of; see
-``kvd.eval.tasks.alphabet_document``).
+``kvd.calibrate.tasks.alphabet_document``).
 
 Where kvd's time goes is measured too: the scheduler's lookup RPC and the worker's lease + release RPCs
 for Q_4096's 16 chunks (from this process, median of 50), and the arena -> vLLM copy speed the workers
@@ -154,7 +154,7 @@ def build_prompts(model_dir: Path, runs: int) -> dict[str, list[int]]:
     C{r}: Q4096's first 3,840 tokens and 256 new ones."""
     from transformers import AutoTokenizer
 
-    from kvd.eval.tasks import alphabet_document
+    from kvd.calibrate.tasks import alphabet_document
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     p: dict[str, list[int]] = {}
@@ -179,11 +179,11 @@ def start_daemon(root: Path, *, chunk_tokens: int = 256) -> tuple[subprocess.Pop
     env.update({"KVD_HOST__PATH": str(root / "arena"), "KVD_HOST__CAPACITY_BYTES": ARENA,
                 "KVD_SSD__ENABLED": "false", "KVD_SSD__PATH": str(root / "ssd"), "PYTHONPATH": str(REPO),
                 "KVD_KEYS__CHUNK_TOKENS": str(chunk_tokens)})
-    proc = subprocess.Popen([sys.executable, "-m", "kvd.daemon", "--socket", sock, "--metrics-addr",
+    proc = subprocess.Popen([sys.executable, "-m", "kvd.daemon.service", "--socket", sock, "--metrics-addr",
                              f"127.0.0.1:{port}"], env=env, stdout=open(root / "kvd.log", "wb"),
                             stderr=subprocess.STDOUT)
-    from kvd.connectors.client import KvdClient
-    from kvd.errors import DaemonUnavailable
+    from kvd.client.client import KvdClient
+    from kvd.core.errors import DaemonUnavailable
 
     deadline = time.monotonic() + 30
     while True:
@@ -216,9 +216,9 @@ def metric(port: int, name: str, **labels) -> float:
 
 def rpc_profile(sock: str, prompt: list[int]) -> dict[str, float]:
     """Median ms of the scheduler's lookup and the worker's lease + release for ``prompt``'s chunks."""
-    from kvd import protocol as P
-    from kvd.connectors.client import KvdClient
-    from kvd.keys import prefix_hashes
+    from kvd.client.client import KvdClient
+    from kvd.core import protocol as P
+    from kvd.core.keys import prefix_hashes
 
     with KvdClient(sock, register_cuda=False) as c:
         (m,) = c.models().models
@@ -246,7 +246,7 @@ def main() -> int:
         engine(args.engine, args.reply_fd)
         return 0
     sys.path.insert(0, str(REPO))
-    from kvd.models import smollm2_dir
+    from kvd.testing.models import smollm2_dir
 
     model_dir = smollm2_dir()
     runs = args.runs

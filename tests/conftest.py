@@ -29,7 +29,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """Path of the converted SmolLM2-135M-Instruct safetensors dir (converted on first use, ~30 s)."""
-    from kvd.models import smollm2_dir as _smollm2_dir
+    from kvd.testing.models import smollm2_dir as _smollm2_dir
 
     return _smollm2_dir()
 
@@ -37,6 +37,6 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def smollm2_fp32(smollm2_dir):
     """``(model, tokenizer)``: SmolLM2 loaded once in fp32, eval mode."""
-    from kvd.models import load_causal_lm
+    from kvd.testing.models import load_causal_lm
 
     return load_causal_lm(smollm2_dir)

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvd.connectors.client import KvdClient
-from kvd.errors import DaemonUnavailable
+from kvd.client.client import KvdClient
+from kvd.core.errors import DaemonUnavailable
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ class DaemonProc:
 
     def start(self, timeout: float = 30.0) -> DaemonProc:
         self.port = self.port or free_port()
-        cmd = [sys.executable, "-m", "kvd.daemon", "--socket", self.socket,
+        cmd = [sys.executable, "-m", "kvd.daemon.service", "--socket", self.socket,
                "--metrics-addr", f"127.0.0.1:{self.port}", *self.args]
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -1,6 +1,6 @@
 """kvctl: operate a running kvd from the shell.
 
-Talks to the daemon through ``kvd.connectors.client`` only. Human tables by default, ``--json`` for
+Talks to the daemon through ``kvd.client.client`` only. Human tables by default, ``--json`` for
 scripts. Exit codes: 0 ok, 1 the operation failed (daemon unreachable, error answer), 2 usage error.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvd import protocol as P
-from kvd.connectors.client import KvdClient
-from kvd.errors import KvdError
+from kvd.client.client import KvdClient
+from kvd.core import protocol as P
+from kvd.core.errors import KvdError
 
 
 def _size(n: float) -> str:
@@ -148,11 +148,11 @@ def cmd_config(c: KvdClient, args: argparse.Namespace) -> int:
 def cmd_profile(c: KvdClient | None, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvd.policies.head_profiler import main as profile_main
+    from kvd.calibrate.profiler import main as profile_main
 
     if not (Path(args.model_dir) / "config.json").is_file():
         print(f"kvctl: {args.model_dir} is not a model directory (no config.json); pass a local "
-              "transformers model dir (python -m kvd.models fetch smollm2 makes one)", file=sys.stderr)
+              "transformers model dir (python -m kvd.testing.models fetch smollm2 makes one)", file=sys.stderr)
         return 2
     return profile_main([args.model_dir, "--out", args.out, *args.extra])  # runs locally, no daemon
 

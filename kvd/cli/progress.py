@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from itertools import groupby
 
-from kvd import protocol as P
-from kvd.connectors.client import KvdClient
+from kvd.client.client import KvdClient
+from kvd.core import protocol as P
 
 BATCH = 64
 

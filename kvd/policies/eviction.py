@@ -28,8 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
-from kvd.config import PolicySettings
-from kvd.errors import ConfigError
+from kvd.core.config import PolicySettings
+from kvd.core.errors import ConfigError
 
 Key = Hashable
 CanEvict = Callable[[Key], bool]

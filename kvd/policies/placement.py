@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kvd.config import CodecSettings
-from kvd.errors import InvalidRequest
+from kvd.core.config import CodecSettings
+from kvd.core.errors import InvalidRequest
 
 
 @dataclass(slots=True, frozen=True)

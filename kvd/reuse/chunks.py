@@ -1,9 +1,9 @@
 """Where chunk entries live: in this process (``LocalChunkStore``) or in the kvd daemon (``DaemonChunkStore``).
 
 A chunk entry is the KV of a segment computed on its own at positions ``[0, n)``, keyed by the
-content hash of its tokens (``kvd.keys.content_hash``: namespace and model fingerprint included). Its
+content hash of its tokens (``kvd.core.keys.content_hash``: namespace and model fingerprint included). Its
 KV crosses this module as ``kv [num_layers, 2, num_kv_heads, n, head_dim]`` (index 0 of dim 1 = K,
-post-RoPE at ``[0, n)``; 1 = V), the form ``kvd.connectors.kvio`` uses for prefix entries.
+post-RoPE at ``[0, n)``; 1 = V), the form ``kvd.client.prefix`` uses for prefix entries.
 
 Both stores are best-effort caches: ``get`` returns what it has (a missing or unreadable entry is
 simply absent, so the caller computes it), ``put`` returns ``False`` when it could not keep the entry.
@@ -73,7 +73,7 @@ class LocalChunkStore(ChunkStore):
 
 
 class DaemonChunkStore(ChunkStore):
-    """Chunk entries in the kvd daemon, through a registered ``kvd.connectors.kvio.ModelHandle``.
+    """Chunk entries in the kvd daemon, through a registered ``kvd.client.prefix.ModelHandle``.
 
     Storing reserves ``kind="chunk"`` entries at ``[0, n)`` (so the daemon's head-aware placement sees
     a sequence that ends with the chunk), copies each extent straight into the arena, and commits.
@@ -90,8 +90,8 @@ class DaemonChunkStore(ChunkStore):
                            device=device or "cpu")
 
     def get(self, keys, *, classes=None, device=None):
-        from kvd import protocol as P
-        from kvd.errors import KvdError
+        from kvd.core import protocol as P
+        from kvd.core.errors import KvdError
 
         h = self.handle
         if not keys:
@@ -121,7 +121,7 @@ class DaemonChunkStore(ChunkStore):
     def _copy_out(self, arena_id: str, entry, device) -> torch.Tensor | None:
         import xxhash
 
-        from kvd.connectors.kvio import extent_to_kv_views
+        from kvd.client.prefix import extent_to_kv_views
 
         h = self.handle
         arena = h.client.arena(arena_id)
@@ -141,9 +141,9 @@ class DaemonChunkStore(ChunkStore):
     def put(self, key, kv):
         import time
 
-        from kvd import protocol as P
-        from kvd.connectors.kvio import extent_to_kv_views
-        from kvd.errors import KvdError
+        from kvd.client.prefix import extent_to_kv_views
+        from kvd.core import protocol as P
+        from kvd.core.errors import KvdError
 
         h = self.handle
         n = kv.shape[3]

@@ -3,7 +3,7 @@
 The daemon creates the arena file (under /dev/shm unless configured), maps it, and hands clients its
 path; clients map the same file and copy KV straight into and out of it, so bytes never cross the
 control socket. The arena is registered with CUDA as pinned memory on the client side when a GPU is
-present (``kvd.connectors.client``), which is why extents start on slot boundaries (page aligned).
+present (``kvd.client.client``), which is why extents start on slot boundaries (page aligned).
 
 Allocation: the arena is ``capacity // slot_bytes`` slots. An extent occupies a *run* of consecutive
 slots, so a client moves it with one copy. Free runs are kept coalesced (a freed run merges with free
@@ -22,7 +22,7 @@ import os
 import uuid
 from pathlib import Path
 
-from kvd.errors import ConfigError
+from kvd.core.errors import ConfigError
 from kvd.tiers.base import Buffer, Location, Tier, TierStats
 
 

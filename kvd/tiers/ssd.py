@@ -51,9 +51,9 @@ import lmdb
 import numpy as np
 import xxhash
 
-from kvd.codec import Buffer, Codecs, Shape, payload_info
-from kvd.config import CodecSettings, SsdSettings
-from kvd.errors import ConfigError, CorruptData, InvalidRequest, SsdFull, StorageFormatError
+from kvd.codecs import Buffer, Codecs, Shape, payload_info
+from kvd.core.config import CodecSettings, SsdSettings
+from kvd.core.errors import ConfigError, CorruptData, InvalidRequest, SsdFull, StorageFormatError
 from kvd.tiers.base import Location, Tier, TierStats
 from kvd.tiers.ssd_record import SSD_FORMAT, ExtentHeader, pack_header, unpack_header
 

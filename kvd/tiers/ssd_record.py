@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from kvd.codec import CODEC_IDS, CODEC_NAMES, DTYPE_IDS, DTYPE_NAMES, Buffer, Shape
-from kvd.errors import CorruptData, StorageFormatError
+from kvd.codecs import CODEC_IDS, CODEC_NAMES, DTYPE_IDS, DTYPE_NAMES, Buffer, Shape
+from kvd.core.errors import CorruptData, StorageFormatError
 
 SSD_FORMAT = 1
 RECORD_HEAD = struct.Struct("<4sHBBIIIQQQQdHH")

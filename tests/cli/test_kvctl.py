@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kvd.cli.kvctl import main as kvctl_main
-from kvd.connectors import kvio
-from kvd.headmap import HeadMap
-from kvd.keys import ModelSpec
+from kvd.client import prefix as kvio
+from kvd.core.headmap import HeadMap
+from kvd.core.keys import ModelSpec
 from tests.daemon_proc import DaemonProc
 
 SPEC = ModelSpec("toy", num_layers=2, num_kv_heads=2, head_dim=32, kv_dtype="bfloat16")

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from kvd.config import PolicySettings
-from kvd.errors import ConfigError
+from kvd.core.config import PolicySettings
+from kvd.core.errors import ConfigError
 from kvd.policies.eviction import (
     ArcEviction,
     CostAwareEviction,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvd.config import CodecSettings
-from kvd.errors import InvalidRequest
+from kvd.core.config import CodecSettings
+from kvd.core.errors import InvalidRequest
 from kvd.policies.placement import HeadClassPlacement, Placement
 
 SINK, WINDOW = 4, 256

@@ -1,6 +1,6 @@
 import pytest
 
-from kvd.errors import ConfigError
+from kvd.core.errors import ConfigError
 from kvd.tiers.host import HostTier, SlotAllocator
 
 

@@ -17,9 +17,9 @@ import lmdb
 import numpy as np
 import pytest
 
-from kvd.codec import Codecs, raw_nbytes
-from kvd.config import SsdSettings
-from kvd.errors import CorruptData, InvalidRequest, StorageFormatError
+from kvd.codecs import Codecs, raw_nbytes
+from kvd.core.config import SsdSettings
+from kvd.core.errors import CorruptData, InvalidRequest, StorageFormatError
 from kvd.tiers.ssd import SsdFull, SsdTier
 from kvd.tiers.ssd_record import RECORD_HEAD, RECORD_MAGIC, record_header
 

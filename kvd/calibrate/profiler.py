@@ -1,0 +1,400 @@
+"""Head profiler: measure which KV heads of a model can be local, and write its head map.
+
+Entry points (``kvctl profile MODEL_DIR --out FILE`` calls ``main(["MODEL_DIR", "--out", FILE])``, or
+``profile(model_dir, out)`` directly):
+
+1. **Scores** (``kvd.calibrate.scores``): edge mass (sink 4, window 256) and prefix shift per
+   (layer, KV head), query heads reduced by max. ``redknot_map`` turns them into the paper's
+   selection (top ``global_ratio`` by ``max(edge, shift)`` plus absolute thresholds) — the baseline.
+2. **KL-greedy selection** (kvd's method, the one shipped). Attention mass does not say how much
+   the *output* suffers when a head goes local, so this measures it. Every head starts local with
+   the smallest window. Each round runs the calibration sequences once forward (a direct
+   measurement of ``KL(p_full ‖ p_map)``, in nats, on the scored positions) and once backward, and
+   linearizes: for head ``h`` and a bigger option ``k`` (a longer window, or global) the KL change is
+   ``Σ_t ⟨∂KL/∂o_h(t), o_h^k(t) − o_h(t)⟩``, where ``o_h`` is the head's attention output (all its
+   query heads). The round then buys the upgrades with the best KL drop per KV byte until it has
+   spent ``round_fraction`` of full KV, and re-linearizes. Each head may so end with its own window.
+   The trajectory (bytes, measured KL, map) is kept; the shipped map is the cheapest state whose
+   calibration KL ≤ ``kl_target`` and whose ``kv_fraction(4096) ≤ max_fraction_4k``.
+
+Calibration data (``kvd.calibrate.tasks``; disjoint from the evaluation data by the hold-out rule there):
+standard-library docstrings (KL on the last ``kl_positions`` positions) and a multi-key recall text
+(8 facts at random depths, each asked at the end; KL on the answer digits only), weighted equally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from kvd.calibrate import scores as head_scores
+from kvd.calibrate import tasks
+from kvd.calibrate.masked_attention import GLOBAL, HeadRule, attention_modules, masked_sdpa
+from kvd.core.headmap import HeadMap
+
+logger = logging.getLogger(__name__)
+KL_NAME = "kvd_kl_probe"
+
+
+@dataclass(slots=True, frozen=True)
+class ProfileConfig:
+    sink: int = 4
+    window: int = 256  # edge-mass window and the window of the RedKnot-style baseline map
+    global_ratio: float = 0.15
+    edge_threshold: float | None = None
+    shift_threshold: float | None = None
+    windows: tuple[int, ...] = (64, 128, 256, 512, 1024, 1536)  # per-head window options of the KL selection
+    calib_tokens: int = 2048
+    kl_positions: int = 1024
+    round_fraction: float = 0.02  # KV bytes (fraction of full at calib_tokens) bought per round
+    # Fractions the trajectory must pass through exactly (a round never crosses one), so that a map
+    # exists at each budget the benchmark sweeps.
+    checkpoints: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    max_fraction: float = 0.8
+    # Shipped state: None = the lowest calibration KL among states within ``max_fraction_4k`` (spend
+    # the byte bound on fidelity); a number = the cheapest state whose calibration KL ≤ it.
+    kl_target: float | None = None
+    max_fraction_4k: float = 0.5
+    num_natural: int = 4  # calibration sequences of natural text (stdlib docstrings)
+    num_recall: int = 2  # calibration sequences of multi-key recall
+    # After selection: the recall refinement (``kvd.calibrate.refine``) at this many tokens with
+    # this many passkey texts; 0 turns it off.
+    refine_tokens: int = 4096
+    refine_passkeys: int = 4
+    seed: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class CalibSeq:
+    name: str
+    ids: torch.Tensor  # [1, T]
+    positions: torch.Tensor  # [n] positions whose next-token distribution is scored
+
+
+def calibration_set(tok, cfg: ProfileConfig) -> list[CalibSeq]:
+    """The calibration sequences (seeds < 1000: never used for evaluation): ``num_natural`` windows
+    of standard-library docstrings and ``num_recall`` multi-key recall texts."""
+    t = cfg.calib_tokens
+    k = min(cfg.kl_positions, t - 1)
+    seqs = []
+    for i in range(cfg.num_natural):
+        nat = tasks.natural_text_ids(tok, "stdlib", cfg.seed + 10 * i, t)
+        seqs.append(CalibSeq(f"stdlib{i}", torch.tensor([nat]), torch.arange(t - k, t)))
+    for i in range(cfg.num_recall):
+        seqs.append(_recall_seq(tok, cfg.seed + 1 + 10 * i, t))
+    return seqs
+
+
+def _recall_seq(tok, seed: int, t: int) -> CalibSeq:
+    """8 facts hidden in ~``t`` tokens, then every fact asked; scored on the answer digits only."""
+    rec = tasks.multikey(tok, seed, max(128, t - 24 * 8), num_keys=8)
+    ids = tok(rec.prompt)["input_ids"]
+    facts = list(rec.facts)
+    asked = next(i for i, (_, c) in enumerate(facts) if " " + c == rec.answer)
+    order = [facts[asked]] + [f for i, f in enumerate(facts) if i != asked]
+    answers: list[int] = []
+    for n, (name, code) in enumerate(order):
+        if n:
+            ids += tok(f"\nQuestion: what is the secret code for {name}? The secret code for {name} is")["input_ids"]
+        ans = tok(" " + code)["input_ids"]
+        answers += range(len(ids), len(ids) + len(ans))
+        ids += ans
+    pos = torch.tensor([a - 1 for a in answers])  # logits at a-1 predict token a
+    return CalibSeq(f"multikey{seed}", torch.tensor([ids]), pos)
+
+
+# ---- KL probe attention ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _KlState:
+    rules: tuple[HeadRule, ...]
+    options: tuple[HeadRule, ...]
+    probe: torch.Tensor | None = None  # zero tensor added to the output; its grad is ∂KL/∂o
+    deltas: torch.Tensor | None = None  # [n_opt, q, Hq, D]: o^option - o
+
+
+def _kl_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    st: _KlState = module.kvd_kl
+    out = masked_sdpa(query, key, value, st.rules, scaling=scaling)
+    nkv = key.shape[1]
+    with torch.no_grad():
+        st.deltas = torch.stack([
+            masked_sdpa(query, key, value, (opt,) * nkv, scaling=scaling)[0] - out[0].detach()
+            for opt in st.options])
+    st.probe = torch.zeros_like(out, requires_grad=True)
+    return out + st.probe, None
+
+
+class _Runner:
+    """Runs the calibration set under a head-option grid; owns the reference distributions."""
+
+    def __init__(self, model, seqs: list[CalibSeq], options: tuple[HeadRule, ...]):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(KL_NAME, _kl_attention)
+        AttentionMaskInterface.register(KL_NAME, sdpa_mask)
+        self.model, self.seqs, self.options = model, seqs, options
+        self.mods = attention_modules(model)
+        self.ref = []
+        with torch.no_grad():
+            for s in seqs:
+                h = model.model(input_ids=s.ids.to(model.device), use_cache=False).last_hidden_state
+                self.ref.append(torch.log_softmax(model.lm_head(h[0, s.positions]).float(), -1))
+
+    def step(self, choice: list[list[int]]) -> tuple[list[float], torch.Tensor]:
+        """Measured KL per sequence and linear gains ``[L, Hkv, n_opt]`` (KL drop if upgraded)."""
+        model = self.model
+        nkv = model.config.num_key_value_heads
+        gains = torch.zeros(len(self.mods), nkv, len(self.options), dtype=torch.float64)
+        kls = []
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(KL_NAME)
+        try:
+            for s, ref in zip(self.seqs, self.ref, strict=True):
+                for mod, row in zip(self.mods, choice, strict=True):
+                    mod.kvd_kl = _KlState(tuple(self.options[c] for c in row), self.options)
+                h = model.model(input_ids=s.ids.to(model.device), use_cache=False).last_hidden_state
+                logq = torch.log_softmax(model.lm_head(h[0, s.positions]).float(), -1)
+                kl = (ref.exp() * (ref - logq)).sum(-1).mean()
+                kl.backward()
+                kls.append(float(kl.detach()))
+                for layer, mod in enumerate(self.mods):
+                    st = mod.kvd_kl
+                    g = st.probe.grad[0]  # [q, Hq, D]
+                    per_q = -(st.deltas * g[None]).sum(dim=(1, 3))  # [n_opt, Hq]
+                    gains[layer] += per_q.view(len(self.options), nkv, -1).sum(-1).T.double().cpu()
+                    mod.kvd_kl = None
+        finally:
+            model.set_attn_implementation(previous)
+            for mod in self.mods:
+                mod.__dict__.pop("kvd_kl", None)
+        return kls, gains
+
+
+def _option_costs(options: tuple[HeadRule, ...], tokens: int) -> list[float]:
+    return [1.0 if o.is_global else min(tokens, o.sink + o.window) / tokens for o in options]
+
+
+def _pick_upgrades(choice, gains: torch.Tensor, costs: list[float], spend: float) -> int:
+    """Apply the best KL-drop-per-byte upgrades until ``spend`` (in head-cost units) is used."""
+    cands = []
+    for layer, row in enumerate(choice):
+        for head, cur in enumerate(row):
+            best = None
+            for k in range(cur + 1, len(costs)):
+                g = float(gains[layer, head, k])
+                if g > 0:
+                    ratio = g / (costs[k] - costs[cur])
+                    if best is None or ratio > best[0]:
+                        best = (ratio, k)
+            if best:
+                cands.append((best[0], layer, head, best[1]))
+    cands.sort(reverse=True)
+    spent, n = 0.0, 0
+    for _, layer, head, k in cands:
+        step = costs[k] - costs[choice[layer][head]]
+        if spent + step > spend + 1e-9:
+            continue  # would cross the round's limit (a checkpoint): try a cheaper upgrade
+        spent += step
+        choice[layer][head] = k
+        n += 1
+    return n
+
+
+def kl_greedy(model, seqs: list[CalibSeq], cfg: ProfileConfig, *, progress: bool = True
+              ) -> list[dict]:
+    """The greedy trajectory: one dict per round ``{fraction, kl, kls, choice}`` (choice: option
+    index per head into ``cfg.windows + (global,)``)."""
+    from tqdm import tqdm
+
+    options = tuple(HeadRule(cfg.sink, w) for w in cfg.windows) + (GLOBAL,)
+    costs = _option_costs(options, cfg.calib_tokens)
+    num_layers, nkv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    num_heads = num_layers * nkv
+    model.requires_grad_(False)
+    runner = _Runner(model, seqs, options)
+    choice = [[0] * nkv for _ in range(num_layers)]
+    out = []
+    rounds = int((cfg.max_fraction - costs[0]) / cfg.round_fraction) + 2
+    bar = tqdm(total=rounds, desc="head profiler (KL greedy)", disable=not progress, file=sys.stderr)
+    while True:
+        kls, gains = runner.step(choice)
+        frac = sum(costs[c] for row in choice for c in row) / num_heads
+        out.append({"fraction": frac, "kl": sum(kls) / len(kls), "kls": kls,
+                    "choice": [list(r) for r in choice]})
+        bar.update(1)
+        bar.set_postfix(fraction=f"{frac:.3f}", kl=f"{out[-1]['kl']:.4f}")
+        if frac >= cfg.max_fraction or len(out) > 3 * rounds:
+            break
+        ahead = [c - frac for c in cfg.checkpoints if c - frac > 2.0 / num_heads]
+        spend = min([cfg.round_fraction] + ahead[:1])
+        if _pick_upgrades(choice, gains, costs, spend * num_heads) == 0:
+            break
+    bar.close()
+    return out
+
+
+# ---- maps ------------------------------------------------------------------------------------
+
+
+def map_from_choice(model_name: str, choice: list[list[int]], cfg: ProfileConfig, **extra) -> HeadMap:
+    windows = list(cfg.windows) + [0]
+    is_global = [[c == len(cfg.windows) for c in row] for row in choice]
+    grid = [[windows[c] if c < len(cfg.windows) else cfg.window for c in row] for row in choice]
+    return HeadMap.from_classes(model_name, is_global, sink=cfg.sink, window=grid, **extra)
+
+
+def redknot_map(model_name: str, edge: list[list[float]], shift: list[list[float]],
+                cfg: ProfileConfig, **extra) -> HeadMap:
+    """The paper's selection: top ``global_ratio`` by max(edge, shift), OR absolute thresholds."""
+    combined = [[max(e, s) for e, s in zip(er, sr, strict=True)] for er, sr in zip(edge, shift, strict=True)]
+    flat = sorted((v for row in combined for v in row), reverse=True)
+    k = max(0, round(cfg.global_ratio * len(flat)))
+    cut = flat[k - 1] if k else float("inf")
+    is_global = [[(v >= cut) or (cfg.edge_threshold is not None and e >= cfg.edge_threshold)
+                  or (cfg.shift_threshold is not None and s >= cfg.shift_threshold)
+                  for v, e, s in zip(cr, er, sr, strict=True)]
+                 for cr, er, sr in zip(combined, edge, shift, strict=True)]
+    return HeadMap.from_classes(model_name, is_global, sink=cfg.sink, window=cfg.window, **extra)
+
+
+def trajectory_maps(head_map: HeadMap) -> list[tuple[float, float, HeadMap]]:
+    """``(fraction at calib_tokens, calibration KL, map)`` for every state the profiler visited."""
+    cal = head_map.calibration or {}
+    cfg = ProfileConfig(**{k: (tuple(v) if k == "windows" else v)
+                           for k, v in cal.get("config", {}).items()})
+    return [(s["fraction"], s["kl"], map_from_choice(head_map.model, s["choice"], cfg, method="kl_greedy"))
+            for s in cal.get("trajectory", [])]
+
+
+def select(trajectory: list[dict], cfg: ProfileConfig, model_name: str) -> int:
+    """Index of the shipped state among those with ``kv_fraction(4096) ≤ max_fraction_4k``: the
+    lowest calibration KL, or with ``kl_target`` the cheapest state meeting it (else lowest KL)."""
+    ok = [(s["kl"], s["fraction"], i) for i, s in enumerate(trajectory)
+          if map_from_choice(model_name, s["choice"], cfg).kv_fraction(4096) <= cfg.max_fraction_4k]
+    if not ok:
+        return 0
+    if cfg.kl_target is not None:
+        meeting = [(f, i) for kl, f, i in ok if kl <= cfg.kl_target]
+        if meeting:
+            return min(meeting)[1]
+    return min(ok)[2]
+
+
+def reselect(head_map: HeadMap, **changes) -> HeadMap:
+    """The same profile with another selection rule (``kl_target``, ``max_fraction_4k``): no rerun."""
+    cal = dict(head_map.calibration or {})
+    conf = {**cal["config"], **changes}
+    cfg = ProfileConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.items()})
+    idx = select(cal["trajectory"], cfg, head_map.model)
+    cal.update(config=conf, selected_round=idx, calibration_kl=cal["trajectory"][idx]["kl"])
+    scores = dict(head_map.scores or {})
+    scores["window"] = [[float(x) for x in row] for row in _window_grid(cal["trajectory"][idx]["choice"], cfg)]
+    return map_from_choice(head_map.model, cal["trajectory"][idx]["choice"], cfg, method=head_map.method,
+                           scores=scores, calibration=cal, fingerprint=head_map.fingerprint)
+
+
+def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: ProfileConfig | None = None,
+            model=None, tok=None, progress: bool = True, model_name: str | None = None) -> HeadMap:
+    """Profile the model in ``model_dir`` and write its head map to ``out`` (if given); return it.
+
+    ``model``/``tok`` may be passed in to reuse a loaded fp32 model (tests do).
+    """
+    from kvd.testing.models import load_causal_lm, model_spec
+
+    cfg = cfg or ProfileConfig()
+    if model is None:
+        model, tok = load_causal_lm(model_dir)
+    t0 = time.monotonic()
+    name = model_name or Path(str(model_dir)).name  # also the fingerprint's model_id
+    spec = model_spec(model.config, model_id=name)
+    seqs = calibration_set(tok, cfg)
+    edge = head_scores.edge_mass(model, [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")],
+                                 sink=cfg.sink, window=cfg.window)
+    nat = seqs[0].ids[0].tolist()  # the first natural sequence (num_natural >= 1)
+    third = min(256, len(nat) // 3)
+    shift = head_scores.prefix_shift(model, nat[2 * third:3 * third],
+                                     (nat[:third], tasks_prose_ids(tok, cfg.seed + 2, third)))
+    traj = kl_greedy(model, seqs, cfg, progress=progress)
+    idx = select(traj, cfg, name)
+    calibration = {
+        "config": asdict(cfg),
+        "sequences": [{"name": s.name, "tokens": int(s.ids.shape[1]), "scored_positions": len(s.positions)}
+                      for s in seqs],
+        "trajectory": traj,
+        "selected_round": idx,
+        "calibration_kl": traj[idx]["kl"],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    calibration = json.loads(json.dumps(calibration))  # tuples -> lists: equal to what load() returns
+    scores = {"edge_mass": edge, "prefix_shift": shift,
+              "combined": [[max(a, b) for a, b in zip(e, s, strict=True)] for e, s in zip(edge, shift, strict=True)],
+              "window": [[float(x) for x in row] for row in _window_grid(traj[idx]["choice"], cfg)]}
+    hm = map_from_choice(name, traj[idx]["choice"], cfg, method="kl_greedy", scores=scores,
+                         calibration=calibration, fingerprint=spec.fingerprint())
+    if cfg.refine_tokens > 0:
+        from kvd.calibrate.refine import refine  # imports this module: import here
+
+        hm = refine(model, tok, hm, recall_tokens=cfg.refine_tokens, num_passkey=cfg.refine_passkeys)
+    if out is not None:
+        hm.save(out)
+    return hm
+
+
+def _window_grid(choice, cfg: ProfileConfig) -> list[list[int]]:
+    """Window per head, 0 for global (for the scores table)."""
+    return [[cfg.windows[c] if c < len(cfg.windows) else 0 for c in row] for row in choice]
+
+
+def tasks_prose_ids(tok, seed: int, num_tokens: int) -> list[int]:
+    return tasks.natural_text_ids(tok, "prose", seed, num_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvctl profile", description="profile a model's KV heads into a head map")
+    ap.add_argument("model_dir")
+    ap.add_argument("--out", required=True, help="head map JSON to write")
+    d = ProfileConfig()
+    ap.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
+    ap.add_argument("--kl-target", type=float, default=d.kl_target)
+    ap.add_argument("--max-fraction-4k", type=float, default=d.max_fraction_4k)
+    ap.add_argument("--max-fraction", type=float, default=d.max_fraction)
+    ap.add_argument("--round-fraction", type=float, default=d.round_fraction)
+    ap.add_argument("--global-ratio", type=float, default=d.global_ratio)
+    ap.add_argument("--windows", default=",".join(map(str, d.windows)))
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--num-natural", type=int, default=d.num_natural)
+    ap.add_argument("--num-recall", type=int, default=d.num_recall)
+    ap.add_argument("--refine-tokens", type=int, default=d.refine_tokens, help="0: no recall refinement")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
+    ap.add_argument("--model-name", default=None, help="model id for the map and fingerprint (default: dir name)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k, max_fraction=a.max_fraction,
+                  round_fraction=a.round_fraction, global_ratio=a.global_ratio, seed=a.seed,
+                  windows=tuple(int(w) for w in a.windows.split(",")),
+                  num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens)
+    model = tok = None
+    if a.device != "cpu":
+        from kvd.testing.models import load_causal_lm
+
+        model, tok = load_causal_lm(a.model_dir)
+        model.to(a.device)
+    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok, model_name=a.model_name)
+    logger.info("wrote %s: %d/%d heads global, kv_fraction(4096)=%.3f, calibration KL %.4f",
+                a.out, hm.num_global, hm.num_layers * hm.num_kv_heads, hm.kv_fraction(4096),
+                hm.calibration["calibration_kl"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

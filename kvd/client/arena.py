@@ -1,0 +1,106 @@
+"""The client's mapping of the daemon's host arena, and zero-copy views of extents in it.
+
+The daemon owns the arena file; a client maps it read-write (MAP_SHARED) once and keeps the mapping
+until the daemon reports another ``arena_id`` (a restart), then maps the new file. Views are numpy
+arrays or torch tensors over the mapping itself: writing a view writes the arena, no copy in between.
+
+When CUDA is available the mapping is registered with ``cudaHostRegister`` so that copies between it
+and GPU memory run as DMA at pinned-memory speed (``tensor.to("cuda", non_blocking=True)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+
+import numpy as np
+
+from kvd.core.errors import DaemonUnavailable
+from kvd.core.extents import ExtentPlan
+from kvd.core.protocol import ArenaInfo, ExtentInfo
+
+logger = logging.getLogger(__name__)
+
+# numpy has no bfloat16: bf16 extents are viewed as uint16 in numpy, as bfloat16 in torch.
+_NUMPY_DTYPES = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "float8_e4m3fn": np.uint8}
+
+
+class ArenaMapping:
+    def __init__(self, info: ArenaInfo, *, register_cuda: bool = True) -> None:
+        self.info = info
+        try:
+            fd = os.open(info.path, os.O_RDWR)
+        except OSError as e:
+            raise DaemonUnavailable(f"cannot open the kvd arena {info.path}: {e.strerror}; is this process "
+                                    "allowed to (same user or group as kvd, and the same /dev/shm)?") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < info.capacity_bytes:
+                raise DaemonUnavailable(f"arena {info.path} is {size} bytes, the daemon says "
+                                        f"{info.capacity_bytes}; it was replaced while mapping, retry")
+            self._mmap = mmap.mmap(fd, info.capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.buffer = memoryview(self._mmap)
+        self._torch_bytes = None
+        self.cuda_registered = False
+        if register_cuda:
+            self._register_cuda()
+
+    @property
+    def arena_id(self) -> str:
+        return self.info.arena_id
+
+    def _register_cuda(self) -> None:
+        try:
+            import torch
+        except ImportError:
+            return
+        if not torch.cuda.is_available():
+            return
+        t = self.torch_bytes()
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+        self.cuda_registered = int(err) == 0
+        if not self.cuda_registered:
+            logger.warning("cudaHostRegister of the kvd arena failed (%s); GPU copies will be pageable", err)
+
+    def torch_bytes(self):
+        """The whole arena as a torch uint8 tensor sharing the mapping."""
+        if self._torch_bytes is None:
+            import torch
+
+            self._torch_bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        return self._torch_bytes
+
+    def bytes_at(self, offset: int, nbytes: int) -> memoryview:
+        if offset < 0 or offset + nbytes > self.info.capacity_bytes:
+            raise ValueError(f"range [{offset}, {offset + nbytes}) is outside the arena")
+        return self.buffer[offset : offset + nbytes]
+
+    def numpy_extent(self, ext: ExtentInfo, plan: ExtentPlan, dtype: str) -> np.ndarray:
+        """``[num_segments, 2, T, D]`` numpy view (K at [:, 0], V at [:, 1]); bf16 shows as uint16."""
+        arr = np.frombuffer(self._mmap, dtype=_NUMPY_DTYPES[dtype], count=plan.nbytes // plan.dtype_bytes,
+                            offset=ext.offset)
+        return arr.reshape(plan.num_segments, 2, plan.num_tokens, plan.head_dim)
+
+    def torch_extent(self, ext: ExtentInfo, plan: ExtentPlan, dtype: str):
+        """``[num_segments, 2, T, D]`` torch view in the KV dtype, sharing the mapping."""
+        import torch
+
+        flat = self.torch_bytes()[ext.offset : ext.offset + plan.nbytes]
+        return flat.view(getattr(torch, dtype)).view(plan.num_segments, 2, plan.num_tokens, plan.head_dim)
+
+    def close(self) -> None:
+        if self.cuda_registered:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.torch_bytes().data_ptr())
+            self.cuda_registered = False
+        self._torch_bytes = None
+        try:
+            self.buffer.release()
+            self._mmap.close()
+        except BufferError:
+            # Views handed out are still alive; the mapping is freed when the last one goes.
+            pass

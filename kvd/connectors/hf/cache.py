@@ -1,0 +1,327 @@
+"""The transformers adapter: kvd underneath ``model.generate`` for Llama-family models.
+
+``attach(model, head_map=..., client=None)`` registers kvd's attention (``"kvd"``, see
+``hf_attention``), switches the model to it, and returns a ``KvdCache`` to pass to ``generate``
+(``past_key_values=cache``; transformers >= 5.24 also names it ``cache=``). Underneath:
+
+- **KV lives in kvd's page pool** (``hf_pool``): per (layer, KV head) page lists, on the model's
+  device. Attention reads them through SegPagedAttention (Triton on a GPU, the torch references on
+  the CPU). Local heads keep only their sink and window pages (prefix KV compression); global heads
+  keep everything. With an all-global map the model computes what plain transformers computes.
+- **Prefix entries** (with ``client``): before the first forward of a request, the longest stored
+  prefix of whole chunks is loaded from the daemon into the pool and only the rest of the prompt is
+  computed (``generate`` then sees shorter logits, of which it uses the last); after a prefill, the
+  prompt's new whole chunks are stored. Both are best-effort: a daemon fault logs a warning and the
+  model computes as if nothing were cached. Stored entries hold every head's KV as computed (the
+  daemon's placement decides what stays hot); one request per cache (batch 1) on this path.
+- **Chunk reuse** (issue 7): ``cache.reuse(segments, method="kvd")`` prefills a request given as
+  segments, reusing the reusable ones' chunk entries at their new positions with head-level recovery
+  (``hf_reuse``).
+
+Lifecycle: one ``KvdCache`` serves one request (a batch of equal-length prompts without padding);
+``cache.fresh()`` gives an empty cache with the same model, head map, daemon handle and chunk store.
+``detach(model)`` removes the hooks and restores the previous attention implementation.
+
+Example::
+
+    cache = attach(model, head_map=HeadMap.load("config/heads/smollm2-135m.json"), client=KvdClient())
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    cache = cache.fresh()
+    res = cache.reuse([Segment(system), Segment(doc_a, reusable=True), Segment(doc_b, reusable=True),
+                       Segment(question)], leave_last=True)
+    out = model.generate(res.input_ids, past_key_values=cache, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvd.connectors.hf import attention as hf_attention
+from kvd.connectors.hf.pool import HeadLayout, PagePool
+from kvd.connectors.hf.reuse import ReuseResult, reuse_request
+from kvd.reuse.chunks import ChunkStore, DaemonChunkStore, LocalChunkStore
+from kvd.reuse.plan import ReuseConfig, Segment, SparseFfn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Attachment:
+    """What every cache of one ``attach`` shares."""
+
+    model: Any
+    layout: HeadLayout
+    fingerprint: str
+    namespace: str
+    chunk_store: ChunkStore
+    handle: Any = None  # kvd.client.prefix.ModelHandle when a daemon is configured
+    page_tokens: int = 16
+    warned: set[str] = field(default_factory=set)
+
+    def warn_once(self, what: str, msg: str, *args) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            logger.warning(msg, *args)
+
+
+class KvdCacheLayer(CacheLayerMixin):
+    """One layer's view of the cache's pool; ``update`` appends to it and tags the key for attention."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, cache: KvdCache, layer_idx: int) -> None:
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, q, D]`` (post-RoPE) at the end of this layer's rows; return them tagged."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, q, D = key_states.shape
+        pool = self._cache.ensure_pool(batch_size=B, dtype=key_states.dtype, device=key_states.device)
+        k = key_states.reshape(B * H, q, D)
+        v = value_states.reshape(B * H, q, D)
+        start = pool.append(self.layer_idx, k, v)
+        if self._cache.stash is not None:
+            self._cache.stash[self.layer_idx] = (start, k, v)
+        key_states.kvd_view = (pool, self.layer_idx, start)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        pool = self._cache.pool
+        return 0 if pool is None else pool.num_tokens[self.layer_idx]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        if self._cache.pool is not None:
+            self._cache.pool.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("kvd's cache does not support beam search; use greedy or sampling")
+
+
+class KvdCache(Cache):
+    """A transformers ``Cache`` whose KV lives in kvd's page pool (see the module docstring)."""
+
+    def __init__(self, attachment: Attachment) -> None:
+        self.att = attachment
+        num_layers = attachment.layout.num_layers
+        super().__init__(layers=[KvdCacheLayer(self, i) for i in range(num_layers)])
+        self.pool: PagePool | None = None
+        self.token_ids: list[int] = []  # tokens of request 0 in the cache (prefix-entry path)
+        self.stored_chunks = 0  # leading whole chunks the daemon holds for this request
+        self.stash: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = None  # layer -> (start, k, v)
+
+    def fresh(self) -> KvdCache:
+        """An empty cache sharing this one's model, head map, daemon handle and chunk store."""
+        return KvdCache(self.att)
+
+    def ensure_pool(self, *, batch_size: int = 1, dtype=None, device=None) -> PagePool:
+        if self.pool is None:
+            w = self.att.model.model.embed_tokens.weight
+            cfg = self.att.model.config
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            self.pool = PagePool(self.att.layout, head_dim=head_dim, dtype=dtype or w.dtype, device=device or w.device,
+                                 batch_size=batch_size, page_tokens=self.att.page_tokens)
+        elif self.pool.batch_size != batch_size:
+            raise ValueError(f"this cache holds {self.pool.batch_size} requests, the input has {batch_size}; "
+                             "use cache.fresh() for a new batch")
+        return self.pool
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V the pool holds in pages (what prefix KV compression saves shows here)."""
+        return 0 if self.pool is None else self.pool.kv_bytes()
+
+    # ---- chunk reuse ---------------------------------------------------------------------------
+
+    def reuse(self, segments: Sequence[Segment], *, method: str = "kvd", sparse_ffn: SparseFfn | None = None,
+              leave_last: bool = False, **settings) -> ReuseResult:
+        """Prefill a request given as ``segments`` into this (empty) cache, reusing chunk entries.
+
+        ``method``: ``kvd`` (head-level recovery, the default), or a baseline (``recompute``, ``naive``,
+        ``cacheblend``, ``epic``); ``settings`` go to ``ReuseConfig`` (e.g. ``cacheblend_ratio``).
+        The baselines are meant for a cache attached with an all-global map (they attend with full
+        KV only then). Returns the assembled ``input_ids [1, S]`` and, unless ``leave_last``, the
+        next-token logits. With ``leave_last`` the final token is left for ``model.generate``.
+        """
+        cfg = ReuseConfig(method=method, sparse_ffn=sparse_ffn, **settings)
+        pool = self.ensure_pool()
+        res = reuse_request(self.att.model, segments, cfg, pool, self.att.chunk_store,
+                            namespace=self.att.namespace, fingerprint=self.att.fingerprint, leave_last=leave_last)
+        self.stored_chunks = 1 << 30  # an assembled context is not a prefix to store
+        return res
+
+    # ---- prefix entries (daemon) -------------------------------------------------------------
+
+    def load_prefix(self, input_ids: torch.Tensor) -> int:
+        """Load the longest stored prefix of ``input_ids [1, T]`` (whole chunks, leaving at least one
+        token to compute) into the empty pool; returns the tokens loaded (0 on a miss or a fault)."""
+        from kvd.client import prefix as kvio
+        from kvd.core.errors import KvdError
+
+        h = self.att.handle
+        ids = input_ids[0].tolist()
+        max_chunks = (len(ids) - 1) // h.chunk_tokens
+        if max_chunks <= 0:
+            return 0
+        try:
+            hits = min(kvio.lookup_prefix(h, ids).num_prefix_hits, max_chunks)
+            if hits == 0:
+                return 0
+            pool = self.ensure_pool()
+            with kvio.load_prefix(h, ids, max_chunks=hits) as loaded:
+                n = loaded.num_tokens
+                if n == 0:
+                    return 0
+                kv = loaded.to_tensor(device=pool.device)
+        except KvdError as e:
+            self.att.warn_once("load", "loading a prefix from kvd failed, computing it instead: %s", e)
+            return 0
+        positions = torch.arange(n, device=pool.device)
+        for layer in range(pool.layout.num_layers):
+            pool.write(layer, kv[layer, 0], kv[layer, 1], positions)
+            pool.trim(layer)
+        self.token_ids = ids[:n]
+        self.stored_chunks = n // h.chunk_tokens
+        return n
+
+    def store_prefix(self) -> int:
+        """Store the whole chunks of this request's prompt that the last forward computed; returns the
+        number of chunks newly stored (0 on a fault)."""
+        from kvd.client import prefix as kvio
+        from kvd.core.errors import KvdError
+
+        h, stash, pool = self.att.handle, self.stash, self.pool
+        self.stash = None
+        if h is None or not stash or pool is None:
+            return 0
+        c = h.chunk_tokens
+        n_full = len(self.token_ids) // c
+        start = min(s for s, _, _ in stash.values())
+        first = max(self.stored_chunks, -(-start // c))
+        if first >= n_full:
+            return 0
+        end = n_full * c
+        s = h.spec
+        kv = torch.empty(s.num_layers, 2, s.num_kv_heads, end, s.head_dim, dtype=getattr(torch, s.kv_dtype))
+        for layer, (st, k, v) in stash.items():
+            lo = first * c
+            kv[layer, 0, :, lo:end] = k[:, lo - st : end - st].cpu()
+            kv[layer, 1, :, lo:end] = v[:, lo - st : end - st].cpu()
+        try:
+            res = kvio.store_prefix(h, self.token_ids[:end], kv, start_chunk=first)
+        except KvdError as e:
+            self.att.warn_once("store", "storing a prefix in kvd failed (it stays uncached): %s", e)
+            return 0
+        self.stored_chunks = n_full
+        return res.stored
+
+
+# ---- forward hooks: what makes generate() load and store prefixes ---------------------------------
+
+
+def _pre_forward(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, KvdCache) or cache.att.handle is None:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None or ids.shape[0] != 1:
+        if ids is not None:
+            cache.att.warn_once("batch", "kvd prefix entries are stored and loaded for batch size 1 only")
+        return None
+    if cache.get_seq_length() == 0 and not cache.token_ids:
+        n = cache.load_prefix(ids)
+        if n:
+            kwargs = dict(kwargs)
+            args = ()
+            kwargs["input_ids"] = ids[:, n:]
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"][:, n:]
+            ids = ids[:, n:]
+    cache.token_ids.extend(ids[0].tolist())
+    cache.stash = {} if ids.shape[1] > 1 else None
+    return args, kwargs
+
+
+def _post_forward(module, args, kwargs, output):
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, KvdCache) and cache.stash is not None:
+        cache.store_prefix()
+    return None
+
+
+# ---- attach / detach ---------------------------------------------------------------------------------
+
+
+def attach(model, head_map=None, client=None, *, namespace: str = "default", page_tokens: int = 16,
+           chunk_store: ChunkStore | None = None) -> KvdCache:
+    """Put kvd under ``model`` (a transformers Llama-family causal LM); return an empty ``KvdCache``.
+
+    Args:
+        head_map: a ``kvd.core.headmap.HeadMap`` for this model (None: every head global, plain offloading).
+        client: a ``KvdClient``; registers the model with the daemon, enabling prefix entries and
+            daemon-held chunk entries. None: no daemon; chunk entries are kept in this process.
+        namespace: tenant / cache salt of every key. page_tokens: tokens per pool page.
+        chunk_store: where chunk entries live (default: the daemon with a client, else in process).
+    Raises ``ValueError`` if the head map does not fit the model.
+    """
+    from kvd.testing.models import model_spec
+
+    cfg = model.config
+    layout = HeadLayout.from_head_map(head_map) if head_map is not None else \
+        HeadLayout.all_global(cfg.num_hidden_layers, cfg.num_key_value_heads)
+    layout.check_fits(cfg.num_hidden_layers, cfg.num_key_value_heads)
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    spec = model_spec(cfg, kv_dtype=dtype)
+    handle = None
+    if client is not None:
+        from kvd.client import prefix as kvio
+        from kvd.core.errors import KvdError
+
+        try:
+            handle = kvio.register(client, spec, head_map, namespace=namespace)
+        except KvdError as e:
+            logger.warning("kvd daemon unavailable, running without it: %s", e)
+    if chunk_store is None:
+        chunk_store = DaemonChunkStore(handle) if handle is not None else LocalChunkStore()
+    fingerprint = handle.fingerprint if handle is not None else spec.fingerprint()
+    hf_attention.register()
+    if getattr(model, "_kvd_hooks", None) is None:
+        previous = model.config._attn_implementation
+        model._kvd_hooks = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
+                            model.register_forward_hook(_post_forward, with_kwargs=True), previous)
+    model.set_attn_implementation(hf_attention.ATTN_NAME)
+    return KvdCache(Attachment(model, layout, fingerprint, namespace, chunk_store, handle, page_tokens))
+
+
+def detach(model) -> None:
+    """Undo ``attach``: remove the hooks and restore the previous attention implementation."""
+    hooks = getattr(model, "_kvd_hooks", None)
+    if hooks is None:
+        return
+    pre, post, previous = hooks
+    pre.remove()
+    post.remove()
+    model.set_attn_implementation(previous)
+    del model._kvd_hooks
+
+
+__all__ = ["Attachment", "KvdCache", "ReuseConfig", "Segment", "SparseFfn", "attach", "detach"]

@@ -1,0 +1,297 @@
+"""The page pool of the transformers adapter: K and V per (layer, KV head) in pages (kvd's GPU tier).
+
+One pool per cache holds every layer: ``k``/``v`` of ``[num_pages, page_tokens, head_dim]`` (CPU tensors
+when there is no GPU). Pages are position-aligned: page column ``j`` of a row holds positions
+``[j * N, (j + 1) * N)``. Each layer keeps a table ``[rows, columns]`` of page ids, ``-1`` where a
+row has no page (never written, or dropped); row ``r = b * num_kv_heads + h`` is (request b, KV head h),
+the row order of the SegPagedAttention kernels.
+
+Lifecycle of a page: allocated when a row first writes a position of its column → written (tokens
+are appended at the end, or overwritten in place by chunk reuse) → freed by ``trim`` when no future
+query can see it. A local head (sink ``s``, window ``w``) sees position ``p`` from a query at ``q`` iff
+``p < s`` or ``q - w < p <= q``; queries only move forward, so once the next query is at ``t``, column
+``j`` is dead iff ``j * N >= s`` and ``(j + 1) * N - 1 <= t - w``. Global heads never drop pages.
+Worked example (N 16, sink 4, window 32, next query 100): columns 1..3 (positions 16..63) are dead,
+column 4 (64..79) stays because 79 > 68; column 0 stays for the sink. The row lists 0, 4, 5, 6.
+
+Growth: when the free list runs out, the pool tensors are reallocated at twice the size and copied;
+page ids stay valid. Imports only torch (the speed benchmark runs this module on a machine without
+pydantic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True, frozen=True)
+class HeadLayout:
+    """Per (layer, KV head): ``sink`` and ``window`` in tokens; ``window == 0`` marks a global head.
+
+    The torch-only form of a ``kvd.core.headmap.HeadMap`` (which needs pydantic), built by
+    ``from_head_map`` or directly from grids.
+    """
+
+    sink: tuple[tuple[int, ...], ...]  # [layer][head]
+    window: tuple[tuple[int, ...], ...]  # [layer][head]; 0 = global
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.window)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.window[0]) if self.window else 0
+
+    @classmethod
+    def all_global(cls, num_layers: int, num_kv_heads: int) -> HeadLayout:
+        zeros = tuple((0,) * num_kv_heads for _ in range(num_layers))
+        return cls(zeros, zeros)
+
+    @classmethod
+    def from_grid(cls, is_global: Sequence[Sequence[bool]], *, sink: int,
+                  window: int | Sequence[Sequence[int]]) -> HeadLayout:
+        sinks, windows = [], []
+        for layer, row in enumerate(is_global):
+            w_row = [window if isinstance(window, int) else window[layer][h] for h in range(len(row))]
+            if any(not g and w <= 0 for g, w in zip(row, w_row)):
+                raise ValueError(f"layer {layer}: a local head needs window > 0, got {w_row}")
+            sinks.append(tuple(0 if g else sink for g in row))
+            windows.append(tuple(0 if g else int(w) for g, w in zip(row, w_row)))
+        return cls(tuple(sinks), tuple(windows))
+
+    @classmethod
+    def from_head_map(cls, head_map) -> HeadLayout:
+        """From a ``kvd.core.headmap.HeadMap`` (duck-typed: rows of specs with is_global, sink, window)."""
+        return cls(tuple(tuple(0 if s.is_global else int(s.sink) for s in row) for row in head_map.heads),
+                   tuple(tuple(0 if s.is_global else int(s.window) for s in row) for row in head_map.heads))
+
+    def is_global(self, layer: int, head: int) -> bool:
+        return self.window[layer][head] == 0
+
+    def global_heads(self, layer: int) -> list[int]:
+        return [h for h, w in enumerate(self.window[layer]) if w == 0]
+
+    def local_heads(self, layer: int) -> list[int]:
+        return [h for h, w in enumerate(self.window[layer]) if w > 0]
+
+    @property
+    def is_all_global(self) -> bool:
+        return all(w == 0 for row in self.window for w in row)
+
+    def check_fits(self, num_layers: int, num_kv_heads: int) -> None:
+        if self.num_layers != num_layers or self.num_kv_heads != num_kv_heads:
+            raise ValueError(f"head layout has {self.num_layers} layers x {self.num_kv_heads} KV heads, the model "
+                             f"has {num_layers} x {num_kv_heads}; use the head map made for this model")
+
+
+@dataclass(slots=True, frozen=True)
+class Listing:
+    """One layer's page lists in the SegPagedAttention kernels' form (int32, on the pool's device)."""
+
+    page_table: torch.Tensor  # [rows, max_pages] page ids; entries past a row's pages are 0
+    page_pos: torch.Tensor  # [rows, max_pages] position of each listed page's token 0
+    seq_lens: torch.Tensor  # [rows] tokens listed (all listed pages full but the last)
+    sink: torch.Tensor  # [num_kv_heads]
+    window: torch.Tensor  # [num_kv_heads]; 0 = global
+
+
+class PagePool:
+    """K/V pages of every layer of one cache (see the module docstring for the lifecycle)."""
+
+    def __init__(self, layout: HeadLayout, *, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 batch_size: int = 1, page_tokens: int = 16, initial_pages: int = 256) -> None:
+        if page_tokens <= 0 or batch_size <= 0:
+            raise ValueError(f"page_tokens={page_tokens} and batch_size={batch_size} must be positive")
+        self.layout = layout
+        self.head_dim = head_dim
+        self.page_tokens = page_tokens
+        self.batch_size = batch_size
+        self.num_kv_heads = layout.num_kv_heads
+        self.rows = batch_size * layout.num_kv_heads
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.k = torch.empty(initial_pages, page_tokens, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.empty_like(self.k)
+        self._free = torch.arange(initial_pages - 1, -1, -1, device="cpu")  # a stack: pop from the end
+        self._num_free = initial_pages
+        self.tables = [torch.full((self.rows, 0), -1, dtype=torch.long, device=self.device)
+                       for _ in range(layout.num_layers)]
+        self.num_tokens = [0] * layout.num_layers  # positions [0, num_tokens) written per layer
+        self._heads = [self._head_tensors(layer) for layer in range(layout.num_layers)]
+
+    def _head_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sink = torch.tensor(self.layout.sink[layer], dtype=torch.int32, device=self.device)
+        window = torch.tensor(self.layout.window[layer], dtype=torch.int32, device=self.device)
+        return sink, window
+
+    # ---- pages ---------------------------------------------------------------------------------
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.num_pages - self._num_free
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V held in pages in use."""
+        return 2 * self.pages_in_use * self.page_tokens * self.head_dim * self.k.element_size()
+
+    def _grow(self, need: int) -> None:
+        old = self.num_pages
+        new = max(2 * old, old + need)
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            bigger = torch.empty(new, *t.shape[1:], dtype=t.dtype, device=t.device)
+            bigger[:old].copy_(t)
+            setattr(self, name, bigger)
+        # the new pages go below the old free ones, lowest id on top of the stack
+        added = torch.arange(new - 1, old - 1, -1)
+        self._free = torch.cat([added, self._free[: self._num_free]])
+        self._num_free += new - old
+
+    def _allocate(self, n: int) -> torch.Tensor:
+        if n > self._num_free:
+            self._grow(n - self._num_free)
+        ids = self._free[self._num_free - n : self._num_free].flip(0)
+        self._num_free -= n
+        return ids.to(self.device)
+
+    def _release(self, ids: torch.Tensor) -> None:
+        if ids.numel() == 0:
+            return
+        ids = ids.to("cpu")
+        end = self._num_free + ids.numel()
+        if end > self._free.numel():
+            self._free = torch.cat([self._free, torch.empty(end - self._free.numel(), dtype=torch.long)])
+        self._free[self._num_free : end] = ids
+        self._num_free = end
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for ``num_tokens`` more tokens in every row of every layer (one growth, not many)."""
+        per_layer = self.rows * (-(-num_tokens // self.page_tokens) + 1)
+        need = per_layer * len(self.tables) - self._num_free
+        if need > 0:
+            self._grow(need)
+
+    # ---- writes ------------------------------------------------------------------------------------
+
+    def _ensure_columns(self, layer: int, end: int) -> torch.Tensor:
+        table = self.tables[layer]
+        cols = -(-end // self.page_tokens)
+        if table.shape[1] < cols:
+            pad = torch.full((self.rows, cols - table.shape[1]), -1, dtype=torch.long, device=self.device)
+            table = self.tables[layer] = torch.cat([table, pad], dim=1)
+        return table
+
+    def slots(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot ids ``[len(rows), len(positions)]`` into ``k.view(-1, D)``, allocating missing pages."""
+        end = int(positions.max()) + 1
+        table = self._ensure_columns(layer, end)
+        cols = torch.unique(positions // self.page_tokens)
+        sub = table[rows][:, cols]  # [R, C]
+        missing = sub < 0
+        n_missing = int(missing.sum())
+        if n_missing:
+            sub[missing] = self._allocate(n_missing)
+            table[rows[:, None], cols[None, :]] = sub
+        page = table[rows][:, positions // self.page_tokens]  # [R, A]
+        return page * self.page_tokens + (positions % self.page_tokens)[None, :]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+              rows: torch.Tensor | None = None) -> None:
+        """Write ``k``/``v [R, A, D]`` of ``rows`` (default all) at ``positions [A]`` (long, any order).
+
+        Pages are allocated as needed; existing tokens at those positions are overwritten.
+        """
+        rows = torch.arange(self.rows, device=self.device) if rows is None else rows.to(self.device)
+        positions = positions.to(self.device)
+        if positions.numel() == 0 or rows.numel() == 0:
+            return
+        flat = self.slots(layer, rows, positions).reshape(-1)
+        d = self.head_dim
+        self.k.view(-1, d).index_copy_(0, flat, k.reshape(-1, d).to(self.dtype))
+        self.v.view(-1, d).index_copy_(0, flat, v.reshape(-1, d).to(self.dtype))
+        self.num_tokens[layer] = max(self.num_tokens[layer], int(positions.max()) + 1)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Append ``k``/``v [rows, T, D]`` at the end of the layer; returns the first new position."""
+        start = self.num_tokens[layer]
+        positions = torch.arange(start, start + k.shape[1], device=self.device)
+        self.write(layer, k, v, positions)
+        return start
+
+    def trim(self, layer: int, next_pos: int | None = None) -> int:
+        """Free the local heads' pages no query at ``>= next_pos`` (default: the end) can see; returns
+        the number of pages freed."""
+        nxt = self.num_tokens[layer] if next_pos is None else next_pos
+        table = self.tables[layer]
+        if table.shape[1] == 0:
+            return 0
+        sink, window = self._heads[layer]
+        sink_r = sink.long().repeat(self.batch_size)[:, None]  # [rows, 1]
+        window_r = window.long().repeat(self.batch_size)[:, None]
+        first = torch.arange(table.shape[1], device=self.device)[None, :] * self.page_tokens
+        last = first + self.page_tokens - 1
+        dead = (window_r > 0) & (first >= sink_r) & (last <= nxt - window_r) & (table >= 0)
+        n = int(dead.sum())
+        if n:
+            self._release(table[dead])
+            table[dead] = -1
+        return n
+
+    def clear(self) -> None:
+        for layer, table in enumerate(self.tables):
+            self._release(table[table >= 0])
+            self.tables[layer] = table[:, :0]
+            self.num_tokens[layer] = 0
+
+    # ---- reads -------------------------------------------------------------------------------------
+
+    def listing(self, layer: int) -> Listing:
+        """The layer's page lists for the kernels: listed pages first, ascending by position."""
+        table = self.tables[layer]
+        sink, window = self._heads[layer]
+        n_tok = self.num_tokens[layer]
+        valid = table >= 0
+        n_pages = valid.sum(1)
+        if table.shape[1] == 0:
+            empty = torch.zeros(self.rows, 1, dtype=torch.int32, device=self.device)
+            return Listing(empty, empty, torch.zeros(self.rows, dtype=torch.int32, device=self.device), sink, window)
+        # the last column holds the newest position and is never dropped, so each row's list ends
+        # with the only partial page
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+        width = max(1, int(n_pages.max()))
+        order = order[:, :width]
+        page_table = table.gather(1, order).clamp_min(0).to(torch.int32)
+        page_pos = (order * self.page_tokens).to(torch.int32)
+        tail = n_tok - (table.shape[1] - 1) * self.page_tokens  # tokens in the last column
+        seq_lens = ((n_pages - 1) * self.page_tokens + tail).clamp_min(0).to(torch.int32)
+        return Listing(page_table.contiguous(), page_pos.contiguous(), seq_lens, sink, window)
+
+    def read(self, layer: int, positions: torch.Tensor, rows: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k, v [R, A, D]`` at ``positions`` (every page must be present)."""
+        rows = torch.arange(self.rows, device=self.device) if rows is None else rows.to(self.device)
+        positions = positions.to(self.device)
+        table = self.tables[layer]
+        page = table[rows][:, positions // self.page_tokens]
+        if bool((page < 0).any()):
+            raise ValueError(f"layer {layer}: some of the positions asked for are not held (dropped or never written)")
+        flat = (page * self.page_tokens + (positions % self.page_tokens)[None, :]).reshape(-1)
+        d = self.head_dim
+        shape = (rows.numel(), positions.numel(), d)
+        return self.k.view(-1, d)[flat].view(shape), self.v.view(-1, d)[flat].view(shape)
+
+    def held_tokens(self, layer: int) -> torch.Tensor:
+        """``[rows]`` tokens each row holds in pages (for accounting and tests)."""
+        table = self.tables[layer]
+        return (table >= 0).sum(1) * self.page_tokens
+
+
+__all__ = ["HeadLayout", "Listing", "PagePool"]

@@ -1,0 +1,292 @@
+"""The scheduler side of the vLLM connector: which chunks each step loads and stores.
+
+Runs in vLLM's EngineCore process and never touches KV bytes. It keys each request's prompt into
+chained chunk hashes (``kvd.core.keys``; the same keys any engine computes for the same tokens, model and
+namespace), asks the daemon how many leading chunks it holds, and turns vLLM's scheduling decisions
+into a picklable ``StepPlan`` for the workers:
+
+- **load**: tokens ``[start, end)`` of a new (or resumed) request that vLLM agreed to take from kvd
+  (``get_num_new_matched_tokens`` → ``update_state_after_alloc`` → ``build``). ``start`` is vLLM's own
+  prefix hit (block-aligned, possibly inside a chunk); ``end`` is the end of the last hit chunk or, when
+  that chunk holds the last prompt token, the block boundary before it (vLLM must compute at least one
+  token to sample, and a chunk entry serves any prefix of its tokens).
+- **save**: the prompt's full chunks that become complete in this step, saved by the workers in the
+  same step (synchronously, see ``kvd.connectors.vllm.worker``), and the prompt's **tail entry**: the
+  block-aligned tokens after its last full chunk, all but the last prompt token, so that a rerun of a
+  prompt of any length loads all but its last block. Entries the daemon already held at lookup time
+  are skipped; decode steps are never saved.
+
+Lifecycle of a tracked request: created at its first lookup → block ids and progress follow each
+step's scheduler output → dropped at ``finished``. Requests kvd must not key are not tracked: LoRA
+(the adapter changes KV), multimodal inputs or prompt embeddings (token ids do not name the content).
+A request's ``cache_salt`` becomes part of its namespace, so salted tenants never share entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from kvd.client.prefix import ModelHandle
+from kvd.connectors.vllm.session import DaemonSession
+from kvd.core import protocol as P
+from kvd.core.keys import prefix_hashes, prefix_tail_hash
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class LoadSpec:
+    """Load tokens ``[start, end)`` of request ``req_id`` from chunks ``first_chunk...`` (``hashes``)."""
+
+    req_id: str
+    namespace: str
+    first_chunk: int
+    hashes: tuple[str, ...]
+    start: int
+    end: int
+    block_ids: tuple[int, ...]  # vLLM blocks of tokens [0, end) at least (block 0 of the request first)
+    last_tokens: int = 0  # > 0: the last hash is a tail entry of this many tokens (else a full chunk)
+
+
+@dataclass(slots=True, frozen=True)
+class SaveSpec:
+    """Store chunks ``first_chunk...`` (``hashes``) of request ``req_id``, computed by this step."""
+
+    req_id: str
+    namespace: str
+    first_chunk: int
+    hashes: tuple[str, ...]
+    block_ids: tuple[int, ...]
+    prompt_tokens: int  # the sequence's length, for the daemon's placement policy
+    last_tokens: int = 0  # > 0: the last hash is a tail entry of this many tokens (else a full chunk)
+
+
+def entry_sizes(hashes: tuple[str, ...], chunk_tokens: int, last_tokens: int) -> list[int]:
+    """Tokens of each entry of a ``LoadSpec`` / ``SaveSpec``: whole chunks, the last one possibly a tail."""
+    sizes = [chunk_tokens] * len(hashes)
+    if last_tokens and sizes:
+        sizes[-1] = last_tokens
+    return sizes
+
+
+@dataclass(slots=True, frozen=True)
+class StepPlan:
+    loads: tuple[LoadSpec, ...] = ()
+    saves: tuple[SaveSpec, ...] = ()
+
+
+@dataclass
+class _Tracked:
+    namespace: str
+    num_prompt: int
+    hashes: list[str]  # full chunks of the prompt
+    hits: int = 0  # leading chunks the daemon held at the last lookup
+    lookup_at: float = float("-inf")
+    hit_tiers: list[str] = field(default_factory=list)  # fastest tier of each hit chunk
+    offer_end: int = 0  # end of the tokens last offered to vLLM
+    pending_load: int = 0  # external tokens vLLM accepted, not yet planned
+    block_ids: list[int] = field(default_factory=list)
+    computed: int = 0
+    next_save: int = 0  # first chunk not stored yet (nor known to be stored)
+    # The tail entry: the block-aligned tokens after the last full chunk that a rerun of this prompt
+    # could load (all but the last prompt token), keyed by ``kvd.core.keys.prefix_tail_hash``.
+    tail: str | None = None
+    tail_tokens: int = 0
+    tail_hit: bool = False  # the daemon held it (behind every full chunk) at the last lookup
+    tail_saved: bool = False
+
+    def keys(self, first: int, last: int) -> tuple[tuple[str, ...], int]:
+        """Keys of entries ``first..last-1`` (index ``len(hashes)`` is the tail) and the tail's
+        token count when it is among them (else 0)."""
+        keys = self.hashes + ([self.tail] if self.tail else [])
+        return tuple(keys[first:last]), self.tail_tokens if self.tail and first <= len(self.hashes) < last else 0
+
+
+def salted_namespace(base: str, cache_salt: str | None) -> str:
+    if not cache_salt:
+        return base
+    return f"{base}:salt-{hashlib.blake2b(cache_salt.encode(), digest_size=8).hexdigest()}"
+
+
+class SchedulerPlanner:
+    """Per-request lookup cache and the step plans. ``block_size`` is vLLM's (manager) block size."""
+
+    def __init__(self, session: DaemonSession, *, block_size: int, can_load: bool, can_save: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.session = session
+        self.block_size = block_size
+        self.can_load = can_load
+        self.can_save = can_save
+        self.clock = clock
+        self.requests: dict[str, _Tracked] = {}  # request id -> state
+
+    # ---- tracking ---------------------------------------------------------------------------------
+
+    def _track(self, request, h: ModelHandle) -> _Tracked | None:
+        t = self.requests.get(request.request_id)
+        if t is not None:
+            return t
+        if (getattr(request, "lora_request", None) is not None or getattr(request, "mm_features", None)
+                or getattr(request, "prompt_embeds", None) is not None or request.prompt_token_ids is None):
+            self.session.counters["requests_not_keyed"] += 1
+            return None
+        ns = salted_namespace(h.namespace, getattr(request, "cache_salt", None))
+        ids, c = request.prompt_token_ids, h.chunk_tokens
+        hashes = prefix_hashes(ids, chunk_tokens=c, namespace=ns, fingerprint=h.fingerprint)
+        t = self.requests[request.request_id] = _Tracked(ns, request.num_prompt_tokens, hashes)
+        tail = (request.num_prompt_tokens - 1 - len(hashes) * c) // self.block_size * self.block_size
+        if tail > 0:
+            t.tail, t.tail_tokens = prefix_tail_hash(ids, chunk_tokens=c, tail_tokens=tail, namespace=ns,
+                                                     fingerprint=h.fingerprint,
+                                                     parent=hashes[-1] if hashes else None), tail
+        return t
+
+    def _lookup(self, t: _Tracked) -> None:
+        """Refresh ``t.hits`` unless the cached answer is fresh; a failed lookup counts as no hit."""
+        now = self.clock()
+        if now - t.lookup_at < self.session.settings.lookup_ttl_s or not t.hashes:
+            return
+        t.lookup_at = now
+
+        keys = list(t.keys(0, len(t.hashes) + 1)[0])
+
+        def ask(h: ModelHandle) -> P.LookupResponse:
+            return h.client.lookup(P.LookupRequest(fingerprint=h.fingerprint, namespace=t.namespace,
+                                                   prefix_hashes=keys, prefetch=True))
+
+        resp = self.session.call("lookup", ask)
+        self.session.counters["lookups"] += 1
+        if resp is None:
+            t.hits, t.hit_tiers, t.tail_hit = 0, [], False
+            return
+        t.hits = min(resp.num_prefix_hits, len(t.hashes))
+        t.tail_hit = resp.num_prefix_hits > len(t.hashes)
+        t.hit_tiers = [r.tier for r in resp.prefix[: resp.num_prefix_hits]]
+        t.next_save = max(t.next_save, t.hits)
+        t.tail_saved = t.tail_saved or t.tail_hit
+
+    # ---- vLLM scheduler hooks -------------------------------------------------------------------
+
+    def num_new_matched_tokens(self, request, num_computed: int) -> int:
+        """Tokens kvd can supply beyond vLLM's own ``num_computed`` (block-aligned) prefix hit."""
+        h = self.session.handle()
+        if h is None:
+            return 0
+        t = self._track(request, h)
+        if t is None or not self.can_load:
+            return 0
+        c = h.chunk_tokens
+        # vLLM computes at least the last prompt token, and loads fill whole blocks: the offer ends at
+        # the last block boundary before it, which may lie inside the last hit chunk (a stored chunk is
+        # exact for any prefix of its tokens) or at the end of the tail entry, so any prompt whose
+        # entries are all stored recomputes less than one block, as with vLLM's own cache.
+        limit = min(len(t.hashes) * c + t.tail_tokens, (t.num_prompt - 1) // self.block_size * self.block_size)
+        if limit <= num_computed:
+            return 0
+        self._lookup(t)
+        tail = t.tail_tokens if t.tail_hit and t.hits == len(t.hashes) else 0
+        t.offer_end = min(t.hits * c + tail, limit)
+        n = t.offer_end - num_computed
+        if n > 0:
+            self.session.counters["lookup_hit_tokens"] += n
+        return max(n, 0)
+
+    def after_alloc(self, request, num_external: int) -> None:
+        t = self.requests.get(request.request_id)
+        if t is not None and num_external > 0:
+            t.pending_load = num_external
+
+    def hit_sources(self, request, num_external: int) -> dict[str, int]:
+        """``{"host"|"disk": tokens}`` of the planned load, by the tier each chunk was found in."""
+        t = self.requests.get(request.request_id)
+        h = self.session.handle()
+        if t is None or h is None or num_external <= 0:
+            return {}
+        c, end = h.chunk_tokens, t.offer_end
+        out: dict[str, int] = {}
+        for i in range((end - num_external) // c, -(-end // c)):
+            n = min((i + 1) * c, end) - max(i * c, end - num_external)  # the tail is entry len(hashes)
+            key = "host" if i < len(t.hit_tiers) and t.hit_tiers[i] == "host" else "disk"
+            out[key] = out.get(key, 0) + n
+        return out if sum(out.values()) == num_external else {}
+
+    def build(self, so) -> StepPlan:
+        """The step's loads and saves from vLLM's ``SchedulerOutput`` (read only)."""
+        h = self.session.handle()
+        if h is None or not self.requests:
+            return StepPlan()
+        loads: list[LoadSpec] = []
+        for nr in so.scheduled_new_reqs:
+            t = self.requests.get(nr.req_id)
+            if t is not None:
+                t.block_ids = list(nr.block_ids[0])
+                self._progress(t, nr.req_id, nr.num_computed_tokens, h, loads)
+        cached = so.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            t = self.requests.get(rid)
+            if t is None:
+                continue
+            new = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:  # after preemption: the full new block list
+                t.block_ids = list(new[0]) if new else []
+            elif new:
+                t.block_ids.extend(new[0])
+            self._progress(t, rid, cached.num_computed_tokens[i], h, loads)
+        saves = [s for rid, n in so.num_scheduled_tokens.items() if (s := self._save(rid, n, h)) is not None]
+        return StepPlan(tuple(loads), tuple(saves))
+
+    def _progress(self, t: _Tracked, rid: str, num_computed: int, h: ModelHandle, loads: list[LoadSpec]) -> None:
+        t.computed = num_computed
+        if not t.pending_load:
+            return
+        c = h.chunk_tokens
+        start, end = num_computed - t.pending_load, num_computed
+        t.pending_load = 0
+        first, last = start // c, -(-end // c)
+        if start % self.block_size or end > len(t.hashes) * c + t.tail_tokens or start < 0:
+            # Not a range this plan can express; the worker reports it failed, vLLM recomputes it.
+            logger.warning("kvd: load of tokens [%d, %d) of %s is not block-aligned; recomputing", start, end, rid)
+        keys, last_tokens = t.keys(first, last)
+        loads.append(LoadSpec(rid, t.namespace, first, keys, start, end, tuple(t.block_ids), last_tokens))
+        t.next_save = max(t.next_save, min(last, len(t.hashes)))
+        t.tail_saved = t.tail_saved or last > len(t.hashes)
+
+    def _save(self, rid: str, num_scheduled: int, h: ModelHandle) -> SaveSpec | None:
+        t = self.requests.get(rid)
+        if t is None or not self.can_save:
+            return None
+        c = h.chunk_tokens
+        reached = min(t.computed + num_scheduled, t.num_prompt)
+        done = reached // c
+        # The tail goes with (or after) the last full chunk, once its tokens are computed.
+        with_tail = (t.tail is not None and not t.tail_saved and done >= len(t.hashes)
+                     and reached >= len(t.hashes) * c + t.tail_tokens)
+        if done <= t.next_save and not with_tail:
+            return None
+        first = min(t.next_save, len(t.hashes))
+        t.next_save = max(t.next_save, done)
+        keys, last_tokens = t.keys(first, len(t.hashes) + 1 if with_tail else done)
+        t.tail_saved = t.tail_saved or with_tail
+        if not keys:
+            return None
+        return SaveSpec(rid, t.namespace, first, keys, tuple(t.block_ids), t.num_prompt, last_tokens)
+
+    def on_load_errors(self, invalid_block_ids: Iterable[int]) -> None:
+        """Chunks whose blocks failed to load are recomputed by vLLM; save them again once they are."""
+        bad = set(invalid_block_ids)
+        if not bad or self.session.handle() is None:
+            return
+        per_chunk = self.session.handle().chunk_tokens // self.block_size
+        for t in self.requests.values():
+            idx = [i for i, b in enumerate(t.block_ids) if b in bad]
+            if idx:
+                t.next_save = min(t.next_save, idx[0] // per_chunk)
+                t.hits = min(t.hits, idx[0] // per_chunk)
+                t.tail_hit = t.tail_saved = False  # it comes after the failed blocks: recomputed, saved again
+
+    def finished(self, req_id: str) -> None:
+        self.requests.pop(req_id, None)

@@ -1,0 +1,254 @@
+"""Settings: one pydantic model, loaded once from TOML plus ``KVD_<SECTION>__<KEY>`` overrides.
+
+Every default lives in the models below and is documented, key by key, in ``kvd/defaults.toml``
+(shipped as ``config/kvd.toml``); a test keeps the two equal. kvd runs with no file at all. Unknown
+keys and bad values stop startup with a ``ConfigError`` that names the key, the value seen, what is
+allowed and where the value came from (file or environment variable).
+
+Modules receive the section they need; none reads the environment itself. Paths left empty are
+resolved here, once, from systemd's directories or the XDG ones (see ``default_socket_path``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kvd.core.errors import ConfigError
+
+ENV_PREFIX = "KVD_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DaemonSettings(_Section):
+    socket: str = ""  # empty: $RUNTIME_DIRECTORY/kvd.sock, $XDG_RUNTIME_DIR/kvd/kvd.sock, /run/kvd or /tmp
+    socket_mode: str = "0660"
+    metrics_addr: str = "127.0.0.1:9464"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_timeout_s: float = Field(default=10.0, ge=0, le=600)
+    watchdog: bool = True
+    max_request_bytes: ByteSize = ByteSize(64 << 20)
+    max_entries_per_request: int = Field(default=4096, gt=0, le=1 << 20)
+    max_tokens_per_request: int = Field(default=1 << 21, gt=0)
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        try:
+            m = int(v, 8)
+        except ValueError:
+            raise ValueError("must be an octal file mode such as '0660'") from None
+        if not 0 <= m <= 0o777:
+            raise ValueError("must be an octal file mode between 0000 and 0777")
+        return v
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        if v == "":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT (e.g. 127.0.0.1:9464), or empty to disable metrics")
+        return v
+
+
+class KeySettings(_Section):
+    chunk_tokens: int = Field(default=256, gt=0, le=1 << 16)
+
+
+class HostSettings(_Section):
+    path: str = ""  # empty: /dev/shm/kvd-<uid>-<socket hash>.arena
+    capacity_bytes: ByteSize = ByteSize(1 << 30)
+    slot_bytes: ByteSize = ByteSize(256 << 10)
+    high_watermark: float = Field(default=0.90, gt=0, le=1)
+    low_watermark: float = Field(default=0.75, gt=0, le=1)
+    lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    reservation_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    verify_on_commit: bool = True
+
+    @model_validator(mode="after")
+    def _sizes(self) -> HostSettings:
+        if self.slot_bytes < 4096 or self.slot_bytes % 4096:
+            raise ValueError(f"slot_bytes={int(self.slot_bytes)} must be a positive multiple of 4096")
+        if self.capacity_bytes < self.slot_bytes:
+            raise ValueError(f"capacity_bytes={int(self.capacity_bytes)} is smaller than one slot")
+        if self.low_watermark > self.high_watermark:
+            raise ValueError(
+                f"low_watermark={self.low_watermark} is above high_watermark={self.high_watermark}"
+            )
+        return self
+
+
+class SsdSettings(_Section):
+    enabled: bool = True
+    path: str = ""  # empty: $STATE_DIRECTORY, $XDG_DATA_HOME/kvd or ~/.local/share/kvd, then /ssd
+    capacity_bytes: ByteSize = ByteSize(64 << 30)
+    map_size_bytes: ByteSize = ByteSize(0)  # 0: capacity_bytes × 1.25 (LMDB needs headroom)
+    admit_after: int = Field(default=2, ge=0, le=1000)
+    write_batch: int = Field(default=64, gt=0, le=100000)
+    io_threads: int = Field(default=2, gt=0, le=64)
+    prefetch_deadline_s: float = Field(default=5.0, gt=0, le=600)
+
+
+class CodecSettings(_Section):
+    hot_codec: Literal["raw", "lossless"] = "lossless"
+    local_cold_codec: Literal["lossless", "fp8", "int8", "drop"] = "lossless"
+    global_cold_codec: Literal["lossless", "fp8", "int8"] = "lossless"
+    zstd_level: int = Field(default=1, ge=-7, le=22)
+    threads: int = Field(default=0, ge=0, le=64)  # 0: one per core for extents ≥ 4 MiB
+
+
+class PolicySettings(_Section):
+    eviction: Literal["lru", "arc", "cost_aware"] = "cost_aware"
+    recency_half_life_s: float = Field(default=300.0, gt=0)
+
+
+class Settings(_Section):
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    keys: KeySettings = Field(default_factory=KeySettings)
+    host: HostSettings = Field(default_factory=HostSettings)
+    ssd: SsdSettings = Field(default_factory=SsdSettings)
+    codec: CodecSettings = Field(default_factory=CodecSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+
+    # ---- resolved paths (computed once, here, so modules never read the environment) ----------
+
+    def socket_path(self) -> Path:
+        return Path(self.daemon.socket) if self.daemon.socket else default_socket_path()
+
+    def arena_path(self) -> Path:
+        if self.host.path:
+            return Path(self.host.path)
+        import hashlib
+
+        tag = hashlib.blake2b(str(self.socket_path()).encode(), digest_size=4).hexdigest()
+        shm = Path("/dev/shm")
+        base = shm if shm.is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+        return base / f"kvd-{os.getuid()}-{tag}.arena"
+
+    def ssd_path(self) -> Path:
+        return Path(self.ssd.path) if self.ssd.path else default_data_dir() / "ssd"
+
+
+def default_socket_path() -> Path:
+    """systemd's RuntimeDirectory, then $XDG_RUNTIME_DIR/kvd, then /run/kvd (root) or /tmp/kvd-<uid>."""
+    if d := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(d.split(":")[0]) / "kvd.sock"
+    if d := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(d) / "kvd" / "kvd.sock"
+    if os.getuid() == 0:
+        return Path("/run/kvd/kvd.sock")
+    return Path(f"/tmp/kvd-{os.getuid()}/kvd.sock")
+
+
+def default_data_dir() -> Path:
+    if d := os.environ.get("STATE_DIRECTORY"):
+        return Path(d.split(":")[0])
+    if d := os.environ.get("XDG_DATA_HOME"):
+        return Path(d) / "kvd"
+    return Path.home() / ".local" / "share" / "kvd"
+
+
+def default_config_text() -> str:
+    """The commented default configuration (``kvd --print-default-config``)."""
+    return resources.files("kvd").joinpath("defaults.toml").read_text()
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``KVD_HOST__CAPACITY_BYTES=2GiB`` -> ``{"host": {"capacity_bytes": "2GiB"}}``, plus sources."""
+    tree: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        if any(not p for p in path):
+            raise ConfigError(f"environment variable {name}: empty section or key name")
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name}: {p} is a value, not a section")
+        node[path[-1]] = value
+        sources[path] = f"environment variable {name}"
+    return tree, sources
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _describe(e: ValidationError, sources: dict[tuple[str, ...], str], default_source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        source = sources.get(loc, default_source)
+        if err["type"] == "extra_forbidden":
+            section = loc[:-1]
+            allowed = _allowed_keys(section)
+            lines.append(f"{key}: unknown setting (from {source}); allowed here: {', '.join(allowed)}")
+        else:
+            value = err.get("input")
+            shown = value if not isinstance(value, dict) else "{…}"
+            lines.append(f"{key} = {shown!r} (from {source}): {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(section: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in section:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return sorted(Settings.model_fields)
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Defaults ← TOML file (if given) ← ``KVD_*`` environment ← explicit ``overrides`` (CLI flags)."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist; pass an existing file or none") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    env_tree, sources = _env_overrides(os.environ if environ is None else environ)
+    data = _merge(data, env_tree)
+    if overrides:
+        data = _merge(data, overrides)
+        for section, kv in overrides.items():
+            for k in kv:
+                sources[(section, k)] = "command line"
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, sources, source)) from None

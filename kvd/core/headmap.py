@@ -1,0 +1,188 @@
+"""Head maps: which KV heads of a model are global and which are local (sink + recent window).
+
+A head map is produced by the head profiler (``kvd.calibrate.profiler``) from a calibration run
+on the real model, stored as versioned JSON (``config/heads/*.json``) and registered with the daemon
+together with the model. Every (layer, KV head) is classified; each local head carries its own sink
+and window, so a map may give heads different windows where that buys bytes.
+
+JSON shape (format 1)::
+
+    {"format": 1, "model": "smollm2-135m", "fingerprint": "…" | null,
+     "num_layers": 30, "num_kv_heads": 3,
+     "heads": [[{"class": "global"}, {"class": "local", "sink": 4, "window": 256}, …], …],
+     "scores": {"edge_mass": [[…]], …} | null, "calibration": {…} | null, "method": "…"}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kvd.core.errors import HeadMapError
+
+HEADMAP_FORMAT = 1
+
+
+class HeadSpec(BaseModel):
+    """One KV head. Global heads see the whole context; local heads ``[0, sink) ∪ (i - window, i]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    head_class: Literal["global", "local"] = Field(alias="class")
+    sink: int = Field(default=0, ge=0, le=1 << 20)
+    window: int = Field(default=0, ge=0, le=1 << 24)
+
+    @model_validator(mode="after")
+    def _local_needs_window(self) -> HeadSpec:
+        if self.head_class == "local" and self.window <= 0:
+            raise ValueError("a local head needs window > 0 (tokens of recent context it keeps)")
+        return self
+
+    @property
+    def is_global(self) -> bool:
+        return self.head_class == "global"
+
+    def kept_tokens(self, seq_len: int) -> int:
+        """Tokens of a ``seq_len`` context this head keeps: all, or sink ∪ last ``window``."""
+        if self.is_global:
+            return seq_len
+        return min(seq_len, self.sink + self.window)
+
+
+class HeadMap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    format: int = HEADMAP_FORMAT
+    model: str = Field(min_length=1)
+    fingerprint: str | None = None
+    num_layers: int = Field(gt=0, le=4096)
+    num_kv_heads: int = Field(gt=0, le=4096)
+    heads: list[list[HeadSpec]]
+    method: str = "manual"
+    scores: dict[str, list[list[float]]] | None = None
+    calibration: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> HeadMap:
+        if self.format != HEADMAP_FORMAT:
+            raise ValueError(f"format {self.format} is not supported (this kvd reads format {HEADMAP_FORMAT})")
+        if len(self.heads) != self.num_layers:
+            raise ValueError(f"heads lists {len(self.heads)} layers, num_layers says {self.num_layers}")
+        for layer, row in enumerate(self.heads):
+            if len(row) != self.num_kv_heads:
+                raise ValueError(
+                    f"heads[{layer}] lists {len(row)} KV heads, num_kv_heads says {self.num_kv_heads}"
+                )
+        for name, grid in (self.scores or {}).items():
+            if len(grid) != self.num_layers or any(len(r) != self.num_kv_heads for r in grid):
+                raise ValueError(f"scores[{name!r}] is not a [num_layers][num_kv_heads] grid")
+        return self
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def all_global(cls, model: str, num_layers: int, num_kv_heads: int) -> HeadMap:
+        """The map kvd uses when a model has none: every head keeps everything (plain offloading)."""
+        row = [HeadSpec(head_class="global")] * num_kv_heads
+        return cls(model=model, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                   heads=[list(row) for _ in range(num_layers)], method="all_global")
+
+    @classmethod
+    def from_classes(
+        cls,
+        model: str,
+        is_global: list[list[bool]],
+        *,
+        sink: int,
+        window: int | list[list[int]],
+        **extra: Any,
+    ) -> HeadMap:
+        """Build from a boolean grid; ``window`` is one value or a per-head grid."""
+        rows = []
+        for layer, flags in enumerate(is_global):
+            row = []
+            for head, g in enumerate(flags):
+                w = window if isinstance(window, int) else window[layer][head]
+                row.append(HeadSpec(head_class="global") if g
+                           else HeadSpec(head_class="local", sink=sink, window=w))
+            rows.append(row)
+        return cls(model=model, num_layers=len(rows), num_kv_heads=len(rows[0]) if rows else 0,
+                   heads=rows, **extra)
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any] | str | bytes, *, source: str = "head map") -> HeadMap:
+        try:
+            if isinstance(doc, (str, bytes)):
+                return cls.model_validate_json(doc)
+            return cls.model_validate(doc)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise HeadMapError(f"{source}: {where}: {first['msg']}; fix the file or re-run the head "
+                               f"profiler (kvctl profile MODEL_DIR --out FILE)") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadMap:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise HeadMapError(f"cannot read head map {p}: {e.strerror}") from None
+        return cls.parse(text, source=str(p))
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(p)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True), indent=1) + "\n"
+
+    # ---- queries ------------------------------------------------------------------------------
+
+    def check_fits(self, num_layers: int, num_kv_heads: int, *, model: str = "the model") -> None:
+        """Raise ``HeadMapError`` unless the map covers exactly this many layers and KV heads."""
+        if self.num_layers != num_layers or self.num_kv_heads != num_kv_heads:
+            raise HeadMapError(
+                f"head map for {self.model!r} has {self.num_layers} layers × {self.num_kv_heads} KV heads, "
+                f"{model} has {num_layers} × {num_kv_heads}; re-run the head profiler for it"
+            )
+
+    def spec(self, layer: int, head: int) -> HeadSpec:
+        return self.heads[layer][head]
+
+    def is_global(self, layer: int, head: int) -> bool:
+        return self.heads[layer][head].is_global
+
+    def global_heads(self, layer: int) -> list[int]:
+        return [h for h, s in enumerate(self.heads[layer]) if s.is_global]
+
+    def local_heads(self, layer: int) -> list[int]:
+        return [h for h, s in enumerate(self.heads[layer]) if not s.is_global]
+
+    def class_grid(self) -> list[list[bool]]:
+        """``[layer][head] -> is_global``."""
+        return [[s.is_global for s in row] for row in self.heads]
+
+    @property
+    def num_global(self) -> int:
+        return sum(s.is_global for row in self.heads for s in row)
+
+    @property
+    def global_ratio(self) -> float:
+        return self.num_global / (self.num_layers * self.num_kv_heads)
+
+    def max_window(self) -> int:
+        return max((s.sink + s.window for row in self.heads for s in row if not s.is_global), default=0)
+
+    def kv_fraction(self, seq_len: int) -> float:
+        """KV bytes this map keeps for a ``seq_len`` context, over the bytes full KV keeps."""
+        if seq_len <= 0:
+            return 1.0
+        kept = sum(s.kept_tokens(seq_len) for row in self.heads for s in row)
+        return kept / (seq_len * self.num_layers * self.num_kv_heads)

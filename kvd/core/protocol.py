@@ -1,0 +1,377 @@
+"""The control API's request and response models, shared by the API handlers and the client.
+
+One module for both sides, so they cannot drift apart. Every model forbids unknown fields: a typo in
+a request is a 400 that names the field, not a silently ignored option. Routes are versioned
+(``/v1/...``); ``API_VERSION`` changes when a model changes incompatibly.
+
+Wire format: JSON bodies (pydantic parses them in Rust). Token ids may be sent, but clients normally
+send the 128-bit prefix hashes they computed with ``kvd.core.keys`` (32 hex chars per 256-token chunk), which
+keeps a 32K-token lookup under 5 KB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from kvd.core.errors import InvalidRequest
+from kvd.core.headmap import HeadMap
+from kvd.core.keys import check_namespace
+
+API_VERSION = "v1"
+
+EntryKind = Literal["prefix", "chunk"]
+# A 128-bit entry hash as 32 lowercase hex chars; checked by pydantic-core (in Rust), which keeps a
+# 128-hash lookup cheap. The API rewrites the pattern error into words (``kvd.daemon.api._describe``).
+HASH_PATTERN = r"^[0-9a-f]{32}$"
+Hash = Annotated[str, StringConstraints(pattern=HASH_PATTERN)]
+TierName = Literal["host", "ssd"]  # a shared remote tier (Redis) is planned, not built
+
+
+def describe_validation_error(e: ValidationError, limit: int = 5) -> str:
+    """One line naming each bad field and what was wrong, e.g. for a 400 answer or a kvctl usage error."""
+    parts = []
+    for err in e.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(body)"
+        msg = err["msg"]
+        if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == HASH_PATTERN:
+            msg = f"{err['input']!r} is not an entry hash (32 lowercase hex characters)"
+        parts.append(f"{loc}: {msg}")
+    more = f" (and {e.error_count() - limit} more)" if e.error_count() > limit else ""
+    return f"{e.title}: " + "; ".join(parts) + more
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _namespace(v: str) -> str:
+    try:
+        return check_namespace(v)
+    except InvalidRequest as e:
+        raise ValueError(str(e)) from None
+
+
+NamespaceStr = Annotated[str, AfterValidator(_namespace)]  # tenant / cache salt, checked
+
+
+class ErrorBody(_Model):
+    error: str  # the KvdError code, e.g. "invalid_request"
+    message: str
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+class RegisterModelRequest(_Model):
+    model_id: str = Field(min_length=1, max_length=512)
+    revision: str = Field(default="", max_length=256)
+    num_layers: int = Field(gt=0, le=4096)
+    num_kv_heads: int = Field(gt=0, le=4096)
+    head_dim: int = Field(gt=0, le=4096)
+    kv_dtype: str = "bfloat16"
+    rope: dict[str, Any] = Field(default_factory=dict)
+    layout: str = Field(default="canonical", max_length=128)
+    head_map: HeadMap | None = None
+    # When given, must equal the fingerprint the daemon computes from the fields above.
+    fingerprint: str | None = None
+
+
+class ArenaInfo(_Model):
+    path: str
+    capacity_bytes: int
+    slot_bytes: int
+    arena_id: str
+
+
+class RegisterModelResponse(_Model):
+    fingerprint: str
+    chunk_tokens: int
+    arena: ArenaInfo
+    head_map_method: str
+    num_global_heads: int
+
+
+class ModelInfo(_Model):
+    fingerprint: str
+    model_id: str
+    revision: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: str
+    layout: str
+    head_map_method: str
+    num_global_heads: int
+    num_entries: int
+    bytes_by_tier: dict[str, int]
+
+
+class ModelsResponse(_Model):
+    models: list[ModelInfo]
+
+
+# ---- entries ----------------------------------------------------------------------------------
+
+
+class ExtentInfo(_Model):
+    """One extent of an entry as the client sees it: where it lies in the arena and its checksum."""
+
+    head_class: str
+    offset: int  # byte offset in the arena
+    nbytes: int  # bytes of KV in the extent (the slot run may be longer)
+    checksum: str | None = None  # xxh3-64 hex of the extent's bytes, once committed
+
+
+class ReserveEntry(_Model):
+    hash: Hash
+    kind: EntryKind = "prefix"
+    num_tokens: int = Field(gt=0, le=1 << 20)
+    # Position of the entry's first token in the sequence it came from, and that sequence's length
+    # at store time: the placement policy uses them to tell which local-head tokens are in the window.
+    start_token: int = Field(default=0, ge=0)
+    end_token: int | None = Field(default=None, ge=0)
+
+
+
+class ReserveRequest(_Model):
+    fingerprint: str
+    namespace: NamespaceStr = "default"
+    entries: list[ReserveEntry]
+
+
+
+class ReservedEntry(_Model):
+    hash: str
+    # reserved: write the extents, then commit. exists: already stored (or being stored by another
+    # client): skip it. no_space: the arena is full and nothing can be evicted right now.
+    status: Literal["reserved", "exists", "no_space"]
+    extents: list[ExtentInfo] = Field(default_factory=list)
+
+
+class ReserveResponse(_Model):
+    reservation_id: str | None
+    expires_in_s: float
+    arena_id: str
+    entries: list[ReservedEntry]
+
+
+class CommitRequest(_Model):
+    reservation_id: str
+    # Commit only these entries of the reservation (the rest are aborted); None: all of them.
+    hashes: list[Hash] | None = None
+    # Seconds the client spent copying the reservation's bytes in (for the bytes/seconds counters).
+    transfer_s: float = Field(default=0.0, ge=0, le=3600)
+
+
+
+class CommitResponse(_Model):
+    committed: list[str]
+
+
+class AbortRequest(_Model):
+    reservation_id: str
+
+
+class LookupRequest(_Model):
+    fingerprint: str
+    namespace: NamespaceStr = "default"
+    # Prefix entries: token ids (the daemon chunks and hashes them) or the client's own prefix hashes.
+    token_ids: list[int] | None = None
+    prefix_hashes: list[Hash] | None = None
+    # Chunk entries (content hashes) to look up, in any order, with their lengths in tokens (optional;
+    # the denominator of the chunk hit-rate metric).
+    chunk_hashes: list[Hash] | None = None
+    chunk_num_tokens: list[Annotated[int, Field(ge=0)]] | None = None
+    # Start moving entries found only on slower tiers into the arena.
+    prefetch: bool = True
+
+    @model_validator(mode="after")
+    def _lengths(self) -> LookupRequest:
+        if self.chunk_num_tokens is not None and len(self.chunk_num_tokens) != len(self.chunk_hashes or []):
+            raise ValueError("chunk_num_tokens must give one length per chunk hash")
+        return self
+
+
+
+class EntryStatus(_Model):
+    index: int  # position of the hash in the request's list
+    hash: str
+    tier: TierName  # fastest tier holding it
+    classes: list[str]  # head classes available losslessly (all of them: complete)
+    complete: bool
+    num_tokens: int
+
+
+class LookupResponse(_Model):
+    """Found entries only: a miss costs nothing to encode, so a 128-chunk lookup stays small."""
+
+    chunk_tokens: int
+    # Leading prefix chunks stored *completely* (every head class): what an exact engine can load.
+    num_prefix_hits: int
+    prefix: list[EntryStatus]  # found prefix entries, in request order
+    chunks: list[EntryStatus]  # found chunk entries, in request order
+
+
+@dataclass(slots=True)
+class EntryRow:
+    """Server-side form of ``EntryStatus``: building pydantic objects per lookup cost more than the
+    lookup itself (3 µs each), so the daemon answers from these rows and ``LookupResult.to_json``."""
+
+    index: int
+    hash: str
+    tier: str
+    classes: list[str]
+    complete: bool
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class LookupResult:
+    chunk_tokens: int
+    num_prefix_hits: int
+    prefix: list[EntryRow]
+    chunks: list[EntryRow]
+
+    def to_json(self) -> bytes:
+        """Exactly the JSON of the equivalent ``LookupResponse`` (a test holds the two together)."""
+
+        # Formatted directly: hashes, tiers and class names are the daemon's own ASCII tokens, so no
+        # escaping is needed, and this is about twice as fast as json.dumps of the same dicts.
+        def rows(rs: list[EntryRow]) -> str:
+            return ",".join([
+                f'{{"index":{r.index},"hash":"{r.hash}","tier":"{r.tier}","classes":{_names(r.classes)},'
+                f'"complete":{"true" if r.complete else "false"},"num_tokens":{r.num_tokens}}}' for r in rs])
+
+        return (f'{{"chunk_tokens":{self.chunk_tokens},"num_prefix_hits":{self.num_prefix_hits},'
+                f'"prefix":[{rows(self.prefix)}],"chunks":[{rows(self.chunks)}]}}').encode()
+
+
+_NAMES_JSON: dict[tuple[str, ...], str] = {}
+
+
+def _names(names: list[str]) -> str:
+    """JSON of a list of head-class names, cached: a lookup answer repeats the same one or two lists
+    in every row (this halves the daemon's time to write a 128-row answer)."""
+    key = tuple(names)
+    out = _NAMES_JSON.get(key)
+    if out is None:
+        out = "[" + ",".join(f'"{n}"' for n in key) + "]"
+        if len(_NAMES_JSON) < 1024:  # head classes are few; never grow without bound
+            _NAMES_JSON[key] = out
+    return out
+
+
+class LeaseRequest(_Model):
+    fingerprint: str
+    namespace: NamespaceStr = "default"
+    hashes: list[Hash]
+    # Only these head classes are needed (e.g. a head-aware reader that recomputes global heads).
+    classes: list[str] | None = None
+    # How long to wait for entries being prefetched from slower tiers; None: the daemon's default.
+    wait_s: float | None = Field(default=None, ge=0, le=600)
+
+
+
+class LeasedEntry(_Model):
+    hash: str
+    status: Literal["ok", "missing", "timeout", "corrupt"]
+    num_tokens: int = 0
+    extents: list[ExtentInfo] = Field(default_factory=list)
+
+
+class LeaseResponse(_Model):
+    lease_id: str | None
+    expires_in_s: float
+    arena_id: str
+    entries: list[LeasedEntry]
+
+
+class ReleaseRequest(_Model):
+    lease_id: str
+    transfer_s: float = Field(default=0.0, ge=0, le=3600)
+
+
+class EntriesRequest(_Model):
+    """Delete / pin / unpin: entries by hash within a namespace (and model, if given)."""
+
+    namespace: NamespaceStr = "default"
+    fingerprint: str | None = None
+    hashes: list[Hash]
+
+
+
+class CountResponse(_Model):
+    count: int
+
+
+class EntryInfo(_Model):
+    hash: str
+    namespace: str
+    fingerprint: str
+    kind: EntryKind
+    num_tokens: int
+    tiers: list[str]
+    nbytes: int
+    pinned: bool
+    leases: int
+    reuse_count: int
+    age_s: float
+    idle_s: float
+
+
+class EntriesResponse(_Model):
+    entries: list[EntryInfo]
+    truncated: bool
+
+
+class EvictRequest(_Model):
+    tier: TierName = "host"
+    namespace: str | None = None
+    fingerprint: str | None = None
+    # Evict at most this many bytes (None: everything evictable that matches).
+    max_bytes: int | None = Field(default=None, ge=0)
+
+
+class FlushRequest(_Model):
+    namespace: str | None = None
+    fingerprint: str | None = None
+    hashes: list[Hash] | None = None  # only these entries (with namespace and fingerprint); None: all matching
+
+
+
+class TierStatsBody(_Model):
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+    num_records: int
+
+
+class StatsResponse(_Model):
+    uptime_s: float
+    tiers: list[TierStatsBody]
+    num_entries: int
+    num_models: int
+    leases_held: int
+    reservations_open: int
+    lookup_tokens: int
+    hit_tokens_by_tier: dict[str, int]
+    counters: dict[str, float]
+
+
+class HealthResponse(_Model):
+    status: Literal["ok", "shutting_down"]
+    version: str
+    api: str
+    uptime_s: float
+    arena_id: str

@@ -1,0 +1,5 @@
+import sys
+
+from kvd.daemon.service import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""Control and admin HTTP routes. Thin: parse into a protocol model, call one store method, answer.
+
+Errors map to statuses in one middleware: a ``KvdError`` answers with its status and a JSON
+``{"error": code, "message": ...}``; a body that is not valid JSON or does not fit the route's model is
+a 400 naming the field; anything else is a 500, logged with its traceback, and the daemon keeps serving.
+
+The peer's process id (``SO_PEERCRED`` on the Unix socket) owns its leases and reservations, so they are
+taken back as soon as that process dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from kvd import __version__
+from kvd.core import protocol as P
+from kvd.core.errors import InvalidRequest, KvdError, ShuttingDown
+from kvd.daemon.metrics import Metrics
+from kvd.store import reporting
+from kvd.store.store import Store
+
+logger = logging.getLogger(__name__)
+
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+STATE: web.AppKey[dict] = web.AppKey("state", dict)  # {"shutting_down": bool, "config": dict}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(body=model.model_dump_json(), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json(P.ErrorBody(error=code, message=message), status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    t0 = time.perf_counter()
+    try:
+        if request.app[STATE]["shutting_down"] and request.method == "POST" and route != "/v1/release":
+            raise ShuttingDown("kvd is shutting down; retry against the restarted daemon")
+        resp = await handler(request)
+    except KvdError as e:
+        resp = _error(e.status, e.code, str(e))
+    except ValidationError as e:
+        resp = _error(400, "invalid_request", P.describe_validation_error(e))
+    except web.HTTPException as e:
+        resp = _error(e.status, "http", e.reason or str(e))
+    except Exception:  # noqa: BLE001 - the boundary: log, answer 500, keep serving
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        metrics.errors.labels("internal").inc()
+        resp = _error(500, "internal", "internal error in kvd; see the daemon log")
+    metrics.route_latency.labels(route).observe(time.perf_counter() - t0)
+    metrics.requests.labels(route, str(resp.status)).inc()
+    return resp
+
+
+async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    raw = await request.read()
+    if not raw:
+        raise InvalidRequest(f"empty body; {request.path} takes a JSON object ({model.__name__})")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise InvalidRequest(f"body is not valid JSON: {e.errors()[0]['msg']}") from None
+        raise
+
+
+def peer_pid(request: web.Request) -> int | None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _, _ = struct.unpack("3i", creds)
+        return pid or None
+    except OSError:
+        return None
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/health")
+async def health(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    status = "shutting_down" if request.app[STATE]["shutting_down"] else "ok"
+    return _json(P.HealthResponse(status=status, version=__version__, api=P.API_VERSION,
+                                  uptime_s=store.clock() - store.started_at, arena_id=store.host.arena_id))
+
+
+@routes.get("/v1/config")
+async def config(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE]["config"])
+
+
+@routes.post("/v1/models")
+async def register_model(request: web.Request) -> web.Response:
+    req = await _body(request, P.RegisterModelRequest)
+    return _json(request.app[STORE].register_model(req))
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    return _json(reporting.models_info(request.app[STORE]))
+
+
+@routes.post("/v1/lookup")
+async def lookup(request: web.Request) -> web.Response:
+    req = await _body(request, P.LookupRequest)
+    return web.Response(body=request.app[STORE].lookup(req).to_json(), content_type="application/json")
+
+
+@routes.post("/v1/reserve")
+async def reserve(request: web.Request) -> web.Response:
+    req = await _body(request, P.ReserveRequest)
+    return _json(request.app[STORE].reserve(req, peer_pid(request)))
+
+
+@routes.post("/v1/commit")
+async def commit(request: web.Request) -> web.Response:
+    req = await _body(request, P.CommitRequest)
+    return _json(await request.app[STORE].commit(req))
+
+
+@routes.post("/v1/abort")
+async def abort(request: web.Request) -> web.Response:
+    req = await _body(request, P.AbortRequest)
+    return _json(request.app[STORE].abort(req))
+
+
+@routes.post("/v1/lease")
+async def lease(request: web.Request) -> web.Response:
+    req = await _body(request, P.LeaseRequest)
+    return _json(await request.app[STORE].lease(req, peer_pid(request)))
+
+
+@routes.post("/v1/release")
+async def release(request: web.Request) -> web.Response:
+    req = await _body(request, P.ReleaseRequest)
+    return _json(request.app[STORE].release(req))
+
+
+@routes.post("/v1/delete")
+async def delete(request: web.Request) -> web.Response:
+    req = await _body(request, P.EntriesRequest)
+    return _json(request.app[STORE].delete(req))
+
+
+@routes.post("/v1/pin")
+async def pin(request: web.Request) -> web.Response:
+    req = await _body(request, P.EntriesRequest)
+    return _json(request.app[STORE].set_pinned(req, True))
+
+
+@routes.post("/v1/unpin")
+async def unpin(request: web.Request) -> web.Response:
+    req = await _body(request, P.EntriesRequest)
+    return _json(request.app[STORE].set_pinned(req, False))
+
+
+@routes.get("/v1/entries")
+async def entries(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        limit = int(q.get("limit", "1000"))
+    except ValueError:
+        raise InvalidRequest(f"limit={q.get('limit')!r} is not an integer") from None
+    if not 0 < limit <= 1_000_000:
+        raise InvalidRequest(f"limit={limit} must be between 1 and 1000000")
+    tier = q.get("tier")
+    if tier is not None and tier not in ("host", "ssd"):
+        raise InvalidRequest(f"tier={tier!r} unknown; use host or ssd")
+    return _json(reporting.list_entries(request.app[STORE], fingerprint=q.get("model"),
+                                        namespace=q.get("namespace"), tier=tier, limit=limit))
+
+
+@routes.post("/v1/evict")
+async def evict(request: web.Request) -> web.Response:
+    req = await _body(request, P.EvictRequest)
+    return _json(await request.app[STORE].evict(req))
+
+
+@routes.post("/v1/flush")
+async def flush(request: web.Request) -> web.Response:
+    req = await _body(request, P.FlushRequest)
+    return _json(await request.app[STORE].flush(req))
+
+
+@routes.post("/v1/compact")
+async def compact(request: web.Request) -> web.Response:
+    return _json(await request.app[STORE].compact())
+
+
+@routes.get("/v1/stats")
+async def stats(request: web.Request) -> web.Response:
+    return _json(reporting.stats(request.app[STORE]))
+
+
+# ---- metrics app (TCP) --------------------------------------------------------------------------
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    if request.app[STATE]["shutting_down"]:
+        return web.Response(status=503, text="shutting down\n")
+    return web.Response(text="ok\n")
+
+
+def control_routes() -> web.RouteTableDef:
+    return routes
+
+
+def metrics_routes() -> list[web.RouteDef]:
+    return [web.get("/metrics", metrics_handler), web.get("/healthz", healthz)]
+
+
+def config_view(settings) -> dict:
+    return json.loads(settings.model_dump_json())

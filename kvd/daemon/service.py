@@ -1,0 +1,331 @@
+"""The kvd service: wiring, lifecycle, signals and systemd notification.
+
+``create_app(settings)`` builds the control application; every resource it needs (thread pool, host
+arena, SSD tier, store, background tasks) is a ``cleanup_ctx`` generator, set up on start and torn
+down on stop in reverse order. ``serve`` runs it on the Unix socket, with the metrics application on
+TCP, until SIGTERM or SIGINT; ``main`` is the ``kvd`` command.
+
+Shutdown (one path for SIGTERM and SIGINT): mark shutting down (new writes get 503), tell systemd
+STOPPING, wait for in-flight commits, stop the sites (aiohttp lets running handlers finish), cancel
+background tasks, close the tiers, log one summary line, exit 0. SIGHUP reloads the settings that can
+change at run time and logs those that need a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+from kvd import __version__
+from kvd.core.config import Settings, default_config_text, load_settings
+from kvd.core.errors import ConfigError, KvdError
+from kvd.daemon.api import (
+    METRICS,
+    STATE,
+    STORE,
+    config_view,
+    control_routes,
+    error_middleware,
+    metrics_routes,
+)
+from kvd.daemon.metrics import Metrics
+from kvd.daemon.systemd import Notifier
+from kvd.store.pipeline import Mover
+from kvd.store.reporting import entry_counts
+from kvd.store.store import Store
+from kvd.tiers.host import HostTier
+from kvd.tiers.ssd import SsdTier
+
+logger = logging.getLogger("kvd")
+
+EXPIRE_INTERVAL_S = 0.5
+# Settings SIGHUP can change without a restart: (section, key).
+RELOADABLE = {
+    ("daemon", "log_level"), ("daemon", "shutdown_timeout_s"), ("daemon", "max_request_bytes"),
+    ("daemon", "max_entries_per_request"), ("daemon", "max_tokens_per_request"),
+    ("host", "high_watermark"), ("host", "low_watermark"), ("host", "lease_ttl_s"),
+    ("host", "reservation_ttl_s"), ("host", "verify_on_commit"),
+    ("ssd", "admit_after"), ("ssd", "prefetch_deadline_s"), ("ssd", "write_batch"),
+    ("codec", "hot_codec"), ("codec", "local_cold_codec"), ("codec", "global_cold_codec"),
+    ("codec", "zstd_level"), ("codec", "threads"), ("policy", "recency_half_life_s"),
+}
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=int(settings.daemon.max_request_bytes))
+    app[STATE] = {"shutting_down": False, "config": config_view(settings), "settings": settings}
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_store_ctx(settings, clock))
+    app.cleanup_ctx.append(_expiry_ctx)
+    app.add_routes(control_routes())
+    return app
+
+
+def create_metrics_app(control: web.Application) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app[METRICS] = control[METRICS]
+    app[STATE] = control[STATE]
+    app.add_routes(metrics_routes())
+    return app
+
+
+def _store_ctx(settings: Settings, clock: Callable[[], float]):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        executor = ThreadPoolExecutor(max_workers=max(2, settings.ssd.io_threads), thread_name_prefix="kvd-io")
+        host = HostTier(settings.arena_path(), int(settings.host.capacity_bytes), int(settings.host.slot_bytes),
+                        file_mode=int(settings.daemon.socket_mode, 8))
+        metrics = app[METRICS]
+        store = Store(settings, host, metrics=metrics, executor=executor, clock=clock)
+        metrics.attach_tiers(store.tier_stats, lambda: entry_counts(store))
+        metrics.attach_gpu()
+        app[STORE] = store
+        logger.info("host arena %s: %d MiB in %d slots of %d KiB", host.path, host.capacity_bytes >> 20,
+                    host.num_slots, host.slot_bytes >> 10)
+        ssd = mover = task = None
+        try:
+            if settings.ssd.enabled:
+                ssd = await asyncio.get_running_loop().run_in_executor(
+                    executor, lambda: SsdTier(settings.ssd_path(), settings.ssd, settings.codec))
+                mover = store.mover = Mover(store, ssd)
+                n = await mover.recover()
+                logger.info("ssd tier %s: %d entries recovered", ssd.path, n)
+                task = asyncio.create_task(mover.run(), name="kvd-mover")
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if mover is not None:
+                await mover.close()
+            if ssd is not None:
+                ssd.close()
+            host.close()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    return ctx
+
+
+async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[STORE]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL_S)
+            try:
+                store.expire()
+            except Exception:  # noqa: BLE001 - a background loop survives its own failures
+                logger.exception("lease/reservation expiry failed")
+
+    task = asyncio.create_task(loop(), name="kvd-expiry")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# ---- serving ------------------------------------------------------------------------------------
+
+
+def _prepare_socket(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket of a daemon that died
+                return
+        raise ConfigError(f"another kvd is already serving on {path}; stop it or pass --socket")
+
+
+def reload_settings(current: Settings, fresh: Settings) -> tuple[list[str], list[str]]:
+    """Copy what may change at run time from ``fresh`` into ``current``. Returns (applied, need restart)."""
+    applied, ignored = [], []
+    for section in type(current).model_fields:
+        old, new = getattr(current, section), getattr(fresh, section)
+        for key in type(old).model_fields:
+            if getattr(old, key) == getattr(new, key):
+                continue
+            if (section, key) in RELOADABLE:
+                # ``fresh`` was validated as a whole; assigning field by field through validation could
+                # fail in between (raising high_watermark and low_watermark together), so copy raw.
+                object.__setattr__(old, key, getattr(new, key))
+                applied.append(f"{section}.{key}")
+            else:
+                ignored.append(f"{section}.{key}")
+    return applied, ignored
+
+
+class Daemon:
+    """One running kvd: the control app on the Unix socket, metrics on TCP, signals, systemd."""
+
+    def __init__(self, settings: Settings, *, config_path: str | None = None,
+                 overrides: dict | None = None, notifier: Notifier | None = None,
+                 handle_signals: bool = True) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.overrides = overrides
+        self.notifier = notifier or Notifier()
+        self.handle_signals = handle_signals  # False for tests and embedding (signals need the main thread)
+        self.app = create_app(settings)
+        self._stop = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        path = s.socket_path()
+        _prepare_socket(path)
+        runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=s.daemon.shutdown_timeout_s,
+                               access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, int(s.daemon.socket_mode, 8))
+        if s.daemon.metrics_addr:
+            host, _, port = s.daemon.metrics_addr.rpartition(":")
+            mrunner = web.AppRunner(create_metrics_app(self.app), handle_signals=False, access_log=None)
+            await mrunner.setup()
+            self._runners.append(mrunner)
+            try:
+                await web.TCPSite(mrunner, host.strip("[]"), int(port)).start()
+            except OSError as e:
+                raise ConfigError(f"cannot serve metrics on {s.daemon.metrics_addr}: {e.strerror}; "
+                                  "pass another --metrics-addr (or empty to disable)") from None
+        logger.info("kvd %s serving on %s (metrics %s)", __version__, path, s.daemon.metrics_addr or "off")
+        self.notifier.ready(f"serving on {path}")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        try:
+            fresh = load_settings(self.config_path, overrides=self.overrides)
+        except KvdError as e:
+            logger.error("SIGHUP: configuration not reloaded: %s", e)
+            return
+        applied, ignored = reload_settings(self.settings, fresh)
+        logging.getLogger().setLevel(self.settings.daemon.log_level)
+        self.app[STATE]["config"] = config_view(self.settings)
+        logger.info("SIGHUP: reloaded %s%s", ", ".join(applied) or "nothing changed",
+                    f"; need a restart: {', '.join(ignored)}" if ignored else "")
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        while interval and self.settings.daemon.watchdog:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def run(self) -> int:
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+        except BaseException:
+            await self.shutdown()
+            raise
+        dog = asyncio.create_task(self._watchdog(), name="kvd-watchdog")
+        await self._stop.wait()
+        dog.cancel()
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        t0 = time.monotonic()
+        self.app[STATE]["shutting_down"] = True
+        self.notifier.stopping()
+        store = self.app.get(STORE)
+        if store is None:  # setup failed before the store existed
+            for runner in reversed(self._runners):
+                await runner.cleanup()
+            return
+        deadline = t0 + self.settings.daemon.shutdown_timeout_s
+        while store.num_committing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        entries, leases = store.num_entries(), store.num_leases()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self.settings.socket_path().unlink(missing_ok=True)
+        logger.info("kvd stopped in %.2f s: %d entries indexed, %d leases dropped", time.monotonic() - t0,
+                    entries, leases)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvd", description="kvd: head-aware tiered KV-cache daemon (foreground)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (default: embedded defaults; "
+                   "$KVD_CONFIG if set)")
+    p.add_argument("--socket", metavar="PATH", help="Unix socket of the control API")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT", help="metrics/health HTTP address ('' disables)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--check-config", metavar="FILE", help="validate FILE (with KVD_* overrides) and exit")
+    p.add_argument("--print-default-config", action="store_true", help="print every setting with its default")
+    p.add_argument("--version", action="version", version=f"kvd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.print_default_config:
+        sys.stdout.write(default_config_text())
+        return 0
+    overrides: dict = {}
+    if args.socket is not None:
+        overrides.setdefault("daemon", {})["socket"] = args.socket
+    if args.metrics_addr is not None:
+        overrides.setdefault("daemon", {})["metrics_addr"] = args.metrics_addr
+    if args.log_level is not None:
+        overrides.setdefault("daemon", {})["log_level"] = args.log_level
+    config_path = args.check_config or args.config or os.environ.get("KVD_CONFIG") or None
+    try:
+        settings = load_settings(config_path, overrides=overrides)
+    except ConfigError as e:
+        print(f"kvd: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"kvd: {args.check_config}: configuration is valid")
+        return 0
+    logging.basicConfig(level=settings.daemon.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_amain(settings, config_path, overrides))
+    except KvdError as e:
+        logger.error("%s", e)
+        return 1
+
+
+def _loop_factory():
+    """uvloop where installed (about a third less per-request overhead in aiohttp), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _amain(settings: Settings, config_path: str | None, overrides: dict) -> int:
+    daemon = Daemon(settings, config_path=config_path, overrides=overrides)
+    return await daemon.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The model registry: which models the daemon knows, with their fingerprint, shapes and head map.
+
+A model must be registered before its KV is stored or looked up; the answer tells the client its
+fingerprint, the chunk size and the arena to map. Registration is idempotent. Re-registering a model
+with a different head map is refused while entries stored under the old map exist (their extents
+follow the old map's head classes). With an SSD tier, registrations are persisted beside the data so
+the index can be rebuilt at start (``kvd.store.pipeline``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from kvd.core import protocol as P
+from kvd.core.errors import Conflict, FingerprintMismatch, NotFound
+from kvd.core.headmap import HeadMap
+from kvd.core.keys import ModelSpec
+from kvd.store.entries import ModelRecord
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRegistry:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.models: dict[str, ModelRecord] = {}  # fingerprint -> model
+
+    def register(self, req: P.RegisterModelRequest, *, has_entries: Callable[[str], bool]) -> tuple[ModelRecord, bool]:
+        """Validate and record the model. Returns (record, changed)."""
+        spec = ModelSpec(model_id=req.model_id, revision=req.revision, num_layers=req.num_layers,
+                         num_kv_heads=req.num_kv_heads, head_dim=req.head_dim, kv_dtype=req.kv_dtype,
+                         rope=req.rope, layout=req.layout)
+        fp = spec.fingerprint()
+        if req.fingerprint is not None and req.fingerprint != fp:
+            raise FingerprintMismatch(
+                f"fingerprint {req.fingerprint} does not match {fp}, computed from the model fields sent; "
+                "the client and daemon disagree on the model layout — upgrade both to the same kvd")
+        hm = req.head_map
+        if hm is not None:
+            hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
+        else:
+            hm = HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)
+        known = self.models.get(fp)
+        if known is not None and known.head_map.class_grid() != hm.class_grid() and has_entries(fp):
+            raise Conflict(
+                f"model {spec.model_id} ({fp}) is registered with another head map and has stored entries, "
+                "whose extents follow the old map; delete them (kvctl evict) or register a new revision")
+        if known is not None and known.head_map == hm:
+            return known, False
+        record = ModelRecord(fp, spec, hm, self.clock())
+        self.models[fp] = record
+        logger.info("registered model %s (%s): %d layers × %d KV heads, %d global", spec.model_id, fp,
+                    spec.num_layers, spec.num_kv_heads, hm.num_global)
+        return record, True
+
+    def get(self, fingerprint: str) -> ModelRecord:
+        m = self.models.get(fingerprint)
+        if m is None:
+            raise NotFound(f"model {fingerprint!r} is not registered with this daemon; register it first "
+                           "(POST /v1/models; clients do this on connect and after a daemon restart)")
+        return m

@@ -1,0 +1,229 @@
+"""The vLLM connector's worker side (``WorkerIO``) against a real daemon, with stand-in KV layers.
+
+Layers are ``[num_blocks, H, N, 2D]`` tensors in the CPU backend's ``vec`` packing; each test drives
+the hooks in vLLM's order (begin_step, start_loads, per layer load/save, end_step) with hand-built
+plans, and checks the blocks, the daemon's entries and the blocks reported as failed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kvd.connectors.vllm.copy import make_copier
+from kvd.connectors.vllm.layout import BlockLayout, known_layout
+from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+from kvd.connectors.vllm.session import ConnectorSettings, DaemonSession
+from kvd.connectors.vllm.worker import WorkerIO
+from kvd.core import protocol as P
+from kvd.core.headmap import HeadMap
+from kvd.core.keys import ModelSpec, prefix_hashes, prefix_tail_hash
+from tests.daemon_proc import DaemonProc
+
+L, H, D, N = 3, 2, 16, 128
+C = 256
+NUM_BLOCKS = 24
+NS = "worker"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = DaemonProc(tmp_path_factory.mktemp("kvd")).start()
+    yield d
+    d.kill()
+
+
+def layout(n: int = N) -> BlockLayout:
+    to = known_layout("LBHNC_KT", H, n, D)
+    fr = torch.empty_like(to)
+    fr[to] = torch.arange(to.numel())
+    return BlockLayout("LBHNC_KT", H, n, D, to, fr)
+
+
+def make_worker(d: DaemonProc, model: str, *, head_map=None, ratio: int = 1, seed: int = 0, **settings):
+    spec = ModelSpec(model, num_layers=L, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16")
+    s = DaemonSession(ConnectorSettings(socket=d.socket, namespace=NS, timeout_s=1.0, **settings), spec, head_map,
+                      block_size=N, role="worker")
+    g = torch.Generator().manual_seed(seed)
+    n = N // ratio  # kernel blocks smaller than vLLM's blocks: dim 0 has ratio x as many
+    kv = {f"model.layers.{i}.self_attn.attn": torch.randn(NUM_BLOCKS * ratio, H, n, 2 * D, generator=g).bfloat16()
+          for i in range(L)}
+    return WorkerIO(s, kv, make_copier(layout(n), next(iter(kv.values()))), block_size=N, num_blocks=NUM_BLOCKS)
+
+
+def hashes(w: WorkerIO, toks: list[int]) -> tuple[str, ...]:
+    return tuple(prefix_hashes(toks, chunk_tokens=C, namespace=NS, fingerprint=w.session.spec.fingerprint()))
+
+
+def run_step(w: WorkerIO, plan: StepPlan, *, layers: int = L) -> set[int]:
+    w.begin_step(plan)
+    w.start_loads()
+    for name, kv in list(w.kv_caches.items())[:layers]:
+        w.load_layer(name)
+        w.save_layer(name, kv)
+    w.end_step()
+    return w.take_load_errors()
+
+
+def blocks_equal(a: WorkerIO, a_ids, b: WorkerIO, b_ids) -> bool:
+    r = a.ratio
+    ka = [x * r + j for x in a_ids for j in range(r)]
+    kb = [x * r + j for x in b_ids for j in range(r)]
+    return all(torch.equal(ta[ka], tb[kb]) for ta, tb in zip(a.kv_caches.values(), b.kv_caches.values()))
+
+
+def toks_for(seed: int, n: int = 800) -> list[int]:
+    return [(seed * 104729 + i * 17) % 49000 for i in range(n)]
+
+
+@pytest.mark.parametrize("ratio", [1, 2], ids=["block=kernel", "block=2-kernel-blocks"])
+@pytest.mark.parametrize("two_classes", [False, True], ids=["all-global", "head-map"])
+def test_save_then_load_round_trip_is_bit_exact(daemon, ratio, two_classes):
+    hm = HeadMap.from_classes("m", [[True, False]] * L, sink=4, window=64) if two_classes else None
+    model = f"m-{ratio}-{two_classes}"
+    src = make_worker(daemon, model, head_map=hm, ratio=ratio, seed=1)
+    toks = toks_for(ratio * 10 + two_classes)
+    hs = hashes(src, toks)
+    src_blocks = (5, 2, 11, 7, 19, 3, 8)
+    assert run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, src_blocks, len(toks)),))) == set()
+    assert src.counters["stored_chunks"] == 3
+    dst = make_worker(daemon, model, head_map=hm, ratio=ratio, seed=2)
+    dst_blocks = (4, 9, 1, 13, 6, 20, 12)
+    assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, dst_blocks),))) == set()
+    assert blocks_equal(src, src_blocks[:6], dst, dst_blocks[:6])
+    assert dst.counters["loaded_tokens"] == 768
+    with daemon.client() as c:
+        assert c.stats().leases_held == 0  # released at the end of the step
+
+
+def test_load_starting_inside_a_chunk_leaves_the_local_hit_alone(daemon):
+    src = make_worker(daemon, "partial", seed=3)
+    toks = toks_for(3)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
+    dst = make_worker(daemon, "partial", seed=4)
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    blocks = (14, 15, 16, 17, 18, 19)
+    assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 128, 768, blocks),))) == set()
+    assert blocks_equal(src, (2, 3, 4, 5, 6), dst, blocks[1:])
+    assert all(torch.equal(before[n][14], t[14]) for n, t in dst.kv_caches.items())  # vLLM's own block
+
+
+def test_load_ending_inside_the_last_chunk_copies_only_its_first_blocks(daemon):
+    src = make_worker(daemon, "partial-end", seed=5)
+    toks = toks_for(5, 768)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 7)), len(toks)),)))
+    dst = make_worker(daemon, "partial-end", seed=6)
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    blocks = (14, 15, 16, 17, 18, 19)
+    # A 768-token prompt: vLLM computes the last block, so the load ends at 640, inside chunk 2.
+    assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 640, blocks),))) == set()
+    assert blocks_equal(src, (1, 2, 3, 4, 5), dst, blocks[:5])
+    assert all(torch.equal(before[n][19], t[19]) for n, t in dst.kv_caches.items())  # left to vLLM
+    assert dst.counters["loaded_tokens"] == 640
+
+
+@pytest.mark.parametrize("two_classes", [False, True], ids=["all-global", "head-map"])
+def test_tail_entry_round_trip_and_shape_check(daemon, two_classes):
+    hm = HeadMap.from_classes("m", [[True, False]] * L, sink=4, window=64) if two_classes else None
+    model = f"tail-{two_classes}"
+    src = make_worker(daemon, model, head_map=hm, seed=7)
+    toks = toks_for(7, 700)  # 2 chunks + a tail of one block: tokens [512, 640)
+    hs = hashes(src, toks)
+    tail = prefix_tail_hash(toks, chunk_tokens=C, tail_tokens=128, namespace=NS,
+                            fingerprint=src.session.spec.fingerprint(), parent=hs[-1])
+    src_blocks = (3, 8, 1, 6, 2, 9)
+    plan = StepPlan(saves=(SaveSpec("a", NS, 0, (*hs, tail), src_blocks, len(toks), last_tokens=128),))
+    assert run_step(src, plan) == set()
+    assert src.counters["stored_chunks"] == 3
+    with daemon.client() as c:
+        (row,) = [r for r in c.lookup(P.LookupRequest(fingerprint=src.session.handle().fingerprint, namespace=NS,
+                                                      prefix_hashes=[*hs, tail])).prefix if r.hash == tail]
+        assert row.num_tokens == 128
+    dst = make_worker(daemon, model, head_map=hm, seed=8)
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    dst_blocks = (10, 4, 14, 7, 11, 13)
+    load = LoadSpec("b", NS, 0, (*hs, tail), 0, 640, dst_blocks, last_tokens=128)
+    assert run_step(dst, StepPlan(loads=(load,))) == set()
+    assert blocks_equal(src, src_blocks[:5], dst, dst_blocks[:5])
+    assert all(torch.equal(before[n][13], t[13]) for n, t in dst.kv_caches.items())  # the last block: vLLM's
+    # A spec that takes the tail for a full chunk (wrong shape) is refused, its blocks reported, not copied.
+    dst2 = make_worker(daemon, model, head_map=hm, seed=9)
+    before = {n: t.clone() for n, t in dst2.kv_caches.items()}
+    errors = run_step(dst2, StepPlan(loads=(LoadSpec("c", NS, 0, (*hs, tail), 0, 768, dst_blocks + (15,)),)))
+    assert errors == {11, 13}  # tokens [512, 768): the entry that does not have the expected shape
+    assert blocks_equal(src, src_blocks[:4], dst2, dst_blocks[:4])  # the two full chunks still load
+    assert all(torch.equal(before[n][b], t[b]) for n, t in dst2.kv_caches.items() for b in (11, 13))
+
+
+def test_missing_chunk_reports_its_blocks_and_loads_the_rest(daemon):
+    src = make_worker(daemon, "missing", seed=5)
+    toks = toks_for(5)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs[:2], tuple(range(1, 8)), len(toks)),)))
+    dst = make_worker(daemon, "missing", seed=6)
+    blocks = (10, 11, 12, 13, 14, 15)
+    errors = run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, blocks),)))
+    assert errors == {14, 15}  # chunk 2's blocks: vLLM recomputes from there
+    assert blocks_equal(src, (1, 2, 3, 4), dst, blocks[:4])
+    assert dst.counters["load_failed_tokens"] == 256
+
+
+def test_corrupt_extent_is_never_copied(daemon):
+    src = make_worker(daemon, "corrupt", seed=7)
+    toks = toks_for(7)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
+    c = src.session.client  # flip bits of chunk 1's extent in the arena, as a stray write would
+    h = src.session.handle()
+    lease = c.lease(P.LeaseRequest(fingerprint=h.fingerprint, namespace=NS, hashes=[hs[1]]))
+    x = lease.entries[0].extents[0]
+    view = c.arena(lease.arena_id).bytes_at(x.offset, 4)
+    view[:] = bytes(b ^ 0xFF for b in view)
+    c.release(P.ReleaseRequest(lease_id=lease.lease_id))
+    dst = make_worker(daemon, "corrupt", seed=8)
+    errors = run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),)))
+    assert errors == {12, 13, 14, 15}
+    assert dst.counters["checksum_failures"] == 1
+
+
+def test_a_request_whose_load_failed_stores_nothing_that_step(daemon):
+    w = make_worker(daemon, "no-bad-store", seed=9)
+    toks = toks_for(9)
+    hs = hashes(w, toks)
+    plan = StepPlan(loads=(LoadSpec("r", NS, 0, hs[:2], 0, 512, tuple(range(1, 8))),),
+                    saves=(SaveSpec("r", NS, 2, hs[2:], tuple(range(1, 8)), len(toks)),))
+    assert run_step(w, plan) == {1, 2, 3, 4}  # nothing stored: the lease finds no chunk
+    assert w.counters["stored_chunks"] == 0
+    with daemon.client() as c:
+        assert c.lookup(P.LookupRequest(
+            fingerprint=w.session.spec.fingerprint(), namespace=NS, prefix_hashes=list(hs))).prefix == []
+
+
+def test_store_is_aborted_unless_every_layer_was_written(daemon):
+    w = make_worker(daemon, "short", seed=10)
+    toks = toks_for(10)
+    hs = hashes(w, toks)
+    run_step(w, StepPlan(saves=(SaveSpec("r", NS, 0, hs, tuple(range(1, 8)), len(toks)),)), layers=L - 1)
+    assert w.counters["stored_chunks"] == 0 and w.counters["store_aborted_chunks"] == 3
+    with daemon.client() as c:
+        assert c.stats().reservations_open == 0
+
+
+def test_daemon_killed_loads_fail_fast_and_stores_are_skipped(tmp_path):
+    d = DaemonProc(tmp_path).start()
+    w = make_worker(d, "killed", seed=11)
+    toks = toks_for(11)
+    hs = hashes(w, toks)
+    run_step(w, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
+    d.kill()
+    t0 = time.monotonic()
+    for _ in range(5):
+        errors = run_step(w, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),),
+                                      saves=(SaveSpec("c", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
+        assert errors == set(range(10, 16))
+    assert time.monotonic() - t0 < 3.0
+    assert w.counters["stored_chunks"] == 3  # only the first step's

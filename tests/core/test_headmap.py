@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from kvd.core.errors import HeadMapError
+from kvd.core.headmap import HeadMap, HeadSpec
+
+
+def small_map() -> HeadMap:
+    return HeadMap.from_classes("toy", [[True, False, False], [False, False, True]], sink=4,
+                                window=[[0, 64, 128], [32, 64, 0]])
+
+
+def test_round_trip_through_json(tmp_path):
+    hm = small_map()
+    p = tmp_path / "toy.json"
+    hm.save(p)
+    doc = json.loads(p.read_text())
+    assert doc["heads"][0][1] == {"class": "local", "sink": 4, "window": 64}
+    assert HeadMap.load(p) == hm
+
+
+def test_queries():
+    hm = small_map()
+    assert hm.num_global == 2 and hm.global_ratio == pytest.approx(2 / 6)
+    assert hm.global_heads(0) == [0] and hm.local_heads(1) == [0, 1]
+    assert hm.max_window() == 132
+    # 1000 tokens: 2 global heads keep 1000, locals keep 4+64, 4+128, 4+32, 4+64
+    assert hm.kv_fraction(1000) == pytest.approx((2000 + 68 + 132 + 36 + 68) / 6000)
+    assert hm.kv_fraction(10) == 1.0
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["heads"].pop(), "heads lists 1 layers"),
+        (lambda d: d["heads"][1].pop(), r"heads\[1\] lists 2 KV heads"),
+        (lambda d: d["heads"][0][1].update(window=0), "window > 0"),
+        (lambda d: d["heads"][0][1].update({"class": "medium"}), "heads.0.1"),
+        (lambda d: d.update(format=9), "format 9"),
+        (lambda d: d.update(extra=1), "extra"),
+    ],
+)
+def test_invalid_maps_say_what_is_wrong(mutate, message):
+    doc = json.loads(small_map().to_json())
+    mutate(doc)
+    with pytest.raises(HeadMapError, match=message):
+        HeadMap.parse(doc)
+
+
+def test_map_must_fit_the_model():
+    with pytest.raises(HeadMapError, match="re-run the head profiler"):
+        small_map().check_fits(30, 3, model="smollm2")
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(HeadMapError, match="cannot read"):
+        HeadMap.load(tmp_path / "nope.json")
+
+
+def test_all_global_and_specs():
+    hm = HeadMap.all_global("m", 2, 4)
+    assert hm.num_global == 8 and hm.kv_fraction(500) == 1.0
+    assert HeadSpec(head_class="local", sink=4, window=10).kept_tokens(100) == 14
