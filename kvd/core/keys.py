@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NewType
 
 import numpy as np
@@ -30,6 +31,7 @@ from kvd.core.errors import InvalidRequest
 Fingerprint = NewType("Fingerprint", str)  # 32 lowercase hex chars
 EntryHash = NewType("EntryHash", str)  # 32 lowercase hex chars
 Namespace = NewType("Namespace", str)
+AttentionTag = NewType("AttentionTag", str)  # "exact" or "hm-<16 hex>": see attention_tag
 
 HASH_HEX_CHARS = 32
 DEFAULT_NAMESPACE = Namespace("default")
@@ -88,6 +90,31 @@ class ModelSpec:
     def fingerprint(self) -> Fingerprint:
         return fingerprint(self)
 
+    @classmethod
+    def from_hf_config(cls, config: Any, *, model_id: str | None = None, kv_dtype: str = "bfloat16",
+                       revision: str = "") -> ModelSpec:
+        """The spec of a transformers model from its config (duck-typed: transformers is not imported).
+
+        ``model_id`` defaults to the config's ``name_or_path`` basename. RoPE comes from
+        ``config.rope_parameters`` (transformers 5.x) or the older ``rope_theta``/``rope_scaling``.
+        """
+        num_heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
+        rope = getattr(config, "rope_parameters", None)
+        if not rope:
+            rope = {"rope_theta": getattr(config, "rope_theta", None),
+                    "rope_scaling": getattr(config, "rope_scaling", None)}
+        mid = model_id or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model"
+        return cls(
+            model_id=mid,
+            num_layers=int(config.num_hidden_layers),
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+            head_dim=head_dim,
+            kv_dtype=kv_dtype,
+            revision=revision,
+            rope=dict(rope),
+        )
+
 
 def fingerprint(spec: ModelSpec) -> Fingerprint:
     """128-bit hash of the spec's canonical JSON (sorted keys, no whitespace)."""
@@ -133,10 +160,6 @@ def as_token_array(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr
 
 
-def num_full_chunks(num_tokens: int, chunk_tokens: int) -> int:
-    return num_tokens // chunk_tokens
-
-
 def chunk_spans(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
     """``[start, end)`` of every *full* chunk. A trailing partial chunk gets no prefix entry.
 
@@ -145,8 +168,38 @@ def chunk_spans(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
     return [(i * chunk_tokens, (i + 1) * chunk_tokens) for i in range(num_tokens // chunk_tokens)]
 
 
-def _seed(namespace: str, fp: str) -> bytes:
-    return f"kvd-prefix\0{namespace}\0{fp}\0".encode()
+EXACT = AttentionTag("exact")
+_ATTENTION_RE = re.compile(r"^(exact|hm-[0-9a-f]{16})$")
+
+
+def check_attention(value: str) -> AttentionTag:
+    if not isinstance(value, str) or not _ATTENTION_RE.match(value):
+        raise InvalidRequest(f"computed_under={value!r} is not 'exact' or 'hm-' + 16 hex characters "
+                             "(kvd.core.keys.attention_tag of the head map the KV was computed under)")
+    return AttentionTag(value)
+
+
+def attention_tag(sinks: Sequence[Sequence[int]], windows: Sequence[Sequence[int]]) -> AttentionTag:
+    """What KV was computed under: ``exact`` (every head attends to every earlier token) or
+    ``hm-<16 hex>`` naming the per-head visibility (sink, window; window 0 = global) it was computed
+    with. KV computed under windowed attention differs from exact KV from the second layer on (the
+    hidden states differ), so the tag is part of every key (``_seed``) and of every entry, and an
+    exact reader never gets KV of another tag. Only visibility counts: two head maps with the same
+    grids but other scores or names give one tag.
+
+    Example: one layer, heads (global, local sink 4 window 64) -> sinks [[0, 4]], windows [[0, 64]].
+    """
+    if all(w == 0 for row in windows for w in row):
+        return EXACT
+    blob = json.dumps([list(map(int, r)) for r in sinks]) + json.dumps([list(map(int, r)) for r in windows])
+    return AttentionTag("hm-" + hashlib.blake2b(blob.encode(), digest_size=8).hexdigest())
+
+
+def _seed(namespace: str, fp: str, computed_under: str = EXACT) -> bytes:
+    # Exact KV keeps the seed it always had (stored keys stay valid); other tags are mixed in so that
+    # KV computed under a head map never shares a key with exact KV of the same tokens.
+    tag = "" if computed_under == EXACT else f"{computed_under}\0"
+    return f"kvd-prefix\0{namespace}\0{fp}\0{tag}".encode()
 
 
 def prefix_hashes(
@@ -156,6 +209,7 @@ def prefix_hashes(
     namespace: str,
     fingerprint: str,
     max_chunks: int | None = None,
+    computed_under: str = EXACT,
 ) -> list[EntryHash]:
     """Chained hashes of the full chunks: ``h_i = H(h_{i-1} || le64(tokens of chunk i))``.
 
@@ -169,7 +223,7 @@ def prefix_hashes(
     if max_chunks is not None:
         n = min(n, max_chunks)
     out: list[EntryHash] = []
-    parent = _seed(namespace, fingerprint)
+    parent = _seed(namespace, fingerprint, computed_under)
     raw = arr[: n * chunk_tokens].tobytes()
     step = chunk_tokens * 8
     for i in range(n):
@@ -187,6 +241,7 @@ def prefix_tail_hash(
     namespace: str,
     fingerprint: str,
     parent: str | None,
+    computed_under: str = EXACT,
 ) -> EntryHash:
     """Key of a **tail entry**: the first ``tail_tokens`` tokens after the last full chunk, chained
     after ``parent`` (that chunk's hash, or None when the prompt has no full chunk). The same chain
@@ -199,16 +254,66 @@ def prefix_tail_hash(
         raise InvalidRequest(f"tail_tokens={tail_tokens}: a tail has 1..{arr.size - full * chunk_tokens} tokens here")
     if (parent is None) != (full == 0):
         raise InvalidRequest("parent must be the last full chunk's hash (None only without full chunks)")
-    seed = _seed(namespace, fingerprint) if parent is None else bytes.fromhex(parent)
+    seed = _seed(namespace, fingerprint, computed_under) if parent is None else bytes.fromhex(parent)
     return EntryHash(_digest(seed, arr[full * chunk_tokens : full * chunk_tokens + tail_tokens].tobytes()))
 
 
-def content_hash(token_ids: Sequence[int] | np.ndarray, *, namespace: str, fingerprint: str) -> EntryHash:
+def prefix_aliases(
+    token_ids: Sequence[int] | np.ndarray,
+    hashes: Sequence[str],
+    *,
+    chunk_tokens: int,
+    block_tokens: int,
+    namespace: str,
+    fingerprint: str,
+    computed_under: str = EXACT,
+    first_chunk: int = 0,
+) -> list[list[tuple[EntryHash, int]]]:
+    """For each full chunk ``first_chunk + i`` (key ``hashes[i]``), the keys of its block-aligned
+    proper prefixes: ``(key, tokens)`` for ``tokens = block, 2 block, ..., chunk - block``.
+
+    The key of a chunk's first ``n`` tokens is exactly the ``prefix_tail_hash`` of a prompt that
+    ends ``n`` tokens into that chunk, so a stored chunk registered under these aliases serves such
+    a prompt (a strict prefix of the stored one) down to its last block, as vLLM's own block-level
+    cache does. Example: chunk 256, block 16 -> 15 aliases per chunk (16, 32, ..., 240 tokens).
+    One hashing pass per chunk: the digest state is copied at each block boundary.
+    """
+    if block_tokens <= 0 or chunk_tokens % block_tokens:
+        raise InvalidRequest(f"block_tokens={block_tokens} must divide chunk_tokens={chunk_tokens}")
+    arr = as_token_array(token_ids)
+    if arr.size < (first_chunk + len(hashes)) * chunk_tokens:
+        raise InvalidRequest(f"{arr.size} tokens do not cover chunks {first_chunk}..{first_chunk + len(hashes) - 1}")
+    out = []
+    for i in range(len(hashes)):
+        c = first_chunk + i
+        parent = (_seed(namespace, fingerprint, computed_under) if c == 0
+                  else bytes.fromhex(hashes[i - 1] if i > 0 else _chain_parent(arr, c, chunk_tokens, namespace,
+                                                                             fingerprint, computed_under)))
+        h = hashlib.blake2b(parent, digest_size=16)
+        raw = arr[c * chunk_tokens : (c + 1) * chunk_tokens].tobytes()
+        step = block_tokens * 8
+        aliases = []
+        for j in range(1, chunk_tokens // block_tokens):
+            h.update(raw[(j - 1) * step : j * step])
+            aliases.append((EntryHash(h.copy().hexdigest()), j * block_tokens))
+        out.append(aliases)
+    return out
+
+
+def _chain_parent(arr: np.ndarray, chunk: int, chunk_tokens: int, namespace: str, fingerprint: str,
+                  computed_under: str) -> str:
+    return prefix_hashes(arr[: chunk * chunk_tokens], chunk_tokens=chunk_tokens, namespace=namespace,
+                         fingerprint=fingerprint, computed_under=computed_under)[-1]
+
+
+def content_hash(token_ids: Sequence[int] | np.ndarray, *, namespace: str, fingerprint: str,
+                 computed_under: str = EXACT) -> EntryHash:
     """Hash of a token run on its own: the key of a chunk entry (KV computed at positions [0, n))."""
     arr = as_token_array(token_ids)
     if arr.size == 0:
         raise InvalidRequest("a chunk entry needs at least one token")
-    return EntryHash(_digest(f"kvd-content\0{namespace}\0{fingerprint}\0".encode(), arr.tobytes()))
+    tag = "" if computed_under == EXACT else f"{computed_under}\0"
+    return EntryHash(_digest(f"kvd-content\0{namespace}\0{fingerprint}\0{tag}".encode(), arr.tobytes()))
 
 
 @dataclass(slots=True, frozen=True)

@@ -26,7 +26,7 @@ from pydantic import (
 
 from kvd.core.errors import InvalidRequest
 from kvd.core.headmap import HeadMap
-from kvd.core.keys import check_namespace
+from kvd.core.keys import EXACT, check_attention, check_namespace
 
 API_VERSION = "v1"
 
@@ -63,6 +63,19 @@ def _namespace(v: str) -> str:
 
 
 NamespaceStr = Annotated[str, AfterValidator(_namespace)]  # tenant / cache salt, checked
+
+
+def _attention(v: str) -> str:
+    try:
+        return check_attention(v)
+    except InvalidRequest as e:
+        raise ValueError(str(e)) from None
+
+
+# What the KV was (or the reader's KV will be) computed under: "exact" or a head map's tag
+# (``kvd.core.keys.attention_tag``). An entry is served only to readers of the same tag.
+AttentionStr = Annotated[str, AfterValidator(_attention)]
+MAX_POSITION = 1 << 40  # token positions beyond this are not a real sequence
 
 
 class ErrorBody(_Model):
@@ -131,6 +144,15 @@ class ExtentInfo(_Model):
     offset: int  # byte offset in the arena
     nbytes: int  # bytes of KV in the extent (the slot run may be longer)
     checksum: str | None = None  # xxh3-64 hex of the extent's bytes, once committed
+    # The bytes came back from a lossy codec (fp8/int8): only ever sent to readers that accept it.
+    lossy: bool = False
+
+
+class PrefixAlias(_Model):
+    """Another key for the first ``num_tokens`` tokens of a prefix entry (``kvd.core.keys.prefix_aliases``)."""
+
+    hash: Hash
+    num_tokens: int = Field(gt=0, le=1 << 20)
 
 
 class ReserveEntry(_Model):
@@ -139,16 +161,18 @@ class ReserveEntry(_Model):
     num_tokens: int = Field(gt=0, le=1 << 20)
     # Position of the entry's first token in the sequence it came from, and that sequence's length
     # at store time: the placement policy uses them to tell which local-head tokens are in the window.
-    start_token: int = Field(default=0, ge=0)
-    end_token: int | None = Field(default=None, ge=0)
-
+    start_token: int = Field(default=0, ge=0, le=MAX_POSITION)
+    end_token: int | None = Field(default=None, ge=0, le=MAX_POSITION)
+    # Keys of block-aligned proper prefixes of this entry; each serves a reader that needs only that
+    # many leading tokens. Registered at commit (or at once when the entry exists already).
+    aliases: list[PrefixAlias] = Field(default_factory=list, max_length=4096)
 
 
 class ReserveRequest(_Model):
     fingerprint: str
     namespace: NamespaceStr = "default"
+    computed_under: AttentionStr = EXACT
     entries: list[ReserveEntry]
-
 
 
 class ReservedEntry(_Model):
@@ -192,9 +216,15 @@ class LookupRequest(_Model):
     # Chunk entries (content hashes) to look up, in any order, with their lengths in tokens (optional;
     # the denominator of the chunk hit-rate metric).
     chunk_hashes: list[Hash] | None = None
-    chunk_num_tokens: list[Annotated[int, Field(ge=0)]] | None = None
+    chunk_num_tokens: list[Annotated[int, Field(ge=0, le=1 << 20)]] | None = None
     # Start moving entries found only on slower tiers into the arena.
     prefetch: bool = True
+    computed_under: AttentionStr = EXACT
+    # Also count extents held only in lossy form (fp8/int8) as available.
+    accept_lossy: bool = False
+    # The most prefix tokens the reader can use (e.g. all but the last prompt token): hit-rate metrics
+    # count at most this many.
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_POSITION)
 
     @model_validator(mode="after")
     def _lengths(self) -> LookupRequest:
@@ -280,12 +310,16 @@ class LeaseRequest(_Model):
     classes: list[str] | None = None
     # How long to wait for entries being prefetched from slower tiers; None: the daemon's default.
     wait_s: float | None = Field(default=None, ge=0, le=600)
-
+    computed_under: AttentionStr = EXACT
+    # Serve extents held only in lossy form (flagged ``lossy``) instead of answering them missing.
+    accept_lossy: bool = False
 
 
 class LeasedEntry(_Model):
     hash: str
     status: Literal["ok", "missing", "timeout", "corrupt"]
+    # Tokens the extents hold (their layout). Under an alias key the entry may hold more tokens than
+    # the key names: a reader uses only the leading ones it asked for.
     num_tokens: int = 0
     extents: list[ExtentInfo] = Field(default_factory=list)
 
@@ -337,16 +371,32 @@ class EntriesResponse(_Model):
 
 class EvictRequest(_Model):
     tier: TierName = "host"
-    namespace: str | None = None
+    namespace: NamespaceStr | None = None
     fingerprint: str | None = None
-    # Evict at most this many bytes (None: everything evictable that matches).
-    max_bytes: int | None = Field(default=None, ge=0)
+    # Evict entries in the tier's eviction-policy order until at least this many bytes are freed
+    # (None: everything evictable that matches).
+    max_bytes: int | None = Field(default=None, ge=0, le=1 << 62)
+    # Answer what would be evicted; change nothing.
+    dry_run: bool = False
+
+
+class EvictResponse(_Model):
+    count: int  # entries evicted from the tier (or that would be, with dry_run)
+    nbytes: int  # bytes freed in the tier
+    dry_run: bool
+    hashes: list[str]  # the first 1,000 of them, in eviction order
 
 
 class FlushRequest(_Model):
-    namespace: str | None = None
+    namespace: NamespaceStr | None = None
     fingerprint: str | None = None
     hashes: list[Hash] | None = None  # only these entries (with namespace and fingerprint); None: all matching
+
+    @model_validator(mode="after")
+    def _hashes_need_a_key(self) -> FlushRequest:
+        if self.hashes is not None and (self.namespace is None or self.fingerprint is None):
+            raise ValueError("flush by hashes needs namespace and fingerprint")
+        return self
 
 
 
