@@ -114,8 +114,9 @@ def cmd_delete(c: KvdClient, args: argparse.Namespace) -> int:
 
 def cmd_evict(c: KvdClient, args: argparse.Namespace) -> int:
     r = c.evict(P.EvictRequest(tier=args.tier, namespace=args.namespace, fingerprint=args.model,
-                               max_bytes=args.max_bytes))
-    _out(args, r, f"evicted {r.count} entries from {args.tier}")
+                               max_bytes=args.max_bytes, dry_run=args.dry_run))
+    verb = "would evict" if r.dry_run else "evicted"
+    _out(args, r, f"{verb} {r.count} entries ({_size(r.nbytes)}) from {args.tier}")
     return 0
 
 
@@ -186,7 +187,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--tier", choices=["host", "ssd"], default="host")
     ev.add_argument("--namespace")
     ev.add_argument("--model", metavar="FINGERPRINT")
-    ev.add_argument("--max-bytes", type=int)
+    ev.add_argument("--max-bytes", type=int, help="evict in the tier's policy order until this many bytes are freed")
+    ev.add_argument("--dry-run", action="store_true", help="say what would be evicted; change nothing")
     fl = sub.add_parser("flush", help="write host-tier entries to SSD now")
     fl.add_argument("--namespace")
     fl.add_argument("--model", metavar="FINGERPRINT")

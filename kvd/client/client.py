@@ -243,8 +243,8 @@ class KvdClient:
         q["limit"] = str(limit)
         return self.call("GET", "/v1/entries?" + urlencode(q), None, P.EntriesResponse)
 
-    def evict(self, req: P.EvictRequest) -> P.CountResponse:
-        return self.call("POST", "/v1/evict", req, P.CountResponse, timeout_s=max(self.timeout_s, 300))
+    def evict(self, req: P.EvictRequest) -> P.EvictResponse:
+        return self.call("POST", "/v1/evict", req, P.EvictResponse, timeout_s=max(self.timeout_s, 300))
 
     def flush(self, req: P.FlushRequest) -> P.CountResponse:
         return self.call("POST", "/v1/flush", req, P.CountResponse, timeout_s=max(self.timeout_s, 3600))

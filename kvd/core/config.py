@@ -11,6 +11,7 @@ resolved here, once, from systemd's directories or the XDG ones (see ``default_s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -126,18 +127,26 @@ class Settings(_Section):
     def socket_path(self) -> Path:
         return Path(self.daemon.socket) if self.daemon.socket else default_socket_path()
 
+    def instance_tag(self) -> str:
+        """8 hex chars naming this daemon instance by its socket: per-instance default paths."""
+        return hashlib.blake2b(str(self.socket_path()).encode(), digest_size=4).hexdigest()
+
     def arena_path(self) -> Path:
         if self.host.path:
             return Path(self.host.path)
-        import hashlib
-
-        tag = hashlib.blake2b(str(self.socket_path()).encode(), digest_size=4).hexdigest()
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-        return base / f"kvd-{os.getuid()}-{tag}.arena"
+        return base / f"kvd-{os.getuid()}-{self.instance_tag()}.arena"
 
     def ssd_path(self) -> Path:
-        return Path(self.ssd.path) if self.ssd.path else default_data_dir() / "ssd"
+        """``ssd.path``, else a per-instance directory: ``ssd`` for the default socket (where earlier
+        versions kept it), ``ssd-<instance tag>`` for any other, so two daemons with different sockets
+        never share one SSD directory (the tier also locks it)."""
+        if self.ssd.path:
+            return Path(self.ssd.path)
+        if self.socket_path() == default_socket_path():
+            return default_data_dir() / "ssd"
+        return default_data_dir() / f"ssd-{self.instance_tag()}"
 
 
 def default_socket_path() -> Path:

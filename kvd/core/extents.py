@@ -52,10 +52,6 @@ class ExtentPlan:
     def segment_index(self, layer: int, head: int) -> int:
         return self._index[(layer, head)]
 
-    def segment_offset(self, layer: int, head: int) -> int:
-        """Byte offset of the segment's K inside the extent; its V follows at + segment_bytes // 2."""
-        return self._index[(layer, head)] * self.segment_bytes
-
     @cached_property
     def blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
         """Rectangles ``(layer0, layer1, head0, head1, first_segment)`` tiling the extent in order.
@@ -104,7 +100,3 @@ def plan_extents(spec: ModelSpec, head_map: HeadMap | None, num_tokens: int) -> 
         if heads:
             plans[cls] = ExtentPlan(cls, heads, num_tokens, spec.head_dim, spec.dtype_bytes)
     return plans
-
-
-def entry_bytes(spec: ModelSpec, num_tokens: int) -> int:
-    return spec.num_layers * spec.num_kv_heads * spec.segment_bytes(num_tokens)

@@ -26,6 +26,7 @@ from typing import Any, NewType
 
 import numpy as np
 
+from kvd.core.dtypes import DTYPE_BYTES
 from kvd.core.errors import InvalidRequest
 
 Fingerprint = NewType("Fingerprint", str)  # 32 lowercase hex chars
@@ -38,8 +39,7 @@ DEFAULT_NAMESPACE = Namespace("default")
 _HEX_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
 
-# Supported KV dtypes and their sizes in bytes; the names are torch's.
-KV_DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
+KV_DTYPE_BYTES = DTYPE_BYTES  # the one table lives in kvd.core.dtypes; this name goes with the client move
 
 
 def _digest(*parts: bytes) -> str:
@@ -74,14 +74,14 @@ class ModelSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 < v <= 65536:
                 raise InvalidRequest(f"{name}={v!r} is not a positive integer ≤ 65536")
-        if self.kv_dtype not in KV_DTYPE_BYTES:
+        if self.kv_dtype not in DTYPE_BYTES:
             raise InvalidRequest(
-                f"kv_dtype={self.kv_dtype!r} is not supported; use one of {sorted(KV_DTYPE_BYTES)}"
+                f"kv_dtype={self.kv_dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}"
             )
 
     @property
     def dtype_bytes(self) -> int:
-        return KV_DTYPE_BYTES[self.kv_dtype]
+        return DTYPE_BYTES[self.kv_dtype]
 
     def segment_bytes(self, num_tokens: int) -> int:
         """Bytes of one (entry, layer, KV head) segment: K and V of ``[num_tokens, head_dim]``."""

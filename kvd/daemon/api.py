@@ -131,7 +131,7 @@ async def lookup(request: web.Request) -> web.Response:
 @routes.post("/v1/reserve")
 async def reserve(request: web.Request) -> web.Response:
     req = await _body(request, P.ReserveRequest)
-    return _json(request.app[STORE].reserve(req, peer_pid(request)))
+    return _json(await request.app[STORE].reserve(req, peer_pid(request)))
 
 
 @routes.post("/v1/commit")

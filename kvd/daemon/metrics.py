@@ -90,8 +90,8 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.lookup_tokens = Counter("kvd_lookup_tokens", "Tokens asked about by lookups", ["kind"], registry=r)
         self.hit_tokens = Counter(
-            "kvd_hit_tokens", "Tokens found by lookups, by fastest tier and head class",
-            ["kind", "tier", "head_class"], registry=r)
+            "kvd_hit_tokens", "Tokens a reader can load, found by lookups (leading complete prefix entries, "
+            "complete chunk entries), by the tier they are read from", ["kind", "tier"], registry=r)
         self.moved_bytes = Counter(
             "kvd_moved_bytes", "Bytes moved, by direction (store: engine->arena, load: arena->engine, "
             "demote: arena->ssd, promote: ssd->arena)", ["direction"], registry=r)
@@ -116,13 +116,24 @@ class Metrics:
                                        ["tier"], registry=r)
         self.checksum_failures = Counter("kvd_checksum_failures", "Extents whose bytes failed verification",
                                          ["tier"], registry=r)
-        self.demotions = Counter("kvd_demotions", "Extents written from the arena to SSD", ["head_class"],
-                                 registry=r)
-        self.promotions = Counter("kvd_promotions", "Extents read from SSD into the arena", ["head_class"],
+        self.demotions = Counter("kvd_demotions", "Extents written down to a tier (write-back, demotion)",
+                                 ["tier", "head_class"], registry=r)
+        self.promotions = Counter("kvd_promotions", "Extents read from a tier into the arena", ["tier", "head_class"],
                                   registry=r)
-        self.admission_refusals = Counter("kvd_admission_refusals", "Entries not admitted to SSD", registry=r)
-        self.prefetch_latency = Histogram("kvd_prefetch_duration_seconds", "SSD -> arena prefetch latency per entry",
+        self.admission_refusals = Counter("kvd_admission_refusals", "Lookups of entries not (yet) admitted below "
+                                          "the arena", registry=r)
+        self.prefetch_latency = Histogram("kvd_prefetch_duration_seconds", "Promotion latency per entry",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.prefetches = Counter("kvd_prefetches", "Promotions into the arena", registry=r)
+        self.prefetch_failures = Counter("kvd_prefetch_failures", "Promotions that found no room", registry=r)
+        self.tier_writes = Counter("kvd_tier_writes", "Records written to a tier", ["tier"], registry=r)
+        self.tier_write_failures = Counter("kvd_tier_write_failures", "Records a tier could not take", ["tier"],
+                                           registry=r)
+        self.tier_drops = Counter("kvd_tier_drops", "Records deleted from a blocking tier", ["tier"], registry=r)
+        self.dropped_cold_extents = Counter("kvd_dropped_cold_extents", "Cold local-head extents let go by "
+                                            "placement (codec.local_cold_codec = drop)", registry=r)
+        self.recovered_entries = Counter("kvd_recovered_entries", "Entries rebuilt from persistent tiers at start",
+                                         registry=r)
         self.codec_raw_bytes = Counter("kvd_codec_raw_bytes", "Raw bytes through a codec", ["codec", "op"],
                                        registry=r)
         self.codec_encoded_bytes = Counter("kvd_codec_encoded_bytes", "Encoded bytes through a codec",

@@ -42,7 +42,7 @@ from kvd.daemon.api import (
 )
 from kvd.daemon.metrics import Metrics
 from kvd.daemon.systemd import Notifier
-from kvd.store.pipeline import Mover
+from kvd.store.recovery import recover
 from kvd.store.reporting import entry_counts
 from kvd.store.store import Store
 from kvd.tiers.host import HostTier
@@ -83,37 +83,42 @@ def create_metrics_app(control: web.Application) -> web.Application:
 
 def _store_ctx(settings: Settings, clock: Callable[[], float]):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        executor = ThreadPoolExecutor(max_workers=max(2, settings.ssd.io_threads), thread_name_prefix="kvd-io")
-        host = HostTier(settings.arena_path(), int(settings.host.capacity_bytes), int(settings.host.slot_bytes),
-                        file_mode=int(settings.daemon.socket_mode, 8))
-        metrics = app[METRICS]
-        store = Store(settings, host, metrics=metrics, executor=executor, clock=clock)
-        metrics.attach_tiers(store.tier_stats, lambda: entry_counts(store))
-        metrics.attach_gpu()
-        app[STORE] = store
-        logger.info("host arena %s: %d MiB in %d slots of %d KiB", host.path, host.capacity_bytes >> 20,
-                    host.num_slots, host.slot_bytes >> 10)
-        ssd = mover = task = None
+        # Two pools: codecs and checksums on one, blocking tier I/O on the other, so a stalled disk
+        # (compaction, a slow device) never holds up commit checksums.
+        cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kvd-cpu")
+        io = ThreadPoolExecutor(max_workers=max(2, settings.ssd.io_threads), thread_name_prefix="kvd-io")
+        tiers: list = []
+        store = task = None
         try:
+            tiers.append(HostTier(settings.arena_path(), int(settings.host.capacity_bytes),
+                                  int(settings.host.slot_bytes), file_mode=int(settings.daemon.socket_mode, 8)))
+            logger.info("host arena %s: %d MiB in %d slots of %d KiB", tiers[0].path, tiers[0].capacity_bytes >> 20,
+                        tiers[0].num_slots, tiers[0].slot_bytes >> 10)
             if settings.ssd.enabled:
-                ssd = await asyncio.get_running_loop().run_in_executor(
-                    executor, lambda: SsdTier(settings.ssd_path(), settings.ssd, settings.codec))
-                mover = store.mover = Mover(store, ssd)
-                n = await mover.recover()
-                logger.info("ssd tier %s: %d entries recovered", ssd.path, n)
-                task = asyncio.create_task(mover.run(), name="kvd-mover")
+                tiers.append(await asyncio.get_running_loop().run_in_executor(
+                    io, lambda: SsdTier(settings.ssd_path(), settings.ssd)))
+            metrics = app[METRICS]
+            store = Store(settings, tiers, metrics=metrics, cpu=cpu, io=io, clock=clock)
+            metrics.attach_tiers(store.tier_stats, lambda: entry_counts(store))
+            metrics.attach_gpu()
+            app[STORE] = store
+            if len(tiers) > 1:
+                n = await recover(store)
+                logger.info("%s: %d entries recovered", ", ".join(t.name for t in tiers[1:]), n)
+            task = asyncio.create_task(store.background.run(), name="kvd-background")
             yield
         finally:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if mover is not None:
-                await mover.close()
-            if ssd is not None:
-                ssd.close()
-            host.close()
-            executor.shutdown(wait=True, cancel_futures=True)
+            if store is not None:
+                await store.background.close()
+                await store.admin.close()
+            for tier in reversed(tiers):
+                tier.close()
+            io.shutdown(wait=True, cancel_futures=True)
+            cpu.shutdown(wait=True, cancel_futures=True)
 
     return ctx
 
@@ -258,7 +263,7 @@ class Daemon:
         deadline = t0 + self.settings.daemon.shutdown_timeout_s
         while store.num_committing() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        entries, leases = store.num_entries(), store.num_leases()
+        entries, leases = len(store.index), store.num_leases()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self.settings.socket_path().unlink(missing_ok=True)

@@ -19,7 +19,8 @@ Key = Hashable
 
 
 class SsdAdmission:
-    """Counts sightings per key and answers whether a key may go to SSD; counts the refusals."""
+    """Counts sightings per key and answers whether a key may go to SSD. Refusals are counted by the
+    caller, in the daemon's metrics (one counter source)."""
 
     def __init__(self, admit_after: int, *, max_tracked: int = 1 << 16) -> None:
         if admit_after < 0 or max_tracked <= 0:
@@ -27,8 +28,6 @@ class SsdAdmission:
         self.admit_after = admit_after
         self.max_tracked = max_tracked
         self._seen: OrderedDict[Key, int] = OrderedDict()  # key -> sightings, least recently seen first
-        self.num_admitted = 0
-        self.num_refused = 0
 
     def record(self, key: Key) -> int:
         """Count one sighting (a store of the key, or a lookup hit on it); returns the new count."""
@@ -43,13 +42,8 @@ class SsdAdmission:
 
     def admit(self, key: Key, *, pinned: bool = False, seen: int | None = None) -> bool:
         """Whether ``key`` may be written to SSD now. ``seen``: the caller's own count, if it keeps one
-        (the larger of it and ours is used). A refusal is counted (metric: admission refusals)."""
-        count = max(self._seen.get(key, 0), seen or 0)
-        if pinned or count >= self.admit_after:
-            self.num_admitted += 1
-            return True
-        self.num_refused += 1
-        return False
+        (the larger of it and ours is used). Pure: asking changes nothing."""
+        return pinned or max(self._seen.get(key, 0), seen or 0) >= self.admit_after
 
     def forget(self, key: Key) -> None:
         """The entry is gone for good (deleted): drop its history."""

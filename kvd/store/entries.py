@@ -1,25 +1,31 @@
-"""The store's bookkeeping objects: registered models, entries and their extents, reservations, leases.
+"""The store's bookkeeping objects: registered models, entries, their extents and the copies of them.
 
-Lifecycle of an entry (owned by ``kvd.store.Store``):
+Lifecycle of an entry (owned by ``kvd.store.store.Store``):
 
-1. ``reserve`` creates an ``Entry`` with host slot runs for each extent, held by a ``Reservation``;
-   it is *pending*: invisible to lookups, its key is blocked for other writers.
-2. ``commit`` checksums the extents and inserts the entry into the index, all at once per entry:
-   a lookup sees the whole entry or nothing.
-3. Reads take a ``Lease``; a leased entry's extents cannot be evicted, moved or dropped.
-4. Demotion copies extents to SSD and frees host slots; eviction drops them; an entry with no extent
-   left anywhere leaves the index.
+1. ``reserve`` creates an ``Entry`` with a slot run in the host arena for each extent, held by a
+   ``Reservation``; it is *pending*: invisible to lookups, its key blocked for other writers.
+2. ``commit`` checksums the extents and inserts the entry into the index, all at once: a lookup sees
+   the whole entry or nothing.
+3. Reads take a ``Lease``; an entry with ``holds > 0`` (readers, or the pipeline moving it) is never
+   evicted, moved away or freed.
+4. The pipeline gives extents copies in lower tiers (write-back, demotion) and back in the arena
+   (promotion); eviction drops copies. An entry is usable only whole: when an extent loses its last
+   copy (and was not let go on purpose by placement), the whole entry leaves the index.
+
+Copies carry how their bytes were made: an arena copy decoded from an fp8 record is lossy, and stays
+flagged lossy whatever tier it moves to; an exact reader is never given it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvd.codecs import is_lossy
 from kvd.core.extents import ExtentPlan, plan_extents
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec
 from kvd.policies.eviction import EntryMeta
-from kvd.tiers.base import Location
+from kvd.tiers.base import ExtentName, Location
 
 EntryKey = tuple[str, str, str]  # (namespace, fingerprint, hash)
 
@@ -47,19 +53,32 @@ class ModelRecord:
 
 
 @dataclass(slots=True)
+class Copy:
+    """One copy of an extent's bytes in one tier."""
+
+    loc: Location
+    # How the bytes were made: "raw" (exactly the bytes committed, in a memory tier), "lossless"
+    # (a record that decodes exactly), "fp8" / "int8" (lossy: decodes to approximations)
+    codec: str
+    checksum: int | None  # xxh3-64 of the bytes a reader of this copy gets (exact, or dequantized)
+
+    @property
+    def is_lossy(self) -> bool:
+        return is_lossy(self.codec)
+
+
+@dataclass(slots=True)
 class Extent:
-    """One head class's segments of one entry, and every place a copy of them lives."""
+    """One head class's segments of one entry, and every copy of them (tier name -> copy)."""
 
     plan: ExtentPlan
-    checksum: int | None = None  # xxh3-64 of the raw bytes, set at commit
-    host: Location | None = None  # slot run in the arena
-    ssd: Location | None = None  # record in the SSD tier
-    ssd_codec: str | None = None  # codec of the SSD copy; lossy codecs make it unloadable for exact readers
-    dropped: bool = False  # deliberately not kept anywhere (placement "drop" of far local tokens)
-    # Head-aware placement, decided at commit (kvd.policies.placement): keep in the arena or not,
-    # and the codec of its SSD copy (None: never written to SSD).
+    checksum: int | None = None  # xxh3-64 of the exact bytes, set at commit
+    copies: dict[str, Copy] = field(default_factory=dict)
+    # Head-aware placement, decided at commit (kvd.policies.placement): stays in the arena once it has
+    # a copy below, and the codec of its copies in record tiers (None: never kept below the arena).
     is_hot: bool = True
-    ssd_target: str | None = "lossless"
+    lower_codec: str | None = "lossless"
+    dropped: bool = False  # let go on purpose (placement "drop" of far local tokens): not a loss
 
     @property
     def head_class(self) -> str:
@@ -69,12 +88,9 @@ class Extent:
     def nbytes(self) -> int:
         return self.plan.nbytes
 
-    @property
-    def is_lossless(self) -> bool:
-        return self.host is not None or self.ssd_codec in (None, "raw", "lossless")
-
-    def tiers(self) -> list[str]:
-        return [t for t, loc in (("host", self.host), ("ssd", self.ssd)) if loc is not None]
+    def usable(self, accept_lossy: bool = False) -> bool:
+        """A reader can get these bytes from some tier (``accept_lossy``: lossy copies count)."""
+        return any(accept_lossy or not c.is_lossy for c in self.copies.values())
 
 
 @dataclass(slots=True)
@@ -84,13 +100,15 @@ class Entry:
     num_tokens: int
     start_token: int
     end_token: int
+    computed_under: str  # "exact" or a head map's attention tag (kvd.core.keys.attention_tag)
     extents: dict[str, Extent]  # head class -> extent
     created: float
     last_access: float
     pinned: bool = False
-    leases: int = 0
-    reuse_count: int = 0  # lookups and leases that found it
-    seen: int = 1  # times stored or looked up (admission to SSD counts these)
+    holds: int = 0  # leases and pipeline moves in flight: while > 0 nothing is freed or evicted
+    reuse_count: int = 0  # leases that used it
+    seen: int = 1  # times stored or looked up (admission to the next tier counts these)
+    aliases: list[str] = field(default_factory=list)  # alias hashes that point to this entry
 
     @property
     def namespace(self) -> str:
@@ -108,40 +126,39 @@ class Entry:
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.extents.values())
 
-    def fastest_tier(self) -> str | None:
-        if any(x.host for x in self.extents.values()):
-            return "host"
-        if any(x.ssd for x in self.extents.values()):
-            return "ssd"
-        return None
+    def name(self, head_class: str) -> ExtentName:
+        """The name record tiers key this entry's ``head_class`` extent by."""
+        return ExtentName(self.namespace, self.fingerprint, self.hash, head_class, self.kind, self.start_token,
+                          self.end_token, self.num_tokens, self.computed_under)
 
-    def available_classes(self, *, exact: bool = True) -> list[str]:
-        """Head classes whose bytes can be served (``exact``: losslessly)."""
-        return [
-            c for c, x in self.extents.items()
-            if (x.host is not None or x.ssd is not None) and (x.is_lossless or not exact)
-        ]
+    def in_tier(self, tier: str) -> bool:
+        return any(tier in x.copies for x in self.extents.values())
 
-    def is_complete(self) -> bool:
-        return len(self.available_classes()) == len(self.extents)
+    def tiers(self) -> list[str]:
+        out: list[str] = []
+        for x in self.extents.values():
+            for t in x.copies:
+                if t not in out:
+                    out.append(t)
+        return out
+
+    def is_whole(self) -> bool:
+        """Every extent still has a copy somewhere, or was let go on purpose."""
+        return all(x.copies or x.dropped for x in self.extents.values())
+
+    def is_complete(self, accept_lossy: bool = False) -> bool:
+        """A reader of every head class can load it (``accept_lossy``: from lossy copies too)."""
+        return all(x.usable(accept_lossy) for x in self.extents.values())
 
     def policy_meta(self, tier: str, num_layers: int) -> EntryMeta:
         """What eviction policies see of this entry in ``tier``: sizes, position, head classes, never bytes."""
-        exts = [x for x in self.extents.values() if (x.host if tier == "host" else x.ssd) is not None]
-        nbytes = sum(x.nbytes if tier == "host" else x.ssd.nbytes for x in exts)
+        exts = [x for x in self.extents.values() if tier in x.copies]
+        nbytes = sum(x.copies[tier].loc.nbytes for x in exts)
         glob = sum(x.nbytes for x in exts if x.head_class == "global")
         total = sum(x.nbytes for x in exts)
         return EntryMeta(nbytes=nbytes, num_tokens=self.num_tokens, num_layers=num_layers,
                          start_token=self.start_token, global_fraction=glob / total if total else 1.0,
                          pinned=self.pinned)
-
-    def tiers(self) -> list[str]:
-        out: list[str] = []
-        for x in self.extents.values():
-            for t in x.tiers():
-                if t not in out:
-                    out.append(t)
-        return out
 
 
 @dataclass(slots=True)
@@ -150,6 +167,15 @@ class Reservation:
     owner_pid: int | None
     expires_at: float
     entries: dict[str, Entry]  # hash -> pending entry
+    aliases: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # hash -> [(alias hash, tokens)]
+
+
+def new_entry(model: ModelRecord, key: EntryKey, *, kind: str, num_tokens: int, start_token: int, end_token: int,
+              computed_under: str, now: float) -> Entry:
+    """A pending entry with its extents laid out (``kvd.core.extents``) and no copies yet."""
+    return Entry(key=key, kind=kind, num_tokens=num_tokens, start_token=start_token, end_token=end_token,
+                 computed_under=computed_under, extents={c: Extent(plan=p) for c, p in model.plans(num_tokens).items()},
+                 created=now, last_access=now)
 
 
 @dataclass(slots=True)
@@ -157,7 +183,5 @@ class Lease:
     lease_id: str
     owner_pid: int | None
     expires_at: float
-    keys: list[EntryKey]
+    entries: list[Entry]  # each held once by this lease
     nbytes: int = 0
-    # Extents pinned by this lease (head class filter applied): key -> classes
-    classes: dict[EntryKey, list[str]] = field(default_factory=dict)

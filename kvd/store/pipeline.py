@@ -1,476 +1,386 @@
-"""The mover: everything that carries extents between the host arena and the SSD tier.
+"""Moving extents between adjacent tiers: the one path for write-back, demotion, promotion and eviction.
 
-Owned by the store (``store.mover``), driven by its hooks and by one background task:
+The store's tiers form an ordered list of ``Level``s (``kvd.store.index``; top first). Every move of
+bytes is one of two generic steps between two levels, whatever the tiers are:
 
-- **write-back**: an entry *admitted* to SSD (seen ``ssd.admit_after`` times, or pinned) gets an SSD
-  copy of each extent, encoded with the codec head-aware placement picks. Hot extents keep their
-  host copy (evicting them later costs nothing); cold ones (local heads outside sink + window) leave
-  the arena once written, or are dropped when ``local_cold_codec = "drop"``.
-- **demotion**: above the arena's high watermark, victims chosen by the host eviction policy lose
-  their host copies until usage is under the low watermark; admitted ones are written first.
-- **prefetch**: a lookup that finds extents only on SSD starts reading them into the arena; a lease
-  waits for that (with a deadline). A read that fails verification is a miss, never served.
-- **SSD capacity**: when the SSD tier is full, its own eviction policy drops records.
-- **recovery**: at start the index is rebuilt from the SSD tier's headers and the models persisted
-  beside them, so SSD contents survive restarts.
+- **down** (``write_down``: write-back and demotion): read the upper copy, make the lower tier's
+  form of it (memory -> record: encode with the extent's placement codec; record -> record: the
+  record as it is; memory -> memory: the raw bytes), find room below (``reserve``, which may evict
+  there in turn), write, place the new copy. Cold extents then leave the top tier.
+- **up** (``promote``): find room at the top, read the nearest usable copy below, decode and verify it
+  into the top tier's slots, place the copy, flagged lossy when its source was.
 
-SSD I/O and codecs run in the executor, a bounded batch at a time (``ssd.write_batch`` extents), so
-memory in flight stays bounded and the event loop never blocks. While the mover reads or writes an
-entry it holds a lease on it (``Entry.leases``): nothing frees those bytes under it.
+Eviction has one path, ``make_room`` -> ``evict``: victims chosen by ``kvd.store.space``; those that
+must be kept (admitted, with no copy below yet) are written down first; then their copies leave the
+tier. An entry that loses the last copy of an extent (not let go on purpose) leaves the index whole:
+a partial entry is never kept (exact readers could never load it).
+
+Threads: codecs and checksums run on the CPU executor, blocking tiers' I/O on the I/O executor, so a
+stalled disk (``kvctl compact``) never holds up commit checksums. While an entry is being moved it
+is *busy* and held (``Entry.holds``): nothing frees its bytes under the move.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import Executor
 
-from kvd.core import protocol as P
-from kvd.core.errors import CorruptData, KvdError
-from kvd.policies.admission import SsdAdmission
-from kvd.policies.eviction import make_eviction
-from kvd.policies.placement import HeadClassPlacement
-from kvd.store.entries import Entry, EntryKey, Extent
-from kvd.store.recovery import MODEL_META, fingerprints, model_records, rebuild_entries, ssd_key
-from kvd.tiers.base import Location
-from kvd.tiers.ssd import SsdFull, SsdTier
-from kvd.tiers.ssd_record import record_header
-
-if TYPE_CHECKING:
-    from kvd.store.store import Store
+from kvd.codecs import Codecs, is_lossy
+from kvd.core.errors import CorruptData, SsdFull
+from kvd.daemon.metrics import Metrics
+from kvd.store.entries import Copy, Entry, EntryKey, Extent
+from kvd.store.index import Index, Level
+from kvd.store.space import Space
+from kvd.tiers.base import ExtentName, Location
+from kvd.tiers.record import decode_record_into, encode_record
 
 logger = logging.getLogger(__name__)
 
-MAX_QUEUE = 65536  # entries waiting for write-back; beyond it the oldest waits for demotion instead
-BATCH_BYTES = 64 << 20  # raw bytes encoded per batch: bounds memory in flight
-IDLE_S = 0.2
+Payload = tuple[bytes, str, int | None]  # (bytes for the lower tier, codec, checksum of what a reader gets)
 
 
-class Mover:
-    def __init__(self, store: Store, ssd: SsdTier) -> None:
-        s = store.settings
-        self.store = store
-        self.ssd = ssd
-        self.metrics = store.metrics
-        self.placement = HeadClassPlacement(s.codec)
-        self.admission = SsdAdmission(s.ssd.admit_after)
-        self.ssd_policy = make_eviction(s.policy, capacity_bytes=ssd.capacity_bytes)
-        self._queue: OrderedDict[EntryKey, None] = OrderedDict()  # admitted, waiting for write-back
-        self._busy: set[EntryKey] = set()
-        self._prefetching: dict[EntryKey, asyncio.Task] = {}
+class Pipeline:
+    def __init__(self, index: Index, *, codecs: Codecs, cpu: Executor, io: Executor, metrics: Metrics,
+                 admitted: Callable[[Entry], bool], dtype_of: Callable[[str], str],
+                 clock: Callable[[], float]) -> None:
+        self.index = index
+        self.levels = index.levels
+        self.codecs = codecs
+        self.cpu_pool, self.io_pool = cpu, io
+        self.metrics = metrics
+        self.admitted = admitted  # may an entry be written below the top tier (kvd.policies.admission)
+        self.dtype_of = dtype_of  # fingerprint -> KV dtype
+        self.clock = clock
+        self.busy: set[EntryKey] = set()
+        self.space = Space(index, is_busy=self.busy.__contains__, clock=clock)
         self._tasks: set[asyncio.Task] = set()
-        self._wake = asyncio.Event()
-        self.counts = {"ssd_writes": 0, "ssd_write_failures": 0, "ssd_drops": 0, "prefetches": 0,
-                       "prefetch_failures": 0, "demoted_entries": 0, "dropped_cold_extents": 0,
-                       "ssd_evictions": 0, "recovered_entries": 0}
 
-    # ---- hooks from the store -------------------------------------------------------------------
+    # ---- plumbing ------------------------------------------------------------------------------
 
-    def on_commit(self, e: Entry) -> None:
-        model = self.store.models[e.fingerprint]
-        sink = max((s.sink for row in model.head_map.heads for s in row if not s.is_global), default=0)
-        window = model.head_map.max_window() - sink if sink or model.head_map.max_window() else 0
-        for cls, x in e.extents.items():
-            p = self.placement.place(cls, start_token=e.start_token, num_tokens=e.num_tokens,
-                                     end_token=e.end_token, sink=sink, window=max(0, window))
-            x.is_hot, x.ssd_target = p.is_hot, p.ssd_codec
-        self.on_seen(e)
+    async def on_cpu(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
 
-    def on_seen(self, e: Entry) -> None:
-        """A store or lookup hit: count it, and queue the entry for SSD once admitted."""
-        self.admission.record(e.key)
-        if e.key not in self._queue and self._needs_write(e):
-            if self._admit(e):
-                self._enqueue(e)
-            else:
-                self.metrics.admission_refusals.inc()
+    async def on_io(self, lv: Level, fn, *args):
+        if not lv.tier.blocking:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
-    def _admit(self, e: Entry) -> bool:
-        self.admission.admit_after = self.store.settings.ssd.admit_after  # reloadable (SIGHUP)
-        return self.admission.admit(e.key, pinned=e.pinned, seen=e.seen)
+    def below(self, lv: Level) -> Level | None:
+        return self.levels[lv.level + 1] if lv.level + 1 < len(self.levels) else None
 
-    def on_pin(self, e: Entry) -> None:
-        if self._needs_write(e):
-            self._enqueue(e)
+    def hold(self, e: Entry) -> None:
+        """One more reader or move of ``e``: it is not evicted or freed until ``unhold``."""
+        e.holds += 1
 
-    def on_remove(self, e: Entry, *, deleted: bool) -> None:
-        """The entry left the index: evicted everywhere (its sightings are kept, so it is admitted
-        sooner when it comes back) or deleted (forgotten)."""
-        self._queue.pop(e.key, None)
-        if deleted:
-            self.admission.forget(e.key)
+    def unhold(self, e: Entry) -> None:
+        e.holds -= 1
+        assert e.holds >= 0, f"hold count of {e.key} went negative"
+        if e.holds == 0 and self.index.doomed.get(e.key) is e:
+            del self.index.doomed[e.key]
+            self._free_all(e)
 
-    def is_busy(self, key: EntryKey) -> bool:
-        return key in self._busy
-
-    def drop_ssd(self, e: Entry) -> None:
-        """Delete the entry's SSD records (in the executor; the index forgets them now)."""
-        locs = [x.ssd for x in e.extents.values() if x.ssd is not None]
-        for x in e.extents.values():
-            x.ssd = None
-        if locs:
-            self.ssd_policy.on_remove(e.key)
-            self._spawn(self._drop_records(locs))
-
-    def prefetch(self, e: Entry, classes: list[str] | None = None) -> asyncio.Task | None:
-        if e.key in self._prefetching:
-            return self._prefetching[e.key]
-        want = [c for c, x in e.extents.items()
-                if x.host is None and x.ssd is not None and (classes is None or c in classes)]
-        if not want:
-            return None
-        task = asyncio.get_running_loop().create_task(self._promote(e, want))
-        self._prefetching[e.key] = task
-        task.add_done_callback(lambda _t, k=e.key: self._prefetching.pop(k, None))
-        return task
-
-    async def wait_for_host(self, keys: list[EntryKey], classes: list[str] | None, wait_s: float) -> None:
-        """Start prefetches the keys need and wait for them, at most ``wait_s`` seconds."""
-        tasks = [t for k in keys if (e := self.store.get(k)) is not None and (t := self.prefetch(e, classes))]
-        if tasks and wait_s > 0:
-            await asyncio.wait(tasks, timeout=wait_s)
-
-    # ---- background -----------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """The background task: write-back of admitted entries, then demotion under pressure."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_S)
-            self._wake.clear()
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the loop survives; the failure is logged and counted
-                logger.exception("mover iteration failed")
-                self.metrics.errors.labels("mover").inc()
-
-    async def step(self) -> None:
-        """One round of background work (the loop's body; tests call it directly)."""
-        await self._write_back()
-        await self._relieve_pressure()
+    async def drain(self) -> None:
+        """Wait for the frees in flight (so a tier's accounting is up to date)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
-        for t in list(self._tasks) + list(self._prefetching.values()):
-            t.cancel()
-        for t in list(self._tasks) + list(self._prefetching.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self.drain()
 
-    def _enqueue(self, e: Entry) -> None:
-        self._queue[e.key] = None
-        while len(self._queue) > MAX_QUEUE:
-            self._queue.popitem(last=False)
-        self._wake.set()
+    # ---- freeing -------------------------------------------------------------------------------
 
-    def _spawn(self, coro) -> None:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+    def discard(self, lv: Level, locs: list[Location]) -> asyncio.Task | None:
+        """Give ``locs`` back to ``lv``'s tier: now for memory tiers, in the I/O executor otherwise."""
+        if not locs:
+            return None
+        if not lv.tier.blocking:
+            for loc in locs:
+                lv.tier.drop(loc)
+            return None
 
-    async def _write_back(self) -> None:
-        while self._queue:
-            batch: list[Entry] = []
-            nbytes = 0
-            while self._queue and nbytes < BATCH_BYTES and len(batch) < self.ssd.write_batch:
-                key, _ = self._queue.popitem(last=False)
-                e = self.store.get(key)
-                if e is not None and self._needs_write(e) and key not in self._busy:
-                    batch.append(e)
-                    nbytes += e.nbytes
-            if batch:
-                await self.write_entries(batch)
-
-    async def _relieve_pressure(self) -> None:
-        host = self.store.host
-        cfg = self.store.settings.host
-        if host.stats().usage <= cfg.high_watermark:
-            return
-        target = int(cfg.low_watermark * host.capacity_bytes)
-        for _ in range(64):  # bounded rounds; each frees at least one victim or stops
-            excess = host.stats().used_bytes - target
-            if excess <= 0:
-                return
-            now = self.store.clock()
-            victims = self.store.host_policy.victims(excess, now=now, can_evict=self.store.host_evictable)
-            if not victims:
-                return
-            entries = [self.store.get(k) for k in victims]
-            admitted = [e for e in entries if e is not None and self._needs_write(e) and self._admit(e)]
-            if admitted:
-                await self.write_entries(admitted)
-            for e in entries:
-                if e is not None and self.store.host_evictable(e.key):
-                    self.store.evict_host(e)
-                    self.counts["demoted_entries"] += 1
-
-    # ---- SSD writes -----------------------------------------------------------------------------
-
-    def _needs_write(self, e: Entry) -> bool:
-        return any(x.host is not None and x.ssd is None and not x.dropped for x in e.extents.values())
-
-    async def write_entries(self, entries: list[Entry]) -> int:
-        """Give each extent of ``entries`` an SSD copy (durable on return); cold ones leave the arena.
-        Returns the number of extents written."""
-        jobs: list[tuple[Entry, str, Extent]] = []
-        for e in entries:
-            if e.key in self._busy:
-                continue
-            for cls, x in e.extents.items():
-                if x.host is None or x.ssd is not None or x.dropped:
-                    continue
-                if x.ssd_target is None:  # placement "drop": cold local heads are not kept
-                    if e.leases == 0:
-                        self.store.free_extent_host(e, x)
-                        x.dropped = True
-                        self.counts["dropped_cold_extents"] += 1
-                    continue
-                jobs.append((e, cls, x))
-        if not jobs:
-            return 0
-        held = {e.key: e for e, _, _ in jobs}
-        for e in held.values():
-            self._busy.add(e.key)
-            self.store.hold(e)
-        try:
-            records = await self.store.run_io(self._encode_all, [(e, cls, x) for e, cls, x in jobs])
-            written = await self._reserve_and_write(jobs, records)
-        finally:
-            for e in held.values():
-                self._busy.discard(e.key)
-                self.store.unhold(e)
-        for e in held.values():
-            for x in e.extents.values():
-                if x.ssd is not None and not x.is_hot and x.host is not None and e.leases == 0:
-                    self.store.free_extent_host(e, x)
-            if any(x.ssd is not None for x in e.extents.values()):
-                self.ssd_policy.on_insert(e.key, self.store.meta(e, tier="ssd"), self.store.clock())
-        return written
-
-    def _encode_all(self, jobs: list[tuple[Entry, str, Extent]]) -> list[bytes]:
-        out = []
-        for e, cls, x in jobs:
-            raw = self.store.host.read(x.host)[: x.nbytes]
-            codec = x.ssd_target or "lossless"
-            t0 = time.perf_counter()
-            rec = self.ssd.encode(ssd_key(e, cls), raw, fingerprint=e.fingerprint,
-                                  dtype=self.store.models[e.fingerprint].spec.kv_dtype,
-                                  shape=(x.plan.num_segments, x.plan.num_tokens, x.plan.head_dim), codec=codec,
-                                  raw_xxh=x.checksum)
-            self.metrics.codec_seconds.labels(codec, "encode").inc(time.perf_counter() - t0)
-            self.metrics.codec_raw_bytes.labels(codec, "encode").inc(x.nbytes)
-            self.metrics.codec_encoded_bytes.labels(codec, "encode").inc(len(rec))
-            out.append(rec)
-        return out
-
-    async def _reserve_and_write(self, jobs, records: list[bytes]) -> int:
-        items: list[tuple[Location, bytes]] = []
-        placed: list[tuple[Extent, Location, str]] = []
-        for (e, cls, x), rec in zip(jobs, records):
-            key = ssd_key(e, cls)
-            loc = self.ssd.reserve(len(rec), key) or (await self._make_ssd_room(len(rec)) and
-                                                      self.ssd.reserve(len(rec), key))
-            if not loc:
-                self.counts["ssd_write_failures"] += 1
-                continue
-            items.append((loc, rec))
-            placed.append((x, loc, rec))
-        if not items:
-            return 0
-        try:
-            await self.store.run_io(self.ssd.write_many, items)
-            ok = len(items)
-        except SsdFull as err:
-            ok = err.num_written
-            logger.warning("%s", err)
-            for loc, _ in items[ok:]:
-                self.ssd.drop(loc)
-            self.counts["ssd_write_failures"] += len(items) - ok
-        for x, loc, rec in placed[:ok]:
-            x.ssd = loc
-            x.ssd_codec = record_header(rec, loc.key).codec  # lossy falls back to lossless on NaN/Inf
-            self.metrics.demotions.labels(x.head_class).inc()
-            self.metrics.moved_bytes.labels("demote").inc(x.nbytes)
-        self.counts["ssd_writes"] += ok
-        return ok
-
-    async def _make_ssd_room(self, nbytes: int) -> bool:
-        now = self.store.clock()
-        victims = self.ssd_policy.victims(nbytes, now=now, can_evict=self._ssd_evictable)
-        for key in victims:
-            e = self.store.get(key)
-            if e is not None:
-                self._evict_ssd(e)
-        if victims:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)  # deletes done: room is real
-        return bool(victims)
-
-    def _ssd_evictable(self, key: EntryKey) -> bool:
-        e = self.store.get(key)
-        return e is not None and not e.pinned and e.leases == 0 and key not in self._busy
-
-    def _evict_ssd(self, e: Entry) -> None:
-        self.drop_ssd(e)
-        self.counts["ssd_evictions"] += 1
-        self.metrics.evicted_entries.labels("ssd").inc()
-        if e.fastest_tier() is None:
-            self.store.forget(e)
-
-    async def _drop_records(self, locs: list[Location]) -> None:
         def drop_all() -> None:
             for loc in locs:
                 try:
-                    self.ssd.drop(loc)
-                except (KvdError, AssertionError):
-                    logger.warning("could not drop SSD record %s", loc.key, exc_info=True)
+                    lv.tier.drop(loc)
+                except Exception:  # noqa: BLE001 - a failed delete leaks disk, never data; logged
+                    logger.warning("could not drop %s record %s", lv.name, loc.key, exc_info=True)
 
-        await self.store.run_io(drop_all)
-        self.counts["ssd_drops"] += len(locs)
+        task = asyncio.get_running_loop().create_task(self.on_io(lv, drop_all))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.metrics.tier_drops.labels(lv.name).inc(len(locs))
+        return task
 
-    # ---- SSD reads ------------------------------------------------------------------------------
+    def drop_copies(self, e: Entry, lv: Level) -> asyncio.Task | None:
+        """``e`` leaves ``lv``'s tier. If that was the last copy of an extent, ``e`` leaves the index."""
+        locs = [c.loc for x in e.extents.values() if (c := self.index.unplace(e, x, lv)) is not None]
+        task = self.discard(lv, locs)
+        if not e.is_whole():
+            self.remove(e)
+        return task
 
-    async def _promote(self, e: Entry, classes: list[str]) -> bool:
+    def remove(self, e: Entry) -> None:
+        """``e`` leaves the index; its bytes are freed now, or at its last release if it is held."""
+        self.index.forget(e)
+        if e.holds:
+            self.index.doomed[e.key] = e
+        else:
+            self._free_all(e)
+
+    def _free_all(self, e: Entry) -> None:
+        for lv in self.levels:
+            self.discard(lv, [c.loc for x in e.extents.values() if (c := x.copies.pop(lv.name, None))])
+
+    # ---- room ----------------------------------------------------------------------------------
+
+    async def reserve(self, lv: Level, nbytes: int, name: ExtentName | None = None) -> Location | None:
+        """Room for ``nbytes`` in ``lv``, evicting there if needed; ``None`` if it cannot be made now.
+        A request larger than the tier itself is refused before anything is evicted."""
+        if not lv.tier.fits(nbytes):
+            return None
+        for by_place in (False, False, True):  # the policy's choice first: usually it frees a run
+            loc = lv.tier.reserve(nbytes, name)
+            if loc is not None:
+                return loc
+            victims = self.space.by_place(lv, nbytes) if by_place else self.space.victims(lv, nbytes)
+            if victims:
+                await self.evict(victims, lv)
+        return lv.tier.reserve(nbytes, name)
+
+    async def evict(self, entries: list[Entry], lv: Level) -> int:
+        """Evict ``entries`` from ``lv`` (the one eviction path); returns the bytes freed there. Entries
+        that must be kept are written to the next tier first; entries held meanwhile are skipped."""
+        lower = self.below(lv)
+        if lower is not None:
+            keep = [e for e in entries if self._must_keep(e, lv)]
+            if keep:
+                await self.write_down(keep, lv)
+        freed, tasks = 0, []
+        for e in entries:
+            if not self.space.evictable(e, lv):
+                continue
+            freed += self.index.meta(e, lv).nbytes
+            tasks.append(self.drop_copies(e, lv))
+            self.metrics.evicted_entries.labels(lv.name).inc()
+        waits = [t for t in tasks if t is not None]
+        if waits:  # deletes done: the room is real before the caller reserves again
+            await asyncio.gather(*waits, return_exceptions=True)
+        return freed
+
+    def _must_keep(self, e: Entry, lv: Level) -> bool:
+        """Some exact extent lives only at ``lv`` or above, and the entry may go below."""
+        deeper = {x.name for x in self.levels[lv.level + 1 :]}
+        only_here = any(lv.name in x.copies and not x.copies[lv.name].is_lossy and not deeper & x.copies.keys()
+                        for x in e.extents.values())
+        return only_here and (lv.level > 0 or self.admitted(e))
+
+    # ---- down ----------------------------------------------------------------------------------
+
+    def needs_write(self, e: Entry) -> bool:
+        """Some exact extent of ``e`` lives only in the top tier (and placement keeps it)."""
+        top = self.levels[0].name
+        return any(top in x.copies and len(x.copies) == 1 and not x.copies[top].is_lossy and not x.dropped
+                   for x in e.extents.values())
+
+    async def write_down(self, entries: list[Entry], lv: Level) -> int:
+        """Give every extent of ``entries`` held at ``lv`` a copy in the next tier (durable there on
+        return); cold extents then leave the top tier. Returns the number of extents written."""
+        lower = self.below(lv)
+        if lower is None:
+            return 0
+        jobs: list[tuple[Entry, Extent]] = []
+        for e in entries:
+            if e.key in self.busy or self.index.get(e.key) is not e:
+                continue
+            for x in e.extents.values():
+                copy = x.copies.get(lv.name)
+                if copy is None or copy.is_lossy or lower.name in x.copies or x.dropped:
+                    continue  # a lossy copy came from below: never re-encoded as if exact
+                if x.lower_codec is None and lower.tier.holds_records:
+                    self._let_go(e, x, lv)
+                    continue
+                jobs.append((e, x))
+        if not jobs:
+            return 0
+        held = {e.key: e for e, _ in jobs}
+        for e in held.values():
+            self.busy.add(e.key)
+            self.hold(e)
         t0 = time.perf_counter()
-        self.store.hold(e)
-        self._busy.add(e.key)
-        slots: list[tuple[Extent, Location]] = []
         try:
-            for cls in classes:
-                x = e.extents[cls]
-                loc = self.store.reserve_host(x.nbytes)
+            payloads = await self._produce_all(jobs, lv, lower)
+            written = await self._put_all(jobs, payloads, lower)
+        finally:
+            for e in held.values():
+                self.busy.discard(e.key)
+                self.unhold(e)
+        self.metrics.moved_seconds.labels("demote").inc(time.perf_counter() - t0)
+        if lv.level == 0:
+            for e in held.values():
+                self._cool(e, lv, lower)
+        return written
+
+    def _let_go(self, e: Entry, x: Extent, lv: Level) -> None:
+        """Placement keeps this extent only at the top (``local_cold_codec = drop``): it is let go."""
+        if e.holds == 0 and lv.level == 0 and not x.is_hot:
+            copy = self.index.unplace(e, x, lv)
+            self.discard(lv, [copy.loc] if copy else [])
+            x.dropped = True
+            self.metrics.dropped_cold_extents.inc()
+
+    def _cool(self, e: Entry, top: Level, lower: Level) -> None:
+        """Cold extents (placement) leave the top tier once a copy below holds them."""
+        if e.holds or self.index.get(e.key) is not e:
+            return
+        locs = [c.loc for x in e.extents.values()
+                if not x.is_hot and lower.name in x.copies and (c := self.index.unplace(e, x, top)) is not None]
+        self.discard(top, locs)
+
+    async def _produce_all(self, jobs: list[tuple[Entry, Extent]], lv: Level, lower: Level) -> list[Payload]:
+        def produce() -> list[Payload]:
+            return [self._produce(e, x, lv, lower) for e, x in jobs]
+
+        if lv.tier.holds_records:  # record -> record: reading is the work
+            return await self.on_io(lv, produce)
+        return await self.on_cpu(produce)
+
+    def _produce(self, e: Entry, x: Extent, lv: Level, lower: Level) -> Payload:
+        copy = x.copies[lv.name]
+        data = lv.tier.read(copy.loc)
+        if lv.tier.holds_records:
+            return bytes(data), copy.codec, copy.checksum
+        raw = memoryview(data)[: x.nbytes]
+        if not lower.tier.holds_records:
+            return bytes(raw), copy.codec, copy.checksum
+        codec = x.lower_codec or "lossless"
+        t0 = time.perf_counter()
+        rec = encode_record(self.codecs, e.name(x.head_class), raw, dtype=self.dtype_of(e.fingerprint),
+                            shape=(x.plan.num_segments, x.plan.num_tokens, x.plan.head_dim), codec=codec,
+                            raw_xxh=copy.checksum)
+        self.metrics.codec_seconds.labels(rec.codec, "encode").inc(time.perf_counter() - t0)
+        self.metrics.codec_raw_bytes.labels(rec.codec, "encode").inc(x.nbytes)
+        self.metrics.codec_encoded_bytes.labels(rec.codec, "encode").inc(len(rec.data))
+        return rec.data, rec.codec, rec.raw_xxh
+
+    async def _put_all(self, jobs: list[tuple[Entry, Extent]], payloads: list[Payload], lower: Level) -> int:
+        items, placed = [], []
+        for (e, x), (data, codec, checksum) in zip(jobs, payloads):
+            loc = await self.reserve(lower, len(data), e.name(x.head_class))
+            if loc is None:
+                self.metrics.tier_write_failures.labels(lower.name).inc()
+                continue
+            items.append((loc, data))
+            placed.append((e, x, Copy(loc, codec, checksum)))
+        if not items:
+            return 0
+        ok = len(items)
+        try:
+            await self.on_io(lower, lower.tier.write_many, items)
+        except SsdFull as err:
+            ok = err.num_written
+            logger.warning("%s", err)
+            self.discard(lower, [loc for loc, _ in items[ok:]])
+            self.metrics.tier_write_failures.labels(lower.name).inc(len(items) - ok)
+        for e, x, copy in placed[:ok]:
+            if self.index.get(e.key) is e and lower.name not in x.copies:
+                self.index.place(e, x, lower, copy)
+                self.metrics.demotions.labels(lower.name, x.head_class).inc()
+                self.metrics.moved_bytes.labels("demote").inc(x.nbytes)
+            else:  # deleted (or placed by another move) meanwhile: this copy belongs to nobody
+                self.discard(lower, [copy.loc])
+        self.metrics.tier_writes.labels(lower.name).inc(ok)
+        return ok
+
+    # ---- up ------------------------------------------------------------------------------------
+
+    def missing_at_top(self, e: Entry, classes: list[str] | None, accept_lossy: bool) -> list[Extent]:
+        top = self.levels[0].name
+        return [x for c, x in e.extents.items() if (classes is None or c in classes)
+                and not (top in x.copies and (accept_lossy or not x.copies[top].is_lossy))]
+
+    def source(self, x: Extent, accept_lossy: bool) -> Level | None:
+        """The nearest level below the top holding a usable copy of ``x`` (exact ones first)."""
+        for lossy_ok in (False, True) if accept_lossy else (False,):
+            for lv in self.levels[1:]:
+                c = x.copies.get(lv.name)
+                if c is not None and (lossy_ok or not c.is_lossy):
+                    return lv
+        return None
+
+    async def promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool = False) -> bool:
+        """Copy what a reader of ``classes`` needs of ``e`` into the top tier. False if some part could
+        not be brought (no room now, no usable copy, corrupt): the reader then misses that entry."""
+        top = self.levels[0]
+        want = self.missing_at_top(e, classes, accept_lossy)
+        sources = [self.source(x, accept_lossy) for x in want]
+        if not want or None in sources or e.key in self.busy:
+            return not want
+        if any(top.name in x.copies for x in want) and e.holds:
+            return False  # a lossy copy in use up there: an exact one cannot take its place now
+        t0 = time.perf_counter()
+        self.hold(e)
+        self.busy.add(e.key)
+        slots: list[tuple[Extent, Level, Location]] = []
+        try:
+            for x, src in zip(want, sources):
+                loc = await self.reserve(top, x.nbytes)
                 if loc is None:  # no room now: give back what this promotion took; the reader recomputes
-                    for _, taken in slots:
-                        self.store.host.drop(taken)
-                    self.counts["prefetch_failures"] += 1
+                    self.discard(top, [s[2] for s in slots])
+                    self.metrics.prefetch_failures.inc()
                     return False
-                slots.append((x, loc))
-            results = await self.store.run_io(self._read_all, slots)
-        except Exception:
-            for _, loc in slots:
-                self.store.host.drop(loc)
+                slots.append((x, src, loc))
+            results = await asyncio.gather(*(self._fetch(e, x, src, top, loc) for x, src, loc in slots))
+        except BaseException:
+            self.discard(top, [s[2] for s in slots])
             raise
         finally:
-            self._busy.discard(e.key)
-            self.store.unhold(e)
-        ok = True
-        had_host = any(x.host is not None for x in e.extents.values())
-        for (x, loc), digest in zip(slots, results):
-            if digest is None or self.store.get(e.key) is not e:  # corrupt, or deleted meanwhile
-                self.store.host.drop(loc)
-                if digest is None:
-                    ok = False
-                    self.metrics.checksum_failures.labels("ssd").inc()
-                    self._forget_extent_ssd(e, x)
-                continue
-            x.host, x.checksum = loc, digest
-            self.metrics.promotions.labels(x.head_class).inc()
-            self.metrics.moved_bytes.labels("promote").inc(x.nbytes)
-        if any(x.host is not None for x in e.extents.values()) and not had_host:
-            self.store.host_policy.on_insert(e.key, self.store.meta(e, tier="host"), self.store.clock())
-        self.counts["prefetches"] += 1
+            self.busy.discard(e.key)
+            self.unhold(e)
+        ok = self._place_promoted(e, slots, results, top)
+        self.metrics.prefetches.inc()
         self.metrics.prefetch_latency.observe(time.perf_counter() - t0)
         self.metrics.moved_seconds.labels("promote").inc(time.perf_counter() - t0)
         return ok
 
-    def _read_all(self, slots: list[tuple[Extent, Location]]) -> list[int | None]:
-        out: list[int | None] = []
-        for x, loc in slots:
-            try:
-                header = self.ssd.read_into(x.ssd, self.store.host.read(loc)[: x.nbytes])
-                out.append(header.raw_xxh)
-            except CorruptData as err:
-                logger.error("not served: %s", err)
-                out.append(None)
-        return out
+    async def _fetch(self, e: Entry, x: Extent, src: Level, top: Level, loc: Location) -> Copy | None:
+        """Bring ``x``'s copy at ``src`` into ``loc`` (top); the new copy, or None if it was corrupt."""
+        copy = x.copies[src.name]
+        out = top.tier.read(loc)[: x.nbytes]
+        try:
+            data = await self.on_io(src, src.tier.read, copy.loc)
+            if src.tier.holds_records:
+                t0 = time.perf_counter()
+                header = await self.on_cpu(decode_record_into, self.codecs, data, copy.loc.key, out)
+                self.metrics.codec_seconds.labels(header.codec, "decode").inc(time.perf_counter() - t0)
+                self.metrics.codec_raw_bytes.labels(header.codec, "decode").inc(x.nbytes)
+                return Copy(loc, header.codec if is_lossy(header.codec) else "raw", header.raw_xxh)
+            out[:] = memoryview(data)[: x.nbytes]
+            return Copy(loc, copy.codec, copy.checksum)
+        except CorruptData as err:
+            logger.error("not served: %s", err)
+            self.metrics.checksum_failures.labels(src.name).inc()
+            return None
 
-    def _forget_extent_ssd(self, e: Entry, x: Extent) -> None:
-        loc, x.ssd = x.ssd, None
-        if loc is not None:
-            self._spawn(self._drop_records([loc]))
-        if e.fastest_tier() is None:
-            self.store.forget(e)
-
-    # ---- admin ----------------------------------------------------------------------------------
-
-    async def flush(self, req: P.FlushRequest) -> int:
-        """Write matching entries to SSD now, whatever admission says (operator's call). Returns how
-        many of them are durably on SSD afterwards: an entry the mover was busy with is waited for
-        (up to the prefetch deadline); one evicted before the flush arrived is not counted."""
-        chosen = self._matching(req.namespace, req.fingerprint, req.hashes)
-        deadline = time.monotonic() + self.store.settings.ssd.prefetch_deadline_s
-        while True:
-            todo = [e for e in chosen if self._needs_write(e) and e.key not in self._busy]
-            for i in range(0, len(todo), self.ssd.write_batch):
-                await self.write_entries(todo[i : i + self.ssd.write_batch])
-            waiting = [e for e in chosen if self._needs_write(e) and e.key in self._busy]
-            if not waiting or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        return sum(1 for e in chosen if self.store.get(e.key) is e and self._on_ssd(e))
-
-    @staticmethod
-    def _on_ssd(e: Entry) -> bool:
-        """Every extent kept anywhere has its SSD copy (dropped cold extents excepted)."""
-        return any(x.ssd for x in e.extents.values()) and all(
-            x.ssd is not None or x.dropped for x in e.extents.values())
-
-    async def evict(self, req: P.EvictRequest) -> int:
-        n = 0
-        for e in self._matching(req.namespace, req.fingerprint, None):
-            if not any(x.ssd for x in e.extents.values()) or not self._ssd_evictable(e.key):
+    def _place_promoted(self, e: Entry, slots, results: list[Copy | None], top: Level) -> bool:
+        ok = True
+        for (x, src, loc), copy in zip(slots, results):
+            if self.index.get(e.key) is not e:  # deleted meanwhile
+                self.discard(top, [loc])
                 continue
-            self._evict_ssd(e)
-            n += 1
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        return n
-
-    async def compact(self) -> int:
-        before, after = await self.store.run_io(self.ssd.compact)
-        return max(0, before - after)
-
-    def _matching(self, ns: str | None, fp: str | None, hashes: list[str] | None) -> list[Entry]:
-        if hashes is not None:
-            if ns is None or fp is None:
-                raise KvdError("flush by hashes needs namespace and fingerprint")
-            return [e for h in hashes if (e := self.store.get((ns, fp, h))) is not None]
-        return [e for e in self.store.iter_entries()
-                if (ns is None or e.namespace == ns) and (fp is None or e.fingerprint == fp)]
-
-    def counters(self) -> dict[str, float]:
-        out: dict[str, float] = {f"ssd_{k}" if not k.startswith("ssd") else k: v for k, v in self.counts.items()}
-        out["ssd_checksum_failures"] = self.ssd.num_corrupt
-        out["ssd_admission_refusals"] = self.admission.num_refused
-        for codec in ("raw", "lossless", "fp8", "int8"):
-            raw = self.metrics.codec_raw_bytes.labels(codec, "encode")._value.get()
-            enc = self.metrics.codec_encoded_bytes.labels(codec, "encode")._value.get()
-            if raw:
-                out[f"compression_ratio_{codec}"] = raw / enc
-        return out
-
-    # ---- recovery -------------------------------------------------------------------------------
-
-    def persist_model(self, req: P.RegisterModelRequest, fp: str) -> None:
-        doc = req.model_copy(update={"fingerprint": fp}).model_dump_json().encode()
-        self._spawn(self.store.run_io(self.ssd.put_meta, MODEL_META + fp, doc))
-
-    async def recover(self) -> int:
-        """Rebuild the index from the SSD tier (at start, before serving). Returns the entries recovered."""
-        records = await self.store.run_io(self.ssd.scan)
-        raw = {fp: await self.store.run_io(self.ssd.get_meta, MODEL_META + fp) for fp in fingerprints(records)}
-        for req in model_records(raw):
-            with contextlib.suppress(KvdError):
-                self.store.register_model(req, persist=False)
-        now = self.store.clock()
-        entries, orphans = rebuild_entries(records, self.store.models, now)
-        for e in entries:
-            self.store.insert_recovered(e)
-            self.ssd_policy.on_insert(e.key, self.store.meta(e, tier="ssd"), now)
-        if orphans:
-            logger.warning("ssd tier: %d records of unknown models or shapes dropped at start", len(orphans))
-            self._spawn(self._drop_records(orphans))
-        self.counts["recovered_entries"] = len(entries)
-        return len(entries)
+            if copy is None:  # corrupt below: that copy is gone; so is the entry if it was the last
+                ok = False
+                self.discard(top, [loc])
+                bad = self.index.unplace(e, x, src)
+                self.discard(src, [bad.loc] if bad else [])
+                if not e.is_whole():
+                    self.remove(e)
+                continue
+            old = self.index.unplace(e, x, top)  # a lossy copy an exact one replaces
+            self.discard(top, [old.loc] if old else [])
+            self.index.place(e, x, top, copy)
+            self.metrics.promotions.labels(src.name, x.head_class).inc()
+            self.metrics.moved_bytes.labels("promote").inc(x.nbytes)
+        return ok

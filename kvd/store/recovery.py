@@ -1,89 +1,92 @@
-"""SSD record keys, and rebuilding the store's index from the SSD tier at start.
+"""Rebuilding the store's index from the persistent tiers at start, before any engine reconnects.
 
-Each SSD record's key names its entry completely (namespace, fingerprint, hash, head class, kind and
-position), and the record's header carries its codec, shape and checksum; registered models are
-persisted beside the records (``model/<fingerprint>`` meta records). So at start the daemon can put
-every entry back into its index, before any engine reconnects, without reading a payload.
+Every record's key names its extent completely (``kvd.tiers.base.ExtentName``) and its header carries
+its codec, size and checksum; registered models are kept beside the records (``model/<fingerprint>``
+meta records, ``kvd.store.admin.persist_model``). So the index is rebuilt from keys and headers
+alone, without reading a payload.
+
+What comes back: an entry of a known model whose records all fit its layout. A local-head extent
+with no record was let go on purpose (placement ``drop``) or lost in a crash before its write-back:
+it is marked dropped, and exact readers see the entry as incomplete. An entry whose global extent is
+missing is of no use to any reader: its records are dropped, as are records of unknown models, of
+another layout, or keyed in an older format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from kvd.core import protocol as P
-from kvd.store.entries import Entry, EntryKey, Extent, ModelRecord
-from kvd.tiers.base import Location
-from kvd.tiers.ssd import SsdRecordInfo
+from kvd.core.errors import KvdError
+from kvd.store.admin import MODEL_META
+from kvd.store.entries import Copy, Entry, EntryKey, Extent
+from kvd.tiers.base import StoredRecord
 
 logger = logging.getLogger(__name__)
 
-_SEP = "\x1f"  # unit separator: never in a namespace, fingerprint or hash
-MODEL_META = "model/"
+
+async def recover(store) -> int:
+    """Put every entry the persistent tiers hold back into ``store``'s index; returns how many."""
+    found: dict[EntryKey, list[tuple[str, StoredRecord]]] = {}  # entry -> [(tier, record)]
+    for lv in store.index.levels[1:]:
+        for rec in await store.pipeline.on_io(lv, lv.tier.scan):
+            n = rec.name
+            found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
+        for fp in {k[1] for k in found}:
+            raw = await store.pipeline.on_io(lv, lv.tier.get_meta, MODEL_META + fp)
+            if raw is not None and fp not in store.registry.models:
+                _register(store, fp, raw)
+    now = store.clock()
+    count = 0
+    orphans: dict[str, list] = {}
+    for key, parts in found.items():
+        e = _rebuild(store, key, parts, now)
+        if e is None:
+            for tier, rec in parts:
+                orphans.setdefault(tier, []).append(rec.location)
+            continue
+        store.index.insert(e)
+        count += 1
+    for tier, locs in orphans.items():
+        logger.warning("%s tier: %d records of unknown models, layouts or missing global extents dropped at start",
+                       tier, len(locs))
+        store.pipeline.discard(store.index.by_name[tier], locs)
+    store.metrics.recovered_entries.inc(count)
+    return count
 
 
-def ssd_key(e: Entry, head_class: str) -> bytes:
-    """Everything needed to rebuild the index entry from the key alone (headers carry the rest)."""
-    return _SEP.join([e.namespace, e.fingerprint, e.hash, head_class, e.kind, str(e.start_token),
-                      str(e.end_token), str(e.num_tokens)]).encode()
-
-
-def parse_ssd_key(key: bytes) -> tuple[str, str, str, str, str, int, int, int] | None:
-    parts = key.decode(errors="replace").split(_SEP)
-    if len(parts) != 8:
-        return None
-    ns, fp, h, cls, kind, start, end, n = parts
+def _register(store, fp: str, raw: bytes) -> None:
     try:
-        return ns, fp, h, cls, kind, int(start), int(end), int(n)
+        req = P.RegisterModelRequest.model_validate_json(raw)
     except ValueError:
+        logger.warning("the persisted registration of model %s is unreadable", fp)
+        return
+    with contextlib.suppress(KvdError):
+        store.register_model(req, persist=False)
+
+
+def _rebuild(store, key: EntryKey, parts: list[tuple[str, StoredRecord]], now: float) -> Entry | None:
+    model = store.registry.models.get(key[1])
+    if model is None:
         return None
-
-
-def model_records(raw_by_fp: dict[str, bytes | None]) -> list[P.RegisterModelRequest]:
-    out = []
-    for fp, raw in raw_by_fp.items():
-        if raw is None:
-            continue
-        try:
-            out.append(P.RegisterModelRequest.model_validate_json(raw))
-        except ValueError:
-            logger.warning("ssd tier: the persisted registration of model %s is unreadable", fp)
-    return out
-
-
-def rebuild_entries(records: list[SsdRecordInfo], models: dict[str, ModelRecord], now: float
-                    ) -> tuple[list[Entry], list[Location]]:
-    """Entries rebuilt from SSD records, and the records that fit no known model or shape (orphans)."""
-    by_entry: dict[EntryKey, list[tuple[tuple, SsdRecordInfo]]] = {}
-    orphans: list[Location] = []
-    for rec in records:
-        parsed = parse_ssd_key(rec.header.key)
-        if parsed is None:
-            orphans.append(rec.location)
-            continue
-        by_entry.setdefault(parsed[:3], []).append((parsed, rec))
-    entries = []
-    for key, parts in by_entry.items():
-        model = models.get(key[1])
-        if model is None:
-            orphans += [rec.location for _, rec in parts]
-            continue
-        (_, _, _, _, kind, start, end, num_tokens) = parts[0][0]
-        extents = {c: Extent(plan=p) for c, p in model.plans(num_tokens).items()}
-        for parsed, rec in parts:
-            x = extents.get(parsed[3])
-            if x is None or rec.header.raw_nbytes != x.nbytes:
-                orphans.append(rec.location)
-                continue
-            x.ssd, x.ssd_codec, x.checksum = rec.location, rec.header.codec, rec.header.raw_xxh
-        for x in extents.values():
-            if x.ssd is None:  # never written: placement "drop", or a crash before its write-back
-                x.dropped = True
-        e = Entry(key=key, kind=kind, num_tokens=num_tokens, start_token=start, end_token=end, extents=extents,
-                  created=now, last_access=now)
-        if e.fastest_tier() is not None:
-            entries.append(e)
-    return entries, orphans
-
-
-def fingerprints(records: list[SsdRecordInfo]) -> set[str]:
-    return {p[1] for r in records if (p := parse_ssd_key(r.header.key)) is not None}
+    first = parts[0][1].name
+    extents = {c: Extent(plan=p) for c, p in model.plans(first.num_tokens).items()}
+    for tier, rec in parts:
+        n = rec.name
+        x = extents.get(n.head_class)
+        if (x is None or rec.raw_nbytes != x.nbytes or tier in x.copies
+                or (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under)
+                != (first.kind, first.start_token, first.end_token, first.num_tokens, first.computed_under)):
+            return None
+        x.copies[tier] = Copy(rec.location, rec.codec, rec.raw_xxh)
+        if rec.codec in ("raw", "lossless"):
+            x.checksum = rec.raw_xxh
+    for c, x in extents.items():
+        if not x.copies:
+            if c != "local":
+                return None
+            x.dropped = True
+    return Entry(key=key, kind=first.kind, num_tokens=first.num_tokens, start_token=first.start_token,
+                 end_token=first.end_token, computed_under=first.computed_under, extents=extents, created=now,
+                 last_access=now)

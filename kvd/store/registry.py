@@ -3,8 +3,9 @@
 A model must be registered before its KV is stored or looked up; the answer tells the client its
 fingerprint, the chunk size and the arena to map. Registration is idempotent. Re-registering a model
 with a different head map is refused while entries stored under the old map exist (their extents
-follow the old map's head classes). With an SSD tier, registrations are persisted beside the data so
-the index can be rebuilt at start (``kvd.store.pipeline``).
+follow the old map's head classes). A head map profiled for another model (its ``fingerprint`` is
+another's) is refused. Registrations are persisted beside the data of persistent tiers so the index
+can be rebuilt at start (``kvd.store.recovery``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class ModelRegistry:
                 "the client and daemon disagree on the model layout — upgrade both to the same kvd")
         hm = req.head_map
         if hm is not None:
+            if hm.fingerprint is not None and hm.fingerprint != fp:
+                raise FingerprintMismatch(
+                    f"head map for {hm.model!r} was made for the model with fingerprint {hm.fingerprint}; "
+                    f"{spec.model_id} has {fp}: profile a head map for this model (kvctl profile)")
             hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
         else:
             hm = HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)

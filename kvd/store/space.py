@@ -1,10 +1,21 @@
-"""Making room in the arena when it is fragmented: choose a window of slots to clear.
+"""Room in a tier: which entries to evict when it needs space.
 
-Eviction by priority frees bytes wherever the victims happen to live. With extents of mixed sizes
-(one-slot entries of a small model beside eight-slot entries of a large one) the freed slots may
-never be adjacent, and a large extent finds no run although most of the arena is evictable. Then
-the store evicts by *place*: the window of ``count`` consecutive slots whose occupants can all be
-evicted, choosing the one with the fewest occupants.
+Decisions only: this module picks victims (through the tier's eviction policy, from metadata) and never
+moves or frees a byte; ``kvd.store.pipeline`` acts on its answers, along the one eviction path
+(``Pipeline.make_room``), for every caller: a reserve, a promotion, watermark relief, ``kvctl evict``.
+
+Rules:
+- only *evictable* entries are candidates: committed, not pinned, no holds (leases, moves in flight),
+  not busy in the pipeline, with a copy in the tier;
+- "cannot right now" changes nothing: when the candidates cannot free enough, ``victims`` answers
+  empty (``partial=True``, for ``kvctl evict --max-bytes``, answers what there is);
+- a request that can never fit the tier (larger than the tier itself) is refused before anything is
+  evicted (``Tier.fits``).
+
+Fragmentation (memory tiers with slot runs): eviction by priority frees bytes wherever the victims
+live. With extents of mixed sizes the freed slots may never be adjacent, and a large extent finds no
+run although most of the arena is evictable. Then victims are chosen by *place*: the window of
+``count`` consecutive slots whose occupants can all be evicted, with the fewest occupants.
 
 Worked example, 8 slots, free ``.``, evictable entries ``a``..``c``, blocked ``#`` (leased, pinned,
 pending): ``a.#bbc.c``, count 3 -> windows [3,6) = {b, c} and [5,8) = {c}: evict c, and slots 5-7
@@ -13,10 +24,43 @@ become a free run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from kvd.store.entries import Entry
+from kvd.store.entries import Entry, EntryKey
+from kvd.store.index import Index, Level
 from kvd.tiers.host import HostTier
+
+
+class Space:
+    def __init__(self, index: Index, *, is_busy: Callable[[EntryKey], bool], clock: Callable[[], float]) -> None:
+        self.index = index
+        self.is_busy = is_busy
+        self.clock = clock
+
+    def evictable(self, e: Entry, lv: Level) -> bool:
+        return (not e.pinned and e.holds == 0 and not self.is_busy(e.key) and e.in_tier(lv.name)
+                and self.index.get(e.key) is e)
+
+    def victims(self, lv: Level, nbytes: int, *, match: Callable[[Entry], bool] | None = None,
+                partial: bool = False) -> list[Entry]:
+        """Entries to evict from ``lv``, in its policy's order, freeing at least ``nbytes`` there.
+        Empty when that is impossible (``partial``: whatever matches, up to ``nbytes``)."""
+        def can(key) -> bool:
+            e = self.index.get(key)
+            return e is not None and self.evictable(e, lv) and (match is None or match(e))
+
+        keys = lv.policy.victims(nbytes, now=self.clock(), can_evict=can)
+        out = [e for k in keys if (e := self.index.get(k)) is not None]
+        freed = sum(self.index.meta(e, lv).nbytes for e in out)
+        return out if partial or freed >= nbytes else []
+
+    def by_place(self, lv: Level, nbytes: int) -> list[Entry]:
+        """Victims that free a run of slots for ``nbytes`` in a fragmented memory tier (empty if none)."""
+        tier = lv.tier
+        if not isinstance(tier, HostTier):
+            return []
+        evictable = (e for e in self.index if self.evictable(e, lv))
+        return evictable_window(tier, evictable, tier.slots_for(nbytes)) or []
 
 
 def evictable_window(host: HostTier, evictable: Iterable[Entry], count: int) -> list[Entry] | None:
@@ -32,9 +76,10 @@ def evictable_window(host: HostTier, evictable: Iterable[Entry], count: int) -> 
         blocked[start : start + length] = [False] * length
     for e in evictable:
         for x in e.extents.values():
-            if x.host is not None:
-                first = x.host.offset // host.slot_bytes
-                for slot in range(first, first + x.host.nbytes // host.slot_bytes):
+            copy = x.copies.get(host.name)
+            if copy is not None:
+                first = copy.loc.offset // host.slot_bytes
+                for slot in range(first, first + copy.loc.nbytes // host.slot_bytes):
                     owner[slot], blocked[slot] = e, False
     best: tuple[int, int] | None = None  # (distinct occupants, start)
     start, occupants = 0, {}  # sliding window [start, end]: id(entry) -> slots of it inside

@@ -1,71 +1,89 @@
-"""The tiered store: the index of entries, reservations and leases, and the calls into tiers and policies.
+"""The store: the control API's operations on the index, one method per route.
 
-The store orchestrates; tiers hold bytes (``kvd.tiers``), policies decide (``kvd.policies``), the
-registry knows models (``kvd.store.registry``) and the mover carries extents between arena and SSD
-(``kvd.store.pipeline``). It is driven by the control API's handlers, one method per route, and by the
-daemon's background tasks. Everything here runs on the event loop and never blocks it: checksums,
-SSD I/O and codecs go to the executor.
+It orchestrates; the parts do the work: the index and its tiers' policies (``index``), moving bytes
+between tiers (``pipeline``, the one eviction path), background write-back, relief and prefetch
+(``background``), holds (``holds``), models (``registry``), admin actions (``admin``), the index
+rebuild at start (``recovery``). Everything here runs on the event loop and never blocks it.
 
 Invariants:
-- an entry is in ``_index`` only after its commit finished: lookups see whole entries or nothing;
-- a key is in at most one of ``_index``, a reservation's pending entries, or ``_doomed``;
-- bytes of an entry with ``leases > 0`` (readers, or the mover) are never freed or overwritten;
+- an entry is in the index only after its commit finished, and whole: lookups see whole entries or
+  nothing; a commit is all-or-nothing (a failure half-way leaves nothing indexed, the reservation
+  intact for its abort or expiry);
+- bytes of an entry with ``holds > 0`` are never freed or overwritten;
+- KV is served only to a reader of the same ``computed_under`` tag, and lossy copies only to readers
+  that accept them;
 - "cannot right now" (no room, nothing evictable) answers ``no_space`` and changes nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import xxhash
 
+from kvd.codecs import Codecs
 from kvd.core import protocol as P
 from kvd.core.config import Settings
 from kvd.core.errors import InvalidRequest, RequestTooLarge
 from kvd.core.keys import prefix_hashes
 from kvd.daemon.metrics import Metrics
-from kvd.store.entries import Entry, EntryKey, Extent, Lease, ModelRecord, Reservation
+from kvd.policies.admission import SsdAdmission
+from kvd.policies.eviction import EvictionPolicy, make_eviction
+from kvd.policies.placement import HeadClassPlacement
+from kvd.store import answers as L
+from kvd.store.admin import Admin
+from kvd.store.background import Background
+from kvd.store.entries import Copy, Entry, EntryKey, Lease, ModelRecord, Reservation, new_entry
 from kvd.store.holds import HoldTable, owner_is_alive
+from kvd.store.index import Index, Level
+from kvd.store.pipeline import Pipeline
 from kvd.store.registry import ModelRegistry
-from kvd.store.space import evictable_window
-from kvd.tiers.base import Location, TierStats
+from kvd.tiers.base import Tier, TierStats
 from kvd.tiers.host import HostTier
 
 logger = logging.getLogger(__name__)
 
 
 class Store:
-    def __init__(self, settings: Settings, host: HostTier, *, metrics: Metrics, executor: Executor | None = None,
-                 clock: Callable[[], float] = time.monotonic, host_policy=None) -> None:
-        from kvd.policies.eviction import make_eviction
-
+    def __init__(self, settings: Settings, tiers: list[Tier], *, metrics: Metrics, cpu: Executor, io: Executor,
+                 clock: Callable[[], float] = time.monotonic,
+                 policies: dict[str, EvictionPolicy] | None = None) -> None:
+        if not tiers or not isinstance(tiers[0], HostTier):
+            raise ValueError("the store's top tier is the host arena (clients map it)")
         self.settings = settings
-        self.host = host
         self.metrics = metrics
-        self.executor = executor
         self.clock = clock
         self.started_at = clock()
-        self.host_policy = host_policy or make_eviction(settings.policy, capacity_bytes=host.capacity_bytes)
         self.registry = ModelRegistry(clock)
-        self.models = self.registry.models  # fingerprint -> ModelRecord
-        self._index: dict[EntryKey, Entry] = {}
-        self._pending: dict[EntryKey, str] = {}  # key -> reservation id holding it
-        self._doomed: dict[EntryKey, Entry] = {}  # deleted while leased; freed on last release
+        policies = policies or {}
+        levels = [Level(i, t, policies[t.name] if t.name in policies
+                        else make_eviction(settings.policy, capacity_bytes=t.capacity_bytes))
+                  for i, t in enumerate(tiers)]
+        self.index = Index(levels, num_layers=lambda fp: self.registry.get(fp).spec.num_layers, clock=clock)
+        self.pipeline = Pipeline(self.index, codecs=Codecs(settings.codec), cpu=cpu, io=io, metrics=metrics,
+                                 admitted=lambda e: self.background.admitted(e),
+                                 dtype_of=lambda fp: self.registry.get(fp).spec.kv_dtype, clock=clock)
+        self.background = Background(self.index, self.pipeline, SsdAdmission(settings.ssd.admit_after), settings,
+                                     metrics)
+        self.admin = Admin(self.index, self.pipeline, self.background, settings)
+        self.placement = HeadClassPlacement(settings.codec)
         self.holds = HoldTable(reservation_ttl_s=lambda: settings.host.reservation_ttl_s,
                                lease_ttl_s=lambda: settings.host.lease_ttl_s)
-        self.mover = None  # kvd.store.pipeline.Mover when an SSD tier is configured (set by the daemon)
+
+    @property
+    def host(self) -> HostTier:
+        return self.index.levels[0].tier  # type: ignore[return-value]  # checked in __init__
 
     # ---- models ---------------------------------------------------------------------------------
 
     def register_model(self, req: P.RegisterModelRequest, *, persist: bool = True) -> P.RegisterModelResponse:
-        record, changed = self.registry.register(req, has_entries=self._has_entries)
-        if changed and persist and self.mover is not None:
-            self.mover.persist_model(req, record.fingerprint)
+        record, changed = self.registry.register(req, has_entries=self.index.has_entries)
+        if changed and persist:
+            self.admin.persist_model(req, record.fingerprint)
         return P.RegisterModelResponse(
             fingerprint=record.fingerprint, chunk_tokens=self.settings.keys.chunk_tokens, arena=self.arena_info(),
             head_map_method=record.head_map.method, num_global_heads=record.num_global_heads)
@@ -74,8 +92,9 @@ class Store:
         return self.registry.get(fingerprint)
 
     def arena_info(self) -> P.ArenaInfo:
-        return P.ArenaInfo(path=str(self.host.path), capacity_bytes=self.host.capacity_bytes,
-                           slot_bytes=self.host.slot_bytes, arena_id=self.host.arena_id)
+        h = self.host
+        return P.ArenaInfo(path=str(h.path), capacity_bytes=h.capacity_bytes, slot_bytes=h.slot_bytes,
+                           arena_id=h.arena_id)
 
     # ---- lookup ---------------------------------------------------------------------------------
 
@@ -89,132 +108,97 @@ class Store:
                 raise RequestTooLarge(f"{len(req.token_ids)} token ids; at most "
                                       f"{self.settings.daemon.max_tokens_per_request} per lookup")
             hashes = prefix_hashes(req.token_ids, chunk_tokens=chunk, namespace=req.namespace,
-                                   fingerprint=req.fingerprint)
+                                   fingerprint=req.fingerprint, computed_under=req.computed_under)
         else:
             hashes = req.prefix_hashes or []
         self._check_count(len(hashes) + len(req.chunk_hashes or []))
-        hit_tokens: dict[tuple[str, str, str], int] = {}  # (kind, tier, head class) -> tokens
-        prefix = self._found(req, hashes, "prefix", hit_tokens)
-        chunks = self._found(req, req.chunk_hashes or [], "chunk", hit_tokens)
-        hits = 0
-        for r in prefix:
-            if r.index != hits or not r.complete:
-                break
-            hits += 1
-        # Counters once per label set, not per entry: a 128-chunk lookup stays cheap.
-        self.metrics.lookup_tokens.labels("prefix").inc(len(hashes) * chunk)
-        if req.chunk_hashes:
-            # The denominator needs every asked chunk's length; the client sends it (chunk_num_tokens),
-            # else only found chunks count and the chunk hit rate reads high.
-            asked = sum(req.chunk_num_tokens) if req.chunk_num_tokens else sum(r.num_tokens for r in chunks)
-            self.metrics.lookup_tokens.labels("chunk").inc(asked)
-        for labels, n in hit_tokens.items():
-            self.metrics.hit_tokens.labels(*labels).inc(n)
-        return P.LookupResult(chunk_tokens=chunk, num_prefix_hits=hits, prefix=prefix, chunks=chunks)
+        prefix = self._rows(req, hashes)
+        chunks = self._rows(req, req.chunk_hashes or [])
+        result = P.LookupResult(chunk_tokens=chunk, num_prefix_hits=L.leading_hits(prefix), prefix=prefix,
+                                chunks=chunks)
+        L.count_hits(self.metrics, req, result, num_hashes=len(hashes))
+        return result
 
-    def _found(self, req: P.LookupRequest, hashes: list[str], kind: str,
-               hit_tokens: dict[tuple[str, str, str], int]) -> list[P.EntryRow]:
+    def _rows(self, req: P.LookupRequest, hashes: list[str]) -> list[P.EntryRow]:
         out = []
         now = self.clock()
-        ns, fp, index, mover = req.namespace, req.fingerprint, self._index, self.mover
+        top = self.index.levels[0].name
         for i, h in enumerate(hashes):
-            e = index.get((ns, fp, h))
-            if e is None:
+            found = self.index.resolve((req.namespace, req.fingerprint, h))
+            if found is None or found[0].computed_under != req.computed_under:
+                continue
+            e, num_tokens = found
+            row = L.row(self.index.levels, e, i, h, num_tokens, req.accept_lossy)
+            if row is None:
                 continue
             e.seen += 1
             e.last_access = now
-            # One pass over the (at most two) extents: what is servable exactly, and from where.
-            classes, tier = [], None
-            for c, x in e.extents.items():
-                where = "host" if x.host is not None else ("ssd" if x.ssd is not None else None)
-                if where is None:
-                    continue
-                if tier != "host":
-                    tier = where
-                if where == "host" or x.is_lossless:
-                    classes.append(c)
-                    key = (kind, where, c)
-                    hit_tokens[key] = hit_tokens.get(key, 0) + e.num_tokens
-            if tier is None:
-                continue
-            if mover is not None:
-                mover.on_seen(e)
-                if req.prefetch and tier != "host":
-                    mover.prefetch(e)
-            out.append(P.EntryRow(i, h, tier, classes, len(classes) == len(e.extents), e.num_tokens))
+            self.background.on_seen(e)
+            if req.prefetch and row.tier != top:
+                self.background.prefetch(e, None, req.accept_lossy)
+            out.append(row)
         return out
 
     # ---- store: reserve / commit / abort --------------------------------------------------------
 
-    def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
+    async def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
         model = self.model(req.fingerprint)
         self._check_count(len(req.entries))
         if len({r.hash for r in req.entries}) != len(req.entries):
             raise InvalidRequest("an entry appears twice in one reserve request")
-        now = self.clock()
         rid = uuid.uuid4().hex
-        pending: dict[str, Entry] = {}
+        ttl = self.settings.host.reservation_ttl_s
+        res = Reservation(rid, owner_pid, self.clock() + ttl, {})
         out: list[P.ReservedEntry] = []
         for r in req.entries:
             key = (req.namespace, req.fingerprint, r.hash)
-            existing = self._index.get(key)
-            if existing is not None or key in self._pending:
-                if existing is not None:
-                    existing.seen += 1
-                    existing.last_access = now
+            if self._exists(key, r, req.computed_under):
                 out.append(P.ReservedEntry(hash=r.hash, status="exists"))
                 continue
-            entry = self._reserve_entry(model, key, r, now)
+            self.index.pending[key] = rid  # before any await: no second writer of this key
+            entry = await self._reserve_entry(model, key, r, req.computed_under)
             if entry is None:
+                del self.index.pending[key]
                 self.metrics.no_space.inc()
                 out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
                 continue
-            pending[r.hash] = entry
-            self._pending[key] = rid
-            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=self._extent_infos(entry)))
-        ttl = self.settings.host.reservation_ttl_s
-        if pending:
-            self.holds.add_reservation(Reservation(rid, owner_pid, now + ttl, pending))
+            res.entries[r.hash] = entry
+            res.aliases[r.hash] = [(a.hash, a.num_tokens) for a in r.aliases]
+            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=L.extent_infos(entry, self.host.name)))
+        if res.entries:
+            self.holds.add_reservation(res)
             self.metrics.reservations_open.set(len(self.holds.reservations))
-        return P.ReserveResponse(reservation_id=rid if pending else None, expires_in_s=ttl,
+        return P.ReserveResponse(reservation_id=rid if res.entries else None, expires_in_s=ttl,
                                  arena_id=self.host.arena_id, entries=out)
 
-    def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, now: float) -> Entry | None:
-        plans = model.plans(r.num_tokens)
-        end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
-        entry = Entry(key=key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
-                      extents={c: Extent(plan=p) for c, p in plans.items()}, created=now, last_access=now)
-        for x in entry.extents.values():
-            x.host = self.reserve_host(x.nbytes)
-            if x.host is None:
-                self._free_host(entry)
-                return None
-        return entry
+    def _exists(self, key: EntryKey, r: P.ReserveEntry, computed_under: str) -> bool:
+        """Stored already (or being stored, or covered by an alias): count the sighting, take its aliases."""
+        existing = self.index.get(key)
+        if existing is not None:
+            existing.seen += 1
+            existing.last_access = self.clock()
+            if existing.computed_under == computed_under:
+                for a in r.aliases:
+                    self.index.add_alias(existing, a.hash, a.num_tokens)
+            return True
+        return key in self.index.pending or key in self.index.aliases
 
-    def reserve_host(self, nbytes: int) -> Location | None:
-        """A slot run for ``nbytes``, evicting host copies if needed. Drops only: never blocks on I/O."""
-        loc = self.host.reserve(nbytes)
-        if loc is not None:
-            return loc
+    async def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, computed_under: str
+                             ) -> Entry | None:
         now = self.clock()
-        for _ in range(2):  # the policy's choice first: usually frees a run
-            victims = self.host_policy.victims(nbytes, now=now, can_evict=self.host_evictable)
-            if not victims:
+        end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
+        entry = new_entry(model, key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
+                          computed_under=computed_under, now=now)
+        top = self.index.levels[0]
+        if not top.tier.fits(entry.nbytes):
+            return None  # can never fit: refused before anything is evicted
+        for x in entry.extents.values():
+            loc = await self.pipeline.reserve(top, x.nbytes)
+            if loc is None:
+                self.pipeline.discard(top, [c.loc for y in entry.extents.values() if (c := y.copies.pop(top.name, None))])
                 return None
-            for key in victims:
-                self.evict_host(self._index[key])
-            loc = self.host.reserve(nbytes)
-            if loc is not None:
-                return loc
-        # Fragmented: the bytes freed are not adjacent. Evict by place instead of by priority: the
-        # window of consecutive slots whose occupants are all evictable and fewest.
-        evictable = (e for e in self._index.values() if self.host_evictable(e.key))
-        window = evictable_window(self.host, evictable, self.host.slots_for(nbytes))
-        if window is None:
-            return None
-        for e in window:
-            self.evict_host(e)
-        return self.host.reserve(nbytes)
+            x.copies[top.name] = Copy(loc, "raw", None)
+        return entry
 
     async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
         rid = req.reservation_id
@@ -227,33 +211,57 @@ class Store:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
             if self.settings.host.verify_on_commit:
-                for e, sums in zip(entries, await self.run_io(self._checksums, entries)):
+                for e, sums in zip(entries, await self.pipeline.on_cpu(self._checksums, entries)):
                     for x, c in zip(e.extents.values(), sums):
-                        x.checksum = c
+                        x.checksum = x.copies[self.host.name].checksum = c
+            self._insert_all(res, entries)
             done = True
         finally:
-            # Synchronous from here on: each entry becomes visible whole, and the reservation ends.
             self.holds.end_commit(rid, done=done)
-        now, nbytes, keep = self.clock(), 0, set(chosen)
         for e in res.entries.values():
-            self._pending.pop(e.key, None)
-            if e.hash not in keep:
-                self._free_host(e)
-                continue
-            e.created = e.last_access = now
-            self._index[e.key] = e
-            self.host_policy.on_insert(e.key, self.meta(e, tier="host"), now)
-            self.metrics.committed_entries.labels(e.kind).inc()
-            nbytes += e.nbytes
-            if self.mover is not None:
-                self.mover.on_commit(e)
-        self.metrics.moved_bytes.labels("store").inc(nbytes)
+            if e.hash not in set(chosen):
+                self._free_pending(e)
+        self.metrics.moved_bytes.labels("store").inc(sum(e.nbytes for e in entries))
         self.metrics.moved_seconds.labels("store").inc(req.transfer_s)
         self.metrics.reservations_open.set(len(self.holds.reservations))
         return P.CommitResponse(committed=chosen)
 
+    def _insert_all(self, res: Reservation, entries: list[Entry]) -> None:
+        """Index every entry of the commit, or none: a failure half-way takes the inserted ones back
+        out and leaves the reservation as it was (its abort or expiry frees the slots)."""
+        touched: list[Entry] = []
+        now = self.clock()
+        try:
+            for e in entries:
+                touched.append(e)
+                self._place(e)
+                e.created = e.last_access = now
+                self.index.insert(e)
+                for alias_hash, n in res.aliases.get(e.hash, []):
+                    self.index.add_alias(e, alias_hash, n)
+                self.background.on_seen(e)
+        except BaseException:
+            for e in touched:
+                self.index.forget(e)  # the keys stay pending under the reservation
+            raise
+        for e in entries:
+            del self.index.pending[e.key]
+            self.metrics.committed_entries.labels(e.kind).inc()
+
+    def _place(self, e: Entry) -> None:
+        """Head-aware placement of each extent (kvd.policies.placement), decided at commit."""
+        hm = self.model(e.fingerprint).head_map
+        locals_ = [s for row in hm.heads for s in row if not s.is_global]
+        sink = max((s.sink for s in locals_), default=0)
+        window = max((s.window for s in locals_), default=0)
+        for cls, x in e.extents.items():
+            p = self.placement.place(cls, start_token=e.start_token, num_tokens=e.num_tokens,
+                                     end_token=e.end_token, sink=sink, window=window)
+            x.is_hot, x.lower_codec = p.is_hot, p.ssd_codec
+
     def _checksums(self, entries: list[Entry]) -> list[list[int]]:
-        return [[xxhash.xxh3_64_intdigest(self.host.read(x.host)[: x.nbytes]) for x in e.extents.values()]
+        host = self.host
+        return [[xxhash.xxh3_64_intdigest(host.read(x.copies[host.name].loc)[: x.nbytes]) for x in e.extents.values()]
                 for e in entries]
 
     def abort(self, req: P.AbortRequest) -> P.CountResponse:
@@ -263,9 +271,14 @@ class Store:
 
     def _drop_reservation(self, res: Reservation) -> None:
         for e in res.entries.values():
-            self._pending.pop(e.key, None)
-            self._free_host(e)
+            self._free_pending(e)
         self.metrics.reservations_open.set(len(self.holds.reservations))
+
+    def _free_pending(self, e: Entry) -> None:
+        if self.index.pending.get(e.key) is not None and self.index.get(e.key) is not e:
+            del self.index.pending[e.key]
+        top = self.index.levels[0]
+        self.pipeline.discard(top, [c.loc for x in e.extents.values() if (c := x.copies.pop(top.name, None))])
 
     # ---- load: lease / release ------------------------------------------------------------------
 
@@ -274,120 +287,89 @@ class Store:
         self._check_count(len(req.hashes))
         if req.classes is not None and (bad := [c for c in req.classes if c not in ("global", "local")]):
             raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")
-        keys = [(req.namespace, req.fingerprint, h) for h in req.hashes]
-        if self.mover is not None:
-            # Hold the entries while their prefetches run: otherwise promoting one can evict another
-            # promoted a moment earlier for this same lease (found by the kill -9 test).
-            held = [e for k in keys if (e := self._index.get(k)) is not None]
+        found = [self.index.resolve((req.namespace, req.fingerprint, h)) for h in req.hashes]
+        found = [f if f is not None and f[0].computed_under == req.computed_under else None for f in found]
+        held = list({id(f[0]): f[0] for f in found if f is not None}.values())
+        # Hold the entries while their promotions run: otherwise promoting one can evict another
+        # promoted a moment earlier for this same lease.
+        for e in held:
+            self.pipeline.hold(e)
+        try:
+            wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
+            await self.background.wait_for_top(held, req.classes, req.accept_lossy, wait)
+        finally:
             for e in held:
-                self.hold(e)
-            try:
-                wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
-                await self.mover.wait_for_host(keys, req.classes, wait)
-            finally:
-                for e in held:
-                    self.unhold(e)
+                self.pipeline.unhold(e)
         now = self.clock()
         ttl = self.settings.host.lease_ttl_s
         lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [])
-        out = [self._lease_one(lease, key, req.classes, now) for key in keys]
-        if lease.keys:
+        out = [self._lease_one(lease, h, f, req, now) for h, f in zip(req.hashes, found)]
+        if lease.entries:
             self.holds.add_lease(lease)
             self.metrics.leases_held.set(len(self.holds.leases))
-        return P.LeaseResponse(lease_id=lease.lease_id if lease.keys else None, expires_in_s=ttl,
+        return P.LeaseResponse(lease_id=lease.lease_id if lease.entries else None, expires_in_s=ttl,
                                arena_id=self.host.arena_id, entries=out)
 
-    def _lease_one(self, lease: Lease, key: EntryKey, classes: list[str] | None, now: float) -> P.LeasedEntry:
-        e = self._index.get(key)
-        if e is None:
-            return P.LeasedEntry(hash=key[2], status="missing")
-        want = [c for c in e.extents if classes is None or c in classes]
-        if not all(e.extents[c].host is not None for c in want):
-            lost = any(e.extents[c].host is None and e.extents[c].ssd is None for c in want)
-            return P.LeasedEntry(hash=key[2], status="missing" if lost else "timeout", num_tokens=e.num_tokens)
-        self.hold(e)
+    def _lease_one(self, lease: Lease, h: str, found: tuple[Entry, int] | None, req: P.LeaseRequest,
+                   now: float) -> P.LeasedEntry:
+        if found is None:
+            return P.LeasedEntry(hash=h, status="missing")
+        e = found[0]
+        want = [c for c in e.extents if req.classes is None or c in req.classes]
+        if self.pipeline.missing_at_top(e, want, req.accept_lossy):
+            lost = any(not e.extents[c].usable(req.accept_lossy) for c in want)
+            return P.LeasedEntry(hash=h, status="missing" if lost else "timeout", num_tokens=e.num_tokens)
+        self.pipeline.hold(e)
         e.reuse_count += 1
-        e.last_access = now
-        self.host_policy.on_access(key, now)
-        lease.keys.append(key)
+        self.index.touch(e, now)
+        lease.entries.append(e)
         lease.nbytes += sum(e.extents[c].nbytes for c in want)
-        return P.LeasedEntry(hash=key[2], status="ok", num_tokens=e.num_tokens, extents=self._extent_infos(e, want))
+        return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens,
+                             extents=L.extent_infos(e, self.host.name, want))
 
     def release(self, req: P.ReleaseRequest) -> P.CountResponse:
         lease = self.holds.pop_lease(req.lease_id)
         self._end_lease(lease)
         self.metrics.moved_bytes.labels("load").inc(lease.nbytes)
         self.metrics.moved_seconds.labels("load").inc(req.transfer_s)
-        return P.CountResponse(count=len(lease.keys))
+        return P.CountResponse(count=len(lease.entries))
 
     def _end_lease(self, lease: Lease) -> None:
-        for key in lease.keys:
-            e = self._index.get(key) or self._doomed.get(key)
-            if e is not None:
-                self.unhold(e)
+        for e in lease.entries:
+            self.pipeline.unhold(e)
         self.metrics.leases_held.set(len(self.holds.leases))
 
-    def hold(self, e: Entry) -> None:
-        """One more reader (a lease, or the mover) of ``e``: it is not evicted or freed until ``unhold``."""
-        e.leases += 1
-
-    def unhold(self, e: Entry) -> None:
-        """One reader (a lease, or the mover) is done with ``e``; a deleted entry is freed at the last."""
-        e.leases -= 1
-        assert e.leases >= 0, f"lease count of {e.key} went negative"
-        if e.leases == 0 and self._doomed.get(e.key) is e:
-            del self._doomed[e.key]
-            self._free_all(e)
-
-    # ---- admin: delete, pin, evict, flush ---------------------------------------------------------
-
-    def _select(self, req: P.EntriesRequest) -> list[Entry]:
-        self._check_count(len(req.hashes))
-        fps = [req.fingerprint] if req.fingerprint else list(self.models)
-        return [e for h in req.hashes for fp in fps if (e := self._index.get((req.namespace, fp, h))) is not None]
+    # ---- admin: delete, pin, evict, flush, compact ----------------------------------------------
 
     def delete(self, req: P.EntriesRequest) -> P.CountResponse:
         found = self._select(req)
         for e in found:
-            self._remove(e)
+            self.background.on_remove(e)
+            self.pipeline.remove(e)
         return P.CountResponse(count=len(found))
 
     def set_pinned(self, req: P.EntriesRequest, pinned: bool) -> P.CountResponse:
         found = self._select(req)
         for e in found:
             e.pinned = pinned
-            if e.fastest_tier() == "host":
-                self.host_policy.on_insert(e.key, self.meta(e, tier="host"), self.clock())
-            if pinned and self.mover is not None:
-                self.mover.on_pin(e)
+            self.index.refresh(e)
+            if pinned:
+                self.background.on_pin(e)
         return P.CountResponse(count=len(found))
 
-    async def evict(self, req: P.EvictRequest) -> P.CountResponse:
-        """Drop host copies of matching, unleased, unpinned entries (tier=host); SSD records (tier=ssd)."""
-        if req.tier != "host":
-            return P.CountResponse(count=await self._need_mover(req.tier).evict(req))
-        budget, count = req.max_bytes, 0
-        for e in list(self._index.values()):
-            if (req.namespace and e.namespace != req.namespace) or (req.fingerprint and e.fingerprint != req.fingerprint):
-                continue
-            if not self.host_evictable(e.key) or (budget is not None and budget <= 0):
-                continue
-            budget = None if budget is None else budget - e.nbytes
-            self.evict_host(e)
-            count += 1
-        return P.CountResponse(count=count)
+    def _select(self, req: P.EntriesRequest) -> list[Entry]:
+        self._check_count(len(req.hashes))
+        fps = [req.fingerprint] if req.fingerprint else list(self.registry.models)
+        return [e for h in req.hashes for fp in fps if (e := self.index.get((req.namespace, fp, h))) is not None]
+
+    async def evict(self, req: P.EvictRequest) -> P.EvictResponse:
+        return await self.admin.evict(req)
 
     async def flush(self, req: P.FlushRequest) -> P.CountResponse:
-        """Write every matching host-only entry to SSD now (``kvctl flush``)."""
-        return P.CountResponse(count=await self._need_mover("ssd").flush(req))
+        return P.CountResponse(count=await self.admin.flush(req))
 
     async def compact(self) -> P.CountResponse:
-        return P.CountResponse(count=await self._need_mover("ssd").compact())
-
-    def _need_mover(self, tier: str):
-        if self.mover is None:
-            raise InvalidRequest(f"tier {tier!r} is not enabled on this daemon (ssd.enabled = false)")
-        return self.mover
+        return P.CountResponse(count=await self.admin.compact())
 
     # ---- background: expiry ---------------------------------------------------------------------
 
@@ -402,67 +384,13 @@ class Store:
             self._end_lease(lease)
             self.metrics.leases_expired.labels(reason).inc()
             logger.warning("lease %s of pid %s taken back (%s), %d entries", lease.lease_id, lease.owner_pid,
-                           reason, len(lease.keys))
+                           reason, len(lease.entries))
         return len(reservations) + len(leases)
-
-    # ---- used by the mover and reporting ---------------------------------------------------------
-
-    def get(self, key: EntryKey) -> Entry | None:
-        return self._index.get(key)
-
-    def iter_entries(self) -> Iterable[Entry]:
-        return list(self._index.values())
-
-    def insert_recovered(self, e: Entry) -> None:
-        """Put an entry rebuilt from a persistent tier into the index (daemon start)."""
-        self._index[e.key] = e
-
-    def meta(self, e: Entry, *, tier: str):
-        """What eviction policies see of an entry in ``tier`` (``Entry.policy_meta``)."""
-        return e.policy_meta(tier, self.models[e.fingerprint].spec.num_layers)
-
-    def host_evictable(self, key: EntryKey) -> bool:
-        e = self._index.get(key)
-        return (e is not None and not e.pinned and e.leases == 0 and e.fastest_tier() == "host"
-                and not (self.mover is not None and self.mover.is_busy(key)))
-
-    def evict_host(self, e: Entry) -> None:
-        """Drop the entry's host copies; it leaves the index if no other tier holds it."""
-        self._free_host(e)
-        self.host_policy.on_remove(e.key)
-        self.metrics.evicted_entries.labels("host").inc()
-        if e.fastest_tier() is None:
-            self.forget(e)
-
-    def free_extent_host(self, e: Entry, x: Extent) -> None:
-        """One extent leaves the arena (cold placement); the entry's host accounting follows."""
-        if x.host is not None:
-            self.host.drop(x.host)
-            x.host = None
-        if e.key in self._index:
-            if any(y.host is not None for y in e.extents.values()):
-                self.host_policy.on_insert(e.key, self.meta(e, tier="host"), self.clock())
-            else:
-                self.host_policy.on_remove(e.key)
-
-    def forget(self, e: Entry) -> None:
-        """The entry has no copy left anywhere: it leaves the index."""
-        if self._index.get(e.key) is e:
-            del self._index[e.key]
-            self.host_policy.on_remove(e.key)
-            if self.mover is not None:
-                self.mover.on_remove(e, deleted=False)
-
-    async def run_io(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ---- stats ----------------------------------------------------------------------------------
 
     def tier_stats(self) -> list[TierStats]:
-        return [self.host.stats()] + ([self.mover.ssd.stats()] if self.mover is not None else [])
-
-    def num_entries(self) -> int:
-        return len(self._index)
+        return [lv.tier.stats() for lv in self.index.levels]
 
     def num_leases(self) -> int:
         return len(self.holds.leases)
@@ -473,40 +401,7 @@ class Store:
     def num_committing(self) -> int:
         return len(self.holds.committing)
 
-    # ---- helpers --------------------------------------------------------------------------------
-
     def _check_count(self, n: int) -> None:
         limit = self.settings.daemon.max_entries_per_request
         if n > limit:
             raise RequestTooLarge(f"{n} entries in one request; at most {limit} (daemon.max_entries_per_request)")
-
-    def _extent_infos(self, e: Entry, classes: list[str] | None = None) -> list[P.ExtentInfo]:
-        return [P.ExtentInfo(head_class=c, offset=x.host.offset, nbytes=x.nbytes,
-                             checksum=None if x.checksum is None else f"{x.checksum:016x}")
-                for c, x in e.extents.items() if x.host is not None and (classes is None or c in classes)]
-
-    def _free_host(self, e: Entry) -> None:
-        for x in e.extents.values():
-            if x.host is not None:
-                self.host.drop(x.host)
-                x.host = None
-
-    def _free_all(self, e: Entry) -> None:
-        self._free_host(e)
-        if self.mover is not None:
-            self.mover.drop_ssd(e)
-
-    def _remove(self, e: Entry) -> None:
-        """Take the entry out of the index; free its bytes now, or on its last release if held."""
-        if self._index.get(e.key) is not e:
-            return
-        self.forget(e)
-        if self.mover is not None:
-            self.mover.on_remove(e, deleted=True)
-        if e.leases:
-            self._doomed[e.key] = e
-        else:
-            self._free_all(e)
-
-    def _has_entries(self, fp: str) -> bool:
-        return any(e.fingerprint == fp for e in self._index.values())

@@ -3,7 +3,7 @@
 The daemon creates the arena file (under /dev/shm unless configured), maps it, and hands clients its
 path; clients map the same file and copy KV straight into and out of it, so bytes never cross the
 control socket. The arena is registered with CUDA as pinned memory on the client side when a GPU is
-present (``kvd.client.client``), which is why extents start on slot boundaries (page aligned).
+present (``kvd.client.arena``), which is why extents start on slot boundaries (page aligned).
 
 Allocation: the arena is ``capacity // slot_bytes`` slots. An extent occupies a *run* of consecutive
 slots, so a client moves it with one copy. Free runs are kept coalesced (a freed run merges with free
@@ -11,19 +11,22 @@ neighbours), indexed by start, by end and by length; ``reserve`` takes the small
 (best fit), splitting it. Worked example with 8 slots: reserve 3 -> [0,3), reserve 2 -> [3,5), drop
 [0,3) -> free {0:3, 5:3}; reserve 3 -> best fit picks [0,3) (either fits; the lower start wins ties).
 
-The arena holds no metadata: the store's index says which runs hold which extents. On restart the
+The arena file is allocated in full at start (a shortage of room fails the start, never a later
+write). The arena holds no metadata: the store's index says which runs hold which extents. On restart the
 file is recreated empty, with a new ``arena_id`` so clients know to remap.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from kvd.core.errors import ConfigError
-from kvd.tiers.base import Buffer, Location, Tier, TierStats
+from kvd.tiers.base import Buffer, ExtentName, Location, Tier, TierStats
 
 
 class SlotAllocator:
@@ -50,9 +53,6 @@ class SlotAllocator:
         if not starts:
             del self._by_len[length]
         return length
-
-    def can_allocate(self, count: int) -> bool:
-        return any(length >= count for length in self._by_len)
 
     def allocate(self, count: int) -> int | None:
         """Start of a run of ``count`` free slots, or ``None`` if no free run is that long."""
@@ -106,35 +106,59 @@ class HostTier(Tier):
                 f"multiple of {mmap.PAGESIZE} and capacity at least one slot"
             )
         self.path = Path(path)
+        self.requested_bytes = capacity_bytes  # as configured (the arena rounds it down to whole slots)
         self.slot_bytes = slot_bytes
         self.num_slots = capacity_bytes // slot_bytes
         self.capacity_bytes = self.num_slots * slot_bytes
         self.arena_id = uuid.uuid4().hex
         self.allocator = SlotAllocator(self.num_slots)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # A new file every start: old mappings of a previous daemon keep the old inode, and the new
-        # arena_id tells their clients to remap.
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, file_mode)
+        self._mmap = self._create(file_mode)
+        self.view = memoryview(self._mmap)
+
+    def _create(self, file_mode: int) -> mmap.mmap:
+        """A new arena file, all of its pages allocated now. On a tmpfs a sparse file is accepted at any
+        size and the first engine that writes past the real free space dies of SIGBUS (Docker's
+        /dev/shm is 64 MiB; the default arena 1 GiB), so the space is checked and then taken up front
+        (``posix_fallocate``), and a shortage stops the daemon at start, naming the size, the free
+        space and the setting. A new file every start: old mappings of a previous daemon keep the old
+        inode, and the new ``arena_id`` tells their clients to remap."""
+        parent = self.path.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise ConfigError(f"host.path {self.path} exists and is not a regular file; kvd will not replace it")
+        free = _free_bytes(parent)
+        if free is not None and free < self.capacity_bytes:
+            raise ConfigError(self._too_big(free))
+        # O_EXCL | O_NOFOLLOW: never open a file someone planted under our temporary name.
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
         try:
             os.fchmod(fd, file_mode)
-            os.ftruncate(fd, self.capacity_bytes)
-            self._mmap = mmap.mmap(fd, self.capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            os.close(fd)
+            _allocate(fd, self.capacity_bytes, lambda: self._too_big(_free_bytes(parent)))
+            mapping = mmap.mmap(fd, self.capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.replace(tmp, self.path)
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            raise ConfigError(f"cannot create the host arena {self.path} ({capacity_bytes} bytes): {e}; "
-                              "set host.path to a tmpfs with room or lower host.capacity_bytes") from None
-        os.close(fd)
-        os.replace(tmp, self.path)
-        self.view = memoryview(self._mmap)
+            raise
+        finally:
+            os.close(fd)
+        return mapping
+
+    def _too_big(self, free: int | None) -> str:
+        return (f"host arena {self.path}: host.capacity_bytes = {self.requested_bytes} bytes does not fit: "
+                f"{'unknown' if free is None else free} bytes free on {self.path.parent}; lower "
+                f"host.capacity_bytes (KVD_HOST__CAPACITY_BYTES) or give the filesystem more room "
+                f"(Docker: --shm-size)")
 
     # ---- Tier ---------------------------------------------------------------------------------
 
     def slots_for(self, nbytes: int) -> int:
         return max(1, -(-nbytes // self.slot_bytes))
 
-    def reserve(self, nbytes: int, key: bytes = b"") -> Location | None:
+    def fits(self, nbytes: int) -> bool:
+        return self.slots_for(nbytes) <= self.num_slots
+
+    def reserve(self, nbytes: int, name: ExtentName | None = None) -> Location | None:
         count = self.slots_for(nbytes)
         start = self.allocator.allocate(count)
         if start is None:
@@ -142,7 +166,7 @@ class HostTier(Tier):
         return Location(self.name, start * self.slot_bytes, count * self.slot_bytes)
 
     def write(self, loc: Location, data: Buffer) -> None:
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        n = memoryview(data).nbytes
         assert n <= loc.nbytes, f"write of {n} bytes into a {loc.nbytes}-byte location"
         self.view[loc.offset : loc.offset + n] = memoryview(data).cast("B")
 
@@ -156,9 +180,6 @@ class HostTier(Tier):
         used = self.allocator.used_slots * self.slot_bytes
         return TierStats(self.name, self.capacity_bytes, used, self.allocator.used_slots)
 
-    def can_reserve(self, nbytes: int) -> bool:
-        return self.allocator.can_allocate(self.slots_for(nbytes))
-
     def close(self) -> None:
         try:
             self.view.release()
@@ -167,3 +188,23 @@ class HostTier(Tier):
             # A zero-copy view handed out by read() is still alive; the mapping goes with the process.
             pass
         self.path.unlink(missing_ok=True)
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _allocate(fd: int, nbytes: int, why: Callable[[], str]) -> None:
+    """Give the file ``nbytes`` of real pages; ``ConfigError`` (with ``why()``) when there is no room."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise ConfigError(why()) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise ConfigError(f"cannot allocate the host arena ({e.strerror}): {why()}") from None
+        os.ftruncate(fd, nbytes)  # a filesystem without fallocate: the statvfs check above stands

@@ -1,75 +1,64 @@
-"""The SSD tier: encoded extents in one LMDB environment, verified on every read.
+"""The SSD tier: encoded extents (records) in one LMDB environment, verified on every read.
 
 Layout: one LMDB environment (``ssd.path``) with two named databases: ``meta`` (the format marker,
-plus small daemon records, see ``put_meta``) and ``extents`` (LMDB key = ``Location.key``, value =
-one record: a checked header then one codec payload, see ``kvd.tiers.ssd_record``).
-A read checks the header, then the payload before decoding it, then the decoded bytes: any mismatch
-raises ``CorruptData`` and nothing is returned (the store counts a miss, logs, and drops the record).
+plus small daemon records, see ``put_meta``) and ``extents`` (LMDB key = ``Location.key``, built by
+``kvd.tiers.record.name_key`` from the extent's name; value = one record, see ``kvd.tiers.record``),
+and a lock file ``kvd.lock``.
 
-Lifecycle of a record: ``encode`` (CPU only, any thread) builds it → ``reserve(len(record), key)``
-accounts its encoded size against ``capacity_bytes`` (``None`` when full, nothing changes) →
-``write``/``write_many`` commit it (batched: one LMDB transaction per ``write_batch`` records) →
-``read``/``read_into`` → ``drop`` deletes it (or releases a reservation never written). One key is in
-exactly one state at a time; reserving a key that is reserved or stored is a store bug.
+One daemon per directory: opening takes an exclusive ``flock`` on ``kvd.lock`` (holding the pid) for
+the tier's lifetime; a second daemon on the same path fails at start with an error naming the path
+and the holder. Two daemons on one LMDB file lost acknowledged writes (compaction renames the file
+under the other); the lock lives beside ``data.mdb`` so compaction's rename never releases it.
+
+Lifecycle of a record: ``kvd.tiers.record.encode_record`` builds it (CPU, any thread) →
+``reserve(len(record), name)`` accounts its encoded size against ``capacity_bytes`` (``None`` when
+full, nothing changes) → ``write``/``write_many`` commit it (batched: one LMDB transaction per
+``write_batch`` records) → ``read`` returns it verified → ``drop`` deletes it (or releases a
+reservation never written). One key is in exactly one state at a time; reserving a key that is
+reserved or stored is a store bug.
 
 Durability: transactions commit with ``sync`` and ``metasync`` on (LMDB's defaults), so a write that
 returned is on disk and survives ``kill -9`` and power loss; LMDB's copy-on-write B-tree never leaves
-a half-written transaction visible. Turning ``sync`` off makes commits cheaper (no fsync) and still
-survives a process crash (the data is in the OS page cache), but a power loss or kernel crash may
-undo the last commits; ``metasync`` off defers only the meta-page flush (the last commit may roll back
-after a power loss, never corrupt). kvd acknowledges "on SSD" only after commit, so we keep both on.
+a half-written transaction visible. kvd acknowledges "on SSD" only after commit.
 
 Restart: opening walks every header once (headers only; payloads are verified when read), drops
-records whose header is corrupt, and rebuilds the capacity accounting.
+records whose header is corrupt or whose key is not an extent name of this format, and rebuilds the
+capacity accounting.
 
-Methods beyond the five of ``Tier``, and why: ``encode`` builds a record (the header and its
-checksums are this tier's format, so building it belongs here, but it does no I/O so the store can
-run it on any executor thread before reserving); ``read_into`` decodes straight into arena slots
-(no intermediate copy of a multi-MiB extent); ``header`` reads one header; ``scan`` lists every
-header so the store can rebuild its index at start; ``put_meta``/``get_meta`` keep small daemon
-records (registered models) in the same durable file as the extents they describe; ``compact`` serves
-``kvctl compact``.
+Methods beyond the five of ``Tier``, and why: ``scan`` lists every record's name so the store can
+rebuild its index at start; ``put_meta``/``get_meta`` keep small daemon records (registered models) in
+the same durable file as the extents they describe; ``compact`` serves ``kvctl compact``.
 
-Threads: every method blocks and may be called from any thread (the store's executor, never the
+Threads: every method blocks and may be called from any thread (the store's I/O executor, never the
 event loop). LMDB serialises writers and gives each reader a snapshot; the accounting is under a
 lock; ``compact`` waits for operations in flight and holds new ones off while it swaps the file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 import numpy as np
-import xxhash
 
-from kvd.codecs import Buffer, Codecs, Shape, payload_info
-from kvd.core.config import CodecSettings, SsdSettings
+from kvd.core.config import SsdSettings
 from kvd.core.errors import ConfigError, CorruptData, InvalidRequest, SsdFull, StorageFormatError
-from kvd.tiers.base import Location, Tier, TierStats
-from kvd.tiers.ssd_record import SSD_FORMAT, ExtentHeader, pack_header, unpack_header
+from kvd.tiers.base import Buffer, ExtentName, Location, StoredRecord, Tier, TierStats
+from kvd.tiers.record import RECORD_FORMAT, check_record, name_key, parse_key, unpack_header
 
 logger = logging.getLogger(__name__)
 
 FORMAT_MARKER = b"kvd-ssd"
+LOCK_FILE = "kvd.lock"
 _WILL_NEED_MIN_BYTES = 256 << 10  # smaller records: the kernel's own read-ahead is enough
 _USER_META = b"user/"
-
-
-@dataclass(slots=True, frozen=True)
-class SsdRecordInfo:
-    """One stored record as ``scan()`` reports it."""
-
-    location: Location
-    header: ExtentHeader
 
 
 class _Gate:
@@ -109,15 +98,14 @@ class SsdTier(Tier):
     """Encoded extents in LMDB. ``Location.key`` is the record's LMDB key; ``nbytes`` its encoded size."""
 
     name = "ssd"
+    holds_records = True
+    blocking = True
 
-    def __init__(self, path: Path, settings: SsdSettings, codec_settings: CodecSettings | None = None, *,
-                 clock: Callable[[], float] = time.time, sync: bool = True) -> None:
+    def __init__(self, path: Path, settings: SsdSettings, *, sync: bool = True) -> None:
         self.path = Path(path)
         self.capacity_bytes = int(settings.capacity_bytes)
         self.map_size_bytes = int(settings.map_size_bytes) or int(self.capacity_bytes * 1.25)
         self.write_batch = settings.write_batch
-        self.codecs = Codecs(codec_settings)
-        self._clock = clock  # wall clock: created_s must mean the same after a restart
         self._sync = sync
         self._lock = threading.Lock()  # guards the accounting below
         self._gate = _Gate()
@@ -125,17 +113,34 @@ class SsdTier(Tier):
         self._pending: dict[bytes, int] = {}  # key -> bytes reserved, not yet written
         self._used = 0
         self._reserved = 0
-        self.num_corrupt = 0  # reads that failed verification (never served)
-        self.num_dropped_at_open = 0  # records with corrupt headers removed when opening
-        self._open()
+        self.num_dropped_at_open = 0  # records with corrupt headers or foreign keys removed when opening
+        self._lock_fd = self._take_lock()
+        try:
+            self._open()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _take_lock(self) -> int:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ConfigError(f"ssd.path {self.path} cannot be used: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"ssd.path {self.path} is in use by another kvd (pid {holder}); give each daemon "
+                              "its own ssd.path (the default already depends on daemon.socket)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     # ---- open / format ------------------------------------------------------------------------
 
     def _open(self) -> None:
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"ssd.path {self.path} cannot be used as a directory: {e.strerror}") from None
         stale = self.path.with_name(self.path.name + ".compact")
         shutil.rmtree(stale, ignore_errors=True)  # a compaction interrupted before its swap
         data_file = self.path / "data.mdb"
@@ -176,7 +181,7 @@ class SsdTier(Tier):
                 pass
 
     def _check_format(self, is_new: bool) -> None:
-        marker = b"%s/%d" % (FORMAT_MARKER, SSD_FORMAT)
+        marker = b"%s/%d" % (FORMAT_MARKER, RECORD_FORMAT)
         where = self.path / "data.mdb"
         try:
             if is_new:
@@ -212,47 +217,28 @@ class SsdTier(Tier):
                 except (CorruptData, StorageFormatError):
                     bad.append(k)
                     continue
+                if parse_key(k) is None:  # not an extent name of this format (e.g. written before computed_under)
+                    bad.append(k)
+                    continue
                 self._sizes[k] = value.nbytes
         if bad:
             with self._env.begin(write=True) as txn:
                 for k in bad:
                     txn.delete(k, db=self._data)
             self.num_dropped_at_open = len(bad)
-            logger.warning("ssd tier %s: removed %d records with corrupt headers at open", self.path, len(bad))
+            logger.warning("ssd tier %s: removed %d records with corrupt headers or keys of another format at open",
+                           self.path, len(bad))
         self._used = sum(self._sizes.values())
         logger.info("ssd tier %s: %d records, %d bytes of %d", self.path, len(self._sizes), self._used,
                     self.capacity_bytes)
 
-    # ---- records ------------------------------------------------------------------------------
-
-    def encode(self, key: bytes, raw: Buffer, *, fingerprint: str, dtype: str, shape: Shape, codec: str,
-               raw_xxh: int | None = None) -> bytes:
-        """Build the record for ``raw`` (CPU only, no I/O, any thread). ``raw_xxh``: xxh3-64 of ``raw``
-        when the caller already has it (the arena's commit checksum); lossy codecs ignore it.
-
-        Raises ``InvalidRequest`` for a bad key, codec, dtype or a length that does not fit ``shape``.
-        """
-        self._check_key(key)
-        c = self.codecs.get(codec)
-        payload = c.encode(raw, dtype=dtype, shape=shape)
-        used = payload_info(payload).codec  # lossy falls back to lossless on NaN/Inf
-        if used in ("raw", "lossless"):
-            digest = raw_xxh if raw_xxh is not None else xxhash.xxh3_64_intdigest(raw)
-        else:  # the bytes a read will return are the dequantized ones
-            digest = xxhash.xxh3_64_intdigest(c.decode(payload, dtype=dtype, shape=shape))
-        header = ExtentHeader(key, fingerprint, used, dtype, tuple(shape), len(memoryview(raw).cast("B")),
-                              digest, len(payload), xxhash.xxh3_64_intdigest(payload), self._clock())
-        return b"".join([pack_header(header), payload])
-
-    def _check_key(self, key: bytes) -> None:
-        if not isinstance(key, bytes) or not 0 < len(key) <= self._env.max_key_size():
-            raise InvalidRequest(f"SSD key {key!r} must be 1..{self._env.max_key_size()} bytes")
-
     # ---- Tier ---------------------------------------------------------------------------------
 
-    def reserve(self, nbytes: int, key: bytes = b"") -> Location | None:
-        """Account ``nbytes`` (a record's encoded size) for ``key``; ``None`` if over capacity."""
-        self._check_key(key)
+    def reserve(self, nbytes: int, name: ExtentName | None = None) -> Location | None:
+        """Account ``nbytes`` (a record's encoded size) for the extent ``name``; ``None`` if over capacity."""
+        if name is None:
+            raise InvalidRequest("the SSD tier keys records by extent name; reserve(nbytes, name)")
+        key = name_key(name)
         with self._lock:
             assert key not in self._pending and key not in self._sizes, \
                 f"SSD key {key.hex()} is already reserved or stored; drop it first"
@@ -263,7 +249,7 @@ class SsdTier(Tier):
         return Location(self.name, 0, nbytes, key)
 
     def write(self, loc: Location, data: Buffer) -> None:
-        """Commit one record (from ``encode``) durably. ``SsdFull`` if LMDB has no room after all."""
+        """Commit one record (``kvd.tiers.record.encode_record``) durably. ``SsdFull`` if LMDB has no room."""
         self.write_many([(loc, data)])
 
     def write_many(self, items: Iterable[tuple[Location, Buffer]]) -> None:
@@ -304,57 +290,18 @@ class SsdTier(Tier):
         try:
             unpack_header(view, loc.key)
         except (CorruptData, StorageFormatError) as e:
-            raise InvalidRequest(f"SSD write for key {loc.key.hex()} is not a record built by encode(): {e}") from None
+            raise InvalidRequest(f"SSD write for key {loc.key.hex()} is not a record of that key: {e}") from None
 
-    def read(self, loc: Location) -> bytearray:
-        """The extent's bytes, verified (lossy codecs: dequantized). ``CorruptData`` on any mismatch."""
-        header = self.header(loc)
-        out = bytearray(header.raw_nbytes)
-        self.read_into(loc, out)
-        return out
-
-    def read_into(self, loc: Location, out: Buffer) -> ExtentHeader:
-        """Decode the record at ``loc`` into ``out`` (exactly ``raw_nbytes``; e.g. an arena slot run).
-
-        Verification order: header checksum → payload checksum (before decoding anything) → decoded
-        bytes against ``raw_xxh``. On ``CorruptData`` ``out`` holds garbage and must not be served.
-        ``KeyError``-free: a key that is not stored raises ``CorruptData`` too (the index was wrong).
-        """
+    def read(self, loc: Location) -> bytes:
+        """The record at ``loc``, header and payload verified (decode it with
+        ``kvd.tiers.record.decode_record_into``). ``CorruptData`` if absent or damaged."""
         with self._gate, self._env.begin(buffers=True, db=self._data) as txn:
             value = txn.get(loc.key, db=self._data)
             if value is None:
-                self._count_corrupt()
                 raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
             self._will_need(value)
-            try:
-                header, offset = unpack_header(value, loc.key)
-                payload = value[offset:]
-                if xxhash.xxh3_64_intdigest(payload) != header.payload_xxh:
-                    raise CorruptData(f"SSD record {loc.key.hex()}: payload checksum mismatch")
-                out_view = memoryview(out).cast("B")
-                if out_view.nbytes != header.raw_nbytes:
-                    raise InvalidRequest(f"output buffer of {out_view.nbytes} bytes for an extent of "
-                                         f"{header.raw_nbytes}")
-                self.codecs.decode_into(payload, out_view)
-            except CorruptData:
-                self._count_corrupt()
-                raise
-        if xxhash.xxh3_64_intdigest(out_view) != header.raw_xxh:
-            self._count_corrupt()
-            raise CorruptData(f"SSD record {loc.key.hex()}: decoded bytes fail their checksum")
-        return header
-
-    def header(self, loc: Location) -> ExtentHeader:
-        """The record's header (checked) without its payload. ``CorruptData`` if absent or corrupt."""
-        with self._gate, self._env.begin(buffers=True, db=self._data) as txn:
-            value = txn.get(loc.key, db=self._data)
-            if value is None:
-                raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
-            return unpack_header(value, loc.key)[0]
-
-    def _count_corrupt(self) -> None:
-        with self._lock:
-            self.num_corrupt += 1
+            check_record(value, loc.key)
+            return bytes(value)
 
     def drop(self, loc: Location) -> None:
         """Delete the record (or release a reservation never written). Dropping twice is a bug."""
@@ -375,18 +322,21 @@ class SsdTier(Tier):
 
     # ---- extras for the daemon ----------------------------------------------------------------
 
-    def scan(self) -> list[SsdRecordInfo]:
-        """Every committed record's location and header, to rebuild the store's index at start.
-        Records whose header turned corrupt since open are skipped (their reads would fail anyway)."""
+    def scan(self) -> list[StoredRecord]:
+        """Every committed record's location, name and header facts, to rebuild the store's index at
+        start. Records whose header turned corrupt since open are skipped (their reads would fail)."""
         out = []
         with self._gate, self._env.begin(buffers=True, db=self._data) as txn:
             for key, value in txn.cursor(db=self._data):
                 k = bytes(key)
+                name = parse_key(k)
                 try:
                     header, _ = unpack_header(value, k)
                 except (CorruptData, StorageFormatError):
                     continue
-                out.append(SsdRecordInfo(Location(self.name, 0, value.nbytes, k), header))
+                if name is not None:
+                    out.append(StoredRecord(Location(self.name, 0, value.nbytes, k), name, header.codec,
+                                            header.raw_nbytes, header.raw_xxh))
         return out
 
     def put_meta(self, name: str, value: bytes) -> None:
@@ -426,3 +376,4 @@ class SsdTier(Tier):
     def close(self) -> None:
         with self._gate.exclusive():
             self._close_env()
+        os.close(self._lock_fd)  # releases the directory lock

@@ -89,3 +89,39 @@ def test_profile_checks_its_model_dir(tmp_path, capsys):
     assert kvctl_main(["profile", str(tmp_path), "--out", str(tmp_path / "m.json")]) == 2
     assert "not a model directory" in capsys.readouterr().err
     assert kvctl_main(["ls", "--bogus"]) == 2
+
+
+def test_stats_counters_equal_the_metrics_endpoint(live, capsys):
+    """One counter source: ``kvctl stats`` reads the same numbers ``/metrics`` serves (they disagreed
+    on admissions and demotions when the daemon kept a dict beside Prometheus)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with live.client() as c:
+        c.lookup(__import__("kvd.core.protocol", fromlist=["P"]).LookupRequest(
+            fingerprint=live.fp, prefix_hashes=live.hashes))
+    code, out, _ = run(live, "--json", "stats", capsys=capsys)
+    counters = json.loads(out)["counters"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{live.port}/metrics", timeout=10).read().decode()
+    served = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if fam.type == "counter" and s.name.endswith("_total"):
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                served[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    shared = {k: v for k, v in counters.items() if not k.startswith("compression_ratio")}
+    assert shared and code == 0
+    # kvctl's read came first; counters only grow, and nothing happened in between but the scrape.
+    for name in ('kvd_lookup_tokens_total{kind="prefix"}', 'kvd_hit_tokens_total{kind="prefix",tier="host"}',
+                 'kvd_committed_entries_total{kind="prefix"}'):
+        assert shared[name] == served[name] > 0, name
+    assert set(shared) <= set(served)
+
+
+def test_evict_dry_run_changes_nothing(live, capsys):
+    code, out, _ = run(live, "--json", "evict", "--tier", "host", "--max-bytes", "1", "--dry-run", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["dry_run"] and doc["count"] == 1 and doc["nbytes"] > 0
+    code, out, _ = run(live, "--json", "ls", "--tier", "host", capsys=capsys)
+    assert len(json.loads(out)["entries"]) == 3  # still there

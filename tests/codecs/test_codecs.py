@@ -12,15 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvd.codecs import (
-    DTYPE_BYTES,
-    PROBE_BYTES,
-    Codecs,
-    get_codec,
-    payload_info,
-    raw_nbytes,
-)
+from kvd.codecs import Codecs, get_codec, payload_info, raw_nbytes
+from kvd.codecs.framing import PROBE_BYTES
 from kvd.core.config import CodecSettings
+from kvd.core.dtypes import DTYPE_BYTES
 from kvd.core.errors import CorruptData, InvalidRequest, StorageFormatError
 
 CODECS = Codecs(CodecSettings(zstd_level=1, threads=1))

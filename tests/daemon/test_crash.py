@@ -74,7 +74,7 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path):
         exact, missing = check_all(d, acked)
         assert (exact, missing) == (len(acked), 0)
         with d.client() as c:
-            assert c.stats().counters["ssd_evictions"] == 0
+            assert c.stats().counters.get('kvd_evicted_entries_total{tier="ssd"}', 0) == 0
     finally:
         d.kill()
 
@@ -111,7 +111,7 @@ def test_flipped_bytes_are_detected_and_never_served(tmp_path):
         exact, missing = check_all(d, acked)
         assert missing >= 1 and exact + missing == len(acked)
         with d.client() as c:
-            assert c.stats().counters["ssd_checksum_failures"] >= 1
+            assert c.stats().counters['kvd_checksum_failures_total{tier="ssd"}'] >= 1
         assert "not served" in d.log.read_text()
     finally:
         d.kill()

@@ -28,9 +28,6 @@ MODEL = {"model_id": "toy", "num_layers": 2, "num_kv_heads": 2, "head_dim": 64,
          "head_map": HM.model_dump(mode="json", by_alias=True, exclude_none=True)}
 EXTENT = 2 * 2 * 256 * 64 * 2  # one extent: 2 segments (one per layer) of K+V, 256 tokens, bf16
 
-# Every test here fails on the code before the core rebuild (issue 11); the mark comes off as it lands.
-pytestmark = pytest.mark.xfail(strict=True, reason="issue 11 defect, fixed by the core rebuild")
-
 
 class Api:
     """A daemon app served in-process, with the arena mapped as an engine maps it."""
@@ -157,7 +154,7 @@ async def test_evict_ssd_with_max_bytes_evicts_at_most_that(make_api):
 async def test_evict_host_with_max_bytes_follows_the_eviction_policy(make_api):
     """Host eviction with ``max_bytes`` walked the index in insertion order, not the policy's order:
     the entry used a moment ago went first."""
-    api = await make_api(policy={"eviction": "lru"})
+    api = await make_api(policy={"eviction": "lru"}, ssd={"enabled": False})  # evicted = gone
     old, _ = await api.store_seq(1, chunks=1)
     new, _ = await api.store_seq(2, chunks=1)
     await api.read_back(old)  # old is now the most recently used

@@ -1,5 +1,7 @@
+"""Choosing room: the fragmented-arena window (the eviction-by-policy scenarios live in test_store)."""
+
 from kvd.core.extents import ExtentPlan
-from kvd.store.entries import Entry, Extent
+from kvd.store.entries import Copy, Entry, Extent
 from kvd.store.space import evictable_window
 from kvd.tiers.host import HostTier
 
@@ -7,9 +9,9 @@ PLAN = ExtentPlan("global", ((0, 0),), 1, 1, 1)
 
 
 def entry(name: str, *locs) -> Entry:
-    extents = {cls: Extent(plan=PLAN, host=loc) for cls, loc in zip(("global", "local"), locs)}
+    extents = {cls: Extent(plan=PLAN, copies={"host": Copy(loc, "raw", None)}) for cls, loc in zip(("global", "local"), locs)}
     return Entry(key=("ns", "fp", name), kind="prefix", num_tokens=1, start_token=0, end_token=1,
-                 extents=extents, created=0, last_access=0)
+                 computed_under="exact", extents=extents, created=0, last_access=0)
 
 
 def test_window_with_fewest_occupants_around_blocked_slots(tmp_path):

@@ -1,6 +1,6 @@
 """Scenario tests of the store: each step is one call, with the state it must leave."""
 
-import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -20,19 +20,27 @@ HM = HeadMap.from_classes("toy", [[True, False], [False, True]], sink=4, window=
 SEG = SPEC.segment_bytes(256)  # 64 KiB; an entry = 2 global + 2 local segments = 2 extents of 128 KiB
 
 
-@pytest.fixture
-def store(tmp_path):
+POOL = ThreadPoolExecutor(2)
+
+
+def make_store(tmp_path, capacity=1 << 20, slot=128 << 10, policy="lru", policies=None, **over):
     settings = load_settings(None, environ={}, overrides={
-        "host": {"capacity_bytes": 1 << 20, "slot_bytes": 128 << 10}})  # 8 slots = 4 entries
+        "host": {"capacity_bytes": capacity, "slot_bytes": slot}, "policy": {"eviction": policy}, **over})
     clock = FakeClock()
-    host = HostTier(tmp_path / "arena", 1 << 20, 128 << 10)
-    s = Store(settings, host, metrics=Metrics(), clock=clock, host_policy=LruEviction())
+    host = HostTier(tmp_path / "arena", capacity, slot)
+    s = Store(settings, [host], metrics=Metrics(), cpu=POOL, io=POOL, clock=clock, policies=policies)
     s.clock_fake = clock
-    fp = s.register_model(P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64,
-                                                 head_map=HM)).fingerprint
-    s.fp = fp
+    return s
+
+
+@pytest.fixture(params=["lru", "cost_aware"])
+def store(tmp_path, request):
+    """A 1 MiB arena of 8 slots = 4 entries; scenarios run under LRU and the default policy."""
+    s = make_store(tmp_path, policy=request.param)
+    s.fp = s.register_model(P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64,
+                                                   head_map=HM)).fingerprint
     yield s
-    host.close()
+    s.host.close()
 
 
 def hashes(n, start=0):
@@ -40,71 +48,71 @@ def hashes(n, start=0):
                          fingerprint="x")
 
 
-def reserve(store, hs, **kw):
-    return store.reserve(P.ReserveRequest(fingerprint=store.fp, entries=[
+async def reserve(store, hs, **kw):
+    return await store.reserve(P.ReserveRequest(fingerprint=store.fp, entries=[
         P.ReserveEntry(hash=h, num_tokens=256, start_token=256 * i) for i, h in enumerate(hs)]), **kw)
 
 
-def commit(store, rid, **kw):
-    return asyncio.run(store.commit(P.CommitRequest(reservation_id=rid, **kw)))
+async def commit(store, rid, **kw):
+    return await store.commit(P.CommitRequest(reservation_id=rid, **kw))
 
 
 def lookup(store, hs):
     return store.lookup(P.LookupRequest(fingerprint=store.fp, prefix_hashes=hs))
 
 
-def lease(store, hs, **kw):
-    return asyncio.run(store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs), **kw))
+async def lease(store, hs, **kw):
+    return await store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs), **kw)
 
 
-def test_entries_become_visible_only_at_commit(store):
+async def test_entries_become_visible_only_at_commit(store):
     hs = hashes(2)
-    r = reserve(store, hs)
+    r = await reserve(store, hs)
     assert [e.status for e in r.entries] == ["reserved", "reserved"]
     assert {x.head_class for x in r.entries[0].extents} == {"global", "local"}
     assert lookup(store, hs).num_prefix_hits == 0  # pending: invisible
-    assert reserve(store, hs).entries[0].status == "exists"  # but blocked for other writers
-    commit(store, r.reservation_id)
+    assert (await reserve(store, hs)).entries[0].status == "exists"  # but blocked for other writers
+    await commit(store, r.reservation_id)
     res = lookup(store, hs)
     assert res.num_prefix_hits == 2 and res.prefix[0].tier == "host" and res.prefix[0].complete
     with pytest.raises(Conflict, match="already committed"):
-        commit(store, r.reservation_id)
+        await commit(store, r.reservation_id)
     with pytest.raises(NotFound):
-        commit(store, "f" * 32)
+        await commit(store, "f" * 32)
 
 
-def test_leading_hits_stop_at_the_first_gap(store):
+async def test_leading_hits_stop_at_the_first_gap(store):
     hs = hashes(3)
-    commit(store, reserve(store, [hs[0], hs[2]]).reservation_id)
+    await commit(store, (await reserve(store, [hs[0], hs[2]])).reservation_id)
     res = lookup(store, hs)
     assert res.num_prefix_hits == 1 and [(r.index, r.tier) for r in res.prefix] == [(0, "host"), (2, "host")]
 
 
-def test_partial_commit_aborts_the_rest(store):
+async def test_partial_commit_aborts_the_rest(store):
     hs = hashes(2)
-    r = reserve(store, hs)
-    commit(store, r.reservation_id, hashes=[hs[0]])
+    r = await reserve(store, hs)
+    await commit(store, r.reservation_id, hashes=[hs[0]])
     assert lookup(store, hs).num_prefix_hits == 1
     assert store.host.stats().used_bytes == 2 * (128 << 10)
 
 
-def test_reservation_expires_and_returns_slots(store):
-    r = reserve(store, hashes(1))
+async def test_reservation_expires_and_returns_slots(store):
+    r = await reserve(store, hashes(1))
     assert store.host.stats().used_bytes > 0
     store.clock_fake.advance(store.settings.host.reservation_ttl_s + 1)
     assert store.expire(is_alive=lambda pid: True) == 1
     assert store.host.stats().used_bytes == 0
     with pytest.raises(NotFound, match="expired"):
-        commit(store, r.reservation_id)
+        await commit(store, r.reservation_id)
 
 
-def test_lease_protects_and_expires(store):
+async def test_lease_protects_and_expires(store):
     hs = hashes(4)
-    commit(store, reserve(store, hs).reservation_id)  # arena full: 4 entries × 2 slots
-    le = lease(store, hs[:1], owner_pid=4242)
+    await commit(store, (await reserve(store, hs)).reservation_id)  # arena full: 4 entries × 2 slots
+    le = await lease(store, hs[:1], owner_pid=4242)
     assert le.entries[0].status == "ok" and le.lease_id
     # A new entry evicts the least recently used *unleased* entry, never the leased one.
-    commit(store, reserve(store, hashes(1, start=10)).reservation_id)
+    await commit(store, (await reserve(store, hashes(1, start=10))).reservation_id)
     res = lookup(store, hs)
     assert res.prefix[0].index == 0 and res.prefix[0].tier == "host" and len(res.prefix) == 3
     # The owner dies: its lease is taken back at the next expiry pass.
@@ -114,29 +122,29 @@ def test_lease_protects_and_expires(store):
         store.release(P.ReleaseRequest(lease_id=le.lease_id))
 
 
-def test_no_space_when_everything_is_leased_changes_nothing(store):
+async def test_no_space_when_everything_is_leased_changes_nothing(store):
     hs = hashes(4)
-    commit(store, reserve(store, hs).reservation_id)
-    lease(store, hs)
+    await commit(store, (await reserve(store, hs)).reservation_id)
+    await lease(store, hs)
     before = store.host.stats().used_bytes
-    r = reserve(store, hashes(1, start=20))
+    r = await reserve(store, hashes(1, start=20))
     assert r.entries[0].status == "no_space" and r.reservation_id is None
     assert store.host.stats().used_bytes == before
 
 
-def test_pinned_entries_are_never_evicted(store):
+async def test_pinned_entries_are_never_evicted(store):
     hs = hashes(4)
-    commit(store, reserve(store, hs).reservation_id)
+    await commit(store, (await reserve(store, hs)).reservation_id)
     store.set_pinned(P.EntriesRequest(fingerprint=store.fp, hashes=hs), True)
-    assert reserve(store, hashes(1, start=30)).entries[0].status == "no_space"
+    assert (await reserve(store, hashes(1, start=30))).entries[0].status == "no_space"
     store.set_pinned(P.EntriesRequest(fingerprint=store.fp, hashes=hs[:1]), False)
-    assert reserve(store, hashes(1, start=30)).entries[0].status == "reserved"
+    assert (await reserve(store, hashes(1, start=30))).entries[0].status == "reserved"
 
 
-def test_delete_while_leased_frees_on_release(store):
+async def test_delete_while_leased_frees_on_release(store):
     hs = hashes(1)
-    commit(store, reserve(store, hs).reservation_id)
-    le = lease(store, hs)
+    await commit(store, (await reserve(store, hs)).reservation_id)
+    le = await lease(store, hs)
     assert store.delete(P.EntriesRequest(fingerprint=store.fp, hashes=hs)).count == 1
     assert lookup(store, hs).num_prefix_hits == 0
     assert store.host.stats().used_bytes > 0  # the reader still copies from it
@@ -144,22 +152,22 @@ def test_delete_while_leased_frees_on_release(store):
     assert store.host.stats().used_bytes == 0
 
 
-def test_lease_of_missing_and_class_filter(store):
+async def test_lease_of_missing_and_class_filter(store):
     hs = hashes(2)
-    commit(store, reserve(store, hs[:1]).reservation_id)
-    le = asyncio.run(store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs, classes=["local"])))
+    await commit(store, (await reserve(store, hs[:1])).reservation_id)
+    le = await (store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs, classes=["local"])))
     assert [e.status for e in le.entries] == ["ok", "missing"]
     assert [x.head_class for x in le.entries[0].extents] == ["local"]
     with pytest.raises(InvalidRequest, match="head classes"):
-        asyncio.run(store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs, classes=["medium"])))
+        await (store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs, classes=["medium"])))
 
 
-def test_model_registration_rules(store):
+async def test_model_registration_rules(store):
     req = P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64, head_map=HM)
     assert store.register_model(req).fingerprint == store.fp  # idempotent
     with pytest.raises(FingerprintMismatch):
         store.register_model(req.model_copy(update={"fingerprint": "0" * 32}))
-    commit(store, reserve(store, hashes(1)).reservation_id)
+    await commit(store, (await reserve(store, hashes(1))).reservation_id)
     other = HeadMap.all_global("toy", 2, 2)
     with pytest.raises(Conflict, match="another head map"):
         store.register_model(req.model_copy(update={"head_map": other}))
@@ -167,17 +175,17 @@ def test_model_registration_rules(store):
         store.lookup(P.LookupRequest(fingerprint="1" * 32, prefix_hashes=[]))
 
 
-def test_request_limits(store):
+async def test_request_limits(store):
     store.settings.daemon.max_entries_per_request = 3
     with pytest.raises(RequestTooLarge):
-        reserve(store, hashes(4))
+        await reserve(store, hashes(4))
     with pytest.raises(InvalidRequest, match="twice"):
-        reserve(store, [hashes(1)[0]] * 2)
+        await reserve(store, [hashes(1)[0]] * 2)
 
 
-def test_lookup_result_json_is_a_lookup_response(store):
+async def test_lookup_result_json_is_a_lookup_response(store):
     hs = hashes(3)
-    commit(store, reserve(store, hs[1:]).reservation_id)
+    await commit(store, (await reserve(store, hs[1:])).reservation_id)
     res = lookup(store, hs)
     doc = P.LookupResponse.model_validate_json(res.to_json())
     assert doc.num_prefix_hits == 0 and [(e.index, e.tier, e.complete) for e in doc.prefix] == [
@@ -185,38 +193,68 @@ def test_lookup_result_json_is_a_lookup_response(store):
     assert set(doc.prefix[0].classes) == {"global", "local"}
 
 
-def test_lookup_by_token_ids_matches_hashes(store):
+async def test_lookup_by_token_ids_matches_hashes(store):
     toks = list(range(600))
     hs = prefix_hashes(toks, chunk_tokens=256, namespace="default", fingerprint=store.fp)
-    commit(store, reserve(store, hs).reservation_id)
+    await commit(store, (await reserve(store, hs)).reservation_id)
     res = store.lookup(P.LookupRequest(fingerprint=store.fp, token_ids=toks))
     assert res.num_prefix_hits == 2 and [s.hash for s in res.prefix] == hs
     m = store.metrics.registry.get_sample_value
     assert m("kvd_lookup_tokens_total", {"kind": "prefix"}) == 512
-    assert m("kvd_hit_tokens_total", {"kind": "prefix", "tier": "host", "head_class": "global"}) == 512
+    assert m("kvd_hit_tokens_total", {"kind": "prefix", "tier": "host"}) == 512  # once, not per head class
 
 
-def test_fragmented_arena_evicts_a_window_for_a_large_extent(tmp_path):
+async def test_fragmented_arena_evicts_a_window_for_a_large_extent(tmp_path):
     """Regression: single-slot entries scattered over the arena left no run for a larger extent, and
     evicting by priority freed bytes that were not adjacent; reserve said no_space forever."""
-    settings = load_settings(None, environ={}, overrides={"host": {"capacity_bytes": 1 << 20, "slot_bytes": 64 << 10}})
-    host = HostTier(tmp_path / "arena", 1 << 20, 64 << 10)  # 16 slots
-    store = Store(settings, host, metrics=Metrics(), clock=FakeClock(), host_policy=LruEviction())
+    store = make_store(tmp_path, slot=64 << 10)  # 16 slots
     small = store.register_model(P.RegisterModelRequest(model_id="s", num_layers=1, num_kv_heads=1,
                                                         head_dim=64)).fingerprint  # 64 KiB entries
     big = store.register_model(P.RegisterModelRequest(model_id="b", num_layers=4, num_kv_heads=1,
                                                       head_dim=64)).fingerprint  # 256 KiB entries
     hs = hashes(16)
-    commit(store, store.reserve(P.ReserveRequest(fingerprint=small, entries=[
-        P.ReserveEntry(hash=h, num_tokens=256) for h in hs])).reservation_id)
+    await commit(store, (await store.reserve(P.ReserveRequest(fingerprint=small, entries=[
+        P.ReserveEntry(hash=h, num_tokens=256) for h in hs]))).reservation_id)
     # Recency order that is not address order: touch every other entry, so LRU victims alternate.
     for h in hs[::2]:
-        le = asyncio.run(store.lease(P.LeaseRequest(fingerprint=small, hashes=[h])))
+        le = await (store.lease(P.LeaseRequest(fingerprint=small, hashes=[h])))
         store.release(P.ReleaseRequest(lease_id=le.lease_id))
-    r = store.reserve(P.ReserveRequest(fingerprint=big, entries=[P.ReserveEntry(hash=hashes(1, 50)[0], num_tokens=256)]))
+    r = await store.reserve(P.ReserveRequest(fingerprint=big, entries=[P.ReserveEntry(hash=hashes(1, 50)[0], num_tokens=256)]))
     assert r.entries[0].status == "reserved"
     # Two rounds of policy victims (8 odd slots), then one window of 4 slots with 2 occupants: 10 go.
     # Priority-only eviction needed a third round and evicted 12.
     survivors = store.lookup(P.LookupRequest(fingerprint=small, prefix_hashes=hs)).prefix
     assert len(survivors) == 6
-    host.close()
+    store.host.close()
+
+
+class FailingLru(LruEviction):
+    """LRU with a failure switch: ``on_insert`` of ``fail_on`` raises (a policy bug, a full table)."""
+
+    fail_on = None
+
+    def on_insert(self, key, meta, now=None):
+        if key == self.fail_on:
+            raise RuntimeError("policy failure (injected)")
+        super().on_insert(key, meta, now)
+
+
+async def test_a_commit_failing_half_way_indexes_nothing_and_leaks_nothing(tmp_path):
+    """Regression: a commit indexed each entry before its policy call, with no rollback. When the
+    call failed for the second entry the first stayed indexed, the reservation was gone, the failed
+    keys answered ``exists`` forever and their arena slots were never freed."""
+    policy = FailingLru()
+    store = make_store(tmp_path, policies={"host": policy})
+    store.fp = store.register_model(P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2,
+                                                           head_dim=64, head_map=HM)).fingerprint
+    hs = hashes(3)
+    r = await reserve(store, hs)
+    policy.fail_on = ("default", store.fp, hs[1])
+    with pytest.raises(RuntimeError, match="injected"):
+        await commit(store, r.reservation_id)
+    assert lookup(store, hs).prefix == []  # all or nothing: nothing indexed
+    policy.fail_on = None
+    assert store.abort(P.AbortRequest(reservation_id=r.reservation_id)).count == 3  # the reservation is intact
+    assert store.host.stats().used_bytes == 0  # every slot back
+    assert [e.status for e in (await reserve(store, hs)).entries] == ["reserved"] * 3  # nothing blocks the keys
+    store.host.close()

@@ -1,5 +1,5 @@
 """SSD tier: round trips through every codec, restart, corruption detection, foreign files, capacity,
-batched writes, compaction, and kill -9 during writes."""
+batched writes, compaction, the directory lock, and kill -9 during writes."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ import pytest
 
 from kvd.codecs import Codecs, raw_nbytes
 from kvd.core.config import SsdSettings
-from kvd.core.errors import CorruptData, InvalidRequest, StorageFormatError
+from kvd.core.errors import ConfigError, CorruptData, InvalidRequest, StorageFormatError
+from kvd.tiers.base import ExtentName
+from kvd.tiers.record import RECORD_HEAD, RECORD_MAGIC, decode_record_into, encode_record, name_key, parse_key
 from kvd.tiers.ssd import SsdFull, SsdTier
-from kvd.tiers.ssd_record import RECORD_HEAD, RECORD_MAGIC, record_header
 
 FP = "0123456789abcdef0123456789abcdef"
 SHAPE = (4, 64, 32)  # 4 segments of 64 tokens × head_dim 32, bf16: 32 KiB raw
+CODECS = Codecs()
 
 
 def kv_bytes(seed: int, shape=SHAPE) -> bytes:
@@ -35,17 +37,39 @@ def kv_bytes(seed: int, shape=SHAPE) -> bytes:
     return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
 
 
+def name(h: str, shape=SHAPE) -> ExtentName:
+    return ExtentName("default", FP, h, "global", "prefix", 0, shape[1], shape[1], "exact")
+
+
 def make_tier(path: Path, **kw) -> SsdTier:
     settings = SsdSettings(capacity_bytes=kw.pop("capacity_bytes", 64 << 20), **kw)
     return SsdTier(path, settings)
 
 
-def put(tier: SsdTier, key: bytes, raw: bytes, codec: str = "lossless"):
-    record = tier.encode(key, raw, fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec=codec)
-    loc = tier.reserve(len(record), key)
+def record(h: str, raw: bytes, codec: str = "lossless", shape=SHAPE):
+    return encode_record(CODECS, name(h, shape), raw, dtype="bfloat16", shape=shape, codec=codec)
+
+
+def put(tier: SsdTier, h: str, raw: bytes, codec: str = "lossless", shape=SHAPE):
+    rec = record(h, raw, codec, shape)
+    loc = tier.reserve(len(rec.data), name(h, shape))
     assert loc is not None
-    tier.write(loc, record)
+    tier.write(loc, rec.data)
     return loc
+
+
+def get(tier: SsdTier, loc) -> bytes:
+    """Read a record back and decode it, verifying every checksum (what the pipeline does)."""
+    value = tier.read(loc)
+    out = bytearray(raw_nbytes("bfloat16", _shape(value, loc.key)))
+    decode_record_into(CODECS, value, loc.key, out)
+    return bytes(out)
+
+
+def _shape(value, key):
+    from kvd.tiers.record import unpack_header
+
+    return unpack_header(value, key)[0].shape
 
 
 @pytest.fixture
@@ -58,50 +82,52 @@ def tier(tmp_path):
 @pytest.mark.parametrize("codec", ["raw", "lossless", "fp8", "int8"])
 def test_round_trip_through_every_codec(tier, codec):
     raw = kv_bytes(1)
-    loc = put(tier, b"k-" + codec.encode(), raw, codec)
-    out = tier.read(loc)
+    rec = record("k-" + codec, raw, codec)
+    loc = tier.reserve(len(rec.data), name("k-" + codec))
+    tier.write(loc, rec.data)
+    assert tier.read(loc) == rec.data and rec.codec == codec
+    out = get(tier, loc)
     if codec in ("raw", "lossless"):
-        assert bytes(out) == raw
-    else:  # exactly what the codec itself decodes (its error bounds are tested in test_codec)
-        c = Codecs().get(codec)
+        assert out == raw
+    else:  # exactly what the codec itself decodes (its error bounds are tested in test_codecs)
+        c = CODECS.get(codec)
         assert out == c.decode(c.encode(raw, dtype="bfloat16", shape=SHAPE), dtype="bfloat16", shape=SHAPE)
-    header = tier.header(loc)
-    assert (header.codec, header.dtype, header.shape, header.fingerprint) == (codec, "bfloat16", SHAPE, FP)
-    assert header.raw_nbytes == len(raw) and loc.nbytes == tier.stats().used_bytes
-
-
-def test_record_header_reports_the_codec_actually_used(tier):
-    nan = np.full(raw_nbytes("bfloat16", SHAPE) // 2, 0x7FC0, dtype=np.uint16).tobytes()
-    record = tier.encode(b"n", nan, fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="fp8")
-    header = record_header(record, b"n")
-    assert header.codec == "lossless" and header.raw_nbytes == len(nan)  # NaN cannot be scaled
+    assert loc.key == name_key(name("k-" + codec)) and loc.nbytes == tier.stats().used_bytes
 
 
 def test_lossless_record_is_smaller_than_raw(tier):
     raw = kv_bytes(2)
-    assert put(tier, b"a", raw, "lossless").nbytes < 0.85 * put(tier, b"b", raw, "raw").nbytes
-
-
-def test_read_into_fills_a_caller_buffer(tier):
-    raw = kv_bytes(3)
-    loc = put(tier, b"k", raw)
-    out = bytearray(len(raw))
-    header = tier.read_into(loc, memoryview(out))
-    assert bytes(out) == raw and header.key == b"k"
+    assert put(tier, "a", raw, "lossless").nbytes < 0.85 * put(tier, "b", raw, "raw").nbytes
 
 
 def test_large_record_round_trips_through_the_read_ahead_hint(tier):
     shape = (8, 256, 64)  # 512 KiB: large enough for the WILLNEED hint
     raw = kv_bytes(9, shape)
-    record = tier.encode(b"big", raw, fingerprint=FP, dtype="bfloat16", shape=shape, codec="lossless")
-    loc = tier.reserve(len(record), b"big")
-    tier.write(loc, record)
-    assert bytes(tier.read(loc)) == raw
+    loc = put(tier, "big", raw, shape=shape)
+    assert get(tier, loc) == raw
+
+
+def test_reserve_needs_an_extent_name(tier):
+    with pytest.raises(InvalidRequest, match="extent name"):
+        tier.reserve(100)
+
+
+def test_a_second_tier_on_the_same_directory_is_refused(tmp_path):
+    """Regression (issue 11): two daemons on one SSD path lost acknowledged writes. The directory is
+    locked for the tier's lifetime; the second opener is told who holds it."""
+    t = make_tier(tmp_path / "ssd")
+    with pytest.raises(ConfigError, match=f"in use by another kvd \\(pid {os.getpid()}\\)"):
+        make_tier(tmp_path / "ssd")
+    t.compact()  # compaction swaps data.mdb under the lock, never releasing it
+    with pytest.raises(ConfigError, match="in use"):
+        make_tier(tmp_path / "ssd")
+    t.close()
+    make_tier(tmp_path / "ssd").close()  # free again once closed
 
 
 def test_restart_keeps_records_headers_and_meta(tmp_path):
     t = make_tier(tmp_path / "ssd")
-    raws = {f"key-{i}".encode(): kv_bytes(i) for i in range(5)}
+    raws = {f"key-{i}": kv_bytes(i) for i in range(5)}
     for key, raw in raws.items():
         put(t, key, raw)
     t.put_meta("models", b'{"smollm2": 1}')
@@ -111,11 +137,11 @@ def test_restart_keeps_records_headers_and_meta(tmp_path):
     t = make_tier(tmp_path / "ssd")  # as after a daemon restart
     assert t.stats() == before
     assert t.get_meta("models") == b'{"smollm2": 1}' and t.get_meta("absent") is None
-    infos = {info.location.key: info for info in t.scan()}
+    infos = {info.name.hash: info for info in t.scan()}
     assert set(infos) == set(raws)
     for key, info in infos.items():
-        assert info.header.fingerprint == FP and info.header.shape == SHAPE
-        assert bytes(t.read(info.location)) == raws[key]
+        assert info.name == name(key) and info.codec == "lossless" and info.raw_nbytes == len(raws[key])
+        assert get(t, info.location) == raws[key]
     t.close()
 
 
@@ -146,47 +172,34 @@ def _flip(data_file: Path, offset: int) -> None:
 
 def test_flipped_bytes_in_lmdb_file_are_detected_and_never_served(tmp_path):
     t = make_tier(tmp_path / "ssd")
-    raws = {f"rec-{i}".encode(): kv_bytes(10 + i) for i in range(6)}
+    raws = {f"rec-{i}": kv_bytes(10 + i) for i in range(6)}
     locs = {key: put(t, key, raw, "lossless" if i % 2 else "raw") for i, (key, raw) in enumerate(raws.items())}
     t.close()
     data_file = tmp_path / "ssd" / "data.mdb"
-    spans = _record_spans(data_file)
+    spans = {parse_key(k).hash: v for k, v in _record_spans(data_file).items()}
     assert set(spans) == set(raws)
     # Damage: rec-0 payload start (codec header), rec-1 middle of payload, rec-2 last payload byte,
     # rec-3 header (shape field); rec-4 and rec-5 untouched.
-    _flip(data_file, spans[b"rec-0"][1] + 2)
-    _flip(data_file, spans[b"rec-1"][1] + spans[b"rec-1"][2] // 2)
-    _flip(data_file, spans[b"rec-2"][1] + spans[b"rec-2"][2] - 1)
-    _flip(data_file, spans[b"rec-3"][0] + 10)
+    _flip(data_file, spans["rec-0"][1] + 2)
+    _flip(data_file, spans["rec-1"][1] + spans["rec-1"][2] // 2)
+    _flip(data_file, spans["rec-2"][1] + spans["rec-2"][2] - 1)
+    _flip(data_file, spans["rec-3"][0] + 10)
 
     t = make_tier(tmp_path / "ssd")
     # The corrupt header is found while opening: the record is removed and never listed.
     assert t.num_dropped_at_open == 1
-    assert {i.location.key for i in t.scan()} == set(raws) - {b"rec-3"}
-    for key in (b"rec-0", b"rec-1", b"rec-2"):
+    assert {i.name.hash for i in t.scan()} == set(raws) - {"rec-3"}
+    for key in ("rec-0", "rec-1", "rec-2"):
         with pytest.raises(CorruptData, match="checksum"):
             t.read(locs[key])
         t.drop(locs[key])  # what the store does with it
-    assert t.num_corrupt == 3
-    for key in (b"rec-4", b"rec-5"):
-        assert bytes(t.read(locs[key])) == raws[key]
+    for key in ("rec-4", "rec-5"):
+        assert get(t, locs[key]) == raws[key]
     t.close()
 
 
-def test_decoder_fault_is_caught_by_the_raw_checksum(tier, monkeypatch):
-    """A codec bug that decodes to wrong bytes must not be served: the raw checksum catches it."""
-    loc = put(tier, b"k", kv_bytes(4))
-
-    def bad_decode(payload, out):
-        memoryview(out)[:4] = b"\0\0\0\0"
-
-    monkeypatch.setattr(tier.codecs, "decode_into", bad_decode)
-    with pytest.raises(CorruptData, match="decoded bytes"):
-        tier.read(loc)
-
-
 def test_read_of_a_missing_key_is_corrupt_data(tier):
-    loc = put(tier, b"k", kv_bytes(5))
+    loc = put(tier, "k", kv_bytes(5))
     tier.drop(loc)
     with pytest.raises(CorruptData, match="not in"):
         tier.read(loc)
@@ -237,48 +250,50 @@ def test_garbage_data_file_is_a_format_error_not_a_crash(tmp_path, content):
 
 def test_reserve_returns_none_when_over_capacity_and_changes_nothing(tmp_path):
     t = make_tier(tmp_path / "ssd", capacity_bytes=100_000)
-    a = t.reserve(60_000, b"a")
+    a = t.reserve(60_000, name("a"))
     assert a is not None
     before = t.stats()
-    assert t.reserve(50_000, b"b") is None  # 60k reserved + 50k > 100k
+    assert t.reserve(50_000, name("b")) is None  # 60k reserved + 50k > 100k
     assert t.stats() == before
     t.drop(a)  # a reservation never written is released
     assert t.stats().used_bytes == 0
-    assert t.reserve(50_000, b"b") is not None
+    assert t.reserve(50_000, name("b")) is not None
     t.close()
 
 
 def test_capacity_counts_encoded_bytes(tier):
-    loc = put(tier, b"k", kv_bytes(6))
+    loc = put(tier, "k", kv_bytes(6))
     assert tier.stats().used_bytes == loc.nbytes < len(kv_bytes(6))
 
 
 def test_drop_twice_is_a_bug(tier):
-    loc = put(tier, b"k", kv_bytes(7))
+    loc = put(tier, "k", kv_bytes(7))
     tier.drop(loc)
     with pytest.raises(AssertionError):
         tier.drop(loc)
 
 
 def test_write_needs_a_reservation_and_a_record(tier):
-    record = tier.encode(b"k", kv_bytes(8), fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="raw")
-    loc = tier.reserve(len(record), b"k")
+    rec = record("k", kv_bytes(8), "raw").data
+    loc = tier.reserve(len(rec), name("k"))
     with pytest.raises(InvalidRequest, match="no reservation"):
-        tier.write(loc.__class__("ssd", 0, len(record), b"other"), record)
+        tier.write(loc.__class__("ssd", 0, len(rec), b"other"), rec)
     with pytest.raises(InvalidRequest, match="not a record"):
         tier.write(loc, b"x" * 100)
+    other = tier.reserve(len(rec), name("other"))
+    with pytest.raises(InvalidRequest, match="not a record of that key"):
+        tier.write(other, rec)  # a record names its own key
 
 
 def test_write_many_commits_all_batches(tmp_path):
     t = make_tier(tmp_path / "ssd", write_batch=2)
     items = []
     for i in range(5):
-        key = f"b{i}".encode()
-        rec = t.encode(key, kv_bytes(i), fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="lossless")
-        items.append((t.reserve(len(rec), key), rec))
+        rec = record(f"b{i}", kv_bytes(i)).data
+        items.append((t.reserve(len(rec), name(f"b{i}")), rec))
     t.write_many(items)
     assert t.stats().num_records == 5
-    assert all(bytes(t.read(loc)) == kv_bytes(i) for i, (loc, _) in enumerate(items))
+    assert all(get(t, loc) == kv_bytes(i) for i, (loc, _) in enumerate(items))
     t.close()
 
 
@@ -287,9 +302,8 @@ def test_lmdb_map_full_raises_ssd_full_and_keeps_earlier_batches(tmp_path):
     t = make_tier(tmp_path / "ssd", capacity_bytes=64 << 20, map_size_bytes=256 << 10, write_batch=2)
     items = []
     for i in range(8):
-        key = f"m{i}".encode()
-        rec = t.encode(key, kv_bytes(i), fingerprint=FP, dtype="bfloat16", shape=SHAPE, codec="raw")
-        items.append((t.reserve(len(rec), key), rec))
+        rec = record(f"m{i}", kv_bytes(i), "raw").data
+        items.append((t.reserve(len(rec), name(f"m{i}")), rec))
     with pytest.raises(SsdFull) as err:
         t.write_many(items)
     done = err.value.num_written
@@ -303,26 +317,26 @@ def test_lmdb_map_full_raises_ssd_full_and_keeps_earlier_batches(tmp_path):
 
 def test_compact_keeps_live_records_and_shrinks_the_file(tmp_path):
     t = make_tier(tmp_path / "ssd")
-    locs = [put(t, f"c{i}".encode(), kv_bytes(i), "raw") for i in range(20)]
+    locs = [put(t, f"c{i}", kv_bytes(i), "raw") for i in range(20)]
     for loc in locs[:15]:
         t.drop(loc)
     before, after = t.compact()
     assert after < before
-    assert {i.location.key for i in t.scan()} == {f"c{i}".encode() for i in range(15, 20)}
-    assert all(bytes(t.read(loc)) == kv_bytes(i + 15) for i, loc in enumerate(locs[15:]))
+    assert {i.name.hash for i in t.scan()} == {f"c{i}" for i in range(15, 20)}
+    assert all(get(t, loc) == kv_bytes(i + 15) for i, loc in enumerate(locs[15:]))
     t.close()
 
 
 def test_concurrent_reads_and_writes_from_threads(tier):
-    raws = {f"t{i}".encode(): kv_bytes(i) for i in range(8)}
+    raws = {f"t{i}": kv_bytes(i) for i in range(8)}
     locs = {k: put(tier, k, r) for k, r in list(raws.items())[:4]}
     errors: list[str] = []
 
     def reader() -> None:
         for _ in range(20):
             for k, loc in list(locs.items())[:4]:
-                if bytes(tier.read(loc)) != raws[k]:
-                    errors.append(k.decode())
+                if get(tier, loc) != raws[k]:
+                    errors.append(k)
 
     def writer() -> None:
         for k in list(raws)[4:]:
@@ -346,7 +360,7 @@ _WRITER = textwrap.dedent("""
     t = make_tier(Path({path!r}))
     start = len(t.scan())
     for i in range(start, start + 100000):
-        put(t, b"w%06d" % i, kv_bytes(i))
+        put(t, "w%06d" % i, kv_bytes(i))
         print(i, flush=True)  # acknowledged: write() returned
 """)
 
@@ -370,10 +384,10 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path):
         proc.wait()
         proc.stdout.close()
         t = make_tier(path)
-        stored = {int(info.location.key[1:]): info.location for info in t.scan()}
+        stored = {int(info.name.hash[1:]): info.location for info in t.scan()}
         assert acknowledged <= set(stored), f"lost acknowledged writes {sorted(acknowledged - set(stored))}"
         for i, loc in stored.items():  # acknowledged or not, whatever is there is whole
-            assert bytes(t.read(loc)) == kv_bytes(i)
+            assert get(t, loc) == kv_bytes(i)
         t.close()
     assert len(acknowledged) >= 9
 

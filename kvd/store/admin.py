@@ -1,0 +1,137 @@
+"""Operator actions on the store: flush, evict, compact (``kvctl``), and persisting registrations.
+
+Each action goes through the same paths as the daemon's own work (``Pipeline.write_down`` and
+``Pipeline.evict``), so an operator can never leave the index in a state the daemon would not: no
+partial entries, no eviction of leased or pinned entries, admitted entries written down before they
+leave the arena. Every action that changes state is logged at INFO with its arguments and result.
+
+``compact`` runs on a thread of its own: it holds the SSD tier exclusively for its whole run, and
+sharing threads with commit checksums or other I/O stalled stores for seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from kvd.core import protocol as P
+from kvd.core.config import Settings
+from kvd.core.errors import InvalidRequest
+from kvd.store.background import Background
+from kvd.store.entries import Entry
+from kvd.store.index import Index, Level
+from kvd.store.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+MODEL_META = "model/"  # persistent tiers keep each registration under model/<fingerprint>
+LISTED_HASHES = 1000  # an evict answer names at most this many entries
+
+
+class Admin:
+    def __init__(self, index: Index, pipeline: Pipeline, background: Background, settings: Settings) -> None:
+        self.index = index
+        self.pipeline = pipeline
+        self.background = background
+        self.settings = settings
+        self._compactor = ThreadPoolExecutor(1, thread_name_prefix="kvd-compact")
+        self._tasks: set[asyncio.Task] = set()
+
+    def _level(self, tier: str) -> Level:
+        lv = self.index.by_name.get(tier)
+        if lv is None:
+            raise InvalidRequest(f"tier {tier!r} is not enabled on this daemon (tiers: "
+                                 f"{', '.join(self.index.by_name)}; e.g. ssd.enabled = false)")
+        return lv
+
+    @staticmethod
+    def _matches(ns: str | None, fp: str | None):
+        return lambda e: (ns is None or e.namespace == ns) and (fp is None or e.fingerprint == fp)
+
+    # ---- flush ---------------------------------------------------------------------------------
+
+    async def flush(self, req: P.FlushRequest) -> int:
+        """Write matching entries below the arena now, whatever admission says. Returns how many of
+        them are durably below afterwards: an entry the pipeline is busy with is waited for (up to
+        the prefetch deadline); one evicted before the flush arrived is not counted."""
+        if len(self.index.levels) < 2:
+            raise InvalidRequest("flush writes to the SSD tier, which is not enabled (ssd.enabled = false)")
+        top = self.index.levels[0]
+        if req.hashes is not None:
+            chosen = [e for h in req.hashes if (e := self.index.get((req.namespace, req.fingerprint, h)))]
+        else:
+            chosen = [e for e in self.index if self._matches(req.namespace, req.fingerprint)(e)]
+        deadline = time.monotonic() + self.settings.ssd.prefetch_deadline_s
+        batch = self.settings.ssd.write_batch
+        while True:
+            todo = [e for e in chosen if self.pipeline.needs_write(e) and e.key not in self.pipeline.busy]
+            for i in range(0, len(todo), batch):
+                await self.pipeline.write_down(todo[i : i + batch], top)
+            waiting = [e for e in chosen if self.pipeline.needs_write(e) and e.key in self.pipeline.busy]
+            if not waiting or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        n = sum(1 for e in chosen if self.index.get(e.key) is e and self._below(e))
+        logger.info("admin flush namespace=%s fingerprint=%s: %d of %d entries durably below the arena",
+                    req.namespace, req.fingerprint, n, len(chosen))
+        return n
+
+    def _below(self, e: Entry) -> bool:
+        """Every extent kept anywhere has a copy below the arena (extents let go excepted)."""
+        lower = {lv.name for lv in self.index.levels[1:]}
+        return all(x.dropped or lower & x.copies.keys() for x in e.extents.values()) and any(
+            lower & x.copies.keys() for x in e.extents.values())
+
+    # ---- evict ---------------------------------------------------------------------------------
+
+    async def evict(self, req: P.EvictRequest) -> P.EvictResponse:
+        """Evict matching entries from one tier, in its policy's order, until ``max_bytes`` are freed
+        (all evictable ones without it). Leased, pinned and busy entries stay. ``dry_run``: say what
+        would go, change nothing."""
+        lv = self._level(req.tier)
+        match = self._matches(req.namespace, req.fingerprint)
+        space = self.pipeline.space
+        if req.max_bytes is None:
+            victims = [e for e in self.index if match(e) and space.evictable(e, lv)]
+        else:
+            victims = space.victims(lv, req.max_bytes, match=match, partial=True)
+        nbytes = sum(self.index.meta(e, lv).nbytes for e in victims)
+        hashes = [e.hash for e in victims[:LISTED_HASHES]]
+        if not req.dry_run:
+            nbytes = await self.pipeline.evict(victims, lv)
+            victims = [e for e in victims if not (self.index.get(e.key) is e and e.in_tier(lv.name))]
+            hashes = [e.hash for e in victims[:LISTED_HASHES]]
+        logger.info("admin evict tier=%s namespace=%s fingerprint=%s max_bytes=%s%s: %d entries, %d bytes",
+                    req.tier, req.namespace, req.fingerprint, req.max_bytes, " (dry run)" if req.dry_run else "",
+                    len(victims), nbytes)
+        return P.EvictResponse(count=len(victims), nbytes=nbytes, dry_run=req.dry_run, hashes=hashes)
+
+    # ---- compact -------------------------------------------------------------------------------
+
+    async def compact(self) -> int:
+        """Rewrite the SSD tier's file without free pages; returns the bytes saved."""
+        lv = self._level("ssd")
+        compact = getattr(lv.tier, "compact", None)
+        if compact is None:
+            raise InvalidRequest(f"tier {lv.name!r} cannot be compacted")
+        before, after = await asyncio.get_running_loop().run_in_executor(self._compactor, compact)
+        logger.info("admin compact: %d -> %d bytes", before, after)
+        return max(0, before - after)
+
+    # ---- registrations -------------------------------------------------------------------------
+
+    def persist_model(self, req: P.RegisterModelRequest, fingerprint: str) -> None:
+        """Keep the registration beside the records of every persistent tier (for the start-up rebuild)."""
+        doc = req.model_copy(update={"fingerprint": fingerprint}).model_dump_json().encode()
+        for lv in self.index.levels[1:]:
+            task = asyncio.get_running_loop().create_task(
+                self.pipeline.on_io(lv, lv.tier.put_meta, MODEL_META + fingerprint, doc))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._compactor.shutdown(wait=True)

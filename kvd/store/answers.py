@@ -1,0 +1,80 @@
+"""Answers built from entries: lookup rows, extent offsets for clients, and the hit counters.
+
+Kept apart from the store's operations because these are pure functions of the index: what a reader
+is told about an entry, and how the hit-rate metrics count it.
+
+Hit accounting (``count_hits``): a lookup adds the tokens it asks about to ``kvd_lookup_tokens_total``
+and the tokens a reader can actually load to ``kvd_hit_tokens_total``, each once per lookup, so their
+ratio is a hit rate ≤ 100 %: for prefix entries only the leading run of complete entries counts (a hit
+after a missing chunk cannot be used), capped at the reader's ``max_tokens``; labels say the kind and
+the tier the tokens will be read from, never the head class (that counted every token twice).
+"""
+
+from __future__ import annotations
+
+from kvd.core import protocol as P
+from kvd.daemon.metrics import Metrics
+from kvd.store.entries import Entry
+from kvd.store.index import Level
+
+
+def row(levels: list[Level], e: Entry, index: int, hash_: str, num_tokens: int,
+        accept_lossy: bool) -> P.EntryRow | None:
+    """The lookup row of ``e`` for a reader (``accept_lossy``), or None when it can load nothing of it.
+
+    ``tier``: the slowest tier the reader must read from (each extent from its fastest usable copy),
+    i.e. what loading it costs: an entry whose cold local extent sits on SSD reads ``ssd``.
+    """
+    classes, slowest = [], -1
+    for c, x in e.extents.items():
+        where = [lv.level for lv in levels if (cp := x.copies.get(lv.name)) is not None
+                 and (accept_lossy or not cp.is_lossy)]
+        if where:
+            classes.append(c)
+            slowest = max(slowest, min(where))
+    if not classes:
+        return None
+    return P.EntryRow(index, hash_, levels[slowest].name, classes, len(classes) == len(e.extents), num_tokens)
+
+
+def leading_hits(rows: list[P.EntryRow]) -> int:
+    """Leading prefix entries stored completely: what an exact engine can load."""
+    hits = 0
+    for r in rows:
+        if r.index != hits or not r.complete:
+            break
+        hits += 1
+    return hits
+
+
+def count_hits(metrics: Metrics, req: P.LookupRequest, result: P.LookupResult, *, num_hashes: int) -> None:
+    cap = req.max_tokens
+    asked = num_hashes * result.chunk_tokens
+    metrics.lookup_tokens.labels("prefix").inc(asked if cap is None else min(asked, cap))
+    left = asked if cap is None else min(asked, cap)
+    for r in result.prefix[: result.num_prefix_hits]:
+        n = min(r.num_tokens, left)
+        left -= n
+        if n:
+            metrics.hit_tokens.labels("prefix", r.tier).inc(n)
+    if req.chunk_hashes:
+        # The denominator needs every asked chunk's length; the client sends it (chunk_num_tokens),
+        # else only found chunks count and the chunk hit rate reads high.
+        asked_chunks = sum(req.chunk_num_tokens) if req.chunk_num_tokens else sum(r.num_tokens for r in result.chunks)
+        metrics.lookup_tokens.labels("chunk").inc(asked_chunks)
+        for r in result.chunks:
+            if r.complete:
+                metrics.hit_tokens.labels("chunk", r.tier).inc(r.num_tokens)
+
+
+def extent_infos(e: Entry, tier: str, classes: list[str] | None = None) -> list[P.ExtentInfo]:
+    """Where ``e``'s extents (of ``classes``) lie in the memory tier ``tier``, with checksums and lossiness."""
+    out = []
+    for c, x in e.extents.items():
+        copy = x.copies.get(tier)
+        if copy is None or (classes is not None and c not in classes):
+            continue
+        out.append(P.ExtentInfo(head_class=c, offset=copy.loc.offset, nbytes=x.nbytes,
+                                checksum=None if copy.checksum is None else f"{copy.checksum:016x}",
+                                lossy=copy.is_lossy))
+    return out

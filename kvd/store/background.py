@@ -1,0 +1,176 @@
+"""The store's background work: write-back of admitted entries, watermark relief and prefetches.
+
+When things move (this module) is apart from how they move (``kvd.store.pipeline``):
+
+- **write-back**: an entry *admitted* below the top tier (seen ``ssd.admit_after`` times, or pinned;
+  ``kvd.policies.admission``) is queued, and the background task writes it to the next tier with the
+  codec head-aware placement chose at commit; cold extents then leave the arena.
+- **relief**: above the arena's high watermark, victims of the arena's eviction policy leave it until
+  usage is under the low watermark, through the one eviction path (admitted ones written first).
+- **prefetch**: a lookup that finds extents only below the top starts promoting them; a lease waits
+  for that, up to a deadline.
+
+One task (``run``) does write-back then relief in rounds; prefetches are tasks of their own, one per
+entry at a time. Failures are logged and counted; the loop survives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+
+from kvd.core.config import Settings
+from kvd.daemon.metrics import Metrics
+from kvd.policies.admission import SsdAdmission
+from kvd.store.entries import Entry, EntryKey
+from kvd.store.index import Index
+from kvd.store.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+MAX_QUEUE = 65536  # entries waiting for write-back; beyond it the oldest waits for relief instead
+BATCH_BYTES = 64 << 20  # raw bytes written per batch: bounds memory in flight
+IDLE_S = 0.2
+RELIEF_ROUNDS = 64  # bounded: each round frees at least one victim or stops
+
+
+class Background:
+    def __init__(self, index: Index, pipeline: Pipeline, admission: SsdAdmission, settings: Settings,
+                 metrics: Metrics) -> None:
+        self.index = index
+        self.pipeline = pipeline
+        self.admission = admission
+        self.settings = settings
+        self.metrics = metrics
+        self._queue: OrderedDict[EntryKey, None] = OrderedDict()  # admitted, waiting for write-back
+        self._prefetching: dict[EntryKey, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+
+    @property
+    def has_lower(self) -> bool:
+        return len(self.index.levels) > 1
+
+    # ---- hooks from the store ------------------------------------------------------------------
+
+    def admitted(self, e: Entry) -> bool:
+        self.admission.admit_after = self.settings.ssd.admit_after  # reloadable (SIGHUP)
+        return self.admission.admit(e.key, pinned=e.pinned, seen=e.seen)
+
+    def on_seen(self, e: Entry) -> None:
+        """A store or lookup hit: count it, and queue the entry for write-back once admitted."""
+        self.admission.record(e.key)
+        if not self.has_lower or e.key in self._queue or not self.pipeline.needs_write(e):
+            return
+        if self.admitted(e):
+            self._enqueue(e)
+        else:
+            self.metrics.admission_refusals.inc()
+
+    def on_pin(self, e: Entry) -> None:
+        if self.has_lower and self.pipeline.needs_write(e):
+            self._enqueue(e)
+
+    def on_remove(self, e: Entry) -> None:
+        """The entry was deleted: its sightings are forgotten (an eviction keeps them)."""
+        self._queue.pop(e.key, None)
+        self.admission.forget(e.key)
+
+    def _enqueue(self, e: Entry) -> None:
+        self._queue[e.key] = None
+        while len(self._queue) > MAX_QUEUE:
+            self._queue.popitem(last=False)
+        self._wake.set()
+
+    # ---- prefetch ------------------------------------------------------------------------------
+
+    def prefetch(self, e: Entry, classes: list[str] | None = None, accept_lossy: bool = False) -> asyncio.Task | None:
+        """Start bringing what a reader needs of ``e`` to the top tier; the task, or None if nothing to do."""
+        task = self._prefetching.get(e.key)
+        if task is not None:
+            return task
+        if not self.pipeline.missing_at_top(e, classes, accept_lossy):
+            return None
+        task = asyncio.get_running_loop().create_task(self._promote(e, classes, accept_lossy))
+        self._prefetching[e.key] = task
+        task.add_done_callback(lambda _t, k=e.key: self._prefetching.pop(k, None))
+        return task
+
+    async def _promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool) -> bool:
+        try:
+            return await self.pipeline.promote(e, classes, accept_lossy)
+        except Exception:  # noqa: BLE001 - a failed prefetch is a miss; the daemon keeps serving
+            logger.exception("promoting %s failed", e.hash)
+            self.metrics.errors.labels("promote").inc()
+            return False
+
+    async def wait_for_top(self, entries: list[Entry], classes: list[str] | None, accept_lossy: bool,
+                           wait_s: float) -> None:
+        """Start the promotions ``entries`` need and wait for them, at most ``wait_s`` seconds."""
+        tasks = [t for e in entries if (t := self.prefetch(e, classes, accept_lossy)) is not None]
+        if tasks and wait_s > 0:
+            await asyncio.wait(tasks, timeout=wait_s)
+        # A prefetch started for another reader may have brought less (e.g. exact only): one more try.
+        again = [t for e in entries if self.pipeline.missing_at_top(e, classes, accept_lossy)
+                 and (t := self.prefetch(e, classes, accept_lossy)) is not None]
+        if again and wait_s > 0:
+            await asyncio.wait(again, timeout=wait_s)
+
+    # ---- the background task -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_S)
+            self._wake.clear()
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop survives; the failure is logged and counted
+                logger.exception("background step failed")
+                self.metrics.errors.labels("background").inc()
+
+    async def step(self) -> None:
+        """One round of background work (the loop's body; tests call it directly)."""
+        await self.write_back()
+        await self.relieve()
+
+    async def close(self) -> None:
+        for t in list(self._prefetching.values()):
+            t.cancel()
+        for t in list(self._prefetching.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.pipeline.close()
+
+    async def write_back(self) -> None:
+        top = self.index.levels[0]
+        batch_size = self.settings.ssd.write_batch
+        while self._queue and self.has_lower:
+            batch: list[Entry] = []
+            nbytes = 0
+            while self._queue and nbytes < BATCH_BYTES and len(batch) < batch_size:
+                key, _ = self._queue.popitem(last=False)
+                e = self.index.get(key)
+                if e is not None and self.pipeline.needs_write(e) and key not in self.pipeline.busy:
+                    batch.append(e)
+                    nbytes += e.nbytes
+            if batch:
+                await self.pipeline.write_down(batch, top)
+
+    async def relieve(self) -> None:
+        """Bring the top tier under its low watermark once it passed the high one."""
+        top = self.index.levels[0]
+        cfg = self.settings.host
+        if top.tier.stats().usage <= cfg.high_watermark:
+            return
+        target = int(cfg.low_watermark * top.tier.capacity_bytes)
+        for _ in range(RELIEF_ROUNDS):
+            excess = top.tier.stats().used_bytes - target
+            if excess <= 0:
+                return
+            victims = self.pipeline.space.victims(top, excess, partial=True)
+            if not victims or not await self.pipeline.evict(victims, top):
+                return

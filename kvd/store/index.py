@@ -1,0 +1,143 @@
+"""The index: which entries exist, where each extent's copies live, and what the tiers' policies see.
+
+One ``Index`` per daemon. It owns the ordered list of ``Level``s (a tier and its eviction policy, top
+first: host, then ssd; a gpu pool above and a remote store below later) and keeps every policy in step
+with the copies: whenever an entry gains or loses a copy in a tier, that tier's policy is told
+(``on_insert`` with the entry's new size there, or ``on_remove``). Nothing else calls the policies'
+bookkeeping methods.
+
+Maps kept here:
+- ``entries``: key -> committed entry (the only entries lookups and leases see);
+- ``pending``: key -> id of the reservation writing it (blocks other writers);
+- ``doomed``: deleted entries still held by a reader, freed on their last release;
+- ``aliases``: alias key -> (entry key, tokens): another name for an entry's leading tokens.
+
+Invariants: a key is in at most one of ``entries``, ``pending`` and ``doomed``; an alias points to an
+entry in ``entries`` (it goes when the entry goes); an entry in ``entries`` is whole
+(``Entry.is_whole``). This module never frees bytes: the pipeline does, since record tiers free off
+the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from kvd.policies.eviction import EvictionPolicy
+from kvd.store.entries import Copy, Entry, EntryKey, Extent
+from kvd.tiers.base import Tier
+
+
+@dataclass(slots=True)
+class Level:
+    """One tier in the store's order (0 = top) and the policy that picks its victims."""
+
+    level: int
+    tier: Tier
+    policy: EvictionPolicy
+
+    @property
+    def name(self) -> str:
+        return self.tier.name
+
+
+class Index:
+    def __init__(self, levels: list[Level], *, num_layers: Callable[[str], int], clock: Callable[[], float]) -> None:
+        self.levels = levels
+        self.by_name = {lv.name: lv for lv in levels}
+        self._num_layers = num_layers  # fingerprint -> the model's layer count (policies' cost model)
+        self.clock = clock
+        self.entries: dict[EntryKey, Entry] = {}
+        self.pending: dict[EntryKey, str] = {}
+        self.doomed: dict[EntryKey, Entry] = {}
+        self.aliases: dict[EntryKey, tuple[EntryKey, int]] = {}
+
+    # ---- entries -------------------------------------------------------------------------------
+
+    def get(self, key: EntryKey) -> Entry | None:
+        return self.entries.get(key)
+
+    def resolve(self, key: EntryKey) -> tuple[Entry, int] | None:
+        """The entry a key names and the tokens the key covers (all of them, or an alias's leading ones)."""
+        e = self.entries.get(key)
+        if e is not None:
+            return e, e.num_tokens
+        alias = self.aliases.get(key)
+        if alias is None:
+            return None
+        e = self.entries.get(alias[0])
+        return (e, alias[1]) if e is not None else None
+
+    def insert(self, e: Entry) -> None:
+        """Make a committed (or recovered) entry visible, with the copies it has."""
+        assert e.key not in self.entries, f"entry {e.key} inserted twice"
+        self.entries[e.key] = e
+        self.aliases.pop(e.key, None)  # the real entry serves its own key from now on
+        for lv in self.levels:
+            self._sync_policy(e, lv)
+
+    def add_alias(self, e: Entry, alias_hash: str, num_tokens: int) -> bool:
+        """``alias_hash`` names ``e``'s first ``num_tokens`` tokens; False if the key is taken."""
+        key = (e.namespace, e.fingerprint, alias_hash)
+        if not 0 < num_tokens < e.num_tokens or key in self.entries or key in self.pending or key in self.aliases:
+            return False
+        self.aliases[key] = (e.key, num_tokens)
+        e.aliases.append(alias_hash)
+        return True
+
+    def forget(self, e: Entry) -> None:
+        """The entry leaves the index (its bytes are the caller's to free) with its aliases."""
+        if self.entries.get(e.key) is not e:
+            return
+        del self.entries[e.key]
+        for h in e.aliases:
+            self.aliases.pop((e.namespace, e.fingerprint, h), None)
+        e.aliases.clear()
+        for lv in self.levels:
+            lv.policy.on_remove(e.key)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self.entries.values()))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def has_entries(self, fingerprint: str) -> bool:
+        return any(e.fingerprint == fingerprint for e in self.entries.values())
+
+    # ---- copies --------------------------------------------------------------------------------
+
+    def place(self, e: Entry, x: Extent, lv: Level, copy: Copy) -> None:
+        """``x`` of ``e`` now has ``copy`` in ``lv``'s tier."""
+        assert lv.name not in x.copies, f"{e.key} {x.head_class} already has a copy in {lv.name}"
+        x.copies[lv.name] = copy
+        if self.entries.get(e.key) is e:
+            self._sync_policy(e, lv)
+
+    def unplace(self, e: Entry, x: Extent, lv: Level) -> Copy | None:
+        """Take ``x``'s copy in ``lv`` out of the books; returns it (its bytes are the caller's to free)."""
+        copy = x.copies.pop(lv.name, None)
+        if copy is not None and self.entries.get(e.key) is e:
+            self._sync_policy(e, lv)
+        return copy
+
+    def touch(self, e: Entry, now: float) -> None:
+        """A reader used the entry: every tier holding it learns of the hit."""
+        e.last_access = now
+        for lv in self.levels:
+            if e.in_tier(lv.name):
+                lv.policy.on_access(e.key, now)
+
+    def refresh(self, e: Entry) -> None:
+        """The entry's metadata changed (pinned): the policies see it anew."""
+        for lv in self.levels:
+            self._sync_policy(e, lv)
+
+    def meta(self, e: Entry, lv: Level):
+        return e.policy_meta(lv.name, self._num_layers(e.fingerprint))
+
+    def _sync_policy(self, e: Entry, lv: Level) -> None:
+        if e.in_tier(lv.name):
+            lv.policy.on_insert(e.key, self.meta(e, lv), self.clock())
+        else:
+            lv.policy.on_remove(e.key)
