@@ -258,3 +258,39 @@ async def test_a_commit_failing_half_way_indexes_nothing_and_leaks_nothing(tmp_p
     assert store.host.stats().used_bytes == 0  # every slot back
     assert [e.status for e in (await reserve(store, hs)).entries] == ["reserved"] * 3  # nothing blocks the keys
     store.host.close()
+
+
+async def test_prefix_aliases_name_an_entrys_leading_tokens(store):
+    """A stored chunk registered under its block-prefix keys serves a shorter prompt's tail lookup."""
+    hs = hashes(2)
+    alias, other = hashes(2, start=40)
+    r = await store.reserve(P.ReserveRequest(fingerprint=store.fp, entries=[
+        P.ReserveEntry(hash=hs[0], num_tokens=256, aliases=[P.PrefixAlias(hash=alias, num_tokens=112)])]))
+    assert lookup(store, [alias]).prefix == []  # pending: invisible, aliases too
+    await commit(store, r.reservation_id)
+    row = lookup(store, [alias]).prefix[0]
+    assert (row.hash, row.num_tokens, row.complete) == (alias, 112, True)
+    le = await lease(store, [alias])
+    assert le.entries[0].status == "ok" and le.entries[0].num_tokens == 256  # the extents hold the chunk
+    store.release(P.ReleaseRequest(lease_id=le.lease_id))
+    # An alias key is taken: a writer of it is told it exists (the alias serves it).
+    assert (await reserve(store, [alias])).entries[0].status == "exists"
+    # Aliases sent with an entry that exists already are registered then.
+    await store.reserve(P.ReserveRequest(fingerprint=store.fp, entries=[
+        P.ReserveEntry(hash=hs[0], num_tokens=256, aliases=[P.PrefixAlias(hash=other, num_tokens=16)])]))
+    assert lookup(store, [other]).prefix[0].num_tokens == 16
+    # The entry goes, its aliases with it.
+    store.delete(P.EntriesRequest(fingerprint=store.fp, hashes=[hs[0]]))
+    assert lookup(store, [alias, other]).prefix == []
+
+
+async def test_lossy_flag_and_attention_tag_are_part_of_what_readers_see(store):
+    hs = hashes(1)
+    r = await store.reserve(P.ReserveRequest(fingerprint=store.fp, computed_under="hm-" + "a" * 16, entries=[
+        P.ReserveEntry(hash=hs[0], num_tokens=256)]))
+    assert all(not x.lossy for x in r.entries[0].extents)
+    await commit(store, r.reservation_id)
+    assert lookup(store, hs).prefix == []  # an exact reader does not see it
+    le = await store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs, computed_under="hm-" + "a" * 16))
+    assert le.entries[0].status == "ok"
+    store.release(P.ReleaseRequest(lease_id=le.lease_id))
