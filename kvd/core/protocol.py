@@ -11,7 +11,6 @@ keeps a 32K-token lookup under 5 KB.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -251,55 +250,6 @@ class LookupResponse(_Model):
     num_prefix_hits: int
     prefix: list[EntryStatus]  # found prefix entries, in request order
     chunks: list[EntryStatus]  # found chunk entries, in request order
-
-
-@dataclass(slots=True)
-class EntryRow:
-    """Server-side form of ``EntryStatus``: building pydantic objects per lookup cost more than the
-    lookup itself (3 µs each), so the daemon answers from these rows and ``LookupResult.to_json``."""
-
-    index: int
-    hash: str
-    tier: str
-    classes: list[str]
-    complete: bool
-    num_tokens: int
-
-
-@dataclass(slots=True)
-class LookupResult:
-    chunk_tokens: int
-    num_prefix_hits: int
-    prefix: list[EntryRow]
-    chunks: list[EntryRow]
-
-    def to_json(self) -> bytes:
-        """Exactly the JSON of the equivalent ``LookupResponse`` (a test holds the two together)."""
-
-        # Formatted directly: hashes, tiers and class names are the daemon's own ASCII tokens, so no
-        # escaping is needed, and this is about twice as fast as json.dumps of the same dicts.
-        def rows(rs: list[EntryRow]) -> str:
-            return ",".join([
-                f'{{"index":{r.index},"hash":"{r.hash}","tier":"{r.tier}","classes":{_names(r.classes)},'
-                f'"complete":{"true" if r.complete else "false"},"num_tokens":{r.num_tokens}}}' for r in rs])
-
-        return (f'{{"chunk_tokens":{self.chunk_tokens},"num_prefix_hits":{self.num_prefix_hits},'
-                f'"prefix":[{rows(self.prefix)}],"chunks":[{rows(self.chunks)}]}}').encode()
-
-
-_NAMES_JSON: dict[tuple[str, ...], str] = {}
-
-
-def _names(names: list[str]) -> str:
-    """JSON of a list of head-class names, cached: a lookup answer repeats the same one or two lists
-    in every row (this halves the daemon's time to write a 128-row answer)."""
-    key = tuple(names)
-    out = _NAMES_JSON.get(key)
-    if out is None:
-        out = "[" + ",".join(f'"{n}"' for n in key) + "]"
-        if len(_NAMES_JSON) < 1024:  # head classes are few; never grow without bound
-            _NAMES_JSON[key] = out
-    return out
 
 
 class LeaseRequest(_Model):

@@ -261,9 +261,9 @@ class Daemon:
                 await runner.cleanup()
             return
         deadline = t0 + self.settings.daemon.shutdown_timeout_s
-        while store.num_committing() and time.monotonic() < deadline:
+        while store.holds.committing and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        entries, leases = len(store.index), store.num_leases()
+        entries, leases = len(store.index), len(store.holds.leases)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self.settings.socket_path().unlink(missing_ok=True)

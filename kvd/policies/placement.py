@@ -29,6 +29,7 @@ from typing import Literal
 
 from kvd.core.config import CodecSettings
 from kvd.core.errors import InvalidRequest
+from kvd.core.headmap import HeadMap
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,3 +66,13 @@ class HeadClassPlacement:
             return Placement(True, self.codec.hot_codec, "local_window")
         cold = self.codec.local_cold_codec
         return Placement(False, None if cold == "drop" else cold, "local_cold")
+
+    def place_entry(self, head_map: HeadMap, classes: list[str], *, start_token: int, num_tokens: int,
+                    end_token: int | None) -> dict[str, Placement]:
+        """Placement of each of an entry's extents (``classes``), its local heads packed together:
+        the largest sink and window among them decide (per-head windows: issue 12)."""
+        locals_ = [s for row in head_map.heads for s in row if not s.is_global]
+        sink = max((s.sink for s in locals_), default=0)
+        window = max((s.window for s in locals_), default=0)
+        return {c: self.place(c, start_token=start_token, num_tokens=num_tokens, end_token=end_token, sink=sink,
+                              window=window) for c in classes}

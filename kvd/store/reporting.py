@@ -78,8 +78,8 @@ def stats(store: Store) -> P.StatsResponse:
         uptime_s=store.clock() - store.started_at,
         tiers=[P.TierStatsBody(name=s.name, capacity_bytes=s.capacity_bytes, used_bytes=s.used_bytes,
                                num_records=s.num_records) for s in store.tier_stats()],
-        num_entries=len(store.index), num_models=len(store.registry.models), leases_held=store.num_leases(),
-        reservations_open=store.num_reservations(), lookup_tokens=lookups, hit_tokens_by_tier=hits,
+        num_entries=len(store.index), num_models=len(store.registry.models), leases_held=len(store.holds.leases),
+        reservations_open=len(store.holds.reservations), lookup_tokens=lookups, hit_tokens_by_tier=hits,
         counters=c)
 
 

@@ -98,7 +98,7 @@ class Store:
 
     # ---- lookup ---------------------------------------------------------------------------------
 
-    def lookup(self, req: P.LookupRequest) -> P.LookupResult:
+    def lookup(self, req: P.LookupRequest) -> L.LookupResult:
         self.model(req.fingerprint)
         chunk = self.settings.keys.chunk_tokens
         if req.token_ids is not None and req.prefix_hashes is not None:
@@ -114,12 +114,12 @@ class Store:
         self._check_count(len(hashes) + len(req.chunk_hashes or []))
         prefix = self._rows(req, hashes)
         chunks = self._rows(req, req.chunk_hashes or [])
-        result = P.LookupResult(chunk_tokens=chunk, num_prefix_hits=L.leading_hits(prefix), prefix=prefix,
+        result = L.LookupResult(chunk_tokens=chunk, num_prefix_hits=L.leading_hits(prefix), prefix=prefix,
                                 chunks=chunks)
         L.count_hits(self.metrics, req, result, num_hashes=len(hashes))
         return result
 
-    def _rows(self, req: P.LookupRequest, hashes: list[str]) -> list[P.EntryRow]:
+    def _rows(self, req: P.LookupRequest, hashes: list[str]) -> list[L.EntryRow]:
         out = []
         now = self.clock()
         top = self.index.levels[0].name
@@ -250,14 +250,10 @@ class Store:
 
     def _place(self, e: Entry) -> None:
         """Head-aware placement of each extent (kvd.policies.placement), decided at commit."""
-        hm = self.model(e.fingerprint).head_map
-        locals_ = [s for row in hm.heads for s in row if not s.is_global]
-        sink = max((s.sink for s in locals_), default=0)
-        window = max((s.window for s in locals_), default=0)
-        for cls, x in e.extents.items():
-            p = self.placement.place(cls, start_token=e.start_token, num_tokens=e.num_tokens,
-                                     end_token=e.end_token, sink=sink, window=window)
-            x.is_hot, x.lower_codec = p.is_hot, p.ssd_codec
+        placed = self.placement.place_entry(self.model(e.fingerprint).head_map, list(e.extents),
+                                            start_token=e.start_token, num_tokens=e.num_tokens, end_token=e.end_token)
+        for cls, p in placed.items():
+            e.extents[cls].is_hot, e.extents[cls].lower_codec = p.is_hot, p.ssd_codec
 
     def _checksums(self, entries: list[Entry]) -> list[list[int]]:
         host = self.host
@@ -391,15 +387,6 @@ class Store:
 
     def tier_stats(self) -> list[TierStats]:
         return [lv.tier.stats() for lv in self.index.levels]
-
-    def num_leases(self) -> int:
-        return len(self.holds.leases)
-
-    def num_reservations(self) -> int:
-        return len(self.holds.reservations)
-
-    def num_committing(self) -> int:
-        return len(self.holds.committing)
 
     def _check_count(self, n: int) -> None:
         limit = self.settings.daemon.max_entries_per_request

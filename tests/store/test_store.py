@@ -117,7 +117,7 @@ async def test_lease_protects_and_expires(store):
     assert res.prefix[0].index == 0 and res.prefix[0].tier == "host" and len(res.prefix) == 3
     # The owner dies: its lease is taken back at the next expiry pass.
     assert store.expire(is_alive=lambda pid: pid != 4242) == 1
-    assert store.num_leases() == 0
+    assert len(store.holds.leases) == 0
     with pytest.raises(NotFound, match="not held"):
         store.release(P.ReleaseRequest(lease_id=le.lease_id))
 
