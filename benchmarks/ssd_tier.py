@@ -13,8 +13,9 @@ and .png):
   (Frobenius norm of the error over the norm of the tensor) for the lossy codecs;
 - encode / decode MB/s per core: raw MB over the CPU seconds of one thread (zstd's worker threads
   included), best of 3;
-- restore: SSD tier records -> an arena-sized buffer (read + header, payload and raw checksums +
-  decode), two threads, MB/s of raw KV, best of 3. "cold": after the LMDB file is evicted from the
+- restore: SSD tier records -> an arena-sized buffer, the daemon's promotion path (``SsdTier.read``:
+  the record out of LMDB, header checked; ``decode_record_into``: payload checksum, decode, raw
+  checksum), two threads, MB/s of raw KV, best of 3. "cold": after the LMDB file is evicted from the
   page cache (fsync + posix_fadvise DONTNEED) and the tier reopened, as after a daemon restart (its
   open walk reads the header pages); "warm": the same again from the page cache. The 2 cores are
   shared with other work, so the CPU seconds are reported too (``*_per_core``: MB per CPU second);
@@ -44,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvd.codecs import Codecs  # noqa: E402
 from kvd.core.config import CodecSettings, SsdSettings  # noqa: E402
+from kvd.tiers.base import ExtentName  # noqa: E402
+from kvd.tiers.record import decode_record_into, encode_record  # noqa: E402
 from kvd.tiers.ssd import SsdTier  # noqa: E402
 
 CACHE_DIR = Path.home() / ".cache" / "kvd" / "bench"
@@ -66,7 +69,8 @@ def real_kv(num_tokens: int = NUM_TOKENS) -> tuple[np.ndarray, np.ndarray, dict]
 
     import torch
 
-    from kvd.testing.models import load_causal_lm, smollm2_dir
+    from kvd.calibrate.model import load_causal_lm
+    from kvd.testing.models import smollm2_dir
 
     model, tok = load_causal_lm(smollm2_dir(), dtype="float32")
     text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
@@ -157,18 +161,24 @@ def _drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def _name(h: str, shape) -> ExtentName:
+    return ExtentName("bench", FP, h, "global", "prefix", 0, shape[1], shape[1], "exact")
+
+
 def ssd_figures(exts: list, workdir: Path, codec_settings: CodecSettings, copies: int, threads: int = 2,
                 reps: int = 3) -> dict:
-    items = [(f"{copy}-{i}".encode(), raw, shape) for copy in range(copies) for i, (raw, shape) in enumerate(exts)]
+    items = [(_name(f"{copy:04x}{i:028x}", shape), raw, shape) for copy in range(copies)
+             for i, (raw, shape) in enumerate(exts)]
     total = sum(len(raw) for _, raw, _ in items)
     settings = SsdSettings(capacity_bytes=2 * total, write_batch=16, io_threads=threads)
-    tier = SsdTier(workdir / "ssd", settings, codec_settings)
+    codecs = Codecs(codec_settings)
+    tier = SsdTier(workdir / "ssd", settings)
     t = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        records = list(pool.map(lambda it: tier.encode(it[0], it[1], fingerprint=FP, dtype="bfloat16",
-                                                       shape=it[2], codec="lossless"), items))
+        records = list(pool.map(lambda it: encode_record(codecs, it[0], it[1], dtype="bfloat16", shape=it[2],
+                                                         codec="lossless").data, items))
     encode_s = time.perf_counter() - t
-    locs = [tier.reserve(len(rec), key) for (key, _, _), rec in zip(items, records, strict=True)]
+    locs = [tier.reserve(len(rec), name) for (name, _, _), rec in zip(items, records, strict=True)]
     t = time.perf_counter()
     tier.write_many(zip(locs, records, strict=True))  # durable: fsync per batch of 16 extents
     commit_s = time.perf_counter() - t
@@ -181,7 +191,7 @@ def ssd_figures(exts: list, workdir: Path, codec_settings: CodecSettings, copies
 
     def restore(tier: SsdTier) -> tuple[float, float]:
         def one(i: int) -> None:
-            tier.read_into(locs[i], memoryview(arena)[offsets[i] : offsets[i + 1]])
+            decode_record_into(codecs, tier.read(locs[i]), locs[i].key, memoryview(arena)[offsets[i] : offsets[i + 1]])
 
         t, cpu = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(threads) as pool:
@@ -193,7 +203,7 @@ def ssd_figures(exts: list, workdir: Path, codec_settings: CodecSettings, copies
     cold = []
     for _ in range(reps):
         _drop_page_cache(workdir / "ssd" / "data.mdb")
-        tier = SsdTier(workdir / "ssd", settings, codec_settings)
+        tier = SsdTier(workdir / "ssd", settings)
         cold.append(restore(tier))
         if len(cold) == 1:
             assert all(arena[offsets[i] : offsets[i + 1]] == raw for i, (_, raw, _) in enumerate(items)), \
