@@ -146,10 +146,6 @@ class Entry:
         """Every extent still has a copy somewhere, or was let go on purpose."""
         return all(x.copies or x.dropped for x in self.extents.values())
 
-    def is_complete(self, accept_lossy: bool = False) -> bool:
-        """A reader of every head class can load it (``accept_lossy``: from lossy copies too)."""
-        return all(x.usable(accept_lossy) for x in self.extents.values())
-
     def policy_meta(self, tier: str, num_layers: int) -> EntryMeta:
         """What eviction policies see of this entry in ``tier``: sizes, position, head classes, never bytes."""
         exts = [x for x in self.extents.values() if tier in x.copies]
