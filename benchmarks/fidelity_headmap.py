@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvd.calibrate.harness import Harness, make_prompts, result_dict, summarize  # noqa: E402
+from kvd.calibrate.model import load_causal_lm  # noqa: E402
 from kvd.calibrate.profiler import trajectory_maps  # noqa: E402
 from kvd.core.headmap import HeadMap  # noqa: E402
-from kvd.testing.models import load_causal_lm, smollm2_dir  # noqa: E402
+from kvd.testing.models import smollm2_dir  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvd.connectors.hf.pool import HeadLayout
+from kvd.core.headmap import HeadMap
 from kvd.reuse.plan import method_config
 
 # Rates measured on this workplace's H200 (benchmarks/results/kernels.json, notes/kernels.md) or given
@@ -29,12 +29,13 @@ RATES = {
 }
 
 
-def read_bytes(cfg, layout: HeadLayout, chunk_bytes: int) -> int:
+def read_bytes(cfg, head_map: HeadMap, chunk_bytes: int) -> int:
     """Chunk-entry bytes a method copies from the host tier: the head classes it leases, of every chunk."""
     if not cfg.reads_cache:
         return 0
     if cfg.cache_classes == ["local"]:
-        local = sum(w > 0 for row in layout.window for w in row) / (layout.num_layers * layout.num_kv_heads)
+        num_local = head_map.num_layers * head_map.num_kv_heads - head_map.num_global
+        local = num_local / (head_map.num_layers * head_map.num_kv_heads)
         return int(chunk_bytes * local)
     return chunk_bytes
 
@@ -75,7 +76,7 @@ def _query_sets(name: str, cfg, S: int, docs: int, doc_tokens: int, q_tokens: in
     return [allpos if layer <= sf.dense_layers else keep for layer in range(num_layers)]
 
 
-def predict(shape: dict, layout: HeadLayout, docs: int, doc_tokens: int, q_tokens: int, methods) -> dict:
+def predict(shape: dict, head_map: HeadMap, docs: int, doc_tokens: int, q_tokens: int, methods) -> dict:
     """Predicted TTFT per method from exact FLOP and byte counts at the measured rates (RATES)."""
     R = RATES
     h, inter, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
@@ -101,12 +102,12 @@ def predict(shape: dict, layout: HeadLayout, docs: int, doc_tokens: int, q_token
             t += gemm_s(A, attn_w) + gemm_s(ffn_tokens, ffn_w)
             if cfg.method == "cacheblend" and layer == cfg.cacheblend_layer:
                 t += gemm_s(S, h * Hkv * D)  # the check layer's K projection for every token
-            lay = layout if name.startswith("kvd") else HeadLayout.all_global(L, Hkv)
+            lay = head_map if name.startswith("kvd") else HeadMap.all_global("full", L, Hkv)
             dense = A == S
             programs = -(-A // (128 // G)) * Hkv  # SegPaged query tiles x rows
             occupancy = min(1.0, programs / R["num_sms"])
             for head in range(Hkv):
-                w, sink = lay.window[layer][head], lay.sink[layer][head]
+                w, sink = lay.windows[layer][head], lay.sinks[layer][head]
                 reach = float("inf") if w == 0 else (-(-sink // N) * N if sink else 0) + w + N
                 flops = 4 * D * G * _pairs(qpos, reach)
                 rate = R["sdpa_causal_TFLOPs"] if (dense and w == 0) else R["segpaged_TFLOPs"] * occupancy
@@ -116,7 +117,7 @@ def predict(shape: dict, layout: HeadLayout, docs: int, doc_tokens: int, q_token
         if cfg.reads_cache:  # chunk copies into the assembled context, RoPE shift of the keys
             t += (2 * L * kv_layer_bytes + L * kv_layer_bytes) / (R["hbm_TBps"] * 1e12)
         out[f"predicted_ttft_{name}_s"] = t
-        lay = layout if name.startswith("kvd") else HeadLayout.all_global(L, Hkv)
+        lay = head_map if name.startswith("kvd") else HeadMap.all_global("full", L, Hkv)
         host = read_bytes(cfg, lay, L * kv_layer_bytes)
         out[f"predicted_host_bytes_{name}"] = host
         out[f"predicted_ttft_host_{name}_s"] = t + host / (R["h2d_GBps"] * 1e9)

@@ -43,8 +43,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pi_reuse_costmodel import predict, read_bytes  # noqa: E402
 
-from kvd.connectors.hf.pool import HeadLayout, PagePool  # noqa: E402
+from kvd.connectors.hf.pool import PagePool  # noqa: E402
 from kvd.connectors.hf.reuse import chunk_key, compute_chunk, reuse_request  # noqa: E402
+from kvd.core.headmap import HeadMap  # noqa: E402
 from kvd.reuse.chunks import LocalChunkStore  # noqa: E402
 from kvd.reuse.plan import BENCH_METHODS, Segment, method_config  # noqa: E402
 
@@ -75,7 +76,7 @@ def build_model(shape: dict, device: str, dtype):
     return model.eval()
 
 
-def stretched_layout(num_layers: int, num_kv_heads: int) -> HeadLayout:
+def stretched_map(num_layers: int, num_kv_heads: int) -> HeadMap:
     doc = json.loads((ROOT / "config/heads/smollm2-135m.json").read_text())
     rows = doc["heads"]
     src_l, src_h = len(rows), len(rows[0])
@@ -86,7 +87,7 @@ def stretched_layout(num_layers: int, num_kv_heads: int) -> HeadLayout:
         is_global.append([s["class"] == "global" for s in specs])
         window.append([int(s.get("window", 0)) for s in specs])
     sink = max(int(s.get("sink", 0)) for row in rows for s in row)
-    return HeadLayout.from_grid(is_global, sink=sink, window=window)
+    return HeadMap.from_classes("smollm2-135m-stretched", is_global, sink=sink, window=window)
 
 
 def sync(device: str) -> None:
@@ -159,7 +160,7 @@ def h2d_s(nbytes: int, device: str, piece: int = 256 << 20) -> float:
     return time.perf_counter() - t0
 
 
-def run_checks(model, segs, store, layout, device: str, dtype, res: dict) -> str:
+def run_checks(model, segs, store, head_map, device: str, dtype, res: dict) -> str:
     """Correctness before timing; returns the attention backend to time with."""
     backend = "paged"
     if device.startswith("cuda"):
@@ -174,7 +175,7 @@ def run_checks(model, segs, store, layout, device: str, dtype, res: dict) -> str
     with torch.no_grad():
         ref = model(ids, logits_to_keep=1, use_cache=False).logits[0, -1].float()
     num_layers, num_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    glob = HeadLayout.all_global(num_layers, num_kv)
+    glob = HeadMap.all_global("full", num_layers, num_kv)
     pool = PagePool(glob, head_dim=model.config.head_dim, dtype=dtype, device=device, page_tokens=64)
     mine = reuse_request(model, segs, method_config("recompute"), pool, store, namespace=NAMESPACE,
                          fingerprint=FINGERPRINT, attention=backend).logits[0]
@@ -182,10 +183,10 @@ def run_checks(model, segs, store, layout, device: str, dtype, res: dict) -> str
            "recompute_vs_model_top1": bool(mine.argmax() == ref.argmax())}
     if backend == "paged":
         cfg = method_config("kvd")
-        a = reuse_request(model, segs, cfg, PagePool(layout, head_dim=model.config.head_dim, dtype=dtype,
+        a = reuse_request(model, segs, cfg, PagePool(head_map, head_dim=model.config.head_dim, dtype=dtype,
                           device=device, page_tokens=64), store, namespace=NAMESPACE, fingerprint=FINGERPRINT,
                           attention="paged").logits[0]
-        b = reuse_request(model, segs, cfg, PagePool(layout, head_dim=model.config.head_dim, dtype=dtype,
+        b = reuse_request(model, segs, cfg, PagePool(head_map, head_dim=model.config.head_dim, dtype=dtype,
                           device=device, page_tokens=64), store, namespace=NAMESPACE, fingerprint=FINGERPRINT,
                           attention="dense").logits[0]
         out["kvd_paged_vs_dense_cos"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
@@ -234,8 +235,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = build_model(shape, device, dtype)
     res["build_s"] = round(time.perf_counter() - t0, 1)
-    layout = stretched_layout(shape["num_hidden_layers"], shape["num_key_value_heads"])
-    res["global_head_share"] = 1 - sum(w > 0 for r in layout.window for w in r) / (layout.num_layers * layout.num_kv_heads)
+    head_map = stretched_map(shape["num_hidden_layers"], shape["num_key_value_heads"])
+    res["global_head_share"] = head_map.global_ratio
     docs, segs = make_request(shape, args.docs, args.doc_tokens, args.question_tokens, seed=1)
     store = LocalChunkStore()
     with torch.no_grad():
@@ -247,9 +248,9 @@ def main(argv=None) -> int:
         res["chunks_s"] = round(time.perf_counter() - t0, 2)
         res["num_tokens"] = sum(len(s) for s in segs)
         save()
-        backend = run_checks(model, segs, store, layout, device, dtype, res)
+        backend = run_checks(model, segs, store, head_map, device, dtype, res)
         save()
-        time_methods(model, segs, store, layout, device, dtype, backend, args, res, save)
+        time_methods(model, segs, store, head_map, device, dtype, backend, args, res, save)
     save()
     print(json.dumps({k: v for k, v in res.items() if k.startswith(("ttft", "speedup", "checks", "attention"))},
                      indent=1))
@@ -258,25 +259,25 @@ def main(argv=None) -> int:
 
 def write_prediction(out: Path, args) -> None:
     """``--predict``: the cost model's TTFTs into pi_reuse_speed.json (``predicted_*`` keys), and the plot."""
-    layout = stretched_layout(FULL["num_hidden_layers"], FULL["num_key_value_heads"])
-    pred = predict(FULL, layout, args.docs, args.doc_tokens, args.question_tokens, BENCH_METHODS)
+    head_map = stretched_map(FULL["num_hidden_layers"], FULL["num_key_value_heads"])
+    pred = predict(FULL, head_map, args.docs, args.doc_tokens, args.question_tokens, BENCH_METHODS)
     path = out / "pi_reuse_speed.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.update(pred, status=doc.get("status", "predicted only: no H200 run was made (see docs/chunk_reuse.md)"),
                date_predicted=time.strftime("%Y-%m-%d"), shape=FULL, docs=args.docs, doc_tokens=args.doc_tokens,
                question_tokens=args.question_tokens,
-               global_head_share=1 - sum(w > 0 for r in layout.window for w in r) / (32 * 8))
+               global_head_share=head_map.global_ratio)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     plot(out)
     print(json.dumps({k: round(v, 3) for k, v in pred.items() if k.startswith("predicted_ttft")}, indent=1))
 
 
-def time_methods(model, segs, store, layout, device, dtype, backend, args, res, save) -> None:
+def time_methods(model, segs, store, head_map, device, dtype, backend, args, res, save) -> None:
     cfgm = model.config
-    glob = HeadLayout.all_global(cfgm.num_hidden_layers, cfgm.num_key_value_heads)
+    glob = HeadMap.all_global("full", cfgm.num_hidden_layers, cfgm.num_key_value_heads)
     pools = {}
     for name in ("kvd", "full"):
-        lay = layout if name == "kvd" else glob
+        lay = head_map if name == "kvd" else glob
         pools[name] = PagePool(lay, head_dim=cfgm.head_dim, dtype=dtype, device=device, page_tokens=64)
         pools[name].reserve(res["num_tokens"])
     ids = torch.tensor([t for s in segs for t in s.token_ids], device=device)[None]
@@ -303,7 +304,7 @@ def time_methods(model, segs, store, layout, device, dtype, backend, args, res, 
         res[f"ttft_{method}_s"] = dt
         res[f"active_fraction_{method}"] = r.active_fraction
         res[f"ffn_fraction_{method}"] = r.ffn_fraction
-        res[f"host_bytes_{method}"] = read_bytes(cfg, layout, chunk_bytes)
+        res[f"host_bytes_{method}"] = read_bytes(cfg, head_map, chunk_bytes)
         res[f"ttft_host_{method}_s"] = dt + h2d_s(res[f"host_bytes_{method}"], device)
         print(f"{method}: ttft {dt:.3f} s (with host load {res[f'ttft_host_{method}_s']:.3f} s)", flush=True)
         save()

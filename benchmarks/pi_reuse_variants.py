@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from kvd.testing.models import load_causal_lm, smollm2_dir
+    from kvd.calibrate.model import load_causal_lm
+    from kvd.testing.models import smollm2_dir
 
     model, tok = load_causal_lm(smollm2_dir())
     store = LocalChunkStore()

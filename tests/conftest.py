@@ -37,6 +37,6 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def smollm2_fp32(smollm2_dir):
     """``(model, tokenizer)``: SmolLM2 loaded once in fp32, eval mode."""
-    from kvd.testing.models import load_causal_lm
+    from kvd.calibrate.model import load_causal_lm
 
     return load_causal_lm(smollm2_dir)

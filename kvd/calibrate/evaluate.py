@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from kvd.calibrate.harness import Harness, make_prompts, result_dict, summarize
-    from kvd.testing.models import load_causal_lm, smollm2_dir
+    from kvd.calibrate.model import load_causal_lm
+    from kvd.testing.models import smollm2_dir
 
     model, tok = load_causal_lm(a.model_dir or smollm2_dir())
     cfg = model.config

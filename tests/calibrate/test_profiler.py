@@ -6,7 +6,7 @@ import pytest
 
 from kvd.calibrate.profiler import ProfileConfig, main, profile, redknot_map, trajectory_maps
 from kvd.core.headmap import HeadMap
-from kvd.testing.models import model_spec
+from kvd.core.keys import ModelSpec
 
 pytestmark = pytest.mark.model
 
@@ -29,7 +29,7 @@ def test_profile_writes_a_valid_map(tiny_map, smollm2_fp32):
     assert back == hm
     back.check_fits(30, 3)
     assert hm.method == "kl_greedy"
-    assert hm.fingerprint == model_spec(smollm2_fp32[0].config, model_id=out.parent.name and hm.model).fingerprint()
+    assert hm.fingerprint == ModelSpec.from_hf_config(smollm2_fp32[0].config, model_id=out.parent.name and hm.model).fingerprint()
     for name in ("edge_mass", "prefix_shift", "combined"):
         vals = [v for row in hm.scores[name] for v in row]
         assert len(vals) == 90 and all(0.0 <= v <= 1.0 + 1e-6 for v in vals), name

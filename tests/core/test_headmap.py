@@ -62,3 +62,47 @@ def test_all_global_and_specs():
     hm = HeadMap.all_global("m", 2, 4)
     assert hm.num_global == 8 and hm.kv_fraction(500) == 1.0
     assert HeadSpec(head_class="local", sink=4, window=10).kept_tokens(100) == 14
+
+
+def test_grids_mark_global_heads_with_window_zero():
+    hm = small_map()
+    assert hm.sinks == ((0, 4, 4), (4, 4, 0))
+    assert hm.windows == ((0, 64, 128), (32, 64, 0))
+    assert hm.global_heads(1) == [2] and hm.local_heads(0) == [1, 2]
+    assert not hm.is_all_global and HeadMap.all_global("m", 2, 3).is_all_global
+    assert HeadMap.all_global("m", 2, 3).windows == ((0, 0, 0), (0, 0, 0))
+
+
+def test_grids_ignore_the_sink_and_window_a_global_head_carries_in_json():
+    doc = json.loads(small_map().to_json())
+    doc["heads"][0][0] = {"class": "global", "sink": 4, "window": 512}
+    hm = HeadMap.parse(doc)
+    assert hm.sinks[0][0] == 0 and hm.windows[0][0] == 0 and hm.global_heads(0) == [0]
+
+
+def test_cached_views_are_computed_once_and_never_serialized(tmp_path):
+    hm = small_map()
+    assert hm.windows is hm.windows and hm.sinks is hm.sinks
+    hm.global_heads(0).append(99)  # callers get a fresh list: the cache cannot be changed through it
+    assert hm.global_heads(0) == [0]
+    assert "windows" not in json.loads(hm.to_json())
+    hm.save(tmp_path / "m.json")
+    back = HeadMap.load(tmp_path / "m.json")
+    assert back == hm and back.windows == hm.windows  # cached on one side only: still equal
+
+
+def test_model_copy_drops_the_cached_views():
+    hm = small_map()
+    assert hm.windows[0] == (0, 64, 128)
+    flipped = hm.model_copy(update={"heads": [hm.heads[1], hm.heads[0]]})
+    assert flipped.windows == ((32, 64, 0), (0, 64, 128))
+    assert hm.model_copy(update={"fingerprint": "f"}).sinks == hm.sinks
+
+
+def test_shipped_smollm2_map_loads_with_its_grids():
+    from pathlib import Path
+
+    hm = HeadMap.load(Path(__file__).resolve().parents[2] / "config/heads/smollm2-135m.json")
+    assert (hm.num_layers, hm.num_kv_heads) == (30, 3)
+    assert all(len(row) == 3 for row in hm.windows)
+    assert [h for h in range(3) if hm.windows[5][h] == 0] == hm.global_heads(5)

@@ -120,3 +120,40 @@ def test_prefix_tail_hash_chains_after_the_last_full_chunk():
         prefix_tail_hash(toks, tail_tokens=200, parent=hs[-1], **kw)
     with pytest.raises(InvalidRequest, match="parent must be"):
         prefix_tail_hash(toks, tail_tokens=128, parent=None, **kw)
+
+
+# ---- ModelSpec.from_hf_config -------------------------------------------------------------------
+
+
+def test_spec_from_hf_config_reads_a_transformers_5_config():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_attention_heads=9, hidden_size=576, num_hidden_layers=30, num_key_value_heads=3,
+                          head_dim=64, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                          name_or_path="/models/smollm2-135m")
+    spec = ModelSpec.from_hf_config(cfg)
+    assert spec == ModelSpec("smollm2-135m", 30, 3, 64, "bfloat16", rope={"rope_theta": 100000.0,
+                                                                            "rope_type": "default"})
+    assert spec.rope is not cfg.rope_parameters  # a copy: later config edits do not change the spec
+    assert ModelSpec.from_hf_config(cfg, model_id="x", kv_dtype="float32", revision="r1").fingerprint() != \
+        spec.fingerprint()
+
+
+def test_spec_from_hf_config_falls_back_for_older_configs():
+    from types import SimpleNamespace
+
+    # No head_dim, no KV head count (MHA), RoPE in rope_theta/rope_scaling, no name.
+    cfg = SimpleNamespace(num_attention_heads=4, hidden_size=256, num_hidden_layers=2, rope_theta=10000.0,
+                          rope_scaling=None, name_or_path="")
+    spec = ModelSpec.from_hf_config(cfg)
+    assert (spec.model_id, spec.num_kv_heads, spec.head_dim) == ("model", 4, 64)
+    assert spec.rope == {"rope_theta": 10000.0, "rope_scaling": None}
+
+
+@pytest.mark.model
+def test_spec_from_hf_config_matches_smollm2(smollm2_fp32):
+    model, _ = smollm2_fp32
+    spec = ModelSpec.from_hf_config(model.config, model_id="smollm2-135m-instruct")
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (30, 3, 64)
+    assert spec.rope["rope_theta"] == 100000.0
+    assert spec.segment_bytes(1) == 256  # K+V of one token of one (layer, head), bf16

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvd.connectors.hf.pool import HeadLayout, PagePool
+from kvd.connectors.hf.pool import PagePool
 from kvd.connectors.hf.prefill import model_inv_freq, prefill
 from kvd.connectors.hf.reuse import assemble_cached, load_chunks
+from kvd.core.headmap import HeadMap
 from kvd.reuse.chunks import LocalChunkStore
 from kvd.reuse.plan import ReuseConfig, Segment, SparseFfn, assemble, method_config
 from kvd.reuse.select import cacheblend_tokens, epic_tokens, sparse_ffn_tokens
@@ -59,8 +60,8 @@ def test_bad_settings_are_refused():
 
 def test_pool_trims_local_pages_outside_sink_and_window():
     """N 16, sink 4, window 32: with the next query at 100, columns 1..3 are dead (module docstring)."""
-    layout = HeadLayout.from_grid([[True, False]], sink=4, window=32)
-    pool = PagePool(layout, head_dim=8, dtype=torch.float32, device="cpu", page_tokens=16, initial_pages=4)
+    head_map = HeadMap.from_classes("toy", [[True, False]], sink=4, window=32)
+    pool = PagePool(head_map, head_dim=8, dtype=torch.float32, device="cpu", page_tokens=16, initial_pages=4)
     k = torch.randn(2, 100, 8)
     pool.append(0, k, k + 1)  # grows past the 4 initial pages
     assert pool.trim(0) == 3
@@ -106,20 +107,20 @@ def tiny():
     asm = assemble(segs, [kv is not None for kv in kvs])
     cached = assemble_cached(asm, kvs, model_inv_freq(model), num_layers=3, num_kv_heads=2, head_dim=16,
                              dtype=torch.float32, device="cpu")
-    layout = HeadLayout.from_grid([[True, False]] * 3, sink=4, window=[[0, 40], [0, 24], [0, 64]])
-    return model, segs, asm, cached, layout
+    head_map = HeadMap.from_classes("tiny", [[True, False]] * 3, sink=4, window=[[0, 40], [0, 24], [0, 64]])
+    return model, segs, asm, cached, head_map
 
 
-def _run(tiny, cfg, layout, attention="paged"):
+def _run(tiny, cfg, head_map, attention="paged"):
     model, _, asm, cached, _ = tiny
-    pool = PagePool(layout, head_dim=16, dtype=torch.float32, device="cpu")
+    pool = PagePool(head_map, head_dim=16, dtype=torch.float32, device="cpu")
     with torch.no_grad():
-        return prefill(model, asm, cached, cfg, layout, pool, attention=attention)
+        return prefill(model, asm, cached, cfg, head_map, pool, attention=attention)
 
 
 def test_recompute_equals_model_forward_and_all_global_kvd_equals_recompute(tiny):
     model, _, asm, _, _ = tiny
-    glob = HeadLayout.all_global(3, 2)
+    glob = HeadMap.all_global("tiny", 3, 2)
     with torch.no_grad():
         ref = model(asm.token_ids[None]).logits[0, -1]
     rec = _run(tiny, ReuseConfig("recompute"), glob).logits
@@ -133,25 +134,25 @@ def test_recompute_equals_model_forward_and_all_global_kvd_equals_recompute(tiny
                                   "kvd_cached_local", "naive", "cacheblend", "epic"])
 def test_sdpa_fallbacks_match_segpaged(tiny, name):
     cfg = method_config(name)
-    layout = tiny[4] if name.startswith("kvd") else HeadLayout.all_global(3, 2)
-    a = _run(tiny, cfg, layout).logits
-    b = _run(tiny, cfg, layout, attention="dense").logits
+    head_map = tiny[4] if name.startswith("kvd") else HeadMap.all_global("tiny", 3, 2)
+    a = _run(tiny, cfg, head_map).logits
+    b = _run(tiny, cfg, head_map, attention="dense").logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_ffn_with_mass_one_is_exact(tiny):
-    layout = tiny[4]
-    base = _run(tiny, ReuseConfig("kvd"), layout)
-    dense = _run(tiny, ReuseConfig("kvd", sparse_ffn=SparseFfn(mass=1.0, dense_layers=0)), layout)
+    head_map = tiny[4]
+    base = _run(tiny, ReuseConfig("kvd"), head_map)
+    dense = _run(tiny, ReuseConfig("kvd", sparse_ffn=SparseFfn(mass=1.0, dense_layers=0)), head_map)
     assert torch.equal(base.logits, dense.logits)
-    sparse = _run(tiny, ReuseConfig("kvd", sparse_ffn=SparseFfn(mass=0.5, dense_layers=1, recent_tokens=8)), layout)
+    sparse = _run(tiny, ReuseConfig("kvd", sparse_ffn=SparseFfn(mass=0.5, dense_layers=1, recent_tokens=8)), head_map)
     assert sum(sparse.ffn_tokens) < sum(dense.ffn_tokens)
 
 
 def test_methods_compute_what_they_say(tiny):
-    _, _, asm, _, layout = tiny
+    _, _, asm, _, _ = tiny
     S = asm.num_tokens
-    glob = HeadLayout.all_global(3, 2)
+    glob = HeadMap.all_global("tiny", 3, 2)
     naive = _run(tiny, ReuseConfig("naive"), glob)
     assert naive.active_tokens == [16] * 3  # header + question
     epic = _run(tiny, ReuseConfig("epic", epic_tokens=8), glob)
@@ -168,7 +169,6 @@ def test_chunk_entries_round_trip_through_the_daemon(tiny, tmp_path):
     the chunks in another order loads them (kvd with cached local KV leases only the local-head
     extents) and gets the logits a local chunk store gives."""
     from kvd.connectors.hf import cache as hf
-    from kvd.core.headmap import HeadMap
     from tests.daemon_proc import DaemonProc
 
     model, segs, _, _, _ = tiny
@@ -203,8 +203,8 @@ def test_pool_listing_and_assembled_keys_drive_the_triton_kernels():
     from kvd.gpu_kernels import rope_shift, rope_shift_ref, segpaged_prefill, segpaged_prefill_ref
 
     g = torch.Generator().manual_seed(0)
-    layout = HeadLayout.from_grid([[True, False, False]], sink=4, window=[[0, 24, 40]])
-    pool = PagePool(layout, head_dim=16, dtype=torch.bfloat16, device="cpu", page_tokens=16)
+    head_map = HeadMap.from_classes("toy", [[True, False, False]], sink=4, window=[[0, 24, 40]])
+    pool = PagePool(head_map, head_dim=16, dtype=torch.bfloat16, device="cpu", page_tokens=16)
     kv = torch.randn(3, 90, 16, generator=g).bfloat16()
     pool.append(0, kv, -kv)
     pool.trim(0, next_pos=70)

@@ -1,11 +1,11 @@
-"""kvd.testing.models: the SmolLM2 conversion is idempotent and atomic; specs come from the config."""
+"""kvd.testing.models: the SmolLM2 conversion is idempotent and atomic."""
 
 from __future__ import annotations
 
 import pytest
 
 from kvd.core.errors import NotFound
-from kvd.testing.models import fetch, is_complete, model_spec
+from kvd.testing.models import fetch, is_complete
 
 pytestmark = pytest.mark.model
 
@@ -28,11 +28,3 @@ def test_incomplete_dir_is_not_complete(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert not is_complete(tmp_path)
 
-
-def test_model_spec_matches_smollm2(smollm2_fp32):
-    model, _ = smollm2_fp32
-    spec = model_spec(model.config, model_id="smollm2-135m-instruct")
-    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (30, 3, 64)
-    assert spec.rope["rope_theta"] == 100000.0
-    assert spec.segment_bytes(1) == 256  # K+V of one token of one (layer, head), bf16
-    assert spec.fingerprint() == model_spec(model.config, model_id="smollm2-135m-instruct").fingerprint()

@@ -1,6 +1,20 @@
 """kvd under transformers (Llama-family models): ``attach(model, ...)`` returns a ``KvdCache`` for
-``generate``; ``detach(model)`` undoes it (docs/transformers.md)."""
+``generate``; ``detach(model)`` undoes it (docs/transformers.md).
 
-from kvd.connectors.hf.cache import KvdCache, attach, detach
+The names are imported lazily: ``kvd.calibrate`` imports ``attention_switch`` from here and must not
+pull in the cache (hence the client) with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["KvdCache", "attach", "detach"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from kvd.connectors.hf import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'kvd.connectors.hf' has no attribute {name!r}")

@@ -10,8 +10,9 @@ How the function finds its cache: ``KvdCache`` writes each layer's new K/V into 
 ``update`` and tags the returned key tensor with ``kvd_view = (pool, layer, first position)``;
 transformers hands that tensor to the attention function unchanged. A key without the tag (the model
 called with another cache) falls through to transformers' sdpa attention, with the masks that the
-name's registration in ``AttentionMaskInterface`` provides (ENGINES.md §3.3: without it a custom
-function gets ``attention_mask=None`` and loses the causal offset of a second chunk).
+name's registration in ``AttentionMaskInterface`` provides (``attention_switch`` registers both;
+ENGINES.md §3.3: without it a custom function gets ``attention_mask=None`` and loses the causal
+offset of a second chunk).
 
 Layout of one call: the B requests' new tokens are packed ``[B * q, Hq, D]`` (varlen, equal lengths),
 row ``b * Hkv + h`` of the pool is (request b, KV head h); after the call the local heads' pages that
@@ -174,15 +175,5 @@ def kvd_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return out.view(B, q_len, num_q_heads, head_dim), None
 
 
-def register() -> str:
-    """Register ``"kvd"`` with transformers' attention and mask interfaces (idempotent); return the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, kvd_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    return ATTN_NAME
-
-
-__all__ = ["ATTN_NAME", "dense_causal_attention", "kvd_attention", "paged_attention", "register",
-           "sparse_query_attention", "use_triton", "windowed_attention"]
+__all__ = ["ATTN_NAME", "dense_causal_attention", "kvd_attention", "paged_attention", "sparse_query_attention",
+           "use_triton", "windowed_attention"]

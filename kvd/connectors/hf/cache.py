@@ -1,13 +1,15 @@
 """The transformers adapter: kvd underneath ``model.generate`` for Llama-family models.
 
 ``attach(model, head_map=..., client=None)`` registers kvd's attention (``"kvd"``, see
-``hf_attention``), switches the model to it, and returns a ``KvdCache`` to pass to ``generate``
-(``past_key_values=cache``; transformers >= 5.24 also names it ``cache=``). Underneath:
+``kvd.connectors.hf.attention``), switches the model to it (``attention_switch``), and returns a
+``KvdCache`` to pass to ``generate`` (``past_key_values=cache``; transformers >= 5.24 also names it
+``cache=``). Underneath:
 
-- **KV lives in kvd's page pool** (``hf_pool``): per (layer, KV head) page lists, on the model's
-  device. Attention reads them through SegPagedAttention (Triton on a GPU, the torch references on
-  the CPU). Local heads keep only their sink and window pages (prefix KV compression); global heads
-  keep everything. With an all-global map the model computes what plain transformers computes.
+- **KV lives in kvd's page pool** (``kvd.connectors.hf.pool``): per (layer, KV head) page lists, on
+  the model's device. Attention reads them through SegPagedAttention (Triton on a GPU, the torch
+  references on the CPU). Local heads keep only their sink and window pages (prefix KV compression);
+  global heads keep everything. With an all-global map the model computes what plain transformers
+  computes.
 - **Prefix entries** (with ``client``): before the first forward of a request, the longest stored
   prefix of whole chunks is loaded from the daemon into the pool and only the rest of the prompt is
   computed (``generate`` then sees shorter logits, of which it uses the last); after a prefill, the
@@ -16,7 +18,7 @@
   daemon's placement decides what stays hot); one request per cache (batch 1) on this path.
 - **Chunk reuse** (issue 7): ``cache.reuse(segments, method="kvd")`` prefills a request given as
   segments, reusing the reusable ones' chunk entries at their new positions with head-level recovery
-  (``hf_reuse``).
+  (``kvd.connectors.hf.reuse``).
 
 Lifecycle: one ``KvdCache`` serves one request (a batch of equal-length prompts without padding);
 ``cache.fresh()`` gives an empty cache with the same model, head map, daemon handle and chunk store.
@@ -43,8 +45,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvd.connectors.hf import attention as hf_attention
-from kvd.connectors.hf.pool import HeadLayout, PagePool
+from kvd.connectors.hf import attention_switch
+from kvd.connectors.hf.pool import PagePool
 from kvd.connectors.hf.reuse import ReuseResult, reuse_request
+from kvd.core.headmap import HeadMap
+from kvd.core.keys import ModelSpec
 from kvd.reuse.chunks import ChunkStore, DaemonChunkStore, LocalChunkStore
 from kvd.reuse.plan import ReuseConfig, Segment, SparseFfn
 
@@ -56,7 +61,7 @@ class Attachment:
     """What every cache of one ``attach`` shares."""
 
     model: Any
-    layout: HeadLayout
+    head_map: HeadMap
     fingerprint: str
     namespace: str
     chunk_store: ChunkStore
@@ -123,7 +128,7 @@ class KvdCache(Cache):
 
     def __init__(self, attachment: Attachment) -> None:
         self.att = attachment
-        num_layers = attachment.layout.num_layers
+        num_layers = attachment.head_map.num_layers
         super().__init__(layers=[KvdCacheLayer(self, i) for i in range(num_layers)])
         self.pool: PagePool | None = None
         self.token_ids: list[int] = []  # tokens of request 0 in the cache (prefix-entry path)
@@ -139,7 +144,7 @@ class KvdCache(Cache):
             w = self.att.model.model.embed_tokens.weight
             cfg = self.att.model.config
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            self.pool = PagePool(self.att.layout, head_dim=head_dim, dtype=dtype or w.dtype, device=device or w.device,
+            self.pool = PagePool(self.att.head_map, head_dim=head_dim, dtype=dtype or w.dtype, device=device or w.device,
                                  batch_size=batch_size, page_tokens=self.att.page_tokens)
         elif self.pool.batch_size != batch_size:
             raise ValueError(f"this cache holds {self.pool.batch_size} requests, the input has {batch_size}; "
@@ -196,7 +201,7 @@ class KvdCache(Cache):
             self.att.warn_once("load", "loading a prefix from kvd failed, computing it instead: %s", e)
             return 0
         positions = torch.arange(n, device=pool.device)
-        for layer in range(pool.layout.num_layers):
+        for layer in range(pool.head_map.num_layers):
             pool.write(layer, kv[layer, 0], kv[layer, 1], positions)
             pool.trim(layer)
         self.token_ids = ids[:n]
@@ -281,16 +286,14 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
             daemon-held chunk entries. None: no daemon; chunk entries are kept in this process.
         namespace: tenant / cache salt of every key. page_tokens: tokens per pool page.
         chunk_store: where chunk entries live (default: the daemon with a client, else in process).
-    Raises ``ValueError`` if the head map does not fit the model.
+    Raises ``HeadMapError`` if the head map does not fit the model.
     """
-    from kvd.testing.models import model_spec
-
     cfg = model.config
-    layout = HeadLayout.from_head_map(head_map) if head_map is not None else \
-        HeadLayout.all_global(cfg.num_hidden_layers, cfg.num_key_value_heads)
-    layout.check_fits(cfg.num_hidden_layers, cfg.num_key_value_heads)
     dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    spec = model_spec(cfg, kv_dtype=dtype)
+    spec = ModelSpec.from_hf_config(cfg, kv_dtype=dtype)
+    pool_map = head_map if head_map is not None else \
+        HeadMap.all_global(spec.model_id, cfg.num_hidden_layers, cfg.num_key_value_heads)
+    pool_map.check_fits(cfg.num_hidden_layers, cfg.num_key_value_heads, model=spec.model_id)
     handle = None
     if client is not None:
         from kvd.client import prefix as kvio
@@ -303,13 +306,11 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
     if chunk_store is None:
         chunk_store = DaemonChunkStore(handle) if handle is not None else LocalChunkStore()
     fingerprint = handle.fingerprint if handle is not None else spec.fingerprint()
-    hf_attention.register()
-    if getattr(model, "_kvd_hooks", None) is None:
-        previous = model.config._attn_implementation
+    previous = attention_switch.attach(model, hf_attention.ATTN_NAME, hf_attention.kvd_attention)
+    if getattr(model, "_kvd_hooks", None) is None:  # attached again: keep what the first attach replaced
         model._kvd_hooks = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
                             model.register_forward_hook(_post_forward, with_kwargs=True), previous)
-    model.set_attn_implementation(hf_attention.ATTN_NAME)
-    return KvdCache(Attachment(model, layout, fingerprint, namespace, chunk_store, handle, page_tokens))
+    return KvdCache(Attachment(model, pool_map, fingerprint, namespace, chunk_store, handle, page_tokens))
 
 
 def detach(model) -> None:
@@ -320,7 +321,7 @@ def detach(model) -> None:
     pre, post, previous = hooks
     pre.remove()
     post.remove()
-    model.set_attn_implementation(previous)
+    attention_switch.detach(model, previous)
     del model._kvd_hooks
 
 

@@ -15,77 +15,17 @@ Worked example (N 16, sink 4, window 32, next query 100): columns 1..3 (position
 column 4 (64..79) stays because 79 > 68; column 0 stays for the sink. The row lists 0, 4, 5, 6.
 
 Growth: when the free list runs out, the pool tensors are reallocated at twice the size and copied;
-page ids stay valid. Imports only torch (the speed benchmark runs this module on a machine without
-pydantic).
+page ids stay valid. Which heads are local, and their sinks and windows, come from the cache's
+``kvd.core.headmap.HeadMap`` (its ``sinks``/``windows`` grids, window 0 = global).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(slots=True, frozen=True)
-class HeadLayout:
-    """Per (layer, KV head): ``sink`` and ``window`` in tokens; ``window == 0`` marks a global head.
-
-    The torch-only form of a ``kvd.core.headmap.HeadMap`` (which needs pydantic), built by
-    ``from_head_map`` or directly from grids.
-    """
-
-    sink: tuple[tuple[int, ...], ...]  # [layer][head]
-    window: tuple[tuple[int, ...], ...]  # [layer][head]; 0 = global
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.window)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return len(self.window[0]) if self.window else 0
-
-    @classmethod
-    def all_global(cls, num_layers: int, num_kv_heads: int) -> HeadLayout:
-        zeros = tuple((0,) * num_kv_heads for _ in range(num_layers))
-        return cls(zeros, zeros)
-
-    @classmethod
-    def from_grid(cls, is_global: Sequence[Sequence[bool]], *, sink: int,
-                  window: int | Sequence[Sequence[int]]) -> HeadLayout:
-        sinks, windows = [], []
-        for layer, row in enumerate(is_global):
-            w_row = [window if isinstance(window, int) else window[layer][h] for h in range(len(row))]
-            if any(not g and w <= 0 for g, w in zip(row, w_row)):
-                raise ValueError(f"layer {layer}: a local head needs window > 0, got {w_row}")
-            sinks.append(tuple(0 if g else sink for g in row))
-            windows.append(tuple(0 if g else int(w) for g, w in zip(row, w_row)))
-        return cls(tuple(sinks), tuple(windows))
-
-    @classmethod
-    def from_head_map(cls, head_map) -> HeadLayout:
-        """From a ``kvd.core.headmap.HeadMap`` (duck-typed: rows of specs with is_global, sink, window)."""
-        return cls(tuple(tuple(0 if s.is_global else int(s.sink) for s in row) for row in head_map.heads),
-                   tuple(tuple(0 if s.is_global else int(s.window) for s in row) for row in head_map.heads))
-
-    def is_global(self, layer: int, head: int) -> bool:
-        return self.window[layer][head] == 0
-
-    def global_heads(self, layer: int) -> list[int]:
-        return [h for h, w in enumerate(self.window[layer]) if w == 0]
-
-    def local_heads(self, layer: int) -> list[int]:
-        return [h for h, w in enumerate(self.window[layer]) if w > 0]
-
-    @property
-    def is_all_global(self) -> bool:
-        return all(w == 0 for row in self.window for w in row)
-
-    def check_fits(self, num_layers: int, num_kv_heads: int) -> None:
-        if self.num_layers != num_layers or self.num_kv_heads != num_kv_heads:
-            raise ValueError(f"head layout has {self.num_layers} layers x {self.num_kv_heads} KV heads, the model "
-                             f"has {num_layers} x {num_kv_heads}; use the head map made for this model")
+from kvd.core.headmap import HeadMap
 
 
 @dataclass(slots=True, frozen=True)
@@ -102,16 +42,16 @@ class Listing:
 class PagePool:
     """K/V pages of every layer of one cache (see the module docstring for the lifecycle)."""
 
-    def __init__(self, layout: HeadLayout, *, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+    def __init__(self, head_map: HeadMap, *, head_dim: int, dtype: torch.dtype, device: torch.device | str,
                  batch_size: int = 1, page_tokens: int = 16, initial_pages: int = 256) -> None:
         if page_tokens <= 0 or batch_size <= 0:
             raise ValueError(f"page_tokens={page_tokens} and batch_size={batch_size} must be positive")
-        self.layout = layout
+        self.head_map = head_map
         self.head_dim = head_dim
         self.page_tokens = page_tokens
         self.batch_size = batch_size
-        self.num_kv_heads = layout.num_kv_heads
-        self.rows = batch_size * layout.num_kv_heads
+        self.num_kv_heads = head_map.num_kv_heads
+        self.rows = batch_size * head_map.num_kv_heads
         self.device = torch.device(device)
         self.dtype = dtype
         self.k = torch.empty(initial_pages, page_tokens, head_dim, dtype=dtype, device=self.device)
@@ -119,13 +59,13 @@ class PagePool:
         self._free = torch.arange(initial_pages - 1, -1, -1, device="cpu")  # a stack: pop from the end
         self._num_free = initial_pages
         self.tables = [torch.full((self.rows, 0), -1, dtype=torch.long, device=self.device)
-                       for _ in range(layout.num_layers)]
-        self.num_tokens = [0] * layout.num_layers  # positions [0, num_tokens) written per layer
-        self._heads = [self._head_tensors(layer) for layer in range(layout.num_layers)]
+                       for _ in range(head_map.num_layers)]
+        self.num_tokens = [0] * head_map.num_layers  # positions [0, num_tokens) written per layer
+        self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
 
     def _head_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sink = torch.tensor(self.layout.sink[layer], dtype=torch.int32, device=self.device)
-        window = torch.tensor(self.layout.window[layer], dtype=torch.int32, device=self.device)
+        sink = torch.tensor(self.head_map.sinks[layer], dtype=torch.int32, device=self.device)
+        window = torch.tensor(self.head_map.windows[layer], dtype=torch.int32, device=self.device)
         return sink, window
 
     # ---- pages ---------------------------------------------------------------------------------
@@ -294,4 +234,4 @@ class PagePool:
         return (table >= 0).sum(1) * self.page_tokens
 
 
-__all__ = ["HeadLayout", "Listing", "PagePool"]
+__all__ = ["Listing", "PagePool"]

@@ -29,7 +29,8 @@ from kvd.connectors.hf.attention import (
     sparse_query_attention,
     windowed_attention,
 )
-from kvd.connectors.hf.pool import HeadLayout, PagePool
+from kvd.connectors.hf.pool import PagePool
+from kvd.core.headmap import HeadMap
 from kvd.reuse.plan import Assembly, ReuseConfig
 from kvd.reuse.select import cacheblend_tokens, epic_tokens, received_attention, sparse_ffn_tokens
 
@@ -85,7 +86,7 @@ class _Ctx:
     """What every layer of one prefill shares."""
 
     cfg: ReuseConfig
-    layout: HeadLayout
+    head_map: HeadMap
     pool: PagePool | None
     cached: torch.Tensor | None  # [2, L, Hkv, S, D]
     reused: torch.Tensor  # [S] bool, on the model's device
@@ -105,7 +106,7 @@ def _layer_kv(ctx: _Ctx, layer: int, act: torch.Tensor, k: torch.Tensor, v: torc
     K, V = ctx.cached[0, layer].clone(), ctx.cached[1, layer].clone()
     k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, A, D]
     if ctx.cfg.method == "kvd":
-        is_global = torch.tensor([w == 0 for w in ctx.layout.window[layer]], device=K.device)
+        is_global = torch.tensor([w == 0 for w in ctx.head_map.windows[layer]], device=K.device)
         take = is_global[:, None] | ~ctx.local_cached[act][None, :]  # [Hkv, A]
         k_t = torch.where(take[..., None], k_t, K[:, act])
         v_t = torch.where(take[..., None], v_t, V[:, act])
@@ -123,14 +124,14 @@ def _attend(ctx: _Ctx, layer: int, q: torch.Tensor, act: torch.Tensor, K, V, sca
     paged = ctx.attention == "paged"
     if A == S:  # every token a query: dense sdpa for global heads, SegPaged for local heads
         out = torch.empty_like(q)
-        glob, loc = ctx.layout.global_heads(layer), ctx.layout.local_heads(layer)
+        glob, loc = ctx.head_map.global_heads(layer), ctx.head_map.local_heads(layer)
         if glob:
             qh = q_heads(glob, group, q.device)
             out[:, qh] = dense_causal_attention(q[:, qh], K[glob], V[glob], scale)
         if loc and not paged:
             qh = q_heads(loc, group, q.device)
-            out[:, qh] = windowed_attention(q[:, qh], K[loc], V[loc], [ctx.layout.sink[layer][h] for h in loc],
-                                            [ctx.layout.window[layer][h] for h in loc], scale)
+            out[:, qh] = windowed_attention(q[:, qh], K[loc], V[loc], [ctx.head_map.sinks[layer][h] for h in loc],
+                                            [ctx.head_map.windows[layer][h] for h in loc], scale)
         elif loc:
             qh = q_heads(loc, group, q.device)
             pos = torch.arange(S, dtype=torch.int32, device=q.device)
@@ -139,7 +140,8 @@ def _attend(ctx: _Ctx, layer: int, q: torch.Tensor, act: torch.Tensor, K, V, sca
                                          max_seqlen_q=S)
         return out
     if not paged:
-        return sparse_query_attention(q, act, K, V, scale, sink=ctx.layout.sink[layer], window=ctx.layout.window[layer])
+        return sparse_query_attention(q, act, K, V, scale, sink=ctx.head_map.sinks[layer],
+                                      window=ctx.head_map.windows[layer])
     if ctx.pool is None:
         raise ValueError("a prefill that computes only some tokens needs a page pool")
     cu = torch.tensor([0, A], dtype=torch.int32, device=q.device)
@@ -163,7 +165,7 @@ def _importance(ctx: _Ctx, layer: int, sf, q, act, K, out, scale) -> torch.Tenso
     """Sparse FFN's per-token importance ``[A]`` (see ``SparseFfn.importance``)."""
     if sf.importance == "output_norm":
         return out.norm(dim=-1)
-    heads = ctx.layout.global_heads(layer) or list(range(K.shape[0]))
+    heads = ctx.head_map.global_heads(layer) or list(range(K.shape[0]))
     if sf.importance == "kv_deviation":
         if ctx.cached is None:
             return out.norm(dim=-1)
@@ -213,13 +215,13 @@ def _layer(ctx: _Ctx, layer_idx: int, mod, x: torch.Tensor, act: torch.Tensor, s
             x, act = xs + mod.mlp(mod.post_attention_layernorm(xs)), act[sel]
         else:
             x = x.index_add(0, sel, mod.mlp(mod.post_attention_layernorm(xs)))
-    if ctx.pool is not None and not ctx.layout.is_all_global:
+    if ctx.pool is not None and not ctx.head_map.is_all_global:
         ctx.pool.trim(layer_idx)
     return x, act
 
 
 @torch.no_grad()
-def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig, layout: HeadLayout,
+def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig, head_map: HeadMap,
             pool: PagePool | None, *, compute_logits: bool = True, collect_kv: bool = False,
             attention: str = "paged") -> PrefillResult:
     """One forward of the assembled context under ``cfg``; KV goes into ``pool`` (if given).
@@ -228,14 +230,14 @@ def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig,
     ``recompute``. The last token must be computed by the method (it is uncached, or the method
     computes every token) when ``compute_logits``. ``attention="dense"`` replaces SegPagedAttention by
     sdpa-based fallbacks (blockwise windows, masked blocks): for machines where the Triton kernels
-    do not run; the pool is still written.
+    do not run; the pool is still written. Raises ``HeadMapError`` if ``head_map`` does not fit.
     """
     core = model.model
     device = core.embed_tokens.weight.device
     S = asm.num_tokens
     if cfg.reads_cache and cached is None:
         raise ValueError(f"method {cfg.method!r} needs the cached KV (assemble_cached)")
-    layout.check_fits(len(core.layers), model.config.num_key_value_heads)
+    head_map.check_fits(len(core.layers), model.config.num_key_value_heads)
     ids = asm.token_ids.to(device)
     positions = torch.arange(S, device=device)
     act = torch.nonzero(_initial_tokens(asm, cfg).to(device)).reshape(-1) if cfg.uses_cache else positions
@@ -243,7 +245,7 @@ def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig,
     cos, sin = core.rotary_emb(x, positions[None])
     must_run = ~asm.reused | asm.first_tokens(cfg.boundary_tokens)
     local_cached = ~must_run if cfg.local_kv == "cached" else torch.zeros_like(must_run)
-    ctx = _Ctx(cfg, layout, pool, cached if cfg.reads_cache else None, asm.reused.to(device), local_cached.to(device),
+    ctx = _Ctx(cfg, head_map, pool, cached if cfg.reads_cache else None, asm.reused.to(device), local_cached.to(device),
                must_run.to(device), cos[0], sin[0], S, [] if collect_kv else None, attention)
     result = PrefillResult(logits=None)
     for i, mod in enumerate(core.layers):

@@ -4,7 +4,7 @@
 segments' chunk entries (``kvd.reuse.chunks``; a missing one is computed on its own at ``[0, n)``
 and stored), copies them into one assembled context, RoPE-shifts their keys to their new positions
 with kvd's kernel (``kvd.gpu_kernels.rope_shift``), and runs one forward over the context with the
-method's rules (``hf_prefill.prefill``), leaving the KV in the cache's page pool, ready for decoding
+method's rules (``kvd.connectors.hf.prefill.prefill``), leaving the KV in the cache's page pool, ready for decoding
 through the adapter.
 """
 
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from kvd.connectors.hf.attention import use_triton
-from kvd.connectors.hf.pool import HeadLayout, PagePool
+from kvd.connectors.hf.pool import PagePool
 from kvd.connectors.hf.prefill import model_inv_freq, prefill
+from kvd.core.headmap import HeadMap
 from kvd.reuse.chunks import ChunkStore
 from kvd.reuse.plan import Assembly, ReuseConfig, Segment, assemble
 
@@ -76,9 +77,9 @@ def chunk_key(segment: Segment, *, namespace: str, fingerprint: str) -> str:
 def compute_chunk(model, segment: Segment) -> torch.Tensor:
     """A segment's chunk entry: its KV computed on its own at ``[0, n)``, ``[L, 2, Hkv, n, D]``."""
     cfg = model.config
-    layout = HeadLayout.all_global(cfg.num_hidden_layers, cfg.num_key_value_heads)
+    head_map = HeadMap.all_global("chunk", cfg.num_hidden_layers, cfg.num_key_value_heads)
     asm = assemble([segment], [False])
-    return prefill(model, asm, None, ReuseConfig("recompute"), layout, None, compute_logits=False,
+    return prefill(model, asm, None, ReuseConfig("recompute"), head_map, None, compute_logits=False,
                    collect_kv=True).kv
 
 
@@ -124,10 +125,10 @@ def reuse_request(model, segments: Sequence[Segment], cfg: ReuseConfig, pool: Pa
         if len(last) == 1 and len(segs) == 1:
             raise ValueError("nothing to prefill: the request is one token")
         segs = segs[:-1] + ([Segment(last[:-1])] if len(last) > 1 else [])
-    layout = pool.layout
+    head_map = pool.head_map
     chunk_kv, hits, computed = [None] * len(segs), 0, 0
     if cfg.reads_cache:
-        classes = None if layout.is_all_global else cfg.cache_classes
+        classes = None if head_map.is_all_global else cfg.cache_classes
         chunk_kv, hits, computed = load_chunks(model, segs, store, namespace=namespace, fingerprint=fingerprint,
                                                classes=classes)
     asm = assemble(segs, [kv is not None for kv in chunk_kv])
@@ -137,7 +138,7 @@ def reuse_request(model, segments: Sequence[Segment], cfg: ReuseConfig, pool: Pa
         cached = assemble_cached(asm, chunk_kv, model_inv_freq(model), num_layers=mc.num_hidden_layers,
                                  num_kv_heads=mc.num_key_value_heads, head_dim=pool.head_dim, dtype=pool.dtype,
                                  device=pool.device)
-    res = prefill(model, asm, cached, cfg, layout, pool, compute_logits=not leave_last, attention=attention)
+    res = prefill(model, asm, cached, cfg, head_map, pool, compute_logits=not leave_last, attention=attention)
     full = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.long, device=pool.device)[None]
     S, L = asm.num_tokens, mc.num_hidden_layers
     return ReuseResult(
