@@ -1,8 +1,9 @@
 """The client's mapping of the daemon's host arena, and zero-copy views of extents in it.
 
 The daemon owns the arena file; a client maps it read-write (MAP_SHARED) once and keeps the mapping
-until the daemon reports another ``arena_id`` (a restart), then maps the new file. Views are numpy
-arrays or torch tensors over the mapping itself: writing a view writes the arena, no copy in between.
+until the daemon reports another ``arena_id`` (a restart), then maps the new file. Views are torch
+tensors over the mapping itself: writing a view writes the arena, no copy in between
+(``kvd.client.transfer`` hands them out per leased or reserved entry).
 
 When CUDA is available the mapping is registered with ``cudaHostRegister`` so that copies between it
 and GPU memory run as DMA at pinned-memory speed (``tensor.to("cuda", non_blocking=True)``).
@@ -14,16 +15,11 @@ import logging
 import mmap
 import os
 
-import numpy as np
-
 from kvd.core.errors import DaemonUnavailable
 from kvd.core.extents import ExtentPlan
 from kvd.core.protocol import ArenaInfo, ExtentInfo
 
 logger = logging.getLogger(__name__)
-
-# numpy has no bfloat16: bf16 extents are viewed as uint16 in numpy, as bfloat16 in torch.
-_NUMPY_DTYPES = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "float8_e4m3fn": np.uint8}
 
 
 class ArenaMapping:
@@ -78,16 +74,13 @@ class ArenaMapping:
             raise ValueError(f"range [{offset}, {offset + nbytes}) is outside the arena")
         return self.buffer[offset : offset + nbytes]
 
-    def numpy_extent(self, ext: ExtentInfo, plan: ExtentPlan, dtype: str) -> np.ndarray:
-        """``[num_segments, 2, T, D]`` numpy view (K at [:, 0], V at [:, 1]); bf16 shows as uint16."""
-        arr = np.frombuffer(self._mmap, dtype=_NUMPY_DTYPES[dtype], count=plan.nbytes // plan.dtype_bytes,
-                            offset=ext.offset)
-        return arr.reshape(plan.num_segments, 2, plan.num_tokens, plan.head_dim)
-
     def torch_extent(self, ext: ExtentInfo, plan: ExtentPlan, dtype: str):
-        """``[num_segments, 2, T, D]`` torch view in the KV dtype, sharing the mapping."""
+        """``[num_segments, 2, T, D]`` torch view in the KV dtype, sharing the mapping. ``ValueError``
+        if the plan's bytes do not lie inside the arena."""
         import torch
 
+        if ext.offset < 0 or ext.offset + plan.nbytes > self.info.capacity_bytes:
+            raise ValueError(f"extent [{ext.offset}, {ext.offset + plan.nbytes}) is outside the arena")
         flat = self.torch_bytes()[ext.offset : ext.offset + plan.nbytes]
         return flat.view(getattr(torch, dtype)).view(plan.num_segments, 2, plan.num_tokens, plan.head_dim)
 

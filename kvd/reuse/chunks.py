@@ -73,11 +73,13 @@ class LocalChunkStore(ChunkStore):
 
 
 class DaemonChunkStore(ChunkStore):
-    """Chunk entries in the kvd daemon, through a registered ``kvd.client.prefix.ModelHandle``.
+    """Chunk entries in the kvd daemon, through a registered ``kvd.client.transfer.ModelHandle``.
 
-    Storing reserves ``kind="chunk"`` entries at ``[0, n)`` (so the daemon's head-aware placement sees
-    a sequence that ends with the chunk), copies each extent straight into the arena, and commits.
-    Loading leases the asked head classes, copies them out (verifying checksums) and releases.
+    Each call is one ``kvd.client.transfer`` transaction. Storing reserves a ``kind="chunk"`` entry at
+    ``[0, n)`` (so the daemon's head-aware placement sees a sequence that ends with the chunk), copies
+    each extent straight into the arena, and commits. Loading leases the asked head classes; the
+    entries that pass the transaction's checks (checksums, shapes, no lossy bytes) are copied out, the
+    others are absent from the answer (recomputed); then the lease is released.
     """
 
     def __init__(self, handle, *, verify: bool = True) -> None:
@@ -90,85 +92,43 @@ class DaemonChunkStore(ChunkStore):
                            device=device or "cpu")
 
     def get(self, keys, *, classes=None, device=None):
-        from kvd.core import protocol as P
+        from kvd.client.transfer import open_lease
         from kvd.core.errors import KvdError
 
-        h = self.handle
         if not keys:
             return {}
         try:
-            lease = h.client.lease(P.LeaseRequest(fingerprint=h.fingerprint, namespace=h.namespace,
-                                                  hashes=list(keys), classes=list(classes) if classes else None))
+            lease = open_lease(self.handle, list(keys), classes=classes, verify=self.verify, leading=False)
         except KvdError as e:
             logger.warning("chunk lookup failed, recomputing %d chunks: %s", len(keys), e)
             return {}
         out: dict[str, torch.Tensor] = {}
         try:
-            for entry in lease.entries:
-                if entry.status != "ok":
-                    continue
-                kv = self._copy_out(lease.arena_id, entry, device)
-                if kv is not None:
-                    out[entry.hash] = kv
+            for view in lease.usable():
+                kv = self._empty(view.num_tokens, device)
+                view.read_into(kv)
+                out[view.hash] = kv
         finally:
-            if lease.lease_id is not None:
-                try:
-                    h.client.release(P.ReleaseRequest(lease_id=lease.lease_id))
-                except KvdError as e:
-                    logger.warning("releasing chunk lease %s failed (it expires on its own): %s", lease.lease_id, e)
+            try:
+                lease.release()
+            except KvdError as e:
+                logger.warning("releasing a chunk lease failed (it expires on its own): %s", e)
         return out
 
-    def _copy_out(self, arena_id: str, entry, device) -> torch.Tensor | None:
-        import xxhash
-
-        from kvd.client.prefix import extent_to_kv_views
-
-        h = self.handle
-        arena = h.client.arena(arena_id)
-        plans = h.plans(entry.num_tokens)
-        kv = self._empty(entry.num_tokens, device)
-        for ext in entry.extents:
-            if self.verify and ext.checksum is not None:
-                got = xxhash.xxh3_64_hexdigest(arena.bytes_at(ext.offset, ext.nbytes))
-                if got != ext.checksum:
-                    logger.warning("chunk %s extent %s fails its checksum; recomputing it", entry.hash, ext.head_class)
-                    return None
-            view = arena.torch_extent(ext, plans[ext.head_class], h.spec.kv_dtype)
-            for part, dst in extent_to_kv_views(plans[ext.head_class], view, kv, 0):
-                dst.copy_(part)
-        return kv
-
     def put(self, key, kv):
-        import time
-
-        from kvd.client.prefix import extent_to_kv_views
+        from kvd.client.transfer import reserve
         from kvd.core import protocol as P
         from kvd.core.errors import KvdError
 
         h = self.handle
         n = kv.shape[3]
         try:
-            resp = h.client.reserve(P.ReserveRequest(
-                fingerprint=h.fingerprint, namespace=h.namespace,
-                entries=[P.ReserveEntry(hash=key, kind="chunk", num_tokens=n, start_token=0, end_token=n)]))
-            status = resp.entries[0].status
-            if status != "reserved" or resp.reservation_id is None:
-                return status == "exists"
-            t0 = time.perf_counter()
-            try:
-                arena = h.client.arena(resp.arena_id)
-                plans = h.plans(n)
-                src = kv.to(getattr(torch, h.spec.kv_dtype))
-                for ext in resp.entries[0].extents:
-                    dst = arena.torch_extent(ext, plans[ext.head_class], h.spec.kv_dtype)
-                    for part, s in extent_to_kv_views(plans[ext.head_class], dst, src, 0):
-                        part.copy_(s)
-            except BaseException:
-                h.client.abort(P.AbortRequest(reservation_id=resp.reservation_id))
-                raise
-            h.client.commit(P.CommitRequest(reservation_id=resp.reservation_id,
-                                            transfer_s=time.perf_counter() - t0))
-            return True
+            entry = P.ReserveEntry(hash=key, kind="chunk", num_tokens=n, start_token=0, end_token=n)
+            with reserve(h, [entry]) as res:  # commits on exit; aborts if the copy raises
+                view = res.entry(0)
+                if view is not None:
+                    view.write_from(kv.to(getattr(torch, h.spec.kv_dtype)))
+            return res.num_reserved + res.num_exists == 1
         except KvdError as e:
             logger.warning("storing chunk %s failed (it will be recomputed next time): %s", key, e)
             return False

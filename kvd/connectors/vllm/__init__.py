@@ -2,7 +2,7 @@
 ``kv_connector: "KvdConnector"`` (docs/vllm.md).
 
 ``KvdConnector`` is imported lazily: the scheduler and worker logic (``scheduler``, ``worker``,
-``copy``, ``layout``) is importable and testable without importing vLLM itself.
+``copy``, ``layout``, ``settings``) is importable and testable without importing vLLM itself.
 """
 
 from __future__ import annotations

@@ -8,14 +8,16 @@ Use it with::
 
 vLLM builds the class twice: in the EngineCore process with the scheduler role and in each worker
 with the worker role. Every hook delegates: scheduler hooks to ``SchedulerPlanner``
-(``vllm_plan``: lookups, which chunks to load and save), worker hooks to ``WorkerIO`` (``vllm_worker``:
-leases, reservations, per-layer copies through ``vllm_copy``), both over one ``DaemonSession``
-(``vllm_session``: settings, registration, circuit breaker, counters). docs/vllm.md is the user guide.
+(``scheduler``: lookups, which entries to load and save), worker hooks to ``WorkerIO`` (``worker``:
+leases and reservations through ``kvd.client.transfer``, per-layer copies through ``copy``), both over
+one ``kvd.client.session.DaemonSession`` (registration, circuit breaker, counters) opened with the
+validated extra config (``settings``). docs/vllm.md is the user guide.
 
 Decisions (the reasons are in those modules): loads are synchronous and layer by layer; saves are
 synchronous within the step that completes a chunk, so ``request_finished`` never delays freeing
-blocks; ``requires_kv_delivery`` is False (a cache, not a hand-off); only full prompt chunks are
-stored; ``kv_role`` ``kv_consumer`` only loads, ``kv_producer`` only stores.
+blocks; ``requires_kv_delivery`` is False (a cache, not a hand-off); only prompt entries are stored
+(full chunks and the tail entry, with prefix aliases); ``kv_role`` ``kv_consumer`` only loads,
+``kv_producer`` only stores.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import probe_block_layout
 from kvd.connectors.vllm.scheduler import SchedulerPlanner, StepPlan
-from kvd.connectors.vllm.session import ConnectorSettings, DaemonSession, load_head_map, model_spec_from_vllm
+from kvd.connectors.vllm.settings import ConnectorSettings, load_head_map, model_spec_from_vllm, open_session
 from kvd.connectors.vllm.worker import WorkerIO
 
 if TYPE_CHECKING:
@@ -101,8 +103,8 @@ class KvdConnector(KVConnectorBase_V1):
         spec = model_spec_from_vllm(vllm_config, kv_cache_config, self.settings)
         self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         is_scheduler = role == KVConnectorRole.SCHEDULER
-        self.session = DaemonSession(self.settings, spec, load_head_map(self.settings, spec),
-                                     block_size=self.block_size, role="scheduler" if is_scheduler else "worker")
+        self.session = open_session(self.settings, spec, load_head_map(self.settings, spec),
+                                    block_size=self.block_size, role="scheduler" if is_scheduler else "worker")
         self._reported: Counter[str] = Counter()
         self.planner: SchedulerPlanner | None = None
         self.worker: WorkerIO | None = None
@@ -111,7 +113,7 @@ class KvdConnector(KVConnectorBase_V1):
                 logger.warning("kv_load_failure_policy is %r: a chunk evicted or a daemon lost between lookup and "
                                "load fails the request; set \"kv_load_failure_policy\": \"recompute\" in "
                                "--kv-transfer-config so vLLM recomputes instead", tc.kv_load_failure_policy)
-            self.planner = SchedulerPlanner(self.session, block_size=self.block_size,
+            self.planner = SchedulerPlanner(self.session, self.settings, block_size=self.block_size,
                                             can_load=tc.is_kv_consumer, can_save=tc.is_kv_producer)
         self.session.require_compatible()
 
@@ -147,7 +149,7 @@ class KvdConnector(KVConnectorBase_V1):
 
         layout = probe_block_layout(engine_write, ordered[names[0]])
         copier = make_copier(layout.to(ordered[names[0]].device), ordered[names[0]])
-        self.worker = WorkerIO(self.session, ordered, copier, block_size=self.block_size,
+        self.worker = WorkerIO(self.session, self.settings, ordered, copier, block_size=self.block_size,
                                num_blocks=self._kv_cache_config.num_blocks)
         logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s", len(names), layout.name,
                     self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__)

@@ -11,7 +11,7 @@ portable across engines, layouts and ISAs, and the head map's codecs can read it
 
 - ``StridedCopier`` (CPU; any layout that is a strided view of a block, which every CPU ISA and GPU
   layout seen is): per layer, strided copies between the arena and a block-ordered staging buffer,
-  then whole blocks into place. On the CPU through numpy (one thread; see ``kvio.copy_block`` for why).
+  then whole blocks into place. On the CPU through numpy (one thread; see ``kvd.client.transfer.copy_block`` for why).
 - ``PermCopier`` (a layout that is no strided view): the same with a gather by the permutation.
 - ``KernelCopier`` (CUDA, layouts ``LBNHC``/``LBHNC``): ``kvd.gpu_kernels`` gather/scatter, reading or
   writing the (pinned) arena directly; ``use_triton=False`` runs their torch references (tests).
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvd.client.prefix import copy_block, numpy_view
+from kvd.client.transfer import copy_block, numpy_view
 from kvd.connectors.vllm.layout import BlockLayout
 from kvd.core.extents import ExtentPlan
 from kvd.gpu_kernels import gather_segments, gather_segments_ref, scatter_segments, scatter_segments_ref

@@ -13,8 +13,11 @@ into a picklable ``StepPlan`` for the workers:
 - **save**: the prompt's full chunks that become complete in this step, saved by the workers in the
   same step (synchronously, see ``kvd.connectors.vllm.worker``), and the prompt's **tail entry**: the
   block-aligned tokens after its last full chunk, all but the last prompt token, so that a rerun of a
-  prompt of any length loads all but its last block. Entries the daemon already held at lookup time
-  are skipped; decode steps are never saved.
+  prompt of any length loads all but its last block. Each saved entry carries its **prefix aliases**
+  (``kvd.core.keys.prefix_aliases``): the keys of its block-aligned leading tokens, which are the tail
+  keys of shorter prompts ending inside it, so a strict prefix of a stored prompt loads down to its
+  last block too. Entries the daemon held at lookup time are skipped (a request vLLM's own cache
+  covers is still looked up, for that); decode steps are never saved.
 
 Lifecycle of a tracked request: created at its first lookup → block ids and progress follow each
 step's scheduler output → dropped at ``finished``. Requests kvd must not key are not tracked: LoRA
@@ -30,10 +33,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from kvd.client.prefix import ModelHandle
-from kvd.connectors.vllm.session import DaemonSession
+import numpy as np
+
+from kvd.client.session import DaemonSession
+from kvd.client.transfer import ModelHandle
+from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.core import protocol as P
-from kvd.core.keys import prefix_hashes, prefix_tail_hash
+from kvd.core.keys import as_token_array, prefix_aliases, prefix_hashes, prefix_tail_hash
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,8 @@ class SaveSpec:
     block_ids: tuple[int, ...]
     prompt_tokens: int  # the sequence's length, for the daemon's placement policy
     last_tokens: int = 0  # > 0: the last hash is a tail entry of this many tokens (else a full chunk)
+    # Per entry (as ``hashes``): (key, tokens) of its block-aligned proper prefixes, registered with it.
+    aliases: tuple[tuple[tuple[str, int], ...], ...] = ()
 
 
 def entry_sizes(hashes: tuple[str, ...], chunk_tokens: int, last_tokens: int) -> list[int]:
@@ -82,7 +90,7 @@ class StepPlan:
 @dataclass
 class _Tracked:
     namespace: str
-    num_prompt: int
+    token_ids: np.ndarray  # the prompt's, as int64
     hashes: list[str]  # full chunks of the prompt
     hits: int = 0  # leading chunks the daemon held at the last lookup
     lookup_at: float = float("-inf")
@@ -98,6 +106,10 @@ class _Tracked:
     tail_tokens: int = 0
     tail_hit: bool = False  # the daemon held it (behind every full chunk) at the last lookup
     tail_saved: bool = False
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.token_ids)
 
     def keys(self, first: int, last: int) -> tuple[tuple[str, ...], int]:
         """Keys of entries ``first..last-1`` (index ``len(hashes)`` is the tail) and the tail's
@@ -115,9 +127,10 @@ def salted_namespace(base: str, cache_salt: str | None) -> str:
 class SchedulerPlanner:
     """Per-request lookup cache and the step plans. ``block_size`` is vLLM's (manager) block size."""
 
-    def __init__(self, session: DaemonSession, *, block_size: int, can_load: bool, can_save: bool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, session: DaemonSession, settings: ConnectorSettings, *, block_size: int, can_load: bool,
+                 can_save: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.session = session
+        self.settings = settings
         self.block_size = block_size
         self.can_load = can_load
         self.can_save = can_save
@@ -135,28 +148,29 @@ class SchedulerPlanner:
             self.session.counters["requests_not_keyed"] += 1
             return None
         ns = salted_namespace(h.namespace, getattr(request, "cache_salt", None))
-        ids, c = request.prompt_token_ids, h.chunk_tokens
+        ids, c = as_token_array(request.prompt_token_ids), h.chunk_tokens  # converted once: keyed many times
         hashes = prefix_hashes(ids, chunk_tokens=c, namespace=ns, fingerprint=h.fingerprint)
-        t = self.requests[request.request_id] = _Tracked(ns, request.num_prompt_tokens, hashes)
-        tail = (request.num_prompt_tokens - 1 - len(hashes) * c) // self.block_size * self.block_size
+        t = self.requests[request.request_id] = _Tracked(ns, ids, hashes)
+        tail = (t.num_prompt - 1 - len(hashes) * c) // self.block_size * self.block_size
         if tail > 0:
             t.tail, t.tail_tokens = prefix_tail_hash(ids, chunk_tokens=c, tail_tokens=tail, namespace=ns,
                                                      fingerprint=h.fingerprint,
                                                      parent=hashes[-1] if hashes else None), tail
         return t
 
-    def _lookup(self, t: _Tracked) -> None:
-        """Refresh ``t.hits`` unless the cached answer is fresh; a failed lookup counts as no hit."""
+    def _lookup(self, t: _Tracked, *, max_tokens: int, prefetch: bool) -> None:
+        """Refresh what the daemon holds of ``t``'s entries (chunks, then the tail) unless the cached
+        answer is fresh; a failed lookup counts as no hit. ``max_tokens``: the most tokens this request
+        can load, so that the daemon's hit counters never count more than that."""
+        keys = list(t.keys(0, len(t.hashes) + 1)[0])
         now = self.clock()
-        if now - t.lookup_at < self.session.settings.lookup_ttl_s or not t.hashes:
+        if not keys or now - t.lookup_at < self.settings.lookup_ttl_s:
             return
         t.lookup_at = now
 
-        keys = list(t.keys(0, len(t.hashes) + 1)[0])
-
         def ask(h: ModelHandle) -> P.LookupResponse:
             return h.client.lookup(P.LookupRequest(fingerprint=h.fingerprint, namespace=t.namespace,
-                                                   prefix_hashes=keys, prefetch=True))
+                                                   prefix_hashes=keys, prefetch=prefetch, max_tokens=max_tokens))
 
         resp = self.session.call("lookup", ask)
         self.session.counters["lookups"] += 1
@@ -177,7 +191,7 @@ class SchedulerPlanner:
         if h is None:
             return 0
         t = self._track(request, h)
-        if t is None or not self.can_load:
+        if t is None:
             return 0
         c = h.chunk_tokens
         # vLLM computes at least the last prompt token, and loads fill whole blocks: the offer ends at
@@ -185,9 +199,13 @@ class SchedulerPlanner:
         # exact for any prefix of its tokens) or at the end of the tail entry, so any prompt whose
         # entries are all stored recomputes less than one block, as with vLLM's own cache.
         limit = min(len(t.hashes) * c + t.tail_tokens, (t.num_prompt - 1) // self.block_size * self.block_size)
-        if limit <= num_computed:
+        if not self.can_load or limit <= num_computed:
+            # Nothing to load (vLLM's own cache may cover the prompt): still learn which entries are
+            # stored, so that saving does not send them again.
+            if self.can_save:
+                self._lookup(t, max_tokens=0, prefetch=False)
             return 0
-        self._lookup(t)
+        self._lookup(t, max_tokens=limit, prefetch=True)
         tail = t.tail_tokens if t.tail_hit and t.hits == len(t.hashes) else 0
         t.offer_end = min(t.hits * c + tail, limit)
         n = t.offer_end - num_computed
@@ -269,11 +287,27 @@ class SchedulerPlanner:
             return None
         first = min(t.next_save, len(t.hashes))
         t.next_save = max(t.next_save, done)
-        keys, last_tokens = t.keys(first, len(t.hashes) + 1 if with_tail else done)
+        last = len(t.hashes) + 1 if with_tail else done
+        keys, last_tokens = t.keys(first, last)
         t.tail_saved = t.tail_saved or with_tail
         if not keys:
             return None
-        return SaveSpec(rid, t.namespace, first, keys, tuple(t.block_ids), t.num_prompt, last_tokens)
+        return SaveSpec(rid, t.namespace, first, keys, tuple(t.block_ids), t.num_prompt, last_tokens,
+                        self._aliases(t, h, first, last))
+
+    def _aliases(self, t: _Tracked, h: ModelHandle, first: int, last: int) -> tuple[tuple[tuple[str, int], ...], ...]:
+        """Per entry ``first..last-1`` (index ``len(hashes)`` is the tail), ``(key, tokens)`` of its
+        block-aligned proper prefixes: the tail keys of shorter prompts that end inside it.
+        Example: chunk 256, block 128: one alias per chunk (its first 128 tokens); a 128-token tail: none."""
+        c, b, full = h.chunk_tokens, self.block_size, min(last, len(t.hashes))
+        out = [tuple(a) for a in prefix_aliases(t.token_ids, t.hashes[first:full], chunk_tokens=c, block_tokens=b,
+                                                 namespace=t.namespace, fingerprint=h.fingerprint, first_chunk=first)]
+        if last > len(t.hashes):  # the tail's leading blocks, chained after the last full chunk like it
+            parent = t.hashes[-1] if t.hashes else None
+            out.append(tuple((prefix_tail_hash(t.token_ids, chunk_tokens=c, tail_tokens=n, namespace=t.namespace,
+                                               fingerprint=h.fingerprint, parent=parent), n)
+                             for n in range(b, t.tail_tokens, b)))
+        return tuple(out)
 
     def on_load_errors(self, invalid_block_ids: Iterable[int]) -> None:
         """Chunks whose blocks failed to load are recomputed by vLLM; save them again once they are."""

@@ -27,14 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 
-from kvd.client.prefix import ModelHandle
-from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece
+from kvd.client.session import DaemonSession
+from kvd.client.transfer import Lease, Reservation, open_lease, reserve
+from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece, StridedCopier
 from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan, entry_sizes
-from kvd.connectors.vllm.session import DaemonSession
+from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.core import protocol as P
-from kvd.core.errors import KvdError
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +41,15 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Load:
     spec: LoadSpec
-    lease_id: str | None
+    lease: Lease
     pieces: list[Piece]
 
 
 @dataclass
 class _Save:
     spec: SaveSpec
-    reservation_id: str
+    reservation: Reservation
     pieces: list[Piece]
-    num_chunks: int
 
 
 @dataclass
@@ -71,9 +69,10 @@ class WorkerIO:
     """``kv_caches``: layer name -> vLLM's per-layer view, in layer order; ``block_size``: vLLM's
     (manager) block size, which may span several kernel blocks of ``kv_caches``."""
 
-    def __init__(self, session: DaemonSession, kv_caches: dict[str, torch.Tensor], copier: PermCopier | KernelCopier,
-                 *, block_size: int, num_blocks: int) -> None:
+    def __init__(self, session: DaemonSession, settings: ConnectorSettings, kv_caches: dict[str, torch.Tensor],
+                 copier: StridedCopier | PermCopier | KernelCopier, *, block_size: int, num_blocks: int) -> None:
         self.session = session
+        self.settings = settings
         self.kv_caches = kv_caches
         self.layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.copier = copier
@@ -109,11 +108,6 @@ class WorkerIO:
             self.step.failed_reqs.add(spec.req_id)
         logger.warning("kvd: %d tokens of %s not loaded (%s); vLLM recomputes them", spec.end - lo, spec.req_id, why)
 
-    def _extent_views(self, h: ModelHandle, arena_id: str, extents: list[P.ExtentInfo], num_tokens: int):
-        arena = h.client.arena(arena_id)
-        plans = h.plans(num_tokens)
-        return [(plans[x.head_class], arena.torch_extent(x, plans[x.head_class], h.spec.kv_dtype)) for x in extents]
-
     # ---- step ------------------------------------------------------------------------------------
 
     def begin_step(self, plan: StepPlan) -> None:
@@ -134,6 +128,7 @@ class WorkerIO:
         st.t_load_s += time.perf_counter() - t0
 
     def _lease(self, spec: LoadSpec) -> _Load | None:
+        """Lease the spec's entries and plan the copy of the usable leading ones; report the rest."""
         h = self.session.handle()
         if h is None:
             self._fail(spec, spec.start, "kvd unavailable")
@@ -144,41 +139,28 @@ class WorkerIO:
                 or spec.end > spec.first_chunk * c + sum(sizes) or len(spec.block_ids) * self.block_size < spec.end):
             self._fail(spec, spec.start, "range not aligned to blocks and chunks")
             return None
-        resp = self.session.call("lease", lambda h: h.client.lease(P.LeaseRequest(
-            fingerprint=h.fingerprint, namespace=spec.namespace, hashes=list(spec.hashes),
-            wait_s=self.session.settings.load_wait_s)))
-        if resp is None:
+        lease = self.session.call("lease", lambda h: open_lease(
+            h, spec.hashes, namespace=spec.namespace, min_tokens=sizes, wait_s=self.settings.load_wait_s,
+            verify=self.settings.verify_checksums))
+        if lease is None:
             self._fail(spec, spec.start, "lease failed")
             return None
-        load = _Load(spec, resp.lease_id, [])
-        try:
-            for i, e in enumerate(resp.entries):
-                chunk = spec.first_chunk + i
-                if e.status == "ok" and e.num_tokens != sizes[i]:  # never copy KV of another shape
-                    self._fail(spec, chunk * c, f"entry {chunk} holds {e.num_tokens} tokens, expected {sizes[i]}")
-                    break
-                if e.status != "ok" or not self._verified(h, resp.arena_id, e):
-                    self._fail(spec, chunk * c, f"chunk {chunk} is {e.status if e.status != 'ok' else 'corrupt'}")
-                    break
-                t0, t1 = max(spec.start, chunk * c), min(spec.end, chunk * c + sizes[i])
-                if t1 > t0:
-                    load.pieces.append(Piece(self._kernel_blocks(spec.block_ids, t0, t1), t0 - chunk * c, t1 - chunk * c,
-                                             self._extent_views(h, resp.arena_id, e.extents, sizes[i])))
-        except (KvdError, ValueError) as e:  # the arena could not be mapped or a view not built
+        self.counters["checksum_failures"] += lease.num_corrupt
+        n = lease.num_leading  # entries holding fewer tokens than planned are never used ("short")
+        if n < len(sizes):
+            chunk = spec.first_chunk + n
+            self._fail(spec, chunk * c, f"entry {chunk} is {lease.states[n]}")
+        load = _Load(spec, lease, [])
+        for i in range(n):  # an entry may hold more tokens than planned (an alias): copy the leading ones
+            chunk = spec.first_chunk + i
+            t0, t1 = max(spec.start, chunk * c), min(spec.end, chunk * c + sizes[i])
+            if t1 > t0:
+                load.pieces.append(Piece(self._kernel_blocks(spec.block_ids, t0, t1), t0 - chunk * c,
+                                         t1 - chunk * c, list(lease.entry(i).extents)))
+        if not load.pieces:
             self._release(load)
-            self._fail(spec, spec.start, f"arena: {e}")
             return None
         return load
-
-    def _verified(self, h: ModelHandle, arena_id: str, e: P.LeasedEntry) -> bool:
-        if not self.session.settings.verify_checksums:
-            return True
-        arena = h.client.arena(arena_id)
-        for x in e.extents:
-            if x.checksum is not None and xxhash.xxh3_64_hexdigest(arena.bytes_at(x.offset, x.nbytes)) != x.checksum:
-                self.counters["checksum_failures"] += 1
-                return False
-        return True
 
     def load_layer(self, layer_name: str) -> None:
         st = self.step
@@ -209,10 +191,8 @@ class WorkerIO:
         st.loads = []
 
     def _release(self, ld: _Load, transfer_s: float = 0.0) -> None:
-        if ld.lease_id is not None:
-            lease_id, ld.lease_id = ld.lease_id, None
-            self.session.call("release", lambda h: h.client.release(P.ReleaseRequest(
-                lease_id=lease_id, transfer_s=min(transfer_s, 3600.0))))
+        if not ld.lease.closed:
+            self.session.call("release", lambda h: ld.lease.release(transfer_s))
 
     # ---- saves -----------------------------------------------------------------------------------
 
@@ -237,35 +217,38 @@ class WorkerIO:
         st.t_save_s += time.perf_counter() - t0
 
     def _reserve(self, spec: SaveSpec) -> _Save | None:
+        """Reserve the spec's entries (with their prefix aliases) and plan the copies into them."""
         st = self.step
         if st is not None and spec.req_id in st.failed_reqs:
             return None  # computed over blocks that were not loaded: never store it
         h = self.session.handle()
         if h is None:
             return None
-        c_tokens = h.chunk_tokens
-        sizes = entry_sizes(spec.hashes, c_tokens, spec.last_tokens)
-        resp = self.session.call("reserve", lambda h: h.client.reserve(P.ReserveRequest(
-            fingerprint=h.fingerprint, namespace=spec.namespace,
-            entries=[P.ReserveEntry(hash=x, num_tokens=n, start_token=(spec.first_chunk + i) * c_tokens,
-                                    end_token=spec.prompt_tokens) for i, (x, n) in enumerate(zip(spec.hashes, sizes))])))
-        if resp is None:
+        c = h.chunk_tokens
+        sizes = entry_sizes(spec.hashes, c, spec.last_tokens)
+        entries = [P.ReserveEntry(hash=x, num_tokens=n, start_token=(spec.first_chunk + i) * c,
+                                  end_token=spec.prompt_tokens,
+                                  aliases=[P.PrefixAlias(hash=a, num_tokens=k) for a, k in spec.aliases[i]]
+                                  if spec.aliases else [])
+                   for i, (x, n) in enumerate(zip(spec.hashes, sizes))]
+        res = self.session.call("reserve", lambda h: reserve(h, entries, namespace=spec.namespace))
+        if res is None:
             return None
-        status = [e.status for e in resp.entries]
-        self.counters["store_exists_chunks"] += status.count("exists")
-        self.counters["store_no_space_chunks"] += status.count("no_space")
-        if resp.reservation_id is None:
+        self.counters["store_exists_chunks"] += res.num_exists
+        self.counters["store_no_space_chunks"] += res.num_no_space
+        if res.closed:
             return None
-        save = _Save(spec, resp.reservation_id, [], status.count("reserved"))
+        save = _Save(spec, res, [])
         try:
-            for i, e in enumerate(resp.entries):
-                if e.status == "reserved":
-                    chunk, n = spec.first_chunk + i, sizes[i]
-                    blocks = self._kernel_blocks(spec.block_ids, chunk * c_tokens, chunk * c_tokens + n)
-                    save.pieces.append(Piece(blocks, 0, n, self._extent_views(h, resp.arena_id, e.extents, n)))
-        except (KvdError, ValueError, IndexError) as e:
-            logger.warning("kvd: cannot store %s (%s)", spec.req_id, e)
-            self._abort(save.reservation_id)
+            for i, n in enumerate(sizes):
+                if (view := res.entry(i)) is not None:
+                    chunk = spec.first_chunk + i
+                    blocks = self._kernel_blocks(spec.block_ids, chunk * c, chunk * c + n)
+                    save.pieces.append(Piece(blocks, 0, n, list(view.extents)))
+        except IndexError:
+            logger.warning("kvd: cannot store %s: %d blocks do not hold its %d tokens", spec.req_id,
+                           len(spec.block_ids), spec.first_chunk * c + sum(sizes))
+            self._abort(save)
             return None
         return save
 
@@ -273,16 +256,18 @@ class WorkerIO:
         st = self.step
         assert st is not None, "saves belong to a step"
         for s in st.saves or []:
-            self.counters["store_aborted_chunks"] += s.num_chunks
-            self._abort(s.reservation_id)
+            self.counters["store_aborted_chunks"] += s.reservation.num_reserved
+            self._abort(s)
         st.saves = []
 
-    def _abort(self, reservation_id: str) -> None:
-        self.session.call("abort", lambda h: h.client.abort(P.AbortRequest(reservation_id=reservation_id)))
+    def _abort(self, save: _Save) -> None:
+        self.session.call("abort", lambda h: save.reservation.abort())
 
-    def _commit(self, reservation_id: str, transfer_s: float) -> bool:
-        return self.session.call("commit", lambda h: h.client.commit(P.CommitRequest(
-            reservation_id=reservation_id, transfer_s=transfer_s))) is not None
+    def _commit(self, save: _Save, transfer_s: float) -> None:
+        committed = self.session.call("commit", lambda h: save.reservation.commit(transfer_s))
+        n = save.reservation.num_reserved
+        self.counters["stored_chunks"] += len(committed or [])
+        self.counters["store_failed_chunks"] += n - len(committed or [])
 
     # ---- end of step -----------------------------------------------------------------------------
 
@@ -297,7 +282,7 @@ class WorkerIO:
             t0 = time.perf_counter()
             for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
                 self._release(ld, st.t_load_s / len(st.loads))
-                self.counters["loaded_tokens"] += ld.spec.end - ld.spec.start
+                self.counters["loaded_tokens"] += sum(p.t1 - p.t0 for p in ld.pieces)
             st.t_load_s += time.perf_counter() - t0
         if st.saves:
             t0 = time.perf_counter()
@@ -306,12 +291,11 @@ class WorkerIO:
                 bad = [s for s in st.saves if s.spec.req_id in st.failed_reqs]
                 st.saves = [s for s in st.saves if s not in bad]
                 for s in bad:
-                    self._abort(s.reservation_id)
+                    self._abort(s)
             if len(st.layers_saved) != num_layers:
                 self._abort_saves()
             for s in st.saves:
-                done = self._commit(s.reservation_id, st.t_save_s)
-                self.counters["stored_chunks" if done else "store_failed_chunks"] += s.num_chunks
+                self._commit(s, st.t_save_s)
             st.t_save_s += time.perf_counter() - t0
         self.counters["load_s"] += st.t_load_s
         self.counters["save_s"] += st.t_save_s

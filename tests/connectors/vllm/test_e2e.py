@@ -4,16 +4,18 @@ Three engine processes run one script each (this module, run as ``python test_vl
 since vLLM must start under ``if __name__ == "__main__"``), side by side against one daemon:
 
 - ``ref``: no connector: the greedy outputs every other run must reproduce exactly.
-- ``a`` (kvd, vLLM prefix caching off): serves P1, P3, P5, P6, P8 (storing them); waits for ``b`` to
-  store P4, serves P4 (reusing ``b``'s KV), shuts down.
-- ``b`` (kvd, prefix caching on): serves P3 while ``a`` is alive (reusing ``a``'s KV), stores P4; after
-  ``a`` has shut down: P8 (a restarted engine finds the prefix in kvd), P2 (shares only 700 tokens
+- ``a`` (kvd, vLLM prefix caching off): serves P1, P3, P5, P6, P8, P10, P11 (storing them); waits for
+  ``b`` to store P4, serves P4 (reusing ``b``'s KV) and P9 (a strict prefix of P11: its tail is a
+  prefix alias of P11's third chunk), shuts down.
+- ``b`` (kvd, prefix caching on): serves P3 and P10 (200 tokens: no full chunk, only a tail entry)
+  while ``a`` is alive (reusing ``a``'s KV), stores P4; after ``a`` has shut down: P8 (a restarted engine finds the prefix in kvd), P2 (shares only 700 tokens
   with P1: only its two leading chunks come from kvd), P1 (vLLM's own prefix hit from P2 covers 640
   tokens; kvd supplies the next 256: half a chunk and the tail entry); then the daemon is killed while P5 and P7 are in
   flight, and P6 is served with the daemon gone.
 
-Prompts are about 1,000 tokens of English-like text; chunks are 256 tokens, vLLM blocks 128: a prompt is
-3 chunks and a 128-token tail entry [768, 896), so a hit supplies 896 tokens and vLLM computes 104.
+Most prompts are about 1,000 tokens of English-like text; chunks are 256 tokens, vLLM blocks 128: such a
+prompt is 3 chunks and a 128-token tail entry [768, 896), so a hit supplies 896 tokens and vLLM
+computes 104.
 """
 
 from __future__ import annotations
@@ -107,6 +109,12 @@ def prompts(smollm2_dir):
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     p = {f"P{i}": alphabet_document(i, 1000, tok) for i in (1, 3, 4, 5, 6, 7, 8)}
     p["P2"] = p["P1"][:700] + alphabet_document(2, 300, tok)  # the same prefix up to token 700, then its own
+    p["P10"] = alphabet_document(10, 200, tok)  # shorter than a chunk: a 128-token tail entry only
+    # P9: 2 chunks + a 128-token tail [512, 640), which is P11's chunk 2's first block. 650 tokens: the
+    # 9th greedy token (" P" over " O") has a 0.8-nat margin (fp32), like P1-P8's; at 700 tokens 0.03,
+    # which a prefix hit flips. P11's own continuation (free text) is not compared.
+    p["P9"] = alphabet_document(9, 650, tok)
+    p["P11"] = p["P9"] + alphabet_document(11, 650, tok)
     return p
 
 
@@ -128,14 +136,14 @@ def runs(tmp_path_factory, smollm2_dir, prompts):
     programs = {
         "ref": (None, False, [{"op": "generate", "names": sorted(prompts)}]),
         "a": (kvd, False, [
-            {"op": "generate", "names": ["P1", "P3", "P5", "P6", "P8"]},
+            {"op": "generate", "names": ["P1", "P3", "P5", "P6", "P8", "P10", "P11"]},
             {"op": "touch", "path": flag("a_stored")},
             {"op": "wait", "path": flag("b_stored")},
-            {"op": "generate", "names": ["P4"]},
+            {"op": "generate", "names": ["P4", "P9"]},
         ]),
         "b": (kvd, True, [
             {"op": "wait", "path": flag("a_stored")},
-            {"op": "generate", "names": ["P3"]},
+            {"op": "generate", "names": ["P3", "P10"]},
             {"op": "generate", "names": ["P4"]},
             {"op": "touch", "path": flag("b_stored")},
             {"op": "wait", "path": flag("a_exited")},
@@ -225,6 +233,21 @@ def test_a_prompt_sharing_only_a_prefix_reuses_only_that_prefix(runs, prompts):
     tail = prefix_tail_hash(prompts["P1"], chunk_tokens=256, tail_tokens=128, namespace="e2e", fingerprint=fp,
                             parent=chunks[-1])
     assert leased == {chunks[2], tail}
+
+
+def test_a_prompt_shorter_than_a_chunk_loads_its_tail_entry(runs):
+    """129-255 tokens: the tail entry (stored by ``a``) was stored but never looked up (issue 11)."""
+    assert out(runs, "a", "P10")["num_cached_tokens"] == 0
+    assert out(runs, "b", "P10")["num_cached_tokens"] == 128
+    assert same_as_ref(runs, "b", "P10")
+
+
+def test_a_strict_prefix_of_a_stored_prompt_loads_down_to_its_last_block(runs):
+    """P9 is P11's first 650 tokens: its tail [512, 640) is stored only as a prefix alias of P11's
+    chunk 2. It loaded 512 tokens (issue 11); vLLM's own cache would give 640."""
+    assert out(runs, "a", "P11")["num_cached_tokens"] == 0
+    assert out(runs, "a", "P9")["num_cached_tokens"] == 640
+    assert same_as_ref(runs, "a", "P9")
 
 
 def test_daemon_killed_mid_run_requests_complete_correctly(runs):

@@ -1,8 +1,8 @@
 """The vLLM connector's scheduler side (``SchedulerPlanner``) against a real daemon, without vLLM.
 
 vLLM's request and scheduler-output objects are stood in for by plain namespaces with the fields the
-planner reads; chunks are stored through ``kvio`` under the same fingerprint and namespace, as another
-engine would have stored them.
+planner reads; chunks are stored through ``kvd.client.prefix`` under the same fingerprint and
+namespace, as another engine would have stored them.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvd.client import prefix as kvio
+from kvd.client import prefix
+from kvd.client.session import DaemonSession
 from kvd.connectors.vllm.scheduler import SchedulerPlanner, salted_namespace
-from kvd.connectors.vllm.session import ConnectorSettings, DaemonSession
+from kvd.connectors.vllm.settings import ConnectorSettings, open_session
 from kvd.core import protocol as P
 from kvd.core.errors import ConfigError
-from kvd.core.keys import ModelSpec, prefix_tail_hash
+from kvd.core.keys import ModelSpec, prefix_aliases, prefix_tail_hash
+from tests.client.recording import RecordingClient
 from tests.daemon_proc import DaemonProc
 
 SPEC = ModelSpec("toy-vllm", num_layers=2, num_kv_heads=2, head_dim=16, kv_dtype="bfloat16")
@@ -32,9 +34,19 @@ def daemon(tmp_path_factory):
     d.kill()
 
 
+def settings_for(d: DaemonProc, **kw) -> ConnectorSettings:
+    return ConnectorSettings(socket=d.socket, namespace=kw.pop("namespace", "plan"), timeout_s=1.0, **kw)
+
+
 def session(d: DaemonProc, **kw) -> DaemonSession:
-    settings = ConnectorSettings(socket=d.socket, namespace=kw.pop("namespace", "plan"), timeout_s=1.0, **kw)
-    return DaemonSession(settings, SPEC, None, block_size=B, role="scheduler")
+    return open_session(settings_for(d, **kw), SPEC, None, block_size=B, role="scheduler")
+
+
+def planner(d: DaemonProc, *, can_load: bool = True, can_save: bool = True, clock=time.monotonic,
+            client=None, block_size: int = B, **kw) -> SchedulerPlanner:
+    settings = settings_for(d, **kw)
+    s = open_session(settings, SPEC, None, block_size=block_size, role="scheduler", client=client)
+    return SchedulerPlanner(s, settings, block_size=block_size, can_load=can_load, can_save=can_save, clock=clock)
 
 
 def request(rid: str, tokens: list[int], **kw) -> SimpleNamespace:
@@ -62,8 +74,8 @@ def kv_for(spec: ModelSpec, num_tokens: int, seed: int) -> torch.Tensor:
 
 def store(d: DaemonProc, tokens: list[int], namespace: str = "plan") -> None:
     with d.client() as c:
-        h = kvio.register(c, SPEC, namespace=namespace)
-        kvio.store_prefix(h, tokens, kv_for(SPEC, len(tokens), 3))
+        h = prefix.register(c, SPEC, namespace=namespace)
+        prefix.store_prefix(h, tokens, kv_for(SPEC, len(tokens), 3))
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -73,7 +85,7 @@ def tokens(n: int, seed: int) -> list[int]:
 def test_matched_tokens_are_the_stored_leading_chunks_beyond_the_local_hit(daemon):
     toks = tokens(1000, 1)
     store(daemon, toks[:768])  # 3 chunks
-    p = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p = planner(daemon)
     assert p.num_new_matched_tokens(request("a", toks), 0) == 768
     assert p.num_new_matched_tokens(request("a", toks), 384) == 384  # vLLM's own hit ends inside chunk 1
     assert p.num_new_matched_tokens(request("a", toks), 768) == 0
@@ -92,8 +104,8 @@ def test_matched_tokens_are_the_stored_leading_chunks_beyond_the_local_hit(daemo
 def test_lookups_are_cached_per_request(daemon):
     toks = tokens(600, 3)
     clock = [0.0]
-    s = session(daemon)
-    p = SchedulerPlanner(s, block_size=B, can_load=True, can_save=True, clock=lambda: clock[0])
+    p = planner(daemon, clock=lambda: clock[0])
+    s = p.session
     assert p.num_new_matched_tokens(request("r", toks), 0) == 0
     store(daemon, toks)
     assert p.num_new_matched_tokens(request("r", toks), 0) == 0  # called again by vLLM: cached answer
@@ -105,20 +117,20 @@ def test_lookups_are_cached_per_request(daemon):
 def test_requests_kvd_cannot_key_are_not_tracked(daemon):
     toks = tokens(800, 4)
     store(daemon, toks)
-    p = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p = planner(daemon)
     assert p.num_new_matched_tokens(request("lora", toks, lora_request=object()), 0) == 0
     assert p.num_new_matched_tokens(request("mm", toks, mm_features=[object()]), 0) == 0
     assert p.num_new_matched_tokens(request("salted", toks, cache_salt="tenant-b"), 0) == 0
     assert not p.requests.keys() & {"lora", "mm"}
     store(daemon, toks, namespace=salted_namespace("plan", "tenant-b"))
-    p2 = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p2 = planner(daemon)
     assert p2.num_new_matched_tokens(request("salted", toks, cache_salt="tenant-b"), 0) == 768
 
 
 def test_plan_loads_then_saves_only_new_full_prompt_chunks(daemon):
     toks = tokens(1100, 5)  # 4 full chunks; the daemon holds the first 2
     store(daemon, toks[:512])
-    p = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p = planner(daemon)
     r = request("r", toks)
     ext = p.num_new_matched_tokens(r, 128)  # vLLM's own hit: one block
     assert ext == 384
@@ -142,7 +154,7 @@ def test_plan_loads_then_saves_only_new_full_prompt_chunks(daemon):
 
 def test_resumed_request_replaces_its_blocks_and_load_errors_resave(daemon):
     toks = tokens(700, 6)
-    p = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p = planner(daemon)
     r = request("r", toks)
     assert p.num_new_matched_tokens(r, 0) == 0
     plan = p.build(step(new=[("r", [1, 2, 3, 4, 5, 6], 0)], scheduled={"r": 700}))
@@ -160,17 +172,17 @@ def test_resumed_request_replaces_its_blocks_and_load_errors_resave(daemon):
 def test_roles_limit_loads_and_saves(daemon):
     toks = tokens(900, 7)
     store(daemon, toks)
-    consumer = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=False)
+    consumer = planner(daemon, can_save=False)
     assert consumer.num_new_matched_tokens(request("r", toks), 0) == 768
     assert consumer.build(step(new=[("r", list(range(1, 9)), 0)], scheduled={"r": 900})).saves == ()
-    producer = SchedulerPlanner(session(daemon), block_size=B, can_load=False, can_save=True)
+    producer = planner(daemon, can_load=False)
     assert producer.num_new_matched_tokens(request("r", toks), 0) == 0
 
 
 def test_daemon_down_means_no_hits_and_few_attempts(tmp_path):
     d = DaemonProc(tmp_path).start()
-    s = session(d, retry_interval_s=60)
-    p = SchedulerPlanner(s, block_size=B, can_load=True, can_save=True)
+    p = planner(d, retry_interval_s=60)
+    s = p.session
     toks = tokens(600, 8)
     assert p.num_new_matched_tokens(request("a", toks), 0) == 0
     d.kill()
@@ -184,7 +196,7 @@ def test_daemon_down_means_no_hits_and_few_attempts(tmp_path):
 def test_chunk_not_a_multiple_of_the_block_is_refused(tmp_path):
     d = DaemonProc(tmp_path, env_extra={"KVD_KEYS__CHUNK_TOKENS": "192"}).start()
     try:
-        with pytest.raises(ConfigError, match="multiple of vLLM's block_size"):
+        with pytest.raises(ConfigError, match="multiple of the engine's block size"):
             session(d).require_compatible()
     finally:
         d.kill()
@@ -193,7 +205,7 @@ def test_chunk_not_a_multiple_of_the_block_is_refused(tmp_path):
 def commit_entry(d: DaemonProc, key: str, num_tokens: int, start: int, namespace: str = "plan") -> None:
     """An entry the daemon holds (its bytes do not matter to the scheduler side)."""
     with d.client() as c:
-        h = kvio.register(c, SPEC, namespace=namespace)
+        h = prefix.register(c, SPEC, namespace=namespace)
         r = c.reserve(P.ReserveRequest(fingerprint=h.fingerprint, namespace=namespace, entries=[
             P.ReserveEntry(hash=key, num_tokens=num_tokens, start_token=start, end_token=start + num_tokens + 1)]))
         c.commit(P.CommitRequest(reservation_id=r.reservation_id))
@@ -201,7 +213,7 @@ def commit_entry(d: DaemonProc, key: str, num_tokens: int, start: int, namespace
 
 def test_tail_entry_is_keyed_saved_and_offered_after_the_full_chunks(daemon):
     toks = tokens(1000, 11)  # 3 full chunks (768) + 232 tokens: the tail is [768, 896)
-    p = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p = planner(daemon)
     r = request("r", toks)
     t = p.requests.get("r") or p._track(r, p.session.handle())
     assert t.tail_tokens == 128 and len(t.hashes) == 3
@@ -216,10 +228,10 @@ def test_tail_entry_is_keyed_saved_and_offered_after_the_full_chunks(daemon):
     p.finished("r")
     # Another engine: chunks stored, tail not yet -> 768; with the tail -> 896 (vLLM computes 104).
     store(daemon, toks[:768])
-    p2 = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p2 = planner(daemon)
     assert p2.num_new_matched_tokens(request("a", toks), 0) == 768
     commit_entry(daemon, t.tail, 128, 768)
-    p3 = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p3 = planner(daemon)
     r3 = request("b", toks)
     assert p3.num_new_matched_tokens(r3, 0) == 896
     assert p3.num_new_matched_tokens(r3, 768) == 128  # vLLM's own hit covers the chunks
@@ -230,6 +242,92 @@ def test_tail_entry_is_keyed_saved_and_offered_after_the_full_chunks(daemon):
     assert plan.saves == ()  # everything it loaded is stored already
     # A shorter prompt with the same tokens there has the same block-aligned tail and shares it; one
     # whose tokens differ inside the tail does not.
-    p4 = SchedulerPlanner(session(daemon), block_size=B, can_load=True, can_save=True)
+    p4 = planner(daemon)
     assert p4.num_new_matched_tokens(request("c", toks[:950]), 0) == 896
     assert p4.num_new_matched_tokens(request("d", toks[:800] + tokens(200, 12)), 0) == 768
+
+
+# ---- issue 11: defects found with held-out prompts ------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [129, 200, 255])
+def test_prompt_shorter_than_a_chunk_loads_its_tail_entry(daemon, n):
+    """A prompt of 129-255 tokens stored its tail entry but never loaded it: with no full chunk, the
+    lookup returned before asking the daemon."""
+    toks = tokens(n, 20 + n)
+    first = planner(daemon)
+    r = request("a", toks)
+    assert first.num_new_matched_tokens(r, 0) == 0
+    (save,) = first.build(step(new=[("a", [1, 2], 0)], scheduled={"a": n})).saves
+    assert (save.first_chunk, save.last_tokens, len(save.hashes)) == (0, 128, 1)
+    commit_entry(daemon, save.hashes[0], 128, 0)  # as the worker stores it
+    p = planner(daemon)
+    r = request("b", toks)
+    assert p.num_new_matched_tokens(r, 0) == 128
+    p.after_alloc(r, 128)
+    (load,) = p.build(step(new=[("b", [5, 6], 128)], scheduled={"b": n - 128})).loads
+    assert (load.start, load.end, load.hashes, load.last_tokens) == (0, 128, save.hashes, 128)
+
+
+@pytest.mark.parametrize("block", [128, 64])
+def test_saved_entries_carry_the_aliases_a_strict_prefix_prompt_looks_up(daemon, block):
+    """A prompt that is a strict prefix of a stored longer one loaded nothing past its last full chunk
+    (1,024 of 1,152 reusable tokens): nothing was stored under the key of its tail. Saved entries now
+    carry their block-aligned prefix keys as aliases, and the short prompt's tail key is one of them."""
+    toks = tokens(1300, 30)  # 5 chunks (1280) + 20 tokens: no tail entry
+    p = planner(daemon, block_size=block)
+    assert p.num_new_matched_tokens(request("long", toks), 0) == 0
+    (save,) = p.build(step(new=[("long", list(range(1, 12)), 0)], scheduled={"long": 1300})).saves
+    fp = p.session.handle().fingerprint
+    assert save.aliases == tuple(tuple(a) for a in prefix_aliases(
+        toks, save.hashes, chunk_tokens=C, block_tokens=block, namespace="plan", fingerprint=fp))
+    assert [len(a) for a in save.aliases] == [C // block - 1] * 5  # block 128: 1 per chunk; 64: 3
+    # The strict prefix of 1,200 tokens: 4 chunks and a tail of [1024, 1152) = chunk 4's first 128 tokens.
+    short = planner(daemon, block_size=block)
+    short.num_new_matched_tokens(request("short", toks[:1200]), 0)
+    t = short.requests["short"]
+    assert t.hashes == list(save.hashes[:4]) and t.tail_tokens == (1199 - 1024) // block * block
+    assert (t.tail, t.tail_tokens) in save.aliases[4]
+
+
+def test_tail_entries_carry_aliases_too(daemon):
+    """With blocks smaller than the tail, a strict prefix ending inside the tail finds it as well."""
+    toks = tokens(1000, 31)  # 3 chunks + a tail of [768, 960) at block 64
+    p = planner(daemon, block_size=64)
+    p.num_new_matched_tokens(request("long", toks), 0)
+    (save,) = p.build(step(new=[("long", list(range(1, 17)), 0)], scheduled={"long": 1000})).saves
+    assert save.last_tokens == 192 and [k for _, k in save.aliases[-1]] == [64, 128]
+    short = planner(daemon, block_size=64)
+    short.num_new_matched_tokens(request("short", toks[:900]), 0)
+    t = short.requests["short"]
+    assert (t.tail, t.tail_tokens) == save.aliases[-1][1]
+
+
+def test_prompt_covered_by_vllms_own_cache_is_not_sent_to_the_daemon_again(daemon):
+    """When vLLM's own prefix cache covered a prompt, every entry was sent to the daemon again (and
+    answered ``exists``): no lookup was made, so nothing was known to be stored."""
+    toks = tokens(1000, 40)
+    first = planner(daemon)
+    first.num_new_matched_tokens(request("a", toks), 0)
+    (save,) = first.build(step(new=[("a", list(range(1, 9)), 0)], scheduled={"a": 1000})).saves
+    for i, key in enumerate(save.hashes):  # stored, as the worker would
+        commit_entry(daemon, key, 128 if i == 3 else C, i * C)
+    p = planner(daemon)
+    assert p.num_new_matched_tokens(request("b", toks), 896) == 0  # vLLM's own hit covers everything
+    assert p.build(step(new=[("b", list(range(1, 9)), 896)], scheduled={"b": 104})).saves == ()
+    # Not stored in the daemon (another namespace): still saved from vLLM's blocks.
+    q = planner(daemon, namespace="plan-empty")
+    assert q.num_new_matched_tokens(request("c", toks), 896) == 0
+    (save,) = q.build(step(new=[("c", list(range(1, 9)), 896)], scheduled={"c": 104})).saves
+    assert (save.first_chunk, len(save.hashes), save.last_tokens) == (0, 4, 128)
+
+
+def test_lookup_tells_the_daemon_how_many_tokens_can_be_loaded(daemon):
+    """``kvd_hit_tokens_total`` counted 256 where 128 were loaded: the daemon was not told that a
+    256-token prompt can load at most 128 tokens (the last token's block is always computed)."""
+    toks = tokens(256, 50)
+    store(daemon, toks)
+    with RecordingClient(daemon.socket, timeout_s=1.0) as client:
+        p = planner(daemon, client=client)
+        assert p.num_new_matched_tokens(request("a", toks), 0) == 128
+        assert client.last(P.LookupRequest).max_tokens == 128

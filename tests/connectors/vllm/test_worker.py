@@ -15,7 +15,7 @@ import torch
 from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import BlockLayout, known_layout
 from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
-from kvd.connectors.vllm.session import ConnectorSettings, DaemonSession
+from kvd.connectors.vllm.settings import ConnectorSettings, open_session
 from kvd.connectors.vllm.worker import WorkerIO
 from kvd.core import protocol as P
 from kvd.core.headmap import HeadMap
@@ -42,15 +42,16 @@ def layout(n: int = N) -> BlockLayout:
     return BlockLayout("LBHNC_KT", H, n, D, to, fr)
 
 
-def make_worker(d: DaemonProc, model: str, *, head_map=None, ratio: int = 1, seed: int = 0, **settings):
+def make_worker(d: DaemonProc, model: str, *, head_map=None, ratio: int = 1, seed: int = 0, client=None,
+                **kw) -> WorkerIO:
     spec = ModelSpec(model, num_layers=L, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16")
-    s = DaemonSession(ConnectorSettings(socket=d.socket, namespace=NS, timeout_s=1.0, **settings), spec, head_map,
-                      block_size=N, role="worker")
+    settings = ConnectorSettings(socket=d.socket, namespace=NS, timeout_s=1.0, **kw)
+    s = open_session(settings, spec, head_map, block_size=N, role="worker", client=client)
     g = torch.Generator().manual_seed(seed)
     n = N // ratio  # kernel blocks smaller than vLLM's blocks: dim 0 has ratio x as many
     kv = {f"model.layers.{i}.self_attn.attn": torch.randn(NUM_BLOCKS * ratio, H, n, 2 * D, generator=g).bfloat16()
           for i in range(L)}
-    return WorkerIO(s, kv, make_copier(layout(n), next(iter(kv.values()))), block_size=N, num_blocks=NUM_BLOCKS)
+    return WorkerIO(s, settings, kv, make_copier(layout(n), next(iter(kv.values()))), block_size=N, num_blocks=NUM_BLOCKS)
 
 
 def hashes(w: WorkerIO, toks: list[int]) -> tuple[str, ...]:
@@ -227,3 +228,43 @@ def test_daemon_killed_loads_fail_fast_and_stores_are_skipped(tmp_path):
         assert errors == set(range(10, 16))
     assert time.monotonic() - t0 < 3.0
     assert w.counters["stored_chunks"] == 3  # only the first step's
+
+
+# ---- issue 11: defects found with held-out prompts ------------------------------------------------
+
+
+def test_entry_holding_more_tokens_than_its_key_names_loads_its_leading_blocks(daemon):
+    """A strict prefix of a stored prompt finds its tail key as an alias of the stored chunk: the lease
+    answers with the chunk's extents (256 tokens) for a key that names 128. The worker refused any
+    entry whose size was not exactly the planned one; it must copy the leading 128 tokens, and still
+    never use an entry holding fewer tokens than it needs."""
+    src = make_worker(daemon, "alias", seed=12)
+    toks = toks_for(12)
+    hs = hashes(src, toks)
+    short_tail = prefix_tail_hash(toks[:700], chunk_tokens=C, tail_tokens=128, namespace=NS,
+                                  fingerprint=src.session.spec.fingerprint(), parent=hs[1])
+    # Chunk 2 stored under the short prompt's tail key, as the daemon resolves that alias.
+    src_blocks = (5, 2, 11, 7, 19, 3)
+    assert run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, (hs[0], hs[1], short_tail), src_blocks, 800),))) == set()
+    dst = make_worker(daemon, "alias", seed=13)
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    dst_blocks = (4, 9, 1, 13, 6, 20)
+    load = LoadSpec("b", NS, 0, (hs[0], hs[1], short_tail), 0, 640, dst_blocks, last_tokens=128)
+    assert run_step(dst, StepPlan(loads=(load,))) == set()
+    assert blocks_equal(src, src_blocks[:5], dst, dst_blocks[:5])
+    assert all(torch.equal(before[n][20], t[20]) for n, t in dst.kv_caches.items())  # the rest of the chunk: not read
+    assert dst.counters["loaded_tokens"] == 640
+
+
+def test_saves_send_their_prefix_aliases(daemon):
+    from tests.client.recording import RecordingClient
+
+    with RecordingClient(daemon.socket, timeout_s=1.0) as client:
+        w = make_worker(daemon, "aliases-sent", seed=14, client=client)
+        toks = toks_for(14, 600)
+        hs = hashes(w, toks)
+        aliases = ((("ab" * 16, 128),), (("cd" * 16, 128),))
+        assert run_step(w, StepPlan(saves=(SaveSpec("a", NS, 0, hs, (1, 2, 3, 4), 600, aliases=aliases),))) == set()
+        sent = client.last(P.ReserveRequest)
+        assert [[(a.hash, a.num_tokens) for a in e.aliases] for e in sent.entries] == [[("ab" * 16, 128)],
+                                                                                       [("cd" * 16, 128)]]

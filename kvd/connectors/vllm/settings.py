@@ -1,0 +1,117 @@
+"""The vLLM connector's settings, and the daemon session each engine role opens with them.
+
+``ConnectorSettings`` is the ``kv_connector_extra_config`` dict, validated: unknown keys are errors, so a
+typo never silently turns an option off. ``model_spec_from_vllm`` derives the model fingerprint from
+what both roles see (the vLLM config and the KV-cache config), so the scheduler and the workers compute
+the same keys without talking to each other. ``open_session`` builds the role's
+``kvd.client.session.DaemonSession`` (registration, circuit breaker) from the settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvd.client.client import KvdClient
+from kvd.client.session import DaemonSession
+from kvd.core import dtypes
+from kvd.core.errors import ConfigError, InvalidRequest
+from kvd.core.headmap import HeadMap
+from kvd.core.keys import ModelSpec
+
+
+class ConnectorSettings(BaseModel):
+    """``kv_connector_extra_config`` of ``KvdConnector`` (docs/vllm.md lists every key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: str | None = None  # the daemon's Unix socket; None: kvd's default path
+    namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_.:@/-]{1,96}$")
+    head_map: str | None = None  # path of a head map JSON (placement only; loads are exact either way)
+    model_id: str | None = None  # overrides vLLM's model name/path in the fingerprint
+    timeout_s: float = Field(default=2.0, gt=0, le=60)  # one control call
+    load_wait_s: float = Field(default=1.0, ge=0, le=60)  # a lease waits this long for SSD -> arena
+    retry_interval_s: float = Field(default=1.0, gt=0, le=600)  # first back-off after a daemon failure
+    max_retry_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    lookup_ttl_s: float = Field(default=1.0, ge=0, le=60)  # a request's cached lookup answer
+    verify_checksums: bool = True  # check leased extents (xxh3) before copying them into vLLM
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any] | None) -> ConnectorSettings:
+        try:
+            return cls.model_validate(extra or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"kv_connector_extra_config.{where}: {first['msg']}; the keys KvdConnector "
+                              f"reads are {sorted(cls.model_fields)} (docs/vllm.md)") from None
+
+
+Role = Literal["scheduler", "worker"]
+
+
+def kv_dtype_name(dtype: Any) -> str:
+    """vLLM's KV cache dtype by kvd's name; ``ConfigError`` (at start-up) for one kvd does not handle."""
+    try:
+        return dtypes.kv_dtype_name(dtype)
+    except InvalidRequest as e:
+        raise ConfigError(f"vLLM's KV cache: {e}; run vLLM with kv_cache_dtype='auto' or remove the kvd "
+                          "connector") from None
+
+
+def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings) -> ModelSpec:
+    """The ``ModelSpec`` both roles derive from vLLM's configs (hence one fingerprint).
+
+    Refuses, with what to change, the set-ups whose KV this connector cannot key or place correctly:
+    several KV-cache groups (hybrid or sliding-window models), tensor or pipeline parallelism.
+    """
+    groups = list(kv_cache_config.kv_cache_groups)
+    if len(groups) != 1:
+        raise ConfigError(f"KvdConnector supports models with one KV-cache group; this one has {len(groups)} "
+                          "(hybrid / sliding-window layers); remove the kvd connector for this model")
+    spec = groups[0].kv_cache_spec
+    head_v = getattr(spec, "head_size_v", None) or spec.head_size
+    if head_v != spec.head_size or not hasattr(spec, "num_kv_heads"):
+        raise ConfigError(f"KvdConnector needs attention KV with equal K and V head sizes; got {type(spec).__name__}")
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
+        raise ConfigError(f"KvdConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1; got "
+                          f"{par.tensor_parallel_size} and {par.pipeline_parallel_size} (docs/vllm.md: what is left)")
+    mc = vllm_config.model_config
+    hf = mc.hf_config
+    rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", None),
+                                                      "rope_scaling": getattr(hf, "rope_scaling", None)}
+    return ModelSpec(
+        model_id=settings.model_id or str(mc.model),
+        revision=str(getattr(mc, "revision", None) or ""),
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=int(spec.num_kv_heads),
+        head_dim=int(spec.head_size),
+        kv_dtype=kv_dtype_name(spec.dtype),
+        rope=dict(rope),
+        # kvd stores canonical K[T, D] | V[T, D] segments: the worker converts vLLM's layout (and the
+        # CPU ISA's packing) on every copy, so KV is portable across engines, layouts and ISAs.
+        layout="canonical",
+    )
+
+
+def load_head_map(settings: ConnectorSettings, spec: ModelSpec) -> HeadMap | None:
+    if settings.head_map is None:
+        return None
+    hm = HeadMap.load(Path(settings.head_map).expanduser())
+    hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
+    return hm
+
+
+def open_session(settings: ConnectorSettings, spec: ModelSpec, head_map: HeadMap | None, *, block_size: int,
+                 role: Role, clock: Callable[[], float] = time.monotonic,
+                 client: KvdClient | None = None) -> DaemonSession:
+    """The role's session with the daemon (not registered yet: ``handle()`` registers on first use)."""
+    return DaemonSession(client or KvdClient(settings.socket, timeout_s=settings.timeout_s), spec, head_map,
+                         namespace=settings.namespace, role=role, block_tokens=block_size,
+                         retry_interval_s=settings.retry_interval_s,
+                         max_retry_interval_s=settings.max_retry_interval_s, clock=clock)
