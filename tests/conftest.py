@@ -40,3 +40,33 @@ def smollm2_fp32(smollm2_dir):
     from kvd.calibrate.model import load_causal_lm
 
     return load_causal_lm(smollm2_dir)
+
+
+# ---- a real Redis Cluster (issue 14) -----------------------------------------------------------
+# One 6-node cluster (3 masters + 3 replicas) on loopback for the session; tests that kill nodes make
+# their own (``redis_cluster_factory``). Keys are prefixed per test, so tests never see each other's.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    from tests.redis_cluster import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_factory(tmp_path):
+    from tests.redis_cluster import RedisCluster
+
+    made = []
+
+    def make(**kw):
+        c = RedisCluster(tmp_path / f"redis{len(made)}", **kw).start()
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()

@@ -1,7 +1,7 @@
 """CLI of the fidelity harness.
 
     python -m kvd.calibrate.evaluate --map config/heads/smollm2-135m.json --task passkey:1024 --task natural:2048 \\
-        --prompts 8 [--gen-tokens 16] [--model-dir DIR] [--cache-dir DIR] [--out results.json]
+        --prompts 8 [--gen-tokens 16] --model-dir DIR [--cache-dir DIR] [--out results.json]
 
 ``--map`` takes a head-map file, ``full`` (every head global), or ``local:WINDOW[:SINK]`` (every head
 local: StreamingLLM-style); repeat it to compare several maps on the same prompts. ``--task`` is
@@ -40,16 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--kl-positions", type=int, default=1024)
     ap.add_argument("--gen-tokens", type=int, default=0)
-    ap.add_argument("--model-dir", default=None, help="default: the SmolLM2 cache dir (converted if missing)")
+    ap.add_argument("--model-dir", required=True, help="a transformers model directory (the test model's: "
+                    "python -m kvd.testing.models path)")
     ap.add_argument("--cache-dir", default=None, help="full-KV reference cache (default: none)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
     from kvd.calibrate.harness import Harness, make_prompts, result_dict, summarize
     from kvd.calibrate.model import load_causal_lm
-    from kvd.testing.models import smollm2_dir
 
-    model, tok = load_causal_lm(a.model_dir or smollm2_dir())
+    model, tok = load_causal_lm(a.model_dir)
     cfg = model.config
     maps = [(spec, parse_map(spec, cfg.num_hidden_layers, cfg.num_key_value_heads)) for spec in a.map]
     harness = Harness(model, tok, cache_dir=Path(a.cache_dir) if a.cache_dir else None,

@@ -142,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvd.calibrate.refine", description=__doc__.split("\n")[0])
     ap.add_argument("head_map")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--model-dir", required=True, help="a transformers model directory (the test model's: "
+                    "python -m kvd.testing.models path)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--recall-tokens", type=int, default=4096)
     ap.add_argument("--num-passkey", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from kvd.testing.models import smollm2_dir
 
-    model, tok = load_causal_lm(a.model_dir or smollm2_dir())
+    model, tok = load_causal_lm(a.model_dir)
     model.to(a.device)
     new = refine(model, tok, HeadMap.load(a.head_map), recall_tokens=a.recall_tokens,
                  num_passkey=a.num_passkey, rounds=a.rounds)

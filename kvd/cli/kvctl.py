@@ -174,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list entries")
     ls.add_argument("--model", metavar="FINGERPRINT")
     ls.add_argument("--namespace")
-    ls.add_argument("--tier", choices=["host", "ssd"])
+    ls.add_argument("--tier", choices=["host", "ssd", "remote"])
     ls.add_argument("--limit", type=int, default=100)
     sub.add_parser("stats", help="per-tier usage, hit rates, counters")
     for name, helptext in (("pin", "never evict these entries"), ("unpin", "make entries evictable again"),
@@ -184,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--namespace", default="default")
         q.add_argument("--model", metavar="FINGERPRINT")
     ev = sub.add_parser("evict", help="evict unpinned, unleased entries from a tier")
-    ev.add_argument("--tier", choices=["host", "ssd"], default="host")
+    ev.add_argument("--tier", choices=["host", "ssd", "remote"], default="host")
     ev.add_argument("--namespace")
     ev.add_argument("--model", metavar="FINGERPRINT")
     ev.add_argument("--max-bytes", type=int, help="evict in the tier's policy order until this many bytes are freed")

@@ -109,6 +109,54 @@ class CodecSettings(_Section):
     threads: int = Field(default=0, ge=0, le=64)  # 0: one per core for extents ≥ 4 MiB
 
 
+WritePolicy = Literal["write_through", "write_back", "off"]
+
+
+class RemoteWritePolicy(_Section):
+    """When each head class's extents go to the remote tier: ``write_through`` (at commit, so other
+    hosts find them at once), ``write_back`` (when they leave this host's lower tiers), ``off``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+    global_: WritePolicy = Field(default="write_through", alias="global")
+    local: WritePolicy = "write_back"
+
+    def for_class(self, head_class: str) -> str:
+        return self.global_ if head_class == "global" else self.local
+
+
+class RemoteSettings(_Section):
+    enabled: bool = False
+    # true: the daemon does not start when the cluster cannot be reached or refuses the credentials;
+    # false: it starts without the remote tier (logged) and tries again later.
+    required: bool = False
+    startup_nodes: list[str] = Field(default_factory=lambda: ["127.0.0.1:7000"], min_length=1)
+    username: str = ""
+    password: str = ""
+    password_file: str = ""  # read at start; wins over password
+    tls: bool = False
+    tls_ca_file: str = ""
+    timeout_s: float = Field(default=0.5, gt=0, le=60)  # one Redis command
+    lookup_deadline_s: float = Field(default=0.05, gt=0, le=10)  # a lookup waits this long for the cluster
+    max_connections: int = Field(default=64, gt=0, le=4096)
+    ttl_s: float = Field(default=0.0, ge=0)  # 0: no TTL (the cluster's maxmemory-policy evicts)
+    capacity_bytes: ByteSize = ByteSize(1 << 40)  # for kvctl stats only: the cluster's maxmemory rules
+    key_prefix: str = Field(default="kvd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    replicate_global: bool = True  # global-head extents stored twice, on two slots (two masters)
+    write_policy: RemoteWritePolicy = Field(default_factory=RemoteWritePolicy)
+    scan_limit: int = Field(default=100_000, ge=0)  # entries of the cluster indexed at start
+
+    @field_validator("startup_nodes")
+    @classmethod
+    def _nodes(cls, v: list[str]) -> list[str]:
+        for node in v:
+            host, sep, port = node.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError(f"{node!r} is not HOST:PORT")
+        return v
+
+
 class PolicySettings(_Section):
     eviction: Literal["lru", "arc", "cost_aware"] = "cost_aware"
     recency_half_life_s: float = Field(default=300.0, gt=0)
@@ -121,6 +169,7 @@ class Settings(_Section):
     ssd: SsdSettings = Field(default_factory=SsdSettings)
     codec: CodecSettings = Field(default_factory=CodecSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
 
     # ---- resolved paths (computed once, here, so modules never read the environment) ----------
 

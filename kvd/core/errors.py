@@ -96,6 +96,21 @@ class SsdFull(KvdError):
         self.num_written = num_written  # write_many: this many leading items were committed
 
 
+class TierUnavailable(KvdError):
+    """A tier cannot be reached right now (a cluster node down, a timeout). Its copies are not
+    served until it answers again; the engine recomputes meanwhile. Never a reason to fail a request."""
+
+    status = 503
+    code = "tier_unavailable"
+
+
+class RecordMissing(CorruptData):
+    """A record the index expected is gone from its tier (e.g. the cluster's LRU evicted it): a miss,
+    counted apart from corruption, never served."""
+
+    code = "record_missing"
+
+
 ERRORS_BY_CODE: dict[str, type[KvdError]] = {
     cls.code: cls
     for cls in (
@@ -112,5 +127,7 @@ ERRORS_BY_CODE: dict[str, type[KvdError]] = {
         CorruptData,
         StorageFormatError,
         SsdFull,
+        TierUnavailable,
+        RecordMissing,
     )
 }

@@ -39,7 +39,6 @@ DEFAULT_NAMESPACE = Namespace("default")
 _HEX_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:@/-]{1,128}$")
 
-KV_DTYPE_BYTES = DTYPE_BYTES  # the one table lives in kvd.core.dtypes; this name goes with the client move
 
 
 def _digest(*parts: bytes) -> str:

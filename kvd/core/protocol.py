@@ -34,7 +34,7 @@ EntryKind = Literal["prefix", "chunk"]
 # 128-hash lookup cheap. The API rewrites the pattern error into words (``kvd.daemon.api._describe``).
 HASH_PATTERN = r"^[0-9a-f]{32}$"
 Hash = Annotated[str, StringConstraints(pattern=HASH_PATTERN)]
-TierName = Literal["host", "ssd"]  # a shared remote tier (Redis) is planned, not built
+TierName = Literal["host", "ssd", "remote"]
 
 
 def describe_validation_error(e: ValidationError, limit: int = 5) -> str:
@@ -236,7 +236,7 @@ class LookupRequest(_Model):
 class EntryStatus(_Model):
     index: int  # position of the hash in the request's list
     hash: str
-    tier: TierName  # fastest tier holding it
+    tier: TierName  # the slowest tier a load of it reads from
     classes: list[str]  # head classes available losslessly (all of them: complete)
     complete: bool
     num_tokens: int

@@ -125,7 +125,7 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.post("/v1/lookup")
 async def lookup(request: web.Request) -> web.Response:
     req = await _body(request, P.LookupRequest)
-    return web.Response(body=request.app[STORE].lookup(req).to_json(), content_type="application/json")
+    return web.Response(body=(await request.app[STORE].lookup(req)).to_json(), content_type="application/json")
 
 
 @routes.post("/v1/reserve")
@@ -186,8 +186,8 @@ async def entries(request: web.Request) -> web.Response:
     if not 0 < limit <= 1_000_000:
         raise InvalidRequest(f"limit={limit} must be between 1 and 1000000")
     tier = q.get("tier")
-    if tier is not None and tier not in ("host", "ssd"):
-        raise InvalidRequest(f"tier={tier!r} unknown; use host or ssd")
+    if tier is not None and tier not in ("host", "ssd", "remote"):
+        raise InvalidRequest(f"tier={tier!r} unknown; use host, ssd or remote")
     return _json(reporting.list_entries(request.app[STORE], fingerprint=q.get("model"),
                                         namespace=q.get("namespace"), tier=tier, limit=limit))
 

@@ -130,6 +130,12 @@ class Metrics:
         self.tier_write_failures = Counter("kvd_tier_write_failures", "Records a tier could not take", ["tier"],
                                            registry=r)
         self.tier_drops = Counter("kvd_tier_drops", "Records deleted from a blocking tier", ["tier"], registry=r)
+        self.tier_errors = Counter("kvd_tier_errors", "Operations a tier could not do (unreachable, timeout, "
+                                   "unreadable)", ["tier", "op"], registry=r)
+        self.tier_misses = Counter("kvd_tier_misses", "Copies the index expected that a tier no longer held "
+                                   "(evicted by the remote cluster)", ["tier"], registry=r)
+        self.tier_io_seconds = Histogram("kvd_tier_io_seconds", "Latency of blocking tier operations",
+                                         ["tier", "op"], buckets=LATENCY_BUCKETS, registry=r)
         self.dropped_cold_extents = Counter("kvd_dropped_cold_extents", "Cold local-head extents let go by "
                                             "placement (codec.local_cold_codec = drop)", registry=r)
         self.recovered_entries = Counter("kvd_recovered_entries", "Entries rebuilt from persistent tiers at start",

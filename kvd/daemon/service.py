@@ -30,7 +30,7 @@ from aiohttp import web
 
 from kvd import __version__
 from kvd.core.config import Settings, default_config_text, load_settings
-from kvd.core.errors import ConfigError, KvdError
+from kvd.core.errors import ConfigError, KvdError, TierUnavailable
 from kvd.daemon.api import (
     METRICS,
     STATE,
@@ -46,11 +46,13 @@ from kvd.store.recovery import recover
 from kvd.store.reporting import entry_counts
 from kvd.store.store import Store
 from kvd.tiers.host import HostTier
+from kvd.tiers.remote import RemoteTier, connect
 from kvd.tiers.ssd import SsdTier
 
 logger = logging.getLogger("kvd")
 
 EXPIRE_INTERVAL_S = 0.5
+REMOTE_RETRY_S = 30
 # Settings SIGHUP can change without a restart: (section, key).
 RELOADABLE = {
     ("daemon", "log_level"), ("daemon", "shutdown_timeout_s"), ("daemon", "max_request_bytes"),
@@ -88,7 +90,7 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
         cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kvd-cpu")
         io = ThreadPoolExecutor(max_workers=max(2, settings.ssd.io_threads), thread_name_prefix="kvd-io")
         tiers: list = []
-        store = task = None
+        store = task = retry = None
         try:
             tiers.append(HostTier(settings.arena_path(), int(settings.host.capacity_bytes),
                                   int(settings.host.slot_bytes), file_mode=int(settings.daemon.socket_mode, 8)))
@@ -97,6 +99,9 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
             if settings.ssd.enabled:
                 tiers.append(await asyncio.get_running_loop().run_in_executor(
                     io, lambda: SsdTier(settings.ssd_path(), settings.ssd)))
+            remote = await _remote_tier(settings, io) if settings.remote.enabled else None
+            if remote is not None:
+                tiers.append(remote)
             metrics = app[METRICS]
             store = Store(settings, tiers, metrics=metrics, cpu=cpu, io=io, clock=clock)
             metrics.attach_tiers(store.tier_stats, lambda: entry_counts(store))
@@ -106,12 +111,15 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
                 n = await recover(store)
                 logger.info("%s: %d entries recovered", ", ".join(t.name for t in tiers[1:]), n)
             task = asyncio.create_task(store.background.run(), name="kvd-background")
+            if settings.remote.enabled and remote is None:  # not required: join the cluster when it comes
+                retry = asyncio.create_task(_join_remote_later(settings, io, store), name="kvd-remote-join")
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for t in (task, retry):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
             if store is not None:
                 await store.background.close()
                 await store.admin.close()
@@ -121,6 +129,32 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
             cpu.shutdown(wait=True, cancel_futures=True)
 
     return ctx
+
+
+async def _remote_tier(settings: Settings, io: ThreadPoolExecutor) -> RemoteTier | None:
+    """The remote tier, or None when the cluster is unreachable and not required (logged)."""
+    try:
+        client = await asyncio.get_running_loop().run_in_executor(io, connect, settings.remote)
+    except TierUnavailable as e:
+        if settings.remote.required:
+            raise ConfigError(f"{e} (remote.required = true)") from None
+        logger.warning("%s; serving without the remote tier, retrying every %d s", e, REMOTE_RETRY_S)
+        return None
+    logger.info("remote tier: Redis cluster at %s", ", ".join(settings.remote.startup_nodes))
+    return RemoteTier(client, settings.remote)
+
+
+async def _join_remote_later(settings: Settings, io: ThreadPoolExecutor, store: Store) -> None:
+    while True:
+        await asyncio.sleep(REMOTE_RETRY_S)
+        try:
+            remote = await _remote_tier(settings, io)
+        except ConfigError as e:  # the cluster answered but refused us: say so, keep trying
+            logger.error("%s", e)
+            continue
+        if remote is not None:
+            store.add_tier(remote)
+            return
 
 
 async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:

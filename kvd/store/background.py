@@ -45,6 +45,7 @@ class Background:
         self.settings = settings
         self.metrics = metrics
         self._queue: OrderedDict[EntryKey, None] = OrderedDict()  # admitted, waiting for write-back
+        self._through: OrderedDict[EntryKey, None] = OrderedDict()  # committed, waiting for write-through
         self._prefetching: dict[EntryKey, asyncio.Task] = {}
         self._wake = asyncio.Event()
 
@@ -71,6 +72,17 @@ class Background:
     def on_pin(self, e: Entry) -> None:
         if self.has_lower and self.pipeline.needs_write(e):
             self._enqueue(e)
+        self.on_commit(e)  # pinned: every head class is written through to shared tiers
+
+    def on_commit(self, e: Entry) -> None:
+        """Queue the entry for the tiers that take some of its head classes at commit (write-through)."""
+        if any(self._through_classes(e, lv) for lv in self.index.levels[1:]):
+            self._through[e.key] = None
+            self._wake.set()
+
+    def _through_classes(self, e: Entry, lv) -> set[str]:
+        return {c for c, x in e.extents.items() if lv.name not in x.copies
+                and lv.write_policy is not None and (lv.writes_through(c) or (e.pinned and lv.accepts(c)))}
 
     def on_remove(self, e: Entry) -> None:
         """The entry was deleted: its sightings are forgotten (an eviction keeps them)."""
@@ -134,8 +146,23 @@ class Background:
 
     async def step(self) -> None:
         """One round of background work (the loop's body; tests call it directly)."""
+        await self.write_through()
         await self.write_back()
         await self.relieve()
+
+    async def write_through(self) -> None:
+        """Copy committed entries' write-through head classes to the tiers that take them at commit."""
+        top = self.index.levels[0]
+        while self._through:
+            batch = []
+            while self._through and len(batch) < self.settings.ssd.write_batch:
+                key, _ = self._through.popitem(last=False)
+                if (e := self.index.get(key)) is not None:
+                    batch.append(e)
+            for lv in self.index.levels[1:]:
+                todo = [e for e in batch if self._through_classes(e, lv)]
+                if todo and lv.tier.is_available:
+                    await self.pipeline.write_down(todo, top, dst=lv, classes=lambda e, lv=lv: self._through_classes(e, lv))
 
     async def close(self) -> None:
         for t in list(self._prefetching.values()):

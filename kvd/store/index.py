@@ -23,22 +23,40 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from kvd.policies.eviction import EvictionPolicy
+from kvd.core.config import Settings
+from kvd.policies.eviction import EvictionPolicy, make_eviction
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
 from kvd.tiers.base import Tier
 
 
 @dataclass(slots=True)
 class Level:
-    """One tier in the store's order (0 = top) and the policy that picks its victims."""
+    """One tier in the store's order (0 = top), the policy that picks its victims, and when extents
+    are written into it: ``write_policy(head_class)`` is ``write_through`` (at commit),
+    ``write_back`` (when they leave the tiers above) or ``off``; None: ``write_back`` for all."""
 
     level: int
     tier: Tier
     policy: EvictionPolicy
+    write_policy: Callable[[str], str] | None = None
 
     @property
     def name(self) -> str:
         return self.tier.name
+
+    def accepts(self, head_class: str) -> bool:
+        return self.write_policy is None or self.write_policy(head_class) != "off"
+
+    def writes_through(self, head_class: str) -> bool:
+        return self.write_policy is not None and self.write_policy(head_class) == "write_through"
+
+    @classmethod
+    def of(cls, level: int, tier: Tier, settings: Settings, policy: EvictionPolicy | None = None) -> Level:
+        """The level of ``tier`` at ``level``: its eviction policy from ``settings`` (unless given), and
+        for a shared tier the remote write policy."""
+        return cls(level, tier, policy if policy is not None else
+                   make_eviction(settings.policy, capacity_bytes=tier.capacity_bytes),
+                   settings.remote.write_policy.for_class if tier.shared else None)
 
 
 class Index:

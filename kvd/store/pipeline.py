@@ -28,18 +28,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from kvd.codecs import Codecs, is_lossy
-from kvd.core.errors import CorruptData, SsdFull
+from kvd.codecs import Codecs
+from kvd.core.errors import CorruptData, KvdError, RecordMissing, SsdFull, TierUnavailable
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
+from kvd.store.forms import Forms, Payload
 from kvd.store.index import Index, Level
 from kvd.store.space import Space
 from kvd.tiers.base import ExtentName, Location
-from kvd.tiers.record import decode_record_into, encode_record
 
 logger = logging.getLogger(__name__)
 
-Payload = tuple[bytes, str, int | None]  # (bytes for the lower tier, codec, checksum of what a reader gets)
 
 
 class Pipeline:
@@ -48,11 +47,10 @@ class Pipeline:
                  clock: Callable[[], float]) -> None:
         self.index = index
         self.levels = index.levels
-        self.codecs = codecs
+        self.forms = Forms(codecs, metrics, dtype_of)
         self.cpu_pool, self.io_pool = cpu, io
         self.metrics = metrics
         self.admitted = admitted  # may an entry be written below the top tier (kvd.policies.admission)
-        self.dtype_of = dtype_of  # fingerprint -> KV dtype
         self.clock = clock
         self.busy: set[EntryKey] = set()
         self.space = Space(index, is_busy=self.busy.__contains__, clock=clock)
@@ -64,9 +62,14 @@ class Pipeline:
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
 
     async def on_io(self, lv: Level, fn, *args):
+        """``fn(*args)`` for ``lv``'s tier: on the I/O executor for blocking tiers (timed per operation)."""
         if not lv.tier.blocking:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+        finally:
+            self.metrics.tier_io_seconds.labels(lv.name, fn.__name__).observe(time.perf_counter() - t0)
 
     def below(self, lv: Level) -> Level | None:
         return self.levels[lv.level + 1] if lv.level + 1 < len(self.levels) else None
@@ -171,10 +174,12 @@ class Pipeline:
         return freed
 
     def _must_keep(self, e: Entry, lv: Level) -> bool:
-        """Some exact extent lives only at ``lv`` or above, and the entry may go below."""
+        """Some exact extent lives only at ``lv`` or above and the next tier takes it, and the entry may
+        go below (admitted, when it leaves the top)."""
+        lower = self.below(lv)
         deeper = {x.name for x in self.levels[lv.level + 1 :]}
         only_here = any(lv.name in x.copies and not x.copies[lv.name].is_lossy and not deeper & x.copies.keys()
-                        for x in e.extents.values())
+                        and lower is not None and lower.accepts(x.head_class) for x in e.extents.values())
         return only_here and (lv.level > 0 or self.admitted(e))
 
     # ---- down ----------------------------------------------------------------------------------
@@ -185,22 +190,29 @@ class Pipeline:
         return any(top in x.copies and len(x.copies) == 1 and not x.copies[top].is_lossy and not x.dropped
                    for x in e.extents.values())
 
-    async def write_down(self, entries: list[Entry], lv: Level) -> int:
-        """Give every extent of ``entries`` held at ``lv`` a copy in the next tier (durable there on
-        return); cold extents then leave the top tier. Returns the number of extents written."""
-        lower = self.below(lv)
+    async def write_down(self, entries: list[Entry], lv: Level, dst: Level | None = None,
+                         classes: Callable[[Entry], set[str]] | None = None) -> int:
+        """Give every extent of ``entries`` held at ``lv`` a copy in ``dst`` (default: the next tier;
+        write-through skips tiers in between), durable there on return; cold extents then leave the
+        top tier. ``classes``: per entry, the head classes to write (default all that ``dst`` takes).
+        Returns the number of extents written."""
+        lower = dst or self.below(lv)
         if lower is None:
             return 0
+        adjacent = lower.level == lv.level + 1
         jobs: list[tuple[Entry, Extent]] = []
         for e in entries:
             if e.key in self.busy or self.index.get(e.key) is not e:
                 continue
+            wanted = classes(e) if classes is not None else None
             for x in e.extents.values():
                 copy = x.copies.get(lv.name)
-                if copy is None or copy.is_lossy or lower.name in x.copies or x.dropped:
+                if (copy is None or copy.is_lossy or lower.name in x.copies or x.dropped
+                        or not lower.accepts(x.head_class) or (wanted is not None and x.head_class not in wanted)):
                     continue  # a lossy copy came from below: never re-encoded as if exact
                 if x.lower_codec is None and lower.tier.holds_records:
-                    self._let_go(e, x, lv)
+                    if adjacent:
+                        self._let_go(e, x, lv)
                     continue
                 jobs.append((e, x))
         if not jobs:
@@ -212,13 +224,14 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             payloads = await self._produce_all(jobs, lv, lower)
-            written = await self._put_all(jobs, payloads, lower)
+            kept = [(j, p) for j, p in zip(jobs, payloads) if p is not None]
+            written = await self._put_all([j for j, _ in kept], [p for _, p in kept], lower)
         finally:
             for e in held.values():
                 self.busy.discard(e.key)
                 self.unhold(e)
         self.metrics.moved_seconds.labels("demote").inc(time.perf_counter() - t0)
-        if lv.level == 0:
+        if lv.level == 0 and adjacent:
             for e in held.values():
                 self._cool(e, lv, lower)
         return written
@@ -239,31 +252,21 @@ class Pipeline:
                 if not x.is_hot and lower.name in x.copies and (c := self.index.unplace(e, x, top)) is not None]
         self.discard(top, locs)
 
-    async def _produce_all(self, jobs: list[tuple[Entry, Extent]], lv: Level, lower: Level) -> list[Payload]:
-        def produce() -> list[Payload]:
-            return [self._produce(e, x, lv, lower) for e, x in jobs]
+    async def _produce_all(self, jobs: list[tuple[Entry, Extent]], lv: Level, lower: Level) -> list[Payload | None]:
+        def produce() -> list[Payload | None]:
+            out: list[Payload | None] = []
+            for e, x in jobs:
+                try:
+                    out.append(self.forms.produce(e, x, lv, lower))
+                except KvdError as err:  # unreadable source (corrupt, gone, unreachable): not written
+                    logger.warning("not written to %s: %s", lower.name, err)
+                    self.metrics.tier_errors.labels(lv.name, "read").inc()
+                    out.append(None)
+            return out
 
         if lv.tier.holds_records:  # record -> record: reading is the work
             return await self.on_io(lv, produce)
         return await self.on_cpu(produce)
-
-    def _produce(self, e: Entry, x: Extent, lv: Level, lower: Level) -> Payload:
-        copy = x.copies[lv.name]
-        data = lv.tier.read(copy.loc)
-        if lv.tier.holds_records:
-            return bytes(data), copy.codec, copy.checksum
-        raw = memoryview(data)[: x.nbytes]
-        if not lower.tier.holds_records:
-            return bytes(raw), copy.codec, copy.checksum
-        codec = x.lower_codec or "lossless"
-        t0 = time.perf_counter()
-        rec = encode_record(self.codecs, e.name(x.head_class), raw, dtype=self.dtype_of(e.fingerprint),
-                            shape=(x.plan.num_segments, x.plan.num_tokens, x.plan.head_dim), codec=codec,
-                            raw_xxh=copy.checksum)
-        self.metrics.codec_seconds.labels(rec.codec, "encode").inc(time.perf_counter() - t0)
-        self.metrics.codec_raw_bytes.labels(rec.codec, "encode").inc(x.nbytes)
-        self.metrics.codec_encoded_bytes.labels(rec.codec, "encode").inc(len(rec.data))
-        return rec.data, rec.codec, rec.raw_xxh
 
     async def _put_all(self, jobs: list[tuple[Entry, Extent]], payloads: list[Payload], lower: Level) -> int:
         items, placed = [], []
@@ -279,10 +282,11 @@ class Pipeline:
         ok = len(items)
         try:
             await self.on_io(lower, lower.tier.write_many, items)
-        except SsdFull as err:
-            ok = err.num_written
+        except (SsdFull, TierUnavailable) as err:
+            ok = getattr(err, "num_written", 0)
             logger.warning("%s", err)
-            self.discard(lower, [loc for loc, _ in items[ok:]])
+            if isinstance(err, SsdFull):
+                self.discard(lower, [loc for loc, _ in items[ok:]])
             self.metrics.tier_write_failures.labels(lower.name).inc(len(items) - ok)
         for e, x, copy in placed[:ok]:
             if self.index.get(e.key) is e and lower.name not in x.copies:
@@ -345,38 +349,42 @@ class Pipeline:
         self.metrics.moved_seconds.labels("promote").inc(time.perf_counter() - t0)
         return ok
 
-    async def _fetch(self, e: Entry, x: Extent, src: Level, top: Level, loc: Location) -> Copy | None:
-        """Bring ``x``'s copy at ``src`` into ``loc`` (top); the new copy, or None if it was corrupt."""
+    async def _fetch(self, e: Entry, x: Extent, src: Level, top: Level, loc: Location) -> Copy | str:
+        """Bring ``x``'s copy at ``src`` into ``loc`` (top): the new copy, or why not: ``corrupt`` (failed
+        verification), ``missing`` (the tier no longer holds it), ``unavailable`` (cannot be asked now)."""
         copy = x.copies[src.name]
         out = top.tier.read(loc)[: x.nbytes]
         try:
             data = await self.on_io(src, src.tier.read, copy.loc)
-            if src.tier.holds_records:
-                t0 = time.perf_counter()
-                header = await self.on_cpu(decode_record_into, self.codecs, data, copy.loc.key, out)
-                self.metrics.codec_seconds.labels(header.codec, "decode").inc(time.perf_counter() - t0)
-                self.metrics.codec_raw_bytes.labels(header.codec, "decode").inc(x.nbytes)
-                return Copy(loc, header.codec if is_lossy(header.codec) else "raw", header.raw_xxh)
-            out[:] = memoryview(data)[: x.nbytes]
-            return Copy(loc, copy.codec, copy.checksum)
+            codec, checksum = await self.on_cpu(self.forms.place_into, src, copy, data, out)
+            return Copy(loc, codec, checksum)
+        except RecordMissing as err:
+            logger.info("%s", err)
+            self.metrics.tier_misses.labels(src.name).inc()
+            return "missing"
         except CorruptData as err:
             logger.error("not served: %s", err)
             self.metrics.checksum_failures.labels(src.name).inc()
-            return None
+            return "corrupt"
+        except TierUnavailable as err:
+            logger.debug("%s", err)
+            self.metrics.tier_errors.labels(src.name, "read").inc()
+            return "unavailable"
 
-    def _place_promoted(self, e: Entry, slots, results: list[Copy | None], top: Level) -> bool:
+    def _place_promoted(self, e: Entry, slots, results: list[Copy | str], top: Level) -> bool:
         ok = True
         for (x, src, loc), copy in zip(slots, results):
             if self.index.get(e.key) is not e:  # deleted meanwhile
                 self.discard(top, [loc])
                 continue
-            if copy is None:  # corrupt below: that copy is gone; so is the entry if it was the last
+            if isinstance(copy, str):
                 ok = False
                 self.discard(top, [loc])
-                bad = self.index.unplace(e, x, src)
-                self.discard(src, [bad.loc] if bad else [])
-                if not e.is_whole():
-                    self.remove(e)
+                if copy != "unavailable":  # corrupt or gone below: so is the entry if it was the last copy
+                    bad = self.index.unplace(e, x, src)
+                    self.discard(src, [bad.loc] if bad and copy == "corrupt" else [])
+                    if not e.is_whole():
+                        self.remove(e)
                 continue
             old = self.index.unplace(e, x, top)  # a lossy copy an exact one replaces
             self.discard(top, [old.loc] if old else [])

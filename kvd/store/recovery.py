@@ -1,4 +1,5 @@
-"""Rebuilding the store's index from the persistent tiers at start, before any engine reconnects.
+"""Filling the store's index from the tiers below the arena: the persistent tiers at start, before any
+engine reconnects, and the shared tier (the remote cluster) when a lookup misses locally.
 
 Every record's key names its extent completely (``kvd.tiers.base.ExtentName``) and its header carries
 its codec, size and checksum; registered models are kept beside the records (``model/<fingerprint>``
@@ -14,11 +15,12 @@ another layout, or keyed in an older format.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
 from kvd.core import protocol as P
-from kvd.core.errors import KvdError
+from kvd.core.errors import KvdError, TierUnavailable
 from kvd.store.admin import MODEL_META
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
 from kvd.tiers.base import StoredRecord
@@ -30,30 +32,72 @@ async def recover(store) -> int:
     """Put every entry the persistent tiers hold back into ``store``'s index; returns how many."""
     found: dict[EntryKey, list[tuple[str, StoredRecord]]] = {}  # entry -> [(tier, record)]
     for lv in store.index.levels[1:]:
-        for rec in await store.pipeline.on_io(lv, lv.tier.scan):
-            n = rec.name
-            found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
-        for fp in {k[1] for k in found}:
-            raw = await store.pipeline.on_io(lv, lv.tier.get_meta, MODEL_META + fp)
-            if raw is not None and fp not in store.registry.models:
-                _register(store, fp, raw)
+        try:
+            records = await store.pipeline.on_io(lv, lv.tier.scan)
+            for rec in records:
+                n = rec.name
+                found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
+            for fp in {k[1] for k in found} - set(store.registry.models):
+                raw = await store.pipeline.on_io(lv, lv.tier.get_meta, MODEL_META + fp)
+                if raw is not None:
+                    _register(store, fp, raw)
+        except TierUnavailable as e:  # a shared tier that is down at start: its entries come with lookups
+            logger.warning("%s tier not scanned at start: %s", lv.name, e)
+    count = adopt(store, found)
+    store.metrics.recovered_entries.inc(count)
+    return count
+
+
+def adopt(store, found: dict[EntryKey, list[tuple[str, StoredRecord]]]) -> int:
+    """Index the entries ``found`` in tiers below the arena (at start, or found in a shared tier by a
+    lookup); returns how many. Records that fit no known model or layout are dropped from private
+    tiers; a shared tier's records belong to every host and are only left out of this index."""
     now = store.clock()
     count = 0
     orphans: dict[str, list] = {}
     for key, parts in found.items():
+        if store.index.get(key) is not None or key in store.index.pending:
+            continue  # known here already (stored meanwhile): this host's copies serve it
         e = _rebuild(store, key, parts, now)
         if e is None:
             for tier, rec in parts:
-                orphans.setdefault(tier, []).append(rec.location)
+                if not store.index.by_name[tier].tier.shared:
+                    orphans.setdefault(tier, []).append(rec.location)
             continue
         store.index.insert(e)
         count += 1
     for tier, locs in orphans.items():
-        logger.warning("%s tier: %d records of unknown models, layouts or missing global extents dropped at start",
+        logger.warning("%s tier: %d records of unknown models, layouts or missing global extents dropped",
                        tier, len(locs))
         store.pipeline.discard(store.index.by_name[tier], locs)
-    store.metrics.recovered_entries.inc(count)
     return count
+
+
+async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str]) -> int:
+    """Ask the shared tiers (the remote cluster) for the entries among ``hashes`` this index lacks, in
+    one round trip per tier, waiting at most ``remote.lookup_deadline_s``; index what other hosts
+    stored. Returns how many entries were adopted. A tier that is down or slow costs only the wait."""
+    idx = store.index
+    missing = [(namespace, fingerprint, h) for h in hashes
+               if idx.resolve((namespace, fingerprint, h)) is None and (namespace, fingerprint, h) not in idx.pending]
+    adopted = 0
+    for lv in idx.levels[1:]:
+        if not missing or not lv.tier.shared or not lv.tier.is_available:
+            continue
+        try:
+            records = await asyncio.wait_for(store.pipeline.on_io(lv, lv.tier.find, missing),
+                                             store.settings.remote.lookup_deadline_s)
+        except (TimeoutError, TierUnavailable) as e:
+            store.metrics.tier_errors.labels(lv.name, "find").inc()
+            logger.debug("remote lookup skipped: %s", e)
+            continue
+        found: dict[EntryKey, list[tuple[str, StoredRecord]]] = {}
+        for rec in records:
+            n = rec.name
+            found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
+        adopted += adopt(store, found)
+        missing = [k for k in missing if idx.get(k) is None]
+    return adopted
 
 
 def _register(store, fp: str, raw: bytes) -> None:

@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-import xxhash
-
 from kvd.codecs import Codecs
 from kvd.core import protocol as P
 from kvd.core.config import Settings
@@ -32,7 +30,7 @@ from kvd.core.errors import InvalidRequest, RequestTooLarge
 from kvd.core.keys import prefix_hashes
 from kvd.daemon.metrics import Metrics
 from kvd.policies.admission import SsdAdmission
-from kvd.policies.eviction import EvictionPolicy, make_eviction
+from kvd.policies.eviction import EvictionPolicy
 from kvd.policies.placement import HeadClassPlacement
 from kvd.store import answers as L
 from kvd.store.admin import Admin
@@ -41,6 +39,7 @@ from kvd.store.entries import Copy, Entry, EntryKey, Lease, ModelRecord, Reserva
 from kvd.store.holds import HoldTable, owner_is_alive
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
+from kvd.store.recovery import find_shared
 from kvd.store.registry import ModelRegistry
 from kvd.tiers.base import Tier, TierStats
 from kvd.tiers.host import HostTier
@@ -60,9 +59,7 @@ class Store:
         self.started_at = clock()
         self.registry = ModelRegistry(clock)
         policies = policies or {}
-        levels = [Level(i, t, policies[t.name] if t.name in policies
-                        else make_eviction(settings.policy, capacity_bytes=t.capacity_bytes))
-                  for i, t in enumerate(tiers)]
+        levels = [Level.of(i, t, settings, policies.get(t.name)) for i, t in enumerate(tiers)]
         self.index = Index(levels, num_layers=lambda fp: self.registry.get(fp).spec.num_layers, clock=clock)
         self.pipeline = Pipeline(self.index, codecs=Codecs(settings.codec), cpu=cpu, io=io, metrics=metrics,
                                  admitted=lambda e: self.background.admitted(e),
@@ -73,6 +70,16 @@ class Store:
         self.placement = HeadClassPlacement(settings.codec)
         self.holds = HoldTable(reservation_ttl_s=lambda: settings.host.reservation_ttl_s,
                                lease_ttl_s=lambda: settings.host.lease_ttl_s)
+
+    def add_tier(self, tier: Tier) -> None:
+        """A tier joins at the bottom while serving (the remote cluster, reachable again)."""
+        lv = Level.of(len(self.index.levels), tier, self.settings)
+        self.index.levels.append(lv)
+        self.index.by_name[tier.name] = lv
+
+    @property
+    def shared(self) -> bool:
+        return any(lv.tier.shared for lv in self.index.levels)
 
     @property
     def host(self) -> HostTier:
@@ -98,7 +105,7 @@ class Store:
 
     # ---- lookup ---------------------------------------------------------------------------------
 
-    def lookup(self, req: P.LookupRequest) -> L.LookupResult:
+    async def lookup(self, req: P.LookupRequest) -> L.LookupResult:
         self.model(req.fingerprint)
         chunk = self.settings.keys.chunk_tokens
         if req.token_ids is not None and req.prefix_hashes is not None:
@@ -112,6 +119,8 @@ class Store:
         else:
             hashes = req.prefix_hashes or []
         self._check_count(len(hashes) + len(req.chunk_hashes or []))
+        if self.shared:  # entries other hosts stored: one round trip, bounded by remote.lookup_deadline_s
+            await find_shared(self, req.namespace, req.fingerprint, [*hashes, *(req.chunk_hashes or [])])
         prefix = self._rows(req, hashes)
         chunks = self._rows(req, req.chunk_hashes or [])
         result = L.LookupResult(chunk_tokens=chunk, num_prefix_hits=L.leading_hits(prefix), prefix=prefix,
@@ -211,7 +220,8 @@ class Store:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
             if self.settings.host.verify_on_commit:
-                for e, sums in zip(entries, await self.pipeline.on_cpu(self._checksums, entries)):
+                sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, self.host, entries)
+                for e, sums in zip(entries, sums_all):
                     for x, c in zip(e.extents.values(), sums):
                         x.checksum = x.copies[self.host.name].checksum = c
             self._insert_all(res, entries)
@@ -240,6 +250,7 @@ class Store:
                 for alias_hash, n in res.aliases.get(e.hash, []):
                     self.index.add_alias(e, alias_hash, n)
                 self.background.on_seen(e)
+                self.background.on_commit(e)
         except BaseException:
             for e in touched:
                 self.index.forget(e)  # the keys stay pending under the reservation
@@ -254,11 +265,6 @@ class Store:
                                             start_token=e.start_token, num_tokens=e.num_tokens, end_token=e.end_token)
         for cls, p in placed.items():
             e.extents[cls].is_hot, e.extents[cls].lower_codec = p.is_hot, p.ssd_codec
-
-    def _checksums(self, entries: list[Entry]) -> list[list[int]]:
-        host = self.host
-        return [[xxhash.xxh3_64_intdigest(host.read(x.copies[host.name].loc)[: x.nbytes]) for x in e.extents.values()]
-                for e in entries]
 
     def abort(self, req: P.AbortRequest) -> P.CountResponse:
         res = self.holds.pop_reservation(req.reservation_id)
@@ -283,6 +289,8 @@ class Store:
         self._check_count(len(req.hashes))
         if req.classes is not None and (bad := [c for c in req.classes if c not in ("global", "local")]):
             raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")
+        if self.shared:  # a lease without a lookup first (another process looked up) still finds them
+            await find_shared(self, req.namespace, req.fingerprint, req.hashes)
         found = [self.index.resolve((req.namespace, req.fingerprint, h)) for h in req.hashes]
         found = [f if f is not None and f[0].computed_under == req.computed_under else None for f in found]
         held = list({id(f[0]): f[0] for f in found if f is not None}.values())

@@ -9,8 +9,9 @@ Two kinds of tier, told apart by ``holds_records``:
 - **memory tiers** (the host arena; a GPU pool later) hold an extent's raw bytes where engines map and
   copy them directly; ``write``/``read`` move raw bytes;
 - **record tiers** (SSD; a remote store later) hold *records*: a checked header plus a codec payload
-  (``kvd.tiers.record``); ``write`` takes a record, ``read`` returns it with its header and payload
-  verified. They own their key format: they are handed an ``ExtentName`` and build keys from it.
+  (``kvd.tiers.record``); ``write`` takes a record, ``read`` returns it with its header checked (its
+  payload is verified as it is decoded or passed on). They own their key format: they are handed an
+  ``ExtentName`` and build keys from it.
 
 Lifecycle of a location: ``reserve`` finds room and returns a ``Location`` (or ``None`` when there is
 no room right now, changing nothing); bytes are then written (by ``write``, or, for the host arena, by
@@ -91,6 +92,7 @@ class Tier(ABC):
     capacity_bytes: int
     holds_records: ClassVar[bool] = False  # True: encoded records (kvd.tiers.record); False: raw extents
     blocking: ClassVar[bool] = False  # True: methods block on I/O; the store calls them off the event loop
+    shared: ClassVar[bool] = False  # True: other hosts write to it too (find() looks up what they stored)
 
     @abstractmethod
     def reserve(self, nbytes: int, name: ExtentName | None = None) -> Location | None:
@@ -103,8 +105,9 @@ class Tier(ABC):
 
     @abstractmethod
     def read(self, loc: Location) -> Buffer:
-        """The bytes at ``loc``: a raw view (memory tiers) or the record, its header and payload
-        verified (record tiers: ``CorruptData`` on any mismatch, nothing returned)."""
+        """The bytes at ``loc``: a raw view (memory tiers) or the record with its header checked (record
+        tiers: ``CorruptData`` if absent or damaged; the payload is verified by whoever uses it, see
+        ``kvd.tiers.record``)."""
 
     @abstractmethod
     def drop(self, loc: Location) -> None:
@@ -127,6 +130,17 @@ class Tier(ABC):
     def scan(self) -> list[StoredRecord]:
         """Every record a persistent tier holds (at start, to rebuild the index); volatile tiers: none."""
         return []
+
+    def find(self, keys: list[tuple[str, str, str]]) -> list[StoredRecord]:
+        """Shared tiers only: the records of the entries ``keys`` (namespace, fingerprint, hash) that
+        other hosts stored, in one round trip. Why a hook beyond the five: a shared tier holds entries
+        this host's index has never seen, so a lookup that misses locally must be able to ask it."""
+        return []
+
+    @property
+    def is_available(self) -> bool:
+        """Whether the tier can be used right now (a remote tier behind an open circuit breaker cannot)."""
+        return True
 
     # Small daemon records kept beside the extents they describe (the registered models), so a
     # persistent tier's records can be matched to their model at start, before any engine registers.

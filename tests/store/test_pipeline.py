@@ -86,8 +86,8 @@ class World:
         await self.store.commit(P.CommitRequest(reservation_id=r.reservation_id))
         return hs, data
 
-    def lookup(self, hs, prefetch=False):
-        return self.store.lookup(P.LookupRequest(fingerprint=self.fp, prefix_hashes=hs, prefetch=prefetch))
+    async def lookup(self, hs, prefetch=False):
+        return await self.store.lookup(P.LookupRequest(fingerprint=self.fp, prefix_hashes=hs, prefetch=prefetch))
 
     async def read_back(self, hs, classes=None, accept_lossy=False):
         le = await self.store.lease(P.LeaseRequest(fingerprint=self.fp, hashes=hs, classes=classes, wait_s=5,
@@ -110,7 +110,7 @@ async def test_admission_then_write_back_with_head_aware_placement(world):
     hs, data = await world.store_seq(1)
     await world.step()
     assert world.ssd.stats().num_records == 0  # seen once: not admitted
-    assert world.lookup(hs).num_prefix_hits == 4  # seen twice now: admitted
+    assert (await world.lookup(hs)).num_prefix_hits == 4  # seen twice now: admitted
     await world.step()
     e = [world.entry(h) for h in hs]
     assert all("ssd" in x.copies for en in e for x in en.extents.values())
@@ -192,7 +192,7 @@ async def test_restart_keeps_ssd_contents(world):
     hs, data = await world.store_seq(4)
     await world.step()
     assert await world.restart() == 4
-    res = world.lookup(hs)
+    res = (await world.lookup(hs))
     assert res.num_prefix_hits == 4 and {r.tier for r in res.prefix} == {"ssd"}
     status, got = await world.read_back(hs)
     assert status == ["ok"] * 4 and got == data
@@ -203,7 +203,7 @@ async def test_drop_codec_keeps_only_what_local_heads_need(tmp_path):
     try:
         hs, data = await w.store_seq(5)
         await w.step()
-        res = w.lookup(hs)
+        res = (await w.lookup(hs))
         # Chunks 1 and 2 let their (cold) local extents go: incomplete for an exact reader...
         assert res.num_prefix_hits == 1 and [r.complete for r in res.prefix] == [True, False, False, True]
         # ...but a head-aware reader that needs only global heads there still gets them.
@@ -225,7 +225,7 @@ async def test_lossy_cold_extents_stay_lossy_through_promotion(tmp_path, codec):
         await w.step()
         e = w.entry(hs[1])
         assert e.extents["local"].copies["ssd"].codec == codec and "host" not in e.extents["local"].copies
-        assert not w.lookup(hs).prefix[1].complete and w.lookup(hs).num_prefix_hits == 1
+        assert not (await w.lookup(hs)).prefix[1].complete and (await w.lookup(hs)).num_prefix_hits == 1
         status, got = await w.read_back(hs[1:2])  # an exact reader: a miss, never approximate bytes
         assert status == ["missing"] and got == {}
         status, got = await w.read_back(hs[1:2], accept_lossy=True)  # a reader that accepts them

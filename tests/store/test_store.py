@@ -57,8 +57,8 @@ async def commit(store, rid, **kw):
     return await store.commit(P.CommitRequest(reservation_id=rid, **kw))
 
 
-def lookup(store, hs):
-    return store.lookup(P.LookupRequest(fingerprint=store.fp, prefix_hashes=hs))
+async def lookup(store, hs):
+    return await store.lookup(P.LookupRequest(fingerprint=store.fp, prefix_hashes=hs))
 
 
 async def lease(store, hs, **kw):
@@ -70,10 +70,10 @@ async def test_entries_become_visible_only_at_commit(store):
     r = await reserve(store, hs)
     assert [e.status for e in r.entries] == ["reserved", "reserved"]
     assert {x.head_class for x in r.entries[0].extents} == {"global", "local"}
-    assert lookup(store, hs).num_prefix_hits == 0  # pending: invisible
+    assert (await lookup(store, hs)).num_prefix_hits == 0  # pending: invisible
     assert (await reserve(store, hs)).entries[0].status == "exists"  # but blocked for other writers
     await commit(store, r.reservation_id)
-    res = lookup(store, hs)
+    res = (await lookup(store, hs))
     assert res.num_prefix_hits == 2 and res.prefix[0].tier == "host" and res.prefix[0].complete
     with pytest.raises(Conflict, match="already committed"):
         await commit(store, r.reservation_id)
@@ -84,7 +84,7 @@ async def test_entries_become_visible_only_at_commit(store):
 async def test_leading_hits_stop_at_the_first_gap(store):
     hs = hashes(3)
     await commit(store, (await reserve(store, [hs[0], hs[2]])).reservation_id)
-    res = lookup(store, hs)
+    res = (await lookup(store, hs))
     assert res.num_prefix_hits == 1 and [(r.index, r.tier) for r in res.prefix] == [(0, "host"), (2, "host")]
 
 
@@ -92,7 +92,7 @@ async def test_partial_commit_aborts_the_rest(store):
     hs = hashes(2)
     r = await reserve(store, hs)
     await commit(store, r.reservation_id, hashes=[hs[0]])
-    assert lookup(store, hs).num_prefix_hits == 1
+    assert (await lookup(store, hs)).num_prefix_hits == 1
     assert store.host.stats().used_bytes == 2 * (128 << 10)
 
 
@@ -113,7 +113,7 @@ async def test_lease_protects_and_expires(store):
     assert le.entries[0].status == "ok" and le.lease_id
     # A new entry evicts the least recently used *unleased* entry, never the leased one.
     await commit(store, (await reserve(store, hashes(1, start=10))).reservation_id)
-    res = lookup(store, hs)
+    res = (await lookup(store, hs))
     assert res.prefix[0].index == 0 and res.prefix[0].tier == "host" and len(res.prefix) == 3
     # The owner dies: its lease is taken back at the next expiry pass.
     assert store.expire(is_alive=lambda pid: pid != 4242) == 1
@@ -146,7 +146,7 @@ async def test_delete_while_leased_frees_on_release(store):
     await commit(store, (await reserve(store, hs)).reservation_id)
     le = await lease(store, hs)
     assert store.delete(P.EntriesRequest(fingerprint=store.fp, hashes=hs)).count == 1
-    assert lookup(store, hs).num_prefix_hits == 0
+    assert (await lookup(store, hs)).num_prefix_hits == 0
     assert store.host.stats().used_bytes > 0  # the reader still copies from it
     store.release(P.ReleaseRequest(lease_id=le.lease_id))
     assert store.host.stats().used_bytes == 0
@@ -172,7 +172,7 @@ async def test_model_registration_rules(store):
     with pytest.raises(Conflict, match="another head map"):
         store.register_model(req.model_copy(update={"head_map": other}))
     with pytest.raises(NotFound, match="not registered"):
-        store.lookup(P.LookupRequest(fingerprint="1" * 32, prefix_hashes=[]))
+        await store.lookup(P.LookupRequest(fingerprint="1" * 32, prefix_hashes=[]))
 
 
 async def test_request_limits(store):
@@ -186,7 +186,7 @@ async def test_request_limits(store):
 async def test_lookup_result_json_is_a_lookup_response(store):
     hs = hashes(3)
     await commit(store, (await reserve(store, hs[1:])).reservation_id)
-    res = lookup(store, hs)
+    res = (await lookup(store, hs))
     doc = P.LookupResponse.model_validate_json(res.to_json())
     assert doc.num_prefix_hits == 0 and [(e.index, e.tier, e.complete) for e in doc.prefix] == [
         (1, "host", True), (2, "host", True)]
@@ -197,7 +197,7 @@ async def test_lookup_by_token_ids_matches_hashes(store):
     toks = list(range(600))
     hs = prefix_hashes(toks, chunk_tokens=256, namespace="default", fingerprint=store.fp)
     await commit(store, (await reserve(store, hs)).reservation_id)
-    res = store.lookup(P.LookupRequest(fingerprint=store.fp, token_ids=toks))
+    res = await store.lookup(P.LookupRequest(fingerprint=store.fp, token_ids=toks))
     assert res.num_prefix_hits == 2 and [s.hash for s in res.prefix] == hs
     m = store.metrics.registry.get_sample_value
     assert m("kvd_lookup_tokens_total", {"kind": "prefix"}) == 512
@@ -223,7 +223,7 @@ async def test_fragmented_arena_evicts_a_window_for_a_large_extent(tmp_path):
     assert r.entries[0].status == "reserved"
     # Two rounds of policy victims (8 odd slots), then one window of 4 slots with 2 occupants: 10 go.
     # Priority-only eviction needed a third round and evicted 12.
-    survivors = store.lookup(P.LookupRequest(fingerprint=small, prefix_hashes=hs)).prefix
+    survivors = (await store.lookup(P.LookupRequest(fingerprint=small, prefix_hashes=hs))).prefix
     assert len(survivors) == 6
     store.host.close()
 
@@ -252,7 +252,7 @@ async def test_a_commit_failing_half_way_indexes_nothing_and_leaks_nothing(tmp_p
     policy.fail_on = ("default", store.fp, hs[1])
     with pytest.raises(RuntimeError, match="injected"):
         await commit(store, r.reservation_id)
-    assert lookup(store, hs).prefix == []  # all or nothing: nothing indexed
+    assert (await lookup(store, hs)).prefix == []  # all or nothing: nothing indexed
     policy.fail_on = None
     assert store.abort(P.AbortRequest(reservation_id=r.reservation_id)).count == 3  # the reservation is intact
     assert store.host.stats().used_bytes == 0  # every slot back
@@ -266,9 +266,9 @@ async def test_prefix_aliases_name_an_entrys_leading_tokens(store):
     alias, other = hashes(2, start=40)
     r = await store.reserve(P.ReserveRequest(fingerprint=store.fp, entries=[
         P.ReserveEntry(hash=hs[0], num_tokens=256, aliases=[P.PrefixAlias(hash=alias, num_tokens=112)])]))
-    assert lookup(store, [alias]).prefix == []  # pending: invisible, aliases too
+    assert (await lookup(store, [alias])).prefix == []  # pending: invisible, aliases too
     await commit(store, r.reservation_id)
-    row = lookup(store, [alias]).prefix[0]
+    row = (await lookup(store, [alias])).prefix[0]
     assert (row.hash, row.num_tokens, row.complete) == (alias, 112, True)
     le = await lease(store, [alias])
     assert le.entries[0].status == "ok" and le.entries[0].num_tokens == 256  # the extents hold the chunk
@@ -278,10 +278,10 @@ async def test_prefix_aliases_name_an_entrys_leading_tokens(store):
     # Aliases sent with an entry that exists already are registered then.
     await store.reserve(P.ReserveRequest(fingerprint=store.fp, entries=[
         P.ReserveEntry(hash=hs[0], num_tokens=256, aliases=[P.PrefixAlias(hash=other, num_tokens=16)])]))
-    assert lookup(store, [other]).prefix[0].num_tokens == 16
+    assert (await lookup(store, [other])).prefix[0].num_tokens == 16
     # The entry goes, its aliases with it.
     store.delete(P.EntriesRequest(fingerprint=store.fp, hashes=[hs[0]]))
-    assert lookup(store, [alias, other]).prefix == []
+    assert (await lookup(store, [alias, other])).prefix == []
 
 
 async def test_lossy_flag_and_attention_tag_are_part_of_what_readers_see(store):
@@ -290,7 +290,7 @@ async def test_lossy_flag_and_attention_tag_are_part_of_what_readers_see(store):
         P.ReserveEntry(hash=hs[0], num_tokens=256)]))
     assert all(not x.lossy for x in r.entries[0].extents)
     await commit(store, r.reservation_id)
-    assert lookup(store, hs).prefix == []  # an exact reader does not see it
+    assert (await lookup(store, hs)).prefix == []  # an exact reader does not see it
     le = await store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs, computed_under="hm-" + "a" * 16))
     assert le.entries[0].status == "ok"
     store.release(P.ReleaseRequest(lease_id=le.lease_id))

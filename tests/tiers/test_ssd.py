@@ -21,7 +21,15 @@ from kvd.codecs import Codecs, raw_nbytes
 from kvd.core.config import SsdSettings
 from kvd.core.errors import ConfigError, CorruptData, InvalidRequest, StorageFormatError
 from kvd.tiers.base import ExtentName
-from kvd.tiers.record import RECORD_HEAD, RECORD_MAGIC, decode_record_into, encode_record, name_key, parse_key
+from kvd.tiers.record import (
+    RECORD_HEAD,
+    RECORD_MAGIC,
+    check_record,
+    decode_record_into,
+    encode_record,
+    name_key,
+    parse_key,
+)
 from kvd.tiers.ssd import SsdFull, SsdTier
 
 FP = "0123456789abcdef0123456789abcdef"
@@ -191,7 +199,9 @@ def test_flipped_bytes_in_lmdb_file_are_detected_and_never_served(tmp_path):
     assert {i.name.hash for i in t.scan()} == set(raws) - {"rec-3"}
     for key in ("rec-0", "rec-1", "rec-2"):
         with pytest.raises(CorruptData, match="checksum"):
-            t.read(locs[key])
+            get(t, locs[key])  # read, then verified as it is decoded: never served
+        with pytest.raises(CorruptData, match="checksum"):
+            check_record(t.read(locs[key]), locs[key].key)  # or as it is passed on to another tier
         t.drop(locs[key])  # what the store does with it
     for key in ("rec-4", "rec-5"):
         assert get(t, locs[key]) == raws[key]

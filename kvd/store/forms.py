@@ -1,0 +1,74 @@
+"""One extent's bytes in the form each tier holds: encode for a record tier, decode into a memory tier.
+
+The pipeline (``kvd.store.pipeline``) decides what moves and keeps the books; this module only turns
+bytes of one tier's form into another's, with the codecs and their metrics:
+
+- memory -> record: ``encode_record`` with the extent's placement codec (its exact checksum reused);
+- record -> record: the record as it is, its payload verified (nothing decodes it on the way);
+- memory -> memory: the raw bytes;
+- record -> memory: ``decode_record_into`` the reserved slots (header, payload and decoded-bytes
+  checksums); the copy is flagged lossy when the record's codec is.
+
+Everything here runs on the executors (CPU work, or reading a blocking tier), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import xxhash
+
+from kvd.codecs import Codecs, is_lossy
+from kvd.daemon.metrics import Metrics
+from kvd.store.entries import Copy, Entry, Extent
+from kvd.store.index import Level
+from kvd.tiers.base import Buffer
+from kvd.tiers.record import check_record, decode_record_into, encode_record
+
+Payload = tuple[bytes, str, int | None]  # (bytes for the lower tier, codec, checksum of what a reader gets)
+
+
+class Forms:
+    def __init__(self, codecs: Codecs, metrics: Metrics, dtype_of: Callable[[str], str]) -> None:
+        self.codecs = codecs
+        self.metrics = metrics
+        self.dtype_of = dtype_of  # fingerprint -> KV dtype
+
+    def produce(self, e: Entry, x: Extent, lv: Level, lower: Level) -> Payload:
+        """``x``'s copy at ``lv`` in ``lower``'s form. Raises ``CorruptData`` / ``TierUnavailable``."""
+        copy = x.copies[lv.name]
+        data = lv.tier.read(copy.loc)
+        if lv.tier.holds_records:  # passed on as it is: verified here, since nothing decodes it
+            check_record(data, copy.loc.key)
+            return bytes(data), copy.codec, copy.checksum
+        raw = memoryview(data)[: x.nbytes]
+        if not lower.tier.holds_records:
+            return bytes(raw), copy.codec, copy.checksum
+        codec = x.lower_codec or "lossless"
+        t0 = time.perf_counter()
+        rec = encode_record(self.codecs, e.name(x.head_class), raw, dtype=self.dtype_of(e.fingerprint),
+                            shape=(x.plan.num_segments, x.plan.num_tokens, x.plan.head_dim), codec=codec,
+                            raw_xxh=copy.checksum)
+        self.metrics.codec_seconds.labels(rec.codec, "encode").inc(time.perf_counter() - t0)
+        self.metrics.codec_raw_bytes.labels(rec.codec, "encode").inc(x.nbytes)
+        self.metrics.codec_encoded_bytes.labels(rec.codec, "encode").inc(len(rec.data))
+        return rec.data, rec.codec, rec.raw_xxh
+
+    @staticmethod
+    def checksums(tier, entries: list[Entry]) -> list[list[int]]:
+        """xxh3-64 of each extent's bytes in the memory tier ``tier`` (at commit), per entry."""
+        return [[xxhash.xxh3_64_intdigest(tier.read(x.copies[tier.name].loc)[: x.nbytes]) for x in e.extents.values()]
+                for e in entries]
+
+    def place_into(self, src: Level, copy: Copy, data: Buffer, out: memoryview) -> tuple[str, int | None]:
+        """Write what ``src``'s tier returned for ``copy`` into ``out`` (a memory tier's slots); returns
+        the new copy's codec and checksum. ``CorruptData`` if any check fails (``out`` is then garbage)."""
+        if not src.tier.holds_records:
+            out[:] = memoryview(data)[: out.nbytes]
+            return copy.codec, copy.checksum
+        t0 = time.perf_counter()
+        header = decode_record_into(self.codecs, data, copy.loc.key, out)
+        self.metrics.codec_seconds.labels(header.codec, "decode").inc(time.perf_counter() - t0)
+        self.metrics.codec_raw_bytes.labels(header.codec, "decode").inc(out.nbytes)
+        return (header.codec if is_lossy(header.codec) else "raw"), header.raw_xxh

@@ -1,0 +1,131 @@
+"""Two daemons (two hosts: their own sockets, arenas and SSD directories) sharing one real Redis
+Cluster: what one host stores, the other finds and loads bit for bit, in one round trip per lookup;
+faults of the cluster are misses, never wrong KV."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from kvd.core.errors import ConfigError
+from tests.store.test_defects import Api
+
+MODEL = {"model_id": "toy", "num_layers": 2, "num_kv_heads": 2, "head_dim": 64}  # every head global
+
+
+def remote(cluster, prefix: str, **kw) -> dict:
+    return {"enabled": True, "startup_nodes": cluster.startup_nodes, "key_prefix": prefix, "timeout_s": 0.3, **kw}
+
+
+@pytest.fixture
+async def hosts(tmp_path, redis_cluster):
+    prefix = "h" + uuid.uuid4().hex[:8]
+    made = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        made.append(await Api(tmp_path / name, {"remote": remote(redis_cluster, prefix)}).start(MODEL))
+    yield made
+    for api in made:
+        await api.close()
+
+
+async def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_entry_stored_on_one_host_is_loaded_on_another(hosts, redis_cluster):
+    a, b = hosts
+    hs, data = await a.store_seq(1, chunks=8)
+
+    async def written_through():
+        return (await a.http.get("/v1/entries?tier=remote")).status == 200 and len(
+            (await (await a.http.get("/v1/entries?tier=remote")).json())["entries"]) == 8
+    await wait_for(written_through)  # write-through runs in the background
+
+    tier = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE].index.by_name["remote"].tier
+    pipelines = []
+    real = tier.client.pipeline
+    tier.client.pipeline = lambda *a_, **k: pipelines.append(1) or real(*a_, **k)
+    calls = redis_cluster.command_calls("hgetall")
+    look = await b.lookup(hs)
+    assert look["num_prefix_hits"] == 8 and {r["tier"] for r in look["prefix"]} == {"remote"}
+    assert len(pipelines) == 1 and redis_cluster.command_calls("hgetall") - calls == 8  # one round trip
+    status, got = await b.read_back(hs)
+    assert status == ["ok"] * 8 and got == data  # bit for bit, decoded and verified
+    assert (await b.lookup(hs))["prefix"][0]["tier"] == "host"  # promoted into b's arena
+
+
+async def test_lookup_of_what_nobody_stored_costs_one_round_trip_and_misses(hosts):
+    _, b = hosts
+    look = await b.lookup(b.hashes(99, 4))
+    assert look["num_prefix_hits"] == 0 and look["prefix"] == []
+
+
+async def test_flipped_bytes_in_the_cluster_are_a_miss(hosts):
+    a, b = hosts
+    hs, _ = await a.store_seq(2, chunks=1)
+    store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+    await store_a.background.step()
+    tier = store_a.index.by_name["remote"].tier
+    e = store_a.index.get(("default", a.fp, hs[0]))
+    for k in tier.record_keys(e.extents["global"].copies["remote"].loc.key):
+        v = bytearray(tier.client.get(k))
+        v[-5] ^= 0xFF
+        tier.client.set(k, bytes(v))
+    status, got = await b.read_back(hs)
+    assert status == ["missing"] and got == {}
+    samples = await b.samples("kvd_checksum_failures_total")
+    assert any(lbl.get("tier") == "remote" and v >= 1 for lbl, v in samples)
+
+
+async def test_cluster_down_at_start_follows_remote_required(tmp_path):
+    down = {"enabled": True, "startup_nodes": ["127.0.0.1:1"], "timeout_s": 0.2}
+    (tmp_path / "a").mkdir()
+    api = Api(tmp_path / "a", {"remote": {**down, "required": True}})
+    with pytest.raises(ConfigError, match="cannot be reached.*remote.required"):
+        await api.start(MODEL)
+    await api.close()
+    (tmp_path / "b").mkdir()
+    api = await Api(tmp_path / "b", {"remote": down}).start(MODEL)  # not required: serves without it
+    hs, data = await api.store_seq(3, chunks=1)
+    status, got = await api.read_back(hs)
+    assert status == ["ok"] and got == data
+    await api.close()
+
+
+async def test_a_master_killed_during_loads_serves_no_wrong_kv(tmp_path, redis_cluster_factory):
+    cluster = redis_cluster_factory()
+    prefix = "k" + uuid.uuid4().hex[:8]
+    apis = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        apis.append(await Api(tmp_path / name, {"remote": remote(cluster, prefix)}).start(MODEL))
+    a, b = apis
+    try:
+        seqs = [await a.store_seq(10 + i, chunks=2) for i in range(6)]
+        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        await store_a.background.step()
+        cluster.kill(cluster.masters()[0])
+        for hs, data in seqs:  # during the failover: hits or misses, never wrong bytes
+            status, got = await b.read_back(hs)
+            assert all(got[k] == data[k] for k in got)
+        cluster.wait_ok()
+
+        for hs, data in seqs:  # after the replica's promotion: every entry again, once the breaker's
+            got = {}  # back-off has passed and the client has learnt the new layout
+
+            async def loaded(hs=hs, got=got):
+                status, out = await b.read_back(hs)
+                got.update(out)
+                return status == ["ok", "ok"]
+            await wait_for(loaded, timeout=20)
+            assert got == data
+    finally:
+        for api in apis:
+            await api.close()
