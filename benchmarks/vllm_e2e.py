@@ -286,8 +286,8 @@ def main() -> int:
         checks = start_and_check(engines, check)
         times, cached = timed_runs(engines, runs, PHASE2, drop=lambda name: drop_page_cache(folders.get(name)))
         profile = rpc_profile(sock, prompts[f"Q4096_{runs}"])
-        load_bytes = metric(port, "kvd_moved_bytes_total", direction="load")
-        load_s = metric(port, "kvd_moved_seconds_total", direction="load")
+        load_bytes = metric(port, "kvd_moved_bytes_total", direction="load", tier="host")
+        load_s = metric(port, "kvd_moved_seconds_total", direction="load", tier="host")
         # 3. The same kvd hit with 128-token chunks (vLLM's block size), against the same baseline.
         for name in ("kvd", "example"):
             engines.pop(name).close()

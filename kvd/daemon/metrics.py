@@ -93,11 +93,12 @@ class Metrics:
             "kvd_hit_tokens", "Tokens a reader can load, found by lookups (leading complete prefix entries, "
             "complete chunk entries), by the tier they are read from", ["kind", "tier"], registry=r)
         self.moved_bytes = Counter(
-            "kvd_moved_bytes", "Bytes moved, by direction (store: engine->arena, load: arena->engine, "
-            "demote: arena->ssd, promote: ssd->arena)", ["direction"], registry=r)
+            "kvd_moved_bytes", "Bytes moved, by direction (store: engine->arena, load: arena->engine, demote: "
+            "down to a tier, promote: up from a tier) and the tier on the far side (host for store/load)",
+            ["direction", "tier"], registry=r)
         self.moved_seconds = Counter(
-            "kvd_moved_seconds", "Seconds spent moving bytes, by direction (client-reported for store/load)",
-            ["direction"], registry=r)
+            "kvd_moved_seconds", "Seconds spent moving bytes, by direction and tier (client-reported for "
+            "store/load)", ["direction", "tier"], registry=r)
         self.route_latency = Histogram(
             "kvd_request_duration_seconds", "Control API request latency by route", ["route"],
             buckets=LATENCY_BUCKETS, registry=r)

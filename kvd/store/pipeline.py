@@ -230,7 +230,7 @@ class Pipeline:
             for e in held.values():
                 self.busy.discard(e.key)
                 self.unhold(e)
-        self.metrics.moved_seconds.labels("demote").inc(time.perf_counter() - t0)
+        self.metrics.moved_seconds.labels("demote", lower.name).inc(time.perf_counter() - t0)
         if lv.level == 0 and adjacent:
             for e in held.values():
                 self._cool(e, lv, lower)
@@ -292,7 +292,7 @@ class Pipeline:
             if self.index.get(e.key) is e and lower.name not in x.copies:
                 self.index.place(e, x, lower, copy)
                 self.metrics.demotions.labels(lower.name, x.head_class).inc()
-                self.metrics.moved_bytes.labels("demote").inc(x.nbytes)
+                self.metrics.moved_bytes.labels("demote", lower.name).inc(x.nbytes)
             else:  # deleted (or placed by another move) meanwhile: this copy belongs to nobody
                 self.discard(lower, [copy.loc])
         self.metrics.tier_writes.labels(lower.name).inc(ok)
@@ -346,7 +346,7 @@ class Pipeline:
         ok = self._place_promoted(e, slots, results, top)
         self.metrics.prefetches.inc()
         self.metrics.prefetch_latency.observe(time.perf_counter() - t0)
-        self.metrics.moved_seconds.labels("promote").inc(time.perf_counter() - t0)
+        self.metrics.moved_seconds.labels("promote", sources[0].name).inc(time.perf_counter() - t0)
         return ok
 
     async def _fetch(self, e: Entry, x: Extent, src: Level, top: Level, loc: Location) -> Copy | str:
@@ -390,5 +390,5 @@ class Pipeline:
             self.discard(top, [old.loc] if old else [])
             self.index.place(e, x, top, copy)
             self.metrics.promotions.labels(src.name, x.head_class).inc()
-            self.metrics.moved_bytes.labels("promote").inc(x.nbytes)
+            self.metrics.moved_bytes.labels("promote", src.name).inc(x.nbytes)
         return ok

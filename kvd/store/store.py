@@ -231,8 +231,8 @@ class Store:
         for e in res.entries.values():
             if e.hash not in set(chosen):
                 self._free_pending(e)
-        self.metrics.moved_bytes.labels("store").inc(sum(e.nbytes for e in entries))
-        self.metrics.moved_seconds.labels("store").inc(req.transfer_s)
+        self.metrics.moved_bytes.labels("store", "host").inc(sum(e.nbytes for e in entries))
+        self.metrics.moved_seconds.labels("store", "host").inc(req.transfer_s)
         self.metrics.reservations_open.set(len(self.holds.reservations))
         return P.CommitResponse(committed=chosen)
 
@@ -334,8 +334,8 @@ class Store:
     def release(self, req: P.ReleaseRequest) -> P.CountResponse:
         lease = self.holds.pop_lease(req.lease_id)
         self._end_lease(lease)
-        self.metrics.moved_bytes.labels("load").inc(lease.nbytes)
-        self.metrics.moved_seconds.labels("load").inc(req.transfer_s)
+        self.metrics.moved_bytes.labels("load", "host").inc(lease.nbytes)
+        self.metrics.moved_seconds.labels("load", "host").inc(req.transfer_s)
         return P.CountResponse(count=len(lease.entries))
 
     def _end_lease(self, lease: Lease) -> None:
