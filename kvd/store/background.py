@@ -151,18 +151,30 @@ class Background:
         await self.relieve()
 
     async def write_through(self) -> None:
-        """Copy committed entries' write-through head classes to the tiers that take them at commit."""
-        top = self.index.levels[0]
+        """Copy committed entries' write-through head classes to the tiers that take them at commit,
+        from the fastest tier above that holds them (the arena, or the SSD tier if it was evicted from
+        the arena meanwhile). A tier that is unavailable keeps its entries queued for a later round."""
         while self._through:
             batch = []
             while self._through and len(batch) < self.settings.ssd.write_batch:
                 key, _ = self._through.popitem(last=False)
                 if (e := self.index.get(key)) is not None:
                     batch.append(e)
-            for lv in self.index.levels[1:]:
-                todo = [e for e in batch if self._through_classes(e, lv)]
-                if todo and lv.tier.is_available:
-                    await self.pipeline.write_down(todo, top, dst=lv, classes=lambda e, lv=lv: self._through_classes(e, lv))
+            for dst in self.index.levels[1:]:
+                todo = [e for e in batch if self._through_classes(e, dst)]
+                if todo and not dst.tier.is_available:
+                    for e in todo:
+                        self._through[e.key] = None
+                    return
+                for src in self.index.levels[: dst.level]:
+                    here = [e for e in todo if any(src.name in x.copies for x in e.extents.values())]
+                    if here:
+                        await self.pipeline.write_down(here, src, dst=dst,
+                                                       classes=lambda e, dst=dst: self._through_classes(e, dst))
+
+    def pending_through(self, e: Entry) -> bool:
+        """Still to be written through somewhere: eviction writes it down rather than drop it."""
+        return e.key in self._through
 
     async def close(self) -> None:
         for t in list(self._prefetching.values()):

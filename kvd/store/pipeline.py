@@ -51,6 +51,7 @@ class Pipeline:
         self.cpu_pool, self.io_pool = cpu, io
         self.metrics = metrics
         self.admitted = admitted  # may an entry be written below the top tier (kvd.policies.admission)
+        self.keep_for: Callable[[Entry], bool] = lambda e: False  # owed to a lower tier (write-through)
         self.clock = clock
         self.busy: set[EntryKey] = set()
         self.space = Space(index, is_busy=self.busy.__contains__, clock=clock)
@@ -180,7 +181,7 @@ class Pipeline:
         deeper = {x.name for x in self.levels[lv.level + 1 :]}
         only_here = any(lv.name in x.copies and not x.copies[lv.name].is_lossy and not deeper & x.copies.keys()
                         and lower is not None and lower.accepts(x.head_class) for x in e.extents.values())
-        return only_here and (lv.level > 0 or self.admitted(e))
+        return only_here and (lv.level > 0 or self.admitted(e) or self.keep_for(e))
 
     # ---- down ----------------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class Store:
                                  dtype_of=lambda fp: self.registry.get(fp).spec.kv_dtype, clock=clock)
         self.background = Background(self.index, self.pipeline, SsdAdmission(settings.ssd.admit_after), settings,
                                      metrics)
+        self.pipeline.keep_for = self.background.pending_through
         self.admin = Admin(self.index, self.pipeline, self.background, settings)
         self.placement = HeadClassPlacement(settings.codec)
         self.holds = HoldTable(reservation_ttl_s=lambda: settings.host.reservation_ttl_s,
@@ -95,9 +96,6 @@ class Store:
             fingerprint=record.fingerprint, chunk_tokens=self.settings.keys.chunk_tokens, arena=self.arena_info(),
             head_map_method=record.head_map.method, num_global_heads=record.num_global_heads)
 
-    def model(self, fingerprint: str) -> ModelRecord:
-        return self.registry.get(fingerprint)
-
     def arena_info(self) -> P.ArenaInfo:
         h = self.host
         return P.ArenaInfo(path=str(h.path), capacity_bytes=h.capacity_bytes, slot_bytes=h.slot_bytes,
@@ -106,7 +104,7 @@ class Store:
     # ---- lookup ---------------------------------------------------------------------------------
 
     async def lookup(self, req: P.LookupRequest) -> L.LookupResult:
-        self.model(req.fingerprint)
+        self.registry.get(req.fingerprint)
         chunk = self.settings.keys.chunk_tokens
         if req.token_ids is not None and req.prefix_hashes is not None:
             raise InvalidRequest("send token_ids or prefix_hashes, not both")
@@ -151,7 +149,7 @@ class Store:
     # ---- store: reserve / commit / abort --------------------------------------------------------
 
     async def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
-        model = self.model(req.fingerprint)
+        model = self.registry.get(req.fingerprint)
         self._check_count(len(req.entries))
         if len({r.hash for r in req.entries}) != len(req.entries):
             raise InvalidRequest("an entry appears twice in one reserve request")
@@ -261,7 +259,7 @@ class Store:
 
     def _place(self, e: Entry) -> None:
         """Head-aware placement of each extent (kvd.policies.placement), decided at commit."""
-        placed = self.placement.place_entry(self.model(e.fingerprint).head_map, list(e.extents),
+        placed = self.placement.place_entry(self.registry.get(e.fingerprint).head_map, list(e.extents),
                                             start_token=e.start_token, num_tokens=e.num_tokens, end_token=e.end_token)
         for cls, p in placed.items():
             e.extents[cls].is_hot, e.extents[cls].lower_codec = p.is_hot, p.ssd_codec
@@ -285,7 +283,7 @@ class Store:
     # ---- load: lease / release ------------------------------------------------------------------
 
     async def lease(self, req: P.LeaseRequest, owner_pid: int | None = None) -> P.LeaseResponse:
-        self.model(req.fingerprint)
+        self.registry.get(req.fingerprint)
         self._check_count(len(req.hashes))
         if req.classes is not None and (bad := [c for c in req.classes if c not in ("global", "local")]):
             raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")

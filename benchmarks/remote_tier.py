@@ -1,0 +1,272 @@
+"""Remote tier benchmark: KV stored by one host restored on another through a real Redis Cluster.
+
+Setup, all on this machine: a 6-node Redis Cluster (3 masters + 3 replicas, loopback, Debian's
+redis-server 7) and two kvd daemons = two hosts (own sockets, arenas, no SSD tier, the same cluster).
+KV: SmolLM2-135M-Instruct over 4,096 tokens of English text (``benchmarks/ssd_tier.py``'s cached real
+KV), registered without a head map (every head global, as a vLLM deployment without a map runs), so
+every extent is written through to the cluster at commit.
+
+Measured in one run (``python benchmarks/remote_tier.py``; JSON + PNG in benchmarks/results/):
+
+1. correctness first: host A stores the prompt through the client (reserve, copy, commit); once the
+   background write-through is done, host B loads it (lookup -> one pipelined manifest read -> lease,
+   which promotes every extent: GET, payload checksum, lossless decode, raw checksum -> copy out);
+   the loaded KV must equal what A stored, bit for bit, or nothing is timed;
+2. ``restore_GBps``: raw KV bytes over the wall time of B's lease (all 16 chunks promoted from the
+   cluster, decoded and verified), best of 5, B's arena emptied (``kvctl evict``) before each;
+   against ``redis_benchmark_GBps``: ``redis-benchmark --cluster`` GETs of values of the same mean
+   record size with the same concurrency as kvd's promotion (2 I/O threads, no pipelining), same run;
+3. ``lookup_p99_ms``: 8 client processes on B each look up prompts B has never seen (8 chunks each;
+   every lookup misses locally and finds the entries in the cluster), p50 / p99;
+4. ``node_kill_*``: B loads prompts in a loop while a master is SIGKILLed; every load is compared
+   with what was stored: ``node_kill_corrupt_served`` counts wrong bytes served (goal 0) and
+   ``node_kill_failed_requests`` loads that raised instead of answering hits or misses (goal 0).
+
+Usage: python benchmarks/remote_tier.py [--out benchmarks/results] [--prompts 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from kvd.client import prefix as kvio  # noqa: E402
+from kvd.core import protocol as P  # noqa: E402
+from kvd.core.keys import ModelSpec  # noqa: E402
+from tests.daemon_proc import DaemonProc  # noqa: E402
+from tests.redis_cluster import RedisCluster  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SPEC = ModelSpec("SmolLM2-135M-Instruct", num_layers=30, num_kv_heads=3, head_dim=64, kv_dtype="bfloat16")
+GOALS = {"restore_vs_redis_benchmark": 0.7, "lookup_p99_ms": 5.0}
+
+
+def start_hosts(cluster: RedisCluster, root: Path) -> tuple[DaemonProc, DaemonProc]:
+    hosts = []
+    for name in ("a", "b"):
+        d = root / name
+        d.mkdir(parents=True)
+        cfg = d / "kvd.toml"
+        cfg.write_text(f"[remote]\nenabled = true\nrequired = true\nstartup_nodes = {json.dumps(cluster.startup_nodes)}\n"
+                       "timeout_s = 0.5\nlookup_deadline_s = 0.2\n[ssd]\nenabled = false\n"
+                       )
+        hosts.append(DaemonProc(d, env_extra={"KVD_DAEMON__LOG_LEVEL": "WARNING", "KVD_HOST__CAPACITY_BYTES": "1GiB"},
+                                args=["--config", str(cfg)]).start())
+    return hosts[0], hosts[1]
+
+
+def real_kv() -> torch.Tensor:
+    """``[30, 2, 3, 4096, 64]`` bf16: SmolLM2's KV of 4,096 tokens (cached by ssd_tier.py)."""
+    from ssd_tier import real_kv as cached
+
+    k, v, _ = cached(4096)
+    kv = np.stack([k, v], axis=1)  # [L, 2, H, T, D] uint16 bit patterns
+    return torch.from_numpy(kv.view(np.int16)).view(torch.bfloat16)
+
+
+def wait_written_through(host: DaemonProc, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with host.client() as c:
+        while len(c.entries(tier="remote", limit=100000).entries) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError("write-through did not finish")
+            time.sleep(0.05)
+
+
+def restore_figures(a: DaemonProc, b: DaemonProc, kv: torch.Tensor, reps: int = 5) -> dict:
+    tokens = list(range(kv.shape[3]))
+    with a.client() as ca:
+        ha = kvio.register(ca, SPEC)
+        assert kvio.store_prefix(ha, tokens, kv).stored == 16
+    wait_written_through(a, 16)
+    times = []
+    with b.client(timeout_s=30) as cb:
+        hb = kvio.register(cb, SPEC)
+        for rep in range(reps):
+            cb.evict(P.EvictRequest(tier="host"))
+            assert kvio.lookup_prefix(hb, tokens, prefetch=False).num_prefix_hits == 16
+            t0 = time.perf_counter()
+            with kvio.load_prefix(hb, tokens, wait_s=30) as loaded:
+                t1 = time.perf_counter()
+                out = loaded.to_tensor()
+            if rep == 0:  # correctness before anything counts
+                assert out.view(torch.int16).equal(kv.view(torch.int16)), "KV loaded on host B differs"
+            times.append(t1 - t0)
+    nbytes = kv.numel() * kv.element_size()
+    return {"restore_GBps": nbytes / min(times) / 1e9, "restore_s": min(times), "restore_MB": nbytes / 1e6,
+            "restore_runs_s": [round(t, 4) for t in times]}
+
+
+def redis_benchmark_gbps(cluster: RedisCluster, value_bytes: int, requests: int = 400) -> float:
+    """GETs of ``value_bytes`` values, 2 connections, no pipelining (kvd's promotion concurrency)."""
+    port = cluster.masters()[0]
+    subprocess.run(["redis-benchmark", "--cluster", "-p", str(port), "-t", "set", "-d", str(value_bytes), "-n",
+                    "64", "-c", "2", "-q"], capture_output=True, timeout=300)
+    r = subprocess.run(["redis-benchmark", "--cluster", "-p", str(port), "-t", "get", "-d", str(value_bytes),
+                        "-n", str(requests), "-c", "2", "-P", "1", "--csv"], capture_output=True, text=True,
+                       timeout=300)
+    rps = [float(m) for m in re.findall(r'"GET","([0-9.]+)"', r.stdout)]
+    if not rps:
+        raise RuntimeError(f"redis-benchmark gave no GET figure:\n{r.stdout}\n{r.stderr}")
+    return rps[0] * value_bytes / 1e9
+
+
+def _lookup_worker(socket_path: str, prompts: list[list[int]], q, start) -> None:
+    from kvd.client.client import KvdClient
+
+    with KvdClient(socket_path, register_cuda=False, timeout_s=10) as c:
+        h = kvio.register(c, LOOKUP_SPEC)
+        kvio.lookup_prefix(h, list(range(256)), prefetch=False)  # warm the connection
+        start.wait()  # every client is up (imports done) before anyone is timed
+        lat = []
+        for toks in prompts:
+            t0 = time.perf_counter()
+            hits = kvio.lookup_prefix(h, toks, prefetch=False).num_prefix_hits
+            lat.append(time.perf_counter() - t0)
+            assert hits == len(toks) // 256, f"{hits} hits for a stored prompt"
+        q.put(lat)
+
+
+LOOKUP_SPEC = ModelSpec("bench-lookup", num_layers=1, num_kv_heads=1, head_dim=64, kv_dtype="bfloat16")
+
+
+def lookup_figures(a: DaemonProc, b: DaemonProc, prompts: int, clients: int = 8) -> dict:
+    """Prompts of 8 chunks stored on A (tiny KV: the cost is the round trip, not the bytes)."""
+    spec_kv = torch.zeros(1, 2, 1, 8 * 256, 64, dtype=torch.bfloat16)
+    all_prompts = [list(range(1_000_000 + i * 10_000, 1_000_000 + i * 10_000 + 8 * 256)) for i in range(prompts)]
+    with a.client(timeout_s=30) as ca:
+        ha = kvio.register(ca, LOOKUP_SPEC)
+        for toks in all_prompts:
+            kvio.store_prefix(ha, toks, spec_kv)
+    wait_written_through(a, 16 + 8 * prompts, timeout=300)
+    ctx = mp.get_context("spawn")
+    q, start = ctx.Queue(), ctx.Barrier(clients)
+    per = [all_prompts[i::clients] for i in range(clients)]
+    procs = [ctx.Process(target=_lookup_worker, args=(b.socket, p, q, start)) for p in per]
+    for p in procs:
+        p.start()
+    lat = [x for _ in procs for x in q.get(timeout=600)]
+    for p in procs:
+        p.join()
+    lat.sort()
+    return {"lookup_p50_ms": 1000 * statistics.median(lat), "lookup_p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
+            "lookup_count": len(lat), "lookup_clients": clients, "lookup_chunks_per_request": 8}
+
+
+def node_kill_figures(cluster: RedisCluster, a: DaemonProc, b: DaemonProc, kv: torch.Tensor) -> dict:
+    """Loads on B while a master dies: hits must be exact, everything else a miss, never an error."""
+    tokens = list(range(kv.shape[3]))
+    corrupt = failed = loads = hits = 0
+    stop = threading.Event()
+
+    def load_loop() -> None:
+        nonlocal corrupt, failed, loads, hits
+        with b.client(timeout_s=30) as cb:
+            hb = kvio.register(cb, SPEC)
+            while not stop.is_set():
+                try:
+                    cb.evict(P.EvictRequest(tier="host"))
+                    with kvio.load_prefix(hb, tokens, wait_s=5) as loaded:
+                        n = loaded.num_tokens
+                        out = loaded.to_tensor()
+                    loads += 1
+                    hits += n == kv.shape[3]
+                    if not out.view(torch.int16).equal(kv[:, :, :, :n].view(torch.int16)):
+                        corrupt += 1
+                except Exception:  # noqa: BLE001 - counted: the goal is none
+                    failed += 1
+
+    t = threading.Thread(target=load_loop)
+    t.start()
+    time.sleep(2)
+    cluster.kill(cluster.masters()[0])
+    cluster.wait_ok()
+    time.sleep(5)
+    stop.set()
+    t.join()
+    return {"node_kill_loads": loads, "node_kill_full_hits": hits, "node_kill_corrupt_served": corrupt,
+            "node_kill_failed_requests": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--prompts", type=int, default=512, help="prompts looked up for the lookup latency")
+    args = ap.parse_args(argv)
+    kv = real_kv()
+    load_before = os.getloadavg()[0]
+    res: dict = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+                 "cores": os.cpu_count(), "redis": subprocess.run(["redis-server", "--version"], capture_output=True,
+                                                                  text=True).stdout.split()[2]}
+    with tempfile.TemporaryDirectory(prefix="kvd-remote-bench-") as tmp:
+        root = Path(tmp)
+        cluster = RedisCluster(root / "redis").start()
+        a, b = start_hosts(cluster, root)
+        try:
+            res.update(restore_figures(a, b, kv))
+            with a.client() as ca:  # the records' mean size, as stored: the value size to compare with
+                remote = next(t for t in ca.stats().tiers if t.name == "remote")
+            res["redis_benchmark_value_bytes"] = remote.used_bytes // max(1, remote.num_records)
+            res["redis_benchmark_GBps"] = redis_benchmark_gbps(cluster, res["redis_benchmark_value_bytes"])
+            res.update(lookup_figures(a, b, args.prompts))
+            res.update(node_kill_figures(cluster, a, b, kv))
+        finally:
+            a.kill()
+            b.kill()
+            cluster.stop()
+    res["restore_vs_redis_benchmark"] = res["restore_GBps"] / res["redis_benchmark_GBps"]
+    res["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    res = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "remote_tier.json").write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, args.out / "remote_tier.png")
+    for k, v in res.items():
+        goal = GOALS.get(k)
+        mark = "" if goal is None else (f"goal ≤ {goal}" if k.endswith("_ms") else f"goal ≥ {goal}")
+        print(f"{k:32} {v!s:>14}  {mark}")
+    return 0
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.bar(["kvd restore\n(remote -> arena,\ndecoded + verified)", "redis-benchmark\nGET, same size"],
+          [res["restore_GBps"], res["redis_benchmark_GBps"]], color=["#3a7", "#999"])
+    a.set_ylabel("GB/s")
+    a.set_title("restore of a 4K-token prompt")
+    b.bar(["p50", "p99"], [res["lookup_p50_ms"], res["lookup_p99_ms"]], color="#37a")
+    b.axhline(GOALS["lookup_p99_ms"], color="k", ls="--", lw=1)
+    b.set_ylabel("ms")
+    b.set_title("lookup, remote hit, 8 clients")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
