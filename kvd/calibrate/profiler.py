@@ -133,12 +133,22 @@ def _pick_upgrades(choice, gains: torch.Tensor, costs: list[float], spend: float
     return n
 
 
-def kl_greedy(model, seqs: list[CalibSeq], cfg: ProfileConfig, *, progress: bool = True
+Progress = bool | str  # True / "always": bars on stderr; False / "never": none; "auto": on a terminal
+
+
+def phase_bar(progress: Progress, desc: str, total: float, unit: str = "it"):
+    """A tqdm bar for one phase of the profiler (``kvctl profile`` shows one per phase: minutes each)."""
+    from tqdm import tqdm
+
+    disable = {True: False, "always": False, False: True, "never": True}.get(progress)  # None: tqdm decides
+    return tqdm(total=total, desc=f"profile: {desc}", unit=unit, unit_scale=unit == "B",
+                unit_divisor=1024 if unit == "B" else 1000, disable=disable, file=sys.stderr)
+
+
+def kl_greedy(model, seqs: list[CalibSeq], cfg: ProfileConfig, *, progress: Progress = True
               ) -> list[dict]:
     """The greedy trajectory: one dict per round ``{fraction, kl, kls, choice}`` (choice: option
     index per head into ``cfg.windows + (global,)``)."""
-    from tqdm import tqdm
-
     options = option_grid(cfg)
     costs = option_costs(cfg.sink, options, cfg.calib_tokens)
     num_layers, nkv = model.config.num_hidden_layers, model.config.num_key_value_heads
@@ -148,7 +158,7 @@ def kl_greedy(model, seqs: list[CalibSeq], cfg: ProfileConfig, *, progress: bool
     choice = [[0] * nkv for _ in range(num_layers)]
     out = []
     rounds = int((cfg.max_fraction - costs[0]) / cfg.round_fraction) + 2
-    bar = tqdm(total=rounds, desc="head profiler (KL greedy)", disable=not progress, file=sys.stderr)
+    bar = phase_bar(progress, "KL-greedy rounds", rounds, unit="round")
     while True:
         kls, gains = runner.step(choice)
         frac = sum(costs[c] for row in choice for c in row) / num_heads
@@ -229,24 +239,30 @@ def reselect(head_map: HeadMap, **changes) -> HeadMap:
 
 
 def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: ProfileConfig | None = None,
-            model=None, tok=None, progress: bool = True, model_name: str | None = None) -> HeadMap:
+            model=None, tok=None, progress: Progress = True, model_name: str | None = None) -> HeadMap:
     """Profile the model in ``model_dir`` and write its head map to ``out`` (if given); return it.
 
-    ``model``/``tok`` may be passed in to reuse a loaded fp32 model (tests do).
+    ``model``/``tok`` may be passed in to reuse a loaded fp32 model (tests do). Each phase (load,
+    calibration set, edge mass, prefix shift, KL-greedy rounds, recall refinement) shows a bar.
     """
     cfg = cfg or ProfileConfig()
     if model is None:
-        model, tok = load_causal_lm(model_dir)
+        model, tok = _load(model_dir, progress)
     t0 = time.monotonic()
     name = model_name or Path(str(model_dir)).name  # also the fingerprint's model_id
     spec = ModelSpec.from_hf_config(model.config, model_id=name)
-    seqs = calibration_set(tok, cfg)
-    edge = head_scores.edge_mass(model, [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")],
-                                 sink=cfg.sink, window=cfg.window)
+    with phase_bar(progress, "calibration set", 1, unit="set") as bar:
+        seqs = calibration_set(tok, cfg)
+        bar.update(1)
+    natural = [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")]
+    with phase_bar(progress, "edge mass", len(natural), unit="seq") as bar:
+        edge = head_scores.edge_mass(model, _ticking(natural, bar), sink=cfg.sink, window=cfg.window)
     nat = seqs[0].ids[0].tolist()  # the first natural sequence (num_natural >= 1)
     third = min(256, len(nat) // 3)
-    shift = head_scores.prefix_shift(model, nat[2 * third:3 * third],
-                                     (nat[:third], tasks_prose_ids(tok, cfg.seed + 2, third)))
+    with phase_bar(progress, "prefix shift", 1, unit="pass") as bar:
+        shift = head_scores.prefix_shift(model, nat[2 * third:3 * third],
+                                         (nat[:third], tasks_prose_ids(tok, cfg.seed + 2, third)))
+        bar.update(1)
     traj = kl_greedy(model, seqs, cfg, progress=progress)
     idx = select(traj, cfg, name)
     calibration = {
@@ -267,10 +283,27 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
     if cfg.refine_tokens > 0:
         from kvd.calibrate.refine import refine  # imports this module: import here
 
-        hm = refine(model, tok, hm, recall_tokens=cfg.refine_tokens, num_passkey=cfg.refine_passkeys)
+        hm = refine(model, tok, hm, recall_tokens=cfg.refine_tokens, num_passkey=cfg.refine_passkeys,
+                    progress=progress)
     if out is not None:
         hm.save(out)
     return hm
+
+
+def _load(model_dir: str | Path, progress: Progress):
+    """Load the model; the bar counts its weight files' bytes (one step: transformers loads them)."""
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*") if f.suffix in (".safetensors", ".bin"))
+    with phase_bar(progress, "load model", weights, unit="B") as bar:
+        model, tok = load_causal_lm(model_dir)
+        bar.update(weights)
+    return model, tok
+
+
+def _ticking(items: list, bar):
+    """Yield ``items``, advancing ``bar`` after each has been used."""
+    for x in items:
+        yield x
+        bar.update(1)
 
 
 def _window_grid(choice, cfg: ProfileConfig) -> list[list[int]]:
@@ -300,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine-tokens", type=int, default=d.refine_tokens, help="0: no recall refinement")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--model-name", default=None, help="model id for the map and fingerprint (default: dir name)")
+    ap.add_argument("--progress", choices=["auto", "always", "never"], default="always",
+                    help="a bar per phase on stderr (auto: on a terminal)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k, max_fraction=a.max_fraction,
@@ -308,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                   num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens)
     model = tok = None
     if a.device != "cpu":
-        model, tok = load_causal_lm(a.model_dir)
+        model, tok = _load(a.model_dir, a.progress)
         model.to(a.device)
-    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok, model_name=a.model_name)
+    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok, model_name=a.model_name, progress=a.progress)
     logger.info("wrote %s: %d/%d heads global, kv_fraction(4096)=%.3f, calibration KL %.4f",
                 a.out, hm.num_global, hm.num_layers * hm.num_kv_heads, hm.kv_fraction(4096),
                 hm.calibration["calibration_kl"])

@@ -28,7 +28,7 @@ import torch
 
 from kvd.calibrate import tasks
 from kvd.calibrate.kl_probe import CalibSeq, KlProbe, option_costs
-from kvd.calibrate.profiler import ProfileConfig, calibration_set, map_from_choice, option_grid
+from kvd.calibrate.profiler import ProfileConfig, calibration_set, map_from_choice, option_grid, phase_bar
 from kvd.core.headmap import HeadMap
 
 
@@ -87,7 +87,8 @@ def _swap(choice, gains: torch.Tensor, costs: list[float], room: float, max_move
 
 def refine(model, tok, head_map: HeadMap, *, recall_tokens: int = 4096, bound_tokens: int = 4096,
            num_passkey: int = 2, rounds: int = 4, max_moves: int = 12, natural_slack: float = 1.2,
-           windows: tuple[int, ...] | None = None, calib_tokens: int | None = None) -> HeadMap:
+           windows: tuple[int, ...] | None = None, calib_tokens: int | None = None,
+           progress: bool | str = False) -> HeadMap:
     """A map with the same byte bound at ``bound_tokens`` and better recall there (see module doc)."""
     cal = head_map.calibration or {}
     conf = cal.get("config", {})
@@ -105,6 +106,7 @@ def refine(model, tok, head_map: HeadMap, *, recall_tokens: int = 4096, bound_to
     runners = [KlProbe(model, base, cfg.sink, options), KlProbe(model, recall, cfg.sink, options)]
     bound = cfg.max_fraction_4k * len(choice) * len(choice[0])
     log, states = [], []
+    bar = phase_bar(progress, "recall refinement", rounds + 1, unit="round")
     for r in range(rounds + 1):
         gains = torch.zeros(len(choice), len(choice[0]), len(options), dtype=torch.float64)
         kls = []
@@ -113,6 +115,7 @@ def refine(model, tok, head_map: HeadMap, *, recall_tokens: int = 4096, bound_to
             kls.append(sum(k) / len(k))
             gains += g / len(runner.seqs)
         states.append((kls[0], kls[1], [list(row) for row in choice]))
+        bar.update(1)
         if r == rounds:
             break  # the last state is measured, not moved
         room = bound - sum(costs[c] for row in choice for c in row)
@@ -120,6 +123,7 @@ def refine(model, tok, head_map: HeadMap, *, recall_tokens: int = 4096, bound_to
         log.append({"kl_natural_recall": kls[0], "kl_passkey": kls[1], "moves": moves})
         if moves == 0:
             break
+    bar.close()
     start_nat = states[0][0]
     ok = [s for s in states if s[0] <= natural_slack * start_nat]
     best = min(ok, key=lambda s: s[1])
