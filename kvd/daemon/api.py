@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 from pydantic import BaseModel, ValidationError
 
 from kvd import __version__
@@ -64,8 +64,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         logger.exception("unhandled error in %s %s", request.method, request.path)
         metrics.errors.labels("internal").inc()
         resp = _error(500, "internal", "internal error in kvd; see the daemon log")
-    metrics.route_latency.labels(route).observe(time.perf_counter() - t0)
-    metrics.requests.labels(route, str(resp.status)).inc()
+    if route not in METRICS_PATHS:  # scrapes and health probes are not control-API requests
+        metrics.route_latency.labels(route).observe(time.perf_counter() - t0)
+        metrics.requests.labels(route, str(resp.status)).inc()
     return resp
 
 
@@ -217,9 +218,16 @@ async def stats(request: web.Request) -> web.Response:
 # ---- metrics app (TCP) --------------------------------------------------------------------------
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+METRICS_PATHS = frozenset({"/metrics", "/healthz"})
+
+
+async def metrics_handler(request: web.Request) -> web.StreamResponse:
+    """prometheus_client's own exposition: the text format or OpenMetrics by the Accept header,
+    gzip when asked (Accept-Encoding), ``?name[]=`` to restrict. Control routes get their series
+    before their first request."""
+    metrics = request.app[METRICS]
+    metrics.init_routes(route.path for route in routes)
+    return await make_aiohttp_handler(metrics.served)(request)
 
 
 async def healthz(request: web.Request) -> web.Response:

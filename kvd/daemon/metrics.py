@@ -7,35 +7,64 @@ counters end in ``_total``, and every hit counter has its denominator: ``kvd_loo
 
 Tier gauges are read at scrape time from the store (a callback collector), so they are never stale.
 GPU metrics are *absent* on machines without an NVIDIA GPU or NVML, not zero.
+
+What ``/metrics`` serves (``served``): the registry without ``_created`` series (one per labelled child,
+which no dashboard reads and which doubled the exposition), with ``process_*`` (CPU, memory, open
+files), ``python_info`` and ``kvd_build_info{version, distribution, api, python}``. Every labelled
+counter has its known children from the start (kinds, tiers, directions, head classes, codecs,
+reasons), so ``rate()`` and ratios work before the first event instead of the series being absent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import platform
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvd import __version__
+from kvd.codecs.framing import CODEC_NAMES
+from kvd.core.extents import HEAD_CLASSES
+from kvd.core.protocol import API_VERSION
 from kvd.tiers.base import TierStats
 
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+DISTRIBUTION = "kvd-cache"
+# Label values known before any event (the store passes these; a new one just appears when first used).
+ENTRY_KINDS = ("prefix", "chunk")
+LEASE_REASONS = ("ttl", "owner_died")
+ERROR_KINDS = ("internal", "promote", "background")
+TIER_ERROR_OPS = ("read", "find")
 
 
 class _TierCollector(Collector):
-    def __init__(self, read: Callable[[], list[TierStats]], read_entries: Callable[[], dict[str, tuple[int, int]]]):
+    def __init__(self, read: Callable[[], list[TierStats]], read_entries: Callable[[], dict[str, tuple[int, int]]],
+                 on_tiers: Callable[[list[str]], None]):
         self._read = read
         self._read_entries = read_entries
+        self._on_tiers = on_tiers  # a tier that joins later (the remote one) gets its children too
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         used = GaugeMetricFamily("kvd_tier_used_bytes", "Bytes held in the tier", labels=["tier"])
         cap = GaugeMetricFamily("kvd_tier_capacity_bytes", "Capacity of the tier in bytes", labels=["tier"])
         ents = GaugeMetricFamily("kvd_tier_entries", "Entries with at least one extent in the tier", labels=["tier"])
         segs = GaugeMetricFamily("kvd_tier_segments", "(entry, layer, KV head) segments in the tier", labels=["tier"])
-        for s in self._read():
+        stats = self._read()
+        self._on_tiers([s.name for s in stats])
+        for s in stats:
             used.add_metric([s.name], s.used_bytes)
             cap.add_metric([s.name], s.capacity_bytes)
         for tier, (num_entries, num_segments) in self._read_entries().items():
@@ -83,11 +112,36 @@ def _nvml_collector() -> Collector | None:
         return None
 
 
+class _Served:
+    """The registry as ``/metrics`` serves it: without ``_created`` samples. prometheus_client's
+    switch for that (``disable_created_metrics``) is process-wide; this keeps it to the daemon's
+    registry. ``restricted_registry`` serves ``?name[]=...`` scrapes."""
+
+    def __init__(self, registry: CollectorRegistry | Iterable) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self._registry.collect():
+            m.samples = [s for s in m.samples if not s.name.endswith("_created")]
+            yield m
+
+    def restricted_registry(self, names: Iterable[str]) -> _Served:
+        return _Served(self._registry.restricted_registry(names))
+
+
 class Metrics:
     """All of the daemon's metrics. The store and the API update them; ``/metrics`` renders them."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.served = _Served(r)
+        self._tiers_known: tuple[str, ...] = ()
+        self._routes_known: frozenset[str] = frozenset()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info("kvd_build", "The running kvd: version, distribution, control API version, Python", registry=r).info(
+            {"version": __version__, "distribution": DISTRIBUTION, "api": API_VERSION,
+             "python": platform.python_version()})
         self.lookup_tokens = Counter("kvd_lookup_tokens", "Tokens asked about by lookups", ["kind"], registry=r)
         self.hit_tokens = Counter(
             "kvd_hit_tokens", "Tokens a reader can load, found by lookups (leading complete prefix entries, "
@@ -147,10 +201,63 @@ class Metrics:
                                            ["codec", "op"], registry=r)
         self.codec_seconds = Counter("kvd_codec_seconds", "Seconds spent in a codec", ["codec", "op"], registry=r)
         self.errors = Counter("kvd_errors", "Handled failures by kind", ["kind"], registry=r)
+        self._init_children()
+
+    def _init_children(self) -> None:
+        for kind in ENTRY_KINDS:
+            self.lookup_tokens.labels(kind)
+            self.committed_entries.labels(kind)
+        for reason in LEASE_REASONS:
+            self.leases_expired.labels(reason)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+        for codec in CODEC_NAMES.values():
+            self.codec_raw_bytes.labels(codec, "encode")
+            self.codec_encoded_bytes.labels(codec, "encode")  # decodes count raw bytes and seconds only
+            self.codec_raw_bytes.labels(codec, "decode")
+            for op in ("encode", "decode"):
+                self.codec_seconds.labels(codec, op)
+        for direction in ("store", "load"):  # between engines and the arena, the top tier
+            self.moved_bytes.labels(direction, "host")
+            self.moved_seconds.labels(direction, "host")
+
+    def init_tiers(self, names: list[str]) -> None:
+        """Children of the tier-labelled counters for ``names`` (top first: the arena, then the
+        tiers below it, which demotions write to and promotions read from)."""
+        if tuple(names) == self._tiers_known:
+            return
+        self._tiers_known = tuple(names)
+        for tier in names:
+            self.evicted_entries.labels(tier)
+            self.checksum_failures.labels(tier)
+            for kind in ENTRY_KINDS:
+                self.hit_tokens.labels(kind, tier)
+        for tier in names[1:]:
+            for direction in ("demote", "promote"):
+                self.moved_bytes.labels(direction, tier)
+                self.moved_seconds.labels(direction, tier)
+            for head_class in HEAD_CLASSES:
+                self.demotions.labels(tier, head_class)
+                self.promotions.labels(tier, head_class)
+            for counter in (self.tier_writes, self.tier_write_failures, self.tier_drops, self.tier_misses):
+                counter.labels(tier)
+            for op in TIER_ERROR_OPS:
+                self.tier_errors.labels(tier, op)
+
+    def init_routes(self, routes: Iterable[str]) -> None:
+        """A ``status="200"`` request count per control route (the latency histogram's children
+        come with the first request: 16 zero buckets per unused route are noise, not a signal)."""
+        routes = frozenset(routes)
+        if routes <= self._routes_known:
+            return
+        self._routes_known |= routes
+        for route in routes:
+            self.requests.labels(route, "200")
 
     def attach_tiers(self, read: Callable[[], list[TierStats]],
                      read_entries: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        self.registry.register(_TierCollector(read, read_entries))
+        self.init_tiers([s.name for s in read()])
+        self.registry.register(_TierCollector(read, read_entries, self.init_tiers))
 
     def attach_gpu(self) -> bool:
         c = _nvml_collector()

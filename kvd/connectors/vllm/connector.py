@@ -11,7 +11,8 @@ with the worker role. Every hook delegates: scheduler hooks to ``SchedulerPlanne
 (``scheduler``: lookups, which entries to load and save), worker hooks to ``WorkerIO`` (``worker``:
 leases and reservations through ``kvd.client.transfer``, per-layer copies through ``copy``), both over
 one ``kvd.client.session.DaemonSession`` (registration, circuit breaker, counters) opened with the
-validated extra config (``settings``). docs/vllm.md is the user guide.
+validated extra config (``settings``). The session's counters reach vLLM's log lines and its
+``/metrics`` through the KV-connector stats hooks (``stats``). docs/vllm.md is the user guide.
 
 Decisions (the reasons are in those modules): loads are synchronous and layer by layer; saves are
 synchronous within the step that completes a chunk, so ``request_finished`` never delays freeing
@@ -32,13 +33,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import probe_block_layout
 from kvd.connectors.vllm.scheduler import SchedulerPlanner, StepPlan
 from kvd.connectors.vllm.settings import ConnectorSettings, load_head_map, model_spec_from_vllm, open_session
+from kvd.connectors.vllm.stats import KvdConnectorStats, KvdPromMetrics
 from kvd.connectors.vllm.worker import WorkerIO
 
 if TYPE_CHECKING:
@@ -60,26 +62,6 @@ class KvdConnectorMetadata(KVConnectorMetadata):
 
     def __init__(self, plan: StepPlan) -> None:
         self.plan = plan
-
-
-class KvdConnectorStats(KVConnectorStats):
-    """kvd's counters for one interval (``loaded_tokens``, ``stored_chunks``, ``load_failed_tokens``,
-    ``lookup_hit_tokens``, ``load_s``, ``save_s``, ...), summed across workers and the scheduler."""
-
-    def reset(self) -> None:
-        self.data = {}
-
-    def aggregate(self, other: KVConnectorStats) -> KvdConnectorStats:
-        out = dict(self.data)
-        for k, v in other.data.items():
-            out[k] = out.get(k, 0) + v
-        return KvdConnectorStats(data=out)
-
-    def reduce(self) -> dict[str, int | float]:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(self.data.items())}
-
-    def is_empty(self) -> bool:
-        return not any(self.data.values())
 
 
 def _route_logs_through_vllm() -> None:
@@ -128,6 +110,11 @@ class KvdConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KvdConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+        return KvdPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)  # vLLM's /metrics
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         now = Counter({k: v for k, v in self.session.counters.items() if v})
