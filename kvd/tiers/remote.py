@@ -43,6 +43,7 @@ from kvd.core.config import RemoteSettings
 from kvd.core.errors import ConfigError, RecordMissing, TierUnavailable
 from kvd.tiers.base import Buffer, ExtentName, Location, StoredRecord, Tier, TierStats
 from kvd.tiers.record import name_key, parse_key, unpack_header
+from kvd.tiers.resp import FastGet, FastGetUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,7 @@ def connect(settings: RemoteSettings):
     from redis.cluster import ClusterNode, RedisCluster
     from redis.retry import Retry
 
-    password = settings.password
-    if settings.password_file:
-        try:
-            password = Path(settings.password_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"remote.password_file {settings.password_file}: {e.strerror}") from None
+    password = _password(settings)
     kw = dict(username=settings.username or None, password=password or None, socket_timeout=settings.timeout_s,
               socket_connect_timeout=settings.timeout_s, max_connections=settings.max_connections,
               require_full_coverage=False,
@@ -86,6 +82,15 @@ def connect(settings: RemoteSettings):
     return client
 
 
+def _password(settings: RemoteSettings) -> str:
+    if not settings.password_file:
+        return settings.password
+    try:
+        return Path(settings.password_file).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"remote.password_file {settings.password_file}: {e.strerror}") from None
+
+
 class RemoteTier(Tier):
     """Records in a Redis Cluster. ``Location.key`` is the record key (the name); the Redis keys derive from it."""
 
@@ -99,6 +104,10 @@ class RemoteTier(Tier):
 
         self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
         self.client = client
+        # Large GETs take a buffer-at-once path (kvd.tiers.resp); TLS connections stay with redis-py.
+        self._fast = None if settings.tls else FastGet(username=settings.username or None,
+                                                        password=_password(settings) or None,
+                                                        timeout_s=settings.timeout_s)
         self.capacity_bytes = int(settings.capacity_bytes)
         self.prefix = settings.key_prefix.encode()
         self.ttl_ms = int(settings.ttl_s * 1000) or None
@@ -201,7 +210,7 @@ class RemoteTier(Tier):
         last: Exception | None = None
         for k in self.record_keys(loc.key):
             try:
-                value = self.client.get(k)
+                value = self._get(k)
             except self._errors as e:
                 last = e
                 continue
@@ -214,6 +223,15 @@ class RemoteTier(Tier):
         with self._lock:
             self._sizes.pop(loc.key, None)
         raise RecordMissing(f"remote record {loc.key!r} is no longer in the cluster (evicted or expired)")
+
+    def _get(self, key: bytes):
+        if self._fast is not None:
+            node = self.client.get_node_from_key(key)
+            try:
+                return self._fast.get(node.host, node.port, key)
+            except FastGetUnavailable:
+                pass  # a redirection (failover, resharding) or an error reply: the client follows it
+        return self.client.get(key)
 
     def drop(self, loc: Location) -> None:
         self._guard()
