@@ -229,8 +229,8 @@ class RemoteTier(Tier):
             node = self.client.get_node_from_key(key)
             try:
                 return self._fast.get(node.host, node.port, key)
-            except FastGetUnavailable:
-                pass  # a redirection (failover, resharding) or an error reply: the client follows it
+            except (FastGetUnavailable, OSError):
+                pass  # a redirection, an error reply, a node gone (failover): the client follows it
         return self.client.get(key)
 
     def drop(self, loc: Location) -> None:
