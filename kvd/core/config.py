@@ -17,13 +17,34 @@ import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kvd.core.errors import ConfigError
+from kvd.core.units import check_listen_addr, parse_mode, parse_size
 
 ENV_PREFIX = "KVD_"
+# KVD_* variables that are not settings, and who reads them. Any other KVD_* variable must name a
+# setting (KVD_<SECTION>__<KEY>): a misspelt one stops the daemon instead of being ignored.
+OTHER_ENV = {
+    "KVD_CONFIG": "the daemon's config file",
+    "KVD_SOCKET": "kvctl's control socket",
+    "KVD_MODEL_CACHE": "where tests and benchmarks keep the SmolLM2 model",
+    "KVD_FP8_HW_CAST": "the fp8 kernel's hardware cast switch",
+    "KVD_BENCH_LOG": "the control-plane benchmark's daemon log level",
+}
+# Sizes: bytes, "16G"/"16GiB" (x1024), "16GB" (x1000); kvd.core.units has the table.
+Size = Annotated[ByteSize, BeforeValidator(parse_size)]
 
 
 class _Section(BaseModel):
@@ -37,30 +58,19 @@ class DaemonSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout_s: float = Field(default=10.0, ge=0, le=600)
     watchdog: bool = True
-    max_request_bytes: ByteSize = ByteSize(64 << 20)
+    max_request_bytes: Size = ByteSize(64 << 20)
     max_entries_per_request: int = Field(default=4096, gt=0, le=1 << 20)
     max_tokens_per_request: int = Field(default=1 << 21, gt=0)
 
-    @field_validator("socket_mode")
+    @field_validator("socket_mode", mode="before")
     @classmethod
-    def _mode(cls, v: str) -> str:
-        try:
-            m = int(v, 8)
-        except ValueError:
-            raise ValueError("must be an octal file mode such as '0660'") from None
-        if not 0 <= m <= 0o777:
-            raise ValueError("must be an octal file mode between 0000 and 0777")
-        return v
+    def _mode(cls, v: object) -> str:
+        return parse_mode(v)
 
     @field_validator("metrics_addr")
     @classmethod
     def _addr(cls, v: str) -> str:
-        if v == "":
-            return v
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT (e.g. 127.0.0.1:9464), or empty to disable metrics")
-        return v
+        return check_listen_addr(v)
 
 
 class KeySettings(_Section):
@@ -69,8 +79,8 @@ class KeySettings(_Section):
 
 class HostSettings(_Section):
     path: str = ""  # empty: /dev/shm/kvd-<uid>-<socket hash>.arena
-    capacity_bytes: ByteSize = ByteSize(1 << 30)
-    slot_bytes: ByteSize = ByteSize(256 << 10)
+    capacity_bytes: Size = ByteSize(1 << 30)
+    slot_bytes: Size = ByteSize(256 << 10)
     high_watermark: float = Field(default=0.90, gt=0, le=1)
     low_watermark: float = Field(default=0.75, gt=0, le=1)
     lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
@@ -93,8 +103,8 @@ class HostSettings(_Section):
 class SsdSettings(_Section):
     enabled: bool = True
     path: str = ""  # empty: $STATE_DIRECTORY, $XDG_DATA_HOME/kvd or ~/.local/share/kvd, then /ssd
-    capacity_bytes: ByteSize = ByteSize(64 << 30)
-    map_size_bytes: ByteSize = ByteSize(0)  # 0: capacity_bytes × 1.25 (LMDB needs headroom)
+    capacity_bytes: Size = ByteSize(64 << 30)
+    map_size_bytes: Size = ByteSize(0)  # 0: capacity_bytes × 1.25 (LMDB needs headroom)
     admit_after: int = Field(default=2, ge=0, le=1000)
     write_batch: int = Field(default=64, gt=0, le=100000)
     io_threads: int = Field(default=2, gt=0, le=64)
@@ -141,7 +151,7 @@ class RemoteSettings(_Section):
     lookup_deadline_s: float = Field(default=0.05, gt=0, le=10)  # a lookup waits this long for the cluster
     max_connections: int = Field(default=64, gt=0, le=4096)
     ttl_s: float = Field(default=0.0, ge=0)  # 0: no TTL (the cluster's maxmemory-policy evicts)
-    capacity_bytes: ByteSize = ByteSize(1 << 40)  # for kvctl stats only: the cluster's maxmemory rules
+    capacity_bytes: Size = ByteSize(1 << 40)  # for kvctl stats only: the cluster's maxmemory rules
     key_prefix: str = Field(default="kvd", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     replicate_global: bool = True  # global-head extents stored twice, on two slots (two masters)
     write_policy: RemoteWritePolicy = Field(default_factory=RemoteWritePolicy)
@@ -226,12 +236,15 @@ def default_config_text() -> str:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """``KVD_HOST__CAPACITY_BYTES=2GiB`` -> ``{"host": {"capacity_bytes": "2GiB"}}``, plus sources."""
+    """``KVD_HOST__CAPACITY_BYTES=2GiB`` -> ``{"host": {"capacity_bytes": "2GiB"}}``, plus sources.
+    A ``KVD_*`` variable that is neither a setting nor in ``OTHER_ENV`` is a ``ConfigError``."""
     tree: dict[str, Any] = {}
     sources: dict[tuple[str, ...], str] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
             continue
+        if "__" not in name:
+            raise ConfigError(_unknown_env(name))
         path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
         if any(not p for p in path):
             raise ConfigError(f"environment variable {name}: empty section or key name")
@@ -243,6 +256,30 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tup
         node[path[-1]] = value
         sources[path] = f"environment variable {name}"
     return tree, sources
+
+
+def _unknown_env(name: str) -> str:
+    """Why ``name`` (a KVD_* variable without ``__``) is refused, with the setting it may have meant."""
+    words = name[len(ENV_PREFIX):].lower()
+    guess = next((f"{ENV_PREFIX}{section.upper()}__{words[len(section) + 1:].upper()}"
+                  for section, field in Settings.model_fields.items()
+                  if words.startswith(section + "_") and isinstance(field.annotation, type)
+                  and issubclass(field.annotation, BaseModel) and words[len(section) + 1:] in field.annotation.model_fields),
+                 None)
+    hint = f"did you mean {guess}? " if guess else ""
+    others = ", ".join(f"{k} ({v})" for k, v in OTHER_ENV.items())
+    return (f"environment variable {name} is not a kvd setting: {hint}settings are KVD_<SECTION>__<KEY>, with "
+            f"two underscores between section and key (kvd --print-default-config lists them); the other "
+            f"KVD_ variables are {others}. Unset it or correct its name")
+
+
+def _source(loc: tuple[str, ...], sources: dict[tuple[str, ...], str], default_source: str) -> str:
+    """Where the value at ``loc`` came from; for a section-wide error (``loc`` a section), every
+    environment variable or flag that set something in it, and the file."""
+    if loc in sources:
+        return sources[loc]
+    inside = sorted({src for path, src in sources.items() if path[: len(loc)] == loc})
+    return ", ".join(inside + [default_source]) if inside else default_source
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +294,7 @@ def _describe(e: ValidationError, sources: dict[tuple[str, ...], str], default_s
     for err in e.errors():
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
-        source = sources.get(loc, default_source)
+        source = _source(loc, sources, default_source)
         if err["type"] == "extra_forbidden":
             section = loc[:-1]
             allowed = _allowed_keys(section)
