@@ -251,16 +251,25 @@ class Daemon:
         self._stop.set()
 
     def reload(self) -> None:
+        """SIGHUP: re-read the file and the environment, apply what may change at run time. systemd
+        hears RELOADING=1 first and READY=1 after, with a STATUS that says what changed, or that the
+        reload failed and the running configuration stays (and an ERRNO, for ``systemctl status``)."""
+        self.notifier.reloading()
+        serving = f"serving on {self.settings.socket_path()}"
         try:
             fresh = load_settings(self.config_path, overrides=self.overrides)
         except KvdError as e:
             logger.error("SIGHUP: configuration not reloaded: %s", e)
+            self.notifier.reload_failed(f"{serving}; reload failed, running the previous configuration: "
+                                        f"{str(e).splitlines()[-1].strip()}")
             return
         applied, ignored = reload_settings(self.settings, fresh)
         logging.getLogger().setLevel(self.settings.daemon.log_level)
         self.app[STATE]["config"] = config_view(self.settings)
-        logger.info("SIGHUP: reloaded %s%s", ", ".join(applied) or "nothing changed",
-                    f"; need a restart: {', '.join(ignored)}" if ignored else "")
+        what = ", ".join(applied) or "nothing changed"
+        later = f"; need a restart: {', '.join(ignored)}" if ignored else ""
+        logger.info("SIGHUP: reloaded %s%s", what, later)
+        self.notifier.reloaded(f"{serving}; reloaded {what}{later}")
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval_s

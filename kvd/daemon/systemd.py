@@ -5,13 +5,20 @@ systemd passes ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespa
 it serves, ``STOPPING=1`` when it begins to shut down, ``WATCHDOG=1`` at least every
 ``$WATCHDOG_USEC / 2`` microseconds when the unit sets ``WatchdogSec``, and ``STATUS=...`` for
 ``systemctl status``. Without ``$NOTIFY_SOCKET`` every call is a no-op.
+
+A reload (SIGHUP) is bracketed: ``RELOADING=1`` with ``MONOTONIC_USEC`` (the clock systemd compares
+to tell this reload from an earlier one; ``Type=notify-reload`` units require it), then ``READY=1``.
+A failed reload still ends in ``READY=1`` (the daemon keeps serving on its previous configuration) but
+carries ``ERRNO=22`` (EINVAL) and a STATUS that says why; the next good reload clears it (``ERRNO=0``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
@@ -49,6 +56,16 @@ class Notifier:
 
     def stopping(self, status: str = "shutting down") -> bool:
         return self.notify("STOPPING=1", f"STATUS={status}")
+
+    def reloading(self, status: str = "reloading the configuration") -> bool:
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+                           f"STATUS={status}")
+
+    def reloaded(self, status: str) -> bool:
+        return self.notify("READY=1", f"STATUS={status}", "ERRNO=0")
+
+    def reload_failed(self, status: str) -> bool:
+        return self.notify("READY=1", f"STATUS={status}", f"ERRNO={errno.EINVAL}")
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
