@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from kvd import __version__
 from kvd.core import protocol as P
 from kvd.core.errors import InvalidRequest, KvdError, ShuttingDown
+from kvd.daemon import audit
 from kvd.daemon.metrics import Metrics
 from kvd.store import reporting
 from kvd.store.store import Store
@@ -162,19 +163,28 @@ async def release(request: web.Request) -> web.Response:
 @routes.post("/v1/delete")
 async def delete(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)
-    return _json(request.app[STORE].delete(req))
+    r = request.app[STORE].delete(req)
+    audit.admin_action(request, f"delete {len(req.hashes)} entries ({audit.scope(req.namespace, req.fingerprint)})",
+                       f"{r.count} deleted")
+    return _json(r)
 
 
 @routes.post("/v1/pin")
 async def pin(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)
-    return _json(request.app[STORE].set_pinned(req, True))
+    r = request.app[STORE].set_pinned(req, True)
+    audit.admin_action(request, f"pin {len(req.hashes)} entries ({audit.scope(req.namespace, req.fingerprint)})",
+                       f"{r.count} pinned")
+    return _json(r)
 
 
 @routes.post("/v1/unpin")
 async def unpin(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)
-    return _json(request.app[STORE].set_pinned(req, False))
+    r = request.app[STORE].set_pinned(req, False)
+    audit.admin_action(request, f"unpin {len(req.hashes)} entries ({audit.scope(req.namespace, req.fingerprint)})",
+                       f"{r.count} unpinned")
+    return _json(r)
 
 
 @routes.get("/v1/entries")
@@ -196,18 +206,28 @@ async def entries(request: web.Request) -> web.Response:
 @routes.post("/v1/evict")
 async def evict(request: web.Request) -> web.Response:
     req = await _body(request, P.EvictRequest)
-    return _json(await request.app[STORE].evict(req))
+    r = await request.app[STORE].evict(req)
+    limit = f", at most {req.max_bytes} bytes" if req.max_bytes is not None else ""
+    audit.admin_action(request, f"evict{' (dry run)' if req.dry_run else ''} from {req.tier} "
+                       f"({audit.scope(req.namespace, req.fingerprint)}{limit})", f"{r.count} entries, {r.nbytes} bytes")
+    return _json(r)
 
 
 @routes.post("/v1/flush")
 async def flush(request: web.Request) -> web.Response:
     req = await _body(request, P.FlushRequest)
-    return _json(await request.app[STORE].flush(req))
+    r = await request.app[STORE].flush(req)
+    n = f"{len(req.hashes)} entries" if req.hashes is not None else "host entries"
+    audit.admin_action(request, f"flush {n} to ssd ({audit.scope(req.namespace, req.fingerprint)})",
+                       f"{r.count} flushed")
+    return _json(r)
 
 
 @routes.post("/v1/compact")
 async def compact(request: web.Request) -> web.Response:
-    return _json(await request.app[STORE].compact())
+    r = await request.app[STORE].compact()
+    audit.admin_action(request, "compact ssd", f"{r.count} bytes reclaimed")
+    return _json(r)
 
 
 @routes.get("/v1/stats")
