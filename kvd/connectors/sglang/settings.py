@@ -1,0 +1,132 @@
+"""The SGLang backend's settings (the extra-config JSON), the model fingerprint, and the daemon session.
+
+``BackendSettings`` validates ``--hicache-storage-backend-extra-config``: the keys SGLang itself reads
+(``SGLANG_KEYS``) are let through, any other unknown key is an error, so a typo never silently turns an
+option off. ``model_spec_from_sglang`` derives the ``ModelSpec`` (hence the fingerprint every key
+carries) from what the backend sees: SGLang's storage config (model name, parallel ranks) and the host
+pool (layers, KV heads, head dim, dtype), plus RoPE from the model's Hugging Face config when it can
+be read (and ``revision`` from the extra config). With the same model path and ``tp_size == 1`` this
+is the fingerprint vLLM's kvd connector derives, so the daemon sees one model whichever engine
+registers it (``tests/connectors/sglang/test_cross_engine.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvd.client.client import KvdClient
+from kvd.client.session import DaemonSession
+from kvd.connectors.sglang.pages import HostPages
+from kvd.core import dtypes
+from kvd.core.errors import ConfigError, InvalidRequest
+from kvd.core.headmap import HeadMap
+from kvd.core.keys import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# Keys of the extra config that SGLang reads itself (factory, controller, radix cache): not kvd's.
+SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "prefetch_threshold",
+                         "prefetch_timeout_base", "prefetch_timeout_per_ki_token", "hicache_storage_pass_prefix_keys",
+                         "tp_lcm_size"})
+
+
+class BackendSettings(BaseModel):
+    """kvd's keys of the extra config (docs/sglang.md lists every key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: str | None = None  # the daemon's Unix socket; None: kvd's default path
+    namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_.:@/-]{1,96}$")
+    model_id: str | None = None  # overrides SGLang's model name in the fingerprint
+    model_path: str | None = None  # HF model dir for RoPE parameters; None: the model name, if it is a dir
+    revision: str = Field(default="", max_length=256)  # as vLLM's --revision, when KV is shared with vLLM
+    head_map: str | None = None  # head map JSON (placement only; loads are exact either way)
+    timeout_s: float = Field(default=2.0, gt=0, le=60)  # one control call
+    load_wait_s: float = Field(default=1.0, ge=0, le=60)  # a lease waits this long for SSD -> arena
+    retry_interval_s: float = Field(default=1.0, gt=0, le=600)  # first back-off after a daemon failure
+    max_retry_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    verify_checksums: bool = True  # check leased extents (xxh3) before copying them into SGLang's pool
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any] | None) -> BackendSettings:
+        ours = {k: v for k, v in (extra or {}).items() if k not in SGLANG_KEYS}
+        try:
+            return cls.model_validate(ours)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"--hicache-storage-backend-extra-config: {where}: {first['msg']}; kvd reads "
+                              f"{sorted(cls.model_fields)}, SGLang reads {sorted(SGLANG_KEYS)} (docs/sglang.md)") from None
+
+
+def _rope_of(path: Path) -> dict[str, Any] | None:
+    """RoPE parameters as vLLM sees them (transformers' normalised config), else None."""
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # a model config kvd cannot read only costs cross-engine sharing
+        logger.warning("kvd: cannot read the model config at %s (%s); RoPE left out of the fingerprint", path, e)
+        return None
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", None),
+                                                      "rope_scaling": getattr(cfg, "rope_scaling", None)}
+    return dict(rope)
+
+
+def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: BackendSettings) -> ModelSpec:
+    """The ``ModelSpec`` of this rank's KV. Refuses (``ConfigError``) what kvd cannot key correctly.
+
+    A rank that holds part of the model (tensor, pipeline or attention context parallelism) keys its
+    own heads or layers: the shard goes into ``model_id``, so ranks never read each other's KV."""
+    if getattr(storage_config, "is_mla_model", False):
+        raise ConfigError("kvd's SGLang backend stores MHA KV per head; this model uses MLA (remove the kvd backend)")
+    name = settings.model_id or storage_config.model_name or ""
+    if not name:
+        raise ConfigError("SGLang passed no model name; set \"model_id\" in the extra config")
+    shard = [f"{what}{rank}/{size}" for what, rank, size in (
+        ("tp", storage_config.tp_rank, storage_config.tp_size), ("pp", storage_config.pp_rank, storage_config.pp_size),
+        ("cp", storage_config.attn_cp_rank, storage_config.attn_cp_size)) if size > 1]
+    path = Path(settings.model_path or str(storage_config.model_name or "")).expanduser()
+    rope = _rope_of(path) if str(path) else None
+    if rope is None:
+        logger.warning("kvd: no model config found for %r; the fingerprint has no RoPE parameters, so KV is "
+                       "shared only with engines that also leave them out (set \"model_path\")", name)
+    try:
+        kv_dtype = dtypes.kv_dtype_name(pages.dtype)
+    except InvalidRequest as e:
+        raise ConfigError(f"SGLang's host KV pool: {e}") from None
+    # revision "" as vLLM's connector has it for a local model dir (vLLM's --revision unset)
+    return ModelSpec(model_id=name + (f" [{' '.join(shard)}]" if shard else ""), revision=settings.revision,
+                     num_layers=pages.num_layers, num_kv_heads=pages.num_heads, head_dim=pages.head_dim,
+                     kv_dtype=kv_dtype, rope=rope or {}, layout="canonical")
+
+
+def load_head_map(settings: BackendSettings, spec: ModelSpec) -> HeadMap | None:
+    if settings.head_map is None:
+        return None
+    hm = HeadMap.load(Path(settings.head_map).expanduser())
+    hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
+    return hm
+
+
+def open_session(settings: BackendSettings, spec: ModelSpec, head_map: HeadMap | None, *,
+                 clock: Callable[[], float] = time.monotonic) -> DaemonSession:
+    """The backend's session with the daemon (registers on first use, circuit breaker)."""
+    return DaemonSession(KvdClient(settings.socket, timeout_s=settings.timeout_s), spec, head_map,
+                         namespace=settings.namespace, role="sglang", block_tokens=1,
+                         retry_interval_s=settings.retry_interval_s,
+                         max_retry_interval_s=settings.max_retry_interval_s, clock=clock)
+
+
+def describe(spec: ModelSpec, pages: HostPages) -> str:
+    return json.dumps({"model_id": spec.model_id, "layout": pages.layout, "page_size": pages.page_size,
+                       "fingerprint": spec.fingerprint()})
