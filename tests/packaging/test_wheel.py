@@ -75,7 +75,8 @@ def test_daemon_requirements_hold_no_engine_and_extras_exist(wheel):
 @pytest.fixture(scope="module")
 def fresh_venv(wheel, tmp_path_factory, pytestconfig) -> Path:
     """A new venv holding the wheel and its dependencies only, installed with no index."""
-    house = Path(pytestconfig.cache.mkdir("wheelhouse"))
+    cache = getattr(pytestconfig, "cache", None)  # None under -p no:cacheprovider: download afresh
+    house = Path(cache.mkdir("wheelhouse")) if cache else tmp_path_factory.mktemp("wheelhouse")
     # The wheel's own requirements (not the wheel: an older build of the same name may lie there);
     # files already in the house are not fetched again.
     core = [r for r in _metadata(wheel).get_all("Requires-Dist") if "extra ==" not in r]
