@@ -66,8 +66,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         metrics.errors.labels("internal").inc()
         resp = _error(500, "internal", "internal error in kvd; see the daemon log")
     if route not in METRICS_PATHS:  # scrapes and health probes are not control-API requests
-        metrics.route_latency.labels(route).observe(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        metrics.route_latency.labels(route).observe(elapsed)
         metrics.requests.labels(route, str(resp.status)).inc()
+        logger.debug("%s %s -> %d in %.2f ms", request.method, route, resp.status, elapsed * 1e3)
     return resp
 
 

@@ -42,3 +42,16 @@ def test_each_admin_action_is_logged_with_who_asked(tmp_path):
     assert len(lines) == len(expected), lines
     for line, pattern in zip(lines, expected):
         assert re.search(pattern, line), (pattern, line)
+
+
+def test_debug_level_logs_each_request(tmp_path):
+    """DEBUG added nothing to INFO; now each control request leaves a line with its route, status and time."""
+    d = DaemonProc(tmp_path, args=["--log-level", "DEBUG"]).start()
+    try:
+        with d.client() as c:
+            c.health()
+            c.stats()
+    finally:
+        assert d.stop() == 0
+    log = d.log.read_text()
+    assert re.search(r"DEBUG kvd\.daemon\.api: GET /v1/stats -> 200 in \d+\.\d+ ms", log), log[-2000:]
