@@ -111,6 +111,7 @@ def test_stats_counters_equal_the_metrics_endpoint(live, capsys):
     on admissions and demotions when the daemon kept a dict beside Prometheus)."""
     with live.client() as c:
         c.lookup(P.LookupRequest(fingerprint=live.fp, prefix_hashes=live.hashes))
+        c.flush(P.FlushRequest())  # demotions to SSD, done before both reads
     code, out, _ = run(live, "--json", "stats", capsys=capsys)
     counters = json.loads(out)["counters"]
     text = urllib.request.urlopen(f"http://127.0.0.1:{live.port}/metrics", timeout=10).read().decode()
@@ -124,8 +125,10 @@ def test_stats_counters_equal_the_metrics_endpoint(live, capsys):
     assert shared and code == 0
     # kvctl's read came first; counters only grow, and nothing happened in between but the scrape.
     for name in ('kvd_lookup_tokens_total{kind="prefix"}', 'kvd_hit_tokens_total{kind="prefix",tier="host"}',
-                 'kvd_committed_entries_total{kind="prefix"}'):
+                 'kvd_committed_entries_total{kind="prefix"}', 'kvd_demotions_total{head_class="global",tier="ssd"}',
+                 'kvd_tier_writes_total{tier="ssd"}'):
         assert shared[name] == served[name] > 0, name
+    assert shared["kvd_admission_refusals_total"] == served["kvd_admission_refusals_total"]
     assert set(shared) <= set(served)
 
 
