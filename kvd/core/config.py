@@ -58,9 +58,18 @@ class DaemonSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout_s: float = Field(default=10.0, ge=0, le=600)
     watchdog: bool = True
-    max_request_bytes: Size = ByteSize(64 << 20)
+    max_request_bytes: Size = ByteSize(16 << 20)
     max_entries_per_request: int = Field(default=4096, gt=0, le=1 << 20)
     max_tokens_per_request: int = Field(default=1 << 21, gt=0)
+    # A connection must complete each request's headers within idle_timeout_s of opening or of its
+    # last answer (idle keep-alive connections close then too), and its body within body_timeout_s.
+    idle_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    listen_backlog: int = Field(default=4096, gt=0, le=65535)
+    # Models larger than this are refused at registration (their plans would hold the loop): layers ×
+    # KV heads, and KV bytes per token (2 × layers × KV heads × head_dim × dtype bytes).
+    max_model_heads: int = Field(default=16384, gt=0)
+    max_model_kv_bytes_per_token: Size = ByteSize(8 << 20)
 
     @field_validator("socket_mode", mode="before")
     @classmethod
@@ -167,6 +176,34 @@ class RemoteSettings(_Section):
         return v
 
 
+class TenantSettings(_Section):
+    """One tenant: who it is (peer uid/gid on the Unix socket), what it may name, what it may hold."""
+
+    uids: list[int] = Field(default_factory=list)
+    gids: list[int] = Field(default_factory=list)
+    # Namespaces the tenant may use: exact names, or prefixes ending in "*" ("team-a:*").
+    namespaces: list[str] = Field(min_length=1)
+    arena_bytes: Size = ByteSize(1 << 30)  # its own arena file: its share of the host tier
+    ssd_bytes: Size = ByteSize(16 << 30)  # its quota of the SSD tier (encoded bytes)
+    group: int | None = None  # gid owning its arena file (mode 0660); default: its first gid
+
+    @model_validator(mode="after")
+    def _someone(self) -> TenantSettings:
+        if not self.uids and not self.gids:
+            raise ValueError("a tenant needs uids or gids: the peer credentials that identify it")
+        for ns in self.namespaces:
+            if not ns or "*" in ns[:-1]:
+                raise ValueError(f"namespace pattern {ns!r}: an exact name, or a prefix ending in '*'")
+        return self
+
+
+class AdminSettings(_Section):
+    """Who may run admin actions (flush, evict, compact, stats of every tenant) when tenants are set."""
+
+    uids: list[int] = Field(default_factory=lambda: [0])
+    gids: list[int] = Field(default_factory=list)
+
+
 class PolicySettings(_Section):
     eviction: Literal["lru", "arc", "cost_aware"] = "cost_aware"
     recency_half_life_s: float = Field(default=300.0, gt=0)
@@ -180,6 +217,9 @@ class Settings(_Section):
     codec: CodecSettings = Field(default_factory=CodecSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    # Without tenants, every client of the socket is one trust domain (docs/security.md).
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
 
     # ---- resolved paths (computed once, here, so modules never read the environment) ----------
 

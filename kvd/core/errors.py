@@ -23,9 +23,27 @@ class InvalidRequest(KvdError):
     code = "invalid_request"
 
 
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "timeout"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class RequestTooLarge(InvalidRequest):
     status = 413
     code = "too_large"
+
+
+class Forbidden(KvdError):
+    """The caller may not do this: a namespace of another tenant, an admin action, another process's
+    lease or reservation."""
+
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(KvdError):
@@ -117,7 +135,10 @@ ERRORS_BY_CODE: dict[str, type[KvdError]] = {
         KvdError,
         InvalidRequest,
         RequestTooLarge,
+        RequestTimeout,
+        UnsupportedMediaType,
         NotFound,
+        Forbidden,
         Conflict,
         FingerprintMismatch,
         ShuttingDown,

@@ -4,16 +4,19 @@ Errors map to statuses in one middleware: a ``KvdError`` answers with its status
 ``{"error": code, "message": ...}``; a body that is not valid JSON or does not fit the route's model is
 a 400 naming the field; anything else is a 500, logged with its traceback, and the daemon keeps serving.
 
-The peer's process id (``SO_PEERCRED`` on the Unix socket) owns its leases and reservations, so they are
-taken back as soon as that process dies.
+The peer's credentials (``SO_PEERCRED`` on the Unix socket) say who calls (``kvd.daemon.tenants``):
+its process owns its leases and reservations (taken back as soon as it dies; no other process may end
+them), and, with tenants configured, every namespace a request names must be its tenant's, and admin
+routes need an admin. Bodies are bounded in size and in time (``daemon.body_timeout_s``), must not be
+compressed (a gzip bomb inflates on the loop), and large ones are parsed off the event loop. Error
+answers echo at most ``ERROR_ECHO_CHARS`` of what was wrong.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 
@@ -23,9 +26,10 @@ from pydantic import BaseModel, ValidationError
 
 from kvd import __version__
 from kvd.core import protocol as P
-from kvd.core.errors import InvalidRequest, KvdError, ShuttingDown
+from kvd.core.errors import InvalidRequest, KvdError, RequestTimeout, ShuttingDown, UnsupportedMediaType
 from kvd.daemon import audit
 from kvd.daemon.metrics import Metrics
+from kvd.daemon.tenants import Caller, Tenants, peer_credentials
 from kvd.store import reporting
 from kvd.store.store import Store
 
@@ -34,6 +38,7 @@ logger = logging.getLogger(__name__)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 STATE: web.AppKey[dict] = web.AppKey("state", dict)  # {"shutting_down": bool, "config": dict}
+TENANTS: web.AppKey[Tenants] = web.AppKey("tenants", Tenants)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,7 +47,13 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(body=model.model_dump_json(), status=status, content_type="application/json")
 
 
+ERROR_ECHO_CHARS = 1000  # an error answer never echoes a huge bad value back in full
+OFF_LOOP_BODY_BYTES = 1 << 20  # bodies larger than this are parsed on a worker thread
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
+    if len(message) > ERROR_ECHO_CHARS:
+        message = message[:ERROR_ECHO_CHARS] + f"... ({len(message) - ERROR_ECHO_CHARS} more characters)"
     return _json(P.ErrorBody(error=code, message=message), status)
 
 
@@ -74,10 +85,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel:
-    raw = await request.read()
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the JSON body as it is")
+    settings = request.app[STATE]["settings"]
+    try:
+        raw = await asyncio.wait_for(request.read(), settings.daemon.body_timeout_s)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {settings.daemon.body_timeout_s} s "
+                             "(daemon.body_timeout_s)") from None
     if not raw:
         raise InvalidRequest(f"empty body; {request.path} takes a JSON object ({model.__name__})")
     try:
+        if len(raw) > OFF_LOOP_BODY_BYTES:  # a large body would hold the loop for the others
+            return await asyncio.get_running_loop().run_in_executor(None, model.model_validate_json, raw)
         return model.model_validate_json(raw)
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
@@ -85,16 +106,23 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel:
         raise
 
 
-def peer_pid(request: web.Request) -> int | None:
+def caller(request: web.Request) -> Caller:
+    """Who is calling: the Unix-socket peer's pid/uid/gid, its tenant, whether it is an admin."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, _, _ = struct.unpack("3i", creds)
-        return pid or None
-    except OSError:
-        return None
+    pid, uid, gid = peer_credentials(sock)
+    return request.app[TENANTS].caller(pid or None, uid, gid)
+
+
+def _allowed(request: web.Request, namespace: str | None) -> Caller:
+    c = caller(request)
+    request.app[TENANTS].check_namespace(c, namespace)
+    return c
+
+
+def _admin(request: web.Request, what: str) -> Caller:
+    c = caller(request)
+    request.app[TENANTS].check_admin(c, what)
+    return c
 
 
 # ---- routes -------------------------------------------------------------------------------------
@@ -112,13 +140,15 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/v1/config")
 async def config(request: web.Request) -> web.Response:
+    _admin(request, "the configuration")
     return web.json_response(request.app[STATE]["config"])
 
 
 @routes.post("/v1/models")
 async def register_model(request: web.Request) -> web.Response:
     req = await _body(request, P.RegisterModelRequest)
-    return _json(request.app[STORE].register_model(req))
+    c = caller(request)
+    return _json(request.app[STORE].register_model(req, partition=request.app[TENANTS].partition_for(c)))
 
 
 @routes.get("/v1/models")
@@ -129,42 +159,44 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.post("/v1/lookup")
 async def lookup(request: web.Request) -> web.Response:
     req = await _body(request, P.LookupRequest)
+    _allowed(request, req.namespace)
     return web.Response(body=(await request.app[STORE].lookup(req)).to_json(), content_type="application/json")
 
 
 @routes.post("/v1/reserve")
 async def reserve(request: web.Request) -> web.Response:
     req = await _body(request, P.ReserveRequest)
-    return _json(await request.app[STORE].reserve(req, peer_pid(request)))
+    return _json(await request.app[STORE].reserve(req, _allowed(request, req.namespace).pid))
 
 
 @routes.post("/v1/commit")
 async def commit(request: web.Request) -> web.Response:
     req = await _body(request, P.CommitRequest)
-    return _json(await request.app[STORE].commit(req))
+    return _json(await request.app[STORE].commit(req, caller(request).pid))
 
 
 @routes.post("/v1/abort")
 async def abort(request: web.Request) -> web.Response:
     req = await _body(request, P.AbortRequest)
-    return _json(request.app[STORE].abort(req))
+    return _json(request.app[STORE].abort(req, caller(request).pid))
 
 
 @routes.post("/v1/lease")
 async def lease(request: web.Request) -> web.Response:
     req = await _body(request, P.LeaseRequest)
-    return _json(await request.app[STORE].lease(req, peer_pid(request)))
+    return _json(await request.app[STORE].lease(req, _allowed(request, req.namespace).pid))
 
 
 @routes.post("/v1/release")
 async def release(request: web.Request) -> web.Response:
     req = await _body(request, P.ReleaseRequest)
-    return _json(request.app[STORE].release(req))
+    return _json(request.app[STORE].release(req, caller(request).pid))
 
 
 @routes.post("/v1/delete")
 async def delete(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)
+    _allowed(request, req.namespace)
     r = request.app[STORE].delete(req)
     audit.admin_action(request, f"delete {len(req.hashes)} entries ({audit.scope(req.namespace, req.fingerprint)})",
                        f"{r.count} deleted")
@@ -174,6 +206,7 @@ async def delete(request: web.Request) -> web.Response:
 @routes.post("/v1/pin")
 async def pin(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)
+    _allowed(request, req.namespace)
     r = request.app[STORE].set_pinned(req, True)
     audit.admin_action(request, f"pin {len(req.hashes)} entries ({audit.scope(req.namespace, req.fingerprint)})",
                        f"{r.count} pinned")
@@ -183,6 +216,7 @@ async def pin(request: web.Request) -> web.Response:
 @routes.post("/v1/unpin")
 async def unpin(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)
+    _allowed(request, req.namespace)
     r = request.app[STORE].set_pinned(req, False)
     audit.admin_action(request, f"unpin {len(req.hashes)} entries ({audit.scope(req.namespace, req.fingerprint)})",
                        f"{r.count} unpinned")
@@ -201,6 +235,7 @@ async def entries(request: web.Request) -> web.Response:
     tier = q.get("tier")
     if tier is not None and tier not in ("host", "ssd", "remote"):
         raise InvalidRequest(f"tier={tier!r} unknown; use host, ssd or remote")
+    _allowed(request, q.get("namespace"))  # a tenant lists its own namespaces only, one at a time
     return _json(reporting.list_entries(request.app[STORE], fingerprint=q.get("model"),
                                         namespace=q.get("namespace"), tier=tier, limit=limit))
 
@@ -208,6 +243,7 @@ async def entries(request: web.Request) -> web.Response:
 @routes.post("/v1/evict")
 async def evict(request: web.Request) -> web.Response:
     req = await _body(request, P.EvictRequest)
+    _admin(request, "evict")
     r = await request.app[STORE].evict(req)
     limit = f", at most {req.max_bytes} bytes" if req.max_bytes is not None else ""
     audit.admin_action(request, f"evict{' (dry run)' if req.dry_run else ''} from {req.tier} "
@@ -218,6 +254,7 @@ async def evict(request: web.Request) -> web.Response:
 @routes.post("/v1/flush")
 async def flush(request: web.Request) -> web.Response:
     req = await _body(request, P.FlushRequest)
+    _admin(request, "flush")
     r = await request.app[STORE].flush(req)
     n = f"{len(req.hashes)} entries" if req.hashes is not None else "host entries"
     audit.admin_action(request, f"flush {n} to ssd ({audit.scope(req.namespace, req.fingerprint)})",
@@ -227,6 +264,7 @@ async def flush(request: web.Request) -> web.Response:
 
 @routes.post("/v1/compact")
 async def compact(request: web.Request) -> web.Response:
+    _admin(request, "compact")
     r = await request.app[STORE].compact()
     audit.admin_action(request, "compact ssd", f"{r.count} bytes reclaimed")
     return _json(r)
@@ -234,6 +272,7 @@ async def compact(request: web.Request) -> web.Response:
 
 @routes.get("/v1/stats")
 async def stats(request: web.Request) -> web.Response:
+    _admin(request, "stats of every tenant")
     return _json(reporting.stats(request.app[STORE]))
 
 
@@ -266,5 +305,13 @@ def metrics_routes() -> list[web.RouteDef]:
     return [web.get("/metrics", metrics_handler), web.get("/healthz", healthz)]
 
 
+SECRETS = ("password",)
+
+
 def config_view(settings) -> dict:
-    return json.loads(settings.model_dump_json())
+    """The running configuration for ``kvctl config show``, secrets replaced by ``"***"``."""
+    doc = json.loads(settings.model_dump_json())
+    for key in SECRETS:
+        if doc.get("remote", {}).get(key):
+            doc["remote"][key] = "***"
+    return doc

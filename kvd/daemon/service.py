@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,29 +31,28 @@ from aiohttp import web
 
 from kvd import __version__
 from kvd.core.config import Settings, default_config_text, load_settings
-from kvd.core.errors import ConfigError, KvdError, TierUnavailable
+from kvd.core.errors import ConfigError, KvdError
 from kvd.daemon.api import (
     METRICS,
     STATE,
     STORE,
+    TENANTS,
     config_view,
     control_routes,
     error_middleware,
     metrics_routes,
 )
+from kvd.daemon.build import build_tiers, join_remote_later
 from kvd.daemon.metrics import Metrics
 from kvd.daemon.systemd import Notifier
+from kvd.daemon.tenants import Tenants
 from kvd.store.recovery import recover
 from kvd.store.reporting import entry_counts
 from kvd.store.store import Store
-from kvd.tiers.host import HostTier
-from kvd.tiers.remote import RemoteTier, connect
-from kvd.tiers.ssd import SsdTier
 
 logger = logging.getLogger("kvd")
 
 EXPIRE_INTERVAL_S = 0.5
-REMOTE_RETRY_S = 30
 # Settings SIGHUP can change without a restart: (section, key).
 RELOADABLE = {
     ("daemon", "log_level"), ("daemon", "shutdown_timeout_s"), ("daemon", "max_request_bytes"),
@@ -68,6 +68,7 @@ RELOADABLE = {
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=int(settings.daemon.max_request_bytes))
     app[STATE] = {"shutting_down": False, "config": config_view(settings), "settings": settings}
+    app[TENANTS] = Tenants(settings)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx(settings, clock))
     app.cleanup_ctx.append(_expiry_ctx)
@@ -92,18 +93,11 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
         tiers: list = []
         store = task = retry = None
         try:
-            tiers.append(HostTier(settings.arena_path(), int(settings.host.capacity_bytes),
-                                  int(settings.host.slot_bytes), file_mode=int(settings.daemon.socket_mode, 8)))
-            logger.info("host arena %s: %d MiB in %d slots of %d KiB", tiers[0].path, tiers[0].capacity_bytes >> 20,
-                        tiers[0].num_slots, tiers[0].slot_bytes >> 10)
-            if settings.ssd.enabled:
-                tiers.append(await asyncio.get_running_loop().run_in_executor(
-                    io, lambda: SsdTier(settings.ssd_path(), settings.ssd)))
-            remote = await _remote_tier(settings, io) if settings.remote.enabled else None
-            if remote is not None:
-                tiers.append(remote)
+            tenants = app[TENANTS]
+            remote = await build_tiers(settings, tenants, io, tiers)
             metrics = app[METRICS]
-            store = Store(settings, tiers, metrics=metrics, cpu=cpu, io=io, clock=clock)
+            store = Store(settings, tiers, metrics=metrics, cpu=cpu, io=io, clock=clock,
+                          partition_of=tenants.partition_of, quotas={"ssd": tenants.ssd_quota} if tenants.enabled else None)
             metrics.attach_tiers(store.tier_stats, lambda: entry_counts(store))
             metrics.attach_gpu()
             app[STORE] = store
@@ -112,7 +106,7 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
                 logger.info("%s: %d entries recovered", ", ".join(t.name for t in tiers[1:]), n)
             task = asyncio.create_task(store.background.run(), name="kvd-background")
             if settings.remote.enabled and remote is None:  # not required: join the cluster when it comes
-                retry = asyncio.create_task(_join_remote_later(settings, io, store), name="kvd-remote-join")
+                retry = asyncio.create_task(join_remote_later(settings, io, store), name="kvd-remote-join")
             yield
         finally:
             for t in (task, retry):
@@ -129,32 +123,6 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
             cpu.shutdown(wait=True, cancel_futures=True)
 
     return ctx
-
-
-async def _remote_tier(settings: Settings, io: ThreadPoolExecutor) -> RemoteTier | None:
-    """The remote tier, or None when the cluster is unreachable and not required (logged)."""
-    try:
-        client = await asyncio.get_running_loop().run_in_executor(io, connect, settings.remote)
-    except TierUnavailable as e:
-        if settings.remote.required:
-            raise ConfigError(f"{e} (remote.required = true)") from None
-        logger.warning("%s; serving without the remote tier, retrying every %d s", e, REMOTE_RETRY_S)
-        return None
-    logger.info("remote tier: Redis cluster at %s", ", ".join(settings.remote.startup_nodes))
-    return RemoteTier(client, settings.remote)
-
-
-async def _join_remote_later(settings: Settings, io: ThreadPoolExecutor, store: Store) -> None:
-    while True:
-        await asyncio.sleep(REMOTE_RETRY_S)
-        try:
-            remote = await _remote_tier(settings, io)
-        except ConfigError as e:  # the cluster answered but refused us: say so, keep trying
-            logger.error("%s", e)
-            continue
-        if remote is not None:
-            store.add_tier(remote)
-            return
 
 
 async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -179,8 +147,14 @@ async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _prepare_socket(path: Path) -> None:
+    """Make room for the socket: a stale socket of a dead daemon is removed; anything else at the path
+    (a regular file, a directory, a link, a live daemon) stops the start: kvd never deletes what is
+    not its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
+        if path.is_symlink() or not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"daemon.socket {path} exists and is not a socket; kvd will not replace it: "
+                              "remove it or pass another --socket")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(1.0)
             try:
@@ -196,6 +170,10 @@ def reload_settings(current: Settings, fresh: Settings) -> tuple[list[str], list
     applied, ignored = [], []
     for section in type(current).model_fields:
         old, new = getattr(current, section), getattr(fresh, section)
+        if not hasattr(type(old), "model_fields"):  # tenants: a table of sections, changed only by a restart
+            if old != new:
+                ignored.append(section)
+            continue
         for key in type(old).model_fields:
             if getattr(old, key) == getattr(new, key):
                 continue
@@ -228,11 +206,14 @@ class Daemon:
         s = self.settings
         path = s.socket_path()
         _prepare_socket(path)
+        # keepalive_timeout: aiohttp arms it from the connection's start and after each answer, and a
+        # partial request does not reset it: it closes idle and slow-header connections alike.
+        # auto_decompress off: compressed bodies are refused (415), never inflated on the loop.
         runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=s.daemon.shutdown_timeout_s,
-                               access_log=None)
+                               access_log=None, keepalive_timeout=s.daemon.idle_timeout_s, auto_decompress=False)
         await runner.setup()
         self._runners.append(runner)
-        await web.UnixSite(runner, str(path)).start()
+        await web.UnixSite(runner, str(path), backlog=s.daemon.listen_backlog).start()
         os.chmod(path, int(s.daemon.socket_mode, 8))
         if s.daemon.metrics_addr:
             host, _, port = s.daemon.metrics_addr.rpartition(":")

@@ -27,6 +27,7 @@ from kvd.policies.admission import SsdAdmission
 from kvd.store.entries import Entry, EntryKey
 from kvd.store.index import Index
 from kvd.store.pipeline import Pipeline
+from kvd.store.promote import Promotion
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Background:
                  metrics: Metrics) -> None:
         self.index = index
         self.pipeline = pipeline
+        self.promotion = Promotion(pipeline)
         self.admission = admission
         self.settings = settings
         self.metrics = metrics
@@ -102,7 +104,7 @@ class Background:
         task = self._prefetching.get(e.key)
         if task is not None:
             return task
-        if not self.pipeline.missing_at_top(e, classes, accept_lossy):
+        if not self.promotion.missing_at_top(e, classes, accept_lossy):
             return None
         task = asyncio.get_running_loop().create_task(self._promote(e, classes, accept_lossy))
         self._prefetching[e.key] = task
@@ -111,7 +113,7 @@ class Background:
 
     async def _promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool) -> bool:
         try:
-            return await self.pipeline.promote(e, classes, accept_lossy)
+            return await self.promotion.promote(e, classes, accept_lossy)
         except Exception:  # noqa: BLE001 - a failed prefetch is a miss; the daemon keeps serving
             logger.exception("promoting %s failed", e.hash)
             self.metrics.errors.labels("promote").inc()
@@ -124,7 +126,7 @@ class Background:
         if tasks and wait_s > 0:
             await asyncio.wait(tasks, timeout=wait_s)
         # A prefetch started for another reader may have brought less (e.g. exact only): one more try.
-        again = [t for e in entries if self.pipeline.missing_at_top(e, classes, accept_lossy)
+        again = [t for e in entries if self.promotion.missing_at_top(e, classes, accept_lossy)
                  and (t := self.prefetch(e, classes, accept_lossy)) is not None]
         if again and wait_s > 0:
             await asyncio.wait(again, timeout=wait_s)

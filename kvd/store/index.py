@@ -39,6 +39,7 @@ class Level:
     tier: Tier
     policy: EvictionPolicy
     write_policy: Callable[[str], str] | None = None
+    quota: Callable[[str], int | None] | None = None  # partition (tenant) -> bytes it may hold here
 
     @property
     def name(self) -> str:
@@ -60,8 +61,11 @@ class Level:
 
 
 class Index:
-    def __init__(self, levels: list[Level], *, num_layers: Callable[[str], int], clock: Callable[[], float]) -> None:
+    def __init__(self, levels: list[Level], *, num_layers: Callable[[str], int], clock: Callable[[], float],
+                 partition_of: Callable[[str], str] = lambda namespace: "") -> None:
         self.levels = levels
+        self.partition_of = partition_of  # namespace -> tenant
+        self._usage: dict[tuple[str, str], int] = {}  # (tier, partition) -> bytes of indexed copies
         self.by_name = {lv.name: lv for lv in levels}
         self._num_layers = num_layers  # fingerprint -> the model's layer count (policies' cost model)
         self.clock = clock
@@ -91,6 +95,9 @@ class Index:
         assert e.key not in self.entries, f"entry {e.key} inserted twice"
         self.entries[e.key] = e
         self.aliases.pop(e.key, None)  # the real entry serves its own key from now on
+        for x in e.extents.values():
+            for tier, c in x.copies.items():
+                self._account(tier, e, c.loc.nbytes)
         for lv in self.levels:
             self._sync_policy(e, lv)
 
@@ -108,6 +115,9 @@ class Index:
         if self.entries.get(e.key) is not e:
             return
         del self.entries[e.key]
+        for x in e.extents.values():
+            for tier, c in x.copies.items():
+                self._account(tier, e, -c.loc.nbytes)
         for h in e.aliases:
             self.aliases.pop((e.namespace, e.fingerprint, h), None)
         e.aliases.clear()
@@ -130,14 +140,24 @@ class Index:
         assert lv.name not in x.copies, f"{e.key} {x.head_class} already has a copy in {lv.name}"
         x.copies[lv.name] = copy
         if self.entries.get(e.key) is e:
+            self._account(lv.name, e, copy.loc.nbytes)
             self._sync_policy(e, lv)
 
     def unplace(self, e: Entry, x: Extent, lv: Level) -> Copy | None:
         """Take ``x``'s copy in ``lv`` out of the books; returns it (its bytes are the caller's to free)."""
         copy = x.copies.pop(lv.name, None)
         if copy is not None and self.entries.get(e.key) is e:
+            self._account(lv.name, e, -copy.loc.nbytes)
             self._sync_policy(e, lv)
         return copy
+
+    def usage(self, tier: str, partition: str) -> int:
+        """Bytes the indexed copies of ``partition``'s entries take in ``tier`` (for quotas)."""
+        return self._usage.get((tier, partition), 0)
+
+    def _account(self, tier: str, e: Entry, delta: int) -> None:
+        k = (tier, self.partition_of(e.namespace))
+        self._usage[k] = self._usage.get(k, 0) + delta
 
     def touch(self, e: Entry, now: float) -> None:
         """A reader used the entry: every tier holding it learns of the hit."""

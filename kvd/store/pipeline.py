@@ -7,8 +7,8 @@ bytes is one of two generic steps between two levels, whatever the tiers are:
   form of it (memory -> record: encode with the extent's placement codec; record -> record: the
   record as it is; memory -> memory: the raw bytes), find room below (``reserve``, which may evict
   there in turn), write, place the new copy. Cold extents then leave the top tier.
-- **up** (``promote``): find room at the top, read the nearest usable copy below, decode and verify it
-  into the top tier's slots, place the copy, flagged lossy when its source was.
+- **up** (``kvd.store.promote``): find room at the top, read the nearest usable copy below, decode and
+  verify it into the top tier's slots, place the copy, flagged lossy when its source was.
 
 Eviction has one path, ``make_room`` -> ``evict``: victims chosen by ``kvd.store.space``; those that
 must be kept (admitted, with no copy below yet) are written down first; then their copies leave the
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from kvd.codecs import Codecs
-from kvd.core.errors import CorruptData, KvdError, RecordMissing, SsdFull, TierUnavailable
+from kvd.core.errors import KvdError, SsdFull, TierUnavailable
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
 from kvd.store.forms import Forms, Payload
@@ -54,7 +54,7 @@ class Pipeline:
         self.keep_for: Callable[[Entry], bool] = lambda e: False  # owed to a lower tier (write-through)
         self.clock = clock
         self.busy: set[EntryKey] = set()
-        self.space = Space(index, is_busy=self.busy.__contains__, clock=clock)
+        self.space = Space(index, is_busy=self.busy.__contains__, clock=clock, partition_of=index.partition_of)
         self._tasks: set[asyncio.Task] = set()
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -143,16 +143,34 @@ class Pipeline:
     async def reserve(self, lv: Level, nbytes: int, name: ExtentName | None = None) -> Location | None:
         """Room for ``nbytes`` in ``lv``, evicting there if needed; ``None`` if it cannot be made now.
         A request larger than the tier itself is refused before anything is evicted."""
-        if not lv.tier.fits(nbytes):
+        if not lv.tier.fits(nbytes, name):
+            return None
+        partition = self.space.partition_of(name)
+        if not await self._within_quota(lv, nbytes, partition):
             return None
         for by_place in (False, False, True):  # the policy's choice first: usually it frees a run
             loc = lv.tier.reserve(nbytes, name)
             if loc is not None:
                 return loc
-            victims = self.space.by_place(lv, nbytes) if by_place else self.space.victims(lv, nbytes)
+            victims = (self.space.by_place(lv, nbytes, partition) if by_place
+                       else self.space.victims(lv, nbytes, partition=partition))
             if victims:
                 await self.evict(victims, lv)
         return lv.tier.reserve(nbytes, name)
+
+    async def _within_quota(self, lv: Level, nbytes: int, partition: str | None) -> bool:
+        """A tenant's quota in ``lv``: evict among its own entries until ``nbytes`` more fit, or say no."""
+        quota = lv.quota(partition) if lv.quota is not None and partition is not None else None
+        if quota is None:
+            return True
+        if nbytes > quota:
+            return False
+        over = self.index.usage(lv.name, partition) + nbytes - quota
+        if over > 0:
+            victims = self.space.victims(lv, over, partition=partition)
+            if victims:
+                await self.evict(victims, lv)
+        return self.index.usage(lv.name, partition) + nbytes <= quota
 
     async def evict(self, entries: list[Entry], lv: Level) -> int:
         """Evict ``entries`` from ``lv`` (the one eviction path); returns the bytes freed there. Entries
@@ -297,99 +315,4 @@ class Pipeline:
             else:  # deleted (or placed by another move) meanwhile: this copy belongs to nobody
                 self.discard(lower, [copy.loc])
         self.metrics.tier_writes.labels(lower.name).inc(ok)
-        return ok
-
-    # ---- up ------------------------------------------------------------------------------------
-
-    def missing_at_top(self, e: Entry, classes: list[str] | None, accept_lossy: bool) -> list[Extent]:
-        top = self.levels[0].name
-        return [x for c, x in e.extents.items() if (classes is None or c in classes)
-                and not (top in x.copies and (accept_lossy or not x.copies[top].is_lossy))]
-
-    def source(self, x: Extent, accept_lossy: bool) -> Level | None:
-        """The nearest level below the top holding a usable copy of ``x`` (exact ones first)."""
-        for lossy_ok in (False, True) if accept_lossy else (False,):
-            for lv in self.levels[1:]:
-                c = x.copies.get(lv.name)
-                if c is not None and (lossy_ok or not c.is_lossy):
-                    return lv
-        return None
-
-    async def promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool = False) -> bool:
-        """Copy what a reader of ``classes`` needs of ``e`` into the top tier. False if some part could
-        not be brought (no room now, no usable copy, corrupt): the reader then misses that entry."""
-        top = self.levels[0]
-        want = self.missing_at_top(e, classes, accept_lossy)
-        sources = [self.source(x, accept_lossy) for x in want]
-        if not want or None in sources or e.key in self.busy:
-            return not want
-        if any(top.name in x.copies for x in want) and e.holds:
-            return False  # a lossy copy in use up there: an exact one cannot take its place now
-        t0 = time.perf_counter()
-        self.hold(e)
-        self.busy.add(e.key)
-        slots: list[tuple[Extent, Level, Location]] = []
-        try:
-            for x, src in zip(want, sources):
-                loc = await self.reserve(top, x.nbytes)
-                if loc is None:  # no room now: give back what this promotion took; the reader recomputes
-                    self.discard(top, [s[2] for s in slots])
-                    self.metrics.prefetch_failures.inc()
-                    return False
-                slots.append((x, src, loc))
-            results = await asyncio.gather(*(self._fetch(e, x, src, top, loc) for x, src, loc in slots))
-        except BaseException:
-            self.discard(top, [s[2] for s in slots])
-            raise
-        finally:
-            self.busy.discard(e.key)
-            self.unhold(e)
-        ok = self._place_promoted(e, slots, results, top)
-        self.metrics.prefetches.inc()
-        self.metrics.prefetch_latency.observe(time.perf_counter() - t0)
-        self.metrics.moved_seconds.labels("promote", sources[0].name).inc(time.perf_counter() - t0)
-        return ok
-
-    async def _fetch(self, e: Entry, x: Extent, src: Level, top: Level, loc: Location) -> Copy | str:
-        """Bring ``x``'s copy at ``src`` into ``loc`` (top): the new copy, or why not: ``corrupt`` (failed
-        verification), ``missing`` (the tier no longer holds it), ``unavailable`` (cannot be asked now)."""
-        copy = x.copies[src.name]
-        out = top.tier.read(loc)[: x.nbytes]
-        try:
-            data = await self.on_io(src, src.tier.read, copy.loc)
-            codec, checksum = await self.on_cpu(self.forms.place_into, src, copy, data, out)
-            return Copy(loc, codec, checksum)
-        except RecordMissing as err:
-            logger.info("%s", err)
-            self.metrics.tier_misses.labels(src.name).inc()
-            return "missing"
-        except CorruptData as err:
-            logger.error("not served: %s", err)
-            self.metrics.checksum_failures.labels(src.name).inc()
-            return "corrupt"
-        except TierUnavailable as err:
-            logger.debug("%s", err)
-            self.metrics.tier_errors.labels(src.name, "read").inc()
-            return "unavailable"
-
-    def _place_promoted(self, e: Entry, slots, results: list[Copy | str], top: Level) -> bool:
-        ok = True
-        for (x, src, loc), copy in zip(slots, results):
-            if self.index.get(e.key) is not e:  # deleted meanwhile
-                self.discard(top, [loc])
-                continue
-            if isinstance(copy, str):
-                ok = False
-                self.discard(top, [loc])
-                if copy != "unavailable":  # corrupt or gone below: so is the entry if it was the last copy
-                    bad = self.index.unplace(e, x, src)
-                    self.discard(src, [bad.loc] if bad and copy == "corrupt" else [])
-                    if not e.is_whole():
-                        self.remove(e)
-                continue
-            old = self.index.unplace(e, x, top)  # a lossy copy an exact one replaces
-            self.discard(top, [old.loc] if old else [])
-            self.index.place(e, x, top, copy)
-            self.metrics.promotions.labels(src.name, x.head_class).inc()
-            self.metrics.moved_bytes.labels("promote", src.name).inc(x.nbytes)
         return ok

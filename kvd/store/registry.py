@@ -14,7 +14,9 @@ import logging
 from collections.abc import Callable
 
 from kvd.core import protocol as P
-from kvd.core.errors import Conflict, FingerprintMismatch, NotFound
+from kvd.core.config import DaemonSettings
+from kvd.core.dtypes import DTYPE_BYTES
+from kvd.core.errors import Conflict, FingerprintMismatch, NotFound, RequestTooLarge
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec
 from kvd.store.entries import ModelRecord
@@ -23,12 +25,14 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRegistry:
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], limits: DaemonSettings | None = None) -> None:
         self.clock = clock
+        self.limits = limits or DaemonSettings()  # max_model_heads, max_model_kv_bytes_per_token
         self.models: dict[str, ModelRecord] = {}  # fingerprint -> model
 
     def register(self, req: P.RegisterModelRequest, *, has_entries: Callable[[str], bool]) -> tuple[ModelRecord, bool]:
         """Validate and record the model. Returns (record, changed)."""
+        self._check_size(req)
         spec = ModelSpec(model_id=req.model_id, revision=req.revision, num_layers=req.num_layers,
                          num_kv_heads=req.num_kv_heads, head_dim=req.head_dim, kv_dtype=req.kv_dtype,
                          rope=req.rope, layout=req.layout)
@@ -58,6 +62,18 @@ class ModelRegistry:
         logger.info("registered model %s (%s): %d layers × %d KV heads, %d global", spec.model_id, fp,
                     spec.num_layers, spec.num_kv_heads, hm.num_global)
         return record, True
+
+    def _check_size(self, req: P.RegisterModelRequest) -> None:
+        """Refuse shapes no real model has before building anything for them: a 4096 x 4096-head
+        model's extent plans held the event loop for seconds and gigabytes."""
+        heads = req.num_layers * req.num_kv_heads
+        per_token = 2 * heads * req.head_dim * DTYPE_BYTES.get(req.kv_dtype, 2)
+        if heads > self.limits.max_model_heads or per_token > self.limits.max_model_kv_bytes_per_token:
+            raise RequestTooLarge(
+                f"model {req.model_id[:80]!r}: {req.num_layers} layers x {req.num_kv_heads} KV heads x head_dim "
+                f"{req.head_dim} = {heads} heads, {per_token} KV bytes per token; at most "
+                f"{self.limits.max_model_heads} heads and {int(self.limits.max_model_kv_bytes_per_token)} bytes "
+                "(daemon.max_model_heads, daemon.max_model_kv_bytes_per_token)")
 
     def get(self, fingerprint: str) -> ModelRecord:
         m = self.models.get(fingerprint)

@@ -28,42 +28,53 @@ from collections.abc import Callable, Iterable
 
 from kvd.store.entries import Entry, EntryKey
 from kvd.store.index import Index, Level
+from kvd.tiers.arena import Arena
 from kvd.tiers.host import HostTier
 
 
 class Space:
-    def __init__(self, index: Index, *, is_busy: Callable[[EntryKey], bool], clock: Callable[[], float]) -> None:
+    def __init__(self, index: Index, *, is_busy: Callable[[EntryKey], bool], clock: Callable[[], float],
+                 partition_of: Callable[[str], str] = lambda namespace: "") -> None:
         self.index = index
         self.is_busy = is_busy
         self.clock = clock
+        self.partition_of_namespace = partition_of  # a tenant's entries make room only among themselves
+
+    def partition_of(self, name) -> str | None:
+        """The partition (tenant) an extent name belongs to; None for no name (no restriction)."""
+        return None if name is None else self.partition_of_namespace(name.namespace)
 
     def evictable(self, e: Entry, lv: Level) -> bool:
         return (not e.pinned and e.holds == 0 and not self.is_busy(e.key) and e.in_tier(lv.name)
                 and self.index.get(e.key) is e)
 
     def victims(self, lv: Level, nbytes: int, *, match: Callable[[Entry], bool] | None = None,
-                partial: bool = False) -> list[Entry]:
-        """Entries to evict from ``lv``, in its policy's order, freeing at least ``nbytes`` there.
-        Empty when that is impossible (``partial``: whatever matches, up to ``nbytes``)."""
+                partial: bool = False, partition: str | None = None) -> list[Entry]:
+        """Entries to evict from ``lv``, in its policy's order, freeing at least ``nbytes`` there
+        (``partition``: only among that tenant's entries, whose room it is). Empty when that is
+        impossible (``partial``: whatever matches, up to ``nbytes``)."""
         def can(key) -> bool:
             e = self.index.get(key)
-            return e is not None and self.evictable(e, lv) and (match is None or match(e))
+            return (e is not None and self.evictable(e, lv) and (match is None or match(e))
+                    and (partition is None or self.partition_of_namespace(e.namespace) == partition))
 
         keys = lv.policy.victims(nbytes, now=self.clock(), can_evict=can)
         out = [e for k in keys if (e := self.index.get(k)) is not None]
         freed = sum(self.index.meta(e, lv).nbytes for e in out)
         return out if partial or freed >= nbytes else []
 
-    def by_place(self, lv: Level, nbytes: int) -> list[Entry]:
+    def by_place(self, lv: Level, nbytes: int, partition: str | None = None) -> list[Entry]:
         """Victims that free a run of slots for ``nbytes`` in a fragmented memory tier (empty if none)."""
         tier = lv.tier
         if not isinstance(tier, HostTier):
             return []
-        evictable = (e for e in self.index if self.evictable(e, lv))
-        return evictable_window(tier, evictable, tier.slots_for(nbytes)) or []
+        p = partition or ""
+        arena = tier.arena(p)
+        evictable = (e for e in self.index if self.evictable(e, lv) and self.partition_of_namespace(e.namespace) == p)
+        return evictable_window(arena, evictable, arena.slots_for(nbytes), tier.name) or []
 
 
-def evictable_window(host: HostTier, evictable: Iterable[Entry], count: int) -> list[Entry] | None:
+def evictable_window(host: Arena, evictable: Iterable[Entry], count: int, tier: str = "host") -> list[Entry] | None:
     """Entries to evict so that ``count`` consecutive slots become free; None if no window can be cleared.
 
     ``evictable``: the entries the caller may evict now. Every other allocated slot is blocked,
@@ -76,7 +87,7 @@ def evictable_window(host: HostTier, evictable: Iterable[Entry], count: int) -> 
         blocked[start : start + length] = [False] * length
     for e in evictable:
         for x in e.extents.values():
-            copy = x.copies.get(host.name)
+            copy = x.copies.get(tier)
             if copy is not None:
                 first = copy.loc.offset // host.slot_bytes
                 for slot in range(first, first + copy.loc.nbytes // host.slot_bytes):

@@ -31,16 +31,16 @@ from kvd.core.keys import prefix_hashes
 from kvd.daemon.metrics import Metrics
 from kvd.policies.admission import SsdAdmission
 from kvd.policies.eviction import EvictionPolicy
-from kvd.policies.placement import HeadClassPlacement
 from kvd.store import answers as L
 from kvd.store.admin import Admin
 from kvd.store.background import Background
-from kvd.store.entries import Copy, Entry, EntryKey, Lease, ModelRecord, Reservation, new_entry
+from kvd.store.entries import Entry, Lease
 from kvd.store.holds import HoldTable, owner_is_alive
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
 from kvd.store.recovery import find_shared
 from kvd.store.registry import ModelRegistry
+from kvd.store.writes import Writes, check_owner
 from kvd.tiers.base import Tier, TierStats
 from kvd.tiers.host import HostTier
 
@@ -50,17 +50,24 @@ logger = logging.getLogger(__name__)
 class Store:
     def __init__(self, settings: Settings, tiers: list[Tier], *, metrics: Metrics, cpu: Executor, io: Executor,
                  clock: Callable[[], float] = time.monotonic,
-                 policies: dict[str, EvictionPolicy] | None = None) -> None:
+                 policies: dict[str, EvictionPolicy] | None = None,
+                 partition_of: Callable[[str], str] = lambda namespace: "",
+                 quotas: dict[str, Callable[[str], int | None]] | None = None) -> None:
+        """``partition_of`` (namespace -> tenant) and ``quotas`` (tier -> tenant -> bytes) come from
+        ``kvd.daemon.tenants``; by default one partition and no quotas (one trust domain)."""
         if not tiers or not isinstance(tiers[0], HostTier):
             raise ValueError("the store's top tier is the host arena (clients map it)")
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
         self.started_at = clock()
-        self.registry = ModelRegistry(clock)
+        self.registry = ModelRegistry(clock, settings.daemon)
         policies = policies or {}
         levels = [Level.of(i, t, settings, policies.get(t.name)) for i, t in enumerate(tiers)]
-        self.index = Index(levels, num_layers=lambda fp: self.registry.get(fp).spec.num_layers, clock=clock)
+        for lv in levels:
+            lv.quota = (quotas or {}).get(lv.name)
+        self.index = Index(levels, num_layers=lambda fp: self.registry.get(fp).spec.num_layers, clock=clock,
+                           partition_of=partition_of)
         self.pipeline = Pipeline(self.index, codecs=Codecs(settings.codec), cpu=cpu, io=io, metrics=metrics,
                                  admitted=lambda e: self.background.admitted(e),
                                  dtype_of=lambda fp: self.registry.get(fp).spec.kv_dtype, clock=clock)
@@ -68,9 +75,10 @@ class Store:
                                      metrics)
         self.pipeline.keep_for = self.background.pending_through
         self.admin = Admin(self.index, self.pipeline, self.background, settings)
-        self.placement = HeadClassPlacement(settings.codec)
         self.holds = HoldTable(reservation_ttl_s=lambda: settings.host.reservation_ttl_s,
                                lease_ttl_s=lambda: settings.host.lease_ttl_s)
+        self.writes = Writes(self.index, self.pipeline, self.background, self.registry, self.holds, settings,
+                             metrics, clock)
 
     def add_tier(self, tier: Tier) -> None:
         """A tier joins at the bottom while serving (the remote cluster, reachable again)."""
@@ -88,18 +96,21 @@ class Store:
 
     # ---- models ---------------------------------------------------------------------------------
 
-    def register_model(self, req: P.RegisterModelRequest, *, persist: bool = True) -> P.RegisterModelResponse:
+    def register_model(self, req: P.RegisterModelRequest, *, persist: bool = True,
+                       partition: str = "") -> P.RegisterModelResponse:
+        """Register (idempotent); the answer names the arena of the caller's ``partition`` (tenant)."""
         record, changed = self.registry.register(req, has_entries=self.index.has_entries)
         if changed and persist:
             self.admin.persist_model(req, record.fingerprint)
         return P.RegisterModelResponse(
-            fingerprint=record.fingerprint, chunk_tokens=self.settings.keys.chunk_tokens, arena=self.arena_info(),
-            head_map_method=record.head_map.method, num_global_heads=record.num_global_heads)
+            fingerprint=record.fingerprint, chunk_tokens=self.settings.keys.chunk_tokens,
+            arena=self.arena_info(partition), head_map_method=record.head_map.method,
+            num_global_heads=record.num_global_heads)
 
-    def arena_info(self) -> P.ArenaInfo:
-        h = self.host
-        return P.ArenaInfo(path=str(h.path), capacity_bytes=h.capacity_bytes, slot_bytes=h.slot_bytes,
-                           arena_id=h.arena_id)
+    def arena_info(self, partition: str = "") -> P.ArenaInfo:
+        a = self.host.arena(partition)
+        return P.ArenaInfo(path=str(a.path), capacity_bytes=a.capacity_bytes, slot_bytes=a.slot_bytes,
+                           arena_id=a.arena_id)
 
     # ---- lookup ---------------------------------------------------------------------------------
 
@@ -146,139 +157,17 @@ class Store:
             out.append(row)
         return out
 
-    # ---- store: reserve / commit / abort --------------------------------------------------------
+    # ---- store: reserve / commit / abort (kvd.store.writes) --------------------------------------
 
     async def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
-        model = self.registry.get(req.fingerprint)
         self._check_count(len(req.entries))
-        if len({r.hash for r in req.entries}) != len(req.entries):
-            raise InvalidRequest("an entry appears twice in one reserve request")
-        rid = uuid.uuid4().hex
-        ttl = self.settings.host.reservation_ttl_s
-        res = Reservation(rid, owner_pid, self.clock() + ttl, {})
-        out: list[P.ReservedEntry] = []
-        for r in req.entries:
-            key = (req.namespace, req.fingerprint, r.hash)
-            if self._exists(key, r, req.computed_under):
-                out.append(P.ReservedEntry(hash=r.hash, status="exists"))
-                continue
-            self.index.pending[key] = rid  # before any await: no second writer of this key
-            entry = await self._reserve_entry(model, key, r, req.computed_under)
-            if entry is None:
-                del self.index.pending[key]
-                self.metrics.no_space.inc()
-                out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
-                continue
-            res.entries[r.hash] = entry
-            res.aliases[r.hash] = [(a.hash, a.num_tokens) for a in r.aliases]
-            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=L.extent_infos(entry, self.host.name)))
-        if res.entries:
-            self.holds.add_reservation(res)
-            self.metrics.reservations_open.set(len(self.holds.reservations))
-        return P.ReserveResponse(reservation_id=rid if res.entries else None, expires_in_s=ttl,
-                                 arena_id=self.host.arena_id, entries=out)
+        return await self.writes.reserve(req, owner_pid)
 
-    def _exists(self, key: EntryKey, r: P.ReserveEntry, computed_under: str) -> bool:
-        """Stored already (or being stored, or covered by an alias): count the sighting, take its aliases."""
-        existing = self.index.get(key)
-        if existing is not None:
-            existing.seen += 1
-            existing.last_access = self.clock()
-            if existing.computed_under == computed_under:
-                for a in r.aliases:
-                    self.index.add_alias(existing, a.hash, a.num_tokens)
-            return True
-        return key in self.index.pending or key in self.index.aliases
+    async def commit(self, req: P.CommitRequest, owner_pid: int | None = None) -> P.CommitResponse:
+        return await self.writes.commit(req, owner_pid)
 
-    async def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, computed_under: str
-                             ) -> Entry | None:
-        now = self.clock()
-        end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
-        entry = new_entry(model, key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
-                          computed_under=computed_under, now=now)
-        top = self.index.levels[0]
-        if not top.tier.fits(entry.nbytes):
-            return None  # can never fit: refused before anything is evicted
-        for x in entry.extents.values():
-            loc = await self.pipeline.reserve(top, x.nbytes)
-            if loc is None:
-                self.pipeline.discard(top, [c.loc for y in entry.extents.values() if (c := y.copies.pop(top.name, None))])
-                return None
-            x.copies[top.name] = Copy(loc, "raw", None)
-        return entry
-
-    async def commit(self, req: P.CommitRequest) -> P.CommitResponse:
-        rid = req.reservation_id
-        res = self.holds.begin_commit(rid)
-        done = False
-        try:
-            chosen = list(res.entries) if req.hashes is None else req.hashes
-            unknown = [h for h in chosen if h not in res.entries]
-            if unknown:
-                raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
-            entries = [res.entries[h] for h in chosen]
-            if self.settings.host.verify_on_commit:
-                sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, self.host, entries)
-                for e, sums in zip(entries, sums_all):
-                    for x, c in zip(e.extents.values(), sums):
-                        x.checksum = x.copies[self.host.name].checksum = c
-            self._insert_all(res, entries)
-            done = True
-        finally:
-            self.holds.end_commit(rid, done=done)
-        for e in res.entries.values():
-            if e.hash not in set(chosen):
-                self._free_pending(e)
-        self.metrics.moved_bytes.labels("store", "host").inc(sum(e.nbytes for e in entries))
-        self.metrics.moved_seconds.labels("store", "host").inc(req.transfer_s)
-        self.metrics.reservations_open.set(len(self.holds.reservations))
-        return P.CommitResponse(committed=chosen)
-
-    def _insert_all(self, res: Reservation, entries: list[Entry]) -> None:
-        """Index every entry of the commit, or none: a failure half-way takes the inserted ones back
-        out and leaves the reservation as it was (its abort or expiry frees the slots)."""
-        touched: list[Entry] = []
-        now = self.clock()
-        try:
-            for e in entries:
-                touched.append(e)
-                self._place(e)
-                e.created = e.last_access = now
-                self.index.insert(e)
-                for alias_hash, n in res.aliases.get(e.hash, []):
-                    self.index.add_alias(e, alias_hash, n)
-                self.background.on_seen(e)
-                self.background.on_commit(e)
-        except BaseException:
-            for e in touched:
-                self.index.forget(e)  # the keys stay pending under the reservation
-            raise
-        for e in entries:
-            del self.index.pending[e.key]
-            self.metrics.committed_entries.labels(e.kind).inc()
-
-    def _place(self, e: Entry) -> None:
-        """Head-aware placement of each extent (kvd.policies.placement), decided at commit."""
-        placed = self.placement.place_entry(self.registry.get(e.fingerprint).head_map, list(e.extents),
-                                            start_token=e.start_token, num_tokens=e.num_tokens, end_token=e.end_token)
-        for cls, p in placed.items():
-            e.extents[cls].is_hot, e.extents[cls].lower_codec = p.is_hot, p.ssd_codec
-
-    def abort(self, req: P.AbortRequest) -> P.CountResponse:
-        res = self.holds.pop_reservation(req.reservation_id)
-        self._drop_reservation(res)
-        return P.CountResponse(count=len(res.entries))
-
-    def _drop_reservation(self, res: Reservation) -> None:
-        for e in res.entries.values():
-            self._free_pending(e)
-        self.metrics.reservations_open.set(len(self.holds.reservations))
-
-    def _free_pending(self, e: Entry) -> None:
-        if self.index.pending.get(e.key) is not None and self.index.get(e.key) is not e:
-            del self.index.pending[e.key]
-        top = self.index.levels[0]
-        self.pipeline.discard(top, [c.loc for x in e.extents.values() if (c := x.copies.pop(top.name, None))])
+    def abort(self, req: P.AbortRequest, owner_pid: int | None = None) -> P.CountResponse:
+        return self.writes.abort(req, owner_pid)
 
     # ---- load: lease / release ------------------------------------------------------------------
 
@@ -310,7 +199,8 @@ class Store:
             self.holds.add_lease(lease)
             self.metrics.leases_held.set(len(self.holds.leases))
         return P.LeaseResponse(lease_id=lease.lease_id if lease.entries else None, expires_in_s=ttl,
-                               arena_id=self.host.arena_id, entries=out)
+                               arena_id=self.host.arena(self.host.partition_of(req.namespace)).arena_id,
+                               entries=out)
 
     def _lease_one(self, lease: Lease, h: str, found: tuple[Entry, int] | None, req: P.LeaseRequest,
                    now: float) -> P.LeasedEntry:
@@ -318,7 +208,7 @@ class Store:
             return P.LeasedEntry(hash=h, status="missing")
         e = found[0]
         want = [c for c in e.extents if req.classes is None or c in req.classes]
-        if self.pipeline.missing_at_top(e, want, req.accept_lossy):
+        if self.background.promotion.missing_at_top(e, want, req.accept_lossy):
             lost = any(not e.extents[c].usable(req.accept_lossy) for c in want)
             return P.LeasedEntry(hash=h, status="missing" if lost else "timeout", num_tokens=e.num_tokens)
         self.pipeline.hold(e)
@@ -329,7 +219,8 @@ class Store:
         return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens,
                              extents=L.extent_infos(e, self.host.name, want))
 
-    def release(self, req: P.ReleaseRequest) -> P.CountResponse:
+    def release(self, req: P.ReleaseRequest, owner_pid: int | None = None) -> P.CountResponse:
+        check_owner(self.holds.leases.get(req.lease_id), owner_pid)
         lease = self.holds.pop_lease(req.lease_id)
         self._end_lease(lease)
         self.metrics.moved_bytes.labels("load", "host").inc(lease.nbytes)
@@ -380,7 +271,7 @@ class Store:
         now = self.clock() if now is None else now
         reservations, leases = self.holds.take_expired(now, is_alive)
         for res in reservations:
-            self._drop_reservation(res)
+            self.writes.drop_reservation(res)
             self.metrics.reservations_expired.inc()
         for lease, reason in leases:
             self._end_lease(lease)

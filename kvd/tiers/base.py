@@ -117,9 +117,10 @@ class Tier(ABC):
     def stats(self) -> TierStats:
         """Capacity and usage, for the policies, metrics and ``kvctl stats``."""
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` could ever be held, with the tier empty: a request that can never fit
-        is refused at once instead of evicting everything first."""
+    def fits(self, nbytes: int, name: ExtentName | None = None) -> bool:
+        """Whether ``nbytes`` (of the extent ``name``) could ever be held, with the tier (or the
+        extent's partition of it) empty: a request that can never fit is refused at once instead of
+        evicting everything first."""
         return nbytes <= self.capacity_bytes
 
     def write_many(self, items: Iterable[tuple[Location, Buffer]]) -> None:

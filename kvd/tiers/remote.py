@@ -166,7 +166,7 @@ class RemoteTier(Tier):
             raise ValueError("the remote tier keys records by extent name; reserve(nbytes, name)")
         return Location(self.name, 0, nbytes, name_key(name))
 
-    def fits(self, nbytes: int) -> bool:
+    def fits(self, nbytes: int, name: ExtentName | None = None) -> bool:
         return True
 
     def write(self, loc: Location, data: Buffer) -> None:

@@ -26,7 +26,7 @@ def test_window_with_fewest_occupants_around_blocked_slots(tmp_path):
     c = entry("c", c_first, host.reserve(4096))
     host.drop(gap1)
     host.drop(gap2)
-    assert evictable_window(host, [a, b, c], 3) == [c]
-    assert set(map(id, evictable_window(host, [a, b, c], 5))) == {id(b), id(c)}  # slots 3-7
-    assert evictable_window(host, [a, b], 3) is None  # c not evictable: every window of 3 is blocked
+    assert evictable_window(host.arena(), [a, b, c], 3) == [c]
+    assert set(map(id, evictable_window(host.arena(), [a, b, c], 5))) == {id(b), id(c)}  # slots 3-7
+    assert evictable_window(host.arena(), [a, b], 3) is None  # c not evictable: every window of 3 is blocked
     host.close()

@@ -1,0 +1,122 @@
+"""Promotion: bringing what a reader needs of an entry up into the top tier (the arena it maps).
+
+For each extent a reader needs that has no usable copy at the top (exact, or lossy for a reader that
+accepts it): find room there (``Pipeline.reserve``, the one eviction path), read the nearest usable
+copy below (exact copies first), verify and decode it into the slots (``kvd.store.forms``), place the
+copy — flagged lossy when its source was. What can go wrong is told apart: a copy that fails
+verification (``corrupt``) or that its tier no longer holds (``missing``) is dropped from the index,
+and the entry with it if that was its last copy; a tier that cannot be asked now (``unavailable``,
+e.g. the remote cluster mid-failover) keeps its copy for a later try. The reader misses either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kvd.core.errors import CorruptData, RecordMissing, TierUnavailable
+from kvd.store.entries import Copy, Entry, Extent
+from kvd.store.index import Level
+from kvd.store.pipeline import Pipeline
+from kvd.tiers.base import Location
+
+logger = logging.getLogger(__name__)
+
+
+class Promotion:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def missing_at_top(self, e: Entry, classes: list[str] | None, accept_lossy: bool) -> list[Extent]:
+        top = self.pipeline.levels[0].name
+        return [x for c, x in e.extents.items() if (classes is None or c in classes)
+                and not (top in x.copies and (accept_lossy or not x.copies[top].is_lossy))]
+
+    def source(self, x: Extent, accept_lossy: bool) -> Level | None:
+        """The nearest level below the top holding a usable copy of ``x`` (exact ones first)."""
+        for lossy_ok in (False, True) if accept_lossy else (False,):
+            for lv in self.pipeline.levels[1:]:
+                c = x.copies.get(lv.name)
+                if c is not None and (lossy_ok or not c.is_lossy):
+                    return lv
+        return None
+
+    async def promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool = False) -> bool:
+        """Copy what a reader of ``classes`` needs of ``e`` into the top tier. False if some part could
+        not be brought (no room now, no usable copy, corrupt): the reader then misses that entry."""
+        top = self.pipeline.levels[0]
+        want = self.missing_at_top(e, classes, accept_lossy)
+        sources = [self.source(x, accept_lossy) for x in want]
+        if not want or None in sources or e.key in self.pipeline.busy:
+            return not want
+        if any(top.name in x.copies for x in want) and e.holds:
+            return False  # a lossy copy in use up there: an exact one cannot take its place now
+        t0 = time.perf_counter()
+        self.pipeline.hold(e)
+        self.pipeline.busy.add(e.key)
+        slots: list[tuple[Extent, Level, Location]] = []
+        try:
+            for x, src in zip(want, sources):
+                loc = await self.pipeline.reserve(top, x.nbytes, e.name(x.head_class))
+                if loc is None:  # no room now: give back what this promotion took; the reader recomputes
+                    self.pipeline.discard(top, [s[2] for s in slots])
+                    self.pipeline.metrics.prefetch_failures.inc()
+                    return False
+                slots.append((x, src, loc))
+            results = await asyncio.gather(*(self._fetch(e, x, src, top, loc) for x, src, loc in slots))
+        except BaseException:
+            self.pipeline.discard(top, [s[2] for s in slots])
+            raise
+        finally:
+            self.pipeline.busy.discard(e.key)
+            self.pipeline.unhold(e)
+        ok = self._place_promoted(e, slots, results, top)
+        self.pipeline.metrics.prefetches.inc()
+        self.pipeline.metrics.prefetch_latency.observe(time.perf_counter() - t0)
+        self.pipeline.metrics.moved_seconds.labels("promote", sources[0].name).inc(time.perf_counter() - t0)
+        return ok
+
+    async def _fetch(self, e: Entry, x: Extent, src: Level, top: Level, loc: Location) -> Copy | str:
+        """Bring ``x``'s copy at ``src`` into ``loc`` (top): the new copy, or why not: ``corrupt`` (failed
+        verification), ``missing`` (the tier no longer holds it), ``unavailable`` (cannot be asked now)."""
+        copy = x.copies[src.name]
+        out = top.tier.read(loc)[: x.nbytes]
+        try:
+            data = await self.pipeline.on_io(src, src.tier.read, copy.loc)
+            codec, checksum = await self.pipeline.on_cpu(self.pipeline.forms.place_into, src, copy, data, out)
+            return Copy(loc, codec, checksum)
+        except RecordMissing as err:
+            logger.info("%s", err)
+            self.pipeline.metrics.tier_misses.labels(src.name).inc()
+            return "missing"
+        except CorruptData as err:
+            logger.error("not served: %s", err)
+            self.pipeline.metrics.checksum_failures.labels(src.name).inc()
+            return "corrupt"
+        except TierUnavailable as err:
+            logger.debug("%s", err)
+            self.pipeline.metrics.tier_errors.labels(src.name, "read").inc()
+            return "unavailable"
+
+    def _place_promoted(self, e: Entry, slots, results: list[Copy | str], top: Level) -> bool:
+        ok = True
+        for (x, src, loc), copy in zip(slots, results):
+            if self.pipeline.index.get(e.key) is not e:  # deleted meanwhile
+                self.pipeline.discard(top, [loc])
+                continue
+            if isinstance(copy, str):
+                ok = False
+                self.pipeline.discard(top, [loc])
+                if copy != "unavailable":  # corrupt or gone below: so is the entry if it was the last copy
+                    bad = self.pipeline.index.unplace(e, x, src)
+                    self.pipeline.discard(src, [bad.loc] if bad and copy == "corrupt" else [])
+                    if not e.is_whole():
+                        self.pipeline.remove(e)
+                continue
+            old = self.pipeline.index.unplace(e, x, top)  # a lossy copy an exact one replaces
+            self.pipeline.discard(top, [old.loc] if old else [])
+            self.pipeline.index.place(e, x, top, copy)
+            self.pipeline.metrics.promotions.labels(src.name, x.head_class).inc()
+            self.pipeline.metrics.moved_bytes.labels("promote", src.name).inc(x.nbytes)
+        return ok

@@ -1,0 +1,188 @@
+"""The write transaction of the store: reserve slots, the client copies, commit (all or nothing) or abort.
+
+Lifecycle of a reservation: ``reserve`` marks each new key pending (before any await: no second
+writer of it) and gives each extent a slot run in the arena of the namespace's partition, evicting
+there if needed (``Pipeline.reserve``) → the client copies KV into the slots → ``commit`` checksums
+them on the CPU pool, decides placement, and indexes every entry at once, or none if anything fails
+half-way (the reservation then stays, for its abort or expiry) → or ``abort`` frees the slots.
+A reservation belongs to the process that made it: another one cannot commit or abort it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from kvd.core import protocol as P
+from kvd.core.config import Settings
+from kvd.core.errors import Forbidden, InvalidRequest
+from kvd.daemon.metrics import Metrics
+from kvd.policies.placement import HeadClassPlacement
+from kvd.store import answers as L
+from kvd.store.background import Background
+from kvd.store.entries import Copy, Entry, EntryKey, ModelRecord, Reservation, new_entry
+from kvd.store.holds import HoldTable
+from kvd.store.index import Index
+from kvd.store.pipeline import Pipeline
+from kvd.store.registry import ModelRegistry
+
+
+class Writes:
+    def __init__(self, index: Index, pipeline: Pipeline, background: Background, registry: ModelRegistry,
+                 holds: HoldTable, settings: Settings, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.index = index
+        self.pipeline = pipeline
+        self.background = background
+        self.registry = registry
+        self.holds = holds
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.placement = HeadClassPlacement(settings.codec)
+
+    @property
+    def host(self):
+        return self.index.levels[0].tier
+
+    async def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
+        model = self.registry.get(req.fingerprint)
+        if len({r.hash for r in req.entries}) != len(req.entries):
+            raise InvalidRequest("an entry appears twice in one reserve request")
+        rid = uuid.uuid4().hex
+        ttl = self.settings.host.reservation_ttl_s
+        res = Reservation(rid, owner_pid, self.clock() + ttl, {})
+        out: list[P.ReservedEntry] = []
+        for r in req.entries:
+            key = (req.namespace, req.fingerprint, r.hash)
+            if self._exists(key, r, req.computed_under):
+                out.append(P.ReservedEntry(hash=r.hash, status="exists"))
+                continue
+            self.index.pending[key] = rid  # before any await: no second writer of this key
+            entry = await self._reserve_entry(model, key, r, req.computed_under)
+            if entry is None:
+                del self.index.pending[key]
+                self.metrics.no_space.inc()
+                out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
+                continue
+            res.entries[r.hash] = entry
+            res.aliases[r.hash] = [(a.hash, a.num_tokens) for a in r.aliases]
+            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=L.extent_infos(entry, self.host.name)))
+        if res.entries:
+            self.holds.add_reservation(res)
+            self.metrics.reservations_open.set(len(self.holds.reservations))
+        return P.ReserveResponse(reservation_id=rid if res.entries else None, expires_in_s=ttl,
+                                 arena_id=self.host.arena(self.host.partition_of(req.namespace)).arena_id,
+                                 entries=out)
+
+    def _exists(self, key: EntryKey, r: P.ReserveEntry, computed_under: str) -> bool:
+        """Stored already (or being stored, or covered by an alias): count the sighting, take its aliases."""
+        existing = self.index.get(key)
+        if existing is not None:
+            existing.seen += 1
+            existing.last_access = self.clock()
+            if existing.computed_under == computed_under:
+                for a in r.aliases:
+                    self.index.add_alias(existing, a.hash, a.num_tokens)
+            return True
+        return key in self.index.pending or key in self.index.aliases
+
+    async def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, computed_under: str
+                             ) -> Entry | None:
+        now = self.clock()
+        end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
+        entry = new_entry(model, key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
+                          computed_under=computed_under, now=now)
+        top = self.index.levels[0]
+        if not top.tier.fits(entry.nbytes, entry.name(next(iter(entry.extents)))):
+            return None  # can never fit: refused before anything is evicted
+        for x in entry.extents.values():
+            loc = await self.pipeline.reserve(top, x.nbytes, entry.name(x.head_class))
+            if loc is None:
+                self.pipeline.discard(top, [c.loc for y in entry.extents.values() if (c := y.copies.pop(top.name, None))])
+                return None
+            x.copies[top.name] = Copy(loc, "raw", None)
+        return entry
+
+    async def commit(self, req: P.CommitRequest, owner_pid: int | None = None) -> P.CommitResponse:
+        rid = req.reservation_id
+        check_owner(self.holds.reservations.get(rid), owner_pid)
+        res = self.holds.begin_commit(rid)
+        done = False
+        try:
+            chosen = list(res.entries) if req.hashes is None else req.hashes
+            unknown = [h for h in chosen if h not in res.entries]
+            if unknown:
+                raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
+            entries = [res.entries[h] for h in chosen]
+            if self.settings.host.verify_on_commit:
+                sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, self.host, entries)
+                for e, sums in zip(entries, sums_all):
+                    for x, c in zip(e.extents.values(), sums):
+                        x.checksum = x.copies[self.host.name].checksum = c
+            self._insert_all(res, entries)
+            done = True
+        finally:
+            self.holds.end_commit(rid, done=done)
+        for e in res.entries.values():
+            if e.hash not in set(chosen):
+                self._free_pending(e)
+        self.metrics.moved_bytes.labels("store", "host").inc(sum(e.nbytes for e in entries))
+        self.metrics.moved_seconds.labels("store", "host").inc(req.transfer_s)
+        self.metrics.reservations_open.set(len(self.holds.reservations))
+        return P.CommitResponse(committed=chosen)
+
+    def _insert_all(self, res: Reservation, entries: list[Entry]) -> None:
+        """Index every entry of the commit, or none: a failure half-way takes the inserted ones back
+        out and leaves the reservation as it was (its abort or expiry frees the slots)."""
+        touched: list[Entry] = []
+        now = self.clock()
+        try:
+            for e in entries:
+                touched.append(e)
+                self._place(e)
+                e.created = e.last_access = now
+                self.index.insert(e)
+                for alias_hash, n in res.aliases.get(e.hash, []):
+                    self.index.add_alias(e, alias_hash, n)
+                self.background.on_seen(e)
+                self.background.on_commit(e)
+        except BaseException:
+            for e in touched:
+                self.index.forget(e)  # the keys stay pending under the reservation
+            raise
+        for e in entries:
+            del self.index.pending[e.key]
+            self.metrics.committed_entries.labels(e.kind).inc()
+
+    def _place(self, e: Entry) -> None:
+        """Head-aware placement of each extent (kvd.policies.placement), decided at commit."""
+        placed = self.placement.place_entry(self.registry.get(e.fingerprint).head_map, list(e.extents),
+                                            start_token=e.start_token, num_tokens=e.num_tokens, end_token=e.end_token)
+        for cls, p in placed.items():
+            e.extents[cls].is_hot, e.extents[cls].lower_codec = p.is_hot, p.ssd_codec
+
+    def abort(self, req: P.AbortRequest, owner_pid: int | None = None) -> P.CountResponse:
+        check_owner(self.holds.reservations.get(req.reservation_id), owner_pid)
+        res = self.holds.pop_reservation(req.reservation_id)
+        self.drop_reservation(res)
+        return P.CountResponse(count=len(res.entries))
+
+    def drop_reservation(self, res: Reservation) -> None:
+        for e in res.entries.values():
+            self._free_pending(e)
+        self.metrics.reservations_open.set(len(self.holds.reservations))
+
+    def _free_pending(self, e: Entry) -> None:
+        if self.index.pending.get(e.key) is not None and self.index.get(e.key) is not e:
+            del self.index.pending[e.key]
+        top = self.index.levels[0]
+        self.pipeline.discard(top, [c.loc for x in e.extents.values() if (c := x.copies.pop(top.name, None))])
+
+
+
+def check_owner(hold, owner_pid: int | None) -> None:
+    """A reservation or lease is its maker's: another process may not end it (``Forbidden``)."""
+    if hold is not None and hold.owner_pid is not None and owner_pid is not None and hold.owner_pid != owner_pid:
+        raise Forbidden(f"this hold belongs to process {hold.owner_pid}; only it may end it")

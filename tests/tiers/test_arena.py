@@ -1,0 +1,119 @@
+"""Arenas (slot allocation, the file, owners of stale arenas) and the partitioned host tier."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvd.core.errors import ConfigError
+from kvd.tiers.arena import OWNER_SUFFIX, SlotAllocator, remove_stale
+from kvd.tiers.base import ExtentName
+from kvd.tiers.host import ArenaSpec, HostTier
+
+
+def test_allocator_scenario_best_fit_and_coalescing():
+    a = SlotAllocator(8)
+    assert a.allocate(3) == 0  # [0,3)
+    assert a.allocate(2) == 3  # [3,5)
+    a.free(0, 3)  # free runs: [0,3) and [5,8)
+    assert a.largest_free_run() == 3
+    assert a.allocate(3) == 0  # best fit, lower start wins the tie
+    a.free(0, 3)
+    a.free(3, 2)  # coalesces everything back
+    assert a.largest_free_run() == 8 and a.used_slots == 0
+    assert a.allocate(9) is None
+    assert a.allocate(8) == 0 and a.allocate(1) is None
+
+
+def test_allocator_fragmentation_returns_none_without_change():
+    a = SlotAllocator(6)
+    starts = [a.allocate(1) for _ in range(6)]
+    for s in starts[::2]:
+        a.free(s, 1)
+    assert a.used_slots == 3 and a.allocate(2) is None and a.used_slots == 3
+    a.free(1, 1)  # [0,3) free now
+    assert a.allocate(3) == 0
+
+
+def test_double_free_is_caught():
+    a = SlotAllocator(4)
+    s = a.allocate(2)
+    a.free(s, 2)
+    with pytest.raises(AssertionError):
+        a.free(s, 2)
+
+
+def test_arena_write_read_and_accounting(tmp_path):
+    t = HostTier(tmp_path / "arena", 1 << 20, 64 << 10)
+    assert t.arena().num_slots == 16
+    loc = t.reserve(100_000)
+    assert loc.nbytes == 2 * (64 << 10) and loc.offset % (64 << 10) == 0
+    t.write(loc, b"x" * 100_000)
+    assert bytes(t.read(loc)[:100_000]) == b"x" * 100_000
+    assert t.stats().used_bytes == 128 << 10
+    # the file is shared: another mapping sees the bytes
+    import mmap
+
+    with open(tmp_path / "arena", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        assert m[loc.offset : loc.offset + 3] == b"xxx"
+    t.drop(loc)
+    assert t.stats().used_bytes == 0
+    t.close()
+    assert not (tmp_path / "arena").exists() and not (tmp_path / f"arena{OWNER_SUFFIX}").exists()
+
+
+def test_arena_rejects_bad_sizes(tmp_path):
+    with pytest.raises(ConfigError, match="slot_bytes"):
+        HostTier(tmp_path / "a", 1 << 20, 1000)
+
+
+
+def name(ns: str) -> ExtentName:
+    return ExtentName(ns, "f" * 32, "a" * 32, "global", "prefix", 0, 1, 1, "exact")
+
+
+def test_partitions_have_their_own_arena_file_group_and_room(tmp_path):
+    gid = os.getgid()
+    t = HostTier(tmp_path / "unused", 0, 64 << 10, partitions={
+        "a": ArenaSpec(tmp_path / "a.arena", 4 * (64 << 10), gid), "b": ArenaSpec(tmp_path / "b.arena", 64 << 10)},
+        partition_of=lambda ns: ns.split(":")[0])
+    assert t.capacity_bytes == 5 * (64 << 10)
+    la = t.reserve(3 * (64 << 10), name("a:x"))
+    assert la.key == b"a" and t.reserve(2 * (64 << 10), name("b")) is None  # b's room is b's alone
+    assert t.reserve(64 << 10, name("b")).key == b"b"
+    assert not t.fits(2 * (64 << 10), name("b")) and t.fits(4 * (64 << 10), name("a"))
+    assert os.stat(tmp_path / "a.arena").st_gid == gid and oct(os.stat(tmp_path / "a.arena").st_mode & 0o777) == "0o660"
+    t.write(la, b"tenant a")
+    assert bytes(t.read(la)[:8]) == b"tenant a" and t.partition_stats("a").used_bytes == 3 * (64 << 10)
+    t.close()
+
+
+def test_an_existing_file_that_is_not_a_stale_arena_is_never_replaced(tmp_path):
+    (tmp_path / "arena").write_text("someone else's data")
+    with pytest.raises(ConfigError, match="not the arena of a kvd that has died"):
+        HostTier(tmp_path / "arena", 1 << 20, 64 << 10)
+    assert (tmp_path / "arena").read_text() == "someone else's data"
+    (tmp_path / "link").symlink_to(tmp_path / "arena")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        HostTier(tmp_path / "link", 1 << 20, 64 << 10)
+
+
+def test_stale_arenas_of_dead_daemons_are_removed_at_the_next_start(tmp_path):
+    """kill -9 left the arena (and the socket) behind until a daemon restarted on the same socket."""
+    script = (f"import sys, os, signal; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r});"
+              "from kvd.tiers.host import HostTier; import socket as s;"
+              f"sock = s.socket(s.AF_UNIX); sock.bind({str(tmp_path / 'dead.sock')!r});"
+              f"HostTier({str(tmp_path / 'kvd-1-dead.arena')!r}, 1 << 20, 64 << 10, socket_path={str(tmp_path / 'dead.sock')!r});"
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", script])
+    live = HostTier(tmp_path / "kvd-1-live.arena", 1 << 20, 64 << 10)  # a live one is never touched
+    assert (tmp_path / "kvd-1-dead.arena").exists() and (tmp_path / "dead.sock").exists()
+    assert remove_stale(tmp_path, "kvd-1-*.arena") == 1
+    assert not (tmp_path / "kvd-1-dead.arena").exists() and not (tmp_path / "dead.sock").exists()
+    assert (tmp_path / "kvd-1-live.arena").exists()
+    live.close()
+    # A stale arena at the configured path itself is replaced at start.
+    subprocess.run([sys.executable, "-c", script.replace("kvd-1-dead", "kvd-1-again")])
+    HostTier(tmp_path / "kvd-1-again.arena", 1 << 20, 64 << 10).close()
