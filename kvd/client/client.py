@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,29 @@ from kvd.core.errors import ERRORS_BY_CODE, DaemonUnavailable, KvdError
 M = TypeVar("M", bound=BaseModel)
 
 
+def _connect(path: str, timeout: float) -> socket.socket:
+    """A connected Unix socket. A full listen backlog answers EAGAIN at once (a burst of new clients):
+    that is retried with a growing pause (1 ms doubling to 50 ms) until ``timeout``, instead of
+    calling the daemon unreachable; any other failure is raised at once."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        except OSError:
+            sock.close()
+            raise
+
+
 class _UnixHttp:
     """A minimal keep-alive HTTP/1.1 connection over a Unix socket.
 
@@ -41,13 +65,7 @@ class _UnixHttp:
     """
 
     def __init__(self, path: str, timeout: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = _connect(path, timeout)
         self._buf = b""
 
     def request(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"kvd: {args.check_config}: configuration is valid")
         return 0
+    _raise_fd_limit()
     logging.basicConfig(level=settings.daemon.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -340,6 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     except KvdError as e:
         logger.error("%s", e)
         return 1
+
+
+def _raise_fd_limit() -> None:
+    """Every client connection is a file descriptor: take the hard limit (systemd's LimitNOFILE sets
+    it under the unit; a shell's default soft limit of 1,024 would refuse a burst of new clients)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _loop_factory():

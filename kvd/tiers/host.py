@@ -35,7 +35,9 @@ class HostTier(Tier):
         self.arenas: dict[str, Arena] = {}
         try:
             for p, spec in specs.items():
-                self.arenas[p] = Arena(spec.path, spec.capacity_bytes, slot_bytes, file_mode=file_mode,
+                # A tenant's arena is its group's alone (0660), whatever the socket's mode.
+                mode = file_mode if spec.gid is None else 0o660
+                self.arenas[p] = Arena(spec.path, spec.capacity_bytes, slot_bytes, file_mode=mode,
                                        gid=spec.gid, socket_path=socket_path)
         except BaseException:
             self.close()

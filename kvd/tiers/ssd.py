@@ -56,9 +56,20 @@ from kvd.tiers.record import RECORD_FORMAT, name_key, parse_key, unpack_header
 logger = logging.getLogger(__name__)
 
 FORMAT_MARKER = b"kvd-ssd"
+# KV is tenant data: the directory and its files are the daemon's alone, whatever the umask (outside
+# systemd the default umask made data.mdb world-readable).
+DIR_MODE, FILE_MODE = 0o700, 0o600
 LOCK_FILE = "kvd.lock"
 _WILL_NEED_MIN_BYTES = 256 << 10  # smaller records: the kernel's own read-ahead is enough
 _USER_META = b"user/"
+
+
+def _private(path: Path) -> None:
+    """Tighten an existing directory and its files to the daemon's user (earlier kvd left them 0755/0644)."""
+    os.chmod(path, DIR_MODE)
+    for f in path.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, FILE_MODE)
 
 
 class _Gate:
@@ -123,8 +134,9 @@ class SsdTier(Tier):
 
     def _take_lock(self) -> int:
         try:
-            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self.path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            _private(self.path)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
         except OSError as e:
             raise ConfigError(f"ssd.path {self.path} cannot be used: {e.strerror}") from None
         try:
@@ -148,7 +160,7 @@ class SsdTier(Tier):
         try:
             self._env = lmdb.open(str(self.path), map_size=self.map_size_bytes, max_dbs=2, sync=self._sync,
                                   metasync=self._sync, readahead=True, writemap=False, lock=True,
-                                  max_readers=256)
+                                  max_readers=256, mode=FILE_MODE)
         except lmdb.Error as e:
             raise StorageFormatError(
                 f"{data_file} is not a readable LMDB file ({e.__class__.__name__}: {e}); it is corrupt or "

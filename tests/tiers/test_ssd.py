@@ -401,3 +401,19 @@ def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path):
         t.close()
     assert len(acknowledged) >= 9
 
+
+
+def test_directory_and_files_are_private_whatever_the_umask(tmp_path):
+    """SSD files were created 0644 and the directory 0755 outside systemd: another user read data.mdb."""
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "ssd").mkdir(mode=0o755)
+        (tmp_path / "ssd" / "stray").write_text("x")  # a file an earlier kvd left readable
+        t = make_tier(tmp_path / "ssd")
+        put(t, "k", kv_bytes(1))
+        t.close()
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "ssd").stat().st_mode & 0o777) == "0o700"
+    for f in (tmp_path / "ssd").iterdir():
+        assert f.stat().st_mode & 0o077 == 0, f"{f.name} is readable by others"

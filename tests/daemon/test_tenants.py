@@ -1,0 +1,177 @@
+"""Two tenants on one daemon, as two real users (uids set in child processes): isolation that holds.
+
+Tenant A (uid 61001) and tenant B (uid 61002) each get their own arena file and namespaces. B must
+not be able to look up, load, list, delete or evict A's entries, map A's arena (EACCES), release A's
+lease or commit A's reservation — and both must work normally in their own namespaces. Needs root
+(to act as other users); CI runs as root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvd.client import prefix as kvio
+from kvd.client.client import KvdClient
+from kvd.core import protocol as P
+from kvd.core.errors import KvdError
+from kvd.core.keys import ModelSpec
+from tests.daemon_proc import DaemonProc
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as two users needs root")
+UID_A, UID_B = 61001, 61002
+
+SPEC = ModelSpec("toy", num_layers=2, num_kv_heads=2, head_dim=32, kv_dtype="bfloat16")
+TOKENS = list(range(512))
+
+
+def forked_as(uid: int, fn, *args) -> tuple[int, int]:
+    """Run ``fn(*args)`` in a forked child that has become ``uid`` (uid and gid); returns (pid, read fd)
+    of a pipe it writes JSON lines to. Forked, not exec'd: the interpreter lives under /root, which
+    other users cannot read, and everything the child needs is imported already."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(r)
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            fn(os.fdopen(w, "w", buffering=1), *args)
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(w, (json.dumps({"child_error": repr(e)}) + "\n").encode())
+            code = 1
+        os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def attempt(out: dict, name: str, fn) -> None:
+    try:
+        fn()
+        out[name] = "ok"
+    except KvdError as e:
+        out[name] = f"{type(e).__name__}: {e}"
+    except OSError as e:
+        out[name] = f"OSError {e.errno}"
+
+
+def own_work(c: KvdClient, ns: str, fill: float, out: dict):
+    h = kvio.register(c, SPEC, namespace=ns)
+    out["arena"] = c.arena_info.path
+    kv = torch.full((2, 2, 2, 512, 32), fill, dtype=torch.bfloat16)
+    out["stored"] = kvio.store_prefix(h, TOKENS, kv).stored
+    out["hits"] = kvio.lookup_prefix(h, TOKENS).num_prefix_hits
+    with kvio.load_prefix(h, TOKENS) as loaded:
+        out["loaded_equal"] = bool(loaded.to_tensor().equal(kv))
+    return h
+
+
+def holder(w, socket_path: str, flag: str) -> None:
+    """Tenant A: stores, then holds a lease and a reservation until B has tried to take them."""
+    with KvdClient(socket_path, register_cuda=False) as c:
+        out: dict = {}
+        h = own_work(c, "a", 1.0, out)
+        le = c.lease(P.LeaseRequest(fingerprint=h.fingerprint, namespace="a", hashes=h.hashes(TOKENS)))
+        r = c.reserve(P.ReserveRequest(fingerprint=h.fingerprint, namespace="a",
+                                       entries=[P.ReserveEntry(hash="c" * 32, num_tokens=256)]))
+        out.update(lease_id=le.lease_id, reservation_id=r.reservation_id, hashes=h.hashes(TOKENS),
+                   fingerprint=h.fingerprint)
+        w.write(json.dumps(out) + "\n")
+        while not os.path.exists(flag):
+            time.sleep(0.05)
+        rest: dict = {}
+        attempt(rest, "own_release", lambda: c.release(P.ReleaseRequest(lease_id=le.lease_id)))
+        w.write(json.dumps(rest) + "\n")
+
+
+def intruder(w, socket_path: str, a: dict) -> None:
+    """Tenant B: its own work succeeds; every reach for A's fails."""
+    with KvdClient(socket_path, register_cuda=False) as c:
+        out: dict = {}
+        own_work(c, "b", 2.0, out)
+        fp, hs = a["fingerprint"], a["hashes"]
+        attempt(out, "lookup_a", lambda: c.lookup(P.LookupRequest(fingerprint=fp, namespace="a", prefix_hashes=hs)))
+        attempt(out, "lease_a", lambda: c.lease(P.LeaseRequest(fingerprint=fp, namespace="a", hashes=hs)))
+        attempt(out, "list_a", lambda: c.entries(namespace="a"))
+        attempt(out, "list_all", lambda: c.entries())
+        attempt(out, "delete_a", lambda: c.delete(P.EntriesRequest(namespace="a", hashes=hs)))
+        attempt(out, "evict", lambda: c.evict(P.EvictRequest(tier="host")))
+        attempt(out, "release_a", lambda: c.release(P.ReleaseRequest(lease_id=a["lease_id"])))
+        attempt(out, "commit_a", lambda: c.commit(P.CommitRequest(reservation_id=a["reservation_id"])))
+        attempt(out, "abort_a", lambda: c.abort(P.AbortRequest(reservation_id=a["reservation_id"])))
+        attempt(out, "map_a", lambda: os.close(os.open(a["arena"], os.O_RDWR)))
+        w.write(json.dumps(out) + "\n")
+
+
+def read_line(fd_file) -> dict:
+    line = fd_file.readline()
+    assert line, "the child ended without a result"
+    doc = json.loads(line)
+    assert "child_error" not in doc, doc["child_error"]
+    return doc
+
+
+@pytest.fixture
+def daemon():
+    root = Path(tempfile.mkdtemp(prefix="kvd-tenants-"))
+    os.chmod(root, 0o755)  # other users traverse to the socket and their arenas
+    cfg = root / "kvd.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [daemon]
+        socket_mode = "0666"
+        [ssd]
+        enabled = false
+        [tenants.a]
+        uids = [{UID_A}]
+        gids = [{UID_A}]
+        namespaces = ["a", "a:*"]
+        arena_bytes = "16MiB"
+        [tenants.b]
+        uids = [{UID_B}]
+        gids = [{UID_B}]
+        namespaces = ["b", "b:*"]
+        arena_bytes = "16MiB"
+    """))
+    d = DaemonProc(root, env_extra={"KVD_HOST__CAPACITY_BYTES": "16MiB"}, args=["--config", str(cfg)]).start()
+    yield d
+    d.kill()
+
+
+def test_a_tenant_cannot_reach_another_tenants_kv(daemon):
+    flag = str(daemon.root / "b_done")
+    pa, ra = forked_as(UID_A, holder, daemon.socket, flag)
+    fa = os.fdopen(ra)
+    first = read_line(fa)
+    assert first["stored"] == 2 and first["hits"] == 2 and first["loaded_equal"]
+    pb, rb = forked_as(UID_B, intruder, daemon.socket, first)
+    res = read_line(os.fdopen(rb))
+    Path(flag).touch()
+    assert res["stored"] == 2 and res["hits"] == 2 and res["loaded_equal"]  # B's own namespace works
+    assert Path(res["arena"]).name != Path(first["arena"]).name  # each tenant maps its own arena
+    for op in ("lookup_a", "lease_a", "list_a", "list_all", "delete_a", "evict", "release_a", "commit_a", "abort_a"):
+        assert res[op].startswith("Forbidden"), (op, res[op])
+    assert res["map_a"] == "OSError 13"  # EACCES: A's arena is A's group's
+    assert read_line(fa)["own_release"] == "ok"  # A's lease was still A's to release
+    for pid in (pa, pb):
+        assert os.waitpid(pid, 0)[1] == 0
+    with daemon.client() as c:  # root is an admin: sees both tenants
+        assert {e.namespace for e in c.entries().entries} == {"a", "b"}
+
+
+def test_without_tenants_everything_is_one_trust_domain(tmp_path):
+    d = DaemonProc(tmp_path).start()
+    try:
+        with d.client() as c:
+            assert c.stats().num_entries == 0 and c.evict(
+                __import__("kvd.core.protocol", fromlist=["P"]).EvictRequest()).count == 0
+    finally:
+        d.kill()
