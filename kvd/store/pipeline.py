@@ -56,6 +56,9 @@ class Pipeline:
         self.busy: set[EntryKey] = set()
         self.space = Space(index, is_busy=self.busy.__contains__, clock=clock, partition_of=index.partition_of)
         self._tasks: set[asyncio.Task] = set()
+        # Bytes reserved in a tier with quotas but not yet placed in the index, per (tier, partition):
+        # a batch of writes reserves before any copy is indexed, and a quota must count those too.
+        self._in_flight: dict[tuple[str, str], int] = {}
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -165,12 +168,14 @@ class Pipeline:
             return True
         if nbytes > quota:
             return False
-        over = self.index.usage(lv.name, partition) + nbytes - quota
+        in_flight = self._in_flight.get((lv.name, partition), 0)
+        over = self.index.usage(lv.name, partition) + in_flight + nbytes - quota
         if over > 0:
             victims = self.space.victims(lv, over, partition=partition)
             if victims:
                 await self.evict(victims, lv)
-        return self.index.usage(lv.name, partition) + nbytes <= quota
+        in_flight = self._in_flight.get((lv.name, partition), 0)
+        return self.index.usage(lv.name, partition) + in_flight + nbytes <= quota
 
     async def evict(self, entries: list[Entry], lv: Level) -> int:
         """Evict ``entries`` from ``lv`` (the one eviction path); returns the bytes freed there. Entries
@@ -288,12 +293,26 @@ class Pipeline:
         return await self.on_cpu(produce)
 
     async def _put_all(self, jobs: list[tuple[Entry, Extent]], payloads: list[Payload], lower: Level) -> int:
+        """Reserve, write and index a batch of copies in ``lower``. This is the only writer to the
+        tiers quotas apply to (record tiers): its reservations count against the quota until indexed."""
+        counted: dict[tuple[str, str], int] = {}
+        try:
+            return await self._reserve_and_put(jobs, payloads, lower, counted)
+        finally:
+            for k, n in counted.items():
+                self._in_flight[k] -= n
+
+    async def _reserve_and_put(self, jobs: list[tuple[Entry, Extent]], payloads: list[Payload], lower: Level,
+                               counted: dict[tuple[str, str], int]) -> int:
         items, placed = [], []
         for (e, x), (data, codec, checksum) in zip(jobs, payloads):
             loc = await self.reserve(lower, len(data), e.name(x.head_class))
             if loc is None:
                 self.metrics.tier_write_failures.labels(lower.name).inc()
                 continue
+            k = (lower.name, self.index.partition_of(e.namespace))
+            self._in_flight[k] = self._in_flight.get(k, 0) + loc.nbytes
+            counted[k] = counted.get(k, 0) + loc.nbytes
             items.append((loc, data))
             placed.append((e, x, Copy(loc, codec, checksum)))
         if not items:

@@ -24,8 +24,9 @@ EXTENT = 2 * 2 * 256 * 64 * 2  # 2 segments (one per layer) of K+V, 256 tokens, 
 
 
 class World:
-    def __init__(self, tmp_path, policy="lru", **over):
+    def __init__(self, tmp_path, policy="lru", tenancy=None, **over):
         self.tmp_path, self.policy, self.over = tmp_path, policy, over
+        self.tenancy = tenancy or {}  # Store's partition_of / quotas, as kvd.daemon.tenants gives them
         self.clock = FakeClock()
         self.cpu, self.io = ThreadPoolExecutor(2), ThreadPoolExecutor(2)  # as the daemon: CPU work apart from I/O
         self.open()
@@ -39,7 +40,7 @@ class World:
         self.host = HostTier(self.tmp_path / "arena", 2 << 20, 128 << 10)
         self.ssd = SsdTier(self.tmp_path / "ssd", self.settings.ssd)
         self.store = Store(self.settings, [self.host, self.ssd], metrics=Metrics(), cpu=self.cpu, io=self.io,
-                           clock=self.clock)
+                           clock=self.clock, **self.tenancy)
         self.fp = self.store.register_model(MODEL).fingerprint
 
     async def step(self):
@@ -66,11 +67,11 @@ class World:
     def metric(self, name, labels=None):
         return self.store.metrics.registry.get_sample_value(name, labels or {}) or 0
 
-    async def store_seq(self, seed: int, chunks: int = 4):
+    async def store_seq(self, seed: int, chunks: int = 4, namespace: str = "default"):
         """Store a ``chunks``-chunk sequence of finite bf16 values; returns hashes and the bytes."""
-        hs = prefix_hashes(np.arange(chunks * 256) + seed * 100000, chunk_tokens=256, namespace="default",
+        hs = prefix_hashes(np.arange(chunks * 256) + seed * 100000, chunk_tokens=256, namespace=namespace,
                            fingerprint=self.fp)
-        r = await self.store.reserve(P.ReserveRequest(fingerprint=self.fp, entries=[
+        r = await self.store.reserve(P.ReserveRequest(fingerprint=self.fp, namespace=namespace, entries=[
             P.ReserveEntry(hash=h, num_tokens=256, start_token=i * 256, end_token=chunks * 256)
             for i, h in enumerate(hs)]))
         data = {}
@@ -253,5 +254,39 @@ async def test_flush_ignores_admission_and_ssd_full_evicts(tmp_path):
         await w.store.pipeline.drain()
         assert w.ssd.stats().used_bytes <= w.ssd.capacity_bytes
         assert w.metric("kvd_evicted_entries_total", {"tier": "ssd"}) >= 1
+    finally:
+        w.close()
+
+
+async def test_a_tenants_ssd_quota_evicts_only_its_own_entries(tmp_path):
+    """Tenant "a" may hold 512 KiB on SSD (about four extents' records); "b" has no quota. Writing a's
+    sequences one after another evicts a's oldest SSD copies, never b's; a's usage never passes the
+    quota (the extents of one write-back batch count before they are indexed) nor falls far below it."""
+    quota = 4 * EXTENT
+    w = World(tmp_path, tenancy={"partition_of": lambda ns: ns,
+                                 "quotas": {"ssd": lambda p: quota if p == "a" else None}},
+              host={"capacity_bytes": 8 << 20})
+    try:
+        w.settings.ssd.admit_after = 1
+        b_hs, b_data = await w.store_seq(0, chunks=2, namespace="b")
+        await w.step()
+        a_seqs = []
+        for seed in range(1, 7):
+            a_seqs.append((await w.store_seq(seed, chunks=1, namespace="a"))[0][0])
+            await w.step()
+            assert w.store.index.usage("ssd", "a") <= quota
+        ssd_records = lambda ns: [x.copies["ssd"].loc.nbytes for e in w.store.index  # noqa: E731
+                                  if e.namespace == ns for x in e.extents.values() if "ssd" in x.copies]
+        a_records = ssd_records("a")
+        assert w.store.index.usage("ssd", "a") == sum(a_records) > quota - 2 * max(a_records)
+        on_ssd = lambda h: any("ssd" in x.copies  # noqa: E731
+                               for x in w.store.index.get(("a", w.fp, h)).extents.values())
+        assert not on_ssd(a_seqs[0]) and on_ssd(a_seqs[-1])  # the oldest made room for the newest
+        assert len(ssd_records("b")) == 4  # b's 2 chunks x 2 extents untouched
+        le = await w.store.lease(P.LeaseRequest(fingerprint=w.fp, namespace="b", hashes=b_hs, wait_s=5))
+        got = {(e.hash, x.head_class): bytes(w.host.view[x.offset: x.offset + x.nbytes])
+               for e in le.entries for x in e.extents}
+        w.store.release(P.ReleaseRequest(lease_id=le.lease_id))
+        assert got == b_data
     finally:
         w.close()
