@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvd.client.client import KvdClient
-from kvd.client.transfer import Lease, ModelHandle, copy_block, extent_to_kv_views, open_lease, reserve
+from kvd.client.handle import ModelHandle
+from kvd.client.transfer import Lease, copy_block, extent_to_kv_views, open_lease, reserve
 from kvd.core import protocol as P
 from kvd.core.errors import InvalidRequest
 from kvd.core.headmap import HeadMap
@@ -32,14 +33,18 @@ __all__ = ["LoadedPrefix", "ModelHandle", "StoreResult", "copy_block", "extent_t
 
 
 def register(client: KvdClient, spec: ModelSpec, head_map: HeadMap | None = None, *,
-             namespace: str = "default", computed_under: str = EXACT) -> ModelHandle:
-    """Register ``spec`` (and its head map; None: every head global) with the daemon."""
+             namespace: str = "default", computed_under: str = EXACT, reader: str = "exact") -> ModelHandle:
+    """Register ``spec`` (and its head map; None: every head global) with the daemon. ``reader``:
+    ``exact`` (every head, every token) or ``head_aware`` (the handle reads only what its head map
+    attends to; ``kvd.store.readers``)."""
+    if reader == "head_aware" and (head_map is None or head_map.is_all_global):
+        reader = "exact"  # an all-global map reads everything: the same thing, said plainly
     hm = head_map or HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)
     resp = client.register_model(P.RegisterModelRequest(
         model_id=spec.model_id, revision=spec.revision, num_layers=spec.num_layers,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, kv_dtype=spec.kv_dtype, rope=spec.rope,
         layout=spec.layout, head_map=head_map, fingerprint=spec.fingerprint()))
-    return ModelHandle(client, spec, hm, resp.fingerprint, resp.chunk_tokens, namespace, computed_under)
+    return ModelHandle(client, spec, hm, resp.fingerprint, resp.chunk_tokens, namespace, computed_under, reader)
 
 
 def _check_kv(handle: ModelHandle, kv, num_tokens: int) -> None:
@@ -87,7 +92,8 @@ def lookup_prefix(handle: ModelHandle, token_ids, *, prefetch: bool = True, max_
     which bounds the daemon's hit counters)."""
     return handle.client.lookup(P.LookupRequest(
         fingerprint=handle.fingerprint, namespace=handle.namespace, prefix_hashes=handle.hashes(token_ids),
-        prefetch=prefetch, computed_under=handle.computed_under, accept_lossy=accept_lossy, max_tokens=max_tokens))
+        prefetch=prefetch, computed_under=handle.computed_under, accept_lossy=accept_lossy, max_tokens=max_tokens,
+        **handle.reader_fields()))
 
 
 class LoadedPrefix:
@@ -113,7 +119,8 @@ class LoadedPrefix:
         import torch
 
         s = self.handle.spec
-        kv = torch.empty(s.num_layers, 2, s.num_kv_heads, self.num_tokens, s.head_dim,
+        # zeros: a head-aware load leaves the segments its head map does not read untouched
+        kv = torch.zeros(s.num_layers, 2, s.num_kv_heads, self.num_tokens, s.head_dim,
                          dtype=getattr(torch, s.kv_dtype), device=device)
         self.copy_into(kv)
         return kv
@@ -133,6 +140,7 @@ def load_prefix(handle: ModelHandle, token_ids, *, max_chunks: int | None = None
     """Lease the leading chunks of ``token_ids`` (at most ``max_chunks``). A chunk that is missing,
     fails its checksum, or holds lossy bytes the caller did not accept ends the loaded run."""
     hashes = handle.hashes(token_ids, max_chunks=max_chunks)
-    lease = open_lease(handle, hashes, min_tokens=[handle.chunk_tokens] * len(hashes), wait_s=wait_s,
-                       verify=verify, accept_lossy=accept_lossy)
+    c = handle.chunk_tokens
+    lease = open_lease(handle, hashes, min_tokens=[c] * len(hashes), wait_s=wait_s, verify=verify,
+                       accept_lossy=accept_lossy, position=len(hashes) * c if handle.reader == "head_aware" else None)
     return LoadedPrefix(handle, lease)

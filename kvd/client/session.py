@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kvd.client.client import KvdClient
+from kvd.client.handle import ModelHandle
 from kvd.client.prefix import register
-from kvd.client.transfer import ModelHandle
 from kvd.core.errors import ConfigError, DaemonUnavailable, KvdError
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec

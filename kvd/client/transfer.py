@@ -31,23 +31,21 @@ the error is raised.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import xxhash
 
+from kvd.client.handle import ModelHandle
 from kvd.core import protocol as P
-from kvd.core.extents import ExtentPlan, plan_extents
-from kvd.core.headmap import HeadMap
-from kvd.core.keys import EXACT, ModelSpec, prefix_hashes
+from kvd.core.extents import ExtentPlan, matches, needed
 
 if TYPE_CHECKING:
     import torch
-
-    from kvd.client.client import KvdClient
 
 logger = logging.getLogger(__name__)
 
@@ -59,35 +57,6 @@ MAX_TRANSFER_S = 3600.0  # the protocol's bound on a reported copy time
 # (after the end of a prefix reader's usable run: not checked).
 EntryState = Literal["ok", "missing", "timeout", "corrupt", "bad_checksum", "incomplete", "lossy", "short",
                      "skipped"]
-
-
-@dataclass
-class ModelHandle:
-    """A model registered with the daemon (``kvd.client.prefix.register``): what every transaction
-    needs to key entries and lay out their extents. ``computed_under`` is the attention the engine's
-    KV is computed under (``kvd.core.keys.attention_tag``; ``exact`` for ordinary engines)."""
-
-    client: KvdClient
-    spec: ModelSpec
-    head_map: HeadMap
-    fingerprint: str
-    chunk_tokens: int
-    namespace: str = "default"
-    computed_under: str = EXACT
-    _plans: dict[int, dict[str, ExtentPlan]] = field(default_factory=dict, repr=False)
-
-    def plans(self, num_tokens: int) -> dict[str, ExtentPlan]:
-        """``head class -> ExtentPlan`` of an entry of ``num_tokens`` tokens (cached)."""
-        p = self._plans.get(num_tokens)
-        if p is None:
-            p = self._plans[num_tokens] = plan_extents(self.spec, self.head_map, num_tokens)
-        return p
-
-    def hashes(self, token_ids, max_chunks: int | None = None) -> list[str]:
-        """Prefix keys of the full chunks of ``token_ids`` in this handle's namespace."""
-        return prefix_hashes(token_ids, chunk_tokens=self.chunk_tokens, namespace=self.namespace,
-                             fingerprint=self.fingerprint, max_chunks=max_chunks,
-                             computed_under=self.computed_under)
 
 
 # ---- copies between extents and KV tensors -------------------------------------------------------
@@ -170,7 +139,8 @@ class Lease:
     """A read lease on entries, checked and mapped; built by ``open_lease``."""
 
     def __init__(self, handle: ModelHandle, resp: P.LeaseResponse, *, min_tokens: Sequence[int] | None,
-                 classes: Sequence[str] | None, accept_lossy: bool, verify: bool, leading: bool) -> None:
+                 classes: Sequence[str] | None, accept_lossy: bool, verify: bool, leading: bool,
+                 position: int | None = None) -> None:
         self.handle = handle
         self.lease_id = resp.lease_id
         self.arena_id = resp.arena_id
@@ -178,13 +148,17 @@ class Lease:
         self.states: list[EntryState] = []
         self.num_corrupt = 0  # entries refused for an extent whose checksum does not match
         self._entries: list[EntryView | None] = []
+        self._answers = resp.entries
+        self._min_tokens = min_tokens
+        self._classes = classes
+        self._position = position
         self._t0 = time.perf_counter()
         try:
-            want = set(classes or handle.plans(1)) & set(handle.plans(1))
             for i, e in enumerate(resp.entries):
                 if leading and self._entries and self._entries[-1] is None:
                     state: EntryState = "skipped"
                 else:
+                    want = self._wanted(e, position)
                     state = self._check(e, min_tokens[i] if min_tokens else 0, want, accept_lossy, verify)
                 self.states.append(state)
                 self._entries.append(_views(handle, self.arena_id, e.hash, e.extents, e.num_tokens)
@@ -192,6 +166,15 @@ class Lease:
         except BaseException:
             self.release()
             raise
+
+    def _wanted(self, e: P.LeasedEntry, position: int | None) -> set[str]:
+        """The classes this reader must get of ``e``: the filter, and for a head-aware reader of a
+        prefix at ``position`` the ones its head map reads (the daemon's rule, checked here)."""
+        plans = self.handle.plans(max(e.num_tokens, 1))
+        want = {c for c in plans if not self._classes or any(matches(c, w) for w in self._classes)}
+        if self.handle.reader == "head_aware" and position is not None:
+            want = {c for c in want if needed(plans[c], e.start_token, e.num_tokens, position)}
+        return want
 
     def _check(self, e: P.LeasedEntry, min_tokens: int, want: set[str], accept_lossy: bool,
                verify: bool) -> EntryState:
@@ -217,11 +200,22 @@ class Lease:
 
     @property
     def num_leading(self) -> int:
-        """Usable entries before the first unusable one: what a prefix reader can load."""
+        """Usable entries before the first unusable one: what a prefix reader can load. A head-aware
+        reader that stops before the position it leased for sits earlier, where the local heads see
+        further back: the run shortens until every entry in it holds what is read from there."""
         n = 0
         while n < len(self._entries) and self._entries[n] is not None:
             n += 1
-        return n
+        if self.handle.reader != "head_aware" or self._position is None or n == len(self._entries):
+            return n
+        while n > 0:
+            last = self._answers[n - 1]
+            pos = last.start_token + (self._min_tokens[n - 1] if self._min_tokens else last.num_tokens)
+            if all(self._wanted(self._answers[j], pos) <= {x.head_class for x in self._answers[j].extents}
+                   for j in range(n)):
+                return n
+            n -= 1
+        return 0
 
     def entry(self, i: int) -> EntryView | None:
         """The i-th entry's views, or None if it is not usable (``states[i]`` says why)."""
@@ -257,25 +251,31 @@ class Lease:
 def open_lease(handle: ModelHandle, hashes: Sequence[str], *, namespace: str | None = None,
                min_tokens: Sequence[int] | None = None, classes: Sequence[str] | None = None,
                wait_s: float | None = None, accept_lossy: bool = False, verify: bool = True,
-               leading: bool = True, computed_under: str | None = None) -> Lease:
+               leading: bool = True, computed_under: str | None = None, position: int | None = None,
+               exact: bool = False) -> Lease:
     """Lease ``hashes`` (in ``namespace``, default the handle's) and check them.
 
     ``min_tokens[i]``: the tokens the reader needs from entry i (an entry may hold more, e.g. when its
-    key is an alias of a longer entry; never fewer). ``classes``: only these head classes (None: all).
-    ``leading``: a prefix reader, which can use only the leading run of usable entries.
+    key is an alias of a longer entry; never fewer). ``classes``: only these head classes or kinds
+    (None: all). ``leading``: a prefix reader, which can use only the leading run of usable entries.
+    ``position``: a head-aware handle's next query position after the load (prefix entries get only
+    the extents its head map reads from there; None: every token of the classes). ``exact``: read every
+    extent whatever the handle's reader (the Lil guard's restore of full KV).
     Raises the daemon's errors; nothing is held when it does."""
+    if exact and handle.reader != "exact":
+        handle = dataclasses.replace(handle, reader="exact")
     if min_tokens is not None and len(min_tokens) != len(hashes):
         raise ValueError(f"min_tokens has {len(min_tokens)} values for {len(hashes)} hashes")
     resp = handle.client.lease(P.LeaseRequest(
         fingerprint=handle.fingerprint, namespace=namespace or handle.namespace, hashes=list(hashes),
         classes=list(classes) if classes else None, wait_s=wait_s, accept_lossy=accept_lossy,
-        computed_under=computed_under or handle.computed_under))
+        computed_under=computed_under or handle.computed_under, **handle.reader_fields(position)))
     if [e.hash for e in resp.entries] != list(hashes):
         if resp.lease_id is not None:
             handle.client.release(P.ReleaseRequest(lease_id=resp.lease_id))
         raise ValueError("the daemon answered a lease for other entries than asked")
     return Lease(handle, resp, min_tokens=min_tokens, classes=classes, accept_lossy=accept_lossy, verify=verify,
-                 leading=leading)
+                 leading=leading, position=position)
 
 
 # ---- write: reservations ---------------------------------------------------------------------------

@@ -1,9 +1,19 @@
 """Extent layout: where each (layer, KV head) segment of an entry lies inside its extents.
 
 An entry's segments are packed per head class into **extents** so transfers stay large: one extent
-holds every global-head segment of the entry, another every local-head segment (a model without a
-head map has one ``global`` extent). Inside an extent, segments are ordered layer-major, then by head,
+holds every global-head segment of the entry; local heads are packed by their visibility, one extent
+per distinct ``(sink, window)`` of the head map (a *window group*), so that placement and head-aware
+loads honour each head's own window while an extent still holds many segments. A model without a
+head map has one ``global`` extent. Inside an extent, segments are ordered layer-major, then by head,
 and each segment is ``K[T, D]`` immediately followed by ``V[T, D]`` in the KV dtype.
+
+Class names: ``global``; ``local`` when every local head has the same sink and window (the common
+case, and the name earlier kvd used); otherwise ``local.s<sink>.w<window>`` per group, e.g. the
+shipped SmolLM2 map's six groups ``local.s4.w64`` … ``local.s4.w1536``. ``class_kind`` maps a name to
+``global`` or ``local`` (metrics, write policies and ``classes=["local"]`` filters use the kind).
+A map with more than ``MAX_LOCAL_GROUPS`` distinct windows is grouped by window rounded up to a
+power of two (sink: the group's largest): an extent is then kept for its widest head, which errs on
+the side of keeping bytes, never of losing them.
 
 Worked example, SmolLM2 (30 layers × 3 KV heads, D=64, bf16), a 256-token chunk, head 0 global in
 every layer: segment = 2 × 256 × 64 × 2 B = 64 KiB; the global extent holds (0,0), (1,0), … (29,0):
@@ -22,7 +32,33 @@ from functools import cached_property
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec
 
-HEAD_CLASSES = ("global", "local")
+HEAD_CLASSES = ("global", "local")  # the kinds; an extent's class name is one of these or local.s<S>.w<W>
+MAX_LOCAL_GROUPS = 8  # more distinct windows than this: grouped by power-of-two window
+
+
+def class_kind(head_class: str) -> str:
+    """``global`` or ``local`` for an extent class name (``local.s4.w64`` -> ``local``)."""
+    return "global" if head_class == "global" else "local"
+
+
+def local_class(sink: int, window: int) -> str:
+    return f"local.s{sink}.w{window}"
+
+
+def matches(head_class: str, wanted: str) -> bool:
+    """A class filter entry: an exact name, or a kind (``local`` names every local group)."""
+    return head_class == wanted or (wanted == "local" and class_kind(head_class) == "local")
+
+
+def needed(plan: ExtentPlan, start_token: int, num_tokens: int, position: int) -> bool:
+    """Does a reader whose next query sits at ``position`` read this extent of an entry holding tokens
+    ``[start_token, start_token + num_tokens)``? Global extents: always. A local group: if the tokens
+    overlap its sink ``[0, sink)`` or its window ``[position - window, position)`` (one token wider
+    than ``(position - window, position]`` needs, erring on the side of reading)."""
+    if plan.window == 0:
+        return True
+    end = start_token + num_tokens
+    return start_token < plan.sink or (end > position - plan.window and start_token < position)
 
 
 @dataclass(frozen=True)
@@ -32,6 +68,8 @@ class ExtentPlan:
     num_tokens: int
     head_dim: int
     dtype_bytes: int
+    sink: int = 0  # local groups: the sink and window every head of the group reads (0, 0: global)
+    window: int = 0
 
     @property
     def segment_bytes(self) -> int:
@@ -87,16 +125,35 @@ class ExtentPlan:
 
 
 def plan_extents(spec: ModelSpec, head_map: HeadMap | None, num_tokens: int) -> dict[str, ExtentPlan]:
-    """``head class -> ExtentPlan`` for an entry of ``num_tokens`` tokens; classes without heads are absent."""
+    """``head class -> ExtentPlan`` for an entry of ``num_tokens`` tokens: ``global`` first, then the
+    local window groups by ascending window; classes without heads are absent."""
     hm = head_map or HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)
+    groups = local_groups(hm)
+    members: dict[tuple[int, int] | None, list[tuple[int, int]]] = {None: []}
+    for g in groups.values():
+        members.setdefault(g, [])
+    for layer in range(spec.num_layers):
+        for head in range(spec.num_kv_heads):
+            members[groups.get((layer, head))].append((layer, head))
     plans: dict[str, ExtentPlan] = {}
-    for cls in HEAD_CLASSES:
-        heads = tuple(
-            (layer, head)
-            for layer in range(spec.num_layers)
-            for head in range(spec.num_kv_heads)
-            if (hm.is_global(layer, head)) == (cls == "global")
-        )
-        if heads:
-            plans[cls] = ExtentPlan(cls, heads, num_tokens, spec.head_dim, spec.dtype_bytes)
+    if members[None]:
+        plans["global"] = ExtentPlan("global", tuple(members[None]), num_tokens, spec.head_dim, spec.dtype_bytes)
+    keys = sorted({g for g in groups.values()}, key=lambda g: (g[1], g[0]))
+    for sink, window in keys:
+        name = "local" if len(keys) == 1 else local_class(sink, window)
+        plans[name] = ExtentPlan(name, tuple(members[(sink, window)]), num_tokens, spec.head_dim,
+                                 spec.dtype_bytes, sink=sink, window=window)
     return plans
+
+
+def local_groups(hm: HeadMap) -> dict[tuple[int, int], tuple[int, int]]:
+    """``(layer, head) -> (sink, window)`` of its extent, for every local head (see the module doc)."""
+    exact = {(layer, head): (s.sink, s.window) for layer, row in enumerate(hm.heads)
+             for head, s in enumerate(row) if not s.is_global}
+    if len(set(exact.values())) <= MAX_LOCAL_GROUPS:
+        return exact
+    bucket = {lh: 1 << max(w - 1, 0).bit_length() for lh, (_, w) in exact.items()}
+    sinks: dict[int, int] = {}
+    for lh, (sink, _) in exact.items():
+        sinks[bucket[lh]] = max(sinks.get(bucket[lh], 0), sink)
+    return {lh: (sinks[b], b) for lh, b in bucket.items()}

@@ -197,7 +197,6 @@ class CommitRequest(_Model):
     transfer_s: float = Field(default=0.0, ge=0, le=3600)
 
 
-
 class CommitResponse(_Model):
     committed: list[str]
 
@@ -206,9 +205,30 @@ class AbortRequest(_Model):
     reservation_id: str
 
 
-class LookupRequest(_Model):
+class _Read(_Model):  # what a lookup and a lease share
     fingerprint: str
     namespace: NamespaceStr = "default"
+    computed_under: AttentionStr = EXACT
+    # Extents held only in lossy form (fp8/int8) count as available and are leased (flagged ``lossy``).
+    accept_lossy: bool = False
+    # Who reads (issue 12): "exact" (every head, every token: vLLM, SGLang) or "head_aware" (global
+    # heads in full, each local window group only where its tokens overlap the group's sink or its
+    # window before ``position``; ``kvd.core.extents.needed``). A head-aware reader names the head map
+    # it attends under (``head_map``: its attention tag), which must be the registered model's.
+    reader: Literal["exact", "head_aware"] = "exact"
+    head_map: AttentionStr | None = None
+
+    @model_validator(mode="after")
+    def _names_its_map(self) -> _Read:
+        if self.reader == "head_aware" and (self.head_map is None or self.head_map == EXACT):
+            raise ValueError("a head_aware reader names its head map: head_map = its attention tag "
+                             "(kvd.core.keys.attention_tag), not 'exact'")
+        if self.reader == "exact" and self.head_map is not None:
+            raise ValueError("head_map is for head_aware readers; an exact reader reads every head")
+        return self
+
+
+class LookupRequest(_Read):
     # Prefix entries: token ids (the daemon chunks and hashes them) or the client's own prefix hashes.
     token_ids: list[int] | None = None
     prefix_hashes: list[Hash] | None = None
@@ -218,11 +238,8 @@ class LookupRequest(_Model):
     chunk_num_tokens: list[Annotated[int, Field(ge=0, le=1 << 20)]] | None = None
     # Start moving entries found only on slower tiers into the arena.
     prefetch: bool = True
-    computed_under: AttentionStr = EXACT
-    # Also count extents held only in lossy form (fp8/int8) as available.
-    accept_lossy: bool = False
     # The most prefix tokens the reader can use (e.g. all but the last prompt token): hit-rate metrics
-    # count at most this many.
+    # count at most this many; a head-aware reader's prefix hits stop there too.
     max_tokens: int | None = Field(default=None, ge=0, le=MAX_POSITION)
 
     @model_validator(mode="after")
@@ -230,7 +247,6 @@ class LookupRequest(_Model):
         if self.chunk_num_tokens is not None and len(self.chunk_num_tokens) != len(self.chunk_hashes or []):
             raise ValueError("chunk_num_tokens must give one length per chunk hash")
         return self
-
 
 
 class EntryStatus(_Model):
@@ -252,17 +268,21 @@ class LookupResponse(_Model):
     chunks: list[EntryStatus]  # found chunk entries, in request order
 
 
-class LeaseRequest(_Model):
-    fingerprint: str
-    namespace: NamespaceStr = "default"
+class LeaseRequest(_Read):
     hashes: list[Hash]
-    # Only these head classes are needed (e.g. a head-aware reader that recomputes global heads).
+    # Only these head classes are needed (e.g. a reader that recomputes global heads): extent class
+    # names, or a kind ("local" names every local window group).
     classes: list[str] | None = None
     # How long to wait for entries being prefetched from slower tiers; None: the daemon's default.
     wait_s: float | None = Field(default=None, ge=0, le=600)
-    computed_under: AttentionStr = EXACT
-    # Serve extents held only in lossy form (flagged ``lossy``) instead of answering them missing.
-    accept_lossy: bool = False
+    # head_aware: its next query position (loading N prefix tokens: N); None: every token of the classes.
+    position: int | None = Field(default=None, ge=0, le=MAX_POSITION)
+
+    @model_validator(mode="after")
+    def _position_is_head_aware(self) -> LeaseRequest:
+        if self.position is not None and self.reader == "exact":
+            raise ValueError("position is for head_aware readers; an exact reader reads every token")
+        return self
 
 
 class LeasedEntry(_Model):
@@ -271,6 +291,9 @@ class LeasedEntry(_Model):
     # Tokens the extents hold (their layout). Under an alias key the entry may hold more tokens than
     # the key names: a reader uses only the leading ones it asked for.
     num_tokens: int = 0
+    # The entry's first token in its sequence: with ``position``, which local groups a head-aware
+    # reader gets (only those; ``kvd.core.extents.needed``).
+    start_token: int = 0
     extents: list[ExtentInfo] = Field(default_factory=list)
 
 
@@ -292,7 +315,6 @@ class EntriesRequest(_Model):
     namespace: NamespaceStr = "default"
     fingerprint: str | None = None
     hashes: list[Hash]
-
 
 
 class CountResponse(_Model):
@@ -347,7 +369,6 @@ class FlushRequest(_Model):
         if self.hashes is not None and (self.namespace is None or self.fingerprint is None):
             raise ValueError("flush by hashes needs namespace and fingerprint")
         return self
-
 
 
 class TierStatsBody(_Model):

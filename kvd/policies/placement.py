@@ -1,12 +1,14 @@
 """Head-aware placement: for one extent, hot (kept in the host arena) or cold (SSD only), and the
 codec it gets on SSD.
 
-The store packs an entry's segments into one extent per head class. Global heads read every earlier
-token, so their KV stays hot. A local head reads only its first ``sink`` tokens and the last
-``window`` tokens before the query, so a local-head extent is needed hot only if the entry's tokens
-overlap ``[0, sink)`` or the serving window at the end of the sequence as known at store time;
+The store packs an entry's segments into one extent per head class: the global heads, and one per
+local *window group* (local heads of one sink and window, ``kvd.core.extents``). Global heads read
+every earlier token, so their KV stays hot. A local head reads only its first ``sink`` tokens and the
+last ``window`` tokens before the query, so a group's extent is needed hot only if the entry's tokens
+overlap ``[0, sink)`` or the group's own window at the end of the sequence as known at store time;
 elsewhere it goes cold, and may be compressed harder (``codec.local_cold_codec``) or not kept at all
-(``drop``).
+(``drop``). Each group is placed by its own window: in the shipped SmolLM2 map the 64-token heads
+go cold one chunk from the end, the 1536-token heads six chunks from it.
 
 Codec on SSD (settings ``[codec]``):
 
@@ -18,8 +20,9 @@ Codec on SSD (settings ``[codec]``):
 
 Window rule: the next query sits at position ``end_token`` and a local head sees keys in
 ``(end − window, end]``; we treat ``[end − window, end)`` as inside — one token wider than needed,
-erring on the hot side. Tokens are ``[start_token, start_token + num_tokens)``. An extent packs
-several local heads; pass the largest ``sink`` and ``window`` among them.
+erring on the hot side. Tokens are ``[start_token, start_token + num_tokens)``. A head-aware reader
+uses the same rule (``kvd.core.extents.needed``) at its own position: what placement keeps hot is
+what a reader at the stored sequence's end reads.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Literal
 
 from kvd.core.config import CodecSettings
 from kvd.core.errors import InvalidRequest
-from kvd.core.headmap import HeadMap
+from kvd.core.extents import ExtentPlan, class_kind, needed
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,17 +65,15 @@ class HeadClassPlacement:
         end = start_token + num_tokens if end_token is None else max(end_token, start_token + num_tokens)
         if start_token < sink:
             return Placement(True, self.codec.hot_codec, "local_sink")
-        if start_token + num_tokens > end - window:
+        plan = ExtentPlan("local", (), num_tokens, 0, 0, sink=sink, window=max(window, 1))
+        if needed(plan, start_token, num_tokens, end):
             return Placement(True, self.codec.hot_codec, "local_window")
         cold = self.codec.local_cold_codec
         return Placement(False, None if cold == "drop" else cold, "local_cold")
 
-    def place_entry(self, head_map: HeadMap, classes: list[str], *, start_token: int, num_tokens: int,
+    def place_entry(self, plans: dict[str, ExtentPlan], *, start_token: int, num_tokens: int,
                     end_token: int | None) -> dict[str, Placement]:
-        """Placement of each of an entry's extents (``classes``), its local heads packed together:
-        the largest sink and window among them decide (per-head windows: issue 12)."""
-        locals_ = [s for row in head_map.heads for s in row if not s.is_global]
-        sink = max((s.sink for s in locals_), default=0)
-        window = max((s.window for s in locals_), default=0)
-        return {c: self.place(c, start_token=start_token, num_tokens=num_tokens, end_token=end_token, sink=sink,
-                              window=window) for c in classes}
+        """Placement of each of an entry's extents (``plans``: class -> plan), each local window group
+        by its own sink and window."""
+        return {c: self.place(class_kind(c), start_token=start_token, num_tokens=num_tokens,  # type: ignore[arg-type]
+                              end_token=end_token, sink=p.sink, window=p.window) for c, p in plans.items()}

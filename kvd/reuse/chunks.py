@@ -73,7 +73,7 @@ class LocalChunkStore(ChunkStore):
 
 
 class DaemonChunkStore(ChunkStore):
-    """Chunk entries in the kvd daemon, through a registered ``kvd.client.transfer.ModelHandle``.
+    """Chunk entries in the kvd daemon, through a registered ``kvd.client.handle.ModelHandle``.
 
     Each call is one ``kvd.client.transfer`` transaction. Storing reserves a ``kind="chunk"`` entry at
     ``[0, n)`` (so the daemon's head-aware placement sees a sequence that ends with the chunk), copies

@@ -70,14 +70,17 @@ def _names(names: list[str]) -> str:
 
 
 def row(levels: list[Level], e: Entry, index: int, hash_: str, num_tokens: int,
-        accept_lossy: bool) -> EntryRow | None:
-    """The lookup row of ``e`` for a reader (``accept_lossy``), or None when it can load nothing of it.
+        accept_lossy: bool, want: list[str] | None = None) -> EntryRow | None:
+    """The lookup row of ``e`` for a reader (``accept_lossy``; ``want``: the classes it reads, default
+    all), or None when it can load nothing of it. ``complete``: every class it reads is there.
 
     ``tier``: the slowest tier the reader must read from (each extent from its fastest usable copy),
     i.e. what loading it costs: an entry whose cold local extent sits on SSD reads ``ssd``.
     """
     classes, slowest = [], -1
     for c, x in e.extents.items():
+        if want is not None and c not in want:
+            continue
         where = [lv.level for lv in levels if (cp := x.copies.get(lv.name)) is not None
                  and (accept_lossy or not cp.is_lossy)]
         if where:
@@ -85,7 +88,8 @@ def row(levels: list[Level], e: Entry, index: int, hash_: str, num_tokens: int,
             slowest = max(slowest, min(where))
     if not classes:
         return None
-    return EntryRow(index, hash_, levels[slowest].name, classes, len(classes) == len(e.extents), num_tokens)
+    complete = len(classes) == (len(e.extents) if want is None else len(want))
+    return EntryRow(index, hash_, levels[slowest].name, classes, complete, num_tokens)
 
 
 def leading_hits(rows: list[EntryRow]) -> int:

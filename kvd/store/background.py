@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 from kvd.core.config import Settings
 from kvd.daemon.metrics import Metrics
@@ -119,15 +120,16 @@ class Background:
             self.metrics.errors.labels("promote").inc()
             return False
 
-    async def wait_for_top(self, entries: list[Entry], classes: list[str] | None, accept_lossy: bool,
-                           wait_s: float) -> None:
-        """Start the promotions ``entries`` need and wait for them, at most ``wait_s`` seconds."""
-        tasks = [t for e in entries if (t := self.prefetch(e, classes, accept_lossy)) is not None]
+    async def wait_for_top(self, entries: list[Entry], classes_of: Callable[[Entry], list[str] | None],
+                           accept_lossy: bool, wait_s: float) -> None:
+        """Start the promotions ``entries`` need (``classes_of(e)``: the classes its reader reads) and
+        wait for them, at most ``wait_s`` seconds."""
+        tasks = [t for e in entries if (t := self.prefetch(e, classes_of(e), accept_lossy)) is not None]
         if tasks and wait_s > 0:
             await asyncio.wait(tasks, timeout=wait_s)
         # A prefetch started for another reader may have brought less (e.g. exact only): one more try.
-        again = [t for e in entries if self.promotion.missing_at_top(e, classes, accept_lossy)
-                 and (t := self.prefetch(e, classes, accept_lossy)) is not None]
+        again = [t for e in entries if self.promotion.missing_at_top(e, classes_of(e), accept_lossy)
+                 and (t := self.prefetch(e, classes_of(e), accept_lossy)) is not None]
         if again and wait_s > 0:
             await asyncio.wait(again, timeout=wait_s)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from kvd.codecs import is_lossy
 from kvd.core.extents import ExtentPlan, plan_extents
 from kvd.core.headmap import HeadMap
-from kvd.core.keys import ModelSpec
+from kvd.core.keys import ModelSpec, attention_tag
 from kvd.policies.eviction import EntryMeta
 from kvd.tiers.base import ExtentName, Location
 
@@ -41,6 +41,11 @@ class ModelRecord:
     @property
     def num_global_heads(self) -> int:
         return self.head_map.num_global
+
+    @property
+    def attention(self) -> str:
+        """The attention tag of the registered head map (what a head-aware reader must attend under)."""
+        return attention_tag(self.head_map.sinks, self.head_map.windows)
 
     def plans(self, num_tokens: int) -> dict[str, ExtentPlan]:
         """Extent layout for an entry of ``num_tokens`` (cached: entries mostly share one length)."""

@@ -30,6 +30,7 @@ from concurrent.futures import Executor
 
 from kvd.codecs import Codecs
 from kvd.core.errors import KvdError, SsdFull, TierUnavailable
+from kvd.core.extents import class_kind
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
 from kvd.store.forms import Forms, Payload
@@ -329,7 +330,7 @@ class Pipeline:
         for e, x, copy in placed[:ok]:
             if self.index.get(e.key) is e and lower.name not in x.copies:
                 self.index.place(e, x, lower, copy)
-                self.metrics.demotions.labels(lower.name, x.head_class).inc()
+                self.metrics.demotions.labels(lower.name, class_kind(x.head_class)).inc()
                 self.metrics.moved_bytes.labels("demote", lower.name).inc(x.nbytes)
             else:  # deleted (or placed by another move) meanwhile: this copy belongs to nobody
                 self.discard(lower, [copy.loc])

@@ -16,6 +16,7 @@ import logging
 import time
 
 from kvd.core.errors import CorruptData, RecordMissing, TierUnavailable
+from kvd.core.extents import class_kind
 from kvd.store.entries import Copy, Entry, Extent
 from kvd.store.index import Level
 from kvd.store.pipeline import Pipeline
@@ -117,6 +118,6 @@ class Promotion:
             old = self.pipeline.index.unplace(e, x, top)  # a lossy copy an exact one replaces
             self.pipeline.discard(top, [old.loc] if old else [])
             self.pipeline.index.place(e, x, top, copy)
-            self.pipeline.metrics.promotions.labels(src.name, x.head_class).inc()
+            self.pipeline.metrics.promotions.labels(src.name, class_kind(x.head_class)).inc()
             self.pipeline.metrics.moved_bytes.labels("promote", src.name).inc(x.nbytes)
         return ok

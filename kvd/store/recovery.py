@@ -21,6 +21,7 @@ import logging
 
 from kvd.core import protocol as P
 from kvd.core.errors import KvdError, TierUnavailable
+from kvd.core.extents import class_kind
 from kvd.store.admin import MODEL_META
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
 from kvd.tiers.base import StoredRecord
@@ -128,7 +129,7 @@ def _rebuild(store, key: EntryKey, parts: list[tuple[str, StoredRecord]], now: f
             x.checksum = rec.raw_xxh
     for c, x in extents.items():
         if not x.copies:
-            if c != "local":
+            if class_kind(c) != "local":
                 return None
             x.dropped = True
     return Entry(key=key, kind=first.kind, num_tokens=first.num_tokens, start_token=first.start_token,

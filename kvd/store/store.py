@@ -38,6 +38,7 @@ from kvd.store.entries import Entry, Lease
 from kvd.store.holds import HoldTable, owner_is_alive
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
+from kvd.store.readers import Reader, head_aware_hits, reader_of
 from kvd.store.recovery import find_shared
 from kvd.store.registry import ModelRegistry
 from kvd.store.writes import Writes, check_owner
@@ -115,7 +116,7 @@ class Store:
     # ---- lookup ---------------------------------------------------------------------------------
 
     async def lookup(self, req: P.LookupRequest) -> L.LookupResult:
-        self.registry.get(req.fingerprint)
+        reader = reader_of(self.registry.get(req.fingerprint), req)
         chunk = self.settings.keys.chunk_tokens
         if req.token_ids is not None and req.prefix_hashes is not None:
             raise InvalidRequest("send token_ids or prefix_hashes, not both")
@@ -130,32 +131,60 @@ class Store:
         self._check_count(len(hashes) + len(req.chunk_hashes or []))
         if self.shared:  # entries other hosts stored: one round trip, bounded by remote.lookup_deadline_s
             await find_shared(self, req.namespace, req.fingerprint, [*hashes, *(req.chunk_hashes or [])])
-        prefix = self._rows(req, hashes)
-        chunks = self._rows(req, req.chunk_hashes or [])
-        result = L.LookupResult(chunk_tokens=chunk, num_prefix_hits=L.leading_hits(prefix), prefix=prefix,
-                                chunks=chunks)
+        if reader.head_aware:
+            prefix, num_hits = self._head_aware_rows(req, reader, hashes)
+        else:
+            prefix = self._rows(req, reader, hashes)
+            num_hits = L.leading_hits(prefix)
+        chunks = self._rows(req, reader, req.chunk_hashes or [])
+        result = L.LookupResult(chunk_tokens=chunk, num_prefix_hits=num_hits, prefix=prefix, chunks=chunks)
         L.count_hits(self.metrics, req, result, num_hashes=len(hashes))
         return result
 
-    def _rows(self, req: P.LookupRequest, hashes: list[str]) -> list[L.EntryRow]:
-        out = []
+    def _found(self, req: P.LookupRequest, hashes: list[str]):
+        """``(request index, entry, tokens used)`` of each stored entry of the reader's attention."""
         now = self.clock()
-        top = self.index.levels[0].name
         for i, h in enumerate(hashes):
             found = self.index.resolve((req.namespace, req.fingerprint, h))
             if found is None or found[0].computed_under != req.computed_under:
                 continue
-            e, num_tokens = found
-            row = L.row(self.index.levels, e, i, h, num_tokens, req.accept_lossy)
-            if row is None:
-                continue
+            e = found[0]
             e.seen += 1
             e.last_access = now
             self.background.on_seen(e)
+            yield i, e, found[1]
+
+    def _rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[L.EntryRow]:
+        out = []
+        top = self.index.levels[0].name
+        for i, e, num_tokens in self._found(req, hashes):
+            row = L.row(self.index.levels, e, i, hashes[i], num_tokens, req.accept_lossy)
+            if row is None:
+                continue
             if req.prefetch and row.tier != top:
                 self.background.prefetch(e, None, req.accept_lossy)
             out.append(row)
         return out
+
+    def _head_aware_rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]
+                         ) -> tuple[list[L.EntryRow], int]:
+        """Rows for a head-aware reader: each entry's classes it reads (at the position of the longest
+        loadable run for the run's entries, at its own end for the rest), and that run's length.
+        Prefetch brings only those classes: cold extents the reader skips stay cold."""
+        found = list(self._found(req, hashes))
+        hits, pos = head_aware_hits(reader, found, req.max_tokens)
+        out = []
+        top = self.index.levels[0].name
+        for k, (i, e, num_tokens) in enumerate(found):
+            at = pos if k < hits else e.start_token + e.num_tokens
+            want = reader.wanted(e, at)
+            row = L.row(self.index.levels, e, i, hashes[i], num_tokens, req.accept_lossy, want)
+            if row is None:
+                continue
+            if req.prefetch and row.tier != top and row.complete:
+                self.background.prefetch(e, want, req.accept_lossy)
+            out.append(row)
+        return out, hits
 
     # ---- store: reserve / commit / abort (kvd.store.writes) --------------------------------------
 
@@ -172,29 +201,29 @@ class Store:
     # ---- load: lease / release ------------------------------------------------------------------
 
     async def lease(self, req: P.LeaseRequest, owner_pid: int | None = None) -> P.LeaseResponse:
-        self.registry.get(req.fingerprint)
+        reader = reader_of(self.registry.get(req.fingerprint), req)
         self._check_count(len(req.hashes))
-        if req.classes is not None and (bad := [c for c in req.classes if c not in ("global", "local")]):
-            raise InvalidRequest(f"classes {bad} unknown; head classes are 'global' and 'local'")
         if self.shared:  # a lease without a lookup first (another process looked up) still finds them
             await find_shared(self, req.namespace, req.fingerprint, req.hashes)
         found = [self.index.resolve((req.namespace, req.fingerprint, h)) for h in req.hashes]
         found = [f if f is not None and f[0].computed_under == req.computed_under else None for f in found]
         held = list({id(f[0]): f[0] for f in found if f is not None}.values())
+        wanted = {id(e): reader.wanted(e, req.position) for e in held}
         # Hold the entries while their promotions run: otherwise promoting one can evict another
         # promoted a moment earlier for this same lease.
         for e in held:
             self.pipeline.hold(e)
         try:
             wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
-            await self.background.wait_for_top(held, req.classes, req.accept_lossy, wait)
+            await self.background.wait_for_top(held, lambda e: wanted[id(e)], req.accept_lossy, wait)
         finally:
             for e in held:
                 self.pipeline.unhold(e)
         now = self.clock()
         ttl = self.settings.host.lease_ttl_s
         lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [])
-        out = [self._lease_one(lease, h, f, req, now) for h, f in zip(req.hashes, found)]
+        out = [self._lease_one(lease, h, f, wanted[id(f[0])] if f is not None else [], req.accept_lossy, now)
+               for h, f in zip(req.hashes, found)]
         if lease.entries:
             self.holds.add_lease(lease)
             self.metrics.leases_held.set(len(self.holds.leases))
@@ -202,21 +231,21 @@ class Store:
                                arena_id=self.host.arena(self.host.partition_of(req.namespace)).arena_id,
                                entries=out)
 
-    def _lease_one(self, lease: Lease, h: str, found: tuple[Entry, int] | None, req: P.LeaseRequest,
-                   now: float) -> P.LeasedEntry:
+    def _lease_one(self, lease: Lease, h: str, found: tuple[Entry, int] | None, want: list[str],
+                   accept_lossy: bool, now: float) -> P.LeasedEntry:
         if found is None:
             return P.LeasedEntry(hash=h, status="missing")
         e = found[0]
-        want = [c for c in e.extents if req.classes is None or c in req.classes]
-        if self.background.promotion.missing_at_top(e, want, req.accept_lossy):
-            lost = any(not e.extents[c].usable(req.accept_lossy) for c in want)
-            return P.LeasedEntry(hash=h, status="missing" if lost else "timeout", num_tokens=e.num_tokens)
+        if self.background.promotion.missing_at_top(e, want, accept_lossy):
+            lost = any(not e.extents[c].usable(accept_lossy) for c in want)
+            return P.LeasedEntry(hash=h, status="missing" if lost else "timeout", num_tokens=e.num_tokens,
+                                 start_token=e.start_token)
         self.pipeline.hold(e)
         e.reuse_count += 1
         self.index.touch(e, now)
         lease.entries.append(e)
         lease.nbytes += sum(e.extents[c].nbytes for c in want)
-        return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens,
+        return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens, start_token=e.start_token,
                              extents=L.extent_infos(e, self.host.name, want))
 
     def release(self, req: P.ReleaseRequest, owner_pid: int | None = None) -> P.CountResponse:

@@ -158,8 +158,8 @@ class Writes:
 
     def _place(self, e: Entry) -> None:
         """Head-aware placement of each extent (kvd.policies.placement), decided at commit."""
-        placed = self.placement.place_entry(self.registry.get(e.fingerprint).head_map, list(e.extents),
-                                            start_token=e.start_token, num_tokens=e.num_tokens, end_token=e.end_token)
+        placed = self.placement.place_entry({c: x.plan for c, x in e.extents.items()}, start_token=e.start_token,
+                                            num_tokens=e.num_tokens, end_token=e.end_token)
         for cls, p in placed.items():
             e.extents[cls].is_hot, e.extents[cls].lower_codec = p.is_hot, p.ssd_codec
 

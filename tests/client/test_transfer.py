@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvd.client.handle import ModelHandle
 from kvd.client.prefix import register
-from kvd.client.transfer import ModelHandle, open_lease, reserve
+from kvd.client.transfer import open_lease, reserve
 from kvd.core import protocol as P
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec, attention_tag

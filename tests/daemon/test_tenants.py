@@ -8,7 +8,7 @@ lease or commit A's reservation — and both must work normally in their own nam
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
 import tempfile
 import textwrap
@@ -32,26 +32,32 @@ SPEC = ModelSpec("toy", num_layers=2, num_kv_heads=2, head_dim=32, kv_dtype="bfl
 TOKENS = list(range(512))
 
 
-def forked_as(uid: int, fn, *args) -> tuple[int, int]:
-    """Run ``fn(*args)`` in a forked child that has become ``uid`` (uid and gid); returns (pid, read fd)
-    of a pipe it writes JSON lines to. Forked, not exec'd: the interpreter lives under /root, which
-    other users cannot read, and everything the child needs is imported already."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(r)
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            fn(os.fdopen(w, "w", buffering=1), *args)
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
-            os.write(w, (json.dumps({"child_error": repr(e)}) + "\n").encode())
-            code = 1
-        os._exit(code)
-    os.close(w)
-    return pid, r
+# Children come from a forkserver: a fresh single-threaded interpreter started as root (so it can
+# read an interpreter under /root), which forks each child. Forking pytest itself copied locks held by
+# its other threads (executors, torch) into the child, which then hung on one of them.
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(["torch", "kvd.client.prefix", "tests.daemon.test_tenants"])
+
+
+def _as_user(uid: int, conn, fn, args) -> None:
+    try:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        fn(conn, *args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send({"child_error": repr(e)})
+        raise
+
+
+def forked_as(uid: int, fn, *args):
+    """Run ``fn(conn, *args)`` in a child process that has become ``uid`` (uid and gid); returns the
+    process and the parent's end of a pipe the child sends dicts on."""
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=_as_user, args=(uid, child, fn, args), daemon=True)
+    proc.start()
+    child.close()
+    return proc, parent
 
 
 def attempt(out: dict, name: str, fn) -> None:
@@ -85,12 +91,12 @@ def holder(w, socket_path: str, flag: str) -> None:
                                        entries=[P.ReserveEntry(hash="c" * 32, num_tokens=256)]))
         out.update(lease_id=le.lease_id, reservation_id=r.reservation_id, hashes=h.hashes(TOKENS),
                    fingerprint=h.fingerprint)
-        w.write(json.dumps(out) + "\n")
+        w.send(out)
         while not os.path.exists(flag):
             time.sleep(0.05)
         rest: dict = {}
         attempt(rest, "own_release", lambda: c.release(P.ReleaseRequest(lease_id=le.lease_id)))
-        w.write(json.dumps(rest) + "\n")
+        w.send(rest)
 
 
 def intruder(w, socket_path: str, a: dict) -> None:
@@ -109,13 +115,12 @@ def intruder(w, socket_path: str, a: dict) -> None:
         attempt(out, "commit_a", lambda: c.commit(P.CommitRequest(reservation_id=a["reservation_id"])))
         attempt(out, "abort_a", lambda: c.abort(P.AbortRequest(reservation_id=a["reservation_id"])))
         attempt(out, "map_a", lambda: os.close(os.open(a["arena"], os.O_RDWR)))
-        w.write(json.dumps(out) + "\n")
+        w.send(out)
 
 
-def read_line(fd_file) -> dict:
-    line = fd_file.readline()
-    assert line, "the child ended without a result"
-    doc = json.loads(line)
+def read_line(conn) -> dict:
+    assert conn.poll(120), "the child sent nothing within 120 s"
+    doc = conn.recv()
     assert "child_error" not in doc, doc["child_error"]
     return doc
 
@@ -148,12 +153,11 @@ def daemon():
 
 def test_a_tenant_cannot_reach_another_tenants_kv(daemon):
     flag = str(daemon.root / "b_done")
-    pa, ra = forked_as(UID_A, holder, daemon.socket, flag)
-    fa = os.fdopen(ra)
+    pa, fa = forked_as(UID_A, holder, daemon.socket, flag)
     first = read_line(fa)
     assert first["stored"] == 2 and first["hits"] == 2 and first["loaded_equal"]
-    pb, rb = forked_as(UID_B, intruder, daemon.socket, first)
-    res = read_line(os.fdopen(rb))
+    pb, fb = forked_as(UID_B, intruder, daemon.socket, first)
+    res = read_line(fb)
     Path(flag).touch()
     assert res["stored"] == 2 and res["hits"] == 2 and res["loaded_equal"]  # B's own namespace works
     assert Path(res["arena"]).name != Path(first["arena"]).name  # each tenant maps its own arena
@@ -161,8 +165,9 @@ def test_a_tenant_cannot_reach_another_tenants_kv(daemon):
         assert res[op].startswith("Forbidden"), (op, res[op])
     assert res["map_a"] == "OSError 13"  # EACCES: A's arena is A's group's
     assert read_line(fa)["own_release"] == "ok"  # A's lease was still A's to release
-    for pid in (pa, pb):
-        assert os.waitpid(pid, 0)[1] == 0
+    for p in (pa, pb):
+        p.join(60)
+        assert p.exitcode == 0
     with daemon.client() as c:  # root is an admin: sees both tenants
         assert {e.namespace for e in c.entries().entries} == {"a", "b"}
 

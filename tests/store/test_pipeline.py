@@ -24,8 +24,8 @@ EXTENT = 2 * 2 * 256 * 64 * 2  # 2 segments (one per layer) of K+V, 256 tokens, 
 
 
 class World:
-    def __init__(self, tmp_path, policy="lru", tenancy=None, **over):
-        self.tmp_path, self.policy, self.over = tmp_path, policy, over
+    def __init__(self, tmp_path, policy="lru", tenancy=None, model=MODEL, **over):
+        self.tmp_path, self.policy, self.over, self.model = tmp_path, policy, over, model
         self.tenancy = tenancy or {}  # Store's partition_of / quotas, as kvd.daemon.tenants gives them
         self.clock = FakeClock()
         self.cpu, self.io = ThreadPoolExecutor(2), ThreadPoolExecutor(2)  # as the daemon: CPU work apart from I/O
@@ -37,11 +37,12 @@ class World:
         for k, v in self.over.items():
             o.setdefault(k, {}).update(v)
         self.settings = load_settings(None, environ={}, overrides=o)
-        self.host = HostTier(self.tmp_path / "arena", 2 << 20, 128 << 10)
+        self.host = HostTier(self.tmp_path / "arena", int(self.settings.host.capacity_bytes),
+                             int(self.settings.host.slot_bytes))
         self.ssd = SsdTier(self.tmp_path / "ssd", self.settings.ssd)
         self.store = Store(self.settings, [self.host, self.ssd], metrics=Metrics(), cpu=self.cpu, io=self.io,
                            clock=self.clock, **self.tenancy)
-        self.fp = self.store.register_model(MODEL).fingerprint
+        self.fp = self.store.register_model(self.model).fingerprint
 
     async def step(self):
         await self.store.background.step()
@@ -67,11 +68,12 @@ class World:
     def metric(self, name, labels=None):
         return self.store.metrics.registry.get_sample_value(name, labels or {}) or 0
 
-    async def store_seq(self, seed: int, chunks: int = 4, namespace: str = "default"):
+    async def store_seq(self, seed: int, chunks: int = 4, namespace: str = "default", computed_under: str = "exact"):
         """Store a ``chunks``-chunk sequence of finite bf16 values; returns hashes and the bytes."""
         hs = prefix_hashes(np.arange(chunks * 256) + seed * 100000, chunk_tokens=256, namespace=namespace,
-                           fingerprint=self.fp)
-        r = await self.store.reserve(P.ReserveRequest(fingerprint=self.fp, namespace=namespace, entries=[
+                           fingerprint=self.fp, computed_under=computed_under)
+        r = await self.store.reserve(P.ReserveRequest(fingerprint=self.fp, namespace=namespace,
+                                                      computed_under=computed_under, entries=[
             P.ReserveEntry(hash=h, num_tokens=256, start_token=i * 256, end_token=chunks * 256)
             for i, h in enumerate(hs)]))
         data = {}

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvd.client.handle import ModelHandle
 from kvd.client.session import DaemonSession
-from kvd.client.transfer import ModelHandle, open_lease, reserve
+from kvd.client.transfer import open_lease, reserve
 from kvd.connectors.sglang.keys import page_entry_hashes
 from kvd.core import protocol as P
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvd.client.handle import ModelHandle
 from kvd.client.session import DaemonSession
-from kvd.client.transfer import ModelHandle
 from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.core import protocol as P
 from kvd.core.keys import as_token_array, prefix_aliases, prefix_hashes, prefix_tail_hash

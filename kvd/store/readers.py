@@ -1,0 +1,99 @@
+"""What a reader reads of an entry: every extent (exact readers) or only what its head map attends to.
+
+Two kinds of reader (``reader`` in lookup and lease requests, issue 12):
+
+- **exact** (vLLM, SGLang): every head, every token. An entry is usable only if every extent has a
+  copy it accepts; one whose far local extents were dropped (``local_cold_codec = drop``) or are held
+  only lossy is a miss from that entry on, and the engine recomputes the rest (``accept_lossy``
+  takes the lossy bytes instead, flagged).
+- **head-aware** (the transformers adapter, chunk reuse), under a named head map that must be the
+  registered model's: the global extent in full, and each local window group only where the entry's
+  tokens overlap the group's sink or its window before the reader's ``position``
+  (``kvd.core.extents.needed``). Only those extents are promoted, leased and copied; the rest stay
+  where they are (cold stays cold), and their absence (dropped, lost) does not make the entry a miss.
+  ``position`` applies to prefix entries; without one, and for chunk entries (reused at new
+  positions), every token of the classes asked for is read.
+
+Head-aware prefix hits: a reader that loads ``K`` leading chunks sits at position ``P_K`` (their
+tokens), and entry ``j < K`` must hold every extent needed at ``P_K``. An entry lacking local groups
+becomes usable once the reader is far enough past it (``usable_from``), so the longest usable run is
+not the first break: loading 16 chunks may work where loading 12 does not (the 12th's window heads
+were dropped at store time because the stored sequence went on). ``head_aware_hits`` finds the
+longest run in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kvd.core import protocol as P
+from kvd.core.errors import HeadMapError, InvalidRequest
+from kvd.core.extents import matches, needed
+from kvd.store.entries import Entry, ModelRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    head_aware: bool
+    accept_lossy: bool
+    classes: tuple[str, ...] | None  # a class filter (names or kinds); None: every class
+
+    def wanted(self, e: Entry, position: int | None) -> list[str]:
+        """The classes of ``e`` this reader reads when its next query sits at ``position``."""
+        out = [c for c in e.extents if self.classes is None or any(matches(c, w) for w in self.classes)]
+        if self.head_aware and e.kind == "prefix" and position is not None:
+            out = [c for c in out if needed(e.extents[c].plan, e.start_token, e.num_tokens, position)]
+        return out
+
+    def usable_from(self, e: Entry) -> float:
+        """The least position at which this head-aware reader can load ``e`` whole: the entry's end,
+        or later while a local group it lacks is inside its window; ``inf`` if it lacks a global
+        extent, a group whose sink it overlaps, or it is a chunk entry lacking anything."""
+        end = e.start_token + e.num_tokens
+        at = float(end)
+        for c, x in e.extents.items():
+            if (self.classes is not None and not any(matches(c, w) for w in self.classes)) or x.usable(self.accept_lossy):
+                continue
+            p = x.plan
+            if p.window == 0 or e.kind != "prefix" or e.start_token < p.sink:
+                return math.inf
+            at = max(at, end + p.window)
+        return at
+
+
+def reader_of(model: ModelRecord, req: P.LookupRequest | P.LeaseRequest) -> Reader:
+    """The request's reader, checked against the registered model: a class filter must name its
+    classes or kinds, a head-aware reader's head map must be the model's (else 400 naming both)."""
+    classes = tuple(req.classes) if isinstance(req, P.LeaseRequest) and req.classes is not None else None
+    if classes is not None:
+        known = set(model.plans(1))
+        bad = [c for c in classes if not any(matches(k, c) for k in known)]
+        if bad:
+            raise InvalidRequest(f"classes {bad} unknown; this model's head classes are {sorted(known)} "
+                                 f"(or the kinds 'global', 'local')")
+    if req.reader == "head_aware":
+        mine = model.attention
+        if req.head_map != mine:
+            raise HeadMapError(f"head-aware reader under head map {req.head_map}, but model "
+                               f"{model.spec.model_id} is registered with head map {mine}: extents are laid "
+                               f"out by that map; register the reader's map or read exact")
+    return Reader(req.reader == "head_aware", req.accept_lossy, classes)
+
+
+def head_aware_hits(reader: Reader, found: list[tuple[int, Entry, int]], max_tokens: int | None) -> tuple[int, int]:
+    """``(K, P_K)``: the longest leading run of prefix entries a head-aware reader can load, and the
+    position it then sits at. ``found``: ``(request index, entry, tokens used)`` in request order."""
+    best = (0, 0)
+    need = 0.0  # the largest usable_from of the run so far
+    pos = 0
+    for k, (i, e, n) in enumerate(found):
+        if i != k:
+            break
+        pos += n
+        if max_tokens is not None and pos > max_tokens:
+            break
+        need = max(need, reader.usable_from(e))
+        if need <= pos:
+            best = (k + 1, pos)
+    return best
