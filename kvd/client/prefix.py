@@ -97,22 +97,21 @@ def lookup_prefix(handle: ModelHandle, token_ids, *, prefetch: bool = True, max_
 
 
 class LoadedPrefix:
-    """The leading run of usable chunks of a prefix lease. A context manager: released on exit."""
+    """The leading run of usable chunks of a prefix lease (the last one possibly in part, up to
+    ``max_tokens``). A context manager: released on exit."""
 
-    def __init__(self, handle: ModelHandle, lease: Lease) -> None:
+    def __init__(self, handle: ModelHandle, lease: Lease, max_tokens: int | None = None) -> None:
         self.handle = handle
         self.lease = lease
         self.num_chunks = lease.num_leading
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_chunks * self.handle.chunk_tokens
+        c = handle.chunk_tokens
+        self.num_tokens = self.num_chunks * c if max_tokens is None else min(self.num_chunks * c, max_tokens)
 
     def copy_into(self, kv, *, start_chunk: int = 0) -> None:
-        """Scatter the loaded chunks into ``kv[L, 2, H, T, D]`` at chunk positions from ``start_chunk``."""
+        """Scatter the loaded tokens into ``kv[L, 2, H, T, D]`` at chunk positions from ``start_chunk``."""
         c = self.handle.chunk_tokens
         for i in range(self.num_chunks):
-            self.lease.entry(i).read_into(kv, (start_chunk + i) * c, c)
+            self.lease.entry(i).read_into(kv, (start_chunk + i) * c, min(c, self.num_tokens - i * c))
 
     def to_tensor(self, device="cpu"):
         """The loaded chunks as a new ``kv[L, 2, H, num_tokens, D]`` on ``device``."""
@@ -135,12 +134,19 @@ class LoadedPrefix:
         self.release()
 
 
-def load_prefix(handle: ModelHandle, token_ids, *, max_chunks: int | None = None, wait_s: float | None = None,
-                verify: bool = True, accept_lossy: bool = False) -> LoadedPrefix:
-    """Lease the leading chunks of ``token_ids`` (at most ``max_chunks``). A chunk that is missing,
-    fails its checksum, or holds lossy bytes the caller did not accept ends the loaded run."""
-    hashes = handle.hashes(token_ids, max_chunks=max_chunks)
+def load_prefix(handle: ModelHandle, token_ids, *, max_chunks: int | None = None, max_tokens: int | None = None,
+                wait_s: float | None = None, verify: bool = True, accept_lossy: bool = False) -> LoadedPrefix:
+    """Lease the leading chunks of ``token_ids`` (at most ``max_chunks``, or the chunks holding the
+    first ``max_tokens`` tokens, the last in part: e.g. all but the last prompt token, which the
+    engine computes). A chunk that is missing, fails its checksum, or holds lossy bytes the caller did
+    not accept ends the loaded run. A head-aware handle leases at the load's end: only what its map
+    reads from there."""
     c = handle.chunk_tokens
-    lease = open_lease(handle, hashes, min_tokens=[c] * len(hashes), wait_s=wait_s, verify=verify,
-                       accept_lossy=accept_lossy, position=len(hashes) * c if handle.reader == "head_aware" else None)
-    return LoadedPrefix(handle, lease)
+    if max_tokens is not None:
+        max_chunks = min(-(-max_tokens // c), max_chunks if max_chunks is not None else max_tokens)
+    hashes = handle.hashes(token_ids, max_chunks=max_chunks)
+    end = len(hashes) * c if max_tokens is None else min(len(hashes) * c, max_tokens)
+    need = [min(c, end - i * c) for i in range(len(hashes))]
+    lease = open_lease(handle, hashes, min_tokens=need, wait_s=wait_s, verify=verify, accept_lossy=accept_lossy,
+                       position=end if handle.reader == "head_aware" else None)
+    return LoadedPrefix(handle, lease, max_tokens)

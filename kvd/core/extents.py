@@ -53,12 +53,13 @@ def matches(head_class: str, wanted: str) -> bool:
 def needed(plan: ExtentPlan, start_token: int, num_tokens: int, position: int) -> bool:
     """Does a reader whose next query sits at ``position`` read this extent of an entry holding tokens
     ``[start_token, start_token + num_tokens)``? Global extents: always. A local group: if the tokens
-    overlap its sink ``[0, sink)`` or its window ``[position - window, position)`` (one token wider
-    than ``(position - window, position]`` needs, erring on the side of reading)."""
+    overlap its sink ``[0, sink)`` or the stored keys its window shows that query,
+    ``(position - window, position)`` (the query's own key is computed, not loaded; later queries see
+    less of the stored part, never more)."""
     if plan.window == 0:
         return True
     end = start_token + num_tokens
-    return start_token < plan.sink or (end > position - plan.window and start_token < position)
+    return start_token < plan.sink or (end > position - plan.window + 1 and start_token < position)
 
 
 @dataclass(frozen=True)

@@ -328,7 +328,7 @@ class EntryInfo(_Model):
     kind: EntryKind
     num_tokens: int
     tiers: list[str]
-    nbytes: int
+    nbytes: int  # KV bytes it keeps (uncompressed; extents let go in capacity mode not counted)
     pinned: bool
     leases: int
     reuse_count: int

@@ -18,11 +18,11 @@ Codec on SSD (settings ``[codec]``):
 | local head, inside the window  | yes | ``hot_codec`` (raw or lossless: never lossy)        |
 | local head, outside the window | no  | ``local_cold_codec`` (lossless, fp8, int8) or none (drop) |
 
-Window rule: the next query sits at position ``end_token`` and a local head sees keys in
-``(end − window, end]``; we treat ``[end − window, end)`` as inside — one token wider than needed,
-erring on the hot side. Tokens are ``[start_token, start_token + num_tokens)``. A head-aware reader
-uses the same rule (``kvd.core.extents.needed``) at its own position: what placement keeps hot is
-what a reader at the stored sequence's end reads.
+Window rule: a local head's query at position ``p`` sees the stored keys ``(p − window, p)``
+(``kvd.core.extents.needed``, the rule head-aware readers lease by). Placement keeps hot what a
+reader of this very sequence reads, whether it sits at ``end_token`` (a longer prompt that continues
+it) or at ``end_token − 1`` (the same prompt again: an engine computes at least its last token):
+``[end − window, end)``. Tokens are ``[start_token, start_token + num_tokens)``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class HeadClassPlacement:
         if start_token < sink:
             return Placement(True, self.codec.hot_codec, "local_sink")
         plan = ExtentPlan("local", (), num_tokens, 0, 0, sink=sink, window=max(window, 1))
-        if needed(plan, start_token, num_tokens, end):
+        if needed(plan, start_token, num_tokens, end) or needed(plan, start_token, num_tokens, end - 1):
             return Placement(True, self.codec.hot_codec, "local_window")
         cold = self.codec.local_cold_codec
         return Placement(False, None if cold == "drop" else cold, "local_cold")

@@ -131,6 +131,11 @@ class Entry:
     def nbytes(self) -> int:
         return sum(x.nbytes for x in self.extents.values())
 
+    @property
+    def kept_nbytes(self) -> int:
+        """KV bytes the entry keeps: its extents less those let go on purpose (capacity mode)."""
+        return sum(x.nbytes for x in self.extents.values() if not x.dropped)
+
     def name(self, head_class: str) -> ExtentName:
         """The name record tiers key this entry's ``head_class`` extent by."""
         return ExtentName(self.namespace, self.fingerprint, self.hash, head_class, self.kind, self.start_token,

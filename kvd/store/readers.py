@@ -15,7 +15,8 @@ Two kinds of reader (``reader`` in lookup and lease requests, issue 12):
   positions), every token of the classes asked for is read.
 
 Head-aware prefix hits: a reader that loads ``K`` leading chunks sits at position ``P_K`` (their
-tokens), and entry ``j < K`` must hold every extent needed at ``P_K``. An entry lacking local groups
+tokens, or fewer when it loads only the leading tokens of the last: the same prompt again loads all
+but its last token), and entry ``j < K`` must hold every extent needed at ``P_K``. An entry lacking local groups
 becomes usable once the reader is far enough past it (``usable_from``), so the longest usable run is
 not the first break: loading 16 chunks may work where loading 12 does not (the 12th's window heads
 were dropped at store time because the stored sequence went on). ``head_aware_hits`` finds the
@@ -47,18 +48,19 @@ class Reader:
         return out
 
     def usable_from(self, e: Entry) -> float:
-        """The least position at which this head-aware reader can load ``e`` whole: the entry's end,
-        or later while a local group it lacks is inside its window; ``inf`` if it lacks a global
-        extent, a group whose sink it overlaps, or it is a chunk entry lacking anything."""
+        """The least position at which this head-aware reader can load ``e`` (wholly or its leading
+        tokens): anywhere inside it when nothing it reads is missing; else only once it sits past the
+        window of every local group ``e`` lacks (``end + window - 1``), and never if it lacks a
+        global extent or a group whose sink it overlaps, or is a chunk entry lacking anything."""
         end = e.start_token + e.num_tokens
-        at = float(end)
+        at = float(e.start_token + 1)
         for c, x in e.extents.items():
             if (self.classes is not None and not any(matches(c, w) for w in self.classes)) or x.usable(self.accept_lossy):
                 continue
             p = x.plan
             if p.window == 0 or e.kind != "prefix" or e.start_token < p.sink:
                 return math.inf
-            at = max(at, end + p.window)
+            at = max(at, end + p.window - 1)
         return at
 
 
@@ -82,17 +84,18 @@ def reader_of(model: ModelRecord, req: P.LookupRequest | P.LeaseRequest) -> Read
 
 
 def head_aware_hits(reader: Reader, found: list[tuple[int, Entry, int]], max_tokens: int | None) -> tuple[int, int]:
-    """``(K, P_K)``: the longest leading run of prefix entries a head-aware reader can load, and the
-    position it then sits at. ``found``: ``(request index, entry, tokens used)`` in request order."""
+    """``(K, P)``: the longest leading run of prefix entries a head-aware reader can load, and the
+    position it then sits at: the run's tokens, or ``max_tokens`` when that ends inside the last
+    entry (the reader loads its leading tokens and computes the rest, as for the same prompt again).
+    ``found``: ``(request index, entry, tokens used)`` in request order."""
     best = (0, 0)
     need = 0.0  # the largest usable_from of the run so far
-    pos = 0
+    tokens = 0
     for k, (i, e, n) in enumerate(found):
-        if i != k:
+        if i != k or (max_tokens is not None and tokens >= max_tokens):
             break
-        pos += n
-        if max_tokens is not None and pos > max_tokens:
-            break
+        tokens += n
+        pos = tokens if max_tokens is None else min(tokens, max_tokens)
         need = max(need, reader.usable_from(e))
         if need <= pos:
             best = (k + 1, pos)

@@ -28,7 +28,7 @@ def list_entries(store: Store, *, fingerprint: str | None = None, namespace: str
         if len(out) == limit:
             return P.EntriesResponse(entries=out, truncated=True)
         out.append(P.EntryInfo(hash=e.hash, namespace=e.namespace, fingerprint=e.fingerprint, kind=e.kind,
-                               num_tokens=e.num_tokens, tiers=tiers, nbytes=e.nbytes, pinned=e.pinned,
+                               num_tokens=e.num_tokens, tiers=tiers, nbytes=e.kept_nbytes, pinned=e.pinned,
                                leases=e.holds, reuse_count=e.reuse_count, age_s=now - e.created,
                                idle_s=now - e.last_access))
     return P.EntriesResponse(entries=out, truncated=False)

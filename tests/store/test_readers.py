@@ -108,6 +108,12 @@ async def test_capacity_mode_head_aware_readers_load_everything_exact_readers_mi
         short = await w.store.lookup(P.LookupRequest(fingerprint=w.fp, prefix_hashes=hs, computed_under=TAG,
                                                      prefetch=False, max_tokens=1024, **head_aware()))
         assert short.num_prefix_hits == 1
+        # The same prompt again (all but its last token): every chunk, the last in part.
+        again = await w.store.lookup(P.LookupRequest(fingerprint=w.fp, prefix_hashes=hs, computed_under=TAG,
+                                                     prefetch=False, max_tokens=CHUNKS * 256 - 1, **head_aware()))
+        assert again.num_prefix_hits == CHUNKS
+        le = await lease(w, hs, **head_aware(position=CHUNKS * 256 - 1))
+        assert [e.status for e in le.entries] == ["ok"] * CHUNKS
         # An exact reader that accepts lossy bytes: fp8 copies flagged lossy; nothing for drop.
         le = await lease(w, hs[:2], accept_lossy=True)
         if cold == "fp8":
