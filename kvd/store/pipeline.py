@@ -37,6 +37,7 @@ from kvd.store.forms import Forms, Payload
 from kvd.store.index import Index, Level
 from kvd.store.space import Space
 from kvd.tiers.base import ExtentName, Location
+from kvd.tiers.record import name_key
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class Pipeline:
         # Bytes reserved in a tier with quotas but not yet placed in the index, per (tier, partition):
         # a batch of writes reserves before any copy is indexed, and a quota must count those too.
         self._in_flight: dict[tuple[str, str], int] = {}
+        # Record drops still running, per (tier, record key): a record tier keys records by extent name,
+        # so a new copy of an extent whose old copy is being dropped must wait for that drop (else the
+        # tier still holds the key, or the late drop deletes the new record).
+        self._dropping: dict[tuple[str, bytes], asyncio.Task] = {}
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -119,6 +124,10 @@ class Pipeline:
         task = asyncio.get_running_loop().create_task(self.on_io(lv, drop_all))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        keys = [(lv.name, loc.key) for loc in locs]
+        for k in keys:  # a new copy of the same record waits for this drop (``reserve``)
+            self._dropping[k] = task
+        task.add_done_callback(lambda t: [self._dropping.pop(k, None) for k in keys if self._dropping.get(k) is t])
         self.metrics.tier_drops.labels(lv.name).inc(len(locs))
         return task
 
@@ -149,6 +158,10 @@ class Pipeline:
         A request larger than the tier itself is refused before anything is evicted."""
         if not lv.tier.fits(nbytes, name):
             return None
+        if lv.tier.holds_records and name is not None and self._dropping:
+            pending = self._dropping.get((lv.name, name_key(name)))
+            if pending is not None:
+                await asyncio.wait([pending])
         partition = self.space.partition_of(name)
         if not await self._within_quota(lv, nbytes, partition):
             return None

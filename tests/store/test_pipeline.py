@@ -1,5 +1,7 @@
 """Scenario tests of arena <-> SSD movement: admission, placement, demotion, prefetch, corruption, restart."""
 
+import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -292,3 +294,25 @@ async def test_a_tenants_ssd_quota_evicts_only_its_own_entries(tmp_path):
         assert got == b_data
     finally:
         w.close()
+
+
+async def test_a_record_written_again_while_its_old_copy_is_being_dropped_waits_for_the_drop(world):
+    """SSD drops run on the I/O executor; an extent written down again before its old record's drop
+    ran reserved a key the tier still held (an assertion: 500 on /v1/reserve under eviction churn)."""
+    world.settings.ssd.admit_after = 1
+    hs, data = await world.store_seq(21, chunks=1)
+    await world.step()
+    e = world.entry(hs[0])
+    ssd = world.store.index.by_name["ssd"]
+    assert all("ssd" in x.copies for x in e.extents.values())
+    gate = threading.Event()  # the I/O executor is busy: the drop stays queued until the gate opens
+    for _ in range(2):
+        world.io.submit(gate.wait, 10)
+    asyncio.get_running_loop().call_later(0.3, gate.set)
+    dropping = world.store.pipeline.drop_copies(e, ssd)
+    assert dropping is not None and not dropping.done()
+    assert await world.store.pipeline.write_down([e], world.store.index.levels[0]) == len(e.extents)
+    assert dropping.done() and all("ssd" in x.copies for x in e.extents.values())
+    world.store.pipeline.drop_copies(e, world.store.index.levels[0])  # SSD only now
+    status, got = await world.read_back(hs)
+    assert status == ["ok"] and got == data
