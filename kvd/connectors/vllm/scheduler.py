@@ -170,7 +170,8 @@ class SchedulerPlanner:
 
         def ask(h: ModelHandle) -> P.LookupResponse:
             return h.client.lookup(P.LookupRequest(fingerprint=h.fingerprint, namespace=t.namespace,
-                                                   prefix_hashes=keys, prefetch=prefetch, max_tokens=max_tokens))
+                                                   prefix_hashes=keys, prefetch=prefetch, max_tokens=max_tokens,
+                                                   accept_lossy=self.settings.accept_lossy))
 
         resp = self.session.call("lookup", ask)
         self.session.counters["lookups"] += 1

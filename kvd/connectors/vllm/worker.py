@@ -141,7 +141,7 @@ class WorkerIO:
             return None
         lease = self.session.call("lease", lambda h: open_lease(
             h, spec.hashes, namespace=spec.namespace, min_tokens=sizes, wait_s=self.settings.load_wait_s,
-            verify=self.settings.verify_checksums))
+            verify=self.settings.verify_checksums, accept_lossy=self.settings.accept_lossy))
         if lease is None:
             self._fail(spec, spec.start, "lease failed")
             return None
