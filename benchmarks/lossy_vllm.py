@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=32, help="generated tokens per prompt (positions measured)")
     ap.add_argument("--top", type=int, default=100, help="logprobs kept per position")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--keep", help="work in this directory and keep it (logs of the daemon and engines)")
     args = ap.parse_args(argv)
     if args.engine:
         engine(args.engine)
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     engines: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="kvd-lossy-") as tmp:
-        root = Path(tmp)
+        root = Path(args.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
         hm_path = root / "map.json"
         HeadMap.load(ROOT / "kvd/data/heads/smollm2-135m.json").model_copy(update={"fingerprint": None}).save(hm_path)
         # fp8: the figure. lossless: the control, the same path with exact bytes (what decode vs
