@@ -3,8 +3,14 @@
 Runs the real ``kvd`` entry point as a subprocess and N client *processes* against it:
 
 1. correctness first: a store -> lookup -> load round trip must be bit-exact, or nothing is timed;
-2. lookup: each client looks up the same 32K-token prompt (128 chunks, by prefix hashes it computed)
-   back to back for a fixed time; p50/p99 latency and ops/s;
+2. lookup: a 32K-token prompt (128 chunks) is stored whole; each client looks up by the prefix hashes
+   it computed, back to back for a fixed time, in three phases: ``hits`` (that prompt: 128 hits per
+   answer, checked), ``miss`` (a prompt never stored: a cold miss, 0 hits) and ``mixed`` (the two in
+   turn); each in the compact encoding the engines use (``kvd.core.lookup_wire``, the goal's figure)
+   and in JSON. p50/p99 latency and ops/s. Where one lookup's time goes is measured too
+   (``lookup_breakdown_us``): client encode, daemon decode + validation, the store's lookup (index,
+   rows, hit counters), answer encode, client decode, each timed alone in this process on the same
+   128 stored entries, and one client's round trip against the real daemon (the rest is HTTP);
 3. store: each client reserves 128 new entries of 64 KiB segments (1 layer × 4 KV heads × 256 tokens ×
    head_dim 64, bf16: 256 KiB per entry, 32 MiB per operation), copies the KV into the arena and
    commits; p50/p99 of the commit call and of the whole reserve + copy + commit;
@@ -81,21 +87,35 @@ def check_round_trip(sock: str) -> None:
             assert torch.equal(loaded.to_tensor(), kv), "round trip is not bit-exact: nothing timed"
 
 
-def lookup_worker(sock: str, seconds: float, start_at: float, q) -> None:
-    c = KvdClient(sock, register_cuda=False)
+HIT_TOKENS = np.arange(PROMPT_TOKENS) % 49152  # stored whole before the lookup phases
+MISS_TOKENS = HIT_TOKENS + 1  # never stored: every chunk differs
+
+
+def lookup_requests(c: KvdClient) -> dict[str, P.LookupRequest]:
     h = kvio.register(c, LOOKUP_SPEC, namespace="bench")
-    toks = np.arange(PROMPT_TOKENS) % 49152
-    req = P.LookupRequest(fingerprint=h.fingerprint, namespace="bench", prefix_hashes=h.hashes(toks),
-                          prefetch=False)
+    return {kind: P.LookupRequest(fingerprint=h.fingerprint, namespace="bench", prefix_hashes=h.hashes(toks),
+                                  prefetch=False) for kind, toks in (("hits", HIT_TOKENS), ("miss", MISS_TOKENS))}
+
+
+def lookup_worker(sock: str, seconds: float, start_at: float, mode: str, encoding: str, q) -> None:
+    """Look up back to back: ``mode`` hits, miss or mixed (the two in turn); ``encoding`` compact or json."""
+    c = KvdClient(sock, register_cuda=False)
+    reqs = lookup_requests(c)
+    ask = c.lookup_compact if encoding == "compact" else c.lookup
+    order = {"hits": ["hits"], "miss": ["miss"], "mixed": ["hits", "miss"]}[mode]
+    expect = {"hits": PROMPT_TOKENS // 256, "miss": 0}
     while time.time() < start_at:
         time.sleep(0.001)
-    lat, hits = [], 0
+    lat, wrong, i = [], 0, 0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
+        kind = order[i % len(order)]
+        i += 1
         t0 = time.perf_counter()
-        hits = c.lookup(req).num_prefix_hits
+        hits = ask(reqs[kind]).num_prefix_hits
         lat.append(time.perf_counter() - t0)
-    q.put({"lat": lat, "hits": hits})
+        wrong += hits != expect[kind]
+    q.put({"lat": lat, "wrong": wrong})
 
 
 def store_worker(sock: str, seconds: float, start_at: float, wid: int, q) -> None:
@@ -131,11 +151,11 @@ def store_worker(sock: str, seconds: float, start_at: float, wid: int, q) -> Non
     q.put({"op": op_lat, "commit": commit_lat, "bytes": nbytes})
 
 
-def run_phase(target, sock: str, clients: int, seconds: float, extra=()) -> list[dict]:
+def run_phase(target, sock: str, clients: int, seconds: float, extra=(), worker_id=False) -> list[dict]:
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     start_at = time.time() + 1.5  # every worker registered and warm before the clock starts
-    procs = [ctx.Process(target=target, args=(sock, seconds, start_at, *((i,) if extra else ()), q))
+    procs = [ctx.Process(target=target, args=(sock, seconds, start_at, *((i,) if worker_id else ()), *extra, q))
              for i in range(clients)]
     for p in procs:
         p.start()
@@ -185,6 +205,91 @@ def arena_copy(sock: str, repeats: int = 21) -> tuple[float, float, int]:
         return nbytes / np.median(arena_t) / 1e9, nbytes / np.median(memcpy_t) / 1e9, nbytes
 
 
+def store_lookup_prompt(sock: str) -> None:
+    """Store the looked-up prompt whole: 128 chunk entries of the 30 x 3-head model (737 MB)."""
+    with KvdClient(sock, register_cuda=False) as c:
+        req = lookup_requests(c)["hits"]
+        r = c.reserve(P.ReserveRequest(fingerprint=req.fingerprint, namespace="bench", entries=[
+            P.ReserveEntry(hash=x, num_tokens=256, start_token=i * 256) for i, x in enumerate(req.prefix_hashes)]))
+        assert [e.status for e in r.entries] == ["reserved"] * len(r.entries), "the arena must hold the prompt"
+        c.commit(P.CommitRequest(reservation_id=r.reservation_id))
+        assert c.lookup_compact(req).num_prefix_hits == PROMPT_TOKENS // 256
+
+
+def _median_us(fn, n: int = 400) -> float:
+    xs = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        xs.append(time.perf_counter() - t0)
+    return round(float(np.median(xs)) * 1e6, 1)
+
+
+def lookup_breakdown(sock: str) -> dict[str, dict[str, float]]:
+    """Microseconds of each piece of one 128-hit lookup, per encoding: the pieces timed alone in this
+    process (an in-process store holding the same 128 entries, of a 1-layer model: the lookup's cost
+    is per entry, not per byte), and one client's round trip against the real daemon."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kvd.core import lookup_wire as W
+    from kvd.core.config import load_settings
+    from kvd.daemon.api import STORE
+    from kvd.daemon.service import create_app
+
+    async def pieces(tmp: str) -> dict[str, dict[str, float]]:
+        settings = load_settings(None, environ={}, overrides={
+            "host": {"capacity_bytes": 64 << 20, "path": tmp + "/arena"}, "ssd": {"enabled": False}})
+        app = create_app(settings)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            fp = (await (await client.post("/v1/models", json={"model_id": "breakdown", "num_layers": 1,
+                                                               "num_kv_heads": 1, "head_dim": 64})).json())["fingerprint"]
+            from kvd.core.keys import prefix_hashes
+
+            hashes = prefix_hashes(HIT_TOKENS, chunk_tokens=256, namespace="bench", fingerprint=fp)
+            r = await (await client.post("/v1/reserve", json={"fingerprint": fp, "namespace": "bench", "entries": [
+                {"hash": x, "num_tokens": 256} for x in hashes]})).json()
+            await client.post("/v1/commit", json={"reservation_id": r["reservation_id"]})
+            req = P.LookupRequest(fingerprint=fp, namespace="bench", prefix_hashes=hashes, prefetch=False)
+            store = app[STORE]
+            res = await store.lookup(req)
+            assert res.num_prefix_hits == len(hashes), res.num_prefix_hits
+            xs = []
+            for _ in range(400):
+                t0 = time.perf_counter()
+                await store.lookup(req)
+                xs.append(time.perf_counter() - t0)
+            store_us = round(float(np.median(xs)) * 1e6, 1)
+            js, cb = req.model_dump_json().encode(), W.encode_lookup(req)
+            ja, ca = res.to_json(), W.encode_answer(res)
+            return {"json": {"client_encode": _median_us(lambda: req.model_dump_json().encode()),
+                             "daemon_decode_validate": _median_us(lambda: P.LookupRequest.model_validate_json(js)),
+                             "store_lookup": store_us, "answer_encode": _median_us(res.to_json),
+                             "client_decode": _median_us(lambda: P.LookupResponse.model_validate_json(ja)),
+                             "request_bytes": len(js), "answer_bytes": len(ja)},
+                    "compact": {"client_encode": _median_us(lambda: W.encode_lookup(req)),
+                                "daemon_decode_validate": _median_us(lambda: W.decode_lookup(cb)),
+                                "store_lookup": store_us, "answer_encode": _median_us(lambda: W.encode_answer(res)),
+                                "client_decode": _median_us(lambda: W.decode_answer(ca, req)),
+                                "request_bytes": len(cb), "answer_bytes": len(ca)}}
+        finally:
+            await client.close()
+
+    out = asyncio.run(pieces(tempfile.mkdtemp(prefix="kvd-breakdown-")))
+    with KvdClient(sock, register_cuda=False) as c:
+        req = lookup_requests(c)["hits"]
+        for enc, ask in (("compact", c.lookup_compact), ("json", c.lookup)):
+            ask(req)
+            out[enc]["round_trip_1_client"] = _median_us(lambda ask=ask: ask(req))
+            out[enc]["http_and_rest"] = round(out[enc]["round_trip_1_client"] - sum(
+                v for k, v in out[enc].items() if k in ("client_encode", "daemon_decode_validate", "store_lookup",
+                                                        "answer_encode", "client_decode")), 1)
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q))
 
@@ -201,31 +306,32 @@ def main() -> None:
     sock = str(root / "kvd.sock")
     try:
         check_round_trip(sock)
-        # The looked-up prompt is stored once (128 chunk entries of the 30×3-head model).
-        with KvdClient(sock, register_cuda=False) as c:
-            h = kvio.register(c, LOOKUP_SPEC, namespace="bench")
-            toks = np.arange(PROMPT_TOKENS) % 49152
-            hashes = h.hashes(toks)
-            r = c.reserve(P.ReserveRequest(fingerprint=h.fingerprint, namespace="bench", entries=[
-                P.ReserveEntry(hash=x, num_tokens=256, start_token=i * 256) for i, x in enumerate(hashes[:32])]))
-            c.commit(P.CommitRequest(reservation_id=r.reservation_id))
-        lk = run_phase(lookup_worker, sock, args.clients, args.seconds)
-        assert all(w["hits"] == 32 for w in lk), "lookup answered wrong hit counts"
-        st = run_phase(store_worker, sock, args.clients, args.seconds, extra=True)
+        store_lookup_prompt(sock)
+        breakdown = lookup_breakdown(sock)
+        lk = {(mode, enc): run_phase(lookup_worker, sock, args.clients, args.seconds, extra=(mode, enc))
+              for mode in ("hits", "miss", "mixed") for enc in ("compact", "json")}
+        bad = {k: sum(w["wrong"] for w in v) for k, v in lk.items() if any(w["wrong"] for w in v)}
+        assert not bad, f"lookups answered wrong hit counts: {bad}"
+        st = run_phase(store_worker, sock, args.clients, args.seconds, worker_id=True)
         arena_gbps, memcpy_gbps, copy_bytes = arena_copy(sock)
     finally:
         daemon.terminate()
         daemon.wait(30)
-    lookup_lat = [x for w in lk for x in w["lat"]]
+    lat = {k: [x for w in v for x in w["lat"]] for k, v in lk.items()}
+    lookup_lat = lat[("hits", "compact")]
     op_lat = [x for w in st for x in w["op"]]
     commit_lat = [x for w in st for x in w["commit"]]
     res = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
         "clients": args.clients, "seconds_per_phase": args.seconds,
-        "lookup_chunks": PROMPT_TOKENS // 256,
+        "lookup_chunks": PROMPT_TOKENS // 256, "lookup_hits_per_request": PROMPT_TOKENS // 256,
+        "lookup_encoding": "compact (kvd.core.lookup_wire), as the vLLM connector sends it",
         "lookup_p50_ms": pct(lookup_lat, 50), "lookup_p99_ms": pct(lookup_lat, 99),
         "lookup_ops_per_s": len(lookup_lat) / args.seconds,
+        **{f"lookup_{enc}_{mode}_{q}": v for (mode, enc), xs in lat.items()
+           for q, v in (("p50_ms", pct(xs, 50)), ("p99_ms", pct(xs, 99)), ("ops_per_s", len(xs) / args.seconds))},
+        "lookup_breakdown_us": breakdown,
         "commit_p50_ms": pct(commit_lat, 50), "commit_p99_ms": pct(commit_lat, 99),
         "store_op_p50_ms": pct(op_lat, 50), "store_op_p99_ms": pct(op_lat, 99),
         "store_ops_per_s": len(op_lat) / args.seconds,
@@ -237,26 +343,30 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "control_plane.json").write_text(json.dumps(res, indent=1) + "\n")
-    rows = [("lookup 128 chunks", res["lookup_p50_ms"], res["lookup_p99_ms"], res["lookup_ops_per_s"]),
+    rows = [(f"lookup {mode} {enc}", res[f"lookup_{enc}_{mode}_p50_ms"], res[f"lookup_{enc}_{mode}_p99_ms"],
+             res[f"lookup_{enc}_{mode}_ops_per_s"]) for mode, enc in lat]
+    rows += [
             ("commit 128 entries", res["commit_p50_ms"], res["commit_p99_ms"], res["store_ops_per_s"]),
             ("reserve+copy+commit", res["store_op_p50_ms"], res["store_op_p99_ms"], res["store_ops_per_s"])]
     print(f"\ncontrol plane, {args.clients} concurrent clients, {res['machine']}")
     print(f"{'operation':<22}{'p50 ms':>9}{'p99 ms':>9}{'ops/s':>9}")
     for name, p50, p99, ops in rows:
         print(f"{name:<22}{p50:>9.2f}{p99:>9.2f}{ops:>9.1f}")
+    print("one 128-hit lookup, microseconds:", json.dumps(breakdown))
     print(f"arena copy {arena_gbps:.2f} GB/s vs numpy memcpy {memcpy_gbps:.2f} GB/s "
           f"({res['arena_copy_vs_memcpy']:.2f}×; goal ≥ 0.8×); lookup p99 goal ≤ 2 ms")
-    _plot(res, lookup_lat, commit_lat, out / "control_plane.png")
+    _plot(res, {f"lookup 128 hits, {enc}": lat[("hits", enc)] for enc in ("compact", "json")}, commit_lat,
+          out / "control_plane.png")
 
 
-def _plot(res: dict, lookup_lat: list[float], commit_lat: list[float], path: Path) -> None:
+def _plot(res: dict, lookups: dict[str, list[float]], commit_lat: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for lat, name in ((lookup_lat, "lookup (128 chunks)"), (commit_lat, "commit (128 entries)")):
+    for name, lat in {**lookups, "commit (128 entries)": commit_lat}.items():
         xs = np.sort(np.asarray(lat) * 1e3)
         ax[0].plot(xs, np.linspace(0, 1, len(xs)), label=name)
     ax[0].set_xscale("log")

@@ -6,7 +6,9 @@ a request is a 400 that names the field, not a silently ignored option. Routes a
 
 Wire format: JSON bodies (pydantic parses them in Rust). Token ids may be sent, but clients normally
 send the 128-bit prefix hashes they computed with ``kvd.core.keys`` (32 hex chars per 256-token chunk), which
-keeps a 32K-token lookup under 5 KB.
+keeps a 32K-token lookup under 5 KB. The lookup, the call on every request's path, also speaks a
+compact binary form (``kvd.core.lookup_wire``, ``Content-Type: application/x-kvd-lookup``): raw 16-byte
+hashes in, fixed-size rows out, decoded into the same fields.
 """
 
 from __future__ import annotations

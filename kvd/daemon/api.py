@@ -25,6 +25,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from pydantic import BaseModel, ValidationError
 
 from kvd import __version__
+from kvd.core import lookup_wire
 from kvd.core import protocol as P
 from kvd.core.errors import InvalidRequest, KvdError, RequestTimeout, ShuttingDown, UnsupportedMediaType
 from kvd.daemon import audit
@@ -156,8 +157,31 @@ async def list_models(request: web.Request) -> web.Response:
     return _json(reporting.models_info(request.app[STORE]))
 
 
+async def _compact_lookup_body(request: web.Request) -> P.LookupRequest:
+    """A lookup in the compact encoding (``kvd.core.lookup_wire``): the body rules of ``_body`` (no
+    Content-Encoding, the body timeout, not empty), then the binary decode, which names the bad field."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body as it is")
+    timeout = request.app[STATE]["settings"].daemon.body_timeout_s
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout} s (daemon.body_timeout_s)") from None
+    if not raw:
+        raise InvalidRequest(f"empty body; {request.path} takes a compact lookup ({lookup_wire.CONTENT_TYPE})")
+    if len(raw) > OFF_LOOP_BODY_BYTES:  # as in _body: a large body would hold the loop for the others
+        return await asyncio.get_running_loop().run_in_executor(None, lookup_wire.decode_lookup, raw)
+    return lookup_wire.decode_lookup(raw)
+
+
 @routes.post("/v1/lookup")
 async def lookup(request: web.Request) -> web.Response:
+    if request.content_type == lookup_wire.CONTENT_TYPE:  # the hot path's binary form: answered in kind
+        req = await _compact_lookup_body(request)
+        _allowed(request, req.namespace)
+        return web.Response(body=lookup_wire.encode_answer(await request.app[STORE].lookup(req)),
+                            content_type=lookup_wire.CONTENT_TYPE)
     req = await _body(request, P.LookupRequest)
     _allowed(request, req.namespace)
     return web.Response(body=(await request.app[STORE].lookup(req)).to_json(), content_type="application/json")

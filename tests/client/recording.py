@@ -14,9 +14,9 @@ class RecordingClient(KvdClient):
         self.sent: list = []
         self.lossy = False
 
-    def call(self, method, path, req, resp_model, **kw):
-        self.sent.append(req)
-        return super().call(method, path, req, resp_model, **kw)
+    def _exchange(self, method, path, req, body, timeout, content_type="application/json"):
+        self.sent.append(req)  # every request, JSON or compact (lookup_compact), passes here
+        return super()._exchange(method, path, req, body, timeout, content_type)
 
     def lease(self, req: P.LeaseRequest) -> P.LeaseResponse:
         resp = super().lease(req)

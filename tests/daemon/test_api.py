@@ -5,8 +5,10 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from kvd.core import lookup_wire
 from kvd.core.config import load_settings
 from kvd.core.keys import prefix_hashes
+from kvd.core.protocol import LookupRequest
 from kvd.daemon.service import create_app
 
 MODEL = {"model_id": "toy", "num_layers": 2, "num_kv_heads": 2, "head_dim": 64}
@@ -17,6 +19,7 @@ H = prefix_hashes(list(range(512)), chunk_tokens=256, namespace="default", finge
 async def api(tmp_path):
     settings = load_settings(None, environ={}, overrides={
         "host": {"capacity_bytes": 4 << 20, "path": str(tmp_path / "arena")},
+        "ssd": {"path": str(tmp_path / "ssd")},  # never the user's default SSD tier: entries would outlive the test
         "daemon": {"max_entries_per_request": 64, "max_request_bytes": 1 << 20}})
     client = TestClient(TestServer(create_app(settings)))
     await client.start_server()
@@ -100,3 +103,53 @@ async def test_admin_routes_answer(api):
     assert (await api.get("/v1/entries?limit=abc")).status == 400
     cfg = await (await api.get("/v1/config")).json()
     assert cfg["keys"]["chunk_tokens"] == 256
+
+
+# ---- the lookup's compact encoding (kvd.core.lookup_wire): the same rules, the same answers ----------
+
+COMPACT = {"Content-Type": lookup_wire.CONTENT_TYPE}
+
+
+def compact_body(fp: str, **kw) -> bytes:
+    return lookup_wire.encode_lookup(LookupRequest(fingerprint=fp, **kw))
+
+
+BAD_COMPACT = [
+    # (body maker, status, words the message must contain)
+    (lambda fp: b"", 400, "empty body"),
+    (lambda fp: b'{"fingerprint": "x"}', 400, "magic"),
+    (lambda fp: compact_body(fp, prefix_hashes=H)[:-5], 400, "prefix_hashes"),
+    (lambda fp: compact_body(fp, prefix_hashes=H) + b"\0", 400, "after the last field"),
+    (lambda fp: compact_body(fp).replace(b"\x07default", b"\x07def ult"), 400, "namespace"),
+    (lambda fp: compact_body("0" * 32, prefix_hashes=H), 404, "not registered"),
+    (lambda fp: compact_body(fp, prefix_hashes=H * 40), 413, "at most 64"),
+]
+
+
+@pytest.mark.parametrize("make, status, words", BAD_COMPACT, ids=[str(i) for i in range(len(BAD_COMPACT))])
+async def test_bad_compact_lookup_is_a_4xx_naming_the_problem(api, make, status, words):
+    r = await api.post("/v1/lookup", data=make(api.fp), headers=COMPACT)
+    doc = await r.json()  # errors are JSON in either encoding
+    assert r.status == status, doc
+    assert words in doc["message"], doc
+    assert (await api.get("/v1/health")).status == 200
+
+
+async def test_compressed_compact_lookup_is_refused(api):
+    r = await api.post("/v1/lookup", data=compact_body(api.fp, prefix_hashes=H),
+                       headers={**COMPACT, "Content-Encoding": "gzip"})
+    assert r.status == 415
+
+
+async def test_compact_lookup_answers_what_json_answers(api):
+    """The same lookup, found entries and misses, in both encodings: the same rows."""
+    await api.post("/v1/commit", json={"reservation_id": (await (await api.post("/v1/reserve", json={
+        "fingerprint": api.fp, "entries": [entry(H[0])]})).json())["reservation_id"]})
+    kw = {"prefix_hashes": H, "chunk_hashes": [H[1], H[0]], "chunk_num_tokens": [256, 256], "max_tokens": 300}
+    as_json = await (await api.post("/v1/lookup", json={"fingerprint": api.fp, **kw})).json()
+    r = await api.post("/v1/lookup", data=compact_body(api.fp, **kw), headers=COMPACT)
+    assert r.status == 200 and r.content_type == lookup_wire.CONTENT_TYPE
+    got = lookup_wire.decode_answer(await r.read(), LookupRequest(fingerprint=api.fp, **kw))
+    assert got.num_prefix_hits == as_json["num_prefix_hits"] == 1
+    assert [r._asdict() | {"classes": list(r.classes)} for r in got.prefix] == as_json["prefix"]
+    assert [r._asdict() | {"classes": list(r.classes)} for r in got.chunks] == as_json["chunks"]

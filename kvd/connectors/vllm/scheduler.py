@@ -40,6 +40,7 @@ from kvd.client.session import DaemonSession
 from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.core import protocol as P
 from kvd.core.keys import as_token_array, prefix_aliases, prefix_hashes, prefix_tail_hash
+from kvd.core.lookup_wire import LookupAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,11 @@ class SchedulerPlanner:
             return
         t.lookup_at = now
 
-        def ask(h: ModelHandle) -> P.LookupResponse:
-            return h.client.lookup(P.LookupRequest(fingerprint=h.fingerprint, namespace=t.namespace,
-                                                   prefix_hashes=keys, prefetch=prefetch, max_tokens=max_tokens,
-                                                   accept_lossy=self.settings.accept_lossy))
+        def ask(h: ModelHandle) -> LookupAnswer:  # the compact encoding: this is every request's path
+            return h.client.lookup_compact(P.LookupRequest(fingerprint=h.fingerprint, namespace=t.namespace,
+                                                           prefix_hashes=keys, prefetch=prefetch,
+                                                           max_tokens=max_tokens,
+                                                           accept_lossy=self.settings.accept_lossy))
 
         resp = self.session.call("lookup", ask)
         self.session.counters["lookups"] += 1
