@@ -14,7 +14,8 @@ Shapes: Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128, bf16), h
   (segments at shuffled 64 KB slots) and the GPU's default LBNHC layout (16-token blocks, random block
   ids): direct (the kernel reads/writes host memory over PCIe) and staged (kernel + one copy of a
   contiguous extent). ``h2d`` = host -> engine layout (scatter), ``d2h`` = engine layout -> host (gather).
-- RoPE shift of 512 MB of keys in place; fp8 / int8 quantization of 8192 segments; byte planes.
+- RoPE shift of 512 MB of keys in place. (The fp8/int8 quantization and byte-plane kernels measured
+  here before were removed with issue 18: no product path called them; docs/gpu.md says why.)
 - ceilings measured in the same run: HBM copy (bytes read + written), pinned host <-> device copy.
 
 Every case checks its kernel on fresh random data before timing; timing is the median of
@@ -50,10 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvd.gpu_kernels import (  # noqa: E402
     gather_segments,
     gather_segments_ref,
-    quantize_keys,
-    quantize_keys_ref,
-    quantize_values,
-    quantize_values_ref,
     rope_shift,
     rope_shift_ref,
     scatter_segments,
@@ -61,7 +58,6 @@ from kvd.gpu_kernels import (  # noqa: E402
     segpaged_decode_ref,
     segpaged_prefill,
     segpaged_prefill_ref,
-    split_byte_planes,
 )
 from kvd.gpu_kernels.segpaged_decode import decode_configs  # noqa: E402
 from kvd.gpu_kernels.segpaged_prefill import _configs as prefill_configs  # noqa: E402
@@ -466,7 +462,7 @@ def gather_scatter() -> None:
         check(f"gather_{layout}_vs_ref_bits", float((dst.view(torch.int16) != ref.view(torch.int16)).sum()), 0)
 
 
-# ---- RoPE shift, quantization, byte planes ---------------------------------------------------------
+# ---- RoPE shift ---------------------------------------------------------------------------------
 
 
 def rope() -> None:
@@ -489,27 +485,6 @@ def rope() -> None:
     R["detail"]["rope_shift"] = dict(ms=ms, ms_per_token_delta=ms_tok, TBps_per_token_delta=moved / ms_tok / 1e9,
                                      bytes=moved)
     log(f"rope: {R['rope_shift_TBps']:.2f} TB/s (per-token delta {moved / ms_tok / 1e9:.2f})")
-
-
-def quant() -> None:
-    S, T = (16, 128) if SMOKE else (8192, 128)  # 8192 segments: 256 MB of keys, 256 MB of values
-    x = (torch.randn(S, T, D, device=DEV) * torch.logspace(-2, 1, D, device=DEV)).to(BF)
-    out = {}
-    for qname, qd in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
-        for side, fn, ref in (("keys", quantize_keys, quantize_keys_ref), ("values", quantize_values, quantize_values_ref)):
-            q, s = fn(x, qdtype=qd)
-            qr, sr = ref(x, qdtype=qd)
-            check(f"{qname}_{side}_codes_bits", float((q.view(torch.uint8) != qr.view(torch.uint8)).sum()), 0)
-            check(f"{qname}_{side}_scales_bits", float((s != sr).sum()), 0)
-            moved = x.nbytes + q.nbytes + s.nbytes
-            ms = bench_ms(lambda f=fn, d=qd: f(x, qdtype=d))
-            out[f"{qname}_{side}"] = dict(ms=ms, bytes=moved, TBps=moved / ms / 1e9)
-    fp8 = [out["fp8_keys"], out["fp8_values"]]
-    R["fp8_quant_TBps"] = sum(o["bytes"] for o in fp8) / sum(o["ms"] for o in fp8) / 1e9
-    ms = bench_ms(lambda: split_byte_planes(x))
-    out["byte_planes_split"] = dict(ms=ms, bytes=2 * x.nbytes, TBps=2 * x.nbytes / ms / 1e9)
-    R["detail"]["quant"] = out
-    log("quant TB/s: " + ", ".join(f"{k} {v['TBps']:.2f}" for k, v in out.items()))
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -539,12 +514,12 @@ def plot() -> None:
     panels = [
         ("speed-up (x)", ["decode_speedup_vs_sdpa_32k", "decode_speedup_vs_sdpa_128k", "decode_speedup_vs_flex_128k",
                           "prefill_speedup_vs_sdpa_32k", "prefill_speedup_vs_flex_32k"]),
-        ("HBM TB/s", ["hbm_copy_TBps", "decode_TBps_128k", "decode_TBps_32k", "rope_shift_TBps", "fp8_quant_TBps"]),
+        ("HBM TB/s", ["hbm_copy_TBps", "decode_TBps_128k", "decode_TBps_32k", "rope_shift_TBps"]),
         ("PCIe GB/s", ["h2d_pinned_GBps", "h2d_gather_GBps", "d2h_gather_GBps"]),
     ]
     goals = dict(GOALS)
     if "hbm_copy_TBps" in R:
-        goals.update(rope_shift_TBps=0.8 * R["hbm_copy_TBps"], fp8_quant_TBps=0.8 * R["hbm_copy_TBps"])
+        goals.update(rope_shift_TBps=0.8 * R["hbm_copy_TBps"])
     for ax, (title, keys) in zip(axes, panels, strict=True):
         vals = [R.get(k, 0.0) for k in keys]
         labels = [k.replace("_speedup", "").replace("_GBps", "").replace("_TBps", "") for k in keys]
@@ -566,12 +541,12 @@ def plot() -> None:
 def main() -> None:
     torch.manual_seed(0)
     versions()
-    for fn in (ceilings, decode_128k, decode_32k, prefill_32k, gather_scatter, rope, quant):
+    for fn in (ceilings, decode_128k, decode_32k, prefill_32k, gather_scatter, rope):
         case(fn)
     case(plot)
-    keys = ["hbm_copy_TBps", "h2d_pinned_GBps", *GOALS, "rope_shift_TBps", "fp8_quant_TBps"]
+    keys = ["hbm_copy_TBps", "h2d_pinned_GBps", *GOALS, "rope_shift_TBps"]
     for k in keys:
-        goal = GOALS.get(k, 0.8 * R.get("hbm_copy_TBps", 0) if k in ("rope_shift_TBps", "fp8_quant_TBps") else None)
+        goal = GOALS.get(k, 0.8 * R.get("hbm_copy_TBps", 0) if k == "rope_shift_TBps" else None)
         log(f"{k:32s} {R.get(k, float('nan')):8.3f}   goal {goal if goal is None else round(goal, 2)}")
     log(f"errors: {list(R['errors'])}")
 

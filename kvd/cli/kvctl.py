@@ -26,7 +26,7 @@ from kvd.client.client import KvdClient
 from kvd.core import protocol as P
 from kvd.core.errors import ConfigError, DaemonUnavailable, KvdError
 
-TIERS = ["host", "ssd", "remote"]
+TIERS = ["gpu", "host", "ssd", "remote"]
 EXIT_SIGPIPE = 128 + 13
 
 DAEMON_COMMANDS = {"status": cmd.cmd_status, "models": cmd.cmd_models, "ls": cmd.cmd_ls, "stats": cmd.cmd_stats,

@@ -13,6 +13,7 @@ from kvd.core.keys import EXACT, ModelSpec, attention_tag, prefix_hashes
 
 if TYPE_CHECKING:
     from kvd.client.client import KvdClient
+    from kvd.client.gpu_pool import GpuPools
 
 
 @dataclass
@@ -31,6 +32,9 @@ class ModelHandle:
     # "exact": every head, every token (engines). "head_aware": the global heads and, of each local
     # window group, only what the head map lets the reader see (``kvd.store.readers``).
     reader: str = "exact"
+    # The daemon's GPU pools this process maps (``kvd.client.gpu_pool``); None: the arena only. With
+    # them, reservations go to the GPU tier first and leases may be answered from it (device to device).
+    gpu: GpuPools | None = None
     _plans: dict[int, dict[str, ExtentPlan]] = field(default_factory=dict, repr=False)
 
     @property

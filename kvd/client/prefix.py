@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvd.client.client import KvdClient
+from kvd.client.gpu_pool import GpuPools
 from kvd.client.handle import ModelHandle
 from kvd.client.transfer import Lease, copy_block, extent_to_kv_views, open_lease, reserve
 from kvd.core import protocol as P
@@ -33,10 +34,12 @@ __all__ = ["LoadedPrefix", "ModelHandle", "StoreResult", "copy_block", "extent_t
 
 
 def register(client: KvdClient, spec: ModelSpec, head_map: HeadMap | None = None, *,
-             namespace: str = "default", computed_under: str = EXACT, reader: str = "exact") -> ModelHandle:
+             namespace: str = "default", computed_under: str = EXACT, reader: str = "exact",
+             gpu: GpuPools | None = None) -> ModelHandle:
     """Register ``spec`` (and its head map; None: every head global) with the daemon. ``reader``:
     ``exact`` (every head, every token) or ``head_aware`` (the handle reads only what its head map
-    attends to; ``kvd.store.readers``)."""
+    attends to; ``kvd.store.readers``). ``gpu``: map the daemon's GPU tier (``GpuPools()``: by CUDA
+    IPC) so stores go there first and loads may come from there, device to device (docs/gpu.md)."""
     if reader == "head_aware" and (head_map is None or head_map.is_all_global):
         reader = "exact"  # an all-global map reads everything: the same thing, said plainly
     hm = head_map or HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)
@@ -44,7 +47,7 @@ def register(client: KvdClient, spec: ModelSpec, head_map: HeadMap | None = None
         model_id=spec.model_id, revision=spec.revision, num_layers=spec.num_layers,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, kv_dtype=spec.kv_dtype, rope=spec.rope,
         layout=spec.layout, head_map=head_map, fingerprint=spec.fingerprint()))
-    return ModelHandle(client, spec, hm, resp.fingerprint, resp.chunk_tokens, namespace, computed_under, reader)
+    return ModelHandle(client, spec, hm, resp.fingerprint, resp.chunk_tokens, namespace, computed_under, reader, gpu)
 
 
 def _check_kv(handle: ModelHandle, kv, num_tokens: int) -> None:

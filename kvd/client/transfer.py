@@ -17,9 +17,16 @@ released on exit; a reservation commits on a clean exit and aborts on an excepti
 → views valid → closed; closing twice is a no-op, and views must not be used after a close (the
 daemon may hand the slots to another entry).
 
+GPU tier (``kvd.tiers.gpu``): a handle with ``gpu`` pools asks for GPU extents; an extent answered with
+``tier = "gpu"`` is a view of the daemon's GPU pool (``kvd.client.gpu_pool``), so copies are device to
+device. Before a commit or a release that spans GPU extents the process's device work is waited for:
+the daemon reads what was written, and may reuse what was read, as soon as it is told.
+
 Verification (the only place it is done): an entry is usable only if the daemon answered ``ok``, its
 extents cover the head classes asked for, it holds at least the tokens the reader needs, no extent is
-``lossy`` unless the reader accepted lossy bytes, and every extent's xxh3-64 matches its checksum.
+``lossy`` unless the reader accepted lossy bytes, and every extent's xxh3-64 matches its checksum
+(GPU extents only with ``verify_gpu``: hashing them means copying them to the host; by default their
+checksum, taken at commit, is checked by the daemon whenever they leave the pool).
 An unusable entry is never mapped, so it cannot be copied; checksum failures are counted
 (``num_corrupt``). For prefix readers (``leading=True``) the first unusable entry ends the usable run:
 the entries after it are neither checked nor used, as after a miss.
@@ -42,6 +49,7 @@ import xxhash
 
 from kvd.client.handle import ModelHandle
 from kvd.core import protocol as P
+from kvd.core.errors import DaemonUnavailable
 from kvd.core.extents import ExtentPlan, matches, needed
 
 if TYPE_CHECKING:
@@ -121,11 +129,26 @@ class EntryView:
                 copy_block(part, src, non_blocking=False)
 
 
-def _views(h: ModelHandle, arena_id: str, key: str, extents: Sequence[P.ExtentInfo], num_tokens: int) -> EntryView:
-    arena = h.client.arena(arena_id)
+def _views(h: ModelHandle, arena_id: str, key: str, extents: Sequence[P.ExtentInfo], num_tokens: int,
+           gpu_pool: P.GpuPoolInfo | None) -> EntryView:
     plans = h.plans(num_tokens)
-    return EntryView(key, num_tokens, tuple(ExtentView(plans[x.head_class], arena.torch_extent(
-        x, plans[x.head_class], h.spec.kv_dtype)) for x in extents))
+    return EntryView(key, num_tokens, tuple(ExtentView(plans[x.head_class], _extent(
+        h, arena_id, x, plans[x.head_class], gpu_pool)) for x in extents))
+
+
+def _extent(h: ModelHandle, arena_id: str, x: P.ExtentInfo, plan: ExtentPlan, gpu_pool: P.GpuPoolInfo | None):
+    if x.tier != "gpu":
+        return h.client.arena(arena_id).torch_extent(x, plan, h.spec.kv_dtype)
+    if h.gpu is None or gpu_pool is None:
+        raise DaemonUnavailable("the daemon answered an extent in its GPU pool without the pool, or to a "
+                                "handle that does not map it")
+    return h.gpu.extent(gpu_pool, x, plan, h.spec.kv_dtype)
+
+
+def _wait_for_gpu(h: ModelHandle, gpu_pool: P.GpuPoolInfo | None) -> None:
+    """Copies into or out of the GPU pool are done (before the daemon is told it may use the slots)."""
+    if h.gpu is not None and gpu_pool is not None:
+        h.gpu.synchronize(gpu_pool)
 
 
 def _elapsed(t0: float, transfer_s: float | None) -> float:
@@ -140,10 +163,12 @@ class Lease:
 
     def __init__(self, handle: ModelHandle, resp: P.LeaseResponse, *, min_tokens: Sequence[int] | None,
                  classes: Sequence[str] | None, accept_lossy: bool, verify: bool, leading: bool,
-                 position: int | None = None) -> None:
+                 position: int | None = None, verify_gpu: bool = False) -> None:
         self.handle = handle
         self.lease_id = resp.lease_id
         self.arena_id = resp.arena_id
+        self.gpu_pool = resp.gpu_pool
+        self._verify_gpu = verify_gpu
         self.hashes = [e.hash for e in resp.entries]
         self.states: list[EntryState] = []
         self.num_corrupt = 0  # entries refused for an extent whose checksum does not match
@@ -161,7 +186,7 @@ class Lease:
                     want = self._wanted(e, position)
                     state = self._check(e, min_tokens[i] if min_tokens else 0, want, accept_lossy, verify)
                 self.states.append(state)
-                self._entries.append(_views(handle, self.arena_id, e.hash, e.extents, e.num_tokens)
+                self._entries.append(_views(handle, self.arena_id, e.hash, e.extents, e.num_tokens, self.gpu_pool)
                                      if state == "ok" else None)
         except BaseException:
             self.release()
@@ -190,13 +215,21 @@ class Lease:
         if not accept_lossy and any(x.lossy for x in e.extents):
             return "lossy"
         if verify:
-            arena = self.handle.client.arena(self.arena_id)
             for x in e.extents:
-                if x.checksum is not None and xxhash.xxh3_64_hexdigest(arena.bytes_at(x.offset, x.nbytes)) != x.checksum:
+                if x.checksum is None or (x.tier == "gpu" and not self._verify_gpu):
+                    continue
+                if xxhash.xxh3_64_hexdigest(self._bytes(x)) != x.checksum:
                     self.num_corrupt += 1
                     logger.warning("kvd entry %s: extent %s fails its checksum; not used", e.hash, x.head_class)
                     return "bad_checksum"
         return "ok"
+
+    def _bytes(self, x: P.ExtentInfo) -> memoryview:
+        if x.tier == "gpu":
+            if self.handle.gpu is None or self.gpu_pool is None:
+                raise DaemonUnavailable("the daemon answered an extent in its GPU pool without the pool")
+            return self.handle.gpu.bytes_at(self.gpu_pool, x)
+        return self.handle.client.arena(self.arena_id).bytes_at(x.offset, x.nbytes)
 
     @property
     def num_leading(self) -> int:
@@ -237,6 +270,7 @@ class Lease:
         self._entries = [None] * len(self._entries)
         if self.lease_id is None:
             return 0.0
+        _wait_for_gpu(self.handle, self.gpu_pool)
         lease_id, self.lease_id = self.lease_id, None
         self.handle.client.release(P.ReleaseRequest(lease_id=lease_id, transfer_s=reported))
         return reported
@@ -252,7 +286,7 @@ def open_lease(handle: ModelHandle, hashes: Sequence[str], *, namespace: str | N
                min_tokens: Sequence[int] | None = None, classes: Sequence[str] | None = None,
                wait_s: float | None = None, accept_lossy: bool = False, verify: bool = True,
                leading: bool = True, computed_under: str | None = None, position: int | None = None,
-               exact: bool = False) -> Lease:
+               exact: bool = False, verify_gpu: bool = False) -> Lease:
     """Lease ``hashes`` (in ``namespace``, default the handle's) and check them.
 
     ``min_tokens[i]``: the tokens the reader needs from entry i (an entry may hold more, e.g. when its
@@ -260,8 +294,8 @@ def open_lease(handle: ModelHandle, hashes: Sequence[str], *, namespace: str | N
     (None: all). ``leading``: a prefix reader, which can use only the leading run of usable entries.
     ``position``: a head-aware handle's next query position after the load (prefix entries get only
     the extents its head map reads from there; None: every token of the classes). ``exact``: read every
-    extent whatever the handle's reader (the Lil guard's restore of full KV).
-    Raises the daemon's errors; nothing is held when it does."""
+    extent whatever the handle's reader (the Lil guard's restore of full KV). ``verify_gpu``: hash GPU
+    extents too (a copy to the host each). Raises the daemon's errors; nothing is held when it does."""
     if exact and handle.reader != "exact":
         handle = dataclasses.replace(handle, reader="exact")
     if min_tokens is not None and len(min_tokens) != len(hashes):
@@ -269,13 +303,14 @@ def open_lease(handle: ModelHandle, hashes: Sequence[str], *, namespace: str | N
     resp = handle.client.lease(P.LeaseRequest(
         fingerprint=handle.fingerprint, namespace=namespace or handle.namespace, hashes=list(hashes),
         classes=list(classes) if classes else None, wait_s=wait_s, accept_lossy=accept_lossy,
-        computed_under=computed_under or handle.computed_under, **handle.reader_fields(position)))
+        computed_under=computed_under or handle.computed_under, gpu=handle.gpu is not None,
+        **handle.reader_fields(position)))
     if [e.hash for e in resp.entries] != list(hashes):
         if resp.lease_id is not None:
             handle.client.release(P.ReleaseRequest(lease_id=resp.lease_id))
         raise ValueError("the daemon answered a lease for other entries than asked")
     return Lease(handle, resp, min_tokens=min_tokens, classes=classes, accept_lossy=accept_lossy, verify=verify,
-                 leading=leading, position=position)
+                 leading=leading, position=position, verify_gpu=verify_gpu)
 
 
 # ---- write: reservations ---------------------------------------------------------------------------
@@ -288,6 +323,7 @@ class Reservation:
         self.handle = handle
         self.reservation_id = resp.reservation_id
         self.arena_id = resp.arena_id
+        self.gpu_pool = resp.gpu_pool
         self.hashes = [e.hash for e in entries]
         self.states = [e.status for e in resp.entries]
         self._entries: list[EntryView | None] = []
@@ -296,8 +332,8 @@ class Reservation:
             if [e.hash for e in resp.entries] != self.hashes:
                 raise ValueError("the daemon answered a reservation for other entries than asked")
             for want, got in zip(entries, resp.entries):
-                self._entries.append(_views(handle, self.arena_id, want.hash, got.extents, want.num_tokens)
-                                     if got.status == "reserved" else None)
+                self._entries.append(_views(handle, self.arena_id, want.hash, got.extents, want.num_tokens,
+                                            self.gpu_pool) if got.status == "reserved" else None)
         except BaseException:
             self.abort()
             raise
@@ -330,6 +366,7 @@ class Reservation:
         self._entries = [None] * len(self._entries)
         if self.reservation_id is None:
             return []
+        _wait_for_gpu(self.handle, self.gpu_pool)
         rid, self.reservation_id = self.reservation_id, None
         return self.handle.client.commit(P.CommitRequest(reservation_id=rid, transfer_s=reported)).committed
 
@@ -357,6 +394,6 @@ def reserve(handle: ModelHandle, entries: Sequence[P.ReserveEntry], *, namespace
     daemon's errors; nothing is held when it does."""
     resp = handle.client.reserve(P.ReserveRequest(
         fingerprint=handle.fingerprint, namespace=namespace or handle.namespace,
-        computed_under=computed_under or handle.computed_under, entries=list(entries)))
+        computed_under=computed_under or handle.computed_under, entries=list(entries), gpu=handle.gpu is not None))
     return Reservation(handle, resp, entries)
 

@@ -3,7 +3,7 @@
 ``s_k[s, d] = max_t |K[s, t, d]| / QMAX``, ``s_v[s, t] = max_d |V[s, t, d]| / QMAX`` in fp32, a zero scale
 becomes 1.0; ``q = x_f32 / s`` (IEEE division), fp8: clamp to ±448 then cast to ``torch.float8_e4m3fn``
 (round to nearest even); int8: ``torch.round`` (half to even) then clamp to ±127. Decode:
-``(q.float() * s).to(dtype)``. ``kvd/gpu_kernels/quant.py`` implements the same math. The quantized
+``(q.float() * s).to(dtype)``. The quantized
 bytes then go through the same probe-and-zstd plane step as ``lossless``. An extent holding NaN or ±Inf
 cannot be scaled, so it is encoded ``lossless`` instead; the payload says which codec it used, and
 callers learn it from the payload (``payload_info``), never assume it.

@@ -40,7 +40,6 @@ OTHER_ENV = {
     "KVD_CONFIG": "the daemon's config file",
     "KVD_SOCKET": "kvctl's control socket",
     "KVD_MODEL_CACHE": "where tests and benchmarks keep the SmolLM2 model",
-    "KVD_FP8_HW_CAST": "the fp8 kernel's hardware cast switch",
     "KVD_BENCH_LOG": "the control-plane benchmark's daemon log level",
 }
 # Sizes: bytes, "16G"/"16GiB" (x1024), "16GB" (x1000); kvd.core.units has the table.
@@ -107,6 +106,14 @@ class HostSettings(_Section):
                 f"low_watermark={self.low_watermark} is above high_watermark={self.high_watermark}"
             )
         return self
+
+
+class GpuSettings(_Section):
+    # The GPU tier (kvd.tiers.gpu, docs/gpu.md): built only if enabled AND a GPU is present, else absent.
+    enabled: bool = False
+    device: int = Field(default=0, ge=0, le=255)  # CUDA device index, in the daemon's numbering
+    capacity_bytes: Size = Field(default=ByteSize(4 << 30), ge=4096)  # default partition's pool (tenants: gpu_bytes)
+    slot_bytes: Size = Field(default=ByteSize(2 << 20), ge=4096, multiple_of=4096)
 
 
 class SsdSettings(_Section):
@@ -185,6 +192,7 @@ class TenantSettings(_Section):
     namespaces: list[str] = Field(min_length=1)
     arena_bytes: Size = ByteSize(1 << 30)  # its own arena file: its share of the host tier
     ssd_bytes: Size = ByteSize(16 << 30)  # its quota of the SSD tier (encoded bytes)
+    gpu_bytes: Size = ByteSize(0)  # its own GPU pool, with [gpu] enabled (0: its entries skip the GPU tier)
     group: int | None = None  # gid owning its arena file (mode 0660); default: its first gid
 
     @model_validator(mode="after")
@@ -213,6 +221,7 @@ class Settings(_Section):
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     keys: KeySettings = Field(default_factory=KeySettings)
     host: HostSettings = Field(default_factory=HostSettings)
+    gpu: GpuSettings = Field(default_factory=GpuSettings)
     ssd: SsdSettings = Field(default_factory=SsdSettings)
     codec: CodecSettings = Field(default_factory=CodecSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)

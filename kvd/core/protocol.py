@@ -28,6 +28,7 @@ from pydantic import (
 from kvd.core.errors import InvalidRequest
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import EXACT, check_attention, check_namespace
+from kvd.core.protocol_gpu import GpuPoolInfo
 
 API_VERSION = "v1"
 
@@ -36,7 +37,7 @@ EntryKind = Literal["prefix", "chunk"]
 # 128-hash lookup cheap. The API rewrites the pattern error into words (``kvd.daemon.api._describe``).
 HASH_PATTERN = r"^[0-9a-f]{32}$"
 Hash = Annotated[str, StringConstraints(pattern=HASH_PATTERN)]
-TierName = Literal["host", "ssd", "remote"]
+TierName = Literal["gpu", "host", "ssd", "remote"]
 
 
 def describe_validation_error(e: ValidationError, limit: int = 5) -> str:
@@ -139,14 +140,14 @@ class ModelsResponse(_Model):
 
 
 class ExtentInfo(_Model):
-    """One extent of an entry as the client sees it: where it lies in the arena and its checksum."""
+    """One extent of an entry as the client sees it: where it lies (the arena, or the GPU pool), its checksum."""
 
     head_class: str
-    offset: int  # byte offset in the arena
+    offset: int  # byte offset in the arena (tier "host") or in the GPU pool (tier "gpu")
     nbytes: int  # bytes of KV in the extent (the slot run may be longer)
     checksum: str | None = None  # xxh3-64 hex of the extent's bytes, once committed
-    # The bytes came back from a lossy codec (fp8/int8): only ever sent to readers that accept it.
-    lossy: bool = False
+    lossy: bool = False  # bytes from a lossy codec (fp8/int8): only ever sent to readers that accept them
+    tier: Literal["host", "gpu"] = "host"  # the memory tier it lies in (kvd.tiers.gpu: the GPU pool)
 
 
 class PrefixAlias(_Model):
@@ -160,12 +161,10 @@ class ReserveEntry(_Model):
     hash: Hash
     kind: EntryKind = "prefix"
     num_tokens: int = Field(gt=0, le=1 << 20)
-    # Position of the entry's first token in the sequence it came from, and that sequence's length
-    # at store time: the placement policy uses them to tell which local-head tokens are in the window.
+    # Where the entry starts in its sequence, and that sequence's length at store time (placement's window).
     start_token: int = Field(default=0, ge=0, le=MAX_POSITION)
     end_token: int | None = Field(default=None, ge=0, le=MAX_POSITION)
-    # Keys of block-aligned proper prefixes of this entry; each serves a reader that needs only that
-    # many leading tokens. Registered at commit (or at once when the entry exists already).
+    # Keys of block-aligned proper prefixes (for readers of fewer tokens); registered at commit, or at once.
     aliases: list[PrefixAlias] = Field(default_factory=list, max_length=4096)
 
 
@@ -174,12 +173,12 @@ class ReserveRequest(_Model):
     namespace: NamespaceStr = "default"
     computed_under: AttentionStr = EXACT
     entries: list[ReserveEntry]
+    gpu: bool = False  # the writer maps the daemon's GPU pool: reserve there first (kvd.client.gpu_pool)
 
 
 class ReservedEntry(_Model):
     hash: str
-    # reserved: write the extents, then commit. exists: already stored (or being stored by another
-    # client): skip it. no_space: the arena is full and nothing can be evicted right now.
+    # reserved: write, then commit. exists: stored (or being stored) already: skip it. no_space: none now.
     status: Literal["reserved", "exists", "no_space"]
     extents: list[ExtentInfo] = Field(default_factory=list)
 
@@ -189,14 +188,13 @@ class ReserveResponse(_Model):
     expires_in_s: float
     arena_id: str
     entries: list[ReservedEntry]
+    gpu_pool: GpuPoolInfo | None = None  # the pool the "gpu" extents lie in
 
 
 class CommitRequest(_Model):
     reservation_id: str
-    # Commit only these entries of the reservation (the rest are aborted); None: all of them.
-    hashes: list[Hash] | None = None
-    # Seconds the client spent copying the reservation's bytes in (for the bytes/seconds counters).
-    transfer_s: float = Field(default=0.0, ge=0, le=3600)
+    hashes: list[Hash] | None = None  # commit only these entries (the rest are aborted); None: all
+    transfer_s: float = Field(default=0.0, ge=0, le=3600)  # seconds spent copying in (for the counters)
 
 
 class CommitResponse(_Model):
@@ -279,6 +277,7 @@ class LeaseRequest(_Read):
     wait_s: float | None = Field(default=None, ge=0, le=600)
     # head_aware: its next query position (loading N prefix tokens: N); None: every token of the classes.
     position: int | None = Field(default=None, ge=0, le=MAX_POSITION)
+    gpu: bool = False  # the reader maps the daemon's GPU pool: extents may be served from there
 
     @model_validator(mode="after")
     def _position_is_head_aware(self) -> LeaseRequest:
@@ -304,6 +303,7 @@ class LeaseResponse(_Model):
     expires_in_s: float
     arena_id: str
     entries: list[LeasedEntry]
+    gpu_pool: GpuPoolInfo | None = None  # the pool the "gpu" extents lie in
 
 
 class ReleaseRequest(_Model):

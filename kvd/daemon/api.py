@@ -257,8 +257,8 @@ async def entries(request: web.Request) -> web.Response:
     if not 0 < limit <= 1_000_000:
         raise InvalidRequest(f"limit={limit} must be between 1 and 1000000")
     tier = q.get("tier")
-    if tier is not None and tier not in ("host", "ssd", "remote"):
-        raise InvalidRequest(f"tier={tier!r} unknown; use host, ssd or remote")
+    if tier is not None and tier not in ("gpu", "host", "ssd", "remote"):
+        raise InvalidRequest(f"tier={tier!r} unknown; use gpu, host, ssd or remote")
     _allowed(request, q.get("namespace"))  # a tenant lists its own namespaces only, one at a time
     return _json(reporting.list_entries(request.app[STORE], fingerprint=q.get("model"),
                                         namespace=q.get("namespace"), tier=tier, limit=limit))

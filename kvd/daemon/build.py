@@ -1,7 +1,9 @@
-"""The store's tiers, built from the settings: the host arena(s), the SSD tier, the remote cluster.
+"""The store's tiers, built from the settings: the GPU pool(s), the host arena(s), the SSD tier, the remote cluster.
 
-Order is the pipeline's: host (one arena, or one per tenant: ``kvd.daemon.tenants``) → ssd (if
-``ssd.enabled``) → remote (if ``remote.enabled``). Before the arenas are made, arenas and sockets that
+Order is the pipeline's: gpu (if ``gpu.enabled`` and a GPU is present; one pool, or one per tenant
+with ``gpu_bytes``) → host (one arena, or one per tenant: ``kvd.daemon.tenants``) → ssd (if
+``ssd.enabled``) → remote (if ``remote.enabled``). Without a GPU the GPU tier is absent (logged) and
+torch is never imported: the presence of a GPU is asked of NVML first (``kvd.tiers.gpu.gpu_present``). Before the arenas are made, arenas and sockets that
 daemons killed with -9 left behind are removed (``kvd.tiers.arena.remove_stale``). A remote cluster
 that cannot be reached at start stops the daemon when ``remote.required``; otherwise the daemon starts
 without it and ``join_remote_later`` adds it when it answers.
@@ -19,6 +21,7 @@ from kvd.core.errors import ConfigError, TierUnavailable
 from kvd.daemon.tenants import Tenants
 from kvd.tiers.arena import remove_stale
 from kvd.tiers.base import Tier
+from kvd.tiers.gpu import GpuTier, cuda_ipc, gpu_present
 from kvd.tiers.host import HostTier
 from kvd.tiers.remote import RemoteTier, connect
 from kvd.tiers.ssd import SsdTier
@@ -28,9 +31,15 @@ logger = logging.getLogger("kvd")
 REMOTE_RETRY_S = 30
 
 
-async def build_tiers(settings: Settings, tenants: Tenants, io: ThreadPoolExecutor, tiers: list[Tier]) -> Tier | None:
+async def build_tiers(settings: Settings, tenants: Tenants, io: ThreadPoolExecutor, tiers: list[Tier],
+                      gpu_ipc=None) -> Tier | None:
     """Append the tiers to ``tiers`` (so the caller can close what was built if a later one fails);
-    returns the remote tier, or None when it is not there (disabled, or unreachable and not required)."""
+    returns the remote tier, or None when it is not there (disabled, or unreachable and not required).
+    ``gpu_ipc``: how the GPU pool is shared; None: CUDA IPC on ``gpu.device`` (tests pass the
+    in-process stand-in, ``kvd.core.gpu_ipc.InProcessIpc``)."""
+    gpu = gpu_tier(settings, tenants, gpu_ipc)
+    if gpu is not None:
+        tiers.append(gpu)
     arena = settings.arena_path()
     remove_stale(arena.parent, f"kvd-{os.getuid()}-*.arena")
     host = HostTier(arena, int(settings.host.capacity_bytes), int(settings.host.slot_bytes),
@@ -48,6 +57,30 @@ async def build_tiers(settings: Settings, tenants: Tenants, io: ThreadPoolExecut
     if remote is not None:
         tiers.append(remote)
     return remote
+
+
+def gpu_tier(settings: Settings, tenants: Tenants, ipc=None) -> GpuTier | None:
+    """The GPU tier, or None: disabled, or (with real CUDA IPC) no GPU, torch or device here (logged)."""
+    cfg = settings.gpu
+    if not cfg.enabled:
+        return None
+    if cfg.capacity_bytes < cfg.slot_bytes:
+        raise ConfigError(f"gpu.capacity_bytes = {int(cfg.capacity_bytes)} is smaller than one slot "
+                          f"(gpu.slot_bytes = {int(cfg.slot_bytes)}); raise it or lower the slot size")
+    if ipc is None:
+        if not gpu_present():
+            logger.warning("gpu.enabled = true, but this host has no NVIDIA GPU; serving without the GPU tier")
+            return None
+        ipc = cuda_ipc(cfg.device)
+        if ipc is None:
+            return None
+    tier = GpuTier(ipc, int(cfg.capacity_bytes), int(cfg.slot_bytes),
+                   partitions=tenants.gpu_pools(int(cfg.capacity_bytes)), partition_of=tenants.partition_of)
+    for p, pool in tier.pools.items():
+        logger.info("gpu pool%s on %s: %d MiB in %d slots of %d KiB, shared by %s",
+                    f" (tenant {p})" if p else "", pool.info.device_uuid, pool.capacity_bytes >> 20, pool.num_slots,
+                    pool.slot_bytes >> 10, pool.info.transport)
+    return tier
 
 
 async def remote_tier(settings: Settings, io: ThreadPoolExecutor) -> RemoteTier | None:

@@ -147,8 +147,9 @@ class Metrics:
             "kvd_hit_tokens", "Tokens a reader can load, found by lookups (leading complete prefix entries, "
             "complete chunk entries), by the tier they are read from", ["kind", "tier"], registry=r)
         self.moved_bytes = Counter(
-            "kvd_moved_bytes", "Bytes moved, by direction (store: engine->arena, load: arena->engine, demote: "
-            "down to a tier, promote: up from a tier) and the tier on the far side (host for store/load)",
+            "kvd_moved_bytes", "Bytes moved, by direction (store: engine->arena or GPU pool, load: the reverse, "
+            "demote: down to a tier, promote: up from a tier) and the tier on the far side (host or gpu for "
+            "store/load)",
             ["direction", "tier"], registry=r)
         self.moved_seconds = Counter(
             "kvd_moved_seconds", "Seconds spent moving bytes, by direction and tier (client-reported for "
@@ -228,6 +229,10 @@ class Metrics:
             return
         self._tiers_known = tuple(names)
         for tier in names:
+            if tier == "gpu":  # engines store into and load from the GPU pool too
+                for direction in ("store", "load"):
+                    self.moved_bytes.labels(direction, tier)
+                    self.moved_seconds.labels(direction, tier)
             self.evicted_entries.labels(tier)
             self.checksum_failures.labels(tier)
             for kind in ENTRY_KINDS:

@@ -66,12 +66,14 @@ RELOADABLE = {
 }
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.monotonic, gpu_ipc=None) -> web.Application:
+    """The control application. ``gpu_ipc``: how the GPU pool is shared (None: CUDA IPC; tests pass the
+    in-process stand-in, ``kvd.core.gpu_ipc.InProcessIpc``)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=int(settings.daemon.max_request_bytes))
     app[STATE] = {"shutting_down": False, "config": config_view(settings), "settings": settings}
     app[TENANTS] = Tenants(settings)
     app[METRICS] = Metrics()
-    app.cleanup_ctx.append(_store_ctx(settings, clock))
+    app.cleanup_ctx.append(_store_ctx(settings, clock, gpu_ipc))
     app.cleanup_ctx.append(_expiry_ctx)
     app.add_routes(control_routes())
     return app
@@ -85,7 +87,7 @@ def create_metrics_app(control: web.Application) -> web.Application:
     return app
 
 
-def _store_ctx(settings: Settings, clock: Callable[[], float]):
+def _store_ctx(settings: Settings, clock: Callable[[], float], gpu_ipc=None):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         # Two pools: codecs and checksums on one, blocking tier I/O on the other, so a stalled disk
         # (compaction, a slow device) never holds up commit checksums.
@@ -95,16 +97,16 @@ def _store_ctx(settings: Settings, clock: Callable[[], float]):
         store = task = retry = None
         try:
             tenants = app[TENANTS]
-            remote = await build_tiers(settings, tenants, io, tiers)
+            remote = await build_tiers(settings, tenants, io, tiers, gpu_ipc)
             metrics = app[METRICS]
             store = Store(settings, tiers, metrics=metrics, cpu=cpu, io=io, clock=clock,
                           partition_of=tenants.partition_of, quotas={"ssd": tenants.ssd_quota} if tenants.enabled else None)
             metrics.attach_tiers(store.tier_stats, lambda: entry_counts(store))
             metrics.attach_gpu()
             app[STORE] = store
-            if len(tiers) > 1:
+            if store.index.records:
                 n = await recover(store)
-                logger.info("%s: %d entries recovered", ", ".join(t.name for t in tiers[1:]), n)
+                logger.info("%s: %d entries recovered", ", ".join(lv.name for lv in store.index.records), n)
             task = asyncio.create_task(store.background.run(), name="kvd-background")
             if settings.remote.enabled and remote is None:  # not required: join the cluster when it comes
                 retry = asyncio.create_task(join_remote_later(settings, io, store), name="kvd-remote-join")
@@ -193,13 +195,13 @@ class Daemon:
 
     def __init__(self, settings: Settings, *, config_path: str | None = None,
                  overrides: dict | None = None, notifier: Notifier | None = None,
-                 handle_signals: bool = True) -> None:
+                 handle_signals: bool = True, gpu_ipc=None) -> None:
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides
         self.notifier = notifier or Notifier()
         self.handle_signals = handle_signals  # False for tests and embedding (signals need the main thread)
-        self.app = create_app(settings)
+        self.app = create_app(settings, gpu_ipc=gpu_ipc)  # gpu_ipc: tests' in-process stand-in
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
 

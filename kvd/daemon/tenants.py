@@ -9,7 +9,8 @@ namespace, one arena, no quotas, every admin action. With tenants:
   naming the namespace and the tenant); admins may name any namespace;
 - each tenant is a *partition* of the host tier: its own arena file, owned by its group and mode 0660,
   so a client can map only its own tenant's memory (another tenant's open fails with EACCES), sized
-  by its ``arena_bytes``; its SSD quota is ``ssd_bytes``;
+  by its ``arena_bytes``; likewise of the GPU tier (its own allocation of ``gpu_bytes``, whose IPC
+  handle only its own leases and reservations carry); its SSD quota is ``ssd_bytes``;
 - admin actions (flush, evict, compact, listing every namespace) need an admin.
 
 Namespace patterns: an exact name, or a prefix ending in ``*`` (``team-a:*`` covers vLLM's salted
@@ -129,6 +130,13 @@ class Tenants:
             gid = t.group if t.group is not None else (t.gids[0] if t.gids else None)
             out[name] = ArenaSpec(base.with_name(f"{base.stem}-{name}{base.suffix}"), int(t.arena_bytes), gid)
         return out
+
+    def gpu_pools(self, capacity_bytes: int) -> dict[str, int] | None:
+        """Bytes of each partition's GPU pool: the default one ``capacity_bytes``, a tenant its
+        ``gpu_bytes`` (0: none); None without tenants (one pool)."""
+        if not self.enabled:
+            return None
+        return {"": capacity_bytes, **{name: int(t.gpu_bytes) for name, t in self.tenants.items()}}
 
     def ssd_quota(self, partition: str) -> int | None:
         t = self.tenants.get(partition)

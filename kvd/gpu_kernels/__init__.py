@@ -8,16 +8,11 @@ module's docstring; docs/kernels.md has the overview and the H200 measurements.
 - ``segpaged_prefill``: varlen causal prefill/extend with per-head sink + window visibility.
 - ``gather_segments`` / ``scatter_segments``: vLLM paged KV layouts <-> contiguous per-head segments.
 - ``rope_shift``: rotate cached keys by a position delta, in place.
-- ``quantize_keys`` / ``quantize_values`` / ``dequantize_*``: fp8 e4m3 and int8, codec math.
-- ``split_byte_planes`` / ``merge_byte_planes``: byte planes of the lossless codec (plane i = byte i).
+
+The fp8/int8 quantization and byte-plane kernels were removed (issue 18): the cold codecs run on the
+host, where records are written from the arena, so no product path called them (docs/gpu.md).
 """
 
-from kvd.gpu_kernels.byte_planes import (
-    merge_byte_planes,
-    merge_byte_planes_ref,
-    split_byte_planes,
-    split_byte_planes_ref,
-)
 from kvd.gpu_kernels.gather_scatter import (
     LAYOUTS,
     gather_segments,
@@ -25,27 +20,13 @@ from kvd.gpu_kernels.gather_scatter import (
     scatter_segments,
     scatter_segments_ref,
 )
-from kvd.gpu_kernels.quant import (
-    QMAX,
-    dequantize_keys,
-    dequantize_keys_ref,
-    dequantize_values,
-    dequantize_values_ref,
-    quantize_keys,
-    quantize_keys_ref,
-    quantize_values,
-    quantize_values_ref,
-)
 from kvd.gpu_kernels.rope_shift import rope_shift, rope_shift_ref
 from kvd.gpu_kernels.segpaged_decode import segpaged_decode, segpaged_decode_ref
 from kvd.gpu_kernels.segpaged_prefill import segpaged_prefill, segpaged_prefill_ref
 
 __all__ = [
-    "LAYOUTS", "QMAX",
-    "dequantize_keys", "dequantize_keys_ref", "dequantize_values", "dequantize_values_ref",
+    "LAYOUTS",
     "gather_segments", "gather_segments_ref", "scatter_segments", "scatter_segments_ref",
-    "merge_byte_planes", "merge_byte_planes_ref", "split_byte_planes", "split_byte_planes_ref",
-    "quantize_keys", "quantize_keys_ref", "quantize_values", "quantize_values_ref",
     "rope_shift", "rope_shift_ref",
     "segpaged_decode", "segpaged_decode_ref", "segpaged_prefill", "segpaged_prefill_ref",
 ]

@@ -15,6 +15,9 @@ Shapes (S entries, nb blocks per entry, nh heads moved, N tokens per block, D he
                                          on the GPU: the kernel then reads or writes it over PCIe
                                          directly (zero copy), so segments may sit anywhere in the arena
     num_tokens   T <= nb * N             tokens per entry (a partial last block); default nb * N
+    aligned      bool                    the caller promises every offset is a multiple of 16 elements:
+                                         the kernel may then move ``buf`` in 16-byte vectors (kvd's
+                                         extents start on slot boundaries, and segments are 2 T D long)
 
 Layouts (``layout``), vLLM 0.32 (see shared/reference/ENGINES.md 1.5):
 
@@ -49,7 +52,7 @@ def _gather_scatter_kernel(
     stride_kvb, stride_kvh, stride_kvn, stride_bis, stride_offs,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr,
-    K_TRANSPOSED: tl.constexpr, TO_BUF: tl.constexpr,
+    K_TRANSPOSED: tl.constexpr, TO_BUF: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -75,6 +78,8 @@ def _gather_scatter_kernel(
 
     # -- kvd side: segment = K[T, D] then V[T, D] at offsets[s, j] --------------------------------
     seg = tl.load(offsets_ptr + tl.cast(pid_s, tl.int64) * stride_offs + pid_h)
+    if ALIGNED:  # offsets loaded at run time: without the hint no access to buf is vectorized
+        seg = tl.multiple_of(seg, 16)
     bk_offs = seg + offs_t.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
     bv_offs = bk_offs + tl.cast(num_tokens, tl.int64) * HEAD_DIM
 
@@ -126,31 +131,47 @@ def _normalize(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens):
     return block_ids, offsets, T
 
 
-def _run(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens, to_buf):
+# Tokens per program and warps, per head_dim bucket: TILE[next_pow2(D)] = (BLOCK_T, num_warps). On an
+# H100 (benchmarks/gpu_copy_tiles.py, benchmarks/results/gpu_copy_tiles.json: LBNHC, D 128, bf16,
+# 128 MiB per launch) every tile from 8 to 64 tokens with 1 to 8 warps moved 1,354-1,371 GB/s, 0.96x
+# a device copy; tiles near 2048 elements are kept as the middle of that flat range.
+TILE = {64: (32, 4), 128: (16, 4), 256: (8, 4)}
+
+
+def _tile(D: int) -> tuple[int, int]:
+    return TILE.get(next_pow2(D), (max(1, 2048 // next_pow2(D)), 4))
+
+
+def _run(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens, to_buf, aligned=False, tile=None):
     block_ids, offsets, T = _normalize(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens)
     S, nh = offsets.shape
     if S == 0 or nh == 0 or T == 0:
         return
     D = kv_layer.shape[3] // 2
-    block_t = 16 if is_interpreter() else max(8, min(64, 8192 // next_pow2(D)))
+    block_t, num_warps = tile or _tile(D)
+    if is_interpreter():
+        block_t = 16
     grid = (triton.cdiv(T, block_t), nh, S)
-    _gather_scatter_kernel[grid](
+    return _gather_scatter_kernel[grid](
         kv_layer, buf, block_ids, head_ids, offsets,
         T,
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), block_ids.stride(0), offsets.stride(0),
         HEAD_DIM=D, BLOCK_D=next_pow2(D), BLOCK_TOKENS=kv_layer.shape[2], BLOCK_T=block_t,
-        K_TRANSPOSED=layout == "LBHNC_KT", TO_BUF=to_buf, num_warps=4,
+        K_TRANSPOSED=layout == "LBHNC_KT", TO_BUF=to_buf, ALIGNED=bool(aligned) and D % 16 == 0, num_warps=num_warps,
     )
 
 
-def gather_segments(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layout, num_tokens=None) -> None:
-    """Copy segments (entry s, head head_ids[j]) from ``kv_layer`` into ``dst`` at ``dst_offsets[s, j]``."""
-    _run(kv_layer, block_ids, head_ids, dst, dst_offsets, layout, num_tokens, True)
+def gather_segments(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layout, num_tokens=None,
+                    aligned=False, tile=None) -> None:
+    """Copy segments (entry s, head head_ids[j]) from ``kv_layer`` into ``dst`` at ``dst_offsets[s, j]``.
+    ``tile``: (tokens per program, warps) instead of ``TILE``'s (the tile sweep only)."""
+    _run(kv_layer, block_ids, head_ids, dst, dst_offsets, layout, num_tokens, True, aligned, tile)
 
 
-def scatter_segments(kv_layer, block_ids, head_ids, src, src_offsets, *, layout, num_tokens=None) -> None:
+def scatter_segments(kv_layer, block_ids, head_ids, src, src_offsets, *, layout, num_tokens=None,
+                     aligned=False, tile=None) -> None:
     """The exact reverse of ``gather_segments``: write segments from ``src`` into ``kv_layer``."""
-    _run(kv_layer, block_ids, head_ids, src, src_offsets, layout, num_tokens, False)
+    _run(kv_layer, block_ids, head_ids, src, src_offsets, layout, num_tokens, False, aligned, tile)
 
 
 def _segment_views(kv_layer, block_ids, head, layout, T):
@@ -169,7 +190,8 @@ def _segment_views(kv_layer, block_ids, head, layout, T):
     return k[:T], v[:T]
 
 
-def gather_segments_ref(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layout, num_tokens=None) -> None:
+def gather_segments_ref(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layout, num_tokens=None,
+                        aligned=False) -> None:
     """Plain torch, same signature and effect as ``gather_segments`` (works on the CPU backend's KV)."""
     block_ids, offsets, T = _normalize(kv_layer, block_ids, head_ids, dst, dst_offsets, layout, num_tokens)
     D = kv_layer.shape[3] // 2
@@ -181,7 +203,8 @@ def gather_segments_ref(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layo
             dst[off + T * D: off + 2 * T * D].copy_(v.reshape(-1))
 
 
-def scatter_segments_ref(kv_layer, block_ids, head_ids, src, src_offsets, *, layout, num_tokens=None) -> None:
+def scatter_segments_ref(kv_layer, block_ids, head_ids, src, src_offsets, *, layout, num_tokens=None,
+                         aligned=False) -> None:
     """Plain torch, same signature and effect as ``scatter_segments``."""
     block_ids, offsets, T = _normalize(kv_layer, block_ids, head_ids, src, src_offsets, layout, num_tokens)
     nblk, H, N, C = kv_layer.shape

@@ -56,9 +56,8 @@ class Admin:
         """Write matching entries below the arena now, whatever admission says. Returns how many of
         them are durably below afterwards: an entry the pipeline is busy with is waited for (up to
         the prefetch deadline); one evicted before the flush arrived is not counted."""
-        if len(self.index.levels) < 2:
+        if not self.index.records:
             raise InvalidRequest("flush writes to the SSD tier, which is not enabled (ssd.enabled = false)")
-        top = self.index.levels[0]
         if req.hashes is not None:
             chosen = [e for h in req.hashes if (e := self.index.get((req.namespace, req.fingerprint, h)))]
         else:
@@ -68,7 +67,8 @@ class Admin:
         while True:
             todo = [e for e in chosen if self.pipeline.needs_write(e) and e.key not in self.pipeline.busy]
             for i in range(0, len(todo), batch):
-                await self.pipeline.write_down(todo[i : i + batch], top)
+                for lv in self.index.memory:  # GPU pool -> arena, then arena -> SSD
+                    await self.pipeline.write_down(todo[i : i + batch], lv)
             waiting = [e for e in chosen if self.pipeline.needs_write(e) and e.key in self.pipeline.busy]
             if not waiting or time.monotonic() > deadline:
                 break
@@ -80,7 +80,7 @@ class Admin:
 
     def _below(self, e: Entry) -> bool:
         """Every extent kept anywhere has a copy below the arena (extents let go excepted)."""
-        lower = {lv.name for lv in self.index.levels[1:]}
+        lower = {lv.name for lv in self.index.records}
         return all(x.dropped or lower & x.copies.keys() for x in e.extents.values()) and any(
             lower & x.copies.keys() for x in e.extents.values())
 
@@ -125,7 +125,7 @@ class Admin:
     def persist_model(self, req: P.RegisterModelRequest, fingerprint: str) -> None:
         """Keep the registration beside the records of every persistent tier (for the start-up rebuild)."""
         doc = req.model_copy(update={"fingerprint": fingerprint}).model_dump_json().encode()
-        for lv in self.index.levels[1:]:
+        for lv in self.index.records:
             task = asyncio.get_running_loop().create_task(
                 self.pipeline.on_io(lv, lv.tier.put_meta, MODEL_META + fingerprint, doc))
             self._tasks.add(task)

@@ -15,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvd.core import protocol as P
+from kvd.core.protocol_gpu import GpuPoolInfo
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Entry
 from kvd.store.index import Level
+from kvd.tiers.gpu import GpuTier
 
 
 @dataclass(slots=True)
@@ -122,14 +124,28 @@ def count_hits(metrics: Metrics, req: P.LookupRequest, result: LookupResult, *, 
                 metrics.hit_tokens.labels("chunk", r.tier).inc(r.num_tokens)
 
 
-def extent_infos(e: Entry, tier: str, classes: list[str] | None = None) -> list[P.ExtentInfo]:
-    """Where ``e``'s extents (of ``classes``) lie in the memory tier ``tier``, with checksums and lossiness."""
+def extent_infos(e: Entry, tiers: list[str], classes: list[str] | None = None,
+                 accept_lossy: bool = True) -> list[P.ExtentInfo]:
+    """Where ``e``'s extents (of ``classes``) lie, each in the first of the memory ``tiers`` (fastest
+    first) that holds a copy the reader can use, with checksums and lossiness."""
     out = []
     for c, x in e.extents.items():
-        copy = x.copies.get(tier)
-        if copy is None or (classes is not None and c not in classes):
+        if classes is not None and c not in classes:
             continue
+        found = next(((t, cp) for t in tiers if (cp := x.copies.get(t)) is not None
+                      and (accept_lossy or not cp.is_lossy)), None)
+        if found is None:
+            continue
+        tier, copy = found
         out.append(P.ExtentInfo(head_class=c, offset=copy.loc.offset, nbytes=x.nbytes,
                                 checksum=None if copy.checksum is None else f"{copy.checksum:016x}",
-                                lossy=copy.is_lossy))
+                                lossy=copy.is_lossy, tier=tier))
     return out
+
+
+def gpu_pool(levels: list[Level], partition: str, extents: list[P.ExtentInfo]) -> GpuPoolInfo | None:
+    """The GPU pool of ``partition`` when some of ``extents`` lie in it: what the client maps them by."""
+    if not any(x.tier == "gpu" for x in extents):
+        return None
+    tier = next((lv.tier for lv in levels if isinstance(lv.tier, GpuTier)), None)
+    return tier.info(partition) if tier is not None else None

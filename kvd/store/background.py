@@ -2,13 +2,16 @@
 
 When things move (this module) is apart from how they move (``kvd.store.pipeline``):
 
-- **write-back**: an entry *admitted* below the top tier (seen ``ssd.admit_after`` times, or pinned;
-  ``kvd.policies.admission``) is queued, and the background task writes it to the next tier with the
-  codec head-aware placement chose at commit; cold extents then leave the arena.
-- **relief**: above the arena's high watermark, victims of the arena's eviction policy leave it until
-  usage is under the low watermark, through the one eviction path (admitted ones written first).
-- **prefetch**: a lookup that finds extents only below the top starts promoting them; a lease waits
-  for that, up to a deadline.
+- **write-back**: an entry *admitted* to the record tiers (seen ``ssd.admit_after`` times, or pinned;
+  ``kvd.policies.admission``) is queued, and the background task writes it down through the memory
+  tiers (GPU pool -> arena -> SSD) with the codec head-aware placement chose at commit; cold extents
+  then leave each memory tier they were written down from.
+- **relief**: above a memory tier's high watermark (``host.high_watermark``, for the GPU pool too),
+  victims of its eviction policy leave it until usage is under the low watermark, through the one
+  eviction path (the GPU pool's go down to the arena; admitted ones are written first).
+- **prefetch**: a lookup that finds extents only in record tiers starts promoting them into the arena;
+  a lease waits for that (or for a copy down from the GPU pool, for a reader that does not map it),
+  up to a deadline.
 
 One task (``run``) does write-back then relief in rounds; prefetches are tasks of their own, one per
 entry at a time. Failures are logged and counted; the loop survives them.
@@ -100,36 +103,39 @@ class Background:
 
     # ---- prefetch ------------------------------------------------------------------------------
 
-    def prefetch(self, e: Entry, classes: list[str] | None = None, accept_lossy: bool = False) -> asyncio.Task | None:
-        """Start bringing what a reader needs of ``e`` to the top tier; the task, or None if nothing to do."""
+    def prefetch(self, e: Entry, classes: list[str] | None = None, accept_lossy: bool = False,
+                 readable: frozenset[str] | None = None) -> asyncio.Task | None:
+        """Start bringing what a reader (of the tiers ``readable``; default the arena) needs of ``e``
+        into the arena; the task, or None if nothing to do."""
         task = self._prefetching.get(e.key)
         if task is not None:
             return task
-        if not self.promotion.missing_at_top(e, classes, accept_lossy):
+        if not self.promotion.missing(e, classes, accept_lossy, readable):
             return None
-        task = asyncio.get_running_loop().create_task(self._promote(e, classes, accept_lossy))
+        task = asyncio.get_running_loop().create_task(self._promote(e, classes, accept_lossy, readable))
         self._prefetching[e.key] = task
         task.add_done_callback(lambda _t, k=e.key: self._prefetching.pop(k, None))
         return task
 
-    async def _promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool) -> bool:
+    async def _promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool,
+                       readable: frozenset[str] | None) -> bool:
         try:
-            return await self.promotion.promote(e, classes, accept_lossy)
+            return await self.promotion.promote(e, classes, accept_lossy, readable)
         except Exception:  # noqa: BLE001 - a failed prefetch is a miss; the daemon keeps serving
             logger.exception("promoting %s failed", e.hash)
             self.metrics.errors.labels("promote").inc()
             return False
 
     async def wait_for_top(self, entries: list[Entry], classes_of: Callable[[Entry], list[str] | None],
-                           accept_lossy: bool, wait_s: float) -> None:
-        """Start the promotions ``entries`` need (``classes_of(e)``: the classes its reader reads) and
-        wait for them, at most ``wait_s`` seconds."""
-        tasks = [t for e in entries if (t := self.prefetch(e, classes_of(e), accept_lossy)) is not None]
+                           accept_lossy: bool, wait_s: float, readable: frozenset[str] | None = None) -> None:
+        """Start the promotions ``entries`` need (``classes_of(e)``: the classes its reader reads, from
+        the tiers ``readable``) and wait for them, at most ``wait_s`` seconds."""
+        tasks = [t for e in entries if (t := self.prefetch(e, classes_of(e), accept_lossy, readable)) is not None]
         if tasks and wait_s > 0:
             await asyncio.wait(tasks, timeout=wait_s)
         # A prefetch started for another reader may have brought less (e.g. exact only): one more try.
-        again = [t for e in entries if self.promotion.missing_at_top(e, classes_of(e), accept_lossy)
-                 and (t := self.prefetch(e, classes_of(e), accept_lossy)) is not None]
+        again = [t for e in entries if self.promotion.missing(e, classes_of(e), accept_lossy, readable)
+                 and (t := self.prefetch(e, classes_of(e), accept_lossy, readable)) is not None]
         if again and wait_s > 0:
             await asyncio.wait(again, timeout=wait_s)
 
@@ -189,7 +195,6 @@ class Background:
         await self.pipeline.close()
 
     async def write_back(self) -> None:
-        top = self.index.levels[0]
         batch_size = self.settings.ssd.write_batch
         while self._queue and self.has_lower:
             batch: list[Entry] = []
@@ -200,12 +205,16 @@ class Background:
                 if e is not None and self.pipeline.needs_write(e) and key not in self.pipeline.busy:
                     batch.append(e)
                     nbytes += e.nbytes
-            if batch:
-                await self.pipeline.write_down(batch, top)
+            for lv in self.index.memory:  # GPU pool -> arena, then arena -> SSD
+                await self.pipeline.write_down(batch, lv)
 
     async def relieve(self) -> None:
-        """Bring the top tier under its low watermark once it passed the high one."""
-        top = self.index.levels[0]
+        """Bring each memory tier under its low watermark once it passed the high one (top first: the
+        GPU pool's victims land in the arena, which is relieved next)."""
+        for lv in self.index.memory:
+            await self._relieve(lv)
+
+    async def _relieve(self, top) -> None:
         cfg = self.settings.host
         if top.tier.stats().usage <= cfg.high_watermark:
             return

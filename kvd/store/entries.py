@@ -190,4 +190,4 @@ class Lease:
     owner_pid: int | None
     expires_at: float
     entries: list[Entry]  # each held once by this lease
-    nbytes: int = 0
+    nbytes: dict[str, int] = field(default_factory=dict)  # tier -> bytes the reader copies from it

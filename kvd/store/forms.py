@@ -5,7 +5,8 @@ bytes of one tier's form into another's, with the codecs and their metrics:
 
 - memory -> record: ``encode_record`` with the extent's placement codec (its exact checksum reused);
 - record -> record: the record as it is, its payload verified (nothing decodes it on the way);
-- memory -> memory: the raw bytes;
+- memory -> memory (GPU pool -> arena): the raw bytes, verified against the commit checksum (an
+  engine maps the pool read-write, so a stray write there is caught before it spreads);
 - record -> memory: ``decode_record_into`` the reserved slots (header, payload and decoded-bytes
   checksums); the copy is flagged lossy when the record's codec is.
 
@@ -20,10 +21,11 @@ from collections.abc import Callable
 import xxhash
 
 from kvd.codecs import Codecs, is_lossy
+from kvd.core.errors import CorruptData
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, Extent
 from kvd.store.index import Level
-from kvd.tiers.base import Buffer
+from kvd.tiers.base import Buffer, Tier
 from kvd.tiers.record import check_record, decode_record_into, encode_record
 
 Payload = tuple[bytes, str, int | None]  # (bytes for the lower tier, codec, checksum of what a reader gets)
@@ -44,6 +46,7 @@ class Forms:
             return bytes(data), copy.codec, copy.checksum
         raw = memoryview(data)[: x.nbytes]
         if not lower.tier.holds_records:
+            verify(raw, copy.checksum, f"{lv.name} copy of {e.hash} {x.head_class}")
             return bytes(raw), copy.codec, copy.checksum
         codec = x.lower_codec or "lossless"
         t0 = time.perf_counter()
@@ -56,19 +59,26 @@ class Forms:
         return rec.data, rec.codec, rec.raw_xxh
 
     @staticmethod
-    def checksums(tier, entries: list[Entry]) -> list[list[int]]:
-        """xxh3-64 of each extent's bytes in the memory tier ``tier`` (at commit), per entry."""
-        return [[xxhash.xxh3_64_intdigest(tier.read(x.copies[tier.name].loc)[: x.nbytes]) for x in e.extents.values()]
-                for e in entries]
+    def checksums(tiers: dict[str, Tier], entries: list[Entry]) -> list[list[int]]:
+        """xxh3-64 of each extent's bytes (at commit: each has one copy, in a memory tier), per entry."""
+        return [[xxhash.xxh3_64_intdigest(tiers[t].read(c.loc)[: x.nbytes])
+                 for x in e.extents.values() for t, c in x.copies.items()] for e in entries]
 
     def place_into(self, src: Level, copy: Copy, data: Buffer, out: memoryview) -> tuple[str, int | None]:
         """Write what ``src``'s tier returned for ``copy`` into ``out`` (a memory tier's slots); returns
         the new copy's codec and checksum. ``CorruptData`` if any check fails (``out`` is then garbage)."""
-        if not src.tier.holds_records:
+        if not src.tier.holds_records:  # the GPU pool, for a reader of the arena only
             out[:] = memoryview(data)[: out.nbytes]
+            verify(out, copy.checksum, f"{src.name} copy at {copy.loc.offset}")
             return copy.codec, copy.checksum
         t0 = time.perf_counter()
         header = decode_record_into(self.codecs, data, copy.loc.key, out)
         self.metrics.codec_seconds.labels(header.codec, "decode").inc(time.perf_counter() - t0)
         self.metrics.codec_raw_bytes.labels(header.codec, "decode").inc(out.nbytes)
         return (header.codec if is_lossy(header.codec) else "raw"), header.raw_xxh
+
+
+def verify(raw: Buffer, checksum: int | None, what: str) -> None:
+    """``CorruptData`` unless ``raw`` hashes to ``checksum`` (None: not checksummed, nothing to check)."""
+    if checksum is not None and xxhash.xxh3_64_intdigest(raw) != checksum:
+        raise CorruptData(f"{what} fails its commit checksum (xxh3 {checksum:016x}); not used")

@@ -1,10 +1,11 @@
 """The index: which entries exist, where each extent's copies live, and what the tiers' policies see.
 
 One ``Index`` per daemon. It owns the ordered list of ``Level``s (a tier and its eviction policy, top
-first: host, then ssd; a gpu pool above and a remote store below later) and keeps every policy in step
-with the copies: whenever an entry gains or loses a copy in a tier, that tier's policy is told
-(``on_insert`` with the entry's new size there, or ``on_remove``). Nothing else calls the policies'
-bookkeeping methods.
+first: the GPU pool when enabled, the host arena, then ssd and remote): the *memory* levels come first
+(clients map them), the *record* levels after (``memory``, ``landing``, ``records``). It keeps every
+policy in step with the copies: whenever an entry gains or loses a copy in a tier, that tier's policy
+is told (``on_insert`` with the entry's new size there, or ``on_remove``). Nothing else calls the
+policies' bookkeeping methods.
 
 Maps kept here:
 - ``entries``: key -> committed entry (the only entries lookups and leases see);
@@ -73,6 +74,24 @@ class Index:
         self.pending: dict[EntryKey, str] = {}
         self.doomed: dict[EntryKey, Entry] = {}
         self.aliases: dict[EntryKey, tuple[EntryKey, int]] = {}
+
+    # ---- levels --------------------------------------------------------------------------------
+
+    @property
+    def memory(self) -> list[Level]:
+        """The levels clients map (raw extents, top of the order: the GPU pool if any, then the arena)."""
+        return [lv for lv in self.levels if not lv.tier.holds_records]
+
+    @property
+    def landing(self) -> Level:
+        """The host arena's level, the last memory level: where promotions from record tiers land, and
+        the one every client maps (a reader without the GPU pool reads only here)."""
+        return self.memory[-1]
+
+    @property
+    def records(self) -> list[Level]:
+        """The record levels (SSD, remote): below the memory levels, where the codecs apply."""
+        return [lv for lv in self.levels if lv.tier.holds_records]
 
     # ---- entries -------------------------------------------------------------------------------
 

@@ -5,10 +5,12 @@ bytes is one of two generic steps between two levels, whatever the tiers are:
 
 - **down** (``write_down``: write-back and demotion): read the upper copy, make the lower tier's
   form of it (memory -> record: encode with the extent's placement codec; record -> record: the
-  record as it is; memory -> memory: the raw bytes), find room below (``reserve``, which may evict
-  there in turn), write, place the new copy. Cold extents then leave the top tier.
-- **up** (``kvd.store.promote``): find room at the top, read the nearest usable copy below, decode and
-  verify it into the top tier's slots, place the copy, flagged lossy when its source was.
+  record as it is; memory -> memory, GPU pool -> arena: the raw bytes, checked against the commit
+  checksum), find room below (``reserve``, which may evict there in turn), write, place the new copy.
+  Cold extents then leave the memory tier they were written down from.
+- **up** (``kvd.store.promote``): find room in the arena (``Index.landing``), read the nearest usable
+  copy elsewhere, decode and verify it into the arena's slots, place the copy, flagged lossy when its
+  source was.
 
 Eviction has one path, ``make_room`` -> ``evict``: victims chosen by ``kvd.store.space``; those that
 must be kept (admitted, with no copy below yet) are written down first; then their copies leave the
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from kvd.codecs import Codecs
-from kvd.core.errors import KvdError, SsdFull, TierUnavailable
+from kvd.core.errors import CorruptData, KvdError, SsdFull, TierUnavailable
 from kvd.core.extents import class_kind
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
@@ -213,20 +215,25 @@ class Pipeline:
 
     def _must_keep(self, e: Entry, lv: Level) -> bool:
         """Some exact extent lives only at ``lv`` or above and the next tier takes it, and the entry may
-        go below (admitted, when it leaves the top)."""
+        go below: admission guards the way from the memory tiers into the record tiers only (the GPU
+        pool's victims always go down to the arena, and record tiers' down to the next one)."""
         lower = self.below(lv)
         deeper = {x.name for x in self.levels[lv.level + 1 :]}
         only_here = any(lv.name in x.copies and not x.copies[lv.name].is_lossy and not deeper & x.copies.keys()
                         and lower is not None and lower.accepts(x.head_class) for x in e.extents.values())
-        return only_here and (lv.level > 0 or self.admitted(e) or self.keep_for(e))
+        gated = lower is not None and lower.tier.holds_records and not lv.tier.holds_records
+        return only_here and (not gated or self.admitted(e) or self.keep_for(e))
 
     # ---- down ----------------------------------------------------------------------------------
 
     def needs_write(self, e: Entry) -> bool:
-        """Some exact extent of ``e`` lives only in the top tier (and placement keeps it)."""
-        top = self.levels[0].name
-        return any(top in x.copies and len(x.copies) == 1 and not x.copies[top].is_lossy and not x.dropped
-                   for x in e.extents.values())
+        """Some exact extent of ``e`` lives only in memory tiers (and placement keeps it), and there is a
+        record tier to write it to."""
+        if not self.index.records:
+            return False
+        memory = {lv.name for lv in self.index.memory}
+        return any(x.copies and x.copies.keys() <= memory and not x.dropped
+                   and any(not c.is_lossy for c in x.copies.values()) for x in e.extents.values())
 
     async def write_down(self, entries: list[Entry], lv: Level, dst: Level | None = None,
                          classes: Callable[[Entry], set[str]] | None = None) -> int:
@@ -260,8 +267,9 @@ class Pipeline:
             self.busy.add(e.key)
             self.hold(e)
         t0 = time.perf_counter()
+        corrupt: list[tuple[Entry, Extent]] = []
         try:
-            payloads = await self._produce_all(jobs, lv, lower)
+            payloads = await self._produce_all(jobs, lv, lower, corrupt)
             kept = [(j, p) for j, p in zip(jobs, payloads) if p is not None]
             written = await self._put_all([j for j, _ in kept], [p for _, p in kept], lower)
         finally:
@@ -269,28 +277,40 @@ class Pipeline:
                 self.busy.discard(e.key)
                 self.unhold(e)
         self.metrics.moved_seconds.labels("demote", lower.name).inc(time.perf_counter() - t0)
-        if lv.level == 0 and adjacent:
+        self._drop_corrupt(corrupt, lv)
+        if not lv.tier.holds_records and adjacent:
             for e in held.values():
                 self._cool(e, lv, lower)
         return written
 
+    def _drop_corrupt(self, corrupt: list[tuple[Entry, Extent]], lv: Level) -> None:
+        """Copies in a memory tier that failed their commit checksum on the way down (an engine wrote
+        over them): they leave the index, and the entry with them if that was its last copy."""
+        for e, x in corrupt:
+            self.metrics.checksum_failures.labels(lv.name).inc()
+            bad = self.index.unplace(e, x, lv)
+            self.discard(lv, [bad.loc] if bad else [])
+            if self.index.get(e.key) is e and not e.is_whole():
+                self.remove(e)
+
     def _let_go(self, e: Entry, x: Extent, lv: Level) -> None:
-        """Placement keeps this extent only at the top (``local_cold_codec = drop``): it is let go."""
-        if e.holds == 0 and lv.level == 0 and not x.is_hot:
+        """Placement keeps this extent only in memory (``local_cold_codec = drop``): it is let go."""
+        if e.holds == 0 and not lv.tier.holds_records and not x.is_hot:
             copy = self.index.unplace(e, x, lv)
             self.discard(lv, [copy.loc] if copy else [])
             x.dropped = True
             self.metrics.dropped_cold_extents.inc()
 
     def _cool(self, e: Entry, top: Level, lower: Level) -> None:
-        """Cold extents (placement) leave the top tier once a copy below holds them."""
+        """Cold extents (placement) leave a memory tier once a copy below holds them."""
         if e.holds or self.index.get(e.key) is not e:
             return
         locs = [c.loc for x in e.extents.values()
                 if not x.is_hot and lower.name in x.copies and (c := self.index.unplace(e, x, top)) is not None]
         self.discard(top, locs)
 
-    async def _produce_all(self, jobs: list[tuple[Entry, Extent]], lv: Level, lower: Level) -> list[Payload | None]:
+    async def _produce_all(self, jobs: list[tuple[Entry, Extent]], lv: Level, lower: Level,
+                           corrupt: list[tuple[Entry, Extent]]) -> list[Payload | None]:
         def produce() -> list[Payload | None]:
             out: list[Payload | None] = []
             for e, x in jobs:
@@ -299,6 +319,8 @@ class Pipeline:
                 except KvdError as err:  # unreadable source (corrupt, gone, unreachable): not written
                     logger.warning("not written to %s: %s", lower.name, err)
                     self.metrics.tier_errors.labels(lv.name, "read").inc()
+                    if isinstance(err, CorruptData) and not lv.tier.holds_records:
+                        corrupt.append((e, x))  # dropped on the loop (``_drop_corrupt``)
                     out.append(None)
             return out
 

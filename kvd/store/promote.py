@@ -1,9 +1,11 @@
-"""Promotion: bringing what a reader needs of an entry up into the top tier (the arena it maps).
+"""Promotion: bringing what a reader needs of an entry into the arena (``Index.landing``), which it maps.
 
-For each extent a reader needs that has no usable copy at the top (exact, or lossy for a reader that
-accepts it): find room there (``Pipeline.reserve``, the one eviction path), read the nearest usable
-copy below (exact copies first), verify and decode it into the slots (``kvd.store.forms``), place the
-copy — flagged lossy when its source was. What can go wrong is told apart: a copy that fails
+For each extent a reader needs that has no usable copy in a memory tier it maps (``readable``: the
+arena, and the GPU pool for a reader that maps it) — exact, or lossy for a reader that accepts it:
+find room in the arena (``Pipeline.reserve``, the one eviction path), read the fastest usable copy
+elsewhere (exact copies first: the GPU pool's, for a reader of the arena only, or the nearest record
+tier's), verify and decode it into the slots (``kvd.store.forms``), place the copy — flagged lossy
+when its source was. Promotions never land in the GPU pool: it holds what engines stored. What can go wrong is told apart: a copy that fails
 verification (``corrupt``) or that its tier no longer holds (``missing``) is dropped from the index,
 and the entry with it if that was its last copy; a tier that cannot be asked now (``unavailable``,
 e.g. the remote cluster mid-failover) keeps its copy for a later try. The reader misses either way.
@@ -29,25 +31,35 @@ class Promotion:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    def missing_at_top(self, e: Entry, classes: list[str] | None, accept_lossy: bool) -> list[Extent]:
-        top = self.pipeline.levels[0].name
+    def readable(self, gpu: bool) -> frozenset[str]:
+        """The memory tiers a reader maps: every one if it maps the GPU pool, else the arena."""
+        index = self.pipeline.index
+        return frozenset(lv.name for lv in index.memory) if gpu else frozenset((index.landing.name,))
+
+    def missing(self, e: Entry, classes: list[str] | None, accept_lossy: bool,
+                readable: frozenset[str] | None = None) -> list[Extent]:
+        """Extents of ``classes`` with no usable copy in the tiers ``readable`` (default: the arena)."""
+        where = readable or frozenset((self.pipeline.index.landing.name,))
         return [x for c, x in e.extents.items() if (classes is None or c in classes)
-                and not (top in x.copies and (accept_lossy or not x.copies[top].is_lossy))]
+                and not any(t in x.copies and (accept_lossy or not x.copies[t].is_lossy) for t in where)]
 
     def source(self, x: Extent, accept_lossy: bool) -> Level | None:
-        """The nearest level below the top holding a usable copy of ``x`` (exact ones first)."""
+        """The fastest level other than the arena holding a usable copy of ``x`` (exact ones first)."""
+        landing = self.pipeline.index.landing
         for lossy_ok in (False, True) if accept_lossy else (False,):
-            for lv in self.pipeline.levels[1:]:
+            for lv in self.pipeline.levels:
                 c = x.copies.get(lv.name)
-                if c is not None and (lossy_ok or not c.is_lossy):
+                if lv is not landing and c is not None and (lossy_ok or not c.is_lossy):
                     return lv
         return None
 
-    async def promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool = False) -> bool:
-        """Copy what a reader of ``classes`` needs of ``e`` into the top tier. False if some part could
-        not be brought (no room now, no usable copy, corrupt): the reader then misses that entry."""
-        top = self.pipeline.levels[0]
-        want = self.missing_at_top(e, classes, accept_lossy)
+    async def promote(self, e: Entry, classes: list[str] | None, accept_lossy: bool = False,
+                      readable: frozenset[str] | None = None) -> bool:
+        """Copy what a reader of ``classes`` (mapping the tiers ``readable``; default the arena) needs of
+        ``e`` into the arena. False if some part could not be brought (no room now, no usable copy,
+        corrupt): the reader then misses that entry."""
+        top = self.pipeline.index.landing
+        want = self.missing(e, classes, accept_lossy, readable)
         sources = [self.source(x, accept_lossy) for x in want]
         if not want or None in sources or e.key in self.pipeline.busy:
             return not want

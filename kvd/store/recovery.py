@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 async def recover(store) -> int:
     """Put every entry the persistent tiers hold back into ``store``'s index; returns how many."""
     found: dict[EntryKey, list[tuple[str, StoredRecord]]] = {}  # entry -> [(tier, record)]
-    for lv in store.index.levels[1:]:
+    for lv in store.index.records:
         try:
             records = await store.pipeline.on_io(lv, lv.tier.scan)
             for rec in records:
@@ -82,7 +82,7 @@ async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str]
     missing = [(namespace, fingerprint, h) for h in hashes
                if idx.resolve((namespace, fingerprint, h)) is None and (namespace, fingerprint, h) not in idx.pending]
     adopted = 0
-    for lv in idx.levels[1:]:
+    for lv in idx.records:
         if not missing or not lv.tier.shared or not lv.tier.is_available:
             continue
         try:

@@ -12,7 +12,7 @@ Rules:
 - a request that can never fit the tier (larger than the tier itself) is refused before anything is
   evicted (``Tier.fits``).
 
-Fragmentation (memory tiers with slot runs): eviction by priority frees bytes wherever the victims
+Fragmentation (memory tiers with slot runs: the arena and the GPU pool): eviction by priority frees bytes wherever the victims
 live. With extents of mixed sizes the freed slots may never be adjacent, and a large extent finds no
 run although most of the arena is evictable. Then victims are chosen by *place*: the window of
 ``count`` consecutive slots whose occupants can all be evicted, with the fewest occupants.
@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from kvd.store.entries import Entry, EntryKey
 from kvd.store.index import Index, Level
 from kvd.tiers.arena import Arena
+from kvd.tiers.gpu import GpuPool, GpuTier
 from kvd.tiers.host import HostTier
 
 
@@ -66,15 +67,21 @@ class Space:
     def by_place(self, lv: Level, nbytes: int, partition: str | None = None) -> list[Entry]:
         """Victims that free a run of slots for ``nbytes`` in a fragmented memory tier (empty if none)."""
         tier = lv.tier
-        if not isinstance(tier, HostTier):
-            return []
         p = partition or ""
-        arena = tier.arena(p)
+        if isinstance(tier, HostTier):
+            slots: Arena | GpuPool | None = tier.arena(p)
+        elif isinstance(tier, GpuTier):
+            slots = tier.slot_space(p)
+        else:
+            return []
+        if slots is None:
+            return []
         evictable = (e for e in self.index if self.evictable(e, lv) and self.partition_of_namespace(e.namespace) == p)
-        return evictable_window(arena, evictable, arena.slots_for(nbytes), tier.name) or []
+        return evictable_window(slots, evictable, slots.slots_for(nbytes), tier.name) or []
 
 
-def evictable_window(host: Arena, evictable: Iterable[Entry], count: int, tier: str = "host") -> list[Entry] | None:
+def evictable_window(host: Arena | GpuPool, evictable: Iterable[Entry], count: int,
+                     tier: str = "host") -> list[Entry] | None:
     """Entries to evict so that ``count`` consecutive slots become free; None if no window can be cleared.
 
     ``evictable``: the entries the caller may evict now. Every other allocated slot is blocked,

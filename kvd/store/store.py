@@ -41,7 +41,7 @@ from kvd.store.pipeline import Pipeline
 from kvd.store.readers import Reader, head_aware_hits, reader_of
 from kvd.store.recovery import find_shared
 from kvd.store.registry import ModelRegistry
-from kvd.store.writes import Writes, check_owner
+from kvd.store.writes import Writes, check_owner, count_moved
 from kvd.tiers.base import Tier, TierStats
 from kvd.tiers.host import HostTier
 
@@ -56,8 +56,7 @@ class Store:
                  quotas: dict[str, Callable[[str], int | None]] | None = None) -> None:
         """``partition_of`` (namespace -> tenant) and ``quotas`` (tier -> tenant -> bytes) come from
         ``kvd.daemon.tenants``; by default one partition and no quotas (one trust domain)."""
-        if not tiers or not isinstance(tiers[0], HostTier):
-            raise ValueError("the store's top tier is the host arena (clients map it)")
+        check_order(tiers)
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
@@ -93,7 +92,7 @@ class Store:
 
     @property
     def host(self) -> HostTier:
-        return self.index.levels[0].tier  # type: ignore[return-value]  # checked in __init__
+        return self.index.landing.tier  # type: ignore[return-value]  # checked in __init__
 
     # ---- models ---------------------------------------------------------------------------------
 
@@ -156,12 +155,11 @@ class Store:
 
     def _rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[L.EntryRow]:
         out = []
-        top = self.index.levels[0].name
         for i, e, num_tokens in self._found(req, hashes):
             row = L.row(self.index.levels, e, i, hashes[i], num_tokens, req.accept_lossy)
             if row is None:
                 continue
-            if req.prefetch and row.tier != top:
+            if req.prefetch and self.index.by_name[row.tier].tier.holds_records:
                 self.background.prefetch(e, None, req.accept_lossy)
             out.append(row)
         return out
@@ -174,14 +172,13 @@ class Store:
         found = list(self._found(req, hashes))
         hits, pos = head_aware_hits(reader, found, req.max_tokens)
         out = []
-        top = self.index.levels[0].name
         for k, (i, e, num_tokens) in enumerate(found):
             at = pos if k < hits else e.start_token + e.num_tokens
             want = reader.wanted(e, at)
             row = L.row(self.index.levels, e, i, hashes[i], num_tokens, req.accept_lossy, want)
             if row is None:
                 continue
-            if req.prefetch and row.tier != top and row.complete:
+            if req.prefetch and self.index.by_name[row.tier].tier.holds_records and row.complete:
                 self.background.prefetch(e, want, req.accept_lossy)
             out.append(row)
         return out, hits
@@ -209,34 +206,37 @@ class Store:
         found = [f if f is not None and f[0].computed_under == req.computed_under else None for f in found]
         held = list({id(f[0]): f[0] for f in found if f is not None}.values())
         wanted = {id(e): reader.wanted(e, req.position) for e in held}
+        readable = self.background.promotion.readable(req.gpu)
         # Hold the entries while their promotions run: otherwise promoting one can evict another
         # promoted a moment earlier for this same lease.
         for e in held:
             self.pipeline.hold(e)
         try:
             wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
-            await self.background.wait_for_top(held, lambda e: wanted[id(e)], req.accept_lossy, wait)
+            await self.background.wait_for_top(held, lambda e: wanted[id(e)], req.accept_lossy, wait, readable)
         finally:
             for e in held:
                 self.pipeline.unhold(e)
         now = self.clock()
         ttl = self.settings.host.lease_ttl_s
         lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [])
-        out = [self._lease_one(lease, h, f, wanted[id(f[0])] if f is not None else [], req.accept_lossy, now)
+        order = [lv.name for lv in self.index.memory if lv.name in readable]  # fastest first
+        out = [self._lease_one(lease, h, f, wanted[id(f[0])] if f is not None else [], req.accept_lossy, now, order)
                for h, f in zip(req.hashes, found)]
         if lease.entries:
             self.holds.add_lease(lease)
             self.metrics.leases_held.set(len(self.holds.leases))
+        partition = self.host.partition_of(req.namespace)
         return P.LeaseResponse(lease_id=lease.lease_id if lease.entries else None, expires_in_s=ttl,
-                               arena_id=self.host.arena(self.host.partition_of(req.namespace)).arena_id,
-                               entries=out)
+                               arena_id=self.host.arena(partition).arena_id, entries=out,
+                               gpu_pool=L.gpu_pool(self.index.levels, partition, [x for r in out for x in r.extents]))
 
     def _lease_one(self, lease: Lease, h: str, found: tuple[Entry, int] | None, want: list[str],
-                   accept_lossy: bool, now: float) -> P.LeasedEntry:
+                   accept_lossy: bool, now: float, order: list[str]) -> P.LeasedEntry:
         if found is None:
             return P.LeasedEntry(hash=h, status="missing")
         e = found[0]
-        if self.background.promotion.missing_at_top(e, want, accept_lossy):
+        if self.background.promotion.missing(e, want, accept_lossy, frozenset(order)):
             lost = any(not e.extents[c].usable(accept_lossy) for c in want)
             return P.LeasedEntry(hash=h, status="missing" if lost else "timeout", num_tokens=e.num_tokens,
                                  start_token=e.start_token)
@@ -244,16 +244,16 @@ class Store:
         e.reuse_count += 1
         self.index.touch(e, now)
         lease.entries.append(e)
-        lease.nbytes += sum(e.extents[c].nbytes for c in want)
-        return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens, start_token=e.start_token,
-                             extents=L.extent_infos(e, self.host.name, want))
+        infos = L.extent_infos(e, order, want, accept_lossy)
+        for x in infos:
+            lease.nbytes[x.tier] = lease.nbytes.get(x.tier, 0) + x.nbytes
+        return P.LeasedEntry(hash=h, status="ok", num_tokens=e.num_tokens, start_token=e.start_token, extents=infos)
 
     def release(self, req: P.ReleaseRequest, owner_pid: int | None = None) -> P.CountResponse:
         check_owner(self.holds.leases.get(req.lease_id), owner_pid)
         lease = self.holds.pop_lease(req.lease_id)
         self._end_lease(lease)
-        self.metrics.moved_bytes.labels("load", "host").inc(lease.nbytes)
-        self.metrics.moved_seconds.labels("load", "host").inc(req.transfer_s)
+        count_moved(self.metrics, "load", lease.nbytes, req.transfer_s)
         return P.CountResponse(count=len(lease.entries))
 
     def _end_lease(self, lease: Lease) -> None:
@@ -318,3 +318,12 @@ class Store:
         limit = self.settings.daemon.max_entries_per_request
         if n > limit:
             raise RequestTooLarge(f"{n} entries in one request; at most {limit} (daemon.max_entries_per_request)")
+
+
+def check_order(tiers: list[Tier]) -> None:
+    """The memory tiers first (clients map them), the host arena the last of them (every client maps
+    it, and promotions land there), then the record tiers."""
+    memory = [t for t in tiers if not t.holds_records]
+    if not memory or not isinstance(memory[-1], HostTier) or tiers[: len(memory)] != memory:
+        raise ValueError(f"store tiers {[t.name for t in tiers]}: the memory tiers (a GPU pool, then the host "
+                         "arena, which clients map) must come first, the record tiers (ssd, remote) after")

@@ -1,10 +1,13 @@
 """The write transaction of the store: reserve slots, the client copies, commit (all or nothing) or abort.
 
 Lifecycle of a reservation: ``reserve`` marks each new key pending (before any await: no second
-writer of it) and gives each extent a slot run in the arena of the namespace's partition, evicting
-there if needed (``Pipeline.reserve``) → the client copies KV into the slots → ``commit`` checksums
-them on the CPU pool, decides placement, and indexes every entry at once, or none if anything fails
-half-way (the reservation then stays, for its abort or expiry) → or ``abort`` frees the slots.
+writer of it) and gives each extent a slot run in the first memory tier the writer maps that has room
+for the whole entry — the GPU pool of the namespace's partition for a writer that maps it (``gpu``),
+else (or when the pool has no room even after evicting) its arena — evicting there if needed
+(``Pipeline.reserve``) → the client copies KV into the slots → ``commit`` checksums them on the CPU
+pool (GPU bytes through pinned staging), decides placement, and indexes every entry at once, or none
+if anything fails half-way (the reservation then stays, for its abort or expiry) → or ``abort``
+frees the slots.
 A reservation belongs to the process that made it: another one cannot commit or abort it.
 """
 
@@ -23,7 +26,7 @@ from kvd.store import answers as L
 from kvd.store.background import Background
 from kvd.store.entries import Copy, Entry, EntryKey, ModelRecord, Reservation, new_entry
 from kvd.store.holds import HoldTable
-from kvd.store.index import Index
+from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
 from kvd.store.registry import ModelRegistry
 
@@ -44,7 +47,7 @@ class Writes:
 
     @property
     def host(self):
-        return self.index.levels[0].tier
+        return self.index.landing.tier
 
     async def reserve(self, req: P.ReserveRequest, owner_pid: int | None = None) -> P.ReserveResponse:
         model = self.registry.get(req.fingerprint)
@@ -54,13 +57,15 @@ class Writes:
         ttl = self.settings.host.reservation_ttl_s
         res = Reservation(rid, owner_pid, self.clock() + ttl, {})
         out: list[P.ReservedEntry] = []
+        levels = self.index.memory if req.gpu else [self.index.landing]
+        tiers = [lv.name for lv in levels]
         for r in req.entries:
             key = (req.namespace, req.fingerprint, r.hash)
             if self._exists(key, r, req.computed_under):
                 out.append(P.ReservedEntry(hash=r.hash, status="exists"))
                 continue
             self.index.pending[key] = rid  # before any await: no second writer of this key
-            entry = await self._reserve_entry(model, key, r, req.computed_under)
+            entry = await self._reserve_entry(model, key, r, req.computed_under, levels)
             if entry is None:
                 del self.index.pending[key]
                 self.metrics.no_space.inc()
@@ -68,13 +73,15 @@ class Writes:
                 continue
             res.entries[r.hash] = entry
             res.aliases[r.hash] = [(a.hash, a.num_tokens) for a in r.aliases]
-            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=L.extent_infos(entry, self.host.name)))
+            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=L.extent_infos(entry, tiers)))
         if res.entries:
             self.holds.add_reservation(res)
             self.metrics.reservations_open.set(len(self.holds.reservations))
+        partition = self.host.partition_of(req.namespace)
         return P.ReserveResponse(reservation_id=rid if res.entries else None, expires_in_s=ttl,
-                                 arena_id=self.host.arena(self.host.partition_of(req.namespace)).arena_id,
-                                 entries=out)
+                                 arena_id=self.host.arena(partition).arena_id, entries=out,
+                                 gpu_pool=L.gpu_pool(self.index.levels, partition,
+                                                     [x for r in out for x in r.extents]))
 
     def _exists(self, key: EntryKey, r: P.ReserveEntry, computed_under: str) -> bool:
         """Stored already (or being stored, or covered by an alias): count the sighting, take its aliases."""
@@ -88,22 +95,28 @@ class Writes:
             return True
         return key in self.index.pending or key in self.index.aliases
 
-    async def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, computed_under: str
-                             ) -> Entry | None:
+    async def _reserve_entry(self, model: ModelRecord, key: EntryKey, r: P.ReserveEntry, computed_under: str,
+                             levels: list[Level]) -> Entry | None:
+        """A pending entry with every extent in one of ``levels`` (the first with room), or None."""
         now = self.clock()
         end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
         entry = new_entry(model, key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
                           computed_under=computed_under, now=now)
-        top = self.index.levels[0]
-        if not top.tier.fits(entry.nbytes, entry.name(next(iter(entry.extents)))):
-            return None  # can never fit: refused before anything is evicted
+        for lv in levels:
+            if not lv.tier.fits(entry.nbytes, entry.name(next(iter(entry.extents)))):
+                continue  # can never fit there: refused before anything is evicted
+            if await self._reserve_in(entry, lv):
+                return entry
+        return None
+
+    async def _reserve_in(self, entry: Entry, lv: Level) -> bool:
         for x in entry.extents.values():
-            loc = await self.pipeline.reserve(top, x.nbytes, entry.name(x.head_class))
+            loc = await self.pipeline.reserve(lv, x.nbytes, entry.name(x.head_class))
             if loc is None:
-                self.pipeline.discard(top, [c.loc for y in entry.extents.values() if (c := y.copies.pop(top.name, None))])
-                return None
-            x.copies[top.name] = Copy(loc, "raw", None)
-        return entry
+                self.pipeline.discard(lv, [c.loc for y in entry.extents.values() if (c := y.copies.pop(lv.name, None))])
+                return False
+            x.copies[lv.name] = Copy(loc, "raw", None)
+        return True
 
     async def commit(self, req: P.CommitRequest, owner_pid: int | None = None) -> P.CommitResponse:
         rid = req.reservation_id
@@ -117,10 +130,11 @@ class Writes:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
             if self.settings.host.verify_on_commit:
-                sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, self.host, entries)
+                tiers = {lv.name: lv.tier for lv in self.index.memory}
+                sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, tiers, entries)
                 for e, sums in zip(entries, sums_all):
                     for x, c in zip(e.extents.values(), sums):
-                        x.checksum = x.copies[self.host.name].checksum = c
+                        x.checksum = next(iter(x.copies.values())).checksum = c
             self._insert_all(res, entries)
             done = True
         finally:
@@ -128,8 +142,12 @@ class Writes:
         for e in res.entries.values():
             if e.hash not in set(chosen):
                 self._free_pending(e)
-        self.metrics.moved_bytes.labels("store", "host").inc(sum(e.nbytes for e in entries))
-        self.metrics.moved_seconds.labels("store", "host").inc(req.transfer_s)
+        by_tier: dict[str, int] = {}
+        for e in entries:
+            for x in e.extents.values():
+                for t in x.copies:
+                    by_tier[t] = by_tier.get(t, 0) + x.nbytes
+        count_moved(self.metrics, "store", by_tier, req.transfer_s)
         self.metrics.reservations_open.set(len(self.holds.reservations))
         return P.CommitResponse(committed=chosen)
 
@@ -177,8 +195,8 @@ class Writes:
     def _free_pending(self, e: Entry) -> None:
         if self.index.pending.get(e.key) is not None and self.index.get(e.key) is not e:
             del self.index.pending[e.key]
-        top = self.index.levels[0]
-        self.pipeline.discard(top, [c.loc for x in e.extents.values() if (c := x.copies.pop(top.name, None))])
+        for lv in self.index.memory:
+            self.pipeline.discard(lv, [c.loc for x in e.extents.values() if (c := x.copies.pop(lv.name, None))])
 
 
 
@@ -186,3 +204,12 @@ def check_owner(hold, owner_pid: int | None) -> None:
     """A reservation or lease is its maker's: another process may not end it (``Forbidden``)."""
     if hold is not None and hold.owner_pid is not None and owner_pid is not None and hold.owner_pid != owner_pid:
         raise Forbidden(f"this hold belongs to process {hold.owner_pid}; only it may end it")
+
+
+def count_moved(metrics: Metrics, direction: str, by_tier: dict[str, int], transfer_s: float) -> None:
+    """Bytes a client moved to or from each memory tier, and its reported seconds split among them by
+    bytes (one copy time is reported per reservation or lease, whatever tiers it spans)."""
+    total = sum(by_tier.values())
+    for tier, n in by_tier.items():
+        metrics.moved_bytes.labels(direction, tier).inc(n)
+        metrics.moved_seconds.labels(direction, tier).inc(transfer_s * n / total if total else 0.0)

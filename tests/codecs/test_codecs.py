@@ -95,7 +95,7 @@ def test_lossless_threaded_extent_round_trips():
 
 
 def _reference(raw: bytes, dtype: str, shape, qmax: float, to_q) -> torch.Tensor:
-    """The lossy contract transcribed directly (what kvd/gpu_kernels/quant.py implements too)."""
+    """The lossy contract transcribed directly."""
     s, t, d = shape
     x = torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).view(s, 2, t, d).float()
     k, v = x[:, 0], x[:, 1]

@@ -29,6 +29,9 @@ PARTS = {
 # Imports inside functions that pull an optional part in only when it is used, each with its reason.
 LAZY_EXTRAS = {
     ("daemon", "pynvml"): "gpu",  # GPU telemetry: absent without nvidia-ml-py
+    ("tiers", "pynvml"): "gpu",  # is there a GPU at all (before torch is imported for the GPU tier)
+    ("tiers", "torch"): "gpu",  # the GPU tier's pool, only with [gpu] enabled on a host with a GPU
+    ("core", "torch"): "gpu",  # CUDA IPC of the GPU pool (kvd.core.gpu_ipc), the same condition
     ("codecs", "torch"): "hf",  # the lossy cold codecs (fp8, int8); docs/deploy.md says to install torch
     ("client", "torch"): "hf",  # CUDA registration of the arena, only in engine processes (which have torch)
 }
