@@ -101,6 +101,45 @@ def masked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sin
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
+def structured_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sink: Sequence[int],
+                    window: Sequence[int], *, scaling: float | None, block: int = QUERY_CHUNK) -> torch.Tensor:
+    """``masked_sdpa`` of a whole sequence (``q_len == kv_len``, no padding) at the cost of what each
+    head sees: global heads run causal sdpa without a mask (flash on the CPU too, upper triangle
+    skipped); local heads run per block of ``block`` queries over their sink and the keys their window
+    reaches, so a window of ``w`` costs ``T x (block + w)`` instead of ``T x T``. Same visibility as
+    ``masked_sdpa``, so the same result up to fp32 summation order (tested); differentiable. The KL
+    probe uses it: at 8K tokens it is what makes profiling fit a CPU (docs/headmaps.md).
+
+    Returns ``[B, q, Hq, D]``."""
+    _, num_q_heads, seq_len, _ = query.shape
+    nkv = key.shape[1]
+    n_rep = num_q_heads // nkv
+    dev = query.device
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, (s, w) in enumerate(zip(sink, window, strict=True)):
+        groups.setdefault((int(s) if w else 0, int(w)), []).append(h)
+    parts: dict[int, torch.Tensor] = {}
+    for (s, w), heads in groups.items():
+        qh = query[:, [h * n_rep + i for h in heads for i in range(n_rep)]]
+        kh, vh = _repeat_kv(key[:, heads], n_rep), _repeat_kv(value[:, heads], n_rep)
+        if w == 0:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scaling)
+        else:
+            blocks = []
+            for b0 in range(0, seq_len, block):
+                b1 = min(seq_len, b0 + block)
+                lo = max(s, b0 - w + 1)
+                keys = torch.cat([torch.arange(min(s, b1), device=dev), torch.arange(lo, b1, device=dev)])
+                qp = torch.arange(b0, b1, device=dev)[:, None]
+                mask = (keys[None, :] <= qp) & ((keys[None, :] < s) | (keys[None, :] > qp - w))
+                blocks.append(F.scaled_dot_product_attention(qh[:, :, b0:b1], kh[:, :, keys], vh[:, :, keys],
+                                                             attn_mask=mask, scale=scaling))
+            o = torch.cat(blocks, dim=2)
+        for j, h in enumerate(heads):
+            parts[h] = o[:, j * n_rep:(j + 1) * n_rep]
+    return torch.cat([parts[h] for h in range(nkv)], dim=1).transpose(1, 2).contiguous()
+
+
 def headmap_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None,
                       scaling: float | None = None, dropout: float = 0.0, **kwargs):
@@ -112,6 +151,8 @@ def headmap_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     sink, window = heads
+    if attention_mask is None and query.shape[2] == key.shape[2]:  # a whole sequence, no padding
+        return structured_sdpa(query, key, value, sink, window, scaling=scaling), None
     return masked_sdpa(query, key, value, sink, window, scaling=scaling, attention_mask=attention_mask), None
 
 

@@ -42,6 +42,7 @@ from kvd.calibrate import tasks
 from kvd.calibrate.kl_probe import CalibSeq, KlProbe, choice_map, option_costs
 from kvd.calibrate.model import load_causal_lm
 from kvd.core.headmap import HeadMap
+from kvd.core.identity import choose_model_id
 from kvd.core.keys import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class ProfileConfig:
     # Shipped state: None = the lowest calibration KL among states within ``max_fraction_4k`` (spend
     # the byte bound on fidelity); a number = the cheapest state whose calibration KL ≤ it.
     kl_target: float | None = None
-    max_fraction_4k: float = 0.5
+    max_fraction_4k: float = 0.5  # the byte bound: kv_fraction(bound_tokens) ≤ this (named for its default length)
+    bound_tokens: int = 4096  # the context length the byte bound holds at (8192 for a map profiled for 8K)
     num_natural: int = 4  # calibration sequences of natural text (stdlib docstrings)
     num_recall: int = 2  # calibration sequences of multi-key recall
     # After selection: the recall refinement (``kvd.calibrate.refine``) at this many tokens with
@@ -73,6 +75,9 @@ class ProfileConfig:
     refine_tokens: int = 4096
     refine_passkeys: int = 4
     seed: int = 0
+    # Edge mass and prefix shift (the RedKnot baseline, stored in the map's scores; not used to select):
+    # at 8K on a CPU they cost about as much as a KL-greedy round.
+    baseline_scores: bool = True
 
 
 def calibration_set(tok, cfg: ProfileConfig) -> list[CalibSeq]:
@@ -212,10 +217,10 @@ def trajectory_maps(head_map: HeadMap) -> list[tuple[float, float, HeadMap]]:
 
 
 def select(trajectory: list[dict], cfg: ProfileConfig, model_name: str) -> int:
-    """Index of the shipped state among those with ``kv_fraction(4096) ≤ max_fraction_4k``: the
+    """Index of the shipped state among those with ``kv_fraction(bound_tokens) ≤ max_fraction_4k``: the
     lowest calibration KL, or with ``kl_target`` the cheapest state meeting it (else lowest KL)."""
     ok = [(s["kl"], s["fraction"], i) for i, s in enumerate(trajectory)
-          if map_from_choice(model_name, s["choice"], cfg).kv_fraction(4096) <= cfg.max_fraction_4k]
+          if map_from_choice(model_name, s["choice"], cfg).kv_fraction(cfg.bound_tokens) <= cfg.max_fraction_4k]
     if not ok:
         return 0
     if cfg.kl_target is not None:
@@ -239,7 +244,8 @@ def reselect(head_map: HeadMap, **changes) -> HeadMap:
 
 
 def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: ProfileConfig | None = None,
-            model=None, tok=None, progress: Progress = True, model_name: str | None = None) -> HeadMap:
+            model=None, tok=None, progress: Progress = True, model_name: str | None = None,
+            model_id: str | None = None) -> HeadMap:
     """Profile the model in ``model_dir`` and write its head map to ``out`` (if given); return it.
 
     ``model``/``tok`` may be passed in to reuse a loaded fp32 model (tests do). Each phase (load,
@@ -249,20 +255,15 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
     if model is None:
         model, tok = _load(model_dir, progress)
     t0 = time.monotonic()
-    name = model_name or Path(str(model_dir)).name  # also the fingerprint's model_id
-    spec = ModelSpec.from_hf_config(model.config, model_id=name)
+    name = model_name or Path(str(model_dir)).name  # the map's name (for people)
+    # The fingerprint a serving engine registers for these weights (kvd.core.identity: the content of
+    # the model's files, or model_id given by hand), in bf16, the dtype engines serve it in.
+    mid, rev = choose_model_id(model_dir, explicit=model_id)
+    spec = ModelSpec.from_hf_config(model.config, model_id=mid, revision=rev)
     with phase_bar(progress, "calibration set", 1, unit="set") as bar:
         seqs = calibration_set(tok, cfg)
         bar.update(1)
-    natural = [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")]
-    with phase_bar(progress, "edge mass", len(natural), unit="seq") as bar:
-        edge = head_scores.edge_mass(model, _ticking(natural, bar), sink=cfg.sink, window=cfg.window)
-    nat = seqs[0].ids[0].tolist()  # the first natural sequence (num_natural >= 1)
-    third = min(256, len(nat) // 3)
-    with phase_bar(progress, "prefix shift", 1, unit="pass") as bar:
-        shift = head_scores.prefix_shift(model, nat[2 * third:3 * third],
-                                         (nat[:third], tasks_prose_ids(tok, cfg.seed + 2, third)))
-        bar.update(1)
+    scores = _baseline_scores(model, tok, seqs, cfg, progress) if cfg.baseline_scores else {}
     traj = kl_greedy(model, seqs, cfg, progress=progress)
     idx = select(traj, cfg, name)
     calibration = {
@@ -275,19 +276,32 @@ def profile(model_dir: str | Path, out: str | Path | None = None, *, cfg: Profil
         "seconds": round(time.monotonic() - t0, 1),
     }
     calibration = json.loads(json.dumps(calibration))  # tuples -> lists: equal to what load() returns
-    scores = {"edge_mass": edge, "prefix_shift": shift,
-              "combined": [[max(a, b) for a, b in zip(e, s, strict=True)] for e, s in zip(edge, shift, strict=True)],
-              "window": [[float(x) for x in row] for row in _window_grid(traj[idx]["choice"], cfg)]}
+    scores["window"] = [[float(x) for x in row] for row in _window_grid(traj[idx]["choice"], cfg)]
     hm = map_from_choice(name, traj[idx]["choice"], cfg, method="kl_greedy", scores=scores,
                          calibration=calibration, fingerprint=spec.fingerprint())
     if cfg.refine_tokens > 0:
         from kvd.calibrate.refine import refine  # imports this module: import here
 
-        hm = refine(model, tok, hm, recall_tokens=cfg.refine_tokens, num_passkey=cfg.refine_passkeys,
-                    progress=progress)
+        hm = refine(model, tok, hm, recall_tokens=cfg.refine_tokens, bound_tokens=cfg.bound_tokens,
+                    num_passkey=cfg.refine_passkeys, progress=progress)
     if out is not None:
         hm.save(out)
     return hm
+
+
+def _baseline_scores(model, tok, seqs: list[CalibSeq], cfg: ProfileConfig, progress: Progress) -> dict:
+    """Edge mass and prefix shift (the RedKnot baseline's scores, kept in the map for comparison)."""
+    natural = [s.ids.to(model.device) for s in seqs if s.name.startswith("stdlib")]
+    with phase_bar(progress, "edge mass", len(natural), unit="seq") as bar:
+        edge = head_scores.edge_mass(model, _ticking(natural, bar), sink=cfg.sink, window=cfg.window)
+    nat = seqs[0].ids[0].tolist()  # the first natural sequence (num_natural >= 1)
+    third = min(256, len(nat) // 3)
+    with phase_bar(progress, "prefix shift", 1, unit="pass") as bar:
+        shift = head_scores.prefix_shift(model, nat[2 * third:3 * third],
+                                         (nat[:third], tasks_prose_ids(tok, cfg.seed + 2, third)))
+        bar.update(1)
+    return {"edge_mass": edge, "prefix_shift": shift,
+            "combined": [[max(a, b) for a, b in zip(e, s, strict=True)] for e, s in zip(edge, shift, strict=True)]}
 
 
 def _load(model_dir: str | Path, progress: Progress):
@@ -322,33 +336,48 @@ def main(argv: list[str] | None = None) -> int:
     d = ProfileConfig()
     ap.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
     ap.add_argument("--kl-target", type=float, default=d.kl_target)
-    ap.add_argument("--max-fraction-4k", type=float, default=d.max_fraction_4k)
+    ap.add_argument("--max-fraction-4k", type=float, default=d.max_fraction_4k,
+                    help="the byte bound: kv_fraction at --bound-tokens the selected map may hold")
+    ap.add_argument("--bound-tokens", type=int, default=d.bound_tokens,
+                    help="context length of the byte bound (8192 to profile for 8K)")
+    ap.add_argument("--kl-positions", type=int, default=d.kl_positions,
+                    help="positions of each natural text whose KL is measured (its last ones)")
     ap.add_argument("--max-fraction", type=float, default=d.max_fraction)
     ap.add_argument("--round-fraction", type=float, default=d.round_fraction)
+    ap.add_argument("--checkpoints", default=",".join(map(str, d.checkpoints)),
+                    help="KV fractions the trajectory stops at exactly (a map exists at each)")
     ap.add_argument("--global-ratio", type=float, default=d.global_ratio)
     ap.add_argument("--windows", default=",".join(map(str, d.windows)))
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--num-natural", type=int, default=d.num_natural)
     ap.add_argument("--num-recall", type=int, default=d.num_recall)
     ap.add_argument("--refine-tokens", type=int, default=d.refine_tokens, help="0: no recall refinement")
+    ap.add_argument("--no-baseline-scores", action="store_true", help="skip edge mass and prefix shift (the "
+                    "RedKnot baseline's scores; not used to select)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
-    ap.add_argument("--model-name", default=None, help="model id for the map and fingerprint (default: dir name)")
+    ap.add_argument("--model-name", default=None, help="the map's name (default: dir name)")
+    ap.add_argument("--model-id", default=None, help="model_id of the fingerprint, as the engines set it by hand "
+                    "(default: the content identity of the model's files, kvd.core.identity)")
     ap.add_argument("--progress", choices=["auto", "always", "never"], default="always",
                     help="a bar per phase on stderr (auto: on a terminal)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k, max_fraction=a.max_fraction,
+    cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k,
+                  bound_tokens=a.bound_tokens, kl_positions=a.kl_positions, max_fraction=a.max_fraction,
                   round_fraction=a.round_fraction, global_ratio=a.global_ratio, seed=a.seed,
                   windows=tuple(int(w) for w in a.windows.split(",")),
-                  num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens)
+                  num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens,
+                  baseline_scores=not a.no_baseline_scores,
+                  checkpoints=tuple(float(c) for c in a.checkpoints.split(",") if c))
     model = tok = None
     if a.device != "cpu":
         model, tok = _load(a.model_dir, a.progress)
         model.to(a.device)
-    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok, model_name=a.model_name, progress=a.progress)
-    logger.info("wrote %s: %d/%d heads global, kv_fraction(4096)=%.3f, calibration KL %.4f",
-                a.out, hm.num_global, hm.num_layers * hm.num_kv_heads, hm.kv_fraction(4096),
-                hm.calibration["calibration_kl"])
+    hm = profile(a.model_dir, a.out, cfg=cfg, model=model, tok=tok, model_name=a.model_name, model_id=a.model_id,
+                 progress=a.progress)
+    logger.info("wrote %s: %d/%d heads global, kv_fraction(%d)=%.3f, calibration KL %.4f",
+                a.out, hm.num_global, hm.num_layers * hm.num_kv_heads, cfg.bound_tokens,
+                hm.kv_fraction(cfg.bound_tokens), hm.calibration["calibration_kl"])
     return 0
 
 

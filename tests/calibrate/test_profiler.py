@@ -6,6 +6,7 @@ import pytest
 
 from kvd.calibrate.profiler import ProfileConfig, main, profile, redknot_map, trajectory_maps
 from kvd.core.headmap import HeadMap
+from kvd.core.identity import model_identity
 from kvd.core.keys import ModelSpec
 
 pytestmark = pytest.mark.model
@@ -23,13 +24,16 @@ def tiny_map(smollm2_dir, smollm2_fp32, tmp_path_factory):
     return hm, out
 
 
-def test_profile_writes_a_valid_map(tiny_map, smollm2_fp32):
+def test_profile_writes_a_valid_map(tiny_map, smollm2_fp32, smollm2_dir):
     hm, out = tiny_map
     back = HeadMap.load(out)
     assert back == hm
     back.check_fits(30, 3)
     assert hm.method == "kl_greedy"
-    assert hm.fingerprint == ModelSpec.from_hf_config(smollm2_fp32[0].config, model_id=out.parent.name and hm.model).fingerprint()
+    # the fingerprint engines register for these weights: their content identity, served in bf16
+    ident = model_identity(smollm2_dir).model_id
+    assert hm.fingerprint == ModelSpec.from_hf_config(smollm2_fp32[0].config, model_id=ident).fingerprint()
+    assert hm.model == smollm2_dir.name  # the map's name stays the directory's
     for name in ("edge_mass", "prefix_shift", "combined"):
         vals = [v for row in hm.scores[name] for v in row]
         assert len(vals) == 90 and all(0.0 <= v <= 1.0 + 1e-6 for v in vals), name
@@ -76,3 +80,14 @@ def test_swap_trades_bytes_without_crossing_the_bound():
     moves = _swap(choice, gains, costs, room=0.5, max_moves=4)
     assert choice == [[0, 1], [2, 0]] and moves == 2
     assert sum(costs[c] for row in choice for c in row) <= sum([0.5, 0.5, 0.25, 0.25]) + 0.5
+
+
+def test_select_holds_the_byte_bound_at_bound_tokens():
+    """A map profiled for 8K is selected by its KV at 8K: a 2048-token window costs 0.25 there, 0.5 at 4K."""
+    from kvd.calibrate.profiler import select
+
+    cfg = ProfileConfig(windows=(64, 2048), max_fraction_4k=0.3, bound_tokens=8192)
+    cheap = {"kl": 0.5, "fraction": 0.01, "choice": [[0, 0, 0]] * 30}
+    wide = {"kl": 0.1, "fraction": 0.25, "choice": [[1, 1, 1]] * 30}  # every head window 2048
+    assert select([cheap, wide], cfg, "m") == 1  # 0.25 of full KV at 8K: within 0.3
+    assert select([cheap, wide], ProfileConfig(windows=(64, 2048), max_fraction_4k=0.3), "m") == 0  # 0.5 at 4K

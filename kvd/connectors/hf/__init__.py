@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KvdCache", "attach", "detach"]
+__all__ = ["GuardConfig", "KvdCache", "attach", "detach"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,9 @@
   prompt's new whole chunks are stored. Both are best-effort: a daemon fault logs a warning and the
   model computes as if nothing were cached. Stored entries hold every head's KV as computed (the
   daemon's placement decides what stays hot); one request per cache (batch 1) on this path.
+- **The Lil guard** (``guard=GuardConfig()``, with a head map): watches the generated tokens and, when
+  they start to loop, restores the local heads' full KV and decodes exact from there, or stops early
+  (``kvd.connectors.hf.guard``); ``cache.guard.stats`` counts trips, restores and tokens per mode.
 - **Chunk reuse** (issue 7): ``cache.reuse(segments, method="kvd")`` prefills a request given as
   segments, reusing the reusable ones' chunk entries at their new positions with head-level recovery
   (``kvd.connectors.hf.reuse``).
@@ -46,10 +49,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvd.connectors.hf import attention as hf_attention
 from kvd.connectors.hf import attention_switch
+from kvd.connectors.hf.guard import GuardConfig, LilGuard
 from kvd.connectors.hf.pool import PagePool
+from kvd.connectors.hf.restore import TrimStash, restore_full_kv
 from kvd.connectors.hf.reuse import ReuseResult, reuse_request
+from kvd.connectors.hf.spec import model_spec
 from kvd.core.headmap import HeadMap
-from kvd.core.keys import ModelSpec
+from kvd.core.keys import EXACT, attention_tag
 from kvd.reuse.chunks import ChunkStore, DaemonChunkStore, LocalChunkStore
 from kvd.reuse.plan import ReuseConfig, Segment, SparseFfn
 
@@ -67,6 +73,7 @@ class Attachment:
     chunk_store: ChunkStore
     handle: Any = None  # kvd.client.prefix.ModelHandle when a daemon is configured
     page_tokens: int = 16
+    guard: GuardConfig | None = None  # the Lil guard of head-aware decoding (kvd.connectors.hf.guard)
     warned: set[str] = field(default_factory=set)
 
     def warn_once(self, what: str, msg: str, *args) -> None:
@@ -134,6 +141,11 @@ class KvdCache(Cache):
         self.token_ids: list[int] = []  # tokens of request 0 in the cache (prefix-entry path)
         self.stored_chunks = 0  # leading whole chunks the daemon holds for this request
         self.stash: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = None  # layer -> (start, k, v)
+        # The Lil guard, when configured and the map has local heads: it watches generated tokens and may
+        # restore the local heads' full KV from the daemon and the host stash of trimmed pages.
+        on = attachment.guard is not None and not attachment.head_map.is_all_global
+        self.guard = LilGuard(attachment.guard, self._restore_full_kv) if on else None
+        self.trimmed = TrimStash() if on else None
 
     def fresh(self) -> KvdCache:
         """An empty cache sharing this one's model, head map, daemon handle and chunk store."""
@@ -146,6 +158,8 @@ class KvdCache(Cache):
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             self.pool = PagePool(self.att.head_map, head_dim=head_dim, dtype=dtype or w.dtype, device=device or w.device,
                                  batch_size=batch_size, page_tokens=self.att.page_tokens)
+            if self.trimmed is not None:
+                self.trimmed.attach(self.pool)
         elif self.pool.batch_size != batch_size:
             raise ValueError(f"this cache holds {self.pool.batch_size} requests, the input has {batch_size}; "
                              "use cache.fresh() for a new batch")
@@ -177,23 +191,24 @@ class KvdCache(Cache):
     # ---- prefix entries (daemon) -------------------------------------------------------------
 
     def load_prefix(self, input_ids: torch.Tensor) -> int:
-        """Load the longest stored prefix of ``input_ids [1, T]`` (whole chunks, leaving at least one
-        token to compute) into the empty pool; returns the tokens loaded (0 on a miss or a fault)."""
+        """Load the longest stored prefix of ``input_ids [1, T]`` into the empty pool, up to all but
+        its last token (which the model computes): the last stored chunk may load in part, so the same
+        prompt again computes one token. Returns the tokens loaded (0 on a miss or a fault)."""
         from kvd.client import prefix as kvio
         from kvd.core.errors import KvdError
 
         h = self.att.handle
         ids = input_ids[0].tolist()
-        max_chunks = (len(ids) - 1) // h.chunk_tokens
-        if max_chunks <= 0:
+        limit = len(ids) - 1
+        if len(ids) < h.chunk_tokens:  # no whole chunk: nothing can be stored for it
             return 0
         try:
-            hits = min(kvio.lookup_prefix(h, ids).num_prefix_hits, max_chunks)
+            hits = min(kvio.lookup_prefix(h, ids, max_tokens=limit).num_prefix_hits, -(-limit // h.chunk_tokens))
             if hits == 0:
                 return 0
             pool = self.ensure_pool()
-            with kvio.load_prefix(h, ids, max_chunks=hits) as loaded:
-                n = loaded.num_tokens
+            with kvio.load_prefix(h, ids, max_chunks=hits, max_tokens=limit) as loaded:
+                n, chunks = loaded.num_tokens, loaded.num_chunks
                 if n == 0:
                     return 0
                 kv = loaded.to_tensor(device=pool.device)
@@ -205,7 +220,8 @@ class KvdCache(Cache):
             pool.write(layer, kv[layer, 0], kv[layer, 1], positions)
             pool.trim(layer)
         self.token_ids = ids[:n]
-        self.stored_chunks = n // h.chunk_tokens
+        self.stored_chunks = chunks  # a chunk loaded in part is stored already
+        self._daemon_holds(n)
         return n
 
     def store_prefix(self) -> int:
@@ -237,7 +253,26 @@ class KvdCache(Cache):
             self.att.warn_once("store", "storing a prefix in kvd failed (it stays uncached): %s", e)
             return 0
         self.stored_chunks = n_full
+        if res.no_space == 0:
+            self._daemon_holds(end)
         return res.stored
+
+    # ---- the Lil guard -----------------------------------------------------------------------------
+
+    def _daemon_holds(self, tokens: int) -> None:
+        """Prefix entries cover ``[0, tokens)``: the guard's stash need not keep the pages of their
+        whole chunks (a restore leases those back; the last chunk of a load may be in part: not counted)."""
+        c, n = self.att.handle.chunk_tokens, self.att.page_tokens
+        if self.trimmed is not None and not self.att.guard.keep_prompt and c % n == 0 and tokens >= c:
+            self.trimmed.forget_below(tokens // c * c, n)
+
+    def _restore_full_kv(self) -> str | None:
+        res = restore_full_kv(self.pool, self.trimmed, handle=self.att.handle, token_ids=self.token_ids)
+        if isinstance(res, str):
+            return res
+        self.pool.on_trim = None
+        self.guard.stats.restored_from_daemon, self.guard.stats.restored_from_stash = res.from_daemon, res.from_stash
+        return None
 
 
 # ---- forward hooks: what makes generate() load and store prefixes ---------------------------------
@@ -245,14 +280,15 @@ class KvdCache(Cache):
 
 def _pre_forward(module, args, kwargs):
     cache = kwargs.get("past_key_values")
-    if not isinstance(cache, KvdCache) or cache.att.handle is None:
+    if not isinstance(cache, KvdCache) or (cache.att.handle is None and cache.guard is None):
         return None
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None or ids.shape[0] != 1:
         if ids is not None:
-            cache.att.warn_once("batch", "kvd prefix entries are stored and loaded for batch size 1 only")
+            cache.att.warn_once("batch", "kvd prefix entries and the Lil guard work for batch size 1 only")
         return None
-    if cache.get_seq_length() == 0 and not cache.token_ids:
+    first = cache.get_seq_length() == 0 and not cache.token_ids
+    if first and cache.att.handle is not None:
         n = cache.load_prefix(ids)
         if n:
             kwargs = dict(kwargs)
@@ -262,7 +298,13 @@ def _pre_forward(module, args, kwargs):
                 kwargs["position_ids"] = kwargs["position_ids"][:, n:]
             ids = ids[:, n:]
     cache.token_ids.extend(ids[0].tolist())
-    cache.stash = {} if ids.shape[1] > 1 else None
+    cache.stash = {} if ids.shape[1] > 1 and cache.att.handle is not None else None
+    if cache.guard is not None:
+        if first:
+            cache.guard.start(len(cache.token_ids))
+        else:
+            cache.guard.see(cache.token_ids)  # may restore full KV before this forward runs
+            cache.guard.count(ids.shape[1])
     return args, kwargs
 
 
@@ -277,7 +319,8 @@ def _post_forward(module, args, kwargs, output):
 
 
 def attach(model, head_map=None, client=None, *, namespace: str = "default", page_tokens: int = 16,
-           chunk_store: ChunkStore | None = None) -> KvdCache:
+           chunk_store: ChunkStore | None = None, model_id: str | None = None,
+           guard: GuardConfig | None = None) -> KvdCache:
     """Put kvd under ``model`` (a transformers Llama-family causal LM); return an empty ``KvdCache``.
 
     Args:
@@ -286,21 +329,29 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
             daemon-held chunk entries. None: no daemon; chunk entries are kept in this process.
         namespace: tenant / cache salt of every key. page_tokens: tokens per pool page.
         chunk_store: where chunk entries live (default: the daemon with a client, else in process).
-    Raises ``HeadMapError`` if the head map does not fit the model.
+        model_id: names the weights in the fingerprint; default: the content identity of the model's
+            files (``kvd.connectors.hf.spec``), the one vLLM's and SGLang's connectors derive too.
+        guard: the Lil guard of head-aware decoding (``GuardConfig()``: restore full KV when output
+            starts to loop); None: off. Only with a head map that has local heads.
+    Raises ``HeadMapError`` if the head map does not fit the model, ``ConfigError`` if the model cannot
+    be identified without a ``model_id`` (PEFT adapters loaded).
     """
     cfg = model.config
-    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    spec = ModelSpec.from_hf_config(cfg, kv_dtype=dtype)
+    spec = model_spec(model, model_id=model_id)
     pool_map = head_map if head_map is not None else \
         HeadMap.all_global(spec.model_id, cfg.num_hidden_layers, cfg.num_key_value_heads)
     pool_map.check_fits(cfg.num_hidden_layers, cfg.num_key_value_heads, model=spec.model_id)
+    # KV computed under a head map is not exact KV from the second layer on: it is keyed (and offered)
+    # only to readers of the same map, never to an exact reader such as vLLM on the same model.
+    computed_under = EXACT if pool_map.is_all_global else attention_tag(pool_map.sinks, pool_map.windows)
     handle = None
     if client is not None:
         from kvd.client import prefix as kvio
         from kvd.core.errors import KvdError
 
         try:
-            handle = kvio.register(client, spec, head_map, namespace=namespace)
+            handle = kvio.register(client, spec, head_map, namespace=namespace, computed_under=computed_under,
+                                   reader="head_aware")  # loads move only what the map reads
         except KvdError as e:
             logger.warning("kvd daemon unavailable, running without it: %s", e)
     if chunk_store is None:
@@ -310,7 +361,7 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
     if getattr(model, "_kvd_hooks", None) is None:  # attached again: keep what the first attach replaced
         model._kvd_hooks = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
                             model.register_forward_hook(_post_forward, with_kwargs=True), previous)
-    return KvdCache(Attachment(model, pool_map, fingerprint, namespace, chunk_store, handle, page_tokens))
+    return KvdCache(Attachment(model, pool_map, fingerprint, namespace, chunk_store, handle, page_tokens, guard))
 
 
 def detach(model) -> None:
@@ -325,4 +376,4 @@ def detach(model) -> None:
     del model._kvd_hooks
 
 
-__all__ = ["Attachment", "KvdCache", "ReuseConfig", "Segment", "SparseFfn", "attach", "detach"]
+__all__ = ["Attachment", "GuardConfig", "KvdCache", "ReuseConfig", "Segment", "SparseFfn", "attach", "detach"]

@@ -21,6 +21,7 @@ page ids stay valid. Which heads are local, and their sinks and windows, come fr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,16 @@ class PagePool:
         self.tables = [torch.full((self.rows, 0), -1, dtype=torch.long, device=self.device)
                        for _ in range(head_map.num_layers)]
         self.num_tokens = [0] * head_map.num_layers  # positions [0, num_tokens) written per layer
+        self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
+        # Called as on_trim(layer, rows, cols, page_ids) before trim frees those pages (their bytes are
+        # still in k/v then): the Lil guard's host stash (kvd.connectors.hf.restore) keeps them.
+        self.on_trim: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+
+    def widen(self, head_map: HeadMap) -> None:
+        """Attend under ``head_map`` from now on (the Lil guard's restore: every head global). Pages a
+        narrower map trimmed must have been put back first (``put_pages``); trims follow the new map."""
+        head_map.check_fits(len(self.tables), self.num_kv_heads)
+        self.head_map = head_map
         self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
 
     def _head_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +170,20 @@ class PagePool:
         self.v.view(-1, d).index_copy_(0, flat, v.reshape(-1, d).to(self.dtype))
         self.num_tokens[layer] = max(self.num_tokens[layer], int(positions.max()) + 1)
 
+    def put_pages(self, layer: int, rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put whole pages back where ``trim`` took them from: ``k``/``v [M, page_tokens, D]`` at (``rows[i]``,
+        ``cols[i]``), each of which must have no page now."""
+        if rows.numel() == 0:
+            return
+        rows, cols = rows.to(self.device), cols.to(self.device)
+        table = self._ensure_columns(layer, (int(cols.max()) + 1) * self.page_tokens)
+        if bool((table[rows, cols] >= 0).any()):
+            raise ValueError(f"layer {layer}: put_pages over pages the pool still holds")
+        ids = self._allocate(rows.numel())
+        table[rows, cols] = ids
+        self.k[ids] = k.to(device=self.device, dtype=self.dtype)
+        self.v[ids] = v.to(device=self.device, dtype=self.dtype)
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
         """Append ``k``/``v [rows, T, D]`` at the end of the layer; returns the first new position."""
         start = self.num_tokens[layer]
@@ -181,6 +206,9 @@ class PagePool:
         dead = (window_r > 0) & (first >= sink_r) & (last <= nxt - window_r) & (table >= 0)
         n = int(dead.sum())
         if n:
+            if self.on_trim is not None:
+                rows, cols = dead.nonzero(as_tuple=True)
+                self.on_trim(layer, rows, cols, table[rows, cols])
             self._release(table[dead])
             table[dead] = -1
         return n

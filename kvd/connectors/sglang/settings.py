@@ -3,10 +3,11 @@
 ``BackendSettings`` validates ``--hicache-storage-backend-extra-config``: the keys SGLang itself reads
 (``SGLANG_KEYS``) are let through, any other unknown key is an error, so a typo never silently turns an
 option off. ``model_spec_from_sglang`` derives the ``ModelSpec`` (hence the fingerprint every key
-carries) from what the backend sees: SGLang's storage config (model name, parallel ranks) and the host
-pool (layers, KV heads, head dim, dtype), plus RoPE from the model's Hugging Face config when it can
-be read (and ``revision`` from the extra config). With the same model path and ``tp_size == 1`` this
-is the fingerprint vLLM's kvd connector derives, so the daemon sees one model whichever engine
+carries) from what the backend sees: SGLang's storage config (model name, parallel ranks), the host
+pool (layers, KV heads, head dim, dtype), RoPE from the model's Hugging Face config when it can be
+read, and ``model_id`` = the content identity of the model's files (``kvd.core.identity``; the
+``model_id`` setting overrides it). With ``tp_size == 1`` this is the fingerprint vLLM's kvd connector
+and the transformers adapter derive for the same files, so the daemon sees one model whichever engine
 registers it (``tests/connectors/sglang/test_cross_engine.py`` checks it).
 """
 
@@ -27,6 +28,7 @@ from kvd.connectors.sglang.pages import HostPages
 from kvd.core import dtypes
 from kvd.core.errors import ConfigError, InvalidRequest
 from kvd.core.headmap import HeadMap
+from kvd.core.identity import choose_model_id
 from kvd.core.keys import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -44,9 +46,9 @@ class BackendSettings(BaseModel):
 
     socket: str | None = None  # the daemon's Unix socket; None: kvd's default path
     namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_.:@/-]{1,96}$")
-    model_id: str | None = None  # overrides SGLang's model name in the fingerprint
-    model_path: str | None = None  # HF model dir for RoPE parameters; None: the model name, if it is a dir
-    revision: str = Field(default="", max_length=256)  # as vLLM's --revision, when KV is shared with vLLM
+    model_id: str | None = None  # overrides the model's content identity in the fingerprint
+    model_path: str | None = None  # HF model dir (RoPE, content identity); None: the model name, if it is a dir
+    revision: str = Field(default="", max_length=256)  # with model_id, or a hub name found in no local copy
     head_map: str | None = None  # head map JSON (placement only; loads are exact either way)
     timeout_s: float = Field(default=2.0, gt=0, le=60)  # one control call
     load_wait_s: float = Field(default=1.0, ge=0, le=60)  # a lease waits this long for SSD -> arena
@@ -97,6 +99,10 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
         ("cp", storage_config.attn_cp_rank, storage_config.attn_cp_size)) if size > 1]
     path = Path(settings.model_path or str(storage_config.model_name or "")).expanduser()
     rope = _rope_of(path) if str(path) else None
+    # The content identity of the model's files (kvd.core.identity), as vLLM's connector and the
+    # transformers adapter derive it: one model, one fingerprint, whichever engine registers it.
+    model_id, revision = choose_model_id(path if str(path) else name, explicit=settings.model_id,
+                                         revision=settings.revision)
     if rope is None:
         logger.warning("kvd: no model config found for %r; the fingerprint has no RoPE parameters, so KV is "
                        "shared only with engines that also leave them out (set \"model_path\")", name)
@@ -104,8 +110,7 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
         kv_dtype = dtypes.kv_dtype_name(pages.dtype)
     except InvalidRequest as e:
         raise ConfigError(f"SGLang's host KV pool: {e}") from None
-    # revision "" as vLLM's connector has it for a local model dir (vLLM's --revision unset)
-    return ModelSpec(model_id=name + (f" [{' '.join(shard)}]" if shard else ""), revision=settings.revision,
+    return ModelSpec(model_id=model_id + (f" [{' '.join(shard)}]" if shard else ""), revision=revision,
                      num_layers=pages.num_layers, num_kv_heads=pages.num_heads, head_dim=pages.head_dim,
                      kv_dtype=kv_dtype, rope=rope or {}, layout="canonical")
 

@@ -2,8 +2,10 @@
 
 ``ConnectorSettings`` is the ``kv_connector_extra_config`` dict, validated: unknown keys are errors, so a
 typo never silently turns an option off. ``model_spec_from_vllm`` derives the model fingerprint from
-what both roles see (the vLLM config and the KV-cache config), so the scheduler and the workers compute
-the same keys without talking to each other. ``open_session`` builds the role's
+what both roles see (the vLLM config, the KV-cache config and the model's files: its ``model_id`` is
+the content identity of ``kvd.core.identity``, as every kvd connector has it), so the scheduler and the
+workers compute the same keys without talking to each other, and so does any other engine on the same
+weights. ``open_session`` builds the role's
 ``kvd.client.session.DaemonSession`` (registration, circuit breaker) from the settings.
 """
 
@@ -21,6 +23,7 @@ from kvd.client.session import DaemonSession
 from kvd.core import dtypes
 from kvd.core.errors import ConfigError, InvalidRequest
 from kvd.core.headmap import HeadMap
+from kvd.core.identity import choose_model_id
 from kvd.core.keys import ModelSpec
 
 
@@ -32,7 +35,7 @@ class ConnectorSettings(BaseModel):
     socket: str | None = None  # the daemon's Unix socket; None: kvd's default path
     namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_.:@/-]{1,96}$")
     head_map: str | None = None  # path of a head map JSON (placement only; loads are exact either way)
-    model_id: str | None = None  # overrides vLLM's model name/path in the fingerprint
+    model_id: str | None = None  # overrides the model's content identity in the fingerprint (kvd.core.identity)
     timeout_s: float = Field(default=2.0, gt=0, le=60)  # one control call
     load_wait_s: float = Field(default=1.0, ge=0, le=60)  # a lease waits this long for SSD -> arena
     retry_interval_s: float = Field(default=1.0, gt=0, le=600)  # first back-off after a daemon failure
@@ -88,9 +91,14 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
     hf = mc.hf_config
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", None),
                                                       "rope_scaling": getattr(hf, "rope_scaling", None)}
+    # The model's content identity (kvd.core.identity): the transformers adapter and SGLang's backend
+    # derive the same one from the same files, so KV is shared across engines without a model_id.
+    model_id, revision = choose_model_id(str(mc.model), explicit=settings.model_id,
+                                         revision=str(getattr(mc, "revision", None) or ""),
+                                         variant=_quantized_on_load(mc))
     return ModelSpec(
-        model_id=settings.model_id or str(mc.model),
-        revision=str(getattr(mc, "revision", None) or ""),
+        model_id=model_id,
+        revision=revision,
         num_layers=len(groups[0].layer_names),
         num_kv_heads=int(spec.num_kv_heads),
         head_dim=int(spec.head_size),
@@ -100,6 +108,16 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
         # CPU ISA's packing) on every copy, so KV is portable across engines, layouts and ISAs.
         layout="canonical",
     )
+
+
+def _quantized_on_load(mc: Any) -> str | None:
+    """vLLM's quantization method when it quantizes weights the files hold unquantized (``quantization=
+    "fp8"`` on a bf16 checkpoint): such an engine's KV differs from one running the files as they are.
+    A pre-quantized checkpoint declares it in its config.json, which the content identity covers."""
+    method = getattr(mc, "quantization", None)
+    if not method or getattr(mc.hf_config, "quantization_config", None):
+        return None
+    return str(method)
 
 
 def load_head_map(settings: ConnectorSettings, spec: ModelSpec) -> HeadMap | None:

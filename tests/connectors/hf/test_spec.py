@@ -1,0 +1,76 @@
+"""The transformers adapter's model spec (kvd.connectors.hf.spec): the model's content identity, the
+fingerprint vLLM's and SGLang's connectors derive for the same files, and the cases it refuses or marks."""
+
+from __future__ import annotations
+
+import copy as copy_module
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvd.connectors.hf.spec import model_spec
+from kvd.connectors.vllm.settings import ConnectorSettings, model_spec_from_vllm
+from kvd.core.errors import ConfigError
+from kvd.core.headmap import HeadMap
+from kvd.core.identity import model_identity
+
+pytestmark = pytest.mark.model
+SHIPPED = Path(__file__).resolve().parents[3] / "kvd/data/heads/smollm2-135m.json"
+
+
+def _vllm_configs(model_dir, hf_config, *, quantization=None, revision=None):
+    """vLLM's configs as the connector reads them (the attributes it uses, nothing else)."""
+    spec = SimpleNamespace(num_kv_heads=3, head_size=64, head_size_v=64, dtype=torch.bfloat16)
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec,
+                                                                       layer_names=[f"l{i}" for i in range(30)])])
+    vllm_config = SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=SimpleNamespace(model=str(model_dir), revision=revision, hf_config=hf_config,
+                                     quantization=quantization))
+    return vllm_config, kv_cache_config
+
+
+@pytest.fixture
+def bf16_model(smollm2_fp32):
+    """The session's fp32 model, seen as a bf16 one (only the embedding's dtype is read)."""
+    model, _ = smollm2_fp32
+    return SimpleNamespace(config=model.config,
+                           model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.empty(1, dtype=torch.bfloat16))))
+
+
+def test_adapter_and_vllm_derive_one_fingerprint_from_the_files(bf16_model, smollm2_dir):
+    spec = model_spec(bf16_model)
+    assert spec.model_id == model_identity(smollm2_dir).model_id and spec.revision == ""
+    vllm = model_spec_from_vllm(*_vllm_configs(smollm2_dir, bf16_model.config), ConnectorSettings())
+    assert vllm == spec and vllm.fingerprint() == spec.fingerprint()
+    # the shipped head map was made for exactly these weights, served in bf16
+    assert HeadMap.load(SHIPPED).fingerprint == spec.fingerprint()
+
+
+def test_a_copy_of_the_model_elsewhere_is_the_same_model(bf16_model, smollm2_dir, tmp_path):
+    copy = tmp_path / "renamed-copy"
+    copy.mkdir()
+    for f in smollm2_dir.iterdir():
+        (copy / f.name).symlink_to(f)
+    config = copy_module.deepcopy(bf16_model.config)
+    config.name_or_path = str(copy)
+    moved = SimpleNamespace(config=config, model=bf16_model.model)
+    assert model_spec(moved).fingerprint() == model_spec(bf16_model).fingerprint()
+
+
+def test_explicit_model_id_wins_in_both_engines(bf16_model, smollm2_dir):
+    spec = model_spec(bf16_model, model_id="smollm2-prod")
+    vllm = model_spec_from_vllm(*_vllm_configs(smollm2_dir, bf16_model.config), ConnectorSettings(model_id="smollm2-prod"))
+    assert spec.model_id == vllm.model_id == "smollm2-prod" and spec.fingerprint() == vllm.fingerprint()
+
+
+def test_weights_changed_on_load_are_marked_or_refused(bf16_model, smollm2_dir):
+    quantized = model_spec_from_vllm(*_vllm_configs(smollm2_dir, bf16_model.config, quantization="fp8"),
+                                     ConnectorSettings())
+    assert quantized.model_id.endswith("+fp8") and quantized.fingerprint() != model_spec(bf16_model).fingerprint()
+    peft = SimpleNamespace(config=bf16_model.config, model=bf16_model.model, peft_config={"default": object()})
+    with pytest.raises(ConfigError, match="PEFT"):
+        model_spec(peft)
+    assert model_spec(peft, model_id="base+adapter-v3").model_id == "base+adapter-v3"
