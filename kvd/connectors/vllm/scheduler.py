@@ -7,9 +7,10 @@ into a picklable ``StepPlan`` for the workers:
 
 - **load**: tokens ``[start, end)`` of a new (or resumed) request that vLLM agreed to take from kvd
   (``get_num_new_matched_tokens`` → ``update_state_after_alloc`` → ``build``). ``start`` is vLLM's own
-  prefix hit (block-aligned, possibly inside a chunk); ``end`` is the end of the last hit chunk or, when
-  that chunk holds the last prompt token, the block boundary before it (vLLM must compute at least one
-  token to sample, and a chunk entry serves any prefix of its tokens).
+  prefix hit (block-aligned, possibly inside a chunk); ``end`` is the end of the last hit entry or, when
+  that entry holds the last prompt token, that token (vLLM must compute at least one token to sample,
+  and a chunk entry serves any prefix of its tokens): the last block is then loaded in part and vLLM
+  computes one token, where its own prefix cache recomputes the whole last block.
 - **save**: the prompt's full chunks that become complete in this step, saved by the workers in the
   same step (synchronously, see ``kvd.connectors.vllm.worker``), and the prompt's **tail entry**: the
   block-aligned tokens after its last full chunk, all but the last prompt token, so that a rerun of a
@@ -197,11 +198,12 @@ class SchedulerPlanner:
         if t is None:
             return 0
         c = h.chunk_tokens
-        # vLLM computes at least the last prompt token, and loads fill whole blocks: the offer ends at
-        # the last block boundary before it, which may lie inside the last hit chunk (a stored chunk is
-        # exact for any prefix of its tokens) or at the end of the tail entry, so any prompt whose
-        # entries are all stored recomputes less than one block, as with vLLM's own cache.
-        limit = min(len(t.hashes) * c + t.tail_tokens, (t.num_prompt - 1) // self.block_size * self.block_size)
+        # vLLM computes at least the last prompt token: the offer ends right before it when the chunk
+        # holding it is stored (a stored chunk is exact for any prefix of its tokens; the last block is
+        # then loaded in part, ``kvd.connectors.vllm.copy``), else at the end of the tail entry (block-
+        # aligned), so a prompt whose entries are all stored recomputes one token, or less than a block.
+        # vLLM's own prefix cache stops at the last whole block before the last token.
+        limit = min(len(t.hashes) * c + t.tail_tokens, t.num_prompt - 1)
         if not self.can_load or limit <= num_computed:
             # Nothing to load (vLLM's own cache may cover the prompt): still learn which entries are
             # stored, so that saving does not send them again.
@@ -270,7 +272,8 @@ class SchedulerPlanner:
         first, last = start // c, -(-end // c)
         if start % self.block_size or end > len(t.hashes) * c + t.tail_tokens or start < 0:
             # Not a range this plan can express; the worker reports it failed, vLLM recomputes it.
-            logger.warning("kvd: load of tokens [%d, %d) of %s is not block-aligned; recomputing", start, end, rid)
+            logger.warning("kvd: load of tokens [%d, %d) of %s does not start on a block or ends past the "
+                           "stored entries; recomputing", start, end, rid)
         keys, last_tokens = t.keys(first, last)
         loads.append(LoadSpec(rid, t.namespace, first, keys, start, end, tuple(t.block_ids), last_tokens))
         t.next_save = max(t.next_save, min(last, len(t.hashes)))

@@ -93,9 +93,10 @@ class WorkerIO:
     # ---- helpers ----------------------------------------------------------------------------------
 
     def _kernel_blocks(self, block_ids: Sequence[int], t0: int, t1: int) -> list[int]:
-        """Kernel blocks of tokens ``[t0, t1)`` (multiples of the kernel block size), in token order."""
+        """Kernel blocks of tokens ``[t0, t1)`` in token order (``t0`` on a kernel block; ``t1`` may end
+        inside one: a load up to the prompt's last token fills its last block in part)."""
         n = self.kernel_tokens
-        return [block_ids[k // self.ratio] * self.ratio + k % self.ratio for k in range(t0 // n, t1 // n)]
+        return [block_ids[k // self.ratio] * self.ratio + k % self.ratio for k in range(t0 // n, -(-t1 // n))]
 
     def _fail(self, spec: LoadSpec, from_token: int, why: str) -> None:
         lo = max(spec.start, from_token)
@@ -151,9 +152,13 @@ class WorkerIO:
             chunk = spec.first_chunk + n
             self._fail(spec, chunk * c, f"entry {chunk} is {lease.states[n]}")
         load = _Load(spec, lease, [])
+        end = spec.end
+        if end % self.kernel_tokens and not self.copier.partial_blocks:  # it can write whole blocks only
+            end -= end % self.kernel_tokens
+            self._fail(spec, end, f"{type(self.copier).__name__} cannot fill a block in part")
         for i in range(n):  # an entry may hold more tokens than planned (an alias): copy the leading ones
             chunk = spec.first_chunk + i
-            t0, t1 = max(spec.start, chunk * c), min(spec.end, chunk * c + sizes[i])
+            t0, t1 = max(spec.start, chunk * c), min(end, chunk * c + sizes[i])
             if t1 > t0:
                 load.pieces.append(Piece(self._kernel_blocks(spec.block_ids, t0, t1), t0 - chunk * c,
                                          t1 - chunk * c, list(lease.entry(i).extents)))

@@ -219,3 +219,42 @@ def test_kernel_copier_equals_perm_copier(name, use_triton):
             copier.load_layer(dst[layer], layer, pieces)
     for a, b in zip(dst_p, dst_k):
         assert torch.equal(a, b)
+
+
+RUNS = {  # block ids per chunk: one run, three runs (the direct path), and one with an odd layer offset
+    "one-run": [[2, 3], [4, 5], [6, 7]],
+    "three-runs": [[2, 3], [4, 9], [10, 11]],
+}
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-storage-offset"])
+@pytest.mark.parametrize("runs", RUNS)
+@pytest.mark.parametrize("name", ["LBHNC_KT", "LBHNC", "LBNHC"])
+def test_strided_copier_on_runs_of_blocks_equals_perm_copier(name, runs, offset):
+    """Runs of consecutive blocks are copied straight between the staging and vLLM's blocks (one
+    strided copy per run); bit for bit what the permutation copier does, stores and loads, including a
+    layer tensor whose storage starts at an odd element (bf16 pairs then cannot move as one int32)."""
+    blocks = RUNS[runs]
+    src = fill_layers(name, 12)
+    if offset:  # the same values in a tensor that starts one element into its storage
+        src = [torch.cat([torch.zeros(1, dtype=t.dtype), t.contiguous().reshape(-1)])[1:].view(t.shape)
+               if name != "LBNHC" else t for t in src]
+    hm = head_map_two_classes()
+    lay = probe_block_layout(writer_for(name), src[0])
+    strided, perm = make_copier(lay, src[0]), PermCopier(lay)
+    assert isinstance(strided, StridedCopier)
+    _, ent_s = make_entries(3, hm)
+    _, ent_p = make_entries(3, hm)
+    for layer in range(L):
+        strided.save_layer(src[layer], layer, [Piece(b, 0, CHUNK, e) for b, e in zip(blocks, ent_s)])
+        perm.save_layer(src[layer], layer, [Piece(b, 0, CHUNK, e) for b, e in zip(blocks, ent_p)])
+    for es, ep in zip(ent_s, ent_p):
+        for (_, vs), (_, vp) in zip(es, ep):
+            assert torch.equal(vs, vp)
+    out_s, out_p = [torch.zeros_like(t) for t in src], [torch.zeros_like(t) for t in src]
+    for layer in range(L):  # loads starting inside the first chunk, into other runs
+        strided.load_layer(out_s[layer], layer, [Piece([8], N, CHUNK, ent_s[0]), Piece([0, 1], 0, CHUNK, ent_s[1])])
+        perm.load_layer(out_p[layer], layer, [Piece([8], N, CHUNK, ent_p[0]), Piece([0, 1], 0, CHUNK, ent_p[1])])
+    for a, b in zip(out_s, out_p):
+        assert torch.equal(a, b)
+    assert torch.equal(out_s[0][8], src[0][blocks[0][1]]) and torch.equal(out_s[0][1], src[0][blocks[1][1]])

@@ -91,9 +91,10 @@ def test_matched_tokens_are_the_stored_leading_chunks_beyond_the_local_hit(daemo
     assert p.num_new_matched_tokens(request("a", toks), 768) == 0
     assert p.num_new_matched_tokens(request("a", toks), 384) == 384
     assert p.hit_sources(request("a", toks), 384) == {"host": 384}  # for vLLM's per-tier hit counters
-    # The last prompt token is never claimed: a 768-token prompt takes 2 chunks and the first block of
-    # the third (a chunk serves any prefix of its tokens); vLLM recomputes the last block.
-    assert p.num_new_matched_tokens(request("b", toks[:768]), 0) == 640
+    # The last prompt token is never claimed: a 768-token prompt takes 2 chunks and the third up to its
+    # last token (a chunk serves any prefix of its tokens; the last block is loaded in part); vLLM
+    # computes that one token (its own prefix cache would recompute the whole last block).
+    assert p.num_new_matched_tokens(request("b", toks[:768]), 0) == 767
     assert p.num_new_matched_tokens(request("b2", toks[:769]), 0) == 768  # one token past the chunks
     assert p.num_new_matched_tokens(request("b3", toks[:700]), 0) == 512  # chunk 2 is not full: not keyed
     # Divergence inside chunk 1: only chunk 0 is this prompt's prefix.
@@ -324,10 +325,10 @@ def test_prompt_covered_by_vllms_own_cache_is_not_sent_to_the_daemon_again(daemo
 
 def test_lookup_tells_the_daemon_how_many_tokens_can_be_loaded(daemon):
     """``kvd_hit_tokens_total`` counted 256 where 128 were loaded: the daemon was not told that a
-    256-token prompt can load at most 128 tokens (the last token's block is always computed)."""
+    256-token prompt can load at most that many tokens (255 now: the last token is always computed)."""
     toks = tokens(256, 50)
     store(daemon, toks)
     with RecordingClient(daemon.socket, timeout_s=1.0) as client:
         p = planner(daemon, client=client)
-        assert p.num_new_matched_tokens(request("a", toks), 0) == 128
-        assert client.last(P.LookupRequest).max_tokens == 128
+        assert p.num_new_matched_tokens(request("a", toks), 0) == 255
+        assert client.last(P.LookupRequest).max_tokens == 255

@@ -120,7 +120,7 @@ def test_load_ending_inside_the_last_chunk_copies_only_its_first_blocks(daemon):
     dst = make_worker(daemon, "partial-end", seed=6)
     before = {n: t.clone() for n, t in dst.kv_caches.items()}
     blocks = (14, 15, 16, 17, 18, 19)
-    # A 768-token prompt: vLLM computes the last block, so the load ends at 640, inside chunk 2.
+    # A load that ends on a block boundary inside chunk 2 (vLLM took fewer tokens than offered).
     assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 640, blocks),))) == set()
     assert blocks_equal(src, (1, 2, 3, 4, 5), dst, blocks[:5])
     assert all(torch.equal(before[n][19], t[19]) for n, t in dst.kv_caches.items())  # left to vLLM
@@ -268,3 +268,39 @@ def test_saves_send_their_prefix_aliases(daemon):
         sent = client.last(P.ReserveRequest)
         assert [[(a.hash, a.num_tokens) for a in e.aliases] for e in sent.entries] == [[("ab" * 16, 128)],
                                                                                        [("cd" * 16, 128)]]
+
+
+def test_load_up_to_the_last_prompt_token_fills_its_block_in_part(daemon):
+    """A 768-token prompt whose chunks are all stored loads 767 tokens: the last block in part."""
+    src = make_worker(daemon, "to-last-token", seed=7)
+    toks = toks_for(7, 768)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, (1, 2, 3, 4, 5, 6), len(toks)),)))
+    dst = make_worker(daemon, "to-last-token", seed=8)
+    lay = layout()
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 767, (9, 10, 11, 12, 13, 14)),))) == set()
+    assert blocks_equal(src, (1, 2, 3, 4, 5), dst, (9, 10, 11, 12, 13))
+    for (name, s), d in zip(src.kv_caches.items(), dst.kv_caches.values()):
+        got = d[14].reshape(-1)[lay.to_canon].view(H, 2, N, D)
+        assert torch.equal(got[:, :, :127], s[6].reshape(-1)[lay.to_canon].view(H, 2, N, D)[:, :, :127])
+        assert torch.equal(got[:, :, 127], before[name][14].reshape(-1)[lay.to_canon].view(H, 2, N, D)[:, :, 127])
+    assert dst.counters["loaded_tokens"] == 767
+
+
+def test_a_copier_of_whole_blocks_stops_before_a_block_it_would_fill_in_part(daemon):
+    """PermCopier moves whole blocks: the load stops at the block boundary and reports the last block
+    failed (vLLM recomputes it) instead of overwriting what vLLM computed there."""
+    from kvd.connectors.vllm.copy import PermCopier
+
+    src = make_worker(daemon, "whole-only", seed=9)
+    toks = toks_for(9, 768)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, (1, 2, 3, 4, 5, 6), len(toks)),)))
+    dst = make_worker(daemon, "whole-only", seed=10)
+    dst.copier = PermCopier(layout())
+    before = {n: t[14].clone() for n, t in dst.kv_caches.items()}
+    errors = run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 767, (9, 10, 11, 12, 13, 14)),)))
+    assert errors == {14}
+    assert blocks_equal(src, (1, 2, 3, 4, 5), dst, (9, 10, 11, 12, 13))
+    assert all(torch.equal(before[n], t[14]) for n, t in dst.kv_caches.items())

@@ -1,0 +1,40 @@
+"""What the vLLM connector's copiers move: ``Piece``, tokens of one chunk entry and the kernel blocks
+that hold them, and ``LayerRows``, where one layer's segments of a head class lie in an extent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvd.core.extents import ExtentPlan
+
+
+@dataclass
+class Piece:
+    """Tokens ``[t0, t1)`` of one chunk entry. ``t0`` is on a block; ``t1`` too, except at the end of a
+    load that stops before the prompt's last token (that block is filled in part)."""
+
+    block_ids: Sequence[int]  # kernel blocks holding tokens t0..t1-1, in token order
+    t0: int
+    t1: int
+    extents: list[tuple[ExtentPlan, torch.Tensor]]  # per head class: plan, [num_segments, 2, T, D] view
+
+
+class LayerRows:
+    """``(plan, layer) -> (first segment, end segment, heads)`` with heads a slice where consecutive."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int, int], tuple[int, int, slice | list[int]]] = {}
+
+    def __call__(self, plan: ExtentPlan, layer: int):
+        key = (plan.head_class, plan.num_tokens, layer)
+        got = self._cache.get(key)
+        if got is None:
+            s0, s1 = plan.layer_span(layer)
+            heads = [h for _, h in plan.heads[s0:s1]]
+            hs: slice | list[int] = slice(heads[0], heads[-1] + 1) if heads and heads == list(
+                range(heads[0], heads[-1] + 1)) else heads
+            got = self._cache[key] = (s0, s1, hs)
+        return got
