@@ -9,8 +9,8 @@ Where an extent lies decides the copy (``kvd.client.transfer`` hands out the vie
 - on the engine's device (the daemon's GPU pool, ``kvd.tiers.gpu``): the kernels read or write the
   pool in place, device to device, one launch per layer for every entry and head class at once;
 - in the arena, for a GPU engine: the kernels read and write the pinned (``cudaHostRegister``-ed) arena
-  in place, over PCIe (zero copy: measured 41-43 GB/s into an H100, 0.80-0.82x a pinned cudaMemcpy,
-  where staging each extent through a device buffer first gave 24-25 GB/s: docs/gpu.md); an arena that is not
+  in place, over PCIe (zero copy: measured 41-49 GB/s into an H100, 0.80-0.90x a pinned cudaMemcpy,
+  where staging each extent through a device buffer first gave 24-35 GB/s: docs/gpu.md); an arena that is not
   pinned, or ``zero_copy=False``, is staged through a device buffer, ``staging_bytes`` at a time;
 - everything on the CPU (the engine's KV too): the kernels' torch references, or the Triton
   interpreter, on the arena in place.
