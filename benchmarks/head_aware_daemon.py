@@ -5,11 +5,12 @@ bit-identical reload, and prefix hits per GB in capacity mode. Sections merge th
 Usage: ``nice -n 10 python benchmarks/head_aware_daemon.py [--only bytes,capacity] [--threads 1]``.
 
 - ``bytes``: SmolLM2-135M-Instruct (fp32, CPU) under a head map, through a real daemon in capacity
-  mode (``local_cold_codec = drop``, admitted at once): request 1 computes and stores the first
-  ``ctx - 256`` tokens of a natural-text prompt (kvd's README and docs), then computes the last chunk
-  (the reference logits); ``kvctl flush`` writes everything below the arena, which lets the cold window
-  groups go; request 2 (a fresh cache) loads the stored prefix as a head-aware reader and computes the
-  same last chunk. Keys per context (4k, 8k): ``bytes_stored_per_token_ratio_<ctx>`` (the bytes kvd
+  mode (``local_cold_codec = drop``, admitted at once): a natural-text prompt (kvd's README and docs)
+  of ``ctx + 1`` tokens; request 1 computes and stores its first ``ctx`` tokens, then its last token
+  over the adapter's in-process head-aware pool (the reference logits); ``kvctl flush`` writes
+  everything below the arena, which lets the cold window groups go; request 2 (a fresh cache) sends
+  the whole prompt: the adapter loads the ``ctx`` stored tokens from the daemon as a head-aware reader
+  and computes the last token, as an engine rerunning the prompt would. Keys per context (4k, 8k): ``bytes_stored_per_token_ratio_<ctx>`` (the bytes kvd
   keeps of the prefix's entries, uncompressed, over full KV: ``kvctl entries`` sizes),
   ``bytes_loaded_per_token_ratio_<ctx>`` (bytes leased for the reload over full KV), and
   ``headaware_reload_bit_identical`` (request 2's logits equal request 1's, bit for bit, at every
@@ -68,8 +69,8 @@ def reload_once(model, tok, hm: HeadMap, ctx: int, seed: int, root: Path) -> dic
     from kvd.calibrate.tasks import natural_text_ids
     from kvd.connectors.hf import cache as hf
 
-    n = (ctx - 1) // CHUNK * CHUNK  # the prefix request 2 can load (it computes at least one token)
-    ids = torch.tensor([natural_text_ids(tok, "docs", seed, ctx)])
+    n = ctx  # a prompt of ctx + 1 tokens: request 2 loads the first ctx (whole chunks), computes the last
+    ids = torch.tensor([natural_text_ids(tok, "docs", seed, ctx + 1)])
     root.mkdir(parents=True)
     leases: list = []
     real_open = kvio.open_lease
@@ -91,7 +92,7 @@ def reload_once(model, tok, hm: HeadMap, ctx: int, seed: int, root: Path) -> dic
             full_entry = sum(p.nbytes for p in h.plans(CHUNK).values())
             second = first.fresh()
             t0 = time.perf_counter()
-            got = model(ids, past_key_values=second).logits
+            got = model(ids, past_key_values=second).logits[:, -1:]
             reload_s = time.perf_counter() - t0
             answers = leases[-1]._answers
         hf.detach(model)

@@ -118,8 +118,10 @@ def restore_figures(a: DaemonProc, b: DaemonProc, kv: torch.Tensor, reps: int = 
                 assert out.view(torch.int16).equal(kv.view(torch.int16)), "KV loaded on host B differs"
             times.append(t1 - t0)
     nbytes = kv.numel() * kv.element_size()
-    return {"restore_GBps": nbytes / min(times) / 1e9, "restore_s": min(times), "restore_MB": nbytes / 1e6,
-            "restore_runs_s": [round(t, 4) for t in times]}
+    # The median, not the best run: redis-benchmark's figure is its whole run's average, not its best moment.
+    med = statistics.median(times)
+    return {"restore_GBps": nbytes / med / 1e9, "restore_s": med, "restore_best_GBps": nbytes / min(times) / 1e9,
+            "restore_MB": nbytes / 1e6, "restore_runs_s": [round(t, 4) for t in times]}
 
 
 def redis_benchmark_gbps(cluster: RedisCluster, value_bytes: int, requests: int = 400) -> float:

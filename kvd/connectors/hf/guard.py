@@ -63,8 +63,11 @@ class GuardConfig:
     """How the guard watches and what it does (module docstring; defaults chosen as it says)."""
 
     action: Literal["restore", "stop"] = "restore"
-    window: int = 64  # generated tokens the ratio is taken over
-    ratio: float = 3.0  # trip when the window compresses this well or better
+    # From benchmarks/head_aware.py --only lil-calibrate (12 calibration prompts, 2026-12-05): for each
+    # window, 10 % above the highest ratio any full-KV generation that ended by itself reached; 96 is
+    # the window whose threshold caught all 4 runaway generations earliest (124 tokens on average).
+    window: int = 96  # generated tokens the ratio is taken over
+    ratio: float = 2.51  # trip when the window compresses this well or better
     expected_tokens: int | None = None  # full-KV length where known (per request: LilGuard.expect)
     length_slack: float = 1.5  # trip when decoding passes this times the expected length
     keep_prompt: bool = False  # stash the prompt's trimmed pages too (the daemon may drop local extents)
