@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.head_aware_results import merge  # noqa: E402
 from kvd.calibrate import tasks  # noqa: E402
 from kvd.connectors.hf import cache as hf  # noqa: E402
 from kvd.connectors.hf.guard import GuardConfig, compression_ratio  # noqa: E402
@@ -194,16 +195,6 @@ SECTIONS = {"lil-calibrate": lil_calibrate, "lil": lil}
 
 def log(msg: str) -> None:
     print(f"[head_aware {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def merge(path: Path, new: dict) -> dict:
-    """Update ``path``'s JSON with ``new`` (keys of other sections stay), written atomically."""
-    doc = json.loads(path.read_text()) if path.exists() else {}
-    doc.update(new)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

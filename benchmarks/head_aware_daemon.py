@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.head_aware_results import merge  # noqa: E402
 from kvd.client import prefix as kvio  # noqa: E402
 from kvd.core import protocol as P  # noqa: E402
 from kvd.core.headmap import HeadMap  # noqa: E402
@@ -222,13 +223,6 @@ def capacity_section(args) -> dict:
 
 
 SECTIONS = {"bytes": bytes_section, "capacity": capacity_section}
-
-
-def merge(path: Path, new: dict) -> dict:
-    doc = json.loads(path.read_text()) if path.exists() else {}
-    doc.update(new)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.head_aware_results import merge  # noqa: E402
+
 OUT = ROOT / "benchmarks/results/head_aware.json"
 DOC_TOKENS, CHUNK = 2304, 256
 
@@ -193,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                          "map": "kvd/data/heads/smollm2-135m.json", "docs": args.docs, "new_tokens": args.new,
                          "top": args.top}
     log(json.dumps(res))
-    path = Path(args.out)
-    doc = json.loads(path.read_text()) if path.exists() else {}
-    doc.update(res)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    merge(Path(args.out), res)
     return 0
 
 
