@@ -63,7 +63,7 @@ def _move(entries, kv_layers, block_ids, layout, zero_copy, staging_bytes, kerne
     # In place: (storage, the classes an entry has there) -> [(entry, [(plan, view) per class])]. Every
     # class of a group goes in one launch per layer (the kernel takes a head list and an offset per
     # head): a load of two classes was 64 launches for a 32-layer model, and launches, not bytes, set
-    # its time (the first H100 run: 384 GB/s where the kernel alone moves 1360, docs/gpu.md).
+    # its time (H100: 283-384 GB/s then, 811 now, the kernel alone 1360; docs/gpu.md).
     direct: dict[tuple[int, tuple[str, ...]], list[tuple[int, list]]] = {}
     staged: dict[str, list[tuple[int, ExtentPlan, torch.Tensor]]] = {}
     for s, e in enumerate(entries):
