@@ -50,6 +50,7 @@ from kvd.calibrate.harness import Harness, make_prompts, result_dict, summarize 
 from kvd.calibrate.model import load_causal_lm  # noqa: E402
 from kvd.calibrate.profiler import trajectory_maps  # noqa: E402
 from kvd.core.headmap import HeadMap  # noqa: E402
+from kvd.core.keys import attention_tag  # noqa: E402
 from kvd.testing.models import smollm2_dir  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -220,8 +221,17 @@ def report(out: dict, args) -> dict:
          "num_global_heads": shipped.num_global, "passkey_acc_full": {}, "passkey_acc_headmap": {}}
     if args.recall_from:  # recall figures of an earlier run of the same map, said so in the JSON
         prior = json.loads(Path(args.recall_from).read_text())
-        if prior.get("map_fingerprint") != shipped.fingerprint:
-            raise SystemExit(f"--recall-from {args.recall_from} measured another map")
+        # The same map means the same heads: the attention tag (every head's sink and window). The model
+        # fingerprint inside a map changed with engine-neutral identities while its heads did not; a
+        # prior run without the tag is matched on its global count and KV fractions at 2K and 4K.
+        tag = attention_tag(shipped.sinks, shipped.windows)
+        ps = prior.get("shipped", {})
+        same = prior["map_attention_tag"] == tag if "map_attention_tag" in prior else (
+            ps.get("num_global_heads") == shipped.num_global
+            and abs(ps.get("kv_fraction_2k", -1) - shipped.kv_fraction(2048)) < 1e-9
+            and abs(ps.get("kv_fraction_4k", -1) - shipped.kv_fraction(4096)) < 1e-9)
+        if not same:
+            raise SystemExit(f"--recall-from {args.recall_from} measured another map (other heads)")
         s.update({k: v for k, v in prior["shipped"].items() if k.startswith(("passkey_", "multikey_"))})
         s["recall_from"] = f"{args.recall_from} ({prior.get('date')}, {prior.get('machine')})"
     for name, row in rec.items():
@@ -250,6 +260,7 @@ def report(out: dict, args) -> dict:
         "machine": _machine(args.device),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), fp32 on CPU",
         "map": str(args.map), "map_method": shipped.method, "map_fingerprint": shipped.fingerprint,
+        "map_attention_tag": attention_tag(shipped.sinks, shipped.windows),
         "pareto_from": args.pareto_from,
         "natural": {"tokens": args.natural_tokens, "scored_positions": args.natural_tokens // 2,
                     "prompts": args.natural_prompts, "budgets_at_tokens": args.natural_tokens},
