@@ -83,11 +83,12 @@ def row(levels: list[Level], e: Entry, index: int, hash_: str, num_tokens: int,
     for c, x in e.extents.items():
         if want is not None and c not in want:
             continue
-        where = [lv.level for lv in levels if (cp := x.copies.get(lv.name)) is not None
-                 and (accept_lossy or not cp.is_lossy)]
-        if where:
-            classes.append(c)
-            slowest = max(slowest, min(where))
+        for lv in levels:  # top first: the first usable copy is the fastest
+            cp = x.copies.get(lv.name)
+            if cp is not None and (accept_lossy or not cp.is_lossy):
+                classes.append(c)
+                slowest = max(slowest, lv.level)
+                break
     if not classes:
         return None
     complete = len(classes) == (len(e.extents) if want is None else len(want))
@@ -109,19 +110,27 @@ def count_hits(metrics: Metrics, req: P.LookupRequest, result: LookupResult, *, 
     asked = num_hashes * result.chunk_tokens
     metrics.lookup_tokens.labels("prefix").inc(asked if cap is None else min(asked, cap))
     left = asked if cap is None else min(asked, cap)
+    # Summed per tier first: one labelled increment per tier, not per row (a 128-hit lookup spent a
+    # third of its store time in prometheus_client's labels()).
+    per_tier: dict[str, int] = {}
     for r in result.prefix[: result.num_prefix_hits]:
         n = min(r.num_tokens, left)
         left -= n
         if n:
-            metrics.hit_tokens.labels("prefix", r.tier).inc(n)
+            per_tier[r.tier] = per_tier.get(r.tier, 0) + n
+    for tier, n in per_tier.items():
+        metrics.hit_tokens.labels("prefix", tier).inc(n)
     if req.chunk_hashes:
         # The denominator needs every asked chunk's length; the client sends it (chunk_num_tokens),
         # else only found chunks count and the chunk hit rate reads high.
         asked_chunks = sum(req.chunk_num_tokens) if req.chunk_num_tokens else sum(r.num_tokens for r in result.chunks)
         metrics.lookup_tokens.labels("chunk").inc(asked_chunks)
+        per_tier = {}
         for r in result.chunks:
             if r.complete:
-                metrics.hit_tokens.labels("chunk", r.tier).inc(r.num_tokens)
+                per_tier[r.tier] = per_tier.get(r.tier, 0) + r.num_tokens
+        for tier, n in per_tier.items():
+            metrics.hit_tokens.labels("chunk", tier).inc(n)
 
 
 def extent_infos(e: Entry, tiers: list[str], classes: list[str] | None = None,
