@@ -87,6 +87,21 @@ class RedisCluster:
             time.sleep(0.1)
         raise TimeoutError("the Redis cluster's replicas did not sync")
 
+    def wait_replicated(self, master: int, timeout: float = 10.0) -> None:
+        """Until ``master``'s replicas have acknowledged its whole replication stream (Redis replicates
+        asynchronously: a write acknowledged just before the master dies may otherwise be lost)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = dict(line.split(":", 1) for line in self.cli(master, "info", "replication").splitlines()
+                        if ":" in line)
+            head = int(info.get("master_repl_offset", "0"))
+            acked = [int(dict(kv.split("=") for kv in v.split(",")).get("offset", -1))
+                     for k, v in info.items() if k.startswith("slave") and k[5:].isdigit()]
+            if acked and min(acked) >= head:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"the replicas of {master} did not catch up")
+
     def cli(self, port: int, *args: str) -> str:
         cmd = ["redis-cli", "-p", str(port)]
         if self.password:

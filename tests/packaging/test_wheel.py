@@ -69,7 +69,7 @@ def test_daemon_requirements_hold_no_engine_and_extras_exist(wheel):
     assert not core & ENGINE_ONLY, core & ENGINE_ONLY
     assert EXTRAS <= set(meta.get_all("Provides-Extra"))
     gpu = {r.name for r in reqs if r.marker is not None and r.marker.evaluate({"extra": "gpu"})} - core
-    assert gpu == {"nvidia-ml-py"}
+    assert gpu == {"nvidia-ml-py", "torch"}  # GPU telemetry, and the GPU tier (docs/gpu.md)
 
 
 @pytest.fixture(scope="module")
