@@ -68,3 +68,12 @@ class ThreadDaemon:
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self.daemon.request_stop)
         self._thread.join(60)
+
+
+def gpu_daemon(root: Path, ipc, *, gpu_bytes: int, host_bytes: int, slot_bytes: int = 64 << 10) -> ThreadDaemon:
+    """A started daemon with a GPU pool of ``gpu_bytes`` shared through ``ipc`` (the in-process stand-in),
+    an arena of ``host_bytes`` and no SSD tier: what the GPU tier's client tests run against."""
+    return ThreadDaemon(settings_for(root, ssd={"enabled": False},
+                                     host={"capacity_bytes": host_bytes, "slot_bytes": slot_bytes},
+                                     gpu={"enabled": True, "capacity_bytes": gpu_bytes, "slot_bytes": slot_bytes}),
+                        gpu_ipc=ipc).start()

@@ -19,7 +19,7 @@ from kvd.core.gpu_ipc import InProcessIpc
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec
 from kvd.core.protocol_gpu import GpuPoolInfo
-from tests.daemon_thread import ThreadDaemon, settings_for
+from tests.daemon_thread import gpu_daemon
 
 SPEC = ModelSpec("toy-gpu", num_layers=2, num_kv_heads=2, head_dim=16, kv_dtype="bfloat16")
 HM = HeadMap.from_classes("toy-gpu", [[True, False]] * 2, sink=4, window=64)
@@ -35,10 +35,7 @@ def ipc():
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, ipc):
     root = tmp_path_factory.mktemp("kvd")
-    d = ThreadDaemon(settings_for(root, ssd={"enabled": False}, host={"capacity_bytes": 64 * ENTRY,
-                                                                       "slot_bytes": 64 << 10},
-                                  gpu={"enabled": True, "capacity_bytes": 8 * ENTRY, "slot_bytes": 64 << 10}),
-                     gpu_ipc=ipc).start()
+    d = gpu_daemon(root, ipc, gpu_bytes=8 * ENTRY, host_bytes=64 * ENTRY)
     yield d
     d.stop()
 

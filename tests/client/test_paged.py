@@ -20,7 +20,7 @@ from kvd.core import protocol as P
 from kvd.core.gpu_ipc import InProcessIpc
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec
-from tests.daemon_thread import ThreadDaemon, settings_for
+from tests.daemon_thread import gpu_daemon
 
 SPEC = ModelSpec("toy-paged", num_layers=2, num_kv_heads=4, head_dim=16, kv_dtype="bfloat16")
 HM = HeadMap.from_classes("toy-paged", [[True, False, True, False]] * 2, sink=4, window=64)
@@ -37,10 +37,7 @@ def ipc():
 def daemon(tmp_path_factory, ipc):
     root = tmp_path_factory.mktemp("kvd")
     # a pool of 3 entries: a 4-entry store puts 3 in the pool and 1 in the arena
-    d = ThreadDaemon(settings_for(root, ssd={"enabled": False}, host={"capacity_bytes": 32 * ENTRY,
-                                                                       "slot_bytes": 64 << 10},
-                                  gpu={"enabled": True, "capacity_bytes": 3 * ENTRY, "slot_bytes": 64 << 10}),
-                     gpu_ipc=ipc).start()
+    d = gpu_daemon(root, ipc, gpu_bytes=3 * ENTRY, host_bytes=32 * ENTRY)
     yield d
     d.stop()
 
