@@ -37,12 +37,14 @@ def free_ports(n: int) -> list[int]:
 
 
 class RedisCluster:
-    def __init__(self, root: Path, *, nodes: int = NODES, requirepass: str | None = None) -> None:
+    def __init__(self, root: Path, *, nodes: int = NODES, requirepass: str | None = None,
+                 maxmemory: str = "256mb") -> None:
         if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
             raise RuntimeError("redis-server / redis-cli not found; `make test` installs Debian's redis-server")
         self.root = Path(root)
         self.ports = free_ports(nodes)
         self.password = requirepass
+        self.maxmemory = maxmemory  # per node; allkeys-lru beyond it, as docs/remote.md advises
         self.procs: dict[int, subprocess.Popen] = {}
 
     @property
@@ -55,7 +57,7 @@ class RedisCluster:
         args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "1000",
                 "--dir", str(d), "--save", "", "--appendonly", "no", "--protected-mode", "no",
-                "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru", "--logfile", str(d / "log"),
+                "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--logfile", str(d / "log"),
                 # a replica may take over however long its master has been gone (tests kill masters)
                 "--cluster-replica-validity-factor", "0"]
         if self.password:
@@ -131,6 +133,16 @@ class RedisCluster:
                     lo, _, hi = rng.partition("-")
                     served += int(hi or lo) - int(lo) + 1
         return served == 16384
+
+    def evicted_keys(self) -> int:
+        """Keys the live nodes' LRU has evicted since they started (``INFO stats``)."""
+        total = 0
+        for p, proc in self.procs.items():
+            if proc.poll() is None:
+                for line in self.cli(p, "info", "stats").splitlines():
+                    if line.startswith("evicted_keys:"):
+                        total += int(line.split(":")[1])
+        return total
 
     def masters(self) -> list[int]:
         out = []

@@ -11,6 +11,13 @@ with no record was let go on purpose (placement ``drop``) or lost in a crash bef
 it is marked dropped, and exact readers see the entry as incomplete. An entry whose global extent is
 missing is of no use to any reader: its records are dropped, as are records of unknown models, of
 another layout, or keyed in an older format.
+
+In a shared tier "no record" may also mean "not written yet": the host that stored the entry writes
+its global extents through at commit and its local ones back later (``remote.write_policy``). So an
+entry this host holds with an extent that has no copy anywhere is asked for again by the next exact
+lookup or lease, and extents other hosts have written since are added to it (``fill``); without
+this, a host that looked an entry up between another host's commit and its write-back would keep
+it incomplete for exact readers forever.
 """
 
 from __future__ import annotations
@@ -57,8 +64,11 @@ def adopt(store, found: dict[EntryKey, list[tuple[str, StoredRecord]]]) -> int:
     count = 0
     orphans: dict[str, list] = {}
     for key, parts in found.items():
-        if store.index.get(key) is not None or key in store.index.pending:
-            continue  # known here already (stored meanwhile): this host's copies serve it
+        if key in store.index.pending:
+            continue  # being stored here: this host's copies will serve it
+        if (known := store.index.get(key)) is not None:
+            count += fill(known, parts)  # known here already: only extents it has no copy of are added
+            continue
         e = _rebuild(store, key, parts, now)
         if e is None:
             for tier, rec in parts:
@@ -74,13 +84,29 @@ def adopt(store, found: dict[EntryKey, list[tuple[str, StoredRecord]]]) -> int:
     return count
 
 
-async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str]) -> int:
+def lacks(e: Entry) -> bool:
+    """Some extent of ``e`` has no copy in any tier (dropped, lost, or not written by its host yet)."""
+    return any(not x.copies for x in e.extents.values())
+
+
+async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str], *, exact: bool = True) -> int:
     """Ask the shared tiers (the remote cluster) for the entries among ``hashes`` this index lacks, in
     one round trip per tier, waiting at most ``remote.lookup_deadline_s``; index what other hosts
-    stored. Returns how many entries were adopted. A tier that is down or slow costs only the wait."""
+    stored. For an ``exact`` reader, entries held here with an extent that has no copy are asked for
+    again (another host may have written it back since). Returns how many entries were adopted or
+    completed. A tier that is down or slow costs only the wait."""
     idx = store.index
-    missing = [(namespace, fingerprint, h) for h in hashes
-               if idx.resolve((namespace, fingerprint, h)) is None and (namespace, fingerprint, h) not in idx.pending]
+
+    def wanted(h: str) -> EntryKey | None:
+        key = (namespace, fingerprint, h)
+        if key in idx.pending:
+            return None
+        found = idx.resolve(key)
+        if found is None:
+            return key
+        return found[0].key if exact and lacks(found[0]) else None
+
+    missing = list(dict.fromkeys(k for h in hashes if (k := wanted(h)) is not None))
     adopted = 0
     for lv in idx.records:
         if not missing or not lv.tier.shared or not lv.tier.is_available:
@@ -97,8 +123,31 @@ async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str]
             n = rec.name
             found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
         adopted += adopt(store, found)
-        missing = [k for k in missing if idx.get(k) is None]
+        missing = [k for k in missing if (e := idx.get(k)) is None or (exact and lacks(e))]
     return adopted
+
+
+def fill(e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
+    """Add to ``e`` the shared tier's records of extents it has no copy of; 1 if any was added. A
+    record must match the entry exactly (name, size, and the exact checksum where the entry knows
+    it): anything else is left out, never served."""
+    added = 0
+    for tier, rec in parts:
+        n, x = rec.name, e.extents.get(rec.name.head_class)
+        if (x is None or x.copies or rec.raw_nbytes != x.nbytes
+                or (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under)
+                != (e.kind, e.start_token, e.end_token, e.num_tokens, e.computed_under)):
+            continue
+        exact = rec.codec in ("raw", "lossless")
+        if exact and x.checksum is not None and x.checksum != rec.raw_xxh:
+            logger.warning("remote record %r does not match this host's checksum: left out", rec.location.key)
+            continue
+        x.copies[tier] = Copy(rec.location, rec.codec, rec.raw_xxh)
+        x.dropped = False
+        if exact:
+            x.checksum = rec.raw_xxh
+        added = 1
+    return added
 
 
 def _register(store, fp: str, raw: bytes) -> None:

@@ -129,7 +129,8 @@ class Store:
             hashes = req.prefix_hashes or []
         self._check_count(len(hashes) + len(req.chunk_hashes or []))
         if self.shared:  # entries other hosts stored: one round trip, bounded by remote.lookup_deadline_s
-            await find_shared(self, req.namespace, req.fingerprint, [*hashes, *(req.chunk_hashes or [])])
+            await find_shared(self, req.namespace, req.fingerprint, [*hashes, *(req.chunk_hashes or [])],
+                              exact=not reader.head_aware)
         if reader.head_aware:
             prefix, num_hits = self._head_aware_rows(req, reader, hashes)
         else:
@@ -201,7 +202,7 @@ class Store:
         reader = reader_of(self.registry.get(req.fingerprint), req)
         self._check_count(len(req.hashes))
         if self.shared:  # a lease without a lookup first (another process looked up) still finds them
-            await find_shared(self, req.namespace, req.fingerprint, req.hashes)
+            await find_shared(self, req.namespace, req.fingerprint, req.hashes, exact=not reader.head_aware)
         found = [self.index.resolve((req.namespace, req.fingerprint, h)) for h in req.hashes]
         found = [f if f is not None and f[0].computed_under == req.computed_under else None for f in found]
         held = list({id(f[0]): f[0] for f in found if f is not None}.values())

@@ -129,3 +129,39 @@ async def test_a_master_killed_during_loads_serves_no_wrong_kv(tmp_path, redis_c
     finally:
         for api in apis:
             await api.close()
+
+
+async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_later(tmp_path, redis_cluster):
+    """Host B looked up A's entries after A wrote their global extents through (at commit) and before
+    A wrote the local ones back: B indexed them with those extents missing, never asked again, and
+    every later exact lookup on B missed although the cluster had the whole entries (the vLLM
+    cross-host TTFT run loaded 0 to 1,280 of 3,840 tokens). Now B asks again for what it lacks."""
+    from tests.store.test_defects import MODEL as WITH_LOCAL
+
+    prefix = "p" + uuid.uuid4().hex[:8]
+    apis = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        apis.append(await Api(tmp_path / name, {"remote": remote(redis_cluster, prefix),
+                                                "ssd": {"enabled": False}}).start(WITH_LOCAL))
+    a, b = apis
+    try:
+        hs, data = await a.store_seq(4, chunks=4)
+        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        await store_a.background.step()  # global extents written through; local ones stay in A's arena
+
+        async def globals_written():
+            entries = (await (await a.http.get("/v1/entries?tier=remote")).json())["entries"]
+            return len(entries) == 4
+        await wait_for(globals_written)
+        assert all("remote" not in store_a.index.get(("default", a.fp, h)).extents["local"].copies for h in hs)
+        assert (await b.lookup(hs))["num_prefix_hits"] == 0  # exact reader: the local heads are not there
+
+        assert (await a.post("/v1/flush", {}))["count"] == 4  # A writes its local extents to the cluster
+        look = await b.lookup(hs)
+        assert look["num_prefix_hits"] == 4 and {r["tier"] for r in look["prefix"]} == {"remote"}
+        status, got = await b.read_back(hs)
+        assert status == ["ok"] * 4 and got == data
+    finally:
+        for api in apis:
+            await api.close()
