@@ -306,11 +306,38 @@ class Engine:
                     times[i] += timed(lambda kw=kw: load_paged(views, layers, ids, layout=LAYOUT,
                                                                 use_triton=use_triton, **kw), self.device, 1)
             ok &= verify(s, phys, ids, self.device)
+            split = [time_split(lambda kw=kw: load_paged(views, layers, ids, layout=LAYOUT, use_triton=use_triton,
+                                                          **kw), self.device) for kw in variants]
         out = []
-        for ts in times:
+        for ts, (kernel_s, host) in zip(times, split):
             t = statistics.median(ts)
-            out.append({"GBps": s.kv_bytes / t / 1e9, "s": t, "times_s": ts, "verified": ok, "tiers": tiers})
+            out.append({"GBps": s.kv_bytes / t / 1e9, "s": t, "times_s": ts, "verified": ok, "tiers": tiers,
+                        "kernel_s": kernel_s, "host_top": host})
         return out
+
+
+def time_split(fn, device) -> tuple[float, list[str]]:
+    """Where one call's time goes, outside the timed runs: the copy kernels' device time (torch's
+    profiler) and the host functions that took longest (cProfile, cumulative)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    kernel_s = 0.0  # the dry run's copies run on the CPU: no device time to take apart
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync(device)
+        kernel_s = sum(e.device_time_total for e in prof.key_averages() if "gather_scatter" in e.key) / 1e6
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    sync(device)
+    pr.disable()
+    st = pstats.Stats(pr).sort_stats("cumulative")
+    top = [f"{st.stats[k][3] * 1e3:.3f} ms {k[2]} ({Path(k[0]).name}:{k[1]})" for k in st.fcn_list[:14]]
+    return kernel_s, top
 
 
 def copy_ceilings(s: Shape, device, repeats: int) -> dict:
@@ -356,7 +383,9 @@ def engine_load(sock: str, s: Shape, device, pools: GpuPools, use_triton: bool, 
     def gpu_load():
         r, u = eng.load_paged_timed(4 * repeats, use_triton, {}, {"aligned": False})
         out.update(gpu_tier_load_GBps=r["GBps"], gpu_tier_load_s=r["s"], gpu_load_verified=r["verified"] and u["verified"],
-                   gpu_load_tiers=r["tiers"], gpu_tier_load_unaligned_GBps=u["GBps"])
+                   gpu_load_tiers=r["tiers"], gpu_tier_load_unaligned_GBps=u["GBps"],
+                   gpu_tier_load_kernel_s=r["kernel_s"], gpu_tier_load_host_profile=r["host_top"])
+        log("one load's host time (cProfile, cumulative):\n    " + "\n    ".join(r["host_top"]))
         log(f"gpu tier load {r['GBps']:.1f} GB/s ({r['s'] * 1e3:.1f} ms; {u['GBps']:.1f} without the alignment "
             f"hint), verified {out['gpu_load_verified']}, {r['tiers']}")
 

@@ -7,7 +7,7 @@ transaction holds its T tokens in blocks ``block_ids[s]`` (``T / N`` of them, in
 Where an extent lies decides the copy (``kvd.client.transfer`` hands out the views):
 
 - on the engine's device (the daemon's GPU pool, ``kvd.tiers.gpu``): the kernels read or write the
-  pool in place, device to device, one launch per layer for every entry and head class at once;
+  pool in place, device to device, one launch for every layer, entry and head class at once;
 - in the arena, for a GPU engine: the kernels read and write the pinned (``cudaHostRegister``-ed) arena
   in place, over PCIe (zero copy: measured 41-49 GB/s into an H100, 0.80-0.90x a pinned cudaMemcpy,
   where staging each extent through a device buffer first gave 24-35 GB/s: docs/gpu.md); an arena that is not
@@ -61,9 +61,9 @@ def _move(entries, kv_layers, block_ids, layout, zero_copy, staging_bytes, kerne
                          f"block_ids {tuple(block_ids.shape)}: one length, one row of blocks per entry")
     device = kv_layers[0].device
     # In place: (storage, the classes an entry has there) -> [(entry, [(plan, view) per class])]. Every
-    # class of a group goes in one launch per layer (the kernel takes a head list and an offset per
-    # head): a load of two classes was 64 launches for a 32-layer model, and launches, not bytes, set
-    # its time (H100: 283-384 GB/s then, 811 now, the kernel alone 1360; docs/gpu.md).
+    # class and layer of a group goes in one launch (the kernel takes a (layer, head) list and an offset
+    # per segment): a load of two classes was 64 launches for a 32-layer model, then 32, and launches,
+    # not bytes, set its time (H100: 283-384 GB/s, then 811, the kernel alone 1360; docs/gpu.md).
     direct: dict[tuple[int, tuple[str, ...]], list[tuple[int, list]]] = {}
     staged: dict[str, list[tuple[int, ExtentPlan, torch.Tensor]]] = {}
     for s, e in enumerate(entries):
@@ -88,11 +88,12 @@ def _move(entries, kv_layers, block_ids, layout, zero_copy, staging_bytes, kerne
 
 def _launch(kernel, kv_layers, block_ids, layout: str, buf, rows: list[tuple[int, list[tuple[ExtentPlan, int]]]],
             aligned: bool) -> None:
-    """One kernel launch per layer for every entry and class of ``rows``: ``(entry, [(plan, base)])``, the
+    """One kernel launch for every layer, entry and class of ``rows``: ``(entry, [(plan, base)])``, the
     same classes in the same order for each entry, extent ``plan`` starting at element ``base`` of
     ``buf``. Worked example: segment ``(layer l, head h)`` is number ``i`` of its extent
     (``plan.heads[i] == (l, h)``), so it starts ``base + i * 2 * T * D`` elements into ``buf``; the
-    launch for layer l takes the heads of l of every class, each with its own offset per entry."""
+    launch takes every segment's (layer, head) and its offset per entry. Layers that one launch cannot
+    reach together (different shapes, strides or devices) get a launch each."""
     import torch
 
     device = kv_layers[0].device
@@ -100,23 +101,34 @@ def _launch(kernel, kv_layers, block_ids, layout: str, buf, rows: list[tuple[int
     seg = 2 * plans[0].num_tokens * plans[0].head_dim  # elements of one segment: K[T, D] then V[T, D]
     bases = torch.tensor([[b for _, b in xs] for _, xs in rows], dtype=torch.int64)  # [entries, classes]
     aligned = aligned and seg % 16 == 0 and bool((bases % 16 == 0).all())  # checked here, promised to the kernel
-    heads, cls, idx, spans = [], [], [], []
-    for layer in range(len(kv_layers)):
-        c0 = len(heads)
-        for c, plan in enumerate(plans):
-            s0, s1 = plan.layer_span(layer)
-            heads += [h for _, h in plan.heads[s0:s1]]
-            cls += [c] * (s1 - s0)
-            idx += range(s0, s1)
-        spans.append((c0, len(heads)))
-    offs = (bases[:, cls] + torch.tensor(idx, dtype=torch.int64)[None, :] * seg).to(device)  # [entries, all heads]
+    # every segment as (layer, head, class, index in its extent), grouped by layer (the sort is stable)
+    segs = sorted(((lyr, h, c, i) for c, plan in enumerate(plans) for i, (lyr, h) in enumerate(plan.heads)),
+                  key=lambda x: x[0])
+    if not segs:
+        return
+    layers, heads, cls, idx = (list(col) for col in zip(*segs))
+    offs = (bases[:, cls] + torch.tensor(idx, dtype=torch.int64)[None, :] * seg).to(device)  # [entries, segments]
     heads_d = torch.tensor(heads, dtype=torch.int64).to(device)
     ids = block_ids[[s for s, _ in rows]].to(device)
+    layer_ids = torch.tensor(layers, dtype=torch.int64)
+    if _alike(kv_layers):
+        kernel(list(kv_layers), ids, heads_d, buf, offs, layout=layout, num_tokens=plans[0].num_tokens,
+               aligned=aligned, layer_ids=layer_ids)
+        return
     for layer, kv_layer in enumerate(kv_layers):
-        c0, c1 = spans[layer]
-        if c1 > c0:
-            kernel(kv_layer, ids, heads_d[c0:c1], buf, offs[:, c0:c1], layout=layout,
+        sel = (layer_ids == layer).nonzero().flatten()
+        if len(sel):
+            c0, c1 = int(sel[0]), int(sel[-1]) + 1  # a layer's segments are consecutive
+            kernel(kv_layer, ids, heads_d[c0:c1], buf, offs[:, c0:c1].contiguous(), layout=layout,
                    num_tokens=plans[0].num_tokens, aligned=aligned)
+
+
+def _alike(kv_layers) -> bool:
+    """Every layer tensor of one shape, strides, dtype and device, element-aligned to each other."""
+    first = kv_layers[0]
+    size = first.element_size()
+    return all((t.shape, t.stride(), t.dtype, t.device) == (first.shape, first.stride(), first.dtype, first.device)
+               and (t.data_ptr() - first.data_ptr()) % size == 0 for t in kv_layers)
 
 
 def _staged(kernel, kv_layers, block_ids, layout: str, batch, device, aligned: bool, *, to_kv: bool) -> None:

@@ -18,6 +18,9 @@ Shapes (S entries, nb blocks per entry, nh heads moved, N tokens per block, D he
     aligned      bool                    the caller promises every offset is a multiple of 16 elements:
                                          the kernel may then move ``buf`` in 16-byte vectors (kvd's
                                          extents start on slot boundaries, and segments are 2 T D long)
+    layer_ids    [nh] or None            several layers in one launch: ``kv_layer`` is then the list of
+                                         every layer's tensor (same shape, strides, dtype, device) and
+                                         segment j is head ``head_ids[j]`` of layer ``layer_ids[j]``
 
 Layouts (``layout``), vLLM 0.32 (see shared/reference/ENGINES.md 1.5):
 
@@ -29,6 +32,11 @@ Layouts (``layout``), vLLM 0.32 (see shared/reference/ENGINES.md 1.5):
 For the two GPU layouts everything comes from the strides, so any stride permutation of
 ``[B, H, N, 2D]`` works; the name is checked against the strides to catch a wrong layout early.
 Gather then scatter restores every moved element bit for bit.
+
+One launch for many layers: an engine allocates each layer's KV as its own tensor, so the kernel takes
+the lowest-addressed layer as its base and, per segment, the element distance from it to the
+segment's layer (``seg_base``). A load of a 32-layer model was 32 launches whose host time (5.3 ms
+against 3.2 ms of copying on an H100, docs/gpu.md) set its speed; it is one launch now.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ LAYOUTS = ("LBNHC", "LBHNC", "LBHNC_KT")
 @triton.jit
 def _gather_scatter_kernel(
     # pointers
-    kv_ptr, buf_ptr, block_ids_ptr, head_ids_ptr, offsets_ptr,
+    kv_ptr, buf_ptr, block_ids_ptr, head_ids_ptr, seg_base_ptr, offsets_ptr,
     # sizes
     num_tokens,
     # strides
@@ -64,10 +72,11 @@ def _gather_scatter_kernel(
 
     # -- engine side: token t of entry s is slot t % N of block block_ids[s, t // N] ----------------
     head = tl.load(head_ids_ptr + pid_h).to(tl.int64)
+    layer_base = tl.load(seg_base_ptr + pid_h)  # elements from kv_ptr to this segment's layer
     block = tl.load(block_ids_ptr + tl.cast(pid_s, tl.int64) * stride_bis + offs_t // BLOCK_TOKENS,
                     mask=mask_t, other=0).to(tl.int64)
     slot = (offs_t % BLOCK_TOKENS).to(tl.int64)
-    run = block * stride_kvb + head * stride_kvh  # start of the (block, head) cell
+    run = layer_base + block * stride_kvb + head * stride_kvh  # start of the (block, head) cell
     if K_TRANSPOSED:
         # CPU run [2N, D]: K^T [D, N] then V [N, D]
         k_offs = run[:, None] + offs_d[None, :].to(tl.int64) * BLOCK_TOKENS + slot[:, None]
@@ -89,6 +98,37 @@ def _gather_scatter_kernel(
     else:
         tl.store(kv_ptr + k_offs, tl.load(buf_ptr + bk_offs, mask=mask), mask=mask)
         tl.store(kv_ptr + v_offs, tl.load(buf_ptr + bv_offs, mask=mask), mask=mask)
+
+
+def _layers(kv_layer, head_ids, layer_ids):
+    """``(base layer, [layer of each segment], seg_base [nh] int64 or None)``. One layer: itself. Several
+    (``layer_ids``): the lowest-addressed layer, and each segment's distance from it in elements."""
+    if layer_ids is None:
+        if not isinstance(kv_layer, torch.Tensor):
+            raise ValueError("kv_layer is a list of layers: pass layer_ids, the layer of each head_ids entry")
+        return kv_layer, None, None
+    layers = list(kv_layer)
+    check_index("layer_ids", layer_ids, 1, "[num_heads]")
+    if layer_ids.shape != head_ids.shape:
+        raise ValueError(f"layer_ids {tuple(layer_ids.shape)} must match head_ids {tuple(head_ids.shape)}")
+    if not layers:
+        raise ValueError("kv_layer: an empty list of layers")
+    first = layers[0]
+    for i, t in enumerate(layers):
+        if (t.shape, t.stride(), t.dtype, t.device) != (first.shape, first.stride(), first.dtype, first.device):
+            raise ValueError(f"layer {i} is {tuple(t.shape)} {t.stride()} {t.dtype} {t.device}, layer 0 "
+                             f"{tuple(first.shape)} {first.stride()} {first.dtype} {first.device}: one launch "
+                             "needs every layer alike")
+    ids = layer_ids.tolist()
+    if ids and not 0 <= min(ids) <= max(ids) < len(layers):
+        raise ValueError(f"layer_ids must be in [0, {len(layers)}), got {min(ids)}..{max(ids)}")
+    base = min(layers, key=lambda t: t.data_ptr())
+    size = first.element_size()
+    dist = [t.data_ptr() - base.data_ptr() for t in layers]
+    if any(d % size for d in dist):
+        raise ValueError(f"layer tensors are not {size}-byte aligned to each other: one launch cannot reach them")
+    seg_base = torch.tensor([dist[i] // size for i in ids], dtype=torch.int64, device=first.device)
+    return base, [layers[i] for i in ids], seg_base
 
 
 def _normalize(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens):
@@ -142,18 +182,22 @@ def _tile(D: int) -> tuple[int, int]:
     return TILE.get(next_pow2(D), (max(1, 2048 // next_pow2(D)), 4))
 
 
-def _run(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens, to_buf, aligned=False, tile=None):
+def _run(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens, to_buf, aligned=False, tile=None,
+         layer_ids=None):
+    kv_layer, _, seg_base = _layers(kv_layer, head_ids, layer_ids)
     block_ids, offsets, T = _normalize(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens)
     S, nh = offsets.shape
     if S == 0 or nh == 0 or T == 0:
         return
+    if seg_base is None:
+        seg_base = torch.zeros(nh, dtype=torch.int64, device=kv_layer.device)
     D = kv_layer.shape[3] // 2
     block_t, num_warps = tile or _tile(D)
     if is_interpreter():
         block_t = 16
     grid = (triton.cdiv(T, block_t), nh, S)
     return _gather_scatter_kernel[grid](
-        kv_layer, buf, block_ids, head_ids, offsets,
+        kv_layer, buf, block_ids, head_ids, seg_base, offsets,
         T,
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), block_ids.stride(0), offsets.stride(0),
         HEAD_DIM=D, BLOCK_D=next_pow2(D), BLOCK_TOKENS=kv_layer.shape[2], BLOCK_T=block_t,
@@ -162,16 +206,17 @@ def _run(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens, to_buf
 
 
 def gather_segments(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layout, num_tokens=None,
-                    aligned=False, tile=None) -> None:
+                    aligned=False, tile=None, layer_ids=None) -> None:
     """Copy segments (entry s, head head_ids[j]) from ``kv_layer`` into ``dst`` at ``dst_offsets[s, j]``.
-    ``tile``: (tokens per program, warps) instead of ``TILE``'s (the tile sweep only)."""
-    _run(kv_layer, block_ids, head_ids, dst, dst_offsets, layout, num_tokens, True, aligned, tile)
+    ``tile``: (tokens per program, warps) instead of ``TILE``'s (the tile sweep only). ``layer_ids``:
+    ``kv_layer`` is every layer's tensor and segment j comes from layer ``layer_ids[j]`` (one launch)."""
+    _run(kv_layer, block_ids, head_ids, dst, dst_offsets, layout, num_tokens, True, aligned, tile, layer_ids)
 
 
 def scatter_segments(kv_layer, block_ids, head_ids, src, src_offsets, *, layout, num_tokens=None,
-                     aligned=False, tile=None) -> None:
+                     aligned=False, tile=None, layer_ids=None) -> None:
     """The exact reverse of ``gather_segments``: write segments from ``src`` into ``kv_layer``."""
-    _run(kv_layer, block_ids, head_ids, src, src_offsets, layout, num_tokens, False, aligned, tile)
+    _run(kv_layer, block_ids, head_ids, src, src_offsets, layout, num_tokens, False, aligned, tile, layer_ids)
 
 
 def _segment_views(kv_layer, block_ids, head, layout, T):
@@ -191,29 +236,32 @@ def _segment_views(kv_layer, block_ids, head, layout, T):
 
 
 def gather_segments_ref(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layout, num_tokens=None,
-                        aligned=False) -> None:
+                        aligned=False, layer_ids=None) -> None:
     """Plain torch, same signature and effect as ``gather_segments`` (works on the CPU backend's KV)."""
+    kv_layer, per_seg, _ = _layers(kv_layer, head_ids, layer_ids)
     block_ids, offsets, T = _normalize(kv_layer, block_ids, head_ids, dst, dst_offsets, layout, num_tokens)
     D = kv_layer.shape[3] // 2
     for s in range(offsets.shape[0]):
         for j, head in enumerate(head_ids.tolist()):
-            k, v = _segment_views(kv_layer, block_ids[s], head, layout, T)
+            k, v = _segment_views(kv_layer if per_seg is None else per_seg[j], block_ids[s], head, layout, T)
             off = int(offsets[s, j])
             dst[off: off + T * D].copy_(k.reshape(-1))
             dst[off + T * D: off + 2 * T * D].copy_(v.reshape(-1))
 
 
 def scatter_segments_ref(kv_layer, block_ids, head_ids, src, src_offsets, *, layout, num_tokens=None,
-                         aligned=False) -> None:
+                         aligned=False, layer_ids=None) -> None:
     """Plain torch, same signature and effect as ``scatter_segments``."""
-    block_ids, offsets, T = _normalize(kv_layer, block_ids, head_ids, src, src_offsets, layout, num_tokens)
-    nblk, H, N, C = kv_layer.shape
+    base, per_seg, _ = _layers(kv_layer, head_ids, layer_ids)
+    block_ids, offsets, T = _normalize(base, block_ids, head_ids, src, src_offsets, layout, num_tokens)
+    nblk, H, N, C = base.shape
     D = C // 2
-    tok = torch.arange(T, device=kv_layer.device)
+    tok = torch.arange(T, device=base.device)
     for s in range(offsets.shape[0]):
         blocks = block_ids[s].long()[tok // N]
         slots = tok % N
         for j, head in enumerate(head_ids.tolist()):
+            kv_layer = base if per_seg is None else per_seg[j]
             off = int(offsets[s, j])
             k = src[off: off + T * D].reshape(T, D)
             v = src[off + T * D: off + 2 * T * D].reshape(T, D)

@@ -111,3 +111,51 @@ def test_rejects_wrong_layout_and_bad_offsets():
         gather_segments(kv, blocks, heads, dst, torch.zeros(1, dtype=torch.int32), layout="LBNHC")
     with pytest.raises(ValueError, match="num_tokens"):
         gather_segments(kv, blocks, heads, dst, torch.zeros(1, dtype=torch.long), layout="LBNHC", num_tokens=17)
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC"])
+def test_one_launch_for_many_layers_equals_one_launch_per_layer(layout):
+    """``layer_ids``: the segments of several separately allocated layers in one launch (the kernel
+    reaches each layer from the lowest-addressed one), bit for bit what per-layer launches move."""
+    g = torch.Generator().manual_seed(11)
+    L, num_blocks, H, N, D, S, nb = 3, 10, 3, 16, 64, 2, 2
+    layers = [_layer(layout, num_blocks, H, N, D, torch.bfloat16, g) for _ in range(L)]
+    block_ids = torch.randperm(num_blocks, generator=g)[: S * nb].reshape(S, nb).int()
+    layer_ids = torch.tensor([2, 0, 0, 1, 2], dtype=torch.int64)  # any order, a layer twice
+    head_ids = torch.tensor([1, 0, 2, 2, 0], dtype=torch.int64)
+    seg = 2 * nb * N * D
+    offsets = (torch.randperm(S * 5, generator=g).reshape(S, 5) * seg).long()
+    buf = torch.full((S * 5 * seg,), float("nan"), dtype=torch.bfloat16)
+    per_layer = buf.clone()
+    gather_segments(layers, block_ids, head_ids, buf, offsets, layout=layout, layer_ids=layer_ids)
+    for j in range(5):  # the same segments, one launch each
+        gather_segments(layers[int(layer_ids[j])], block_ids, head_ids[j:j + 1], per_layer,
+                        offsets[:, j:j + 1].contiguous(), layout=layout)
+    assert torch.equal(_bits(buf), _bits(per_layer))
+    ref = torch.full_like(buf, float("nan"))
+    gather_segments_ref(layers, block_ids, head_ids, ref, offsets, layout=layout, layer_ids=layer_ids)
+    assert torch.equal(_bits(buf), _bits(ref))
+
+    back = [torch.full_like(t, float("nan")) for t in layers]
+    back_ref = [t.clone() for t in back]
+    scatter_segments(back, block_ids, head_ids, buf, offsets, layout=layout, layer_ids=layer_ids)
+    scatter_segments_ref(back_ref, block_ids, head_ids, buf, offsets, layout=layout, layer_ids=layer_ids)
+    for lay, b, r in zip(layers, back, back_ref):
+        assert torch.equal(_bits(b), _bits(r))
+        moved = ~torch.isnan(r)
+        assert torch.equal(_bits(b[moved]), _bits(lay[moved]))
+    assert (~torch.isnan(back_ref[1])).sum() == S * nb * N * 2 * D  # layer 1: one head moved
+
+
+def test_many_layers_must_be_alike_and_named():
+    g = torch.Generator().manual_seed(3)
+    a = _layer("LBHNC", 4, 2, 8, 64, torch.float16, g)
+    b = _layer("LBHNC", 5, 2, 8, 64, torch.float16, g)
+    ids, heads = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    buf, offs = torch.zeros(2 * 8 * 64, dtype=torch.float16), torch.zeros(1, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="layer 1 is"):
+        gather_segments([a, b], ids, heads, buf, offs, layout="LBHNC", layer_ids=torch.tensor([1]))
+    with pytest.raises(ValueError, match="pass layer_ids"):
+        gather_segments([a, a], ids, heads, buf, offs, layout="LBHNC")
+    with pytest.raises(ValueError, match=r"layer_ids must be in \[0, 2\)"):
+        gather_segments([a, a.clone()], ids, heads, buf, offs, layout="LBHNC", layer_ids=torch.tensor([2]))
