@@ -20,10 +20,12 @@ Both functions return when every copy is done (the lease may be released, the re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvd.gpu_kernels import gather_segments, gather_segments_ref, scatter_segments, scatter_segments_ref
+from kvd.gpu_kernels.gather_scatter import LayersNotAlike
 
 if TYPE_CHECKING:
     import torch
@@ -63,18 +65,28 @@ def _move(entries, kv_layers, block_ids, layout, zero_copy, staging_bytes, kerne
     # In place: (storage, the classes an entry has there) -> [(entry, [(plan, view) per class])]. Every
     # class and layer of a group goes in one launch (the kernel takes a (layer, head) list and an offset
     # per segment): a load of two classes was 64 launches for a 32-layer model, then 32, and launches,
-    # not bytes, set its time (H100: 283-384 GB/s, then 811, the kernel alone 1360; docs/gpu.md).
-    direct: dict[tuple[int, tuple[str, ...]], list[tuple[int, list]]] = {}
+    # not bytes, set its time (H100: 283-384 GB/s, then 811, now 1,082, the kernel alone 1,451; docs/gpu.md).
+    direct: dict[tuple, list[tuple[int, list]]] = {}  # (storage, classes...) -> [(entry, [(plan, view)])]
     staged: dict[str, list[tuple[int, ExtentPlan, torch.Tensor]]] = {}
+    pinned_ok = zero_copy and device.type == "cuda"
     for s, e in enumerate(entries):
         here: dict[int, list] = {}
-        for plan, view in e.extents:
-            if view.device == device or (zero_copy and device.type == "cuda" and view.is_pinned()):
-                here.setdefault(view.untyped_storage().data_ptr(), []).append((plan, view))
+        for x in e.extents:
+            view = x.view
+            if view.device == device or (pinned_ok and view.is_pinned()):
+                ptr = view.untyped_storage().data_ptr()
+                if ptr in here:
+                    here[ptr].append(x)
+                else:
+                    here[ptr] = [x]
             else:
-                staged.setdefault(plan.head_class, []).append((s, plan, view))
+                staged.setdefault(x.plan.head_class, []).append((s, x.plan, view))
         for ptr, xs in here.items():
-            direct.setdefault((ptr, tuple(p.head_class for p, _ in xs)), []).append((s, xs))
+            key = (ptr, *[x.plan.head_class for x in xs])
+            if key in direct:
+                direct[key].append((s, xs))
+            else:
+                direct[key] = [(s, xs)]
     for group in direct.values():
         buf = _flat(group[0][1][0][1])
         _launch(kernel, kv_layers, block_ids, layout, buf,
@@ -94,41 +106,49 @@ def _launch(kernel, kv_layers, block_ids, layout: str, buf, rows: list[tuple[int
     (``plan.heads[i] == (l, h)``), so it starts ``base + i * 2 * T * D`` elements into ``buf``; the
     launch takes every segment's (layer, head) and its offset per entry. Layers that one launch cannot
     reach together (different shapes, strides or devices) get a launch each."""
+    import numpy as np
     import torch
 
     device = kv_layers[0].device
-    plans = [plan for plan, _ in rows[0][1]]
+    plans = tuple(plan for plan, _ in rows[0][1])
     seg = 2 * plans[0].num_tokens * plans[0].head_dim  # elements of one segment: K[T, D] then V[T, D]
-    bases = torch.tensor([[b for _, b in xs] for _, xs in rows], dtype=torch.int64)  # [entries, classes]
-    aligned = aligned and seg % 16 == 0 and bool((bases % 16 == 0).all())  # checked here, promised to the kernel
-    # every segment as (layer, head, class, index in its extent), grouped by layer (the sort is stable)
-    segs = sorted(((lyr, h, c, i) for c, plan in enumerate(plans) for i, (lyr, h) in enumerate(plan.heads)),
-                  key=lambda x: x[0])
-    if not segs:
+    bases = np.array([[b for _, b in xs] for _, xs in rows], dtype=np.int64)  # [entries, classes]
+    aligned = aligned and seg % 16 == 0 and not (bases % 16).any()  # checked here, promised to the kernel
+    layers, cls, idx, heads_d, cls_d, idx_d = _segments(plans, device)
+    if not len(layers):
         return
-    layers, heads, cls, idx = (list(col) for col in zip(*segs))
-    offs = (bases[:, cls] + torch.tensor(idx, dtype=torch.int64)[None, :] * seg).to(device)  # [entries, segments]
-    heads_d = torch.tensor(heads, dtype=torch.int64).to(device)
-    ids = block_ids[[s for s, _ in rows]].to(device)
-    layer_ids = torch.tensor(layers, dtype=torch.int64)
-    if _alike(kv_layers):
+    # [entries, segments], computed where the kernel reads it: only the small bases cross to the device
+    offs = torch.from_numpy(bases).to(device)[:, cls_d] + idx_d[None, :] * seg
+    which = [s for s, _ in rows]
+    ids = block_ids if which == list(range(len(block_ids))) else block_ids[which]
+    ids = ids.to(device)
+    try:
         kernel(list(kv_layers), ids, heads_d, buf, offs, layout=layout, num_tokens=plans[0].num_tokens,
-               aligned=aligned, layer_ids=layer_ids)
+               aligned=aligned, layer_ids=torch.from_numpy(layers))
         return
+    except LayersNotAlike:
+        pass  # layers one launch cannot reach together: a launch each
     for layer, kv_layer in enumerate(kv_layers):
-        sel = (layer_ids == layer).nonzero().flatten()
-        if len(sel):
-            c0, c1 = int(sel[0]), int(sel[-1]) + 1  # a layer's segments are consecutive
+        c0, c1 = np.searchsorted(layers, [layer, layer + 1])  # a layer's segments are consecutive
+        if c1 > c0:
             kernel(kv_layer, ids, heads_d[c0:c1], buf, offs[:, c0:c1].contiguous(), layout=layout,
                    num_tokens=plans[0].num_tokens, aligned=aligned)
 
 
-def _alike(kv_layers) -> bool:
-    """Every layer tensor of one shape, strides, dtype and device, element-aligned to each other."""
-    first = kv_layers[0]
-    size = first.element_size()
-    return all((t.shape, t.stride(), t.dtype, t.device) == (first.shape, first.stride(), first.dtype, first.device)
-               and (t.data_ptr() - first.data_ptr()) % size == 0 for t in kv_layers)
+@functools.lru_cache(maxsize=64)
+def _segments(plans: tuple[ExtentPlan, ...], device):
+    """Every segment of ``plans``, grouped by layer (the sort is stable): its layer, class (index into
+    ``plans``) and index in its extent as numpy arrays, then its KV head, class and index as tensors on
+    ``device``. The same for every load of one model's entries, so built once (the lists took ~0.3 ms a
+    load)."""
+    import numpy as np
+    import torch
+
+    segs = sorted(((lyr, h, c, i) for c, plan in enumerate(plans) for i, (lyr, h) in enumerate(plan.heads)),
+                  key=lambda x: x[0])
+    cols = np.array(segs, dtype=np.int64).reshape(-1, 4)
+    layers, heads, cls, idx = (np.ascontiguousarray(cols[:, i]) for i in range(4))
+    return (layers, cls, idx, *(torch.from_numpy(a).to(device) for a in (heads, cls, idx)))
 
 
 def _staged(kernel, kv_layers, block_ids, layout: str, batch, device, aligned: bool, *, to_kv: bool) -> None:

@@ -18,7 +18,7 @@ Shapes (S entries, nb blocks per entry, nh heads moved, N tokens per block, D he
     aligned      bool                    the caller promises every offset is a multiple of 16 elements:
                                          the kernel may then move ``buf`` in 16-byte vectors (kvd's
                                          extents start on slot boundaries, and segments are 2 T D long)
-    layer_ids    [nh] or None            several layers in one launch: ``kv_layer`` is then the list of
+    layer_ids    [nh] or None, host      several layers in one launch: ``kv_layer`` is then the list of
                                          every layer's tensor (same shape, strides, dtype, device) and
                                          segment j is head ``head_ids[j]`` of layer ``layer_ids[j]``
 
@@ -41,6 +41,7 @@ against 3.2 ms of copying on an H100, docs/gpu.md) set its speed; it is one laun
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -100,9 +101,15 @@ def _gather_scatter_kernel(
         tl.store(kv_ptr + v_offs, tl.load(buf_ptr + bv_offs, mask=mask), mask=mask)
 
 
+class LayersNotAlike(ValueError):
+    """The layers given for one launch differ in shape, strides, dtype or device, or are not
+    element-aligned to each other: the caller launches per layer instead."""
+
+
 def _layers(kv_layer, head_ids, layer_ids):
-    """``(base layer, [layer of each segment], seg_base [nh] int64 or None)``. One layer: itself. Several
-    (``layer_ids``): the lowest-addressed layer, and each segment's distance from it in elements."""
+    """``(base layer, every layer or None, seg_base [nh] int64 on the device or None)``. One layer:
+    itself. Several (``layer_ids``): the lowest-addressed layer, the list, and each segment's distance
+    from the base in elements."""
     if layer_ids is None:
         if not isinstance(kv_layer, torch.Tensor):
             raise ValueError("kv_layer is a list of layers: pass layer_ids, the layer of each head_ids entry")
@@ -114,21 +121,24 @@ def _layers(kv_layer, head_ids, layer_ids):
     if not layers:
         raise ValueError("kv_layer: an empty list of layers")
     first = layers[0]
+    like = (first.shape, first.stride(), first.dtype, first.device)
     for i, t in enumerate(layers):
-        if (t.shape, t.stride(), t.dtype, t.device) != (first.shape, first.stride(), first.dtype, first.device):
-            raise ValueError(f"layer {i} is {tuple(t.shape)} {t.stride()} {t.dtype} {t.device}, layer 0 "
-                             f"{tuple(first.shape)} {first.stride()} {first.dtype} {first.device}: one launch "
-                             "needs every layer alike")
-    ids = layer_ids.tolist()
-    if ids and not 0 <= min(ids) <= max(ids) < len(layers):
-        raise ValueError(f"layer_ids must be in [0, {len(layers)}), got {min(ids)}..{max(ids)}")
-    base = min(layers, key=lambda t: t.data_ptr())
+        if (t.shape, t.stride(), t.dtype, t.device) != like:
+            raise LayersNotAlike(f"layer {i} is {tuple(t.shape)} {t.stride()} {t.dtype} {t.device}, layer 0 "
+                                 f"{tuple(first.shape)} {first.stride()} {first.dtype} {first.device}: one launch "
+                                 "needs every layer alike")
+    if layer_ids.device.type != "cpu":
+        raise ValueError(f"layer_ids must be on the host (the launcher checks them), got {layer_ids.device}")
+    ids = layer_ids.numpy()
+    if len(ids) and not 0 <= ids.min() <= ids.max() < len(layers):
+        raise ValueError(f"layer_ids must be in [0, {len(layers)}), got {ids.min()}..{ids.max()}")
+    ptrs = np.array([t.data_ptr() for t in layers], dtype=np.int64)
     size = first.element_size()
-    dist = [t.data_ptr() - base.data_ptr() for t in layers]
-    if any(d % size for d in dist):
-        raise ValueError(f"layer tensors are not {size}-byte aligned to each other: one launch cannot reach them")
-    seg_base = torch.tensor([dist[i] // size for i in ids], dtype=torch.int64, device=first.device)
-    return base, [layers[i] for i in ids], seg_base
+    dist = ptrs - ptrs.min()
+    if (dist % size).any():
+        raise LayersNotAlike(f"layer tensors are not {size}-byte aligned to each other: one launch cannot reach them")
+    seg_base = torch.from_numpy(dist[ids] // size).to(first.device)
+    return layers[int(ptrs.argmin())], layers, seg_base
 
 
 def _normalize(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens):
@@ -238,12 +248,13 @@ def _segment_views(kv_layer, block_ids, head, layout, T):
 def gather_segments_ref(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layout, num_tokens=None,
                         aligned=False, layer_ids=None) -> None:
     """Plain torch, same signature and effect as ``gather_segments`` (works on the CPU backend's KV)."""
-    kv_layer, per_seg, _ = _layers(kv_layer, head_ids, layer_ids)
+    kv_layer, layers, _ = _layers(kv_layer, head_ids, layer_ids)
     block_ids, offsets, T = _normalize(kv_layer, block_ids, head_ids, dst, dst_offsets, layout, num_tokens)
     D = kv_layer.shape[3] // 2
     for s in range(offsets.shape[0]):
         for j, head in enumerate(head_ids.tolist()):
-            k, v = _segment_views(kv_layer if per_seg is None else per_seg[j], block_ids[s], head, layout, T)
+            k, v = _segment_views(kv_layer if layers is None else layers[int(layer_ids[j])], block_ids[s], head,
+                                  layout, T)
             off = int(offsets[s, j])
             dst[off: off + T * D].copy_(k.reshape(-1))
             dst[off + T * D: off + 2 * T * D].copy_(v.reshape(-1))
@@ -252,7 +263,7 @@ def gather_segments_ref(kv_layer, block_ids, head_ids, dst, dst_offsets, *, layo
 def scatter_segments_ref(kv_layer, block_ids, head_ids, src, src_offsets, *, layout, num_tokens=None,
                          aligned=False, layer_ids=None) -> None:
     """Plain torch, same signature and effect as ``scatter_segments``."""
-    base, per_seg, _ = _layers(kv_layer, head_ids, layer_ids)
+    base, layers, _ = _layers(kv_layer, head_ids, layer_ids)
     block_ids, offsets, T = _normalize(base, block_ids, head_ids, src, src_offsets, layout, num_tokens)
     nblk, H, N, C = base.shape
     D = C // 2
@@ -261,7 +272,7 @@ def scatter_segments_ref(kv_layer, block_ids, head_ids, src, src_offsets, *, lay
         blocks = block_ids[s].long()[tok // N]
         slots = tok % N
         for j, head in enumerate(head_ids.tolist()):
-            kv_layer = base if per_seg is None else per_seg[j]
+            kv_layer = base if layers is None else layers[int(layer_ids[j])]
             off = int(offsets[s, j])
             k = src[off: off + T * D].reshape(T, D)
             v = src[off + T * D: off + 2 * T * D].reshape(T, D)
@@ -275,4 +286,4 @@ def scatter_segments_ref(kv_layer, block_ids, head_ids, src, src_offsets, *, lay
                 kv_layer[blocks, head, slots, D:] = v.to(kv_layer.device)
 
 
-__all__ = ["LAYOUTS", "gather_segments", "gather_segments_ref", "scatter_segments", "scatter_segments_ref"]
+__all__ = ["LAYOUTS", "LayersNotAlike", "gather_segments", "gather_segments_ref", "scatter_segments", "scatter_segments_ref"]

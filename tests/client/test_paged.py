@@ -42,21 +42,26 @@ def daemon(tmp_path_factory, ipc):
     d.stop()
 
 
-def paged(num_blocks: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Physical ``[L, blocks, N, H, 2D]`` and per-layer ``[blocks, H, N, 2D]`` views (LBNHC)."""
-    phys = torch.zeros(SPEC.num_layers, num_blocks, N, SPEC.num_kv_heads, 2 * SPEC.head_dim, dtype=torch.bfloat16)
-    return phys, [phys[layer].permute(0, 2, 1, 3) for layer in range(SPEC.num_layers)]
+def paged(num_blocks: int, grow: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, physical ``[blocks, N, H, 2D]`` (each its own allocation, as vLLM's) and the view
+    ``[blocks, H, N, 2D]`` (LBNHC). ``grow``: layer l has ``l * grow`` more blocks (layers unlike)."""
+    phys = [torch.zeros(num_blocks + layer * grow, N, SPEC.num_kv_heads, 2 * SPEC.head_dim, dtype=torch.bfloat16)
+            for layer in range(SPEC.num_layers)]
+    return phys, [t.permute(0, 2, 1, 3) for t in phys]
 
 
-def token_view(phys: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+def token_view(phys: list[torch.Tensor], block_ids: torch.Tensor) -> torch.Tensor:
     """``[L, 2, H, T, D]`` of the tokens in ``block_ids`` (row per entry, in order), by plain indexing."""
-    L, _, _, H, D2 = phys.shape
-    cells = phys[:, block_ids.reshape(-1)].reshape(L, -1, H, D2)  # [L, T, H, 2D]
+    cells = torch.stack([t[block_ids.reshape(-1)].reshape(-1, *t.shape[2:]) for t in phys])  # [L, T, H, 2D]
+    D2 = cells.shape[-1]
     return torch.stack([cells[..., : D2 // 2], cells[..., D2 // 2 :]], dim=1).permute(0, 1, 3, 2, 4)
 
 
+@pytest.mark.parametrize("grow", [0, 1], ids=["one-launch", "layers-unlike"])
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch-ref", "triton"])
-def test_store_then_load_paged_across_the_pool_and_the_arena(daemon, ipc, use_triton, request):
+def test_store_then_load_paged_across_the_pool_and_the_arena(daemon, ipc, use_triton, grow, request):
+    """Layers alike go in one launch; layers one launch cannot reach together (here: of different
+    sizes) in a launch each. Both move the same bytes."""
     client = KvdClient(daemon.socket, register_cuda=False)
     try:
         h = register(client, SPEC, HM, namespace=request.node.name.replace("[", "-").replace("]", ""),
@@ -64,8 +69,9 @@ def test_store_then_load_paged_across_the_pool_and_the_arena(daemon, ipc, use_tr
         num_entries, per = 4, C // N
         g = torch.Generator().manual_seed(7)
         # engine A: its KV in 80 blocks, the prompt's tokens in a scattered order of them
-        src_phys, src_layers = paged(80)
-        src_phys.copy_(torch.randn(src_phys.shape, generator=g).bfloat16())
+        src_phys, src_layers = paged(80, grow)
+        for t in src_phys:
+            t.copy_(torch.randn(t.shape, generator=g).bfloat16())
         src_ids = torch.randperm(80, generator=g)[: num_entries * per].reshape(num_entries, per)
         toks = list(range(num_entries * C))
         entries = [P.ReserveEntry(hash=x, num_tokens=C, start_token=i * C, end_token=len(toks))
@@ -77,7 +83,7 @@ def test_store_then_load_paged_across_the_pool_and_the_arena(daemon, ipc, use_tr
         where = [t for x in h.hashes(toks) for t in daemon.store.index.get((h.namespace, h.fingerprint, x)).tiers()]
         assert set(where) == {"gpu", "host"} and len(where) == num_entries
         # engine B: another KV, other blocks; loads every entry, wherever it lies
-        dst_phys, dst_layers = paged(96)
+        dst_phys, dst_layers = paged(96, grow)
         dst_ids = torch.randperm(96, generator=g)[: num_entries * per].reshape(num_entries, per)
         with open_lease(h, h.hashes(toks)) as lease:
             assert lease.states == ["ok"] * num_entries
