@@ -26,7 +26,9 @@ Verification (the only place it is done): an entry is usable only if the daemon 
 extents cover the head classes asked for, it holds at least the tokens the reader needs, no extent is
 ``lossy`` unless the reader accepted lossy bytes, and every extent's xxh3-64 matches its checksum
 (GPU extents only with ``verify_gpu``: hashing them means copying them to the host; by default their
-checksum, taken at commit, is checked by the daemon whenever they leave the pool).
+checksum, taken at commit, is checked by the daemon whenever they leave the pool). The hashing is
+done when the lease is opened, or with ``verify="per_entry"`` by ``Lease.verified(i)`` right before
+entry i is copied (``entry(i)`` is None until then).
 An unusable entry is never mapped, so it cannot be copied; checksum failures are counted
 (``num_corrupt``). For prefix readers (``leading=True``) the first unusable entry ends the usable run:
 the entries after it are neither checked nor used, as after a miss.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -162,9 +165,11 @@ class Lease:
     """A read lease on entries, checked and mapped; built by ``open_lease``."""
 
     def __init__(self, handle: ModelHandle, resp: P.LeaseResponse, *, min_tokens: Sequence[int] | None,
-                 classes: Sequence[str] | None, accept_lossy: bool, verify: bool, leading: bool,
-                 position: int | None = None, verify_gpu: bool = False) -> None:
+                 classes: Sequence[str] | None, accept_lossy: bool, verify: bool | Literal["per_entry"],
+                 leading: bool, position: int | None = None, verify_gpu: bool = False) -> None:
         self.handle = handle
+        self._lock = threading.Lock()
+        self._unverified: set[int] = set()  # verify="per_entry": entries ``verified(i)`` has not hashed yet
         self.lease_id = resp.lease_id
         self.arena_id = resp.arena_id
         self.gpu_pool = resp.gpu_pool
@@ -184,7 +189,9 @@ class Lease:
                     state: EntryState = "skipped"
                 else:
                     want = self._wanted(e, position)
-                    state = self._check(e, min_tokens[i] if min_tokens else 0, want, accept_lossy, verify)
+                    state = self._check(e, min_tokens[i] if min_tokens else 0, want, accept_lossy, verify is True)
+                    if state == "ok" and verify == "per_entry":
+                        self._unverified.add(i)
                 self.states.append(state)
                 self._entries.append(_views(handle, self.arena_id, e.hash, e.extents, e.num_tokens, self.gpu_pool)
                                      if state == "ok" else None)
@@ -214,15 +221,37 @@ class Lease:
             return "short"
         if not accept_lossy and any(x.lossy for x in e.extents):
             return "lossy"
-        if verify:
-            for x in e.extents:
-                if x.checksum is None or (x.tier == "gpu" and not self._verify_gpu):
-                    continue
-                if xxhash.xxh3_64_hexdigest(self._bytes(x)) != x.checksum:
-                    self.num_corrupt += 1
-                    logger.warning("kvd entry %s: extent %s fails its checksum; not used", e.hash, x.head_class)
-                    return "bad_checksum"
+        if verify and not self._hashes_match(e):
+            return "bad_checksum"
         return "ok"
+
+    def _hashes_match(self, e: P.LeasedEntry) -> bool:
+        for x in e.extents:
+            if x.checksum is None or (x.tier == "gpu" and not self._verify_gpu):
+                continue
+            if xxhash.xxh3_64_hexdigest(self._bytes(x)) != x.checksum:
+                with self._lock:
+                    self.num_corrupt += 1
+                logger.warning("kvd entry %s: extent %s fails its checksum; not used", e.hash, x.head_class)
+                return False
+        return True
+
+    def verified(self, i: int) -> bool:
+        """Entry i is usable and its bytes match their checksums. A lease opened with
+        ``verify="per_entry"`` hashes entry i here, the first time (thread-safe), so a reader that copies
+        entries on several threads verifies each right before copying it: the hashing (which holds the
+        GIL) overlaps the other threads' copies, and the copy reads bytes the hash just brought into
+        the CPU's cache. An entry that fails is not usable afterwards (``entry(i)`` is None)."""
+        if self._entries[i] is None:
+            return False
+        with self._lock:
+            pending = i in self._unverified
+            self._unverified.discard(i)
+        if pending and not self._hashes_match(self._answers[i]):
+            self.states[i] = "bad_checksum"
+            self._entries[i] = None
+            return False
+        return self._entries[i] is not None
 
     def _bytes(self, x: P.ExtentInfo) -> memoryview:
         if x.tier == "gpu":
@@ -251,8 +280,9 @@ class Lease:
         return 0
 
     def entry(self, i: int) -> EntryView | None:
-        """The i-th entry's views, or None if it is not usable (``states[i]`` says why)."""
-        return self._entries[i]
+        """The i-th entry's views, or None if it is not usable (``states[i]`` says why) or, in a lease
+        opened with ``verify="per_entry"``, not yet ``verified(i)``."""
+        return None if i in self._unverified else self._entries[i]
 
     def usable(self) -> Iterator[EntryView]:
         """Every usable entry, in request order (chunk readers take them in any combination)."""
@@ -284,7 +314,7 @@ class Lease:
 
 def open_lease(handle: ModelHandle, hashes: Sequence[str], *, namespace: str | None = None,
                min_tokens: Sequence[int] | None = None, classes: Sequence[str] | None = None,
-               wait_s: float | None = None, accept_lossy: bool = False, verify: bool = True,
+               wait_s: float | None = None, accept_lossy: bool = False, verify: bool | Literal["per_entry"] = True,
                leading: bool = True, computed_under: str | None = None, position: int | None = None,
                exact: bool = False, verify_gpu: bool = False) -> Lease:
     """Lease ``hashes`` (in ``namespace``, default the handle's) and check them.
@@ -294,7 +324,9 @@ def open_lease(handle: ModelHandle, hashes: Sequence[str], *, namespace: str | N
     (None: all). ``leading``: a prefix reader, which can use only the leading run of usable entries.
     ``position``: a head-aware handle's next query position after the load (prefix entries get only
     the extents its head map reads from there; None: every token of the classes). ``exact``: read every
-    extent whatever the handle's reader (the Lil guard's restore of full KV). ``verify_gpu``: hash GPU
+    extent whatever the handle's reader (the Lil guard's restore of full KV). ``verify``: hash every
+    extent now (True), never (False: the caller trusts the bytes), or ``"per_entry"`` in
+    ``Lease.verified(i)``, which the caller must pass before ``entry(i)`` is given. ``verify_gpu``: hash GPU
     extents too (a copy to the host each). Raises the daemon's errors; nothing is held when it does."""
     if exact and handle.reader != "exact":
         handle = dataclasses.replace(handle, reader="exact")

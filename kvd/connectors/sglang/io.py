@@ -122,16 +122,26 @@ class PageIO:
             return out
         p = self.page_size
         t0 = time.perf_counter()
+        # Each page is hashed on the copy thread right before it is copied ("per_entry"): the hashing
+        # holds the GIL but overlaps the other thread's copy, and the copy then reads cached bytes. 64
+        # SmolLM2 pages: 3.3 ms of hashing at lease open, then 9.5 ms of copies, before.
         lease = self.session.call("lease", lambda h: open_lease(
-            h, self.hashes(h, keys), min_tokens=[p] * n, wait_s=self.load_wait_s, verify=self.verify))
+            h, self.hashes(h, keys), min_tokens=[p] * n, wait_s=self.load_wait_s,
+            verify="per_entry" if self.verify else False))
         if lease is None:
             self.counters["load_failed_pages"] += n
             return out
-        self.counters["checksum_failures"] += lease.num_corrupt
         k = lease.num_leading
         t_copy = time.perf_counter()
+
+        def one(i: int) -> None:
+            if lease.verified(i):
+                lease.entry(i).read_into(pages[i], 0, p)
+
         try:
-            self._each(lambda i: lease.entry(i).read_into(pages[i], 0, p), k)
+            self._each(one, k)
+            k = next((i for i in range(k) if lease.entry(i) is None), k)  # a page that failed ends the run
+            self.counters["checksum_failures"] += lease.num_corrupt
         except Exception:  # a boundary: a cache fault is a miss, never a failed request
             logger.exception("kvd: copying %d pages into SGLang's host pool failed", k)
             self.session.call("release", lambda h: lease.release())

@@ -141,7 +141,9 @@ def test_a_corrupt_page_ends_the_loaded_run(controller, daemon):
     assert c.backend.counters["checksum_failures"] == 1
     after = page_bytes(c.pool, dst)
     assert torch.equal(after[0], page_bytes(c.pool, idx)[0])
-    assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])  # never written
+    assert torch.equal(after[1], before[1])  # the corrupt page: checked before its copy, never written
+    # Page 2 is hashed and copied on another thread, maybe before page 1 failed: its slots were
+    # allocated for this prefetch and SGLang frees them unread, since only the leading True pages count.
 
 
 def test_unknown_extra_config_key_fails_at_attach(sglang_version, daemon):
