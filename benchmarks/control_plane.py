@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvd.client import prefix as kvio  # noqa: E402
 from kvd.client.client import KvdClient  # noqa: E402
-from kvd.client.transfer import copy_block, extent_to_kv_views  # noqa: E402
+from kvd.client.views import copy_block, extent_to_kv_views  # noqa: E402
 from kvd.core import protocol as P  # noqa: E402
 from kvd.core.errors import DaemonUnavailable  # noqa: E402
 from kvd.core.keys import ModelSpec  # noqa: E402

@@ -93,7 +93,7 @@ def probe_blocks(worker, kind: str, upto: int) -> dict:
     import torch
     import xxhash
 
-    from kvd.client.transfer import numpy_view
+    from kvd.client.views import numpy_view
     from kvd.connectors.vllm.scheduler import entry_sizes
 
     io = _PROBE.get("worker")

@@ -30,7 +30,7 @@ from kvd.gpu_kernels.gather_scatter import LayersNotAlike
 if TYPE_CHECKING:
     import torch
 
-    from kvd.client.transfer import EntryView
+    from kvd.client.views import EntryView
     from kvd.core.extents import ExtentPlan
 
 STAGING_BYTES = 256 << 20  # device staging per batch of arena extents: bounds the memory a load takes

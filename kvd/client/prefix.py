@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from kvd.client.client import KvdClient
 from kvd.client.gpu_pool import GpuPools
 from kvd.client.handle import ModelHandle
-from kvd.client.transfer import Lease, copy_block, extent_to_kv_views, open_lease, reserve
+from kvd.client.transfer import Lease, open_lease, reserve
+from kvd.client.views import copy_block, extent_to_kv_views
 from kvd.core import protocol as P
 from kvd.core.errors import InvalidRequest
 from kvd.core.headmap import HeadMap

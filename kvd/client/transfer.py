@@ -45,18 +45,15 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal
 
 import xxhash
 
 from kvd.client.handle import ModelHandle
+from kvd.client.views import EntryView, entry_views
 from kvd.core import protocol as P
 from kvd.core.errors import DaemonUnavailable
-from kvd.core.extents import ExtentPlan, matches, needed
-
-if TYPE_CHECKING:
-    import torch
+from kvd.core.extents import matches, needed
 
 logger = logging.getLogger(__name__)
 
@@ -68,84 +65,6 @@ MAX_TRANSFER_S = 3600.0  # the protocol's bound on a reported copy time
 # (after the end of a prefix reader's usable run: not checked).
 EntryState = Literal["ok", "missing", "timeout", "corrupt", "bad_checksum", "incomplete", "lossy", "short",
                      "skipped"]
-
-
-# ---- copies between extents and KV tensors -------------------------------------------------------
-
-
-def numpy_view(t):
-    """A numpy view of a CPU tensor of any dtype, as same-size integers (numpy has no bf16); strides kept."""
-    import torch
-
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy()
-
-
-def copy_block(dst, src, *, non_blocking: bool = True) -> None:
-    """``dst[...] = src`` for two equal-shape (strided) tensors of one dtype. On the CPU through numpy,
-    on the calling thread: measured 5-15% faster than torch's strided copy here, and it never waits for
-    torch's OpenMP pool. vLLM pins those threads to cores; when another process holds one of them,
-    every large torch copy waits for it (measured: 10x slower loads on a busy 2-core machine), and vLLM
-    forbids changing the thread count in its workers."""
-    if dst.device.type == "cpu" and src.device.type == "cpu":
-        import numpy as np
-
-        np.copyto(numpy_view(dst), numpy_view(src), casting="no")
-    else:
-        dst.copy_(src, non_blocking=non_blocking)
-
-
-def extent_to_kv_views(plan: ExtentPlan, extent, kv, s0: int, num_tokens: int | None = None):
-    """Pairs ``(extent part, kv part)`` of equal shape ``[layers, heads, 2, n, D]``, one per block of
-    the plan: copying each pair moves the extent's first ``n`` tokens (default: all ``plan.num_tokens``)
-    to or from ``kv[L, 2, H, s0:s0+n, D]``."""
-    t, d = plan.num_tokens, plan.head_dim
-    n = t if num_tokens is None else num_tokens
-    for l0, l1, h0, h1, seg0 in plan.blocks:
-        part = extent[seg0 : seg0 + (l1 - l0) * (h1 - h0)].view(l1 - l0, h1 - h0, 2, t, d)
-        yield part[..., :n, :], kv[l0:l1, :, h0:h1, s0 : s0 + n].permute(0, 2, 1, 3, 4)
-
-
-class ExtentView(NamedTuple):
-    plan: ExtentPlan
-    view: torch.Tensor  # [num_segments, 2, T, D] in the KV dtype, a view of the mapped arena
-
-
-@dataclass(slots=True, frozen=True)
-class EntryView:
-    """One entry's extents in the mapped arena (per head class, in the daemon's order)."""
-
-    hash: str
-    num_tokens: int  # tokens the extents hold
-    extents: tuple[ExtentView, ...]
-
-    def read_into(self, kv, start: int = 0, num_tokens: int | None = None) -> None:
-        """Copy the entry's first ``num_tokens`` (default all) tokens into ``kv[L, 2, H, start:, D]``.
-        Synchronous, also to a GPU: the lease may be released right after."""
-        for plan, view in self.extents:
-            for part, dst in extent_to_kv_views(plan, view, kv, start, num_tokens):
-                copy_block(dst, part, non_blocking=False)
-
-    def write_from(self, kv, start: int = 0) -> None:
-        """Copy ``kv[L, 2, H, start:start+T, D]`` into the entry's extents (all its tokens)."""
-        for plan, view in self.extents:
-            for part, src in extent_to_kv_views(plan, view, kv, start):
-                copy_block(part, src, non_blocking=False)
-
-
-def _views(h: ModelHandle, arena_id: str, key: str, extents: Sequence[P.ExtentInfo], num_tokens: int,
-           gpu_pool: P.GpuPoolInfo | None) -> EntryView:
-    plans = h.plans(num_tokens)
-    return EntryView(key, num_tokens, tuple(ExtentView(plans[x.head_class], _extent(
-        h, arena_id, x, plans[x.head_class], gpu_pool)) for x in extents))
-
-
-def _extent(h: ModelHandle, arena_id: str, x: P.ExtentInfo, plan: ExtentPlan, gpu_pool: P.GpuPoolInfo | None):
-    if x.tier != "gpu":
-        return h.client.arena(arena_id).torch_extent(x, plan, h.spec.kv_dtype)
-    if h.gpu is None or gpu_pool is None:
-        raise DaemonUnavailable("the daemon answered an extent in its GPU pool without the pool, or to a "
-                                "handle that does not map it")
-    return h.gpu.extent(gpu_pool, x, plan, h.spec.kv_dtype)
 
 
 def _wait_for_gpu(h: ModelHandle, gpu_pool: P.GpuPoolInfo | None) -> None:
@@ -193,7 +112,7 @@ class Lease:
                     if state == "ok" and verify == "per_entry":
                         self._unverified.add(i)
                 self.states.append(state)
-                self._entries.append(_views(handle, self.arena_id, e.hash, e.extents, e.num_tokens, self.gpu_pool)
+                self._entries.append(entry_views(handle, self.arena_id, e.hash, e.extents, e.num_tokens, self.gpu_pool)
                                      if state == "ok" else None)
         except BaseException:
             self.release()
@@ -364,7 +283,7 @@ class Reservation:
             if [e.hash for e in resp.entries] != self.hashes:
                 raise ValueError("the daemon answered a reservation for other entries than asked")
             for want, got in zip(entries, resp.entries):
-                self._entries.append(_views(handle, self.arena_id, want.hash, got.extents, want.num_tokens,
+                self._entries.append(entry_views(handle, self.arena_id, want.hash, got.extents, want.num_tokens,
                                             self.gpu_pool) if got.status == "reserved" else None)
         except BaseException:
             self.abort()

@@ -11,7 +11,7 @@ on ``--hicache-mem-layout`` (index 0 of the first dim = K, 1 = V; P = page size,
 | ``page_head``       | ``[2, pages, H, P, L, D]``     | ``[:, s//P]``                     |
 
 ``HostPages.kv(s)`` returns the page starting at token slot ``s`` as a strided view
-``[L, 2, H, P, D]``, the order ``kvd.client.transfer.EntryView.read_into`` / ``write_from`` copy, so
+``[L, 2, H, P, D]``, the order ``kvd.client.views.EntryView.read_into`` / ``write_from`` copy, so
 each page moves straight between the pool and the per-head segments of a kvd entry in the arena (no
 staging copy). ``flat_kv`` does the same for a flat page in the pool's own order (``get_data_page``),
 which SGLang's older ``get`` / ``set`` API hands around. Any other layout, pool type or page format

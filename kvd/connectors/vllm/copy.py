@@ -12,7 +12,7 @@ portable across engines, layouts and ISAs, and the head map's codecs can read it
 - ``StridedCopier`` (``kvd.connectors.vllm.strided``; any layout that is a strided view of a block,
   which every CPU ISA and GPU layout seen is): per layer, contiguous copies between the arena and a
   token-ordered canonical staging buffer, then one strided copy per run of consecutive blocks that
-  does the ISA's packing. On the CPU through numpy (one thread; ``kvd.client.transfer.copy_block``).
+  does the ISA's packing. On the CPU through numpy (one thread; ``kvd.client.views.copy_block``).
 - ``PermCopier`` (a layout that is no strided view): the same with a gather by the permutation.
 - ``KernelCopier`` (CUDA, layouts ``LBNHC``/``LBHNC``): ``kvd.gpu_kernels`` gather/scatter, reading or
   writing the (pinned) arena directly; ``use_triton=False`` runs their torch references (tests).

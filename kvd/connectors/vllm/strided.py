@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvd.client.transfer import copy_block, numpy_view
+from kvd.client.views import copy_block, numpy_view
 from kvd.connectors.vllm.layout import BlockLayout
 from kvd.connectors.vllm.pieces import LayerRows, Piece
 
