@@ -30,18 +30,10 @@ from pydantic import (
     model_validator,
 )
 
+from kvd.core.config_env import env_overrides
 from kvd.core.errors import ConfigError
 from kvd.core.units import check_listen_addr, parse_mode, parse_size
 
-ENV_PREFIX = "KVD_"
-# KVD_* variables that are not settings, and who reads them. Any other KVD_* variable must name a
-# setting (KVD_<SECTION>__<KEY>): a misspelt one stops the daemon instead of being ignored.
-OTHER_ENV = {
-    "KVD_CONFIG": "the daemon's config file",
-    "KVD_SOCKET": "kvctl's control socket",
-    "KVD_MODEL_CACHE": "where tests and benchmarks keep the SmolLM2 model",
-    "KVD_BENCH_LOG": "the control-plane benchmark's daemon log level",
-}
 # Sizes: bytes, "16G"/"16GiB" (x1024), "16GB" (x1000); kvd.core.units has the table.
 Size = Annotated[ByteSize, BeforeValidator(parse_size)]
 
@@ -140,16 +132,22 @@ WritePolicy = Literal["write_through", "write_back", "off"]
 
 class RemoteWritePolicy(_Section):
     """When each head class's extents go to the remote tier: ``write_through`` (at commit, so other
-    hosts find them at once), ``write_back`` (when they leave this host's lower tiers), ``off``."""
+    hosts find them at once), ``write_back`` (when they leave this host's lower tiers), ``off``.
+    Local-head extents placement keeps hot (the entry's tokens hold the local heads' sink or last
+    window: what a head-aware reader at the sequence's end reads) follow ``local_hot``; the other
+    (cold) local extents follow ``local``."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
                               serialize_by_alias=True)
 
     global_: WritePolicy = Field(default="write_through", alias="global")
+    local_hot: WritePolicy = "write_through"
     local: WritePolicy = "write_back"
 
-    def for_class(self, head_class: str) -> str:
-        return self.global_ if head_class == "global" else self.local
+    def for_class(self, head_class: str, hot: bool = False) -> str:
+        if head_class == "global":
+            return self.global_
+        return self.local_hot if hot else self.local
 
 
 class RemoteSettings(_Section):
@@ -284,44 +282,6 @@ def default_config_text() -> str:
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """``KVD_HOST__CAPACITY_BYTES=2GiB`` -> ``{"host": {"capacity_bytes": "2GiB"}}``, plus sources.
-    A ``KVD_*`` variable that is neither a setting nor in ``OTHER_ENV`` is a ``ConfigError``."""
-    tree: dict[str, Any] = {}
-    sources: dict[tuple[str, ...], str] = {}
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
-            continue
-        if "__" not in name:
-            raise ConfigError(_unknown_env(name))
-        path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
-        if any(not p for p in path):
-            raise ConfigError(f"environment variable {name}: empty section or key name")
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"environment variable {name}: {p} is a value, not a section")
-        node[path[-1]] = value
-        sources[path] = f"environment variable {name}"
-    return tree, sources
-
-
-def _unknown_env(name: str) -> str:
-    """Why ``name`` (a KVD_* variable without ``__``) is refused, with the setting it may have meant."""
-    words = name[len(ENV_PREFIX):].lower()
-    guess = next((f"{ENV_PREFIX}{section.upper()}__{words[len(section) + 1:].upper()}"
-                  for section, field in Settings.model_fields.items()
-                  if words.startswith(section + "_") and isinstance(field.annotation, type)
-                  and issubclass(field.annotation, BaseModel) and words[len(section) + 1:] in field.annotation.model_fields),
-                 None)
-    hint = f"did you mean {guess}? " if guess else ""
-    others = ", ".join(f"{k} ({v})" for k, v in OTHER_ENV.items())
-    return (f"environment variable {name} is not a kvd setting: {hint}settings are KVD_<SECTION>__<KEY>, with "
-            f"two underscores between section and key (kvd --print-default-config lists them); the other "
-            f"KVD_ variables are {others}. Unset it or correct its name")
-
-
 def _source(loc: tuple[str, ...], sources: dict[tuple[str, ...], str], default_source: str) -> str:
     """Where the value at ``loc`` came from; for a section-wide error (``loc`` a section), every
     environment variable or flag that set something in it, and the file."""
@@ -385,7 +345,7 @@ def load_settings(
             raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
-    env_tree, sources = _env_overrides(os.environ if environ is None else environ)
+    env_tree, sources = env_overrides(os.environ if environ is None else environ, Settings)
     data = _merge(data, env_tree)
     if overrides:
         data = _merge(data, overrides)

@@ -87,8 +87,8 @@ class Background:
             self._wake.set()
 
     def _through_classes(self, e: Entry, lv) -> set[str]:
-        return {c for c, x in e.extents.items() if lv.name not in x.copies
-                and lv.write_policy is not None and (lv.writes_through(c) or (e.pinned and lv.accepts(c)))}
+        return {c for c, x in e.extents.items() if lv.name not in x.copies and lv.write_policy is not None
+                and (lv.writes_through(c, x.is_hot) or (e.pinned and lv.accepts(c, x.is_hot)))}
 
     def on_remove(self, e: Entry) -> None:
         """The entry was deleted: its sightings are forgotten (an eviction keeps them)."""

@@ -33,24 +33,25 @@ from kvd.tiers.base import Tier
 @dataclass(slots=True)
 class Level:
     """One tier in the store's order (0 = top), the policy that picks its victims, and when extents
-    are written into it: ``write_policy(head_class)`` is ``write_through`` (at commit),
-    ``write_back`` (when they leave the tiers above) or ``off``; None: ``write_back`` for all."""
+    are written into it: ``write_policy(head_class, hot)`` is ``write_through`` (at commit),
+    ``write_back`` (when they leave the tiers above) or ``off``; None: ``write_back`` for all.
+    ``hot``: the extent's placement keeps it hot (``Extent.is_hot``)."""
 
     level: int
     tier: Tier
     policy: EvictionPolicy
-    write_policy: Callable[[str], str] | None = None
+    write_policy: Callable[[str, bool], str] | None = None
     quota: Callable[[str], int | None] | None = None  # partition (tenant) -> bytes it may hold here
 
     @property
     def name(self) -> str:
         return self.tier.name
 
-    def accepts(self, head_class: str) -> bool:
-        return self.write_policy is None or self.write_policy(head_class) != "off"
+    def accepts(self, head_class: str, hot: bool = False) -> bool:
+        return self.write_policy is None or self.write_policy(head_class, hot) != "off"
 
-    def writes_through(self, head_class: str) -> bool:
-        return self.write_policy is not None and self.write_policy(head_class) == "write_through"
+    def writes_through(self, head_class: str, hot: bool = False) -> bool:
+        return self.write_policy is not None and self.write_policy(head_class, hot) == "write_through"
 
     @classmethod
     def of(cls, level: int, tier: Tier, settings: Settings, policy: EvictionPolicy | None = None) -> Level:

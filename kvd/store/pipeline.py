@@ -220,7 +220,7 @@ class Pipeline:
         lower = self.below(lv)
         deeper = {x.name for x in self.levels[lv.level + 1 :]}
         only_here = any(lv.name in x.copies and not x.copies[lv.name].is_lossy and not deeper & x.copies.keys()
-                        and lower is not None and lower.accepts(x.head_class) for x in e.extents.values())
+                        and lower is not None and lower.accepts(x.head_class, x.is_hot) for x in e.extents.values())
         gated = lower is not None and lower.tier.holds_records and not lv.tier.holds_records
         return only_here and (not gated or self.admitted(e) or self.keep_for(e))
 
@@ -253,7 +253,8 @@ class Pipeline:
             for x in e.extents.values():
                 copy = x.copies.get(lv.name)
                 if (copy is None or copy.is_lossy or lower.name in x.copies or x.dropped
-                        or not lower.accepts(x.head_class) or (wanted is not None and x.head_class not in wanted)):
+                        or not lower.accepts(x.head_class, x.is_hot)
+                        or (wanted is not None and x.head_class not in wanted)):
                     continue  # a lossy copy came from below: never re-encoded as if exact
                 if x.lower_codec is None and lower.tier.holds_records:
                     if adjacent:

@@ -13,7 +13,8 @@ missing is of no use to any reader: its records are dropped, as are records of u
 another layout, or keyed in an older format.
 
 In a shared tier "no record" may also mean "not written yet": the host that stored the entry writes
-its global extents through at commit and its local ones back later (``remote.write_policy``). So an
+its global and hot local extents through at commit and its cold local ones back later
+(``remote.write_policy``). So an
 entry this host holds with an extent that has no copy anywhere is asked for again by the next exact
 lookup or lease, and extents other hosts have written since are added to it (``fill``); without
 this, a host that looked an entry up between another host's commit and its write-back would keep

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from kvd.core.config import OTHER_ENV, load_settings
+from kvd.core.config import load_settings
+from kvd.core.config_env import OTHER_ENV
 from kvd.core.errors import ConfigError
 
 

@@ -148,14 +148,15 @@ async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_
     try:
         hs, data = await a.store_seq(4, chunks=4)
         store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
-        await store_a.background.step()  # global extents written through; local ones stay in A's arena
+        await store_a.background.step()  # global and hot local extents written through, cold local ones not
 
-        async def globals_written():
+        async def through_written():
             entries = (await (await a.http.get("/v1/entries?tier=remote")).json())["entries"]
             return len(entries) == 4
-        await wait_for(globals_written)
-        assert all("remote" not in store_a.index.get(("default", a.fp, h)).extents["local"].copies for h in hs)
-        assert (await b.lookup(hs))["num_prefix_hits"] == 0  # exact reader: the local heads are not there
+        await wait_for(through_written)
+        local_there = ["remote" in store_a.index.get(("default", a.fp, h)).extents["local"].copies for h in hs]
+        assert local_there == [True, False, False, True]  # the sink chunk and the last window: hot
+        assert (await b.lookup(hs))["num_prefix_hits"] == 1  # exact reader: chunk 1's local heads are not there
 
         assert (await a.post("/v1/flush", {}))["count"] == 4  # A writes its local extents to the cluster
         look = await b.lookup(hs)
@@ -165,3 +166,27 @@ async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_
     finally:
         for api in apis:
             await api.close()
+
+
+@pytest.mark.parametrize(("policy", "local_there"), [
+    ({"local": "write_through"}, [True, True, True, True]),  # every extent at commit
+    ({"local_hot": "off"}, [False, False, False, False]),  # hot local extents kept off the cluster
+])
+async def test_the_write_policy_of_hot_and_cold_local_extents_is_followed(tmp_path, redis_cluster, policy, local_there):
+    from tests.store.test_defects import MODEL as WITH_LOCAL
+
+    (tmp_path / "a").mkdir()
+    a = await Api(tmp_path / "a", {"remote": {**remote(redis_cluster, "w" + uuid.uuid4().hex[:8]),
+                                              "write_policy": policy}, "ssd": {"enabled": False}}).start(WITH_LOCAL)
+    try:
+        hs, _ = await a.store_seq(5, chunks=4)
+        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        await store_a.background.step()
+
+        async def globals_written():
+            return all("remote" in store_a.index.get(("default", a.fp, h)).extents["global"].copies for h in hs)
+        await wait_for(globals_written)
+        got = ["remote" in store_a.index.get(("default", a.fp, h)).extents["local"].copies for h in hs]
+        assert got == local_there
+    finally:
+        await a.close()
