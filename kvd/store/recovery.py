@@ -14,11 +14,10 @@ another layout, or keyed in an older format.
 
 In a shared tier "no record" may also mean "not written yet": the host that stored the entry writes
 its global and hot local extents through at commit and its cold local ones back later
-(``remote.write_policy``). So an
-entry this host holds with an extent that has no copy anywhere is asked for again by the next exact
-lookup or lease, and extents other hosts have written since are added to it (``fill``); without
-this, a host that looked an entry up between another host's commit and its write-back would keep
-it incomplete for exact readers forever.
+(``remote.write_policy``). So an entry this host holds with an extent that has no copy anywhere is
+asked for again by the next exact lookup or lease, and extents other hosts have written since are
+added to it (``fill``); without this, a host that looked an entry up between another host's commit
+and its write-back would keep it incomplete for exact readers forever.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ def adopt(store, found: dict[EntryKey, list[tuple[str, StoredRecord]]]) -> int:
         if key in store.index.pending:
             continue  # being stored here: this host's copies will serve it
         if (known := store.index.get(key)) is not None:
-            count += fill(known, parts)  # known here already: only extents it has no copy of are added
+            count += fill(store.index, known, parts)  # known here: only extents it has no copy of are added
             continue
         e = _rebuild(store, key, parts, now)
         if e is None:
@@ -128,7 +127,7 @@ async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str]
     return adopted
 
 
-def fill(e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
+def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
     """Add to ``e`` the shared tier's records of extents it has no copy of; 1 if any was added. A
     record must match the entry exactly (name, size, and the exact checksum where the entry knows
     it): anything else is left out, never served."""
@@ -143,7 +142,7 @@ def fill(e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
         if exact and x.checksum is not None and x.checksum != rec.raw_xxh:
             logger.warning("remote record %r does not match this host's checksum: left out", rec.location.key)
             continue
-        x.copies[tier] = Copy(rec.location, rec.codec, rec.raw_xxh)
+        index.place(e, x, index.by_name[tier], Copy(rec.location, rec.codec, rec.raw_xxh))  # counted, policed
         x.dropped = False
         if exact:
             x.checksum = rec.raw_xxh

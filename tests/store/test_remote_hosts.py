@@ -161,6 +161,10 @@ async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_
         assert (await a.post("/v1/flush", {}))["count"] == 4  # A writes its local extents to the cluster
         look = await b.lookup(hs)
         assert look["num_prefix_hits"] == 4 and {r["tier"] for r in look["prefix"]} == {"remote"}
+        store_b = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        held = [store_b.index.get(("default", b.fp, h)) for h in hs]  # the added copies are on B's books
+        assert store_b.index.usage("remote", "") == sum(x.copies["remote"].loc.nbytes for e in held
+                                                        for x in e.extents.values())
         status, got = await b.read_back(hs)
         assert status == ["ok"] * 4 and got == data
     finally:
