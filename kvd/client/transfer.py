@@ -204,8 +204,9 @@ class Lease:
         return None if i in self._unverified else self._entries[i]
 
     def usable(self) -> Iterator[EntryView]:
-        """Every usable entry, in request order (chunk readers take them in any combination)."""
-        return (v for v in self._entries if v is not None)
+        """Every usable entry, in request order (chunk readers take them in any combination); with
+        ``verify="per_entry"``, those ``verified`` so far."""
+        return (v for i, v in enumerate(self._entries) if v is not None and i not in self._unverified)
 
     @property
     def closed(self) -> bool:

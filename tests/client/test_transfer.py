@@ -121,11 +121,12 @@ def test_a_corrupted_extent_is_never_copied(daemon, handle):
     # Hashed per entry, right before each copy: nothing is handed out unverified, the corrupt entry never.
     with open_lease(handle, hashes, verify="per_entry") as lease:
         assert lease.states == ["ok", "ok", "ok"] and lease.num_corrupt == 0  # nothing hashed yet
-        assert [lease.entry(i) for i in range(3)] == [None, None, None]
+        assert [lease.entry(i) for i in range(3)] == [None, None, None] and list(lease.usable()) == []
         assert lease.verified(0) and lease.entry(0) is not None
         assert not lease.verified(1) and lease.entry(1) is None and lease.states[1] == "bad_checksum"
         assert not lease.verified(1) and lease.num_corrupt == 1  # asked again: still refused, counted once
         assert lease.verified(2) and lease.entry(2) is not None
+        assert [v.hash for v in lease.usable()] == [hashes[0], hashes[2]]
 
 
 def test_an_exception_while_copying_aborts_the_reservation(daemon, handle):
