@@ -65,32 +65,36 @@ def _move(entries, kv_layers, block_ids, layout, zero_copy, staging_bytes, kerne
     # In place: (storage, the classes an entry has there) -> [(entry, [(plan, view) per class])]. Every
     # class and layer of a group goes in one launch (the kernel takes a (layer, head) list and an offset
     # per segment): a load of two classes was 64 launches for a 32-layer model, then 32, and launches,
-    # not bytes, set its time (H100: 283-384 GB/s, then 811, now 1,082, the kernel alone 1,451; docs/gpu.md).
-    direct: dict[tuple, list[tuple[int, list]]] = {}  # (storage, classes...) -> [(entry, [(plan, view)])]
+    # not bytes, set its time (H100: 283-384 GB/s, then 811, now 1,169, the kernel alone 1,451; docs/gpu.md).
+    # (buffer, classes...) -> [(entry, [ExtentView])]. The walk asks no tensor anything (each extent
+    # knows its buffer and offset): it runs once per extent of every load (docs/gpu.md).
+    direct: dict[tuple, list[tuple[int, list]]] = {}
     staged: dict[str, list[tuple[int, ExtentPlan, torch.Tensor]]] = {}
+    in_place: dict[int, bool] = {}  # buffer -> the kernels can read and write it where it is
     pinned_ok = zero_copy and device.type == "cuda"
     for s, e in enumerate(entries):
         here: dict[int, list] = {}
         for x in e.extents:
-            view = x.view
-            if view.device == device or (pinned_ok and view.is_pinned()):
-                ptr = view.untyped_storage().data_ptr()
-                if ptr in here:
-                    here[ptr].append(x)
+            ok = in_place.get(x.buffer)
+            if ok is None:
+                ok = in_place[x.buffer] = x.view.device == device or (pinned_ok and x.view.is_pinned())
+            if ok:
+                if x.buffer in here:
+                    here[x.buffer].append(x)
                 else:
-                    here[ptr] = [x]
+                    here[x.buffer] = [x]
             else:
-                staged.setdefault(x.plan.head_class, []).append((s, x.plan, view))
-        for ptr, xs in here.items():
-            key = (ptr, *[x.plan.head_class for x in xs])
+                staged.setdefault(x.plan.head_class, []).append((s, x.plan, x.view))
+        for buffer, xs in here.items():
+            key = (buffer, *[x.plan.head_class for x in xs])
             if key in direct:
                 direct[key].append((s, xs))
             else:
                 direct[key] = [(s, xs)]
     for group in direct.values():
-        buf = _flat(group[0][1][0][1])
+        buf = _flat(group[0][1][0].view)
         _launch(kernel, kv_layers, block_ids, layout, buf,
-                [(s, [(plan, v.storage_offset()) for plan, v in xs]) for s, xs in group], aligned)
+                [(s, [(x.plan, x.offset) for x in xs]) for s, xs in group], aligned)
     for rows in staged.values():
         for batch in _batches(rows, rows[0][1].nbytes, staging_bytes):
             _staged(kernel, kv_layers, block_ids, layout, batch, device, aligned, to_kv=to_kv)

@@ -55,7 +55,11 @@ def extent_to_kv_views(plan: ExtentPlan, extent, kv, s0: int, num_tokens: int | 
 
 class ExtentView(NamedTuple):
     plan: ExtentPlan
-    view: torch.Tensor  # [num_segments, 2, T, D] in the KV dtype, a view of the mapped arena
+    view: torch.Tensor  # [num_segments, 2, T, D] in the KV dtype, a view of the mapped arena or GPU pool
+    # Where ``view`` starts, known from the daemon's answer without asking the tensor (the GPU copies
+    # group a load's extents by buffer and pass their offsets to one kernel launch, kvd.client.paged):
+    buffer: int = 0  # the address of the whole arena or pool the view lies in
+    offset: int = 0  # elements from the start of that buffer's storage
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,13 +73,13 @@ class EntryView:
     def read_into(self, kv, start: int = 0, num_tokens: int | None = None) -> None:
         """Copy the entry's first ``num_tokens`` (default all) tokens into ``kv[L, 2, H, start:, D]``.
         Synchronous, also to a GPU: the lease may be released right after."""
-        for plan, view in self.extents:
+        for plan, view, *_ in self.extents:
             for part, dst in extent_to_kv_views(plan, view, kv, start, num_tokens):
                 copy_block(dst, part, non_blocking=False)
 
     def write_from(self, kv, start: int = 0) -> None:
         """Copy ``kv[L, 2, H, start:start+T, D]`` into the entry's extents (all its tokens)."""
-        for plan, view in self.extents:
+        for plan, view, *_ in self.extents:
             for part, src in extent_to_kv_views(plan, view, kv, start):
                 copy_block(part, src, non_blocking=False)
 
@@ -84,14 +88,22 @@ def entry_views(h: ModelHandle, arena_id: str, key: str, extents: Sequence[P.Ext
                 gpu_pool: P.GpuPoolInfo | None) -> EntryView:
     """Entry ``key``'s extents as tensors: views of the mapped arena, or of the GPU pool."""
     plans = h.plans(num_tokens)
-    return EntryView(key, num_tokens, tuple(ExtentView(plans[x.head_class], _extent(
-        h, arena_id, x, plans[x.head_class], gpu_pool)) for x in extents))
+    return EntryView(key, num_tokens, tuple(_extent(h, arena_id, x, plans[x.head_class], gpu_pool)
+                                            for x in extents))
 
 
-def _extent(h: ModelHandle, arena_id: str, x: P.ExtentInfo, plan: ExtentPlan, gpu_pool: P.GpuPoolInfo | None):
+def _extent(h: ModelHandle, arena_id: str, x: P.ExtentInfo, plan: ExtentPlan,
+            gpu_pool: P.GpuPoolInfo | None) -> ExtentView:
     if x.tier != "gpu":
-        return h.client.arena(arena_id).torch_extent(x, plan, h.spec.kv_dtype)
-    if h.gpu is None or gpu_pool is None:
-        raise DaemonUnavailable("the daemon answered an extent in its GPU pool without the pool, or to a "
-                                "handle that does not map it")
-    return h.gpu.extent(gpu_pool, x, plan, h.spec.kv_dtype)
+        arena = h.client.arena(arena_id)
+        base = arena.torch_bytes()  # uint8: its storage offset is in bytes
+        view = arena.torch_extent(x, plan, h.spec.kv_dtype)
+    else:
+        if h.gpu is None or gpu_pool is None:
+            raise DaemonUnavailable("the daemon answered an extent in its GPU pool without the pool, or to a "
+                                    "handle that does not map it")
+        base = h.gpu.pool(gpu_pool)
+        view = h.gpu.extent(gpu_pool, x, plan, h.spec.kv_dtype)
+    start = base.storage_offset() * base.element_size() + x.offset  # bytes from the storage's start
+    return ExtentView(plan, view, base.data_ptr() - base.storage_offset() * base.element_size(),
+                      start // plan.dtype_bytes)

@@ -66,7 +66,7 @@ class PermCopier:
         o = 0
         for p in pieces:
             k, j0 = len(p.block_ids), p.t0 // N
-            for plan, view in p.extents:
+            for plan, view, *_ in p.extents:
                 s0, s1, heads = self.rows(plan, layer)
                 if s1 > s0:
                     src = view[s0:s1].view(s1 - s0, 2, -1, N, D)[:, :, j0 : j0 + k]
@@ -84,7 +84,7 @@ class PermCopier:
         o = 0
         for p in pieces:
             k, j0 = len(p.block_ids), p.t0 // N
-            for plan, view in p.extents:
+            for plan, view, *_ in p.extents:
                 s0, s1, heads = self.rows(plan, layer)
                 if s1 > s0:
                     dst = view[s0:s1].view(s1 - s0, 2, -1, N, D)[:, :, j0 : j0 + k]
@@ -116,7 +116,7 @@ class KernelCopier:
         dev = kv_layer.device
         by_class: dict[str, list[tuple[Piece, ExtentPlan, torch.Tensor]]] = {}
         for p in pieces:
-            for plan, view in p.extents:
+            for plan, view, *_ in p.extents:
                 by_class.setdefault(plan.head_class, []).append((p, plan, view))
         for rows in by_class.values():
             plan = rows[0][1]  # one model: every piece of a class has the same plan

@@ -124,7 +124,7 @@ class StridedCopier:
         o = 0
         for p in pieces:
             n = p.t1 - p.t0
-            for plan, view in p.extents:
+            for plan, view, *_ in p.extents:
                 s0, s1, heads = self.rows(plan, layer)
                 if s1 == s0:
                     continue

@@ -69,7 +69,7 @@ def test_arena_holds_the_pages_as_per_head_segments(controller):
         assert lease.num_leading == 2
         for i, s in enumerate(idx[::P].tolist()):
             page = pages.kv(s)  # [L, 2, H, P, D]
-            for plan, view in lease.entry(i).extents:  # view [segments, 2, P, D]
+            for plan, view, *_ in lease.entry(i).extents:  # view [segments, 2, P, D]
                 for j, (layer, head) in enumerate(plan.heads):
                     assert torch.equal(view[j].view(torch.int16), page[layer, :, head].view(torch.int16))
 

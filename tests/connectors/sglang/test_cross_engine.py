@@ -102,7 +102,7 @@ def test_a_prompt_stored_by_vllm_is_not_found_by_sglang_keys(sglang_version, sto
             assert lease.num_leading == 3
             for i, s in enumerate(dst[::C].tolist()):
                 lease.entry(i).read_into(pages.kv(s), 0, C)
-                for plan, view in lease.entry(i).extents:
+                for plan, view, *_ in lease.entry(i).extents:
                     for j, (layer, head) in enumerate(plan.heads):
                         assert torch.equal(pages.kv(s)[layer, :, head].view(torch.int16), view[j].view(torch.int16))
         assert bool(pages.kv(dst[0].item()).view(torch.int16).any())  # real KV, not an empty page
