@@ -91,7 +91,8 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel:
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the JSON body as it is")
     settings = request.app[STATE]["settings"]
     try:
-        raw = await asyncio.wait_for(request.read(), settings.daemon.body_timeout_s)
+        async with asyncio.timeout(settings.daemon.body_timeout_s):  # wait_for can swallow a cancel (3.11)
+            raw = await request.read()
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {settings.daemon.body_timeout_s} s "
                              "(daemon.body_timeout_s)") from None
@@ -165,7 +166,8 @@ async def _compact_lookup_body(request: web.Request) -> P.LookupRequest:
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body as it is")
     timeout = request.app[STATE]["settings"].daemon.body_timeout_s
     try:
-        raw = await asyncio.wait_for(request.read(), timeout)
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout} s (daemon.body_timeout_s)") from None
     if not raw:

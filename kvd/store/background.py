@@ -143,8 +143,12 @@ class Background:
 
     async def run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 a cancel that arrives as the wake-up fires
+            # is swallowed by wait_for, and this loop then ran on forever, so the daemon's shutdown
+            # (which cancels it and waits) hung (tests/store/test_defects.py).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_S)
+                async with asyncio.timeout(IDLE_S):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.step()

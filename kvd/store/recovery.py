@@ -112,8 +112,8 @@ async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str]
         if not missing or not lv.tier.shared or not lv.tier.is_available:
             continue
         try:
-            records = await asyncio.wait_for(store.pipeline.on_io(lv, lv.tier.find, missing),
-                                             store.settings.remote.lookup_deadline_s)
+            async with asyncio.timeout(store.settings.remote.lookup_deadline_s):
+                records = await store.pipeline.on_io(lv, lv.tier.find, missing)
         except (TimeoutError, TierUnavailable) as e:
             store.metrics.tier_errors.labels(lv.name, "find").inc()
             logger.debug("remote lookup skipped: %s", e)

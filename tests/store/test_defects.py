@@ -264,3 +264,22 @@ async def stats_tiers(api: Api):
 
     doc = await (await api.http.get("/v1/stats")).json()
     return [SimpleNamespace(**t) for t in doc["tiers"]]
+
+
+async def test_the_background_loop_ends_when_cancelled_as_it_wakes(make_api):
+    """The daemon's shutdown cancels the background loop and waits for it. The loop slept with
+    ``asyncio.wait_for(wake.wait(), 0.2)``, which on Python 3.11 swallows a cancel that arrives as the
+    wake-up fires: the loop then ran on and the shutdown hung for good (seen once as a test teardown
+    that never ended). Here the wake-up and the cancel land in the same tick."""
+    import asyncio
+
+    api = await make_api()
+    bg = api.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE].background
+    for _ in range(20):
+        task = asyncio.create_task(bg.run())
+        await asyncio.sleep(0.01)
+        bg._wake.set()
+        await asyncio.sleep(0)  # the wait on the wake-up event has completed, the loop not resumed yet
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2)
+        assert task in done and task.cancelled(), "the background loop went on after its cancel"

@@ -71,9 +71,13 @@ async def test_flipped_bytes_in_the_cluster_are_a_miss(hosts):
     a, b = hosts
     hs, _ = await a.store_seq(2, chunks=1)
     store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
-    await store_a.background.step()
-    tier = store_a.index.by_name["remote"].tier
     e = store_a.index.get(("default", a.fp, hs[0]))
+
+    async def written_through():  # by the daemon's own background loop, or this step
+        await store_a.background.step()
+        return "remote" in e.extents["global"].copies
+    await wait_for(written_through)
+    tier = store_a.index.by_name["remote"].tier
     for k in tier.record_keys(e.extents["global"].copies["remote"].loc.key):
         v = bytearray(tier.client.get(k))
         v[-5] ^= 0xFF
