@@ -26,7 +26,10 @@ Measured in one run (``python benchmarks/remote_tier.py``; JSON + PNG in benchma
    (stored, written through to the cluster); vLLM on B — its daemon's arena empty — then serves those
    prompts (hits: everything but the last token loads from the cluster) and as many other prompts of the
    same length (misses: computed), interleaved, in one process: the same engine, thread settings and
-   connector for both, so the difference is the hit. Median time of ``generate(max_tokens=1)``.
+   connector for both, so the difference is the hit. Median time of ``generate(max_tokens=1)``. On a
+   cluster of its own with 2 GB per node (the prompts' ~0.6 GB would not fit the first stages' 256 MB
+   nodes beside their records, and Redis' LRU eviction reads as misses on B); the run fails if the
+   cluster evicted anything (``ttft_cluster_evicted_keys``). The daemons run their default settings.
 
 Usage: python benchmarks/remote_tier.py [--out benchmarks/results] [--prompts 512] [--ttft]
 """
