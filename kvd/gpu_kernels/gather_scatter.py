@@ -41,6 +41,8 @@ against 3.2 ms of copying on an H100, docs/gpu.md) set its speed; it is one laun
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -141,6 +143,13 @@ def _layers(kv_layer, head_ids, layer_ids):
     return layers[int(ptrs.argmin())], layers, seg_base
 
 
+@functools.lru_cache(maxsize=32)
+def _zeros(n: int, device: torch.device) -> torch.Tensor:
+    """``seg_base`` of a one-layer launch (never written): one allocation per size, not per launch
+    (the vLLM connector launches once per layer and head class)."""
+    return torch.zeros(n, dtype=torch.int64, device=device)
+
+
 def _normalize(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens):
     """Checks; returns (block_ids [S, nb], offsets [S, nh], T)."""
     if layout not in LAYOUTS:
@@ -200,7 +209,7 @@ def _run(kv_layer, block_ids, head_ids, buf, offsets, layout, num_tokens, to_buf
     if S == 0 or nh == 0 or T == 0:
         return
     if seg_base is None:
-        seg_base = torch.zeros(nh, dtype=torch.int64, device=kv_layer.device)
+        seg_base = _zeros(nh, kv_layer.device)
     D = kv_layer.shape[3] // 2
     block_t, num_warps = tile or _tile(D)
     if is_interpreter():
