@@ -137,6 +137,8 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
         ("gpu_tier_load_GBps", key("gpu_tier_load_GBps"), "≥ 0.6 × hbm_copy", None),
         ("hbm_copy_GBps", key("hbm_copy_GBps"), "ceiling", None),
         ("gpu_tier_load / hbm_copy", ratio("gpu_tier_load_GBps", "hbm_copy_GBps"), "≥ 0.6", at_least(0.6)),
+        ("gpu_tier_load_s (one load, wall)", key("gpu_tier_load_s"), "report", None),
+        ("gpu_tier_load_kernel_s (its copy kernel, device time)", key("gpu_tier_load_kernel_s"), "report", None),
         ("host_tier_load_GBps", key("host_tier_load_GBps"), "≥ 0.8 × pinned memcpy", None),
         ("pinned_memcpy_GBps", key("pinned_memcpy_GBps"), "ceiling", None),
         ("host_tier_load / pinned_memcpy", ratio("host_tier_load_GBps", "pinned_memcpy_GBps"), "≥ 0.8", at_least(0.8)),
