@@ -62,12 +62,12 @@ def _move(entries, kv_layers, block_ids, layout, zero_copy, staging_bytes, kerne
         raise ValueError(f"{len(entries)} entries of {sorted({e.num_tokens for e in entries})} tokens with "
                          f"block_ids {tuple(block_ids.shape)}: one length, one row of blocks per entry")
     device = kv_layers[0].device
-    # In place: (storage, the classes an entry has there) -> [(entry, [(plan, view) per class])]. Every
+    # In place: (buffer, the classes an entry has there) -> [(entry, [ExtentView per class])]. Every
     # class and layer of a group goes in one launch (the kernel takes a (layer, head) list and an offset
     # per segment): a load of two classes was 64 launches for a 32-layer model, then 32, and launches,
     # not bytes, set its time (H100: 283-384 GB/s, then 811, now 1,169, the kernel alone 1,451; docs/gpu.md).
-    # (buffer, classes...) -> [(entry, [ExtentView])]. The walk asks no tensor anything (each extent
-    # knows its buffer and offset): it runs once per extent of every load (docs/gpu.md).
+    # The walk asks no tensor anything (each extent knows its buffer and offset): it runs once per
+    # extent of every load.
     direct: dict[tuple, list[tuple[int, list]]] = {}
     staged: dict[str, list[tuple[int, ExtentPlan, torch.Tensor]]] = {}
     in_place: dict[int, bool] = {}  # buffer -> the kernels can read and write it where it is
@@ -118,7 +118,7 @@ def _launch(kernel, kv_layers, block_ids, layout: str, buf, rows: list[tuple[int
     seg = 2 * plans[0].num_tokens * plans[0].head_dim  # elements of one segment: K[T, D] then V[T, D]
     bases = np.array([[b for _, b in xs] for _, xs in rows], dtype=np.int64)  # [entries, classes]
     aligned = aligned and seg % 16 == 0 and not (bases % 16).any()  # checked here, promised to the kernel
-    layers, cls, idx, heads_d, cls_d, idx_d = _segments(plans, device)
+    layers, heads_d, cls_d, idx_d = _segments(plans, device)
     if not len(layers):
         return
     # [entries, segments], computed where the kernel reads it: only the small bases cross to the device
@@ -135,16 +135,16 @@ def _launch(kernel, kv_layers, block_ids, layout: str, buf, rows: list[tuple[int
     for layer, kv_layer in enumerate(kv_layers):
         c0, c1 = np.searchsorted(layers, [layer, layer + 1])  # a layer's segments are consecutive
         if c1 > c0:
-            kernel(kv_layer, ids, heads_d[c0:c1], buf, offs[:, c0:c1].contiguous(), layout=layout,
+            kernel(kv_layer, ids, heads_d[c0:c1], buf, offs[:, c0:c1], layout=layout,
                    num_tokens=plans[0].num_tokens, aligned=aligned)
 
 
 @functools.lru_cache(maxsize=64)
 def _segments(plans: tuple[ExtentPlan, ...], device):
-    """Every segment of ``plans``, grouped by layer (the sort is stable): its layer, class (index into
-    ``plans``) and index in its extent as numpy arrays, then its KV head, class and index as tensors on
-    ``device``. The same for every load of one model's entries, so built once (the lists took ~0.3 ms a
-    load)."""
+    """Every segment of ``plans``, grouped by layer (the sort is stable): its layer as a numpy array
+    (the host checks it), then its KV head, class (index into ``plans``) and index in its extent as
+    tensors on ``device``. The same for every load of one model's entries, so built once (the lists
+    took ~0.3 ms a load)."""
     import numpy as np
     import torch
 
@@ -152,7 +152,7 @@ def _segments(plans: tuple[ExtentPlan, ...], device):
                   key=lambda x: x[0])
     cols = np.array(segs, dtype=np.int64).reshape(-1, 4)
     layers, heads, cls, idx = (np.ascontiguousarray(cols[:, i]) for i in range(4))
-    return (layers, cls, idx, *(torch.from_numpy(a).to(device) for a in (heads, cls, idx)))
+    return (layers, *(torch.from_numpy(a).to(device) for a in (heads, cls, idx)))
 
 
 def _staged(kernel, kv_layers, block_ids, layout: str, batch, device, aligned: bool, *, to_kv: bool) -> None:

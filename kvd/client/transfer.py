@@ -163,14 +163,17 @@ class Lease:
         the CPU's cache. An entry that fails is not usable afterwards (``entry(i)`` is None)."""
         if self._entries[i] is None:
             return False
+        if i not in self._unverified:
+            return True
+        # Taken off the unverified set only once hashed: a second caller for the same entry meanwhile
+        # hashes it too, never gets it early.
+        ok = self._hashes_match(self._answers[i])
         with self._lock:
-            pending = i in self._unverified
+            if not ok:
+                self.states[i] = "bad_checksum"
+                self._entries[i] = None
             self._unverified.discard(i)
-        if pending and not self._hashes_match(self._answers[i]):
-            self.states[i] = "bad_checksum"
-            self._entries[i] = None
-            return False
-        return self._entries[i] is not None
+        return ok
 
     def _bytes(self, x: P.ExtentInfo) -> memoryview:
         if x.tier == "gpu":

@@ -133,21 +133,31 @@ def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
     it): anything else is left out, never served."""
     added = 0
     for tier, rec in parts:
-        n, x = rec.name, e.extents.get(rec.name.head_class)
-        if (x is None or x.copies or rec.raw_nbytes != x.nbytes
-                or (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under)
-                != (e.kind, e.start_token, e.end_token, e.num_tokens, e.computed_under)):
+        x = e.extents.get(rec.name.head_class)
+        if x is None or x.copies or not _fits(rec, x, e):
             continue
-        exact = rec.codec in ("raw", "lossless")
-        if exact and x.checksum is not None and x.checksum != rec.raw_xxh:
+        copy = _copy(rec)
+        if not copy.is_lossy and x.checksum is not None and x.checksum != rec.raw_xxh:
             logger.warning("remote record %r does not match this host's checksum: left out", rec.location.key)
             continue
-        index.place(e, x, index.by_name[tier], Copy(rec.location, rec.codec, rec.raw_xxh))  # counted, policed
+        index.place(e, x, index.by_name[tier], copy)  # counted, policed
         x.dropped = False
-        if exact:
+        if not copy.is_lossy:
             x.checksum = rec.raw_xxh
         added = 1
     return added
+
+
+def _fits(rec: StoredRecord, x: Extent, span) -> bool:
+    """``rec`` holds extent ``x`` of the entry ``span`` (an ``Entry`` or the ``ExtentName`` of one of
+    its records): the same size, kind, tokens and attention."""
+    n = rec.name
+    return rec.raw_nbytes == x.nbytes and (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under) == (
+        span.kind, span.start_token, span.end_token, span.num_tokens, span.computed_under)
+
+
+def _copy(rec: StoredRecord) -> Copy:
+    return Copy(rec.location, rec.codec, rec.raw_xxh)
 
 
 def _register(store, fp: str, raw: bytes) -> None:
@@ -167,14 +177,11 @@ def _rebuild(store, key: EntryKey, parts: list[tuple[str, StoredRecord]], now: f
     first = parts[0][1].name
     extents = {c: Extent(plan=p) for c, p in model.plans(first.num_tokens).items()}
     for tier, rec in parts:
-        n = rec.name
-        x = extents.get(n.head_class)
-        if (x is None or rec.raw_nbytes != x.nbytes or tier in x.copies
-                or (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under)
-                != (first.kind, first.start_token, first.end_token, first.num_tokens, first.computed_under)):
+        x = extents.get(rec.name.head_class)
+        if x is None or tier in x.copies or not _fits(rec, x, first):
             return None
-        x.copies[tier] = Copy(rec.location, rec.codec, rec.raw_xxh)
-        if rec.codec in ("raw", "lossless"):
+        x.copies[tier] = copy = _copy(rec)
+        if not copy.is_lossy:
             x.checksum = rec.raw_xxh
     for c, x in extents.items():
         if not x.copies:
