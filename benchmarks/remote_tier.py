@@ -289,9 +289,9 @@ def _ttft(cluster: RedisCluster, root: Path, n: int) -> dict:
     try:
         ref = engine("engine_a", a, [["store", p] for p in stored])
         with a.client() as c:
-            # Global extents are written through at commit, local ones written back when admitted or
-            # evicted: an exact reader on B needs both, so A writes everything down (kvctl flush), as
-            # a host sharing its prefixes would; then A's entries are all on the cluster.
+            # Global and hot local extents are written through at commit, cold local ones written back
+            # when evicted: an exact reader on B needs them all, so A writes everything down (kvctl
+            # flush), as a host sharing its prefixes would; then A's entries are all on the cluster.
             c.flush(P.FlushRequest())
             deadline = time.monotonic() + 120
             while len(c.entries(tier="remote", limit=100000).entries) < 16 * n and time.monotonic() < deadline:
