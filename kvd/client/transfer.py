@@ -50,10 +50,10 @@ from typing import Literal
 import xxhash
 
 from kvd.client.handle import ModelHandle
-from kvd.client.views import EntryView, entry_views
+from kvd.client.views import EntryView, answer_plan, entry_views
 from kvd.core import protocol as P
 from kvd.core.errors import DaemonUnavailable
-from kvd.core.extents import matches, needed
+from kvd.core.extents import covers, matches, needed
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ class Lease:
             return e.status
         if e.num_tokens <= 0 or {x.head_class for x in e.extents} != want or len(e.extents) != len(want):
             return "incomplete"
-        plans = self.handle.plans(e.num_tokens)
-        if any(x.nbytes != plans[x.head_class].nbytes for x in e.extents):
+        if not self._holds(e, self._position, exact_size=True):
             return "incomplete"
         if e.num_tokens < min_tokens:
             return "short"
@@ -143,6 +142,23 @@ class Lease:
         if verify and not self._hashes_match(e):
             return "bad_checksum"
         return "ok"
+
+    def _holds(self, e: P.LeasedEntry, position: int | None, exact_size: bool = False) -> bool:
+        """Each extent answered has its layout's size (``exact_size``), and a trimmed one (capacity
+        mode) holds all this reader reads: only a head-aware reader of a prefix at ``position`` reads
+        one (``kvd.core.extents.covers``)."""
+        plans = self.handle.plans(e.num_tokens)
+        for x in e.extents:
+            try:
+                plan = answer_plan(plans, x)
+            except ValueError:
+                return False
+            if exact_size and x.nbytes != plan.nbytes:
+                return False
+            if plan.is_trimmed and (self.handle.reader != "head_aware" or position is None
+                                    or not covers(plan, e.start_token, e.num_tokens, position)):
+                return False
+        return True
 
     def _hashes_match(self, e: P.LeasedEntry) -> bool:
         for x in e.extents:
@@ -196,7 +212,7 @@ class Lease:
             last = self._answers[n - 1]
             pos = last.start_token + (self._min_tokens[n - 1] if self._min_tokens else last.num_tokens)
             if all(self._wanted(self._answers[j], pos) <= {x.head_class for x in self._answers[j].extents}
-                   for j in range(n)):
+                   and self._holds(self._answers[j], pos) for j in range(n)):
                 return n
             n -= 1
         return 0

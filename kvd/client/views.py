@@ -44,13 +44,15 @@ def copy_block(dst, src, *, non_blocking: bool = True) -> None:
 
 def extent_to_kv_views(plan: ExtentPlan, extent, kv, s0: int, num_tokens: int | None = None):
     """Pairs ``(extent part, kv part)`` of equal shape ``[layers, heads, 2, n, D]``, one per block of
-    the plan: copying each pair moves the extent's first ``n`` tokens (default: all ``plan.num_tokens``)
-    to or from ``kv[L, 2, H, s0:s0+n, D]``."""
+    the plan: copying each pair moves the entry's first ``num_tokens`` tokens (default: all) that the
+    extent holds to or from ``kv[L, 2, H, s0:, D]``. A trimmed extent holds the entry's tokens
+    ``plan.span``: they go to ``s0 + lo`` on, and the rest of ``kv`` is not touched."""
     t, d = plan.num_tokens, plan.head_dim
-    n = t if num_tokens is None else num_tokens
+    lo = plan.first_token
+    n = t if num_tokens is None else max(0, min(t, num_tokens - lo))
     for l0, l1, h0, h1, seg0 in plan.blocks:
         part = extent[seg0 : seg0 + (l1 - l0) * (h1 - h0)].view(l1 - l0, h1 - h0, 2, t, d)
-        yield part[..., :n, :], kv[l0:l1, :, h0:h1, s0 : s0 + n].permute(0, 2, 1, 3, 4)
+        yield part[..., :n, :], kv[l0:l1, :, h0:h1, s0 + lo : s0 + lo + n].permute(0, 2, 1, 3, 4)
 
 
 class ExtentView(NamedTuple):
@@ -84,11 +86,18 @@ class EntryView:
                 copy_block(part, src, non_blocking=False)
 
 
+def answer_plan(plans: dict[str, ExtentPlan], x: P.ExtentInfo) -> ExtentPlan:
+    """The layout of an answered extent: its class's plan, trimmed to ``x.tokens`` when the daemon
+    kept only those (``ValueError`` if they are not a span of it)."""
+    plan = plans[x.head_class]
+    return plan.trim(*x.tokens) if x.tokens is not None else plan
+
+
 def entry_views(h: ModelHandle, arena_id: str, key: str, extents: Sequence[P.ExtentInfo], num_tokens: int,
                 gpu_pool: P.GpuPoolInfo | None) -> EntryView:
     """Entry ``key``'s extents as tensors: views of the mapped arena, or of the GPU pool."""
     plans = h.plans(num_tokens)
-    return EntryView(key, num_tokens, tuple(_extent(h, arena_id, x, plans[x.head_class], gpu_pool)
+    return EntryView(key, num_tokens, tuple(_extent(h, arena_id, x, answer_plan(plans, x), gpu_pool)
                                             for x in extents))
 
 

@@ -22,11 +22,19 @@ every layer: segment = 2 × 256 × 64 × 2 B = 64 KiB; the global extent holds (
 
 The daemon and every client compute the same plan from the registered model and head map, so the
 control API only carries extent offsets, never per-segment tables.
+
+**Trimmed extents** (capacity mode, ``kvd.policies.placement``): a local group's extent may keep only
+the tokens ``[first_token, first_token + num_tokens)`` of its entry that readers of the stored sequence
+read (its sink, or the start of its window inside the chunk). The layout is the same with fewer tokens
+per segment; ``entry_tokens`` says how many the entry holds, and lease answers carry the span
+(``ExtentInfo.tokens``), so a client derives the trimmed plan with ``trim``. ``keep_span`` is the
+rule, a pure function of the entry, so the daemon rebuilding its index from records finds the same
+span; ``covers`` says whether a trimmed extent holds all a reader at a position reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from kvd.core.headmap import HeadMap
@@ -62,6 +70,38 @@ def needed(plan: ExtentPlan, start_token: int, num_tokens: int, position: int) -
     return start_token < plan.sink or (end > position - plan.window + 1 and start_token < position)
 
 
+def keep_span(plan: ExtentPlan, start_token: int, num_tokens: int, end_token: int) -> tuple[int, int] | None:
+    """The entry tokens ``[lo, hi)`` (relative to the entry) of a local group's extent that head-aware
+    readers of the stored sequence read, the span placement keeps hot: the sink's tokens and the
+    window before a query at ``end_token`` or ``end_token - 1`` (the same prompt again), i.e.
+    ``[end - window, end)``; the hull when both fall in one entry. None: nothing (the extent is cold).
+    Global extents (window 0) keep everything. Example: window 64, entry ``[3840, 4096)`` of a
+    4097-token sequence -> ``(193, 256)``; sink 4, entry ``[0, 256)`` of it -> ``(0, 4)``."""
+    if plan.window == 0:
+        return 0, num_tokens
+    lo, hi = num_tokens, 0
+    if start_token < plan.sink:
+        lo, hi = 0, min(plan.sink - start_token, num_tokens)
+    w0 = max(end_token - plan.window - start_token, 0)
+    if w0 < num_tokens and end_token > start_token:
+        lo, hi = min(lo, w0), num_tokens
+    return (lo, hi) if lo < hi else None
+
+
+def covers(plan: ExtentPlan, start_token: int, num_tokens: int, position: int) -> bool:
+    """Does this extent (trimmed or whole) hold every token of its entry a head-aware reader whose next
+    query sits at ``position`` reads (``needed``'s rule: the sink, and the stored keys of
+    ``(position - window, position)``)?"""
+    if not plan.is_trimmed:
+        return True
+    lo, hi = plan.span
+    if start_token < plan.sink and (lo > 0 or hi < min(plan.sink - start_token, num_tokens)):
+        return False
+    w0 = max(position - plan.window + 1 - start_token, 0)  # the window's stored keys in this entry
+    w1 = min(position - start_token, num_tokens)
+    return w0 >= w1 or (lo <= w0 and w1 <= hi)
+
+
 @dataclass(frozen=True)
 class ExtentPlan:
     head_class: str
@@ -71,6 +111,24 @@ class ExtentPlan:
     dtype_bytes: int
     sink: int = 0  # local groups: the sink and window every head of the group reads (0, 0: global)
     window: int = 0
+    first_token: int = 0  # trimmed extents: the entry token the extent starts at (module doc)
+    entry_tokens: int | None = None  # trimmed extents: the entry's tokens; None: the extent holds them all
+
+    @property
+    def is_trimmed(self) -> bool:
+        return self.entry_tokens is not None
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """``[lo, hi)``: the entry's tokens this extent holds."""
+        return self.first_token, self.first_token + self.num_tokens
+
+    def trim(self, lo: int, hi: int) -> ExtentPlan:
+        """This (whole) extent's layout keeping only the entry's tokens ``[lo, hi)``."""
+        if self.is_trimmed or not 0 <= lo < hi <= self.num_tokens:
+            raise ValueError(f"cannot trim {self.head_class} ({self.num_tokens} tokens"
+                             f"{', trimmed already' if self.is_trimmed else ''}) to [{lo}, {hi})")
+        return replace(self, num_tokens=hi - lo, first_token=lo, entry_tokens=self.num_tokens)
 
     @property
     def segment_bytes(self) -> int:

@@ -148,6 +148,8 @@ class ExtentInfo(_Model):
     checksum: str | None = None  # xxh3-64 hex of the extent's bytes, once committed
     lossy: bool = False  # bytes from a lossy codec (fp8/int8): only ever sent to readers that accept them
     tier: Literal["host", "gpu"] = "host"  # the memory tier it lies in (kvd.tiers.gpu: the GPU pool)
+    # A trimmed extent (capacity mode, kvd.core.extents): it holds only the entry's tokens [lo, hi)
+    tokens: tuple[int, int] | None = None
 
 
 class PrefixAlias(_Model):

@@ -194,6 +194,8 @@ class Metrics:
                                          ["tier", "op"], buckets=LATENCY_BUCKETS, registry=r)
         self.dropped_cold_extents = Counter("kvd_dropped_cold_extents", "Cold local-head extents let go by "
                                             "placement (codec.local_cold_codec = drop)", registry=r)
+        self.trimmed_bytes = Counter("kvd_trimmed_bytes", "KV bytes let go at commit by trimming local-head extents "
+                                     "to the tokens readers read (capacity mode)", registry=r)
         self.recovered_entries = Counter("kvd_recovered_entries", "Entries rebuilt from persistent tiers at start",
                                          registry=r)
         self.codec_raw_bytes = Counter("kvd_codec_raw_bytes", "Raw bytes through a codec", ["codec", "op"],

@@ -216,8 +216,9 @@ class Daemon:
                                access_log=None, keepalive_timeout=s.daemon.idle_timeout_s, auto_decompress=False)
         await runner.setup()
         self._runners.append(runner)
-        await web.UnixSite(runner, str(path), backlog=s.daemon.listen_backlog).start()
-        os.chmod(path, int(s.daemon.socket_mode, 8))
+        # Metrics first: once the socket answers (what clients and systemd take as ready), every
+        # address is served. The socket is created under a umask that already gives it its mode, so
+        # it is never reachable with wider permissions than configured, not even until the chmod.
         if s.daemon.metrics_addr:
             host, _, port = s.daemon.metrics_addr.rpartition(":")
             mrunner = web.AppRunner(create_metrics_app(self.app), handle_signals=False, access_log=None)
@@ -228,6 +229,13 @@ class Daemon:
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on {s.daemon.metrics_addr}: {e.strerror}; "
                                   "pass another --metrics-addr (or empty to disable)") from None
+        mode = int(s.daemon.socket_mode, 8)
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            await web.UnixSite(runner, str(path), backlog=s.daemon.listen_backlog).start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
         logger.info("kvd %s serving on %s (metrics %s)", __version__, path, s.daemon.metrics_addr or "off")
         self.notifier.ready(f"serving on {path}")
 

@@ -23,6 +23,15 @@ Window rule: a local head's query at position ``p`` sees the stored keys ``(p �
 reader of this very sequence reads, whether it sits at ``end_token`` (a longer prompt that continues
 it) or at ``end_token − 1`` (the same prompt again: an engine computes at least its last token):
 ``[end − window, end)``. Tokens are ``[start_token, start_token + num_tokens)``.
+
+Trimming (capacity mode): a hot local extent of which readers read only part — the chunk holding the
+sink (4 tokens of 256), the chunk where a window starts — keeps only that span
+(``kvd.core.extents.keep_span``; ``Placement.keep``) when ``local_cold_codec = drop`` and the entry
+is a prefix computed under a head map. Only then: the operator chose to drop what head-aware readers
+do not read, and KV computed under a head map has no exact reader (exact readers never see such an
+entry: ``computed_under`` differs). An exact prefix keeps whole extents, so vLLM's hits while it is in
+the arena stay hits. A trim that would save less than ``MIN_TRIM_SAVING`` of the extent is not made
+(each costs a copy at commit): a window starting one token into a chunk keeps the whole chunk.
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ from typing import Literal
 
 from kvd.core.config import CodecSettings
 from kvd.core.errors import InvalidRequest
-from kvd.core.extents import ExtentPlan, class_kind, needed
+from kvd.core.extents import ExtentPlan, class_kind, keep_span, needed
+from kvd.core.keys import EXACT
+
+MIN_TRIM_SAVING = 0.125  # trim an extent only when that frees at least this share of its tokens
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,6 +52,7 @@ class Placement:
     is_hot: bool  # keep in the host arena
     ssd_codec: str | None  # codec when written to SSD; None: never written (local_cold_codec = drop)
     reason: str  # "global", "local_sink", "local_window", "local_cold"
+    keep: tuple[int, int] | None = None  # trim to these entry tokens [lo, hi) (module doc); None: whole
 
     @property
     def is_dropped(self) -> bool:
@@ -52,9 +65,10 @@ class HeadClassPlacement:
         self.codec = codec
 
     def place(self, head_class: Literal["global", "local"], *, start_token: int, num_tokens: int,
-              end_token: int | None, sink: int, window: int) -> Placement:
+              end_token: int | None, sink: int, window: int, trim: bool = False) -> Placement:
         """Placement of one extent of ``head_class`` holding tokens ``[start, start + num_tokens)``
-        of a sequence that was ``end_token`` long at store time (None: the entry ends it)."""
+        of a sequence that was ``end_token`` long at store time (None: the entry ends it). ``trim``:
+        a hot local extent read only in part keeps only that part (module doc)."""
         if start_token < 0 or num_tokens <= 0 or sink < 0 or window < 0:
             raise InvalidRequest(f"placement of tokens [{start_token}, +{num_tokens}) with sink {sink}, "
                                  f"window {window}: all must be ≥ 0 and num_tokens > 0")
@@ -63,17 +77,22 @@ class HeadClassPlacement:
         if head_class != "local":
             raise InvalidRequest(f"head class {head_class!r} is not 'global' or 'local'")
         end = start_token + num_tokens if end_token is None else max(end_token, start_token + num_tokens)
-        if start_token < sink:
-            return Placement(True, self.codec.hot_codec, "local_sink")
         plan = ExtentPlan("local", (), num_tokens, 0, 0, sink=sink, window=max(window, 1))
+        keep = None
+        if trim and (span := keep_span(plan, start_token, num_tokens, end)) is not None:
+            keep = span if span[1] - span[0] <= (1 - MIN_TRIM_SAVING) * num_tokens else None
+        if start_token < sink:
+            return Placement(True, self.codec.hot_codec, "local_sink", keep)
         if needed(plan, start_token, num_tokens, end) or needed(plan, start_token, num_tokens, end - 1):
-            return Placement(True, self.codec.hot_codec, "local_window")
+            return Placement(True, self.codec.hot_codec, "local_window", keep)
         cold = self.codec.local_cold_codec
         return Placement(False, None if cold == "drop" else cold, "local_cold")
 
     def place_entry(self, plans: dict[str, ExtentPlan], *, start_token: int, num_tokens: int,
-                    end_token: int | None) -> dict[str, Placement]:
+                    end_token: int | None, kind: str = "prefix", computed_under: str = EXACT) -> dict[str, Placement]:
         """Placement of each of an entry's extents (``plans``: class -> plan), each local window group
-        by its own sink and window."""
+        by its own sink and window; trimmed where the module doc says."""
+        trim = self.codec.local_cold_codec == "drop" and kind == "prefix" and computed_under != EXACT
         return {c: self.place(class_kind(c), start_token=start_token, num_tokens=num_tokens,  # type: ignore[arg-type]
-                              end_token=end_token, sink=p.sink, window=p.window) for c, p in plans.items()}
+                              end_token=end_token, sink=p.sink, window=p.window, trim=trim)
+                for c, p in plans.items()}

@@ -132,6 +132,11 @@ class Entry:
         return sum(x.nbytes for x in self.extents.values())
 
     @property
+    def is_trimmed(self) -> bool:
+        """Some extent keeps only part of the entry's tokens (capacity mode): no exact reader reads it."""
+        return any(x.plan.is_trimmed for x in self.extents.values())
+
+    @property
     def kept_nbytes(self) -> int:
         """KV bytes the entry keeps: its extents less those let go on purpose (capacity mode)."""
         return sum(x.nbytes for x in self.extents.values() if not x.dropped)

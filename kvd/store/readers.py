@@ -12,7 +12,9 @@ Two kinds of reader (``reader`` in lookup and lease requests, issue 12):
   (``kvd.core.extents.needed``). Only those extents are promoted, leased and copied; the rest stay
   where they are (cold stays cold), and their absence (dropped, lost) does not make the entry a miss.
   ``position`` applies to prefix entries; without one, and for chunk entries (reused at new
-  positions), every token of the classes asked for is read.
+  positions), every token of the classes asked for is read. A trimmed extent (capacity mode, only in
+  entries computed under a head map, so never an exact reader's) serves from the position where it
+  holds all the reader reads (``trimmed_from``).
 
 Head-aware prefix hits: a reader that loads ``K`` leading chunks sits at position ``P_K`` (their
 tokens, or fewer when it loads only the leading tokens of the last: the same prompt again loads all
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 from kvd.core import protocol as P
 from kvd.core.errors import HeadMapError, InvalidRequest
-from kvd.core.extents import matches, needed
+from kvd.core.extents import ExtentPlan, matches, needed
 from kvd.store.entries import Entry, ModelRecord
 
 
@@ -55,13 +57,36 @@ class Reader:
         end = e.start_token + e.num_tokens
         at = float(e.start_token + 1)
         for c, x in e.extents.items():
-            if (self.classes is not None and not any(matches(c, w) for w in self.classes)) or x.usable(self.accept_lossy):
+            if self.classes is not None and not any(matches(c, w) for w in self.classes):
                 continue
             p = x.plan
+            if x.usable(self.accept_lossy):
+                if p.is_trimmed:
+                    at = max(at, trimmed_from(p, e.start_token, e.num_tokens))
+                continue
             if p.window == 0 or e.kind != "prefix" or e.start_token < p.sink:
                 return math.inf
             at = max(at, end + p.window - 1)
         return at
+
+
+def readable_by(reader: Reader, e: Entry, computed_under: str) -> bool:
+    """Can ``reader``, computing under ``computed_under``, read ``e`` at all: KV computed under the same
+    attention, and for an exact reader no trimmed extent (a miss, never part of the tokens)."""
+    return e.computed_under == computed_under and (reader.head_aware or not e.is_trimmed)
+
+
+def trimmed_from(plan: ExtentPlan, start: int, num_tokens: int) -> float:
+    """The least position from which a trimmed extent (``kvd.core.extents.covers``) holds all a reader
+    reads, for every position after it: the sink must be held whole; a span ending before the entry
+    does (the sink chunk) serves once the window has passed the entry, one starting inside it once the
+    window starts at or after the span."""
+    lo, hi = plan.span
+    if start < plan.sink and (lo > 0 or hi < min(plan.sink - start, num_tokens)):
+        return math.inf
+    if hi < num_tokens:
+        return start + num_tokens + plan.window - 1
+    return start + lo + plan.window - 1
 
 
 def reader_of(model: ModelRecord, req: P.LookupRequest | P.LeaseRequest) -> Reader:

@@ -28,7 +28,7 @@ import logging
 
 from kvd.core import protocol as P
 from kvd.core.errors import KvdError, TierUnavailable
-from kvd.core.extents import class_kind
+from kvd.core.extents import ExtentPlan, class_kind, keep_span
 from kvd.store.admin import MODEL_META
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
 from kvd.tiers.base import StoredRecord
@@ -134,12 +134,14 @@ def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
     added = 0
     for tier, rec in parts:
         x = e.extents.get(rec.name.head_class)
-        if x is None or x.copies or not _fits(rec, x, e):
+        plan = _fits(rec, x, e) if x is not None and not x.copies else None
+        if plan is None:
             continue
         copy = _copy(rec)
         if not copy.is_lossy and x.checksum is not None and x.checksum != rec.raw_xxh:
             logger.warning("remote record %r does not match this host's checksum: left out", rec.location.key)
             continue
+        x.plan = plan
         index.place(e, x, index.by_name[tier], copy)  # counted, policed
         x.dropped = False
         if not copy.is_lossy:
@@ -148,12 +150,24 @@ def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
     return added
 
 
-def _fits(rec: StoredRecord, x: Extent, span) -> bool:
-    """``rec`` holds extent ``x`` of the entry ``span`` (an ``Entry`` or the ``ExtentName`` of one of
-    its records): the same size, kind, tokens and attention."""
+def _fits(rec: StoredRecord, x: Extent, span) -> ExtentPlan | None:
+    """The layout ``rec`` holds of extent ``x`` of the entry ``span`` (an ``Entry`` or the ``ExtentName``
+    of one of its records), or None if it is not one of its: the same kind, tokens and attention, and
+    the size of ``x``'s layout or of its trimmed form (capacity mode; ``keep_span`` is a function of
+    the entry alone, so the span is found again, whatever the settings now)."""
     n = rec.name
-    return rec.raw_nbytes == x.nbytes and (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under) == (
-        span.kind, span.start_token, span.end_token, span.num_tokens, span.computed_under)
+    if (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under) != (
+            span.kind, span.start_token, span.end_token, span.num_tokens, span.computed_under):
+        return None
+    if rec.raw_nbytes == x.nbytes:
+        return x.plan
+    if x.plan.is_trimmed or n.kind != "prefix":
+        return None
+    keep = keep_span(x.plan, n.start_token, n.num_tokens, max(n.end_token, n.start_token + n.num_tokens))
+    if keep is None or keep == (0, n.num_tokens):
+        return None
+    trimmed = x.plan.trim(*keep)
+    return trimmed if rec.raw_nbytes == trimmed.nbytes else None
 
 
 def _copy(rec: StoredRecord) -> Copy:
@@ -178,8 +192,10 @@ def _rebuild(store, key: EntryKey, parts: list[tuple[str, StoredRecord]], now: f
     extents = {c: Extent(plan=p) for c, p in model.plans(first.num_tokens).items()}
     for tier, rec in parts:
         x = extents.get(rec.name.head_class)
-        if x is None or tier in x.copies or not _fits(rec, x, first):
+        plan = _fits(rec, x, first) if x is not None and tier not in x.copies else None
+        if plan is None:
             return None
+        x.plan = plan
         x.copies[tier] = copy = _copy(rec)
         if not copy.is_lossy:
             x.checksum = rec.raw_xxh

@@ -38,7 +38,7 @@ from kvd.store.entries import Entry, Lease
 from kvd.store.holds import HoldTable, owner_is_alive
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
-from kvd.store.readers import Reader, head_aware_hits, reader_of
+from kvd.store.readers import Reader, head_aware_hits, readable_by, reader_of
 from kvd.store.recovery import find_shared
 from kvd.store.registry import ModelRegistry
 from kvd.store.writes import Writes, check_owner, count_moved
@@ -141,12 +141,12 @@ class Store:
         L.count_hits(self.metrics, req, result, num_hashes=len(hashes))
         return result
 
-    def _found(self, req: P.LookupRequest, hashes: list[str]):
+    def _found(self, req: P.LookupRequest, reader: Reader, hashes: list[str]):
         """``(request index, entry, tokens used)`` of each stored entry of the reader's attention."""
         now = self.clock()
         for i, h in enumerate(hashes):
             found = self.index.resolve((req.namespace, req.fingerprint, h))
-            if found is None or found[0].computed_under != req.computed_under:
+            if found is None or not readable_by(reader, found[0], req.computed_under):
                 continue
             e = found[0]
             e.seen += 1
@@ -156,7 +156,7 @@ class Store:
 
     def _rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[L.EntryRow]:
         out = []
-        for i, e, num_tokens in self._found(req, hashes):
+        for i, e, num_tokens in self._found(req, reader, hashes):
             row = L.row(self.index.levels, e, i, hashes[i], num_tokens, req.accept_lossy)
             if row is None:
                 continue
@@ -170,7 +170,7 @@ class Store:
         """Rows for a head-aware reader: each entry's classes it reads (at the position of the longest
         loadable run for the run's entries, at its own end for the rest), and that run's length.
         Prefetch brings only those classes: cold extents the reader skips stay cold."""
-        found = list(self._found(req, hashes))
+        found = list(self._found(req, reader, hashes))
         hits, pos = head_aware_hits(reader, found, req.max_tokens)
         out = []
         for k, (i, e, num_tokens) in enumerate(found):
@@ -204,7 +204,7 @@ class Store:
         if self.shared:  # a lease without a lookup first (another process looked up) still finds them
             await find_shared(self, req.namespace, req.fingerprint, req.hashes, exact=not reader.head_aware)
         found = [self.index.resolve((req.namespace, req.fingerprint, h)) for h in req.hashes]
-        found = [f if f is not None and f[0].computed_under == req.computed_under else None for f in found]
+        found = [f if f is not None and readable_by(reader, f[0], req.computed_under) else None for f in found]
         held = list({id(f[0]): f[0] for f in found if f is not None}.values())
         wanted = {id(e): reader.wanted(e, req.position) for e in held}
         readable = self.background.promotion.readable(req.gpu)

@@ -5,9 +5,10 @@ writer of it) and gives each extent a slot run in the first memory tier the writ
 for the whole entry — the GPU pool of the namespace's partition for a writer that maps it (``gpu``),
 else (or when the pool has no room even after evicting) its arena — evicting there if needed
 (``Pipeline.reserve``) → the client copies KV into the slots → ``commit`` checksums them on the CPU
-pool (GPU bytes through pinned staging), decides placement, and indexes every entry at once, or none
-if anything fails half-way (the reservation then stays, for its abort or expiry) → or ``abort``
-frees the slots.
+pool (GPU bytes through pinned staging), decides placement, trims the extents placement keeps only
+in part (capacity mode: copied into a smaller slot run of the arena, ``_trim``), and indexes every
+entry at once, or none if anything fails half-way (the reservation then stays, for its abort or
+expiry) → or ``abort`` frees the slots.
 A reservation belongs to the process that made it: another one cannot commit or abort it.
 """
 
@@ -17,6 +18,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+import numpy as np
+import xxhash
+
 from kvd.core import protocol as P
 from kvd.core.config import Settings
 from kvd.core.errors import Forbidden, InvalidRequest
@@ -24,7 +28,7 @@ from kvd.daemon.metrics import Metrics
 from kvd.policies.placement import HeadClassPlacement
 from kvd.store import answers as L
 from kvd.store.background import Background
-from kvd.store.entries import Copy, Entry, EntryKey, ModelRecord, Reservation, new_entry
+from kvd.store.entries import Copy, Entry, EntryKey, Extent, ModelRecord, Reservation, new_entry
 from kvd.store.holds import HoldTable
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
@@ -129,12 +133,15 @@ class Writes:
             if unknown:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
+            trims = [t for e in entries for t in self._place(e)]
             if self.settings.host.verify_on_commit:
                 tiers = {lv.name: lv.tier for lv in self.index.memory}
                 sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, tiers, entries)
                 for e, sums in zip(entries, sums_all):
                     for x, c in zip(e.extents.values(), sums):
                         x.checksum = next(iter(x.copies.values())).checksum = c
+            if trims:
+                await self._trim(trims)
             self._insert_all(res, entries)
             done = True
         finally:
@@ -159,7 +166,6 @@ class Writes:
         try:
             for e in entries:
                 touched.append(e)
-                self._place(e)
                 e.created = e.last_access = now
                 self.index.insert(e)
                 for alias_hash, n in res.aliases.get(e.hash, []):
@@ -174,12 +180,51 @@ class Writes:
             del self.index.pending[e.key]
             self.metrics.committed_entries.labels(e.kind).inc()
 
-    def _place(self, e: Entry) -> None:
-        """Head-aware placement of each extent (kvd.policies.placement), decided at commit."""
+    def _place(self, e: Entry) -> list[tuple[Entry, Extent, tuple[int, int]]]:
+        """Head-aware placement of each extent (kvd.policies.placement), decided at commit; returns the
+        extents to trim and the span each keeps."""
         placed = self.placement.place_entry({c: x.plan for c, x in e.extents.items()}, start_token=e.start_token,
-                                            num_tokens=e.num_tokens, end_token=e.end_token)
+                                            num_tokens=e.num_tokens, end_token=e.end_token, kind=e.kind,
+                                            computed_under=e.computed_under)
+        trims = []
         for cls, p in placed.items():
-            e.extents[cls].is_hot, e.extents[cls].lower_codec = p.is_hot, p.ssd_codec
+            x = e.extents[cls]
+            x.is_hot, x.lower_codec = p.is_hot, p.ssd_codec
+            if p.keep is not None and not x.plan.is_trimmed:
+                trims.append((e, x, p.keep))
+        return trims
+
+    async def _trim(self, trims: list[tuple[Entry, Extent, tuple[int, int]]]) -> None:
+        """Copy each extent's kept tokens into a smaller slot run of the arena and free the old run.
+        Only arena copies are trimmed (a reservation in the GPU pool stays whole: its readers are exact
+        engines); one that finds no room stays whole. The entries are pending: nothing else sees them.
+        Slots are taken and freed on the loop (the allocator is not thread-safe), bytes copied off it."""
+        arena = self.index.landing
+        jobs = []
+        for e, x, (lo, hi) in trims:
+            old = x.copies.get(arena.name)
+            plan = x.plan.trim(lo, hi)
+            new = arena.tier.reserve(plan.nbytes, e.name(x.head_class)) if old is not None else None
+            if new is not None:
+                jobs.append((x, plan, old, new))
+
+        def copy() -> list[int | None]:
+            sums = []
+            for x, plan, old, new in jobs:
+                p = x.plan
+                src = np.frombuffer(arena.tier.read(old.loc), np.uint8, count=p.nbytes)
+                kept = src.reshape(p.num_segments, 2, p.num_tokens, -1)[:, :, plan.first_token:plan.span[1]]
+                data = np.ascontiguousarray(kept).reshape(-1)
+                arena.tier.write(new, data)
+                sums.append(None if x.checksum is None else xxhash.xxh3_64_intdigest(data))
+            return sums
+
+        sums = await self.pipeline.on_cpu(copy)
+        for (x, plan, old, new), c in zip(jobs, sums):
+            self.metrics.trimmed_bytes.inc(x.nbytes - plan.nbytes)
+            self.pipeline.discard(arena, [old.loc])
+            x.plan, x.checksum = plan, c
+            x.copies[arena.name] = Copy(new, "raw", c)
 
     def abort(self, req: P.AbortRequest, owner_pid: int | None = None) -> P.CountResponse:
         check_owner(self.holds.reservations.get(req.reservation_id), owner_pid)

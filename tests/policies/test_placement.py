@@ -6,9 +6,11 @@ import pytest
 
 from kvd.core.config import CodecSettings
 from kvd.core.errors import InvalidRequest
+from kvd.core.extents import ExtentPlan
 from kvd.policies.placement import HeadClassPlacement, Placement
 
 SINK, WINDOW = 4, 256
+TAG = "sinkwindow:abc"  # any attention tag but exact
 
 
 def place(head_class, start, n=256, end=4096, codec=None):
@@ -67,3 +69,21 @@ def test_bad_input_is_rejected():
         place("retrieval", 0)
     with pytest.raises(InvalidRequest, match="num_tokens"):
         place("local", 0, n=0)
+
+
+def test_capacity_mode_trims_hot_local_extents_read_in_part():
+    policy = HeadClassPlacement(CodecSettings(local_cold_codec="drop"))
+    plans = {"local": ExtentPlan("local", ((0, 1),), 256, 64, 2, sink=SINK, window=WINDOW)}
+
+    def keep(start, end, **kw):
+        return policy.place_entry(plans, start_token=start, num_tokens=256, end_token=end, **kw)["local"].keep
+
+    assert keep(0, 4096, computed_under=TAG) == (0, SINK)  # the sink chunk keeps the sink
+    assert keep(3328, 3700, computed_under=TAG) == (116, 256)  # the window starts 116 tokens into the chunk
+    assert keep(3584, 3900, computed_under=TAG) == (60, 256)
+    assert keep(3584, 3841, computed_under=TAG) is None  # a window one token into the chunk: kept whole
+    assert keep(0, 4096) is None  # exact KV: its readers read every token
+    assert keep(0, 4096, computed_under=TAG, kind="chunk") is None  # chunks are reused at new positions
+    lossless = HeadClassPlacement(CodecSettings()).place_entry(plans, start_token=0, num_tokens=256, end_token=4096,
+                                                               computed_under=TAG)
+    assert lossless["local"].keep is None  # only drop trims: other codecs keep the rest cold
