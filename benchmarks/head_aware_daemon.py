@@ -15,7 +15,8 @@ Usage: ``nice -n 10 python benchmarks/head_aware_daemon.py [--only bytes,capacit
   ``bytes_loaded_per_token_ratio_<ctx>`` (bytes leased for the reload over full KV), and
   ``headaware_reload_bit_identical`` (request 2's logits equal request 1's, bit for bit, at every
   context). The token-granular fraction the map keeps (``HeadMap.kv_fraction``) is reported beside:
-  kvd moves whole 256-token chunks of each window group, so its ratio sits a little above it. At 8K
+  capacity mode trims each local group's sink chunk and window start to the token, so the ratio
+  meets it when the windows end on chunk boundaries (before trimming it sat ~0.04 above). At 8K
   the map profiled for 8K (``kvd/data/heads/smollm2-135m-8k.json``) is used when present; the shipped
   4K map's 8K figure is reported too (``_8k_shipped_map``).
 - ``capacity``: a seeded trace of long prompts (documents of 4K and 8K tokens, SmolLM2's KV shape,
