@@ -148,8 +148,7 @@ class ExtentInfo(_Model):
     checksum: str | None = None  # xxh3-64 hex of the extent's bytes, once committed
     lossy: bool = False  # bytes from a lossy codec (fp8/int8): only ever sent to readers that accept them
     tier: Literal["host", "gpu"] = "host"  # the memory tier it lies in (kvd.tiers.gpu: the GPU pool)
-    # A trimmed extent (capacity mode, kvd.core.extents): it holds only the entry's tokens [lo, hi)
-    tokens: tuple[int, int] | None = None
+    tokens: tuple[int, int] | None = None  # trimmed (capacity mode): only the entry's tokens [lo, hi)
 
 
 class PrefixAlias(_Model):
@@ -234,8 +233,7 @@ class LookupRequest(_Read):
     # Prefix entries: token ids (the daemon chunks and hashes them) or the client's own prefix hashes.
     token_ids: list[int] | None = None
     prefix_hashes: list[Hash] | None = None
-    # Chunk entries (content hashes) to look up, in any order, with their lengths in tokens (optional;
-    # the denominator of the chunk hit-rate metric).
+    # Chunk entries (content hashes) to look up, any order, with their lengths (optional; hit-rate denominator).
     chunk_hashes: list[Hash] | None = None
     chunk_num_tokens: list[Annotated[int, Field(ge=0, le=1 << 20)]] | None = None
     # Start moving entries found only on slower tiers into the arena.
