@@ -4,10 +4,11 @@ that hold them, and ``LayerRows``, where one layer's segments of a head class li
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from kvd.client.views import numpy_view
 from kvd.core.extents import ExtentPlan
 
 
@@ -20,6 +21,14 @@ class Piece:
     t0: int
     t1: int
     extents: list[tuple[ExtentPlan, torch.Tensor]]  # per head class: plan, [num_segments, 2, T, D] view
+    _arrays: list | None = field(default=None, init=False, repr=False)
+
+    def arrays(self) -> list:
+        """``extents`` as ``(plan, numpy view)`` pairs (CPU views only), made once: a load or store
+        slices them for every layer, and slicing numpy costs a fraction of slicing torch."""
+        if self._arrays is None:
+            self._arrays = [(e[0], numpy_view(e[1])) for e in self.extents]
+        return self._arrays
 
 
 class LayerRows:
