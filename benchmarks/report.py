@@ -148,6 +148,16 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
         ("nvml_series_present", key("nvml_series_present"), "true", lambda v: v is True),
         ("bytes_verified", key("bytes_verified"), "true", lambda v: v is True),
     ]),
+    ("vllm_copier", "vLLM connector's copy into vLLM's CPU blocks (issue 17)", "A 4,096-token SmolLM2 load (94 MB, "
+     "16 entries x 7 extents) through the connector's StridedCopier over all 30 layers, no engine, one thread; "
+     "every block checked through the layout's index map before timing", [
+        ("load ms, vec layout (LBHNC_KT: K stored transposed)", lambda d: d["LBHNC_KT"]["load_ms"], "report", None),
+        ("the same, before (pass A slicing torch tensors)", lambda d: d.get("before", {}).get("LBHNC_KT", {}).get("load_ms"),
+         "report", None),
+        ("store ms, vec layout", lambda d: d["LBHNC_KT"]["save_ms"], "report", None),
+        ("load ms, LBHNC layout", lambda d: d["LBHNC"]["load_ms"], "report", None),
+        ("memcpy of the same bytes ms (ceiling)", lambda d: d["LBHNC_KT"]["memcpy_ms"], "ceiling", None),
+    ]),
 ]
 
 
