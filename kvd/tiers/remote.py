@@ -118,6 +118,8 @@ class RemoteTier(Tier):
         self._sizes: dict[bytes, int] = {}  # record key -> bytes, of the records this host knows of
         self._down_until = 0.0
         self._backoff = MIN_BACKOFF_S
+        self._stale = False  # the cluster's layout must be learnt again before the next command
+        self._refreshing = threading.Lock()
 
     # ---- keys ----------------------------------------------------------------------------------
 
@@ -137,13 +139,26 @@ class RemoteTier(Tier):
         if self.clock() < self._down_until:
             raise TierUnavailable(f"remote tier unavailable for {self._down_until - self.clock():.1f} s more "
                                   "(after a failure); serving from the other tiers")
+        if self._stale:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """The first call after a back-off learns the cluster's layout again before it tries: a failover
+        may have finished meanwhile. (Learning it at the failure, as before, kept the layout of the
+        middle of a failover: the next try went to the dead master, and each such miss doubled the
+        back-off, so recovery could take tens of seconds after the replica's promotion.)"""
+        with self._refreshing:
+            if not self._stale:
+                return
+            try:
+                self.client.nodes_manager.initialize()
+            except Exception as e:  # noqa: BLE001 - the cluster is still down: the breaker covers it
+                raise self._trip("layout refresh", e) from None
+            self._stale = False
 
     def _trip(self, what: str, err: Exception) -> TierUnavailable:
-        try:  # the cluster may have moved slots (a failover): learn its layout again before the next try
-            self.client.nodes_manager.initialize()
-        except Exception:  # noqa: BLE001 - the cluster is down; the breaker covers it
-            pass
         with self._lock:
+            self._stale = True  # the cluster may have moved slots: refreshed before the next try
             self._down_until = self.clock() + self._backoff
             logger.warning("remote tier: %s failed (%s); not used for %.1f s", what, err, self._backoff)
             self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)

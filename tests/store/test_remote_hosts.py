@@ -198,3 +198,47 @@ async def test_the_write_policy_of_hot_and_cold_local_extents_is_followed(tmp_pa
         assert got == local_there
     finally:
         await a.close()
+
+
+async def test_trimmed_extents_are_found_and_loaded_on_another_host(tmp_path, redis_cluster):
+    """Capacity mode on both hosts: host a's trimmed extents (the sink chunk's local groups, 4 tokens)
+    reach the cluster as they are, host b rebuilds them with their span from the record's name alone and
+    gives a head-aware reader the same tokens; an exact reader of the same KV gets a miss."""
+    from tests.store.test_readers import MODEL as WIN
+    from tests.store.test_readers import TAG
+    from tests.store.test_trim import TRIMMED, tokens_of
+
+    prefix = "t" + uuid.uuid4().hex[:8]
+    made = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        made.append(await Api(tmp_path / name, {"remote": remote(redis_cluster, prefix),
+                                                "codec": {"local_cold_codec": "drop"}}).start(
+            WIN.model_dump(mode="json", exclude_none=True)))
+    a, b = made
+    try:
+        hs, data = await a.store_seq(3, chunks=8, computed_under=TAG)
+        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+
+        async def written_through():
+            await store_a.background.step()
+            return all("remote" in store_a.index.get(("default", a.fp, hs[i])).extents[c].copies for i, c in TRIMMED)
+        await wait_for(written_through)
+        reader = {"computed_under": TAG, "reader": "head_aware", "head_map": TAG}
+        look = await b.lookup(hs, **reader)
+        assert look["num_prefix_hits"] == 8
+        le = await b.post("/v1/lease", {"fingerprint": b.fp, "hashes": hs, "wait_s": 5, "position": 2048, **reader})
+        assert [e["status"] for e in le["entries"]] == ["ok"] * 8
+        for i, e in enumerate(le["entries"]):
+            for x in e["extents"]:
+                span = TRIMMED.get((i, x["head_class"]))
+                assert (tuple(x["tokens"]) if x["tokens"] else None) == span
+                want = data[(e["hash"], x["head_class"])]
+                got = bytes(b.arena[x["offset"]: x["offset"] + x["nbytes"]])
+                assert got == (want if span is None else tokens_of(want, 2, *span)), (i, x["head_class"])
+        await b.post("/v1/release", {"lease_id": le["lease_id"]})
+        exact = await b.lookup(hs[:1], computed_under=TAG)
+        assert exact["num_prefix_hits"] == 0
+    finally:
+        for api in made:
+            await api.close()
