@@ -131,7 +131,9 @@ class Background:
         """Start the promotions ``entries`` need (``classes_of(e)``: the classes its reader reads, from
         the tiers ``readable``) and wait for them, at most ``wait_s`` seconds."""
         tasks = [t for e in entries if (t := self.prefetch(e, classes_of(e), accept_lossy, readable)) is not None]
-        if tasks and wait_s > 0:
+        if not tasks:
+            return  # nothing to bring, and nothing awaited: a second look would find the same
+        if wait_s > 0:
             await asyncio.wait(tasks, timeout=wait_s)
         # A prefetch started for another reader may have brought less (e.g. exact only): one more try.
         again = [t for e in entries if self.promotion.missing(e, classes_of(e), accept_lossy, readable)

@@ -66,10 +66,11 @@ class Copy:
     # (a record that decodes exactly), "fp8" / "int8" (lossy: decodes to approximations)
     codec: str
     checksum: int | None  # xxh3-64 of the bytes a reader of this copy gets (exact, or dequantized)
+    # Known once (a copy's codec never changes): every lease asks it of every extent several times.
+    is_lossy: bool = field(init=False)
 
-    @property
-    def is_lossy(self) -> bool:
-        return is_lossy(self.codec)
+    def __post_init__(self) -> None:
+        self.is_lossy = is_lossy(self.codec)
 
 
 @dataclass(slots=True)
