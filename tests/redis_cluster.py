@@ -68,7 +68,21 @@ class RedisCluster:
         self.procs[port] = subprocess.Popen(self._args(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_port(port)
 
-    def start(self) -> RedisCluster:
+    def start(self, attempts: int = 3) -> RedisCluster:
+        """Start the nodes and form the cluster. A failure (a port taken between ``free_ports`` and the
+        node's bind, under a busy machine) stops every node started so far and tries again on fresh
+        ports: before, such a failure left five redis-servers running after the test."""
+        for attempt in range(attempts):
+            try:
+                return self._start()
+            except (subprocess.SubprocessError, TimeoutError, OSError):
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+                self.ports = free_ports(len(self.ports))
+        raise AssertionError("unreachable")
+
+    def _start(self) -> RedisCluster:
         for p in self.ports:
             self.start_node(p)
         cmd = ["redis-cli", "--cluster", "create", *self.startup_nodes, "--cluster-replicas", "1", "--cluster-yes"]

@@ -141,8 +141,17 @@ class Pipeline:
             self.remove(e)
         return task
 
-    def remove(self, e: Entry) -> None:
-        """``e`` leaves the index; its bytes are freed now, or at its last release if it is held."""
+    def remove(self, e: Entry, *, shared: bool = False) -> None:
+        """``e`` leaves the index; its bytes are freed now, or at its last release if it is held.
+        Its records in a shared tier (the remote cluster) are other hosts' too: they stay there (the
+        cluster's TTL and memory policy retire them) unless ``shared`` (an operator's delete). Before,
+        a host that found one record of an entry missing, e.g. across a failover, deleted the entry's
+        other records and manifest from the cluster, for every host."""
+        if not shared:
+            for lv in self.levels:
+                if lv.tier.shared:
+                    for x in e.extents.values():
+                        self.index.unplace(e, x, lv)
         self.index.forget(e)
         if e.holds:
             self.index.doomed[e.key] = e

@@ -268,7 +268,7 @@ class Store:
         found = self._select(req)
         for e in found:
             self.background.on_remove(e)
-            self.pipeline.remove(e)
+            self.pipeline.remove(e, shared=True)  # an operator's delete: from the shared cluster too
         return P.CountResponse(count=len(found))
 
     def set_pinned(self, req: P.EntriesRequest, pinned: bool) -> P.CountResponse:

@@ -5,6 +5,7 @@ faults of the cluster are misses, never wrong KV."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -18,6 +19,21 @@ MODEL = {"model_id": "toy", "num_layers": 2, "num_kv_heads": 2, "head_dim": 64} 
 
 def remote(cluster, prefix: str, **kw) -> dict:
     return {"enabled": True, "startup_nodes": cluster.startup_nodes, "key_prefix": prefix, "timeout_s": 0.3, **kw}
+
+
+@contextlib.asynccontextmanager
+async def two_hosts(tmp_path, cluster, model=MODEL, **over):
+    """Hosts a and b (their own sockets, arenas and SSD directories) on one cluster, one key prefix."""
+    prefix = "h" + uuid.uuid4().hex[:8]
+    made = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            made.append(await Api(tmp_path / name, {"remote": remote(cluster, prefix), **over}).start(model))
+        yield made
+    finally:
+        for api in made:
+            await api.close()
 
 
 @pytest.fixture
@@ -148,14 +164,7 @@ async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_
     cross-host TTFT run loaded 0 to 1,280 of 3,840 tokens). Now B asks again for what it lacks."""
     from tests.store.test_defects import MODEL as WITH_LOCAL
 
-    prefix = "p" + uuid.uuid4().hex[:8]
-    apis = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        apis.append(await Api(tmp_path / name, {"remote": remote(redis_cluster, prefix),
-                                                "ssd": {"enabled": False}}).start(WITH_LOCAL))
-    a, b = apis
-    try:
+    async with two_hosts(tmp_path, redis_cluster, WITH_LOCAL, ssd={"enabled": False}) as (a, b):
         hs, data = await a.store_seq(4, chunks=4)
         store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
         await store_a.background.step()  # global and hot local extents written through, cold local ones not
@@ -177,9 +186,6 @@ async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_
                                                         for x in e.extents.values())
         status, got = await b.read_back(hs)
         assert status == ["ok"] * 4 and got == data
-    finally:
-        for api in apis:
-            await api.close()
 
 
 @pytest.mark.parametrize(("policy", "local_there"), [
@@ -248,3 +254,32 @@ async def test_trimmed_extents_are_found_and_loaded_on_another_host(tmp_path, re
     finally:
         for api in made:
             await api.close()
+
+
+async def test_a_host_that_finds_a_record_missing_leaves_the_others_in_the_cluster(tmp_path, redis_cluster):
+    """Host B reads an entry one of whose records is gone from the cluster (lost with a master): the
+    entry is a miss on B and leaves B's index, but its other records and manifest stay in the cluster,
+    where other hosts still find them. Before, B deleted them for everyone, so one lost record made the
+    whole entry disappear (a lead for the master-kill test's intermittent miss, docs/remote.md). An
+    operator's delete still deletes from the cluster."""
+    from tests.store.test_defects import MODEL as WITH_LOCAL
+
+    async with two_hosts(tmp_path, redis_cluster, WITH_LOCAL, ssd={"enabled": False}) as (a, b):
+        hs, _ = await a.store_seq(5, chunks=4)
+        assert (await a.post("/v1/flush", {}))["count"] == 4  # every extent in the cluster
+        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        tier = store_a.index.by_name["remote"].tier
+        e = store_a.index.get(("default", a.fp, hs[0]))
+        keys = {c: tier.record_keys(x.copies["remote"].loc.key) for c, x in e.extents.items()}
+        assert (await b.lookup(hs))["num_prefix_hits"] == 4  # B indexes them
+        tier.client.delete(*keys["local"])  # the local record is lost
+        status, _ = await b.read_back(hs[:1])
+        assert status == ["missing"]
+        assert all(tier.client.exists(k) for k in keys["global"])  # the other records stay
+        assert set(tier.client.hgetall(tier.manifest_key("default", a.fp, hs[0]))) == {b"global", b"local"}
+        assert (await a.post("/v1/delete", {"fingerprint": a.fp, "hashes": hs[1:2]}))["count"] == 1  # an operator's delete
+        e1 = tier.manifest_key("default", a.fp, hs[1])
+
+        async def deleted():  # the cluster's records are dropped on the I/O executor
+            return tier.client.hgetall(e1) == {}
+        await wait_for(deleted)
