@@ -179,14 +179,26 @@ class Background:
             for dst in self.index.levels[1:]:
                 todo = [e for e in batch if self._through_classes(e, dst)]
                 if todo and not dst.tier.is_available:
-                    for e in todo:
-                        self._through[e.key] = None
+                    self._requeue(batch)
                     return
                 for src in self.index.levels[: dst.level]:
                     here = [e for e in todo if any(src.name in x.copies for x in e.extents.values())]
                     if here:
                         await self.pipeline.write_down(here, src, dst=dst,
                                                        classes=lambda e, dst=dst: self._through_classes(e, dst))
+                # A write that failed because the tier went down (its breaker is open now) is tried again
+                # in a later round. Before, such entries left the queue unwritten: a master killed during
+                # a write-through left those entries on this host only, a miss on every other host.
+                if not dst.tier.is_available and any(self._through_classes(e, dst) for e in todo):
+                    self._requeue(batch)
+                    return
+
+    def _requeue(self, batch: list[Entry]) -> None:
+        """The batch's entries still to be written through somewhere wait for a later round (every
+        level is looked at again then: one that was written is skipped by ``_through_classes``)."""
+        for e in batch:
+            if self.index.get(e.key) is e and any(self._through_classes(e, lv) for lv in self.index.levels[1:]):
+                self._through[e.key] = None
 
     def pending_through(self, e: Entry) -> bool:
         """Still to be written through somewhere: eviction writes it down rather than drop it."""

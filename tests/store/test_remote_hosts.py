@@ -283,3 +283,31 @@ async def test_a_host_that_finds_a_record_missing_leaves_the_others_in_the_clust
         async def deleted():  # the cluster's records are dropped on the I/O executor
             return tier.client.hgetall(e1) == {}
         await wait_for(deleted)
+
+
+async def test_a_write_through_that_fails_is_tried_again_later(tmp_path, redis_cluster):
+    """A write-through that fails because the cluster went down (a master killed mid-write) leaves the
+    entries queued: once the breaker's back-off has passed they are written, and another host loads
+    them. Before, they left the queue unwritten and stayed on the writing host only (the master-kill
+    test's intermittent miss)."""
+    async with two_hosts(tmp_path, redis_cluster) as (a, b):
+        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        tier = store_a.index.by_name["remote"].tier
+        real, calls = tier.write_many, []
+
+        def failing_once(items):
+            calls.append(len(items))
+            if len(calls) == 1:  # the master dies during the first write
+                raise tier._trip("write", ConnectionError("connection refused (test: the master died)"))
+            return real(items)
+        tier.write_many = failing_once
+        hs, data = await a.store_seq(7, chunks=2)
+
+        async def written():
+            await store_a.background.step()
+            return all("remote" in x.copies for h in hs for x in store_a.index.get(("default", a.fp, h)).extents.values())
+        await wait_for(written, timeout=10)
+        assert len(calls) >= 2
+        assert (await b.lookup(hs))["num_prefix_hits"] == 2
+        status, got = await b.read_back(hs)
+        assert status == ["ok", "ok"] and got == data
