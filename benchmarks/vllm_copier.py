@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kvd.client.views import copy_block  # noqa: E402
 from kvd.connectors.vllm.copy import Piece, make_copier  # noqa: E402
 from kvd.connectors.vllm.layout import BlockLayout, known_layout  # noqa: E402
 from kvd.core.extents import plan_extents  # noqa: E402
@@ -103,7 +104,7 @@ def measure(name: str, repeats: int) -> dict:
         for i in range(L):
             stage = cp._staging(layers[i], ps)
             for src, dst in cp._extent_pairs(stage, i, ps):
-                np.copyto(dst, src, casting="no") if isinstance(dst, np.ndarray) else dst.copy_(src)
+                copy_block(dst, src, non_blocking=False)
 
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)

@@ -34,6 +34,7 @@ span; ``covers`` says whether a trimmed extent holds all a reader at a position 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -88,18 +89,36 @@ def keep_span(plan: ExtentPlan, start_token: int, num_tokens: int, end_token: in
     return (lo, hi) if lo < hi else None
 
 
+def _holds_sink(plan: ExtentPlan, start_token: int, num_tokens: int) -> bool:
+    """A trimmed extent holds all of the sink that falls in its entry (if any does)."""
+    lo, hi = plan.span
+    return start_token >= plan.sink or (lo == 0 and hi >= min(plan.sink - start_token, num_tokens))
+
+
 def covers(plan: ExtentPlan, start_token: int, num_tokens: int, position: int) -> bool:
     """Does this extent (trimmed or whole) hold every token of its entry a head-aware reader whose next
     query sits at ``position`` reads (``needed``'s rule: the sink, and the stored keys of
     ``(position - window, position)``)?"""
     if not plan.is_trimmed:
         return True
-    lo, hi = plan.span
-    if start_token < plan.sink and (lo > 0 or hi < min(plan.sink - start_token, num_tokens)):
+    if not _holds_sink(plan, start_token, num_tokens):
         return False
+    lo, hi = plan.span
     w0 = max(position - plan.window + 1 - start_token, 0)  # the window's stored keys in this entry
     w1 = min(position - start_token, num_tokens)
     return w0 >= w1 or (lo <= w0 and w1 <= hi)
+
+
+def trimmed_from(plan: ExtentPlan, start_token: int, num_tokens: int) -> float:
+    """The least position from which a trimmed extent ``covers`` what a reader reads, at every position
+    after it too: a span ending before its entry does (the sink chunk) once the window has passed the
+    entry, one starting inside it once the window starts at or after the span; never without the sink."""
+    if not _holds_sink(plan, start_token, num_tokens):
+        return math.inf
+    lo, hi = plan.span
+    if hi < num_tokens:
+        return start_token + num_tokens + plan.window - 1
+    return start_token + lo + plan.window - 1
 
 
 @dataclass(frozen=True)

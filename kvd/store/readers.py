@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from kvd.core import protocol as P
 from kvd.core.errors import HeadMapError, InvalidRequest
-from kvd.core.extents import ExtentPlan, matches, needed
+from kvd.core.extents import matches, needed, trimmed_from
 from kvd.store.entries import Entry, ModelRecord
 
 
@@ -74,19 +74,6 @@ def readable_by(reader: Reader, e: Entry, computed_under: str) -> bool:
     """Can ``reader``, computing under ``computed_under``, read ``e`` at all: KV computed under the same
     attention, and for an exact reader no trimmed extent (a miss, never part of the tokens)."""
     return e.computed_under == computed_under and (reader.head_aware or not e.is_trimmed)
-
-
-def trimmed_from(plan: ExtentPlan, start: int, num_tokens: int) -> float:
-    """The least position from which a trimmed extent (``kvd.core.extents.covers``) holds all a reader
-    reads, for every position after it: the sink must be held whole; a span ending before the entry
-    does (the sink chunk) serves once the window has passed the entry, one starting inside it once the
-    window starts at or after the span."""
-    lo, hi = plan.span
-    if start < plan.sink and (lo > 0 or hi < min(plan.sink - start, num_tokens)):
-        return math.inf
-    if hi < num_tokens:
-        return start + num_tokens + plan.window - 1
-    return start + lo + plan.window - 1
 
 
 def reader_of(model: ModelRecord, req: P.LookupRequest | P.LeaseRequest) -> Reader:

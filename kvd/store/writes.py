@@ -4,10 +4,10 @@ Lifecycle of a reservation: ``reserve`` marks each new key pending (before any a
 writer of it) and gives each extent a slot run in the first memory tier the writer maps that has room
 for the whole entry — the GPU pool of the namespace's partition for a writer that maps it (``gpu``),
 else (or when the pool has no room even after evicting) its arena — evicting there if needed
-(``Pipeline.reserve``) → the client copies KV into the slots → ``commit`` checksums them on the CPU
-pool (GPU bytes through pinned staging), decides placement, trims the extents placement keeps only
-in part (capacity mode: copied into a smaller slot run of the arena, ``_trim``), and indexes every
-entry at once, or none if anything fails half-way (the reservation then stays, for its abort or
+(``Pipeline.reserve``) → the client copies KV into the slots → ``commit`` decides placement, trims
+the extents placement keeps only in part (capacity mode: copied into a smaller slot run of the arena,
+``_trim``), checksums what is kept on the CPU pool (GPU bytes through pinned staging), and indexes
+every entry at once, or none if anything fails half-way (the reservation then stays, for its abort or
 expiry) → or ``abort`` frees the slots.
 A reservation belongs to the process that made it: another one cannot commit or abort it.
 """
@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 
 import numpy as np
-import xxhash
 
 from kvd.core import protocol as P
 from kvd.core.config import Settings
@@ -134,14 +133,14 @@ class Writes:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
             trims = [t for e in entries for t in self._place(e)]
+            if trims:  # before the checksums: they are taken of the bytes kept
+                await self._trim(trims)
             if self.settings.host.verify_on_commit:
                 tiers = {lv.name: lv.tier for lv in self.index.memory}
                 sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, tiers, entries)
                 for e, sums in zip(entries, sums_all):
                     for x, c in zip(e.extents.values(), sums):
                         x.checksum = next(iter(x.copies.values())).checksum = c
-            if trims:
-                await self._trim(trims)
             self._insert_all(res, entries)
             done = True
         finally:
@@ -208,23 +207,19 @@ class Writes:
             if new is not None:
                 jobs.append((x, plan, old, new))
 
-        def copy() -> list[int | None]:
-            sums = []
+        def copy() -> None:
             for x, plan, old, new in jobs:
                 p = x.plan
                 src = np.frombuffer(arena.tier.read(old.loc), np.uint8, count=p.nbytes)
                 kept = src.reshape(p.num_segments, 2, p.num_tokens, -1)[:, :, plan.first_token:plan.span[1]]
-                data = np.ascontiguousarray(kept).reshape(-1)
-                arena.tier.write(new, data)
-                sums.append(None if x.checksum is None else xxhash.xxh3_64_intdigest(data))
-            return sums
+                arena.tier.write(new, np.ascontiguousarray(kept).reshape(-1))
 
-        sums = await self.pipeline.on_cpu(copy)
-        for (x, plan, old, new), c in zip(jobs, sums):
+        await self.pipeline.on_cpu(copy)
+        for x, plan, old, new in jobs:
             self.metrics.trimmed_bytes.inc(x.nbytes - plan.nbytes)
             self.pipeline.discard(arena, [old.loc])
-            x.plan, x.checksum = plan, c
-            x.copies[arena.name] = Copy(new, "raw", c)
+            x.plan = plan
+            x.copies[arena.name] = Copy(new, "raw", None)  # its checksum: commit's, of these bytes
 
     def abort(self, req: P.AbortRequest, owner_pid: int | None = None) -> P.CountResponse:
         check_owner(self.holds.reservations.get(req.reservation_id), owner_pid)

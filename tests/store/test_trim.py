@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from kvd.core import protocol as P
-from kvd.core.extents import covers, keep_span
+from kvd.core.extents import covers, keep_span, trimmed_from
 from kvd.core.keys import EXACT
-from kvd.store.readers import trimmed_from
 from tests.store.test_readers import CHUNKS, MODEL, TAG, W64, W1536, head_aware, world
 
 TOKEN = 2 * 64 * 2  # K+V of one head and one token, bf16

@@ -8,7 +8,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kvd.client.views import copy_block, numpy_view
@@ -215,7 +214,7 @@ class StridedCopier:
     def load_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
         stage = self._staging(kv_layer, pieces)
         for src, dst in self._extent_pairs(stage, layer, pieces):
-            _copy(dst, src)
+            copy_block(dst, src, non_blocking=False)
         runs, partial, ids, blocks = self._targets(kv_layer, pieces)
         for src, dst in self._block_pairs(stage, kv_layer if blocks is None else blocks, runs):
             copy_block(dst, src, non_blocking=False)
@@ -235,18 +234,10 @@ class StridedCopier:
         for dst, src in self._block_pairs(stage, kv_layer if blocks is None else blocks, runs):
             copy_block(dst, src, non_blocking=False)
         for dst, src in self._extent_pairs(stage, layer, pieces):
-            _copy(dst, src)
+            copy_block(dst, src, non_blocking=False)
 
 
 MAX_RUNS = 4  # more runs of consecutive blocks than this: stage in block order, then move whole blocks
-
-
-def _copy(dst, src) -> None:
-    """Pass A's copy: numpy arrays on the CPU (``_extent_pairs``), else tensors."""
-    if isinstance(dst, np.ndarray):
-        np.copyto(dst, src, casting="no")
-    else:
-        copy_block(dst, src, non_blocking=False)
 
 
 def _whole_blocks(t: torch.Tensor):
