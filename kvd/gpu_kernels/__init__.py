@@ -1,4 +1,4 @@
-"""Triton kernels of kvd, each beside a plain-torch reference with the same signature (``*_ref``).
+"""Triton kernels of kvd, each with a plain-torch reference of the same signature (``*_ref``).
 
 Imports only torch and triton. The references run anywhere (the CPU backend, tests); the kernels run
 on CUDA GPUs and, for tests, on the CPU under ``TRITON_INTERPRET=1``. Shapes and contracts are in each
@@ -21,8 +21,9 @@ from kvd.gpu_kernels.gather_scatter import (
     scatter_segments_ref,
 )
 from kvd.gpu_kernels.rope_shift import rope_shift, rope_shift_ref
-from kvd.gpu_kernels.segpaged_decode import segpaged_decode, segpaged_decode_ref
-from kvd.gpu_kernels.segpaged_prefill import segpaged_prefill, segpaged_prefill_ref
+from kvd.gpu_kernels.segpaged_decode import segpaged_decode
+from kvd.gpu_kernels.segpaged_prefill import segpaged_prefill
+from kvd.gpu_kernels.segpaged_ref import segpaged_decode_ref, segpaged_prefill_ref
 
 __all__ = [
     "LAYOUTS",

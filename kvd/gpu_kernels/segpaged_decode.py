@@ -16,6 +16,17 @@ query heads share a KV head, as SDPA ``enable_gqa`` and transformers ``repeat_kv
 mask: the page list is the sparsity. A local head's list holds only its sink and window pages, a global
 head's the whole context. An empty list gives zeros (and lse = -inf).
 
+Positions (optional; the transformers adapter's page pool, whose pages are whole columns of positions,
+so a local head's first window page and its sink page also hold tokens the head must not see):
+
+    page_pos      [B * Hkv, max_pages]  int32 position of token 0 of each listed page (as in segpaged_prefill)
+    q_pos         [B]                   int32 position of each request's query
+    sink_tokens   [Hkv], window_tokens [Hkv]   int32 per KV head; window 0 = global
+
+With them a listed key at position p is seen iff p <= q_pos and (global, or p < sink, or
+q_pos - window < p): the prefill kernel's rule for one query. Only the tiles at a list's edges hold
+keys that fail it; a tile or an item whose keys all fail contributes nothing.
+
 Kernel (flash-decoding): each row is cut into work items of ``split_tokens`` tokens; row r owns
 ceil(seq_len_r / split_tokens) consecutive items. A persistent grid of ``programs_per_sm`` programs
 per SM walks the items round-robin, so a batch mixing 128K-token global rows with 640-token local rows
@@ -74,6 +85,15 @@ def _tile_pages(table_row, k0, offs_n, mask_n, PAGE_TOKENS: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _tile_pos(pos_row, k0, offs_n, mask_n, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # positions of listed tokens k0 + offs_n (``page_pos`` of their page plus their slot)
+    if PAGE_TOKENS % BLOCK_N == 0:
+        return tl.load(pos_row + k0 // PAGE_TOKENS) + k0 % PAGE_TOKENS + offs_n
+    kidx = k0 + offs_n
+    return tl.load(pos_row + kidx // PAGE_TOKENS, mask=mask_n, other=0) + kidx % PAGE_TOKENS
+
+
+@triton.jit
 def _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R: tl.constexpr):
     # row -> [first item, first item + n_items): items of one row are consecutive, rows in order
     offs_r = tl.arange(0, BLOCK_R)
@@ -88,16 +108,18 @@ def _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R: tl.constexp
 def _segpaged_decode_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+    pos_ptr, qpos_ptr, sink_ptr, window_ptr,  # read only with HAS_POS
     # sizes
     num_rows, num_kv_heads, max_tokens, split_tokens, qk_scale,
     # strides
     stride_qb, stride_qh,
     stride_kp, stride_kn,
     stride_vp, stride_vn,
-    stride_tr,
+    stride_tr, stride_pr,
     # meta-parameters
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_POS: tl.constexpr,
 ):
     offs_r, lens, n_items, item_end = _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R)
     total_items = tl.sum(n_items, 0)
@@ -127,27 +149,42 @@ def _segpaged_decode_kernel(
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         table_row = table_ptr + row.to(tl.int64) * stride_tr
+        if HAS_POS:
+            pos_row = pos_ptr + row.to(tl.int64) * stride_pr
+            q_at = tl.load(qpos_ptr + b)
+            sink = tl.load(sink_ptr + h)
+            window = tl.load(window_ptr + h)
         for tok0 in range(start, end, BLOCK_N):
             mask_t = tok0 + offs_n < end
             page, in_page = _tile_pages(table_row, tok0, offs_n, mask_t, PAGE_TOKENS, BLOCK_N)
+            seen = mask_t
+            if HAS_POS:  # listed keys are read either way; hidden ones get no weight
+                kpos = _tile_pos(pos_row, tok0, offs_n, mask_t, PAGE_TOKENS, BLOCK_N)
+                seen = seen & (kpos <= q_at) & ((kpos < sink) | (kpos > q_at - window) | (window == 0))
             kv_mask = mask_t[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)
             qk = _mma(q, tl.trans(k), INTERPRET) * qk_scale
-            qk = tl.where(mask_t[None, :], qk, float("-inf"))  # the item's last tile may be partial
-            m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds >= 1 listed token
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
+            qk = tl.where(seen[None, :], qk, float("-inf"))  # the item's last tile may be partial
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite without positions: a tile lists >= 1 token
+            m_ref = m_new
+            if HAS_POS:  # every key of the tiles so far may be hidden: -inf - -inf must not give NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(qk - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, INTERPRET)
             m_i = m_new
 
         # -- partial result of this item: normalised output and log2-sum-exp ------------------
         out_offs = (tl.cast(item, tl.int64) * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :]
-        tl.store(part_out_ptr + out_offs, acc / l_i[:, None], mask=mask_g[:, None] & mask_d[None, :])
-        tl.store(part_lse_ptr + tl.cast(item, tl.int64) * GROUP + offs_g, m_i + tl.log2(l_i), mask=mask_g)
+        seen = l_i > 0.0  # an item whose keys are all hidden: zeros and -inf, which the merge weighs 0
+        tl.store(part_out_ptr + out_offs, acc / tl.where(seen, l_i, 1.0)[:, None],
+                 mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(part_lse_ptr + tl.cast(item, tl.int64) * GROUP + offs_g,
+                 tl.where(seen, m_i + tl.log2(l_i), float("-inf")), mask=mask_g)
 
 
 @triton.jit
@@ -206,7 +243,7 @@ def _segpaged_decode_merge_kernel(
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + head * stride_lh, lse)
 
 
-def _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads):
+def check_decode_args(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads):
     check_ndim("q", q, 3, "[B, Hq, D]")
     check_ndim("k_pool", k_pool, 3, "[num_pages, page_tokens, D]")
     check_dtype("q", q, (torch.bfloat16, torch.float16))
@@ -230,6 +267,22 @@ def _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads):
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
         check_last_dim_contiguous(name, t)
     check_same_device(q=q, k_pool=k_pool, v_pool=v_pool, page_table=page_table, seq_lens=seq_lens)
+
+
+def check_decode_positions(page_table, num_kv_heads, page_pos, q_pos, sink_tokens, window_tokens):
+    """The four position tensors, checked, or None when none is given."""
+    given = {"page_pos": page_pos, "q_pos": q_pos, "sink_tokens": sink_tokens, "window_tokens": window_tokens}
+    if all(t is None for t in given.values()):
+        return None
+    if any(t is None for t in given.values()):
+        raise ValueError(f"positions need all of {sorted(given)}; missing {[n for n, t in given.items() if t is None]}")
+    want = {"page_pos": tuple(page_table.shape), "q_pos": (page_table.shape[0] // num_kv_heads,),
+            "sink_tokens": (num_kv_heads,), "window_tokens": (num_kv_heads,)}
+    for name, t in given.items():
+        if t.dtype != torch.int32 or tuple(t.shape) != want[name]:
+            raise ValueError(f"{name} must be int32 of shape {want[name]}, got {t.dtype} {tuple(t.shape)}")
+        check_same_device(page_table=page_table, **{name: t})
+    return page_pos, q_pos, sink_tokens, window_tokens
 
 
 def default_split_tokens(head_dim: int, dtype_bytes: int = 2) -> int:
@@ -259,6 +312,10 @@ def segpaged_decode(
     split_tokens: int | None = None,
     programs_per_sm: int = 3,
     config: dict | None = None,
+    page_pos: torch.Tensor | None = None,
+    q_pos: torch.Tensor | None = None,
+    sink_tokens: torch.Tensor | None = None,
+    window_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of ``q`` over each (request, KV head)'s page list; see the module docstring.
 
@@ -269,10 +326,13 @@ def segpaged_decode(
         split_tokens: tokens per work item (rounded up to the tile); default 512 KB of K+V.
         programs_per_sm: persistent programs per SM.
         config: ``dict(BLOCK_N, num_warps, num_stages)``; default the first of ``decode_configs()``.
+        page_pos, q_pos, sink_tokens, window_tokens: positions and the head map's visibility, all four
+            or none (module docstring).
     Returns:
         ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
-    _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads)
+    check_decode_args(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads)
+    pos = check_decode_positions(page_table, num_kv_heads, page_pos, q_pos, sink_tokens, window_tokens)
     B, Hq, D = q.shape
     page_tokens = k_pool.shape[1]
     group = Hq // num_kv_heads
@@ -293,12 +353,13 @@ def segpaged_decode(
     grid = (max(1, min(max_items, programs_per_sm * num_sms(q.device))),)
     _segpaged_decode_kernel[grid](
         q, k_pool, v_pool, page_table, seq_lens, part_out, part_lse,
+        *(pos or (page_table,) * 4),  # without positions: any int32 pointer, never read
         rows, num_kv_heads, max_tokens, split, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1),
         v_pool.stride(0), v_pool.stride(1),
-        page_table.stride(0),
-        PAGE_TOKENS=page_tokens, BLOCK_N=block_n, INTERPRET=is_interpreter(),
+        page_table.stride(0), pos[0].stride(0) if pos else 0,
+        PAGE_TOKENS=page_tokens, BLOCK_N=block_n, INTERPRET=is_interpreter(), HAS_POS=pos is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **meta,
     )
     _segpaged_decode_merge_kernel[(rows, group)](
@@ -311,45 +372,4 @@ def segpaged_decode(
     return (out, lse) if return_lse else out
 
 
-def segpaged_decode_ref(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    page_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    scale: float,
-    num_kv_heads: int,
-    return_lse: bool = False,
-    split_tokens: int | None = None,
-    programs_per_sm: int = 3,
-    config: dict | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch SegPagedAttention decode (fp32 math), same signature and result as ``segpaged_decode``.
-
-    Gathers every row's listed tokens into a padded ``[rows, max_tokens, D]`` view, so memory grows with
-    the longest list; ``split_tokens``, ``programs_per_sm`` and ``config`` are accepted and ignored.
-    """
-    _check(q, k_pool, v_pool, page_table, seq_lens, num_kv_heads)
-    B, Hq, D = q.shape
-    page_tokens = k_pool.shape[1]
-    group = Hq // num_kv_heads
-    rows, max_pages = page_table.shape
-    lens = seq_lens.long().clamp(0, max_pages * page_tokens)
-    n_pages = (lens + page_tokens - 1) // page_tokens
-    # entries past a row's pages may hold anything: point them at page 0 and mask their tokens
-    listed = torch.arange(max_pages, device=q.device)[None, :] < n_pages[:, None]
-    pages = torch.where(listed, page_table.long(), 0)
-    k = k_pool[pages].reshape(rows, max_pages * page_tokens, D).float()  # [rows, T, D]
-    v = v_pool[pages].reshape(rows, max_pages * page_tokens, D).float()
-    valid = torch.arange(max_pages * page_tokens, device=q.device)[None, :] < lens[:, None]  # [rows, T]
-    qg = q.float().reshape(B * num_kv_heads, group, D)  # row r = b * Hkv + h holds heads h*G..h*G+G-1
-    scores = torch.einsum("rgd,rtd->rgt", qg, k) * scale
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [rows, G]; -inf for an empty list
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.einsum("rgt,rtd->rgd", probs, v).reshape(B, Hq, D).to(q.dtype)
-    return (out, lse.reshape(B, Hq)) if return_lse else out
-
-
-__all__ = ["decode_configs", "default_split_tokens", "segpaged_decode", "segpaged_decode_ref"]
+__all__ = ["decode_configs", "default_split_tokens", "segpaged_decode"]

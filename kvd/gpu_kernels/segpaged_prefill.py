@@ -222,7 +222,7 @@ def _configs() -> list[dict]:
             for bm, bn, w, s in ((128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))]
 
 
-def _check(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
+def check_prefill_args(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
            window_tokens, num_kv_heads, dtypes=(torch.bfloat16, torch.float16)):
     check_ndim("q", q, 3, "[T, Hq, D]")
     check_ndim("k_pool", k_pool, 3, "[num_pages, page_tokens, D]")
@@ -295,7 +295,7 @@ def segpaged_prefill(
     Returns:
         ``out [T, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
-    _check(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
+    check_prefill_args(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
            window_tokens, num_kv_heads)
     T, Hq, D = q.shape
     group = Hq // num_kv_heads
@@ -321,64 +321,4 @@ def segpaged_prefill(
     return (out, lse) if return_lse else out
 
 
-def segpaged_prefill_ref(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    page_table: torch.Tensor,
-    page_pos: torch.Tensor,
-    seq_lens: torch.Tensor,
-    q_pos: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    sink_tokens: torch.Tensor,
-    window_tokens: torch.Tensor,
-    *,
-    scale: float,
-    num_kv_heads: int,
-    max_seqlen_q: int | None = None,
-    return_lse: bool = False,
-    config: dict | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch prefill (fp32 math, one request at a time), same signature and result as the kernel.
-
-    ``max_seqlen_q`` and ``config`` are accepted and ignored. Unlike the kernel it also takes fp32.
-    """
-    # fp32 is accepted here (not by the kernel): the CPU fidelity path of the transformers adapter runs in fp32
-    _check(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
-           window_tokens, num_kv_heads, dtypes=(torch.bfloat16, torch.float16, torch.float32))
-    T, Hq, D = q.shape
-    group = Hq // num_kv_heads
-    page_tokens = k_pool.shape[1]
-    out = torch.zeros((T, Hq, D), dtype=torch.float32, device=q.device)
-    lse = torch.full((T, Hq), float("-inf"), dtype=torch.float32, device=q.device)
-    cu = cu_seqlens_q.tolist()
-    offs_in_page = torch.arange(page_tokens, device=q.device)
-    for b in range(len(cu) - 1):
-        s0, s1 = cu[b], cu[b + 1]
-        if s1 == s0:
-            continue
-        qpos = q_pos[s0:s1].long()
-        for h in range(num_kv_heads):
-            r = b * num_kv_heads + h
-            n = int(seq_lens[r])
-            n_pages = -(-n // page_tokens)
-            pages = page_table[r, :n_pages].long()
-            k = k_pool[pages].reshape(-1, D)[:n].float()
-            v = v_pool[pages].reshape(-1, D)[:n].float()
-            kpos = (page_pos[r, :n_pages].long()[:, None] + offs_in_page[None, :]).reshape(-1)[:n]
-            visible = kpos[None, :] <= qpos[:, None]
-            window, sink = int(window_tokens[h]), int(sink_tokens[h])
-            if window > 0:
-                visible &= (kpos[None, :] < sink) | (kpos[None, :] > qpos[:, None] - window)
-            heads = slice(h * group, (h + 1) * group)
-            scores = torch.einsum("tgd,kd->tgk", q[s0:s1, heads].float(), k) * scale
-            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-            row_lse = torch.logsumexp(scores, dim=-1)  # [t, G]
-            probs = torch.exp(scores - torch.where(torch.isinf(row_lse), 0.0, row_lse)[..., None])
-            out[s0:s1, heads] = torch.einsum("tgk,kd->tgd", probs, v)
-            lse[s0:s1, heads] = row_lse
-    out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
-
-
-__all__ = ["segpaged_prefill", "segpaged_prefill_ref"]
+__all__ = ["segpaged_prefill"]

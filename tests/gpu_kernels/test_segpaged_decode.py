@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvd.gpu_kernels import segpaged_decode, segpaged_decode_ref
+from kvd.gpu_kernels import segpaged_decode, segpaged_decode_ref, segpaged_prefill_ref
 
 TOL = {torch.bfloat16: dict(atol=3e-2, rtol=2e-2, max_rel_norm=1e-2),
        torch.float16: dict(atol=4e-3, rtol=4e-3, max_rel_norm=2e-3)}
@@ -98,3 +98,66 @@ def test_decode_rejects_bad_shapes():
         segpaged_decode(q, k_pool, v_pool, table[:1], seq_lens, scale=0.1, num_kv_heads=2)
     with pytest.raises(ValueError, match="k_pool"):
         segpaged_decode(q, k_pool.float(), v_pool, table, seq_lens, scale=0.1, num_kv_heads=2)
+
+
+# ---- positions: the page pool's lists, whose edge pages hold keys a local head must not see ----------
+
+def _positioned(dtype, seed):
+    """B=2, Hkv=3, N=16: head 0 global (whole context), head 1 local (sink 4, window 20), head 2 local
+    with sink 0 whose listed column-0 page is wholly hidden (an item with no visible key). Each row
+    lists page columns as the pool does after trimming: column 0, then the window's columns."""
+    N, D, Hkv, G, B = 16, 64, 3, 3, 2
+    q_pos = torch.tensor([190, 100], dtype=torch.int32)
+    cols = {0: lambda at: list(range(at // N + 1)),
+            1: lambda at: [0, *range((at - 20 + 1) // N, at // N + 1)],
+            2: lambda at: [0, *range((at - 20 + 1) // N, at // N + 1)]}
+    lists = [[c * N for c in cols[h](int(q_pos[b]))] for b in range(B) for h in range(Hkv)]
+    width = max(len(x) for x in lists)
+    g = torch.Generator().manual_seed(seed)
+    num_pages = sum(len(x) for x in lists) + 2
+    ids = torch.randperm(num_pages, generator=g).int()
+    table = torch.zeros(B * Hkv, width, dtype=torch.int32)
+    page_pos = torch.zeros(B * Hkv, width, dtype=torch.int32)
+    lens = torch.zeros(B * Hkv, dtype=torch.int32)
+    used = 0
+    for r, starts in enumerate(lists):
+        table[r, :len(starts)] = ids[used:used + len(starts)]
+        page_pos[r, :len(starts)] = torch.tensor(starts, dtype=torch.int32)
+        lens[r] = (len(starts) - 1) * N + int(q_pos[r // Hkv]) % N + 1  # the last page ends at the query
+        used += len(starts)
+    q = torch.randn(B, Hkv * G, D, generator=g).to(dtype)
+    k_pool = torch.randn(num_pages, N, D, generator=g).to(dtype)
+    v_pool = torch.randn(num_pages, N, D, generator=g).to(dtype)
+    pos = dict(page_pos=page_pos, q_pos=q_pos, sink_tokens=torch.tensor([0, 4, 0], dtype=torch.int32),
+               window_tokens=torch.tensor([0, 20, 20], dtype=torch.int32))
+    return q, k_pool, v_pool, table, lens, pos
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("split", [16, 64])
+def test_decode_with_positions_matches_reference_and_prefill_rule(dtype, split, poison, close):
+    q, k_pool, v_pool, table, lens, pos = _positioned(dtype, seed=5)
+    kw = dict(scale=0.125, num_kv_heads=3, return_lse=True)
+    out, lse = segpaged_decode(q, k_pool, v_pool, table, lens, split_tokens=split, **kw, **pos)
+    ref, ref_lse = segpaged_decode_ref(q, k_pool, v_pool, table, lens, **kw, **pos)
+    close("out", out, ref, **TOL[dtype])
+    close("lse", lse, ref_lse, atol=1e-4, rtol=1e-5)
+    # the decode reference's rule is the prefill reference's for one query per request
+    cu = torch.arange(3, dtype=torch.int32)
+    pre, pre_lse = segpaged_prefill_ref(q, k_pool, v_pool, table, pos["page_pos"], lens, pos["q_pos"], cu,
+                                        pos["sink_tokens"], pos["window_tokens"], **kw)
+    close("ref vs prefill rule", ref, pre, **TOL[dtype])
+    close("ref lse vs prefill rule", ref_lse, pre_lse, atol=1e-4, rtol=1e-5)
+    # and the hidden keys matter: without positions the answer differs on the local heads only
+    plain = segpaged_decode_ref(q, k_pool, v_pool, table, lens, scale=0.125, num_kv_heads=3)
+    assert torch.equal(plain[:, :3], ref[:, :3])
+    assert (plain[:, 3:] - ref[:, 3:]).abs().max() > 0.1
+
+
+def test_decode_with_positions_needs_all_four():
+    q, k_pool, v_pool, table, lens, pos = _positioned(torch.bfloat16, seed=6)
+    with pytest.raises(ValueError, match="missing.*window_tokens"):
+        segpaged_decode(q, k_pool, v_pool, table, lens, scale=0.1, num_kv_heads=3,
+                        **{k: v for k, v in pos.items() if k != "window_tokens"})
+    with pytest.raises(ValueError, match="q_pos must be int32 of shape"):
+        segpaged_decode(q, k_pool, v_pool, table, lens, scale=0.1, num_kv_heads=3, **{**pos, "q_pos": pos["q_pos"][:1]})

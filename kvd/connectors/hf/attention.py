@@ -1,7 +1,7 @@
 """Attention of the transformers adapter: SegPagedAttention over the page pool, registered as ``"kvd"``.
 
-Which kernel: the Triton kernels of ``kvd.gpu_kernels`` on a CUDA device in bf16/fp16, their plain-torch
-references otherwise (the CPU; fp32). Visibility is decided by positions, exactly as the masked
+Which kernel: the Triton kernels of ``kvd.gpu_kernels`` on a CUDA device in bf16/fp16 (``segpaged_decode``
+for one-token steps, ``segpaged_prefill`` otherwise), their plain-torch references otherwise (the CPU; fp32). Visibility is decided by positions, exactly as the masked
 reference (``kvd.calibrate.masked_attention``) defines a head map: global heads see every earlier key, local
 heads ``[0, sink) ∪ (i - window, i]``. Pages a local head has dropped can only hold keys it could not
 see, so reading page lists gives the same result as masking the whole KV.
@@ -59,6 +59,21 @@ def paged_attention(pool: PagePool, layer: int, q: torch.Tensor, q_pos: torch.Te
     fn = segpaged_prefill if use_triton(q) else segpaged_prefill_ref
     return fn(q, pool.k, pool.v, table, ppos, lens, q_pos, cu_seqlens, sink, window, scale=scale,
               num_kv_heads=num_kv_heads, max_seqlen_q=max_seqlen_q)
+
+
+def decode_attention(pool: PagePool, layer: int, q: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """One decode step through ``segpaged_decode``: ``q [B, Hq, D]`` at position ``pos`` (every request)
+    over the layer's page lists; returns ``[B, Hq, D]``. The flash-decoding kernel splits long global
+    rows across the GPU, where the prefill kernel gives one program per (request, KV head) to a single
+    query. The pool's pages are whole position columns, so the list's edge pages hold keys a local head
+    must not see: the kernel is given the positions and applies the head's sink and window to them."""
+    from kvd.gpu_kernels import segpaged_decode
+
+    lst = pool.listing(layer)
+    q_pos = torch.full((pool.batch_size,), pos, dtype=torch.int32, device=q.device)
+    return segpaged_decode(q, pool.k, pool.v, lst.page_table, lst.seq_lens, scale=scale,
+                           num_kv_heads=pool.num_kv_heads, page_pos=lst.page_pos, q_pos=q_pos,
+                           sink_tokens=lst.sink, window_tokens=lst.window)
 
 
 def decode_attention_cpu(pool: PagePool, layer: int, q: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
@@ -195,13 +210,13 @@ def kvd_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     q_pos = torch.arange(start, start + q_len, dtype=torch.int32, device=q.device).repeat(B)
     cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * q_len
     scale = scaling if scaling is not None else head_dim ** -0.5
-    if q_len == 1 and not use_triton(q):
-        out = decode_attention_cpu(pool, layer, q, start, scale)
+    if q_len == 1:
+        out = (decode_attention if use_triton(q) else decode_attention_cpu)(pool, layer, q, start, scale)
     else:
         out = paged_attention(pool, layer, q, q_pos, cu, scale, max_seqlen_q=q_len)
     pool.trim(layer)
     return out.view(B, q_len, num_q_heads, head_dim), None
 
 
-__all__ = ["ATTN_NAME", "decode_attention_cpu", "dense_causal_attention", "kvd_attention", "paged_attention", "sparse_query_attention",
+__all__ = ["ATTN_NAME", "decode_attention", "decode_attention_cpu", "dense_causal_attention", "kvd_attention", "paged_attention", "sparse_query_attention",
            "use_triton", "windowed_attention"]
