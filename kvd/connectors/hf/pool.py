@@ -59,9 +59,12 @@ class PagePool:
         self.v = torch.empty_like(self.k)
         self._free = torch.arange(initial_pages - 1, -1, -1, device="cpu")  # a stack: pop from the end
         self._num_free = initial_pages
+        self._pending: list[torch.Tensor] = []  # freed page ids still on the device (see _release)
         self.tables = [torch.full((self.rows, 0), -1, dtype=torch.long, device=self.device)
                        for _ in range(head_map.num_layers)]
         self.num_tokens = [0] * head_map.num_layers  # positions [0, num_tokens) written per layer
+        # per layer and KV head: the first column after the sink that trim has not freed yet
+        self._low = [[0] * self.num_kv_heads for _ in range(head_map.num_layers)]
         self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
         # Called as on_trim(layer, rows, cols, page_ids) before trim frees those pages (their bytes are
         # still in k/v then): the Lil guard's host stash (kvd.connectors.hf.restore) keeps them.
@@ -73,6 +76,7 @@ class PagePool:
         head_map.check_fits(len(self.tables), self.num_kv_heads)
         self.head_map = head_map
         self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
+        self._low = [[0] * self.num_kv_heads for _ in range(head_map.num_layers)]
 
     def _head_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         sink = torch.tensor(self.head_map.sinks[layer], dtype=torch.int32, device=self.device)
@@ -87,6 +91,7 @@ class PagePool:
 
     @property
     def pages_in_use(self) -> int:
+        self._collect()
         return self.num_pages - self._num_free
 
     def kv_bytes(self) -> int:
@@ -106,17 +111,39 @@ class PagePool:
         self._free = torch.cat([added, self._free[: self._num_free]])
         self._num_free += new - old
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the pool's device without waiting for the GPU (pinned, non-blocking copy)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _allocate(self, n: int) -> torch.Tensor:
+        if n > self._num_free:
+            self._collect()
         if n > self._num_free:
             self._grow(n - self._num_free)
         ids = self._free[self._num_free - n : self._num_free].flip(0)
         self._num_free -= n
-        return ids.to(self.device)
+        return self._to_device(ids)
 
     def _release(self, ids: torch.Tensor) -> None:
+        """Give pages back. On a GPU the ids stay there until pages are short (``_collect``): reading
+        them now would wait for every queued kernel, once per layer per decode step. Ids < 0 (no
+        page) are skipped."""
         if ids.numel() == 0:
             return
-        ids = ids.to("cpu")
+        if ids.device.type == "cuda":
+            self._pending.append(ids)
+            return
+        self._push(ids)
+
+    def _collect(self) -> None:
+        if self._pending:
+            ids, self._pending = torch.cat(self._pending), []
+            self._push(ids.cpu())
+
+    def _push(self, ids: torch.Tensor) -> None:
+        ids = ids[ids >= 0].to("cpu")
         end = self._num_free + ids.numel()
         if end > self._free.numel():
             self._free = torch.cat([self._free, torch.empty(end - self._free.numel(), dtype=torch.long)])
@@ -125,6 +152,7 @@ class PagePool:
 
     def reserve(self, num_tokens: int) -> None:
         """Make room for ``num_tokens`` more tokens in every row of every layer (one growth, not many)."""
+        self._collect()
         per_layer = self.rows * (-(-num_tokens // self.page_tokens) + 1)
         need = per_layer * len(self.tables) - self._num_free
         if need > 0:
@@ -176,6 +204,7 @@ class PagePool:
         if rows.numel() == 0:
             return
         rows, cols = rows.to(self.device), cols.to(self.device)
+        self._low[layer] = [0] * self.num_kv_heads  # trim looks at every column again
         table = self._ensure_columns(layer, (int(cols.max()) + 1) * self.page_tokens)
         if bool((table[rows, cols] >= 0).any()):
             raise ValueError(f"layer {layer}: put_pages over pages the pool still holds")
@@ -185,39 +214,68 @@ class PagePool:
         self.v[ids] = v.to(device=self.device, dtype=self.dtype)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Append ``k``/``v [rows, T, D]`` at the end of the layer; returns the first new position."""
-        start = self.num_tokens[layer]
-        positions = torch.arange(start, start + k.shape[1], device=self.device)
-        self.write(layer, k, v, positions)
+        """Append ``k``/``v [rows, T, D]`` at the end of the layer; returns the first new position.
+
+        Without a host sync (a decode step appends once per layer): every write covers all rows and
+        the column holding the newest position is never trimmed, so the only pages to allocate are
+        those of new columns, known on the host. A layer whose columns run past its tokens (not made
+        by appends) takes ``write``'s general path."""
+        start, n, N = self.num_tokens[layer], k.shape[1], self.page_tokens
+        table = self.tables[layer]
+        if n == 0:
+            return start
+        if table.shape[1] != -(-start // N):
+            self.write(layer, k, v, torch.arange(start, start + n, device=self.device))
+            return start
+        new = -(-(start + n) // N) - table.shape[1]
+        if new > 0:
+            table = self.tables[layer] = torch.cat([table, self._allocate(self.rows * new).view(self.rows, new)], 1)
+        positions = torch.arange(start, start + n, device=self.device)
+        flat = (table[:, positions // N] * N + positions % N).reshape(-1)
+        d = self.head_dim
+        self.k.view(-1, d).index_copy_(0, flat, k.reshape(-1, d).to(self.dtype))
+        self.v.view(-1, d).index_copy_(0, flat, v.reshape(-1, d).to(self.dtype))
+        self.num_tokens[layer] = start + n
         return start
 
     def trim(self, layer: int, next_pos: int | None = None) -> int:
         """Free the local heads' pages no query at ``>= next_pos`` (default: the end) can see; returns
-        the number of pages freed."""
+        the number of (row, column) places dropped.
+
+        Decided on the host: a local head's dead columns are those from its sink's end up to the
+        window's start (module docstring), of which the ones below ``_low`` are gone already; so a step
+        that crosses no page boundary costs nothing here, and one that does queues its work on the GPU
+        without waiting for it."""
         nxt = self.num_tokens[layer] if next_pos is None else next_pos
-        table = self.tables[layer]
-        if table.shape[1] == 0:
+        width, N, low = self.tables[layer].shape[1], self.page_tokens, self._low[layer]
+        rows: list[int] = []
+        cols: list[int] = []
+        for h, (sink, window) in enumerate(zip(self.head_map.sinks[layer], self.head_map.windows[layer])):
+            lo, hi = max(low[h], -(-sink // N)), min(width, (nxt - window + 1) // N)
+            if window <= 0 or hi <= lo:
+                continue
+            low[h] = hi
+            for b in range(self.batch_size):
+                rows += [b * self.num_kv_heads + h] * (hi - lo)
+                cols += range(lo, hi)
+        if not rows:
             return 0
-        sink, window = self._heads[layer]
-        sink_r = sink.long().repeat(self.batch_size)[:, None]  # [rows, 1]
-        window_r = window.long().repeat(self.batch_size)[:, None]
-        first = torch.arange(table.shape[1], device=self.device)[None, :] * self.page_tokens
-        last = first + self.page_tokens - 1
-        dead = (window_r > 0) & (first >= sink_r) & (last <= nxt - window_r) & (table >= 0)
-        n = int(dead.sum())
-        if n:
-            if self.on_trim is not None:
-                rows, cols = dead.nonzero(as_tuple=True)
-                self.on_trim(layer, rows, cols, table[rows, cols])
-            self._release(table[dead])
-            table[dead] = -1
-        return n
+        table = self.tables[layer]
+        r, c = self._to_device(torch.tensor(rows)), self._to_device(torch.tensor(cols))
+        ids = table[r, c]
+        if self.on_trim is not None:  # only real pages (a place put_pages left empty holds -1)
+            held = ids >= 0
+            self.on_trim(layer, r[held], c[held], ids[held])
+        self._release(ids)
+        table[r, c] = -1
+        return len(rows)
 
     def clear(self) -> None:
         for layer, table in enumerate(self.tables):
             self._release(table[table >= 0])
             self.tables[layer] = table[:, :0]
             self.num_tokens[layer] = 0
+            self._low[layer] = [0] * self.num_kv_heads
 
     # ---- reads -------------------------------------------------------------------------------------
 
@@ -233,9 +291,9 @@ class PagePool:
             return Listing(empty, empty, torch.zeros(self.rows, dtype=torch.int32, device=self.device), sink, window)
         # the last column holds the newest position and is never dropped, so each row's list ends
         # with the only partial page
+        # every column stays in the list's width (rows list their pages first, the rest is never
+        # read past seq_lens): cutting it to the longest row would read that length on the host
         order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-        width = max(1, int(n_pages.max()))
-        order = order[:, :width]
         page_table = table.gather(1, order).clamp_min(0).to(torch.int32)
         page_pos = (order * self.page_tokens).to(torch.int32)
         tail = n_tok - (table.shape[1] - 1) * self.page_tokens  # tokens in the last column
