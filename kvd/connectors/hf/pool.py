@@ -22,7 +22,7 @@ page ids stay valid. Which heads are local, and their sinks and windows, come fr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,6 +65,8 @@ class PagePool:
         self.num_tokens = [0] * head_map.num_layers  # positions [0, num_tokens) written per layer
         # per layer and KV head: the first column after the sink that trim has not freed yet
         self._low = [[0] * self.num_kv_heads for _ in range(head_map.num_layers)]
+        # per layer: (num_tokens, Listing) of the last listing, until a page is added or dropped
+        self._listed: list[tuple[int, Listing] | None] = [None] * head_map.num_layers
         self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
         # Called as on_trim(layer, rows, cols, page_ids) before trim frees those pages (their bytes are
         # still in k/v then): the Lil guard's host stash (kvd.connectors.hf.restore) keeps them.
@@ -77,6 +79,7 @@ class PagePool:
         self.head_map = head_map
         self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
         self._low = [[0] * self.num_kv_heads for _ in range(head_map.num_layers)]
+        self._listed = [None] * head_map.num_layers
 
     def _head_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         sink = torch.tensor(self.head_map.sinks[layer], dtype=torch.int32, device=self.device)
@@ -170,6 +173,7 @@ class PagePool:
 
     def slots(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot ids ``[len(rows), len(positions)]`` into ``k.view(-1, D)``, allocating missing pages."""
+        self._listed[layer] = None
         end = int(positions.max()) + 1
         table = self._ensure_columns(layer, end)
         cols = torch.unique(positions // self.page_tokens)
@@ -205,6 +209,7 @@ class PagePool:
             return
         rows, cols = rows.to(self.device), cols.to(self.device)
         self._low[layer] = [0] * self.num_kv_heads  # trim looks at every column again
+        self._listed[layer] = None
         table = self._ensure_columns(layer, (int(cols.max()) + 1) * self.page_tokens)
         if bool((table[rows, cols] >= 0).any()):
             raise ValueError(f"layer {layer}: put_pages over pages the pool still holds")
@@ -230,6 +235,7 @@ class PagePool:
         new = -(-(start + n) // N) - table.shape[1]
         if new > 0:
             table = self.tables[layer] = torch.cat([table, self._allocate(self.rows * new).view(self.rows, new)], 1)
+            self._listed[layer] = None
         positions = torch.arange(start, start + n, device=self.device)
         flat = (table[:, positions // N] * N + positions % N).reshape(-1)
         d = self.head_dim
@@ -268,6 +274,7 @@ class PagePool:
             self.on_trim(layer, r[held], c[held], ids[held])
         self._release(ids)
         table[r, c] = -1
+        self._listed[layer] = None
         return len(rows)
 
     def clear(self) -> None:
@@ -276,11 +283,23 @@ class PagePool:
             self.tables[layer] = table[:, :0]
             self.num_tokens[layer] = 0
             self._low[layer] = [0] * self.num_kv_heads
+            self._listed[layer] = None
 
     # ---- reads -------------------------------------------------------------------------------------
 
     def listing(self, layer: int) -> Listing:
-        """The layer's page lists for the kernels: listed pages first, ascending by position."""
+        """The layer's page lists for the kernels: listed pages first, ascending by position. Until a
+        page is added or dropped only the lengths change (every row's last page takes the new tokens):
+        a decode step then costs one addition here instead of a sort."""
+        n_tok = self.num_tokens[layer]
+        last = self._listed[layer]
+        if last is not None:
+            return last[1] if last[0] == n_tok else replace(last[1], seq_lens=last[1].seq_lens + (n_tok - last[0]))
+        lst = self._list(layer)
+        self._listed[layer] = (n_tok, lst)
+        return lst
+
+    def _list(self, layer: int) -> Listing:
         table = self.tables[layer]
         sink, window = self._heads[layer]
         n_tok = self.num_tokens[layer]

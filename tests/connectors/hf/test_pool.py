@@ -1,5 +1,6 @@
-"""The page pool's bookkeeping decided on the host (appends and trims that never read the GPU) holds
-exactly the pages the visibility rule keeps, step after step, against a brute-force recount."""
+"""The page pool's bookkeeping decided on the host (appends and trims that never read the GPU, listings
+kept between steps) holds exactly the pages the visibility rule keeps, step after step, against a
+brute-force recount and a listing rebuilt from the table."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def _expected_columns(num_tokens: int, sink: int, window: int, n: int) -> set[in
     return keep
 
 
+def _same_listing(pool: PagePool) -> None:
+    """The listing kept from an earlier step (lengths moved on) equals one built from the table now."""
+    kept, fresh = pool.listing(0), pool._list(0)
+    for name in ("page_table", "page_pos", "seq_lens"):
+        assert torch.equal(getattr(kept, name), getattr(fresh, name)), name
+
+
 def test_appends_and_trims_keep_exactly_the_visible_pages():
     rnd = random.Random(0)
     n = 8
@@ -38,7 +46,9 @@ def test_appends_and_trims_keep_exactly_the_visible_pages():
         start = pool.append(0, k, k + 1)
         kk, vv = pool.read(0, torch.arange(start, start + t))  # read back through the pages the host allocated
         assert torch.equal(kk, k) and torch.equal(vv, k + 1)
+        _same_listing(pool)
         pool.trim(0)
+        _same_listing(pool)
         end = pool.num_tokens[0]
         assert start + t == end
         held = pool.tables[0] >= 0
