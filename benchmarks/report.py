@@ -148,6 +148,19 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
         ("nvml_series_present", key("nvml_series_present"), "true", lambda v: v is True),
         ("bytes_verified", key("bytes_verified"), "true", lambda v: v is True),
     ]),
+    ("hf_decode", "transformers adapter decode (issue 17)", "SmolLM2-135M shape with random bf16 weights, the "
+     "shipped head map, eager decode steps of 16 requests (other batches in the JSON); kvd = segpaged_decode over "
+     "the page pool, sdpa = the faster of transformers' StaticCache and DynamicCache paths", [
+        ("gate_passed (fp16: decode vs prefill kernel, a no-positions control must fail)", key("gate_passed"),
+         "true", lambda v: v is True),
+        ("gate_rel_err_vs_prefill_kernel", key("gate_rel_err_vs_prefill_kernel"), "≤ 5e-3", at_most(5e-3)),
+        ("gate_negative_control_rel_err", key("gate_negative_control_rel_err"), "> 5e-3", lambda v: v > 5e-3),
+        ("decode_tokens_per_s_kvd_8k", key("decode_tokens_per_s_kvd_8k"), "report", None),
+        ("decode_tokens_per_s_sdpa_8k", key("decode_tokens_per_s_sdpa_8k"), "report", None),
+        ("decode_tokens_per_s_kvd_32k", key("decode_tokens_per_s_kvd_32k"), "report", None),
+        ("decode_tokens_per_s_sdpa_32k", key("decode_tokens_per_s_sdpa_32k"), "report", None),
+        ("kvd / sdpa at 32K", key("decode_speedup_vs_sdpa_32k"), "report", None),
+    ]),
     ("vllm_copier", "vLLM connector's copy into vLLM's CPU blocks (issue 17)", "A 4,096-token SmolLM2 load (94 MB, "
      "16 entries x 7 extents) through the connector's StridedCopier over all 30 layers, no engine, one thread; "
      "every block checked through the layout's index map before timing", [

@@ -208,12 +208,12 @@ def kvd_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     if layer == 0:  # one mask for every layer of a forward: checked once (the check reads it on the host)
         _check_no_padding(attention_mask, q_len)
     q = query.transpose(1, 2).reshape(B * q_len, num_q_heads, head_dim).contiguous()
-    q_pos = torch.arange(start, start + q_len, dtype=torch.int32, device=q.device).repeat(B)
-    cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * q_len
     scale = scaling if scaling is not None else head_dim ** -0.5
     if q_len == 1:
         out = (decode_attention if use_triton(q) else decode_attention_cpu)(pool, layer, q, start, scale)
     else:
+        q_pos = torch.arange(start, start + q_len, dtype=torch.int32, device=q.device).repeat(B)
+        cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * q_len
         out = paged_attention(pool, layer, q, q_pos, cu, scale, max_seqlen_q=q_len)
     pool.trim(layer)
     return out.view(B, q_len, num_q_heads, head_dim), None

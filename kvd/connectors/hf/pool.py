@@ -236,8 +236,11 @@ class PagePool:
         if new > 0:
             table = self.tables[layer] = torch.cat([table, self._allocate(self.rows * new).view(self.rows, new)], 1)
             self._listed[layer] = None
-        positions = torch.arange(start, start + n, device=self.device)
-        flat = (table[:, positions // N] * N + positions % N).reshape(-1)
+        if n == 1:  # a decode step: one column, known here
+            flat = table[:, start // N] * N + start % N
+        else:
+            positions = torch.arange(start, start + n, device=self.device)
+            flat = (table[:, positions // N] * N + positions % N).reshape(-1)
         d = self.head_dim
         self.k.view(-1, d).index_copy_(0, flat, k.reshape(-1, d).to(self.dtype))
         self.v.view(-1, d).index_copy_(0, flat, v.reshape(-1, d).to(self.dtype))
