@@ -37,25 +37,11 @@ def copy_block(dst, src, *, non_blocking: bool = True) -> None:
     import numpy as np
 
     if isinstance(dst, np.ndarray):  # numpy views already (kvd.connectors.vllm.strided's pass A)
-        np.copyto(*_as_rows(dst, src), casting="no")
+        np.copyto(dst, src, casting="no")
     elif dst.device.type == "cpu" and src.device.type == "cpu":
-        np.copyto(*_as_rows(numpy_view(dst), numpy_view(src)), casting="no")
+        np.copyto(numpy_view(dst), numpy_view(src), casting="no")
     else:
         dst.copy_(src, non_blocking=non_blocking)
-
-
-def _as_rows(dst, src):
-    """``dst, src`` with their last axis as one opaque element each, when it is contiguous in both.
-    numpy's strided copy costs about 15 ns per inner loop; a row of ``D`` elements as one element
-    moves that loop one axis out. SGLang's page layouts interleave layers inside tokens, so every copy
-    between them and kvd's ``[L, H, 2, T, D]`` extents is one 128-byte row at a time (SmolLM2): 64 pages
-    14.2 -> 12.4 ms (pool -> extents) and 12.6 -> 10.6 ms (extents -> pool) on one thread here."""
-    import numpy as np
-
-    if dst.ndim == 0 or dst.shape[-1] < 2 or dst.strides[-1] != dst.itemsize or src.strides[-1] != src.itemsize:
-        return dst, src
-    row = np.dtype((np.void, dst.shape[-1] * dst.itemsize))
-    return dst.view(row)[..., 0], src.view(row)[..., 0]
 
 
 def extent_to_kv_views(plan: ExtentPlan, extent, kv, s0: int, num_tokens: int | None = None):
