@@ -67,6 +67,7 @@ class PagePool:
         self._low = [[0] * self.num_kv_heads for _ in range(head_map.num_layers)]
         # per layer: (num_tokens, Listing) of the last listing, until a page is added or dropped
         self._listed: list[tuple[int, Listing] | None] = [None] * head_map.num_layers
+        self._ragged = [False] * head_map.num_layers  # written for some rows only (then append takes write's path)
         self._heads = [self._head_tensors(layer) for layer in range(head_map.num_layers)]
         # Called as on_trim(layer, rows, cols, page_ids) before trim frees those pages (their bytes are
         # still in k/v then): the Lil guard's host stash (kvd.connectors.hf.restore) keeps them.
@@ -192,6 +193,8 @@ class PagePool:
 
         Pages are allocated as needed; existing tokens at those positions are overwritten.
         """
+        if rows is not None and rows.numel() != self.rows:
+            self._ragged[layer] = True  # some rows may lack a page others have: appends check the table
         rows = torch.arange(self.rows, device=self.device) if rows is None else rows.to(self.device)
         positions = positions.to(self.device)
         if positions.numel() == 0 or rows.numel() == 0:
@@ -229,7 +232,7 @@ class PagePool:
         table = self.tables[layer]
         if n == 0:
             return start
-        if table.shape[1] != -(-start // N):
+        if table.shape[1] != -(-start // N) or self._ragged[layer]:
             self.write(layer, k, v, torch.arange(start, start + n, device=self.device))
             return start
         new = -(-(start + n) // N) - table.shape[1]
@@ -287,6 +290,7 @@ class PagePool:
             self.num_tokens[layer] = 0
             self._low[layer] = [0] * self.num_kv_heads
             self._listed[layer] = None
+            self._ragged[layer] = False
 
     # ---- reads -------------------------------------------------------------------------------------
 

@@ -57,3 +57,17 @@ def test_appends_and_trims_keep_exactly_the_visible_pages():
             got = {j for j in range(held.shape[1]) if held[r, j]}
             assert got == _expected_columns(end, sink, window, n), (r, end)
     assert pool.pages_in_use == int(held.sum())
+
+
+def test_append_after_a_write_of_some_rows_only_allocates_what_is_missing():
+    """A write that covers some rows leaves the others without the column's page; appends then take
+    the general path, which finds and allocates the missing pages (the fast path would index -1)."""
+    heads = [[HeadSpec(head_class="global"), HeadSpec(head_class="global")]]
+    pool = PagePool(HeadMap(model="pool-test", num_layers=1, num_kv_heads=2, heads=heads), head_dim=4,
+                    dtype=torch.float32, device="cpu", page_tokens=8)
+    pool.write(0, torch.ones(1, 5, 4), torch.ones(1, 5, 4), torch.arange(5), rows=torch.tensor([0]))
+    k = torch.randn(2, 1, 4)
+    start = pool.append(0, k, k + 1)
+    assert start == 5 and bool((pool.tables[0][:, 0] >= 0).all())
+    kk, vv = pool.read(0, torch.tensor([5]))
+    assert torch.equal(kk, k) and torch.equal(vv, k + 1)
