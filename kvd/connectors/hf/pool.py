@@ -15,14 +15,14 @@ Worked example (N 16, sink 4, window 32, next query 100): columns 1..3 (position
 column 4 (64..79) stays because 79 > 68; column 0 stays for the sink. The row lists 0, 4, 5, 6.
 
 Growth: when the free list runs out, the pool tensors are reallocated at twice the size and copied;
-page ids stay valid.
+page ids stay valid. Which heads are local, and their sinks and windows, come from the cache's
+``kvd.core.headmap.HeadMap`` (its ``sinks``/``windows`` grids, window 0 = global).
 
 No host syncs on the decode path: a decode step appends and trims once per layer, so both decide on
 the host (``append`` allocates only new columns' pages; ``trim`` knows each head's dead columns from
 its sink, window and how far it has trimmed), freed ids wait on the device until pages run short,
 and a layer's listing is kept until a page is added or dropped. Measured on an H100 (SmolLM2 shape):
-a step fell from 55-58 ms to 36-46 ms (docs/kernels.md). Which heads are local, and their sinks and windows, come from the cache's
-``kvd.core.headmap.HeadMap`` (its ``sinks``/``windows`` grids, window 0 = global).
+a step fell from 55-58 ms to 36-46 ms (docs/kernels.md).
 """
 
 from __future__ import annotations
