@@ -184,7 +184,7 @@ def _segpaged_decode_kernel(
         tl.store(part_out_ptr + out_offs, acc / tl.where(seen, l_i, 1.0)[:, None],
                  mask=mask_g[:, None] & mask_d[None, :])
         tl.store(part_lse_ptr + tl.cast(item, tl.int64) * GROUP + offs_g,
-                 tl.where(seen, m_i + tl.log2(l_i), float("-inf")), mask=mask_g)
+                 tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")), mask=mask_g)
 
 
 @triton.jit

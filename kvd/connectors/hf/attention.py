@@ -1,7 +1,8 @@
 """Attention of the transformers adapter: SegPagedAttention over the page pool, registered as ``"kvd"``.
 
-Which kernel: the Triton kernels of ``kvd.gpu_kernels`` on a CUDA device in bf16/fp16 (``segpaged_decode``
-for one-token steps, ``segpaged_prefill`` otherwise), their plain-torch references otherwise (the CPU; fp32). Visibility is decided by positions, exactly as the masked
+Which kernel: the Triton kernels of ``kvd.gpu_kernels`` on a CUDA device in bf16/fp16
+(``segpaged_decode`` for one-token steps, ``segpaged_prefill`` otherwise), their plain-torch
+references otherwise (the CPU; fp32). Visibility is decided by positions, exactly as the masked
 reference (``kvd.calibrate.masked_attention``) defines a head map: global heads see every earlier key, local
 heads ``[0, sink) ∪ (i - window, i]``. Pages a local head has dropped can only hold keys it could not
 see, so reading page lists gives the same result as masking the whole KV.
