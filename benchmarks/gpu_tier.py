@@ -62,6 +62,7 @@ from kvd.client.transfer import open_lease, reserve  # noqa: E402
 from kvd.core import protocol as P  # noqa: E402
 from kvd.core.headmap import HeadMap  # noqa: E402
 from kvd.core.keys import ModelSpec  # noqa: E402
+from kvd.testing.models import random_llama  # noqa: E402
 
 CHUNK, BLOCK, LAYOUT = 256, 16, "LBNHC"
 NAMESPACE = "bench"
@@ -199,21 +200,9 @@ def engine_store(sock: str, s: Shape, device, pools: GpuPools, use_triton: bool)
 
 
 def build_model(s: Shape, device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-                      num_hidden_layers=s.layers, num_attention_heads=s.q_heads, num_key_value_heads=s.kv_heads,
-                      head_dim=s.head_dim, max_position_embeddings=max(8192, 2 * s.tokens), rope_theta=500000.0,
-                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
+    return random_llama(device, seed=0, vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                        num_hidden_layers=s.layers, num_attention_heads=s.q_heads, num_key_value_heads=s.kv_heads,
+                        head_dim=s.head_dim, max_position_embeddings=max(8192, 2 * s.tokens), rope_theta=500000.0)
 
 
 class Engine:

@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from kvd.connectors.hf import attention as hf_attention  # noqa: E402
 from kvd.connectors.hf import cache as hf  # noqa: E402
 from kvd.core.headmap import HeadMap  # noqa: E402
+from kvd.testing.models import random_llama  # noqa: E402
 
 HEAD_MAP = ROOT / "kvd/data/heads/smollm2-135m.json"
 GATE_TOKENS, GATE_STEPS = 2048, 4
@@ -72,20 +73,9 @@ def log(msg: str) -> None:
 
 
 def build_model(device, max_pos: int, dtype=torch.bfloat16):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                      max_position_embeddings=max_pos, tie_word_embeddings=True, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
+    return random_llama(device, dtype=dtype, seed=0, vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                        rope_theta=100000.0, max_position_embeddings=max_pos, tie_word_embeddings=True)
 
 
 def sync(device) -> None:

@@ -48,6 +48,7 @@ from kvd.connectors.hf.reuse import chunk_key, compute_chunk, reuse_request  # n
 from kvd.core.headmap import HeadMap  # noqa: E402
 from kvd.reuse.chunks import LocalChunkStore  # noqa: E402
 from kvd.reuse.plan import BENCH_METHODS, Segment, method_config  # noqa: E402
+from kvd.testing.models import random_llama  # noqa: E402
 
 FULL = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=8, head_dim=128)
@@ -62,18 +63,8 @@ def split_methods(text: str) -> list[str]:
 
 
 def build_model(shape: dict, device: str, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**shape, max_position_embeddings=65536, rope_theta=500000.0, tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
+    return random_llama(device, dtype=dtype, **shape, max_position_embeddings=65536, rope_theta=500000.0,
+                        tie_word_embeddings=False)
 
 
 def stretched_map(num_layers: int, num_kv_heads: int) -> HeadMap:

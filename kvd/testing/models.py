@@ -9,6 +9,8 @@ it into place as the last step, so an interrupted fetch leaves no half-written m
 dir is deleted by the next fetch) → present: ``fetch`` returns at once (idempotent).
 
 CLI: ``python -m kvd.testing.models fetch smollm2 [--cache-dir DIR] [--force]`` prints progress and the path.
+``random_llama`` builds a random-weight Llama of any shape (the GPU benchmarks' models).
+
 Cache dir: ``$KVD_MODEL_CACHE`` if set (the model dir itself), else
 ``~/.cache/kvd/models/smollm2-135m-instruct``. Loading a converted dir is
 ``kvd.calibrate.model.load_causal_lm``; a ``ModelSpec`` from its config is
@@ -120,6 +122,26 @@ def fetch(name: str = "smollm2", *, cache_dir: Path | None = None, force: bool =
 def smollm2_dir(*, cache_dir: Path | None = None) -> Path:
     """Path of the converted SmolLM2 model dir, converting it first if it is missing."""
     return fetch("smollm2", cache_dir=cache_dir, quiet=False)
+
+
+def random_llama(device, *, dtype=None, seed: int | None = None, **config):
+    """A transformers ``LlamaForCausalLM`` with random weights, built on ``device`` in ``dtype`` (default
+    bf16) from ``LlamaConfig(**config)`` with sdpa attention: the GPU benchmarks' stand-in for a model of
+    a given shape, where speed does not depend on the weights. ``seed``: ``torch.manual_seed`` first."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**config, attn_implementation="sdpa")
+    if seed is not None:
+        torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
