@@ -13,6 +13,14 @@ from kvd.gpu_kernels.segpaged_decode import check_decode_args, check_decode_posi
 from kvd.gpu_kernels.segpaged_prefill import check_prefill_args
 
 
+def visible(kpos, at, sink, window):
+    """Which keys at positions ``kpos`` a query at ``at`` sees, for a head of ``sink`` and ``window``
+    (window 0: global): ``kpos <= at`` and (global, or ``kpos < sink``, or ``at - window < kpos``). The
+    kernels' rule, for broadcastable tensors or ints; ``kvd.calibrate.masked_attention`` keeps its
+    own spelling of it, as the independent reference the calibration and the gates use."""
+    return (kpos <= at) & ((window == 0) | (kpos < sink) | (kpos > at - window))
+
+
 def segpaged_decode_ref(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -55,7 +63,7 @@ def segpaged_decode_ref(
         kpos = (page_pos[:, :, None] + torch.arange(page_tokens, device=q.device)).reshape(rows, -1)
         at = q_pos.repeat_interleave(num_kv_heads)[:, None]
         sink, window = (t.repeat(B)[:, None] for t in (sink_tokens, window_tokens))
-        valid &= (kpos <= at) & ((window == 0) | (kpos < sink) | (kpos > at - window))
+        valid &= visible(kpos, at, sink, window)
     qg = q.float().reshape(B * num_kv_heads, group, D)  # row r = b * Hkv + h holds heads h*G..h*G+G-1
     scores = torch.einsum("rgd,rtd->rgt", qg, k) * scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
@@ -63,7 +71,6 @@ def segpaged_decode_ref(
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.einsum("rgt,rtd->rgd", probs, v).reshape(B, Hq, D).to(q.dtype)
     return (out, lse.reshape(B, Hq)) if return_lse else out
-
 
 
 def segpaged_prefill_ref(
@@ -111,13 +118,10 @@ def segpaged_prefill_ref(
             k = k_pool[pages].reshape(-1, D)[:n].float()
             v = v_pool[pages].reshape(-1, D)[:n].float()
             kpos = (page_pos[r, :n_pages].long()[:, None] + offs_in_page[None, :]).reshape(-1)[:n]
-            visible = kpos[None, :] <= qpos[:, None]
-            window, sink = int(window_tokens[h]), int(sink_tokens[h])
-            if window > 0:
-                visible &= (kpos[None, :] < sink) | (kpos[None, :] > qpos[:, None] - window)
+            seen = visible(kpos[None, :], qpos[:, None], int(sink_tokens[h]), int(window_tokens[h]))
             heads = slice(h * group, (h + 1) * group)
             scores = torch.einsum("tgd,kd->tgk", q[s0:s1, heads].float(), k) * scale
-            scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+            scores = scores.masked_fill(~seen[:, None, :], float("-inf"))
             row_lse = torch.logsumexp(scores, dim=-1)  # [t, G]
             probs = torch.exp(scores - torch.where(torch.isinf(row_lse), 0.0, row_lse)[..., None])
             out[s0:s1, heads] = torch.einsum("tgk,kd->tgd", probs, v)
@@ -126,4 +130,4 @@ def segpaged_prefill_ref(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["segpaged_decode_ref", "segpaged_prefill_ref"]
+__all__ = ["segpaged_decode_ref", "segpaged_prefill_ref", "visible"]

@@ -84,21 +84,22 @@ def decode_attention_cpu(pool: PagePool, layer: int, q: torch.Tensor, pos: int, 
     head per layer made CPU decoding 2-3x slower (the Lil benchmark decodes tens of thousands of tokens).
 
     Every row's page columns are gathered (missing ones as page 0) and masked by position: row ``r``
-    sees position ``p`` iff its page is held, ``p <= pos``, and (global) or ``p < sink`` or ``p > pos - window``.
+    sees position ``p`` iff its page is held and the kernels' rule (``segpaged_ref.visible``) lets it.
     """
+    from kvd.gpu_kernels.segpaged_ref import visible
+
     table = pool.tables[layer]
     rows, cols = table.shape
     n = pool.page_tokens
     group = q.shape[1] // pool.num_kv_heads
     sink, window = (t.long().repeat(pool.batch_size)[:, None] for t in pool._heads[layer])
     kpos = torch.arange(cols * n, device=q.device)[None, :]
-    visible = (table >= 0).repeat_interleave(n, dim=1) & (kpos <= pos) & (
-        (window == 0) | (kpos < sink) | (kpos > pos - window))  # [rows, cols * n]
+    seen = (table >= 0).repeat_interleave(n, dim=1) & visible(kpos, pos, sink, window)  # [rows, cols * n]
     ids = table.clamp_min(0)
     k = pool.k[ids].view(rows, cols * n, -1).float()
-    v = pool.v[ids].view(rows, cols * n, -1).float().masked_fill(~visible[..., None], 0.0)  # unwritten slots may hold NaN
+    v = pool.v[ids].view(rows, cols * n, -1).float().masked_fill(~seen[..., None], 0.0)  # unwritten slots may hold NaN
     scores = torch.einsum("rgd,rkd->rgk", q.reshape(rows, group, -1).float(), k) * scale
-    probs = torch.softmax(scores.masked_fill(~visible[:, None, :], float("-inf")), dim=-1)
+    probs = torch.softmax(scores.masked_fill(~seen[:, None, :], float("-inf")), dim=-1)
     return torch.einsum("rgk,rkd->rgd", probs, v).reshape(q.shape).to(q.dtype)
 
 
