@@ -6,11 +6,12 @@ Runs the real ``kvd`` entry point as a subprocess and N client *processes* again
 2. lookup: a 32K-token prompt (128 chunks) is stored whole; each client looks up by the prefix hashes
    it computed, back to back for a fixed time, in three phases: ``hits`` (that prompt: 128 hits per
    answer, checked), ``miss`` (a prompt never stored: a cold miss, 0 hits) and ``mixed`` (the two in
-   turn); each in the compact encoding the engines use (``kvd.core.lookup_wire``, the goal's figure)
-   and in JSON. p50/p99 latency and ops/s. Where one lookup's time goes is measured too
+   turn); each in the compact encoding the engines use (``kvd.core.lookup_wire`` on a framed
+   connection, ``kvd.daemon.frames``: the goal's figure), the same body over HTTP, and JSON. p50/p99 latency and ops/s. Where one lookup's time goes is measured too
    (``lookup_breakdown_us``): client encode, daemon decode + validation, the store's lookup (index,
    rows, hit counters), answer encode, client decode, each timed alone in this process on the same
-   128 stored entries, and one client's round trip against the real daemon (the rest is HTTP);
+   128 stored entries, and one client's round trip against the real daemon (the rest is the
+   transport: frames or HTTP, the socket, scheduling);
 3. store: each client reserves 128 new entries of 64 KiB segments (1 layer × 4 KV heads × 256 tokens ×
    head_dim 64, bf16: 256 KiB per entry, 32 MiB per operation), copies the KV into the arena and
    commits; p50/p99 of the commit call and of the whole reserve + copy + commit;
@@ -54,6 +55,9 @@ STORE_SPEC = ModelSpec("bench-store", num_layers=1, num_kv_heads=4, head_dim=64,
 # 256-token entry): per-copy call overhead of the tiny store entries above would dominate otherwise.
 COPY_SPEC = ModelSpec("bench-copy", num_layers=8, num_kv_heads=4, head_dim=64, kv_dtype="bfloat16")
 PROMPT_TOKENS = 32 * 1024
+# compact: the engines' lookup (binary body, framed connection); compact_http: the same body over HTTP
+# (what a daemon before frames served); json: the documented HTTP API.
+ENCODINGS = ("compact", "compact_http", "json")
 ENTRIES_PER_STORE = 128
 
 
@@ -98,10 +102,10 @@ def lookup_requests(c: KvdClient) -> dict[str, P.LookupRequest]:
 
 
 def lookup_worker(sock: str, seconds: float, start_at: float, mode: str, encoding: str, q) -> None:
-    """Look up back to back: ``mode`` hits, miss or mixed (the two in turn); ``encoding`` compact or json."""
-    c = KvdClient(sock, register_cuda=False)
+    """Look up back to back: ``mode`` hits, miss or mixed (the two in turn); ``encoding`` one of ENCODINGS."""
+    c = KvdClient(sock, register_cuda=False, frames=encoding == "compact")
     reqs = lookup_requests(c)
-    ask = c.lookup_compact if encoding == "compact" else c.lookup
+    ask = c.lookup if encoding == "json" else c.lookup_compact
     order = {"hits": ["hits"], "miss": ["miss"], "mixed": ["hits", "miss"]}[mode]
     expect = {"hits": PROMPT_TOKENS // 256, "miss": 0}
     while time.time() < start_at:
@@ -279,12 +283,14 @@ def lookup_breakdown(sock: str) -> dict[str, dict[str, float]]:
             await client.close()
 
     out = asyncio.run(pieces(tempfile.mkdtemp(prefix="kvd-breakdown-")))
-    with KvdClient(sock, register_cuda=False) as c:
+    out["compact_http"] = dict(out["compact"])  # same pieces, the other transport
+    with KvdClient(sock, register_cuda=False) as c, KvdClient(sock, register_cuda=False, frames=False) as h:
         req = lookup_requests(c)["hits"]
-        for enc, ask in (("compact", c.lookup_compact), ("json", c.lookup)):
+        lookup_requests(h)
+        for enc, ask in (("compact", c.lookup_compact), ("compact_http", h.lookup_compact), ("json", c.lookup)):
             ask(req)
             out[enc]["round_trip_1_client"] = _median_us(lambda ask=ask: ask(req))
-            out[enc]["http_and_rest"] = round(out[enc]["round_trip_1_client"] - sum(
+            out[enc]["transport_and_rest"] = round(out[enc]["round_trip_1_client"] - sum(
                 v for k, v in out[enc].items() if k in ("client_encode", "daemon_decode_validate", "store_lookup",
                                                         "answer_encode", "client_decode")), 1)
     return out
@@ -309,7 +315,7 @@ def main() -> None:
         store_lookup_prompt(sock)
         breakdown = lookup_breakdown(sock)
         lk = {(mode, enc): run_phase(lookup_worker, sock, args.clients, args.seconds, extra=(mode, enc))
-              for mode in ("hits", "miss", "mixed") for enc in ("compact", "json")}
+              for mode in ("hits", "miss", "mixed") for enc in ENCODINGS}
         bad = {k: sum(w["wrong"] for w in v) for k, v in lk.items() if any(w["wrong"] for w in v)}
         assert not bad, f"lookups answered wrong hit counts: {bad}"
         st = run_phase(store_worker, sock, args.clients, args.seconds, worker_id=True)
@@ -326,7 +332,8 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
         "clients": args.clients, "seconds_per_phase": args.seconds,
         "lookup_chunks": PROMPT_TOKENS // 256, "lookup_hits_per_request": PROMPT_TOKENS // 256,
-        "lookup_encoding": "compact (kvd.core.lookup_wire), as the vLLM connector sends it",
+        "lookup_encoding": "compact (kvd.core.lookup_wire) on a framed connection (kvd.daemon.frames), as the "
+                           "vLLM connector sends it; compact_http: the same body over HTTP",
         "lookup_p50_ms": pct(lookup_lat, 50), "lookup_p99_ms": pct(lookup_lat, 99),
         "lookup_ops_per_s": len(lookup_lat) / args.seconds,
         **{f"lookup_{enc}_{mode}_{q}": v for (mode, enc), xs in lat.items()
@@ -355,7 +362,7 @@ def main() -> None:
     print("one 128-hit lookup, microseconds:", json.dumps(breakdown))
     print(f"arena copy {arena_gbps:.2f} GB/s vs numpy memcpy {memcpy_gbps:.2f} GB/s "
           f"({res['arena_copy_vs_memcpy']:.2f}×; goal ≥ 0.8×); lookup p99 goal ≤ 2 ms")
-    _plot(res, {f"lookup 128 hits, {enc}": lat[("hits", enc)] for enc in ("compact", "json")}, commit_lat,
+    _plot(res, {f"lookup 128 hits, {enc}": lat[("hits", enc)] for enc in ENCODINGS}, commit_lat,
           out / "control_plane.png")
 
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from kvd.client.arena import ArenaMapping
-from kvd.client.http import JSON, UnixHttp, raise_for
+from kvd.client.http import JSON, FramesUnsupported, UnixFrames, UnixHttp, raise_for
 from kvd.core import lookup_wire
 from kvd.core import protocol as P
 from kvd.core.config import default_socket_path
@@ -44,11 +44,13 @@ class KvdClient:
     """Blocking client. Thread-safe: calls are serialised on one connection."""
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout_s: float = 5.0,
-                 register_cuda: bool = True) -> None:
+                 register_cuda: bool = True, frames: bool = True) -> None:
         self.socket_path = str(socket_path or default_socket_path())
         self.timeout_s = timeout_s
         self.register_cuda = register_cuda
         self._conn: UnixHttp | None = None
+        self._frames: UnixFrames | None = None  # the lookup hot path's connection (kvd.daemon.frames)
+        self._framed = frames  # False: lookups over HTTP too (or once the daemon turned out to predate frames)
         self._lock = threading.RLock()
         self._models = _Registrations()
         self._arena: ArenaMapping | None = None
@@ -58,26 +60,43 @@ class KvdClient:
 
     def _request(self, method: str, path: str, body: bytes | None, timeout: float,
                  content_type: str = JSON) -> tuple[int, bytes]:
-        for attempt in (0, 1):
+        attempt = 0
+        while True:
+            framed = self._framed and content_type == lookup_wire.CONTENT_TYPE  # the lookup hot path
             try:
-                if self._conn is None:
-                    self._conn = UnixHttp(self.socket_path, timeout)
-                self._conn.settimeout(timeout)
-                return self._conn.request(method, path, body, content_type)
+                conn = self._connection(framed, timeout)
+                conn.settimeout(timeout)
+                return conn.request(method, path, body, content_type)
+            except FramesUnsupported:  # a daemon from before frames: this client uses HTTP from now on
+                self._close_conn(framed=True)
+                self._framed = False
             except TimeoutError as e:
-                self._close_conn()
+                self._close_conn(framed)
                 raise DaemonUnavailable(f"kvd at {self.socket_path} did not answer {path} within {timeout} s") from e
             except OSError as e:
                 # A kept-alive connection the daemon closed (restart, idle timeout) fails here; one
                 # fresh connection is tried before the daemon is called unreachable.
-                self._close_conn()
+                self._close_conn(framed)
                 if attempt == 1:
                     raise DaemonUnavailable(f"kvd at {self.socket_path} is unreachable ({e}); "
                                             "is the daemon running? (systemctl status kvd)") from e
-        raise AssertionError("unreachable")
+                attempt += 1
 
-    def _close_conn(self) -> None:
-        if self._conn is not None:
+    def _connection(self, framed: bool, timeout: float) -> UnixHttp | UnixFrames:
+        if framed:
+            if self._frames is None:
+                self._frames = UnixFrames(self.socket_path, timeout)
+            return self._frames
+        if self._conn is None:
+            self._conn = UnixHttp(self.socket_path, timeout)
+        return self._conn
+
+    def _close_conn(self, framed: bool = False) -> None:
+        if framed:
+            if self._frames is not None:
+                self._frames.close()
+                self._frames = None
+        elif self._conn is not None:
             self._conn.close()
             self._conn = None
 
@@ -151,7 +170,8 @@ class KvdClient:
         return self.call("POST", "/v1/lookup", req, P.LookupResponse)
 
     def lookup_compact(self, req: P.LookupRequest) -> lookup_wire.LookupAnswer:
-        """``lookup`` in the hot path's binary form (``kvd.core.lookup_wire``); hashes only, not token ids."""
+        """``lookup`` in the hot path's binary form (``kvd.core.lookup_wire``), on the client's framed
+        connection (``kvd.daemon.frames``; HTTP if the daemon predates frames); hashes only, not token ids."""
         raw = self._exchange("POST", "/v1/lookup", req, lookup_wire.encode_lookup(req), self.timeout_s,
                              lookup_wire.CONTENT_TYPE)
         return lookup_wire.decode_answer(raw, req)
@@ -207,6 +227,7 @@ class KvdClient:
     def close(self) -> None:
         with self._lock:
             self._close_conn()
+            self._close_conn(framed=True)
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None

@@ -1,11 +1,13 @@
-"""The client's transport: a minimal keep-alive HTTP/1.1 connection over the daemon's Unix socket, and
-the daemon's error answers turned back into kvd's exception types. ``kvd.client.client`` builds the
-sync client on it."""
+"""The client's transports over the daemon's Unix socket: a minimal keep-alive HTTP/1.1 connection for
+every call, a framed connection for the lookup hot path (``kvd.daemon.frames``), and the daemon's
+error answers turned back into kvd's exception types. ``kvd.client.client`` builds the sync client
+on them."""
 
 from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 
 from kvd.core.errors import ERRORS_BY_CODE, KvdError
@@ -69,6 +71,51 @@ class UnixHttp:
         while len(self._buf) < length:
             self._fill()
         out, self._buf = self._buf[:length], self._buf[length:]
+        return status, out
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionResetError("kvd closed the connection")
+        self._buf += chunk
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FramesUnsupported(Exception):
+    """The daemon answered a framed request in HTTP: it predates frames. Use HTTP."""
+
+
+class UnixFrames:
+    """A framed connection (``kvd.daemon.frames``): the preface once, then per request ``I length`` +
+    body out and ``I length, H status`` + body back. Same ``request`` signature as ``UnixHttp``; it
+    carries only compact lookups, so method, path and content type are the caller's business."""
+
+    PREFACE = b"KVF1"
+    _REQUEST, _ANSWER = struct.Struct("<I"), struct.Struct("<IH")
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.sock = _connect(path, timeout)
+        self._buf = b""
+        self._first = True
+
+    def request(self, method: str, path: str, body: bytes | None, content_type: str = JSON) -> tuple[int, bytes]:
+        body = body or b""
+        preface = self.PREFACE if self._first else b""
+        self.sock.sendall(preface + self._REQUEST.pack(len(body)) + body)
+        while len(self._buf) < self._ANSWER.size:
+            self._fill()
+        if self._first and self._buf.startswith(b"HTTP"):
+            raise FramesUnsupported("the daemon answered a framed request in HTTP")
+        self._first = False
+        n, status = self._ANSWER.unpack_from(self._buf)
+        while len(self._buf) < self._ANSWER.size + n:
+            self._fill()
+        out, self._buf = self._buf[self._ANSWER.size:self._ANSWER.size + n], self._buf[self._ANSWER.size + n:]
         return status, out
 
     def _fill(self) -> None:

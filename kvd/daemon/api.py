@@ -58,6 +58,27 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json(P.ErrorBody(error=code, message=message), status)
 
 
+def failure(e: BaseException, what: str, metrics: Metrics) -> tuple[int, str, str]:
+    """``(status, code, message)`` of a request that raised ``e``: the one error mapping of both
+    transports (HTTP and ``kvd.daemon.frames``). ``what`` names the request in the log of a 500."""
+    if isinstance(e, KvdError):
+        return e.status, e.code, str(e)
+    if isinstance(e, ValidationError):
+        return 400, "invalid_request", P.describe_validation_error(e)
+    if isinstance(e, web.HTTPException):
+        return e.status, "http", e.reason or str(e)
+    logger.error("unhandled error in %s", what, exc_info=e)
+    metrics.errors.labels("internal").inc()
+    return 500, "internal", "internal error in kvd; see the daemon log"
+
+
+def observe(metrics: Metrics, method: str, route: str, status: int, elapsed: float) -> None:
+    """A control-API request's latency and status, whichever transport carried it."""
+    metrics.route_latency.labels(route).observe(elapsed)
+    metrics.requests.labels(route, str(status)).inc()
+    logger.debug("%s %s -> %d in %.2f ms", method, route, status, elapsed * 1e3)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS]
@@ -67,21 +88,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if request.app[STATE]["shutting_down"] and request.method == "POST" and route != "/v1/release":
             raise ShuttingDown("kvd is shutting down; retry against the restarted daemon")
         resp = await handler(request)
-    except KvdError as e:
-        resp = _error(e.status, e.code, str(e))
-    except ValidationError as e:
-        resp = _error(400, "invalid_request", P.describe_validation_error(e))
-    except web.HTTPException as e:
-        resp = _error(e.status, "http", e.reason or str(e))
-    except Exception:  # noqa: BLE001 - the boundary: log, answer 500, keep serving
-        logger.exception("unhandled error in %s %s", request.method, request.path)
-        metrics.errors.labels("internal").inc()
-        resp = _error(500, "internal", "internal error in kvd; see the daemon log")
+    except Exception as e:  # noqa: BLE001 - the boundary: answer, keep serving
+        resp = _error(*failure(e, f"{request.method} {request.path}", metrics))
     if route not in METRICS_PATHS:  # scrapes and health probes are not control-API requests
-        elapsed = time.perf_counter() - t0
-        metrics.route_latency.labels(route).observe(elapsed)
-        metrics.requests.labels(route, str(resp.status)).inc()
-        logger.debug("%s %s -> %d in %.2f ms", request.method, route, resp.status, elapsed * 1e3)
+        observe(metrics, request.method, route, resp.status, time.perf_counter() - t0)
     return resp
 
 
@@ -158,32 +168,38 @@ async def list_models(request: web.Request) -> web.Response:
     return _json(reporting.models_info(request.app[STORE]))
 
 
-async def _compact_lookup_body(request: web.Request) -> P.LookupRequest:
-    """A lookup in the compact encoding (``kvd.core.lookup_wire``): the body rules of ``_body`` (no
-    Content-Encoding, the body timeout, not empty), then the binary decode, which names the bad field."""
+async def compact_lookup(app: web.Application, c: Caller, raw: bytes) -> bytes:
+    """The answer to a lookup in the compact encoding (``kvd.core.lookup_wire``), from its body: the
+    binary decode (which names a bad field), the caller's namespace check, the store's lookup. Both
+    transports answer it with this: HTTP (``Content-Type: application/x-kvd-lookup``) and frames."""
+    if not raw:
+        raise InvalidRequest(f"empty body; /v1/lookup takes a compact lookup ({lookup_wire.CONTENT_TYPE})")
+    if len(raw) > OFF_LOOP_BODY_BYTES:  # as in _body: a large body would hold the loop for the others
+        req = await asyncio.get_running_loop().run_in_executor(None, lookup_wire.decode_lookup, raw)
+    else:
+        req = lookup_wire.decode_lookup(raw)
+    app[TENANTS].check_namespace(c, req.namespace)
+    return lookup_wire.encode_answer(await app[STORE].lookup(req))
+
+
+async def _compact_lookup_body(request: web.Request) -> bytes:
+    """A compact lookup's body, under the body rules of ``_body`` (no Content-Encoding, the timeout)."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body as it is")
     timeout = request.app[STATE]["settings"].daemon.body_timeout_s
     try:
         async with asyncio.timeout(timeout):
-            raw = await request.read()
+            return await request.read()
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout} s (daemon.body_timeout_s)") from None
-    if not raw:
-        raise InvalidRequest(f"empty body; {request.path} takes a compact lookup ({lookup_wire.CONTENT_TYPE})")
-    if len(raw) > OFF_LOOP_BODY_BYTES:  # as in _body: a large body would hold the loop for the others
-        return await asyncio.get_running_loop().run_in_executor(None, lookup_wire.decode_lookup, raw)
-    return lookup_wire.decode_lookup(raw)
 
 
 @routes.post("/v1/lookup")
 async def lookup(request: web.Request) -> web.Response:
     if request.content_type == lookup_wire.CONTENT_TYPE:  # the hot path's binary form: answered in kind
-        req = await _compact_lookup_body(request)
-        _allowed(request, req.namespace)
-        return web.Response(body=lookup_wire.encode_answer(await request.app[STORE].lookup(req)),
-                            content_type=lookup_wire.CONTENT_TYPE)
+        answer = await compact_lookup(request.app, caller(request), await _compact_lookup_body(request))
+        return web.Response(body=answer, content_type=lookup_wire.CONTENT_TYPE)
     req = await _body(request, P.LookupRequest)
     _allowed(request, req.namespace)
     return web.Response(body=(await request.app[STORE].lookup(req)).to_json(), content_type="application/json")

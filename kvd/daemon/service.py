@@ -44,6 +44,7 @@ from kvd.daemon.api import (
     metrics_routes,
 )
 from kvd.daemon.build import build_tiers, join_remote_later
+from kvd.daemon.frames import ControlServer
 from kvd.daemon.metrics import Metrics
 from kvd.daemon.systemd import Notifier
 from kvd.daemon.tenants import Tenants
@@ -204,6 +205,7 @@ class Daemon:
         self.app = create_app(settings, gpu_ipc=gpu_ipc)  # gpu_ipc: tests' in-process stand-in
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
+        self._control: ControlServer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -216,6 +218,7 @@ class Daemon:
                                access_log=None, keepalive_timeout=s.daemon.idle_timeout_s, auto_decompress=False)
         await runner.setup()
         self._runners.append(runner)
+        self._control = ControlServer(runner, self.app)  # HTTP and the framed lookups, one socket
         # Metrics first: once the socket answers (what clients and systemd take as ready), every
         # address is served. The socket is created under a umask that already gives it its mode, so
         # it is never reachable with wider permissions than configured, not even until the chmod.
@@ -232,7 +235,7 @@ class Daemon:
         mode = int(s.daemon.socket_mode, 8)
         old_umask = os.umask(0o777 & ~mode)
         try:
-            await web.UnixSite(runner, str(path), backlog=s.daemon.listen_backlog).start()
+            await self._control.start(str(path), s.daemon.listen_backlog)
         finally:
             os.umask(old_umask)
         os.chmod(path, mode)
@@ -292,6 +295,8 @@ class Daemon:
         self.notifier.stopping()
         store = self.app.get(STORE)
         if store is None:  # setup failed before the store existed
+            if self._control is not None:
+                await self._control.close(0.0)
             for runner in reversed(self._runners):
                 await runner.cleanup()
             return
@@ -299,6 +304,8 @@ class Daemon:
         while store.holds.committing and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         entries, leases = len(store.index), len(store.holds.leases)
+        if self._control is not None:
+            await self._control.close(max(0.0, deadline - time.monotonic()))
         for runner in reversed(self._runners):
             await runner.cleanup()
         self.settings.socket_path().unlink(missing_ok=True)

@@ -135,7 +135,10 @@ class Entry:
     @property
     def is_trimmed(self) -> bool:
         """Some extent keeps only part of the entry's tokens (capacity mode): no exact reader reads it."""
-        return any(x.plan.is_trimmed for x in self.extents.values())
+        for x in self.extents.values():  # a loop, not any(<generator>): asked per entry of every lookup
+            if x.plan.is_trimmed:
+                return True
+        return False
 
     @property
     def kept_nbytes(self) -> int:

@@ -68,31 +68,37 @@ class Index:
         self.levels = levels
         self.partition_of = partition_of  # namespace -> tenant
         self._usage: dict[tuple[str, str], int] = {}  # (tier, partition) -> bytes of indexed copies
-        self.by_name = {lv.name: lv for lv in levels}
         self._num_layers = num_layers  # fingerprint -> the model's layer count (policies' cost model)
         self.clock = clock
         self.entries: dict[EntryKey, Entry] = {}
         self.pending: dict[EntryKey, str] = {}
         self.doomed: dict[EntryKey, Entry] = {}
         self.aliases: dict[EntryKey, tuple[EntryKey, int]] = {}
+        self._levels_changed()
 
     # ---- levels --------------------------------------------------------------------------------
 
-    @property
-    def memory(self) -> list[Level]:
-        """The levels clients map (raw extents, top of the order: the GPU pool if any, then the arena)."""
-        return [lv for lv in self.levels if not lv.tier.holds_records]
+    def add_level(self, lv: Level) -> None:
+        """A tier joins at the bottom while serving (``Store.add_tier``)."""
+        assert lv.level == len(self.levels), "a level joins at the bottom"
+        self.levels.append(lv)  # in place: the pipeline holds the same list
+        self._levels_changed()
+
+    def _levels_changed(self) -> None:
+        # The lookup path asks for these per entry: kept, not rebuilt per call (measured: rebuilding
+        # them was a tenth of a 128-hit lookup's time in the daemon).
+        self.by_name = {lv.name: lv for lv in self.levels}
+        #: The levels clients map (raw extents, top of the order: the GPU pool if any, then the arena).
+        self.memory: list[Level] = [lv for lv in self.levels if not lv.tier.holds_records]
+        self.memory_names: frozenset[str] = frozenset(lv.name for lv in self.memory)
+        #: The record levels (SSD, remote): below the memory levels, where the codecs apply.
+        self.records: list[Level] = [lv for lv in self.levels if lv.tier.holds_records]
 
     @property
     def landing(self) -> Level:
         """The host arena's level, the last memory level: where promotions from record tiers land, and
         the one every client maps (a reader without the GPU pool reads only here)."""
         return self.memory[-1]
-
-    @property
-    def records(self) -> list[Level]:
-        """The record levels (SSD, remote): below the memory levels, where the codecs apply."""
-        return [lv for lv in self.levels if lv.tier.holds_records]
 
     # ---- entries -------------------------------------------------------------------------------
 

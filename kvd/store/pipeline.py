@@ -240,7 +240,7 @@ class Pipeline:
         record tier to write it to."""
         if not self.index.records:
             return False
-        memory = {lv.name for lv in self.index.memory}
+        memory = self.index.memory_names
         return any(x.copies and x.copies.keys() <= memory and not x.dropped
                    and any(not c.is_lossy for c in x.copies.values()) for x in e.extents.values())
 

@@ -83,8 +83,7 @@ class Store:
     def add_tier(self, tier: Tier) -> None:
         """A tier joins at the bottom while serving (the remote cluster, reachable again)."""
         lv = Level.of(len(self.index.levels), tier, self.settings)
-        self.index.levels.append(lv)
-        self.index.by_name[tier.name] = lv
+        self.index.add_level(lv)
 
     @property
     def shared(self) -> bool:
@@ -157,7 +156,7 @@ class Store:
     def _rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[L.EntryRow]:
         out = []
         for i, e, num_tokens in self._found(req, reader, hashes):
-            row = L.row(self.index.levels, e, i, hashes[i], num_tokens, req.accept_lossy)
+            row = L.row(self.index.levels, self.index.by_name, e, i, hashes[i], num_tokens, req.accept_lossy)
             if row is None:
                 continue
             if req.prefetch and self.index.by_name[row.tier].tier.holds_records:
@@ -176,7 +175,7 @@ class Store:
         for k, (i, e, num_tokens) in enumerate(found):
             at = pos if k < hits else e.start_token + e.num_tokens
             want = reader.wanted(e, at)
-            row = L.row(self.index.levels, e, i, hashes[i], num_tokens, req.accept_lossy, want)
+            row = L.row(self.index.levels, self.index.by_name, e, i, hashes[i], num_tokens, req.accept_lossy, want)
             if row is None:
                 continue
             if req.prefetch and self.index.by_name[row.tier].tier.holds_records and row.complete:

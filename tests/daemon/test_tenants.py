@@ -106,6 +106,8 @@ def intruder(w, socket_path: str, a: dict) -> None:
         own_work(c, "b", 2.0, out)
         fp, hs = a["fingerprint"], a["hashes"]
         attempt(out, "lookup_a", lambda: c.lookup(P.LookupRequest(fingerprint=fp, namespace="a", prefix_hashes=hs)))
+        attempt(out, "lookup_a_framed", lambda: c.lookup_compact(  # the engines' hot path (kvd.daemon.frames)
+            P.LookupRequest(fingerprint=fp, namespace="a", prefix_hashes=hs)))
         attempt(out, "lease_a", lambda: c.lease(P.LeaseRequest(fingerprint=fp, namespace="a", hashes=hs)))
         attempt(out, "list_a", lambda: c.entries(namespace="a"))
         attempt(out, "list_all", lambda: c.entries())
@@ -161,7 +163,7 @@ def test_a_tenant_cannot_reach_another_tenants_kv(daemon):
     Path(flag).touch()
     assert res["stored"] == 2 and res["hits"] == 2 and res["loaded_equal"]  # B's own namespace works
     assert Path(res["arena"]).name != Path(first["arena"]).name  # each tenant maps its own arena
-    for op in ("lookup_a", "lease_a", "list_a", "list_all", "delete_a", "evict", "release_a", "commit_a", "abort_a"):
+    for op in ("lookup_a", "lookup_a_framed", "lease_a", "list_a", "list_all", "delete_a", "evict", "release_a", "commit_a", "abort_a"):
         assert res[op].startswith("Forbidden"), (op, res[op])
     assert res["map_a"] == "OSError 13"  # EACCES: A's arena is A's group's
     assert read_line(fa)["own_release"] == "ok"  # A's lease was still A's to release
