@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -283,6 +284,14 @@ class Daemon:
         except BaseException:
             await self.shutdown()
             raise
+        # The daemon's own process from here on (an embedded one is started with start()): everything
+        # built so far lives as long as the process (the imports, the recovered index, the tiers'
+        # clients). Frozen, it leaves the cyclic collector's scans, so a full collection while serving,
+        # which stops every client's request for its length, scans only what came after. (With a
+        # 4K-entry index on the 2-core box the start-up's full collections took 13-30 ms, growing
+        # with the heap.)
+        gc.collect()
+        gc.freeze()
         dog = asyncio.create_task(self._watchdog(), name="kvd-watchdog")
         await self._stop.wait()
         dog.cancel()

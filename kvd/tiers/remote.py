@@ -280,15 +280,31 @@ class RemoteTier(Tier):
         if not keys:
             return []
         self._guard()
-        pipe = self.client.pipeline(transaction=False)
-        for ns, fp, h in keys:
-            pipe.hgetall(self.manifest_key(ns, fp, h))
-        try:
-            manifests = pipe.execute()
-        except self._errors as e:
-            raise self._trip("find", e) from None
+        mkeys = [self.manifest_key(ns, fp, h) for ns, fp, h in keys]
+        manifests = self._fast_find(mkeys)
+        if manifests is None:  # the fast path could not: redis-py's pipeline follows what it must
+            pipe = self.client.pipeline(transaction=False)
+            for k in mkeys:
+                pipe.hgetall(k)
+            try:
+                manifests = pipe.execute()
+            except self._errors as e:
+                raise self._trip("find", e) from None
         self._ok()
         return self._records(manifests)
+
+    def _fast_find(self, mkeys: list[bytes]) -> list[dict] | None:
+        if self._fast is None:
+            return None
+        try:
+            nodes: dict[tuple[str, int], list[bytes]] = {}
+            for k in mkeys:
+                node = self.client.get_node_from_key(k)
+                nodes.setdefault((node.host, node.port), []).append(k)
+            got = self._fast.hgetall_many(nodes)
+        except (FastGetUnavailable, *self._errors):
+            return None  # a redirection, a node gone (failover), no slot map yet
+        return [got[k] for k in mkeys]
 
     def scan(self) -> list[StoredRecord]:
         """The cluster's entries under this prefix, up to ``scan_limit`` of them (at start)."""

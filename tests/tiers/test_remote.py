@@ -66,6 +66,33 @@ def test_round_trip_and_find(tier, codec):
     assert [(r.name, r.codec, r.raw_xxh) for r in found] == [(name("a" * 32), codec, rec.raw_xxh)]
 
 
+def test_find_reads_manifests_on_its_own_pipeline_and_agrees_with_redis_py(tier, monkeypatch):
+    """Finds read the manifests on kvd.tiers.resp's per-node pipelines: the same records as redis-py's
+    cluster pipeline for the same keys (present, absent, spread over every master). A reply only the
+    client can follow (here: every key sent to the wrong node, answered -MOVED) falls back to
+    redis-py, and the find still answers right."""
+    stored = {f"{h:032x}": put(tier, name(f"{h:032x}", cls), kv(h))[1]
+              for h in range(40) for cls in (("global", "local.0") if h % 3 else ("global",))}
+    keys = [("default", FP, f"{h:032x}") for h in range(48)]  # 8 never stored
+    mkeys = [tier.manifest_key(*k) for k in keys]
+    pipe = tier.client.pipeline(transaction=False)
+    for k in mkeys:
+        pipe.hgetall(k)
+    assert tier._fast_find(mkeys) == pipe.execute()
+    found = tier.find(keys)
+    assert sorted((r.name.hash, r.name.head_class) for r in found) == sorted(
+        (h, c) for h in stored for c in (("global", "local.0") if int(h, 16) % 3 else ("global",)))
+    assert all(r.raw_xxh == stored[r.name.hash].raw_xxh for r in found if r.name.head_class == "global")
+
+    masters = tier.client.get_primaries()
+    wrong = {m.port: masters[(i + 1) % len(masters)] for i, m in enumerate(masters)}
+    real = tier.client.get_node_from_key
+    monkeypatch.setattr(tier.client, "get_node_from_key", lambda k, replica=False: wrong[real(k).port])
+    assert tier._fast_find(mkeys) is None  # -MOVED: not followed here
+    assert sorted((r.name.hash, r.name.head_class) for r in tier.find(keys)) == sorted(
+        (r.name.hash, r.name.head_class) for r in found)
+
+
 def test_extents_spread_over_slots_and_global_ones_are_replicated(tier, redis_cluster):
     keys = [k for h in range(12) for k in tier.record_keys(put(tier, name(f"{h:032x}"), kv(h))[0].key)]
     assert len(keys) == 24  # two copies of each global extent
