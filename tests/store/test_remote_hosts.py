@@ -65,13 +65,16 @@ async def test_an_entry_stored_on_one_host_is_loaded_on_another(hosts, redis_clu
     await wait_for(written_through)  # write-through runs in the background
 
     tier = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE].index.by_name["remote"].tier
-    pipelines = []
-    real = tier.client.pipeline
-    tier.client.pipeline = lambda *a_, **k: pipelines.append(1) or real(*a_, **k)
+    finds, pipelines = [], []  # the manifests' reads: kvd.tiers.resp's per-node pipelines, else redis-py's
+    real_find, real_pipe = tier._fast.hgetall_many, tier.client.pipeline
+    tier._fast.hgetall_many = lambda nodes: finds.append(nodes) or real_find(nodes)
+    tier.client.pipeline = lambda *a_, **k: pipelines.append(1) or real_pipe(*a_, **k)
     calls = redis_cluster.command_calls("hgetall")
     look = await b.lookup(hs)
     assert look["num_prefix_hits"] == 8 and {r["tier"] for r in look["prefix"]} == {"remote"}
-    assert len(pipelines) == 1 and redis_cluster.command_calls("hgetall") - calls == 8  # one round trip
+    # one round trip: one pipelined write per node, each manifest read once, no redis-py fallback
+    assert len(finds) == 1 and sum(len(k) for k in finds[0].values()) == 8 and pipelines == []
+    assert redis_cluster.command_calls("hgetall") - calls == 8
     status, got = await b.read_back(hs)
     assert status == ["ok"] * 8 and got == data  # bit for bit, decoded and verified
     assert (await b.lookup(hs))["prefix"][0]["tier"] == "host"  # promoted into b's arena
