@@ -238,14 +238,27 @@ def ttft_engine(job_path: str) -> None:
 
     llm = LLM(model=job["model"], max_model_len=8192, enforce_eager=True, seed=0, enable_prefix_caching=False,
               kv_transfer_config=job["connector"])
-    params = SamplingParams(temperature=0.0, max_tokens=1)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
     out = []
     for kind, ids in job["prompts"]:
         t0 = time.perf_counter()
         (r,) = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        top = r.outputs[0].logprobs[0]
         out.append({"kind": kind, "s": time.perf_counter() - t0, "cached": r.num_cached_tokens,
-                    "token": r.outputs[0].token_ids[0]})
+                    "token": r.outputs[0].token_ids[0], "top5": {str(k): v.logprob for k, v in top.items()}})
     Path(job["out"]).write_text(json.dumps(out))
+
+
+TIE_LOGPROB = 0.25  # bf16 logits: one rounding step at these magnitudes is 0.125; two steps apart still agree
+
+
+def same_distribution(a: dict, b: dict) -> bool:
+    """Engine B's next-token distribution after a hit (``b``) is engine A's (``a``): at least 4 of the
+    top 5 tokens shared, their logprobs within TIE_LOGPROB, and B's token A's or tied with it in A's."""
+    common = a["top5"].keys() & b["top5"].keys()
+    tb = str(b["token"])
+    tied = b["token"] == a["token"] or (tb in a["top5"] and a["top5"][str(a["token"])] - a["top5"][tb] <= TIE_LOGPROB)
+    return tied and len(common) >= 4 and max(abs(a["top5"][k] - b["top5"][k]) for k in common) <= TIE_LOGPROB
 
 
 def ttft_figures(root: Path, n: int = 6) -> dict:
@@ -315,13 +328,22 @@ def _ttft(cluster: RedisCluster, root: Path, n: int) -> dict:
         b.kill()
     hits = [r for r in got if r["kind"] == "hit"]
     misses = [r for r in got if r["kind"] == "miss"]
-    # correctness first: every hit loaded from kvd and sampled A's token (greedy, computed there)
+    # correctness first: every hit loaded from kvd, and its next-token distribution is A's (computed
+    # there by a full prefill): the same top-5 within bf16 rounding, and the greedy token A's or tied
+    # with it in A's distribution. (Token equality alone failed on an exact three-way tie in A's
+    # logits, broken the other way by B's one-token prefill over loaded KV; another prompt's KV moves
+    # the whole top-5.)
     assert all(r["cached"] >= 4095 - 255 for r in hits), [r["cached"] for r in hits]
-    assert [r["token"] for r in hits] == [r["token"] for r in ref], "a remote hit changed the output"
+    bad = [i for i, (a, b) in enumerate(zip(ref, hits)) if not same_distribution(a, b)]
+    assert not bad, f"remote hits {bad} changed the output: {[(ref[i], hits[i]) for i in bad]}"
+    # the gate's own check: against another prompt's reference it must fail
+    assert not any(same_distribution(ref[(i + 1) % len(ref)], b) for i, b in enumerate(hits)), \
+        "the gate cannot tell one prompt's distribution from another's"
     hit_s = statistics.median(r["s"] for r in hits)
     miss_s = statistics.median(r["s"] for r in misses)
     return {"cross_host_hit_ttft_s": hit_s, "recompute_ttft_s": miss_s, "cross_host_ttft_speedup": miss_s / hit_s,
             "cross_host_hit_cached_tokens": [r["cached"] for r in hits], "ttft_prompt_tokens": 4096,
+            "cross_host_greedy_ties": sum(a["token"] != b["token"] for a, b in zip(ref, hits)),
             "ttft_lookup_deadline_s": load_settings(None, environ={}).remote.lookup_deadline_s,  # the default
             "ttft_prompts": n}
 
