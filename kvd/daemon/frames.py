@@ -91,7 +91,8 @@ class FrameConnection(asyncio.Protocol):
         self.creds: tuple[int | None, int | None, int | None] = (None, None, None)
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.paused = False
+        self.paused = False  # reading, while requests wait in the buffer
+        self.write_paused = False  # the client is not reading its answers: serve nothing more meanwhile
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -106,11 +107,22 @@ class FrameConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.task is None:
+        if self.task is None and not self.write_paused:
             self._next()
         elif len(self.buf) > REQUEST.size + int(self.settings.max_request_bytes) and not self.paused:
             self.transport.pause_reading()  # a client that pipelines: hold it until we catch up
             self.paused = True
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is full: a client that sends without reading its answers
+        gets nothing more served (and, once its requests fill the buffer, nothing more read) until
+        it reads; what the daemon holds for it stays bounded."""
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.task is None and not self.transport.is_closing():
+            self._next()
 
     def _arm(self, seconds: float, error: Exception | None) -> None:
         """Close the connection after ``seconds`` unless a request completes first; with ``error``
@@ -134,8 +146,8 @@ class FrameConnection(asyncio.Protocol):
             self.transport.write(ANSWER.pack(len(body), status) + body)
 
     def _next(self) -> None:
-        if self.paused:
-            self.transport.resume_reading()
+        if self.paused and len(self.buf) <= REQUEST.size + int(self.settings.max_request_bytes):
+            self.transport.resume_reading()  # the waiting requests fit the limit again: read more
             self.paused = False
         if len(self.buf) < REQUEST.size:
             if self.buf:
@@ -177,7 +189,7 @@ class FrameConnection(asyncio.Protocol):
         self._write(status, answer)
         observe(self.app[METRICS], "FRAME", ROUTE, status, time.perf_counter() - t0)
         self.task = None
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.write_paused:
             self._next()
 
 

@@ -242,3 +242,27 @@ def test_the_client_falls_back_to_http_against_a_daemon_without_frames(tmp_path)
     finally:
         listener.close()
     assert seen.count(PREFACE) == 1 and seen.count(b"POST") == 2
+
+
+def test_a_client_that_does_not_read_its_answers_is_held_not_buffered(served):
+    """Thousands of pipelined lookups and no reads: the daemon stops serving (and then reading) that
+    connection once its write buffer is full, so what it holds stays bounded; when the client reads,
+    every answer arrives, in order."""
+    d, req = served
+    body = frame(W.encode_lookup(req))
+    n = (4 << 20) // len(body)  # unheld, requests and answers would pile up to megabytes
+    s = framed(d.socket)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sender = threading.Thread(target=s.sendall, args=(body * n,), daemon=True)
+    sender.start()
+    time.sleep(1.0)
+    (conn,) = list(d.daemon._control.frames)
+    held = conn.transport.get_write_buffer_size() + len(conn.buf)
+    # bounded: the write buffer's high-water mark, and the request limit plus one read (256 KiB)
+    assert held < 640 << 10, f"{held} bytes held for a client that does not read"
+    try:
+        got = [answer(s) for _ in range(n)]
+    finally:
+        sender.join(10)
+        s.close()
+    assert {status for status, _ in got} == {200} and len({b for _, b in got}) == 1

@@ -100,8 +100,8 @@ class PageIO:
             return 0
         n = len(keys)
 
-        def ask(h: ModelHandle) -> int:
-            resp = h.client.lookup(P.LookupRequest(
+        def ask(h: ModelHandle) -> int:  # the compact body on the framed connection: every batch asks
+            resp = h.client.lookup_compact(P.LookupRequest(
                 fingerprint=h.fingerprint, namespace=h.namespace, prefix_hashes=self.hashes(h, keys),
                 prefetch=True, max_tokens=n * self.page_size, computed_under=h.computed_under))
             return min(resp.num_prefix_hits, n)
