@@ -67,18 +67,19 @@ from tests.redis_cluster import RedisCluster  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SPEC = ModelSpec("SmolLM2-135M-Instruct", num_layers=30, num_kv_heads=3, head_dim=64, kv_dtype="bfloat16")
-GOALS = {"restore_vs_redis_benchmark": 0.7, "lookup_p99_ms": 5.0, "cross_host_ttft_speedup": 3.0}
+GOALS = {"restore_vs_redis_benchmark": 0.7, "restore_raw_codec_vs_redis_benchmark": 0.7, "lookup_p99_ms": 5.0, "cross_host_ttft_speedup": 3.0}
 
 
-def start_hosts(cluster: RedisCluster, root: Path) -> tuple[DaemonProc, DaemonProc]:
+def start_hosts(cluster: RedisCluster, root: Path, exact_codec: str = "lossless") -> tuple[DaemonProc, DaemonProc]:
+    """Hosts A and B; ``exact_codec``: remote.exact_codec (each codec its own key prefix)."""
     hosts = []
     for name in ("a", "b"):
-        d = root / name
+        d = root / f"{name}-{exact_codec}"
         d.mkdir(parents=True)
         cfg = d / "kvd.toml"
         cfg.write_text(f"[remote]\nenabled = true\nrequired = true\nstartup_nodes = {json.dumps(cluster.startup_nodes)}\n"
-                       "timeout_s = 0.5\nlookup_deadline_s = 0.2\n[ssd]\nenabled = false\n"
-                       )
+                       f"timeout_s = 0.5\nlookup_deadline_s = 0.2\nexact_codec = \"{exact_codec}\"\n"
+                       f"key_prefix = \"kvd-{exact_codec}\"\n[ssd]\nenabled = false\n")
         hosts.append(DaemonProc(d, env_extra={"KVD_DAEMON__LOG_LEVEL": "WARNING", "KVD_HOST__CAPACITY_BYTES": "1GiB"},
                                 args=["--config", str(cfg)]).start())
     return hosts[0], hosts[1]
@@ -126,6 +127,25 @@ def restore_figures(a: DaemonProc, b: DaemonProc, kv: torch.Tensor, reps: int = 
     med = statistics.median(times)
     return {"restore_GBps": nbytes / med / 1e9, "restore_s": med, "restore_best_GBps": nbytes / min(times) / 1e9,
             "restore_MB": nbytes / 1e6, "restore_runs_s": [round(t, 4) for t in times]}
+
+
+def raw_codec_restore(cluster: RedisCluster, root: Path, kv: torch.Tensor, lossless_bytes: int) -> dict:
+    """The same restore with the cluster holding exact extents raw (``remote.exact_codec = "raw"``,
+    hosts of their own under another key prefix): more cluster memory, no decode on the way back."""
+    c, d = start_hosts(cluster, root, exact_codec="raw")
+    try:
+        raw = restore_figures(c, d, kv)
+        with c.client() as cc:
+            remote = next(t for t in cc.stats().tiers if t.name == "remote")
+    finally:
+        c.kill()
+        d.kill()
+    value = remote.used_bytes // max(1, remote.num_records)  # the peer at this run's value size
+    return {"restore_raw_codec_GBps": raw["restore_GBps"], "restore_raw_codec_s": raw["restore_s"],
+            "restore_raw_codec_runs_s": raw["restore_runs_s"],
+            "raw_codec_cluster_bytes_ratio": remote.used_bytes / lossless_bytes,
+            "raw_codec_redis_benchmark_value_bytes": value,
+            "raw_codec_redis_benchmark_GBps": redis_benchmark_gbps(cluster, value)}
 
 
 def redis_benchmark_gbps(cluster: RedisCluster, value_bytes: int, requests: int = 400) -> float:
@@ -372,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             with a.client() as ca:  # the records' mean size, as stored: the value size to compare with
                 remote = next(t for t in ca.stats().tiers if t.name == "remote")
             res["redis_benchmark_value_bytes"] = remote.used_bytes // max(1, remote.num_records)
+            lossless_bytes = remote.used_bytes  # after the restore: only the prompt's records
+            res.update(raw_codec_restore(cluster, root, kv, lossless_bytes))
             res["redis_benchmark_GBps"] = redis_benchmark_gbps(cluster, res["redis_benchmark_value_bytes"])
             res.update(lookup_figures(a, b, args.prompts))
             res.update(node_kill_figures(cluster, a, b, kv))
@@ -382,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ttft:
             res.update(ttft_figures(root))
     res["restore_vs_redis_benchmark"] = res["restore_GBps"] / res["redis_benchmark_GBps"]
+    res["restore_raw_codec_vs_redis_benchmark"] = res["restore_raw_codec_GBps"] / res["raw_codec_redis_benchmark_GBps"]
     res["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     res = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,7 @@ class RemoteSettings(_Section):
     replicate_global: bool = True  # global-head extents stored twice, on two slots (two masters)
     write_policy: RemoteWritePolicy = Field(default_factory=RemoteWritePolicy)
     scan_limit: int = Field(default=100_000, ge=0)  # entries of the cluster indexed at start
+    exact_codec: Literal["lossless", "raw"] = "lossless"  # exact extents written from memory (defaults.toml)
 
     @field_validator("startup_nodes")
     @classmethod

@@ -49,6 +49,8 @@ class Forms:
             verify(raw, copy.checksum, f"{lv.name} copy of {e.hash} {x.head_class}")
             return bytes(raw), copy.codec, copy.checksum
         codec = x.lower_codec or "lossless"
+        if codec == "lossless" and lower.exact_codec is not None:  # the tier's own choice (remote.exact_codec)
+            codec = lower.exact_codec
         t0 = time.perf_counter()
         rec = encode_record(self.codecs, e.name(x.head_class), raw, dtype=self.dtype_of(e.fingerprint),
                             shape=(x.plan.num_segments, x.plan.num_tokens, x.plan.head_dim), codec=codec,

@@ -42,6 +42,7 @@ class Level:
     policy: EvictionPolicy
     write_policy: Callable[[str, bool], str] | None = None
     quota: Callable[[str], int | None] | None = None  # partition (tenant) -> bytes it may hold here
+    exact_codec: str | None = None  # the codec of exact extents encoded for this tier (None: the placement's)
 
     @property
     def name(self) -> str:
@@ -56,10 +57,11 @@ class Level:
     @classmethod
     def of(cls, level: int, tier: Tier, settings: Settings, policy: EvictionPolicy | None = None) -> Level:
         """The level of ``tier`` at ``level``: its eviction policy from ``settings`` (unless given), and
-        for a shared tier the remote write policy."""
+        for a shared tier the remote write policy and codec of exact extents."""
         return cls(level, tier, policy if policy is not None else
                    make_eviction(settings.policy, capacity_bytes=tier.capacity_bytes),
-                   settings.remote.write_policy.for_class if tier.shared else None)
+                   settings.remote.write_policy.for_class if tier.shared else None,
+                   exact_codec=settings.remote.exact_codec if tier.shared else None)
 
 
 class Index:

@@ -80,6 +80,34 @@ async def test_an_entry_stored_on_one_host_is_loaded_on_another(hosts, redis_clu
     assert (await b.lookup(hs))["prefix"][0]["tier"] == "host"  # promoted into b's arena
 
 
+async def test_exact_extents_go_to_the_cluster_raw_when_configured(tmp_path, redis_cluster):
+    """remote.exact_codec = "raw": the records host A writes are raw (the manifest and the record
+    header say so, and they are the size of the KV plus a header); host B loads them bit for bit."""
+    prefix = "r" + uuid.uuid4().hex[:8]
+    made = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            made.append(await Api(tmp_path / name, {"remote": remote(redis_cluster, prefix, exact_codec="raw")}
+                                  ).start(MODEL))
+        a, b = made
+        hs, data = await a.store_seq(3, chunks=4)
+
+        async def written_through():
+            got = await (await a.http.get("/v1/entries?tier=remote")).json()
+            return len(got.get("entries", [])) == 4
+        await wait_for(written_through)
+        tier = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE].index.by_name["remote"].tier
+        found = await asyncio.to_thread(tier.find, [("default", a.fp, h) for h in hs])
+        assert found and {r.codec for r in found} == {"raw"}
+        assert all(r.location.nbytes - r.raw_nbytes < 512 for r in found)  # uncompressed: KV + header
+        status, got = await b.read_back(hs)
+        assert status == ["ok"] * 4 and got == data
+    finally:
+        for api in made:
+            await api.close()
+
+
 async def test_lookup_of_what_nobody_stored_costs_one_round_trip_and_misses(hosts):
     _, b = hosts
     look = await b.lookup(b.hashes(99, 4))
