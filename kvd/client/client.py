@@ -41,7 +41,8 @@ class _Registrations:
 
 
 class KvdClient:
-    """Blocking client. Thread-safe: calls are serialised on one connection."""
+    """Blocking client. Thread-safe: calls are serialised (one HTTP connection, and a framed one for
+    compact lookups)."""
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout_s: float = 5.0,
                  register_cuda: bool = True, frames: bool = True) -> None:
