@@ -241,8 +241,13 @@ class Pipeline:
         if not self.index.records:
             return False
         memory = self.index.memory_names
-        return any(x.copies and x.copies.keys() <= memory and not x.dropped
-                   and any(not c.is_lossy for c in x.copies.values()) for x in e.extents.values())
+        for x in e.extents.values():  # loops, not nested any(<generator>): every lookup hit asks this
+            copies = x.copies
+            if copies and not x.dropped and copies.keys() <= memory:
+                for c in copies.values():
+                    if not c.is_lossy:
+                        return True
+        return False
 
     async def write_down(self, entries: list[Entry], lv: Level, dst: Level | None = None,
                          classes: Callable[[Entry], set[str]] | None = None) -> int:

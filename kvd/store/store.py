@@ -140,27 +140,33 @@ class Store:
         L.count_hits(self.metrics, req, result, num_hashes=len(hashes))
         return result
 
-    def _found(self, req: P.LookupRequest, reader: Reader, hashes: list[str]):
-        """``(request index, entry, tokens used)`` of each stored entry of the reader's attention."""
+    def _found(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[tuple[int, Entry, int]]:
+        """``(request index, entry, tokens used)`` of each stored entry of the reader's attention.
+        (A list, with what the loop asks per entry looked up once: this is the lookup's hot loop.)"""
         now = self.clock()
+        resolve, on_seen = self.index.resolve, self.background.on_seen
+        ns, fp, cu = req.namespace, req.fingerprint, req.computed_under
+        out = []
         for i, h in enumerate(hashes):
-            found = self.index.resolve((req.namespace, req.fingerprint, h))
-            if found is None or not readable_by(reader, found[0], req.computed_under):
+            found = resolve((ns, fp, h))
+            if found is None or not readable_by(reader, found[0], cu):
                 continue
             e = found[0]
             e.seen += 1
             e.last_access = now
-            self.background.on_seen(e)
-            yield i, e, found[1]
+            on_seen(e)
+            out.append((i, e, found[1]))
+        return out
 
     def _rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[L.EntryRow]:
         out = []
+        levels, by_name, lossy = self.index.levels, self.index.by_name, req.accept_lossy
         for i, e, num_tokens in self._found(req, reader, hashes):
-            row = L.row(self.index.levels, self.index.by_name, e, i, hashes[i], num_tokens, req.accept_lossy)
+            row = L.row(levels, by_name, e, i, hashes[i], num_tokens, lossy)
             if row is None:
                 continue
-            if req.prefetch and self.index.by_name[row.tier].tier.holds_records:
-                self.background.prefetch(e, None, req.accept_lossy)
+            if req.prefetch and by_name[row.tier].tier.holds_records:
+                self.background.prefetch(e, None, lossy)
             out.append(row)
         return out
 
