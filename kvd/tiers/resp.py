@@ -105,8 +105,8 @@ class FastGet:
         try:
             for (host, port), keys in nodes.items():
                 s = self._socket(host, port)
+                sent.append((host, port, s, keys))  # before the write: a partial write is out of step too
                 s.sendall(b"".join(_command(b"HGETALL", k) for k in keys))
-                sent.append((host, port, s, keys))
             out: dict[bytes, dict[bytes, bytes]] = {}
             for _, _, s, keys in sent:
                 r = _Replies(s)
