@@ -11,9 +11,10 @@ speed does not depend on the weights; the head map is the one shipped for SmolLM
 
 What is timed, each as users run it (eager: the adapter reads page lists on the host every layer and
 cannot be captured in a CUDA graph; transformers' paths are run the same way), ``B`` requests of ``L``
-tokens each (``--batches``, default 1, 16, 64; 1, 16, 32 on an 80 GB H100: the step is host-bound at
-small batches, where the KV read is short against a 30-layer model's launches; the headline keys are
-B = 16), greedy steps of one token,
+tokens each (``--batches``, default 1, 16, 64: the step is host-bound at small batches, where the KV
+read is short against a 30-layer model's launches; the headline keys are B = 16; at 32K x 64 the
+DynamicCache path runs out of an 80 GB H100's memory and the faster sdpa path is StaticCache), greedy
+steps of one token,
 ``--steps`` timed after 3 untimed:
 
 - ``kvd``: ``attach(model, head_map=shipped)``; the pool holds the context as the adapter leaves it after

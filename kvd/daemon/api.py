@@ -52,10 +52,15 @@ ERROR_ECHO_CHARS = 1000  # an error answer never echoes a huge bad value back in
 OFF_LOOP_BODY_BYTES = 1 << 20  # bodies larger than this are parsed on a worker thread
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
+def error_json(code: str, message: str) -> bytes:
+    """The error body of both transports (HTTP, ``kvd.daemon.frames``), echoing at most ERROR_ECHO_CHARS."""
     if len(message) > ERROR_ECHO_CHARS:
         message = message[:ERROR_ECHO_CHARS] + f"... ({len(message) - ERROR_ECHO_CHARS} more characters)"
-    return _json(P.ErrorBody(error=code, message=message), status)
+    return P.ErrorBody(error=code, message=message).model_dump_json().encode()
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.Response(body=error_json(code, message), status=status, content_type="application/json")
 
 
 def failure(e: BaseException, what: str, metrics: Metrics) -> tuple[int, str, str]:

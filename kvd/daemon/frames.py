@@ -30,8 +30,7 @@ import time
 from aiohttp import web
 
 from kvd.core.errors import InvalidRequest, RequestTimeout, RequestTooLarge, ShuttingDown
-from kvd.core.protocol import ErrorBody
-from kvd.daemon.api import METRICS, STATE, TENANTS, compact_lookup, failure, observe
+from kvd.daemon.api import METRICS, STATE, TENANTS, compact_lookup, error_json, failure, observe
 from kvd.daemon.tenants import peer_credentials
 
 logger = logging.getLogger(__name__)
@@ -136,9 +135,14 @@ class FrameConnection(asyncio.Protocol):
             self._fail(error)
         self.transport.close()
 
-    def _fail(self, e: Exception) -> None:
+    def _error(self, e: Exception) -> tuple[int, bytes]:
         status, code, message = failure(e, "a framed lookup", self.app[METRICS])
-        self._write(status, ErrorBody(error=code, message=message).model_dump_json().encode())
+        return status, error_json(code, message)
+
+    def _fail(self, e: Exception) -> None:
+        """Answer ``e`` for a frame that was never served (too large, too slow)."""
+        status, body = self._error(e)
+        self._write(status, body)
         observe(self.app[METRICS], "FRAME", ROUTE, status, 0.0)
 
     def _write(self, status: int, body: bytes) -> None:
@@ -184,8 +188,7 @@ class FrameConnection(asyncio.Protocol):
                 raise InvalidRequest("empty frame; a framed lookup carries a compact lookup body (b'KVL1' ...)")
             answer, status = await compact_lookup(self.app, self._caller(), body), 200
         except Exception as e:  # noqa: BLE001 - the boundary: answer, keep serving
-            status, code, message = failure(e, "a framed lookup", self.app[METRICS])
-            answer = ErrorBody(error=code, message=message).model_dump_json().encode()
+            status, answer = self._error(e)
         self._write(status, answer)
         observe(self.app[METRICS], "FRAME", ROUTE, status, time.perf_counter() - t0)
         self.task = None

@@ -223,7 +223,7 @@ def _configs() -> list[dict]:
 
 
 def check_prefill_args(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
-           window_tokens, num_kv_heads, dtypes=(torch.bfloat16, torch.float16)):
+                       window_tokens, num_kv_heads, dtypes=(torch.bfloat16, torch.float16)):
     check_ndim("q", q, 3, "[T, Hq, D]")
     check_ndim("k_pool", k_pool, 3, "[num_pages, page_tokens, D]")
     check_dtype("q", q, dtypes)
@@ -296,7 +296,7 @@ def segpaged_prefill(
         ``out [T, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
     check_prefill_args(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
-           window_tokens, num_kv_heads)
+                       window_tokens, num_kv_heads)
     T, Hq, D = q.shape
     group = Hq // num_kv_heads
     rows = page_table.shape[0]

@@ -175,7 +175,7 @@ class Store:
         """Rows for a head-aware reader: each entry's classes it reads (at the position of the longest
         loadable run for the run's entries, at its own end for the rest), and that run's length.
         Prefetch brings only those classes: cold extents the reader skips stay cold."""
-        found = list(self._found(req, reader, hashes))
+        found = self._found(req, reader, hashes)
         hits, pos = head_aware_hits(reader, found, req.max_tokens)
         out = []
         for k, (i, e, num_tokens) in enumerate(found):
