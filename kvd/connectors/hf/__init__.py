@@ -1,5 +1,6 @@
 """kvd under transformers (Llama-family models): ``attach(model, ...)`` returns a ``KvdCache`` for
-``generate``; ``detach(model)`` undoes it (docs/transformers.md).
+``generate``; ``detach(model)`` undoes it; ``generate(model, ids, cache, ...)`` is ``model.generate``
+under the cache's Lil guard, rerun included (docs/transformers.md).
 
 The names are imported lazily: ``kvd.calibrate`` imports ``attention_switch`` from here and must not
 pull in the cache (hence the client) with it.
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["GuardConfig", "KvdCache", "attach", "detach"]
+__all__ = ["GuardConfig", "KvdCache", "attach", "detach", "generate"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "generate":
+        from kvd.connectors.hf.guard import generate
+
+        return generate
     if name in __all__:
         from kvd.connectors.hf import cache
 

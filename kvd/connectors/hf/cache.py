@@ -74,6 +74,7 @@ class Attachment:
     handle: Any = None  # kvd.client.prefix.ModelHandle when a daemon is configured
     page_tokens: int = 16
     guard: GuardConfig | None = None  # the Lil guard of head-aware decoding (kvd.connectors.hf.guard)
+    exact: Attachment | None = None  # every head global, an exact reader: the guard's rerun (action="rerun")
     warned: set[str] = field(default_factory=set)
 
     def warn_once(self, what: str, msg: str, *args) -> None:
@@ -150,6 +151,14 @@ class KvdCache(Cache):
     def fresh(self) -> KvdCache:
         """An empty cache sharing this one's model, head map, daemon handle and chunk store."""
         return KvdCache(self.att)
+
+    def exact(self) -> KvdCache:
+        """An empty cache that keeps every head's full KV, with no guard: the Lil guard's rerun
+        (``GuardConfig(action="rerun")``; an exact reader of the same daemon, so it loads and stores
+        exact prefix entries, never this map's)."""
+        if self.att.exact is None:
+            raise ValueError("no exact attachment: attach with a head map and guard=GuardConfig(action='rerun')")
+        return KvdCache(self.att.exact)
 
     def ensure_pool(self, *, batch_size: int = 1, dtype=None, device=None) -> PagePool:
         if self.pool is None:
@@ -336,8 +345,23 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
     Raises ``HeadMapError`` if the head map does not fit the model, ``ConfigError`` if the model cannot
     be identified without a ``model_id`` (PEFT adapters loaded).
     """
-    cfg = model.config
     spec = model_spec(model, model_id=model_id)
+    att = _attachment(model, spec, head_map, client, namespace, page_tokens, chunk_store, guard)
+    if guard is not None and guard.action == "rerun" and not att.head_map.is_all_global:
+        # The guard's rerun decodes again with every head global: an exact reader of the same daemon.
+        att.exact = _attachment(model, spec, None, client, namespace, page_tokens, None, None, layout=head_map)
+    previous = attention_switch.attach(model, hf_attention.ATTN_NAME, hf_attention.kvd_attention)
+    if getattr(model, "_kvd_hooks", None) is None:  # attached again: keep what the first attach replaced
+        model._kvd_hooks = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
+                            model.register_forward_hook(_post_forward, with_kwargs=True), previous)
+    return KvdCache(att)
+
+
+def _attachment(model, spec, head_map: HeadMap | None, client, namespace: str, page_tokens: int,
+                chunk_store: ChunkStore | None, guard: GuardConfig | None, *,
+                layout: HeadMap | None = None) -> Attachment:
+    """``layout``: an exact cache's (``head_map`` None) registration keeps the daemon's map of the model."""
+    cfg = model.config
     pool_map = head_map if head_map is not None else \
         HeadMap.all_global(spec.model_id, cfg.num_hidden_layers, cfg.num_key_value_heads)
     pool_map.check_fits(cfg.num_hidden_layers, cfg.num_key_value_heads, model=spec.model_id)
@@ -350,18 +374,15 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
         from kvd.core.errors import KvdError
 
         try:
-            handle = kvio.register(client, spec, head_map, namespace=namespace, computed_under=computed_under,
-                                   reader="head_aware")  # loads move only what the map reads
+            handle = kvio.register(client, spec, layout or head_map, namespace=namespace,
+                                   computed_under=computed_under,
+                                   reader="exact" if layout else "head_aware")  # loads move only what the map reads
         except KvdError as e:
             logger.warning("kvd daemon unavailable, running without it: %s", e)
     if chunk_store is None:
         chunk_store = DaemonChunkStore(handle) if handle is not None else LocalChunkStore()
     fingerprint = handle.fingerprint if handle is not None else spec.fingerprint()
-    previous = attention_switch.attach(model, hf_attention.ATTN_NAME, hf_attention.kvd_attention)
-    if getattr(model, "_kvd_hooks", None) is None:  # attached again: keep what the first attach replaced
-        model._kvd_hooks = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
-                            model.register_forward_hook(_post_forward, with_kwargs=True), previous)
-    return KvdCache(Attachment(model, pool_map, fingerprint, namespace, chunk_store, handle, page_tokens, guard))
+    return Attachment(model, pool_map, fingerprint, namespace, chunk_store, handle, page_tokens, guard)
 
 
 def detach(model) -> None:

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from kvd.calibrate import tasks
 from kvd.calibrate.masked_attention import apply_head_map
 from kvd.connectors.hf import cache as hf
-from kvd.connectors.hf.guard import GuardConfig
+from kvd.connectors.hf.guard import GuardConfig, generate
 from kvd.core.headmap import HeadMap
 from tests.daemon_proc import DaemonProc
 
@@ -146,3 +146,38 @@ def test_stop_action_ends_generate_at_the_trip(model, prompt, tripped):
                              stopping_criteria=[cache.guard])
     assert out.shape[1] - prompt.shape[1] == st.trip_generated
     assert cache.guard.stats.stops == 1 and cache.guard.stats.restores == 0 and cache.guard.stopped
+
+
+def test_rerun_action_returns_what_full_kv_decodes(model, prompt, tripped, tmp_path):
+    """``action="rerun"`` through ``hf.generate``: the guard trips where the restore run did, the request
+    is decoded again with every head global, and the output is an unmapped cache's, bit for bit. With a
+    daemon, the rerun is an exact reader: it stores exact prefix entries, which the next exact cache loads."""
+    toks, _, st = tripped
+    n = st.trip_generated + AFTER
+    with torch.no_grad():
+        full = model.generate(prompt, past_key_values=hf.attach(model), max_new_tokens=n, do_sample=False)
+        d = DaemonProc(tmp_path, env_extra={"KVD_KEYS__CHUNK_TOKENS": "64"}).start()
+        try:
+            with d.client() as client:
+                cfg = GuardConfig(window=64, ratio=3.0, action="rerun")
+                cache = hf.attach(model, head_map=aggressive_map(), client=client, namespace="lil", guard=cfg)
+                out = generate(model, prompt, cache, max_new_tokens=n, do_sample=False)
+                loaded = cache.exact().load_prefix(prompt)
+        finally:
+            d.kill()
+    g = cache.guard.stats
+    assert g.trips == 1 and g.reruns == 1 and g.restores == 0 and g.stops == 0
+    assert g.trip_generated == st.trip_generated and g.tokens_head_aware == st.trip_generated - 1
+    assert torch.equal(out, full) and g.tokens_exact == out.shape[1] - prompt.shape[1]
+    assert out[0, prompt.shape[1]:].tolist()[: st.trip_generated] != toks[: st.trip_generated]  # not a no-op
+    assert loaded == prompt.shape[1] // 64 * 64
+
+
+def test_rerun_under_plain_generate_stops_at_the_trip(model, prompt, tripped):
+    _, _, st = tripped
+    with torch.no_grad():
+        cache = hf.attach(model, head_map=aggressive_map(), guard=GuardConfig(window=64, ratio=3.0, action="rerun"))
+        out = model.generate(prompt, past_key_values=cache, max_new_tokens=120, do_sample=False,
+                             stopping_criteria=[cache.guard])
+    assert out.shape[1] - prompt.shape[1] == st.trip_generated
+    assert cache.guard.rerun_due and cache.guard.stats.reruns == 0 and cache.guard.stopped
