@@ -11,17 +11,20 @@ Sections (``SECTIONS``; a new one is a function returning its keys):
   full-KV generation that ended by itself (EOS) reached — healthy text never trips it — and the
   window whose threshold catches the map's runaway generations earliest wins. Key ``lil_calibration``.
 - ``lil``: the guard on held-out prompts (seeds ≥ 1000). Per prompt: full KV (plain transformers),
-  the adapter under the aggressive map without the guard, and with it (``GuardConfig()``, restore,
-  ``stopping_criteria=[cache.guard]``). Keys ``lil_inflation_noguard``, ``lil_inflation_guard``
-  (mean over prompts of ``len / len_full - 1``), ``lil_trip_share``, accuracies of the prompts
-  with an answer, and per-prompt rows.
+  the adapter under the aggressive map without the guard, with it at its defaults (``GuardConfig()``,
+  restore, ``stopping_criteria=[cache.guard]``), and with ``action="rerun"`` (through
+  ``kvd.connectors.hf.generate``). Keys ``lil_inflation_noguard``, ``lil_inflation_guard`` (the
+  default, restore), ``lil_inflation_guard_rerun`` (mean over prompts of ``len / len_full - 1``),
+  ``lil_tokens_spent_*`` (every token decoded, the ones a rerun throws away included, over full KV's),
+  ``lil_trip_share``, accuracies of the prompts with an answer, and per-prompt rows.
 
 The aggressive map (``aggressive_map``): every KV head local with sink 4 and window 32 except a
 seeded 10 % that stay global (8 of 90): 12 % of full KV at 1K tokens. It is meant to break decoding
 (loops), not to be served.
 
 Cost note: a guarded run is the unguarded run until the guard trips (the guard only reads tokens
-until then), so when it does not trip, its output is used for both and the map is decoded once.
+until then), so when it does not trip, its output is used for the unguarded and the rerun rows too
+and the map is decoded once.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.head_aware_results import merge  # noqa: E402
 from kvd.calibrate import tasks  # noqa: E402
 from kvd.connectors.hf import cache as hf  # noqa: E402
-from kvd.connectors.hf.guard import GuardConfig, compression_ratio  # noqa: E402
+from kvd.connectors.hf.guard import GuardConfig, compression_ratio, generate  # noqa: E402
 from kvd.core.headmap import HeadMap  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/head_aware.json"
@@ -95,16 +99,12 @@ def decode(model, ids: torch.Tensor, *, head_map: HeadMap | None = None, guard: 
             out = model.generate(ids, max_new_tokens=max_new, do_sample=False)
             return out[0, ids.shape[1]:].tolist(), None
         cache = hf.attach(model, head_map=head_map, guard=guard)
-        try:
-            crit = [cache.guard] if cache.guard is not None else None
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new, do_sample=False,
-                                 stopping_criteria=crit)
+        try:  # kvd's generate: the guard as a stopping criterion, and its rerun
+            out = generate(model, ids, cache, max_new_tokens=max_new, do_sample=False)
         finally:
             hf.detach(model)
     stats = None
     if cache.guard is not None:
-        from dataclasses import asdict
-
         stats = asdict(cache.guard.stats)
     return out[0, ids.shape[1]:].tolist(), stats
 
@@ -151,7 +151,8 @@ def _correct(tok, tokens: list[int], answer: str | None) -> bool | None:
 
 def lil(model, tok, args) -> dict:
     hm = aggressive_map()
-    cfg = GuardConfig()
+    cfg = GuardConfig()  # the defaults: restore
+    rerun_cfg = GuardConfig(action="rerun")  # the same thresholds
     rows = []
     for i in range(args.prompts):
         seed = tasks.EVAL_SEED_BASE + i  # held out: never used to choose anything
@@ -161,27 +162,37 @@ def lil(model, tok, args) -> dict:
         full, _ = decode(model, ids)
         guarded, stats = decode(model, ids, head_map=hm, guard=cfg)
         plain = decode(model, ids, head_map=hm)[0] if stats["trips"] else guarded
+        rerun, rstats = decode(model, ids, head_map=hm, guard=rerun_cfg) if stats["trips"] else (guarded, None)
         row = {"seed": seed, "kind": kind, "prompt_tokens": ids.shape[1], "len_full": len(full),
-               "len_noguard": len(plain), "len_guard": len(guarded), "guard": stats,
+               "len_noguard": len(plain), "len_guard": len(guarded), "len_guard_rerun": len(rerun),
+               "spent_noguard": len(plain), "spent_guard": len(guarded),
+               "spent_guard_rerun": len(rerun) + (rstats["trip_generated"] if rstats else 0),
+               "rerun_equals_full": rerun == full if rstats else None, "guard": stats, "guard_rerun": rstats,
                "correct_full": _correct(tok, full, answer), "correct_noguard": _correct(tok, plain, answer),
-               "correct_guard": _correct(tok, guarded, answer), "seconds": round(time.monotonic() - t0, 1)}
+               "correct_guard": _correct(tok, guarded, answer), "correct_guard_rerun": _correct(tok, rerun, answer),
+               "seconds": round(time.monotonic() - t0, 1)}
         rows.append(row)
-        log(f"lil {seed} {kind}: full {len(full)} noguard {len(plain)} guard {len(guarded)} "
+        log(f"lil {seed} {kind}: full {len(full)} noguard {len(plain)} guard {len(guarded)} rerun {len(rerun)} "
             f"trips {stats['trips']} stops {stats['stops']} ({row['seconds']} s)")
     n = len(rows)
     infl = lambda key: sum(r[key] / r["len_full"] - 1 for r in rows) / n  # noqa: E731
+    spent = lambda key: sum(r[key] for r in rows) / sum(r["len_full"] for r in rows) - 1  # noqa: E731
     answered = [r for r in rows if r["correct_full"] is not None]
     acc = lambda key: sum(bool(r[key]) for r in answered) / len(answered) if answered else None  # noqa: E731
+    reruns = [r["rerun_equals_full"] for r in rows if r["rerun_equals_full"] is not None]
     return {
         "lil_inflation_noguard": infl("len_noguard"),
         "lil_inflation_guard": infl("len_guard"),
+        "lil_inflation_guard_rerun": infl("len_guard_rerun"),
         "lil_trip_share": sum(r["guard"]["trips"] > 0 for r in rows) / n,
-        "lil_tokens_inflation_noguard": sum(r["len_noguard"] for r in rows) / sum(r["len_full"] for r in rows) - 1,
-        "lil_tokens_inflation_guard": sum(r["len_guard"] for r in rows) / sum(r["len_full"] for r in rows) - 1,
+        "lil_tokens_spent_noguard": spent("spent_noguard"),
+        "lil_tokens_spent_guard": spent("spent_guard"),
+        "lil_tokens_spent_guard_rerun": spent("spent_guard_rerun"),
+        "lil_rerun_equals_full_share": sum(reruns) / len(reruns) if reruns else None,
         "lil_accuracy_full": acc("correct_full"), "lil_accuracy_noguard": acc("correct_noguard"),
-        "lil_accuracy_guard": acc("correct_guard"), "lil_answered_prompts": len(answered),
-        "lil_setup": {"prompts": n, "max_new_tokens": MAX_NEW, "guard": vars(cfg) if hasattr(cfg, "__dict__")
-                      else {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+        "lil_accuracy_guard": acc("correct_guard"), "lil_accuracy_guard_rerun": acc("correct_guard_rerun"),
+        "lil_answered_prompts": len(answered),
+        "lil_setup": {"prompts": n, "max_new_tokens": MAX_NEW, "guard": asdict(cfg), "guard_rerun": asdict(rerun_cfg),
                       "map_kv_fraction_1k": hm.kv_fraction(1024), "map_global_heads": hm.num_global},
         "lil_rows": rows,
     }

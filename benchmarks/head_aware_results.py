@@ -49,8 +49,9 @@ def plot(doc: dict, png: Path) -> None:
     ax[0].axhline(GOALS["bytes_8k"], color="k", ls=":", lw=1)
     bars(ax[1], ["exact readers", "capacity mode"], [g("prefix_hit_rate_exact"), g("prefix_hit_rate_capacity")],
          title=f"prefix hit rate, same budget (ratio {g('capacity_hits_per_gb_ratio') or 0:.2f}x, goal 1.8x)")
-    bars(ax[2], ["no guard", "guard"], [g("lil_inflation_noguard"), g("lil_inflation_guard")], goal=GOALS["lil_guard"],
-         title="Lil: mean length inflation vs full KV (goal with guard 0.05)")
+    bars(ax[2], ["no guard", "guard: restore", "guard: rerun"],
+         [g("lil_inflation_noguard"), g("lil_inflation_guard"), g("lil_inflation_guard_rerun")],
+         goal=GOALS["lil_guard"], title="Lil: mean length inflation vs full KV (goal with guard 0.05)")
     bars(ax[3], ["KL fp8", "KL lossless ctrl", "top-1 fp8", "top-1 ctrl"],
          [g("lossy_exact_reader_kl"), g("lossy_control_lossless_kl"), g("lossy_exact_reader_top1"),
           g("lossy_control_lossless_top1")], title="exact reader of fp8 cold extents (vLLM)", fmt="{:.4f}")

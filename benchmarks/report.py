@@ -96,7 +96,10 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
         ("lossy_exact_reader_kl (fp8, vLLM)", key("lossy_exact_reader_kl"), "≤ 0.02", at_most(0.02)),
         ("lossy_exact_reader_top1 (fp8, vLLM)", key("lossy_exact_reader_top1"), "≥ 0.96", at_least(0.96)),
         ("lil_inflation_noguard", key("lil_inflation_noguard"), "report", None),
-        ("lil_inflation_guard", key("lil_inflation_guard"), "≤ 0.05", at_most(0.05)),
+        ("lil_inflation_guard (default action: restore)", key("lil_inflation_guard"), "≤ 0.05", at_most(0.05)),
+        ("lil_inflation_guard_rerun (action rerun)", key("lil_inflation_guard_rerun"), "≤ 0.05", at_most(0.05)),
+        ("lil_tokens_spent_guard (restore) / full KV − 1", key("lil_tokens_spent_guard"), "report", None),
+        ("lil_tokens_spent_guard_rerun (rerun) / full KV − 1", key("lil_tokens_spent_guard_rerun"), "report", None),
         ("lil_trip_share", key("lil_trip_share"), "report", None),
     ]),
     ("remote_tier", "Remote tier on Redis Cluster (issue 14)", "A real Redis Cluster (3 masters + 3 replicas, "
