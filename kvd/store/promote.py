@@ -98,6 +98,9 @@ class Promotion:
         try:
             data = await self.pipeline.on_io(src, src.tier.read, copy.loc)
             codec, checksum = await self.pipeline.on_cpu(self.pipeline.forms.place_into, src, copy, data, out)
+            # The decode has finished reading it (and only then: a cancelled await may leave the worker
+            # thread still reading, so that path does not give it back).
+            src.tier.recycle(data)
             return Copy(loc, codec, checksum)
         except RecordMissing as err:
             logger.info("%s", err)

@@ -109,6 +109,11 @@ class Tier(ABC):
         tiers: ``CorruptData`` if absent or damaged; the payload is verified by whoever uses it, see
         ``kvd.tiers.record``)."""
 
+    def recycle(self, data: Buffer) -> None:
+        """``data``, which ``read`` returned, is no longer read by anyone: a tier that received it into a
+        buffer of its own may receive the next read into that buffer. Default: nothing to do."""
+        return
+
     @abstractmethod
     def drop(self, loc: Location) -> None:
         """Give the room back. Dropping a location twice is a bug (AssertionError)."""

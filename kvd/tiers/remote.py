@@ -239,6 +239,10 @@ class RemoteTier(Tier):
             self._sizes.pop(loc.key, None)
         raise RecordMissing(f"remote record {loc.key!r} is no longer in the cluster (evicted or expired)")
 
+    def recycle(self, data) -> None:
+        if self._fast is not None:
+            self._fast.recycle(data)
+
     def _get(self, key: bytes):
         if self._fast is not None:
             node = self.client.get_node_from_key(key)

@@ -11,6 +11,11 @@ about 0.3 ms of the daemon's CPU on 8 of them (per-command slot and node routing
 checkout, response callbacks), a third of a remote-hit lookup. Here the keys are grouped by the node
 redis-py says owns them, every node gets one write, and the replies are parsed as they come.
 
+Receive buffers are reused: a value is received into a buffer that an earlier value's reader gave
+back (``recycle``) when one of the right size is free. A fresh buffer of a few MB costs a page fault
+per 4 KiB page on first touch; profiled during a remote restore, allocating the buffer took more of
+the I/O threads' time than receiving into it.
+
 Scope: plain ``GET`` of one key, ``HGETALL`` of keys, on the node redis-py's cluster client says owns its slot, over
 per-thread sockets (each I/O thread its own connection per node), with ACL ``AUTH`` when configured.
 Anything unusual — a ``-MOVED``/``-ASK`` redirection during a resharding or failover, an error
@@ -21,6 +26,10 @@ from __future__ import annotations
 
 import socket
 import threading
+
+# Buffers kept for reuse at most: a few restores' worth of records, held by the daemon while idle.
+POOL_BUFFERS = 32
+POOL_BYTES = 64 << 20
 
 
 class FastGetUnavailable(Exception):
@@ -38,6 +47,8 @@ class FastGet:
     def __init__(self, *, username: str | None, password: str | None, timeout_s: float) -> None:
         self.username, self.password, self.timeout_s = username, password, timeout_s
         self._local = threading.local()  # (host, port) -> socket, per thread
+        self._free: list[bytearray] = []  # receive buffers given back (``recycle``), for the next GETs
+        self._free_lock = threading.Lock()
 
     def _socket(self, host: str, port: int) -> socket.socket:
         socks = self._local.__dict__.setdefault("socks", {})
@@ -55,8 +66,9 @@ class FastGet:
             socks[(host, port)] = s
         return s
 
-    def get(self, host: str, port: int, key: bytes) -> bytearray | None:
-        """The value of ``key`` on ``host:port``; None if absent. ``OSError`` on a broken connection
+    def get(self, host: str, port: int, key: bytes) -> memoryview | None:
+        """The value of ``key`` on ``host:port`` (a view of a receive buffer: give it back with
+        ``recycle`` once nothing reads it, or drop it); None if absent. ``OSError`` on a broken connection
         (the socket is dropped), ``FastGetUnavailable`` for replies only the client can handle."""
         try:
             return self._get(host, port, key)
@@ -64,7 +76,25 @@ class FastGet:
             self.forget(host, port)
             raise
 
-    def _get(self, host: str, port: int, key: bytes) -> bytearray | None:
+    def recycle(self, value) -> None:
+        """``value`` (from ``get``) is read no more: its buffer may receive a later value. Anything else
+        (e.g. the bytes redis-py returned) is ignored."""
+        buf = value.obj if isinstance(value, memoryview) else None
+        if not isinstance(buf, bytearray):
+            return
+        with self._free_lock:
+            if len(self._free) < POOL_BUFFERS and sum(map(len, self._free)) + len(buf) <= POOL_BYTES:
+                self._free.append(buf)
+
+    def _buffer(self, n: int) -> bytearray:
+        """A free buffer of ``n`` to ``2n`` bytes, else a new one of ``n``."""
+        with self._free_lock:
+            for i, b in enumerate(self._free):
+                if n <= len(b) <= 2 * n:
+                    return self._free.pop(i)
+        return bytearray(n)
+
+    def _get(self, host: str, port: int, key: bytes) -> memoryview | None:
         s = self._socket(host, port)
         s.sendall(_command(b"GET", key))
         head = bytearray()
@@ -83,18 +113,15 @@ class FastGet:
         n = int(line[1:])
         if n < 0:
             return None
-        buf = bytearray(n + 2)  # the value and its trailing \r\n
-        view = memoryview(buf)
+        view = memoryview(self._buffer(n + 2))  # the value and its trailing \r\n (the buffer may be longer)
         pos = min(len(rest), n + 2)
         view[:pos] = rest[:pos]
         while pos < n + 2:
-            got = s.recv_into(view[pos:])
+            got = s.recv_into(view[pos : n + 2])  # never past this reply: the socket's next bytes are not ours
             if not got:
                 raise ConnectionError(f"{host}:{port} closed the connection mid-value")
             pos += got
-        del view
-        buf[n:] = b""  # drop \r\n in place (no copy of the value)
-        return buf
+        return view[:n]
 
     def hgetall_many(self, nodes: dict[tuple[str, int], list[bytes]]) -> dict[bytes, dict[bytes, bytes]]:
         """``HGETALL`` of every key, pipelined per node (``(host, port) -> keys`` it owns): every node's

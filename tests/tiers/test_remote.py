@@ -172,3 +172,25 @@ def test_wrong_password_is_a_config_error(redis_cluster_factory):
 def test_no_cluster_is_unavailable(tmp_path):
     with pytest.raises(TierUnavailable, match="cannot be reached"):
         connect(RemoteSettings(enabled=True, startup_nodes=["127.0.0.1:1"], timeout_s=0.2))
+
+
+def test_receive_buffers_are_reused_only_once_given_back(tier):
+    """A value read from the cluster comes in a receive buffer; once its reader gives it back
+    (``recycle``) the next read of a similar size reuses it, and a buffer longer than the value never
+    makes a read take the socket's next bytes (reads after it on the same connection stay right)."""
+    if tier._fast is None:
+        pytest.skip("TLS: redis-py reads")
+    big, small = name("c" * 32), name("d" * 32)
+    loc_big, rec_big = put(tier, big, kv(3), "raw")
+    loc_small, rec_small = put(tier, small, kv(4)[: len(kv(4)) * 3 // 4] + bytes(len(kv(4)) // 4), "lossless")
+    assert len(rec_big.data) // 2 <= len(rec_small.data) < len(rec_big.data)
+    first = tier.read(loc_big)
+    held = tier.read(loc_big)  # not given back: never reused while its reader holds it
+    assert first == rec_big.data and first.obj is not held.obj
+    tier.recycle(first)
+    again = tier.read(loc_small)  # into the bigger buffer given back
+    assert again.obj is first.obj and again == rec_small.data and held == rec_big.data
+    assert tier.read(loc_small) == rec_small.data and tier.read(loc_big) == rec_big.data  # same socket, in step
+    tier.recycle(again)
+    tier.recycle(b"not ours")  # bytes (redis-py's path) are ignored
+    assert get(tier, loc_small) == kv(4)[: len(kv(4)) * 3 // 4] + bytes(len(kv(4)) // 4)
