@@ -11,10 +11,8 @@ about 0.3 ms of the daemon's CPU on 8 of them (per-command slot and node routing
 checkout, response callbacks), a third of a remote-hit lookup. Here the keys are grouped by the node
 redis-py says owns them, every node gets one write, and the replies are parsed as they come.
 
-Receive buffers are reused: a value is received into a buffer that an earlier value's reader gave
-back (``recycle``) when one of the right size is free. A fresh buffer of a few MB costs a page fault
-per 4 KiB page on first touch; profiled during a remote restore, allocating the buffer took more of
-the I/O threads' time than receiving into it.
+Values are received into buffers of a ``kvd.tiers.buffers.BufferPool``, which the value's reader
+gives back (``recycle``) for a later GET.
 
 Scope: plain ``GET`` of one key, ``HGETALL`` of keys, on the node redis-py's cluster client says owns its slot, over
 per-thread sockets (each I/O thread its own connection per node), with ACL ``AUTH`` when configured.
@@ -27,9 +25,7 @@ from __future__ import annotations
 import socket
 import threading
 
-# Buffers kept for reuse at most: a few restores' worth of records, held by the daemon while idle.
-POOL_BUFFERS = 32
-POOL_BYTES = 64 << 20
+from kvd.tiers.buffers import BufferPool
 
 
 class FastGetUnavailable(Exception):
@@ -47,8 +43,7 @@ class FastGet:
     def __init__(self, *, username: str | None, password: str | None, timeout_s: float) -> None:
         self.username, self.password, self.timeout_s = username, password, timeout_s
         self._local = threading.local()  # (host, port) -> socket, per thread
-        self._free: list[bytearray] = []  # receive buffers given back (``recycle``), for the next GETs
-        self._free_lock = threading.Lock()
+        self._buffers = BufferPool()  # receive buffers, given back by the values' readers (``recycle``)
 
     def _socket(self, host: str, port: int) -> socket.socket:
         socks = self._local.__dict__.setdefault("socks", {})
@@ -77,22 +72,8 @@ class FastGet:
             raise
 
     def recycle(self, value) -> None:
-        """``value`` (from ``get``) is read no more: its buffer may receive a later value. Anything else
-        (e.g. the bytes redis-py returned) is ignored."""
-        buf = value.obj if isinstance(value, memoryview) else None
-        if not isinstance(buf, bytearray):
-            return
-        with self._free_lock:
-            if len(self._free) < POOL_BUFFERS and sum(map(len, self._free)) + len(buf) <= POOL_BYTES:
-                self._free.append(buf)
-
-    def _buffer(self, n: int) -> bytearray:
-        """A free buffer of ``n`` to ``2n`` bytes, else a new one of ``n``."""
-        with self._free_lock:
-            for i, b in enumerate(self._free):
-                if n <= len(b) <= 2 * n:
-                    return self._free.pop(i)
-        return bytearray(n)
+        """``value`` (from ``get``) is read no more: its buffer may receive a later value."""
+        self._buffers.give(value)
 
     def _get(self, host: str, port: int, key: bytes) -> memoryview | None:
         s = self._socket(host, port)
@@ -113,11 +94,11 @@ class FastGet:
         n = int(line[1:])
         if n < 0:
             return None
-        view = memoryview(self._buffer(n + 2))  # the value and its trailing \r\n (the buffer may be longer)
+        view = self._buffers.take(n + 2)  # the value and its trailing \r\n: never more (the next bytes are not ours)
         pos = min(len(rest), n + 2)
         view[:pos] = rest[:pos]
         while pos < n + 2:
-            got = s.recv_into(view[pos : n + 2])  # never past this reply: the socket's next bytes are not ours
+            got = s.recv_into(view[pos:])
             if not got:
                 raise ConnectionError(f"{host}:{port} closed the connection mid-value")
             pos += got

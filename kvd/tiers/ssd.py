@@ -51,6 +51,7 @@ import numpy as np
 from kvd.core.config import SsdSettings
 from kvd.core.errors import ConfigError, CorruptData, InvalidRequest, SsdFull, StorageFormatError
 from kvd.tiers.base import Buffer, ExtentName, Location, StoredRecord, Tier, TierStats
+from kvd.tiers.buffers import BufferPool
 from kvd.tiers.record import RECORD_FORMAT, name_key, parse_key, unpack_header
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class SsdTier(Tier):
         self.map_size_bytes = int(settings.map_size_bytes) or int(self.capacity_bytes * 1.25)
         self.write_batch = settings.write_batch
         self._sync = sync
+        self._buffers = BufferPool()  # what read returns, given back by the promotion (recycle)
         self._lock = threading.Lock()  # guards the accounting below
         self._gate = _Gate()
         self._sizes: dict[bytes, int] = {}  # key -> encoded bytes of a committed record
@@ -304,18 +306,23 @@ class SsdTier(Tier):
         except (CorruptData, StorageFormatError) as e:
             raise InvalidRequest(f"SSD write for key {loc.key.hex()} is not a record of that key: {e}") from None
 
-    def read(self, loc: Location) -> bytes:
-        """The record at ``loc``, its header checked. Its payload is verified by whoever uses it, before
-        any byte of it is used (``kvd.tiers.record.decode_record_into``, or ``check_record`` to pass a
-        record on as it is): verifying here too would hash every payload twice. ``CorruptData`` if the
-        record is absent or its header damaged."""
+    def read(self, loc: Location) -> memoryview:
+        """The record at ``loc``, header checked, in a pooled buffer (``recycle`` it). Its payload is verified
+        by whoever uses it, before any byte of it is used (``decode_record_into``, or ``check_record``
+        to pass a record on as it is): verifying here too would hash every payload twice.
+        ``CorruptData`` if the record is absent or its header damaged."""
         with self._gate, self._env.begin(buffers=True, db=self._data) as txn:
             value = txn.get(loc.key, db=self._data)
             if value is None:
                 raise CorruptData(f"SSD record {loc.key.hex()} is not in {self.path}")
             self._will_need(value)
             unpack_header(value, loc.key)
-            return bytes(value)
+            out = self._buffers.take(len(value))  # out of the transaction, into a reused buffer (recycle)
+            out[:] = value
+            return out
+
+    def recycle(self, data) -> None:
+        self._buffers.give(data)
 
     def drop(self, loc: Location) -> None:
         """Delete the record (or release a reservation never written). Dropping twice is a bug."""

@@ -417,3 +417,19 @@ def test_directory_and_files_are_private_whatever_the_umask(tmp_path):
     assert oct((tmp_path / "ssd").stat().st_mode & 0o777) == "0o700"
     for f in (tmp_path / "ssd").iterdir():
         assert f.stat().st_mode & 0o077 == 0, f"{f.name} is readable by others"
+
+
+def test_reads_reuse_a_buffer_once_given_back_and_stay_right(tier):
+    """``read`` copies the record out of LMDB into a pooled buffer; once its reader gives it back
+    (``recycle``, as the promotion does after decoding) the next read reuses it, with its own bytes."""
+    raws = {h: kv_bytes(i) for i, h in enumerate(("r1", "r2"))}
+    locs = {h: put(tier, h, raw, "raw") for h, raw in raws.items()}  # raw: records of one size
+    first = tier.read(locs["r1"])
+    held = tier.read(locs["r1"])
+    assert first.obj is not held.obj
+    tier.recycle(first)
+    second = tier.read(locs["r2"])
+    assert second.obj is first.obj and get(tier, locs["r2"]) == raws["r2"]
+    out = bytearray(len(raws["r2"]))
+    decode_record_into(CODECS, second, locs["r2"].key, out)
+    assert bytes(out) == raws["r2"] and bytes(held) == bytes(tier.read(locs["r1"]))
