@@ -78,13 +78,8 @@ class FastGet:
     def _get(self, host: str, port: int, key: bytes) -> memoryview | None:
         s = self._socket(host, port)
         s.sendall(_command(b"GET", key))
-        head = bytearray()
-        while b"\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"{host}:{port} closed the connection")
-            head += chunk
-        line, _, rest = bytes(head).partition(b"\r\n")
+        r = _Replies(s)
+        line = r.line()
         if line.startswith(b"-"):
             self.forget(host, port)  # a reply we do not parse may leave bytes behind: start clean
             raise FastGetUnavailable(line.decode(errors="replace"))
@@ -94,6 +89,7 @@ class FastGet:
         n = int(line[1:])
         if n < 0:
             return None
+        rest = r.buf[r.pos:]  # the value's first bytes, read with the header
         view = self._buffers.take(n + 2)  # the value and its trailing \r\n: never more (the next bytes are not ours)
         pos = min(len(rest), n + 2)
         view[:pos] = rest[:pos]
@@ -133,7 +129,8 @@ class FastGet:
 
 
 class _Replies:
-    """RESP2 replies read off one socket in order (only what ``HGETALL`` answers: arrays of bulk strings)."""
+    """RESP2 replies read off one socket in order: a reply's first line (``GET``'s ``$<n>`` header), and
+    what ``HGETALL`` answers, arrays of bulk strings."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -147,24 +144,24 @@ class _Replies:
         self.buf = self.buf[self.pos:] + chunk
         self.pos = 0
 
-    def _line(self) -> bytes:
+    def line(self) -> bytes:
         while (end := self.buf.find(b"\r\n", self.pos)) < 0:
             self._more()
         line, self.pos = self.buf[self.pos:end], end + 2
         return line
 
     def _bulk(self) -> bytes:
-        line = self._line()
-        if not line.startswith(b"$") or int(line[1:]) < 0:
+        line = self.line()
+        n = int(line[1:]) if line.startswith(b"$") else -1
+        if n < 0:
             raise FastGetUnavailable(f"unexpected reply {line[:40]!r}")
-        n = int(line[1:])
         while len(self.buf) - self.pos < n + 2:
             self._more()
         value, self.pos = self.buf[self.pos:self.pos + n], self.pos + n + 2
         return value
 
     def hash(self) -> dict[bytes, bytes]:
-        line = self._line()
+        line = self.line()
         if not line.startswith(b"*"):
             raise FastGetUnavailable(line.decode(errors="replace")[:200])  # -MOVED, -ASK, -ERR ...
         n = int(line[1:])
