@@ -51,14 +51,25 @@ INT32_MAX = tl.constexpr(2**31 - 1)  # "no page": larger than any position
 
 
 @triton.jit
+def _mma_acc(a, b, acc, INTERPRET: tl.constexpr):
+    # acc + a @ b with the accumulator fed to the MMA (wgmma accumulates in place)
+    if INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _attend_range(
     acc, m_i, l_i, q, qpos, kidx_start, kidx_end, sink, window,
-    k_ptr, v_ptr, table_row, ppos_row, qk_scale,
+    k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale,
     stride_kp, stride_kn, stride_vp, stride_vn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, INTERPRET: tl.constexpr,
+    MASKED: tl.constexpr, USE_DESC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # listed tokens [kidx_start, kidx_end); unmasked ranges hold only whole, fully visible tiles
+    # listed tokens [kidx_start, kidx_end); unmasked ranges hold only whole, fully visible tiles.
+    # USE_DESC (a tile inside one page): one descriptor load of the page's rows, where the rows past
+    # the range are the page's other bytes: their scores are masked and their values zeroed
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -67,18 +78,21 @@ def _attend_range(
         kidx = k0 + offs_n
         page_idx = kidx // PAGE_TOKENS
         in_range = kidx < kidx_end
-        page, in_page = _tile_pages(table_row, k0, offs_n, in_range, PAGE_TOKENS, BLOCK_N)
-        if MASKED:
-            kv_mask = in_range[:, None] & mask_d[None, :]
-            k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+        if USE_DESC:
+            page = tl.load(table_row + k0 // PAGE_TOKENS)
+            k = k_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = tl.where(in_range[:, None], v, 0.0)
         else:
+            page, in_page = _tile_pages(table_row, k0, offs_n, in_range, PAGE_TOKENS, BLOCK_N)
+            if MASKED:
+                kv_mask = in_range[:, None] & mask_d[None, :]
+            else:
+                kv_mask = mask_d[None, :]
             k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
-                        mask=mask_d[None, :], other=0.0)
+                        mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vn)[:, None] + offs_d[None, :],
-                        mask=mask_d[None, :], other=0.0)
+                        mask=kv_mask, other=0.0)
         qk = _mma(q, tl.trans(k), INTERPRET) * qk_scale
         if MASKED:
             # causal in positions; a local head also needs p < sink or p > s - window
@@ -94,7 +108,43 @@ def _attend_range(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, INTERPRET)
+        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_pages(
+    acc, m_i, l_i, q, kidx_start, kidx_end, k_desc, v_desc, table_row, qk_scale,
+    BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # the unmasked middle range through tensor descriptors (TMA on Hopper): every query sees every key,
+    # so no mask and m stays finite. A tile is rows [slot, slot + BLOCK_N) of one page, or two whole
+    # pages (BLOCK_N = 2 x PAGE_TOKENS: two loads, two dots, one softmax update)
+    SUB: tl.constexpr = BLOCK_N if BLOCK_N <= PAGE_TOKENS else PAGE_TOKENS
+    for k0 in tl.range(kidx_start, kidx_end, BLOCK_N, warp_specialize=WARP_SPEC):
+        page = tl.load(table_row + k0 // PAGE_TOKENS)
+        k = k_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(SUB, BLOCK_D)
+        v = v_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(SUB, BLOCK_D)
+        qk = _mma(q, tl.trans(k), INTERPRET)
+        if BLOCK_N > PAGE_TOKENS:
+            page_b = tl.load(table_row + k0 // PAGE_TOKENS + 1)
+            k_b = k_desc.load([page_b, 0, 0]).reshape(SUB, BLOCK_D)
+            v_b = v_desc.load([page_b, 0, 0]).reshape(SUB, BLOCK_D)
+            qk_b = _mma(q, tl.trans(k_b), INTERPRET)
+            m_new = tl.maximum(m_i, tl.maximum(tl.max(qk, 1), tl.max(qk_b, 1)) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # scores stay unscaled: scale and shift are one fused multiply-add per score
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
+        if BLOCK_N > PAGE_TOKENS:
+            p_b = tl.exp2(qk_b * qk_scale - m_new[:, None])
+            l_i += tl.sum(p_b, 1)
+            acc = _mma_acc(p_b.to(v_b.dtype), v_b, acc, INTERPRET)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -125,8 +175,8 @@ def _count_pages(ppos_row, n_pages, sink, skip_below, window_full_above, causal_
 @triton.jit
 def _segpaged_prefill_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, table_ptr, ppos_ptr, lens_ptr, qpos_ptr, cu_q_ptr,
-    sink_ptr, window_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, lse_ptr, table_ptr, ppos_ptr, lens_ptr, qpos_ptr,
+    cu_q_ptr, sink_ptr, window_ptr,
     # sizes
     num_kv_heads, qk_scale,
     # strides
@@ -135,7 +185,7 @@ def _segpaged_prefill_kernel(
     # meta-parameters
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_LSE: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_LSE: tl.constexpr, USE_DESC: tl.constexpr, WARP_SPEC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     BLOCK_TOK: tl.constexpr = BLOCK_M // BLOCK_G  # tile rows are (token, group member) pairs
     row = tl.program_id(1)
@@ -187,20 +237,28 @@ def _segpaged_prefill_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, 0, tl.minimum(n_sink * PAGE_TOKENS, seq_len), sink, window,
-            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, INTERPRET)
+            k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp,
+            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC and BLOCK_N <= PAGE_TOKENS,
+            INTERPRET)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, w0 * PAGE_TOKENS, tl.minimum(free_start, seq_len), sink, window,
-            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, INTERPRET)
-        acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, qpos, free_start, free_end, sink, window,
-            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, False, INTERPRET)
+            k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp,
+            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC and BLOCK_N <= PAGE_TOKENS,
+            INTERPRET)
+        if USE_DESC:
+            acc, m_i, l_i = _attend_pages(
+                acc, m_i, l_i, q, free_start, free_end, k_desc, v_desc, table_row, qk_scale,
+                BLOCK_D, PAGE_TOKENS, BLOCK_N, WARP_SPEC, INTERPRET)
+        else:
+            acc, m_i, l_i = _attend_range(
+                acc, m_i, l_i, q, qpos, free_start, free_end, sink, window,
+                k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale, stride_kp, stride_kn,
+                stride_vp, stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, False, False, INTERPRET)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, free_end, end, sink, window,
-            k_ptr, v_ptr, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp, stride_vn,
-            HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, INTERPRET)
+            k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp,
+            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC and BLOCK_N <= PAGE_TOKENS,
+            INTERPRET)
 
         # -- write: queries that saw nothing get zeros ------------------------------------------
         is_empty = l_i == 0.0
@@ -214,12 +272,37 @@ def _segpaged_prefill_kernel(
 
 
 def _configs() -> list[dict]:
-    """(BLOCK_M, BLOCK_N, warps, stages) candidates, best first on the H200 (32K prefill: 4.86 / 5.48 /
-    5.66 / 6.36 ms); the interpreter runs one small fixed config."""
+    """(BLOCK_M, BLOCK_N, warps, stages, tma, ws) candidates, best first; the interpreter runs one small
+    fixed config, with the descriptor path.
+
+    ``tma``: each K/V tile inside one page (or two whole pages) is one tensor-descriptor load (TMA on
+    Hopper) where the pool allows it (``_descriptors``); otherwise, and with ``tma`` off, pointer loads.
+    ``ws``: the unmasked loop is warp-specialised (Triton 3.6 fails to compile it on Hopper; kept for
+    newer Triton). Order: best first in the 32K prefill of ``benchmarks/kernels.py`` on an H100 and the
+    H200 (its JSON lists every config's time); 128 x 64 tiles over 8 warps and 128-key tiles (two
+    pages per tile) were slower there."""
     if is_interpreter():
-        return [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3))]
+        return [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, tma=True, ws=False)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, tma=tma, ws=False)
+            for bm, bn, w, s, tma in ((128, 64, 4, 3, True), (128, 64, 4, 4, True), (128, 64, 4, 2, True),
+                                      (256, 64, 16, 3, True), (128, 64, 8, 2, False))]
+
+
+def _descriptors(k_pool: torch.Tensor, v_pool: torch.Tensor, block_n: int, block_d: int):
+    """Tensor descriptors over the pools, boxes of ``[1, rows, D]`` (rows of one page), or ``None`` where
+    a descriptor cannot serve the tile: a tile must lie inside one page or be two whole pages, the head
+    dim must be the tile's, and TMA needs 16-byte aligned bases and strides."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    _, page_tokens, d = k_pool.shape
+    if d != block_d or (page_tokens % block_n and block_n != 2 * page_tokens):
+        return None
+    for t in (k_pool, v_pool):
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return None
+    rows = min(block_n, page_tokens)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, d]) for t in (k_pool, v_pool))
 
 
 def check_prefill_args(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
@@ -262,9 +345,14 @@ def check_prefill_args(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos,
 
 def _launch(args, grid_rows, max_seqlen_q, block_g, config, **meta):
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    q, k_pool, v_pool, *rest = args
+    descs = _descriptors(k_pool, v_pool, bn, meta["BLOCK_D"]) if config.get("tma") else None
+    use_desc = descs is not None
+    k_desc, v_desc = descs if use_desc else (k_pool, v_pool)  # unused by the pointer path
     grid = (triton.cdiv(max_seqlen_q, max(1, bm // block_g)), grid_rows)
-    _segpaged_prefill_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=config["num_warps"],
-                                   num_stages=config["num_stages"], **meta)
+    _segpaged_prefill_kernel[grid](q, k_pool, v_pool, k_desc, v_desc, *rest, BLOCK_M=bm, BLOCK_N=bn,
+                                   num_warps=config["num_warps"], num_stages=config["num_stages"],
+                                   USE_DESC=use_desc, WARP_SPEC=bool(config.get("ws")), **meta)
 
 
 def segpaged_prefill(
@@ -291,7 +379,8 @@ def segpaged_prefill(
         scale: softmax scale.  num_kv_heads: KV heads per request.
         max_seqlen_q: longest request in ``cu_seqlens_q``; pass it to avoid a device-to-host sync.
         return_lse: also return ``lse [T, Hq]`` (fp32, natural log).
-        config: ``dict(BLOCK_M, BLOCK_N, num_warps, num_stages)``; default the first of ``_configs()``.
+        config: ``dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, tma, ws])``; default the first of
+            ``_configs()``.
     Returns:
         ``out [T, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
