@@ -380,7 +380,7 @@ def segpaged_prefill(
         max_seqlen_q: longest request in ``cu_seqlens_q``; pass it to avoid a device-to-host sync.
         return_lse: also return ``lse [T, Hq]`` (fp32, natural log).
         config: ``dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, tma, ws])``; default the first of
-            ``_configs()``.
+            ``_configs()`` the pools allow (a descriptor config only where ``_descriptors`` can serve it).
     Returns:
         ``out [T, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
@@ -396,7 +396,10 @@ def segpaged_prefill(
     if T == 0 or rows == 0 or max_seqlen_q == 0:
         lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
-    config = config or _configs()[0]
+    if config is None:  # the best config this pool can use: descriptor configs need a describable pool
+        configs = _configs()
+        config = next((c for c in configs if not c["tma"] or _descriptors(k_pool, v_pool, c["BLOCK_N"], next_pow2(D))),
+                      configs[-1])
     block_g = next_pow2(group)
     if config["BLOCK_M"] < block_g:
         raise ValueError(f"BLOCK_M={config['BLOCK_M']} must hold a GQA group of {group} (padded {block_g})")
