@@ -193,6 +193,9 @@ class KvdClient:
     def release(self, req: P.ReleaseRequest) -> P.CountResponse:
         return self.call("POST", "/v1/release", req, P.CountResponse)
 
+    def renew(self, req: P.RenewRequest) -> P.CountResponse:
+        return self.call("POST", "/v1/renew", req, P.CountResponse)
+
     def delete(self, req: P.EntriesRequest) -> P.CountResponse:
         return self.call("POST", "/v1/delete", req, P.CountResponse)
 

@@ -12,10 +12,12 @@ entries (``kvd.client.prefix``), chunk entries (``kvd.reuse.chunks``) and the vL
   ``abort()`` gives the space back.
 
 Both are explicit objects with verb pairs because an engine may open one in one hook, copy layer by
-layer in others and close it in a later hook (vLLM's worker); ``with`` is sugar on top (a lease is
-released on exit; a reservation commits on a clean exit and aborts on an exception). Lifecycle: open
-→ views valid → closed; closing twice is a no-op, and views must not be used after a close (the
-daemon may hand the slots to another entry).
+layer in others and close it in a later hook (vLLM's worker), calling ``keep_alive()`` before each copy:
+a hold lives ``expires_in_s`` (the daemon's TTL) unless renewed, and a forward on a slow CPU can take
+longer. ``with`` is sugar (a lease is released on exit; a reservation commits on a clean exit, aborts
+on an exception). Lifecycle: open → views valid → closed (by the caller, or by ``keep_alive`` finding
+the hold lapsed); closing twice is a no-op; views must not be used after a close (the daemon may hand
+the slots to another entry).
 
 GPU tier (``kvd.tiers.gpu``): a handle with ``gpu`` pools asks for GPU extents; an extent answered with
 ``tier = "gpu"`` is a view of the daemon's GPU pool (``kvd.client.gpu_pool``), so copies are device to
@@ -33,9 +35,8 @@ An unusable entry is never mapped, so it cannot be copied; checksum failures are
 (``num_corrupt``). For prefix readers (``leading=True``) the first unusable entry ends the usable run:
 the entries after it are neither checked nor used, as after a miss.
 
-Failures: the daemon's errors (``kvd.core.errors``) propagate from the opening call, ``release``,
-``commit`` and ``abort``; a lease or reservation whose arena cannot be mapped is given back before
-the error is raised.
+Failures: the daemon's errors (``kvd.core.errors``) propagate from the opening call, ``keep_alive``,
+``release``, ``commit`` and ``abort``; a hold whose arena cannot be mapped is given back first.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Literal
 import xxhash
 
 from kvd.client.handle import ModelHandle
+from kvd.client.renewal import Renewal
 from kvd.client.views import EntryView, answer_plan, entry_views
 from kvd.core import protocol as P
 from kvd.core.errors import DaemonUnavailable
@@ -59,10 +61,10 @@ logger = logging.getLogger(__name__)
 
 MAX_TRANSFER_S = 3600.0  # the protocol's bound on a reported copy time
 
-# ok: usable. missing / timeout / corrupt: as the daemon answered. The rest are the client's checks:
-# bad_checksum (an extent's xxh3 differs), incomplete (a head class or its bytes are missing), lossy
-# (lossy bytes for a reader that did not accept them), short (fewer tokens than needed), skipped
-# (after the end of a prefix reader's usable run: not checked).
+# ok: usable. missing / timeout / corrupt: as the daemon answered. The client's checks: bad_checksum (an
+# extent's xxh3 differs), incomplete (a head class or its bytes are missing), lossy (lossy bytes for a
+# reader that did not accept them), short (fewer tokens than needed), skipped (after the end of a prefix
+# reader's usable run: not checked).
 EntryState = Literal["ok", "missing", "timeout", "corrupt", "bad_checksum", "incomplete", "lossy", "short",
                      "skipped"]
 
@@ -102,6 +104,7 @@ class Lease:
         self._classes = classes
         self._position = position
         self._t0 = time.perf_counter()
+        self._renewal = Renewal(resp.expires_in_s)
         try:
             for i, e in enumerate(resp.entries):
                 if leading and self._entries and self._entries[-1] is None:
@@ -231,6 +234,13 @@ class Lease:
     def closed(self) -> bool:
         return self.lease_id is None
 
+    def keep_alive(self) -> None:
+        """Before each copy of a long one (a forward, layer by layer): renew when due. ``NotFound`` (and
+        closed) if the lease lapsed: its bytes may have been reused, so what was copied must not be used."""
+        if (e := self._renewal.lapsed(self.handle, self.lease_id)) is not None:
+            self.lease_id, self._entries = None, [None] * len(self._entries)
+            raise e
+
     def release(self, transfer_s: float | None = None) -> float:
         """End the lease; its views must not be used after. ``transfer_s``: seconds spent copying
         (default: since the lease was opened), reported to the daemon. Returns what was reported.
@@ -299,6 +309,7 @@ class Reservation:
         self.states = [e.status for e in resp.entries]
         self._entries: list[EntryView | None] = []
         self._t0 = time.perf_counter()
+        self._renewal = Renewal(resp.expires_in_s)
         try:
             if [e.hash for e in resp.entries] != self.hashes:
                 raise ValueError("the daemon answered a reservation for other entries than asked")
@@ -328,6 +339,12 @@ class Reservation:
     @property
     def closed(self) -> bool:
         return self.reservation_id is None
+
+    def keep_alive(self) -> None:
+        """``Lease.keep_alive`` for a writer: ``NotFound`` (and closed) if it lapsed (a commit would fail)."""
+        if (e := self._renewal.lapsed(self.handle, self.reservation_id)) is not None:
+            self.reservation_id, self._entries = None, [None] * len(self._entries)
+            raise e
 
     def commit(self, transfer_s: float | None = None) -> list[str]:
         """Make every reserved entry visible (whole; the daemon checksums them). ``transfer_s``: seconds

@@ -289,12 +289,8 @@ class LeaseRequest(_Read):
 class LeasedEntry(_Model):
     hash: str
     status: Literal["ok", "missing", "timeout", "corrupt"]
-    # Tokens the extents hold (their layout). Under an alias key the entry may hold more tokens than
-    # the key names: a reader uses only the leading ones it asked for.
-    num_tokens: int = 0
-    # The entry's first token in its sequence: with ``position``, which local groups a head-aware
-    # reader gets (only those; ``kvd.core.extents.needed``).
-    start_token: int = 0
+    num_tokens: int = 0  # tokens its extents hold (an alias key may name fewer: a reader uses the leading)
+    start_token: int = 0  # first token in its sequence: which local groups a head-aware reader gets
     extents: list[ExtentInfo] = Field(default_factory=list)
 
 
@@ -309,6 +305,10 @@ class LeaseResponse(_Model):
 class ReleaseRequest(_Model):
     lease_id: str
     transfer_s: float = Field(default=0.0, ge=0, le=3600)
+
+
+class RenewRequest(_Model):  # keep a live lease or reservation (by its id) for another TTL: a long step
+    hold_id: str
 
 
 class EntriesRequest(_Model):

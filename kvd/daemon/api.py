@@ -240,6 +240,12 @@ async def release(request: web.Request) -> web.Response:
     return _json(request.app[STORE].release(req, caller(request).pid))
 
 
+@routes.post("/v1/renew")
+async def renew(request: web.Request) -> web.Response:
+    req = await _body(request, P.RenewRequest)
+    return _json(request.app[STORE].renew(req, caller(request).pid))
+
+
 @routes.post("/v1/delete")
 async def delete(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)

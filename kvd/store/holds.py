@@ -88,6 +88,18 @@ class HoldTable:
                            f"(leases live {self._lease_ttl_s()} s)")
         return lease
 
+    def get(self, hold_id: str) -> Lease | Reservation | None:
+        return self.leases.get(hold_id) or self.reservations.get(hold_id)
+
+    def renew(self, hold_id: str, now: float) -> None:
+        """Another TTL from ``now`` for a live lease or reservation (a client's step outlasting the TTL);
+        ``NotFound`` if the hold is over: ended, expired, or its owner gone."""
+        hold = self.get(hold_id)
+        if hold is None:
+            raise NotFound(f"hold {hold_id} is not held: never taken, ended, or expired (leases live "
+                           f"{self._lease_ttl_s()} s, reservations {self._reservation_ttl_s()} s)")
+        hold.expires_at = now + (self._lease_ttl_s() if isinstance(hold, Lease) else self._reservation_ttl_s())
+
     # ---- expiry ---------------------------------------------------------------------------------
 
     def take_expired(self, now: float, is_alive: Callable[[int], bool]

@@ -262,6 +262,11 @@ class Store:
         count_moved(self.metrics, "load", lease.nbytes, req.transfer_s)
         return P.CountResponse(count=len(lease.entries))
 
+    def renew(self, req: P.RenewRequest, owner_pid: int | None = None) -> P.CountResponse:
+        check_owner(self.holds.get(req.hold_id), owner_pid)
+        self.holds.renew(req.hold_id, self.clock())
+        return P.CountResponse(count=1)
+
     def _end_lease(self, lease: Lease) -> None:
         for e in lease.entries:
             self.pipeline.unhold(e)

@@ -8,6 +8,8 @@ daemon holding only a lossy copy would.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -174,3 +176,39 @@ def test_attention_tag_and_aliases_reach_the_daemon(daemon, handle):
     assert handle.client.last(P.LeaseRequest).computed_under == tag
     open_lease(h, [key], computed_under="exact").release()
     assert handle.client.last(P.LeaseRequest).computed_under == "exact"
+
+
+def test_keep_alive_holds_a_lease_and_a_reservation_past_the_ttl_and_reports_a_lapse(tmp_path):
+    """A copy spread over a long step (a forward on a slow CPU) keeps its hold alive by renewing; a hold
+    not renewed lapses, and ``keep_alive`` then closes it and raises, so its views cannot be copied."""
+    from kvd.core.errors import NotFound
+
+    ttl = 1.2
+    d = DaemonProc(tmp_path, env_extra={"KVD_HOST__LEASE_TTL_S": str(ttl),
+                                        "KVD_HOST__RESERVATION_TTL_S": str(ttl)}).start()
+    c = RecordingClient(d.socket, register_cuda=False)
+    try:
+        h = register(c, SPEC, HM, namespace="keep-alive")
+        toks, kv = list(range(2 * C)), kv_for(2 * C, 9)
+        kept = open_lease(h, store(h, toks[:C], kv[..., :C, :]), min_tokens=[C])
+        res = reserve(h, entries(h, toks)[1:])
+        for _ in range(4):  # 2.4 s in all, twice the TTL
+            time.sleep(ttl / 2)
+            kept.keep_alive()
+            res.keep_alive()
+        out = torch.zeros_like(kv[..., :C, :])
+        kept.entry(0).read_into(out, 0)
+        assert torch.equal(out, kv[..., :C, :]) and stats(d).leases_held == 1
+        res.entry(0).write_from(kv, C)
+        assert res.commit() == res.hashes  # the reservation lived through the step
+        assert sum(isinstance(r, P.RenewRequest) for r in c.sent) >= 6  # both holds, renewed when due
+        kept.release()
+        lapsed = open_lease(h, res.hashes, min_tokens=[C])
+        time.sleep(ttl + 1.0)  # past the TTL and the daemon's next expiry pass
+        with pytest.raises(NotFound, match="not held"):
+            lapsed.keep_alive()
+        assert lapsed.closed and lapsed.entry(0) is None and stats(d).leases_held == 0
+        lapsed.release()  # closed: a no-op
+    finally:
+        c.close()
+        d.kill()

@@ -6,7 +6,14 @@ import pytest
 
 from kvd.core import protocol as P
 from kvd.core.config import load_settings
-from kvd.core.errors import Conflict, FingerprintMismatch, InvalidRequest, NotFound, RequestTooLarge
+from kvd.core.errors import (
+    Conflict,
+    FingerprintMismatch,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+)
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec, prefix_hashes
 from kvd.daemon.metrics import Metrics
@@ -120,6 +127,30 @@ async def test_lease_protects_and_expires(store):
     assert len(store.holds.leases) == 0
     with pytest.raises(NotFound, match="not held"):
         store.release(P.ReleaseRequest(lease_id=le.lease_id))
+
+
+async def test_renew_keeps_a_live_hold_past_its_ttl_and_only_its_owner_may(store):
+    """A step longer than the TTL renews its lease and reservation; without a renewal both expire, and a
+    renewal then says so (the caller must not trust what it copies after)."""
+    hs = hashes(2)
+    await commit(store, (await reserve(store, hs[:1])).reservation_id)
+    le = await lease(store, hs[:1], owner_pid=7)
+    res = await reserve(store, hs[1:], owner_pid=7)
+    ttl = store.settings.host.lease_ttl_s
+    assert store.settings.host.reservation_ttl_s == ttl
+    for _ in range(3):  # three TTLs in all, renewed every 2/3 of one
+        store.clock_fake.advance(ttl * 2 / 3)
+        for hold in (le.lease_id, res.reservation_id):
+            assert store.renew(P.RenewRequest(hold_id=hold), owner_pid=7).count == 1
+        assert store.expire(is_alive=lambda pid: True) == 0
+    with pytest.raises(Forbidden, match="belongs to process 7"):
+        store.renew(P.RenewRequest(hold_id=le.lease_id), owner_pid=8)
+    await commit(store, res.reservation_id)  # still live: committed
+    assert (await lookup(store, hs)).num_prefix_hits == 2
+    store.clock_fake.advance(ttl + 1)
+    assert store.expire(is_alive=lambda pid: True) == 1
+    with pytest.raises(NotFound, match="not held"):
+        store.renew(P.RenewRequest(hold_id=le.lease_id), owner_pid=7)
 
 
 async def test_no_space_when_everything_is_leased_changes_nothing(store):

@@ -178,6 +178,10 @@ class WorkerIO:
             st.forward_started = True
             return
         t0 = time.perf_counter()
+        self._keep_loads_alive()
+        if not st.loads:
+            st.forward_started = True
+            return
         try:
             self.copier.load_layer(self.kv_caches[layer_name], layer, [p for ld in st.loads for p in ld.pieces])
         except Exception as e:  # a boundary: vLLM must recompute, never crash on a cache fault
@@ -186,6 +190,18 @@ class WorkerIO:
         st.layers_loaded.add(layer)
         st.forward_started = True
         st.t_load_s += time.perf_counter() - t0
+
+    def _keep_loads_alive(self) -> None:
+        """Renew the step's leases when due (a forward on a slow CPU can outlast their TTL). A lease the
+        daemon no longer holds fails its loads, every layer: its bytes may have been reused, so vLLM
+        recomputes those blocks (``take_load_errors``)."""
+        st = self.step
+        assert st is not None, "loads belong to a step"
+        for ld in list(st.loads):
+            if self.session.call("renew", lambda h, ld=ld: ld.lease.keep_alive() or True) is None:
+                st.loads.remove(ld)
+                self._release(ld)  # a no-op if it lapsed (closed); else the daemon was unreachable
+                self._fail(ld.spec, ld.spec.start, "its lease could not be kept")
 
     def _abandon_loads(self, why: str) -> None:
         st = self.step
@@ -212,6 +228,11 @@ class WorkerIO:
         t0 = time.perf_counter()
         if st.saves is None:
             st.saves = [s for spec in st.plan.saves if (s := self._reserve(spec)) is not None]
+        for sv in list(st.saves):  # renewed when due; one that lapsed would be refused at commit
+            if self.session.call("renew", lambda h, sv=sv: sv.reservation.keep_alive() or True) is None:
+                st.saves.remove(sv)
+                self._abort(sv)  # a no-op if it lapsed (closed)
+                self.counters["store_failed_chunks"] += sv.reservation.num_reserved
         if st.saves:
             try:
                 self.copier.save_layer(kv_layer, layer, [p for s in st.saves for p in s.pieces])

@@ -32,7 +32,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-ENGINE_TIMEOUT_S = 480
+# A hang guard, not a speed check. On CPUs without AVX-512, vLLM's CPU build cannot make its oneDNN bf16
+# linear and falls back to torch's (seen 2026-12-06 on a 2-core AVX2 VM: a 1,000-token prompt 13-26 s
+# instead of ~2 s, the reference engine's 11 prompts ~7 min beside the other engines); 480 s timed out.
+ENGINE_TIMEOUT_S = 1500
 MAX_TOKENS = 16
 
 
@@ -163,8 +166,10 @@ def runs(tmp_path_factory, smollm2_dir, prompts):
                "prompts": prompts, "program": program, "out": str(root / f"{name}.json")}
         (root / f"{name}.job.json").write_text(json.dumps(job))
         log = open(root / f"{name}.log", "wb")
+        # each engine in its own process group: on a timeout its EngineCore and workers go with it (a
+        # killed driver alone leaves them spinning, and they starve the next run of this fixture)
         procs[name] = subprocess.Popen([sys.executable, __file__, str(root / f"{name}.job.json")], cwd=REPO,
-                                       env=env, stdout=log, stderr=subprocess.STDOUT)
+                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + ENGINE_TIMEOUT_S
         for name, p in procs.items():
@@ -175,8 +180,10 @@ def runs(tmp_path_factory, smollm2_dir, prompts):
         yield {name: json.loads((root / f"{name}.json").read_text()) for name in procs}, daemon, root
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                p.kill()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the engine's EngineCore and workers too
+            except ProcessLookupError:
+                pass
         daemon.kill()
 
 
