@@ -253,6 +253,10 @@ def test_a_client_that_does_not_read_its_answers_is_held_not_buffered(served):
     n = (4 << 20) // len(body)  # unheld, requests and answers would pile up to megabytes
     s = framed(d.socket)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # the sender advances only as fast as this thread reads answers (the point of the test); on a
+    # loaded 2-core machine a send waited past 5 s, stopped mid-frame, and the daemon then rightly
+    # closed the connection for a body that never came (daemon.body_timeout_s)
+    s.settimeout(120)
     sender = threading.Thread(target=s.sendall, args=(body * n,), daemon=True)
     sender.start()
     time.sleep(1.0)
