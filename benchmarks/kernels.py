@@ -367,7 +367,7 @@ def prefill_check_small() -> None:
 
 def prefill_name(i: int, cfg: dict) -> str:
     return (f"cfg{i}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
-            + ("_tma" if cfg.get("tma") else "") + ("_ws" if cfg.get("ws") else ""))
+            + ("_tma" if cfg.get("tma") else ""))
 
 
 def prefill_32k() -> None:

@@ -116,35 +116,21 @@ def _attend_range(
 @triton.jit
 def _attend_pages(
     acc, m_i, l_i, q, kidx_start, kidx_end, k_desc, v_desc, table_row, qk_scale,
-    BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # the unmasked middle range through tensor descriptors (TMA on Hopper): every query sees every key,
-    # so no mask and m stays finite. A tile is rows [slot, slot + BLOCK_N) of one page, or two whole
-    # pages (BLOCK_N = 2 x PAGE_TOKENS: two loads, two dots, one softmax update)
-    SUB: tl.constexpr = BLOCK_N if BLOCK_N <= PAGE_TOKENS else PAGE_TOKENS
-    for k0 in tl.range(kidx_start, kidx_end, BLOCK_N, warp_specialize=WARP_SPEC):
+    # so no mask and m stays finite. A tile is rows [slot, slot + BLOCK_N) of one page
+    for k0 in range(kidx_start, kidx_end, BLOCK_N):
         page = tl.load(table_row + k0 // PAGE_TOKENS)
-        k = k_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(SUB, BLOCK_D)
-        v = v_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(SUB, BLOCK_D)
+        k = k_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_desc.load([page, k0 % PAGE_TOKENS, 0]).reshape(BLOCK_N, BLOCK_D)
         qk = _mma(q, tl.trans(k), INTERPRET)
-        if BLOCK_N > PAGE_TOKENS:
-            page_b = tl.load(table_row + k0 // PAGE_TOKENS + 1)
-            k_b = k_desc.load([page_b, 0, 0]).reshape(SUB, BLOCK_D)
-            v_b = v_desc.load([page_b, 0, 0]).reshape(SUB, BLOCK_D)
-            qk_b = _mma(q, tl.trans(k_b), INTERPRET)
-            m_new = tl.maximum(m_i, tl.maximum(tl.max(qk, 1), tl.max(qk_b, 1)) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # scores stay unscaled: scale and shift are one fused multiply-add per score
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
-        if BLOCK_N > PAGE_TOKENS:
-            p_b = tl.exp2(qk_b * qk_scale - m_new[:, None])
-            l_i += tl.sum(p_b, 1)
-            acc = _mma_acc(p_b.to(v_b.dtype), v_b, acc, INTERPRET)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -185,7 +171,7 @@ def _segpaged_prefill_kernel(
     # meta-parameters
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_P: tl.constexpr,
-    HAS_LSE: tl.constexpr, USE_DESC: tl.constexpr, WARP_SPEC: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_LSE: tl.constexpr, USE_DESC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     BLOCK_TOK: tl.constexpr = BLOCK_M // BLOCK_G  # tile rows are (token, group member) pairs
     row = tl.program_id(1)
@@ -238,17 +224,17 @@ def _segpaged_prefill_kernel(
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, 0, tl.minimum(n_sink * PAGE_TOKENS, seq_len), sink, window,
             k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp,
-            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC and BLOCK_N <= PAGE_TOKENS,
+            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC,
             INTERPRET)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, w0 * PAGE_TOKENS, tl.minimum(free_start, seq_len), sink, window,
             k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp,
-            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC and BLOCK_N <= PAGE_TOKENS,
+            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC,
             INTERPRET)
         if USE_DESC:
             acc, m_i, l_i = _attend_pages(
                 acc, m_i, l_i, q, free_start, free_end, k_desc, v_desc, table_row, qk_scale,
-                BLOCK_D, PAGE_TOKENS, BLOCK_N, WARP_SPEC, INTERPRET)
+                BLOCK_D, PAGE_TOKENS, BLOCK_N, INTERPRET)
         else:
             acc, m_i, l_i = _attend_range(
                 acc, m_i, l_i, q, qpos, free_start, free_end, sink, window,
@@ -257,7 +243,7 @@ def _segpaged_prefill_kernel(
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, qpos, free_end, end, sink, window,
             k_ptr, v_ptr, k_desc, v_desc, table_row, ppos_row, qk_scale, stride_kp, stride_kn, stride_vp,
-            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC and BLOCK_N <= PAGE_TOKENS,
+            stride_vn, HEAD_DIM, BLOCK_D, PAGE_TOKENS, BLOCK_N, True, USE_DESC,
             INTERPRET)
 
         # -- write: queries that saw nothing get zeros ------------------------------------------
@@ -272,37 +258,36 @@ def _segpaged_prefill_kernel(
 
 
 def _configs() -> list[dict]:
-    """(BLOCK_M, BLOCK_N, warps, stages, tma, ws) candidates, best first; the interpreter runs one small
-    fixed config, with the descriptor path.
+    """(BLOCK_M, BLOCK_N, warps, stages, tma) candidates, best first in the 32K prefill of
+    ``benchmarks/kernels.py`` on an H100 (``kernels.h100.json`` lists every config's time); the
+    interpreter runs one small fixed config, with the descriptor path.
 
-    ``tma``: each K/V tile inside one page (or two whole pages) is one tensor-descriptor load (TMA on
-    Hopper) where the pool allows it (``_descriptors``); otherwise, and with ``tma`` off, pointer loads.
-    ``ws``: the unmasked loop is warp-specialised (Triton 3.6 fails to compile it on Hopper; kept for
-    newer Triton). Order: best first in the 32K prefill of ``benchmarks/kernels.py`` on an H100 and the
-    H200 (its JSON lists every config's time); 128 x 64 tiles over 8 warps and 128-key tiles (two
-    pages per tile) were slower there."""
+    ``tma``: each K/V tile (inside one page) is one tensor-descriptor load (TMA on Hopper) where the
+    pool allows it (``_descriptors``); otherwise, and with ``tma`` off, pointer loads. Tried on the
+    H100 in throwaway sweeps and dropped: 128 x 64 tiles over 8 warps with descriptors, 128-key tiles
+    from two pages per tile (both slower), and a warp-specialised loop (Triton 3.6 does not compile it
+    for Hopper)."""
     if is_interpreter():
-        return [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, tma=True, ws=False)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, tma=tma, ws=False)
+        return [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, tma=True)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, tma=tma)
             for bm, bn, w, s, tma in ((128, 64, 4, 3, True), (128, 64, 4, 4, True), (128, 64, 4, 2, True),
                                       (256, 64, 16, 3, True), (128, 64, 8, 2, False))]
 
 
 def _descriptors(k_pool: torch.Tensor, v_pool: torch.Tensor, block_n: int, block_d: int):
-    """Tensor descriptors over the pools, boxes of ``[1, rows, D]`` (rows of one page), or ``None`` where
-    a descriptor cannot serve the tile: a tile must lie inside one page or be two whole pages, the head
-    dim must be the tile's, and TMA needs 16-byte aligned bases and strides."""
+    """Tensor descriptors over the pools, boxes of ``[1, block_n, D]`` (rows of one page), or ``None``
+    where a descriptor cannot serve the tile: a tile must lie inside one page, the head dim must be the
+    tile's, and TMA needs 16-byte aligned bases and strides."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _, page_tokens, d = k_pool.shape
-    if d != block_d or (page_tokens % block_n and block_n != 2 * page_tokens):
+    if d != block_d or page_tokens % block_n:
         return None
     for t in (k_pool, v_pool):
         size = t.element_size()
         if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
             return None
-    rows = min(block_n, page_tokens)
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, d]) for t in (k_pool, v_pool))
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, d]) for t in (k_pool, v_pool))
 
 
 def check_prefill_args(q, k_pool, v_pool, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q, sink_tokens,
@@ -352,7 +337,7 @@ def _launch(args, grid_rows, max_seqlen_q, block_g, config, **meta):
     grid = (triton.cdiv(max_seqlen_q, max(1, bm // block_g)), grid_rows)
     _segpaged_prefill_kernel[grid](q, k_pool, v_pool, k_desc, v_desc, *rest, BLOCK_M=bm, BLOCK_N=bn,
                                    num_warps=config["num_warps"], num_stages=config["num_stages"],
-                                   USE_DESC=use_desc, WARP_SPEC=bool(config.get("ws")), **meta)
+                                   USE_DESC=use_desc, **meta)
 
 
 def segpaged_prefill(
@@ -379,7 +364,7 @@ def segpaged_prefill(
         scale: softmax scale.  num_kv_heads: KV heads per request.
         max_seqlen_q: longest request in ``cu_seqlens_q``; pass it to avoid a device-to-host sync.
         return_lse: also return ``lse [T, Hq]`` (fp32, natural log).
-        config: ``dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, tma, ws])``; default the first of
+        config: ``dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, tma])``; default the first of
             ``_configs()`` the pools allow (a descriptor config only where ``_descriptors`` can serve it).
     Returns:
         ``out [T, Hq, D]`` in q's dtype, or ``(out, lse)``.
