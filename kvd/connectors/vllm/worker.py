@@ -198,10 +198,15 @@ class WorkerIO:
         st = self.step
         assert st is not None, "loads belong to a step"
         for ld in list(st.loads):
-            if self.session.call("renew", lambda h, ld=ld: ld.lease.keep_alive() or True) is None:
+            if not self._kept(ld.lease):
                 st.loads.remove(ld)
                 self._release(ld)  # a no-op if it lapsed (closed); else the daemon was unreachable
                 self._fail(ld.spec, ld.spec.start, "its lease could not be kept")
+
+    def _kept(self, hold) -> bool:
+        """Whether a lease or reservation is still held, renewed if due (False: it lapsed, or the daemon
+        could not be asked; either way nothing more may go through it)."""
+        return self.session.call("renew", lambda h: hold.keep_alive() or True) is not None
 
     def _abandon_loads(self, why: str) -> None:
         st = self.step
@@ -229,7 +234,7 @@ class WorkerIO:
         if st.saves is None:
             st.saves = [s for spec in st.plan.saves if (s := self._reserve(spec)) is not None]
         for sv in list(st.saves):  # renewed when due; one that lapsed would be refused at commit
-            if self.session.call("renew", lambda h, sv=sv: sv.reservation.keep_alive() or True) is None:
+            if not self._kept(sv.reservation):
                 st.saves.remove(sv)
                 self._abort(sv)  # a no-op if it lapsed (closed)
                 self.counters["store_failed_chunks"] += sv.reservation.num_reserved
