@@ -117,6 +117,8 @@ class SsdSettings(_Section):
     write_batch: int = Field(default=64, gt=0, le=100000)
     io_threads: int = Field(default=2, gt=0, le=64)
     prefetch_deadline_s: float = Field(default=5.0, gt=0, le=600)
+    # Longest a write-back / write-through batch waits while engines load (kvd.store.background).
+    yield_to_loads_s: float = Field(default=1.0, ge=0, le=60)
 
 
 class CodecSettings(_Section):

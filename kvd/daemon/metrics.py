@@ -178,6 +178,9 @@ class Metrics:
                                   registry=r)
         self.admission_refusals = Counter("kvd_admission_refusals", "Lookups of entries not (yet) admitted below "
                                           "the arena", registry=r)
+        self.background_yield_seconds = Counter(
+            "kvd_background_yield_seconds", "Seconds write-back and write-through batches waited for engines' "
+            "loads (ssd.yield_to_loads_s)", registry=r)
         self.prefetch_latency = Histogram("kvd_prefetch_duration_seconds", "Promotion latency per entry",
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.prefetches = Counter("kvd_prefetches", "Promotions into the arena", registry=r)

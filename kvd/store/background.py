@@ -15,6 +15,14 @@ When things move (this module) is apart from how they move (``kvd.store.pipeline
 
 One task (``run``) does write-back then relief in rounds; prefetches are tasks of their own, one per
 entry at a time. Failures are logged and counted; the loop survives them.
+
+**Loads first.** Write-back and write-through batches wait while an engine is loading (a lease held,
+or a lookup hit in the last ``LOAD_QUIET_S``: its lease is usually a step away), at most
+``ssd.yield_to_loads_s`` per batch. Why: a lookup hit is what admits an entry (its second sighting),
+so its write-back used to start at the very moment the engine loaded it, and encoding and writing
+94 MB beside the engine's step slowed that step's forward pass 2-3x on a 2-core VM (every op of the
+model, not only kvd's copies; ``benchmarks/vllm_hit_profile.py``). Relief never waits: it frees the
+arena for stores, and writes down what it evicts at once.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -39,6 +48,8 @@ MAX_QUEUE = 65536  # entries waiting for write-back; beyond it the oldest waits 
 BATCH_BYTES = 64 << 20  # raw bytes written per batch: bounds memory in flight
 IDLE_S = 0.2
 RELIEF_ROUNDS = 64  # bounded: each round frees at least one victim or stops
+LOAD_QUIET_S = 0.1  # a lookup hit counts as a load starting for this long (its lease follows in the step)
+YIELD_POLL_S = 0.01
 
 
 class Background:
@@ -54,6 +65,8 @@ class Background:
         self._through: OrderedDict[EntryKey, None] = OrderedDict()  # committed, waiting for write-through
         self._prefetching: dict[EntryKey, asyncio.Task] = {}
         self._wake = asyncio.Event()
+        self.leases_held: Callable[[], int] = lambda: 0  # the store's count of held leases
+        self._last_hit = float("-inf")  # time.monotonic() of the last lookup that found entries
 
     @property
     def has_lower(self) -> bool:
@@ -74,6 +87,25 @@ class Background:
             self._enqueue(e)
         else:
             self.metrics.admission_refusals.inc()
+
+    def on_hit(self) -> None:
+        """A lookup found entries: an engine is about to lease them (write-backs hold off)."""
+        self._last_hit = time.monotonic()
+
+    def loading(self) -> bool:
+        """An engine is loading: a lease is held, or a lookup hit was just answered."""
+        return self.leases_held() > 0 or time.monotonic() - self._last_hit < LOAD_QUIET_S
+
+    async def yield_to_loads(self) -> None:
+        """Wait until no engine is loading, at most ``ssd.yield_to_loads_s`` (0: never wait). Real time,
+        not the store's clock: tests freeze that one."""
+        limit = self.settings.ssd.yield_to_loads_s
+        if limit <= 0 or not self.loading():
+            return
+        t0 = time.monotonic()
+        while self.loading() and time.monotonic() - t0 < limit:
+            await asyncio.sleep(YIELD_POLL_S)
+        self.metrics.background_yield_seconds.inc(time.monotonic() - t0)
 
     def on_pin(self, e: Entry) -> None:
         if self.has_lower and self.pipeline.needs_write(e):
@@ -176,6 +208,8 @@ class Background:
                 key, _ = self._through.popitem(last=False)
                 if (e := self.index.get(key)) is not None:
                     batch.append(e)
+            if batch:
+                await self.yield_to_loads()
             for dst in self.index.levels[1:]:
                 todo = [e for e in batch if self._through_classes(e, dst)]
                 if todo and not dst.tier.is_available:
@@ -223,6 +257,8 @@ class Background:
                 if e is not None and self.pipeline.needs_write(e) and key not in self.pipeline.busy:
                     batch.append(e)
                     nbytes += e.nbytes
+            if batch:
+                await self.yield_to_loads()
             for lv in self.index.memory:  # GPU pool -> arena, then arena -> SSD
                 await self.pipeline.write_down(batch, lv)
 

@@ -77,6 +77,7 @@ class Store:
         self.admin = Admin(self.index, self.pipeline, self.background, settings)
         self.holds = HoldTable(reservation_ttl_s=lambda: settings.host.reservation_ttl_s,
                                lease_ttl_s=lambda: settings.host.lease_ttl_s)
+        self.background.leases_held = lambda: len(self.holds.leases)
         self.writes = Writes(self.index, self.pipeline, self.background, self.registry, self.holds, settings,
                              metrics, clock)
 
@@ -136,6 +137,8 @@ class Store:
             prefix = self._rows(req, reader, hashes)
             num_hits = L.leading_hits(prefix)
         chunks = self._rows(req, reader, req.chunk_hashes or [])
+        if num_hits or chunks:
+            self.background.on_hit()
         result = L.LookupResult(chunk_tokens=chunk, num_prefix_hits=num_hits, prefix=prefix, chunks=chunks)
         L.count_hits(self.metrics, req, result, num_hashes=len(hashes))
         return result

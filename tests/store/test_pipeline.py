@@ -126,6 +126,37 @@ async def test_admission_then_write_back_with_head_aware_placement(world):
     assert status == ["ok"] * 4 and got == data
 
 
+async def test_write_back_waits_for_loads_in_flight_then_goes_on(tmp_path):
+    """The lookup hit that admits an entry is followed by its lease: the write-back waits for the lease to
+    end (and waits no longer than ``ssd.yield_to_loads_s`` when it never ends)."""
+    w = World(tmp_path, ssd={"yield_to_loads_s": 30})
+    try:
+        hs, data = await w.store_seq(1)
+        assert (await w.lookup(hs)).num_prefix_hits == 4  # second sighting: admitted, queued
+        le = await w.store.lease(P.LeaseRequest(fingerprint=w.fp, hashes=hs))
+        step = asyncio.ensure_future(w.step())
+        await asyncio.sleep(0.4)
+        assert not step.done() and w.ssd.stats().num_records == 0  # waiting: the engine is loading
+        w.store.release(P.ReleaseRequest(lease_id=le.lease_id))
+        await asyncio.wait_for(step, 10)
+        assert w.ssd.stats().num_records > 0
+        assert 0.4 <= w.metric("kvd_background_yield_seconds_total") < 10
+        status, got = await w.read_back(hs)
+        assert status == ["ok"] * 4 and got == data
+
+        # A lease that is never released: the next batch waits yield_to_loads_s, then writes anyway.
+        w.settings.ssd.yield_to_loads_s = 0.3
+        hs2, _ = await w.store_seq(2)
+        await w.lookup(hs2)
+        held = await w.store.lease(P.LeaseRequest(fingerprint=w.fp, hashes=hs2))
+        before = w.ssd.stats().num_records
+        await asyncio.wait_for(w.step(), 10)
+        assert w.ssd.stats().num_records > before
+        w.store.release(P.ReleaseRequest(lease_id=held.lease_id))
+    finally:
+        w.close()
+
+
 async def test_pressure_demotes_under_the_low_watermark_and_reads_back_exactly(world):
     world.settings.ssd.admit_after = 1
     world.settings.host.low_watermark = 0.25
