@@ -1,19 +1,17 @@
 """Where a fresh engine's kvd hit spends its time: a breakdown of the ``kvd`` rows of ``vllm_e2e.py``.
 
-A store engine (a subprocess, kvd connector) computes five 4,096-token pass-key prompts (the
+A store engine (a subprocess, kvd connector) computes three 4,096-token pass-key prompts (the
 ``vllm_e2e`` prompts, ``Q4096_*``); then an engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 so its worker's hooks run here; the same thread settings and connector as ``vllm_e2e``) asks for each
-of them once (a kvd hit: 4,095 tokens loaded; the first hit warms the engine's one-token shapes and is
-reported apart; the others alternate between the connector's loader thread and copies inside the
-step, ``load_thread`` on / off) and then again (its own prefix cache plus kvd's part-filled last
-block). The connector's hooks are wrapped with timers and minor-page-fault counts (``getrusage``): the
-scheduler's lookup (``sched_match``), the worker's lease (one RPC, then every extent's xxh3 read: the
-first touch of those arena pages in this process), ``load_layer`` summed over the 30 layers (the
-copies themselves, or with the loader thread the forward's waits for them), the loader thread's
-whole run (``loader_thread``), the step's end (release RPC). TTFT is the wall time of one
-``LLM.generate`` with ``max_tokens=1``.
+of them once (a kvd hit: 4,095 tokens loaded, the first hit warms the engine's one-token shapes and is
+reported apart) and then again (its own prefix cache plus kvd's part-filled last block). The connector's
+hooks are wrapped with timers and minor-page-fault counts (``getrusage``): the scheduler's lookup
+(``sched_match``), the worker's lease (one RPC, then every extent's xxh3 read: the first touch of
+those arena pages in this process), the per-layer copies into vLLM's blocks (``load_layer``, summed
+over the 30 layers), the step's end (release RPC). TTFT is the wall time of one ``LLM.generate``
+with ``max_tokens=1``.
 
-Run: ``python benchmarks/vllm_hit_profile.py`` (about 15 minutes on 2 cores); writes
+Run: ``python benchmarks/vllm_hit_profile.py`` (about 10 minutes on 2 cores); writes
 ``benchmarks/results/vllm_hit_profile.json``. A profile, not a comparison: no goal is judged on it.
 """
 
@@ -37,7 +35,7 @@ from benchmarks.vllm_e2e import KVD_CONNECTOR, build_prompts  # noqa: E402
 from benchmarks.vllm_e2e_procs import ENGINE_ENV, Engine, KvdDaemon  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "vllm_hit_profile.json"
-RUNS = 5  # prompts stored and loaded; the first load warms the engine, the others alternate loader on/off
+RUNS = 3  # prompts stored and loaded; the first load warms the engine
 
 
 def timed(cls, name: str, key: str, acc: dict) -> None:
@@ -81,17 +79,13 @@ def main() -> None:
         rows = load_engine(model, prompts, names, conn)
     finally:
         kvd.stop()
-    hits = [r for r in rows if r["mode"] == "kvd_hit" and r["name"] != names[0] and r["load_thread"]]
-    inline = [r for r in rows if r["mode"] == "kvd_hit" and not r["load_thread"]]
+    hits = [r for r in rows if r["mode"] == "kvd_hit" and r["name"] != names[0]]
     own = [r for r in rows if r["mode"] == "own_prefix_cache_hit"]
-    med = lambda rs, k: statistics.median(r.get(k, [0.0])[0] if k != "ttft_ms" else r[k] for r in rs)  # noqa: E731
+    med = lambda rs, k: statistics.median(r[k][0] if isinstance(r[k], list) else r[k] for r in rs)  # noqa: E731
     res = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores, flags {cpu_flags()}", "thread_settings": {k: ENGINE_ENV[k] for k in (
                "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")}, "tokens": 4096, "rows": rows,
-           "median_kvd_hit": {k: med(hits, k) for k in ("ttft_ms", "sched_match", "lease", "load_layer",
-                                                        "loader_thread", "end_step")},
-           "median_kvd_hit_copies_in_step": {k: med(inline, k) for k in ("ttft_ms", "sched_match", "lease",
-                                                                         "load_layer", "end_step")},
+           "median_kvd_hit": {k: med(hits, k) for k in ("ttft_ms", "sched_match", "lease", "load_layer", "end_step")},
            "median_kvd_hit_lease_faults": statistics.median(r["lease"][1] for r in hits),
            "median_own_hit_ttft_ms": med(own, "ttft_ms")}
     OUT.write_text(json.dumps(res, indent=1))
@@ -102,34 +96,26 @@ def load_engine(model: Path, prompts: dict, names: list[str], conn: dict) -> lis
     os.environ.update(ENGINE_ENV)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker's hooks run in this process
     from vllm import LLM, SamplingParams
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    from kvd.connectors.vllm import loader as LD
     from kvd.connectors.vllm import scheduler as S
     from kvd.connectors.vllm import worker as W
 
     acc: dict = {}
     for cls, name, key in ((W.WorkerIO, "_lease", "lease"), (W.WorkerIO, "load_layer", "load_layer"),
                            (W.WorkerIO, "end_step", "end_step"), (W.WorkerIO, "save_layer", "save_layer"),
-                           (LD.LayerLoader, "_run", "loader_thread"),
                            (S.SchedulerPlanner, "num_new_matched_tokens", "sched_match")):
         timed(cls, name, key, acc)
     llm = LLM(model=str(model), max_model_len=8192, enforce_eager=True, seed=0, enable_prefix_caching=True,
               kv_transfer_config=conn)
     first = SamplingParams(temperature=0.0, max_tokens=1)
-    worker = get_kv_transfer_group().worker
-    loader = worker.loader
-    assert loader is not None, "the connector runs with load_thread on by default"
     rows = []
     for mode, batch in (("kvd_hit", names), ("own_prefix_cache_hit", names)):
-        for i, n in enumerate(batch):
-            worker.loader = loader if mode != "kvd_hit" or i % 2 == 1 or i == 0 else None
+        for n in batch:
             acc.clear()
             time.sleep(1.0)
             f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             (r,) = llm.generate([{"prompt_token_ids": prompts[n]}], first, use_tqdm=False)
-            rows.append({"mode": mode, "name": n, "load_thread": worker.loader is not None,
-                         "ttft_ms": round((time.perf_counter() - t0) * 1e3, 1),
+            rows.append({"mode": mode, "name": n, "ttft_ms": round((time.perf_counter() - t0) * 1e3, 1),
                          "cached_tokens": r.num_cached_tokens,
                          "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0,
                          **{k: [round(ms, 2), faults] for k, (ms, faults) in acc.items()}})

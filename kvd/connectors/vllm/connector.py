@@ -38,7 +38,6 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import probe_block_layout
-from kvd.connectors.vllm.loader import LayerLoader, transfer_cpus
 from kvd.connectors.vllm.scheduler import SchedulerPlanner, StepPlan
 from kvd.connectors.vllm.settings import ConnectorSettings, load_head_map, model_spec_from_vllm, open_session
 from kvd.connectors.vllm.stats import KvdConnectorStats, KvdPromMetrics
@@ -136,17 +135,11 @@ class KvdConnector(KVConnectorBase_V1):
             attn.impl.do_kv_cache_update(attn, key, value, kv, slots)
 
         layout = probe_block_layout(engine_write, ordered[names[0]])
-        first = ordered[names[0]]
-        copier = make_copier(layout.to(first.device), first)
-        loader = None
-        if first.device.type == "cpu" and self.settings.load_thread:  # its own copier: its own staging
-            loader = LayerLoader(make_copier(layout.to(first.device), first), list(ordered.values()),
-                                 transfer_cpus())
+        copier = make_copier(layout.to(ordered[names[0]].device), ordered[names[0]])
         self.worker = WorkerIO(self.session, self.settings, ordered, copier, block_size=self.block_size,
-                               num_blocks=self._kv_cache_config.num_blocks, loader=loader)
-        logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s%s", len(names), layout.name,
-                    self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__,
-                    ", loads on a thread ahead of the forward" if loader else "")
+                               num_blocks=self._kv_cache_config.num_blocks)
+        logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s", len(names), layout.name,
+                    self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -42,9 +42,6 @@ class ConnectorSettings(BaseModel):
     max_retry_interval_s: float = Field(default=30.0, gt=0, le=3600)
     lookup_ttl_s: float = Field(default=1.0, ge=0, le=60)  # a request's cached lookup answer
     verify_checksums: bool = True  # check leased extents (xxh3) before copying them into vLLM
-    # CPU: copy loads on a thread (pinned to vLLM's KV-transfer core) layer by layer ahead of the forward,
-    # instead of inside each wait_for_layer_load (kvd.connectors.vllm.loader).
-    load_thread: bool = True
     # Load extents kvd holds only in lossy form (codec.local_cold_codec = fp8/int8), flagged, instead of
     # recomputing them. Off by default: vLLM then gets exact KV or recomputes (docs/vllm.md: fidelity).
     accept_lossy: bool = False

@@ -29,7 +29,6 @@ COUNTERS = {
     "requests_not_keyed": ("requests_not_keyed", "Requests kvd could not key (no token ids)"),
     "daemon_failures": ("daemon_failures", "Failed daemon calls (each opens the circuit breaker)"),
     "load_s": ("load_seconds", "Seconds workers spent loading KV from kvd"),
-    "load_wait_s": ("load_wait_seconds", "Seconds the forward pass waited for kvd's layer copies"),
     "save_s": ("save_seconds", "Seconds workers spent saving KV to kvd"),
 }
 STORE_OUTCOMES = {"stored_chunks": "stored", "store_exists_chunks": "exists", "store_no_space_chunks": "no_space",

@@ -11,10 +11,8 @@ Runs in each vLLM worker process, one step at a time, driven by the hooks vLLM c
                                                      layer was written, abort the others
     take_load_errors()    get_block_ids_with_load_errors
 
-Everything finishes inside the step. Loads on the CPU are copied by a ``LayerLoader`` thread
-(``kvd.connectors.vllm.loader``) started by ``start_loads``, layer by layer ahead of the forward;
-``load_layer`` waits for its layer, and the thread is joined before the leases are released. A saved
-chunk's bytes are in the arena before the step ends, so vLLM may free or reuse its blocks right after (``request_finished`` never delays a free).
+Everything is synchronous inside the step: a saved chunk's bytes are in the arena before the step
+ends, so vLLM may free or reuse its blocks right after (``request_finished`` never delays a free).
 Failures never raise into vLLM: a lease that fails or returns fewer chunks reports the blocks it did
 not fill (vLLM recomputes them under ``kv_load_failure_policy: "recompute"``); a request whose load
 failed stores nothing in that step (its KV was computed over unfilled blocks); a store that fails is
@@ -33,7 +31,6 @@ import torch
 from kvd.client.session import DaemonSession
 from kvd.client.transfer import Lease, Reservation, open_lease, reserve
 from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece, StridedCopier
-from kvd.connectors.vllm.loader import LayerLoader
 from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan, entry_sizes
 from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.core import protocol as P
@@ -66,23 +63,19 @@ class _Step:
     failed_reqs: set[str] = field(default_factory=set)
     t_load_s: float = 0.0
     t_save_s: float = 0.0
-    t_wait_s: float = 0.0  # the forward's waits for the loader's copies
 
 
 class WorkerIO:
     """``kv_caches``: layer name -> vLLM's per-layer view, in layer order; ``block_size``: vLLM's
-    (manager) block size, which may span several kernel blocks of ``kv_caches``; ``loader``: copies the
-    step's loads on a thread of its own (None: ``load_layer`` copies each layer itself)."""
+    (manager) block size, which may span several kernel blocks of ``kv_caches``."""
 
     def __init__(self, session: DaemonSession, settings: ConnectorSettings, kv_caches: dict[str, torch.Tensor],
-                 copier: StridedCopier | PermCopier | KernelCopier, *, block_size: int, num_blocks: int,
-                 loader: LayerLoader | None = None) -> None:
+                 copier: StridedCopier | PermCopier | KernelCopier, *, block_size: int, num_blocks: int) -> None:
         self.session = session
         self.settings = settings
         self.kv_caches = kv_caches
         self.layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.copier = copier
-        self.loader = loader
         self.block_size = block_size
         first = next(iter(kv_caches.values()))
         self.ratio = first.shape[0] // num_blocks  # kernel blocks per manager block
@@ -133,8 +126,6 @@ class WorkerIO:
             load = self._lease(spec)
             if load is not None:
                 st.loads.append(load)
-        if self.loader is not None and st.loads:
-            self.loader.start([p for ld in st.loads for p in ld.pieces])
         st.t_load_s += time.perf_counter() - t0
 
     def _lease(self, spec: LoadSpec) -> _Load | None:
@@ -192,53 +183,34 @@ class WorkerIO:
             st.forward_started = True
             return
         try:
-            if self.loader is not None and self.loader.running:
-                err = self.loader.wait(layer)
-                st.t_wait_s += time.perf_counter() - t0
-                if err is not None:
-                    raise RuntimeError(f"the loader thread: {err}") from err
-            else:
-                self.copier.load_layer(self.kv_caches[layer_name], layer,
-                                       [p for ld in st.loads for p in ld.pieces])
-                st.t_load_s += time.perf_counter() - t0
+            self.copier.load_layer(self.kv_caches[layer_name], layer, [p for ld in st.loads for p in ld.pieces])
         except Exception as e:  # a boundary: vLLM must recompute, never crash on a cache fault
             logger.exception("kvd: copying layer %s into vLLM failed", layer_name)
             self._abandon_loads(f"copy failed: {e}")
         st.layers_loaded.add(layer)
         st.forward_started = True
+        st.t_load_s += time.perf_counter() - t0
 
     def _keep_loads_alive(self) -> None:
         """Renew the step's leases when due (a forward on a slow CPU can outlast their TTL). A lease the
         daemon no longer holds fails its loads, every layer: its bytes may have been reused, so vLLM
-        recomputes those blocks (``take_load_errors``). The loader thread is stopped first (after the
-        layer it is copying), so nothing reads that lease's slots any more; the step's other loads go
-        on synchronously from the next layer (the layers the thread finished stay copied)."""
+        recomputes those blocks (``take_load_errors``)."""
         st = self.step
         assert st is not None, "loads belong to a step"
-        lapsed = [ld for ld in st.loads if not self._kept(ld.lease)]
-        if lapsed:
-            self._finish_loader()
-        for ld in lapsed:
-            st.loads.remove(ld)
-            self._release(ld)  # a no-op if it lapsed (closed); else the daemon was unreachable
-            self._fail(ld.spec, ld.spec.start, "its lease could not be kept")
+        for ld in list(st.loads):
+            if not self._kept(ld.lease):
+                st.loads.remove(ld)
+                self._release(ld)  # a no-op if it lapsed (closed); else the daemon was unreachable
+                self._fail(ld.spec, ld.spec.start, "its lease could not be kept")
 
     def _kept(self, hold) -> bool:
         """Whether a lease or reservation is still held, renewed if due (False: it lapsed, or the daemon
         could not be asked; either way nothing more may go through it)."""
         return self.session.call("renew", lambda h: hold.keep_alive() or True) is not None
 
-    def _finish_loader(self) -> None:
-        """Join the loader thread (it reads the leased arena slots: before any release)."""
-        if self.loader is not None and self.loader.running:
-            self.loader.finish()
-            if self.step is not None:
-                self.step.t_load_s += self.loader.copy_s
-
     def _abandon_loads(self, why: str) -> None:
         st = self.step
         assert st is not None, "loads belong to a step"
-        self._finish_loader()
         for ld in st.loads:
             self._release(ld)
             self._fail(ld.spec, ld.spec.start, why)
@@ -335,7 +307,6 @@ class WorkerIO:
         if st is None:
             return
         num_layers = len(self.layer_index)
-        self._finish_loader()
         if st.loads:
             if len(st.layers_loaded) != num_layers:
                 self._abandon_loads(f"only {len(st.layers_loaded)} of {num_layers} layers were loaded")
@@ -358,7 +329,6 @@ class WorkerIO:
                 self._commit(s, st.t_save_s)
             st.t_save_s += time.perf_counter() - t0
         self.counters["load_s"] += st.t_load_s
-        self.counters["load_wait_s"] += st.t_wait_s
         self.counters["save_s"] += st.t_save_s
         self.step = None
 

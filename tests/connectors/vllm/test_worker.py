@@ -7,8 +7,6 @@ plans, and checks the blocks, the daemon's entries and the blocks reported as fa
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import pytest
@@ -16,7 +14,6 @@ import torch
 
 from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import BlockLayout, known_layout
-from kvd.connectors.vllm.loader import LayerLoader
 from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
 from kvd.connectors.vllm.settings import ConnectorSettings, open_session
 from kvd.connectors.vllm.worker import WorkerIO
@@ -54,10 +51,7 @@ def make_worker(d: DaemonProc, model: str, *, head_map=None, ratio: int = 1, see
     n = N // ratio  # kernel blocks smaller than vLLM's blocks: dim 0 has ratio x as many
     kv = {f"model.layers.{i}.self_attn.attn": torch.randn(NUM_BLOCKS * ratio, H, n, 2 * D, generator=g).bfloat16()
           for i in range(L)}
-    first = next(iter(kv.values()))
-    loader = LayerLoader(make_copier(layout(n), first), list(kv.values())) if settings.load_thread else None
-    return WorkerIO(s, settings, kv, make_copier(layout(n), first), block_size=N, num_blocks=NUM_BLOCKS,
-                    loader=loader)
+    return WorkerIO(s, settings, kv, make_copier(layout(n), next(iter(kv.values()))), block_size=N, num_blocks=NUM_BLOCKS)
 
 
 def hashes(w: WorkerIO, toks: list[int]) -> tuple[str, ...]:
@@ -87,18 +81,16 @@ def toks_for(seed: int, n: int = 800) -> list[int]:
 
 @pytest.mark.parametrize("ratio", [1, 2], ids=["block=kernel", "block=2-kernel-blocks"])
 @pytest.mark.parametrize("two_classes", [False, True], ids=["all-global", "head-map"])
-@pytest.mark.parametrize("load_thread", [True, False], ids=["loader-thread", "in-step"])
-def test_save_then_load_round_trip_is_bit_exact(daemon, ratio, two_classes, load_thread):
+def test_save_then_load_round_trip_is_bit_exact(daemon, ratio, two_classes):
     hm = HeadMap.from_classes("m", [[True, False]] * L, sink=4, window=64) if two_classes else None
-    model = f"m-{ratio}-{two_classes}-{load_thread}"
+    model = f"m-{ratio}-{two_classes}"
     src = make_worker(daemon, model, head_map=hm, ratio=ratio, seed=1)
     toks = toks_for(ratio * 10 + two_classes)
     hs = hashes(src, toks)
     src_blocks = (5, 2, 11, 7, 19, 3, 8)
     assert run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, src_blocks, len(toks)),))) == set()
     assert src.counters["stored_chunks"] == 3
-    dst = make_worker(daemon, model, head_map=hm, ratio=ratio, seed=2, load_thread=load_thread)
-    assert (dst.loader is not None) == load_thread
+    dst = make_worker(daemon, model, head_map=hm, ratio=ratio, seed=2)
     dst_blocks = (4, 9, 1, 13, 6, 20, 12)
     assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, dst_blocks),))) == set()
     assert blocks_equal(src, src_blocks[:6], dst, dst_blocks[:6])
@@ -353,83 +345,3 @@ def test_a_copier_of_whole_blocks_stops_before_a_block_it_would_fill_in_part(dae
     assert errors == {14}
     assert blocks_equal(src, (1, 2, 3, 4, 5), dst, (9, 10, 11, 12, 13))
     assert all(torch.equal(before[n], t[14]) for n, t in dst.kv_caches.items())
-
-
-# ---- the loader thread ------------------------------------------------------------------------------
-
-
-def test_a_copy_failing_on_the_loader_thread_fails_the_load_and_releases_its_lease(daemon):
-    src = make_worker(daemon, "loader-fail", seed=16)
-    toks = toks_for(16)
-    hs = hashes(src, toks)
-    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
-    dst = make_worker(daemon, "loader-fail", seed=17)
-    real = dst.loader.copier.load_layer
-
-    def breaks_at_layer_1(kv, layer, pieces):
-        if layer == 1:
-            raise OSError("injected: the arena page went away")
-        real(kv, layer, pieces)
-
-    dst.loader.copier.load_layer = breaks_at_layer_1
-    blocks = tuple(range(10, 16))
-    assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, blocks),))) == set(blocks)
-    assert dst.counters["load_failed_tokens"] == 768 and dst.counters["loaded_tokens"] == 0
-    assert not dst.loader.running
-    with daemon.client() as c:
-        assert c.stats().leases_held == 0
-    dst.loader.copier.load_layer = real  # the next step loads again, whole
-    assert run_step(dst, StepPlan(loads=(LoadSpec("c", NS, 0, hs, 0, 768, blocks),))) == set()
-    assert blocks_equal(src, (1, 2, 3, 4, 5, 6), dst, blocks)
-
-
-def test_the_loader_runs_ahead_of_the_forward_and_is_joined_before_the_release(daemon):
-    """Layer l's wait returns once layer l is copied, while later layers may still be copying; the
-    step's end waits for the thread, so no copy reads an arena slot after its lease is released."""
-    src = make_worker(daemon, "loader-order", seed=18)
-    toks = toks_for(18)
-    hs = hashes(src, toks)
-    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
-    dst = make_worker(daemon, "loader-order", seed=19)
-    real, gate, copied = dst.loader.copier.load_layer, threading.Event(), []
-
-    def slow_last_layer(kv, layer, pieces):
-        if layer == L - 1:
-            gate.wait(10)
-        real(kv, layer, pieces)
-        copied.append(layer)
-
-    dst.loader.copier.load_layer = slow_last_layer
-    blocks = tuple(range(10, 16))
-    dst.begin_step(StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, blocks),)))
-    dst.start_loads()
-    names = list(dst.kv_caches)
-    for name in names[:-1]:
-        dst.load_layer(name)  # returns while the last layer is held back
-    assert copied == list(range(L - 1)) and dst.loader.running
-    threading.Timer(0.3, gate.set).start()
-    dst.load_layer(names[-1])
-    dst.end_step()
-    assert copied == list(range(L)) and not dst.loader.running
-    assert dst.take_load_errors() == set()
-    assert blocks_equal(src, (1, 2, 3, 4, 5, 6), dst, blocks)
-    assert dst.counters["load_wait_s"] >= 0.2  # the last layer's wait: the forward waited for it
-
-
-def test_the_loader_thread_pins_itself_to_the_cores_it_is_given():
-    seen = []
-
-    class Recorder:  # stands in for a copier: what matters here is the thread it is called on
-        def load_layer(self, kv, layer, pieces):
-            seen.append((threading.current_thread().name, os.sched_getaffinity(0)))
-
-    cpu = min(os.sched_getaffinity(0))
-    loader = LayerLoader(Recorder(), [torch.empty(1)] * 2, cpus={cpu})
-    try:
-        loader.start([])
-        assert loader.wait(0) is None and loader.wait(1) is None
-        loader.finish()
-    finally:
-        loader.close()
-    assert [a for _, a in seen] == [{cpu}, {cpu}] and all(n.startswith("kvd-load") for n, _ in seen)
-    assert os.sched_getaffinity(0) != {cpu} or os.cpu_count() == 1  # the caller's own mask is untouched
