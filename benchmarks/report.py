@@ -187,6 +187,18 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
         ("load ms, LBHNC layout", lambda d: d["LBHNC"]["load_ms"], "report", None),
         ("memcpy of the same bytes ms (ceiling)", lambda d: d["LBHNC_KT"]["memcpy_ms"], "ceiling", None),
     ]),
+    ("vllm_hit_profile", "Where a fresh vLLM engine's kvd hit spends its time (issue 17)", "Real vLLM (CPU build) "
+     "in the script's process, SmolLM2-135M, 4,096-token prompts another engine stored, then asked again (its own "
+     "prefix cache); medians of the hits after a warm-up one, the connector's hooks timed (docs/vllm.md)", [
+        ("kvd hit TTFT ms", lambda d: d["median_kvd_hit"]["ttft_ms"], "report", None),
+        ("the same engine's own prefix-cache hit ms", key("median_own_hit_ttft_ms"), "report", None),
+        ("kvd / own hit", lambda d: d["median_kvd_hit"]["ttft_ms"] / d["median_own_hit_ttft_ms"],
+         "≤ 1.3 (issue 17)", at_most(1.3)),
+        ("lookup ms", lambda d: d["median_kvd_hit"]["sched_match"], "report", None),
+        ("lease ms (one RPC, xxh3 of every extent)", lambda d: d["median_kvd_hit"]["lease"], "report", None),
+        ("copies into vLLM's blocks ms (30 layers)", lambda d: d["median_kvd_hit"]["load_layer"], "report", None),
+        ("release ms", lambda d: d["median_kvd_hit"]["end_step"], "report", None),
+    ]),
 ]
 
 

@@ -87,7 +87,18 @@ def test_hundreds_of_idle_connections_do_not_block_and_are_dropped(daemon):
         s.close()
 
 
-def test_a_thousand_simultaneous_new_clients_all_succeed(daemon):
+def test_a_thousand_simultaneous_new_clients_all_succeed(tmp_path):
+    # The daemon's default timeouts, not the module fixture's 1 s idle timeout: one client loop opening
+    # 1,000 connections on a loaded 2-core machine can leave one unwritten for over a second, and the
+    # daemon then rightly closes it (seen once in a full run; this test is about the burst).
+    d = DaemonProc(tmp_path, env_extra={"KVD_SSD__ENABLED": "false"}).start()
+    try:
+        _burst_of_new_clients(d)
+    finally:
+        d.kill()
+
+
+def _burst_of_new_clients(daemon) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
 
