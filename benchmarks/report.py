@@ -192,8 +192,8 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
      "prefix cache); medians of the hits after a warm-up one, the connector's hooks timed (docs/vllm.md)", [
         ("kvd hit TTFT ms", lambda d: d["median_kvd_hit"]["ttft_ms"], "report", None),
         ("the same engine's own prefix-cache hit ms", key("median_own_hit_ttft_ms"), "report", None),
-        ("kvd / own hit", lambda d: d["median_kvd_hit"]["ttft_ms"] / d["median_own_hit_ttft_ms"],
-         "≤ 1.3 (issue 17)", at_most(1.3)),
+        ("kvd / own hit (an in-process engine: the issue's ≤ 1.3 is judged on vllm_e2e's)",
+         lambda d: d["median_kvd_hit"]["ttft_ms"] / d["median_own_hit_ttft_ms"], "report", None),
         ("lookup ms", lambda d: d["median_kvd_hit"]["sched_match"], "report", None),
         ("lease ms (one RPC, xxh3 of every extent)", lambda d: d["median_kvd_hit"]["lease"], "report", None),
         ("copies into vLLM's blocks ms (30 layers)", lambda d: d["median_kvd_hit"]["load_layer"], "report", None),

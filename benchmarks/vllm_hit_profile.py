@@ -9,10 +9,13 @@ hooks are wrapped with timers and minor-page-fault counts (``getrusage``): the s
 (``sched_match``), the worker's lease (one RPC, then every extent's xxh3 read: the first touch of
 those arena pages in this process), the per-layer copies into vLLM's blocks (``load_layer``, summed
 over the 30 layers), the step's end (release RPC). TTFT is the wall time of one ``LLM.generate``
-with ``max_tokens=1``.
+with ``max_tokens=1``. Every timed request is checked, as ``vllm_e2e`` checks its timed hits: its first
+token must be the one the storing engine computed for that prompt, and a kvd hit must have loaded
+4,095 tokens; a failed check ends the run without writing a result.
 
 Run: ``python benchmarks/vllm_hit_profile.py`` (about 10 minutes on 2 cores); writes
-``benchmarks/results/vllm_hit_profile.json``. A profile, not a comparison: no goal is judged on it.
+``benchmarks/results/vllm_hit_profile.json``. A profile, not a comparison: no goal is judged on it
+(an in-process engine; the issue's TTFT goals are judged on ``vllm_e2e.py``).
 """
 
 from __future__ import annotations
@@ -73,10 +76,9 @@ def main() -> None:
     try:
         store = Engine("store", root, model, prompts, connector=conn)
         store.wait_ready()
-        for n in names:
-            store.ask("time", n)
+        first_token = {n: store.ask("time", n)["token_ids"][0] for n in names}
         store.close()
-        rows = load_engine(model, prompts, names, conn)
+        rows = load_engine(model, prompts, names, conn, first_token)
     finally:
         kvd.stop()
     hits = [r for r in rows if r["mode"] == "kvd_hit" and r["name"] != names[0]]
@@ -92,7 +94,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
 
 
-def load_engine(model: Path, prompts: dict, names: list[str], conn: dict) -> list[dict]:
+def load_engine(model: Path, prompts: dict, names: list[str], conn: dict, first_token: dict[str, int]) -> list[dict]:
     os.environ.update(ENGINE_ENV)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker's hooks run in this process
     from vllm import LLM, SamplingParams
@@ -120,6 +122,10 @@ def load_engine(model: Path, prompts: dict, names: list[str], conn: dict) -> lis
                          "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0,
                          **{k: [round(ms, 2), faults] for k, (ms, faults) in acc.items()}})
             print(json.dumps(rows[-1]), flush=True)
+            got = r.outputs[0].token_ids[0]
+            if got != first_token[n] or (mode == "kvd_hit" and r.num_cached_tokens != len(prompts[n]) - 1):
+                raise SystemExit(f"{mode} of {n}: first token {got} (the storing engine's {first_token[n]}), "
+                                 f"{r.num_cached_tokens} cached tokens: wrong KV or no load; no result written")
     return rows
 
 

@@ -54,7 +54,7 @@ YIELD_POLL_S = 0.01
 
 class Background:
     def __init__(self, index: Index, pipeline: Pipeline, admission: SsdAdmission, settings: Settings,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, leases_held: Callable[[], int] = lambda: 0) -> None:
         self.index = index
         self.pipeline = pipeline
         self.promotion = Promotion(pipeline)
@@ -65,7 +65,7 @@ class Background:
         self._through: OrderedDict[EntryKey, None] = OrderedDict()  # committed, waiting for write-through
         self._prefetching: dict[EntryKey, asyncio.Task] = {}
         self._wake = asyncio.Event()
-        self.leases_held: Callable[[], int] = lambda: 0  # the store's count of held leases
+        self.leases_held = leases_held  # the store's count of held leases: engines loading
         self._last_hit = float("-inf")  # time.monotonic() of the last lookup that found entries
 
     @property

@@ -71,13 +71,12 @@ class Store:
         self.pipeline = Pipeline(self.index, codecs=Codecs(settings.codec), cpu=cpu, io=io, metrics=metrics,
                                  admitted=lambda e: self.background.admitted(e),
                                  dtype_of=lambda fp: self.registry.get(fp).spec.kv_dtype, clock=clock)
-        self.background = Background(self.index, self.pipeline, SsdAdmission(settings.ssd.admit_after), settings,
-                                     metrics)
-        self.pipeline.keep_for = self.background.pending_through
-        self.admin = Admin(self.index, self.pipeline, self.background, settings)
         self.holds = HoldTable(reservation_ttl_s=lambda: settings.host.reservation_ttl_s,
                                lease_ttl_s=lambda: settings.host.lease_ttl_s)
-        self.background.leases_held = lambda: len(self.holds.leases)
+        self.background = Background(self.index, self.pipeline, SsdAdmission(settings.ssd.admit_after), settings,
+                                     metrics, leases_held=lambda: len(self.holds.leases))
+        self.pipeline.keep_for = self.background.pending_through
+        self.admin = Admin(self.index, self.pipeline, self.background, settings)
         self.writes = Writes(self.index, self.pipeline, self.background, self.registry, self.holds, settings,
                              metrics, clock)
 
