@@ -78,7 +78,7 @@ class LookupAnswer:
 class _Row(Protocol):  # the daemon's rows (kvd.store.answers.EntryRow); core imports no store
     index: int
     tier: str
-    classes: list[str]
+    classes: tuple[str, ...]
     complete: bool
     num_tokens: int
 
@@ -209,24 +209,41 @@ def decode_lookup(body: bytes) -> LookupRequest:
 
 
 def encode_answer(result: _Result) -> bytes:
-    """The compact answer of the daemon's lookup result (``kvd.store.answers.LookupResult``)."""
+    """The compact answer of the daemon's lookup result (``kvd.store.answers.LookupResult``). The rows
+    are packed by one ``struct`` call (per-row packing was most of the encoding's time)."""
     names: dict[str, int] = {}
     sets: dict[tuple[str, ...], int] = {}
-    rows = []
+    flat: list = []
     for r in (*result.prefix, *result.chunks):
-        tier = names.setdefault(r.tier, len(names))
-        key = tuple(r.classes)
-        if key not in sets:
-            for c in key:
+        tier = names.get(r.tier)
+        if tier is None:
+            tier = names[r.tier] = len(names)
+        cls = sets.get(r.classes)
+        if cls is None:
+            for c in r.classes:
                 names.setdefault(c, len(names))
-            sets[key] = len(sets)
-        rows.append(_ROW.pack(r.index, tier, sets[key], r.complete, r.num_tokens))
+            cls = sets[r.classes] = len(sets)
+        flat += (r.index, tier, cls, r.complete, r.num_tokens)
     head = [ANSWER_MAGIC, struct.pack("<II", result.chunk_tokens, result.num_prefix_hits), bytes([len(names)])]
     head += [bytes([len(n)]) + n.encode() for n in names]
     head.append(bytes([len(sets)]))
     head += [bytes([len(k), *(names[c] for c in k)]) for k in sets]
     head.append(struct.pack("<II", len(result.prefix), len(result.chunks)))
-    return b"".join(head + rows)
+    head.append(_rows_struct(len(flat) // 5).pack(*flat))
+    return b"".join(head)
+
+
+_ROWS: dict[int, struct.Struct] = {}
+
+
+def _rows_struct(n: int) -> struct.Struct:
+    """The struct of ``n`` rows (cached: row counts repeat)."""
+    out = _ROWS.get(n)
+    if out is None:
+        out = struct.Struct("<" + _ROW.format[1:] * n)
+        if n <= 4096 and len(_ROWS) < 64:
+            _ROWS[n] = out
+    return out
 
 
 def decode_answer(body: bytes, req: LookupRequest) -> LookupAnswer:
@@ -239,14 +256,13 @@ def decode_answer(body: bytes, req: LookupRequest) -> LookupAnswer:
         names = [bytes(r.take(r.take(1, "names")[0], "names")).decode() for _ in range(r.take(1, "names")[0])]
         sets = [tuple(names[i] for i in r.take(r.take(1, "sets")[0], "sets")) for _ in range(r.take(1, "sets")[0])]
         n_prefix, n_chunk = struct.unpack("<II", r.take(8, "counts"))
-        rows = _ROW.iter_unpack(r.take(_ROW.size * (n_prefix + n_chunk), "rows"))
-        keys = (req.prefix_hashes or [], req.chunk_hashes or [])
-        out: tuple[list[LookupRow], list[LookupRow]] = ([], [])
-        for k, (index, tier, cls, complete, num_tokens) in enumerate(rows):
-            part = 0 if k < n_prefix else 1
-            out[part].append(LookupRow(index, keys[part][index], names[tier], sets[cls], bool(complete), num_tokens))
+        rows = list(_ROW.iter_unpack(r.take(_ROW.size * (n_prefix + n_chunk), "rows")))
+        keys = req.prefix_hashes or []
+        prefix = [LookupRow(i, keys[i], names[t], sets[c], complete != 0, n) for i, t, c, complete, n in rows[:n_prefix]]
+        keys = req.chunk_hashes or []
+        chunks = [LookupRow(i, keys[i], names[t], sets[c], complete != 0, n) for i, t, c, complete, n in rows[n_prefix:]]
     except (InvalidRequest, IndexError, struct.error, UnicodeDecodeError) as e:
         raise ValueError(f"malformed compact lookup answer: {e}") from None
     if r.at != len(body):
         raise ValueError("malformed compact lookup answer: trailing bytes")
-    return LookupAnswer(chunk_tokens, hits, out[0], out[1])
+    return LookupAnswer(chunk_tokens, hits, prefix, chunks)

@@ -30,7 +30,7 @@ class EntryRow:
     index: int
     hash: str
     tier: str
-    classes: list[str]
+    classes: tuple[str, ...]
     complete: bool
     num_tokens: int
 
@@ -59,10 +59,9 @@ class LookupResult:
 _NAMES_JSON: dict[tuple[str, ...], str] = {}
 
 
-def _names(names: list[str]) -> str:
+def _names(key: tuple[str, ...]) -> str:
     """JSON of a list of head-class names, cached: a lookup answer repeats the same one or two lists
     in every row (this halves the daemon's time to write a 128-row answer)."""
-    key = tuple(names)
     out = _NAMES_JSON.get(key)
     if out is None:
         out = "[" + ",".join(f'"{n}"' for n in key) + "]"
@@ -71,10 +70,13 @@ def _names(names: list[str]) -> str:
     return out
 
 
-def row(levels: list[Level], by_name: dict[str, Level], e: Entry, index: int, hash_: str, num_tokens: int,
-        accept_lossy: bool, want: list[str] | None = None) -> EntryRow | None:
-    """The lookup row of ``e`` for a reader (``accept_lossy``; ``want``: the classes it reads, default
-    all), or None when it can load nothing of it. ``complete``: every class it reads is there.
+RowParts = tuple[str, tuple[str, ...], bool]  # (tier, classes, complete): what a row says of its entry
+
+
+def row_parts(levels: list[Level], by_name: dict[str, Level], e: Entry, accept_lossy: bool,
+              want: list[str] | None = None) -> RowParts | None:
+    """What a lookup row says of ``e`` for a reader (``accept_lossy``; ``want``: the classes it reads,
+    default all), or None when it can load nothing of it. ``complete``: every class it reads is there.
 
     ``tier``: the slowest tier the reader must read from (each extent from its fastest usable copy),
     i.e. what loading it costs: an entry whose cold local extent sits on SSD reads ``ssd``.
@@ -84,7 +86,7 @@ def row(levels: list[Level], by_name: dict[str, Level], e: Entry, index: int, ha
         if want is not None and c not in want:
             continue
         # The fastest usable copy: its level is the lowest. Extents have one or two copies, so this
-        # walks the copies, not the levels (a tenth less of a 128-hit lookup's time).
+        # walks the copies, not the levels.
         best = -1
         for tier, cp in x.copies.items():
             if accept_lossy or not cp.is_lossy:
@@ -98,7 +100,26 @@ def row(levels: list[Level], by_name: dict[str, Level], e: Entry, index: int, ha
     if not classes:
         return None
     complete = len(classes) == (len(e.extents) if want is None else len(want))
-    return EntryRow(index, hash_, levels[slowest].name, classes, complete, num_tokens)
+    return levels[slowest].name, tuple(classes), complete
+
+
+_UNSET = object()
+
+
+def cached_parts(levels: list[Level], by_name: dict[str, Level], e: Entry, accept_lossy: bool) -> RowParts | None:
+    """``row_parts`` of ``e`` for a reader of every class, from the entry's cache (``Entry.rows``,
+    emptied whenever a copy or a plan of the entry changes), computed once per change."""
+    parts = e.rows.get(accept_lossy, _UNSET)
+    if parts is _UNSET:
+        parts = e.rows[accept_lossy] = row_parts(levels, by_name, e, accept_lossy)
+    return parts
+
+
+def row(levels: list[Level], by_name: dict[str, Level], e: Entry, index: int, hash_: str, num_tokens: int,
+        accept_lossy: bool, want: list[str] | None = None) -> EntryRow | None:
+    """The lookup row of ``e`` (``row_parts``) at ``index`` of the request, or None."""
+    parts = row_parts(levels, by_name, e, accept_lossy, want)
+    return None if parts is None else EntryRow(index, hash_, *parts, num_tokens)
 
 
 def leading_hits(rows: list[EntryRow]) -> int:

@@ -73,13 +73,58 @@ class Copy:
         self.is_lossy = is_lossy(self.codec)
 
 
+class Copies(dict[str, Copy]):
+    """An extent's copies (tier name -> ``Copy``): a dict that empties its entry's cache of lookup
+    rows (``Entry.rows``) on every change. A 128-hit lookup answered each hit by walking every extent's
+    copies (a third of its store time); it now reads the row cached on the entry, which cannot be
+    staler than the copies because every way to change them, here and ``Extent.set_plan``, clears it."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows: dict = {}  # the entry's cache, bound by Entry.__post_init__
+
+    def __setitem__(self, tier: str, copy: Copy) -> None:
+        self.rows.clear()
+        super().__setitem__(tier, copy)
+
+    def __delitem__(self, tier: str) -> None:
+        self.rows.clear()
+        super().__delitem__(tier)
+
+    def pop(self, *args):
+        self.rows.clear()
+        return super().pop(*args)
+
+    def popitem(self):
+        self.rows.clear()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.rows.clear()
+        super().clear()
+
+    def update(self, *args, **kwargs) -> None:
+        self.rows.clear()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, tier: str, copy: Copy | None = None):
+        self.rows.clear()
+        return super().setdefault(tier, copy)
+
+    def __ior__(self, other):
+        self.rows.clear()
+        return super().__ior__(other)
+
+
 @dataclass(slots=True)
 class Extent:
     """One head class's segments of one entry, and every copy of them (tier name -> copy)."""
 
     plan: ExtentPlan
     checksum: int | None = None  # xxh3-64 of the exact bytes, set at commit
-    copies: dict[str, Copy] = field(default_factory=dict)
+    copies: Copies = field(default_factory=Copies)
     # Head-aware placement, decided at commit (kvd.policies.placement): stays in the arena once it has
     # a copy below, and the codec of its copies in record tiers (None: never kept below the arena).
     is_hot: bool = True
@@ -93,6 +138,11 @@ class Extent:
     @property
     def nbytes(self) -> int:
         return self.plan.nbytes
+
+    def set_plan(self, plan: ExtentPlan) -> None:
+        """Keep ``plan``'s part of the tokens from now on (trimmed at commit, or as a record says)."""
+        self.plan = plan
+        self.copies.rows.clear()
 
     def usable(self, accept_lossy: bool = False) -> bool:
         """A reader can get these bytes from some tier (``accept_lossy``: lossy copies count)."""
@@ -115,6 +165,15 @@ class Entry:
     reuse_count: int = 0  # leases that used it
     seen: int = 1  # times stored or looked up (admission to the next tier counts these)
     aliases: list[str] = field(default_factory=list)  # alias hashes that point to this entry
+    # Lookup rows per reader kind (and "trimmed"), filled by lookups and emptied by any change of a copy
+    # or a plan (``Copies``): what a lookup tells a reader of this entry without walking its extents.
+    rows: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for x in self.extents.values():
+            if not isinstance(x.copies, Copies):
+                x.copies = Copies(x.copies)
+            x.copies.rows = self.rows
 
     @property
     def namespace(self) -> str:
@@ -134,11 +193,12 @@ class Entry:
 
     @property
     def is_trimmed(self) -> bool:
-        """Some extent keeps only part of the entry's tokens (capacity mode): no exact reader reads it."""
-        for x in self.extents.values():  # a loop, not any(<generator>): asked per entry of every lookup
-            if x.plan.is_trimmed:
-                return True
-        return False
+        """Some extent keeps only part of the entry's tokens (capacity mode): no exact reader reads it.
+        Asked per entry of every lookup: kept in ``rows`` (emptied when a plan changes)."""
+        out = self.rows.get("trimmed")
+        if out is None:
+            out = self.rows["trimmed"] = any(x.plan.is_trimmed for x in self.extents.values())
+        return out
 
     @property
     def kept_nbytes(self) -> int:

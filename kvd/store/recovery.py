@@ -141,7 +141,7 @@ def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
         if not copy.is_lossy and x.checksum is not None and x.checksum != rec.raw_xxh:
             logger.warning("remote record %r does not match this host's checksum: left out", rec.location.key)
             continue
-        x.plan = plan
+        x.set_plan(plan)
         index.place(e, x, index.by_name[tier], copy)  # counted, policed
         x.dropped = False
         if not copy.is_lossy:
@@ -195,7 +195,7 @@ def _rebuild(store, key: EntryKey, parts: list[tuple[str, StoredRecord]], now: f
         plan = _fits(rec, x, first) if x is not None and tier not in x.copies else None
         if plan is None:
             return None
-        x.plan = plan
+        x.set_plan(plan)
         x.copies[tier] = copy = _copy(rec)
         if not copy.is_lossy:
             x.checksum = rec.raw_xxh

@@ -146,30 +146,42 @@ class Store:
         """``(request index, entry, tokens used)`` of each stored entry of the reader's attention.
         (A list, with what the loop asks per entry looked up once: this is the lookup's hot loop.)"""
         now = self.clock()
-        resolve, on_seen = self.index.resolve, self.background.on_seen
+        entries, aliases, resolve = self.index.entries, self.index.aliases, self.index.resolve
+        on_seen = self.background.on_seen
         ns, fp, cu = req.namespace, req.fingerprint, req.computed_under
         out = []
         for i, h in enumerate(hashes):
-            found = resolve((ns, fp, h))
-            if found is None or not readable_by(reader, found[0], cu):
+            key = (ns, fp, h)
+            e = entries.get(key)  # the index's resolve, inlined for the common case (no alias)
+            if e is not None:
+                n = e.num_tokens
+            elif key not in aliases:  # a miss: the common case of a cold prompt
                 continue
-            e = found[0]
+            else:
+                found = resolve(key)
+                if found is None:
+                    continue
+                e, n = found
+            if not readable_by(reader, e, cu):
+                continue
             e.seen += 1
             e.last_access = now
             on_seen(e)
-            out.append((i, e, found[1]))
+            out.append((i, e, n))
         return out
 
     def _rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[L.EntryRow]:
+        """Rows of an exact reader (every class): each entry's row from its cache (``L.cached_parts``)."""
         out = []
-        levels, by_name, lossy = self.index.levels, self.index.by_name, req.accept_lossy
+        levels, by_name, lossy, prefetch = self.index.levels, self.index.by_name, req.accept_lossy, req.prefetch
+        records = [lv.name for lv in self.index.records]  # tiers a prefetch brings entries back from
         for i, e, num_tokens in self._found(req, reader, hashes):
-            row = L.row(levels, by_name, e, i, hashes[i], num_tokens, lossy)
-            if row is None:
+            parts = L.cached_parts(levels, by_name, e, lossy)
+            if parts is None:
                 continue
-            if req.prefetch and by_name[row.tier].tier.holds_records:
+            if prefetch and parts[0] in records:
                 self.background.prefetch(e, None, lossy)
-            out.append(row)
+            out.append(L.EntryRow(i, hashes[i], *parts, num_tokens))
         return out
 
     def _head_aware_rows(self, req: P.LookupRequest, reader: Reader, hashes: list[str]

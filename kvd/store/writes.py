@@ -218,7 +218,7 @@ class Writes:
         for x, plan, old, new in jobs:
             self.metrics.trimmed_bytes.inc(x.nbytes - plan.nbytes)
             self.pipeline.discard(arena, [old.loc])
-            x.plan = plan
+            x.set_plan(plan)
             x.copies[arena.name] = Copy(new, "raw", None)  # its checksum: commit's, of these bytes
 
     def abort(self, req: P.AbortRequest, owner_pid: int | None = None) -> P.CountResponse:

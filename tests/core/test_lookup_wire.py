@@ -33,7 +33,7 @@ def test_request_round_trips(req):
 class Row:
     index: int
     tier: str
-    classes: list[str]
+    classes: tuple[str, ...]
     complete: bool
     num_tokens: int
 
@@ -49,8 +49,8 @@ class Result:
 def test_answer_round_trips_rows_with_the_requests_hashes():
     req = LookupRequest(fingerprint="f", prefix_hashes=[f"{i:032x}" for i in range(5)],
                         chunk_hashes=[f"{100 + i:032x}" for i in range(3)])
-    res = Result(256, 2, [Row(0, "host", ["global", "local"], True, 256), Row(1, "ssd", ["global", "local"], True, 256),
-                          Row(4, "host", ["global"], False, 128)], [Row(2, "remote", ["local"], False, 256)])
+    res = Result(256, 2, [Row(0, "host", ("global", "local"), True, 256), Row(1, "ssd", ("global", "local"), True, 256),
+                          Row(4, "host", ("global",), False, 128)], [Row(2, "remote", ("local",), False, 256)])
     got = W.decode_answer(W.encode_answer(res), req)
     assert (got.chunk_tokens, got.num_prefix_hits) == (256, 2)
     assert got.prefix == [W.LookupRow(0, f"{0:032x}", "host", ("global", "local"), True, 256),
@@ -120,5 +120,5 @@ def test_a_malformed_request_names_its_field(body, field):
 
 def test_a_malformed_answer_is_a_value_error():
     with pytest.raises(ValueError, match="malformed"):
-        W.decode_answer(W.encode_answer(Result(256, 0, [Row(0, "host", ["g"], True, 1)], []))[:-1],
+        W.decode_answer(W.encode_answer(Result(256, 0, [Row(0, "host", ("g",), True, 1)], []))[:-1],
                         LookupRequest(fingerprint="f", prefix_hashes=["ab" * 16]))
