@@ -87,6 +87,7 @@ def store_prefix(handle: ModelHandle, token_ids, kv, *, start_chunk: int = 0) ->
             view = res.entry(i)
             if view is not None:
                 view.write_from(kv, (start_chunk + i) * c)
+                res.written(i)  # hashed while cached: the daemon need not read it again
     return StoreResult(res.num_reserved, res.num_exists, res.num_no_space)
 
 

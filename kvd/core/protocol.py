@@ -37,6 +37,7 @@ EntryKind = Literal["prefix", "chunk"]
 # 128-hash lookup cheap. The API rewrites the pattern error into words (``kvd.daemon.api._describe``).
 HASH_PATTERN = r"^[0-9a-f]{32}$"
 Hash = Annotated[str, StringConstraints(pattern=HASH_PATTERN)]
+Xxh3Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]  # an xxh3-64 digest, as ExtentInfo gives it
 TierName = Literal["gpu", "host", "ssd", "remote"]
 
 
@@ -196,6 +197,11 @@ class CommitRequest(_Model):
     reservation_id: str
     hashes: list[Hash] | None = None  # commit only these entries (the rest are aborted); None: all
     transfer_s: float = Field(default=0.0, ge=0, le=3600)  # seconds spent copying in (for the counters)
+    # Per entry hash, the xxh3-64 of each extent (in the order the reservation answered them) as the
+    # writer left it in the arena, hashed right after its copy while the bytes were in its cache; the
+    # daemon keeps these instead of reading every byte again (an entry left out, or with a null, it
+    # hashes itself). At most one list per entry of the reservation, each as long as its extents.
+    checksums: dict[Hash, list[Xxh3Hex | None]] | None = None
 
 
 class CommitResponse(_Model):

@@ -128,6 +128,7 @@ class DaemonChunkStore(ChunkStore):
                 view = res.entry(0)
                 if view is not None:
                     view.write_from(kv.to(getattr(torch, h.spec.kv_dtype)))
+                    res.written(0)
             return res.num_reserved + res.num_exists == 1
         except KvdError as e:
             logger.warning("storing chunk %s failed (it will be recomputed next time): %s", key, e)

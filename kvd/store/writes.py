@@ -6,7 +6,8 @@ for the whole entry — the GPU pool of the namespace's partition for a writer t
 else (or when the pool has no room even after evicting) its arena — evicting there if needed
 (``Pipeline.reserve``) → the client copies KV into the slots → ``commit`` decides placement, trims
 the extents placement keeps only in part (capacity mode: copied into a smaller slot run of the arena,
-``_trim``), checksums what is kept on the CPU pool (GPU bytes through pinned staging), and indexes
+``_trim``), takes each extent's checksum (the writer's, when it hashed the bytes right after its copy
+and the extent was not trimmed; else its own of the bytes kept, GPU bytes through pinned staging), and indexes
 every entry at once, or none if anything fails half-way (the reservation then stays, for its abort or
 expiry) → or ``abort`` frees the slots.
 A reservation belongs to the process that made it: another one cannot commit or abort it.
@@ -132,15 +133,11 @@ class Writes:
             if unknown:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
+            given = _given_checksums(req, res)
             trims = [t for e in entries for t in self._place(e)]
             if trims:  # before the checksums: they are taken of the bytes kept
                 await self._trim(trims)
-            if self.settings.host.verify_on_commit:
-                tiers = {lv.name: lv.tier for lv in self.index.memory}
-                sums_all = await self.pipeline.on_cpu(self.pipeline.forms.checksums, tiers, entries)
-                for e, sums in zip(entries, sums_all):
-                    for x, c in zip(e.extents.values(), sums):
-                        x.checksum = next(iter(x.copies.values())).checksum = c
+            await self._checksum(entries, given)
             self._insert_all(res, entries)
             done = True
         finally:
@@ -156,6 +153,23 @@ class Writes:
         count_moved(self.metrics, "store", by_tier, req.transfer_s)
         self.metrics.reservations_open.set(len(self.holds.reservations))
         return P.CommitResponse(committed=chosen)
+
+    async def _checksum(self, entries: list[Entry], given: dict[str, list[int]]) -> None:
+        """Each extent's commit checksum: the writer's (``given``, taken of the bytes it wrote) where it
+        sent one for every extent of an entry none of whose extents this commit trimmed; the daemon's
+        own hash of the bytes otherwise (``host.verify_on_commit``; off: no checksum)."""
+        mine = [e for e in entries if e.hash not in given or any(x.plan.is_trimmed for x in e.extents.values())]
+        sums_of = {e.hash: given[e.hash] for e in entries if e.hash in given}
+        if mine and self.settings.host.verify_on_commit:
+            tiers = {lv.name: lv.tier for lv in self.index.memory}
+            sums_of.update(zip((e.hash for e in mine), await self.pipeline.on_cpu(self.pipeline.forms.checksums,
+                                                                                    tiers, mine)))
+        elif mine:
+            for e in mine:
+                sums_of.pop(e.hash, None)
+        for e in entries:
+            for x, c in zip(e.extents.values(), sums_of.get(e.hash, ())):
+                x.checksum = next(iter(x.copies.values())).checksum = c
 
     def _insert_all(self, res: Reservation, entries: list[Entry]) -> None:
         """Index every entry of the commit, or none: a failure half-way takes the inserted ones back
@@ -253,3 +267,19 @@ def count_moved(metrics: Metrics, direction: str, by_tier: dict[str, int], trans
     for tier, n in by_tier.items():
         metrics.moved_bytes.labels(direction, tier).inc(n)
         metrics.moved_seconds.labels(direction, tier).inc(transfer_s * n / total if total else 0.0)
+
+
+def _given_checksums(req: P.CommitRequest, res: Reservation) -> dict[str, list[int]]:
+    """The writer's checksums of whole entries (every extent given), by hash; a 400 naming the entry
+    for one not in the reservation or a list whose length is not its extents'. Lists with a null
+    (a GPU extent) are left to the daemon."""
+    out: dict[str, list[int]] = {}
+    for h, sums in (req.checksums or {}).items():
+        e = res.entries.get(h)
+        if e is None:
+            raise InvalidRequest(f"checksums for entry {h}, which is not part of reservation {res.reservation_id}")
+        if len(sums) != len(e.extents):
+            raise InvalidRequest(f"checksums of entry {h}: {len(sums)} given for its {len(e.extents)} extents")
+        if None not in sums:
+            out[h] = [int(c, 16) for c in sums]
+    return out

@@ -131,6 +131,32 @@ def test_a_corrupted_extent_is_never_copied(daemon, handle):
         assert [v.hash for v in lease.usable()] == [hashes[0], hashes[2]]
 
 
+def test_a_writer_hashes_what_it_wrote_and_the_daemon_keeps_those_checksums(daemon, handle):
+    """``written(i)`` hashes entry i's extents as the writer left them; the commit carries the digests
+    and readers verify against them. Bytes changed after ``written`` (a writer's bug) make the entry
+    fail its checksum for every reader: a miss, never other bytes served as these."""
+    toks, kv = list(range(3 * C)), kv_for(3 * C, 7)
+    res = reserve(handle, entries(handle, toks))
+    for i in range(3):
+        res.entry(i).write_from(kv, i * C)
+        if i != 2:
+            res.written(i)  # entry 2: left to the daemon
+    res.entry(1).extents[0].view.view(torch.uint8).view(-1)[:8] ^= 0xFF  # after its digest was taken
+    res.commit()
+    sent = handle.client.last(P.CommitRequest).checksums
+    assert sorted(sent) == sorted(res.hashes[:2]) and all(len(v) == 2 for v in sent.values())
+    lease = open_lease(handle, res.hashes, leading=False)
+    assert lease.states == ["ok", "bad_checksum", "ok"] and lease.num_corrupt == 1
+    assert [x.checksum for x in lease._answers[0].extents] == sent[res.hashes[0]]
+    out = torch.zeros_like(kv)
+    for i in (0, 2):
+        lease.entry(i).read_into(out, i * C)
+    lease.release()
+    assert torch.equal(out[:, :, :, :C], kv[:, :, :, :C]) and torch.equal(out[:, :, :, 2 * C :], kv[:, :, :, 2 * C :])
+    with pytest.raises(ValueError, match="not reserved"):
+        reserve(handle, entries(handle, toks)).written(0)  # exists: nothing to hash
+
+
 def test_an_exception_while_copying_aborts_the_reservation(daemon, handle):
     toks = list(range(2 * C))
     with pytest.raises(RuntimeError, match="copy failed"):

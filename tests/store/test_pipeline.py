@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import xxhash
 
 from kvd.core import protocol as P
 from kvd.core.config import load_settings
@@ -70,8 +71,11 @@ class World:
     def metric(self, name, labels=None):
         return self.store.metrics.registry.get_sample_value(name, labels or {}) or 0
 
-    async def store_seq(self, seed: int, chunks: int = 4, namespace: str = "default", computed_under: str = "exact"):
-        """Store a ``chunks``-chunk sequence of finite bf16 values; returns hashes and the bytes."""
+    async def store_seq(self, seed: int, chunks: int = 4, namespace: str = "default", computed_under: str = "exact",
+                        writer_sums: dict | None = None):
+        """Store a ``chunks``-chunk sequence of finite bf16 values; returns hashes and the bytes.
+        ``writer_sums``: commit with the writer's checksums of every extent (``Reservation.written``),
+        overridden per ``(chunk, head class)`` by the dict's values."""
         hs = prefix_hashes(np.arange(chunks * 256) + seed * 100000, chunk_tokens=256, namespace=namespace,
                            fingerprint=self.fp, computed_under=computed_under)
         r = await self.store.reserve(P.ReserveRequest(fingerprint=self.fp, namespace=namespace,
@@ -88,7 +92,10 @@ class World:
                 b = (vals.view(np.uint32) >> 16).astype(np.uint16).tobytes()
                 self.host.view[x.offset : x.offset + x.nbytes] = b
                 data[(e.hash, x.head_class)] = b
-        await self.store.commit(P.CommitRequest(reservation_id=r.reservation_id))
+        sums = None if writer_sums is None else {e.hash: [
+            writer_sums.get((i, x.head_class), xxhash.xxh3_64_hexdigest(data[(e.hash, x.head_class)]))
+            for x in e.extents] for i, e in enumerate(r.entries)}
+        await self.store.commit(P.CommitRequest(reservation_id=r.reservation_id, checksums=sums))
         return hs, data
 
     async def lookup(self, hs, prefetch=False):

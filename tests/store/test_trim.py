@@ -6,8 +6,10 @@ the same spans again when it rebuilds its index from SSD records."""
 
 import numpy as np
 import pytest
+import xxhash
 
 from kvd.core import protocol as P
+from kvd.core.errors import InvalidRequest
 from kvd.core.extents import covers, keep_span, trimmed_from
 from kvd.core.keys import EXACT
 from tests.store.test_readers import CHUNKS, MODEL, TAG, W64, W1536, head_aware, world
@@ -132,3 +134,36 @@ def test_spans_cover_what_a_reader_reads_from_where_the_store_says():
     assert trimmed_from(sink, 0, 256) == 256 + 63
     with pytest.raises(ValueError, match="trimmed already"):
         tail.trim(0, 10)
+
+
+async def test_writer_checksums_are_kept_but_not_for_extents_trimmed_at_commit(tmp_path):
+    """A writer that hashed its extents right after copying them (``Reservation.written``) sends the
+    digests with the commit and the daemon keeps them as they are (a deliberately wrong one too: a
+    reader then refuses the entry); an extent this commit trims gets the daemon's hash of the bytes
+    kept, so head-aware loads of trimmed extents still verify after the trip to SSD and back."""
+    w = world(tmp_path, local_cold_codec="drop")
+    try:
+        wrong = "0123456789abcdef"
+        hs, data = await w.store_seq(3, chunks=CHUNKS, computed_under=TAG,
+                                     writer_sums={(1, "global"): wrong, (0, W64): wrong})
+        check_trimmed(w, hs)
+        for i, h in enumerate(hs):
+            for c, x in w.entry(h).extents.items():
+                loc = x.copies["host"].loc
+                kept = xxhash.xxh3_64_intdigest(bytes(w.host.view[loc.offset: loc.offset + x.nbytes]))
+                if (i, c) == (1, "global"):
+                    assert x.checksum == int(wrong, 16) != kept  # the writer's, not read again
+                else:
+                    assert x.checksum == kept, (i, c)  # the writer's (equal), or the daemon's of what was kept
+        bad = P.CommitRequest(reservation_id="r", checksums={hs[0]: [wrong]})
+        r = await w.store.reserve(P.ReserveRequest(fingerprint=w.fp, computed_under=TAG, entries=[
+            P.ReserveEntry(hash="ab" * 16, num_tokens=256)]))
+        for sums, match in (({hs[0]: [wrong]}, "not part of reservation"), ({"ab" * 16: [wrong]}, "1 given for its")):
+            with pytest.raises(InvalidRequest, match=match):
+                await w.store.commit(bad.model_copy(update={"reservation_id": r.reservation_id, "checksums": sums}))
+        await w.store.commit(P.CommitRequest(reservation_id=r.reservation_id))  # still there to commit
+        await w.step()  # written to SSD, far local extents let go
+        le, _ = await lease(w, hs[:1] + hs[2:], **head_aware(position=CHUNKS * 256))
+        assert le.entries[0].status == "ok"  # the trimmed extents' bytes and checksums agree
+    finally:
+        w.close()

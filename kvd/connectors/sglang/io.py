@@ -6,7 +6,8 @@ HiCache controller needs, each one batch and at most three control calls:
 
     exists(keys)        one lookup            leading pages stored completely (what SGLang can load)
     load(keys, pages)   lease, copy, release  arena -> pool pages; True for the leading pages loaded
-    store(keys, pages)  reserve, copy, commit pool pages -> arena; True per page stored (or already)
+    store(keys, pages)  reserve, copy, commit pool pages -> arena; True per page stored (or already);
+                        each page hashed right after its copy (``Reservation.written``)
 
 A page is reported loaded only when its extents passed their checksums (``open_lease`` verifies) and
 the daemon confirmed, by answering the release, that the lease held for the whole copy: a daemon that
@@ -190,9 +191,15 @@ class PageIO:
             return out
         self.counters["store_exists_pages"] += res.num_exists
         self.counters["store_no_space_pages"] += res.num_no_space
+        views = [res.entry(i) for i in range(n)]
+
+        def one(i: int) -> None:  # on a copy thread: the page, then its checksums while it is cached
+            if views[i] is not None:
+                views[i].write_from(pages[i], 0)
+                res.written(i)
+
         try:
-            views = [res.entry(i) for i in range(n)]
-            self._each(lambda i: views[i] is not None and views[i].write_from(pages[i], 0), n)
+            self._each(one, n)
         except Exception:  # a boundary: a failed store is a future miss
             logger.exception("kvd: copying %d pages out of SGLang's host pool failed", n)
             self.session.call("abort", lambda h: res.abort())
