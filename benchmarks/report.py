@@ -220,8 +220,11 @@ def _control_plane_note(d: dict) -> str:
         "With 8 closed-loop clients on 2 cores every request waits for the daemon's single event loop, so "
         "p99 is about 8 × the daemon's CPU per lookup plus scheduling noise. The compact encoding removes "
         "the client's decode of 128 pydantic rows and most bytes; frames remove aiohttp's per-request "
-        "work; what is left is `store_lookup` (kvd/store: per entry the index walk, the admission count, the "
-        "write-back check and one lookup row), about 2 µs per entry in Python.", ""])
+        "work; each entry's lookup row is cached on the entry (kvd.store.entries.Copies empties it when a "
+        "copy changes) and a hot entry's hits no longer go to the admission table, so what is left of "
+        "`store_lookup` is per entry the index walk, the reader checks, the write-back check and one row "
+        "object, 1-3 µs per entry in Python depending on the VM; the transport's floor shows in the cold "
+        "misses. A same-VM A/B of this change is `control_plane.ab.json`.", ""])
 
 
 def _fidelity_rows(d: dict) -> list[tuple[str, float | None, str, bool | None]]:

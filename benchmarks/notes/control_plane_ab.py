@@ -1,0 +1,69 @@
+"""A/B of ``benchmarks/control_plane.py`` between a base commit and the working tree, on one machine.
+
+The VM this project runs on changes speed from one session to the next (the store's 128-hit lookup
+took 240 us in one run and 680 us in another, same code), so a figure from today cannot be compared
+with a committed one from another day. This runs the same benchmark from a worktree of ``--base`` and
+from this tree in turn (base, this, base, this, ...), ``--rounds`` times each, and writes each run's
+lookup figures and the medians to ``benchmarks/results/control_plane.ab.json``.
+
+Usage: python benchmarks/notes/control_plane_ab.py --base <commit> [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = [f"lookup_compact_{m}_{q}" for m in ("hits", "miss", "mixed") for q in ("p50_ms", "p99_ms", "ops_per_s")]
+
+
+def commit_of(tree: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def run(tree: Path, out: Path) -> dict:
+    subprocess.run([sys.executable, "benchmarks/control_plane.py", "--out", str(out)], cwd=tree, check=True,
+                   stdout=subprocess.DEVNULL)
+    d = json.loads((out / "control_plane.json").read_text())
+    b = d["lookup_breakdown_us"]["compact"]
+    return {**{k: d[k] for k in KEYS}, "store_lookup_us": b["store_lookup"], "round_trip_1_client_us":
+            b["round_trip_1_client"], "arena_copy_vs_memcpy": d["arena_copy_vs_memcpy"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(base), args.base], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            trees = {"base": base, "this": ROOT}
+            runs: dict[str, list[dict]] = {"base": [], "this": []}
+            for r in range(args.rounds):
+                for name, tree in trees.items():
+                    runs[name].append(run(tree, Path(tmp) / f"{name}{r}"))
+                    print(name, r, json.dumps(runs[name][-1]), flush=True)
+            res = {"date": str(date.today()), "script": "benchmarks/notes/control_plane_ab.py",
+                   "base": commit_of(base), "this": commit_of(ROOT) + " + working tree",
+                   "order": "base, this, base, this, ...", "runs": runs,
+                   "median": {n: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for n, rs in runs.items()}}
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
+    path = ROOT / "benchmarks" / "results" / "control_plane.ab.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res["median"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
