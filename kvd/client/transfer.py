@@ -7,10 +7,9 @@ entries (``kvd.client.prefix``), chunk entries (``kvd.reuse.chunks``) and the vL
   head classes, token count, lossy flag, xxh3-64 checksum of each extent) and maps the usable ones as
   typed views; the caller copies out of ``Lease.entry(i)``; ``Lease.release()`` ends the lease and
   reports the copy time to the daemon (``transfer_s``).
-- **Write**: ``reserve`` asks for arena space for new entries (one RPC) and maps the reserved ones;
-  the caller copies into ``Reservation.entry(i)`` (and may report ``written(i)``: the entry's checksums
-  taken while its bytes are still cached); ``commit()`` makes them visible to every client,
-  ``abort()`` gives the space back.
+- **Write**: ``reserve`` asks for arena space for new entries (one RPC) and maps the reserved ones; the
+  caller copies into ``Reservation.entry(i)`` (then may call ``written(i)``: checksums taken while cached);
+  ``commit()`` makes them visible to every client, ``abort()`` gives the space back.
 
 Both are explicit objects with verb pairs because an engine may open one in one hook, copy layer by
 layer in others and close it in a later hook (vLLM's worker), calling ``keep_alive()`` before each copy:
@@ -340,18 +339,14 @@ class Reservation:
         return self._entries[i]
 
     def written(self, i: int) -> None:
-        """Entry i is copied in whole: hash its arena extents now, while the bytes are in this CPU's cache,
-        and send the digests with the commit, so the daemon need not read every byte again (a store
-        of 64 SmolLM2 pages: the daemon's hashing was a third of the set). Optional: the daemon hashes
-        what it is not given. Thread-safe per entry (each copy thread reports its own). GPU extents are
-        left to the daemon (null). Only the writer's own bytes are vouched for: a wrong digest makes
-        readers refuse the entry (a miss), never serves other bytes."""
-        view, answer = self._entries[i], self._answers[i]
-        if view is None:
+        """Entry i is copied in whole: hash its arena extents while the bytes are in this CPU's cache; the
+        commit carries the digests (GPU extents: null, the daemon's), so the daemon need not read every
+        byte again. Optional; thread-safe per entry. A wrong digest makes readers refuse the entry."""
+        if self._entries[i] is None:
             raise ValueError(f"entry {i} of the reservation is not reserved ({self.states[i]})")
-        arena = self.handle.client.arena(self.arena_id)
-        self._sums[answer.hash] = [None if x.tier == "gpu" else xxhash.xxh3_64_hexdigest(arena.bytes_at(x.offset, x.nbytes))
-                                   for x in answer.extents]
+        at = self.handle.client.arena(self.arena_id).bytes_at
+        self._sums[self.hashes[i]] = [None if x.tier == "gpu" else xxhash.xxh3_64_hexdigest(at(x.offset, x.nbytes))
+                                      for x in self._answers[i].extents]
 
     @property
     def closed(self) -> bool:
@@ -364,9 +359,9 @@ class Reservation:
             raise e
 
     def commit(self, transfer_s: float | None = None) -> list[str]:
-        """Make every reserved entry visible (whole; checksummed: by ``written``, else by the daemon). ``transfer_s``: seconds
-        spent copying (default: since the reservation was made). Returns the committed hashes; [] when
-        nothing was reserved or it was closed already."""
+        """Make every reserved entry visible (whole; checksummed by ``written`` or the daemon). ``transfer_s``:
+        seconds spent copying (default: since the reservation was made). Returns the committed hashes; []
+        when nothing was reserved or it was closed already."""
         reported = _elapsed(self._t0, transfer_s)
         self._entries = [None] * len(self._entries)
         if self.reservation_id is None:

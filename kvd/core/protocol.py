@@ -58,26 +58,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _namespace(v: str) -> str:
-    try:
-        return check_namespace(v)
-    except InvalidRequest as e:
-        raise ValueError(str(e)) from None
+def _checked(check):
+    """A field validator from a ``kvd.core.keys`` check: its ``InvalidRequest`` becomes the field's error."""
+    def validate(v: str) -> str:
+        try:
+            return check(v)
+        except InvalidRequest as e:
+            raise ValueError(str(e)) from None
+    return validate
 
 
-NamespaceStr = Annotated[str, AfterValidator(_namespace)]  # tenant / cache salt, checked
-
-
-def _attention(v: str) -> str:
-    try:
-        return check_attention(v)
-    except InvalidRequest as e:
-        raise ValueError(str(e)) from None
-
-
+NamespaceStr = Annotated[str, AfterValidator(_checked(check_namespace))]  # tenant / cache salt, checked
 # What the KV was (or the reader's KV will be) computed under: "exact" or a head map's tag
 # (``kvd.core.keys.attention_tag``). An entry is served only to readers of the same tag.
-AttentionStr = Annotated[str, AfterValidator(_attention)]
+AttentionStr = Annotated[str, AfterValidator(_checked(check_attention))]
 MAX_POSITION = 1 << 40  # token positions beyond this are not a real sequence
 
 
@@ -197,10 +191,8 @@ class CommitRequest(_Model):
     reservation_id: str
     hashes: list[Hash] | None = None  # commit only these entries (the rest are aborted); None: all
     transfer_s: float = Field(default=0.0, ge=0, le=3600)  # seconds spent copying in (for the counters)
-    # Per entry hash, the xxh3-64 of each extent (in the order the reservation answered them) as the
-    # writer left it in the arena, hashed right after its copy while the bytes were in its cache; the
-    # daemon keeps these instead of reading every byte again (an entry left out, or with a null, it
-    # hashes itself). At most one list per entry of the reservation, each as long as its extents.
+    # The writer's xxh3-64 of each extent (the reservation's order) per entry hash, taken right after its copy;
+    # the daemon keeps them and hashes what is left out or null itself (docs/api.md, "Checksums at commit")
     checksums: dict[Hash, list[Xxh3Hex | None]] | None = None
 
 

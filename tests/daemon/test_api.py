@@ -57,6 +57,8 @@ BAD = [
     ("/v1/reserve", {"fingerprint": "FP", "entries": [entry(), entry()]}, 400, "twice"),
     ("/v1/commit", {"reservation_id": "nope"}, 404, "does not exist"),
     ("/v1/commit", {"reservation_id": "x", "transfer_s": -1}, 400, "transfer_s"),
+    ("/v1/commit", {"reservation_id": "x", "checksums": {H[0]: ["not-a-digest"]}}, 400, "checksums"),
+    ("/v1/commit", {"reservation_id": "x", "checksums": {"short": ["0123456789abcdef"]}}, 400, "checksums"),
     ("/v1/release", {"lease_id": "never-taken"}, 404, "not held"),
     ("/v1/lease", {"fingerprint": "FP", "hashes": [H[0]], "classes": ["bogus"]}, 400, "head classes"),
     ("/v1/lease", {"fingerprint": "FP", "hashes": [H[0]], "wait_s": 1e9}, 400, "wait_s"),

@@ -354,3 +354,26 @@ async def test_a_record_written_again_while_its_old_copy_is_being_dropped_waits_
     world.store.pipeline.drop_copies(e, world.store.index.levels[0])  # SSD only now
     status, got = await world.read_back(hs)
     assert status == ["ok"] and got == data
+
+
+async def test_lookup_rows_follow_an_entry_down_to_ssd_and_back(tmp_path):
+    """Each entry caches its lookup row (kvd.store.entries.Copies): the row a lookup answers must
+    change with every move of the entry's copies, never lag behind one."""
+    w = World(tmp_path, ssd={"admit_after": 1})
+    try:
+        hs, data = await w.store_seq(5, chunks=2)
+        assert {r.tier for r in (await w.lookup(hs)).prefix} == {"host"}  # cached now
+        await w.store.admin.flush(P.FlushRequest())
+        await w.step()
+        assert {r.tier for r in (await w.lookup(hs)).prefix} == {"host"}  # on SSD too: still read from host
+        done = await w.store.admin.evict(P.EvictRequest(tier="host", max_bytes=1 << 40))
+        await w.store.pipeline.drain()
+        assert done.count == 2 and all(not w.entry(h).in_tier("host") for h in hs)
+        res = await w.lookup(hs)
+        assert res.num_prefix_hits == 2 and {r.tier for r in res.prefix} == {"ssd"}
+        await w.lookup(hs, prefetch=True)  # starts bringing them back to the arena
+        status, got = await w.read_back(hs)  # the lease waits for those promotions
+        assert status == ["ok", "ok"] and got == data
+        assert {r.tier for r in (await w.lookup(hs)).prefix} == {"host"}
+    finally:
+        w.close()
