@@ -370,9 +370,9 @@ def prefill_name(i: int, cfg: dict) -> str:
             + ("_tma" if cfg.get("tma") else ""))
 
 
-def prefill_32k() -> None:
-    prefill_check_small()
-    S = 1 << 8 if SMOKE else 1 << 15
+def prefill_inputs(S: int) -> tuple:
+    """``segpaged_prefill``'s arguments for one ``S``-token sequence: KV head 0 global, the others sink +
+    window, pages of every head in a random order of the pools."""
     n = S // PAGE
     table = torch.randperm(n * HKV, device=DEV, dtype=torch.int32).reshape(HKV, n)
     ppos = (torch.arange(n, device=DEV, dtype=torch.int32) * PAGE)[None].repeat(HKV, 1).contiguous()
@@ -382,8 +382,22 @@ def prefill_32k() -> None:
     sinks = torch.tensor([0] + [SINK] * (HKV - 1), device=DEV, dtype=torch.int32)
     wins = torch.tensor([0] + [WINDOW] * (HKV - 1), device=DEV, dtype=torch.int32)
     q, k_pool, v_pool = randn(S, HQ, D), randn(n * HKV, PAGE, D), randn(n * HKV, PAGE, D)
+    return q, k_pool, v_pool, table, ppos, lens, q_pos, cu, sinks, wins
+
+
+def prefill_rows(args: tuple, rows: slice, heads: slice) -> tuple:
+    """``prefill_inputs`` cut to the KV heads ``rows`` and their query heads ``heads``: those rows alone."""
+    q, k_pool, v_pool, table, ppos, lens, q_pos, cu, sinks, wins = args
+    return (q[:, heads].contiguous(), k_pool, v_pool, table[rows].contiguous(), ppos[rows].contiguous(),
+            lens[rows].contiguous(), q_pos, cu, sinks[rows].contiguous(), wins[rows].contiguous())
+
+
+def prefill_32k() -> None:
+    prefill_check_small()
+    S = 1 << 8 if SMOKE else 1 << 15
+    args = prefill_inputs(S)
+    q, k_pool, v_pool, table = args[:4]
     scale = D ** -0.5
-    args = (q, k_pool, v_pool, table, ppos, lens, q_pos, cu, sinks, wins)
     kd = k_pool[table.long()].reshape(1, HKV, S, D)  # the same bytes, dense, for SDPA and Flex
     vd = v_pool[table.long()].reshape(1, HKV, S, D)
     qd = q.transpose(0, 1)[None]  # [1, Hq, S, D]
@@ -404,8 +418,7 @@ def prefill_32k() -> None:
     bcfg = configs[best]
 
     def rows_ms(rows: slice, heads: slice, nkv: int) -> float:
-        sub = (q[:, heads].contiguous(), k_pool, v_pool, table[rows].contiguous(), ppos[rows].contiguous(),
-               lens[rows].contiguous(), q_pos, cu, sinks[rows].contiguous(), wins[rows].contiguous())
+        sub = prefill_rows(args, rows, heads)
         return bench_ms(lambda: segpaged_prefill(*sub, scale=scale, num_kv_heads=nkv, max_seqlen_q=S, config=bcfg))
 
     qg, kg, vg = qd[:, :G].contiguous(), kd[:, :1].contiguous(), vd[:, :1].contiguous()

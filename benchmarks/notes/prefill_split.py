@@ -5,39 +5,28 @@ launched apart (one stream, then two streams) against one launch of all rows.
 Run on a GPU: ``PYTHONPATH=. python benchmarks/notes/prefill_split.py`` (prints; writes nothing)."""
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 import triton
 
-from kvd.gpu_kernels.segpaged_prefill import segpaged_prefill
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEV, BF = "cuda", torch.bfloat16
-HQ, HKV, D, PAGE, SINK, WINDOW = 32, 8, 128, 64, 4, 512
-G, S = HQ // HKV, 1 << 15
-N_PAGES = S // PAGE
+from kernels import HKV, HQ, G, prefill_inputs, prefill_rows  # noqa: E402  (benchmarks/kernels.py)
+
+from kvd.gpu_kernels.segpaged_prefill import segpaged_prefill  # noqa: E402
+
+S = 1 << 15
 
 
 def main() -> None:
     torch.manual_seed(0)
-    table = torch.randperm(N_PAGES * HKV, device=DEV, dtype=torch.int32).reshape(HKV, N_PAGES)
-    ppos = (torch.arange(N_PAGES, device=DEV, dtype=torch.int32) * PAGE)[None].repeat(HKV, 1).contiguous()
-    lens = torch.full((HKV,), S, device=DEV, dtype=torch.int32)
-    q_pos = torch.arange(S, device=DEV, dtype=torch.int32)
-    cu = torch.tensor([0, S], device=DEV, dtype=torch.int32)
-    sinks = torch.tensor([0] + [SINK] * (HKV - 1), device=DEV, dtype=torch.int32)
-    wins = torch.tensor([0] + [WINDOW] * (HKV - 1), device=DEV, dtype=torch.int32)
-    q = torch.randn(S, HQ, D, device=DEV, dtype=BF)
-    kp = torch.randn(N_PAGES * HKV, PAGE, D, device=DEV, dtype=BF)
-    vp = torch.randn(N_PAGES * HKV, PAGE, D, device=DEV, dtype=BF)
-    scale = D ** -0.5
+    full = prefill_inputs(S)
+    scale = full[0].shape[-1] ** -0.5
 
-    def sub(rows: slice, heads: slice) -> tuple:
-        return (q[:, heads].contiguous(), kp, vp, table[rows].contiguous(), ppos[rows].contiguous(),
-                lens[rows].contiguous(), q_pos, cu, sinks[rows].contiguous(), wins[rows].contiguous())
-
-    full = (q, kp, vp, table, ppos, lens, q_pos, cu, sinks, wins)
-    parts = {"glob": (sub(slice(0, 1), slice(0, G)), 1), "loc": (sub(slice(1, HKV), slice(G, HQ)), HKV - 1),
-             "full": (full, HKV)}
+    parts = {"glob": (prefill_rows(full, slice(0, 1), slice(0, G)), 1),
+             "loc": (prefill_rows(full, slice(1, HKV), slice(G, HQ)), HKV - 1), "full": (full, HKV)}
 
     def run(part: str, cfg: dict) -> torch.Tensor:
         args, nkv = parts[part]

@@ -257,13 +257,13 @@ def decode_answer(body: bytes, req: LookupRequest) -> LookupAnswer:
         sets = [tuple(names[i] for i in r.take(r.take(1, "sets")[0], "sets")) for _ in range(r.take(1, "sets")[0])]
         n_prefix, n_chunk = struct.unpack("<II", r.take(8, "counts"))
         rows = list(_ROW.iter_unpack(r.take(_ROW.size * (n_prefix + n_chunk), "rows")))
-        # tuple.__new__ builds each row without NamedTuple's Python-level __new__ (a third of the time)
-        new, keys = tuple.__new__, req.prefix_hashes or []
-        prefix = [new(LookupRow, (i, keys[i], names[t], sets[c], complete != 0, n))
-                  for i, t, c, complete, n in rows[:n_prefix]]
-        keys = req.chunk_hashes or []
-        chunks = [new(LookupRow, (i, keys[i], names[t], sets[c], complete != 0, n))
-                  for i, t, c, complete, n in rows[n_prefix:]]
+
+        def built(part: list, keys: list[str]) -> list[LookupRow]:
+            # tuple.__new__: without NamedTuple's Python-level __new__ (a third of the time)
+            return [tuple.__new__(LookupRow, (i, keys[i], names[t], sets[c], complete != 0, n))
+                    for i, t, c, complete, n in part]
+
+        prefix, chunks = built(rows[:n_prefix], req.prefix_hashes or []), built(rows[n_prefix:], req.chunk_hashes or [])
     except (InvalidRequest, IndexError, struct.error, UnicodeDecodeError) as e:
         raise ValueError(f"malformed compact lookup answer: {e}") from None
     if r.at != len(body):

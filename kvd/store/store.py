@@ -146,22 +146,14 @@ class Store:
         """``(request index, entry, tokens used)`` of each stored entry of the reader's attention.
         (A list, with what the loop asks per entry looked up once: this is the lookup's hot loop.)"""
         now = self.clock()
-        entries, aliases, resolve = self.index.entries, self.index.aliases, self.index.resolve
-        on_seen = self.background.on_seen
+        resolve, on_seen = self.index.resolve, self.background.on_seen
         ns, fp, cu = req.namespace, req.fingerprint, req.computed_under
         out = []
         for i, h in enumerate(hashes):
-            key = (ns, fp, h)
-            e = entries.get(key)  # the index's resolve, inlined for the common case (no alias)
-            if e is not None:
-                n = e.num_tokens
-            elif key not in aliases:  # a miss: the common case of a cold prompt
+            found = resolve((ns, fp, h))
+            if found is None:
                 continue
-            else:
-                found = resolve(key)
-                if found is None:
-                    continue
-                e, n = found
+            e, n = found
             if not readable_by(reader, e, cu):
                 continue
             e.seen += 1

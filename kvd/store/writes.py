@@ -155,20 +155,17 @@ class Writes:
         return P.CommitResponse(committed=chosen)
 
     async def _checksum(self, entries: list[Entry], given: dict[str, list[int]]) -> None:
-        """Each extent's commit checksum: the writer's (``given``, taken of the bytes it wrote) where it
-        sent one for every extent of an entry none of whose extents this commit trimmed; the daemon's
-        own hash of the bytes otherwise (``host.verify_on_commit``; off: no checksum)."""
-        mine = [e for e in entries if e.hash not in given or any(x.plan.is_trimmed for x in e.extents.values())]
-        sums_of = {e.hash: given[e.hash] for e in entries if e.hash in given}
+        """Each extent's commit checksum: the writer's (``given``, taken of the bytes it wrote) for an entry
+        this commit did not trim; the daemon's own hash of the bytes kept for the others
+        (``host.verify_on_commit``; off: no checksum)."""
+        sums = {e.hash: given[e.hash] for e in entries if e.hash in given and not e.is_trimmed}
+        mine = [e for e in entries if e.hash not in sums]
         if mine and self.settings.host.verify_on_commit:
             tiers = {lv.name: lv.tier for lv in self.index.memory}
-            sums_of.update(zip((e.hash for e in mine), await self.pipeline.on_cpu(self.pipeline.forms.checksums,
-                                                                                    tiers, mine)))
-        elif mine:
-            for e in mine:
-                sums_of.pop(e.hash, None)
+            sums.update(zip([e.hash for e in mine], await self.pipeline.on_cpu(self.pipeline.forms.checksums,
+                                                                               tiers, mine)))
         for e in entries:
-            for x, c in zip(e.extents.values(), sums_of.get(e.hash, ())):
+            for x, c in zip(e.extents.values(), sums.get(e.hash, ())):
                 x.checksum = next(iter(x.copies.values())).checksum = c
 
     def _insert_all(self, res: Reservation, entries: list[Entry]) -> None:
