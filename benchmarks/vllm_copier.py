@@ -1,14 +1,15 @@
 """The vLLM connector's copy of a prefix load into vLLM's CPU KV blocks, alone (no engine): checks,
 then times ``StridedCopier.load_layer`` / ``save_layer`` over every layer beside a numpy memcpy of the
-same bytes (the ceiling), and pass A (extents -> token-ordered staging) apart from pass B (staging ->
-the ISA's packing).
+same bytes (the ceiling). ``--base COMMIT`` also times that commit's ``StridedCopier`` (its
+``kvd/connectors/vllm/strided.py``, loaded beside this tree's other modules), interleaved with this
+one's: an A/B on one machine in one run, checked the same way.
 
 Shape: SmolLM2-135M (30 layers, 3 KV heads, D 64, bf16), a 4,096-token load: 16 chunk entries of 256
 tokens with the shipped head map's 7 extents each, into 128-token blocks; layouts ``LBHNC_KT`` (vLLM's
 ``vec``/``vec16`` ISA: K stored transposed) and ``LBHNC``. Correctness: every loaded block, read back
 through the layout's index map, equals the extents' tokens.
 
-Usage: ``python benchmarks/vllm_copier.py [--repeats 15]`` -> ``benchmarks/results/vllm_copier.json``.
+Usage: ``python benchmarks/vllm_copier.py [--repeats 15] [--base COMMIT]`` -> ``benchmarks/results/vllm_copier.json``.
 Timings are medians of interleaved repeats on this machine; compare only figures of one run.
 """
 
@@ -29,7 +30,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvd.client.views import copy_block  # noqa: E402
 from kvd.connectors.vllm.copy import Piece, make_copier  # noqa: E402
 from kvd.connectors.vllm.layout import BlockLayout, known_layout  # noqa: E402
 from kvd.core.extents import plan_extents  # noqa: E402
@@ -80,57 +80,84 @@ def median_ms(fn, repeats: int) -> float:
     return float(np.median(ts) * 1e3)
 
 
-def measure(name: str, repeats: int) -> dict:
+def base_copier(commit: str):
+    """``StridedCopier`` of ``commit``'s ``kvd/connectors/vllm/strided.py``, imported beside this tree."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{commit}:kvd/connectors/vllm/strided.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "strided_base.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("strided_base", path)
+    mod = sys.modules["strided_base"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def measure(name: str, repeats: int, base) -> dict:
     lay, ext, blocks, layers = setup(name)
-    cp = make_copier(lay, layers[0])
-    pieces = pieces_of(ext, blocks)
-    for i in range(L):
-        cp.load_layer(layers[i], i, pieces)
-    check(lay, ext, blocks, layers)  # before any timing
+    copiers = {"this": make_copier(lay, layers[0])}
+    if base is not None:
+        copiers["base"] = base.StridedCopier(lay, base.half_models(lay, 2))
+    for cp in copiers.values():
+        for layer in layers:
+            layer.zero_()
+        for i in range(L):
+            cp.load_layer(layers[i], i, pieces_of(ext, blocks))
+        check(lay, ext, blocks, layers)  # before any timing
     nbytes = sum(v.numel() * 2 for c in ext for _, v in c)
 
-    def load():
+    def load(cp):
         ps = pieces_of(ext, blocks)  # as the worker: new pieces per load
         for i in range(L):
             cp.load_layer(layers[i], i, ps)
 
-    def save():
+    def save(cp):
         ps = pieces_of(ext, blocks)
         for i in range(L):
             cp.save_layer(layers[i], i, ps)
 
-    def pass_a():
-        ps = pieces_of(ext, blocks)
-        for i in range(L):
-            stage = cp._staging(layers[i], ps)
-            for src, dst in cp._extent_pairs(stage, i, ps):
-                copy_block(dst, src, non_blocking=False)
-
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
-    out = {"load_ms": median_ms(load, repeats), "save_ms": median_ms(save, repeats),
-           "pass_a_ms": median_ms(pass_a, repeats), "memcpy_ms": median_ms(lambda: np.copyto(dst, src), repeats)}
+    times: dict[str, list[float]] = {}
+    for _ in range(3):  # rounds, each copier in turn: the VM's speed drifts within a run
+        for who, cp in copiers.items():
+            times.setdefault(f"{who}_load", []).append(median_ms(lambda cp=cp: load(cp), repeats))
+            times.setdefault(f"{who}_save", []).append(median_ms(lambda cp=cp: save(cp), repeats))
+        times.setdefault("memcpy", []).append(median_ms(lambda: np.copyto(dst, src), repeats))
     check(lay, ext, blocks, layers)  # the timed loads left the same bytes (save wrote them back unchanged)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    out = {"load_ms": med["this_load"], "save_ms": med["this_save"], "memcpy_ms": med["memcpy"]}
+    if base is not None:
+        out["base_load_ms"], out["base_save_ms"] = med["base_load"], med["base_save"]
     out["bytes"] = nbytes
     out["load_GBps"] = nbytes / out["load_ms"] / 1e6
     out["load_vs_memcpy"] = out["memcpy_ms"] / out["load_ms"]
+    out["rounds_ms"] = {k: [round(x, 2) for x in v] for k, v in times.items()}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--base", help="also time this commit's StridedCopier, interleaved (an A/B)")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    base = base_copier(args.base) if args.base else None
     torch.set_num_threads(1)  # as in vLLM's CPU worker here (one OpenMP thread on its pinned core)
     res = {"date": datetime.date.today().isoformat(),
            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
            "shape": f"SmolLM2-135M, {CHUNKS * CHUNK} tokens, {CHUNKS} entries x 7 extents, {N}-token blocks, bf16",
            "checked": True}
+    if args.base:
+        res["base"] = args.base
     for name in ("LBHNC_KT", "LBHNC"):
-        res[name] = measure(name, args.repeats)
+        res[name] = measure(name, args.repeats, base)
         print(name, json.dumps(res[name]), flush=True)
-    OUT.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {OUT}")
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
