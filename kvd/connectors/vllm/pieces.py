@@ -22,7 +22,6 @@ class Piece:
     t1: int
     extents: list[tuple[ExtentPlan, torch.Tensor]]  # per head class: plan, [num_segments, 2, T, D] view
     _arrays: list | None = field(default=None, init=False, repr=False)
-    sources: dict = field(default_factory=dict, init=False, repr=False)  # the copier's source views, per load
 
     def arrays(self) -> list:
         """``extents`` as ``(plan, numpy view)`` pairs (CPU views only), made once: a load or store

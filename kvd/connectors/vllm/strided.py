@@ -8,7 +8,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kvd.client.views import copy_block, numpy_view
@@ -84,42 +83,24 @@ def _positions(m: _HalfModel, H: int) -> torch.Tensor:
     return grid.reshape(-1)
 
 
-_NP_WIDE = {2: "int16", 4: "int32", 8: "int64"}  # bytes moved as one element -> numpy dtype name
-
-
-@dataclass(frozen=True)
-class _Copy:
-    """One strided copy of a layer's rows ``[g0, g1)`` of an extent (their half ``kv``) to or from
-    whole blocks: the block side is ``shape = (heads, blocks, *n_sizes, *d_sizes)`` at byte ``rel`` from
-    the run's first block, with byte ``strides`` (the blocks' stride filled in per layer tensor); ``w``
-    elements move as one (bf16 pairs or quads where the ISA keeps them together)."""
-
-    g0: int
-    g1: int
-    kv: int
-    w: int
-    rel: int
-    inner: tuple[int, ...]  # (*n_sizes, *d_sizes) in units of w elements
-    strides: tuple[int, ...]  # bytes: head, then inner; the block stride goes between them
+_WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # bytes moved as one element -> dtype
 
 
 class StridedCopier:
     """Layouts that are strided views of a block (every layout seen: vec, vec16, amx; LBHNC, LBNHC).
 
-    One pass, straight between the extents and vLLM's blocks: per piece, run of consecutive blocks,
-    group of consecutive heads of a head class in this layer and K/V, one strided copy that does the
-    ISA's packing (``vec``'s K transpose, ``amx``'s tiles; pairs or quads of bf16 move as one integer
-    where both sides keep them together). What does not depend on the piece (shapes, strides, which
-    rows) is worked out once per (head class, layer), and a piece's source arrays once per load, so a
-    copy costs a slice and one view. A block a load fills in part (the prompt's last) gets only its
-    loaded tokens: vLLM has already written the tokens it computes into the same block.
-
-    On the CPU the copies run through numpy (one thread; see ``kvd.client.views.copy_block``). Measured
-    for a 4K-token load of SmolLM2 (``vec``, 94 MB, the shipped head map's 7 extents per entry,
-    ``benchmarks/vllm_copier.py``): 81 ms with per-(piece, class, K/V) torch copies into a block-ordered
-    buffer, 26.6-40 ms (by the VM's day) with two passes through a token-ordered staging buffer (the
-    extents' rows, then the packing), and one pass since (docs/vllm.md has the same-run A/B). Stores run
-    the same copies backwards (whole blocks only)."""
+    Per layer, two passes through a token-ordered canonical staging buffer ``[H, 2, T, D]`` (reused,
+    so it stays in cache; each piece padded to whole blocks): (A) per piece and head class, one copy
+    of the extent's rows of this layer (``K | V`` of each head, contiguous on both sides: memcpy
+    speed); (B) per run of consecutive kernel blocks and per K/V, one strided copy between the staging
+    and vLLM's blocks, which does the ISA's packing (``vec``'s K transpose, ``amx``'s tiles; pairs of
+    bf16 move as one int32 where the ISA keeps them together). A block a load fills in part (the
+    prompt's last) gets only its loaded tokens: vLLM has already written the tokens it computes into
+    the same block. Measured for a 4K-token load of SmolLM2 (``vec``, 91 MB, the shipped head map's 7
+    extents per entry): 81 ms with the former per-(piece, class, K/V) copies into a block-ordered
+    buffer and a gather of whole blocks, 38 ms with these, 26.6 ms with pass A on numpy views
+    (``benchmarks/vllm_copier.py``; a memcpy of the same bytes: 6.5 ms). Stores run the same passes
+    backwards (always whole blocks)."""
 
     partial_blocks = True  # a load may end inside a block
 
@@ -127,162 +108,140 @@ class StridedCopier:
         self.layout = layout
         self.models = models
         self.rows = LayerRows()
-        self._plans: dict[tuple[str, int, int, int, int], list[_Copy]] = {}
+        self._buf: torch.Tensor | None = None
 
-    def _copies(self, plan, layer: int, itemsize: int, elem0: int, block_stride: int) -> list[_Copy]:
-        """The copies of ``plan``'s rows of ``layer``, for block-side element offsets congruent to
-        ``elem0`` (mod 8: what decides whether elements can move widened)."""
-        key = (plan.head_class, plan.num_tokens, layer, elem0 % 8, block_stride)
-        got = self._plans.get(key)
-        if got is not None:
-            return got
-        s0, s1, heads = self.rows(plan, layer)
-        groups = ([(s0, s1, heads.start)] if isinstance(heads, slice)
-                  else [(s0 + i, s0 + i + 1, h) for i, h in enumerate(heads)])
-        got = []
-        for g0, g1, h in groups:
-            for kv, m in enumerate(self.models):
-                rel = h * m.stride_h + m.base
-                w = m.widen if (elem0 + rel) % m.widen == 0 and block_stride % m.widen == 0 else 1
-                d_sizes = m.d_sizes[:-1] + (m.d_sizes[-1] // w,)
-                d_strides = tuple(x // w for x in m.d_strides[:-1]) + ((1,) if w > 1 else m.d_strides[-1:])
-                unit = itemsize * w
-                got.append(_Copy(g0, g1, kv, w, rel * itemsize, m.n_sizes + d_sizes,
-                                 tuple(x * unit for x in (m.stride_h // w, *(y // w for y in m.n_strides), *d_strides))))
-        self._plans[key] = got
-        return got
+    def _staging(self, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> torch.Tensor:
+        """``[H, 2, T, D]`` with each piece padded to whole blocks, from a buffer kept across calls."""
+        L = self.layout
+        tokens = sum(len(p.block_ids) for p in pieces) * L.block_tokens
+        n = L.num_heads * 2 * tokens * L.head_dim
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != kv_layer.dtype or buf.device != kv_layer.device:
+            buf = self._buf = torch.empty(n, dtype=kv_layer.dtype, device=kv_layer.device)
+        return buf[:n].view(L.num_heads, 2, tokens, L.head_dim)
 
-    def _pairs(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]):
-        """Pairs ``(extent part, block part)`` of equal shape whose copies move ``pieces`` for ``layer``."""
-        N = self.layout.block_tokens
-        cpu = kv_layer.device.type == "cpu"
-        side = _BlockSide(kv_layer)
+    def _extent_pairs(self, stage: torch.Tensor, layer: int, pieces: Sequence[Piece]):
+        """Pairs (extent part, staging part) of equal shape ``[heads, 2, n, D]``: pass A. On the CPU as
+        numpy views (the pieces' arrays made once per load): about a thousand small copies per 4K
+        load, whose torch slicing cost more than the bytes moved (pass A of a 4K load: 21 -> 9.6 ms)."""
+        cpu = stage.device.type == "cpu"
+        if cpu:
+            stage = numpy_view(stage)
+        o = 0
         for p in pieces:
-            runs = p.sources.get(N)
-            if runs is None:
-                runs = p.sources[N] = _runs(p, N)
-            for j, b, k, r in runs:
-                base = side.elem(b)
-                for plan, view, *_ in (p.arrays() if cpu else p.extents):
-                    t = p.t0 + j * N
-                    for c in self._copies(plan, layer, side.itemsize, base, side.block_stride):
-                        if r == N:
-                            src = _source(p, plan, view, c, t, k, N, side.itemsize)[c.g0 : c.g1]
-                            yield src, side.view(base, c, k)
-                        else:  # the last block, filled in part: at most one rectangle per token digit
-                            yield from self._partial(side, view, c, t, base, r)
+            n = p.t1 - p.t0
+            for plan, view, *_ in (p.arrays() if cpu else p.extents):
+                s0, s1, heads = self.rows(plan, layer)
+                if s1 == s0:
+                    continue
+                src = view[s0:s1, :, p.t0 : p.t1]
+                if isinstance(heads, slice):
+                    yield src, stage[heads, :, o : o + n]
+                else:
+                    for i, h in enumerate(heads):
+                        yield src[i : i + 1], stage[h : h + 1, :, o : o + n]
+            o += len(p.block_ids) * self.layout.block_tokens
 
-    def _partial(self, side: _BlockSide, view, c: _Copy, t: int, base: int, r: int):
-        """Pairs covering tokens ``[0, r)`` of one block (``amx``: whole 16-token tiles, then the rest of
-        one tile); elements move one at a time here."""
-        m = self.models[c.kv]
-        rel = c.rel // side.itemsize
-        left, elem = r, base + rel
-        for i, stride in enumerate(m.n_strides):
-            inner = math.prod(m.n_sizes[i + 1 :])
-            q = left // inner
-            if q:
-                shape = (c.g1 - c.g0, q, *m.n_sizes[i + 1 :], *m.d_sizes)
-                src = view[c.g0 : c.g1, c.kv, t : t + q * inner].reshape(shape)
-                strides = (m.stride_h, stride, *m.n_strides[i + 1 :], *m.d_strides)
-                yield src, side.raw(elem, shape, strides)
-            t, elem, left = t + q * inner, elem + q * stride, left - q * inner
-        assert left == 0
+    def _wide(self, m: _HalfModel, base: int, dtype: torch.dtype):
+        """(width, d sizes, d strides, dtype) to move ``m``'s innermost run of d as one element."""
+        w = m.widen if base % m.widen == 0 else 1
+        d_sizes = m.d_sizes[:-1] + (m.d_sizes[-1] // w,)
+        d_strides = tuple(x // w for x in m.d_strides[:-1]) + ((1,) if w > 1 else m.d_strides[-1:])
+        return w, d_sizes, d_strides, _WIDE[w * torch.empty(0, dtype=dtype).element_size()] if w > 1 else dtype
+
+    def _block_pairs(self, stage: torch.Tensor, target: torch.Tensor, runs: list[tuple[int, int, int]]):
+        """Pairs (staging part, block view) of equal shape, per run ``(first staged block, first block of
+        ``target``, blocks)`` of whole blocks and per K/V: pass B."""
+        L = self.layout
+        N, E, H, D = L.block_tokens, L.block_elems, L.num_heads, L.head_dim
+        for j, b, k in runs:
+            base = target.storage_offset() + b * target.stride(0)
+            for kv, m in enumerate(self.models):
+                w, d_sizes, d_strides, wide = self._wide(m, base + m.base, stage.dtype)
+                src = stage[:, kv, j * N : (j + k) * N].reshape(H, k * N, D).view(wide).view(H, k, *m.n_sizes, *d_sizes)
+                dst = torch.as_strided(target.view(wide), (H, k, *m.n_sizes, *d_sizes),
+                                       (m.stride_h // w, E // w, *(x // w for x in m.n_strides), *d_strides),
+                                       (base + m.base) // w)
+                yield src, dst
+
+    def _partial_pairs(self, stage: torch.Tensor, kv_layer: torch.Tensor, j: int, b: int, r: int):
+        """Pairs (staging part, block view) covering exactly tokens ``[0, r)`` of block ``b``: the
+        token digits split into at most one rectangle per digit (``amx``: whole 16-token tiles, then
+        the rest of one tile)."""
+        L = self.layout
+        N, H, D = L.block_tokens, L.num_heads, L.head_dim
+        for kv, m in enumerate(self.models):
+            t, elem, left = 0, kv_layer.storage_offset() + b * kv_layer.stride(0) + m.base, r
+            for i, stride in enumerate(m.n_strides):
+                inner = 1
+                for x in m.n_sizes[i + 1 :]:
+                    inner *= x
+                q = left // inner
+                if q:
+                    src = stage[:, kv, j * N + t : j * N + t + q * inner].reshape(H, q, *m.n_sizes[i + 1 :], *m.d_sizes)
+                    dst = torch.as_strided(kv_layer, (H, q, *m.n_sizes[i + 1 :], *m.d_sizes),
+                                           (m.stride_h, stride, *m.n_strides[i + 1 :], *m.d_strides), elem)
+                    yield src, dst
+                t, elem, left = t + q * inner, elem + q * stride, left - q * inner
+            assert left == 0 and D == math.prod(m.d_sizes)
+
+    def _targets(self, kv_layer: torch.Tensor, pieces: Sequence[Piece]):
+        """``(runs, partial, ids, blocks)``. ``runs``: runs of whole blocks as ``_block_pairs`` takes
+        them; ``partial``: ``(staged block, block, tokens)`` of blocks filled in part. When the runs are
+        many (fragmented ids), they target a block-ordered buffer ``blocks`` instead, whose rows then
+        move to blocks ``ids`` with one scatter / gather of whole blocks (else both are None)."""
+        N = self.layout.block_tokens
+        staged = [(b, min(N, p.t1 - p.t0 - i * N)) for p in pieces for i, b in enumerate(p.block_ids)]
+        whole = [(j, b) for j, (b, r) in enumerate(staged) if r == N]
+        partial = [(j, b, r) for j, (b, r) in enumerate(staged) if r < N]
+        runs: list[list[int]] = []
+        for j, b in whole:
+            if runs and runs[-1][0] + runs[-1][2] == j and runs[-1][1] + runs[-1][2] == b:
+                runs[-1][2] += 1
+            else:
+                runs.append([j, b, 1])
+        if len(runs) <= MAX_RUNS:
+            return [tuple(x) for x in runs], partial, None, None
+        blocks = torch.empty((len(whole), *kv_layer.shape[1:]), dtype=kv_layer.dtype, device=kv_layer.device)
+        runs = []
+        for i, (j, _) in enumerate(whole):  # runs of the staging, into consecutive rows of ``blocks``
+            if runs and runs[-1][0] + runs[-1][2] == j:
+                runs[-1][2] += 1
+            else:
+                runs.append([j, i, 1])
+        return [tuple(x) for x in runs], partial, [b for _, b in whole], blocks
 
     def load_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
-        copy = _copy_np if kv_layer.device.type == "cpu" else copy_block
-        for src, dst in self._pairs(kv_layer, layer, pieces):
-            copy(dst, src)
+        stage = self._staging(kv_layer, pieces)
+        for src, dst in self._extent_pairs(stage, layer, pieces):
+            copy_block(dst, src, non_blocking=False)
+        runs, partial, ids, blocks = self._targets(kv_layer, pieces)
+        for src, dst in self._block_pairs(stage, kv_layer if blocks is None else blocks, runs):
+            copy_block(dst, src, non_blocking=False)
+        if blocks is not None:
+            _whole_blocks(kv_layer)[ids] = _whole_blocks(blocks)
+        for j, b, r in partial:
+            for src, dst in self._partial_pairs(stage, kv_layer, j, b, r):
+                copy_block(dst, src, non_blocking=False)
 
     def save_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
-        N = self.layout.block_tokens
-        if any(p.t0 % N or (p.t1 - p.t0) % N for p in pieces):
+        stage = self._staging(kv_layer, pieces)
+        runs, partial, ids, blocks = self._targets(kv_layer, pieces)
+        if partial:
             raise ValueError("stores move whole blocks only")
-        copy = _copy_np if kv_layer.device.type == "cpu" else copy_block
-        for dst, src in self._pairs(kv_layer, layer, pieces):
-            copy(dst, src)
+        if blocks is not None:
+            _whole_blocks(blocks)[:] = _whole_blocks(kv_layer)[ids]
+        for dst, src in self._block_pairs(stage, kv_layer if blocks is None else blocks, runs):
+            copy_block(dst, src, non_blocking=False)
+        for dst, src in self._extent_pairs(stage, layer, pieces):
+            copy_block(dst, src, non_blocking=False)
 
 
-def _copy_np(dst, src) -> None:
-    """``copy_block`` for numpy arrays, minus its dispatch: the copier makes thousands per load."""
-    np.copyto(dst, src, casting="no")
+MAX_RUNS = 4  # more runs of consecutive blocks than this: stage in block order, then move whole blocks
 
 
-def _runs(p: Piece, N: int) -> list[tuple[int, int, int, int]]:
-    """``(first block's index in the piece, its id, blocks, tokens in the last)`` per run of consecutive
-    whole blocks of ``p``; a block filled in part is a run of its own (with ``tokens < N``)."""
-    out: list[list[int]] = []
-    n = p.t1 - p.t0
-    for i, b in enumerate(p.block_ids):
-        r = min(N, n - i * N)
-        if r == N and out and out[-1][3] == N and out[-1][1] + out[-1][2] == b:
-            out[-1][2] += 1
-        else:
-            out.append([i, b, 1, r])
-    return [tuple(x) for x in out]
-
-
-def _source(p: Piece, plan, view, c: _Copy, t: int, k: int, N: int, itemsize: int):
-    """``view``'s half ``c.kv`` of tokens ``[t, t + k N)`` as ``[segments, k, *c.inner]`` in units of
-    ``c.w`` elements, made once per piece, run and copy shape (a load slices it for every layer; the
-    piece's ``sources`` also keeps its runs, under the block size)."""
-    cache = p.sources
-    key = (plan.head_class, c.kv, c.w, t, k, c.inner)
-    got = cache.get(key)
-    if got is None:
-        part = view[:, c.kv, t : t + k * N]
-        if c.w > 1:
-            part = part.view(np.dtype(_NP_WIDE[itemsize * c.w])) if isinstance(part, np.ndarray) else part.view(
-                _TORCH_WIDE[itemsize * c.w])
-        got = cache[key] = part.reshape(part.shape[0], k, *c.inner)
-    return got
-
-
-_TORCH_WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class _BlockSide:
-    """vLLM's blocks of one layer as views at element offsets: numpy arrays over the layer's storage on
-    the CPU (a view is one constructor call), ``torch.as_strided`` elsewhere."""
-
-    def __init__(self, kv_layer: torch.Tensor) -> None:
-        self.itemsize = kv_layer.element_size()
-        self.block_stride = kv_layer.stride(0)
-        self.offset = kv_layer.storage_offset()
-        st = kv_layer.untyped_storage()
-        self._flat = torch.empty(0, dtype=kv_layer.dtype, device=kv_layer.device).set_(
-            st, 0, (st.nbytes() // self.itemsize,))
-        self._cpu = kv_layer.device.type == "cpu"
-        self._np = numpy_view(self._flat) if self._cpu else None
-        self._wide: dict[int, object] = {}
-
-    def elem(self, block: int) -> int:
-        return self.offset + block * self.block_stride
-
-    def _base(self, w: int):
-        got = self._wide.get(w)
-        if got is None:
-            if self._cpu:
-                got = self._np if w == 1 else self._np.view(np.dtype(_NP_WIDE[self.itemsize * w]))
-            else:
-                got = self._flat if w == 1 else self._flat.view(_TORCH_WIDE[self.itemsize * w])
-            self._wide[w] = got
-        return got
-
-    def view(self, elem: int, c: _Copy, k: int):
-        """Blocks ``[elem, ...)``: ``k`` of them, as copy ``c``'s block side."""
-        shape = (c.g1 - c.g0, k, *c.inner)
-        unit = self.itemsize * c.w
-        strides = (c.strides[0], self.block_stride * self.itemsize, *c.strides[1:])
-        start = elem * self.itemsize + c.rel
-        base = self._base(c.w)
-        if self._cpu:
-            return np.ndarray(shape, base.dtype, base, start, strides)
-        return torch.as_strided(base, shape, tuple(x // unit for x in strides), start // unit)
-
-    def raw(self, elem: int, shape: tuple[int, ...], strides: tuple[int, ...]):
-        """Elements at ``elem + sum(i * stride)``, one at a time (strides in elements)."""
-        if self._cpu:
-            return np.ndarray(shape, self._np.dtype, self._np, elem * self.itemsize,
-                              tuple(x * self.itemsize for x in strides))
-        return torch.as_strided(self._flat, shape, strides, elem)
+def _whole_blocks(t: torch.Tensor):
+    """Rows of whole blocks of a ``[blocks, ...]`` tensor with dense blocks: numpy on the CPU (fancy
+    indexing without torch's thread pool), else torch."""
+    flat = torch.as_strided(t, (t.shape[0], t[0].numel()), (t.stride(0), 1))
+    return numpy_view(flat) if t.device.type == "cpu" else flat
