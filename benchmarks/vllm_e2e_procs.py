@@ -223,18 +223,22 @@ def free_port() -> int:
 
 
 class KvdDaemon:
-    """The kvd daemon on ``root``: host arena of ``arena`` bytes, SSD tier under root/ssd."""
+    """The kvd daemon on ``root``: host arena of ``arena`` bytes in /dev/shm (where the daemon puts it by
+    default, a tmpfs; LMCache's pool is shared memory too), SSD tier under root/ssd. Until 2026-12-06
+    the arena file was root/arena, on the disk's page cache, whose mappings fault and write back
+    differently; results before then were measured so."""
 
     def __init__(self, root: Path, arena: str) -> None:
         self.root, self.arena = root, arena
         root.mkdir(parents=True, exist_ok=True)
         self.socket = str(root / "kvd.sock")
         self.port = free_port()
+        self.arena_path = Path("/dev/shm") / f"kvd-bench-{os.getpid()}-{self.port}.arena"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> KvdDaemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
-        env.update({"KVD_HOST__PATH": str(self.root / "arena"), "KVD_HOST__CAPACITY_BYTES": self.arena,
+        env.update({"KVD_HOST__PATH": str(self.arena_path), "KVD_HOST__CAPACITY_BYTES": self.arena,
                     "KVD_SSD__ENABLED": "true", "KVD_SSD__PATH": str(self.root / "ssd"), "PYTHONPATH": str(REPO)})
         self.proc = subprocess.Popen([sys.executable, "-m", "kvd.daemon.service", "--socket", self.socket,
                                       "--metrics-addr", f"127.0.0.1:{self.port}"], env=env,
@@ -297,6 +301,7 @@ class KvdDaemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
+        self.arena_path.unlink(missing_ok=True)
 
 
 class LMCacheServer:

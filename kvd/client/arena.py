@@ -6,7 +6,15 @@ tensors over the mapping itself: writing a view writes the arena, no copy in bet
 (``kvd.client.transfer`` hands them out per leased or reserved entry).
 
 When CUDA is available the mapping is registered with ``cudaHostRegister`` so that copies between it
-and GPU memory run as DMA at pinned-memory speed (``tensor.to("cuda", non_blocking=True)``).
+and GPU memory run as DMA at pinned-memory speed (``tensor.to("cuda", non_blocking=True)``); that pins,
+and so maps, every page up front. Without CUDA, ``populate=True`` does the mapping part of that at map
+time (``MADV_POPULATE_READ``; on the arena's tmpfs the pages come in writable too), so a process's
+first reads of the arena do not fault it in page by page. Measured on the product path
+(``benchmarks/notes/lease_populate.py``, a fresh process's lease of a 4K SmolLM2 prompt, 94 MB): 1,505
+minor faults and 18.8 ms without, 64 and 15.8 ms with, for 0.1 s of populating per GiB of arena at
+start and its page tables (2 MiB per GiB). The daemon has allocated every page already
+(``posix_fallocate``), so populating commits no memory. Off by default in the connectors: pages stay
+mapped after their first use, so only a fresh engine's first hits gain.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import time
 
 from kvd.core.errors import DaemonUnavailable
 from kvd.core.extents import ExtentPlan
@@ -22,8 +31,12 @@ from kvd.core.protocol import ArenaInfo, ExtentInfo
 logger = logging.getLogger(__name__)
 
 
+# Linux 5.14+ (the constant is in Python's mmap module from 3.12 on); older kernels answer EINVAL.
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
 class ArenaMapping:
-    def __init__(self, info: ArenaInfo, *, register_cuda: bool = True) -> None:
+    def __init__(self, info: ArenaInfo, *, register_cuda: bool = True, populate: bool = False) -> None:
         self.info = info
         try:
             fd = os.open(info.path, os.O_RDWR)
@@ -42,8 +55,11 @@ class ArenaMapping:
         self._torch_bytes = None
         self._typed: dict = {}  # KV dtype name -> the whole arena as a tensor of it
         self.cuda_registered = False
+        self.populate_s: float | None = None  # how long populating took (None: not populated here)
         if register_cuda:
             self._register_cuda()
+        if populate and not self.cuda_registered:
+            self._populate()
 
     @property
     def arena_id(self) -> str:
@@ -61,6 +77,17 @@ class ArenaMapping:
         self.cuda_registered = int(err) == 0
         if not self.cuda_registered:
             logger.warning("cudaHostRegister of the kvd arena failed (%s); GPU copies will be pageable", err)
+
+    def _populate(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._mmap.madvise(MADV_POPULATE_READ)
+        except OSError as e:  # an older kernel: pages are then mapped on first touch, as without populate
+            logger.info("kvd arena not populated up front (%s); pages map on first use", e)
+            return
+        self.populate_s = time.perf_counter() - t0
+        logger.info("kvd arena %s mapped: %.2f GiB populated in %.2f s", self.info.path,
+                    self.info.capacity_bytes / 2**30, self.populate_s)
 
     def torch_bytes(self):
         """The whole arena as a torch uint8 tensor sharing the mapping."""

@@ -45,10 +45,11 @@ class KvdClient:
     compact lookups)."""
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout_s: float = 5.0,
-                 register_cuda: bool = True, frames: bool = True) -> None:
+                 register_cuda: bool = True, populate_arena: bool = False, frames: bool = True) -> None:
         self.socket_path = str(socket_path or default_socket_path())
         self.timeout_s = timeout_s
         self.register_cuda = register_cuda
+        self.populate_arena = populate_arena  # map every arena page when mapping it (kvd.client.arena)
         self._conn: UnixHttp | None = None
         self._frames: UnixFrames | None = None  # the lookup hot path's connection (kvd.daemon.frames)
         self._framed = frames  # False: lookups over HTTP too (or once the daemon turned out to predate frames)
@@ -142,7 +143,7 @@ class KvdClient:
             if old is not None:
                 old.close()
             self.arena_info = info
-            self._arena = ArenaMapping(info, register_cuda=self.register_cuda)
+            self._arena = ArenaMapping(info, register_cuda=self.register_cuda, populate=self.populate_arena)
 
     def arena(self, arena_id: str | None = None) -> ArenaMapping:
         """The mapped arena; remapped first if the daemon reports another ``arena_id`` (it restarted)."""
@@ -247,10 +248,11 @@ class AsyncKvdClient:
     """asyncio client over aiohttp's Unix connector; same routes and errors as ``KvdClient``."""
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout_s: float = 5.0,
-                 register_cuda: bool = True) -> None:
+                 register_cuda: bool = True, populate_arena: bool = False) -> None:
         self.socket_path = str(socket_path or default_socket_path())
         self.timeout_s = timeout_s
         self.register_cuda = register_cuda
+        self.populate_arena = populate_arena
         self._session = None
         self._models = _Registrations()
         self._arena: ArenaMapping | None = None
@@ -303,7 +305,7 @@ class AsyncKvdClient:
         if self._arena is None or self._arena.arena_id != info.arena_id:
             if self._arena is not None:
                 self._arena.close()
-            self._arena = ArenaMapping(info, register_cuda=self.register_cuda)
+            self._arena = ArenaMapping(info, register_cuda=self.register_cuda, populate=self.populate_arena)
 
     async def arena(self, arena_id: str | None = None) -> ArenaMapping:
         """The mapped arena (zero-copy views); remapped if the daemon reports another ``arena_id``."""

@@ -64,6 +64,7 @@ class ExtentView(NamedTuple):
     # group a load's extents by buffer and pass their offsets to one kernel launch, kvd.client.paged):
     buffer: int = 0  # the address of the whole arena or pool the view lies in
     offset: int = 0  # elements from the start of that buffer's storage
+    checksum: str | None = None  # the daemon's xxh3-64 of the extent's bytes (host extents; None: none kept)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,4 +118,4 @@ def _extent(h: ModelHandle, arena_id: str, x: P.ExtentInfo, plan: ExtentPlan,
         view = h.gpu.extent(gpu_pool, x, plan, h.spec.kv_dtype)
     start = base.storage_offset() * base.element_size() + x.offset  # bytes from the storage's start
     return ExtentView(plan, view, base.data_ptr() - base.storage_offset() * base.element_size(),
-                      start // plan.dtype_bytes)
+                      start // plan.dtype_bytes, x.checksum if x.tier != "gpu" else None)

@@ -55,6 +55,7 @@ class BackendSettings(BaseModel):
     retry_interval_s: float = Field(default=1.0, gt=0, le=600)  # first back-off after a daemon failure
     max_retry_interval_s: float = Field(default=30.0, gt=0, le=3600)
     verify_checksums: bool = True  # check leased extents (xxh3) before copying them into SGLang's pool
+    populate_arena: bool = False  # map every arena page at start, not on first use (kvd.client.arena)
 
     @classmethod
     def parse(cls, extra: dict[str, Any] | None) -> BackendSettings:
@@ -126,7 +127,8 @@ def load_head_map(settings: BackendSettings, spec: ModelSpec) -> HeadMap | None:
 def open_session(settings: BackendSettings, spec: ModelSpec, head_map: HeadMap | None, *,
                  clock: Callable[[], float] = time.monotonic) -> DaemonSession:
     """The backend's session with the daemon (registers on first use, circuit breaker)."""
-    return DaemonSession(KvdClient(settings.socket, timeout_s=settings.timeout_s), spec, head_map,
+    client = KvdClient(settings.socket, timeout_s=settings.timeout_s, populate_arena=settings.populate_arena)
+    return DaemonSession(client, spec, head_map,
                          namespace=settings.namespace, role="sglang", block_tokens=1,
                          retry_interval_s=settings.retry_interval_s,
                          max_retry_interval_s=settings.max_retry_interval_s, clock=clock)

@@ -137,7 +137,8 @@ class KvdConnector(KVConnectorBase_V1):
         layout = probe_block_layout(engine_write, ordered[names[0]])
         copier = make_copier(layout.to(ordered[names[0]].device), ordered[names[0]])
         self.worker = WorkerIO(self.session, self.settings, ordered, copier, block_size=self.block_size,
-                               num_blocks=self._kv_cache_config.num_blocks)
+                               num_blocks=self._kv_cache_config.num_blocks,
+                               recompute_failures=self._kv_transfer_config.kv_load_failure_policy == "recompute")
         logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s", len(names), layout.name,
                     self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__)
 

@@ -22,6 +22,7 @@ class Piece:
     t1: int
     extents: list[tuple[ExtentPlan, torch.Tensor]]  # per head class: plan, [num_segments, 2, T, D] view
     _arrays: list | None = field(default=None, init=False, repr=False)
+    sums: list | None = field(default=None, init=False, repr=False)  # per extent: a running xxh3, or None
 
     def arrays(self) -> list:
         """``extents`` as ``(plan, numpy view)`` pairs (CPU views only), made once: a load or store

@@ -5,6 +5,7 @@ Runs in each vLLM worker process, one step at a time, driven by the hooks vLLM c
     begin_step(plan)      bind_connector_metadata    remember the step's loads and saves
     start_loads()         start_load_kv              one lease per request (one RPC), extents mapped
     load_layer(name)      wait_for_layer_load        copy that layer of every leased chunk into vLLM
+                                                     (and hash what it copied: kvd.connectors.vllm.sums)
     save_layer(name, kv)  save_kv_layer              first call: one reservation per request; then copy
                                                      that layer of every reserved chunk into the arena
     end_step()            wait_for_save              release leases; commit reservations whose every
@@ -13,10 +14,10 @@ Runs in each vLLM worker process, one step at a time, driven by the hooks vLLM c
 
 Everything is synchronous inside the step: a saved chunk's bytes are in the arena before the step
 ends, so vLLM may free or reuse its blocks right after (``request_finished`` never delays a free).
-Failures never raise into vLLM: a lease that fails or returns fewer chunks reports the blocks it did
-not fill (vLLM recomputes them under ``kv_load_failure_policy: "recompute"``); a request whose load
-failed stores nothing in that step (its KV was computed over unfilled blocks); a store that fails is
-aborted and counted.
+Failures never raise into vLLM: a lease that fails or returns fewer chunks, or a chunk whose bytes
+fail their checksum, reports the blocks it did not (correctly) fill (vLLM recomputes them under
+``kv_load_failure_policy: "recompute"``); a request whose load failed stores nothing in that step
+(its KV was computed over those blocks); a store that fails is aborted and counted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kvd.client.transfer import Lease, Reservation, open_lease, reserve
 from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece, StridedCopier
 from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan, entry_sizes
 from kvd.connectors.vllm.settings import ConnectorSettings
+from kvd.connectors.vllm.sums import LoadSums
 from kvd.core import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class _Load:
     spec: LoadSpec
     lease: Lease
     pieces: list[Piece]
+    sums: LoadSums | None = None  # checksums taken as the layers are copied (kvd.connectors.vllm.sums)
 
 
 @dataclass
@@ -67,12 +70,17 @@ class _Step:
 
 class WorkerIO:
     """``kv_caches``: layer name -> vLLM's per-layer view, in layer order; ``block_size``: vLLM's
-    (manager) block size, which may span several kernel blocks of ``kv_caches``."""
+    (manager) block size, which may span several kernel blocks of ``kv_caches``. ``recompute_failures``:
+    vLLM recomputes blocks reported as failed (``kv_load_failure_policy: "recompute"``); only then are
+    checksums taken during the copy (``settings.verify_with_copy``), since a mismatch is found after the
+    bytes are in vLLM's blocks; else each lease is hashed before anything is copied."""
 
     def __init__(self, session: DaemonSession, settings: ConnectorSettings, kv_caches: dict[str, torch.Tensor],
-                 copier: StridedCopier | PermCopier | KernelCopier, *, block_size: int, num_blocks: int) -> None:
+                 copier: StridedCopier | PermCopier | KernelCopier, *, block_size: int, num_blocks: int,
+                 recompute_failures: bool = True) -> None:
         self.session = session
         self.settings = settings
+        self.recompute_failures = recompute_failures
         self.kv_caches = kv_caches
         self.layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.copier = copier
@@ -85,6 +93,12 @@ class WorkerIO:
         self.kernel_tokens = block_size // self.ratio
         self.step: _Step | None = None
         self.load_errors: set[int] = set()
+
+    @property
+    def sums_with_copy(self) -> bool:
+        """Whether loads are hashed as they are copied (``kvd.connectors.vllm.sums``)."""
+        return (self.settings.verify_checksums and self.settings.verify_with_copy and self.recompute_failures
+                and isinstance(self.copier, StridedCopier))  # the copier that feeds Piece.sums
 
     @property
     def counters(self):
@@ -142,7 +156,7 @@ class WorkerIO:
             return None
         lease = self.session.call("lease", lambda h: open_lease(
             h, spec.hashes, namespace=spec.namespace, min_tokens=sizes, wait_s=self.settings.load_wait_s,
-            verify=self.settings.verify_checksums, accept_lossy=self.settings.accept_lossy))
+            verify=self.settings.verify_checksums and not self.sums_with_copy, accept_lossy=self.settings.accept_lossy))
         if lease is None:
             self._fail(spec, spec.start, "lease failed")
             return None
@@ -156,15 +170,19 @@ class WorkerIO:
         if end % self.kernel_tokens and not self.copier.partial_blocks:  # it can write whole blocks only
             end -= end % self.kernel_tokens
             self._fail(spec, end, f"{type(self.copier).__name__} cannot fill a block in part")
+        copied = []
         for i in range(n):  # an entry may hold more tokens than planned (an alias): copy the leading ones
             chunk = spec.first_chunk + i
             t0, t1 = max(spec.start, chunk * c), min(end, chunk * c + sizes[i])
             if t1 > t0:
                 load.pieces.append(Piece(self._kernel_blocks(spec.block_ids, t0, t1), t0 - chunk * c,
                                          t1 - chunk * c, list(lease.entry(i).extents)))
+                copied.append((chunk * c, load.pieces[-1]))
         if not load.pieces:
             self._release(load)
             return None
+        if self.sums_with_copy:
+            load.sums = LoadSums(copied, len(self.layer_index))
         return load
 
     def load_layer(self, layer_name: str) -> None:
@@ -184,6 +202,9 @@ class WorkerIO:
             return
         try:
             self.copier.load_layer(self.kv_caches[layer_name], layer, [p for ld in st.loads for p in ld.pieces])
+            for ld in st.loads:
+                if ld.sums is not None:
+                    ld.sums.layer_copied(layer)
         except Exception as e:  # a boundary: vLLM must recompute, never crash on a cache fault
             logger.exception("kvd: copying layer %s into vLLM failed", layer_name)
             self._abandon_loads(f"copy failed: {e}")
@@ -311,6 +332,7 @@ class WorkerIO:
             if len(st.layers_loaded) != num_layers:
                 self._abandon_loads(f"only {len(st.layers_loaded)} of {num_layers} layers were loaded")
             t0 = time.perf_counter()
+            self._check_sums()
             for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
                 self._release(ld, st.t_load_s / len(st.loads))
                 self.counters["loaded_tokens"] += sum(p.t1 - p.t0 for p in ld.pieces)
@@ -331,6 +353,17 @@ class WorkerIO:
         self.counters["load_s"] += st.t_load_s
         self.counters["save_s"] += st.t_save_s
         self.step = None
+
+    def _check_sums(self) -> None:
+        """Compare the checksums taken during the copies (before any save of the step is committed): a
+        chunk that fails is reported with every chunk after it, and its request stores nothing."""
+        st = self.step
+        assert st is not None, "loads belong to a step"
+        for ld in st.loads:
+            bad = ld.sums.failures() if ld.sums is not None else []
+            if bad:
+                self.counters["checksum_failures"] += len(bad)
+                self._fail(ld.spec, bad[0], "an extent failed its checksum, found after the copy")
 
     def take_load_errors(self) -> set[int]:
         out, self.load_errors = self.load_errors, set()

@@ -79,6 +79,15 @@ def toks_for(seed: int, n: int = 800) -> list[int]:
     return [(seed * 104729 + i * 17) % 49000 for i in range(n)]
 
 
+def stored_prompt(d: DaemonProc, model: str, seed: int) -> tuple[WorkerIO, tuple[str, ...]]:
+    """A worker that stored an 800-token prompt's three chunks from blocks 1-7, and their keys."""
+    src = make_worker(d, model, seed=seed)
+    toks = toks_for(seed)
+    hs = hashes(src, toks)
+    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
+    return src, hs
+
+
 @pytest.mark.parametrize("ratio", [1, 2], ids=["block=kernel", "block=2-kernel-blocks"])
 @pytest.mark.parametrize("two_classes", [False, True], ids=["all-global", "head-map"])
 def test_save_then_load_round_trip_is_bit_exact(daemon, ratio, two_classes):
@@ -100,10 +109,7 @@ def test_save_then_load_round_trip_is_bit_exact(daemon, ratio, two_classes):
 
 
 def test_load_starting_inside_a_chunk_leaves_the_local_hit_alone(daemon):
-    src = make_worker(daemon, "partial", seed=3)
-    toks = toks_for(3)
-    hs = hashes(src, toks)
-    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
+    src, hs = stored_prompt(daemon, "partial", 3)
     dst = make_worker(daemon, "partial", seed=4)
     before = {n: t.clone() for n, t in dst.kv_caches.items()}
     blocks = (14, 15, 16, 17, 18, 19)
@@ -173,22 +179,49 @@ def test_missing_chunk_reports_its_blocks_and_loads_the_rest(daemon):
     assert dst.counters["load_failed_tokens"] == 256
 
 
-def test_corrupt_extent_is_never_copied(daemon):
-    src = make_worker(daemon, "corrupt", seed=7)
-    toks = toks_for(7)
-    hs = hashes(src, toks)
-    run_step(src, StepPlan(saves=(SaveSpec("a", NS, 0, hs, tuple(range(1, 8)), len(toks)),)))
-    c = src.session.client  # flip bits of chunk 1's extent in the arena, as a stray write would
-    h = src.session.handle()
-    lease = c.lease(P.LeaseRequest(fingerprint=h.fingerprint, namespace=NS, hashes=[hs[1]]))
+def corrupt_chunk(w: WorkerIO, key: str) -> None:
+    """Flip bits of the first extent of entry ``key`` in the arena, as a stray write would."""
+    c, h = w.session.client, w.session.handle()
+    lease = c.lease(P.LeaseRequest(fingerprint=h.fingerprint, namespace=NS, hashes=[key]))
     x = lease.entries[0].extents[0]
     view = c.arena(lease.arena_id).bytes_at(x.offset, 4)
     view[:] = bytes(b ^ 0xFF for b in view)
     c.release(P.ReleaseRequest(lease_id=lease.lease_id))
-    dst = make_worker(daemon, "corrupt", seed=8)
-    errors = run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),)))
-    assert errors == {12, 13, 14, 15}
-    assert dst.counters["checksum_failures"] == 1
+
+
+@pytest.mark.parametrize("mode", ["with-copy", "before-copy", "before-copy-fail-policy"])
+def test_a_corrupt_extent_fails_its_blocks_and_the_requests_store(daemon, mode):
+    """Checksums taken during the copy (the default) or before it (``verify_with_copy=false``, or any
+    policy but recompute): either way the corrupt chunk's blocks and those after it are reported failed
+    and the request stores nothing in that step; before the copy, the blocks are not even written."""
+    src, hs = stored_prompt(daemon, f"corrupt-{mode}", 7)
+    corrupt_chunk(src, hs[1])
+    dst = make_worker(daemon, f"corrupt-{mode}", seed=8, verify_with_copy=mode == "with-copy")
+    if mode == "before-copy-fail-policy":
+        dst = WorkerIO(dst.session, ConnectorSettings(socket=daemon.socket, namespace=NS, timeout_s=1.0),
+                       dst.kv_caches, dst.copier, block_size=N, num_blocks=NUM_BLOCKS, recompute_failures=False)
+    assert dst.sums_with_copy == (mode == "with-copy")
+    before = {n: t.clone() for n, t in dst.kv_caches.items()}
+    more = toks_for(70, 1024)  # the same request also stores chunks it computes in this step
+    plan = StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),),
+                    saves=(SaveSpec("b", NS, 0, hashes(dst, more)[3:], tuple(range(16, 24)), len(more)),))
+    assert run_step(dst, plan) == {12, 13, 14, 15}
+    assert dst.counters["checksum_failures"] == 1 and dst.counters["stored_chunks"] == 0
+    assert blocks_equal(src, (1, 2), dst, (10, 11))  # chunk 0 loaded
+    untouched = all(torch.equal(before[n][12:14], t[12:14]) for n, t in dst.kv_caches.items())
+    assert untouched == (mode != "with-copy")
+
+
+def test_checksums_taken_with_the_copy_accept_a_clean_load_whatever_the_layer_order(daemon):
+    src, hs = stored_prompt(daemon, "sums-order", 11)
+    dst = make_worker(daemon, "sums-order", seed=12)
+    dst.begin_step(StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),)))
+    dst.start_loads()
+    for name in reversed(list(dst.kv_caches)):  # out of order: the extents are hashed whole at the end
+        dst.load_layer(name)
+    dst.end_step()
+    assert dst.take_load_errors() == set() and dst.counters["checksum_failures"] == 0
+    assert blocks_equal(src, (1, 2, 3, 4, 5, 6), dst, tuple(range(10, 16)))
 
 
 def test_a_request_whose_load_failed_stores_nothing_that_step(daemon):

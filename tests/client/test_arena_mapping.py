@@ -1,0 +1,62 @@
+"""The client's mapping of the arena: with ``populate`` every page is mapped when the arena is mapped,
+so reading or writing it later takes no page faults (an engine's first loads); without, pages map on
+first touch; a kernel that cannot populate leaves a working mapping that maps on first touch."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import pytest
+
+from kvd.client import arena as arena_mod
+from kvd.client.arena import ArenaMapping
+from kvd.connectors.vllm.settings import ConnectorSettings, open_session
+from kvd.core.keys import ModelSpec
+from kvd.core.protocol import ArenaInfo
+
+SIZE = 32 << 20
+
+
+@pytest.fixture
+def info(tmp_path):
+    path = tmp_path / "arena"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return ArenaInfo(path=str(path), capacity_bytes=SIZE, slot_bytes=1 << 20, arena_id="a1")
+
+
+def faults_reading(m: ArenaMapping) -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    assert int(np.frombuffer(m.buffer, dtype=np.uint64)[::512].sum()) == 0  # one read per 4 KiB page
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_populated_mapping_reads_without_faults_and_an_unpopulated_one_faults(info):
+    lazy = ArenaMapping(info, register_cuda=False)
+    assert lazy.populate_s is None
+    assert faults_reading(lazy) > SIZE // 4096 // 32  # fault-around maps up to 16 pages per fault
+    lazy.close()
+    eager = ArenaMapping(info, register_cuda=False, populate=True)
+    assert eager.populate_s is not None and eager.populate_s > 0
+    assert faults_reading(eager) < 8
+    eager.buffer[:4] = b"kvd!"  # writable, and the file sees it
+    eager.close()
+    with open(info.path, "rb") as f:
+        assert f.read(4) == b"kvd!"
+
+
+def test_a_kernel_that_cannot_populate_leaves_a_working_mapping(info, monkeypatch):
+    monkeypatch.setattr(arena_mod, "MADV_POPULATE_READ", 0x7FFF)  # no such advice: EINVAL
+    m = ArenaMapping(info, register_cuda=False, populate=True)
+    assert m.populate_s is None
+    assert faults_reading(m) > 0
+    m.close()
+
+
+def test_vllm_populates_the_workers_mapping_only_and_only_when_asked():
+    spec = ModelSpec("m", num_layers=1, num_kv_heads=1, head_dim=8, kv_dtype="bfloat16")
+    on, off = ConnectorSettings(populate_arena=True), ConnectorSettings()
+    assert open_session(on, spec, None, block_size=16, role="worker").client.populate_arena
+    assert not open_session(on, spec, None, block_size=16, role="scheduler").client.populate_arena
+    assert not open_session(off, spec, None, block_size=16, role="worker").client.populate_arena
