@@ -98,7 +98,8 @@ class WorkerIO:
     def sums_with_copy(self) -> bool:
         """Whether loads are hashed as they are copied (``kvd.connectors.vllm.sums``)."""
         return (self.settings.verify_checksums and self.settings.verify_with_copy and self.recompute_failures
-                and isinstance(self.copier, StridedCopier))  # the copier that feeds Piece.sums
+                and isinstance(self.copier, StridedCopier)  # the copier that feeds Piece.sums, on the CPU
+                and next(iter(self.kv_caches.values())).device.type == "cpu")
 
     @property
     def counters(self):

@@ -378,3 +378,17 @@ def test_a_copier_of_whole_blocks_stops_before_a_block_it_would_fill_in_part(dae
     assert errors == {14}
     assert blocks_equal(src, (1, 2, 3, 4, 5), dst, (9, 10, 11, 12, 13))
     assert all(torch.equal(before[n], t[14]) for n, t in dst.kv_caches.items())
+
+
+def test_checksums_are_taken_during_the_copy_only_where_the_copier_feeds_them(daemon):
+    """The strided copier hashes rows on the CPU only: for KV on another device (a GPU build with a
+    probed layout) and for the other copiers, each lease is hashed before the copy."""
+    from kvd.connectors.vllm.copy import PermCopier
+
+    w = make_worker(daemon, "sums-where", seed=13)
+    assert w.sums_with_copy
+    w.kv_caches = {n: t.to("meta") for n, t in w.kv_caches.items()}
+    assert not w.sums_with_copy
+    w = make_worker(daemon, "sums-where", seed=13)
+    w.copier = PermCopier(layout())
+    assert not w.sums_with_copy
