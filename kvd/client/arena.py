@@ -10,8 +10,8 @@ and GPU memory run as DMA at pinned-memory speed (``tensor.to("cuda", non_blocki
 and so maps, every page up front. Without CUDA, ``populate=True`` does the mapping part of that at map
 time (``MADV_POPULATE_READ``; on the arena's tmpfs the pages come in writable too), so a process's
 first reads of the arena do not fault it in page by page. Measured on the product path
-(``benchmarks/notes/lease_populate.py``, a fresh process's lease of a 4K SmolLM2 prompt, 94 MB): 1,505
-minor faults and 18.8 ms without, 64 and 15.8 ms with, for 0.1 s of populating per GiB of arena at
+(``benchmarks/notes/fresh_load.py``: a fresh process's lease and copy of a 4K SmolLM2 prompt, 94 MB):
+the lease 18.4 -> 12.5 ms, the whole load ~5-7 ms less, for ~0.1 s of populating per GiB of arena at
 start and its page tables (2 MiB per GiB). The daemon has allocated every page already
 (``posix_fallocate``), so populating commits no memory. Off by default in the connectors: pages stay
 mapped after their first use, so only a fresh engine's first hits gain.
