@@ -14,7 +14,11 @@ SmolLM2-shaped prompt (30 layers x 3 KV heads x 64 dims, bf16, the shipped head 
 vLLM-CPU-``vec``-packed blocks with the connector's ``StridedCopier`` (``copy_ms``, with the per-layer
 hashing for ``with_copy``), compares the sums (``check_ms``), checks every block against the stored
 KV and releases. ``total_ms`` = lease + copy + check: what a fresh engine's first hit pays for these
-steps. Minor page faults are counted over the same span.
+steps. Minor page faults are counted over the same span. The child makes the calls ``WorkerIO`` makes
+for a load (``open_lease``, ``Piece``, ``LoadSums``, ``StridedCopier.load_layer``), without its step
+bookkeeping. The bytes are checked after the timed span, not before, because what is timed is the
+process's first touch of the arena (a check first would take the faults); a child whose check fails
+exits non-zero and the run stops without writing a result.
 
 Usage: python benchmarks/notes/fresh_load.py [--rounds 5] [--variants ...] [--out PATH]
 (default benchmarks/results/fresh_load.json)

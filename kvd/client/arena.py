@@ -11,7 +11,7 @@ and so maps, every page up front. Without CUDA, ``populate=True`` does the mappi
 time (``MADV_POPULATE_READ``; on the arena's tmpfs the pages come in writable too), so a process's
 first reads of the arena do not fault it in page by page. Measured on the product path
 (``benchmarks/notes/fresh_load.py``: a fresh process's lease and copy of a 4K SmolLM2 prompt, 94 MB):
-the lease 18.4 -> 12.5 ms, the whole load ~5-7 ms less, for ~0.1 s of populating per GiB of arena at
+the lease 18.4 -> 12.5 ms, the whole load 5.0 ms less in the paired median, for ~0.1 s of populating per GiB of arena at
 start and its page tables (2 MiB per GiB). The daemon has allocated every page already
 (``posix_fallocate``), so populating commits no memory. Off by default in the connectors: pages stay
 mapped after their first use, so only a fresh engine's first hits gain.

@@ -47,7 +47,7 @@ class ConnectorSettings(BaseModel):
     # kv_load_failure_policy "recompute"; false, or another policy: hash each lease before copying.
     verify_with_copy: bool = True
     # true: the worker maps every page of the arena at start (kvd.client.arena), so a fresh engine's first
-    # loads do not fault pages in. Off by default: ~5-7 ms per fresh 4K load (docs/vllm.md) for ~0.1 s and
+    # loads do not fault pages in. Off by default: ~5 ms per fresh 4K load (docs/vllm.md) for ~0.1 s and
     # 2 MiB of page tables per GiB of arena, and pages stay mapped after their first use anyway.
     populate_arena: bool = False
     # Load extents kvd holds only in lossy form (codec.local_cold_codec = fp8/int8), flagged, instead of
