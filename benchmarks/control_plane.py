@@ -6,8 +6,12 @@ Runs the real ``kvd`` entry point as a subprocess and N client *processes* again
 2. lookup: a 32K-token prompt (128 chunks) is stored whole; each client looks up by the prefix hashes
    it computed, back to back for a fixed time, in three phases: ``hits`` (that prompt: 128 hits per
    answer, checked), ``miss`` (a prompt never stored: a cold miss, 0 hits) and ``mixed`` (the two in
-   turn); each in the compact encoding the engines use (``kvd.core.lookup_wire`` on a framed
-   connection, ``kvd.daemon.frames``: the goal's figure), the same body over HTTP, and JSON. p50/p99 latency and ops/s. Where one lookup's time goes is measured too
+   turn); each as the engines' client does it (``local``: answered from the daemon's shared lookup
+   index, ``kvd.client.local_lookup``, after one lookup through the daemon; checked to be answered
+   locally, and reported to the daemon, whose counter must match), the same lookup sent to the
+   daemon in the compact encoding (``kvd.core.lookup_wire`` on a framed connection), the same body
+   over HTTP, and JSON; then ``paced``: ``hits`` with each client waiting ``THINK_S`` between
+   lookups, local and compact. p50/p99 latency and ops/s. Where one lookup's time goes is measured too
    (``lookup_breakdown_us``): client encode, daemon decode + validation, the store's lookup (index,
    rows, hit counters), answer encode, client decode, each timed alone in this process on the same
    128 stored entries, and one client's round trip against the real daemon (the rest is the
@@ -55,10 +59,16 @@ STORE_SPEC = ModelSpec("bench-store", num_layers=1, num_kv_heads=4, head_dim=64,
 # 256-token entry): per-copy call overhead of the tiny store entries above would dominate otherwise.
 COPY_SPEC = ModelSpec("bench-copy", num_layers=8, num_kv_heads=4, head_dim=64, kv_dtype="bfloat16")
 PROMPT_TOKENS = 32 * 1024
-# compact: the engines' lookup (binary body, framed connection); compact_http: the same body over HTTP
-# (what a daemon before frames served); json: the documented HTTP API.
-ENCODINGS = ("compact", "compact_http", "json")
+# local: the engines' lookup, answered from the daemon's shared lookup index in the client, no round
+# trip (kvd.client.local_lookup); compact: the same lookup sent to the daemon (binary body, framed
+# connection), what a client without the index does; compact_http: the same body over HTTP (what a
+# daemon before frames served); json: the documented HTTP API.
+ENCODINGS = ("local", "compact", "compact_http", "json")
 ENTRIES_PER_STORE = 128
+# The paced phase's wait between one client's lookups. Back to back, 8 clients answering in-process
+# keep both cores busy and the kernel's scheduler preempts them mid-lookup (a wait of a whole
+# timeslice, ~10 ms); with a think time the cores have room and the lookup's own time shows.
+THINK_S = 0.001
 
 
 def start_daemon(root: Path) -> subprocess.Popen:
@@ -101,13 +111,18 @@ def lookup_requests(c: KvdClient) -> dict[str, P.LookupRequest]:
                                   prefetch=False) for kind, toks in (("hits", HIT_TOKENS), ("miss", MISS_TOKENS))}
 
 
-def lookup_worker(sock: str, seconds: float, start_at: float, mode: str, encoding: str, q) -> None:
-    """Look up back to back: ``mode`` hits, miss or mixed (the two in turn); ``encoding`` one of ENCODINGS."""
-    c = KvdClient(sock, register_cuda=False, frames=encoding == "compact")
+def lookup_worker(sock: str, seconds: float, start_at: float, mode: str, encoding: str, think_s: float, q) -> None:
+    """Look up back to back: ``mode`` hits, miss or mixed (the two in turn); ``encoding`` one of ENCODINGS.
+    Timed: the lookup and what the vLLM connector reads of it (the hit count and the leading hits'
+    tiers). The first lookup of each kind goes to the daemon in every encoding (with ``local`` it is
+    the one that lets the client answer that namespace and model itself) and is not timed."""
+    c = KvdClient(sock, register_cuda=False, frames=encoding in ("local", "compact"), local_lookups=encoding == "local")
     reqs = lookup_requests(c)
     ask = c.lookup if encoding == "json" else c.lookup_compact
     order = {"hits": ["hits"], "miss": ["miss"], "mixed": ["hits", "miss"]}[mode]
     expect = {"hits": PROMPT_TOKENS // 256, "miss": 0}
+    for kind in order:
+        ask(reqs[kind])
     while time.time() < start_at:
         time.sleep(0.001)
     lat, wrong, i = [], 0, 0
@@ -116,10 +131,15 @@ def lookup_worker(sock: str, seconds: float, start_at: float, mode: str, encodin
         kind = order[i % len(order)]
         i += 1
         t0 = time.perf_counter()
-        hits = ask(reqs[kind]).num_prefix_hits
+        a = ask(reqs[kind])
+        tiers = a.leading_tiers() if encoding != "json" else [r.tier for r in a.prefix[: a.num_prefix_hits]]
         lat.append(time.perf_counter() - t0)
-        wrong += hits != expect[kind]
-    q.put({"lat": lat, "wrong": wrong})
+        wrong += a.num_prefix_hits != expect[kind] or tiers != ["host"] * expect[kind]
+        if think_s:
+            time.sleep(think_s)
+    local = c.local.answered if c.local is not None else 0
+    c.close()  # sends its last lookup report
+    q.put({"lat": lat, "wrong": wrong, "local": local})
 
 
 def store_worker(sock: str, seconds: float, start_at: float, wid: int, q) -> None:
@@ -284,9 +304,14 @@ def lookup_breakdown(sock: str) -> dict[str, dict[str, float]]:
 
     out = asyncio.run(pieces(tempfile.mkdtemp(prefix="kvd-breakdown-")))
     out["compact_http"] = dict(out["compact"])  # same pieces, the other transport
-    with KvdClient(sock, register_cuda=False) as c, KvdClient(sock, register_cuda=False, frames=False) as h:
+    with (KvdClient(sock, register_cuda=False, local_lookups=False) as c,
+          KvdClient(sock, register_cuda=False, frames=False, local_lookups=False) as h,
+          KvdClient(sock, register_cuda=False) as loc):
         req = lookup_requests(c)["hits"]
         lookup_requests(h)
+        lookup_requests(loc)
+        loc.lookup_compact(req)  # the first goes to the daemon; the rest are answered in the client
+        out["local"] = {"round_trip_1_client": _median_us(lambda: loc.lookup_compact(req).leading_tiers())}
         for enc, ask in (("compact", c.lookup_compact), ("compact_http", h.lookup_compact), ("json", c.lookup)):
             ask(req)
             out[enc]["round_trip_1_client"] = _median_us(lambda ask=ask: ask(req))
@@ -314,17 +339,30 @@ def main() -> None:
         check_round_trip(sock)
         store_lookup_prompt(sock)
         breakdown = lookup_breakdown(sock)
-        lk = {(mode, enc): run_phase(lookup_worker, sock, args.clients, args.seconds, extra=(mode, enc))
+        with KvdClient(sock, register_cuda=False) as c:  # the breakdown's local lookups, reported already
+            before = int(c.stats().counters.get("kvd_local_lookups_total", 0))
+        lk = {(mode, enc): run_phase(lookup_worker, sock, args.clients, args.seconds, extra=(mode, enc, 0.0))
               for mode in ("hits", "miss", "mixed") for enc in ENCODINGS}
+        # Paced: each client waits THINK_S between lookups, as an engine does other work between them.
+        lk |= {("paced", enc): run_phase(lookup_worker, sock, args.clients, args.seconds, extra=("hits", enc, THINK_S))
+               for enc in ("local", "compact")}
         bad = {k: sum(w["wrong"] for w in v) for k, v in lk.items() if any(w["wrong"] for w in v)}
         assert not bad, f"lookups answered wrong hit counts: {bad}"
+        # The local figures are local answers: every timed lookup answered in the client, and the
+        # daemon heard of each one afterwards (its report), as it hears of a socket lookup.
+        local_answered = sum(w["local"] for k, v in lk.items() if k[1] == "local" for w in v)
+        timed_local = sum(len(w["lat"]) for k, v in lk.items() if k[1] == "local" for w in v)
+        assert local_answered >= timed_local, (local_answered, timed_local)
+        with KvdClient(sock, register_cuda=False) as c:
+            reported = int(c.stats().counters.get("kvd_local_lookups_total", 0)) - before
+        assert reported == local_answered, f"the daemon counted {reported} local lookups of {local_answered}"
         st = run_phase(store_worker, sock, args.clients, args.seconds, worker_id=True)
         arena_gbps, memcpy_gbps, copy_bytes = arena_copy(sock)
     finally:
         daemon.terminate()
         daemon.wait(30)
     lat = {k: [x for w in v for x in w["lat"]] for k, v in lk.items()}
-    lookup_lat = lat[("hits", "compact")]
+    lookup_lat = lat[("hits", "local")]
     op_lat = [x for w in st for x in w["op"]]
     commit_lat = [x for w in st for x in w["commit"]]
     res = {
@@ -332,8 +370,13 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
         "clients": args.clients, "seconds_per_phase": args.seconds,
         "lookup_chunks": PROMPT_TOKENS // 256, "lookup_hits_per_request": PROMPT_TOKENS // 256,
-        "lookup_encoding": "compact (kvd.core.lookup_wire) on a framed connection (kvd.daemon.frames), as the "
-                           "vLLM connector sends it; compact_http: the same body over HTTP",
+        "lookup_encoding": "local: answered in the client from the daemon's shared lookup index "
+                           "(kvd.client.local_lookup), as the vLLM connector's client does; compact: the same "
+                           "lookup sent to the daemon (kvd.core.lookup_wire on a framed connection); "
+                           "compact_http: the same body over HTTP; json: the documented API",
+        "lookup_timed": "the lookup and reading its hit count and the leading hits' tiers",
+        "lookup_paced_think_s": THINK_S, "lookup_paced_p99_ms": pct(lat[("paced", "local")], 99),
+        "local_lookups_reported": reported,
         "lookup_p50_ms": pct(lookup_lat, 50), "lookup_p99_ms": pct(lookup_lat, 99),
         "lookup_ops_per_s": len(lookup_lat) / args.seconds,
         **{f"lookup_{enc}_{mode}_{q}": v for (mode, enc), xs in lat.items()

@@ -25,10 +25,12 @@ from pydantic import BaseModel
 
 from kvd.client.arena import ArenaMapping
 from kvd.client.http import JSON, FramesUnsupported, UnixFrames, UnixHttp, raise_for
+from kvd.client.local_lookup import LocalLookups
 from kvd.core import lookup_wire
 from kvd.core import protocol as P
 from kvd.core.config import default_socket_path
 from kvd.core.errors import DaemonUnavailable
+from kvd.core.protocol_lookup import LookupReport
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,7 +47,8 @@ class KvdClient:
     compact lookups)."""
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout_s: float = 5.0,
-                 register_cuda: bool = True, populate_arena: bool = False, frames: bool = True) -> None:
+                 register_cuda: bool = True, populate_arena: bool = False, frames: bool = True,
+                 local_lookups: bool = True) -> None:
         self.socket_path = str(socket_path or default_socket_path())
         self.timeout_s = timeout_s
         self.register_cuda = register_cuda
@@ -57,6 +60,8 @@ class KvdClient:
         self._models = _Registrations()
         self._arena: ArenaMapping | None = None
         self.arena_info: P.ArenaInfo | None = None
+        # Exact prefix lookups answered from the daemon's shared index, no round trip (kvd.client.local_lookup)
+        self.local = LocalLookups(self._send_report) if local_lookups else None
 
     # ---- transport --------------------------------------------------------------------------------
 
@@ -144,6 +149,8 @@ class KvdClient:
                 old.close()
             self.arena_info = info
             self._arena = ArenaMapping(info, register_cuda=self.register_cuda, populate=self.populate_arena)
+        if self.local is not None:
+            self.local.attach(info)
 
     def arena(self, arena_id: str | None = None) -> ArenaMapping:
         """The mapped arena; remapped first if the daemon reports another ``arena_id`` (it restarted)."""
@@ -174,9 +181,19 @@ class KvdClient:
     def lookup_compact(self, req: P.LookupRequest) -> lookup_wire.LookupAnswer:
         """``lookup`` in the hot path's binary form (``kvd.core.lookup_wire``), on the client's framed
         connection (``kvd.daemon.frames``; HTTP if the daemon predates frames); hashes only, not token ids."""
+        if self.local is not None:
+            answer = self.local.answer(req)
+            if answer is not None:
+                return answer
         raw = self._exchange("POST", "/v1/lookup", req, lookup_wire.encode_lookup(req), self.timeout_s,
                              lookup_wire.CONTENT_TYPE)
-        return lookup_wire.decode_answer(raw, req)
+        answer = lookup_wire.decode_answer(raw, req)
+        if self.local is not None:
+            self.local.vouch(req)
+        return answer
+
+    def _send_report(self, report: LookupReport) -> None:
+        self.call("POST", "/v1/lookup/report", report, P.CountResponse)
 
     def reserve(self, req: P.ReserveRequest) -> P.ReserveResponse:
         return self.call("POST", "/v1/reserve", req, P.ReserveResponse)
@@ -230,6 +247,8 @@ class KvdClient:
         return self.get_json("/v1/config")
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()  # its last report first, outside the lock (its thread may hold it)
         with self._lock:
             self._close_conn()
             self._close_conn(framed=True)

@@ -86,6 +86,7 @@ class HostSettings(_Section):
     lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
     reservation_ttl_s: float = Field(default=30.0, gt=0, le=3600)
     verify_on_commit: bool = True
+    lookup_index: bool = True  # publish <arena>.index for lookups without a round trip (kvd.core.index_file)
 
     @model_validator(mode="after")
     def _sizes(self) -> HostSettings:

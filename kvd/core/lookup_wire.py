@@ -39,6 +39,7 @@ wrong. Fingerprint, namespace and computed_under go through ``LookupRequest``'s 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -71,8 +72,16 @@ class LookupAnswer:
 
     chunk_tokens: int
     num_prefix_hits: int
-    prefix: list[LookupRow]
-    chunks: list[LookupRow]
+    prefix: Sequence[LookupRow]  # a list, or rows built on first use (``kvd.client.local_lookup``)
+    chunks: Sequence[LookupRow]
+
+    def leading_tiers(self) -> list[str]:
+        """The tier of each leading hit (what an engine plans its load by), without building rows
+        where the answer can say it directly."""
+        fast = getattr(self.prefix, "leading_tiers", None)
+        if fast is not None:
+            return fast(self.num_prefix_hits)
+        return [r.tier for r in self.prefix[: self.num_prefix_hits]]
 
 
 class _Row(Protocol):  # the daemon's rows (kvd.store.answers.EntryRow); core imports no store

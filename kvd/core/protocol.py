@@ -102,6 +102,7 @@ class ArenaInfo(_Model):
     capacity_bytes: int
     slot_bytes: int
     arena_id: str
+    index_path: str | None = None  # the shared lookup index beside the arena (kvd.core.index_file), if published
 
 
 class RegisterModelResponse(_Model):

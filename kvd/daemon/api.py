@@ -28,6 +28,7 @@ from kvd import __version__
 from kvd.core import lookup_wire
 from kvd.core import protocol as P
 from kvd.core.errors import InvalidRequest, KvdError, RequestTimeout, ShuttingDown, UnsupportedMediaType
+from kvd.core.protocol_lookup import LookupReport
 from kvd.daemon import audit
 from kvd.daemon.metrics import Metrics
 from kvd.daemon.tenants import Caller, Tenants, peer_credentials
@@ -208,6 +209,15 @@ async def lookup(request: web.Request) -> web.Response:
     req = await _body(request, P.LookupRequest)
     _allowed(request, req.namespace)
     return web.Response(body=(await request.app[STORE].lookup(req)).to_json(), content_type="application/json")
+
+
+@routes.post("/v1/lookup/report")
+async def lookup_report(request: web.Request) -> web.Response:
+    """What lookups answered from the shared index found (``kvd.core.protocol_lookup``)."""
+    req = await _body(request, LookupReport)
+    for it in req.items:
+        _allowed(request, it.namespace)
+    return _json(P.CountResponse(count=request.app[STORE].apply_report(req)))
 
 
 @routes.post("/v1/reserve")

@@ -143,6 +143,9 @@ class Metrics:
             {"version": __version__, "distribution": DISTRIBUTION, "api": API_VERSION,
              "python": platform.python_version()})
         self.lookup_tokens = Counter("kvd_lookup_tokens", "Tokens asked about by lookups", ["kind"], registry=r)
+        self.local_lookups = Counter(
+            "kvd_local_lookups", "Lookups clients answered from the shared lookup index without a round trip "
+            "(reported afterwards; kvd.client.local_lookup)", registry=r)
         self.hit_tokens = Counter(
             "kvd_hit_tokens", "Tokens a reader can load, found by lookups (leading complete prefix entries, "
             "complete chunk entries), by the tier they are read from", ["kind", "tier"], registry=r)

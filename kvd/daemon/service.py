@@ -122,6 +122,7 @@ def _store_ctx(settings: Settings, clock: Callable[[], float], gpu_ipc=None):
             if store is not None:
                 await store.background.close()
                 await store.admin.close()
+                store.close()
             for tier in reversed(tiers):
                 tier.close()
             io.shutdown(wait=True, cancel_futures=True)

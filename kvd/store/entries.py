@@ -83,39 +83,59 @@ class Copies(dict[str, Copy]):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.rows: dict = {}  # the entry's cache, bound by Entry.__post_init__
+        self.rows: dict = {}  # the entry's cache (a RowCache), bound by Entry.__post_init__
 
     def __setitem__(self, tier: str, copy: Copy) -> None:
-        self.rows.clear()
         super().__setitem__(tier, copy)
+        self.rows.clear()
 
     def __delitem__(self, tier: str) -> None:
-        self.rows.clear()
         super().__delitem__(tier)
+        self.rows.clear()
 
     def pop(self, *args):
+        out = super().pop(*args)
         self.rows.clear()
-        return super().pop(*args)
+        return out
 
     def popitem(self):
+        out = super().popitem()
         self.rows.clear()
-        return super().popitem()
+        return out
 
     def clear(self) -> None:
-        self.rows.clear()
         super().clear()
+        self.rows.clear()
 
     def update(self, *args, **kwargs) -> None:
-        self.rows.clear()
         super().update(*args, **kwargs)
+        self.rows.clear()
 
     def setdefault(self, tier: str, copy: Copy | None = None):
+        out = super().setdefault(tier, copy)
         self.rows.clear()
-        return super().setdefault(tier, copy)
+        return out
 
     def __ior__(self, other):
+        out = super().__ior__(other)
         self.rows.clear()
-        return super().__ior__(other)
+        return out
+
+
+class RowCache(dict):
+    """An entry's lookup rows (``Entry.rows``). Emptied after every change of a copy or a plan, and
+    then tells ``on_change`` (the shared lookup index republishes the entry, ``kvd.store.published``)."""
+
+    __slots__ = ("on_change",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_change = None
+
+    def clear(self) -> None:
+        super().clear()
+        if self.on_change is not None:
+            self.on_change()
 
 
 @dataclass(slots=True)
@@ -167,7 +187,7 @@ class Entry:
     aliases: list[str] = field(default_factory=list)  # alias hashes that point to this entry
     # Lookup rows per reader kind (and "trimmed"), filled by lookups and emptied by any change of a copy
     # or a plan (``Copies``): what a lookup tells a reader of this entry without walking its extents.
-    rows: dict = field(default_factory=dict, repr=False, compare=False)
+    rows: RowCache = field(default_factory=RowCache, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for x in self.extents.values():

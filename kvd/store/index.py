@@ -76,6 +76,7 @@ class Index:
         self.pending: dict[EntryKey, str] = {}
         self.doomed: dict[EntryKey, Entry] = {}
         self.aliases: dict[EntryKey, tuple[EntryKey, int]] = {}
+        self.published = None  # the shared lookup index (kvd.store.published.Publisher), once the store opens it
         self._levels_changed()
 
     # ---- levels --------------------------------------------------------------------------------
@@ -95,6 +96,8 @@ class Index:
         self.memory_names: frozenset[str] = frozenset(lv.name for lv in self.memory)
         #: The record levels (SSD, remote): below the memory levels, where the codecs apply.
         self.records: list[Level] = [lv for lv in self.levels if lv.tier.holds_records]
+        if self.published is not None:
+            self.published.levels_changed()
 
     @property
     def landing(self) -> Level:
@@ -128,6 +131,8 @@ class Index:
                 self._account(tier, e, c.loc.nbytes)
         for lv in self.levels:
             self._sync_policy(e, lv)
+        if self.published is not None:
+            self.published.watch(e)
 
     def add_alias(self, e: Entry, alias_hash: str, num_tokens: int) -> bool:
         """``alias_hash`` names ``e``'s first ``num_tokens`` tokens; False if the key is taken."""
@@ -136,12 +141,16 @@ class Index:
             return False
         self.aliases[key] = (e.key, num_tokens)
         e.aliases.append(alias_hash)
+        if self.published is not None:
+            self.published.alias(e, alias_hash)
         return True
 
     def forget(self, e: Entry) -> None:
         """The entry leaves the index (its bytes are the caller's to free) with its aliases."""
         if self.entries.get(e.key) is not e:
             return
+        if self.published is not None:
+            self.published.unwatch(e)
         del self.entries[e.key]
         for x in e.extents.values():
             for tier, c in x.copies.items():

@@ -27,7 +27,8 @@ from kvd.codecs import Codecs
 from kvd.core import protocol as P
 from kvd.core.config import Settings
 from kvd.core.errors import InvalidRequest, RequestTooLarge
-from kvd.core.keys import prefix_hashes
+from kvd.core.keys import EXACT, prefix_hashes
+from kvd.core.protocol_lookup import LookupReport
 from kvd.daemon.metrics import Metrics
 from kvd.policies.admission import SsdAdmission
 from kvd.policies.eviction import EvictionPolicy
@@ -38,6 +39,7 @@ from kvd.store.entries import Entry, Lease
 from kvd.store.holds import HoldTable, owner_is_alive
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
+from kvd.store.published import Publisher
 from kvd.store.readers import Reader, head_aware_hits, readable_by, reader_of
 from kvd.store.recovery import find_shared
 from kvd.store.registry import ModelRegistry
@@ -79,6 +81,14 @@ class Store:
         self.admin = Admin(self.index, self.pipeline, self.background, settings)
         self.writes = Writes(self.index, self.pipeline, self.background, self.registry, self.holds, settings,
                              metrics, clock)
+        if settings.host.lookup_index and isinstance(self.index.landing.tier, HostTier):
+            self.index.published = Publisher(self.index, chunk_tokens=settings.keys.chunk_tokens)
+
+    def close(self) -> None:
+        """The shared lookup index goes (its readers are told the daemon is gone)."""
+        if self.index.published is not None:
+            self.index.published.close()
+            self.index.published = None
 
     def add_tier(self, tier: Tier) -> None:
         """A tier joins at the bottom while serving (the remote cluster, reachable again)."""
@@ -108,8 +118,9 @@ class Store:
 
     def arena_info(self, partition: str = "") -> P.ArenaInfo:
         a = self.host.arena(partition)
+        pub = self.index.published
         return P.ArenaInfo(path=str(a.path), capacity_bytes=a.capacity_bytes, slot_bytes=a.slot_bytes,
-                           arena_id=a.arena_id)
+                           arena_id=a.arena_id, index_path=pub.path(partition) if pub is not None else None)
 
     # ---- lookup ---------------------------------------------------------------------------------
 
@@ -141,6 +152,33 @@ class Store:
         result = L.LookupResult(chunk_tokens=chunk, num_prefix_hits=num_hits, prefix=prefix, chunks=chunks)
         L.count_hits(self.metrics, req, result, num_hashes=len(hashes))
         return result
+
+    def apply_report(self, report: LookupReport) -> int:
+        """Count lookups answered from the shared index as the daemon counts its own (``count_hits``,
+        ``_found``): tokens asked and found by tier, and a sighting of each found entry an exact reader
+        can read. Returns the sightings applied."""
+        self._check_count(sum(len(it.seen) for it in report.items))
+        for it in report.items:
+            self.registry.get(it.fingerprint)  # NotFound (404) for a model the daemon does not know
+            bad = [t for t in it.hit_tokens if t not in self.index.by_name]
+            if bad:
+                raise InvalidRequest(f"hit_tokens names tiers this daemon does not have: {bad}")
+        now, applied = self.clock(), 0
+        for it in report.items:
+            self.metrics.local_lookups.inc(it.lookups)
+            self.metrics.lookup_tokens.labels("prefix").inc(it.asked_tokens)
+            for tier, n in it.hit_tokens.items():
+                self.metrics.hit_tokens.labels("prefix", tier).inc(n)
+            for h, times in it.seen:
+                found = self.index.resolve((it.namespace, it.fingerprint, h))
+                if found is None or found[0].computed_under != EXACT or found[0].is_trimmed:
+                    continue
+                e = found[0]
+                e.seen += times
+                e.last_access = max(e.last_access, now)
+                self.background.on_seen(e)
+                applied += 1
+        return applied
 
     def _found(self, req: P.LookupRequest, reader: Reader, hashes: list[str]) -> list[tuple[int, Entry, int]]:
         """``(request index, entry, tokens used)`` of each stored entry of the reader's attention.

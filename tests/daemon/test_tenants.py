@@ -23,6 +23,7 @@ from kvd.client.client import KvdClient
 from kvd.core import protocol as P
 from kvd.core.errors import KvdError
 from kvd.core.keys import ModelSpec
+from kvd.core.protocol_lookup import LookupReport, ReportItem
 from tests.daemon_proc import DaemonProc
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as two users needs root")
@@ -76,6 +77,9 @@ def own_work(c: KvdClient, ns: str, fill: float, out: dict):
     kv = torch.full((2, 2, 2, 512, 32), fill, dtype=torch.bfloat16)
     out["stored"] = kvio.store_prefix(h, TOKENS, kv).stored
     out["hits"] = kvio.lookup_prefix(h, TOKENS).num_prefix_hits
+    req = P.LookupRequest(fingerprint=h.fingerprint, namespace=ns, prefix_hashes=h.hashes(TOKENS), prefetch=False)
+    out["local_hits"] = [c.lookup_compact(req).num_prefix_hits for _ in range(2)]  # the second from its index
+    out["index"], out["local_answered"] = c.arena_info.index_path, c.local.answered
     with kvio.load_prefix(h, TOKENS) as loaded:
         out["loaded_equal"] = bool(loaded.to_tensor().equal(kv))
     return h
@@ -117,6 +121,9 @@ def intruder(w, socket_path: str, a: dict) -> None:
         attempt(out, "commit_a", lambda: c.commit(P.CommitRequest(reservation_id=a["reservation_id"])))
         attempt(out, "abort_a", lambda: c.abort(P.AbortRequest(reservation_id=a["reservation_id"])))
         attempt(out, "map_a", lambda: os.close(os.open(a["arena"], os.O_RDWR)))
+        attempt(out, "map_a_index", lambda: os.close(os.open(a["index"], os.O_RDONLY)))  # A's lookup index
+        attempt(out, "report_a", lambda: c._send_report(LookupReport(items=[ReportItem(
+            namespace="a", fingerprint=fp, lookups=1, asked_tokens=256, hit_tokens={}, seen=[(hs[0], 1)])])))
         w.send(out)
 
 
@@ -166,6 +173,11 @@ def test_a_tenant_cannot_reach_another_tenants_kv(daemon):
     for op in ("lookup_a", "lookup_a_framed", "lease_a", "list_a", "list_all", "delete_a", "evict", "release_a", "commit_a", "abort_a"):
         assert res[op].startswith("Forbidden"), (op, res[op])
     assert res["map_a"] == "OSError 13"  # EACCES: A's arena is A's group's
+    assert res["map_a_index"] == "OSError 13"  # and so is its lookup index
+    assert res["report_a"].startswith("Forbidden"), res["report_a"]
+    for doc in (first, res):  # each tenant answers its own lookups from its own index
+        assert doc["local_hits"] == [2, 2] and doc["local_answered"] == 1, doc
+    assert first["index"] != res["index"]
     assert read_line(fa)["own_release"] == "ok"  # A's lease was still A's to release
     for p in (pa, pb):
         p.join(60)

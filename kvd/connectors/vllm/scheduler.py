@@ -183,7 +183,7 @@ class SchedulerPlanner:
             return
         t.hits = min(resp.num_prefix_hits, len(t.hashes))
         t.tail_hit = resp.num_prefix_hits > len(t.hashes)
-        t.hit_tiers = [r.tier for r in resp.prefix[: resp.num_prefix_hits]]
+        t.hit_tiers = resp.leading_tiers()
         t.next_save = max(t.next_save, t.hits)
         t.tail_saved = t.tail_saved or t.tail_hit
 

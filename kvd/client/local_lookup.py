@@ -1,0 +1,286 @@
+"""Lookups answered from the shared index (``kvd.core.index_file``) instead of a round trip.
+
+``KvdClient.lookup_compact`` asks here first; ``None`` means "ask the daemon", which it does for:
+
+- anything but an exact, lossless prefix lookup by hashes under exact attention (token ids, chunk
+  hashes, head-aware readers, ``accept_lossy``, another ``computed_under``);
+- a namespace and model this client has not yet looked up through the daemon: the first lookup of
+  each pair goes over the socket, where the tenant's right to the namespace and the model's
+  registration are checked (a 403 or 404 stays a 403 or 404);
+- an answer that needs the daemon to act: a found entry on a record tier (SSD, remote) when the
+  lookup asks to prefetch, or a prefix that is not all hits while a shared tier (the remote store)
+  is configured (the daemon asks it);
+- a table the daemon changed during the probe three times running, a tag two keys share, a daemon
+  that stopped (``CLOSED``) or an index of another arena than the one mapped.
+
+What a socket lookup also does in the daemon (hit counters, each found entry's sighting for
+admission and recency, holding write-backs off while a load is coming) is sent later: answers are
+noted here in O(1) and a background thread sends them as one ``POST /v1/lookup/report`` per
+``REPORT_INTERVAL_S`` (``kvd.core.protocol_lookup``). So ``kvd_lookup_tokens_total`` and admission
+lag a local lookup by at most that long; the answer itself is as current as the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from kvd.core import index_file as F
+from kvd.core import protocol as P
+from kvd.core.lookup_wire import LookupAnswer, LookupRow
+from kvd.core.protocol_lookup import LookupReport, reports_of
+
+logger = logging.getLogger(__name__)
+REPORT_INTERVAL_S = 1.0
+MAX_NOTED = 1 << 14  # distinct lookups noted between reports; past it, the lookup itself sends one
+_SALTS_MAX = 4096
+_DEFAULTS = {name: f.get_default(call_default_factory=True) for name, f in P.LookupRequest.model_fields.items()}
+_FREE = frozenset({"fingerprint", "namespace", "prefix_hashes", "prefetch", "max_tokens"})
+
+
+_LOW = np.uint64(0xFFFFFFFF)
+
+
+def _run(found: np.ndarray) -> int:
+    """How many of the sorted indices ``found`` are 0, 1, 2, ...: the leading hits."""
+    n = found.size
+    if n == 0 or found[-1] == n - 1:
+        return n
+    return int(np.argmax(found != np.arange(n)))
+
+
+class _Rows(Sequence):
+    """An answer's rows, built on first use: an engine that reads the hit count and the leading
+    hits' tiers (``LookupAnswer.leading_tiers``) never pays for 128 row objects."""
+
+    __slots__ = ("_hashes", "_found", "_vals", "_tiers", "_sets", "_rows")
+
+    def __init__(self, hashes: list[str], found: np.ndarray, vals: np.ndarray, tiers: list[str],
+                 sets: list[tuple[str, ...]]) -> None:
+        self._hashes, self._found, self._vals, self._tiers, self._sets = hashes, found, vals, tiers, sets
+        self._rows: list[LookupRow] | None = None
+
+    def leading_tiers(self, n: int) -> list[str]:
+        levels = (self._vals[:n] & np.uint64(0xFF)).tolist()
+        return [self._tiers[lv] for lv in levels]
+
+    def _built(self) -> list[LookupRow]:
+        if self._rows is None:
+            v, found = self._vals, self._found.tolist()
+            self._rows = list(map(LookupRow._make, zip(
+                found, [self._hashes[i] for i in found], [self._tiers[x] for x in (v & np.uint64(0xFF)).tolist()],
+                [self._sets[x] for x in ((v >> np.uint64(8)) & np.uint64(0xFF)).tolist()],
+                ((v & np.uint64(F.V_COMPLETE)) != 0).tolist(), (v >> np.uint64(32)).tolist(), strict=True)))
+        return self._rows
+
+    def __len__(self) -> int:
+        return self._found.size
+
+    def __getitem__(self, i):
+        return self._built()[i]
+
+    def __eq__(self, other: object) -> bool:
+        return list(self._built()) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._built())
+
+
+def _eligible(req: P.LookupRequest) -> bool:
+    """An exact, lossless prefix lookup by hashes: every other field at its default."""
+    if not req.prefix_hashes:
+        return False
+    return all(getattr(req, k) == v for k, v in _DEFAULTS.items() if k not in _FREE)
+
+
+class LocalLookups:
+    """The mapped index of one arena, the pairs vouched for, and the answers not yet reported."""
+
+    def __init__(self, send: Callable[[LookupReport], None]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._m: F.Mapped | None = None
+        self._path: str | None = None
+        self._arena_id: str | None = None
+        self._meta_gen = -1
+        self._tiers: list[str] = []
+        self._records: frozenset[int] = frozenset()
+        self._sets: list[tuple[str, ...]] = []
+        self._shared = False
+        self._vouched: set[tuple[str, str]] = set()
+        self._salts: dict[tuple[str, str], int] = {}
+        self._noted: dict[tuple, list] = {}  # (namespace, model, tags, max_tokens) -> count and answer
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.answered = 0  # lookups answered here (tests and benchmarks read it)
+
+    # ---- the mapping -----------------------------------------------------------------------------
+
+    def attach(self, info: P.ArenaInfo) -> None:
+        """The daemon named its arena (registration, restart): map that arena's index, if it has one."""
+        if info.index_path == self._path and info.arena_id == self._arena_id and self._m is not None:
+            return
+        self.detach()
+        if not F.SUPPORTED or not info.index_path:
+            return
+        self._path, self._arena_id = info.index_path, info.arena_id
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            logger.info("lookup index %s not mapped (%s): lookups ask the daemon", self._path, e)
+            self._m = None
+            return
+        try:
+            m = F.Mapped(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ), writable=False)
+        except (OSError, ValueError) as e:
+            logger.warning("lookup index %s unusable (%s): lookups ask the daemon", self._path, e)
+            self._m = None
+            return
+        finally:
+            os.close(fd)
+        if m.arena_id != self._arena_id:  # another daemon's, or a stale file: not this arena's
+            self._m = None
+            return
+        self._m, self._meta_gen = m, -1
+
+    def detach(self) -> None:
+        """Forget the mapping and every vouched pair (the daemon restarted or cannot be reached)."""
+        self._m, self._path, self._arena_id = None, None, None
+        self._vouched.clear()
+
+    def vouch(self, req: P.LookupRequest) -> None:
+        """The daemon answered a lookup of this namespace and model: later ones may be answered here."""
+        if self._m is not None and _eligible(req):
+            self._vouched.add((req.namespace, req.fingerprint))
+
+    # ---- answers ---------------------------------------------------------------------------------
+
+    def answer(self, req: P.LookupRequest) -> LookupAnswer | None:
+        m = self._m
+        if m is None or not _eligible(req) or (req.namespace, req.fingerprint) not in self._vouched:
+            return None
+        state = int(m.words[F.W_STATE])
+        if state != F.OPEN:
+            if state == F.MOVED:  # a bigger table at the same path
+                self._open()
+                m = self._m
+            else:
+                self.detach()
+            if m is None or (req.namespace, req.fingerprint) not in self._vouched:
+                return None
+        hashes = req.prefix_hashes
+        want = F.tags_of(self._salt(req.namespace, req.fingerprint), hashes)
+        for _ in range(3):
+            v = int(m.words[F.W_VERSION])
+            if v & 1:
+                continue
+            if int(m.words[F.W_META_GEN]) != self._meta_gen:
+                self._read_meta(m)
+            vals = m.probe(want)
+            if int(m.words[F.W_VERSION]) == v:
+                break
+        else:
+            return None
+        return self._answer(req, hashes, want, vals, int(m.words[F.W_CHUNK]))
+
+    def _answer(self, req: P.LookupRequest, hashes: list[str], want: np.ndarray, vals: np.ndarray,
+                chunk: int) -> LookupAnswer | None:
+        found = np.flatnonzero(vals)
+        fv = vals[found] if found.size < vals.size else vals
+        flags = fv & _LOW
+        if found.size and (flags == flags[0]).all():  # one tier, one class set: most answers
+            f0 = int(flags[0])
+            if f0 & F.V_ASK:
+                return None
+            levels = [f0 & 0xFF]
+            lead = _run(found) if f0 & F.V_COMPLETE else 0
+        else:
+            if (flags & np.uint64(F.V_ASK)).any():
+                return None
+            levels = np.unique(flags & np.uint64(0xFF)).tolist()
+            complete = (flags & np.uint64(F.V_COMPLETE)) != 0
+            lead = _run(found)
+            if not complete[:lead].all():
+                lead = int(np.argmin(complete[:lead]))
+        if req.prefetch and self._records and not self._records.isdisjoint(levels):
+            return None  # the daemon starts the promotion
+        if self._shared and lead < len(hashes):
+            return None  # the remote tier may hold the rest: the daemon asks it
+        self._note(req, want, chunk, fv[:lead], found)
+        self.answered += 1
+        return LookupAnswer(chunk_tokens=chunk, num_prefix_hits=lead,
+                            prefix=_Rows(hashes, found, fv, self._tiers, self._sets), chunks=[])
+
+    def _read_meta(self, m: F.Mapped) -> None:
+        gen = int(m.words[F.W_META_GEN])
+        meta = m.meta()
+        self._tiers = meta["tiers"]
+        self._records = frozenset(meta.get("records", []))
+        self._sets = [tuple(s) for s in meta["sets"]]
+        self._shared = bool(meta.get("shared"))
+        self._meta_gen = gen
+
+    def _salt(self, namespace: str, fingerprint: str) -> int:
+        k = (namespace, fingerprint)
+        s = self._salts.get(k)
+        if s is None:
+            if len(self._salts) >= _SALTS_MAX:
+                self._salts.clear()
+            s = self._salts[k] = F.salt(namespace, fingerprint)
+        return s
+
+    # ---- reports ---------------------------------------------------------------------------------
+
+    def _note(self, req: P.LookupRequest, want: np.ndarray, chunk: int, lead_vals: np.ndarray,
+              found: np.ndarray) -> None:
+        """What the daemon would have counted for this answer, kept for the next report. The same
+        lookup again (an engine asks about a waiting request each step) only counts one more."""
+        key = (req.namespace, req.fingerprint, want.tobytes(), req.max_tokens)
+        with self._lock:
+            rec = self._noted.get(key)
+            if rec is None:
+                self._noted[key] = [1, len(want), chunk, req.max_tokens, lead_vals, req.prefix_hashes, found,
+                                    self._tiers]
+            else:  # the latest answer stands for all of them
+                rec[0] += 1
+                rec[4], rec[6], rec[7] = lead_vals, found, self._tiers
+            full = len(self._noted) >= MAX_NOTED
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kvd-lookup-report", daemon=True)
+            self._thread.start()
+        if full:
+            self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(REPORT_INTERVAL_S):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what was noted since the last report (a failure loses the counts, never an answer)."""
+        with self._lock:
+            noted, self._noted = self._noted, {}
+        if not noted:
+            return
+        try:
+            for report in reports_of([(ns, fp, *rec) for (ns, fp, _, _), rec in noted.items()]):
+                self._send(report)
+        except Exception as e:  # noqa: BLE001 - the daemon may be gone: ask it again from now on
+            logger.info("lookup report not sent (%s): lookups ask the daemon until it names its index again", e)
+            self.detach()
+
+    def close(self) -> None:
+        """Stop the report thread and send what is left (a client used again starts another)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._thread, self._stop = None, threading.Event()
+        self.flush()
+        self.detach()

@@ -1,0 +1,289 @@
+"""The daemon's side of the shared lookup index (``kvd.core.index_file``): one file per host-arena
+partition, kept equal to what an exact, lossless prefix lookup would answer.
+
+When it changes: the index (``kvd.store.index``) calls ``watch`` when an entry becomes visible,
+``alias`` when it gains an alias and ``unwatch`` when it leaves; in between, every change of the
+entry's copies or plans empties its row cache (``Entry.rows``, a ``RowCache``), which calls back
+here, so the published row is recomputed from the same ``answers.cached_parts`` the socket's lookup
+answers from. No other code path has to remember the index.
+
+What it costs the daemon: one row computation and a few numpy stores per change of an entry (a
+commit of 128 entries: 128 of them), nothing per lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvd.core import index_file as F
+from kvd.core.errors import ConfigError
+from kvd.core.keys import EXACT
+from kvd.store import answers as L
+from kvd.store.entries import Entry, EntryKey
+
+if TYPE_CHECKING:
+    from kvd.store.index import Index
+
+logger = logging.getLogger(__name__)
+INITIAL_SLOTS = 1 << 14  # 256 KiB; doubles when half full (tombstones counted)
+_ASK = F.V_PRESENT | F.V_ASK
+
+
+class IndexWriter:
+    """One index file and the daemon's books of it: which keys share each tag, and the tag's slot."""
+
+    def __init__(self, path: Path, *, arena_id: str, chunk_tokens: int, like: Path, capacity: int = INITIAL_SLOTS,
+                 replace_own: bool = False) -> None:
+        self.path, self.arena_id, self.chunk_tokens, self.like = path, arena_id, chunk_tokens, like
+        self._owners: dict[int, dict[EntryKey, int]] = {}  # tag -> key -> value (one key, but for collisions)
+        self._slot: dict[int, int] = {}  # tag -> its slot
+        self._meta = b""
+        self.m = self._create(capacity, replace_own)
+
+    def _create(self, capacity: int, replace_own: bool) -> F.Mapped:
+        """A new file at ``path``, with the owner, group and mode of the arena beside it, replacing a
+        previous daemon's index (told ``CLOSED`` first, so its readers ask again); never another file."""
+        p = self.path
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise ConfigError(f"lookup index {p} exists and is not a regular file; kvd will not replace it")
+        old = _map_existing(p) if p.exists() else None
+        if p.exists() and old is None:
+            raise ConfigError(f"lookup index {p} exists and is not a kvd lookup index; remove it or choose "
+                              "another host.path")
+        st = os.stat(self.like)
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if st.st_gid != os.getegid():
+                os.fchown(fd, -1, st.st_gid)
+            os.fchmod(fd, st.st_mode & 0o777)
+            os.ftruncate(fd, F.file_bytes(capacity))
+            mm = mmap.mmap(fd, F.file_bytes(capacity), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm[: 13 * 8] = F.header(capacity, self.arena_id, self.chunk_tokens, 0)
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        if old is not None:
+            old.words[F.W_STATE] = F.MOVED if replace_own else F.CLOSED
+        m = F.Mapped(mm, writable=True)
+        if self._meta:
+            self._write_meta(m, self._meta)
+        return m
+
+    # ---- writes ----------------------------------------------------------------------------------
+
+    def set(self, key: EntryKey, tag: int, val: int) -> None:
+        own = self._owners.setdefault(tag, {})
+        if own.get(key) == val:
+            return
+        own[key] = val
+        slot = self._slot.get(tag)
+        if slot is None and self._full():
+            self._rebuild()
+            slot = self._slot.get(tag)
+        m = self.m
+        m.words[F.W_VERSION] += 1
+        if slot is None:
+            slot = self._slot[tag] = self._free_slot(m, tag)
+            m.words[F.W_COUNT] += 1
+        m.vals[slot] = val if len(own) == 1 else _ASK
+        m.tags[slot] = tag
+        m.words[F.W_VERSION] += 1
+
+    def remove(self, key: EntryKey, tag: int) -> None:
+        own = self._owners.get(tag)
+        if not own or own.pop(key, None) is None:
+            return
+        m, slot = self.m, self._slot[tag]
+        m.words[F.W_VERSION] += 1
+        if own:
+            m.vals[slot] = next(iter(own.values())) if len(own) == 1 else _ASK
+        else:
+            m.tags[slot] = F.TOMBSTONE
+            m.vals[slot] = 0
+            del self._owners[tag], self._slot[tag]
+            m.words[F.W_COUNT] -= 1
+            m.words[F.W_TOMBS] += 1
+        m.words[F.W_VERSION] += 1
+
+    def set_meta(self, meta: bytes) -> None:
+        if meta != self._meta:
+            if len(meta) > F.META_MAX:
+                raise ValueError(f"lookup index meta of {len(meta)} bytes; at most {F.META_MAX}")
+            self._meta = meta
+            self._write_meta(self.m, meta)
+
+    @staticmethod
+    def _write_meta(m: F.Mapped, meta: bytes) -> None:
+        m.words[F.W_VERSION] += 1
+        m.mm[F.META_AT : F.META_AT + len(meta)] = meta
+        m.words[F.W_META_LEN] = len(meta)
+        m.words[F.W_META_GEN] += 1
+        m.words[F.W_VERSION] += 1
+
+    def _free_slot(self, m: F.Mapped, tag: int) -> int:
+        i, run = int(F.home(tag, m.mask)), 0
+        while m.tags[i] > F.TOMBSTONE:
+            i, run = (i + 1) & m.mask, run + 1
+        if m.tags[i] == F.TOMBSTONE:
+            m.words[F.W_TOMBS] -= 1
+        if run > m.words[F.W_MAX_PROBE]:
+            m.words[F.W_MAX_PROBE] = run
+        return i
+
+    def _full(self) -> bool:
+        m = self.m
+        return int(m.words[F.W_COUNT]) + int(m.words[F.W_TOMBS]) + 1 > m.capacity // 2
+
+    def _rebuild(self) -> None:
+        """A new file at the same path, twice as large when more than a quarter is in use (else the
+        same size, without tombstones), holding every published tag; the old one is told ``MOVED``."""
+        n, cap = len(self._slot), self.m.capacity
+        new_cap = cap * 2 if n + 1 > cap // 4 else cap
+        self.m = m = self._create(new_cap, replace_own=True)  # the old mapping goes with its last view
+        self._slot = {}
+        for tag, own in self._owners.items():
+            if not own:
+                continue
+            slot = self._slot[tag] = self._free_slot(m, tag)
+            m.vals[slot] = next(iter(own.values())) if len(own) == 1 else _ASK
+            m.tags[slot] = tag
+        m.words[F.W_COUNT] = len(self._slot)
+        self._owners = {t: o for t, o in self._owners.items() if o}
+        logger.info("lookup index %s: %d slots (%d in use)", self.path, new_cap, n)
+
+    def close(self) -> None:
+        """The daemon stops: readers are told ``CLOSED`` and the file goes."""
+        self.m.words[F.W_STATE] = F.CLOSED  # the mapping itself goes with its last view
+        self.path.unlink(missing_ok=True)
+
+
+def _map_existing(p: Path) -> F.Mapped | None:
+    """A previous daemon's index at ``p``, mapped to tell its readers it is gone; None if not one."""
+    try:
+        fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < F.HEADER_BYTES:
+            return None
+        return F.Mapped(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), writable=True)
+    except (ValueError, OSError):
+        return None
+    finally:
+        os.close(fd)
+
+
+class Publisher:
+    """Every partition's index file, and how an entry becomes a published row."""
+
+    def __init__(self, index: Index, *, chunk_tokens: int) -> None:
+        self.index = index
+        self.host = host = index.landing.tier
+        self.writers: dict[str, IndexWriter] = {}
+        try:
+            for part, arena in host.arenas.items():  # type: ignore[attr-defined]
+                self.writers[part] = IndexWriter(index_path(arena.path), arena_id=arena.arena_id,
+                                                 chunk_tokens=chunk_tokens, like=arena.path)
+        except BaseException:
+            self.close()
+            raise
+        self._salts: dict[tuple[str, str], int] = {}
+        self._sets: dict[tuple[str, ...], int] = {}
+        self.levels_changed()
+        for e in list(index.entries.values()):
+            self.watch(e)
+
+    def path(self, partition: str) -> str:
+        return str(self.writers[partition].path)
+
+    def levels_changed(self) -> None:
+        meta = json.dumps({"tiers": [lv.name for lv in self.index.levels], "sets": [list(s) for s in self._sets],
+                           "records": [lv.level for lv in self.index.records],
+                           "shared": any(lv.tier.shared for lv in self.index.levels)}).encode()
+        for w in self.writers.values():
+            w.set_meta(meta)
+
+    # ---- entries ---------------------------------------------------------------------------------
+
+    def watch(self, e: Entry) -> None:
+        e.rows.on_change = lambda: self.publish(e)
+        self.publish(e)
+
+    def unwatch(self, e: Entry) -> None:
+        e.rows.on_change = None
+        w = self._writer(e)
+        s = self._salt(e)
+        for h in (e.hash, *e.aliases):
+            w.remove((e.namespace, e.fingerprint, h), F.tag_of(s, h))
+
+    def alias(self, e: Entry, alias_hash: str) -> None:
+        self.publish(e, only=alias_hash)
+
+    def publish(self, e: Entry, only: str | None = None) -> None:
+        """``e``'s row (and its aliases') as an exact lossless reader's lookup would give it, or none
+        when such a reader cannot read it (other attention, trimmed, nothing lossless left)."""
+        if self.index.entries.get(e.key) is not e:
+            return
+        w, s = self._writer(e), self._salt(e)
+        parts = None
+        if e.kind == "prefix" and e.computed_under == EXACT and not e.is_trimmed:
+            parts = L.cached_parts(self.index.levels, self.index.by_name, e, False)
+        tokens = {e.hash: e.num_tokens} | {a: n for (ns, fp, a), (_, n) in self._aliases(e)}
+        for h, n in tokens.items():
+            if only is not None and h != only:
+                continue
+            key = (e.namespace, e.fingerprint, h)
+            if parts is None:
+                w.remove(key, F.tag_of(s, h))
+            else:
+                tier, classes, complete = parts
+                cs = self._set(classes)
+                w.set(key, F.tag_of(s, h), _ASK if cs < 0 else
+                      F.pack_val(self.index.by_name[tier].level, cs, complete, n))
+
+    def _aliases(self, e: Entry):
+        for h in e.aliases:
+            k = (e.namespace, e.fingerprint, h)
+            a = self.index.aliases.get(k)
+            if a is not None:
+                yield k, a
+
+    def _writer(self, e: Entry) -> IndexWriter:
+        return self.writers[self.host.partition_of(e.namespace)]  # the arena its bytes live in
+
+    def _salt(self, e: Entry) -> int:
+        k = (e.namespace, e.fingerprint)
+        s = self._salts.get(k)
+        if s is None:
+            if len(self._salts) >= 4096:  # salted namespaces come and go
+                self._salts.clear()
+            s = self._salts[k] = F.salt(*k)
+        return s
+
+    def _set(self, classes: tuple[str, ...]) -> int:
+        """The id of a class set in the meta (-1 past ``MAX_SETS``: such rows say ``V_ASK``)."""
+        i = self._sets.get(classes)
+        if i is None:
+            if len(self._sets) >= F.MAX_SETS:
+                return -1
+            i = self._sets[classes] = len(self._sets)
+            self.levels_changed()
+        return i
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def index_path(arena_path: Path) -> Path:
+    return Path(f"{arena_path}.index")
