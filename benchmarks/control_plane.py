@@ -376,6 +376,9 @@ def main() -> None:
                            "compact_http: the same body over HTTP; json: the documented API",
         "lookup_timed": "the lookup and reading its hit count and the leading hits' tiers",
         "lookup_paced_think_s": THINK_S, "lookup_paced_p99_ms": pct(lat[("paced", "local")], 99),
+        # the back-to-back tail: how many local lookups waited out a preemption (and their p95, p98)
+        "lookup_local_hits_over_2ms_share": float(np.mean(np.asarray(lat[("hits", "local")]) > 0.002)),
+        "lookup_local_hits_p95_ms": pct(lat[("hits", "local")], 95), "lookup_local_hits_p98_ms": pct(lat[("hits", "local")], 98),
         "local_lookups_reported": reported,
         "lookup_p50_ms": pct(lookup_lat, 50), "lookup_p99_ms": pct(lookup_lat, 99),
         "lookup_ops_per_s": len(lookup_lat) / args.seconds,

@@ -22,6 +22,7 @@ lag a local lookup by at most that long; the answer itself is as current as the 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -32,6 +33,7 @@ import numpy as np
 
 from kvd.core import index_file as F
 from kvd.core import protocol as P
+from kvd.core.keys import EXACT
 from kvd.core.lookup_wire import LookupAnswer, LookupRow
 from kvd.core.protocol_lookup import LookupReport, reports_of
 
@@ -44,6 +46,8 @@ _FREE = frozenset({"fingerprint", "namespace", "prefix_hashes", "prefetch", "max
 
 
 _LOW = np.uint64(0xFFFFFFFF)
+_ARANGE = np.arange(4096)  # the indices of an answer that found every hash (read only)
+_ARANGE.flags.writeable = False
 
 
 def _run(found: np.ndarray) -> int:
@@ -58,14 +62,17 @@ class _Rows(Sequence):
     """An answer's rows, built on first use: an engine that reads the hit count and the leading
     hits' tiers (``LookupAnswer.leading_tiers``) never pays for 128 row objects."""
 
-    __slots__ = ("_hashes", "_found", "_vals", "_tiers", "_sets", "_rows")
+    __slots__ = ("_hashes", "_found", "_vals", "_tiers", "_sets", "_level", "_rows")
 
     def __init__(self, hashes: list[str], found: np.ndarray, vals: np.ndarray, tiers: list[str],
-                 sets: list[tuple[str, ...]]) -> None:
+                 sets: list[tuple[str, ...]], level: int | None) -> None:
         self._hashes, self._found, self._vals, self._tiers, self._sets = hashes, found, vals, tiers, sets
+        self._level = level  # the one tier of every row, when they share it
         self._rows: list[LookupRow] | None = None
 
     def leading_tiers(self, n: int) -> list[str]:
+        if self._level is not None:
+            return [self._tiers[self._level]] * n
         levels = (self._vals[:n] & np.uint64(0xFF)).tolist()
         return [self._tiers[lv] for lv in levels]
 
@@ -91,11 +98,27 @@ class _Rows(Sequence):
         return repr(self._built())
 
 
-def _eligible(req: P.LookupRequest) -> bool:
+def _eligible_any(req: P.LookupRequest) -> bool:
     """An exact, lossless prefix lookup by hashes: every other field at its default."""
     if not req.prefix_hashes:
         return False
     return all(getattr(req, k) == v for k, v in _DEFAULTS.items() if k not in _FREE)
+
+
+def _eligible_known(req: P.LookupRequest) -> bool:
+    """``_eligible_any`` for the request model's fields as this module knows them, without the loop."""
+    return bool(req.prefix_hashes) and req.token_ids is None and req.chunk_hashes is None \
+        and req.chunk_num_tokens is None and not req.accept_lossy and req.computed_under == EXACT \
+        and req.reader == "exact" and req.head_map is None
+
+
+_KNOWN_FIELDS = frozenset({"fingerprint", "namespace", "computed_under", "accept_lossy", "reader", "head_map",
+                           "token_ids", "prefix_hashes", "chunk_hashes", "chunk_num_tokens", "prefetch", "max_tokens"})
+# A field added to LookupRequest later is never ignored: the general check runs until this module knows it.
+_eligible = _eligible_known if set(_DEFAULTS) == _KNOWN_FIELDS and all(
+    _DEFAULTS[k] == v for k, v in (("token_ids", None), ("chunk_hashes", None), ("chunk_num_tokens", None),
+                                   ("accept_lossy", False), ("computed_under", EXACT), ("reader", "exact"),
+                                   ("head_map", None))) else _eligible_any
 
 
 class LocalLookups:
@@ -103,8 +126,10 @@ class LocalLookups:
 
     def __init__(self, send: Callable[[LookupReport], None]) -> None:
         self._send = send
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the noted answers
+        self._map_lock = threading.Lock()  # the mapping and its fd (the report thread may detach)
         self._m: F.Mapped | None = None
+        self._fd = -1  # the index file, open: its flock says whether the daemon lives
         self._path: str | None = None
         self._arena_id: str | None = None
         self._meta_gen = -1
@@ -132,6 +157,10 @@ class LocalLookups:
         self._open()
 
     def _open(self) -> None:
+        with self._map_lock:
+            self._open_locked()
+
+    def _open_locked(self) -> None:
         try:
             fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
@@ -142,19 +171,39 @@ class LocalLookups:
             m = F.Mapped(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ), writable=False)
         except (OSError, ValueError) as e:
             logger.warning("lookup index %s unusable (%s): lookups ask the daemon", self._path, e)
-            self._m = None
-            return
-        finally:
             os.close(fd)
-        if m.arena_id != self._arena_id:  # another daemon's, or a stale file: not this arena's
             self._m = None
             return
-        self._m, self._meta_gen = m, -1
+        if m.arena_id != self._arena_id:  # another daemon's, or a stale file: not this arena's
+            os.close(fd)
+            self._m = None
+            return
+        self._close_fd()
+        self._m, self._fd, self._meta_gen = m, fd, -1
 
     def detach(self) -> None:
         """Forget the mapping and every vouched pair (the daemon restarted or cannot be reached)."""
-        self._m, self._path, self._arena_id = None, None, None
-        self._vouched.clear()
+        with self._map_lock:
+            self._m, self._path, self._arena_id = None, None, None
+            self._vouched.clear()
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _daemon_alive(self) -> bool:
+        """The daemon holds an exclusive flock on its index while it lives; the kernel drops it when
+        the daemon dies, even by SIGKILL. A shared lock we can take means nobody keeps this table."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
 
     def vouch(self, req: P.LookupRequest) -> None:
         """The daemon answered a lookup of this namespace and model: later ones may be answered here."""
@@ -176,6 +225,9 @@ class LocalLookups:
                 self.detach()
             if m is None or (req.namespace, req.fingerprint) not in self._vouched:
                 return None
+        if not self._daemon_alive():  # killed: ask it (and learn it is gone) instead of a dead table
+            self.detach()
+            return None
         hashes = req.prefix_hashes
         want = F.tags_of(self._salt(req.namespace, req.fingerprint), hashes)
         for _ in range(3):
@@ -193,14 +245,26 @@ class LocalLookups:
 
     def _answer(self, req: P.LookupRequest, hashes: list[str], want: np.ndarray, vals: np.ndarray,
                 chunk: int) -> LookupAnswer | None:
-        found = np.flatnonzero(vals)
-        fv = vals[found] if found.size < vals.size else vals
+        n = vals.size
+        if vals.all():  # every hash found: a stored prompt, most hits
+            found, fv = (_ARANGE[:n] if n <= _ARANGE.size else np.arange(n)), vals
+        elif not vals.any():  # nothing found: a new prompt
+            if self._shared:
+                return None  # the remote tier may hold it: the daemon asks it
+            self._note(req, want, chunk, vals[:0], _ARANGE[:0])
+            self.answered += 1
+            return LookupAnswer(chunk_tokens=chunk, num_prefix_hits=0, prefix=[], chunks=[])
+        else:
+            found = np.flatnonzero(vals)
+            fv = vals[found]
         flags = fv & _LOW
-        if found.size and (flags == flags[0]).all():  # one tier, one class set: most answers
+        level = None
+        if (flags == flags[0]).all():  # one tier, one class set: most answers
             f0 = int(flags[0])
             if f0 & F.V_ASK:
                 return None
-            levels = [f0 & 0xFF]
+            level = f0 & 0xFF
+            levels = (level,)
             lead = _run(found) if f0 & F.V_COMPLETE else 0
         else:
             if (flags & np.uint64(F.V_ASK)).any():
@@ -212,12 +276,12 @@ class LocalLookups:
                 lead = int(np.argmin(complete[:lead]))
         if req.prefetch and self._records and not self._records.isdisjoint(levels):
             return None  # the daemon starts the promotion
-        if self._shared and lead < len(hashes):
+        if self._shared and lead < n:
             return None  # the remote tier may hold the rest: the daemon asks it
         self._note(req, want, chunk, fv[:lead], found)
         self.answered += 1
         return LookupAnswer(chunk_tokens=chunk, num_prefix_hits=lead,
-                            prefix=_Rows(hashes, found, fv, self._tiers, self._sets), chunks=[])
+                            prefix=_Rows(hashes, found, fv, self._tiers, self._sets, level), chunks=[])
 
     def _read_meta(self, m: F.Mapped) -> None:
         gen = int(m.words[F.W_META_GEN])

@@ -28,7 +28,7 @@ Layout, little-endian u64 words unless said::
       7 meta_gen   8 meta_len   9-10 arena_id (16 bytes)   11 chunk_tokens   12 flags (reserved, 0)
       from byte 128: meta, meta_len bytes of JSON {"tiers": [names by level], "sets": [[class names]],
       "records": [levels of record tiers], "shared": a shared (remote) tier is configured}
-    tags  capacity x u64 at byte 4096          (0 empty, 1 tombstone, else tag | 2)
+    tags  capacity x u64 at byte 4096          (0 empty, 1 tombstone, else a tag: top bit set)
     vals  capacity x u64 after the tags        (``pack_val``)
 
 Consistency: the daemon is the only writer; every change is bracketed by two increments of
@@ -72,21 +72,25 @@ def salt(namespace: str, fingerprint: str) -> int:
     return xxhash.xxh3_64_intdigest(f"{namespace}\0{fingerprint}".encode())
 
 
+TOP = 1 << 63
+_TOP = np.uint64(TOP)
+
+
 def tag_of(salt_: int, hash_hex: str) -> int:
-    """The tag of one key: its hash's first 8 bytes (little-endian) xor the salt, bit 1 set (so never
-    EMPTY or TOMBSTONE)."""
-    return (int.from_bytes(bytes.fromhex(hash_hex[:16]), "little") ^ salt_) | 2
+    """The tag of one key: its hash's first 8 bytes (little-endian) xor the salt, top bit set (so
+    never EMPTY or TOMBSTONE)."""
+    return (int.from_bytes(bytes.fromhex(hash_hex[:16]), "little") ^ salt_) | TOP
 
 
 def tags_of(salt_: int, hashes: list[str]) -> np.ndarray:
     """``tag_of`` of many hashes (32 hex characters each) at once."""
     raw = np.frombuffer(bytes.fromhex("".join(hashes)), dtype="<u8")
-    return (raw[0::2] ^ np.uint64(salt_)) | np.uint64(2)
+    return (raw[0::2] ^ np.uint64(salt_)) | _TOP
 
 
 def home(tags: np.ndarray | int, mask: int):
-    """The slot a tag's probe starts at (bits above the two the tag forces)."""
-    return (tags >> 2) & mask
+    """The slot a tag's probe starts at: its low bits (the top bit the tag forces is above any mask)."""
+    return tags & mask
 
 
 def pack_val(level: int, class_set: int, complete: bool, num_tokens: int) -> int:
@@ -110,6 +114,7 @@ class Mapped:
         if self.capacity & (self.capacity - 1) or len(mm) < file_bytes(self.capacity):
             raise ValueError(f"lookup index: capacity {self.capacity} does not fit its {len(mm)} bytes")
         self.mask = self.capacity - 1
+        self.mask_u64 = np.uint64(self.mask)
         self.tags = np.frombuffer(mm, dtype="<u8", count=self.capacity, offset=HEADER_BYTES)
         self.vals = np.frombuffer(mm, dtype="<u8", count=self.capacity, offset=HEADER_BYTES + 8 * self.capacity)
         if not writable:
@@ -128,8 +133,8 @@ class Mapped:
         """The value of each wanted tag (0: not published). A tag is published at most ``max_probe``
         slots past its home, so a probe stops there. (Only meaningful when no write overlapped it:
         the caller checks ``version``.)"""
-        tags, vals, mask = self.tags, self.vals, np.uint64(self.mask)
-        pos = home(want, mask)
+        tags, vals, mask = self.tags, self.vals, self.mask_u64
+        pos = want & mask
         t = tags[pos]
         hit = t == want
         if hit.all():  # the common answers settle at their home slot: all found...

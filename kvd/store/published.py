@@ -13,6 +13,7 @@ commit of 128 entries: 128 of them), nothing per lookup.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import mmap
@@ -43,6 +44,7 @@ class IndexWriter:
         self._owners: dict[int, dict[EntryKey, int]] = {}  # tag -> key -> value (one key, but for collisions)
         self._slot: dict[int, int] = {}  # tag -> its slot
         self._meta = b""
+        self._fd = -1  # held open, with an exclusive flock, while this daemon lives (readers test it)
         self.m = self._create(capacity, replace_own)
 
     def _create(self, capacity: int, replace_own: bool) -> F.Mapped:
@@ -65,12 +67,17 @@ class IndexWriter:
             os.ftruncate(fd, F.file_bytes(capacity))
             mm = mmap.mmap(fd, F.file_bytes(capacity), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             mm[: 13 * 8] = F.header(capacity, self.arena_id, self.chunk_tokens, 0)
+            # Liveness: the kernel drops this lock when the daemon dies, however it dies, so a reader
+            # that can take a shared lock knows the table is nobody's (kvd.client.local_lookup).
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.replace(tmp, p)
         except BaseException:
             tmp.unlink(missing_ok=True)
-            raise
-        finally:
             os.close(fd)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)  # the file it replaces: its readers are told MOVED below
+        self._fd = fd
         if old is not None:
             old.words[F.W_STATE] = F.MOVED if replace_own else F.CLOSED
         m = F.Mapped(mm, writable=True)
@@ -164,6 +171,9 @@ class IndexWriter:
         """The daemon stops: readers are told ``CLOSED`` and the file goes."""
         self.m.words[F.W_STATE] = F.CLOSED  # the mapping itself goes with its last view
         self.path.unlink(missing_ok=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _map_existing(p: Path) -> F.Mapped | None:

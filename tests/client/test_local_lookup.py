@@ -197,3 +197,37 @@ def test_a_stopped_daemons_index_is_never_used_and_a_new_daemons_is(tmp_path):
     finally:
         c.close()
         d.stop()
+
+
+def test_the_eligibility_check_knows_every_field_of_a_lookup():
+    """The fast check names LookupRequest's fields; a field added later makes the module use the
+    general one (every field but the free ones at its default) until the fast one learns it."""
+    from kvd.client import local_lookup as LL
+
+    assert LL._eligible is LL._eligible_known
+    base = P.LookupRequest(fingerprint="f", prefix_hashes=["ab" * 16], prefetch=False, max_tokens=3)
+    cases = [base, base.model_copy(update={"accept_lossy": True}), base.model_copy(update={"prefix_hashes": []}),
+             base.model_copy(update={"computed_under": "hm-0123456789abcdef"}),
+             base.model_copy(update={"chunk_hashes": ["cd" * 16]}), base.model_copy(update={"token_ids": [1]}),
+             base.model_copy(update={"reader": "head_aware", "head_map": "hm-0123456789abcdef"})]
+    assert [LL._eligible_known(r) for r in cases] == [LL._eligible_any(r) for r in cases] == [True] + [False] * 6
+
+
+def test_a_killed_daemons_table_is_never_answered_from(tmp_path):
+    """SIGKILL leaves the index file as it was, saying OPEN; the daemon's flock on it went with the
+    process, so the very next lookup asks the daemon (and fails as a dead daemon's lookup does)."""
+    from tests.daemon_proc import DaemonProc
+
+    d = DaemonProc(tmp_path).start()
+    try:
+        c = KvdClient(d.socket, register_cuda=False)
+        h = kvio.register(c, SPEC)
+        kvio.store_prefix(h, TOKENS[:512], torch.randn(1, 2, 2, 512, 16).to(torch.bfloat16))
+        req = lookup(h, TOKENS[:512])
+        assert [c.lookup_compact(req).num_prefix_hits for _ in range(2)] == [2, 2] and c.local.answered == 1
+    finally:
+        d.kill()
+    with pytest.raises(DaemonUnavailable):
+        c.lookup_compact(req)
+    assert c.local.answered == 1
+    c.close()
