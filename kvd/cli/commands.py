@@ -67,7 +67,8 @@ def cmd_stats(c: KvdClient, args: argparse.Namespace) -> int:
     rate = f"{hit / s.lookup_tokens:.1%}" if s.lookup_tokens else "-"
     lines = [table(rows, ["TIER", "USED", "CAPACITY", "USE", "RECORDS"]), "",
              f"lookups: {s.lookup_tokens} tokens asked, {hit} found ({rate}); by tier: "
-             + (", ".join(f"{t} {n}" for t, n in s.hit_tokens_by_tier.items()) or "-"),
+             + (", ".join(f"{t} {n}" for t, n in s.hit_tokens_by_tier.items()) or "-")
+             + f"; {s.counters.get('kvd_local_lookups_total', 0):.0f} answered by clients from the shared index",
              f"entries {s.num_entries}, models {s.num_models}, leases held {s.leases_held}, "
              f"reservations open {s.reservations_open}, up {s.uptime_s:.0f} s"]
     if s.counters:

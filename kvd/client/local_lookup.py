@@ -27,6 +27,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ from kvd.core.protocol_lookup import LookupReport, reports_of
 
 logger = logging.getLogger(__name__)
 REPORT_INTERVAL_S = 1.0
+REOPEN_S = 1.0  # a lost mapping is tried again at most this often
 MAX_NOTED = 1 << 14  # distinct lookups noted between reports; past it, the lookup itself sends one
 _SALTS_MAX = 4096
 _DEFAULTS = {name: f.get_default(call_default_factory=True) for name, f in P.LookupRequest.model_fields.items()}
@@ -130,6 +132,7 @@ class LocalLookups:
         self._map_lock = threading.Lock()  # the mapping and its fd (the report thread may detach)
         self._m: F.Mapped | None = None
         self._fd = -1  # the index file, open: its flock says whether the daemon lives
+        self._retry_at = 0.0  # monotonic time before which a lost mapping is not tried again
         self._path: str | None = None
         self._arena_id: str | None = None
         self._meta_gen = -1
@@ -147,48 +150,51 @@ class LocalLookups:
     # ---- the mapping -----------------------------------------------------------------------------
 
     def attach(self, info: P.ArenaInfo) -> None:
-        """The daemon named its arena (registration, restart): map that arena's index, if it has one."""
-        if info.index_path == self._path and info.arena_id == self._arena_id and self._m is not None:
-            return
-        self.detach()
-        if not F.SUPPORTED or not info.index_path:
-            return
-        self._path, self._arena_id = info.index_path, info.arena_id
-        self._open()
+        """The daemon named its arena (registration, restart): map that arena's index, if it has one.
+        Another arena (a restarted daemon) vouches for nothing yet."""
+        path = info.index_path if F.SUPPORTED else None
+        if (path, info.arena_id) != (self._path, self._arena_id):
+            with self._map_lock:
+                self._unmap_locked()
+                self._vouched.clear()
+                self._path, self._arena_id = path, info.arena_id
+        if self._m is None:
+            self._reopen(force=True)
 
-    def _open(self) -> None:
+    def _reopen(self, *, force: bool = False) -> None:
+        """Map the index at the arena's path if it is that arena's (a killed daemon's file stays
+        there until the next daemon replaces it: the answers check its flock). Without ``force``, at
+        most once per ``REOPEN_S``: a client whose daemon is gone does not retry on every lookup."""
+        now = time.monotonic()
+        if self._path is None or (not force and now < self._retry_at):
+            return
+        self._retry_at = now + REOPEN_S
         with self._map_lock:
-            self._open_locked()
-
-    def _open_locked(self) -> None:
-        try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            logger.info("lookup index %s not mapped (%s): lookups ask the daemon", self._path, e)
-            self._m = None
-            return
-        try:
-            m = F.Mapped(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ), writable=False)
-        except (OSError, ValueError) as e:
-            logger.warning("lookup index %s unusable (%s): lookups ask the daemon", self._path, e)
-            os.close(fd)
-            self._m = None
-            return
-        if m.arena_id != self._arena_id:  # another daemon's, or a stale file: not this arena's
-            os.close(fd)
-            self._m = None
-            return
-        self._close_fd()
-        self._m, self._fd, self._meta_gen = m, fd, -1
+            self._unmap_locked()
+            try:
+                fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as e:
+                logger.info("lookup index %s not mapped (%s): lookups ask the daemon", self._path, e)
+                return
+            try:
+                m = F.Mapped(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ), writable=False)
+            except (OSError, ValueError) as e:
+                logger.warning("lookup index %s unusable (%s): lookups ask the daemon", self._path, e)
+                os.close(fd)
+                return
+            if m.arena_id != self._arena_id:  # a newer daemon's (or an older one's): not this arena's
+                os.close(fd)
+                return
+            self._m, self._fd, self._meta_gen = m, fd, -1
 
     def detach(self) -> None:
-        """Forget the mapping and every vouched pair (the daemon restarted or cannot be reached)."""
+        """Stop answering from the index (the daemon could not be reached); the next lookup the daemon
+        answers maps it again (``vouch``), if it is still this arena's and its daemon's."""
         with self._map_lock:
-            self._m, self._path, self._arena_id = None, None, None
-            self._vouched.clear()
-            self._close_fd()
+            self._unmap_locked()
 
-    def _close_fd(self) -> None:
+    def _unmap_locked(self) -> None:
+        self._m = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -207,7 +213,11 @@ class LocalLookups:
 
     def vouch(self, req: P.LookupRequest) -> None:
         """The daemon answered a lookup of this namespace and model: later ones may be answered here."""
-        if self._m is not None and _eligible(req):
+        if not _eligible(req):
+            return
+        if self._m is None:
+            self._reopen()
+        if self._m is not None:
             self._vouched.add((req.namespace, req.fingerprint))
 
     # ---- answers ---------------------------------------------------------------------------------
@@ -216,18 +226,15 @@ class LocalLookups:
         m = self._m
         if m is None or not _eligible(req) or (req.namespace, req.fingerprint) not in self._vouched:
             return None
-        state = int(m.words[F.W_STATE])
-        if state != F.OPEN:
-            if state == F.MOVED:  # a bigger table at the same path
-                self._open()
-                m = self._m
-            else:
+        if int(m.words[F.W_STATE]) != F.OPEN or not self._daemon_alive():
+            # Moved (a bigger table at the same path), closed (the daemon stopped) or nobody's (the
+            # daemon was killed): the path may hold this daemon's current table; else ask the daemon
+            # (and learn it is gone) instead of answering from a dead one's.
+            self._reopen(force=True)
+            m = self._m
+            if m is None or int(m.words[F.W_STATE]) != F.OPEN or not self._daemon_alive():
                 self.detach()
-            if m is None or (req.namespace, req.fingerprint) not in self._vouched:
                 return None
-        if not self._daemon_alive():  # killed: ask it (and learn it is gone) instead of a dead table
-            self.detach()
-            return None
         hashes = req.prefix_hashes
         want = F.tags_of(self._salt(req.namespace, req.fingerprint), hashes)
         for _ in range(3):
@@ -348,3 +355,4 @@ class LocalLookups:
         self._thread, self._stop = None, threading.Event()
         self.flush()
         self.detach()
+        self._path = self._arena_id = None

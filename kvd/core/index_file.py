@@ -157,10 +157,10 @@ class Mapped:
         return out
 
 
-def header(capacity: int, arena_id: str, chunk_tokens: int, flags: int) -> bytes:
+def header(capacity: int, arena_id: str, chunk_tokens: int, *, version: int = 0) -> bytes:
     """The first words of a new index file (the rest of it is zeros: every slot empty)."""
     words = [0] * 13
-    words[W_CAPACITY], words[W_CHUNK], words[W_FLAGS] = capacity, chunk_tokens, flags
+    words[W_CAPACITY], words[W_CHUNK], words[W_VERSION] = capacity, chunk_tokens, version
     raw = bytearray(struct.pack("<13Q", *words))
     raw[0:8] = MAGIC
     raw[8 * W_ARENA : 8 * W_ARENA + 16] = bytes.fromhex(arena_id)[:16].ljust(16, b"\0")

@@ -18,6 +18,7 @@ import json
 import logging
 import mmap
 import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,18 +39,21 @@ _ASK = F.V_PRESENT | F.V_ASK
 class IndexWriter:
     """One index file and the daemon's books of it: which keys share each tag, and the tag's slot."""
 
-    def __init__(self, path: Path, *, arena_id: str, chunk_tokens: int, like: Path, capacity: int = INITIAL_SLOTS,
-                 replace_own: bool = False) -> None:
+    def __init__(self, path: Path, *, arena_id: str, chunk_tokens: int, like: Path,
+                 capacity: int = INITIAL_SLOTS) -> None:
         self.path, self.arena_id, self.chunk_tokens, self.like = path, arena_id, chunk_tokens, like
         self._owners: dict[int, dict[EntryKey, int]] = {}  # tag -> key -> value (one key, but for collisions)
         self._slot: dict[int, int] = {}  # tag -> its slot
         self._meta = b""
-        self._fd = -1  # held open, with an exclusive flock, while this daemon lives (readers test it)
-        self.m = self._create(capacity, replace_own)
+        self.m, self._fd, old = self._create(capacity)  # fd: held, flocked, while this daemon lives
+        self.m.words[F.W_VERSION] += 1  # empty and ready: even
+        if old is not None:  # a killed daemon's: its readers ask again
+            old.words[F.W_STATE] = F.CLOSED
 
-    def _create(self, capacity: int, replace_own: bool) -> F.Mapped:
-        """A new file at ``path``, with the owner, group and mode of the arena beside it, replacing a
-        previous daemon's index (told ``CLOSED`` first, so its readers ask again); never another file."""
+    def _create(self, capacity: int) -> tuple[F.Mapped, int, F.Mapped | None]:
+        """A new file at ``path`` with the owner, group and mode of the arena beside it, its version odd
+        (being written) until the caller is done with it, and an exclusive flock held on it; the file
+        it replaced, mapped, if it was a kvd lookup index (never another file)."""
         p = self.path
         if p.is_symlink() or (p.exists() and not p.is_file()):
             raise ConfigError(f"lookup index {p} exists and is not a regular file; kvd will not replace it")
@@ -58,15 +62,16 @@ class IndexWriter:
             raise ConfigError(f"lookup index {p} exists and is not a kvd lookup index; remove it or choose "
                               "another host.path")
         st = os.stat(self.like)
-        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # O_EXCL | O_NOFOLLOW under a fresh name: never a file someone planted there
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             if st.st_gid != os.getegid():
                 os.fchown(fd, -1, st.st_gid)
             os.fchmod(fd, st.st_mode & 0o777)
             os.ftruncate(fd, F.file_bytes(capacity))
             mm = mmap.mmap(fd, F.file_bytes(capacity), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            mm[: 13 * 8] = F.header(capacity, self.arena_id, self.chunk_tokens, 0)
+            mm[: 13 * 8] = F.header(capacity, self.arena_id, self.chunk_tokens, version=1)
             # Liveness: the kernel drops this lock when the daemon dies, however it dies, so a reader
             # that can take a shared lock knows the table is nobody's (kvd.client.local_lookup).
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,15 +80,10 @@ class IndexWriter:
             tmp.unlink(missing_ok=True)
             os.close(fd)
             raise
-        if self._fd >= 0:
-            os.close(self._fd)  # the file it replaces: its readers are told MOVED below
-        self._fd = fd
-        if old is not None:
-            old.words[F.W_STATE] = F.MOVED if replace_own else F.CLOSED
         m = F.Mapped(mm, writable=True)
         if self._meta:
-            self._write_meta(m, self._meta)
-        return m
+            self._write_meta(m, self._meta)  # keeps the version odd (two increments)
+        return m, fd, old
 
     # ---- writes ----------------------------------------------------------------------------------
 
@@ -155,7 +155,7 @@ class IndexWriter:
         same size, without tombstones), holding every published tag; the old one is told ``MOVED``."""
         n, cap = len(self._slot), self.m.capacity
         new_cap = cap * 2 if n + 1 > cap // 4 else cap
-        self.m = m = self._create(new_cap, replace_own=True)  # the old mapping goes with its last view
+        m, fd, _ = self._create(new_cap)  # a reader that opens it now sees an odd version: asks the daemon
         self._slot = {}
         for tag, own in self._owners.items():
             if not own:
@@ -164,7 +164,11 @@ class IndexWriter:
             m.vals[slot] = next(iter(own.values())) if len(own) == 1 else _ASK
             m.tags[slot] = tag
         m.words[F.W_COUNT] = len(self._slot)
+        m.words[F.W_VERSION] += 1  # filled: even
         self._owners = {t: o for t, o in self._owners.items() if o}
+        self.m.words[F.W_STATE] = F.MOVED  # then the old file's readers go to the new one
+        os.close(self._fd)  # its flock with it (the old mapping goes with its last view)
+        self.m, self._fd = m, fd
         logger.info("lookup index %s: %d slots (%d in use)", self.path, new_cap, n)
 
     def close(self) -> None:

@@ -231,3 +231,20 @@ def test_a_killed_daemons_table_is_never_answered_from(tmp_path):
         c.lookup_compact(req)
     assert c.local.answered == 1
     c.close()
+
+
+def test_a_lost_mapping_comes_back_through_the_next_daemon_answer(served, monkeypatch):
+    """A failed report (the daemon unreachable for a moment) unmaps the index; the next lookup the
+    daemon answers maps it again (at most once per REOPEN_S), and later ones are local again."""
+    from kvd.client import local_lookup as LL
+
+    d, c, ref, h = served
+    vouch(c, h)
+    req = lookup(h, TOKENS)
+    c.local.detach()  # what a failed report does
+    before = c.local.answered
+    monkeypatch.setattr(LL, "REOPEN_S", 0.0)
+    c.local._retry_at = 0.0
+    c.lookup_compact(req)  # asked of the daemon, which re-maps the index
+    assert c.local.answered == before
+    both(c, ref, req)
