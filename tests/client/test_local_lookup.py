@@ -248,3 +248,18 @@ def test_a_lost_mapping_comes_back_through_the_next_daemon_answer(served, monkey
     c.lookup_compact(req)  # asked of the daemon, which re-maps the index
     assert c.local.answered == before
     both(c, ref, req)
+
+
+def test_without_the_index_every_lookup_asks_the_daemon(tmp_path):
+    """host.lookup_index = false: no file beside the arena, no index_path, nothing answered locally."""
+    d = ThreadDaemon(settings_for(tmp_path, ssd={"enabled": False}, host={"lookup_index": False})).start()
+    try:
+        with KvdClient(d.socket, register_cuda=False) as c:
+            h = kvio.register(c, SPEC)
+            assert c.arena_info.index_path is None
+            assert not list(tmp_path.glob("*.index"))
+            kvio.store_prefix(h, TOKENS[:512], torch.randn(1, 2, 2, 512, 16).to(torch.bfloat16))
+            assert [c.lookup_compact(lookup(h, TOKENS[:512])).num_prefix_hits for _ in range(3)] == [2, 2, 2]
+            assert c.local.answered == 0
+    finally:
+        d.stop()
