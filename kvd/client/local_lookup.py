@@ -11,13 +11,16 @@
   lookup asks to prefetch, or a prefix that is not all hits while a shared tier (the remote store)
   is configured (the daemon asks it);
 - a table the daemon changed during the probe three times running, a tag two keys share, a daemon
-  that stopped (``CLOSED``) or an index of another arena than the one mapped.
+  that stopped (the file says ``CLOSED``) or was killed (nobody holds the file's flock), or an
+  index of another arena than the one mapped.
 
 What a socket lookup also does in the daemon (hit counters, each found entry's sighting for
-admission and recency, holding write-backs off while a load is coming) is sent later: answers are
-noted here in O(1) and a background thread sends them as one ``POST /v1/lookup/report`` per
-``REPORT_INTERVAL_S`` (``kvd.core.protocol_lookup``). So ``kvd_lookup_tokens_total`` and admission
-lag a local lookup by at most that long; the answer itself is as current as the table.
+admission and recency) is sent later: answers are noted here in O(1) and a background thread sends
+them as one ``POST /v1/lookup/report`` per ``REPORT_INTERVAL_S`` (``kvd.core.protocol_lookup``). So
+``kvd_lookup_tokens_total`` and admission lag a local lookup by at most that long; the answer itself
+is as current as the table. (A socket lookup's hit also holds the daemon's write-backs off for a
+moment, ``kvd.store.background.LOAD_QUIET_S``, because a lease usually follows; a local one does not:
+the lease itself holds them off once it comes.)
 """
 
 from __future__ import annotations
@@ -241,10 +244,17 @@ class LocalLookups:
             v = int(m.words[F.W_VERSION])
             if v & 1:
                 continue
-            if int(m.words[F.W_META_GEN]) != self._meta_gen:
-                self._read_meta(m)
+            gen = int(m.words[F.W_META_GEN])
+            meta = None
+            if gen != self._meta_gen:
+                try:
+                    meta = m.meta()
+                except ValueError:  # written under us: the version check below says so
+                    continue
             vals = m.probe(want)
             if int(m.words[F.W_VERSION]) == v:
+                if meta is not None:  # taken only from a read no write overlapped
+                    self._use_meta(meta, gen)
                 break
         else:
             return None
@@ -290,9 +300,7 @@ class LocalLookups:
         return LookupAnswer(chunk_tokens=chunk, num_prefix_hits=lead,
                             prefix=_Rows(hashes, found, fv, self._tiers, self._sets, level), chunks=[])
 
-    def _read_meta(self, m: F.Mapped) -> None:
-        gen = int(m.words[F.W_META_GEN])
-        meta = m.meta()
+    def _use_meta(self, meta: dict, gen: int) -> None:
         self._tiers = meta["tiers"]
         self._records = frozenset(meta.get("records", []))
         self._sets = [tuple(s) for s in meta["sets"]]

@@ -217,15 +217,33 @@ class Publisher:
         for e in list(index.entries.values()):
             self.watch(e)
 
-    def path(self, partition: str) -> str:
-        return str(self.writers[partition].path)
+    def path(self, partition: str) -> str | None:
+        w = self.writers.get(partition)
+        return None if w is None else str(w.path)
 
-    def levels_changed(self) -> None:
-        meta = json.dumps({"tiers": [lv.name for lv in self.index.levels], "sets": [list(s) for s in self._sets],
+    def _meta(self) -> bytes:
+        return json.dumps({"tiers": [lv.name for lv in self.index.levels], "sets": [list(s) for s in self._sets],
                            "records": [lv.level for lv in self.index.records],
                            "shared": any(lv.tier.shared for lv in self.index.levels)}).encode()
-        for w in self.writers.values():
-            w.set_meta(meta)
+
+    def levels_changed(self) -> None:
+        meta = self._meta()
+        for part, w in list(self.writers.items()):
+            self._guarded(part, w, lambda w=w: w.set_meta(meta))
+
+    def _guarded(self, part: str, w: IndexWriter, fn) -> None:
+        """``fn()`` on a writer; should it fail (no room for a bigger file, say), that partition's index
+        is closed for good (its clients ask the daemon from then on) and the store's operation that
+        changed the entry goes on: the index may never cost the store a write."""
+        try:
+            fn()
+        except Exception:
+            logger.exception("lookup index %s failed; it is closed and its clients ask the daemon", w.path)
+            self.writers.pop(part, None)
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001 - already failing; the daemon goes on without it
+                pass
 
     # ---- entries ---------------------------------------------------------------------------------
 
@@ -235,10 +253,17 @@ class Publisher:
 
     def unwatch(self, e: Entry) -> None:
         e.rows.on_change = None
-        w = self._writer(e)
+        part = self.host.partition_of(e.namespace)  # the arena its bytes live in
+        w = self.writers.get(part)
+        if w is None:
+            return
         s = self._salt(e)
-        for h in (e.hash, *e.aliases):
-            w.remove((e.namespace, e.fingerprint, h), F.tag_of(s, h))
+
+        def remove() -> None:
+            for h in (e.hash, *e.aliases):
+                w.remove((e.namespace, e.fingerprint, h), F.tag_of(s, h))
+
+        self._guarded(part, w, remove)
 
     def alias(self, e: Entry, alias_hash: str) -> None:
         self.publish(e, only=alias_hash)
@@ -248,7 +273,13 @@ class Publisher:
         when such a reader cannot read it (other attention, trimmed, nothing lossless left)."""
         if self.index.entries.get(e.key) is not e:
             return
-        w, s = self._writer(e), self._salt(e)
+        part = self.host.partition_of(e.namespace)  # the arena its bytes live in
+        w = self.writers.get(part)
+        if w is not None:
+            self._guarded(part, w, lambda: self._publish(w, e, only))
+
+    def _publish(self, w: IndexWriter, e: Entry, only: str | None) -> None:
+        s = self._salt(e)
         parts = None
         if e.kind == "prefix" and e.computed_under == EXACT and not e.is_trimmed:
             parts = L.cached_parts(self.index.levels, self.index.by_name, e, False)
@@ -272,9 +303,6 @@ class Publisher:
             if a is not None:
                 yield k, a
 
-    def _writer(self, e: Entry) -> IndexWriter:
-        return self.writers[self.host.partition_of(e.namespace)]  # the arena its bytes live in
-
     def _salt(self, e: Entry) -> int:
         k = (e.namespace, e.fingerprint)
         s = self._salts.get(k)
@@ -285,12 +313,16 @@ class Publisher:
         return s
 
     def _set(self, classes: tuple[str, ...]) -> int:
-        """The id of a class set in the meta (-1 past ``MAX_SETS``: such rows say ``V_ASK``)."""
+        """The id of a class set in the meta; -1 past ``MAX_SETS`` or the meta's room (such rows say
+        ``V_ASK``: ask the daemon)."""
         i = self._sets.get(classes)
         if i is None:
             if len(self._sets) >= F.MAX_SETS:
                 return -1
             i = self._sets[classes] = len(self._sets)
+            if len(self._meta()) > F.META_MAX:
+                del self._sets[classes]
+                return -1
             self.levels_changed()
         return i
 

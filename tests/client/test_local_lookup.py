@@ -263,3 +263,50 @@ def test_without_the_index_every_lookup_asks_the_daemon(tmp_path):
             assert c.local.answered == 0
     finally:
         d.stop()
+
+
+def fresh(tmp_path):
+    d = ThreadDaemon(settings_for(tmp_path, ssd={"enabled": False})).start()
+    c = KvdClient(d.socket, register_cuda=False)
+    return d, c, kvio.register(c, SPEC)
+
+
+def test_a_failing_index_is_closed_and_never_fails_a_store(tmp_path, monkeypatch):
+    """A write to the index that fails (no room for a bigger file, say) closes that index: the commit
+    that caused it succeeds, clients ask the daemon from then on, and their answers stay right."""
+    from kvd.store.published import IndexWriter
+
+    d, c, h = fresh(tmp_path)
+    try:
+        req = lookup(h, TOKENS[:512])
+        c.lookup_compact(req)  # vouched, before anything is stored
+
+        def no_room(*a, **kw):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(IndexWriter, "set", no_room)
+        assert kvio.store_prefix(h, TOKENS[:512], torch.randn(1, 2, 2, 512, 16).to(torch.bfloat16)).stored == 2
+        before = c.local.answered
+        assert [c.lookup_compact(req).num_prefix_hits for _ in range(3)] == [2, 2, 2]
+        assert c.local.answered == before, "the closed index answered nothing"
+        assert not list(tmp_path.glob("*.index"))
+    finally:
+        c.close()
+        d.stop()
+
+
+def test_class_sets_past_the_meta_room_are_asked_of_the_daemon(tmp_path, monkeypatch):
+    from kvd.core import index_file as F
+
+    monkeypatch.setattr(F, "META_MAX", 70)  # the tier names fit (62 bytes), no class set beside them
+    d, c, h = fresh(tmp_path)
+    try:
+        assert c.arena_info.index_path is not None and list(tmp_path.glob("*.index")), "the index is open"
+        req = lookup(h, TOKENS[:512])
+        kvio.store_prefix(h, TOKENS[:512], torch.randn(1, 2, 2, 512, 16).to(torch.bfloat16))
+        assert [c.lookup_compact(req).num_prefix_hits for _ in range(3)] == [2, 2, 2]
+        assert c.local.answered == 0, "rows that could not name their classes say: ask the daemon"
+        assert list(tmp_path.glob("*.index")), "and the index stayed open"
+    finally:
+        c.close()
+        d.stop()
