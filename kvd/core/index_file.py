@@ -97,11 +97,6 @@ def pack_val(level: int, class_set: int, complete: bool, num_tokens: int) -> int
     return V_PRESENT | (V_COMPLETE if complete else 0) | (class_set << 8) | level | (num_tokens << 32)
 
 
-def unpack_val(v: int) -> tuple[int, int, bool, int]:
-    """``(level, class set, complete, num_tokens)`` of a published value."""
-    return v & 0xFF, (v >> 8) & 0xFF, bool(v & V_COMPLETE), v >> 32
-
-
 class Mapped:
     """One index file, mapped: the header words, the meta, the tag and value arrays."""
 
