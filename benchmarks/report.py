@@ -60,8 +60,8 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
         ("lookup_local_hits_over_2ms_share (back to back: lookups that waited out a preemption)",
          key("lookup_local_hits_over_2ms_share"), "", None),
         ("lookup_local_hits_p98_ms (back to back)", key("lookup_local_hits_p98_ms"), "", None),
-        ("lookup_paced_p99_ms (128 hits, local index, 1 ms between a client's lookups)",
-         key("lookup_paced_p99_ms"), "≤ 2", at_most(2.0)),
+        ("lookup_paced_p99_ms (128 hits, local index, 1 ms between a client's lookups: not the goal's "
+         "back-to-back setup)", key("lookup_paced_p99_ms"), "", None),
         ("lookup_local_paced_ops_per_s", key("lookup_local_paced_ops_per_s"), "", None),
         ("lookup_compact_paced_p99_ms (the same, asked of the daemon)", key("lookup_compact_paced_p99_ms"), "", None),
         ("lookup_compact_hits_p99_ms (128 hits, asked of the daemon, framed, back to back)",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 import threading
 import time
@@ -39,13 +38,12 @@ from kvd.core import index_file as F
 from kvd.core import protocol as P
 from kvd.core.keys import EXACT
 from kvd.core.lookup_wire import LookupAnswer, LookupRow
-from kvd.core.protocol_lookup import LookupReport, reports_of
+from kvd.core.protocol_lookup import LookupReport, Noted, reports_of
 
 logger = logging.getLogger(__name__)
 REPORT_INTERVAL_S = 1.0
 REOPEN_S = 1.0  # a lost mapping is tried again at most this often
 MAX_NOTED = 1 << 14  # distinct lookups noted between reports; past it, the lookup itself sends one
-_SALTS_MAX = 4096
 _DEFAULTS = {name: f.get_default(call_default_factory=True) for name, f in P.LookupRequest.model_fields.items()}
 _FREE = frozenset({"fingerprint", "namespace", "prefix_hashes", "prefetch", "max_tokens"})
 
@@ -144,8 +142,7 @@ class LocalLookups:
         self._sets: list[tuple[str, ...]] = []
         self._shared = False
         self._vouched: set[tuple[str, str]] = set()
-        self._salts: dict[tuple[str, str], int] = {}
-        self._noted: dict[tuple, list] = {}  # (namespace, model, tags, max_tokens) -> count and answer
+        self._noted: dict[tuple, Noted] = {}  # (namespace, model, tags, max_tokens) -> count and answer
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.answered = 0  # lookups answered here (tests and benchmarks read it)
@@ -175,15 +172,9 @@ class LocalLookups:
         with self._map_lock:
             self._unmap_locked()
             try:
-                fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as e:
-                logger.info("lookup index %s not mapped (%s): lookups ask the daemon", self._path, e)
-                return
-            try:
-                m = F.Mapped(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ), writable=False)
+                m, fd = F.map_file(self._path, writable=False)
             except (OSError, ValueError) as e:
-                logger.warning("lookup index %s unusable (%s): lookups ask the daemon", self._path, e)
-                os.close(fd)
+                logger.info("lookup index %s not mapped (%s): lookups ask the daemon", self._path, e)
                 return
             if m.arena_id != self._arena_id:  # a newer daemon's (or an older one's): not this arena's
                 os.close(fd)
@@ -239,7 +230,7 @@ class LocalLookups:
                 self.detach()
                 return None
         hashes = req.prefix_hashes
-        want = F.tags_of(self._salt(req.namespace, req.fingerprint), hashes)
+        want = F.tags_of(F.salt(req.namespace, req.fingerprint), hashes)
         for _ in range(3):
             v = int(m.words[F.W_VERSION])
             if v & 1:
@@ -307,15 +298,6 @@ class LocalLookups:
         self._shared = bool(meta.get("shared"))
         self._meta_gen = gen
 
-    def _salt(self, namespace: str, fingerprint: str) -> int:
-        k = (namespace, fingerprint)
-        s = self._salts.get(k)
-        if s is None:
-            if len(self._salts) >= _SALTS_MAX:
-                self._salts.clear()
-            s = self._salts[k] = F.salt(namespace, fingerprint)
-        return s
-
     # ---- reports ---------------------------------------------------------------------------------
 
     def _note(self, req: P.LookupRequest, want: np.ndarray, chunk: int, lead_vals: np.ndarray,
@@ -326,11 +308,11 @@ class LocalLookups:
         with self._lock:
             rec = self._noted.get(key)
             if rec is None:
-                self._noted[key] = [1, len(want), chunk, req.max_tokens, lead_vals, req.prefix_hashes, found,
-                                    self._tiers]
+                self._noted[key] = Noted(req.namespace, req.fingerprint, chunk, req.max_tokens, req.prefix_hashes,
+                                         lead_vals, found, self._tiers)
             else:  # the latest answer stands for all of them
-                rec[0] += 1
-                rec[4], rec[6], rec[7] = lead_vals, found, self._tiers
+                rec.times += 1
+                rec.lead_vals, rec.found, rec.tiers = lead_vals, found, self._tiers
             full = len(self._noted) >= MAX_NOTED
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kvd-lookup-report", daemon=True)
@@ -349,7 +331,7 @@ class LocalLookups:
         if not noted:
             return
         try:
-            for report in reports_of([(ns, fp, *rec) for (ns, fp, _, _), rec in noted.items()]):
+            for report in reports_of(noted.values()):
                 self._send(report)
         except Exception as e:  # noqa: BLE001 - the daemon may be gone: ask it again from now on
             logger.info("lookup report not sent (%s): lookups ask the daemon until it names its index again", e)

@@ -39,8 +39,10 @@ overlapped. The order of plain loads and stores is what makes this hold, which x
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
+import os
 import platform
 import struct
 
@@ -67,6 +69,7 @@ def file_bytes(capacity: int) -> int:
     return HEADER_BYTES + 16 * capacity
 
 
+@functools.lru_cache(maxsize=4096)  # asked per lookup and per published entry; salted namespaces come and go
 def salt(namespace: str, fingerprint: str) -> int:
     """What a key's namespace and model add to its tag (so equal hashes in two namespaces differ)."""
     return xxhash.xxh3_64_intdigest(f"{namespace}\0{fingerprint}".encode())
@@ -150,6 +153,18 @@ class Mapped:
             if not todo.size:
                 break
         return out
+
+
+def map_file(path, *, writable: bool) -> tuple[Mapped, int]:
+    """The index file at ``path`` (never through a symlink), mapped, and its open fd (the caller keeps
+    or closes it); ``OSError`` if it cannot be opened or mapped, ``ValueError`` if it is not an index."""
+    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return Mapped(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, prot), writable=writable), fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def header(capacity: int, arena_id: str, chunk_tokens: int, *, version: int = 0) -> bytes:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from kvd.core import protocol as P
 from kvd.core.protocol_gpu import GpuPoolInfo
+from kvd.core.protocol_lookup import prefix_hit_tokens
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Entry
 from kvd.store.index import Level
@@ -133,18 +134,11 @@ def leading_hits(rows: list[EntryRow]) -> int:
 
 
 def count_hits(metrics: Metrics, req: P.LookupRequest, result: LookupResult, *, num_hashes: int) -> None:
-    cap = req.max_tokens
-    asked = num_hashes * result.chunk_tokens
-    metrics.lookup_tokens.labels("prefix").inc(asked if cap is None else min(asked, cap))
-    left = asked if cap is None else min(asked, cap)
     # Summed per tier first: one labelled increment per tier, not per row (a 128-hit lookup spent a
     # third of its store time in prometheus_client's labels()).
-    per_tier: dict[str, int] = {}
-    for r in result.prefix[: result.num_prefix_hits]:
-        n = min(r.num_tokens, left)
-        left -= n
-        if n:
-            per_tier[r.tier] = per_tier.get(r.tier, 0) + n
+    asked, per_tier = prefix_hit_tokens(num_hashes, result.chunk_tokens, req.max_tokens,
+                                        ((r.num_tokens, r.tier) for r in result.prefix[: result.num_prefix_hits]))
+    metrics.lookup_tokens.labels("prefix").inc(asked)
     for tier, n in per_tier.items():
         metrics.hit_tokens.labels("prefix", tier).inc(n)
     if req.chunk_hashes:

@@ -27,6 +27,7 @@ from kvd.core.errors import ConfigError
 from kvd.core.keys import EXACT
 from kvd.store import answers as L
 from kvd.store.entries import Entry, EntryKey
+from kvd.store.readers import EXACT_READER, readable_by
 
 if TYPE_CHECKING:
     from kvd.store.index import Index
@@ -183,18 +184,11 @@ class IndexWriter:
 def _map_existing(p: Path) -> F.Mapped | None:
     """A previous daemon's index at ``p``, mapped to tell its readers it is gone; None if not one."""
     try:
-        fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        m, fd = F.map_file(p, writable=True)
+    except (OSError, ValueError):
         return None
-    try:
-        size = os.fstat(fd).st_size
-        if size < F.HEADER_BYTES:
-            return None
-        return F.Mapped(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), writable=True)
-    except (ValueError, OSError):
-        return None
-    finally:
-        os.close(fd)
+    os.close(fd)  # the mapping stays
+    return m
 
 
 class Publisher:
@@ -211,11 +205,8 @@ class Publisher:
         except BaseException:
             self.close()
             raise
-        self._salts: dict[tuple[str, str], int] = {}
         self._sets: dict[tuple[str, ...], int] = {}
-        self.levels_changed()
-        for e in list(index.entries.values()):
-            self.watch(e)
+        self.levels_changed()  # (made with the store, before recovery: every entry comes through watch)
 
     def path(self, partition: str) -> str | None:
         w = self.writers.get(partition)
@@ -253,11 +244,10 @@ class Publisher:
 
     def unwatch(self, e: Entry) -> None:
         e.rows.on_change = None
-        part = self.host.partition_of(e.namespace)  # the arena its bytes live in
-        w = self.writers.get(part)
+        part, w = self._writer(e)
         if w is None:
             return
-        s = self._salt(e)
+        s = F.salt(e.namespace, e.fingerprint)
 
         def remove() -> None:
             for h in (e.hash, *e.aliases):
@@ -273,15 +263,14 @@ class Publisher:
         when such a reader cannot read it (other attention, trimmed, nothing lossless left)."""
         if self.index.entries.get(e.key) is not e:
             return
-        part = self.host.partition_of(e.namespace)  # the arena its bytes live in
-        w = self.writers.get(part)
+        part, w = self._writer(e)
         if w is not None:
             self._guarded(part, w, lambda: self._publish(w, e, only))
 
     def _publish(self, w: IndexWriter, e: Entry, only: str | None) -> None:
-        s = self._salt(e)
+        s = F.salt(e.namespace, e.fingerprint)
         parts = None
-        if e.kind == "prefix" and e.computed_under == EXACT and not e.is_trimmed:
+        if e.kind == "prefix" and readable_by(EXACT_READER, e, EXACT):
             parts = L.cached_parts(self.index.levels, self.index.by_name, e, False)
         tokens = {e.hash: e.num_tokens} | {a: n for (ns, fp, a), (_, n) in self._aliases(e)}
         for h, n in tokens.items():
@@ -303,14 +292,10 @@ class Publisher:
             if a is not None:
                 yield k, a
 
-    def _salt(self, e: Entry) -> int:
-        k = (e.namespace, e.fingerprint)
-        s = self._salts.get(k)
-        if s is None:
-            if len(self._salts) >= 4096:  # salted namespaces come and go
-                self._salts.clear()
-            s = self._salts[k] = F.salt(*k)
-        return s
+    def _writer(self, e: Entry) -> tuple[str, IndexWriter | None]:
+        """The partition of the arena ``e``'s bytes live in, and its index (None once closed)."""
+        part = self.host.partition_of(e.namespace)
+        return part, self.writers.get(part)
 
     def _set(self, classes: tuple[str, ...]) -> int:
         """The id of a class set in the meta; -1 past ``MAX_SETS`` or the meta's room (such rows say

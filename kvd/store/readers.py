@@ -70,6 +70,11 @@ class Reader:
         return at
 
 
+#: An engine's reader (vLLM, SGLang): every head, every token, no lossy bytes; what the shared lookup
+#: index describes (``kvd.store.published``).
+EXACT_READER = Reader(head_aware=False, accept_lossy=False, classes=None)
+
+
 def readable_by(reader: Reader, e: Entry, computed_under: str) -> bool:
     """Can ``reader``, computing under ``computed_under``, read ``e`` at all: KV computed under the same
     attention, and for an exact reader no trimmed extent (a miss, never part of the tokens)."""

@@ -40,7 +40,7 @@ from kvd.store.holds import HoldTable, owner_is_alive
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
 from kvd.store.published import Publisher
-from kvd.store.readers import Reader, head_aware_hits, readable_by, reader_of
+from kvd.store.readers import EXACT_READER, Reader, head_aware_hits, readable_by, reader_of
 from kvd.store.recovery import find_shared
 from kvd.store.registry import ModelRegistry
 from kvd.store.writes import Writes, check_owner, count_moved
@@ -171,7 +171,7 @@ class Store:
                 self.metrics.hit_tokens.labels("prefix", tier).inc(n)
             for h, times in it.seen:
                 found = self.index.resolve((it.namespace, it.fingerprint, h))
-                if found is None or found[0].computed_under != EXACT or found[0].is_trimmed:
+                if found is None or not readable_by(EXACT_READER, found[0], EXACT):
                     continue
                 e = found[0]
                 e.seen += times
