@@ -39,6 +39,7 @@ overlapped. The order of plain loads and stores is what makes this hold, which x
 
 from __future__ import annotations
 
+import binascii
 import functools
 import json
 import mmap
@@ -87,7 +88,7 @@ def tag_of(salt_: int, hash_hex: str) -> int:
 
 def tags_of(salt_: int, hashes: list[str]) -> np.ndarray:
     """``tag_of`` of many hashes (32 hex characters each) at once."""
-    raw = np.frombuffer(bytes.fromhex("".join(hashes)), dtype="<u8")
+    raw = np.frombuffer(binascii.unhexlify("".join(hashes)), dtype="<u8")  # (faster than bytes.fromhex)
     return (raw[0::2] ^ np.uint64(salt_)) | _TOP
 
 
@@ -115,6 +116,9 @@ class Mapped:
         self.mask_u64 = np.uint64(self.mask)
         self.tags = np.frombuffer(mm, dtype="<u8", count=self.capacity, offset=HEADER_BYTES)
         self.vals = np.frombuffer(mm, dtype="<u8", count=self.capacity, offset=HEADER_BYTES + 8 * self.capacity)
+        # The header words as Python ints (a reader's hot path reads several per lookup; indexing a
+        # memoryview costs a third of indexing the numpy array and converting)
+        self.head = memoryview(mm)[:HEADER_BYTES].cast("Q")
         if not writable:
             for a in (self.words, self.tags, self.vals):
                 a.flags.writeable = False
@@ -127,22 +131,23 @@ class Mapped:
         n = int(self.words[W_META_LEN])
         return json.loads(bytes(self.mm[META_AT : META_AT + n])) if n else {"tiers": [], "sets": []}
 
-    def probe(self, want: np.ndarray) -> np.ndarray:
+    def probe(self, want: np.ndarray, want_bytes: bytes | None = None) -> np.ndarray:
         """The value of each wanted tag (0: not published). A tag is published at most ``max_probe``
         slots past its home, so a probe stops there. (Only meaningful when no write overlapped it:
-        the caller checks ``version``.)"""
+        the caller checks ``version``.) ``want_bytes``: ``want.tobytes()``, if the caller has it."""
         tags, vals, mask = self.tags, self.vals, self.mask_u64
         pos = want & mask
-        t = tags[pos]
+        t = tags.take(pos)
+        if t.tobytes() == (want.tobytes() if want_bytes is None else want_bytes):  # the common answers
+            # settle at their home slot: all found...
+            return vals.take(pos)  # (take and a bytes compare: half the time of fancy indexing and ==)
         hit = t == want
-        if hit.all():  # the common answers settle at their home slot: all found...
-            return vals[pos]
         done = hit | (t == EMPTY)
         if done.all():  # ...or found or missing there
-            return np.where(hit, vals[pos], np.uint64(0))
-        out = np.where(hit, vals[pos], np.uint64(0))
+            return np.where(hit, vals.take(pos), np.uint64(0))
+        out = np.where(hit, vals.take(pos), np.uint64(0))
         todo = np.flatnonzero(~done)
-        for _ in range(int(self.words[W_MAX_PROBE])):
+        for _ in range(self.head[W_MAX_PROBE]):
             pos[todo] = (pos[todo] + np.uint64(1)) & mask
             p = pos[todo]
             t = tags[p]

@@ -6,6 +6,7 @@ found reaches the daemon's counters and admission; a stopped daemon's index is n
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -215,7 +216,9 @@ def test_the_eligibility_check_knows_every_field_of_a_lookup():
 
 def test_a_killed_daemons_table_is_never_answered_from(tmp_path):
     """SIGKILL leaves the index file as it was, saying OPEN; the daemon's flock on it went with the
-    process, so the very next lookup asks the daemon (and fails as a dead daemon's lookup does)."""
+    process, so the next lookup after the client's liveness check has lapsed (``ALIVE_S``, 1 ms) asks
+    the daemon (and fails as a dead daemon's lookup does)."""
+    from kvd.client import local_lookup as LL
     from tests.daemon_proc import DaemonProc
 
     d = DaemonProc(tmp_path).start()
@@ -227,6 +230,7 @@ def test_a_killed_daemons_table_is_never_answered_from(tmp_path):
         assert [c.lookup_compact(req).num_prefix_hits for _ in range(2)] == [2, 2] and c.local.answered == 1
     finally:
         d.kill()
+    time.sleep(LL.ALIVE_S)
     with pytest.raises(DaemonUnavailable):
         c.lookup_compact(req)
     assert c.local.answered == 1
