@@ -252,8 +252,8 @@ def _control_plane_note(d: dict) -> str:
         "over the scheduler's slice, so the back-to-back p99 is under 2 ms only while it stays under 1 %: "
         "1.5 % with a 45-83 µs lookup (2026-12-06, p99 12.2 ms); 0.73 % and 0.89 % in the runs before "
         "and after this one (`control_plane.rerun.json`, `control_plane.run3.json`: p99 0.14 and 0.15 ms), "
-        "since the lookup takes half the time: 18.4 against "
-        "37.6 µs, alternated runs of the two commits (`local_lookup.ab.json`). With 1 ms "
+        "since the lookup takes half the time: 17.9 against "
+        "36.0 µs, the fastest of alternated runs of the two commits (`local_lookup.ab.json`). With 1 ms "
         "between one client's lookups (the paced rows) the cores have room and p99 is the lookup's own "
         "time.", ""])
 
