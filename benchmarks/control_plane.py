@@ -200,9 +200,9 @@ def arena_copy(sock: str, repeats: int = 21) -> dict[str, float]:
     """GB/s of the client's store copy (KV tensor -> arena extents, kvd's layout) and of two memcpys of
     the same bytes, all interleaved: ``memcpy_GBps``, the goal's ceiling, copies the KV tensor's own
     bytes into the same arena extents as they lie (one call per extent, as the store path makes one
-    per extent); ``memcpy_fresh_numpy_GBps`` copies between two fresh numpy buffers (what this figure's
-    ceiling was before 2026-12-07: numpy asks for transparent huge pages for them, which neither the
-    engine's tensor nor the shared-memory arena has, so it measured the allocator as well)."""
+    per extent), so that the ratio is the cost of kvd's layout and path alone, on the same memory;
+    ``memcpy_fresh_numpy_GBps`` copies between two fresh numpy buffers (this figure's ceiling before
+    2026-12-07, kept beside it: it lands within a few percent of the other, either side)."""
     with KvdClient(sock, register_cuda=False) as c:
         h = kvio.register(c, COPY_SPEC, namespace="copy")
         n_tok = 32 * 256  # 64 MiB of KV
