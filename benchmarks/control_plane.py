@@ -233,18 +233,22 @@ def arena_copy(sock: str, repeats: int = 21) -> dict[str, float]:
         dst = np.empty_like(src)
         runs = {"arena_copy_GBps": copy_in, "memcpy_GBps": memcpy_same,
                 "memcpy_fresh_numpy_GBps": lambda: np.copyto(dst, src)}
+        def check() -> None:  # the product path's bytes in the arena: segment (layer 5, head 3)'s V
+            j = plan.segment_index(5, 3)
+            for i, d in enumerate(dsts):
+                assert torch.equal(d[j, 1], kv[5, 1, 3, i * 256 : (i + 1) * 256]), "arena copy is wrong"
+
         times: dict[str, list[float]] = {k: [] for k in runs}
-        for fn in runs.values():
+        for fn in (memcpy_same, runs["memcpy_fresh_numpy_GBps"], copy_in):
             fn()  # warm: page faults out of the timing
+        check()  # before anything is timed
         for _ in range(repeats):  # interleaved, so machine noise hits all alike
             for k, fn in runs.items():
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
-        copy_in()  # the product path's bytes last: checked below
-        for i, d in enumerate(dsts):  # correctness of what was timed: segment (layer 5, head 3)'s V
-            j = plan.segment_index(5, 3)
-            assert torch.equal(d[j, 1], kv[5, 1, 3, i * 256 : (i + 1) * 256])
+        copy_in()  # and what was timed (the memcpy wrote over it since)
+        check()
         c.abort(P.AbortRequest(reservation_id=r.reservation_id))
         return {k: nbytes / np.median(v) / 1e9 for k, v in times.items()} | {"arena_copy_bytes": nbytes}
 

@@ -20,13 +20,9 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from worktree import ROOT, commit_of, worktree  # beside this script
+
 KEYS = [f"lookup_compact_{m}_{q}" for m in ("hits", "miss", "mixed") for q in ("p50_ms", "p99_ms", "ops_per_s")]
-
-
-def commit_of(tree: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 def run(tree: Path, out: Path) -> dict:
@@ -43,23 +39,17 @@ def main() -> None:
     ap.add_argument("--base", required=True)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
-            trees = {"base": base, "this": ROOT}
-            runs: dict[str, list[dict]] = {"base": [], "this": []}
-            for r in range(args.rounds):
-                for name, tree in trees.items():
-                    runs[name].append(run(tree, Path(tmp) / f"{name}{r}"))
-                    print(name, r, json.dumps(runs[name][-1]), flush=True)
-            res = {"date": str(date.today()), "script": "benchmarks/notes/control_plane_ab.py",
-                   "base": commit_of(base), "this": commit_of(ROOT) + " + working tree",
-                   "order": "base, this, base, this, ...", "runs": runs,
-                   "median": {n: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for n, rs in runs.items()}}
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
+    with tempfile.TemporaryDirectory() as tmp, worktree(args.base, Path(tmp) / "base") as base:
+        trees = {"base": base, "this": ROOT}
+        runs: dict[str, list[dict]] = {"base": [], "this": []}
+        for r in range(args.rounds):
+            for name, tree in trees.items():
+                runs[name].append(run(tree, Path(tmp) / f"{name}{r}"))
+                print(name, r, json.dumps(runs[name][-1]), flush=True)
+        res = {"date": str(date.today()), "script": "benchmarks/notes/control_plane_ab.py",
+               "base": commit_of(base), "this": commit_of(ROOT) + " + working tree",
+               "order": "base, this, base, this, ...", "runs": runs,
+               "median": {n: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for n, rs in runs.items()}}
     path = ROOT / "benchmarks" / "results" / "control_plane.ab.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res["median"], indent=2))

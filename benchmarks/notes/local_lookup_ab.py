@@ -23,7 +23,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from worktree import ROOT, commit_of, worktree  # beside this script
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import control_plane as CP  # noqa: E402
@@ -55,10 +56,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--lookups", type=int, default=6000)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                       capture_output=True)
+    with tempfile.TemporaryDirectory() as tmp, worktree(args.base, Path(tmp) / "base") as base:
         daemon = CP.start_daemon(Path(tmp))
         sock = str(Path(tmp) / "kvd.sock")
         try:
@@ -72,10 +70,8 @@ def main() -> None:
         finally:
             daemon.terminate()
             daemon.wait(30)
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, capture_output=True)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     res = {"date": str(date.today()), "script": "benchmarks/notes/local_lookup_ab.py", "base": args.base,
-           "this": head.strip() + " + working tree", "order": "base, this, base, this, ...",
+           "this": commit_of(ROOT) + " + working tree", "order": "base, this, base, this, ...",
            "lookups_per_run": args.lookups, "runs": runs,
            "summary": {n: {"min_of_medians_us": min(r["median_us"] for r in rs),
                            "median_of_medians_us": statistics.median(r["median_us"] for r in rs)}

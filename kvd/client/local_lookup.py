@@ -26,7 +26,6 @@ the lease itself holds them off once it comes.)
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import threading
@@ -57,16 +56,6 @@ _LOW = np.uint64(0xFFFFFFFF)
 _ARANGE = np.arange(4096)  # the indices of an answer that found every hash (read only)
 _ARANGE.flags.writeable = False
 
-
-@functools.lru_cache(maxsize=256)
-def _first_cached(n: int) -> np.ndarray:
-    return _ARANGE[:n]
-
-
-def _first(n: int) -> np.ndarray:
-    """``0 .. n-1`` (read only): the found indices of an answer that found all ``n`` hashes (a cached
-    view: slicing costs a lookup ~0.3 us)."""
-    return _first_cached(n) if n <= _ARANGE.size else np.arange(n)
 
 
 def _uniform_flags(vals: bytes, n: int) -> bool:
@@ -251,19 +240,19 @@ class LocalLookups:
         m = self._m
         if m is None or (req.namespace, req.fingerprint) not in self._vouched or not _eligible(req):
             return None
-        if m.head[F.W_STATE] != F.OPEN or not self._daemon_alive():
+        if m.words[F.W_STATE] != F.OPEN or not self._daemon_alive():
             # Moved (a bigger table at the same path), closed (the daemon stopped) or nobody's (the
             # daemon was killed): the path may hold this daemon's current table; else ask the daemon
             # (and learn it is gone) instead of answering from a dead one's.
             self._reopen(force=True)
             m = self._m
-            if m is None or m.head[F.W_STATE] != F.OPEN or not self._daemon_alive():
+            if m is None or m.words[F.W_STATE] != F.OPEN or not self._daemon_alive():
                 self.detach()
                 return None
         hashes = req.prefix_hashes
         want = F.tags_of(F.salt_u64(req.namespace, req.fingerprint), hashes)
         key = want.tobytes()  # the probe's compare, and the key the answer is noted under
-        head = m.head
+        head = m.words
         for _ in range(3):
             v = head[F.W_VERSION]
             if v & 1:
@@ -292,7 +281,8 @@ class LocalLookups:
         if uniform and f0 & F.V_PRESENT:  # every hash found, one tier and one class set: most answers
             if f0 & F.V_ASK:
                 return None
-            return self._found(req, hashes, key, vals, chunk, _first(n), f0 & 0xFF, n if f0 & F.V_COMPLETE else 0)
+            return self._found(req, hashes, key, vals, chunk, _ARANGE[:n] if n <= _ARANGE.size else np.arange(n),
+                               f0 & 0xFF, n if f0 & F.V_COMPLETE else 0)
         if uniform and not f0:  # nothing found (a published value has V_PRESENT): a new prompt
             if self._shared:
                 return None  # the remote tier may hold it: the daemon asks it

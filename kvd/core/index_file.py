@@ -95,7 +95,7 @@ def tag_of(salt_: int, hash_hex: str) -> int:
 def tags_of(salt_: int | np.uint64, hashes: list[str]) -> np.ndarray:
     """``tag_of`` of many hashes (32 hex characters each) at once (``salt_``: ``salt`` or ``salt_u64``)."""
     raw = np.frombuffer(binascii.unhexlify("".join(hashes)), dtype="<u8")  # (faster than bytes.fromhex)
-    return (raw[0::2] ^ (salt_ if type(salt_) is np.uint64 else np.uint64(salt_))) | _TOP
+    return (raw[0::2] ^ salt_) | _TOP
 
 
 def home(tags: np.ndarray | int, mask: int):
@@ -112,7 +112,11 @@ class Mapped:
 
     def __init__(self, mm: mmap.mmap, *, writable: bool) -> None:
         self.mm = mm
-        self.words = np.frombuffer(mm, dtype="<u8", count=HEADER_BYTES // 8)
+        if len(mm) < HEADER_BYTES:
+            raise ValueError(f"not a kvd lookup index ({len(mm)} bytes, shorter than its header)")
+        # The header words as Python ints, read-only when the mapping is (a reader's hot path reads
+        # several per lookup: indexing a memoryview costs a third of indexing a numpy array)
+        self.words = memoryview(mm)[:HEADER_BYTES].cast("Q")
         if bytes(self.words[:1]) != MAGIC:
             raise ValueError("not a kvd lookup index (bad magic)")
         self.capacity = int(self.words[W_CAPACITY])
@@ -122,11 +126,8 @@ class Mapped:
         self.mask_u64 = np.uint64(self.mask)
         self.tags = np.frombuffer(mm, dtype="<u8", count=self.capacity, offset=HEADER_BYTES)
         self.vals = np.frombuffer(mm, dtype="<u8", count=self.capacity, offset=HEADER_BYTES + 8 * self.capacity)
-        # The header words as Python ints (a reader's hot path reads several per lookup; indexing a
-        # memoryview costs a third of indexing the numpy array and converting)
-        self.head = memoryview(mm)[:HEADER_BYTES].cast("Q")
         if not writable:
-            for a in (self.words, self.tags, self.vals):
+            for a in (self.tags, self.vals):
                 a.flags.writeable = False
 
     @property
@@ -153,7 +154,7 @@ class Mapped:
             return np.where(hit, vals.take(pos), np.uint64(0))
         out = np.where(hit, vals.take(pos), np.uint64(0))
         todo = np.flatnonzero(~done)
-        for _ in range(self.head[W_MAX_PROBE]):
+        for _ in range(self.words[W_MAX_PROBE]):
             pos[todo] = (pos[todo] + np.uint64(1)) & mask
             p = pos[todo]
             t = tags[p]
