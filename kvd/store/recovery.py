@@ -91,9 +91,10 @@ def lacks(e: Entry) -> bool:
 
 async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str], *, exact: bool = True) -> int:
     """Ask the shared tiers (the remote cluster) for the entries among ``hashes`` this index lacks, in
-    one round trip per tier, waiting at most ``remote.lookup_deadline_s``; index what other hosts
-    stored. For an ``exact`` reader, entries held here with an extent that has no copy are asked for
-    again (another host may have written it back since). Returns how many entries were adopted or
+    one round trip per tier (shared with the lookups asking meanwhile: ``kvd.store.shared_find``),
+    waiting at most ``remote.lookup_deadline_s``; index what other hosts stored. For an ``exact`` reader,
+    entries held here with an extent that has no copy are asked for again (another host may have
+    written it back since). Returns how many entries the batches this lookup was in adopted or
     completed. A tier that is down or slow costs only the wait."""
     idx = store.index
 
@@ -113,18 +114,24 @@ async def find_shared(store, namespace: str, fingerprint: str, hashes: list[str]
             continue
         try:
             async with asyncio.timeout(store.settings.remote.lookup_deadline_s):
-                records = await store.pipeline.on_io(lv, lv.tier.find, missing)
+                adopted += await store.finds.find(lv, missing)  # with the lookups asking meanwhile
         except (TimeoutError, TierUnavailable) as e:
             store.metrics.tier_errors.labels(lv.name, "find").inc()
             logger.debug("remote lookup skipped: %s", e)
             continue
-        found: dict[EntryKey, list[tuple[str, StoredRecord]]] = {}
-        for rec in records:
-            n = rec.name
-            found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
-        adopted += adopt(store, found)
         missing = [k for k in missing if (e := idx.get(k)) is None or (exact and lacks(e))]
     return adopted
+
+
+async def find_and_adopt(store, lv, keys: list[EntryKey]) -> int:
+    """One find of ``keys`` in the shared level ``lv`` (one pipelined round trip) and the adoption of what
+    it found; returns how many entries were adopted or completed. ``kvd.store.shared_find`` batches it."""
+    records = await store.pipeline.on_io(lv, lv.tier.find, keys)
+    found: dict[EntryKey, list[tuple[str, StoredRecord]]] = {}
+    for rec in records:
+        n = rec.name
+        found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
+    return adopt(store, found)
 
 
 def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:

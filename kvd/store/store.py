@@ -41,8 +41,9 @@ from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
 from kvd.store.published import Publisher
 from kvd.store.readers import EXACT_READER, Reader, head_aware_hits, readable_by, reader_of
-from kvd.store.recovery import find_shared
+from kvd.store.recovery import find_and_adopt, find_shared
 from kvd.store.registry import ModelRegistry
+from kvd.store.shared_find import SharedFinds
 from kvd.store.writes import Writes, check_owner, count_moved
 from kvd.tiers.base import Tier, TierStats
 from kvd.tiers.host import HostTier
@@ -83,9 +84,11 @@ class Store:
                              metrics, clock)
         if settings.host.lookup_index and isinstance(self.index.landing.tier, HostTier):
             self.index.published = Publisher(self.index, chunk_tokens=settings.keys.chunk_tokens)
+        self.finds = SharedFinds(lambda lv, keys: find_and_adopt(self, lv, keys))
 
     def close(self) -> None:
-        """The shared lookup index goes (its readers are told the daemon is gone)."""
+        """The shared lookup index goes (its readers are told the daemon is gone); finds in flight stop."""
+        self.finds.close()
         if self.index.published is not None:
             self.index.published.close()
             self.index.published = None

@@ -80,6 +80,46 @@ async def test_an_entry_stored_on_one_host_is_loaded_on_another(hosts, redis_clu
     assert (await b.lookup(hs))["prefix"][0]["tier"] == "host"  # promoted into b's arena
 
 
+async def test_lookups_that_miss_while_a_find_is_in_flight_share_the_next_round_trip(tmp_path, redis_cluster):
+    """Four engines look up four prompts on B at once: the first lookup's find goes alone, the other
+    three wait for it and go out together (kvd.store.shared_find); every lookup finds its prompt."""
+    slow = remote(redis_cluster, "c" + uuid.uuid4().hex[:8], lookup_deadline_s=10)  # the held find is waited for
+    async with two_hosts(tmp_path, redis_cluster, remote=slow) as (a, b):
+        await _coalesced(a, b, redis_cluster)
+
+
+async def _coalesced(a, b, redis_cluster) -> None:
+    import threading
+
+    seqs = [await a.store_seq(10 + i, chunks=2) for i in range(4)]
+
+    async def written_through():
+        got = await (await a.http.get("/v1/entries?tier=remote")).json()
+        return len(got.get("entries", [])) == 8
+    await wait_for(written_through)
+    store = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+    tier = store.index.by_name["remote"].tier
+    finds, gate = [], threading.Event()
+    real_find = tier._fast.hgetall_many
+
+    def held_find(nodes):  # the first round trip is held until the others have asked
+        finds.append(sum(len(k) for k in nodes.values()))
+        if len(finds) == 1:
+            gate.wait(10)
+        return real_find(nodes)
+    tier._fast.hgetall_many = held_find
+    calls = redis_cluster.command_calls("hgetall")
+    first = asyncio.create_task(b.lookup(seqs[0][0]))
+    await wait_for(lambda: asyncio.sleep(0, len(finds) == 1))
+    others = [asyncio.create_task(b.lookup(hs)) for hs, _ in seqs[1:]]
+    await wait_for(lambda: asyncio.sleep(0, store.finds.waiting("remote") == 6))
+    gate.set()
+    looks = [await first, *await asyncio.gather(*others)]
+    assert [x["num_prefix_hits"] for x in looks] == [2, 2, 2, 2]
+    assert finds == [2, 6]  # two round trips for four lookups, each manifest read once
+    assert redis_cluster.command_calls("hgetall") - calls == 8
+
+
 async def test_exact_extents_go_to_the_cluster_raw_when_configured(tmp_path, redis_cluster):
     """remote.exact_codec = "raw": the records host A writes are raw (the manifest and the record
     header say so, and they are the size of the KV plus a header); host B loads them bit for bit."""
