@@ -16,7 +16,6 @@ lookup. An error of the batch (``TierUnavailable``) reaches every caller in it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -54,7 +53,7 @@ class SharedFinds:
         return await asyncio.shield(batch.done)
 
     def waiting(self, level: str) -> int:
-        """Keys waiting for the next batch of ``level`` (for tests and ``kvctl``)."""
+        """Keys waiting for the next batch of ``level``."""
         batch = self._next.get(level)
         return len(batch.keys) if batch is not None else 0
 
@@ -78,6 +77,5 @@ class SharedFinds:
         for task in list(self._runners.values()):
             task.cancel()
         for batch in self._next.values():
-            with contextlib.suppress(asyncio.InvalidStateError):
-                batch.done.cancel()
+            batch.done.cancel()
         self._next.clear()
