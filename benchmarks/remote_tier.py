@@ -193,27 +193,51 @@ def _lookup_worker(socket_path: str, prompts: list[list[int]], q, start) -> None
 LOOKUP_SPEC = ModelSpec("bench-lookup", num_layers=1, num_kv_heads=1, head_dim=64, kv_dtype="bfloat16")
 
 
-def lookup_figures(a: DaemonProc, b: DaemonProc, prompts: int, clients: int = 8) -> dict:
-    """Prompts of 8 chunks stored on A (tiny KV: the cost is the round trip, not the bytes)."""
+def lookup_prompts(n: int) -> list[list[int]]:
+    """``n`` prompts of 8 chunks, distinct from every other prompt of this benchmark."""
+    return [list(range(1_000_000 + i * 10_000, 1_000_000 + i * 10_000 + 8 * 256)) for i in range(n)]
+
+
+def store_lookup_prompts(a: DaemonProc, prompts: list[list[int]]) -> None:
+    """Store ``prompts`` on A (tiny KV: the cost is the round trip, not the bytes) and wait until
+    every chunk is written through to the cluster."""
     spec_kv = torch.zeros(1, 2, 1, 8 * 256, 64, dtype=torch.bfloat16)
-    all_prompts = [list(range(1_000_000 + i * 10_000, 1_000_000 + i * 10_000 + 8 * 256)) for i in range(prompts)]
     with a.client(timeout_s=30) as ca:
+        before = len(ca.entries(tier="remote", limit=100000).entries)
         ha = kvio.register(ca, LOOKUP_SPEC)
-        for toks in all_prompts:
+        for toks in prompts:
             kvio.store_prefix(ha, toks, spec_kv)
-    wait_written_through(a, 16 + 8 * prompts, timeout=300)
+    wait_written_through(a, before + 8 * len(prompts), timeout=300)
+
+
+def lookup_latencies(b: DaemonProc, prompts: list[list[int]], clients: int = 8) -> list[float]:
+    """Each lookup's seconds, sorted: ``clients`` processes on B share ``prompts`` and look them up
+    (``_lookup_worker``), all starting together."""
     ctx = mp.get_context("spawn")
     q, start = ctx.Queue(), ctx.Barrier(clients)
-    per = [all_prompts[i::clients] for i in range(clients)]
-    procs = [ctx.Process(target=_lookup_worker, args=(b.socket, p, q, start)) for p in per]
+    procs = [ctx.Process(target=_lookup_worker, args=(b.socket, prompts[i::clients], q, start))
+             for i in range(clients)]
     for p in procs:
         p.start()
     lat = [x for _ in procs for x in q.get(timeout=600)]
     for p in procs:
         p.join()
-    lat.sort()
-    return {"lookup_p50_ms": 1000 * statistics.median(lat), "lookup_p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
-            "lookup_count": len(lat), "lookup_clients": clients, "lookup_chunks_per_request": 8}
+    return sorted(lat)
+
+
+def p50_p99_ms(lat: list[float]) -> tuple[float, float]:
+    """Median and 99th percentile (ms) of sorted latencies in seconds."""
+    return 1000 * statistics.median(lat), 1000 * lat[int(0.99 * (len(lat) - 1))]
+
+
+def lookup_figures(a: DaemonProc, b: DaemonProc, prompts: int, clients: int = 8) -> dict:
+    """Prompts of 8 chunks stored on A, looked up on B by ``clients`` processes."""
+    all_prompts = lookup_prompts(prompts)
+    store_lookup_prompts(a, all_prompts)
+    lat = lookup_latencies(b, all_prompts, clients)
+    p50, p99 = p50_p99_ms(lat)
+    return {"lookup_p50_ms": p50, "lookup_p99_ms": p99, "lookup_count": len(lat), "lookup_clients": clients,
+            "lookup_chunks_per_request": 8}
 
 
 def node_kill_figures(cluster: RedisCluster, a: DaemonProc, b: DaemonProc, kv: torch.Tensor) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -40,20 +39,12 @@ def cpu_s(pid: int) -> float:
     return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def lookups(b, prompts: list[list[int]], clients: int = 8) -> dict:
-    """``remote_tier.lookup_figures``' timed part: the same clients and prompts, nothing stored."""
-    ctx = mp.get_context("spawn")
-    q, start = ctx.Queue(), ctx.Barrier(clients)
-    procs = [ctx.Process(target=R._lookup_worker, args=(b.socket, prompts[i::clients], q, start))
-             for i in range(clients)]
+def lookups(b, prompts: list[list[int]]) -> dict:
+    """``remote_tier.lookup_figures``' timed part (``lookup_latencies``), and daemon B's CPU meanwhile."""
     cpu0 = cpu_s(b.proc.pid)
-    for p in procs:
-        p.start()
-    lat = sorted(x for _ in procs for x in q.get(timeout=600))
-    for p in procs:
-        p.join()
-    return {"p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
-            "daemon_b_cpu_s": cpu_s(b.proc.pid) - cpu0, "lookups": len(lat)}
+    lat = R.lookup_latencies(b, prompts)
+    p50, p99 = R.p50_p99_ms(lat)
+    return {"p50_ms": p50, "p99_ms": p99, "daemon_b_cpu_s": cpu_s(b.proc.pid) - cpu0, "lookups": len(lat)}
 
 
 def main() -> None:
@@ -62,7 +53,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=512)
     args = ap.parse_args()
-    prompts = [list(range(1_000_000 + i * 10_000, 1_000_000 + i * 10_000 + 8 * 256)) for i in range(args.prompts)]
+    prompts = R.lookup_prompts(args.prompts)
     runs: dict[str, list[dict]] = {"base": [], "this": []}
     with tempfile.TemporaryDirectory(prefix="kvd-remote-ab-") as tmp, worktree(args.base, Path(tmp) / "base") as base:
         root = Path(tmp)
@@ -70,9 +61,8 @@ def main() -> None:
         cluster = RedisCluster(root / "redis").start()
         a, b = R.start_hosts(cluster, root)
         try:
-            ow = R.wait_written_through  # lookup_figures stores the prompts on A and waits for them
-            R.wait_written_through = lambda h, n, timeout=60: ow(h, n - 16, timeout)  # (no restore run here)
-            R.lookup_figures(a, b, args.prompts)  # stores on A; a first pass on B (not kept)
+            R.store_lookup_prompts(a, prompts)
+            R.lookup_latencies(b, prompts)  # a first pass on B (not kept)
             b.env_extra["KVD_REMOTE__SCAN_LIMIT"] = "0"
             for _ in range(args.rounds):
                 for name, tree in (("base", base), ("this", ROOT)):

@@ -57,7 +57,6 @@ _ARANGE = np.arange(4096)  # the indices of an answer that found every hash (rea
 _ARANGE.flags.writeable = False
 
 
-
 def _uniform_flags(vals: bytes, n: int) -> bool:
     """Whether the ``n`` little-endian u64 values in ``vals`` share their flags (bits 0-31: level,
     class set, present, ask, complete). On the bytes: one numpy call fewer than viewing and comparing,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import uuid
 
@@ -89,8 +90,6 @@ async def test_lookups_that_miss_while_a_find_is_in_flight_share_the_next_round_
 
 
 async def _coalesced(a, b, redis_cluster) -> None:
-    import threading
-
     seqs = [await a.store_seq(10 + i, chunks=2) for i in range(4)]
 
     async def written_through():

@@ -19,7 +19,7 @@ def key(i: int):
 
 
 class Held:
-    """A find that records its keys and waits for ``release`` (the cluster's round trip)."""
+    """A find that records its keys and waits for ``gate`` (the cluster's round trip)."""
 
     def __init__(self, fail: Exception | None = None) -> None:
         self.calls: list[list] = []
@@ -88,4 +88,4 @@ async def test_closing_cancels_the_batches_in_flight_and_waiting():
     for c in (first, second):
         with pytest.raises(asyncio.CancelledError):
             await c
-    assert finds._runners == {} or all(t.cancelled() or t.done() for t in finds._runners.values())
+    assert finds._runners == {} and finds.waiting("remote") == 0  # nothing left running or waiting
