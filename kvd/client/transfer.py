@@ -177,8 +177,8 @@ class Lease:
     def verified(self, i: int) -> bool:
         """Entry i is usable and its bytes match their checksums. A lease opened with
         ``verify="per_entry"`` hashes entry i here, the first time (thread-safe), so a reader that copies
-        entries on several threads verifies each right before copying it: the hashing (which holds the
-        GIL) overlaps the other threads' copies, and the copy reads bytes the hash just brought into
+        entries on several threads verifies each right before copying it: the hashing (python-xxhash
+        releases the GIL) overlaps the other threads' copies, and the copy reads bytes the hash just brought into
         the CPU's cache. An entry that fails is not usable afterwards (``entry(i)`` is None)."""
         if self._entries[i] is None:
             return False

@@ -124,7 +124,7 @@ class PageIO:
         p = self.page_size
         t0 = time.perf_counter()
         # Each page is hashed on the copy thread right before it is copied ("per_entry"): the hashing
-        # holds the GIL but overlaps the other thread's copy, and the copy then reads cached bytes. 64
+        # (the GIL released) overlaps the other thread's copy, and the copy then reads cached bytes. 64
         # SmolLM2 pages: 3.3 ms of hashing at lease open, then 9.5 ms of copies, before.
         lease = self.session.call("lease", lambda h: open_lease(
             h, self.hashes(h, keys), min_tokens=[p] * n, wait_s=self.load_wait_s,
