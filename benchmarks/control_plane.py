@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvd.client import prefix as kvio  # noqa: E402
 from kvd.client.client import KvdClient  # noqa: E402
-from kvd.client.views import copy_block, extent_to_kv_views, numpy_view  # noqa: E402
+from kvd.client.views import EntryView, ExtentView, numpy_view  # noqa: E402
 from kvd.core import protocol as P  # noqa: E402
 from kvd.core.errors import DaemonUnavailable  # noqa: E402
 from kvd.core.keys import ModelSpec  # noqa: E402
@@ -169,9 +169,8 @@ def store_worker(sock: str, seconds: float, start_at: float, wid: int, q) -> Non
         plan = h.plans(256)["global"]
         for i, e in enumerate(r.entries):
             for ext in e.extents:
-                dst = arena.torch_extent(ext, plan, "bfloat16")
-                for part, src in extent_to_kv_views(plan, dst, kv, i * 256):
-                    copy_block(part, src)
+                EntryView(e.hash, 256, (ExtentView(plan, arena.torch_extent(ext, plan, "bfloat16")),)
+                          ).write_from(kv, i * 256)
                 nbytes += ext.nbytes
         t1 = time.perf_counter()
         if r.reservation_id:
@@ -217,10 +216,11 @@ def arena_copy(sock: str, repeats: int = 21) -> dict[str, float]:
         dsts = [arena.torch_extent(e.extents[0], plan, "bfloat16") for e in r.entries]
         nbytes = sum(d.numel() * 2 for d in dsts)
 
-        def copy_in() -> None:  # exactly the client's store path (kvio.store_prefix) minus the RPCs
-            for i, dst in enumerate(dsts):
-                for part, src in extent_to_kv_views(plan, dst, kv, i * 256):
-                    copy_block(part, src)
+        views = [EntryView(x, 256, (ExtentView(plan, d),)) for x, d in zip(hashes, dsts, strict=True)]
+
+        def copy_in() -> None:  # the client's store path (kvio.store_prefix's copy) minus the RPCs
+            for i, v in enumerate(views):
+                v.write_from(kv, i * 256)
 
         flat = numpy_view(kv).reshape(-1)
         pairs = [(numpy_view(d).reshape(-1), flat[i * d.numel() : (i + 1) * d.numel()]) for i, d in enumerate(dsts)]

