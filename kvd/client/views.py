@@ -51,7 +51,7 @@ def extent_to_kv_views(plan: ExtentPlan, extent, kv, s0: int, num_tokens: int | 
     ``plan.span``: they go to ``s0 + lo`` on, and the rest of ``kv`` is not touched.
 
     ``extent`` and ``kv`` are both torch tensors or both numpy arrays (``host_arrays``): the pairs are
-    views either way, never copies (a numpy reshape that would copy raises)."""
+    views either way, never copies (the numpy reshape is told never to copy: it would raise)."""
     t, d = plan.num_tokens, plan.head_dim
     lo = plan.first_token
     n = t if num_tokens is None else max(0, min(t, num_tokens - lo))
