@@ -18,12 +18,16 @@ MODEL=/tmp/kvd-model
 env_setup() {
   export PYTHONPATH=/tmp/site:/tmp/pp:$PWD KVD_MODEL_CACHE=$MODEL HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 }
-poll() {  # wait up to $1 seconds for the job, then copy its files to $OUT
-  local end=$((SECONDS + $1))
-  while [ ! -e $W/done ] && [ $SECONDS -lt $end ]; do sleep 10; done
-  tail -c 6000 $W/log
+copy_out() {
   cp $W/*.json $W/log "$OUT"/ 2>/dev/null
   cp $W/results/*.json $W/results/*.png "$OUT"/ 2>/dev/null
+}
+poll() {  # wait up to $1 seconds for the job, copying its files to $OUT as they come (a call stopped
+  # at its limit still returns what $OUT holds)
+  local end=$((SECONDS + $1))
+  while [ ! -e $W/done ] && [ $SECONDS -lt $end ]; do sleep 10; copy_out; done
+  tail -c 6000 $W/log
+  copy_out
   [ -e $W/done ] && echo "JOB DONE rc=$(cat $W/done)" || echo "JOB RUNNING"
 }
 case ${1:?stash|start|poll|job} in
