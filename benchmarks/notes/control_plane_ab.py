@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from datetime import date
 from pathlib import Path
 
-from worktree import ROOT, commit_of, worktree  # beside this script
+from worktree import ROOT, alternate, commit_of, medians, worktree  # beside this script
 
 KEYS = [f"lookup_compact_{m}_{q}" for m in ("hits", "miss", "mixed") for q in ("p50_ms", "p99_ms", "ops_per_s")]
 
@@ -41,16 +40,10 @@ def main() -> None:
     ap.add_argument("--out", default="control_plane.ab.json", help="file name under benchmarks/results")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp, worktree(args.base, Path(tmp) / "base") as base:
-        trees = {"base": base, "this": ROOT}
-        runs: dict[str, list[dict]] = {"base": [], "this": []}
-        for r in range(args.rounds):
-            for name, tree in trees.items():
-                runs[name].append(run(tree, Path(tmp) / f"{name}{r}"))
-                print(name, r, json.dumps(runs[name][-1]), flush=True)
+        runs = alternate(base, args.rounds, lambda name, tree, r: run(tree, Path(tmp) / f"{name}{r}"))
         res = {"date": str(date.today()), "script": "benchmarks/notes/control_plane_ab.py",
                "base": commit_of(base), "this": commit_of(ROOT) + " + working tree",
-               "order": "base, this, base, this, ...", "runs": runs,
-               "median": {n: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for n, rs in runs.items()}}
+               "order": "base, this, base, this, ...", "runs": runs, "median": medians(runs, list(runs["base"][0]))}
     path = ROOT / "benchmarks" / "results" / args.out
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res["median"], indent=2))

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from datetime import date
 from pathlib import Path
 
-from worktree import ROOT, commit_of, worktree  # beside this script
+from worktree import ROOT, alternate, commit_of, medians, worktree  # beside this script
 
 KEYS = ["memcpy_GBps", "batch_get_GBps", "batch_set_GBps", "batch_get_vs_memcpy", "batch_set_vs_memcpy"]
 RESULT = Path("benchmarks/results/sglang_backend.json")
@@ -40,16 +39,10 @@ def main() -> None:
     args = ap.parse_args()
     try:
         with tempfile.TemporaryDirectory() as tmp, worktree(args.base, Path(tmp) / "base") as base:
-            trees = {"base": base, "this": ROOT}
-            runs: dict[str, list[dict]] = {"base": [], "this": []}
-            for r in range(args.rounds):
-                for name, tree in trees.items():
-                    runs[name].append(run(tree))
-                    print(name, r, json.dumps(runs[name][-1]), flush=True)
+            runs = alternate(base, args.rounds, lambda name, tree, r: run(tree))
             res = {"date": str(date.today()), "script": "benchmarks/notes/sglang_backend_ab.py",
                    "base": commit_of(base), "this": commit_of(ROOT) + " + working tree",
-                   "order": "base, this, base, this, ...", "runs": runs,
-                   "median": {n: {k: statistics.median(x[k] for x in rs) for k in KEYS} for n, rs in runs.items()}}
+                   "order": "base, this, base, this, ...", "runs": runs, "median": medians(runs, KEYS)}
     finally:  # the benchmark overwrote this tree's committed figures
         subprocess.run(["git", "checkout", "--", str(RESULT), str(RESULT.with_suffix(".png"))], cwd=ROOT, check=False)
     (ROOT / "benchmarks" / "results" / args.out).write_text(json.dumps(res, indent=2) + "\n")

@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from kvd.core.errors import ConfigError
+from kvd.daemon.api import STORE
 from tests.store.test_defects import Api
 
 MODEL = {"model_id": "toy", "num_layers": 2, "num_kv_heads": 2, "head_dim": 64}  # every head global
@@ -65,7 +66,7 @@ async def test_an_entry_stored_on_one_host_is_loaded_on_another(hosts, redis_clu
             (await (await a.http.get("/v1/entries?tier=remote")).json())["entries"]) == 8
     await wait_for(written_through)  # write-through runs in the background
 
-    tier = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE].index.by_name["remote"].tier
+    tier = b.app[STORE].index.by_name["remote"].tier
     finds, pipelines = [], []  # the manifests' reads: kvd.tiers.resp's per-node pipelines, else redis-py's
     real_find, real_pipe = tier._fast.hgetall_many, tier.client.pipeline
     tier._fast.hgetall_many = lambda nodes: finds.append(nodes) or real_find(nodes)
@@ -96,7 +97,7 @@ async def _coalesced(a, b, redis_cluster) -> None:
         got = await (await a.http.get("/v1/entries?tier=remote")).json()
         return len(got.get("entries", [])) == 8
     await wait_for(written_through)
-    store = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+    store = b.app[STORE]
     tier = store.index.by_name["remote"].tier
     finds, gate = [], threading.Event()
     real_find = tier._fast.hgetall_many
@@ -136,7 +137,7 @@ async def test_exact_extents_go_to_the_cluster_raw_when_configured(tmp_path, red
             got = await (await a.http.get("/v1/entries?tier=remote")).json()
             return len(got.get("entries", [])) == 4
         await wait_for(written_through)
-        tier = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE].index.by_name["remote"].tier
+        tier = b.app[STORE].index.by_name["remote"].tier
         found = await asyncio.to_thread(tier.find, [("default", a.fp, h) for h in hs])
         assert found and {r.codec for r in found} == {"raw"}
         assert all(r.location.nbytes - r.raw_nbytes < 512 for r in found)  # uncompressed: KV + header
@@ -156,7 +157,7 @@ async def test_lookup_of_what_nobody_stored_costs_one_round_trip_and_misses(host
 async def test_flipped_bytes_in_the_cluster_are_a_miss(hosts):
     a, b = hosts
     hs, _ = await a.store_seq(2, chunks=1)
-    store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+    store_a = a.app[STORE]
     e = store_a.index.get(("default", a.fp, hs[0]))
 
     async def written_through():  # by the daemon's own background loop, or this step
@@ -199,7 +200,7 @@ async def test_a_master_killed_during_loads_serves_no_wrong_kv(tmp_path, redis_c
     a, b = apis
     try:
         seqs = [await a.store_seq(10 + i, chunks=2) for i in range(6)]
-        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        store_a = a.app[STORE]
         await store_a.background.step()
         victim = cluster.masters()[0]
         # Redis replicates asynchronously: a record (or an entry's manifest) acknowledged just before its
@@ -236,7 +237,7 @@ async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_
 
     async with two_hosts(tmp_path, redis_cluster, WITH_LOCAL, ssd={"enabled": False}) as (a, b):
         hs, data = await a.store_seq(4, chunks=4)
-        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        store_a = a.app[STORE]
         await store_a.background.step()  # global and hot local extents written through, cold local ones not
 
         async def through_written():
@@ -250,7 +251,7 @@ async def test_an_entry_seen_before_its_local_extents_were_written_is_completed_
         assert (await a.post("/v1/flush", {}))["count"] == 4  # A writes its local extents to the cluster
         look = await b.lookup(hs)
         assert look["num_prefix_hits"] == 4 and {r["tier"] for r in look["prefix"]} == {"remote"}
-        store_b = b.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        store_b = b.app[STORE]
         held = [store_b.index.get(("default", b.fp, h)) for h in hs]  # the added copies are on B's books
         assert store_b.index.usage("remote", "") == sum(x.copies["remote"].loc.nbytes for e in held
                                                         for x in e.extents.values())
@@ -270,7 +271,7 @@ async def test_the_write_policy_of_hot_and_cold_local_extents_is_followed(tmp_pa
                                               "write_policy": policy}, "ssd": {"enabled": False}}).start(WITH_LOCAL)
     try:
         hs, _ = await a.store_seq(5, chunks=4)
-        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        store_a = a.app[STORE]
         await store_a.background.step()
 
         async def globals_written():
@@ -300,7 +301,7 @@ async def test_trimmed_extents_are_found_and_loaded_on_another_host(tmp_path, re
     a, b = made
     try:
         hs, data = await a.store_seq(3, chunks=8, computed_under=TAG)
-        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        store_a = a.app[STORE]
 
         async def written_through():
             await store_a.background.step()
@@ -337,7 +338,7 @@ async def test_a_host_that_finds_a_record_missing_leaves_the_others_in_the_clust
     async with two_hosts(tmp_path, redis_cluster, WITH_LOCAL, ssd={"enabled": False}) as (a, b):
         hs, _ = await a.store_seq(5, chunks=4)
         assert (await a.post("/v1/flush", {}))["count"] == 4  # every extent in the cluster
-        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        store_a = a.app[STORE]
         tier = store_a.index.by_name["remote"].tier
         e = store_a.index.get(("default", a.fp, hs[0]))
         keys = {c: tier.record_keys(x.copies["remote"].loc.key) for c, x in e.extents.items()}
@@ -361,7 +362,7 @@ async def test_a_write_through_that_fails_is_tried_again_later(tmp_path, redis_c
     them. Before, they left the queue unwritten and stayed on the writing host only (the master-kill
     test's intermittent miss)."""
     async with two_hosts(tmp_path, redis_cluster) as (a, b):
-        store_a = a.app[__import__("kvd.daemon.api", fromlist=["STORE"]).STORE]
+        store_a = a.app[STORE]
         tier = store_a.index.by_name["remote"].tier
         real, calls = tier.write_many, []
 
