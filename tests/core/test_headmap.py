@@ -106,3 +106,18 @@ def test_shipped_smollm2_map_loads_with_its_grids():
     assert (hm.num_layers, hm.num_kv_heads) == (30, 3)
     assert all(len(row) == 3 for row in hm.windows)
     assert [h for h in range(3) if hm.windows[5][h] == 0] == hm.global_heads(5)
+
+
+def test_shipped_8k_map_is_the_same_model_under_its_own_tag():
+    """The two SmolLM2 maps (docs/head_aware.md, "Which head map"): one model fingerprint, the byte shares
+    the docs state, and different attention tags, so KV stored under one is never read under the other."""
+    from pathlib import Path
+
+    from kvd.core.keys import attention_tag
+
+    heads = Path(__file__).resolve().parents[2] / "config/heads"
+    default, map_8k = HeadMap.load(heads / "smollm2-135m.json"), HeadMap.load(heads / "smollm2-135m-8k.json")
+    assert map_8k.fingerprint == default.fingerprint and map_8k.model == default.model
+    assert (map_8k.num_layers, map_8k.num_kv_heads, map_8k.num_global) == (30, 3, 19)
+    assert map_8k.kv_fraction(8192) <= 0.35 < default.kv_fraction(8192)
+    assert attention_tag(map_8k.sinks, map_8k.windows) != attention_tag(default.sinks, default.windows)
