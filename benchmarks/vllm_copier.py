@@ -6,8 +6,10 @@ one's: an A/B on one machine in one run, checked the same way.
 
 Shape: SmolLM2-135M (30 layers, 3 KV heads, D 64, bf16), a 4,096-token load: 16 chunk entries of 256
 tokens with the shipped head map's 7 extents each, into 128-token blocks; layouts ``LBHNC_KT`` (vLLM's
-``vec``/``vec16`` ISA: K stored transposed) and ``LBHNC``. Correctness: every loaded block, read back
-through the layout's index map, equals the extents' tokens.
+``vec``/``vec16`` ISA: K stored transposed), ``LBHNC`` and, on a CPU with AMX tiles, vLLM's ``amx``
+packing (probed from its write kernel; loads as the connector does them: packed by that kernel when
+``StridedCopier.adopt_engine_write`` measures it faster, ``strided_only_load_ms`` beside). Correctness:
+every loaded block, read back through the layout's index map, equals the extents' tokens.
 
 Usage: ``python benchmarks/vllm_copier.py [--repeats 15] [--base COMMIT]`` -> ``benchmarks/results/vllm_copier.json``.
 Timings are medians of interleaved repeats on this machine; compare only figures of one run.
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvd.connectors.vllm.copy import Piece, make_copier  # noqa: E402
-from kvd.connectors.vllm.layout import BlockLayout, known_layout  # noqa: E402
+from kvd.connectors.vllm.layout import BlockLayout, known_layout, probe_block_layout  # noqa: E402
 from kvd.core.extents import plan_extents  # noqa: E402
 from kvd.core.headmap import HeadMap  # noqa: E402
 from kvd.core.keys import ModelSpec  # noqa: E402
@@ -40,11 +42,29 @@ OUT = ROOT / "benchmarks/results/vllm_copier.json"
 H, N, D, L, CHUNK, CHUNKS = 3, 128, 64, 30, 256, 16
 
 
-def setup(name: str):
+def cpu_write(isa: str):
+    """vLLM's CPU cache write for ``isa`` (what the connector probes and, for loads, may adopt)."""
+    import vllm._custom_ops as ops
+
+    def write(key, value, kv, slots):
+        kc, vc = kv.view(kv.shape[0], H, 2 * N, D).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
+
+    return write
+
+
+def layout_of(name: str) -> BlockLayout:
+    """A named layout, or ``amx``: vLLM's AMX packing, probed from its CPU write kernel."""
+    if name == "amx":
+        return probe_block_layout(cpu_write("amx"), torch.zeros(3, H, N, 2 * D, dtype=torch.bfloat16))
     to = known_layout(name, H, N, D)
     fr = torch.empty_like(to)
     fr[to] = torch.arange(to.numel())
-    lay = BlockLayout(name, H, N, D, to, fr)
+    return BlockLayout(name, H, N, D, to, fr)
+
+
+def setup(name: str):
+    lay = layout_of(name)
     hm = HeadMap.load(ROOT / "kvd/data/heads/smollm2-135m.json").model_copy(update={"fingerprint": None})
     plans = plan_extents(ModelSpec("m", num_layers=L, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16"), hm, CHUNK)
     g = torch.Generator().manual_seed(0)
@@ -99,6 +119,9 @@ def base_copier(commit: str):
 def measure(name: str, repeats: int, base) -> dict:
     lay, ext, blocks, layers = setup(name)
     copiers = {"this": make_copier(lay, layers[0])}
+    if name == "amx":  # as the connector: loads packed by the engine's write if that measures faster
+        copiers["this"].adopt_engine_write(cpu_write("amx"), layers[0])
+        copiers["strided_only"] = make_copier(lay, layers[0])
     if base is not None:
         copiers["base"] = base.StridedCopier(lay, base.half_models(lay, 2))
     for cp in copiers.values():
@@ -130,6 +153,9 @@ def measure(name: str, repeats: int, base) -> dict:
     check(lay, ext, blocks, layers)  # the timed loads left the same bytes (save wrote them back unchanged)
     med = {k: float(np.median(v)) for k, v in times.items()}
     out = {"load_ms": med["this_load"], "save_ms": med["this_save"], "memcpy_ms": med["memcpy"]}
+    if name == "amx":
+        out["engine_write_adopted"] = copiers["this"].engine_write is not None
+        out["strided_only_load_ms"] = med["strided_only_load"]
     if base is not None:
         out["base_load_ms"], out["base_save_ms"] = med["base_load"], med["base_save"]
     out["bytes"] = nbytes
@@ -153,7 +179,7 @@ def main() -> None:
            "checked": True}
     if args.base:
         res["base"] = args.base
-    for name in ("LBHNC_KT", "LBHNC"):
+    for name in ("LBHNC_KT", "LBHNC") + (("amx",) if torch.cpu._is_amx_tile_supported() else ()):
         res[name] = measure(name, args.repeats, base)
         print(name, json.dumps(res[name]), flush=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -14,8 +14,10 @@ with ``max_tokens=1``. Every timed request is checked, as ``vllm_e2e`` checks it
 token must be the one the storing engine computed for that prompt, and a kvd hit must have loaded
 4,095 tokens; a failed check ends the run without writing a result.
 
-Run: ``python benchmarks/vllm_hit_profile.py`` (about 10 minutes on 2 cores); writes
-``benchmarks/results/vllm_hit_profile.json``. A profile, not a comparison: no goal is judged on it
+Run: ``python benchmarks/vllm_hit_profile.py [--extra JSON] [--out FILE]`` (4-10 minutes on 2 cores);
+writes ``benchmarks/results/vllm_hit_profile.json``. ``--extra``: connector options merged into
+``kv_connector_extra_config`` (``'{"populate_arena": true}'``, ``'{"verify_with_copy": false}'``); the
+copier's own share of the loads is timed apart (``copier_load_layer``). A profile, not a comparison: no goal is judged on it
 (an in-process engine; the issue's TTFT goals are judged on ``vllm_e2e.py``).
 """
 
@@ -65,7 +67,16 @@ def cpu_flags() -> str:
 
 
 def main() -> None:
+    import argparse
+
     from transformers import AutoTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--extra", default="{}", help="JSON merged into the connector's kv_connector_extra_config "
+                    "(e.g. '{\"populate_arena\": true}')")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    extra = json.loads(args.extra)
 
     from kvd.testing.models import smollm2_dir
 
@@ -74,7 +85,7 @@ def main() -> None:
     names = [f"Q4096_{r}" for r in range(RUNS)]
     root = Path(tempfile.mkdtemp(prefix="kvd-hit-profile-"))
     kvd = KvdDaemon(root / "kvd", ARENA).start()
-    conn = {**KVD_CONNECTOR, "kv_connector_extra_config": {"socket": kvd.socket, "namespace": "bench"}}
+    conn = {**KVD_CONNECTOR, "kv_connector_extra_config": {"socket": kvd.socket, "namespace": "bench", **extra}}
     try:
         store = Engine("store", root, model, prompts, connector=conn)
         store.wait_ready()
@@ -92,8 +103,9 @@ def main() -> None:
            "median_kvd_hit": {k: med(hits, k) for k in ("ttft_ms", "sched_match", "lease", "load_layer", "end_step")},
            "median_kvd_hit_lease_faults": statistics.median(r["lease"][1] for r in hits),
            "median_own_hit_ttft_ms": med(own, "ttft_ms"),
-           "arena_populate_ms_at_start": rows[0].get("arena_populate", [None])[0], "arena": ARENA}
-    OUT.write_text(json.dumps(res, indent=1))
+           "arena_populate_ms_at_start": rows[0].get("arena_populate", [None])[0], "arena": ARENA,
+           "connector_extra": extra}
+    args.out.write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
 
 
@@ -105,13 +117,15 @@ def load_engine(model: Path, prompts: dict, names: list[str], conn: dict, first_
     from kvd.client.arena import ArenaMapping
     from kvd.connectors.vllm import scheduler as S
     from kvd.connectors.vllm import worker as W
+    from kvd.connectors.vllm.strided import StridedCopier
 
     startup: dict = {}
     timed(ArenaMapping, "_populate", "arena_populate", startup)  # at the engine's start (populate_arena)
     acc: dict = {}
     for cls, name, key in ((W.WorkerIO, "_lease", "lease"), (W.WorkerIO, "load_layer", "load_layer"),
                            (W.WorkerIO, "end_step", "end_step"), (W.WorkerIO, "save_layer", "save_layer"),
-                           (S.SchedulerPlanner, "num_new_matched_tokens", "sched_match")):
+                           (S.SchedulerPlanner, "num_new_matched_tokens", "sched_match"),
+                           (StridedCopier, "load_layer", "copier_load_layer")):
         timed(cls, name, key, acc)
     llm = LLM(model=str(model), max_model_len=8192, enforce_eager=True, seed=0, enable_prefix_caching=True,
               kv_transfer_config=conn)

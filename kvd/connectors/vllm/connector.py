@@ -41,6 +41,7 @@ from kvd.connectors.vllm.layout import probe_block_layout
 from kvd.connectors.vllm.scheduler import SchedulerPlanner, StepPlan
 from kvd.connectors.vllm.settings import ConnectorSettings, load_head_map, model_spec_from_vllm, open_session
 from kvd.connectors.vllm.stats import KvdConnectorStats, KvdPromMetrics
+from kvd.connectors.vllm.strided import StridedCopier
 from kvd.connectors.vllm.worker import WorkerIO
 
 if TYPE_CHECKING:
@@ -136,11 +137,13 @@ class KvdConnector(KVConnectorBase_V1):
 
         layout = probe_block_layout(engine_write, ordered[names[0]])
         copier = make_copier(layout.to(ordered[names[0]].device), ordered[names[0]])
+        by_engine = isinstance(copier, StridedCopier) and copier.adopt_engine_write(engine_write, ordered[names[0]])
         self.worker = WorkerIO(self.session, self.settings, ordered, copier, block_size=self.block_size,
                                num_blocks=self._kv_cache_config.num_blocks,
                                recompute_failures=self._kv_transfer_config.kv_load_failure_policy == "recompute")
-        logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s", len(names), layout.name,
-                    self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__)
+        logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s%s", len(names), layout.name,
+                    self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__,
+                    ", loads packed by the engine's cache write" if by_engine else "")
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

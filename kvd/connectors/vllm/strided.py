@@ -5,13 +5,14 @@ probed ``BlockLayout`` by ``half_models``. The other copiers are in ``kvd.connec
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvd.client.views import copy_block, numpy_view
-from kvd.connectors.vllm.layout import BlockLayout
+from kvd.connectors.vllm.layout import BlockLayout, WriteFn
 from kvd.connectors.vllm.pieces import LayerRows, Piece
 
 
@@ -100,7 +101,8 @@ class StridedCopier:
     extents per entry): 81 ms with the former per-(piece, class, K/V) copies into a block-ordered
     buffer and a gather of whole blocks, 38 ms with these, 26.6 ms with pass A on numpy views
     (``benchmarks/vllm_copier.py``; a memcpy of the same bytes: 6.5 ms). Stores run the same passes
-    backwards (always whole blocks)."""
+    backwards (always whole blocks). Loads may run pass B through the engine's own cache write instead
+    (``adopt_engine_write``: where it measures faster at start, as for ``amx``)."""
 
     partial_blocks = True  # a load may end inside a block
 
@@ -109,6 +111,10 @@ class StridedCopier:
         self.models = models
         self.rows = LayerRows()
         self._buf: torch.Tensor | None = None
+        # Pass B of loads through the engine's own cache write (``adopt_engine_write``), or None: numpy.
+        self.engine_write: WriteFn | None = None
+        self._runs_key: tuple | None = None
+        self._runs: list[tuple[int, int, torch.Tensor]] = []
 
     def _staging(self, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> torch.Tensor:
         """``[H, 2, T, D]`` with each piece padded to whole blocks, from a buffer kept across calls."""
@@ -219,6 +225,9 @@ class StridedCopier:
         stage = self._staging(kv_layer, pieces)
         for src, dst in self._extent_pairs(stage, layer, pieces):
             copy_block(dst, src, non_blocking=False)
+        if self.engine_write is not None:
+            self._write_by_engine(stage, kv_layer, pieces)
+            return
         runs, partial, ids, blocks = self._targets(kv_layer, pieces)
         for src, dst in self._block_pairs(stage, kv_layer if blocks is None else blocks, runs):
             copy_block(dst, src, non_blocking=False)
@@ -227,6 +236,87 @@ class StridedCopier:
         for j, b, r in partial:
             for src, dst in self._partial_pairs(stage, kv_layer, j, b, r):
                 copy_block(dst, src, non_blocking=False)
+
+    def _engine_runs(self, pieces: Sequence[Piece]) -> list[tuple[int, int, torch.Tensor]]:
+        """``(first, end, slots)`` per run of consecutive staged tokens that hold loaded tokens (a piece
+        that ends inside its last block ends a run), ``slots`` = block * N + token of each. The same for
+        every layer of a load: kept for the last pieces seen."""
+        key = tuple((tuple(p.block_ids), p.t0, p.t1) for p in pieces)
+        if self._runs_key != key:
+            N = self.layout.block_tokens
+            runs: list[tuple[int, int, list[torch.Tensor]]] = []
+            j = 0
+            for p in pieces:
+                n = p.t1 - p.t0
+                parts = [torch.arange(b * N, b * N + min(N, n - i * N)) for i, b in enumerate(p.block_ids)]
+                if runs and runs[-1][1] == j:
+                    runs[-1] = (runs[-1][0], j + n, runs[-1][2] + parts)
+                else:
+                    runs.append((j, j + n, parts))
+                j += len(p.block_ids) * N
+            self._runs_key, self._runs = key, [(a, b, torch.cat(parts)) for a, b, parts in runs]
+        return self._runs
+
+    def _write_by_engine(self, stage: torch.Tensor, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> None:
+        """Pass B by the engine's cache write: each run of staged tokens, as keys and values
+        ``[tokens, H, D]`` (views of the staging), to their slots."""
+        for a, b, slots in self._engine_runs(pieces):
+            self.engine_write(stage[:, 0, a:b].permute(1, 0, 2), stage[:, 1, a:b].permute(1, 0, 2), kv_layer, slots)
+
+    def adopt_engine_write(self, write: WriteFn, kv_layer: torch.Tensor, *, blocks: int = 32,
+                           repeats: int = 3) -> bool:
+        """Use the engine's own cache write (``write``, as ``probe_block_layout`` takes it) for pass B of
+        loads where, on scratch blocks shaped like ``kv_layer``'s, it writes the same bytes as the
+        strided copy and is faster; returns whether it does. Why: for a packing whose contiguous runs are
+        2 bytes (vLLM's ``amx`` V: VNNI pairs of tokens) numpy's strided copy moves one element at a
+        time, and the engine's vectorized kernel is faster: pass B of a 4K SmolLM2 load took 52 ms with
+        numpy and 19 ms with the kernel on a Sapphire Rapids VM (2026-12-07); for ``vec`` numpy was the
+        faster (21 vs 30 ms), hence a measurement rather than a rule. Loads only: the engine has no
+        read kernel, so stores keep the strided copy."""
+        self.engine_write = None
+        if kv_layer.device.type != "cpu":
+            return False
+        N = self.layout.block_tokens
+        scratch = torch.zeros((blocks, *kv_layer.shape[1:]), dtype=kv_layer.dtype)
+        stage = torch.randn(self.layout.num_heads, 2, blocks * N, self.layout.head_dim).to(kv_layer.dtype)
+        pieces = [Piece(list(range(blocks)), 0, blocks * N - N // 2, [])]  # ends inside its last block
+        runs, partial, _, _ = self._targets(scratch, pieces)
+
+        def strided() -> None:
+            for src, dst in self._block_pairs(stage, scratch, runs):
+                copy_block(dst, src, non_blocking=False)
+            for j, b, r in partial:
+                for src, dst in self._partial_pairs(stage, scratch, j, b, r):
+                    copy_block(dst, src, non_blocking=False)
+
+        def engine() -> None:
+            self.engine_write = write
+            try:
+                self._write_by_engine(stage, scratch, pieces)
+            finally:
+                self.engine_write = None
+
+        try:
+            strided()
+            want = scratch.clone()
+            scratch.zero_()
+            engine()
+            if not torch.equal(scratch.view(torch.uint8), want.view(torch.uint8)):  # bytes: -0.0 is not 0.0
+                return False
+        except Exception:  # an engine write that cannot take these views: keep the strided copy
+            return False
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        if best(engine) < 0.9 * best(strided):
+            self.engine_write = write
+        return self.engine_write is not None
 
     def save_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
         stage = self._staging(kv_layer, pieces)

@@ -117,6 +117,43 @@ def test_probe_matches_vllm_cpu_write_kernel_on_every_isa():
         assert torch.equal(back[1], kv[2])
 
 
+def test_loads_packed_by_vllm_cpu_write_kernel_equal_the_strided_copy():
+    """``adopt_engine_write``: pass B of loads by vLLM's own CPU cache write gives the same bytes as the
+    strided copy on every ISA, with a piece that ends inside its block in the middle of a load (two
+    runs of staged tokens) and one at its end; a write that loses bytes is never adopted."""
+    ops, isas = vllm_cpu_isas()
+    Hn, Nn, Dn = 2, 32, 64
+    spec = ModelSpec("m", num_layers=1, num_kv_heads=Hn, head_dim=Dn, kv_dtype="bfloat16")
+    plan = plan_extents(spec, None, 2 * Nn)["global"]
+    g = torch.Generator().manual_seed(3)
+    segs = [torch.randn(plan.num_segments, 2, 2 * Nn, Dn, generator=g).bfloat16() for _ in range(3)]
+    for isa, dtype in isas:
+        if dtype != torch.bfloat16:
+            continue
+
+        def write(key, value, kv, slots, isa=isa):
+            kc, vc = kv.view(kv.shape[0], Hn, 2 * Nn, Dn).chunk(2, dim=2)
+            ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
+
+        kv = torch.zeros(12, Hn, Nn, 2 * Dn, dtype=dtype)
+        copier = make_copier(probe_block_layout(write, kv), kv)
+        copier.adopt_engine_write(write, kv, blocks=4, repeats=1)  # adopted or not: measured, either is right
+        pieces = [Piece([9, 3], 0, 2 * Nn - 5, [(plan, segs[0])]),  # ends inside block 3: a second run follows
+                  Piece([5, 6], 0, 2 * Nn, [(plan, segs[1])]), Piece([0, 11], 0, Nn + 7, [(plan, segs[2])])]
+        want, got = torch.zeros_like(kv), torch.zeros_like(kv)
+        copier.engine_write = None
+        copier.load_layer(want, 0, pieces)
+        copier.engine_write = write
+        copier.load_layer(got, 0, pieces)
+        assert torch.equal(got, want), isa
+        assert [(a, b) for a, b, _ in copier._engine_runs(pieces)] == [(0, 2 * Nn - 5), (2 * Nn, 5 * Nn + 7)]
+
+        def lossy(key, value, kv, slots, write=write):  # forgets the last token
+            write(key[:-1], value[:-1], kv, slots[:-1])
+
+        assert not copier.adopt_engine_write(lossy, kv, blocks=4, repeats=1) and copier.engine_write is None
+
+
 # ---- copiers ------------------------------------------------------------------------------------
 
 
