@@ -269,9 +269,9 @@ class StridedCopier:
         loads where, on scratch blocks shaped like ``kv_layer``'s, it writes the same bytes as the
         strided copy and is faster; returns whether it does. Why: for a packing whose contiguous runs are
         2 bytes (vLLM's ``amx`` V: VNNI pairs of tokens) numpy's strided copy moves one element at a
-        time, and the engine's vectorized kernel is faster: pass B of a 4K SmolLM2 load took 52 ms with
+        time, and the engine's vectorized kernel is faster: pass B of a 4K SmolLM2 load took 50 ms with
         numpy and 19 ms with the kernel on a Sapphire Rapids VM (2026-12-07); for ``vec`` numpy was the
-        faster (21 vs 30 ms), hence a measurement rather than a rule. Loads only: the engine has no
+        faster (18 vs 30 ms; ``benchmarks/results/vllm_amx_pass_b.json``), hence a measurement, not a rule. Loads only: the engine has no
         read kernel, so stores keep the strided copy."""
         self.engine_write = None
         if kv_layer.device.type != "cpu":

@@ -1,0 +1,82 @@
+"""Where a 4K load's copy into vLLM's ``amx`` KV packing spends its time, and vLLM's own cache write
+as pass B (docs/vllm.md, "Why the amx layout was slow"). Needs a CPU with AMX tiles.
+
+Same shape as ``benchmarks/vllm_copier.py`` (SmolLM2-135M, 4,096 tokens, 16 entries x 7 extents,
+128-token blocks, bf16). Per 30-layer load: pass A (extents -> staging), pass B for K and for V with
+numpy's strided copy, pass B by ``cpu_attn_reshape_and_cache`` (both halves); and for ``vec`` the
+two pass Bs as well. Checks first: the kernel's pass B leaves the same bytes as the strided one.
+
+``python benchmarks/notes/vllm_amx_pass_b.py`` -> ``benchmarks/results/vllm_amx_pass_b.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import benchmarks.vllm_copier as VC  # noqa: E402
+from kvd.client.views import copy_block  # noqa: E402
+from kvd.connectors.vllm.copy import make_copier  # noqa: E402
+from kvd.connectors.vllm.layout import probe_block_layout  # noqa: E402
+
+H, N, D, L = VC.H, VC.N, VC.D, VC.L
+ROUNDS = 5
+
+
+def slots_of(pieces) -> torch.Tensor:
+    return torch.tensor([b * N + n for p in pieces for b in p.block_ids for n in range(N)], dtype=torch.int64)
+
+
+def phases(isa: str) -> dict:
+    write = VC.cpu_write(isa)
+    lay = probe_block_layout(write, torch.zeros(3, H, N, 2 * D, dtype=torch.bfloat16))
+    _, ext, blocks, layers = VC.setup("LBHNC")
+    cp = make_copier(lay, layers[0])  # the strided copier, engine write not adopted
+    pieces = VC.pieces_of(ext, blocks)
+    slots = slots_of(pieces)
+    acc = {"pass_a_ms": 0.0, "pass_b_numpy_k_ms": 0.0, "pass_b_numpy_v_ms": 0.0, "pass_b_kernel_ms": 0.0}
+    ref = [torch.zeros_like(x) for x in layers]
+    for r in range(ROUNDS + 1):
+        for i in range(L):
+            t0 = time.perf_counter()
+            stage = cp._staging(layers[i], pieces)
+            for src, dst in cp._extent_pairs(stage, i, pieces):
+                copy_block(dst, src, non_blocking=False)
+            t1 = time.perf_counter()
+            runs, _, _, _ = cp._targets(ref[i], pieces)
+            for k, (src, dst) in enumerate(cp._block_pairs(stage, ref[i], runs)):
+                t = time.perf_counter()
+                copy_block(dst, src, non_blocking=False)
+                acc["pass_b_numpy_v_ms" if k % 2 else "pass_b_numpy_k_ms"] += (time.perf_counter() - t) * (r > 0)
+            t2 = time.perf_counter()
+            write(stage[:, 0].permute(1, 0, 2), stage[:, 1].permute(1, 0, 2), layers[i], slots)
+            acc["pass_b_kernel_ms"] += (time.perf_counter() - t2) * (r > 0)
+            acc["pass_a_ms"] += (t1 - t0) * (r > 0)
+            if r == 0:
+                assert torch.equal(layers[i].view(torch.uint8), ref[i].view(torch.uint8)), (isa, i)
+    return {"layout": lay.name, **{k: round(v * 1e3 / ROUNDS, 2) for k, v in acc.items()}, "checked": True}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, torch {torch.__version__}",
+           "shape": "SmolLM2-135M, 4096 tokens, 16 entries x 7 extents, 128-token blocks, bf16; ms per 30-layer load"}
+    for isa in ("vec", "amx") if torch.cpu._is_amx_tile_supported() else ("vec",):
+        res[isa] = phases(isa)
+        print(isa, json.dumps(res[isa]), flush=True)
+    out = ROOT / "benchmarks/results/vllm_amx_pass_b.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
