@@ -4,7 +4,9 @@ as pass B (docs/vllm.md, "Why the amx layout was slow"). Needs a CPU with AMX ti
 Same shape as ``benchmarks/vllm_copier.py`` (SmolLM2-135M, 4,096 tokens, 16 entries x 7 extents,
 128-token blocks, bf16). Per 30-layer load: pass A (extents -> staging), pass B for K and for V with
 numpy's strided copy, pass B by ``cpu_attn_reshape_and_cache`` (both halves); and for ``vec`` the
-two pass Bs as well. Checks first: the kernel's pass B leaves the same bytes as the strided one.
+two pass Bs as well. Checks first: the kernel's pass B leaves the same bytes as the strided one. Then
+``amx_one_extent_loads``: whole loads of entries without a head map, straight from the extents to the
+kernel (pass A skipped), through the staging, and strided (medians of interleaved rounds).
 
 ``python benchmarks/notes/vllm_amx_pass_b.py`` -> ``benchmarks/results/vllm_amx_pass_b.json``.
 """
@@ -66,6 +68,50 @@ def phases(isa: str) -> dict:
     return {"layout": lay.name, **{k: round(v * 1e3 / ROUNDS, 2) for k, v in acc.items()}, "checked": True}
 
 
+def one_extent_loads() -> dict:
+    """Whole 4K loads into the ``amx`` packing of entries without a head map (one extent each, as
+    ``vllm_e2e``'s): straight from the extents to vLLM's write (the connector's path), through the
+    staging, and the strided copy; the three checked equal first, then timed in turn."""
+    from kvd.connectors.vllm.copy import Piece
+    from kvd.core.extents import plan_extents
+    from kvd.core.keys import ModelSpec
+
+    lay = VC.layout_of("amx")
+    plans = plan_extents(ModelSpec("m", num_layers=L, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16"), None,
+                         VC.CHUNK)
+    g = torch.Generator().manual_seed(0)
+    ext = [[(p, torch.randn(p.num_segments, 2, VC.CHUNK, D, generator=g).bfloat16()) for p in plans.values()]
+           for _ in range(VC.CHUNKS)]
+    blocks = [[2 * c + 7, 2 * c + 8] for c in range(VC.CHUNKS)]
+    pieces = [Piece(blocks[c], 0, VC.CHUNK, ext[c]) for c in range(VC.CHUNKS)]
+    cp = make_copier(lay, torch.zeros(1, H, N, 2 * D, dtype=torch.bfloat16))
+    write = VC.cpu_write("amx")
+    direct = cp._write_direct
+
+    def mode(name: str) -> None:
+        cp.engine_write = None if name == "strided" else write
+        cp._write_direct = (lambda *a: False) if name == "staged" else direct
+
+    out, results = {}, {}
+    for name in ("direct", "staged", "strided"):
+        mode(name)
+        layers = [torch.zeros(2 * VC.CHUNKS + 10, H, N, 2 * D).bfloat16() for _ in range(L)]
+        for i in range(L):
+            cp.load_layer(layers[i], i, pieces)
+        results[name] = layers
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for name in ("staged", "strided")
+               for a, b in zip(results["direct"], results[name]))
+    layers = results["direct"]
+    for _ in range(ROUNDS):
+        for name in ("direct", "staged", "strided"):
+            mode(name)
+            t0 = time.perf_counter()
+            for i in range(L):
+                cp.load_layer(layers[i], i, pieces)
+            out.setdefault(f"{name}_load_ms", []).append((time.perf_counter() - t0) * 1e3)
+    return {k: round(sorted(v)[len(v) // 2], 2) for k, v in out.items()} | {"checked": True}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     res = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, torch {torch.__version__}",
@@ -73,6 +119,9 @@ def main() -> None:
     for isa in ("vec", "amx") if torch.cpu._is_amx_tile_supported() else ("vec",):
         res[isa] = phases(isa)
         print(isa, json.dumps(res[isa]), flush=True)
+    if "amx" in res:
+        res["amx_one_extent_loads"] = one_extent_loads()
+        print("amx_one_extent_loads", json.dumps(res["amx_one_extent_loads"]), flush=True)
     out = ROOT / "benchmarks/results/vllm_amx_pass_b.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")

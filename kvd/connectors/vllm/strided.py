@@ -102,7 +102,8 @@ class StridedCopier:
     buffer and a gather of whole blocks, 38 ms with these, 26.6 ms with pass A on numpy views
     (``benchmarks/vllm_copier.py``; a memcpy of the same bytes: 6.5 ms). Stores run the same passes
     backwards (always whole blocks). Loads may run pass B through the engine's own cache write instead
-    (``adopt_engine_write``: where it measures faster at start, as for ``amx``)."""
+    (``adopt_engine_write``: where it measures faster at start, as for ``amx``), straight from the
+    extents when each holds all of a layer's heads (``_write_direct``: no head map, no pass A)."""
 
     partial_blocks = True  # a load may end inside a block
 
@@ -115,6 +116,8 @@ class StridedCopier:
         self.engine_write: WriteFn | None = None
         self._runs_key: tuple | None = None
         self._runs: list[tuple[int, int, torch.Tensor]] = []
+        self._slots_key: tuple | None = None
+        self._slots: list[torch.Tensor] = []
 
     def _staging(self, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> torch.Tensor:
         """``[H, 2, T, D]`` with each piece padded to whole blocks, from a buffer kept across calls."""
@@ -222,6 +225,8 @@ class StridedCopier:
         return [tuple(x) for x in runs], partial, [b for _, b in whole], blocks
 
     def load_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
+        if self.engine_write is not None and self._write_direct(kv_layer, layer, pieces):
+            return
         stage = self._staging(kv_layer, pieces)
         for src, dst in self._extent_pairs(stage, layer, pieces):
             copy_block(dst, src, non_blocking=False)
@@ -236,6 +241,16 @@ class StridedCopier:
         for j, b, r in partial:
             for src, dst in self._partial_pairs(stage, kv_layer, j, b, r):
                 copy_block(dst, src, non_blocking=False)
+
+    def _piece_slots(self, pieces: Sequence[Piece]) -> list[torch.Tensor]:
+        """Each piece's slots (block * N + token of its loaded tokens); kept for the last pieces seen."""
+        key = tuple((tuple(p.block_ids), p.t0, p.t1) for p in pieces)
+        if self._slots_key != key:
+            N = self.layout.block_tokens
+            self._slots_key, self._slots = key, [
+                torch.cat([torch.arange(b * N, b * N + min(N, p.t1 - p.t0 - i * N)) for i, b in enumerate(p.block_ids)])
+                for p in pieces]
+        return self._slots
 
     def _engine_runs(self, pieces: Sequence[Piece]) -> list[tuple[int, int, torch.Tensor]]:
         """``(first, end, slots)`` per run of consecutive staged tokens that hold loaded tokens (a piece
@@ -257,6 +272,27 @@ class StridedCopier:
             self._runs_key, self._runs = key, [(a, b, torch.cat(parts)) for a, b, parts in runs]
         return self._runs
 
+    def _write_direct(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> bool:
+        """Pass A skipped: when every piece holds all of this layer's heads, in order, in one extent (an
+        entry without a head map has one), its rows are already ``[H, 2, T, D]`` and go to the engine's
+        write as strided keys and values; each piece's rows are hashed after (``sums``). False, and
+        nothing written, otherwise."""
+        H = self.layout.num_heads
+        rows = []
+        for p in pieces:
+            if len(p.extents) != 1:
+                return False
+            s0, s1, heads = self.rows(p.extents[0][0], layer)
+            if heads != slice(0, H):
+                return False
+            rows.append((s0, s1))
+        for p, (s0, s1), slots in zip(pieces, rows, self._piece_slots(pieces)):
+            src = p.extents[0][1][s0:s1, :, p.t0 : p.t1]
+            self.engine_write(src[:, 0].permute(1, 0, 2), src[:, 1].permute(1, 0, 2), kv_layer, slots)
+            if p.sums is not None and p.sums[0] is not None:
+                p.sums[0].update(p.arrays()[0][1][s0:s1])
+        return True
+
     def _write_by_engine(self, stage: torch.Tensor, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> None:
         """Pass B by the engine's cache write: each run of staged tokens, as keys and values
         ``[tokens, H, D]`` (views of the staging), to their slots."""
@@ -269,9 +305,9 @@ class StridedCopier:
         loads where, on scratch blocks shaped like ``kv_layer``'s, it writes the same bytes as the
         strided copy and is faster; returns whether it does. Why: for a packing whose contiguous runs are
         2 bytes (vLLM's ``amx`` V: VNNI pairs of tokens) numpy's strided copy moves one element at a
-        time, and the engine's vectorized kernel is faster: pass B of a 4K SmolLM2 load took 50 ms with
+        time, and the engine's vectorized kernel is faster: pass B of a 4K SmolLM2 load took 51 ms with
         numpy and 19 ms with the kernel on a Sapphire Rapids VM (2026-12-07); for ``vec`` numpy was the
-        faster (18 vs 30 ms; ``benchmarks/results/vllm_amx_pass_b.json``), hence a measurement, not a rule. Loads only: the engine has no
+        faster (19 vs 30 ms; ``benchmarks/results/vllm_amx_pass_b.json``), hence a measurement, not a rule. Loads only: the engine has no
         read kernel, so stores keep the strided copy."""
         self.engine_write = None
         if kv_layer.device.type != "cpu":
