@@ -114,8 +114,6 @@ class StridedCopier:
         self._buf: torch.Tensor | None = None
         # Pass B of loads through the engine's own cache write (``adopt_engine_write``), or None: numpy.
         self.engine_write: WriteFn | None = None
-        self._runs_key: tuple | None = None
-        self._runs: list[tuple[int, int, torch.Tensor]] = []
         self._slots_key: tuple | None = None
         self._slots: list[torch.Tensor] = []
 
@@ -225,14 +223,19 @@ class StridedCopier:
         return [tuple(x) for x in runs], partial, [b for _, b in whole], blocks
 
     def load_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
-        if self.engine_write is not None and self._write_direct(kv_layer, layer, pieces):
+        write = self.engine_write
+        if write is not None and self._write_direct(write, kv_layer, layer, pieces):
             return
         stage = self._staging(kv_layer, pieces)
         for src, dst in self._extent_pairs(stage, layer, pieces):
             copy_block(dst, src, non_blocking=False)
-        if self.engine_write is not None:
-            self._write_by_engine(stage, kv_layer, pieces)
-            return
+        if write is not None:
+            self._write_by_engine(write, stage, kv_layer, pieces)
+        else:
+            self._pass_b(stage, kv_layer, pieces)
+
+    def _pass_b(self, stage: torch.Tensor, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> None:
+        """Staging -> vLLM's blocks by strided copies (pass B of a load)."""
         runs, partial, ids, blocks = self._targets(kv_layer, pieces)
         for src, dst in self._block_pairs(stage, kv_layer if blocks is None else blocks, runs):
             copy_block(dst, src, non_blocking=False)
@@ -243,7 +246,8 @@ class StridedCopier:
                 copy_block(dst, src, non_blocking=False)
 
     def _piece_slots(self, pieces: Sequence[Piece]) -> list[torch.Tensor]:
-        """Each piece's slots (block * N + token of its loaded tokens); kept for the last pieces seen."""
+        """Each piece's slots (block * N + token of its loaded tokens). The same for every layer of a
+        load: kept for the last pieces seen."""
         key = tuple((tuple(p.block_ids), p.t0, p.t1) for p in pieces)
         if self._slots_key != key:
             N = self.layout.block_tokens
@@ -254,50 +258,44 @@ class StridedCopier:
 
     def _engine_runs(self, pieces: Sequence[Piece]) -> list[tuple[int, int, torch.Tensor]]:
         """``(first, end, slots)`` per run of consecutive staged tokens that hold loaded tokens (a piece
-        that ends inside its last block ends a run), ``slots`` = block * N + token of each. The same for
-        every layer of a load: kept for the last pieces seen."""
-        key = tuple((tuple(p.block_ids), p.t0, p.t1) for p in pieces)
-        if self._runs_key != key:
-            N = self.layout.block_tokens
-            runs: list[tuple[int, int, list[torch.Tensor]]] = []
-            j = 0
-            for p in pieces:
-                n = p.t1 - p.t0
-                parts = [torch.arange(b * N, b * N + min(N, n - i * N)) for i, b in enumerate(p.block_ids)]
-                if runs and runs[-1][1] == j:
-                    runs[-1] = (runs[-1][0], j + n, runs[-1][2] + parts)
-                else:
-                    runs.append((j, j + n, parts))
-                j += len(p.block_ids) * N
-            self._runs_key, self._runs = key, [(a, b, torch.cat(parts)) for a, b, parts in runs]
-        return self._runs
+        that ends inside its last block ends a run): the pieces' slots, joined where they run on."""
+        runs: list[tuple[int, int, list[torch.Tensor]]] = []
+        j = 0
+        for p, slots in zip(pieces, self._piece_slots(pieces)):
+            n = p.t1 - p.t0
+            if runs and runs[-1][1] == j:
+                runs[-1] = (runs[-1][0], j + n, runs[-1][2] + [slots])
+            else:
+                runs.append((j, j + n, [slots]))
+            j += len(p.block_ids) * self.layout.block_tokens
+        return [(a, b, parts[0] if len(parts) == 1 else torch.cat(parts)) for a, b, parts in runs]
 
-    def _write_direct(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> bool:
+    def _write_direct(self, write: WriteFn, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> bool:
         """Pass A skipped: when every piece holds all of this layer's heads, in order, in one extent (an
         entry without a head map has one), its rows are already ``[H, 2, T, D]`` and go to the engine's
-        write as strided keys and values; each piece's rows are hashed after (``sums``). False, and
+        ``write`` as strided keys and values; each piece's rows are hashed after (``sums``). False, and
         nothing written, otherwise."""
-        H = self.layout.num_heads
         rows = []
         for p in pieces:
             if len(p.extents) != 1:
                 return False
             s0, s1, heads = self.rows(p.extents[0][0], layer)
-            if heads != slice(0, H):
+            if heads != slice(0, self.layout.num_heads):
                 return False
             rows.append((s0, s1))
         for p, (s0, s1), slots in zip(pieces, rows, self._piece_slots(pieces)):
             src = p.extents[0][1][s0:s1, :, p.t0 : p.t1]
-            self.engine_write(src[:, 0].permute(1, 0, 2), src[:, 1].permute(1, 0, 2), kv_layer, slots)
+            write(src[:, 0].permute(1, 0, 2), src[:, 1].permute(1, 0, 2), kv_layer, slots)
             if p.sums is not None and p.sums[0] is not None:
                 p.sums[0].update(p.arrays()[0][1][s0:s1])
         return True
 
-    def _write_by_engine(self, stage: torch.Tensor, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> None:
-        """Pass B by the engine's cache write: each run of staged tokens, as keys and values
+    def _write_by_engine(self, write: WriteFn, stage: torch.Tensor, kv_layer: torch.Tensor,
+                         pieces: Sequence[Piece]) -> None:
+        """Pass B by the engine's cache ``write``: each run of staged tokens, as keys and values
         ``[tokens, H, D]`` (views of the staging), to their slots."""
         for a, b, slots in self._engine_runs(pieces):
-            self.engine_write(stage[:, 0, a:b].permute(1, 0, 2), stage[:, 1, a:b].permute(1, 0, 2), kv_layer, slots)
+            write(stage[:, 0, a:b].permute(1, 0, 2), stage[:, 1, a:b].permute(1, 0, 2), kv_layer, slots)
 
     def adopt_engine_write(self, write: WriteFn, kv_layer: torch.Tensor, *, blocks: int = 32,
                            repeats: int = 3) -> bool:
@@ -307,8 +305,8 @@ class StridedCopier:
         2 bytes (vLLM's ``amx`` V: VNNI pairs of tokens) numpy's strided copy moves one element at a
         time, and the engine's vectorized kernel is faster: pass B of a 4K SmolLM2 load took 51 ms with
         numpy and 19 ms with the kernel on a Sapphire Rapids VM (2026-12-07); for ``vec`` numpy was the
-        faster (19 vs 30 ms; ``benchmarks/results/vllm_amx_pass_b.json``), hence a measurement, not a rule. Loads only: the engine has no
-        read kernel, so stores keep the strided copy."""
+        faster (19 vs 30 ms; ``benchmarks/results/vllm_amx_pass_b.json``), hence a measurement, not a
+        rule. Loads only: the engine has no read kernel, so stores keep the strided copy."""
         self.engine_write = None
         if kv_layer.device.type != "cpu":
             return False
@@ -316,21 +314,12 @@ class StridedCopier:
         scratch = torch.zeros((blocks, *kv_layer.shape[1:]), dtype=kv_layer.dtype)
         stage = torch.randn(self.layout.num_heads, 2, blocks * N, self.layout.head_dim).to(kv_layer.dtype)
         pieces = [Piece(list(range(blocks)), 0, blocks * N - N // 2, [])]  # ends inside its last block
-        runs, partial, _, _ = self._targets(scratch, pieces)
 
         def strided() -> None:
-            for src, dst in self._block_pairs(stage, scratch, runs):
-                copy_block(dst, src, non_blocking=False)
-            for j, b, r in partial:
-                for src, dst in self._partial_pairs(stage, scratch, j, b, r):
-                    copy_block(dst, src, non_blocking=False)
+            self._pass_b(stage, scratch, pieces)
 
         def engine() -> None:
-            self.engine_write = write
-            try:
-                self._write_by_engine(stage, scratch, pieces)
-            finally:
-                self.engine_write = None
+            self._write_by_engine(write, stage, scratch, pieces)
 
         try:
             strided()

@@ -150,7 +150,7 @@ def test_loads_packed_by_vllm_cpu_write_kernel_equal_the_strided_copy(two_classe
         copier.engine_write = None
         copier.load_layer(want, 0, pieces)
         copier.engine_write = write
-        direct = copier._write_direct(got, 0, pieces)
+        direct = copier._write_direct(write, got, 0, pieces)
         assert direct is not two_classes, isa
         got.zero_()
         copier.load_layer(got, 0, pieces)
