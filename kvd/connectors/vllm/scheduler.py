@@ -18,7 +18,15 @@ into a picklable ``StepPlan`` for the workers:
   (``kvd.core.keys.prefix_aliases``): the keys of its block-aligned leading tokens, which are the tail
   keys of shorter prompts ending inside it, so a strict prefix of a stored prompt loads down to its
   last block too. Entries the daemon held at lookup time are skipped (a request vLLM's own cache
-  covers is still looked up, for that); decode steps are never saved.
+  covers is still looked up, for that).
+- **save, decode** (``save_decode``, on by default): the full chunks of prompt + generated tokens that
+  decode steps complete, keyed by the same chain over the request's ``all_token_ids``, so the next
+  turn of a conversation (prompt, answer, new message) finds the answer's chunks too, as vLLM's own
+  prefix cache keeps generated blocks. Only tokens whose ids are final are keyed: a step's KV covers
+  ``computed + scheduled`` positions, but under async scheduling or speculative decoding the ids of
+  the last ones are placeholders or drafts until the step's output is processed, so a chunk is saved
+  once ``all_token_ids`` covers it (its blocks stay allocated while the request runs; a chunk still
+  open when the request finishes is not stored, nor is an answer's last partial chunk).
 
 Lifecycle of a tracked request: created at its first lookup → block ids and progress follow each
 step's scheduler output → dropped at ``finished``. Requests kvd must not key are not tracked: LoRA
@@ -33,6 +41,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +117,8 @@ class _Tracked:
     tail_tokens: int = 0
     tail_hit: bool = False  # the daemon held it (behind every full chunk) at the last lookup
     tail_saved: bool = False
+    request: Any = None  # vLLM's Request: its ``all_token_ids`` grow with the generated tokens
+    next_decode: int = 0  # first chunk past the prompt's full chunks not stored yet (save_decode)
 
     @property
     def num_prompt(self) -> int:
@@ -152,7 +163,8 @@ class SchedulerPlanner:
         ns = salted_namespace(h.namespace, getattr(request, "cache_salt", None))
         ids, c = as_token_array(request.prompt_token_ids), h.chunk_tokens  # converted once: keyed many times
         hashes = prefix_hashes(ids, chunk_tokens=c, namespace=ns, fingerprint=h.fingerprint)
-        t = self.requests[request.request_id] = _Tracked(ns, ids, hashes)
+        t = self.requests[request.request_id] = _Tracked(ns, ids, hashes, request=request,
+                                                         next_decode=len(hashes))
         tail = (t.num_prompt - 1 - len(hashes) * c) // self.block_size * self.block_size
         if tail > 0:
             t.tail, t.tail_tokens = prefix_tail_hash(ids, chunk_tokens=c, tail_tokens=tail, namespace=ns,
@@ -283,8 +295,16 @@ class SchedulerPlanner:
         t = self.requests.get(rid)
         if t is None or not self.can_save:
             return None
+        reached = t.computed + num_scheduled
+        spec = self._save_prompt(t, rid, min(reached, t.num_prompt), h)
+        if spec is None and reached > t.num_prompt and self.settings.save_decode:
+            # A prompt chunk due in the same step goes first; a decode chunk then waits one step (its
+            # blocks stay allocated while the request runs).
+            spec = self._save_decode(t, rid, reached, h)
+        return spec
+
+    def _save_prompt(self, t: _Tracked, rid: str, reached: int, h: ModelHandle) -> SaveSpec | None:
         c = h.chunk_tokens
-        reached = min(t.computed + num_scheduled, t.num_prompt)
         done = reached // c
         # The tail goes with (or after) the last full chunk, once its tokens are computed.
         with_tail = (t.tail is not None and not t.tail_saved and done >= len(t.hashes)
@@ -300,6 +320,25 @@ class SchedulerPlanner:
             return None
         return SaveSpec(rid, t.namespace, first, keys, tuple(t.block_ids), t.num_prompt, last_tokens,
                         self._aliases(t, h, first, last))
+
+    def _save_decode(self, t: _Tracked, rid: str, reached: int, h: ModelHandle) -> SaveSpec | None:
+        """Chunks past the prompt's full chunks that hold only computed tokens with final ids."""
+        ids = getattr(t.request, "all_token_ids", None)
+        if ids is None:
+            return None
+        c = h.chunk_tokens
+        done = min(reached, len(ids)) // c
+        first = t.next_decode
+        if done <= first:
+            return None
+        t.next_decode = done
+        seq = as_token_array(ids[: done * c])
+        hashes = prefix_hashes(seq, chunk_tokens=c, namespace=t.namespace, fingerprint=h.fingerprint)
+        aliases = prefix_aliases(seq, hashes[first:done], chunk_tokens=c, block_tokens=self.block_size,
+                                 namespace=t.namespace, fingerprint=h.fingerprint, first_chunk=first)
+        self.session.counters["decode_chunks_planned"] += done - first
+        return SaveSpec(rid, t.namespace, first, tuple(hashes[first:done]), tuple(t.block_ids),
+                        max(len(ids), done * c), 0, tuple(tuple(a) for a in aliases))
 
     def _aliases(self, t: _Tracked, h: ModelHandle, first: int, last: int) -> tuple[tuple[tuple[str, int], ...], ...]:
         """Per entry ``first..last-1`` (index ``len(hashes)`` is the tail), ``(key, tokens)`` of its

@@ -53,6 +53,10 @@ class ConnectorSettings(BaseModel):
     # Load extents kvd holds only in lossy form (codec.local_cold_codec = fp8/int8), flagged, instead of
     # recomputing them. Off by default: vLLM then gets exact KV or recomputes (docs/vllm.md: fidelity).
     accept_lossy: bool = False
+    # Also store the full chunks that decode steps complete (prompt + generated tokens), so a
+    # conversation's next turn loads the previous answer too, as vLLM's own prefix cache reuses generated
+    # blocks (kvd.connectors.vllm.scheduler). LMCache's counterpart, save_decode_cache, is off by default.
+    save_decode: bool = True
 
     @classmethod
     def parse(cls, extra: dict[str, Any] | None) -> ConnectorSettings:

@@ -26,6 +26,7 @@ COUNTERS = {
     "loaded_tokens": ("loaded_tokens", "Tokens loaded from kvd into vLLM's KV cache"),
     "load_failed_tokens": ("load_failed_tokens", "Tokens offered but not loaded (vLLM recomputed them)"),
     "checksum_failures": ("checksum_failures", "Extents whose bytes failed verification before a load"),
+    "decode_chunks_planned": ("decode_chunks_planned", "Chunks of generated tokens the scheduler planned to save"),
     "requests_not_keyed": ("requests_not_keyed", "Requests kvd could not key (no token ids)"),
     "daemon_failures": ("daemon_failures", "Failed daemon calls (each opens the circuit breaker)"),
     "load_s": ("load_seconds", "Seconds workers spent loading KV from kvd"),

@@ -4,11 +4,13 @@ Three engine processes run one script each (this module, run as ``python test_vl
 since vLLM must start under ``if __name__ == "__main__"``), side by side against one daemon:
 
 - ``ref``: no connector: the greedy outputs every other run must reproduce exactly.
-- ``a`` (kvd, vLLM prefix caching off): serves P1, P3, P5, P6, P8, P10, P11 (storing them); waits for
+- ``a`` (kvd, vLLM prefix caching off): first M1 with a 400-token answer (its decode steps store the
+  chunks prompt + answer complete), then P1, P3, P5, P6, P8, P10, P11 (storing them); waits for
   ``b`` to store P4, serves P4 (reusing ``b``'s KV) and P9 (a strict prefix of P11: its tail is a
   prefix alias of P11's third chunk), shuts down.
 - ``b`` (kvd, prefix caching on): serves P3 and P10 (200 tokens: no full chunk, only a tail entry)
-  while ``a`` is alive (reusing ``a``'s KV), stores P4; after ``a`` has shut down: P8 (a restarted engine finds the prefix in kvd), P2 (shares only 700 tokens
+  while ``a`` is alive (reusing ``a``'s KV), then M2 (the next turn: M1, ``a``'s answer, a new
+  message; ``ref`` serves it too), stores P4; after ``a`` has shut down: P8 (a restarted engine finds the prefix in kvd), P2 (shares only 700 tokens
   with P1: only its two leading chunks come from kvd), P1 (vLLM's own prefix hit from P2 covers 640
   tokens; kvd supplies the next 256: half a chunk and the tail entry); then the daemon is killed while P5 and P7 are in
   flight, and P6 is served with the daemon gone.
@@ -52,12 +54,12 @@ def engine_main(job_path: str) -> None:
         kw["kv_transfer_config"] = job["connector"]
     llm = LLM(model=job["model"], max_model_len=2048, enforce_eager=True, seed=0,
               enable_prefix_caching=job["prefix_caching"], **kw)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1)
     prompts, out = job["prompts"], {"outputs": {}, "snapshots": {}, "times": {}}
 
-    def generate(names):
+    def generate(names, max_tokens=MAX_TOKENS):  # an answer longer than MAX_TOKENS ignores EOS
         # One prompt at a time: vLLM's CPU kernels are not batch-invariant, so a prompt batched with
         # others may round differently from the same prompt alone and greedy outputs may part ways.
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=max_tokens > MAX_TOKENS)
         for n in names:
             t0 = time.monotonic()
             (r,) = llm.generate([{"prompt_token_ids": prompts[n]}], params, use_tqdm=False)
@@ -66,18 +68,30 @@ def engine_main(job_path: str) -> None:
                                  "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]}
             out["times"][n] = time.monotonic() - t0
 
+    def wait(path):
+        deadline = time.monotonic() + ENGINE_TIMEOUT_S
+        while not Path(path).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited too long for {path}")
+            time.sleep(0.2)
+
     for op in job["program"]:
         kind = op["op"]
         if kind == "generate":
-            generate(op["names"])
+            generate(op["names"], op.get("max_tokens", MAX_TOKENS))
         elif kind == "touch":
             Path(op["path"]).touch()
         elif kind == "wait":
-            deadline = time.monotonic() + ENGINE_TIMEOUT_S
-            while not Path(op["path"]).exists():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"waited too long for {op['path']}")
-                time.sleep(0.2)
+            wait(op["path"])
+        elif kind == "dump_answer":  # another engine's next turn needs this answer
+            Path(op["path"] + ".part").write_text(json.dumps(out["outputs"][op["name"]]["token_ids"]))
+            os.replace(op["path"] + ".part", op["path"])
+        elif kind == "next_turn":  # prompt + the answer another engine gave + a new message
+            wait(op["answer"])
+            answer = json.loads(Path(op["answer"]).read_text())
+            prompts[op["name"]] = prompts[op["first"]] + answer + prompts[op["message"]]
+            generate([op["name"]])
+            out["outputs"][op["name"]]["prompt_tokens"] = len(prompts[op["name"]])
         elif kind == "snapshot":  # entry -> times leased, as the daemon counts it
             from kvd.client.client import KvdClient
 
@@ -120,6 +134,11 @@ def prompts(smollm2_dir):
     # which a prefix hit flips. P11's own continuation (free text) is not compared.
     p["P9"] = alphabet_document(9, 650, tok)
     p["P11"] = p["P9"] + alphabet_document(11, 650, tok)
+    # M1: a conversation's first turn; its engine generates a 400-token answer, so decode steps complete
+    # chunks 1 and 2 of prompt + answer. The next turn, M2 = M1 + that answer + S2, is built by the
+    # engines that serve it (``next_turn``), from the answer ``a`` gave.
+    p["M1"] = alphabet_document(12, 500, tok)
+    p["S2"] = alphabet_document(13, 300, tok)
     return p
 
 
@@ -138,9 +157,12 @@ def runs(tmp_path_factory, smollm2_dir, prompts):
            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
            "kv_connector_extra_config": {"socket": daemon.socket, "namespace": "e2e", "timeout_s": 2.0}}
     snap = lambda tag: {"op": "snapshot", "socket": daemon.socket, "tag": tag}  # noqa: E731
+    next_turn = {"op": "next_turn", "name": "M2", "first": "M1", "answer": flag("m1_answer.json"), "message": "S2"}
     programs = {
-        "ref": (None, False, [{"op": "generate", "names": sorted(prompts)}]),
+        "ref": (None, False, [{"op": "generate", "names": sorted(set(prompts) - {"M1", "S2"})}, next_turn]),
         "a": (kvd, False, [
+            {"op": "generate", "names": ["M1"], "max_tokens": 400},
+            {"op": "dump_answer", "name": "M1", "path": flag("m1_answer.json")},
             {"op": "generate", "names": ["P1", "P3", "P5", "P6", "P8", "P10", "P11"]},
             {"op": "touch", "path": flag("a_stored")},
             {"op": "wait", "path": flag("b_stored")},
@@ -149,6 +171,7 @@ def runs(tmp_path_factory, smollm2_dir, prompts):
         "b": (kvd, True, [
             {"op": "wait", "path": flag("a_stored")},
             {"op": "generate", "names": ["P3", "P10"]},
+            next_turn,
             {"op": "generate", "names": ["P4"]},
             {"op": "touch", "path": flag("b_stored")},
             {"op": "wait", "path": flag("a_exited")},
@@ -260,6 +283,16 @@ def test_a_strict_prefix_of_a_stored_prompt_loads_down_to_its_last_block(runs):
     assert out(runs, "a", "P11")["num_cached_tokens"] == 0
     assert out(runs, "a", "P9")["num_cached_tokens"] == 640
     assert same_as_ref(runs, "a", "P9")
+
+
+def test_next_turn_loads_the_previous_answer_saved_by_decode_steps(runs):
+    """M2 = M1 (500 tokens) + ``a``'s 400-token answer + 300 new tokens. ``a`` stored M1's chunk 0 at
+    prefill and chunks 1 and 2 (prompt tail + answer, [256, 768)) as its decode steps completed them
+    (``save_decode``): ``b``, which never saw M1, loads 768 tokens; prompt-only saving would give 256.
+    Its output equals the reference engine's full prefill of M2."""
+    assert out(runs, "b", "M2")["prompt_tokens"] == 1200
+    assert out(runs, "b", "M2")["num_cached_tokens"] == 768
+    assert same_as_ref(runs, "b", "M2")
 
 
 def test_daemon_killed_mid_run_requests_complete_correctly(runs):

@@ -19,7 +19,7 @@ from kvd.connectors.vllm.scheduler import SchedulerPlanner, salted_namespace
 from kvd.connectors.vllm.settings import ConnectorSettings, open_session
 from kvd.core import protocol as P
 from kvd.core.errors import ConfigError
-from kvd.core.keys import ModelSpec, prefix_aliases, prefix_tail_hash
+from kvd.core.keys import ModelSpec, prefix_aliases, prefix_hashes, prefix_tail_hash
 from tests.client.recording import RecordingClient
 from tests.daemon_proc import DaemonProc
 
@@ -168,6 +168,44 @@ def test_resumed_request_replaces_its_blocks_and_load_errors_resave(daemon):
     p.on_load_errors({22})
     plan = p.build(step(cached=[("r", None, 0, False)], scheduled={"r": 700}))
     assert [(s.first_chunk, len(s.hashes), s.last_tokens) for s in plan.saves] == [(1, 2, 128)]
+
+
+def test_decode_steps_save_the_chunks_generated_tokens_complete(daemon):
+    """save_decode: chunks of prompt + answer are keyed as the next turn's prompt keys them."""
+    prompt = tokens(600, 21)  # 2 full chunks, no tail (587 tokens after them round down to no block)
+    answer = tokens(500, 22)
+    r = request("r", prompt, all_token_ids=list(prompt))
+    p = planner(daemon)
+    assert p.num_new_matched_tokens(r, 0) == 0
+    blocks = list(range(40, 49))
+    plan = p.build(step(new=[("r", blocks, 0)], scheduled={"r": 600}))
+    assert [(s.first_chunk, len(s.hashes)) for s in plan.saves] == [(0, 2)]
+
+    def decode(computed: int, known: int):  # one decode step; ``known`` ids are final (async: fewer)
+        r.all_token_ids[:] = (prompt + answer)[:known]
+        return p.build(step(cached=[("r", None, computed, False)], scheduled={"r": 1})).saves
+
+    for computed in range(600, 766):
+        assert decode(computed, computed + 1) == ()
+    # The step that computes position 767 completes chunk 2, but under async scheduling the id of its
+    # last token is a placeholder yet: the chunk waits for it.
+    assert decode(767, 767) == ()
+    (save,) = decode(768, 769)
+    turn2 = (prompt + answer)[:768] + tokens(300, 23)  # the next turn: prompt, answer, new message
+    keys = prefix_hashes(turn2, chunk_tokens=C, namespace="plan", fingerprint=p.session.handle().fingerprint)
+    assert (save.first_chunk, save.hashes, save.last_tokens) == (2, (keys[2],), 0)
+    assert save.block_ids == tuple(blocks) and save.prompt_tokens == 769
+    assert save.aliases == tuple(tuple(a) for a in prefix_aliases(
+        turn2, keys[2:3], chunk_tokens=C, block_tokens=B, namespace="plan",
+        fingerprint=p.session.handle().fingerprint, first_chunk=2))
+    assert p.session.counters["decode_chunks_planned"] == 1
+    assert decode(769, 770) == ()  # saved once
+    # Off: only the prompt's chunks.
+    off = planner(daemon, save_decode=False)
+    r2 = request("r2", prompt, all_token_ids=prompt + answer)
+    off.num_new_matched_tokens(r2, 0)
+    assert [(s.first_chunk, len(s.hashes)) for s in off.build(step(new=[("r2", blocks, 0)], scheduled={"r2": 600})).saves] == [(0, 2)]
+    assert off.build(step(cached=[("r2", None, 1023, False)], scheduled={"r2": 1})).saves == ()
 
 
 def test_roles_limit_loads_and_saves(daemon):
