@@ -153,9 +153,14 @@ def engine_main(job_path: str, reply_fd: int) -> None:
             kind, upto = cmd["name"].split(":")
             reply.write(json.dumps(llm.collective_rpc(fn, args=(kind, int(upto)))[0]) + "\n")
             continue
+        params = check if cmd["op"] == "check" else first  # "time": the first token only
+        if cmd["op"] == "answer":  # a long answer (a conversation's turn; EOS ignored): benchmarks/vllm_multiturn.py
+            params = SamplingParams(temperature=0.0, max_tokens=cmd["max_tokens"], ignore_eos=True, logprobs=1)
+        prompt = {"prompt_token_ids": prompts[cmd["name"]]}
+        if cmd.get("salt"):  # vLLM's cache salt: its own prefix cache and kvd's namespace both include it
+            prompt["cache_salt"] = cmd["salt"]
         t0 = time.perf_counter()
-        (r,) = llm.generate([{"prompt_token_ids": prompts[cmd["name"]]}], check if cmd["op"] == "check" else first,
-                            use_tqdm=False)
+        (r,) = llm.generate([prompt], params, use_tqdm=False)
         dt = time.perf_counter() - t0
         c = r.outputs[0]
         reply.write(json.dumps({"s": dt, "cached": r.num_cached_tokens, "token_ids": list(c.token_ids),
@@ -193,8 +198,8 @@ class Engine:
             raise RuntimeError(f"engine {self.name} died:\n{self.log_path.read_text()[-4000:]}")
         return json.loads(line)
 
-    def ask(self, op: str, name: str) -> dict:
-        self.proc.stdin.write(json.dumps({"op": op, "name": name}) + "\n")
+    def ask(self, op: str, name: str, **extra) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, "name": name, **extra}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
