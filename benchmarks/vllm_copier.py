@@ -46,8 +46,8 @@ def cpu_write(isa: str):
     """vLLM's CPU cache write for ``isa`` (what the connector probes and, for loads, may adopt)."""
     import vllm._custom_ops as ops
 
-    def write(key, value, kv, slots):
-        kc, vc = kv.view(kv.shape[0], H, 2 * N, D).chunk(2, dim=2)
+    def write(key, value, kv, slots):  # as vLLM's do_kv_cache_update: shaped from kv (a head view too)
+        kc, vc = kv.view(kv.shape[0], kv.shape[1], 2 * kv.shape[2], -1).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
 
     return write

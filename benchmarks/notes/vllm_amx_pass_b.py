@@ -6,9 +6,11 @@ Same shape as ``benchmarks/vllm_copier.py`` (SmolLM2-135M, 4,096 tokens, 16 entr
 numpy's strided copy, pass B by ``cpu_attn_reshape_and_cache`` (both halves); and for ``vec`` the
 two pass Bs as well. Checks first: the kernel's pass B leaves the same bytes as the strided one. Then
 ``amx_one_extent_loads``: whole loads of entries without a head map, straight from the extents to the
-kernel (pass A skipped), through the staging, and strided (medians of interleaved rounds).
+kernel (pass A skipped), through the staging, and strided (medians of interleaved rounds);
+``amx_two_extent_loads`` the same for entries whose heads a head map splits in two extents (heads [0:1]
+and [1:3] of every layer), each written by the kernel into a head view of the layer.
 
-``python benchmarks/notes/vllm_amx_pass_b.py`` -> ``benchmarks/results/vllm_amx_pass_b.json``.
+``python benchmarks/notes/vllm_amx_pass_b.py [OUT]`` -> ``benchmarks/results/vllm_amx_pass_b.json`` or OUT.
 """
 
 from __future__ import annotations
@@ -68,16 +70,22 @@ def phases(isa: str) -> dict:
     return {"layout": lay.name, **{k: round(v * 1e3 / ROUNDS, 2) for k, v in acc.items()}, "checked": True}
 
 
-def one_extent_loads() -> dict:
-    """Whole 4K loads into the ``amx`` packing of entries without a head map (one extent each, as
-    ``vllm_e2e``'s): straight from the extents to vLLM's write (the connector's path), through the
-    staging, and the strided copy; the three checked equal first, then timed in turn."""
+def extent_loads(global_heads: list[int] | None) -> dict:
+    """Whole 4K loads into the ``amx`` packing: straight from the extents to vLLM's write (the
+    connector's path), through the staging, and the strided copy; the three checked equal first, then
+    timed in turn. ``global_heads`` None: entries without a head map (one extent each, as
+    ``vllm_e2e``'s); else a head map with those heads global in every layer, the others local (two
+    extents per entry, each a consecutive run of heads: the direct path writes each into a head view
+    of the layer, checked at start as the connector does, ``EngineLoads._split_write_ok``)."""
     from kvd.connectors.vllm.copy import Piece
     from kvd.core.extents import plan_extents
+    from kvd.core.headmap import HeadMap
     from kvd.core.keys import ModelSpec
 
     lay = VC.layout_of("amx")
-    plans = plan_extents(ModelSpec("m", num_layers=L, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16"), None,
+    hm = None if global_heads is None else HeadMap.from_classes(
+        "m", [[h in global_heads for h in range(H)]] * L, sink=4, window=1024)
+    plans = plan_extents(ModelSpec("m", num_layers=L, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16"), hm,
                          VC.CHUNK)
     g = torch.Generator().manual_seed(0)
     ext = [[(p, torch.randn(p.num_segments, 2, VC.CHUNK, D, generator=g).bfloat16()) for p in plans.values()]
@@ -86,6 +94,8 @@ def one_extent_loads() -> dict:
     pieces = [Piece(blocks[c], 0, VC.CHUNK, ext[c]) for c in range(VC.CHUNKS)]
     cp = make_copier(lay, torch.zeros(1, H, N, 2 * D, dtype=torch.bfloat16))
     write = VC.cpu_write("amx")
+    cp.engine_split = cp._split_write_ok(write, torch.zeros(2 * VC.CHUNKS + 10, H, N, 2 * D).bfloat16())
+    assert cp.engine_split and all(cp._direct_rows(pieces[0], i) is not None for i in range(L))
     direct = cp._write_direct
 
     def mode(name: str) -> None:
@@ -109,7 +119,8 @@ def one_extent_loads() -> dict:
             for i in range(L):
                 cp.load_layer(layers[i], i, pieces)
             out.setdefault(f"{name}_load_ms", []).append((time.perf_counter() - t0) * 1e3)
-    return {k: round(sorted(v)[len(v) // 2], 2) for k, v in out.items()} | {"checked": True}
+    return {k: round(sorted(v)[len(v) // 2], 2) for k, v in out.items()} | {
+        "extents_per_entry": len(plans), "checked": True}
 
 
 def main() -> None:
@@ -120,9 +131,10 @@ def main() -> None:
         res[isa] = phases(isa)
         print(isa, json.dumps(res[isa]), flush=True)
     if "amx" in res:
-        res["amx_one_extent_loads"] = one_extent_loads()
-        print("amx_one_extent_loads", json.dumps(res["amx_one_extent_loads"]), flush=True)
-    out = ROOT / "benchmarks/results/vllm_amx_pass_b.json"
+        for key, heads in (("amx_one_extent_loads", None), ("amx_two_extent_loads", [0])):
+            res[key] = extent_loads(heads)
+            print(key, json.dumps(res[key]), flush=True)
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "benchmarks/results/vllm_amx_pass_b.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -143,7 +143,10 @@ class KvdConnector(KVConnectorBase_V1):
                                recompute_failures=self._kv_transfer_config.kv_load_failure_policy == "recompute")
         logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s%s", len(names), layout.name,
                     self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__,
-                    ", loads packed by the engine's cache write" if by_engine else "")
+                    ", loads packed by the engine's cache write" + (
+                        ", head-split entries straight from their extents" if copier.engine_split else
+                        ", head-split entries through the staging (its write failed the head-view check)")
+                    if by_engine else "")
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -22,6 +22,7 @@ class Piece:
     t1: int
     extents: list[tuple[ExtentPlan, torch.Tensor]]  # per head class: plan, [num_segments, 2, T, D] view
     _arrays: list | None = field(default=None, init=False, repr=False)
+    _tokens_major: list | None = field(default=None, init=False, repr=False)
     sums: list | None = field(default=None, init=False, repr=False)  # per extent: a running xxh3, or None
 
     def arrays(self) -> list:
@@ -30,6 +31,14 @@ class Piece:
         if self._arrays is None:
             self._arrays = [(e[0], numpy_view(e[1])) for e in self.extents]
         return self._arrays
+
+    def tokens_major(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per extent, its K and V of tokens ``[t0, t1)`` as ``[tokens, segments, D]`` views (what an
+        engine's cache write takes as keys and values once sliced to a layer's rows), made once."""
+        if self._tokens_major is None:
+            self._tokens_major = [(v[:, 0, self.t0 : self.t1].permute(1, 0, 2), v[:, 1, self.t0 : self.t1].permute(1, 0, 2))
+                                  for _, v, *_ in self.extents]
+        return self._tokens_major
 
 
 class LayerRows:

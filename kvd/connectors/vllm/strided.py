@@ -5,14 +5,14 @@ probed ``BlockLayout`` by ``half_models``. The other copiers are in ``kvd.connec
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvd.client.views import copy_block, numpy_view
-from kvd.connectors.vllm.layout import BlockLayout, WriteFn
+from kvd.connectors.vllm.engine_loads import EngineLoads
+from kvd.connectors.vllm.layout import BlockLayout
 from kvd.connectors.vllm.pieces import LayerRows, Piece
 
 
@@ -87,7 +87,7 @@ def _positions(m: _HalfModel, H: int) -> torch.Tensor:
 _WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # bytes moved as one element -> dtype
 
 
-class StridedCopier:
+class StridedCopier(EngineLoads):
     """Layouts that are strided views of a block (every layout seen: vec, vec16, amx; LBHNC, LBNHC).
 
     Per layer, two passes through a token-ordered canonical staging buffer ``[H, 2, T, D]`` (reused,
@@ -103,7 +103,8 @@ class StridedCopier:
     (``benchmarks/vllm_copier.py``; a memcpy of the same bytes: 6.5 ms). Stores run the same passes
     backwards (always whole blocks). Loads may run pass B through the engine's own cache write instead
     (``adopt_engine_write``: where it measures faster at start, as for ``amx``), straight from the
-    extents when each holds all of a layer's heads (``_write_direct``: no head map, no pass A)."""
+    extents, without pass A, when a piece's extents hold each of a layer's heads once in consecutive
+    runs (``_write_direct``; ``EngineLoads`` in ``kvd.connectors.vllm.engine_loads``)."""
 
     partial_blocks = True  # a load may end inside a block
 
@@ -112,10 +113,7 @@ class StridedCopier:
         self.models = models
         self.rows = LayerRows()
         self._buf: torch.Tensor | None = None
-        # Pass B of loads through the engine's own cache write (``adopt_engine_write``), or None: numpy.
-        self.engine_write: WriteFn | None = None
-        self._slots_key: tuple | None = None
-        self._slots: list[torch.Tensor] = []
+        super().__init__()
 
     def _staging(self, kv_layer: torch.Tensor, pieces: Sequence[Piece]) -> torch.Tensor:
         """``[H, 2, T, D]`` with each piece padded to whole blocks, from a buffer kept across calls."""
@@ -244,104 +242,6 @@ class StridedCopier:
         for j, b, r in partial:
             for src, dst in self._partial_pairs(stage, kv_layer, j, b, r):
                 copy_block(dst, src, non_blocking=False)
-
-    def _piece_slots(self, pieces: Sequence[Piece]) -> list[torch.Tensor]:
-        """Each piece's slots (block * N + token of its loaded tokens). The same for every layer of a
-        load: kept for the last pieces seen."""
-        key = tuple((tuple(p.block_ids), p.t0, p.t1) for p in pieces)
-        if self._slots_key != key:
-            N = self.layout.block_tokens
-            self._slots_key, self._slots = key, [
-                torch.cat([torch.arange(b * N, b * N + min(N, p.t1 - p.t0 - i * N)) for i, b in enumerate(p.block_ids)])
-                for p in pieces]
-        return self._slots
-
-    def _engine_runs(self, pieces: Sequence[Piece]) -> list[tuple[int, int, torch.Tensor]]:
-        """``(first, end, slots)`` per run of consecutive staged tokens that hold loaded tokens (a piece
-        that ends inside its last block ends a run): the pieces' slots, joined where they run on."""
-        runs: list[tuple[int, int, list[torch.Tensor]]] = []
-        j = 0
-        for p, slots in zip(pieces, self._piece_slots(pieces)):
-            n = p.t1 - p.t0
-            if runs and runs[-1][1] == j:
-                runs[-1] = (runs[-1][0], j + n, runs[-1][2] + [slots])
-            else:
-                runs.append((j, j + n, [slots]))
-            j += len(p.block_ids) * self.layout.block_tokens
-        return [(a, b, parts[0] if len(parts) == 1 else torch.cat(parts)) for a, b, parts in runs]
-
-    def _write_direct(self, write: WriteFn, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> bool:
-        """Pass A skipped: when every piece holds all of this layer's heads, in order, in one extent (an
-        entry without a head map has one), its rows are already ``[H, 2, T, D]`` and go to the engine's
-        ``write`` as strided keys and values; each piece's rows are hashed after (``sums``). False, and
-        nothing written, otherwise."""
-        rows = []
-        for p in pieces:
-            if len(p.extents) != 1:
-                return False
-            s0, s1, heads = self.rows(p.extents[0][0], layer)
-            if heads != slice(0, self.layout.num_heads):
-                return False
-            rows.append((s0, s1))
-        for p, (s0, s1), slots in zip(pieces, rows, self._piece_slots(pieces)):
-            src = p.extents[0][1][s0:s1, :, p.t0 : p.t1]
-            write(src[:, 0].permute(1, 0, 2), src[:, 1].permute(1, 0, 2), kv_layer, slots)
-            if p.sums is not None and p.sums[0] is not None:
-                p.sums[0].update(p.arrays()[0][1][s0:s1])
-        return True
-
-    def _write_by_engine(self, write: WriteFn, stage: torch.Tensor, kv_layer: torch.Tensor,
-                         pieces: Sequence[Piece]) -> None:
-        """Pass B by the engine's cache ``write``: each run of staged tokens, as keys and values
-        ``[tokens, H, D]`` (views of the staging), to their slots."""
-        for a, b, slots in self._engine_runs(pieces):
-            write(stage[:, 0, a:b].permute(1, 0, 2), stage[:, 1, a:b].permute(1, 0, 2), kv_layer, slots)
-
-    def adopt_engine_write(self, write: WriteFn, kv_layer: torch.Tensor, *, blocks: int = 32,
-                           repeats: int = 3) -> bool:
-        """Use the engine's own cache write (``write``, as ``probe_block_layout`` takes it) for pass B of
-        loads where, on scratch blocks shaped like ``kv_layer``'s, it writes the same bytes as the
-        strided copy and is faster; returns whether it does. Why: for a packing whose contiguous runs are
-        2 bytes (vLLM's ``amx`` V: VNNI pairs of tokens) numpy's strided copy moves one element at a
-        time, and the engine's vectorized kernel is faster: pass B of a 4K SmolLM2 load took 51 ms with
-        numpy and 19 ms with the kernel on a Sapphire Rapids VM (2026-12-07); for ``vec`` numpy was the
-        faster (19 vs 30 ms; ``benchmarks/results/vllm_amx_pass_b.json``), hence a measurement, not a
-        rule. Loads only: the engine has no read kernel, so stores keep the strided copy."""
-        self.engine_write = None
-        if kv_layer.device.type != "cpu":
-            return False
-        N = self.layout.block_tokens
-        scratch = torch.zeros((blocks, *kv_layer.shape[1:]), dtype=kv_layer.dtype)
-        stage = torch.randn(self.layout.num_heads, 2, blocks * N, self.layout.head_dim).to(kv_layer.dtype)
-        pieces = [Piece(list(range(blocks)), 0, blocks * N - N // 2, [])]  # ends inside its last block
-
-        def strided() -> None:
-            self._pass_b(stage, scratch, pieces)
-
-        def engine() -> None:
-            self._write_by_engine(write, stage, scratch, pieces)
-
-        try:
-            strided()
-            want = scratch.clone()
-            scratch.zero_()
-            engine()
-            if not torch.equal(scratch.view(torch.uint8), want.view(torch.uint8)):  # bytes: -0.0 is not 0.0
-                return False
-        except Exception:  # an engine write that cannot take these views: keep the strided copy
-            return False
-
-        def best(fn) -> float:
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        if best(engine) < 0.9 * best(strided):
-            self.engine_write = write
-        return self.engine_write is not None
 
     def save_layer(self, kv_layer: torch.Tensor, layer: int, pieces: Sequence[Piece]) -> None:
         stage = self._staging(kv_layer, pieces)

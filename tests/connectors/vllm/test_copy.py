@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import xxhash
 
+from kvd.client.views import numpy_view
 from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece, StridedCopier, make_copier
 from kvd.connectors.vllm.layout import known_layout, probe_block_layout
 from kvd.core.extents import plan_extents
@@ -117,50 +119,165 @@ def test_probe_matches_vllm_cpu_write_kernel_on_every_isa():
         assert torch.equal(back[1], kv[2])
 
 
-@pytest.mark.parametrize("two_classes", [False, True], ids=["one_extent", "two_extents"])
-def test_loads_packed_by_vllm_cpu_write_kernel_equal_the_strided_copy(two_classes):
+def vllm_write(ops, isa: str):
+    """vLLM's CPU ``do_kv_cache_update``: the cache shaped from ``kv`` itself, so a head view works too."""
+
+    def write(key, value, kv, slots):
+        kc, vc = kv.view(kv.shape[0], kv.shape[1], 2 * kv.shape[2], -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
+
+    return write
+
+
+def shifted_write(write):
+    """``write`` as a kernel that ignores where a head view starts: its heads land on the first heads."""
+
+    def shifted(key, value, kv, slots):
+        write(key, value, torch.as_strided(kv, kv.shape, kv.stride(), kv.storage_offset() // kv.stride(0) * kv.stride(0)),
+              slots)
+
+    return shifted
+
+
+HEAD_SPLITS = {  # per layer, which of 3 heads are global (None: no head map, one extent)
+    "one_extent": None,
+    "two_extents": [[True, False, False], [False, False, True]],  # layer 0: [0:1] | [1:3]; 1: [2:3] | [0:2]
+    "not_consecutive": [[True, False, True], [True, True, False]],  # layer 0: heads [0, 2] in one extent
+}
+
+
+def head_split_load(split: str, dtype):
+    """Pieces of a 3-head, 2-layer model loaded into blocks of 32 tokens: one ending inside its block
+    in the middle of the load, one whole, one ending inside its last block."""
+    Hn, Nn, Dn = 3, 32, 64
+    spec = ModelSpec("m", num_layers=2, num_kv_heads=Hn, head_dim=Dn, kv_dtype=str(dtype)[6:])
+    grid = HEAD_SPLITS[split]
+    hm = HeadMap.from_classes("m", grid, sink=4, window=16) if grid else None
+    plans = list(plan_extents(spec, hm, 2 * Nn).values())
+    assert len(plans) == (1 if grid is None else 2)
+    g = torch.Generator().manual_seed(3)
+    segs = [[(p, torch.randn(p.num_segments, 2, 2 * Nn, Dn, generator=g).to(dtype)) for p in plans] for _ in range(3)]
+    return [Piece([9, 3], 0, 2 * Nn - 5, segs[0]), Piece([5, 6], 0, 2 * Nn, segs[1]), Piece([0, 11], 0, Nn + 7, segs[2])]
+
+
+def load_all(copier, kv, pieces, *, staged: bool = False):
+    """A fresh load of every layer, its blocks and each extent's checksum (``Piece.sums``)."""
+    if staged:
+        copier._write_direct = lambda *a: False
+    out = [torch.zeros_like(kv) for _ in range(2)]
+    for p in pieces:
+        p.sums = [xxhash.xxh3_64() for _ in p.extents]
+    for layer in range(2):
+        copier.load_layer(out[layer], layer, pieces)
+    copier.__dict__.pop("_write_direct", None)
+    return out, [[h.hexdigest() for h in p.sums] for p in pieces]
+
+
+def same_bytes(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
+
+
+def assert_heads_hold_their_rows(copier, layers, pieces) -> None:
+    """Each loaded token of each head holds that head's rows of its extent (read back through the
+    probed layout), and the tokens after a piece's end in its last block stay zero."""
+    N, H = copier.layout.block_tokens, copier.layout.num_heads
+    for layer, kv in enumerate(layers):
+        for p in pieces:
+            for i, b in enumerate(p.block_ids):
+                r = min(N, p.t1 - p.t0 - i * N)
+                canon = kv[b].reshape(-1)[copier.layout.to_canon].view(H, 2, N, -1)
+                for plan, seg in p.extents:
+                    s0, s1 = plan.layer_span(layer)
+                    for k, (_, h) in enumerate(plan.heads[s0:s1]):
+                        want = seg[s0 + k, :, p.t0 + i * N : p.t0 + i * N + r]
+                        assert torch.equal(canon[h, :, :r], want), (layer, b, plan.head_class, h)
+                assert not canon[:, :, r:].any(), (layer, b)
+
+
+@pytest.mark.parametrize("split", HEAD_SPLITS)
+def test_loads_packed_by_vllm_cpu_write_kernel_equal_the_strided_copy(split):
     """``adopt_engine_write``: loads packed by vLLM's own CPU cache write give the same bytes as the
     strided copy on every ISA, with a piece that ends inside its block in the middle of a load (two
-    runs of staged tokens) and one at its end: straight from the extents when each holds all of a
-    layer's heads (no head map), through the staging when a head map splits them (two extents); a
-    write that loses bytes is never adopted."""
+    runs of staged tokens) and one at its end. Straight from the extents (no staging) when a piece's
+    extents hold each of a layer's heads once, in consecutive runs: one extent (no head map), or two
+    of a head map, each written into a head view of the layer, which vLLM's write honours (checked at
+    adoption: ``engine_split``); through the staging where an extent's heads are not consecutive. Every
+    path leaves each head's own rows (not another's) and the same checksums per extent as the staged
+    path, which are the extents' own; a write that loses bytes is never adopted."""
     ops, isas = vllm_cpu_isas()
-    Hn, Nn, Dn = 2, 32, 64
-    spec = ModelSpec("m", num_layers=1, num_kv_heads=Hn, head_dim=Dn, kv_dtype="bfloat16")
-    hm = HeadMap.from_classes("m", [[True, False]], sink=4, window=16) if two_classes else None
-    plans = list(plan_extents(spec, hm, 2 * Nn).values())
-    assert len(plans) == (2 if two_classes else 1)
-    g = torch.Generator().manual_seed(3)
-    segs = [[(p, torch.randn(p.num_segments, 2, 2 * Nn, Dn, generator=g).bfloat16()) for p in plans]
-            for _ in range(3)]
     for isa, dtype in isas:
-        if dtype != torch.bfloat16:
-            continue
-
-        def write(key, value, kv, slots, isa=isa):
-            kc, vc = kv.view(kv.shape[0], Hn, 2 * Nn, Dn).chunk(2, dim=2)
-            ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
-
-        kv = torch.zeros(12, Hn, Nn, 2 * Dn, dtype=dtype)
+        write = vllm_write(ops, isa)
+        pieces = head_split_load(split, dtype)
+        kv = torch.zeros(12, 3, 32, 128, dtype=dtype)
         copier = make_copier(probe_block_layout(write, kv), kv)
         copier.adopt_engine_write(write, kv, blocks=4, repeats=1)  # adopted or not: measured, either is right
-        pieces = [Piece([9, 3], 0, 2 * Nn - 5, segs[0]),  # ends inside block 3: a second run follows
-                  Piece([5, 6], 0, 2 * Nn, segs[1]), Piece([0, 11], 0, Nn + 7, segs[2])]
-        want, got = torch.zeros_like(kv), torch.zeros_like(kv)
+        assert copier.engine_split, f"vLLM's {isa} write no longer honours head views: update EngineLoads' docstring"
         copier.engine_write = None
-        copier.load_layer(want, 0, pieces)
+        want, _ = load_all(copier, kv, pieces)
         copier.engine_write = write
-        direct = copier._write_direct(write, got, 0, pieces)
-        assert direct is not two_classes, isa
-        got.zero_()
-        copier.load_layer(got, 0, pieces)
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), isa
-        assert [(a, b) for a, b, _ in copier._engine_runs(pieces)] == [(0, 2 * Nn - 5), (2 * Nn, 5 * Nn + 7)]
+        staged, staged_sums = load_all(copier, kv, pieces, staged=True)
+        got, sums = load_all(copier, kv, pieces)
+        assert copier._write_direct(write, torch.zeros_like(kv), 0, pieces) is (split != "not_consecutive")
+        assert copier._write_direct(write, torch.zeros_like(kv), 1, pieces)
+        assert same_bytes(got, want) and same_bytes(staged, want), (isa, dtype)
+        assert_heads_hold_their_rows(copier, got, pieces)
+        assert sums == staged_sums == [[xxhash.xxh3_64_hexdigest(numpy_view(v)) for _, v in p.extents] for p in pieces]
+        assert [(a, b) for a, b, _ in copier._engine_runs(pieces)] == [(0, 59), (64, 167)]
 
         def lossy(key, value, kv, slots, write=write):  # forgets the last token
             write(key[:-1], value[:-1], kv, slots[:-1])
 
         assert not copier.adopt_engine_write(lossy, kv, blocks=4, repeats=1) and copier.engine_write is None
+
+
+def test_head_split_loads_need_a_write_that_honours_head_views():
+    """A write that puts a head view's keys at the layer's first heads (as a kernel that ignores the
+    view's offset would), or that cannot take a head view, still serves loads of whole layers but is
+    not used for head-split ones: ``engine_split`` stays off and they go through the staging. Forced
+    on anyway, the direct path would write the wrong heads, which the byte comparison catches."""
+    ops, isas = vllm_cpu_isas()
+    isa, dtype = isas[-1]  # amx where the CPU has it
+    good = vllm_write(ops, isa)
+    shifted = shifted_write(good)
+
+    def whole_layer_only(key, value, kv, slots):
+        kc, vc = kv.view(kv.shape[0], 3, 2 * kv.shape[2], -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
+
+    pieces = head_split_load("two_extents", dtype)
+    kv = torch.zeros(12, 3, 32, 128, dtype=dtype)
+    copier = make_copier(probe_block_layout(good, kv), kv)
+    want, _ = load_all(copier, kv, pieces)
+    for write in (shifted, whole_layer_only):
+        copier.adopt_engine_write(write, kv, blocks=4, repeats=1)
+        assert not copier.engine_split, write.__name__
+        copier.engine_write = write
+        assert not copier._write_direct(write, torch.zeros_like(kv), 0, pieces)
+        got, _ = load_all(copier, kv, pieces)
+        assert same_bytes(got, want), write.__name__
+    copier.engine_split = True  # the check bypassed: the view's heads land on heads 0.. instead
+    copier.engine_write = shifted
+    got, _ = load_all(copier, kv, pieces)
+    assert not same_bytes(got, want)
+    with pytest.raises(AssertionError):
+        assert_heads_hold_their_rows(copier, got, pieces)
+
+
+def test_head_view_check_of_many_heads_covers_each_start_and_count():
+    """Above 8 heads the start-up check writes each head alone and every prefix and suffix (not all
+    ranges): 12 heads, 32 writes; a write that shifts views to the first heads still fails it."""
+    ops, isas = vllm_cpu_isas()
+    isa, dtype = isas[-1]
+    good, calls = vllm_write(ops, isa), []
+
+    def counted(key, value, kv, slots):
+        calls.append(kv.shape[1])
+        good(key, value, kv, slots)
+
+    kv = torch.zeros(4, 12, 32, 128, dtype=dtype)
+    copier = make_copier(probe_block_layout(good, kv), kv)
+    assert copier._split_write_ok(counted, kv) and len(calls) == 32 and sorted(set(calls)) == list(range(1, 12))
+    assert not copier._split_write_ok(shifted_write(good), kv)
 
 
 # ---- copiers ------------------------------------------------------------------------------------
