@@ -61,6 +61,9 @@ class DaemonSettings(_Section):
     # KV heads, and KV bytes per token (2 × layers × KV heads × head_dim × dtype bytes).
     max_model_heads: int = Field(default=16384, gt=0)
     max_model_kv_bytes_per_token: Size = ByteSize(8 << 20)
+    # The full pass of Python's garbage collector over everything, frozen objects included, every this
+    # many seconds (0: never); between passes full collections scan only new objects (kvd.daemon.collector).
+    gc_full_interval_s: float = Field(default=600.0, ge=0, le=86400)
 
     @field_validator("socket_mode", mode="before")
     @classmethod

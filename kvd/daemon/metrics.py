@@ -210,6 +210,10 @@ class Metrics:
                                            ["codec", "op"], registry=r)
         self.codec_seconds = Counter("kvd_codec_seconds", "Seconds spent in a codec", ["codec", "op"], registry=r)
         self.errors = Counter("kvd_errors", "Handled failures by kind", ["kind"], registry=r)
+        self.gc_pauses = Histogram("kvd_gc_pause_seconds", "Pauses of Python's cyclic garbage collector by generation "
+                                   "(maintenance: the periodic full pass; kvd.daemon.collector)", ["generation"],
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.gc_frozen = Gauge("kvd_gc_frozen_objects", "Objects frozen out of the collector's scans", registry=r)
         self._init_children()
 
     def _init_children(self) -> None:
@@ -220,6 +224,8 @@ class Metrics:
             self.leases_expired.labels(reason)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
+        for generation in ("0", "1", "2", "maintenance"):  # kvd.daemon.collector.GENERATIONS
+            self.gc_pauses.labels(generation)
         for codec in CODEC_NAMES.values():
             self.codec_raw_bytes.labels(codec, "encode")
             self.codec_encoded_bytes.labels(codec, "encode")  # decodes count raw bytes and seconds only

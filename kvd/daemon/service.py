@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import resource
@@ -45,6 +44,7 @@ from kvd.daemon.api import (
     metrics_routes,
 )
 from kvd.daemon.build import build_tiers, join_remote_later
+from kvd.daemon.collector import Collector
 from kvd.daemon.frames import ControlServer
 from kvd.daemon.metrics import Metrics
 from kvd.daemon.systemd import Notifier
@@ -285,17 +285,15 @@ class Daemon:
         except BaseException:
             await self.shutdown()
             raise
-        # The daemon's own process from here on (an embedded one is started with start()): everything
-        # built so far lives as long as the process (the imports, the recovered index, the tiers'
-        # clients). Frozen, it leaves the cyclic collector's scans, so a full collection while serving,
-        # which stops every client's request for its length, scans only what came after. (With a
-        # 4K-entry index on the 2-core box the start-up's full collections took 13-30 ms, growing
-        # with the heap.)
-        gc.collect()
-        gc.freeze()
+        # The daemon's own process from here on (an embedded one is started with start()): the garbage
+        # collector's full passes scan only objects allocated since the last one (kvd.daemon.collector).
+        m = self.app[METRICS]
+        collector = Collector(m.gc_pauses, m.gc_frozen, self.settings.daemon.gc_full_interval_s)
+        collector.start()
         dog = asyncio.create_task(self._watchdog(), name="kvd-watchdog")
         await self._stop.wait()
         dog.cancel()
+        collector.stop()
         await self.shutdown()
         return 0
 
