@@ -1,17 +1,16 @@
-"""How long a full garbage collection stops the daemon, by index size, with and without the freezing of
+"""How long Python's automatic full garbage collections stop the daemon, by index size, before and after
 ``kvd.daemon.collector``.
 
 A real ``Store`` (host arena only, a tiny model so that 100K entries fit a sparse arena file) is filled
-with N committed prefix entries through ``reserve`` / ``commit``, as engines fill it. Then, per N:
+with N committed prefix entries through ``reserve`` / ``commit``, as engines fill it, with the start-up
+heap frozen (what the daemon did before). Then N/2 more entries are stored and as many of the oldest
+deleted (churn), twice: first as before (``before``: only the start-up heap frozen), then with the
+``Collector`` installed (``after``). During each churn every automatic full collection (generation 2)
+is timed by a ``gc`` callback: how many, the longest and their total. Also: ``maintenance_ms``, the
+periodic full pass over everything (``daemon.gc_full_interval_s``) at that size, and the tracked
+objects per entry (what a full collection walks).
 
-- ``unfrozen_full_ms``: ``gc.collect()`` with the start-up heap frozen and the index not: what every
-  automatic full collection cost a daemon whose index was built after start (before this change the
-  daemon froze only its start-up heap);
-- ``frozen_full_ms``: after ``Collector``'s freeze, 1,000 more entries stored and 1,000 deleted (churn
-  since the last full collection), then ``gc.collect()``: what an automatic full collection costs now;
-- ``tracked_per_entry``: objects the collector tracks per entry (what a full collection walks).
-
-Best of 3 each. Usage: python benchmarks/notes/gc_pauses.py [--sizes 10000 50000 100000]
+Usage: python benchmarks/notes/gc_pauses.py [--sizes 10000 50000 100000]
 Writes benchmarks/results/gc_pauses.json.
 """
 
@@ -56,17 +55,38 @@ async def fill(store: Store, fp: str, n: int, start: int) -> None:
         await store.commit(P.CommitRequest(reservation_id=r.reservation_id))
 
 
-def best_collect_ms(reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        gc.collect()
-        times.append(1000 * (time.perf_counter() - t0))
-    return min(times)
+class Pauses:
+    """Automatic full collections while active: (seconds) each."""
+
+    def __init__(self) -> None:
+        self.full: list[float] = []
+        self.on = False
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self.on and info["generation"] == 2:
+            self.full.append(time.perf_counter() - self._t0)
+
+    def summary(self) -> dict:
+        return {"full_collections": len(self.full), "longest_ms": round(1000 * max(self.full, default=0), 2),
+                "total_ms": round(1000 * sum(self.full), 2)}
+
+
+async def churn(store: Store, fp: str, n: int, first_new: int, first_old: int, pauses: Pauses) -> dict:
+    pauses.full.clear()
+    pauses.on = True
+    for i in range(0, n, 512):
+        k = min(512, n - i)
+        await fill(store, fp, k, first_new + i)
+        store.delete(P.EntriesRequest(hashes=keys(k, first_old + i)))
+    pauses.on = False
+    return pauses.summary()
 
 
 async def measure(n: int, tmp: Path) -> dict:
-    cap = (n + 2048) * 2 * SLOT
+    cap = (2 * n + 2048) * 2 * SLOT
     settings = load_settings(None, environ={}, overrides={"host": {"capacity_bytes": cap, "slot_bytes": SLOT}})
     pool = ThreadPoolExecutor(2)
     host = HostTier(tmp / f"arena-{n}", cap, SLOT)
@@ -74,24 +94,27 @@ async def measure(n: int, tmp: Path) -> dict:
     fp = store.register_model(P.RegisterModelRequest(model_id="gc-toy", num_layers=1, num_kv_heads=1,
                                                      head_dim=8)).fingerprint
     gc.collect()
-    gc.freeze()  # the start-up heap, frozen by the daemon before this change too
+    gc.freeze()  # the start-up heap, as the daemon froze it before this change too
     before = len(gc.get_objects())
     await fill(store, fp, n, 0)
-    gc.collect()
     tracked = (len(gc.get_objects()) - before) / n
-    unfrozen = best_collect_ms()
+    pauses = Pauses()
+    gc.callbacks.append(pauses)
+    half = n // 2
+    old = await churn(store, fp, half, n, 0, pauses)
     m = Metrics()
     c = Collector(m.gc_pauses, m.gc_frozen, full_interval_s=0)
-    c.start()  # collects and freezes everything so far, as the daemon does at start and after each full pass
-    await fill(store, fp, 1000, n)  # churn since that pass
-    store.delete(P.EntriesRequest(hashes=keys(1000, 0)))
-    frozen = best_collect_ms()
+    t0 = time.perf_counter()
+    c.start()  # the full pass over everything: what maintenance costs at this size
+    maintenance = time.perf_counter() - t0
+    new = await churn(store, fp, half, n + half, half, pauses)
     c.stop()
+    gc.callbacks.remove(pauses)
     gc.unfreeze()
     host.close()
     pool.shutdown()
-    return {"entries": n, "tracked_per_entry": round(tracked, 1), "unfrozen_full_ms": round(unfrozen, 2),
-            "frozen_full_ms": round(frozen, 2)}
+    return {"entries": n, "churned": half, "tracked_per_entry": round(tracked, 1), "before": old, "after": new,
+            "maintenance_ms": round(1000 * maintenance, 1)}
 
 
 def main() -> None:

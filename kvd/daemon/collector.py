@@ -11,14 +11,15 @@ holding 100K entries would pause for hundreds of milliseconds.
 
 What. At start the daemon collects and freezes everything built so far (``gc.freeze``: frozen objects
 leave the collector's scans). After every full collection it freezes the survivors again (on the
-event loop, right after the collection), so the next full collection scans only objects allocated
-since: its length follows the allocation between collections, not the size of the index.
+event loop, right after the collection) and resets CPython's count of long-lived objects (``_freeze``),
+so full collections keep coming at the young generations' pace and each scans only what survived
+since the last: its length follows the allocation between collections, not the size of the index.
 
 The price, and how it is bounded. A frozen object is still freed by reference counting, and the
 index's objects form no cycles (an evicted or deleted entry is freed at once: checked in
 ``tests/daemon/test_collector.py``). But a frozen object that later becomes part of an unreachable
 cycle (a request's objects caught in flight by a freeze) is not collected by the automatic passes.
-A maintenance pass every ``daemon.gc_full_interval_s`` (default 600 s; 0: never) unfreezes, collects
+A maintenance pass every ``daemon.gc_full_interval_s`` (default 3600 s; 0: never) unfreezes, collects
 everything and freezes again: one full-length pause per interval instead of one every few seconds
 of load. ``kvd_gc_pause_seconds{generation}`` (0, 1, 2, ``maintenance``) shows every pause and
 ``kvd_gc_frozen_objects`` what is frozen.
@@ -48,7 +49,7 @@ class Collector:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._t0 = 0.0
         self._freeze_pending = False
-        self._maintaining = False  # maintain()'s own collection is timed as "maintenance", not "2"
+        self._ours = False  # a collection of ours (maintain, the freeze): timed as "maintenance" or not at all
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -68,13 +69,13 @@ class Collector:
     def maintain(self) -> int:
         """Unfreeze, collect everything, freeze the survivors; returns the objects collected."""
         t0 = time.perf_counter()
-        self._maintaining = True
+        self._ours = True
         try:
             gc.unfreeze()
             collected = gc.collect()
-            gc.freeze()
+            _freeze()
         finally:
-            self._maintaining = False
+            self._ours = False
         self.pauses.labels("maintenance").observe(time.perf_counter() - t0)
         self.frozen.set(gc.get_freeze_count())
         return collected
@@ -89,7 +90,7 @@ class Collector:
     def _on_gc(self, phase: str, info: dict) -> None:
         # Called by the collector itself, on whichever thread triggered it: only time it and schedule
         # the freeze (freezing from inside a collection is not something CPython documents).
-        if self._maintaining:
+        if self._ours:
             return
         if phase == "start":
             self._t0 = time.perf_counter()
@@ -104,5 +105,20 @@ class Collector:
 
     def _freeze(self) -> None:
         self._freeze_pending = False
-        gc.freeze()
+        self._ours = True
+        try:
+            _freeze()
+        finally:
+            self._ours = False
         self.frozen.set(gc.get_freeze_count())
+
+
+def _freeze() -> None:
+    """Freeze every tracked object, then reset the collector's count of long-lived objects: CPython
+    starts a full collection once the objects that reached the oldest generation since the last one
+    outnumber a quarter of what that one left there, and a freeze does not lower that count. Without
+    the reset, the next full collection would wait for (and scan) a quarter of everything frozen, an
+    index-sized pause again; with it, full collections come at the young generations' pace and scan
+    only what survived since. (The collection after the freeze scans nothing: all is frozen.)"""
+    gc.freeze()
+    gc.collect()

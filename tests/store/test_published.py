@@ -77,6 +77,63 @@ def test_random_changes_read_back_exactly_through_growth_and_tombstones(arena):
     assert int(m.words[F.W_COUNT]) + int(m.words[F.W_TOMBS]) <= m.capacity // 2
 
 
+def _insert_one_by_one(tags: list[int], mask: int) -> dict[int, int]:
+    """The reference: each tag, in order of home slot, at the first free slot from its home (wrapping)."""
+    taken, out = set(), {}
+    for t in sorted(tags, key=lambda t: t & mask):
+        i = t & mask
+        while i in taken:
+            i = (i + 1) & mask
+        taken.add(i)
+        out[t] = i
+    return out
+
+
+@pytest.mark.parametrize("case", ["random", "clustered", "wraps", "full_half", "empty"])
+def test_placing_all_tags_at_once_equals_inserting_them_one_by_one(case):
+    """``F.place`` (the rebuild's vectorized placement) against inserting tags one at a time, including
+    runs that cross the last slot; every tag is then found by a reader's probe within the max probe."""
+    rng = np.random.default_rng(3)
+    bits = 10
+    mask = (1 << bits) - 1
+    n = {"random": 300, "clustered": 200, "wraps": 120, "full_half": 512, "empty": 0}[case]
+    tags = rng.integers(1 << 20, 1 << 62, size=n, dtype=np.int64).astype(np.uint64) | np.uint64(1 << 63)
+    if case == "clustered":  # a few homes only: long runs
+        tags = (tags & ~np.uint64(mask)) | rng.choice([5, 6, 300, 301], size=n).astype(np.uint64)
+    if case == "wraps":  # homes in the last slots: the run wraps past the end
+        tags = (tags & ~np.uint64(mask)) | rng.choice([mask - 3, mask - 1, mask, 0, 2], size=n).astype(np.uint64)
+    tags = np.unique(tags)
+    slots, probe = F.place(tags, mask)
+    want = _insert_one_by_one(tags.tolist(), mask)
+    assert dict(zip(tags.tolist(), slots.tolist())) == want
+    table = np.zeros(mask + 1, dtype=np.uint64)
+    table[slots] = tags
+    assert probe == max(((s - t) & mask for t, s in want.items()), default=0)
+    for t in tags.tolist():  # a reader's probe: from home, no empty slot before the tag, within probe
+        i, steps = t & mask, 0
+        while int(table[i]) != t:
+            assert table[i] != F.EMPTY and steps < probe
+            i, steps = (i + 1) & mask, steps + 1
+
+
+def test_a_rebuild_keeps_every_published_value_and_the_max_probe(arena):
+    rng = random.Random(11)
+    w = IndexWriter(index_path(arena), arena_id=ARENA_ID, chunk_tokens=256, like=arena, capacity=64)
+    keys = [key(rng) for _ in range(200)]
+    truth = {}
+    for i, k in enumerate(keys):  # grows 64 -> 128 -> 256 -> 512 -> 1024 slots on the way
+        truth[k] = F.pack_val(1, 2, True, 256 + i)
+        w.set(k, F.tag_of(F.salt(k[0], k[1]), k[2]), truth[k])
+    for k in keys[::3]:
+        w.remove(k, F.tag_of(F.salt(k[0], k[1]), k[2]))
+        del truth[k]
+    w._rebuild()  # the same size, without tombstones
+    m = reader(w.path)
+    assert m.words[F.W_TOMBS] == 0 and m.words[F.W_COUNT] == len(truth)
+    assert published(m, keys) == truth
+    w.close()
+
+
 def test_the_same_hash_in_two_namespaces_are_two_keys(arena):
     w = IndexWriter(index_path(arena), arena_id=ARENA_ID, chunk_tokens=256, like=arena)
     h = "0f" * 16
