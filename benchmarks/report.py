@@ -203,17 +203,20 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
     ]),
     ("vllm_multiturn", "vLLM: a conversation's next turn (save_decode)", "Real vLLM (CPU build), SmolLM2-135M, "
      "every engine one OpenMP thread on core 0; turn 2 (turn-1 prompt + its generated answer + the question) in a "
-     "fresh engine, after an engine that stored the answer's chunks (save_decode) or the prompt's only; "
+     "fresh engine, after an engine that stored the answer's chunks (save_decode), the prompt's only, or LMCache at its defaults; "
      "correctness gate first (answers equal the recompute of the same tokens, loaded tokens as expected)", [
         ("gate_passed", key("gate_passed"), "true", lambda v: v is True),
         ("turn-2 tokens", key("turn2_tokens"), "", None),
         ("TTFT s, kvd with the answer stored (save_decode)", key("ttft_kvd_decode_saved_s"), "report", None),
         ("TTFT s, kvd with prompt chunks only", key("ttft_kvd_prompt_only_s"), "report", None),
         ("TTFT s, recompute (same engine, unstored salt)", key("ttft_recompute_s"), "report", None),
+        ("TTFT s, LMCache 0.5.6 at its defaults (separate phase, same settings)", key("ttft_lmcache_s"), "report", None),
+        ("tokens LMCache loaded", lambda d: d.get("cached_tokens_lmcache"), "report", None),
+        ("answer stored / LMCache", key("speedup_decode_saved_vs_lmcache"), "report", None),
         ("answer stored / prompt only", key("speedup_decode_saved_vs_prompt_only"), "report", None),
         ("answer stored / recompute", key("speedup_decode_saved_vs_recompute"), "report", None),
-        ("turn-1 answers generated, s: storing the answer / prompt only", lambda d: f"{d['store_decode_s']} / "
-         f"{d['store_prompt_s']}", "report", None),
+        ("turn-1 answers generated, s: kvd storing the answer / prompt only / LMCache", lambda d: f"{d['store_decode_s']}"
+         f" / {d['store_prompt_s']} / {d.get('store_lmcache_s')}", "report", None),
     ]),
     ("vllm_hit_profile", "Where a fresh vLLM engine's kvd hit spends its time (issue 17)", "Real vLLM (CPU build) "
      "in the script's process, SmolLM2-135M, 4,096-token prompts another engine stored, then asked again (its own "

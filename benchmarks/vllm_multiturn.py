@@ -28,6 +28,13 @@ kvd connector; they differ only in ``save_decode``.
    modes in shuffled order per round, 1.5 s apart: TTFT = wall time of one ``generate`` with
    ``max_tokens=1``; each timed first token checked against the gate's rule too.
 
+3. The peer, LMCache 0.5.6 in its multiprocess mode (``make lmcache-venv``; the same server options as
+   ``vllm_e2e.py``, 2 GB L1), at its defaults: engine ``store_lmcache`` answers turn 1 of every
+   conversation through ``LMCacheMPConnector``, then a fresh ``reader_lmcache`` serves turn 2 (its
+   own answer's tokens). Gate: its answers equal the recompute of the same tokens (computed by
+   ``reader`` under an unused salt); the tokens it loads are reported, whatever they are. Timed in
+   its own phase after the kvd reader's (one engine at a time on the pinned core), same rounds.
+
 That loading KV computed by other weights or tokens fails this gate is shown by ``vllm_e2e.py
 --self-check`` (same connector and probe); this benchmark adds what decode steps store.
 """
@@ -47,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vllm_e2e import KVD_CONNECTOR, LOGPROB_TOL, PAUSE_S, QUESTION, fact_prompt, machine, spread  # noqa: E402
-from benchmarks.vllm_e2e_procs import THREAD_ENV, Engine, KvdDaemon, load_avg  # noqa: E402
+from benchmarks.vllm_e2e_procs import LMCACHE_PYTHON, THREAD_ENV, Engine, KvdDaemon, LMCacheServer, load_avg  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 CHUNK = 256
@@ -78,6 +85,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=1024, help="turn-1 prompt tokens")
     ap.add_argument("--answer", type=int, default=768, help="turn-1 answer tokens (generated)")
     ap.add_argument("--out", type=Path, default=RESULTS / "vllm_multiturn.json")
+    ap.add_argument("--no-lmcache", action="store_true", help="leave out the LMCache peer")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -94,6 +102,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kvd-multiturn-") as tmp:
         root = Path(tmp)
         kvd = KvdDaemon(root / "kvd", "2GiB").start()
+        lmc = None
+        if not args.no_lmcache:
+            if LMCACHE_PYTHON.exists():
+                lmc = LMCacheServer(root / "lmcache", 2).start()
+                res["lmcache"] = "0.5.6 multiprocess: " + " ".join(lmc.command()[1:])
+            else:
+                res["lmcache_blocker"] = f"{LMCACHE_PYTHON} missing (make lmcache-venv)"
 
         def connector(save_decode: bool) -> dict:
             return {**KVD_CONNECTOR, "kv_connector_extra_config": {"socket": kvd.socket, "namespace": "multiturn",
@@ -110,12 +125,23 @@ def main() -> int:
                 res[f"store_{salt}_s"] = round(time.monotonic() - t0, 1)
                 bindings[eng.name] = eng.thread_binding()
                 eng.close()
+            if lmc is not None:
+                eng = Engine("store_lmcache", root, model_dir, turn1, connector=lmc.connector(), python=str(LMCACHE_PYTHON))
+                eng.wait_ready()
+                t0 = time.monotonic()
+                answers["lmcache"] = {c: eng.ask("answer", c, max_tokens=args.answer, salt="lmcache")["token_ids"]
+                                      for c in turn1}
+                res["store_lmcache_s"] = round(time.monotonic() - t0, 1)
+                bindings[eng.name] = eng.thread_binding()
+                eng.close()
             res["answers_equal"] = answers["decode"] == answers["prompt"]
             res["load_avg"]["after_stores"] = load_avg()
             # turn 2 per mode: its storing engine's answer (recompute: the decode store's tokens)
             src = {"kvd_decode_saved": "decode", "kvd_prompt_only": "prompt", "recompute": "decode"}
             turn2 = {f"{m}:{c}": turn1[c] + answers[src[m]][c] + question for m in MODES for c in turn1}
             turn2.update({f"ref_prompt:{c}": turn1[c] + answers["prompt"][c] + question for c in turn1})
+            if lmc is not None:
+                turn2.update({f"lmcache:{c}": turn1[c] + answers["lmcache"][c] + question for c in turn1})
             reader = Engine("reader", root, model_dir, turn2, connector=connector(True))
             reader.wait_ready()
             bindings["reader"] = reader.thread_binding()
@@ -123,7 +149,7 @@ def main() -> int:
 
             def ask(mode: str, c: str, op: str) -> dict:
                 salt = {"kvd_decode_saved": "decode", "kvd_prompt_only": "prompt"}.get(mode, f"fresh-{next(fresh)}")
-                name = f"ref_prompt:{c}" if mode == "ref_prompt" else f"{mode}:{c}"
+                name = {"ref_prompt": f"ref_prompt:{c}", "ref_lmcache": f"lmcache:{c}"}.get(mode, f"{mode}:{c}")
                 return reader.ask(op, name, salt=salt)
 
             gate, ok = {}, True
@@ -160,9 +186,14 @@ def main() -> int:
                 ref = first[f"recompute:{c}"]
                 wrong += not same_answer(first[f"kvd_decode_saved:{c}"], ref, 1)
             res["load_avg"]["after_timed"] = load_avg()
+            lmc_refs = {f"C{i}": ask("ref_lmcache", f"C{i}", "check" if i < GATE else "time") for i in range(n)}
             reader.close()
+            if lmc is not None:
+                res.update(lmcache_turn2(root, model_dir, turn2, lmc, lmc_refs, GATE, n, bindings))
         finally:
             kvd.stop()
+            if lmc is not None:
+                lmc.stop()
     res["thread_bindings"] = bindings
     res["thread_settings"]["equal_for_all_engines"] = len(set(bindings.values())) == 1
     res["first_token_mismatches"] = wrong
@@ -174,11 +205,44 @@ def main() -> int:
     res["turn2_tokens"] = args.prompt + args.answer + len(question)
     res["speedup_decode_saved_vs_prompt_only"] = round(res["ttft_kvd_prompt_only_s"] / res["ttft_kvd_decode_saved_s"], 3)
     res["speedup_decode_saved_vs_recompute"] = round(res["ttft_recompute_s"] / res["ttft_kvd_decode_saved_s"], 3)
+    if "ttft_lmcache_s" in res:
+        res["speedup_decode_saved_vs_lmcache"] = round(res["ttft_lmcache_s"] / res["ttft_kvd_decode_saved_s"], 3)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, args.out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in res.items() if k.startswith(("ttft_", "speedup", "cached"))
                       and "runs" not in k and "spread" not in k}, indent=1))
     return 0
+
+
+def lmcache_turn2(root: Path, model_dir: Path, turn2: dict, lmc: LMCacheServer, refs: dict, gate_n: int, n: int,
+                  bindings: dict) -> dict:
+    """Turn 2 in a fresh LMCache engine: the gate on the first ``gate_n`` conversations (answers equal
+    the kvd reader's recompute of the same tokens), then one timed request per remaining one."""
+    eng = Engine("reader_lmcache", root, model_dir, turn2, connector=lmc.connector(), python=str(LMCACHE_PYTHON))
+    eng.wait_ready()
+    bindings[eng.name] = eng.thread_binding()
+    out: dict = {"lmcache_gate": {}}
+    try:
+        for i in range(gate_n):
+            got = eng.ask("check", f"lmcache:C{i}", salt="lmcache")  # turn 1's salt: LMCache keys by it too
+            out["lmcache_gate"][f"C{i}"] = {"answer_equal": same_answer(got, refs[f"C{i}"]), "cached": got["cached"]}
+        out["lmcache_gate_passed"] = all(g["answer_equal"] for g in out["lmcache_gate"].values())
+        if not out["lmcache_gate_passed"]:
+            out["lmcache_blocker"] = "LMCache's turn-2 answers differ from the recompute: not timed"
+            return out
+        times, cached, wrong = [], [], 0
+        for i in range(gate_n, n):
+            time.sleep(PAUSE_S)
+            a = eng.ask("time", f"lmcache:C{i}", salt="lmcache")
+            times.append(a["s"])
+            cached.append(a["cached"])
+            wrong += not same_answer(a, refs[f"C{i}"], 1)
+    finally:
+        eng.close()
+    out.update({"ttft_lmcache_s": round(statistics.median(times), 4), "ttft_spread_lmcache_s": spread(times),
+                "ttft_runs_lmcache_s": [round(x, 4) for x in times], "cached_tokens_lmcache": sorted(set(cached)),
+                "lmcache_first_token_mismatches": wrong})
+    return out
 
 
 def plot(res: dict, path: Path) -> None:
@@ -192,7 +256,12 @@ def plot(res: dict, path: Path) -> None:
     for i, m in enumerate(MODES):
         ax.scatter([i] * len(res[f"ttft_runs_{m}_s"]), res[f"ttft_runs_{m}_s"], color="#555", s=12, zorder=3)
         ax.bar(i, res[f"ttft_{m}_s"], color=("#3b7dd8", "#9cbde8", "#999")[i])
-    ax.set_xticks(range(len(MODES)), labels)
+    if "ttft_lmcache_s" in res:
+        k = len(MODES)
+        ax.scatter([k] * len(res["ttft_runs_lmcache_s"]), res["ttft_runs_lmcache_s"], color="#555", s=12, zorder=3)
+        ax.bar(k, res["ttft_lmcache_s"], color="#d98c3f")
+        labels = labels + ["LMCache 0.5.6\n(defaults)"]
+    ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("turn-2 TTFT (s), fresh engine")
     ax.set_title(f"vLLM CPU, SmolLM2-135M: turn 2 = {res['prompt_tokens']} + {res['answer_tokens']} answer "
                  f"+ question ({res['date']})", fontsize=9)
