@@ -110,7 +110,7 @@ def place(tags: np.ndarray, mask: int) -> tuple[np.ndarray, int]:
     home, so every slot between its home and its own is taken: a reader's probe from its home meets
     no empty slot before it), a running maximum; the few that run past the last slot wrap to the
     first free slots from slot 0, in order, as a probe would. 100K tags: 2-10 ms on the 2-core VM,
-    where placing them one by one in Python held the daemon's event loop for ~100 ms."""
+    where placing them one by one in Python held the daemon's event loop for over 100 ms."""
     cap = mask + 1
     h_all = (tags & np.uint64(mask)).astype(np.int64)
     order = np.argsort(h_all, kind="stable")

@@ -158,9 +158,9 @@ class IndexWriter:
         new_cap = cap * 2 if n + 1 > cap // 4 else cap
         m, fd, _ = self._create(new_cap)  # a reader that opens it now sees an odd version: asks the daemon
         # The published tags and values, as the old table holds them, placed all at once (F.place): on
-        # the event loop, one tag at a time in Python took 27 ms for 8K tags and 159 ms for 100K on the
-        # 2-core VM, a pause every client's requests waited out. (No tag's owners are ever empty:
-        # ``remove`` drops a tag with its last key.)
+        # the event loop, one tag at a time in Python took 7 ms for 8K tags and 125 ms for 100K on the
+        # 2-core VM (now 3.4 and 38.9 ms: benchmarks/results/index_rebuild.json), a pause every client's
+        # requests waited out. (No tag's owners are ever empty: ``remove`` drops a tag with its last key.)
         live = self.m.tags > F.TOMBSTONE
         tags, vals = self.m.tags[live], self.m.vals[live]
         slots, probe = F.place(tags, m.mask)
