@@ -37,6 +37,7 @@ from kvd import __version__
 from kvd.codecs.framing import CODEC_NAMES
 from kvd.core.extents import HEAD_CLASSES
 from kvd.core.protocol import API_VERSION
+from kvd.daemon.collector import GENERATIONS as GC_GENERATIONS
 from kvd.tiers.base import TierStats
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class Metrics:
             self.leases_expired.labels(reason)
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
-        for generation in ("0", "1", "2", "maintenance"):  # kvd.daemon.collector.GENERATIONS
+        for generation in GC_GENERATIONS:
             self.gc_pauses.labels(generation)
         for codec in CODEC_NAMES.values():
             self.codec_raw_bytes.labels(codec, "encode")
