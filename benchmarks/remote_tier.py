@@ -162,9 +162,11 @@ def redis_benchmark_gbps(cluster: RedisCluster, value_bytes: int, requests: int 
     return rps[0] * value_bytes / 1e9
 
 
-def _lookup_worker(socket_path: str, prompts: list[list[int]], q, start) -> None:
+def _lookup_worker(socket_path: str, prompts: list[list[int]], q, start, pause_s: float = 0.0) -> None:
     """One engine's lookups as the vLLM connector makes them: prefix hashes (computed in the timed
-    region), the compact body on the framed connection (``KvdClient.lookup_compact``)."""
+    region), the compact body on the framed connection (``KvdClient.lookup_compact``). ``pause_s``: a wait
+    after each answer (not timed; ``benchmarks/notes/remote_lookup_load.py``). Puts (latencies, the loop's
+    CPU seconds, its wall seconds)."""
     import gc
 
     from kvd.client.client import KvdClient
@@ -181,13 +183,15 @@ def _lookup_worker(socket_path: str, prompts: list[list[int]], q, start) -> None
         # full collection of this process (70-250 ms here) lands in a timed lookup.
         gc.freeze()
         start.wait()  # every client is up (imports done) before anyone is timed
-        lat = []
+        lat, cpu0, w0 = [], time.process_time(), time.perf_counter()
         for toks in prompts:
             t0 = time.perf_counter()
             hits = ask(toks)
             lat.append(time.perf_counter() - t0)
             assert hits == len(toks) // 256, f"{hits} hits for a stored prompt"
-        q.put(lat)
+            if pause_s:
+                time.sleep(pause_s)
+        q.put((lat, time.process_time() - cpu0, time.perf_counter() - w0))
 
 
 LOOKUP_SPEC = ModelSpec("bench-lookup", num_layers=1, num_kv_heads=1, head_dim=64, kv_dtype="bfloat16")
@@ -219,7 +223,7 @@ def lookup_latencies(b: DaemonProc, prompts: list[list[int]], clients: int = 8) 
              for i in range(clients)]
     for p in procs:
         p.start()
-    lat = [x for _ in procs for x in q.get(timeout=600)]
+    lat = [x for _ in procs for x in q.get(timeout=600)[0]]
     for p in procs:
         p.join()
     return sorted(lat)

@@ -186,7 +186,8 @@ def main() -> int:
                 ref = first[f"recompute:{c}"]
                 wrong += not same_answer(first[f"kvd_decode_saved:{c}"], ref, 1)
             res["load_avg"]["after_timed"] = load_avg()
-            lmc_refs = {f"C{i}": ask("ref_lmcache", f"C{i}", "check" if i < GATE else "time") for i in range(n)}
+            lmc_refs = {} if lmc is None else {  # the recompute of LMCache's turn-2 tokens, for its gate
+                f"C{i}": ask("ref_lmcache", f"C{i}", "check" if i < GATE else "time") for i in range(n)}
             reader.close()
             if lmc is not None:
                 res.update(lmcache_turn2(root, model_dir, turn2, lmc, lmc_refs, GATE, n, bindings))

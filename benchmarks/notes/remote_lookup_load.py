@@ -10,6 +10,8 @@ hit, the compact body on the framed connection) at several loads, each on prompt
 - ``pause_<ms>``: each client waits that long after an answer before its next lookup (not timed);
 - ``one_client``: a single client back to back (no queueing behind other clients).
 
+The clients are ``remote_tier._lookup_worker``'s.
+
 Also daemon B's garbage-collector pauses over the run (``kvd_gc_pause_seconds``, where it has them).
 
 Per load: p50 / p99, lookups per second, and the CPU per lookup of daemon B, of the Redis servers
@@ -27,7 +29,6 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import remote_tier as R  # noqa: E402
+from remote_lookup_ab import cpu_s  # noqa: E402
 
 from tests.redis_cluster import RedisCluster  # noqa: E402
 
@@ -43,44 +45,10 @@ LOADS = (("back_to_back", 8, 0.0), ("pause_2ms", 8, 0.002), ("pause_5ms", 8, 0.0
          ("pause_20ms", 8, 0.020), ("one_client", 1, 0.0))
 
 
-def cpu_s(pid: int) -> float:
-    st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _worker(socket_path: str, prompts: list[list[int]], pause_s: float, q, start) -> None:
-    """``remote_tier._lookup_worker``'s lookups, with a pause after each; also the loop's CPU seconds."""
-    import gc
-
-    from kvd.client import prefix as kvio
-    from kvd.client.client import KvdClient
-    from kvd.core import protocol as P
-
-    with KvdClient(socket_path, register_cuda=False, timeout_s=10) as c:
-        h = kvio.register(c, R.LOOKUP_SPEC)
-
-        def ask(toks: list[int]) -> int:
-            return c.lookup_compact(P.LookupRequest(fingerprint=h.fingerprint, namespace=h.namespace,
-                                                    prefix_hashes=h.hashes(toks), prefetch=False)).num_prefix_hits
-
-        ask(list(range(256)))
-        gc.freeze()
-        start.wait()
-        lat, cpu0, w0 = [], time.process_time(), time.perf_counter()
-        for toks in prompts:
-            t0 = time.perf_counter()
-            hits = ask(toks)
-            lat.append(time.perf_counter() - t0)
-            assert hits == len(toks) // 256, f"{hits} hits for a stored prompt"
-            if pause_s:
-                time.sleep(pause_s)
-        q.put((lat, time.process_time() - cpu0, time.perf_counter() - w0))
-
-
 def run(b, redis_pids: list[int], prompts: list[list[int]], clients: int, pause_s: float) -> dict:
     ctx = mp.get_context("spawn")
     q, start = ctx.Queue(), ctx.Barrier(clients + 1)
-    procs = [ctx.Process(target=_worker, args=(b.socket, prompts[i::clients], pause_s, q, start)) for i in range(clients)]
+    procs = [ctx.Process(target=R._lookup_worker, args=(b.socket, prompts[i::clients], q, start, pause_s)) for i in range(clients)]
     for p in procs:
         p.start()
     start.wait()  # every client is up: the CPU counted from here is the lookups'
