@@ -94,7 +94,7 @@ def probe_blocks(worker, kind: str, upto: int) -> dict:
     import xxhash
 
     from kvd.client.views import numpy_view
-    from kvd.connectors.vllm.scheduler import entry_sizes
+    from kvd.connectors.vllm.plan import entry_sizes
 
     io = _PROBE.get("worker")
     if io is None:
@@ -152,6 +152,11 @@ def engine_main(job_path: str, reply_fd: int) -> None:
 
             kind, upto = cmd["name"].split(":")
             reply.write(json.dumps(llm.collective_rpc(fn, args=(kind, int(upto)))[0]) + "\n")
+            continue
+        if cmd["op"] == "stall":  # a decoding request while a long one arrives: benchmarks/vllm_ssd_stall.py
+            from benchmarks.vllm_ssd_stall import stall
+
+            reply.write(json.dumps(stall(llm, prompts, {"a": cmd["name"], **cmd})) + "\n")
             continue
         params = check if cmd["op"] == "check" else first  # "time": the first token only
         if cmd["op"] == "answer":  # a long answer (a conversation's turn; EOS ignored): benchmarks/vllm_multiturn.py

@@ -14,7 +14,9 @@ one ``kvd.client.session.DaemonSession`` (registration, circuit breaker, counter
 validated extra config (``settings``). The session's counters reach vLLM's log lines and its
 ``/metrics`` through the KV-connector stats hooks (``stats``). docs/vllm.md is the user guide.
 
-Decisions (the reasons are in those modules): loads are synchronous and layer by layer; saves are
+Decisions (the reasons are in those modules): a request whose chunks must first come back from SSD
+or the remote store waits unscheduled while the daemon promotes them (``get_num_new_matched_tokens``
+answers None), so no step waits for a disk; loads are synchronous and layer by layer; saves are
 synchronous within the step that completes a chunk, so ``request_finished`` never delays freeing
 blocks; ``requires_kv_delivery`` is False (a cache, not a hand-off); only prompt entries are stored
 (full chunks and the tail entry, with prefix aliases); ``kv_role`` ``kv_consumer`` only loads,
@@ -38,7 +40,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import probe_block_layout
-from kvd.connectors.vllm.scheduler import SchedulerPlanner, StepPlan
+from kvd.connectors.vllm.plan import StepPlan
+from kvd.connectors.vllm.scheduler import SchedulerPlanner
 from kvd.connectors.vllm.settings import ConnectorSettings, load_head_map, model_spec_from_vllm, open_session
 from kvd.connectors.vllm.stats import KvdConnectorStats, KvdPromMetrics
 from kvd.connectors.vllm.strided import StridedCopier

@@ -28,6 +28,17 @@ into a picklable ``StepPlan`` for the workers:
   once ``all_token_ids`` covers it (its blocks stay allocated while the request runs; a chunk still
   open when the request finishes is not stored, nor is an answer's last partial chunk).
 
+- **wait unscheduled** (``wait_unscheduled``, on by default): a request whose leading hits include
+  chunks held only on SSD or the remote store is not offered to vLLM yet. The first lookup asks the
+  daemon to promote them into the arena; until they are there, ``num_new_matched_tokens`` answers
+  None, which vLLM's scheduler takes as "ask again later" and skips the request for this step, so the
+  rest of the batch keeps running while the daemon reads. Each later step looks again (at most every
+  ``POLL_S``, from the shared index: no round trip); once every hit is in the arena the request is
+  offered them and loads at arena speed. After ``load_wait_s`` it is offered the leading chunks that
+  arrived and vLLM computes the rest. Without it the load waits for the promotion inside the step's
+  lease, and every request of the batch waits with it (vLLM's own offloading connector defers the
+  same way for its slower tiers).
+
 Lifecycle of a tracked request: created at its first lookup → block ids and progress follow each
 step's scheduler output → dropped at ``finished``. Requests kvd must not key are not tracked: LoRA
 (the adapter changes KV), multimodal inputs or prompt embeddings (token ids do not name the content).
@@ -47,55 +58,18 @@ import numpy as np
 
 from kvd.client.handle import ModelHandle
 from kvd.client.session import DaemonSession
+from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.core import protocol as P
 from kvd.core.keys import as_token_array, prefix_aliases, prefix_hashes, prefix_tail_hash
 from kvd.core.lookup_wire import LookupAnswer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True, frozen=True)
-class LoadSpec:
-    """Load tokens ``[start, end)`` of request ``req_id`` from chunks ``first_chunk...`` (``hashes``)."""
-
-    req_id: str
-    namespace: str
-    first_chunk: int
-    hashes: tuple[str, ...]
-    start: int
-    end: int
-    block_ids: tuple[int, ...]  # vLLM blocks of tokens [0, end) at least (block 0 of the request first)
-    last_tokens: int = 0  # > 0: the last hash is a tail entry of this many tokens (else a full chunk)
-
-
-@dataclass(slots=True, frozen=True)
-class SaveSpec:
-    """Store chunks ``first_chunk...`` (``hashes``) of request ``req_id``, computed by this step."""
-
-    req_id: str
-    namespace: str
-    first_chunk: int
-    hashes: tuple[str, ...]
-    block_ids: tuple[int, ...]
-    prompt_tokens: int  # the sequence's length, for the daemon's placement policy
-    last_tokens: int = 0  # > 0: the last hash is a tail entry of this many tokens (else a full chunk)
-    # Per entry (as ``hashes``): (key, tokens) of its block-aligned proper prefixes, registered with it.
-    aliases: tuple[tuple[tuple[str, int], ...], ...] = ()
-
-
-def entry_sizes(hashes: tuple[str, ...], chunk_tokens: int, last_tokens: int) -> list[int]:
-    """Tokens of each entry of a ``LoadSpec`` / ``SaveSpec``: whole chunks, the last one possibly a tail."""
-    sizes = [chunk_tokens] * len(hashes)
-    if last_tokens and sizes:
-        sizes[-1] = last_tokens
-    return sizes
-
-
-@dataclass(slots=True, frozen=True)
-class StepPlan:
-    loads: tuple[LoadSpec, ...] = ()
-    saves: tuple[SaveSpec, ...] = ()
+ARENA_TIERS = frozenset({"host", "gpu"})  # tiers a lease maps directly: a hit there loads without waiting
+# While a request waits unscheduled, vLLM asks about it every step (every few ms when the batch is
+# otherwise idle); the daemon is asked again at most this often. A look from the shared index costs
+# tens of microseconds; a promotion of one chunk from SSD takes milliseconds.
+POLL_S = 0.01
 
 
 @dataclass
@@ -119,6 +93,8 @@ class _Tracked:
     tail_saved: bool = False
     request: Any = None  # vLLM's Request: its ``all_token_ids`` grow with the generated tokens
     next_decode: int = 0  # first chunk past the prompt's full chunks not stored yet (save_decode)
+    waiting_since: float | None = None  # held unscheduled since (wait_unscheduled), else None
+    epoch: int = 0  # load failures learnt of (``on_load_errors``): ``SaveSpec.epoch``
 
     @property
     def num_prompt(self) -> int:
@@ -172,13 +148,14 @@ class SchedulerPlanner:
                                                      parent=hashes[-1] if hashes else None), tail
         return t
 
-    def _lookup(self, t: _Tracked, *, max_tokens: int, prefetch: bool) -> None:
+    def _lookup(self, t: _Tracked, *, max_tokens: int, prefetch: bool, ttl_s: float | None = None) -> None:
         """Refresh what the daemon holds of ``t``'s entries (chunks, then the tail) unless the cached
-        answer is fresh; a failed lookup counts as no hit. ``max_tokens``: the most tokens this request
-        can load, so that the daemon's hit counters never count more than that."""
+        answer is younger than ``ttl_s`` (default ``lookup_ttl_s``); a failed lookup counts as no hit.
+        ``max_tokens``: the most tokens this request can load, so that the daemon's hit counters never
+        count more than that."""
         keys = list(t.keys(0, len(t.hashes) + 1)[0])
         now = self.clock()
-        if not keys or now - t.lookup_at < self.settings.lookup_ttl_s:
+        if not keys or now - t.lookup_at < (self.settings.lookup_ttl_s if ttl_s is None else ttl_s):
             return
         t.lookup_at = now
 
@@ -201,8 +178,9 @@ class SchedulerPlanner:
 
     # ---- vLLM scheduler hooks -------------------------------------------------------------------
 
-    def num_new_matched_tokens(self, request, num_computed: int) -> int:
-        """Tokens kvd can supply beyond vLLM's own ``num_computed`` (block-aligned) prefix hit."""
+    def num_new_matched_tokens(self, request, num_computed: int) -> int | None:
+        """Tokens kvd can supply beyond vLLM's own ``num_computed`` (block-aligned) prefix hit; None
+        while the request waits unscheduled for its chunks to reach the arena (``_arena_ready``)."""
         h = self.session.handle()
         if h is None:
             return 0
@@ -223,12 +201,47 @@ class SchedulerPlanner:
                 self._lookup(t, max_tokens=0, prefetch=False)
             return 0
         self._lookup(t, max_tokens=limit, prefetch=True)
-        tail = t.tail_tokens if t.tail_hit and t.hits == len(t.hashes) else 0
-        t.offer_end = min(t.hits * c + tail, limit)
+        ready = self._arena_ready(t)
+        if ready is None:
+            return None
+        hits = min(t.hits, ready)
+        tail = t.tail_tokens if t.tail_hit and hits == len(t.hashes) and ready > hits else 0
+        t.offer_end = min(hits * c + tail, limit)
         n = t.offer_end - num_computed
         if n > 0:
             self.session.counters["lookup_hit_tokens"] += n
         return max(n, 0)
+
+    def _arena_ready(self, t: _Tracked) -> int | None:
+        """How many of ``t``'s leading hit entries (the tail is entry ``len(hashes)``) to offer, or None:
+        ask again later (vLLM skips the request this step) while some are still coming up from SSD or
+        the remote store, for up to ``load_wait_s``; then the leading ones that arrived."""
+        found = t.hits + (1 if t.tail_hit and t.hits == len(t.hashes) else 0)
+        slow = self._first_slow(t, found)
+        if slow == found or not self.settings.wait_unscheduled:
+            return found
+        now, counters = self.clock(), self.session.counters
+        if t.waiting_since is None:  # the lookup that found them has started their promotion
+            t.waiting_since = now
+            counters["promote_waits"] += 1
+            return None
+        waited = now - t.waiting_since
+        if waited < self.settings.load_wait_s:
+            self._lookup(t, max_tokens=0, prefetch=False, ttl_s=POLL_S)  # counts no hits a second time
+            found = t.hits + (1 if t.tail_hit and t.hits == len(t.hashes) else 0)
+            slow = self._first_slow(t, found)
+            if slow < found:
+                return None
+        else:
+            counters["promote_wait_timeouts"] += 1
+        t.waiting_since = None
+        counters["promote_wait_s"] += waited
+        return slow
+
+    @staticmethod
+    def _first_slow(t: _Tracked, found: int) -> int:
+        """Index of the first of the ``found`` leading hits held outside the arena (``found``: none)."""
+        return next((i for i, tier in enumerate(t.hit_tiers[:found]) if tier not in ARENA_TIERS), found)
 
     def after_alloc(self, request, num_external: int) -> None:
         t = self.requests.get(request.request_id)
@@ -245,15 +258,16 @@ class SchedulerPlanner:
         out: dict[str, int] = {}
         for i in range((end - num_external) // c, -(-end // c)):
             n = min((i + 1) * c, end) - max(i * c, end - num_external)  # the tail is entry len(hashes)
-            key = "host" if i < len(t.hit_tiers) and t.hit_tiers[i] == "host" else "disk"
+            key = "host" if i < len(t.hit_tiers) and t.hit_tiers[i] in ARENA_TIERS else "disk"
             out[key] = out.get(key, 0) + n
         return out if sum(out.values()) == num_external else {}
 
     def build(self, so) -> StepPlan:
         """The step's loads and saves from vLLM's ``SchedulerOutput`` (read only)."""
         h = self.session.handle()
+        finished = tuple(so.finished_req_ids)
         if h is None or not self.requests:
-            return StepPlan()
+            return StepPlan(finished=finished)
         loads: list[LoadSpec] = []
         for nr in so.scheduled_new_reqs:
             t = self.requests.get(nr.req_id)
@@ -272,7 +286,7 @@ class SchedulerPlanner:
                 t.block_ids.extend(new[0])
             self._progress(t, rid, cached.num_computed_tokens[i], h, loads)
         saves = [s for rid, n in so.num_scheduled_tokens.items() if (s := self._save(rid, n, h)) is not None]
-        return StepPlan(tuple(loads), tuple(saves))
+        return StepPlan(tuple(loads), tuple(saves), finished)
 
     def _progress(self, t: _Tracked, rid: str, num_computed: int, h: ModelHandle, loads: list[LoadSpec]) -> None:
         t.computed = num_computed
@@ -287,7 +301,7 @@ class SchedulerPlanner:
             logger.warning("kvd: load of tokens [%d, %d) of %s does not start on a block or ends past the "
                            "stored entries; recomputing", start, end, rid)
         keys, last_tokens = t.keys(first, last)
-        loads.append(LoadSpec(rid, t.namespace, first, keys, start, end, tuple(t.block_ids), last_tokens))
+        loads.append(LoadSpec(rid, t.namespace, first, keys, start, end, tuple(t.block_ids), last_tokens, t.epoch))
         t.next_save = max(t.next_save, min(last, len(t.hashes)))
         t.tail_saved = t.tail_saved or last > len(t.hashes)
 
@@ -319,7 +333,7 @@ class SchedulerPlanner:
         if not keys:
             return None
         return SaveSpec(rid, t.namespace, first, keys, tuple(t.block_ids), t.num_prompt, last_tokens,
-                        self._aliases(t, h, first, last))
+                        self._aliases(t, h, first, last), t.epoch)
 
     def _save_decode(self, t: _Tracked, rid: str, reached: int, h: ModelHandle) -> SaveSpec | None:
         """Chunks past the prompt's full chunks that hold only computed tokens with final ids."""
@@ -338,7 +352,7 @@ class SchedulerPlanner:
                                  namespace=t.namespace, fingerprint=h.fingerprint, first_chunk=first)
         self.session.counters["decode_chunks_planned"] += done - first
         return SaveSpec(rid, t.namespace, first, tuple(hashes[first:done]), tuple(t.block_ids),
-                        max(len(ids), done * c), 0, tuple(tuple(a) for a in aliases))
+                        max(len(ids), done * c), 0, tuple(tuple(a) for a in aliases), t.epoch)
 
     def _aliases(self, t: _Tracked, h: ModelHandle, first: int, last: int) -> tuple[tuple[tuple[str, int], ...], ...]:
         """Per entry ``first..last-1`` (index ``len(hashes)`` is the tail), ``(key, tokens)`` of its
@@ -363,7 +377,9 @@ class SchedulerPlanner:
         for t in self.requests.values():
             idx = [i for i, b in enumerate(t.block_ids) if b in bad]
             if idx:
+                t.epoch += 1  # saves planned from now on come after vLLM's recompute of those blocks
                 t.next_save = min(t.next_save, idx[0] // per_chunk)
+                t.next_decode = min(t.next_decode, max(len(t.hashes), idx[0] // per_chunk))
                 t.hits = min(t.hits, idx[0] // per_chunk)
                 t.tail_hit = t.tail_saved = False  # it comes after the failed blocks: recomputed, saved again
 

@@ -37,7 +37,13 @@ class ConnectorSettings(BaseModel):
     head_map: str | None = None  # path of a head map JSON (placement only; loads are exact either way)
     model_id: str | None = None  # overrides the model's content identity in the fingerprint (kvd.core.identity)
     timeout_s: float = Field(default=2.0, gt=0, le=60)  # one control call
-    load_wait_s: float = Field(default=1.0, ge=0, le=60)  # a lease waits this long for SSD -> arena
+    # How long a load waits for chunks that must first come back from SSD or the remote store into
+    # the arena; what has not arrived by then is recomputed by vLLM.
+    load_wait_s: float = Field(default=1.0, ge=0, le=60)
+    # true: that wait happens before the request is scheduled (the scheduler asks vLLM to skip it
+    # while the daemon promotes its chunks; the rest of the batch runs meanwhile); false: inside the
+    # step's lease, which stalls every request of the batch (kvd.connectors.vllm.scheduler).
+    wait_unscheduled: bool = True
     retry_interval_s: float = Field(default=1.0, gt=0, le=600)  # first back-off after a daemon failure
     max_retry_interval_s: float = Field(default=30.0, gt=0, le=3600)
     lookup_ttl_s: float = Field(default=1.0, ge=0, le=60)  # a request's cached lookup answer

@@ -26,6 +26,10 @@ COUNTERS = {
     "loaded_tokens": ("loaded_tokens", "Tokens loaded from kvd into vLLM's KV cache"),
     "load_failed_tokens": ("load_failed_tokens", "Tokens offered but not loaded (vLLM recomputed them)"),
     "checksum_failures": ("checksum_failures", "Extents whose bytes failed verification before a load"),
+    "promote_waits": ("promote_waits", "Requests held unscheduled while their chunks came up from SSD or remote"),
+    "promote_wait_timeouts": ("promote_wait_timeouts", "Of those, the ones scheduled after load_wait_s "
+                              "with only the chunks that had arrived"),
+    "promote_wait_s": ("promote_wait_seconds", "Seconds requests were held unscheduled for promotions"),
     "decode_chunks_planned": ("decode_chunks_planned", "Chunks of generated tokens the scheduler planned to save"),
     "requests_not_keyed": ("requests_not_keyed", "Requests kvd could not key (no token ids)"),
     "daemon_failures": ("daemon_failures", "Failed daemon calls (each opens the circuit breaker)"),

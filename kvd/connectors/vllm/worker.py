@@ -16,8 +16,14 @@ Everything is synchronous inside the step: a saved chunk's bytes are in the aren
 ends, so vLLM may free or reuse its blocks right after (``request_finished`` never delays a free).
 Failures never raise into vLLM: a lease that fails or returns fewer chunks, or a chunk whose bytes
 fail their checksum, reports the blocks it did not (correctly) fill (vLLM recomputes them under
-``kv_load_failure_policy: "recompute"``); a request whose load failed stores nothing in that step
-(its KV was computed over those blocks); a store that fails is aborted and counted.
+``kv_load_failure_policy: "recompute"``); a store that fails is aborted and counted.
+
+A request whose load failed is **tainted** until the scheduler has heard of it: its KV past the
+failure was computed over blocks that hold nothing, in that step and, under vLLM's async scheduling,
+in the steps already planned before the failure reached the scheduler. Its saves are dropped while
+their ``epoch`` (``kvd.connectors.vllm.plan``) is not newer than the failed load's; the scheduler bumps
+the epoch when it learns of the failure (``on_load_errors``), so saves planned after vLLM's recompute
+go through. A finished request is forgotten (``StepPlan.finished``).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 from kvd.client.session import DaemonSession
 from kvd.client.transfer import Lease, Reservation, open_lease, reserve
 from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece, StridedCopier
-from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan, entry_sizes
+from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan, entry_sizes
 from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.connectors.vllm.sums import LoadSums
 from kvd.core import protocol as P
@@ -63,7 +69,6 @@ class _Step:
     layers_loaded: set[int] = field(default_factory=set)
     layers_saved: set[int] = field(default_factory=set)
     forward_started: bool = False
-    failed_reqs: set[str] = field(default_factory=set)
     t_load_s: float = 0.0
     t_save_s: float = 0.0
 
@@ -93,6 +98,7 @@ class WorkerIO:
         self.kernel_tokens = block_size // self.ratio
         self.step: _Step | None = None
         self.load_errors: set[int] = set()
+        self.tainted: dict[str, int] = {}  # request -> epoch of its last failed load
 
     @property
     def sums_with_copy(self) -> bool:
@@ -120,14 +126,24 @@ class WorkerIO:
         blocks = spec.block_ids[lo // self.block_size : -(-spec.end // self.block_size)]
         self.load_errors.update(blocks)
         self.counters["load_failed_tokens"] += spec.end - lo
-        if self.step is not None:
-            self.step.failed_reqs.add(spec.req_id)
+        self.tainted[spec.req_id] = max(self.tainted.get(spec.req_id, spec.epoch), spec.epoch)
         logger.warning("kvd: %d tokens of %s not loaded (%s); vLLM recomputes them", spec.end - lo, spec.req_id, why)
 
     # ---- step ------------------------------------------------------------------------------------
 
     def begin_step(self, plan: StepPlan) -> None:
         self.step = _Step(plan)
+        for rid in plan.finished:
+            self.tainted.pop(rid, None)
+
+    def _tainted(self, spec: SaveSpec) -> bool:
+        """Whether ``spec`` stores KV computed over blocks a load of its request did not fill (the
+        module docstring); a save planned after the scheduler learnt of the failure clears the taint."""
+        epoch = self.tainted.get(spec.req_id)
+        if epoch is not None and spec.epoch > epoch:
+            del self.tainted[spec.req_id]
+            return False
+        return epoch is not None
 
     def start_loads(self) -> None:
         st = self.step
@@ -271,8 +287,8 @@ class WorkerIO:
 
     def _reserve(self, spec: SaveSpec) -> _Save | None:
         """Reserve the spec's entries (with their prefix aliases) and plan the copies into them."""
-        st = self.step
-        if st is not None and spec.req_id in st.failed_reqs:
+        if self._tainted(spec):
+            self.counters["store_aborted_chunks"] += len(spec.hashes)
             return None  # computed over blocks that were not loaded: never store it
         h = self.session.handle()
         if h is None:
@@ -340,12 +356,12 @@ class WorkerIO:
             st.t_load_s += time.perf_counter() - t0
         if st.saves:
             t0 = time.perf_counter()
-            if st.failed_reqs:
-                # Saves reserved before a copy failure was known for that request are dropped too.
-                bad = [s for s in st.saves if s.spec.req_id in st.failed_reqs]
-                st.saves = [s for s in st.saves if s not in bad]
-                for s in bad:
-                    self._abort(s)
+            # Saves reserved before a load failure of their request was known in this step.
+            bad = [s for s in st.saves if self._tainted(s.spec)]
+            st.saves = [s for s in st.saves if s not in bad]
+            for s in bad:
+                self.counters["store_aborted_chunks"] += s.reservation.num_reserved
+                self._abort(s)
             if len(st.layers_saved) != num_layers:
                 self._abort_saves()
             for s in st.saves:

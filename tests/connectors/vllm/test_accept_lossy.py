@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvd.core import protocol as P
 from kvd.core.headmap import HeadMap
 from tests.connectors.vllm.test_worker import NS, blocks_equal, hashes, make_worker, run_step, toks_for

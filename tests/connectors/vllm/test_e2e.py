@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +100,13 @@ def engine_main(job_path: str) -> None:
                 entries = c.entries(limit=100000).entries
             out["snapshots"][op["tag"]] = {e.hash: e.reuse_count for e in entries}
             out["fingerprints"] = sorted({e.fingerprint for e in entries})
+        elif kind == "to_ssd":  # the namespace's entries leave the arena for SSD (kvctl flush, evict)
+            from kvd.client.client import KvdClient
+            from kvd.core import protocol as P
+
+            with KvdClient(op["socket"], register_cuda=False) as c:
+                c.flush(P.FlushRequest(namespace=op["namespace"]))
+                c.evict(P.EvictRequest(tier="host", namespace=op["namespace"]))
         elif kind == "kill_daemon_during":
             timer = threading.Timer(op["delay_s"], os.kill, (op["pid"], signal.SIGKILL))
             timer.start()
@@ -175,6 +183,7 @@ def runs(tmp_path_factory, smollm2_dir, prompts):
             {"op": "generate", "names": ["P4"]},
             {"op": "touch", "path": flag("b_stored")},
             {"op": "wait", "path": flag("a_exited")},
+            {"op": "to_ssd", "socket": daemon.socket, "namespace": "e2e"},
             {"op": "generate", "names": ["P8"]},
             {"op": "generate", "names": ["P2"]},
             snap("before_P1"),
@@ -238,10 +247,14 @@ def test_storing_engine_output_is_unchanged(runs):
 
 
 def test_restarted_engine_loads_the_prefix_from_kvd(runs):
-    """P8 was served by ``a``, which has shut down; ``b`` never saw it: 3 chunks and the tail come from kvd."""
+    """P8 was served by ``a``, which has shut down; ``b`` never saw it: 3 chunks and the tail come from
+    kvd, from SSD (every entry was moved there first). vLLM's scheduler skipped the request while the
+    daemon promoted them (the connector answered None: ``wait_unscheduled``), then loaded them."""
     o = out(runs, "b", "P8")
     assert o["num_cached_tokens"] == 896
     assert same_as_ref(runs, "b", "P8")
+    waits = re.findall(r"kvd scheduler shutting down: .*?promote_waits=(\d+)", (runs[2] / "b.log").read_text())
+    assert waits and int(waits[-1]) >= 1, "no request waited unscheduled for a promotion"
 
 
 def test_two_engines_sharing_a_daemon_reuse_each_others_kv(runs):

@@ -56,10 +56,11 @@ def request(rid: str, tokens: list[int], **kw) -> SimpleNamespace:
     return SimpleNamespace(**fields)
 
 
-def step(new=(), cached=(), scheduled=None) -> SimpleNamespace:
+def step(new=(), cached=(), scheduled=None, finished=()) -> SimpleNamespace:
     """``new``: (req_id, block_ids, num_computed); ``cached``: (req_id, new_block_ids|None, num_computed,
-    resumed); ``scheduled``: req_id -> tokens scheduled this step."""
+    resumed); ``scheduled``: req_id -> tokens scheduled this step; ``finished``: request ids."""
     return SimpleNamespace(
+        finished_req_ids=set(finished),
         scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(list(b),), num_computed_tokens=n) for r, b, n in new],
         scheduled_cached_reqs=SimpleNamespace(
             req_ids=[c[0] for c in cached], new_block_ids=[(list(c[1]),) if c[1] is not None else None for c in cached],
@@ -164,10 +165,13 @@ def test_resumed_request_replaces_its_blocks_and_load_errors_resave(daemon):
     # Preempted, then resumed into other blocks: the new list replaces the old one.
     p.build(step(cached=[("r", [20, 21, 22, 23, 24, 25], 0, True)], scheduled={"r": 0}))
     assert p.requests["r"].block_ids == [20, 21, 22, 23, 24, 25]
-    # A load error in block 22 (chunk 1): chunk 1 will be stored again once recomputed.
+    assert plan.saves[0].epoch == 0
+    # A load error in block 22 (chunk 1): chunk 1 will be stored again once recomputed, under a new
+    # epoch, which tells the workers that this save comes after vLLM's recompute (test_worker.py).
     p.on_load_errors({22})
     plan = p.build(step(cached=[("r", None, 0, False)], scheduled={"r": 700}))
-    assert [(s.first_chunk, len(s.hashes), s.last_tokens) for s in plan.saves] == [(1, 2, 128)]
+    assert [(s.first_chunk, len(s.hashes), s.last_tokens, s.epoch) for s in plan.saves] == [(1, 2, 128, 1)]
+    assert p.build(step(finished=["r", "x"])).finished in (("r", "x"), ("x", "r"))  # workers forget them
 
 
 def test_decode_steps_save_the_chunks_generated_tokens_complete(daemon):
@@ -370,3 +374,71 @@ def test_lookup_tells_the_daemon_how_many_tokens_can_be_loaded(daemon):
         p = planner(daemon, client=client)
         assert p.num_new_matched_tokens(request("a", toks), 0) == 255
         assert client.last(P.LookupRequest).max_tokens == 255
+
+
+# ---- chunks on SSD: the request waits unscheduled while the daemon promotes them ---------------------
+
+
+def to_ssd(d: DaemonProc, namespace: str) -> None:
+    """Write the namespace's entries to SSD and drop them from the arena (``kvctl flush``, ``evict``)."""
+    with d.client() as c:
+        c.flush(P.FlushRequest(namespace=namespace))
+        c.evict(P.EvictRequest(tier="host", namespace=namespace))
+
+
+class NoPrefetchClient(RecordingClient):
+    """A real client whose lookups never ask the daemon to promote: a promotion that never comes."""
+
+    def lookup_compact(self, req: P.LookupRequest):
+        return super().lookup_compact(req.model_copy(update={"prefetch": False}))
+
+
+def test_chunks_on_ssd_wait_unscheduled_until_the_daemon_has_promoted_them(daemon):
+    toks = tokens(1000, 60)
+    store(daemon, toks[:768], namespace="ssd-wait")
+    to_ssd(daemon, "ssd-wait")
+    p = planner(daemon, namespace="ssd-wait")
+    # vLLM skips the request this step (None: ask again later) and runs the rest of the batch
+    assert p.num_new_matched_tokens(request("a", toks), 0) is None
+    assert p.session.counters["promote_waits"] == 1
+    deadline = time.monotonic() + 10
+    while (n := p.num_new_matched_tokens(request("a", toks), 0)) is None:
+        assert time.monotonic() < deadline, "the promotion never arrived"
+        time.sleep(0.005)
+    assert n == 768
+    assert p.hit_sources(request("a", toks), 768) == {"host": 768}  # loaded from the arena: no wait in the step
+    assert p.session.counters["promote_wait_s"] > 0 and not p.session.counters["promote_wait_timeouts"]
+    assert p.num_new_matched_tokens(request("a", toks), 0) == 768  # offered again: no new wait
+
+
+def test_without_waiting_unscheduled_ssd_chunks_are_offered_at_once(daemon):
+    toks = tokens(1000, 61)
+    store(daemon, toks[:768], namespace="ssd-now")
+    to_ssd(daemon, "ssd-now")
+    p = planner(daemon, namespace="ssd-now", wait_unscheduled=False)
+    assert p.num_new_matched_tokens(request("a", toks), 0) == 768  # the lease waits for them in the step
+    assert p.hit_sources(request("a", toks), 768) == {"disk": 768}
+    assert not p.session.counters["promote_waits"]
+
+
+def test_a_promotion_that_does_not_arrive_in_load_wait_s_offers_the_chunks_in_the_arena(daemon):
+    toks = tokens(1000, 62)
+    ns = "ssd-late"
+    store(daemon, toks[:768], namespace=ns)
+    to_ssd(daemon, ns)
+    with daemon.client() as c:  # bring chunk 0 back alone: chunks 1 and 2 stay on SSD
+        h = prefix.register(c, SPEC, namespace=ns)
+        with prefix.load_prefix(h, toks[:256]) as loaded:
+            assert loaded.num_tokens == 256
+    clock = [0.0]
+    with NoPrefetchClient(daemon.socket, timeout_s=1.0) as client:
+        p = planner(daemon, namespace=ns, client=client, clock=lambda: clock[0], load_wait_s=0.5)
+        assert p.num_new_matched_tokens(request("a", toks), 0) is None
+        clock[0] += 0.3
+        assert p.num_new_matched_tokens(request("a", toks), 0) is None  # looked again: still on SSD
+        assert [r.prefetch for r in client.sent if isinstance(r, P.LookupRequest)][-1] is False
+        clock[0] += 0.3  # past load_wait_s: vLLM computes what did not arrive
+        assert p.num_new_matched_tokens(request("a", toks), 0) == 256
+        assert p.hit_sources(request("a", toks), 256) == {"host": 256}
+        assert p.session.counters["promote_wait_timeouts"] == 1
+        assert p.session.counters["promote_wait_s"] == pytest.approx(0.6)

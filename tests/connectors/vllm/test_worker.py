@@ -14,7 +14,7 @@ import torch
 
 from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import BlockLayout, known_layout
-from kvd.connectors.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvd.connectors.vllm.settings import ConnectorSettings, open_session
 from kvd.connectors.vllm.worker import WorkerIO
 from kvd.core import protocol as P
@@ -392,3 +392,38 @@ def test_checksums_are_taken_during_the_copy_only_where_the_copier_feeds_them(da
     w = make_worker(daemon, "sums-where", seed=13)
     w.copier = PermCopier(layout())
     assert not w.sums_with_copy
+
+
+def test_a_failed_load_taints_the_requests_saves_until_the_scheduler_has_heard_of_it(daemon):
+    """Under vLLM's async scheduling, step R+1 is planned and run before step R's load errors reach the
+    scheduler: a prefill chunk computed in R+1 attends to the blocks R failed to fill, so it must not
+    be stored either (found by an audit, 2026-12-07). A save planned after the scheduler learnt of the
+    failure (a newer ``epoch``: vLLM recomputed those blocks) is stored."""
+    w = make_worker(daemon, "async-taint", seed=11)
+    toks = toks_for(11, 1100)
+    hs = hashes(w, toks)
+    blocks = tuple(range(1, 10))
+    step_r = StepPlan(loads=(LoadSpec("r", NS, 0, hs[:2], 0, 512, blocks),),
+                      saves=(SaveSpec("r", NS, 2, hs[2:3], blocks, len(toks)),))
+    assert run_step(w, step_r) == {1, 2, 3, 4}  # the lease finds nothing: blocks 1-4 hold garbage
+    # Step R+1, planned before R's errors were known: the next prefill chunk completes chunk 3.
+    run_step(w, StepPlan(saves=(SaveSpec("r", NS, 3, hs[3:4], blocks, len(toks)),)))
+
+    def stored(*keys: str) -> list:
+        with daemon.client() as c:
+            return c.lookup(P.LookupRequest(fingerprint=w.session.spec.fingerprint(), namespace=NS,
+                                            prefix_hashes=list(keys))).prefix
+
+    assert stored(hs[3]) == [] and w.counters["stored_chunks"] == 0
+    assert w.counters["store_aborted_chunks"] == 2  # chunk 2 in step R, chunk 3 in step R+1
+    other = SaveSpec("q", NS, 0, hs[:1], blocks, len(toks))  # another request is not affected
+    run_step(w, StepPlan(saves=(other,)))
+    assert len(stored(hs[0])) == 1
+    # The scheduler has heard (epoch 1) and vLLM recomputed the blocks: the request stores again.
+    run_step(w, StepPlan(saves=(SaveSpec("r", NS, 1, hs[1:4], blocks, len(toks), epoch=1),)))
+    assert len(stored(*hs[:4])) == 4 and "r" not in w.tainted
+    # A request that fails and finishes is forgotten at the next plan.
+    run_step(w, StepPlan(loads=(LoadSpec("s", NS, 0, hashes(w, toks_for(12, 600))[:1], 0, 256, blocks),)))
+    assert "s" in w.tainted
+    run_step(w, StepPlan(finished=("s",)))
+    assert "s" not in w.tainted
