@@ -218,6 +218,21 @@ SECTIONS: list[tuple[str, str, str, list[Row]]] = [
         ("turn-1 answers generated, s: kvd storing the answer / prompt only / LMCache", lambda d: f"{d['store_decode_s']}"
          f" / {d['store_prompt_s']} / {d.get('store_lmcache_s')}", "report", None),
     ]),
+    ("vllm_ssd_stall", "vLLM: a prefix hit from disk and the rest of the batch (wait_unscheduled)", "Real vLLM (CPU "
+     "build), SmolLM2-135M, every engine one OpenMP thread on core 0; a request decodes while a 4,096-token prompt "
+     "arrives whose KV is on disk only (kvd's SSD tier, page cache dropped; LMCache's L2 files after a server "
+     "restart); medians over rounds, each round every setting on the same prompt; correctness gate first (the "
+     "loaded prompt's pass key answered)", [
+        ("gate_passed", key("gate_passed"), "true", lambda v: v is True),
+        ("decoding request's step before the arrival ms (kvd unscheduled)", key("a_gap_before_ms_unscheduled"),
+         "report", None),
+        ("its longest gap during the arrival ms: kvd waiting in the step", key("a_longest_gap_ms_in_step"), "report", None),
+        ("... kvd waiting unscheduled (default)", key("a_longest_gap_ms_unscheduled"), "report", None),
+        ("... LMCache 0.5.6, L2", key("a_longest_gap_ms_lmcache"), "report", None),
+        ("arriving request's TTFT s: kvd waiting in the step", key("b_ttft_s_in_step"), "report", None),
+        ("... kvd waiting unscheduled (default)", key("b_ttft_s_unscheduled"), "report", None),
+        ("... LMCache 0.5.6, L2", key("b_ttft_s_lmcache"), "report", None),
+    ]),
     ("vllm_hit_profile", "Where a fresh vLLM engine's kvd hit spends its time (issue 17)", "Real vLLM (CPU build) "
      "in the script's process, SmolLM2-135M, 4,096-token prompts another engine stored, then asked again (its own "
      "prefix cache); medians of the hits after a warm-up one, the connector's hooks timed (docs/vllm.md)", [
