@@ -356,7 +356,12 @@ class WorkerIO:
             st.t_load_s += time.perf_counter() - t0
         if st.saves:
             t0 = time.perf_counter()
-            # Saves reserved before a load failure of their request was known in this step.
+            # Saves reserved before a load failure of their request was known in this step, and saves
+            # of any request that reads a block a load failed to fill in this step (vLLM's prefix cache
+            # shares a loaded block with requests scheduled after the loader): tainted like the loader.
+            for s in st.saves:
+                if self.load_errors.intersection(s.spec.block_ids):
+                    self.tainted[s.spec.req_id] = max(self.tainted.get(s.spec.req_id, s.spec.epoch), s.spec.epoch)
             bad = [s for s in st.saves if self._tainted(s.spec)]
             st.saves = [s for s in st.saves if s not in bad]
             for s in bad:

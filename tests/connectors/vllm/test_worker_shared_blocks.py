@@ -1,0 +1,56 @@
+"""A load that fails in blocks another request shares (vLLM's prefix cache) taints that request's saves too.
+
+vLLM caches a request's blocks when it allocates them, external (connector-loaded) ones included, so a
+second request scheduled in the same step can take them as its own prefix hit; vLLM's scheduler handles
+an invalid block "shared by multiple requests in the batch" (``_update_requests_with_invalid_blocks``).
+The second request's KV past those blocks is computed over what the failed load left there: kvd must not
+store it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
+from kvd.core import protocol as P
+from tests.connectors.vllm.test_worker import NS, hashes, make_worker, run_step, toks_for
+from tests.daemon_proc import DaemonProc
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = DaemonProc(tmp_path_factory.mktemp("kvd")).start()
+    yield d
+    d.kill()
+
+
+def test_a_save_reading_blocks_whose_load_failed_in_the_step_is_not_stored(daemon):
+    w = make_worker(daemon, "shared-taint", seed=21)
+    toks = toks_for(21, 1100)
+    hs = hashes(w, toks)
+    # r loads chunks 0-1 into blocks 1-4 (the lease finds nothing: they keep garbage); q, scheduled in the
+    # same step, shares blocks 1-4 through vLLM's prefix cache and computes and saves its chunk 2.
+    step = StepPlan(loads=(LoadSpec("r", NS, 0, hs[:2], 0, 512, (1, 2, 3, 4)),),
+                    saves=(SaveSpec("q", NS, 2, hs[2:3], (1, 2, 3, 4, 5, 6), len(toks)),))
+    assert run_step(w, step) == {1, 2, 3, 4}
+    with daemon.client() as c:
+        found = c.lookup(P.LookupRequest(fingerprint=w.session.spec.fingerprint(), namespace=NS,
+                                         prefix_hashes=[hs[2]])).prefix
+    assert found == [] and w.counters["stored_chunks"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="the worker forgets a step's failed blocks once it reported them; a "
+                   "request first scheduled in the step planned before the scheduler heard (async scheduling) "
+                   "can share them through vLLM's prefix cache and its save is stored")
+def test_a_save_planned_before_the_failure_was_heard_reading_its_blocks_is_not_stored(daemon):
+    w = make_worker(daemon, "shared-taint-async", seed=22)
+    toks = toks_for(22, 1100)
+    hs = hashes(w, toks)
+    assert run_step(w, StepPlan(loads=(LoadSpec("r", NS, 0, hs[:2], 0, 512, (1, 2, 3, 4)),))) == {1, 2, 3, 4}
+    # Step R+1 was planned before step R's errors reached the scheduler: z, new, takes blocks 1-4 from
+    # vLLM's prefix cache (vLLM evicts them only when it processes step R's output) and saves chunk 2.
+    run_step(w, StepPlan(saves=(SaveSpec("z", NS, 2, hs[2:3], (1, 2, 3, 4, 5, 6), len(toks)),)))
+    with daemon.client() as c:
+        found = c.lookup(P.LookupRequest(fingerprint=w.session.spec.fingerprint(), namespace=NS,
+                                         prefix_hashes=[hs[2]])).prefix
+    assert found == []
