@@ -58,3 +58,4 @@ class StepPlan:
     loads: tuple[LoadSpec, ...] = ()
     saves: tuple[SaveSpec, ...] = ()
     finished: tuple[str, ...] = ()  # requests vLLM finished since the last plan: workers forget them
+    heard: tuple[int, ...] = ()  # failed blocks the scheduler learnt of since the last plan (on_load_errors)

@@ -125,6 +125,7 @@ class SchedulerPlanner:
         self.can_save = can_save
         self.clock = clock
         self.requests: dict[str, _Tracked] = {}  # request id -> state
+        self._heard: set[int] = set()  # failed blocks learnt of since the last plan: ``StepPlan.heard``
 
     # ---- tracking ---------------------------------------------------------------------------------
 
@@ -265,9 +266,9 @@ class SchedulerPlanner:
     def build(self, so) -> StepPlan:
         """The step's loads and saves from vLLM's ``SchedulerOutput`` (read only)."""
         h = self.session.handle()
-        finished = tuple(so.finished_req_ids)
+        finished, heard, self._heard = tuple(so.finished_req_ids), tuple(self._heard), set()
         if h is None or not self.requests:
-            return StepPlan(finished=finished)
+            return StepPlan(finished=finished, heard=heard)
         loads: list[LoadSpec] = []
         for nr in so.scheduled_new_reqs:
             t = self.requests.get(nr.req_id)
@@ -286,7 +287,7 @@ class SchedulerPlanner:
                 t.block_ids.extend(new[0])
             self._progress(t, rid, cached.num_computed_tokens[i], h, loads)
         saves = [s for rid, n in so.num_scheduled_tokens.items() if (s := self._save(rid, n, h)) is not None]
-        return StepPlan(tuple(loads), tuple(saves), finished)
+        return StepPlan(tuple(loads), tuple(saves), finished, heard)
 
     def _progress(self, t: _Tracked, rid: str, num_computed: int, h: ModelHandle, loads: list[LoadSpec]) -> None:
         t.computed = num_computed
@@ -371,6 +372,7 @@ class SchedulerPlanner:
     def on_load_errors(self, invalid_block_ids: Iterable[int]) -> None:
         """Chunks whose blocks failed to load are recomputed by vLLM; save them again once they are."""
         bad = set(invalid_block_ids)
+        self._heard |= bad
         if not bad or self.session.handle() is None:
             return
         per_chunk = self.session.handle().chunk_tokens // self.block_size

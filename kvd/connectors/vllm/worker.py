@@ -99,6 +99,7 @@ class WorkerIO:
         self.step: _Step | None = None
         self.load_errors: set[int] = set()
         self.tainted: dict[str, int] = {}  # request -> epoch of its last failed load
+        self.failed_before: set[int] = set()  # the last step's failed blocks the scheduler has not heard of
 
     @property
     def sums_with_copy(self) -> bool:
@@ -133,6 +134,7 @@ class WorkerIO:
 
     def begin_step(self, plan: StepPlan) -> None:
         self.step = _Step(plan)
+        self.failed_before.difference_update(plan.heard)
         for rid in plan.finished:
             self.tainted.pop(rid, None)
 
@@ -357,12 +359,13 @@ class WorkerIO:
         if st.saves:
             t0 = time.perf_counter()
             # Saves reserved before a load failure of their request was known in this step, and saves
-            # of any request that reads a block a load failed to fill in this step (vLLM's prefix cache
-            # shares a loaded block with requests scheduled after the loader): tainted like the loader.
+            # of any request that reads a block a load failed to fill (vLLM's prefix cache shares a loaded
+            # block with requests scheduled after the loader): in this step, tainted like the loader; in
+            # the last one, while the scheduler has not heard (async scheduling: this step's plan came first).
             for s in st.saves:
                 if self.load_errors.intersection(s.spec.block_ids):
                     self.tainted[s.spec.req_id] = max(self.tainted.get(s.spec.req_id, s.spec.epoch), s.spec.epoch)
-            bad = [s for s in st.saves if self._tainted(s.spec)]
+            bad = [s for s in st.saves if self._tainted(s.spec) or self.failed_before.intersection(s.spec.block_ids)]
             st.saves = [s for s in st.saves if s not in bad]
             for s in bad:
                 self.counters["store_aborted_chunks"] += s.reservation.num_reserved
@@ -389,4 +392,5 @@ class WorkerIO:
 
     def take_load_errors(self) -> set[int]:
         out, self.load_errors = self.load_errors, set()
+        self.failed_before = set(out)
         return out

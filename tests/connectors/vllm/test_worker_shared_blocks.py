@@ -39,9 +39,6 @@ def test_a_save_reading_blocks_whose_load_failed_in_the_step_is_not_stored(daemo
     assert found == [] and w.counters["stored_chunks"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the worker forgets a step's failed blocks once it reported them; a "
-                   "request first scheduled in the step planned before the scheduler heard (async scheduling) "
-                   "can share them through vLLM's prefix cache and its save is stored")
 def test_a_save_planned_before_the_failure_was_heard_reading_its_blocks_is_not_stored(daemon):
     w = make_worker(daemon, "shared-taint-async", seed=22)
     toks = toks_for(22, 1100)
@@ -54,3 +51,29 @@ def test_a_save_planned_before_the_failure_was_heard_reading_its_blocks_is_not_s
         found = c.lookup(P.LookupRequest(fingerprint=w.session.spec.fingerprint(), namespace=NS,
                                          prefix_hashes=[hs[2]])).prefix
     assert found == []
+
+
+def test_once_the_scheduler_has_heard_saves_over_the_recomputed_blocks_are_stored(daemon):
+    """Synchronous scheduling: the next plan comes after the scheduler learnt of the failure (it echoes the
+    blocks, ``StepPlan.heard``, and bumped the requests' epochs); vLLM recomputed the blocks in that step."""
+    w = make_worker(daemon, "shared-taint-sync", seed=23)
+    toks = toks_for(23, 1100)
+    hs = hashes(w, toks)
+    blocks = (1, 2, 3, 4, 5, 6)
+    assert run_step(w, StepPlan(loads=(LoadSpec("r", NS, 0, hs[:2], 0, 512, blocks[:4]),))) == {1, 2, 3, 4}
+    run_step(w, StepPlan(saves=(SaveSpec("r", NS, 0, hs[:3], blocks, len(toks), epoch=1),), heard=(1, 2, 3, 4)))
+    with daemon.client() as c:
+        found = c.lookup(P.LookupRequest(fingerprint=w.session.spec.fingerprint(), namespace=NS,
+                                         prefix_hashes=list(hs[:3]))).prefix
+    assert len(found) == 3 and "r" not in w.tainted
+
+
+def test_the_scheduler_echoes_the_failed_blocks_it_heard_of_in_its_next_plan(daemon):
+    from tests.connectors.vllm.test_scheduler import planner, request, step, tokens
+
+    p = planner(daemon)
+    assert p.num_new_matched_tokens(request("r", tokens(700, 9)), 0) == 0
+    p.build(step(new=[("r", [1, 2, 3, 4, 5, 6], 0)], scheduled={"r": 700}))
+    p.on_load_errors({2, 3})
+    assert sorted(p.build(step()).heard) == [2, 3]
+    assert p.build(step()).heard == ()  # once
