@@ -33,7 +33,7 @@ into a picklable ``StepPlan`` for the workers:
   daemon to promote them into the arena; until they are there, ``num_new_matched_tokens`` answers
   None, which vLLM's scheduler takes as "ask again later" and skips the request for this step, so the
   rest of the batch keeps running while the daemon reads. Each later step looks again (at most every
-  ``POLL_S``, from the shared index: no round trip); once every hit is in the arena the request is
+  ``POLL_S``, asking again for the promotion); once every hit is in the arena the request is
   offered them and loads at arena speed. After ``load_wait_s`` it is offered the leading chunks that
   arrived and vLLM computes the rest. Without it the load waits for the promotion inside the step's
   lease, and every request of the batch waits with it (vLLM's own offloading connector defers the
@@ -67,8 +67,8 @@ from kvd.core.lookup_wire import LookupAnswer
 logger = logging.getLogger(__name__)
 ARENA_TIERS = frozenset({"host", "gpu"})  # tiers a lease maps directly: a hit there loads without waiting
 # While a request waits unscheduled, vLLM asks about it every step (every few ms when the batch is
-# otherwise idle); the daemon is asked again at most this often. A look from the shared index costs
-# tens of microseconds; a promotion of one chunk from SSD takes milliseconds.
+# otherwise idle); the daemon is asked again at most this often (a lookup RPC, ~0.1-0.3 ms of its
+# time); a promotion of one chunk from SSD takes milliseconds.
 POLL_S = 0.01
 
 
@@ -219,24 +219,28 @@ class SchedulerPlanner:
         the remote store, for up to ``load_wait_s``; then the leading ones that arrived."""
         found = t.hits + (1 if t.tail_hit and t.hits == len(t.hashes) else 0)
         slow = self._first_slow(t, found)
-        if slow == found or not self.settings.wait_unscheduled:
+        if not self.settings.wait_unscheduled:
             return found
-        now, counters = self.clock(), self.session.counters
-        if t.waiting_since is None:  # the lookup that found them has started their promotion
-            t.waiting_since = now
-            counters["promote_waits"] += 1
-            return None
-        waited = now - t.waiting_since
-        if waited < self.settings.load_wait_s:
-            self._lookup(t, max_tokens=0, prefetch=False, ttl_s=POLL_S)  # counts no hits a second time
-            found = t.hits + (1 if t.tail_hit and t.hits == len(t.hashes) else 0)
-            slow = self._first_slow(t, found)
-            if slow < found:
-                return None
-        else:
-            counters["promote_wait_timeouts"] += 1
-        t.waiting_since = None
-        counters["promote_wait_s"] += waited
+        counters = self.session.counters
+        if slow < found:
+            now = self.clock()
+            if t.waiting_since is None:
+                t.waiting_since = now
+                counters["promote_waits"] += 1
+            if now - t.waiting_since < self.settings.load_wait_s:
+                # Asks the daemon to promote what is still below the arena (again: the cached answer may
+                # come from a lookup without prefetch, or a promotion may have found no room), counting
+                # no hits a second time (max_tokens=0).
+                self._lookup(t, max_tokens=0, prefetch=True, ttl_s=POLL_S)
+                found = t.hits + (1 if t.tail_hit and t.hits == len(t.hashes) else 0)
+                slow = self._first_slow(t, found)
+                if slow < found:
+                    return None
+            else:
+                counters["promote_wait_timeouts"] += 1
+        if t.waiting_since is not None:
+            counters["promote_wait_s"] += self.clock() - t.waiting_since
+            t.waiting_since = None
         return slow
 
     @staticmethod

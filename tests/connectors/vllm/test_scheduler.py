@@ -390,6 +390,7 @@ class NoPrefetchClient(RecordingClient):
     """A real client whose lookups never ask the daemon to promote: a promotion that never comes."""
 
     def lookup_compact(self, req: P.LookupRequest):
+        self.asked = [*getattr(self, "asked", []), req]  # as the planner asked (answered locally or not)
         return super().lookup_compact(req.model_copy(update={"prefetch": False}))
 
 
@@ -436,9 +437,49 @@ def test_a_promotion_that_does_not_arrive_in_load_wait_s_offers_the_chunks_in_th
         assert p.num_new_matched_tokens(request("a", toks), 0) is None
         clock[0] += 0.3
         assert p.num_new_matched_tokens(request("a", toks), 0) is None  # looked again: still on SSD
-        assert [r.prefetch for r in client.sent if isinstance(r, P.LookupRequest)][-1] is False
+        assert (client.asked[-1].max_tokens, client.asked[-1].prefetch) == (0, True)  # no hits counted twice
         clock[0] += 0.3  # past load_wait_s: vLLM computes what did not arrive
         assert p.num_new_matched_tokens(request("a", toks), 0) == 256
         assert p.hit_sources(request("a", toks), 256) == {"host": 256}
         assert p.session.counters["promote_wait_timeouts"] == 1
         assert p.session.counters["promote_wait_s"] == pytest.approx(0.6)
+
+
+def test_a_wait_ends_when_any_lookup_finds_the_chunks_in_the_arena(daemon):
+    """With ``lookup_ttl_s`` 0 every call looks up afresh: a lookup that finds everything in the arena
+    ends the wait (and counts it), so a later wait of the same request starts its own clock."""
+    toks = tokens(1000, 63)
+    ns = "ssd-again"
+    store(daemon, toks[:768], namespace=ns)
+    to_ssd(daemon, ns)
+    clock = [0.0]
+    p = planner(daemon, namespace=ns, clock=lambda: clock[0], lookup_ttl_s=0.0, load_wait_s=0.5)
+    assert p.num_new_matched_tokens(request("a", toks), 0) is None
+    with daemon.client() as c:  # the promotion the lookup asked for, waited for by a lease
+        with prefix.load_prefix(prefix.register(c, SPEC, namespace=ns), toks[:768]) as loaded:
+            assert loaded.num_tokens == 768
+    clock[0] += 0.4
+    assert p.num_new_matched_tokens(request("a", toks), 0) == 768
+    assert p.session.counters["promote_wait_s"] == pytest.approx(0.4)
+    to_ssd(daemon, ns)
+    clock[0] += 0.4  # 0.8 s after the first wait began: a new wait, not a time-out
+    assert p.num_new_matched_tokens(request("a", toks), 0) is None
+    assert p.session.counters["promote_waits"] == 2 and not p.session.counters["promote_wait_timeouts"]
+
+
+def test_a_wait_on_a_cached_answer_without_prefetch_asks_for_the_promotion(daemon):
+    """The cached answer may come from a lookup that did not ask to promote (vLLM's own cache covered
+    the prompt at the time): the wait's polls ask, so the chunks do come up."""
+    toks = tokens(1000, 64)
+    ns = "ssd-cached"
+    store(daemon, toks[:768], namespace=ns)
+    to_ssd(daemon, ns)
+    clock = [0.0]
+    p = planner(daemon, namespace=ns, clock=lambda: clock[0])
+    assert p.num_new_matched_tokens(request("a", toks), 999) == 0  # covered: looked up without prefetch
+    for _ in range(40):  # within lookup_ttl_s (1 s) of that answer, and of load_wait_s
+        if (n := p.num_new_matched_tokens(request("a", toks), 0)) is not None:
+            break
+        clock[0] += 0.02
+        time.sleep(0.05)
+    assert n == 768 and not p.session.counters["promote_wait_timeouts"]
