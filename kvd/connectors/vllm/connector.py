@@ -14,6 +14,9 @@ one ``kvd.client.session.DaemonSession`` (registration, circuit breaker, counter
 validated extra config (``settings``). The session's counters reach vLLM's log lines and its
 ``/metrics`` through the KV-connector stats hooks (``stats``). docs/vllm.md is the user guide.
 
+Under tensor parallelism each worker stores and loads its own rank's KV heads as a model of its own
+(``[tp<rank>/<size>]`` in its model id); the scheduler offers a chunk only when every rank holds it.
+
 Decisions (the reasons are in those modules): a request whose chunks must first come back from SSD
 or the remote store waits unscheduled while the daemon promotes them (``get_num_new_matched_tokens``
 answers None), so no step waits for a disk; loads are synchronous and layer by layer; saves are
@@ -42,7 +45,13 @@ from kvd.connectors.vllm.copy import make_copier
 from kvd.connectors.vllm.layout import probe_block_layout
 from kvd.connectors.vllm.plan import StepPlan
 from kvd.connectors.vllm.scheduler import SchedulerPlanner
-from kvd.connectors.vllm.settings import ConnectorSettings, load_head_map, model_spec_from_vllm, open_session
+from kvd.connectors.vllm.settings import (
+    ConnectorSettings,
+    load_head_map,
+    model_spec_from_vllm,
+    open_session,
+    tp_size,
+)
 from kvd.connectors.vllm.stats import KvdConnectorStats, KvdPromMetrics
 from kvd.connectors.vllm.strided import StridedCopier
 from kvd.connectors.vllm.worker import WorkerIO
@@ -68,6 +77,12 @@ class KvdConnectorMetadata(KVConnectorMetadata):
         self.plan = plan
 
 
+def _tp_rank() -> int:
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
+
+
 def _route_logs_through_vllm() -> None:
     """kvd's modules log under ``kvd.*``; inside vLLM, show them the way vLLM shows its own logs."""
     kvd_logger = logging.getLogger("kvd")
@@ -86,9 +101,12 @@ class KvdConnector(KVConnectorBase_V1):
         _route_logs_through_vllm()
         tc = self._kv_transfer_config
         self.settings = ConnectorSettings.parse(tc.kv_connector_extra_config)
-        spec = model_spec_from_vllm(vllm_config, kv_cache_config, self.settings)
-        self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         is_scheduler = role == KVConnectorRole.SCHEDULER
+        # Tensor parallelism: each worker keys its own rank's heads as a model of its own; the scheduler
+        # holds rank 0's model (its keys seed every rank's) and looks the others up through ``shards``.
+        rank = 0 if is_scheduler or tp_size(vllm_config) == 1 else _tp_rank()
+        spec = model_spec_from_vllm(vllm_config, kv_cache_config, self.settings, tp_rank=rank)
+        self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.session = open_session(self.settings, spec, load_head_map(self.settings, spec),
                                     block_size=self.block_size, role="scheduler" if is_scheduler else "worker")
         self._reported: Counter[str] = Counter()
@@ -99,8 +117,12 @@ class KvdConnector(KVConnectorBase_V1):
                 logger.warning("kv_load_failure_policy is %r: a chunk evicted or a daemon lost between lookup and "
                                "load fails the request; set \"kv_load_failure_policy\": \"recompute\" in "
                                "--kv-transfer-config so vLLM recomputes instead", tc.kv_load_failure_policy)
+            shards = [open_session(self.settings, model_spec_from_vllm(vllm_config, kv_cache_config, self.settings,
+                                                                       tp_rank=r), None,
+                                   block_size=self.block_size, role=f"scheduler (tp rank {r})",
+                                   client=self.session.client) for r in range(1, tp_size(vllm_config))]
             self.planner = SchedulerPlanner(self.session, self.settings, block_size=self.block_size,
-                                            can_load=tc.is_kv_consumer, can_save=tc.is_kv_producer)
+                                            can_load=tc.is_kv_consumer, can_save=tc.is_kv_producer, shards=shards)
         self.session.require_compatible()
 
     @property

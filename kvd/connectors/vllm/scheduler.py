@@ -50,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,8 +117,10 @@ class SchedulerPlanner:
     """Per-request lookup cache and the step plans. ``block_size`` is vLLM's (manager) block size."""
 
     def __init__(self, session: DaemonSession, settings: ConnectorSettings, *, block_size: int, can_load: bool,
-                 can_save: bool, clock: Callable[[], float] = time.monotonic) -> None:
-        self.session = session
+                 can_save: bool, clock: Callable[[], float] = time.monotonic,
+                 shards: Sequence[DaemonSession] = ()) -> None:
+        self.session = session  # tensor-parallel rank 0's model (or the only one): it seeds the keys
+        self.shards = tuple(shards)  # the other ranks' models: a chunk is a hit when every rank holds it
         self.settings = settings
         self.block_size = block_size
         self.can_load = can_load
@@ -160,20 +162,22 @@ class SchedulerPlanner:
             return
         t.lookup_at = now
 
-        def ask(h: ModelHandle) -> LookupAnswer:  # the compact encoding: this is every request's path
-            return h.client.lookup_compact(P.LookupRequest(fingerprint=h.fingerprint, namespace=t.namespace,
-                                                           prefix_hashes=keys, prefetch=prefetch,
-                                                           max_tokens=max_tokens,
-                                                           accept_lossy=self.settings.accept_lossy))
+        def ask(session: DaemonSession, hashes: list[str], most: int) -> LookupAnswer | None:
+            return session.call("lookup", lambda h: h.client.lookup_compact(P.LookupRequest(  # compact: every
+                fingerprint=h.fingerprint, namespace=t.namespace, prefix_hashes=hashes,  # request's path
+                prefetch=prefetch, max_tokens=most, accept_lossy=self.settings.accept_lossy)))
 
-        resp = self.session.call("lookup", ask)
+        resp = ask(self.session, keys, max_tokens)
         self.session.counters["lookups"] += 1
-        if resp is None:
-            t.hits, t.hit_tiers, t.tail_hit = 0, [], False
-            return
-        t.hits = min(resp.num_prefix_hits, len(t.hashes))
-        t.tail_hit = resp.num_prefix_hits > len(t.hashes)
-        t.hit_tiers = resp.leading_tiers()
+        found, tiers = (resp.num_prefix_hits, resp.leading_tiers()) if resp is not None else (0, [])
+        for shard in self.shards:  # a hit is a chunk every rank holds; counted once, in rank 0's lookup
+            other = ask(shard, keys[:found], 0) if found else None
+            found = min(found, other.num_prefix_hits) if other is not None else 0
+            # each chunk's slowest rank's tier: what loading it waits for
+            tiers = [a if a not in ARENA_TIERS else b for a, b in zip(tiers, other.leading_tiers())] if other else []
+        t.hits = min(found, len(t.hashes))
+        t.tail_hit = found > len(t.hashes)
+        t.hit_tiers = tiers[:found]
         t.next_save = max(t.next_save, t.hits)
         t.tail_saved = t.tail_saved or t.tail_hit
 

@@ -87,11 +87,16 @@ def kv_dtype_name(dtype: Any) -> str:
                           "connector") from None
 
 
-def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings) -> ModelSpec:
-    """The ``ModelSpec`` both roles derive from vLLM's configs (hence one fingerprint).
+def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings, *,
+                         tp_rank: int = 0) -> ModelSpec:
+    """The ``ModelSpec`` of tensor-parallel rank ``tp_rank``'s KV, derived from vLLM's configs by both
+    roles (hence one fingerprint per rank).
 
+    Under tensor parallelism each rank holds its own KV heads (``kv_cache_spec.num_kv_heads`` is the
+    rank's count): the rank goes into ``model_id`` (``[tp<rank>/<size>]``, as kvd's SGLang backend names
+    a shard), so every rank registers a model of its own and ranks never read each other's KV.
     Refuses, with what to change, the set-ups whose KV this connector cannot key or place correctly:
-    several KV-cache groups (hybrid or sliding-window models), tensor or pipeline parallelism.
+    several KV-cache groups (hybrid or sliding-window models), pipeline parallelism.
     """
     groups = list(kv_cache_config.kv_cache_groups)
     if len(groups) != 1:
@@ -102,9 +107,13 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
     if head_v != spec.head_size or not hasattr(spec, "num_kv_heads"):
         raise ConfigError(f"KvdConnector needs attention KV with equal K and V head sizes; got {type(spec).__name__}")
     par = vllm_config.parallel_config
-    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
-        raise ConfigError(f"KvdConnector supports tensor_parallel_size=1 and pipeline_parallel_size=1; got "
-                          f"{par.tensor_parallel_size} and {par.pipeline_parallel_size} (docs/vllm.md: what is left)")
+    if par.pipeline_parallel_size != 1:
+        raise ConfigError(f"KvdConnector supports pipeline_parallel_size=1; got {par.pipeline_parallel_size} "
+                          "(docs/vllm.md: what is left)")
+    tp = tp_size(vllm_config)
+    if tp > 1 and settings.head_map is not None:
+        raise ConfigError("KvdConnector takes no head_map under tensor parallelism yet (each rank holds part of "
+                          "the heads the map names); remove \"head_map\" from kv_connector_extra_config")
     mc = vllm_config.model_config
     hf = mc.hf_config
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", None),
@@ -115,7 +124,7 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
                                          revision=str(getattr(mc, "revision", None) or ""),
                                          variant=_quantized_on_load(mc))
     return ModelSpec(
-        model_id=model_id,
+        model_id=model_id + (f" [tp{tp_rank}/{tp}]" if tp > 1 else ""),
         revision=revision,
         num_layers=len(groups[0].layer_names),
         num_kv_heads=int(spec.num_kv_heads),
@@ -126,6 +135,10 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
         # CPU ISA's packing) on every copy, so KV is portable across engines, layouts and ISAs.
         layout="canonical",
     )
+
+
+def tp_size(vllm_config: Any) -> int:
+    return int(vllm_config.parallel_config.tensor_parallel_size)
 
 
 def _quantized_on_load(mc: Any) -> str | None:

@@ -20,13 +20,14 @@ pytestmark = pytest.mark.model
 SHIPPED = Path(__file__).resolve().parents[3] / "kvd/data/heads/smollm2-135m.json"
 
 
-def _vllm_configs(model_dir, hf_config, *, quantization=None, revision=None):
-    """vLLM's configs as the connector reads them (the attributes it uses, nothing else)."""
-    spec = SimpleNamespace(num_kv_heads=3, head_size=64, head_size_v=64, dtype=torch.bfloat16)
+def _vllm_configs(model_dir, hf_config, *, quantization=None, revision=None, tp=1, pp=1):
+    """vLLM's configs as the connector reads them (the attributes it uses, nothing else; under tensor
+    parallelism the KV-cache spec holds one rank's heads, as vLLM's does)."""
+    spec = SimpleNamespace(num_kv_heads=3 // tp, head_size=64, head_size_v=64, dtype=torch.bfloat16)
     kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec,
                                                                        layer_names=[f"l{i}" for i in range(30)])])
     vllm_config = SimpleNamespace(
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
         model_config=SimpleNamespace(model=str(model_dir), revision=revision, hf_config=hf_config,
                                      quantization=quantization))
     return vllm_config, kv_cache_config
@@ -74,3 +75,18 @@ def test_weights_changed_on_load_are_marked_or_refused(bf16_model, smollm2_dir):
     with pytest.raises(ConfigError, match="PEFT"):
         model_spec(peft)
     assert model_spec(peft, model_id="base+adapter-v3").model_id == "base+adapter-v3"
+
+
+def test_tensor_parallel_ranks_are_models_of_their_own(bf16_model, smollm2_dir):
+    """Each rank holds its own heads: the rank is in the model id, so ranks never share entries, and a
+    head map (made for every head) or pipeline parallelism is refused with what to change."""
+    configs = _vllm_configs(smollm2_dir, bf16_model.config, tp=3)
+    ranks = [model_spec_from_vllm(*configs, ConnectorSettings(), tp_rank=r) for r in range(3)]
+    whole = model_spec(bf16_model)
+    assert [s.model_id for s in ranks] == [f"{whole.model_id} [tp{r}/3]" for r in range(3)]
+    assert {s.num_kv_heads for s in ranks} == {1}
+    assert len({s.fingerprint() for s in ranks} | {whole.fingerprint()}) == 4
+    with pytest.raises(ConfigError, match="head_map"):
+        model_spec_from_vllm(*configs, ConnectorSettings(head_map=str(SHIPPED)))
+    with pytest.raises(ConfigError, match="pipeline_parallel_size"):
+        model_spec_from_vllm(*_vllm_configs(smollm2_dir, bf16_model.config, pp=2), ConnectorSettings())

@@ -53,6 +53,8 @@ def engine_main(job_path: str) -> None:
     kw = {}
     if job["connector"] is not None:
         kw["kv_transfer_config"] = job["connector"]
+    if job.get("tp", 1) > 1:  # tensor parallelism: one worker process per rank (test_tp.py)
+        kw.update(tensor_parallel_size=job["tp"], distributed_executor_backend="mp")
     llm = LLM(model=job["model"], max_model_len=2048, enforce_eager=True, seed=0,
               enable_prefix_caching=job["prefix_caching"], **kw)
     prompts, out = job["prompts"], {"outputs": {}, "snapshots": {}, "times": {}}

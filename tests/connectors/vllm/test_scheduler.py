@@ -483,3 +483,30 @@ def test_a_wait_on_a_cached_answer_without_prefetch_asks_for_the_promotion(daemo
         clock[0] += 0.02
         time.sleep(0.05)
     assert n == 768 and not p.session.counters["promote_wait_timeouts"]
+
+
+def test_under_tensor_parallelism_a_chunk_is_a_hit_when_every_rank_holds_it(daemon):
+    """Each rank stores its heads as a model of its own ("[tp<r>/<n>]"), under keys seeded by rank 0's
+    model; the scheduler holds rank 0's session and asks the other ranks' (``shards``) too."""
+    from dataclasses import replace
+
+    ns = "tp"
+    spec0 = replace(SPEC, model_id="toy-vllm [tp0/2]", num_kv_heads=1)
+    spec1 = replace(spec0, model_id="toy-vllm [tp1/2]")
+    settings = settings_for(daemon, namespace=ns)
+    s0 = open_session(settings, spec0, None, block_size=B, role="scheduler")
+    s1 = open_session(settings, spec1, None, block_size=B, role="scheduler (tp rank 1)", client=s0.client)
+    p = SchedulerPlanner(s0, settings, block_size=B, can_load=True, can_save=True, shards=[s1])
+    toks = tokens(1000, 70)
+    with daemon.client() as c:
+        h0 = prefix.register(c, spec0, namespace=ns)
+        prefix.store_prefix(h0, toks[:768], kv_for(spec0, 768, 1))
+        assert p.num_new_matched_tokens(request("a", toks), 0) == 0  # rank 1 holds nothing
+        h1 = prefix.register(c, spec1, namespace=ns)
+        assert h1.fingerprint != h0.fingerprint
+        h1.hashes = h0.hashes  # its worker stores under the keys the scheduler plans: seeded by rank 0
+        prefix.store_prefix(h1, toks[:512], kv_for(spec1, 512, 2))
+    assert p.num_new_matched_tokens(request("b", toks), 0) == 512  # chunk 2 is rank 0's only
+    assert p.hit_sources(request("b", toks), 512) == {"host": 512}
+    plan = p.build(step(new=[("b", list(range(1, 10)), 512)], scheduled={"b": 487}))
+    assert [(s.first_chunk, s.hashes) for s in plan.saves] == [(2, (h0.hashes(toks)[2], p.requests["b"].tail))]
