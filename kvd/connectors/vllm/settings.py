@@ -96,7 +96,8 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
     rank's count): the rank goes into ``model_id`` (``[tp<rank>/<size>]``, as kvd's SGLang backend names
     a shard), so every rank registers a model of its own and ranks never read each other's KV.
     Refuses, with what to change, the set-ups whose KV this connector cannot key or place correctly:
-    several KV-cache groups (hybrid or sliding-window models), pipeline parallelism.
+    several KV-cache groups (hybrid or sliding-window models), pipeline parallelism, decode context
+    parallelism.
     """
     groups = list(kv_cache_config.kv_cache_groups)
     if len(groups) != 1:
@@ -110,6 +111,10 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
     if par.pipeline_parallel_size != 1:
         raise ConfigError(f"KvdConnector supports pipeline_parallel_size=1; got {par.pipeline_parallel_size} "
                           "(docs/vllm.md: what is left)")
+    dcp = int(getattr(par, "decode_context_parallel_size", 1) or 1)
+    if dcp != 1:  # a block spans block_size x dcp tokens, interleaved over the ranks: not the connector's map
+        raise ConfigError(f"KvdConnector supports decode_context_parallel_size=1; got {dcp} (each rank's blocks "
+                          "hold every dcp-th token); remove the kvd connector or decode context parallelism")
     tp = tp_size(vllm_config)
     if tp > 1 and settings.head_map is not None:
         raise ConfigError("KvdConnector takes no head_map under tensor parallelism yet (each rank holds part of "

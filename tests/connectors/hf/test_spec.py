@@ -20,14 +20,15 @@ pytestmark = pytest.mark.model
 SHIPPED = Path(__file__).resolve().parents[3] / "kvd/data/heads/smollm2-135m.json"
 
 
-def _vllm_configs(model_dir, hf_config, *, quantization=None, revision=None, tp=1, pp=1):
+def _vllm_configs(model_dir, hf_config, *, quantization=None, revision=None, tp=1, pp=1, dcp=1):
     """vLLM's configs as the connector reads them (the attributes it uses, nothing else; under tensor
     parallelism the KV-cache spec holds one rank's heads, as vLLM's does)."""
     spec = SimpleNamespace(num_kv_heads=3 // tp, head_size=64, head_size_v=64, dtype=torch.bfloat16)
     kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec,
                                                                        layer_names=[f"l{i}" for i in range(30)])])
     vllm_config = SimpleNamespace(
-        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                        decode_context_parallel_size=dcp),
         model_config=SimpleNamespace(model=str(model_dir), revision=revision, hf_config=hf_config,
                                      quantization=quantization))
     return vllm_config, kv_cache_config
@@ -90,3 +91,13 @@ def test_tensor_parallel_ranks_are_models_of_their_own(bf16_model, smollm2_dir):
         model_spec_from_vllm(*configs, ConnectorSettings(head_map=str(SHIPPED)))
     with pytest.raises(ConfigError, match="pipeline_parallel_size"):
         model_spec_from_vllm(*_vllm_configs(smollm2_dir, bf16_model.config, pp=2), ConnectorSettings())
+
+
+def test_decode_context_parallelism_is_refused(bf16_model, smollm2_dir):
+    """Under DCP a vLLM block spans block_size x dcp tokens, each rank holding every dcp-th one
+    (vllm/v1/core/single_type_kv_cache_manager.py: ``block_size * dcp_world_size``), while the connector
+    maps token t to block t // block_size: it would store and load the wrong tokens' KV, under the same
+    fingerprint as an engine of the same TP size without DCP (the rank's heads are the same)."""
+    with pytest.raises(ConfigError, match="decode_context_parallel_size"):
+        model_spec_from_vllm(*_vllm_configs(smollm2_dir, bf16_model.config, tp=2, dcp=2), ConnectorSettings(),
+                             tp_rank=1)
