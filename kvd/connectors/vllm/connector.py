@@ -83,6 +83,17 @@ def _tp_rank() -> int:
     return int(get_tensor_model_parallel_rank())
 
 
+def _tp_min(values: list[int]) -> list[int]:
+    """Element-wise minimum over the tensor-parallel ranks (``kvd.connectors.vllm.failures``), on vLLM's
+    CPU (gloo) group of the TP ranks."""
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_tp_group
+
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=get_tp_group().cpu_group)
+    return t.tolist()
+
+
 def _route_logs_through_vllm() -> None:
     """kvd's modules log under ``kvd.*``; inside vLLM, show them the way vLLM shows its own logs."""
     kvd_logger = logging.getLogger("kvd")
@@ -165,7 +176,8 @@ class KvdConnector(KVConnectorBase_V1):
         by_engine = isinstance(copier, StridedCopier) and copier.adopt_engine_write(engine_write, ordered[names[0]])
         self.worker = WorkerIO(self.session, self.settings, ordered, copier, block_size=self.block_size,
                                num_blocks=self._kv_cache_config.num_blocks,
-                               recompute_failures=self._kv_transfer_config.kv_load_failure_policy == "recompute")
+                               recompute_failures=self._kv_transfer_config.kv_load_failure_policy == "recompute",
+                               merge_failures=_tp_min if tp_size(self._vllm_config) > 1 else None)
         logger.info("kvd worker: %d layers, KV block layout %s (%s), copies by %s%s", len(names), layout.name,
                     self._vllm_config.cache_config.kv_cache_layout, type(copier).__name__,
                     ", loads packed by the engine's cache write" + (

@@ -18,19 +18,15 @@ Failures never raise into vLLM: a lease that fails or returns fewer chunks, or a
 fail their checksum, reports the blocks it did not (correctly) fill (vLLM recomputes them under
 ``kv_load_failure_policy: "recompute"``); a store that fails is aborted and counted.
 
-A request whose load failed is **tainted** until the scheduler has heard of it: its KV past the
-failure was computed over blocks that hold nothing, in that step and, under vLLM's async scheduling,
-in the steps already planned before the failure reached the scheduler. Its saves are dropped while
-their ``epoch`` (``kvd.connectors.vllm.plan``) is not newer than the failed load's; the scheduler bumps
-the epoch when it learns of the failure (``on_load_errors``), so saves planned after vLLM's recompute
-go through. A finished request is forgotten (``StepPlan.finished``).
+KV computed over blocks a load failed to fill (by the loading request, by another request sharing
+those blocks, on another tensor-parallel rank) is never stored: ``kvd.connectors.vllm.failures``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +34,7 @@ import torch
 from kvd.client.session import DaemonSession
 from kvd.client.transfer import Lease, Reservation, open_lease, reserve
 from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece, StridedCopier
+from kvd.connectors.vllm.failures import LoadFailures
 from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan, entry_sizes
 from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.connectors.vllm.sums import LoadSums
@@ -82,7 +79,8 @@ class WorkerIO:
 
     def __init__(self, session: DaemonSession, settings: ConnectorSettings, kv_caches: dict[str, torch.Tensor],
                  copier: StridedCopier | PermCopier | KernelCopier, *, block_size: int, num_blocks: int,
-                 recompute_failures: bool = True) -> None:
+                 recompute_failures: bool = True,
+                 merge_failures: Callable[[list[int]], list[int]] | None = None) -> None:
         self.session = session
         self.settings = settings
         self.recompute_failures = recompute_failures
@@ -98,8 +96,7 @@ class WorkerIO:
         self.kernel_tokens = block_size // self.ratio
         self.step: _Step | None = None
         self.load_errors: set[int] = set()
-        self.tainted: dict[str, int] = {}  # request -> epoch of its last failed load
-        self.failed_before: set[int] = set()  # the last step's failed blocks the scheduler has not heard of
+        self.failures = LoadFailures(merge_failures)  # which saves failed loads spoil (tensor parallel: all ranks')
 
     @property
     def sums_with_copy(self) -> bool:
@@ -127,25 +124,14 @@ class WorkerIO:
         blocks = spec.block_ids[lo // self.block_size : -(-spec.end // self.block_size)]
         self.load_errors.update(blocks)
         self.counters["load_failed_tokens"] += spec.end - lo
-        self.tainted[spec.req_id] = max(self.tainted.get(spec.req_id, spec.epoch), spec.epoch)
+        self.failures.failed(spec, lo)
         logger.warning("kvd: %d tokens of %s not loaded (%s); vLLM recomputes them", spec.end - lo, spec.req_id, why)
 
     # ---- step ------------------------------------------------------------------------------------
 
     def begin_step(self, plan: StepPlan) -> None:
         self.step = _Step(plan)
-        self.failed_before.difference_update(plan.heard)
-        for rid in plan.finished:
-            self.tainted.pop(rid, None)
-
-    def _tainted(self, spec: SaveSpec) -> bool:
-        """Whether ``spec`` stores KV computed over blocks a load of its request did not fill (the
-        module docstring); a save planned after the scheduler learnt of the failure clears the taint."""
-        epoch = self.tainted.get(spec.req_id)
-        if epoch is not None and spec.epoch > epoch:
-            del self.tainted[spec.req_id]
-            return False
-        return epoch is not None
+        self.failures.begin_step(plan)
 
     def start_loads(self) -> None:
         st = self.step
@@ -289,7 +275,7 @@ class WorkerIO:
 
     def _reserve(self, spec: SaveSpec) -> _Save | None:
         """Reserve the spec's entries (with their prefix aliases) and plan the copies into them."""
-        if self._tainted(spec):
+        if self.failures.spoils(spec, self.load_errors):
             self.counters["store_aborted_chunks"] += len(spec.hashes)
             return None  # computed over blocks that were not loaded: never store it
         h = self.session.handle()
@@ -347,25 +333,27 @@ class WorkerIO:
         if st is None:
             return
         num_layers = len(self.layer_index)
+        t0 = time.perf_counter()
         if st.loads:
-            if len(st.layers_loaded) != num_layers:
-                self._abandon_loads(f"only {len(st.layers_loaded)} of {num_layers} layers were loaded")
-            t0 = time.perf_counter()
-            self._check_sums()
+            try:
+                if len(st.layers_loaded) != num_layers:
+                    self._abandon_loads(f"only {len(st.layers_loaded)} of {num_layers} layers were loaded")
+                self._check_sums()
+            except Exception as e:  # a boundary; and every tensor-parallel rank must reach the exchange
+                logger.exception("kvd: checking the step's loads failed")
+                self._abandon_loads(f"checking them failed: {e}")
+        if st.plan.loads:  # the same plan on every rank: each makes this call (a collective under TP)
+            for spec, first in self.failures.from_other_ranks(st.plan.loads):
+                self._fail(spec, first, "another tensor-parallel rank failed to load it")
+        if st.loads:
             for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
                 self._release(ld, st.t_load_s / len(st.loads))
                 self.counters["loaded_tokens"] += sum(p.t1 - p.t0 for p in ld.pieces)
             st.t_load_s += time.perf_counter() - t0
         if st.saves:
             t0 = time.perf_counter()
-            # Saves reserved before a load failure of their request was known in this step, and saves
-            # of any request that reads a block a load failed to fill (vLLM's prefix cache shares a loaded
-            # block with requests scheduled after the loader): in this step, tainted like the loader; in
-            # the last one, while the scheduler has not heard (async scheduling: this step's plan came first).
-            for s in st.saves:
-                if self.load_errors.intersection(s.spec.block_ids):
-                    self.tainted[s.spec.req_id] = max(self.tainted.get(s.spec.req_id, s.spec.epoch), s.spec.epoch)
-            bad = [s for s in st.saves if self._tainted(s.spec) or self.failed_before.intersection(s.spec.block_ids)]
+            # Saves reserved before a failure they read was known (kvd.connectors.vllm.failures).
+            bad = [s for s in st.saves if self.failures.spoils(s.spec, self.load_errors)]
             st.saves = [s for s in st.saves if s not in bad]
             for s in bad:
                 self.counters["store_aborted_chunks"] += s.reservation.num_reserved
@@ -392,5 +380,5 @@ class WorkerIO:
 
     def take_load_errors(self) -> set[int]:
         out, self.load_errors = self.load_errors, set()
-        self.failed_before = set(out)
+        self.failures.end_step(out)
         return out

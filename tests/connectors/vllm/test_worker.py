@@ -421,9 +421,9 @@ def test_a_failed_load_taints_the_requests_saves_until_the_scheduler_has_heard_o
     assert len(stored(hs[0])) == 1
     # The scheduler has heard (epoch 1) and vLLM recomputed the blocks: the request stores again.
     run_step(w, StepPlan(saves=(SaveSpec("r", NS, 1, hs[1:4], blocks, len(toks), epoch=1),)))
-    assert len(stored(*hs[:4])) == 4 and "r" not in w.tainted
+    assert len(stored(*hs[:4])) == 4 and "r" not in w.failures.tainted
     # A request that fails and finishes is forgotten at the next plan.
     run_step(w, StepPlan(loads=(LoadSpec("s", NS, 0, hashes(w, toks_for(12, 600))[:1], 0, 256, blocks),)))
-    assert "s" in w.tainted
+    assert "s" in w.failures.tainted
     run_step(w, StepPlan(finished=("s",)))
-    assert "s" not in w.tainted
+    assert "s" not in w.failures.tainted

@@ -65,7 +65,7 @@ def test_once_the_scheduler_has_heard_saves_over_the_recomputed_blocks_are_store
     with daemon.client() as c:
         found = c.lookup(P.LookupRequest(fingerprint=w.session.spec.fingerprint(), namespace=NS,
                                          prefix_hashes=list(hs[:3]))).prefix
-    assert len(found) == 3 and "r" not in w.tainted
+    assert len(found) == 3 and "r" not in w.failures.tainted
 
 
 def test_the_scheduler_echoes_the_failed_blocks_it_heard_of_in_its_next_plan(daemon):

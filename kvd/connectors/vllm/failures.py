@@ -1,0 +1,77 @@
+"""What a vLLM worker knows of failed loads, and which saves they spoil (``LoadFailures``).
+
+A load that fails leaves blocks holding nothing; vLLM recomputes them (``kv_load_failure_policy:
+"recompute"``), but KV computed over them before that must never be stored:
+
+- **the loading request** is tainted until the scheduler has heard of the failure: its KV past the
+  failure was computed over the empty blocks, in that step and, under vLLM's async scheduling, in the
+  steps already planned before the failure reached the scheduler. Its saves are dropped while their
+  ``epoch`` (``kvd.connectors.vllm.plan``) is not newer than the failed load's; the scheduler bumps the
+  epoch when it learns of the failure (``on_load_errors``), so saves planned after vLLM's recompute go
+  through. A finished request is forgotten (``StepPlan.finished``).
+- **other requests** can read the failed blocks too: vLLM's prefix cache shares a block with later
+  requests as soon as it is allocated, connector-loaded ones included. A save that reads a block whose
+  load failed is dropped (its request tainted like the loader) in that step, and in the next one until
+  the scheduler echoes the failed blocks it has heard of (``StepPlan.heard``; vLLM 0.32 runs at most
+  one step ahead).
+- **other tensor-parallel ranks**: each rank holds its own heads, but the layers mix heads across ranks
+  (the attention output's row-parallel projection, the MLP's all-reduce), so a token computed over
+  blocks one rank failed to fill is wrong on every rank. At the end of each step with loads, the ranks
+  exchange the first token each failed to load, per planned load (``merge``: an all-reduce over vLLM's
+  tensor-parallel group, the same call on every rank since every rank gets the same plan), and each
+  rank fails what any rank failed, before any save of the step is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
+
+NO_FAILURE = 1 << 62  # ``merge``: a load no token of which failed
+
+
+class LoadFailures:
+    """``merge``: under tensor parallelism, this rank's first failed token per planned load -> every
+    rank's smallest (None: one rank)."""
+
+    def __init__(self, merge: Callable[[list[int]], list[int]] | None = None) -> None:
+        self.merge = merge
+        self.tainted: dict[str, int] = {}  # request -> epoch of its last failed load
+        self.failed_before: set[int] = set()  # the last step's failed blocks the scheduler has not heard of
+        self.first: dict[str, int] = {}  # this step: request -> first token not loaded
+
+    def begin_step(self, plan: StepPlan) -> None:
+        self.first = {}
+        self.failed_before.difference_update(plan.heard)
+        for rid in plan.finished:
+            self.tainted.pop(rid, None)
+
+    def failed(self, spec: LoadSpec, token: int) -> None:
+        """Tokens from ``token`` on of ``spec`` were not loaded."""
+        self.tainted[spec.req_id] = max(self.tainted.get(spec.req_id, spec.epoch), spec.epoch)
+        self.first[spec.req_id] = min(self.first.get(spec.req_id, token), token)
+
+    def from_other_ranks(self, loads: Iterable[LoadSpec]) -> list[tuple[LoadSpec, int]]:
+        """The planned loads some other rank failed earlier than this one, with that token; every rank
+        calls this at the same point of each step with loads (a collective)."""
+        if self.merge is None:
+            return []
+        loads = list(loads)
+        mine = [self.first.get(s.req_id, NO_FAILURE) for s in loads]
+        return [(s, first) for s, own, first in zip(loads, mine, self.merge(mine)) if first < own]
+
+    def spoils(self, spec: SaveSpec, failed_now: set[int]) -> bool:
+        """Whether ``spec`` stores KV computed over blocks a load did not fill: its request's own failed
+        load (until a newer epoch), or blocks that failed in this step (``failed_now``) or the last."""
+        if failed_now.intersection(spec.block_ids):
+            self.tainted[spec.req_id] = max(self.tainted.get(spec.req_id, spec.epoch), spec.epoch)
+        epoch = self.tainted.get(spec.req_id)
+        if epoch is not None and spec.epoch > epoch:
+            del self.tainted[spec.req_id]
+            epoch = None
+        return epoch is not None or bool(self.failed_before.intersection(spec.block_ids))
+
+    def end_step(self, failed_blocks: set[int]) -> None:
+        """The step's failed blocks, as reported to vLLM: protected until the scheduler echoes them."""
+        self.failed_before = set(failed_blocks)
