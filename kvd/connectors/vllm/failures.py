@@ -20,11 +20,17 @@ A load that fails leaves blocks holding nothing; vLLM recomputes them (``kv_load
   exchange the first token each failed to load, per planned load (``merge``: an all-reduce over vLLM's
   tensor-parallel group, the same call on every rank since every rank gets the same plan), and each
   rank fails what any rank failed, before any save of the step is committed.
+- **until recomputed**: under the ``recompute`` policy vLLM keeps the failed blocks in its prefix cache
+  and recomputes them in place as the loading request proceeds, so until then a request scheduled
+  after the failure can still take them as a prefix hit. The scheduler guards each failed block
+  (``BlockGuard``, sent in every plan as ``StepPlan.guarded``) until the loading request's recompute
+  has reached its end, or vLLM allocates the block afresh to a request (its content is replaced);
+  a save that reads a guarded block is dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 
@@ -40,9 +46,11 @@ class LoadFailures:
         self.tainted: dict[str, int] = {}  # request -> epoch of its last failed load
         self.failed_before: set[int] = set()  # the last step's failed blocks the scheduler has not heard of
         self.first: dict[str, int] = {}  # this step: request -> first token not loaded
+        self.guarded: frozenset[int] = frozenset()  # failed blocks not recomputed yet (``BlockGuard``)
 
     def begin_step(self, plan: StepPlan) -> None:
         self.first = {}
+        self.guarded = frozenset(plan.guarded)
         self.failed_before.difference_update(plan.heard)
         for rid in plan.finished:
             self.tainted.pop(rid, None)
@@ -70,8 +78,57 @@ class LoadFailures:
         if epoch is not None and spec.epoch > epoch:
             del self.tainted[spec.req_id]
             epoch = None
-        return epoch is not None or bool(self.failed_before.intersection(spec.block_ids))
+        return (epoch is not None or bool(self.failed_before.intersection(spec.block_ids))
+                or bool(self.guarded.intersection(spec.block_ids)))
 
     def end_step(self, failed_blocks: set[int]) -> None:
         """The step's failed blocks, as reported to vLLM: protected until the scheduler echoes them."""
         self.failed_before = set(failed_blocks)
+
+
+class BlockGuard:
+    """Scheduler side: the failed blocks vLLM has not recomputed or replaced yet (the module docstring).
+    ``block_size``: vLLM's (manager) block size."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.blocks: dict[int, tuple[str, int]] = {}  # block -> (loading request, token its recompute must reach)
+        self.heard: set[int] = set()  # failed blocks learnt of since the last plan (``StepPlan.heard``)
+
+    def failed(self, bad: set[int], block_lists: Mapping[str, Sequence[int]]) -> None:
+        """vLLM reported ``bad``; ``block_lists``: each tracked request's blocks, in token order."""
+        self.heard |= bad
+        owned = set()
+        for rid, blocks in block_lists.items():
+            for i, b in enumerate(blocks):
+                if b in bad:
+                    self.blocks[b] = (rid, (i + 1) * self.block_size)
+                    owned.add(b)
+        for b in bad - owned:  # no tracked request recomputes it: guarded until allocated afresh
+            self.blocks[b] = ("", NO_FAILURE)
+
+    def reached(self, rid: str, token: int) -> None:
+        """Request ``rid`` has computed (or computes in this step) its tokens up to ``token``."""
+        for b in [b for b, (owner, end) in self.blocks.items() if owner == rid and end <= token]:
+            del self.blocks[b]
+
+    def allocated(self, so, pending_load: Mapping[str, int]) -> None:
+        """Let go of the blocks vLLM's ``SchedulerOutput`` ``so`` allocated anew: a request's blocks past
+        its own prefix-cache hit (``num_computed_tokens`` less the tokens a connector loads into them,
+        ``pending_load``), whose old content is being replaced; a running request's added blocks."""
+        fresh: list[int] = []
+        for nr in so.scheduled_new_reqs:
+            hit = nr.num_computed_tokens - pending_load.get(nr.req_id, 0)
+            fresh += nr.block_ids[0][hit // self.block_size:] if nr.block_ids else []
+        c = so.scheduled_cached_reqs
+        for rid, new, computed in zip(c.req_ids, c.new_block_ids, c.num_computed_tokens):
+            if new:  # resumed after preemption: the whole list, its own cache hit first
+                hit = computed - pending_load.get(rid, 0) if rid in c.resumed_req_ids else 0
+                fresh += new[0][hit // self.block_size:]
+        for b in fresh:
+            self.blocks.pop(b, None)
+
+    def plan_fields(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(heard, guarded)`` for the next plan; ``heard`` only once."""
+        heard, self.heard = tuple(self.heard), set()
+        return heard, tuple(self.blocks)

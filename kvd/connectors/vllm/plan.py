@@ -59,3 +59,4 @@ class StepPlan:
     saves: tuple[SaveSpec, ...] = ()
     finished: tuple[str, ...] = ()  # requests vLLM finished since the last plan: workers forget them
     heard: tuple[int, ...] = ()  # failed blocks the scheduler learnt of since the last plan (on_load_errors)
+    guarded: tuple[int, ...] = ()  # failed blocks not recomputed yet: saves reading them are dropped

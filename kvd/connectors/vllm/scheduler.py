@@ -58,6 +58,7 @@ import numpy as np
 
 from kvd.client.handle import ModelHandle
 from kvd.client.session import DaemonSession
+from kvd.connectors.vllm.failures import BlockGuard
 from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan
 from kvd.connectors.vllm.settings import ConnectorSettings
 from kvd.core import protocol as P
@@ -66,9 +67,8 @@ from kvd.core.lookup_wire import LookupAnswer
 
 logger = logging.getLogger(__name__)
 ARENA_TIERS = frozenset({"host", "gpu"})  # tiers a lease maps directly: a hit there loads without waiting
-# While a request waits unscheduled, vLLM asks about it every step (every few ms when the batch is
-# otherwise idle); the daemon is asked again at most this often (a lookup RPC, ~0.1-0.3 ms of its
-# time); a promotion of one chunk from SSD takes milliseconds.
+# A request waiting unscheduled is asked about every step (every few ms in an idle batch); the daemon
+# at most this often (a lookup RPC, ~0.1-0.3 ms of its time; one chunk's promotion takes milliseconds).
 POLL_S = 0.01
 
 
@@ -127,9 +127,7 @@ class SchedulerPlanner:
         self.can_save = can_save
         self.clock = clock
         self.requests: dict[str, _Tracked] = {}  # request id -> state
-        self._heard: set[int] = set()  # failed blocks learnt of since the last plan: ``StepPlan.heard``
-
-    # ---- tracking ---------------------------------------------------------------------------------
+        self.guard = BlockGuard(block_size)  # failed blocks until recomputed (kvd.connectors.vllm.failures)
 
     def _track(self, request, h: ModelHandle) -> _Tracked | None:
         t = self.requests.get(request.request_id)
@@ -274,9 +272,10 @@ class SchedulerPlanner:
     def build(self, so) -> StepPlan:
         """The step's loads and saves from vLLM's ``SchedulerOutput`` (read only)."""
         h = self.session.handle()
-        finished, heard, self._heard = tuple(so.finished_req_ids), tuple(self._heard), set()
+        finished = tuple(so.finished_req_ids)
+        self.guard.allocated(so, {rid: t.pending_load for rid, t in self.requests.items() if t.pending_load})
         if h is None or not self.requests:
-            return StepPlan(finished=finished, heard=heard)
+            return StepPlan((), (), finished, *self.guard.plan_fields())
         loads: list[LoadSpec] = []
         for nr in so.scheduled_new_reqs:
             t = self.requests.get(nr.req_id)
@@ -294,8 +293,11 @@ class SchedulerPlanner:
             elif new:
                 t.block_ids.extend(new[0])
             self._progress(t, rid, cached.num_computed_tokens[i], h, loads)
+        for rid, n in so.num_scheduled_tokens.items():  # recomputed in this step, before anything reads them
+            if (t := self.requests.get(rid)) is not None:
+                self.guard.reached(rid, t.computed + n)
         saves = [s for rid, n in so.num_scheduled_tokens.items() if (s := self._save(rid, n, h)) is not None]
-        return StepPlan(tuple(loads), tuple(saves), finished, heard)
+        return StepPlan(tuple(loads), tuple(saves), finished, *self.guard.plan_fields())
 
     def _progress(self, t: _Tracked, rid: str, num_computed: int, h: ModelHandle, loads: list[LoadSpec]) -> None:
         t.computed = num_computed
@@ -380,7 +382,7 @@ class SchedulerPlanner:
     def on_load_errors(self, invalid_block_ids: Iterable[int]) -> None:
         """Chunks whose blocks failed to load are recomputed by vLLM; save them again once they are."""
         bad = set(invalid_block_ids)
-        self._heard |= bad
+        self.guard.failed(bad, {rid: t.block_ids for rid, t in self.requests.items()})
         if not bad or self.session.handle() is None:
             return
         per_chunk = self.session.handle().chunk_tokens // self.block_size

@@ -77,3 +77,30 @@ def test_the_scheduler_echoes_the_failed_blocks_it_heard_of_in_its_next_plan(dae
     p.on_load_errors({2, 3})
     assert sorted(p.build(step()).heard) == [2, 3]
     assert p.build(step()).heard == ()  # once
+
+
+def test_failed_blocks_stay_guarded_until_the_loader_recomputes_them_or_vllm_reallocates_them(daemon):
+    """Under the recompute policy vLLM keeps failed blocks in its prefix cache and recomputes them in
+    place; until then a later request can take them as a prefix hit. The scheduler guards them in every
+    plan (``StepPlan.guarded``) and the worker drops saves that read them."""
+    from tests.connectors.vllm.test_scheduler import planner, request, step, tokens
+
+    p = planner(daemon)
+    assert p.num_new_matched_tokens(request("r", tokens(1200, 10)), 0) == 0
+    p.build(step(new=[("r", [1, 2, 3, 4, 5, 6, 7, 8], 0)], scheduled={"r": 1000}))
+    p.on_load_errors({3, 4})  # r's tokens [256, 512): recomputed from token 256
+    assert sorted(p.build(step(cached=[("r", None, 256, False)], scheduled={"r": 128})).guarded) == [4]  # 3 done
+    assert p.build(step(cached=[("r", None, 384, False)], scheduled={"r": 128})).guarded == ()
+    p.on_load_errors({5, 9})  # 9: a block no tracked request holds, guarded until vLLM reallocates it
+    assert sorted(p.build(step()).guarded) == [5, 9]
+    # a new request whose own prefix-cache hit ends at its first block: its blocks 9 and 5 are fresh
+    assert p.build(step(new=[("n", [2, 9, 5], 128)], scheduled={"n": 10})).guarded == ()
+
+    w = make_worker(daemon, "guarded", seed=24)
+    toks = toks_for(24, 1100)
+    hs = hashes(w, toks)
+    save = SaveSpec("q", NS, 0, hs[:1], (1, 2), len(toks))
+    run_step(w, StepPlan(saves=(save,), guarded=(2,)))
+    assert w.counters["stored_chunks"] == 0 and w.counters["store_aborted_chunks"] == 1
+    run_step(w, StepPlan(saves=(save,)))
+    assert w.counters["stored_chunks"] == 1
