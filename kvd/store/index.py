@@ -10,10 +10,11 @@ policies' bookkeeping methods.
 Maps kept here:
 - ``entries``: key -> committed entry (the only entries lookups and leases see);
 - ``pending``: key -> id of the reservation writing it (blocks other writers);
-- ``doomed``: deleted entries still held by a reader, freed on their last release;
+- ``doomed``: deleted entries still held by a reader, freed on their last release (by ``id``: the key
+  may be stored, leased and deleted again meanwhile, and each such entry is freed at its own release);
 - ``aliases``: alias key -> (entry key, tokens): another name for an entry's leading tokens.
 
-Invariants: a key is in at most one of ``entries``, ``pending`` and ``doomed``; an alias points to an
+Invariants: a key is in at most one of ``entries`` and ``pending``; an alias points to an
 entry in ``entries`` (it goes when the entry goes); an entry in ``entries`` is whole
 (``Entry.is_whole``). This module never frees bytes: the pipeline does, since record tiers free off
 the event loop.
@@ -74,7 +75,7 @@ class Index:
         self.clock = clock
         self.entries: dict[EntryKey, Entry] = {}
         self.pending: dict[EntryKey, str] = {}
-        self.doomed: dict[EntryKey, Entry] = {}
+        self.doomed: dict[int, Entry] = {}  # id(entry) -> entry
         self.aliases: dict[EntryKey, tuple[EntryKey, int]] = {}
         self.published = None  # the shared lookup index (kvd.store.published.Publisher), once the store opens it
         self._levels_changed()

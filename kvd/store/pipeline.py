@@ -93,8 +93,7 @@ class Pipeline:
     def unhold(self, e: Entry) -> None:
         e.holds -= 1
         assert e.holds >= 0, f"hold count of {e.key} went negative"
-        if e.holds == 0 and self.index.doomed.get(e.key) is e:
-            del self.index.doomed[e.key]
+        if e.holds == 0 and self.index.doomed.pop(id(e), None) is not None:
             self._free_all(e)
 
     async def drain(self) -> None:
@@ -154,7 +153,7 @@ class Pipeline:
                         self.index.unplace(e, x, lv)
         self.index.forget(e)
         if e.holds:
-            self.index.doomed[e.key] = e
+            self.index.doomed[id(e)] = e
         else:
             self._free_all(e)
 
