@@ -153,6 +153,11 @@ class Pipeline:
                         self.index.unplace(e, x, lv)
         self.index.forget(e)
         if e.holds:
+            # Readers hold memory copies only; its records go now: a record tier keys them by extent
+            # name, and the same key stored again meanwhile must find the key free (``reserve`` waits
+            # for these drops).
+            for lv in self.index.records:
+                self.discard(lv, [c.loc for x in e.extents.values() if (c := x.copies.pop(lv.name, None))])
             self.index.doomed[id(e)] = e
         else:
             self._free_all(e)
