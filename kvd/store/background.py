@@ -275,14 +275,27 @@ class Background:
             await self._relieve(lv)
 
     async def _relieve(self, top) -> None:
+        """Per partition (tenant) of a tier split in several (its arenas or GPU pools): each is relieved
+        by its own usage, of its own entries. Before, the usage of all of them together was compared
+        and victims taken among every tenant's: one tenant filling its arena evicted another's entries
+        (which freed nothing where the pressure was)."""
+        parts = getattr(top.tier, "arenas", None) or getattr(top.tier, "pools", None) or {}
+        for p in list(parts) if len(parts) > 1 else [None]:
+            await self._relieve_partition(top, p)
+
+    async def _relieve_partition(self, top, partition: str | None) -> None:
         cfg = self.settings.host
-        if top.tier.stats().usage <= cfg.high_watermark:
+
+        def stats():
+            return top.tier.stats() if partition is None else top.tier.partition_stats(partition)
+
+        if stats().usage <= cfg.high_watermark:
             return
-        target = int(cfg.low_watermark * top.tier.capacity_bytes)
+        target = int(cfg.low_watermark * stats().capacity_bytes)
         for _ in range(RELIEF_ROUNDS):
-            excess = top.tier.stats().used_bytes - target
+            excess = stats().used_bytes - target
             if excess <= 0:
                 return
-            victims = self.pipeline.space.victims(top, excess, partial=True)
+            victims = self.pipeline.space.victims(top, excess, partial=True, partition=partition)
             if not victims or not await self.pipeline.evict(victims, top):
                 return

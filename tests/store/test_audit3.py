@@ -45,3 +45,48 @@ async def test_a_key_stored_again_while_its_deleted_entry_is_leased_is_written_d
         assert status == ["ok"] and got == data
     finally:
         w.close()
+
+
+def tenant_store(tmp_path, arenas: dict[str, int]):
+    """A store whose arena is split per tenant (namespace = tenant), as ``kvd.daemon.tenants`` builds it."""
+    from kvd.core.config import load_settings
+    from kvd.daemon.metrics import Metrics
+    from kvd.store.store import Store
+    from kvd.tiers.host import ArenaSpec, HostTier
+    from tests.fakes import FakeClock
+    from tests.store.test_store import HM, POOL
+
+    slot = 128 << 10
+    settings = load_settings(None, environ={}, overrides={"policy": {"eviction": "lru"}})
+    host = HostTier(tmp_path / "unused", 0, slot, partition_of=lambda ns: ns if ns in arenas else "",
+                    partitions={p: ArenaSpec(tmp_path / f"arena-{p or 'default'}", n) for p, n in arenas.items()})
+    s = Store(settings, [host], metrics=Metrics(), cpu=POOL, io=POOL, clock=FakeClock(),
+              partition_of=host.partition_of)
+    s.fp = s.register_model(P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64,
+                                                   head_map=HM)).fingerprint
+    return s
+
+
+async def store_in(s, namespace: str, hs: list[str]) -> None:
+    r = await s.reserve(P.ReserveRequest(fingerprint=s.fp, namespace=namespace, entries=[
+        P.ReserveEntry(hash=h, num_tokens=256, start_token=256 * i) for i, h in enumerate(hs)]))
+    assert all(e.status == "reserved" for e in r.entries)
+    await s.commit(P.CommitRequest(reservation_id=r.reservation_id))
+
+
+async def test_watermark_relief_never_evicts_another_tenants_entries(tmp_path):
+    """Tenant a fills its own (large) arena; tenant b's arena is half empty. Relief compared the usage
+    of all arenas together with the watermarks and took victims among every tenant's entries: b's
+    entries were evicted (lost: no SSD) to make room in a's arena, which that cannot even do
+    (docs/security.md: a tenant filling its arena evicts only its own entries)."""
+    s = tenant_store(tmp_path, {"": 256 << 10, "a": 8 << 20, "b": 1 << 20})
+    try:
+        b_hs = hashes(2, start=100)
+        await store_in(s, "b", b_hs)  # 512 KiB of b's 1 MiB, and the oldest entries
+        await store_in(s, "a", hashes(32))  # a's 8 MiB arena, full
+        await s.background.relieve()
+        found = await s.lookup(P.LookupRequest(fingerprint=s.fp, namespace="b", prefix_hashes=b_hs))
+        assert found.num_prefix_hits == 2, "tenant b's entries were evicted by tenant a's pressure"
+        assert s.host.partition_stats("a").usage <= s.settings.host.low_watermark  # a relieved, of its own
+    finally:
+        s.host.close()
