@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from kvd.core.errors import CorruptData, RecordMissing, TierUnavailable
+from kvd.core.errors import CorruptData, KvdError, RecordMissing, TierUnavailable
 from kvd.core.extents import class_kind
 from kvd.store.entries import Copy, Entry, Extent
 from kvd.store.index import Level
@@ -77,7 +77,13 @@ class Promotion:
                     self.pipeline.metrics.prefetch_failures.inc()
                     return False
                 slots.append((x, src, loc))
-            results = await asyncio.gather(*(self._fetch(e, x, src, top, loc) for x, src, loc in slots))
+            # Every fetch ends before any slot is given back: a decode still writing into freed slots
+            # would write into another writer's reservation.
+            results = await asyncio.gather(*(self._fetch(e, x, src, top, loc) for x, src, loc in slots),
+                                           return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
         except BaseException:
             self.pipeline.discard(top, [s[2] for s in slots])
             raise
@@ -114,6 +120,10 @@ class Promotion:
             logger.debug("%s", err)
             self.pipeline.metrics.tier_errors.labels(src.name, "read").inc()
             return "unavailable"
+        except KvdError as err:  # e.g. a record of another size under this key: unusable, as corrupt
+            logger.error("not served: %s", err)
+            self.pipeline.metrics.checksum_failures.labels(src.name).inc()
+            return "corrupt"
 
     def _place_promoted(self, e: Entry, slots, results: list[Copy | str], top: Level) -> bool:
         ok = True

@@ -1,5 +1,7 @@
 """Defects found by the 2026-12-07 audit of the store's races (each test failed before its fix)."""
 
+import pytest
+
 from kvd.core import protocol as P
 from tests.store.test_store import commit, hashes, lease, reserve, store  # noqa: F401 - fixture
 
@@ -90,3 +92,50 @@ async def test_watermark_relief_never_evicts_another_tenants_entries(tmp_path):
         assert s.host.partition_stats("a").usage <= s.settings.host.low_watermark  # a relieved, of its own
     finally:
         s.host.close()
+
+
+@pytest.mark.parametrize("error", ["InvalidRequest", "MemoryError"])
+async def test_a_failed_promotion_frees_its_slots_only_after_every_decode_into_them_ended(tmp_path, error):
+    """A promotion decodes each extent into its reserved arena slots on the CPU pool, all at once
+    (``asyncio.gather``). When one fetch raised something other than the three errors ``_fetch``
+    tells apart (e.g. ``InvalidRequest`` from ``decode_record_into``, a record of another size under
+    the same key), the slots were given back at once while the other decodes still wrote into them:
+    slots another writer may hold by then. And the promotion failed with an exception instead of a miss."""
+    import time
+
+    from kvd.core.errors import InvalidRequest
+    from tests.store.test_pipeline import World
+
+    w = World(tmp_path)
+    try:
+        hs, data = await w.store_seq(41, chunks=1)
+        await w.store.flush(P.FlushRequest())
+        e = w.entry(hs[0])
+        w.store.pipeline.drop_copies(e, w.store.index.levels[0])  # SSD only now
+        forms = w.store.pipeline.forms
+        real, events = forms.place_into, []
+
+        def place_into(src, copy, data, out):
+            if out.nbytes == e.extents["global"].nbytes and not events:
+                events.append("raised")
+                raise InvalidRequest("output buffer of another size") if error == "InvalidRequest" else MemoryError()
+            time.sleep(0.3)
+            events.append("decoded")
+            return real(src, copy, data, out)
+
+        discard = w.store.pipeline.discard
+
+        def discard_logged(lv, locs):
+            if lv.name == "host" and locs:
+                events.append("freed")
+            return discard(lv, locs)
+
+        forms.place_into = place_into
+        w.store.pipeline.discard = discard_logged
+        status, _ = await w.read_back(hs)
+        if error == "InvalidRequest":
+            assert status == ["missing"]  # a record that does not decode is a miss, and dropped as corrupt
+        else:
+            assert events.index("decoded") < events.index("freed"), events
+    finally:
+        w.close()
