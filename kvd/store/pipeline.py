@@ -381,6 +381,9 @@ class Pipeline:
             if isinstance(err, SsdFull):
                 self.discard(lower, [loc for loc, _ in items[ok:]])
             self.metrics.tier_write_failures.labels(lower.name).inc(len(items) - ok)
+        except BaseException:  # unexpected (an LMDB panic): the reservations go back, none is indexed
+            self.discard(lower, [loc for loc, _ in items])
+            raise
         for e, x, copy in placed[:ok]:
             if self.index.get(e.key) is e and lower.name not in x.copies:
                 self.index.place(e, x, lower, copy)

@@ -63,21 +63,28 @@ class Writes:
         out: list[P.ReservedEntry] = []
         levels = self.index.memory if req.gpu else [self.index.landing]
         tiers = [lv.name for lv in levels]
-        for r in req.entries:
-            key = (req.namespace, req.fingerprint, r.hash)
-            if self._exists(key, r, req.computed_under):
-                out.append(P.ReservedEntry(hash=r.hash, status="exists"))
-                continue
-            self.index.pending[key] = rid  # before any await: no second writer of this key
-            entry = await self._reserve_entry(model, key, r, req.computed_under, levels)
-            if entry is None:
-                del self.index.pending[key]
-                self.metrics.no_space.inc()
-                out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
-                continue
-            res.entries[r.hash] = entry
-            res.aliases[r.hash] = [(a.hash, a.num_tokens) for a in r.aliases]
-            out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=L.extent_infos(entry, tiers)))
+        try:
+            for r in req.entries:
+                key = (req.namespace, req.fingerprint, r.hash)
+                if self._exists(key, r, req.computed_under):
+                    out.append(P.ReservedEntry(hash=r.hash, status="exists"))
+                    continue
+                self.index.pending[key] = rid  # before any await: no second writer of this key
+                entry = await self._reserve_entry(model, key, r, req.computed_under, levels)
+                if entry is None:
+                    del self.index.pending[key]
+                    self.metrics.no_space.inc()
+                    out.append(P.ReservedEntry(hash=r.hash, status="no_space"))
+                    continue
+                res.entries[r.hash] = entry
+                res.aliases[r.hash] = [(a.hash, a.num_tokens) for a in r.aliases]
+                out.append(P.ReservedEntry(hash=r.hash, status="reserved", extents=L.extent_infos(entry, tiers)))
+        except BaseException:  # an unexpected failure (eviction's write-down): nothing stays pending or held
+            for e in res.entries.values():
+                self._free_pending(e)
+            for k in [k for k, v in self.index.pending.items() if v == rid]:
+                del self.index.pending[k]
+            raise
         if res.entries:
             self.holds.add_reservation(res)
             self.metrics.reservations_open.set(len(self.holds.reservations))
@@ -114,13 +121,19 @@ class Writes:
         return None
 
     async def _reserve_in(self, entry: Entry, lv: Level) -> bool:
-        for x in entry.extents.values():
-            loc = await self.pipeline.reserve(lv, x.nbytes, entry.name(x.head_class))
-            if loc is None:
-                self.pipeline.discard(lv, [c.loc for y in entry.extents.values() if (c := y.copies.pop(lv.name, None))])
-                return False
-            x.copies[lv.name] = Copy(loc, "raw", None)
-        return True
+        try:
+            for x in entry.extents.values():
+                loc = await self.pipeline.reserve(lv, x.nbytes, entry.name(x.head_class))
+                if loc is None:
+                    break
+                x.copies[lv.name] = Copy(loc, "raw", None)
+            else:
+                return True
+        finally:  # no room, or a failure: the slots taken for this entry go back
+            if not all(lv.name in y.copies for y in entry.extents.values()):
+                self.pipeline.discard(lv, [c.loc for y in entry.extents.values()
+                                           if (c := y.copies.pop(lv.name, None))])
+        return False
 
     async def commit(self, req: P.CommitRequest, owner_pid: int | None = None) -> P.CommitResponse:
         rid = req.reservation_id

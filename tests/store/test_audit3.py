@@ -139,3 +139,45 @@ async def test_a_failed_promotion_frees_its_slots_only_after_every_decode_into_t
             assert events.index("decoded") < events.index("freed"), events
     finally:
         w.close()
+
+
+async def test_a_reserve_that_fails_half_way_leaves_no_pending_key_nor_slots(tmp_path):
+    """A reserve whose eviction fails with an unexpected error (here the SSD tier's LMDB raising while
+    the victims are written down) answered 500 and left the new key pending for ever: every later
+    writer of that prefix was told "exists", every reader missed it, and the slots its earlier
+    extents took were never given back."""
+    import lmdb
+
+    from tests.store.test_pipeline import World
+
+    w = World(tmp_path)
+    try:
+        w.settings.ssd.admit_after = 1
+        w.settings.host.high_watermark = 1.0
+        await w.store_seq(10)
+        await w.store_seq(11)  # the arena is full; every entry admitted, none on SSD yet
+        assert w.host.stats().usage == 1.0
+        real = w.ssd.write_many
+
+        def broken(items):
+            raise lmdb.PanicError("injected")
+
+        w.ssd.write_many = broken
+        hs = prefix_hashes_of(w, 12)
+        req = P.ReserveRequest(fingerprint=w.fp, entries=[P.ReserveEntry(hash=hs[0], num_tokens=256)])
+        with pytest.raises(lmdb.Error):
+            await w.store.reserve(req)
+        w.ssd.write_many = real
+        assert ("default", w.fp, hs[0]) not in w.store.index.pending
+        r = await w.store.reserve(req)
+        assert r.entries[0].status == "reserved"
+    finally:
+        w.close()
+
+
+def prefix_hashes_of(w, seed: int) -> list[str]:
+    import numpy as np
+
+    from kvd.core.keys import prefix_hashes
+
+    return prefix_hashes(np.arange(256) + seed * 100000, chunk_tokens=256, namespace="default", fingerprint=w.fp)
