@@ -42,6 +42,16 @@ class _Registrations:
         self.by_fingerprint: dict[str, P.RegisterModelRequest] = {}
 
 
+def _the_arena(mapped: ArenaMapping | None, arena_id: str | None) -> ArenaMapping:
+    """``mapped`` if it is the arena ``arena_id`` names. Another one (this client's registration maps its
+    caller's arena, e.g. an admin's default one, while a tenant namespace's holds are answered in the
+    tenant's; or the daemon restarted again meanwhile) must never be read or written at those offsets."""
+    if mapped is None or arena_id not in (None, mapped.arena_id):
+        raise DaemonUnavailable(f"the daemon answered in arena {arena_id}, but this client maps "
+                                f"{mapped.arena_id if mapped else 'none'}; not mapped, retry or use a client of that tenant")
+    return mapped
+
+
 class KvdClient:
     """Blocking client. Thread-safe: calls are serialised (one HTTP connection, and a framed one for
     compact lookups)."""
@@ -158,7 +168,7 @@ class KvdClient:
             return self._arena
         for req in self._models.by_fingerprint.values():  # any registration answers with the arena
             self._arena_seen(self.call("POST", "/v1/models", req, P.RegisterModelResponse).arena)
-            return self._arena
+            return _the_arena(self._arena, arena_id)
         raise DaemonUnavailable("no arena mapped yet: register a model first")
 
     # ---- API --------------------------------------------------------------------------------------
@@ -332,7 +342,7 @@ class AsyncKvdClient:
             return self._arena
         for req in self._models.by_fingerprint.values():
             self._map((await self.call("POST", "/v1/models", req, P.RegisterModelResponse)).arena)
-            return self._arena
+            return _the_arena(self._arena, arena_id)
         raise DaemonUnavailable("no arena mapped yet: register a model first")
 
     async def health(self) -> P.HealthResponse:
