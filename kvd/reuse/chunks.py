@@ -93,7 +93,7 @@ class DaemonChunkStore(ChunkStore):
 
     def get(self, keys, *, classes=None, device=None):
         from kvd.client.transfer import open_lease
-        from kvd.core.errors import KvdError
+        from kvd.core.errors import KvdError, NotFound
 
         if not keys:
             return {}
@@ -111,6 +111,9 @@ class DaemonChunkStore(ChunkStore):
         finally:
             try:
                 lease.release()
+            except NotFound as e:  # taken back while copying: the slots may hold another entry's bytes now
+                logger.warning("a chunk lease lapsed while copying, recomputing %d chunks: %s", len(out), e)
+                out = {}
             except KvdError as e:
                 logger.warning("releasing a chunk lease failed (it expires on its own): %s", e)
         return out
