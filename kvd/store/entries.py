@@ -263,6 +263,7 @@ class Reservation:
     expires_at: float
     entries: dict[str, Entry]  # hash -> pending entry
     aliases: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # hash -> [(alias hash, tokens)]
+    ttl_s: float = 0.0  # the TTL its client was told (expires_in_s): it renews on that cadence
 
 
 def new_entry(model: ModelRecord, key: EntryKey, *, kind: str, num_tokens: int, start_token: int, end_token: int,
@@ -280,3 +281,4 @@ class Lease:
     expires_at: float
     entries: list[Entry]  # each held once by this lease
     nbytes: dict[str, int] = field(default_factory=dict)  # tier -> bytes the reader copies from it
+    ttl_s: float = 0.0  # the TTL its client was told (expires_in_s): it renews on that cadence

@@ -98,7 +98,10 @@ class HoldTable:
         if hold is None:
             raise NotFound(f"hold {hold_id} is not held: never taken, ended, or expired (leases live "
                            f"{self._lease_ttl_s()} s, reservations {self._reservation_ttl_s()} s)")
-        hold.expires_at = now + (self._lease_ttl_s() if isinstance(hold, Lease) else self._reservation_ttl_s())
+        # Never less than the TTL the client was told at open: it renews a third of that after the last
+        # renewal, unaware of a reload that lowered the setting since (renew answers no TTL).
+        ttl = self._lease_ttl_s() if isinstance(hold, Lease) else self._reservation_ttl_s()
+        hold.expires_at = now + max(ttl, hold.ttl_s)
 
     # ---- expiry ---------------------------------------------------------------------------------
 

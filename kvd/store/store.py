@@ -272,7 +272,7 @@ class Store:
                 self.pipeline.unhold(e)
         now = self.clock()
         ttl = self.settings.host.lease_ttl_s
-        lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [])
+        lease = Lease(uuid.uuid4().hex, owner_pid, now + ttl, [], ttl_s=ttl)
         order = [lv.name for lv in self.index.memory if lv.name in readable]  # fastest first
         out = [self._lease_one(lease, h, f, wanted[id(f[0])] if f is not None else [], req.accept_lossy, now, order)
                for h, f in zip(req.hashes, found)]

@@ -59,7 +59,7 @@ class Writes:
             raise InvalidRequest("an entry appears twice in one reserve request")
         rid = uuid.uuid4().hex
         ttl = self.settings.host.reservation_ttl_s
-        res = Reservation(rid, owner_pid, self.clock() + ttl, {})
+        res = Reservation(rid, owner_pid, self.clock() + ttl, {}, ttl_s=ttl)
         out: list[P.ReservedEntry] = []
         levels = self.index.memory if req.gpu else [self.index.landing]
         tiers = [lv.name for lv in levels]
