@@ -299,13 +299,22 @@ class KvdDaemon:
         return {"lookup_rpc_ms": round(statistics.median(look) * 1e3, 3),
                 "lease_release_rpc_ms": round(statistics.median(lease) * 1e3, 3)}
 
-    def flush(self) -> int:
-        """Write every host entry down to the SSD tier (``kvctl flush``); returns the count."""
+    def flush(self, namespace: str | None = None) -> int:
+        """Write every host entry (of ``namespace``) down to the SSD tier (``kvctl flush``); the count."""
         from kvd.client.client import KvdClient
         from kvd.core import protocol as P
 
         with KvdClient(self.socket, register_cuda=False) as c:
-            return c.flush(P.FlushRequest()).count
+            return c.flush(P.FlushRequest(namespace=namespace)).count
+
+    def to_ssd(self, namespace: str) -> None:
+        """The namespace's entries on SSD only (``kvctl flush``, then ``kvctl evict --tier host``)."""
+        from kvd.client.client import KvdClient
+        from kvd.core import protocol as P
+
+        self.flush(namespace)
+        with KvdClient(self.socket, register_cuda=False) as c:
+            c.evict(P.EvictRequest(tier="host", namespace=namespace))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -368,6 +377,19 @@ class LMCacheServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
+
+
+def start_lmcache(root: Path, res: dict, wanted: bool) -> LMCacheServer | None:
+    """The LMCache peer (2 GB L1, as kvd's 2 GiB arena) if ``wanted`` and its venv exists; records in
+    ``res`` its command line, or why it did not run (``lmcache_blocker``)."""
+    if not wanted:
+        return None
+    if not LMCACHE_PYTHON.exists():
+        res["lmcache_blocker"] = f"{LMCACHE_PYTHON} missing (make lmcache-venv)"
+        return None
+    lmc = LMCacheServer(root / "lmcache", 2).start()
+    res["lmcache"] = "0.5.6 multiprocess: " + " ".join(lmc.command()[1:])
+    return lmc
 
 
 def drop_page_cache(folder: Path) -> int:

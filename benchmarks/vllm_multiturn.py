@@ -54,7 +54,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vllm_e2e import KVD_CONNECTOR, LOGPROB_TOL, PAUSE_S, QUESTION, fact_prompt, machine, spread  # noqa: E402
-from benchmarks.vllm_e2e_procs import LMCACHE_PYTHON, THREAD_ENV, Engine, KvdDaemon, LMCacheServer, load_avg  # noqa: E402
+from benchmarks.vllm_e2e_procs import (  # noqa: E402
+    LMCACHE_PYTHON,
+    THREAD_ENV,
+    Engine,
+    KvdDaemon,
+    LMCacheServer,
+    load_avg,
+    start_lmcache,
+)
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 CHUNK = 256
@@ -102,13 +110,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kvd-multiturn-") as tmp:
         root = Path(tmp)
         kvd = KvdDaemon(root / "kvd", "2GiB").start()
-        lmc = None
-        if not args.no_lmcache:
-            if LMCACHE_PYTHON.exists():
-                lmc = LMCacheServer(root / "lmcache", 2).start()
-                res["lmcache"] = "0.5.6 multiprocess: " + " ".join(lmc.command()[1:])
-            else:
-                res["lmcache_blocker"] = f"{LMCACHE_PYTHON} missing (make lmcache-venv)"
+        lmc = start_lmcache(root, res, not args.no_lmcache)
 
         def connector(save_decode: bool) -> dict:
             return {**KVD_CONNECTOR, "kv_connector_extra_config": {"socket": kvd.socket, "namespace": "multiturn",

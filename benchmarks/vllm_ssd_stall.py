@@ -49,9 +49,9 @@ from benchmarks.vllm_e2e_procs import (  # noqa: E402
     THREAD_ENV,
     Engine,
     KvdDaemon,
-    LMCacheServer,
     drop_page_cache,
     load_avg,
+    start_lmcache,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,25 +136,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kvd-ssd-stall-") as tmp:
         root = args.workdir or Path(tmp)
         kvd = KvdDaemon(root / "kvd", "2GiB").start()
-        lmc = None
-        if not args.no_lmcache:
-            if LMCACHE_PYTHON.exists():
-                lmc = LMCacheServer(root / "lmcache", 2).start()
-                res["lmcache"] = "0.5.6 multiprocess: " + " ".join(lmc.command()[1:])
-            else:
-                res["lmcache_blocker"] = f"{LMCACHE_PYTHON} missing (make lmcache-venv)"
+        lmc = start_lmcache(root, res, not args.no_lmcache)
 
         def connector(wait: bool) -> dict:
             return {**KVD_CONNECTOR, "kv_connector_extra_config": {"socket": kvd.socket, "namespace": "stall",
                                                                    "wait_unscheduled": wait}}
-
-        def to_ssd() -> None:  # kvctl flush; kvctl evict --tier host
-            from kvd.client.client import KvdClient
-            from kvd.core import protocol as P
-
-            with KvdClient(kvd.socket, register_cuda=False) as c:
-                c.flush(P.FlushRequest(namespace="stall"))
-                c.evict(P.EvictRequest(tier="host", namespace="stall"))
 
         bindings, refs = {}, {}
         engines: dict[str, Engine] = {}
@@ -173,7 +159,7 @@ def main() -> int:
             prompts.update({b: prompts[r["key"]] for b, r in refs.items()})
             bindings["store"] = store.thread_binding()
             store.close()
-            to_ssd()
+            kvd.to_ssd("stall")
             labels = list(SETTINGS)
             if lmc is not None:  # LMCache stores the same prompts, then restarts: its L1 empty, its L2 files kept
                 ls = Engine("store_lmcache", root, model_dir, prompts, connector=lmc.connector(),
@@ -202,7 +188,7 @@ def main() -> int:
                 ref = refs[f"B{i}"]
                 for label in labels[i % len(labels):] + labels[: i % len(labels)]:
                     if label in SETTINGS:
-                        to_ssd()  # B_i went back to SSD after the other kvd engine loaded it
+                        kvd.to_ssd("stall")  # B_i went back to SSD after the other kvd engine loaded it
                     dropped = drop_page_cache(root / "kvd" / "ssd")
                     if lmc is not None:
                         dropped += drop_page_cache(lmc.root / "l2")
@@ -219,6 +205,8 @@ def main() -> int:
                     else:
                         rounds[label].append(row)
                     print(label, row, flush=True)
+                if not gate_ok:  # round 0 checks every engine before any timed round; a failure ends the run
+                    break
             res["load_avg"]["after_timed"] = load_avg()
             res["gate_passed"] = gate_ok
             res["rounds_by_setting"] = rounds

@@ -55,9 +55,12 @@ class LoadFailures:
         for rid in plan.finished:
             self.tainted.pop(rid, None)
 
+    def _taint(self, rid: str, epoch: int) -> None:
+        self.tainted[rid] = max(self.tainted.get(rid, epoch), epoch)
+
     def failed(self, spec: LoadSpec, token: int) -> None:
         """Tokens from ``token`` on of ``spec`` were not loaded."""
-        self.tainted[spec.req_id] = max(self.tainted.get(spec.req_id, spec.epoch), spec.epoch)
+        self._taint(spec.req_id, spec.epoch)
         self.first[spec.req_id] = min(self.first.get(spec.req_id, token), token)
 
     def from_other_ranks(self, loads: Iterable[LoadSpec]) -> list[tuple[LoadSpec, int]]:
@@ -73,7 +76,7 @@ class LoadFailures:
         """Whether ``spec`` stores KV computed over blocks a load did not fill: its request's own failed
         load (until a newer epoch), or blocks that failed in this step (``failed_now``) or the last."""
         if failed_now.intersection(spec.block_ids):
-            self.tainted[spec.req_id] = max(self.tainted.get(spec.req_id, spec.epoch), spec.epoch)
+            self._taint(spec.req_id, spec.epoch)
         epoch = self.tainted.get(spec.req_id)
         if epoch is not None and spec.epoch > epoch:
             del self.tainted[spec.req_id]

@@ -100,6 +100,10 @@ class _Tracked:
     def num_prompt(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def found(self) -> int:  # leading entries held at the last lookup: the full chunks, then the tail
+        return self.hits + (1 if self.tail_hit and self.hits == len(self.hashes) else 0)
+
     def keys(self, first: int, last: int) -> tuple[tuple[str, ...], int]:
         """Keys of entries ``first..last-1`` (index ``len(hashes)`` is the tail) and the tail's
         token count when it is among them (else 0)."""
@@ -152,8 +156,7 @@ class SchedulerPlanner:
     def _lookup(self, t: _Tracked, *, max_tokens: int, prefetch: bool, ttl_s: float | None = None) -> None:
         """Refresh what the daemon holds of ``t``'s entries (chunks, then the tail) unless the cached
         answer is younger than ``ttl_s`` (default ``lookup_ttl_s``); a failed lookup counts as no hit.
-        ``max_tokens``: the most tokens this request can load, so that the daemon's hit counters never
-        count more than that."""
+        ``max_tokens``: the most tokens it can load (the daemon's hit counters count no more)."""
         keys = list(t.keys(0, len(t.hashes) + 1)[0])
         now = self.clock()
         if not keys or now - t.lookup_at < (self.settings.lookup_ttl_s if ttl_s is None else ttl_s):
@@ -219,8 +222,7 @@ class SchedulerPlanner:
         """How many of ``t``'s leading hit entries (the tail is entry ``len(hashes)``) to offer, or None:
         ask again later (vLLM skips the request this step) while some are still coming up from SSD or
         the remote store, for up to ``load_wait_s``; then the leading ones that arrived."""
-        found = t.hits + (1 if t.tail_hit and t.hits == len(t.hashes) else 0)
-        slow = self._first_slow(t, found)
+        found, slow = t.found, self._first_slow(t)
         if not self.settings.wait_unscheduled:
             return found
         counters = self.session.counters
@@ -234,8 +236,7 @@ class SchedulerPlanner:
                 # come from a lookup without prefetch, or a promotion may have found no room), counting
                 # no hits a second time (max_tokens=0).
                 self._lookup(t, max_tokens=0, prefetch=True, ttl_s=POLL_S)
-                found = t.hits + (1 if t.tail_hit and t.hits == len(t.hashes) else 0)
-                slow = self._first_slow(t, found)
+                found, slow = t.found, self._first_slow(t)
                 if slow < found:
                     return None
             else:
@@ -246,9 +247,9 @@ class SchedulerPlanner:
         return slow
 
     @staticmethod
-    def _first_slow(t: _Tracked, found: int) -> int:
-        """Index of the first of the ``found`` leading hits held outside the arena (``found``: none)."""
-        return next((i for i, tier in enumerate(t.hit_tiers[:found]) if tier not in ARENA_TIERS), found)
+    def _first_slow(t: _Tracked) -> int:
+        """Index of the first leading hit held outside the arena (``t.found``: none)."""
+        return next((i for i, tier in enumerate(t.hit_tiers[:t.found]) if tier not in ARENA_TIERS), t.found)
 
     def after_alloc(self, request, num_external: int) -> None:
         t = self.requests.get(request.request_id)
