@@ -44,7 +44,13 @@ class ArenaMapping:
             raise DaemonUnavailable(f"cannot open the kvd arena {info.path}: {e.strerror}; is this process "
                                     "allowed to (same user or group as kvd, and the same /dev/shm)?") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if info.file_id is not None and f"{st.st_dev}:{st.st_ino}" != info.file_id:
+                # The daemon restarted (again) after answering: the file at the path is a newer arena's,
+                # and mapping it under this arena_id would put this arena's offsets over that one's entries.
+                raise DaemonUnavailable(f"arena {info.path} is not the file of arena {info.arena_id} (the "
+                                        "daemon restarted since it answered); retry")
+            size = st.st_size
             if size < info.capacity_bytes:
                 raise DaemonUnavailable(f"arena {info.path} is {size} bytes, the daemon says "
                                         f"{info.capacity_bytes}; it was replaced while mapping, retry")

@@ -103,6 +103,9 @@ class ArenaInfo(_Model):
     slot_bytes: int
     arena_id: str
     index_path: str | None = None  # the shared lookup index beside the arena (kvd.core.index_file), if published
+    # "<st_dev>:<st_ino>" of the arena file this arena_id names: a client checks the file it opened at
+    # ``path`` is that one (a daemon restarted again between its answer and the open replaced it).
+    file_id: str | None = None
 
 
 class RegisterModelResponse(_Model):

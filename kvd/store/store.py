@@ -123,7 +123,8 @@ class Store:
         a = self.host.arena(partition)
         pub = self.index.published
         return P.ArenaInfo(path=str(a.path), capacity_bytes=a.capacity_bytes, slot_bytes=a.slot_bytes,
-                           arena_id=a.arena_id, index_path=pub.path(partition) if pub is not None else None)
+                           arena_id=a.arena_id, index_path=pub.path(partition) if pub is not None else None,
+                           file_id=a.file_id)
 
     # ---- lookup ---------------------------------------------------------------------------------
 

@@ -156,6 +156,8 @@ class Arena:
             os.fchmod(fd, file_mode)
             _allocate(fd, self.capacity_bytes, lambda: self._too_big(_free_bytes(parent)))
             mapping = mmap.mmap(fd, self.capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            st = os.fstat(fd)
+            self.file_id = f"{st.st_dev}:{st.st_ino}"  # clients check they opened this file (ArenaInfo)
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)

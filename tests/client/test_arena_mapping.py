@@ -74,3 +74,24 @@ def test_vllm_populates_the_workers_mapping_only_and_only_when_asked():
     assert open_session(on, spec, None, block_size=16, role="worker").client.populate_arena
     assert not open_session(on, spec, None, block_size=16, role="scheduler").client.populate_arena
     assert not open_session(off, spec, None, block_size=16, role="worker").client.populate_arena
+
+
+def test_a_client_never_maps_a_newer_arena_file_under_an_older_arena_id(tmp_path):
+    """A daemon answers arena X, dies, and its successor recreates the file at the same path before the
+    client opens it: the client must refuse the mapping (X's offsets would land on the successor's
+    entries), not label the successor's file X. The daemon's own arena says which file is X's."""
+    from kvd.core.errors import DaemonUnavailable
+    from kvd.tiers.arena import Arena
+
+    path = tmp_path / "kvd.arena"
+    first = Arena(path, SIZE, 1 << 20)
+    info = ArenaInfo(path=str(path), capacity_bytes=first.capacity_bytes, slot_bytes=first.slot_bytes,
+                     arena_id=first.arena_id, file_id=first.file_id)
+    ArenaMapping(info, register_cuda=False).close()  # the file named: mapped
+    replaced = tmp_path / "successor"
+    with open(replaced, "wb") as f:  # the successor's file, same size, renamed into place as Arena does
+        f.truncate(SIZE)
+    replaced.replace(path)
+    with pytest.raises(DaemonUnavailable, match="not the file of arena"):
+        ArenaMapping(info, register_cuda=False)
+    first.close()
