@@ -19,11 +19,14 @@ import json
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvd.core.errors import HeadMapError
+
+if TYPE_CHECKING:
+    from kvd.core.keys import ModelSpec
 
 HEADMAP_FORMAT = 1
 
@@ -142,6 +145,17 @@ class HeadMap(BaseModel):
             raise HeadMapError(f"cannot read head map {p}: {e.strerror}") from None
         return cls.parse(text, source=str(p))
 
+    def shard(self, heads: list[int], *, model: str, fingerprint: str | None) -> HeadMap:
+        """The part of this map one tensor-parallel rank holds: its KV ``heads`` (``tp_heads``), in order,
+        under the rank's own model name and fingerprint (each rank registers a model of its own)."""
+        if not heads or any(not 0 <= h < self.num_kv_heads for h in heads):
+            raise HeadMapError(f"heads {heads} are not KV heads of {self.model!r} ({self.num_kv_heads} per layer)")
+        scores = None if self.scores is None else {
+            name: [[row[h] for h in heads] for row in grid] for name, grid in self.scores.items()}
+        return HeadMap(model=model, fingerprint=fingerprint, num_layers=self.num_layers, num_kv_heads=len(heads),
+                       heads=[[row[h] for h in heads] for row in self.heads], method=self.method, scores=scores,
+                       calibration=self.calibration)
+
     def save(self, path: str | Path) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -228,3 +242,39 @@ class HeadMap(BaseModel):
             return 1.0
         kept = sum(s.kept_tokens(seq_len) for row in self.heads for s in row)
         return kept / (seq_len * self.num_layers * self.num_kv_heads)
+
+
+def tp_heads(total: int, rank: int, size: int) -> list[int]:
+    """The KV heads tensor-parallel rank ``rank`` of ``size`` holds, as vLLM (``QKVParallelLinear``) and
+    SGLang split them: a contiguous ``total // size`` of them when there are at least as many heads as
+    ranks, else one head, replicated over ``size // total`` consecutive ranks."""
+    if not 0 <= rank < size:
+        raise HeadMapError(f"tensor-parallel rank {rank} is not one of {size}")
+    if total >= size:
+        if total % size:
+            raise HeadMapError(f"{total} KV heads do not split over {size} tensor-parallel ranks")
+        n = total // size
+        return list(range(rank * n, (rank + 1) * n))
+    if size % total:
+        raise HeadMapError(f"{total} KV heads do not replicate evenly over {size} tensor-parallel ranks")
+    return [rank // (size // total)]
+
+
+def load_for_rank(path: str | Path, spec: ModelSpec, *, whole: ModelSpec | None = None, rank: int = 0,
+                  size: int = 1) -> HeadMap:
+    """An engine's head map for ``spec``: the file at ``path`` as it is, or, for tensor-parallel rank
+    ``rank`` of ``size`` (``spec`` the rank's model, ``whole`` the unsplit model's), the rank's part of
+    the whole model's map. A map profiled for another model (its fingerprint, or its layer and head
+    counts) is refused, naming both, before anything registers."""
+    hm = HeadMap.load(Path(path).expanduser())
+    if size > 1:
+        if whole is None:
+            raise HeadMapError("a tensor-parallel rank's head map needs the whole model's spec")
+        if hm.fingerprint is not None and hm.fingerprint != whole.fingerprint():
+            raise HeadMapError(f"head map {path} was profiled for the model with fingerprint {hm.fingerprint}; "
+                               f"{whole.model_id} has {whole.fingerprint()}: profile one for it (kvctl profile)")
+        hm.check_fits(whole.num_layers, whole.num_kv_heads, model=whole.model_id)
+        hm = hm.shard(tp_heads(whole.num_kv_heads, rank, size), model=f"{hm.model} [tp{rank}/{size}]",
+                      fingerprint=None if hm.fingerprint is None else spec.fingerprint())
+    hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
+    return hm

@@ -121,3 +121,69 @@ def test_shipped_8k_map_is_the_same_model_under_its_own_tag():
     assert (map_8k.num_layers, map_8k.num_kv_heads, map_8k.num_global) == (30, 3, 19)
     assert map_8k.kv_fraction(8192) <= 0.35 < default.kv_fraction(8192)
     assert attention_tag(map_8k.sinks, map_8k.windows) != attention_tag(default.sinks, default.windows)
+
+
+# ---- tensor parallelism: each rank's part of the map ------------------------------------------------
+
+
+@pytest.mark.parametrize("total,size,want", [
+    (8, 1, [list(range(8))]),
+    (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    (3, 3, [[0], [1], [2]]),
+    (2, 4, [[0], [0], [1], [1]]),  # fewer heads than ranks: each replicated over consecutive ranks
+    (1, 2, [[0], [0]]),
+])
+def test_tp_heads_split_as_vllm_does(total, size, want):
+    from kvd.core.headmap import tp_heads
+
+    got = [tp_heads(total, r, size) for r in range(size)]
+    assert got == want
+    # vLLM's own count per rank (ModelConfig.get_num_kv_heads) and replica rule (QKVParallelLinear)
+    assert all(len(g) == max(1, total // size) for g in got)
+
+
+@pytest.mark.parametrize("total,size", [(6, 4), (3, 2), (2, 3)])
+def test_tp_heads_refuses_uneven_splits(total, size):
+    from kvd.core.headmap import tp_heads
+
+    with pytest.raises(HeadMapError, match="tensor-parallel"):
+        tp_heads(total, 0, size)
+
+
+def _rank_specs(total: int = 3, size: int = 3):
+    from kvd.core.keys import ModelSpec
+
+    whole = ModelSpec("smollm2", num_layers=30, num_kv_heads=total, head_dim=64)
+    return whole, [ModelSpec(f"smollm2 [tp{r}/{size}]", num_layers=30, num_kv_heads=max(1, total // size), head_dim=64)
+                   for r in range(size)]
+
+
+def test_each_rank_gets_its_heads_column_with_its_own_fingerprint(tmp_path):
+    from kvd.core.headmap import load_for_rank
+
+    whole, ranks = _rank_specs()
+    full = HeadMap.load("kvd/data/heads/smollm2-135m.json").model_copy(update={"fingerprint": whole.fingerprint()})
+    full.save(tmp_path / "map.json")
+    for r, spec in enumerate(ranks):
+        part = load_for_rank(tmp_path / "map.json", spec, whole=whole, rank=r, size=3)
+        assert (part.num_layers, part.num_kv_heads, part.fingerprint) == (30, 1, spec.fingerprint())
+        assert part.class_grid() == [[row[r]] for row in full.class_grid()]
+        assert part.windows == tuple((row[r],) for row in full.windows)
+        assert all(len(g[0]) == 1 for g in part.scores.values())
+
+
+def test_a_rank_refuses_a_map_of_another_model(tmp_path):
+    from kvd.core.headmap import load_for_rank
+    from kvd.core.keys import ModelSpec
+
+    whole, ranks = _rank_specs()
+    full = HeadMap.load("kvd/data/heads/smollm2-135m.json")  # its fingerprint is SmolLM2's, not "smollm2"'s here
+    full.save(tmp_path / "map.json")
+    with pytest.raises(HeadMapError, match="profiled for the model with fingerprint"):
+        load_for_rank(tmp_path / "map.json", ranks[0], whole=whole, rank=0, size=3)
+    # without a fingerprint the shape still has to be the whole model's: 6 heads over 3 ranks is not 3
+    full.model_copy(update={"fingerprint": None}).save(tmp_path / "anon.json")
+    six = ModelSpec("other", num_layers=30, num_kv_heads=6, head_dim=64)
+    rank = ModelSpec("other [tp0/3]", num_layers=30, num_kv_heads=2, head_dim=64)
+    with pytest.raises(HeadMapError, match="3 KV heads"):
+        load_for_rank(tmp_path / "anon.json", rank, whole=six, rank=0, size=3)

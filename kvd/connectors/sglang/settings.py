@@ -27,7 +27,7 @@ from kvd.client.session import DaemonSession
 from kvd.connectors.sglang.pages import HostPages
 from kvd.core import dtypes
 from kvd.core.errors import ConfigError, InvalidRequest
-from kvd.core.headmap import HeadMap
+from kvd.core.headmap import HeadMap, load_for_rank
 from kvd.core.identity import choose_model_id
 from kvd.core.keys import ModelSpec
 
@@ -85,11 +85,14 @@ def _rope_of(path: Path) -> dict[str, Any] | None:
     return dict(rope)
 
 
-def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: BackendSettings) -> ModelSpec:
+def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: BackendSettings, *,
+                           whole_heads: int | None = None) -> ModelSpec:
     """The ``ModelSpec`` of this rank's KV. Refuses (``ConfigError``) what kvd cannot key correctly.
 
     A rank that holds part of the model (tensor, pipeline or attention context parallelism) keys its
-    own heads or layers: the shard goes into ``model_id``, so ranks never read each other's KV."""
+    own heads or layers: the shard goes into ``model_id``, so ranks never read each other's KV.
+    ``whole_heads``: the whole model's spec instead (that many KV heads, no shard), as a one-rank engine
+    registers it, against which a head map is checked before it is split (``load_head_map``)."""
     if getattr(storage_config, "is_mla_model", False):
         raise ConfigError("kvd's SGLang backend stores MHA KV per head; this model uses MLA (remove the kvd backend)")
     name = settings.model_id or storage_config.model_name or ""
@@ -97,7 +100,7 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
         raise ConfigError("SGLang passed no model name; set \"model_id\" in the extra config")
     shard = [f"{what}{rank}/{size}" for what, rank, size in (
         ("tp", storage_config.tp_rank, storage_config.tp_size), ("pp", storage_config.pp_rank, storage_config.pp_size),
-        ("cp", storage_config.attn_cp_rank, storage_config.attn_cp_size)) if size > 1]
+        ("cp", storage_config.attn_cp_rank, storage_config.attn_cp_size)) if size > 1 and whole_heads is None]
     path = Path(settings.model_path or str(storage_config.model_name or "")).expanduser()
     rope = _rope_of(path) if str(path) else None
     # The content identity of the model's files (kvd.core.identity), as vLLM's connector and the
@@ -112,16 +115,38 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
     except InvalidRequest as e:
         raise ConfigError(f"SGLang's host KV pool: {e}") from None
     return ModelSpec(model_id=model_id + (f" [{' '.join(shard)}]" if shard else ""), revision=revision,
-                     num_layers=pages.num_layers, num_kv_heads=pages.num_heads, head_dim=pages.head_dim,
+                     num_layers=pages.num_layers, num_kv_heads=whole_heads or pages.num_heads, head_dim=pages.head_dim,
                      kv_dtype=kv_dtype, rope=rope or {}, layout="canonical")
 
 
-def load_head_map(settings: BackendSettings, spec: ModelSpec) -> HeadMap | None:
+def load_head_map(settings: BackendSettings, spec: ModelSpec, storage_config: Any, pages: HostPages
+                  ) -> HeadMap | None:
+    """The ``head_map`` setting's map for this rank: under tensor parallelism, the rank's heads' part of
+    the whole model's map (``kvd.core.headmap.load_for_rank``; the whole model's KV head count is read
+    from its config.json). Pipeline or context parallelism with a head map is refused."""
     if settings.head_map is None:
         return None
-    hm = HeadMap.load(Path(settings.head_map).expanduser())
-    hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
-    return hm
+    tp = int(storage_config.tp_size)
+    if tp == 1:
+        return load_for_rank(settings.head_map, spec)
+    if storage_config.pp_size > 1 or storage_config.attn_cp_size > 1:
+        raise ConfigError("kvd's SGLang backend takes a head_map under tensor parallelism only (not with "
+                          "pipeline or attention context parallelism); remove \"head_map\" from the extra config")
+    total = _total_kv_heads(Path(settings.model_path or str(storage_config.model_name or "")).expanduser())
+    if total is None:
+        raise ConfigError("a head_map under tensor parallelism needs the model's config.json (its KV head count "
+                          "is split over the ranks); set \"model_path\" in the extra config")
+    whole = model_spec_from_sglang(storage_config, pages, settings, whole_heads=total)
+    return load_for_rank(settings.head_map, spec, whole=whole, rank=int(storage_config.tp_rank), size=tp)
+
+
+def _total_kv_heads(path: Path) -> int | None:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def open_session(settings: BackendSettings, spec: ModelSpec, head_map: HeadMap | None, *,

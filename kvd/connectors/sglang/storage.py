@@ -60,7 +60,7 @@ class KvdHiCacheStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         pages = HostPages(mem_pool_host)
         spec = model_spec_from_sglang(self.storage_config, pages, self.settings)
-        session = open_session(self.settings, spec, load_head_map(self.settings, spec))
+        session = open_session(self.settings, spec, load_head_map(self.settings, spec, self.storage_config, pages))
         if self.io is not None:
             self.io.close()
         self.pages = pages

@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+    from kvd.core.headmap import HeadMap
+    from kvd.core.keys import ModelSpec
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32",)  # the connector API and KV layouts this module was written and tested against
@@ -115,10 +118,16 @@ class KvdConnector(KVConnectorBase_V1):
         is_scheduler = role == KVConnectorRole.SCHEDULER
         # Tensor parallelism: each worker keys its own rank's heads as a model of its own; the scheduler
         # holds rank 0's model (its keys seed every rank's) and looks the others up through ``shards``.
-        rank = 0 if is_scheduler or tp_size(vllm_config) == 1 else _tp_rank()
-        spec = model_spec_from_vllm(vllm_config, kv_cache_config, self.settings, tp_rank=rank)
+        tp = tp_size(vllm_config)
+        rank = 0 if is_scheduler or tp == 1 else _tp_rank()
+        whole = model_spec_from_vllm(vllm_config, kv_cache_config, self.settings, tp_rank=None) if tp > 1 else None
+
+        def rank_spec(r: int) -> tuple[ModelSpec, HeadMap | None]:  # a rank's model and its part of the head map
+            s = model_spec_from_vllm(vllm_config, kv_cache_config, self.settings, tp_rank=r)
+            return s, load_head_map(self.settings, s, whole=whole, rank=r, size=tp)
+
         self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        self.session = open_session(self.settings, spec, load_head_map(self.settings, spec),
+        self.session = open_session(self.settings, *rank_spec(rank),
                                     block_size=self.block_size, role="scheduler" if is_scheduler else "worker")
         self._reported: Counter[str] = Counter()
         self.planner: SchedulerPlanner | None = None
@@ -128,10 +137,8 @@ class KvdConnector(KVConnectorBase_V1):
                 logger.warning("kv_load_failure_policy is %r: a chunk evicted or a daemon lost between lookup and "
                                "load fails the request; set \"kv_load_failure_policy\": \"recompute\" in "
                                "--kv-transfer-config so vLLM recomputes instead", tc.kv_load_failure_policy)
-            shards = [open_session(self.settings, model_spec_from_vllm(vllm_config, kv_cache_config, self.settings,
-                                                                       tp_rank=r), None,
-                                   block_size=self.block_size, role=f"scheduler (tp rank {r})",
-                                   client=self.session.client) for r in range(1, tp_size(vllm_config))]
+            shards = [open_session(self.settings, *rank_spec(r), block_size=self.block_size,
+                                   role=f"scheduler (tp rank {r})", client=self.session.client) for r in range(1, tp)]
             self.planner = SchedulerPlanner(self.session, self.settings, block_size=self.block_size,
                                             can_load=tc.is_kv_consumer, can_save=tc.is_kv_producer, shards=shards)
         self.session.require_compatible()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,7 +21,7 @@ from kvd.client.client import KvdClient
 from kvd.client.session import DaemonSession
 from kvd.core import dtypes
 from kvd.core.errors import ConfigError, InvalidRequest
-from kvd.core.headmap import HeadMap
+from kvd.core.headmap import HeadMap, load_for_rank
 from kvd.core.identity import choose_model_id
 from kvd.core.keys import ModelSpec
 
@@ -88,9 +87,10 @@ def kv_dtype_name(dtype: Any) -> str:
 
 
 def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: ConnectorSettings, *,
-                         tp_rank: int = 0) -> ModelSpec:
+                         tp_rank: int | None = 0) -> ModelSpec:
     """The ``ModelSpec`` of tensor-parallel rank ``tp_rank``'s KV, derived from vLLM's configs by both
-    roles (hence one fingerprint per rank).
+    roles (hence one fingerprint per rank); ``tp_rank=None``: the whole model's (every KV head, as a
+    one-rank engine registers it), against which a head map is checked before it is split.
 
     Under tensor parallelism each rank holds its own KV heads (``kv_cache_spec.num_kv_heads`` is the
     rank's count): the rank goes into ``model_id`` (``[tp<rank>/<size>]``, as kvd's SGLang backend names
@@ -115,10 +115,7 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
     if dcp != 1:  # a block spans block_size x dcp tokens, interleaved over the ranks: not the connector's map
         raise ConfigError(f"KvdConnector supports decode_context_parallel_size=1; got {dcp} (each rank's blocks "
                           "hold every dcp-th token); remove the kvd connector or decode context parallelism")
-    tp = tp_size(vllm_config)
-    if tp > 1 and settings.head_map is not None:
-        raise ConfigError("KvdConnector takes no head_map under tensor parallelism yet (each rank holds part of "
-                          "the heads the map names); remove \"head_map\" from kv_connector_extra_config")
+    tp = tp_size(vllm_config) if tp_rank is not None else 1
     mc = vllm_config.model_config
     hf = mc.hf_config
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", None),
@@ -132,7 +129,7 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
         model_id=model_id + (f" [tp{tp_rank}/{tp}]" if tp > 1 else ""),
         revision=revision,
         num_layers=len(groups[0].layer_names),
-        num_kv_heads=int(spec.num_kv_heads),
+        num_kv_heads=int(spec.num_kv_heads) if tp_rank is not None else int(mc.get_total_num_kv_heads()),
         head_dim=int(spec.head_size),
         kv_dtype=kv_dtype_name(spec.dtype),
         rope=dict(rope),
@@ -156,12 +153,13 @@ def _quantized_on_load(mc: Any) -> str | None:
     return str(method)
 
 
-def load_head_map(settings: ConnectorSettings, spec: ModelSpec) -> HeadMap | None:
+def load_head_map(settings: ConnectorSettings, spec: ModelSpec, *, whole: ModelSpec | None = None, rank: int = 0,
+                  size: int = 1) -> HeadMap | None:
+    """The ``head_map`` setting's map for ``spec``; under tensor parallelism (``size`` ranks) the rank's
+    part of the whole model's map (``kvd.core.headmap.load_for_rank``)."""
     if settings.head_map is None:
         return None
-    hm = HeadMap.load(Path(settings.head_map).expanduser())
-    hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
-    return hm
+    return load_for_rank(settings.head_map, spec, whole=whole, rank=rank, size=size)
 
 
 def open_session(settings: ConnectorSettings, spec: ModelSpec, head_map: HeadMap | None, *, block_size: int,

@@ -5,7 +5,9 @@ Engine ``a`` (3 ranks, kvd, vLLM prefix caching off) computes two ~1,000-token p
 each rank its own head, as a model of its own (``[tp<r>/3]``). Engine ``b`` (3 ranks, a fresh process)
 then serves the same prompts: every rank loads its head's chunks (3 chunks and the 128-token tail
 entry: 896 tokens) and the greedy output equals ``a``'s, which computed every token. The daemon holds
-the same keys under each rank's model, and nothing under the whole model's.
+the same keys under each rank's model, and nothing under the whole model's. Both engines run with
+SmolLM2's profiled head map: each rank registers its own head's column of it (checked against the
+whole model's fingerprint first), so the rank's entries are placed by its own heads' classes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.connectors.vllm import test_e2e as e2e
 
 REPO = Path(__file__).resolve().parents[3]
 TP = 3
+HEAD_MAP = REPO / "kvd" / "data" / "heads" / "smollm2-135m.json"
 pytestmark = [pytest.mark.vllm, pytest.mark.model, pytest.mark.timeout(e2e.ENGINE_TIMEOUT_S + 300)]
 
 
@@ -41,7 +44,8 @@ def runs(tmp_path_factory, smollm2_dir):
     daemon = DaemonProc(root / "kvd", env_extra={"KVD_HOST__CAPACITY_BYTES": "512MiB"}).start()
     kvd = {"kv_connector": "KvdConnector", "kv_connector_module_path": "kvd.connectors.vllm",
            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-           "kv_connector_extra_config": {"socket": daemon.socket, "namespace": "tp", "timeout_s": 5.0}}
+           "kv_connector_extra_config": {"socket": daemon.socket, "namespace": "tp", "timeout_s": 5.0,
+                                         "head_map": str(HEAD_MAP)}}
     # One OpenMP thread per rank, ranks 0 and 2 on core 0 (2-core CI machines); an explicit list also
     # keeps vLLM's CPU build from reserving a core for the connector.
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
@@ -59,7 +63,7 @@ def runs(tmp_path_factory, smollm2_dir):
             assert rc == 0, f"engine {name} exited with {rc}:\n{(root / f'{name}.log').read_text()[-4000:]}"
             out[name] = json.loads((root / f"{name}.json").read_text())["outputs"]
         with daemon.client() as c:
-            models = {m.fingerprint: m.model_id for m in c.models().models}
+            models = {m.fingerprint: m for m in c.models().models}
             entries = c.entries(limit=100000).entries
         yield out, models, entries, root
     finally:
@@ -80,8 +84,20 @@ def test_every_rank_loads_its_heads_and_the_output_is_the_computed_one(runs):
 
 def test_each_rank_is_a_model_of_its_own_holding_the_same_keys(runs):
     _, models, entries, _ = runs
-    ranks = {fp: mid for fp, mid in models.items() if re.search(r" \[tp\d/3\]$", mid)}
+    ranks = {fp: m.model_id for fp, m in models.items() if re.search(r" \[tp\d/3\]$", m.model_id)}
     assert sorted(m[-7:] for m in ranks.values()) == ["[tp0/3]", "[tp1/3]", "[tp2/3]"]
     keys = {fp: {e.hash for e in entries if e.fingerprint == fp} for fp in ranks}
     assert len({frozenset(k) for k in keys.values()}) == 1 and len(next(iter(keys.values()))) == 8  # 2 x (3 + tail)
     assert not [e for e in entries if e.fingerprint not in ranks]  # nothing under the whole model
+
+
+def test_each_rank_registers_its_own_heads_part_of_the_head_map(runs):
+    from kvd.core.headmap import HeadMap
+
+    _, models, _, _ = runs
+    whole = HeadMap.load(HEAD_MAP)
+    for m in models.values():
+        r = int(re.search(r" \[tp(\d)/3\]$", m.model_id).group(1))
+        assert (m.num_kv_heads, m.head_map_method) == (1, whole.method)
+        assert m.num_global_heads == sum(row[r] for row in whole.class_grid()), m.model_id
+    assert len({m.num_global_heads for m in models.values()}) > 1  # the ranks' columns differ: each got its own
