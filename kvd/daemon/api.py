@@ -27,7 +27,14 @@ from pydantic import BaseModel, ValidationError
 from kvd import __version__
 from kvd.core import lookup_wire
 from kvd.core import protocol as P
-from kvd.core.errors import InvalidRequest, KvdError, RequestTimeout, ShuttingDown, UnsupportedMediaType
+from kvd.core.errors import (
+    Forbidden,
+    InvalidRequest,
+    KvdError,
+    RequestTimeout,
+    ShuttingDown,
+    UnsupportedMediaType,
+)
 from kvd.core.protocol_lookup import LookupReport
 from kvd.daemon import audit
 from kvd.daemon.metrics import Metrics
@@ -125,9 +132,12 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel:
 
 
 def caller(request: web.Request) -> Caller:
-    """Who is calling: the Unix-socket peer's pid/uid/gid, its tenant, whether it is an admin."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    pid, uid, gid = peer_credentials(sock)
+    """Who is calling: the Unix-socket peer's pid/uid/gid, its tenant, whether it is an admin. A
+    request whose client hung up before this is asked (while its large body was parsed off the loop)
+    is refused: its credentials are gone, and a caller without any is trusted (the tests' TCP)."""
+    if request.transport is None:
+        raise Forbidden("the client closed its connection before its request was served; nothing was done")
+    pid, uid, gid = peer_credentials(request.transport.get_extra_info("socket"))
     return request.app[TENANTS].caller(pid or None, uid, gid)
 
 

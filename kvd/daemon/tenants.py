@@ -41,13 +41,15 @@ class Caller:
 
 
 def peer_credentials(sock: socket.socket | None) -> tuple[int | None, int | None, int | None]:
-    """``(pid, uid, gid)`` of a Unix-socket peer (``SO_PEERCRED``); Nones for anything else."""
+    """``(pid, uid, gid)`` of a Unix-socket peer (``SO_PEERCRED``); Nones for anything else.
+    ``Forbidden`` for a Unix socket whose peer cannot be read (closed): never a caller without credentials,
+    which ``Tenants.caller`` trusts as an admin."""
     if sock is None or sock.family != socket.AF_UNIX:
         return None, None, None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None, None, None
+    except OSError as e:
+        raise Forbidden(f"the peer's credentials cannot be read ({e.strerror}); nothing was done") from None
     return struct.unpack("3i", raw)
 
 

@@ -194,3 +194,65 @@ def test_without_tenants_everything_is_one_trust_domain(tmp_path):
                 __import__("kvd.core.protocol", fromlist=["P"]).EvictRequest()).count == 0
     finally:
         d.kill()
+
+
+# ---- audit 7: the API surface under tenants -------------------------------------------------------
+
+
+def store_as(w, socket_path: str, ns: str) -> None:
+    """A tenant stores its prefix in its namespace and says what it stored."""
+    with KvdClient(socket_path, register_cuda=False) as c:
+        out: dict = {}
+        h = own_work(c, ns, 1.0, out)
+        out.update(hashes=h.hashes(TOKENS), fingerprint=h.fingerprint)
+        w.send(out)
+
+
+def send_and_hang_up(w, socket_path: str, requests: list[tuple[str, bytes]]) -> None:
+    """Each request on its own connection, closed as soon as it is sent (the answer is never read)."""
+    import socket as so
+
+    for route, body in requests:
+        with so.socket(so.AF_UNIX, so.SOCK_STREAM) as s:
+            s.connect(socket_path)
+            s.sendall(f"POST {route} HTTP/1.1\r\nHost: kvd\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    w.send({"sent": len(requests)})
+
+
+def _answered(daemon, route: str) -> dict[str, float]:
+    """``status -> count`` of requests the daemon answered on ``route`` (from /metrics)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10).read().decode()
+    return {s.labels["status"]: s.value for f in text_string_to_metric_families(text) if f.name == "kvd_requests"
+            for s in f.samples if s.name == "kvd_requests_total" and s.labels.get("route") == route and s.value}
+
+
+def test_a_tenant_that_hangs_up_is_not_served_as_an_admin(daemon):
+    """A request whose client closed its connection while the daemon parsed its body (over 1 MiB:
+    parsed on a worker thread) was served with no peer credentials, i.e. as an admin: tenant B
+    deleted tenant A's entries and ran the admin-only evict (found by audit 7)."""
+    pa, fa = forked_as(UID_A, store_as, daemon.socket, "a")
+    a = read_line(fa)
+    assert a["stored"] == 2
+    pad = b" " * ((1 << 20) + 1024)  # whitespace: valid JSON, and over the size parsed off the loop
+    delete = P.EntriesRequest(namespace="a", fingerprint=a["fingerprint"], hashes=a["hashes"])
+    pb, fb = forked_as(UID_B, send_and_hang_up, daemon.socket, [
+        ("/v1/delete", delete.model_dump_json().encode() + pad),
+        ("/v1/evict", P.EvictRequest(tier="host").model_dump_json().encode() + pad)])
+    assert read_line(fb)["sent"] == 2
+    deadline = time.monotonic() + 30
+    while not (_answered(daemon, "/v1/delete") and _answered(daemon, "/v1/evict")):
+        assert time.monotonic() < deadline, "the daemon never answered the requests"
+        time.sleep(0.05)
+    assert "200" not in _answered(daemon, "/v1/delete") and "200" not in _answered(daemon, "/v1/evict")
+    with daemon.client() as c:  # root, an admin: A's entries are all there, still in A's arena
+        left = c.entries(namespace="a").entries
+        assert sorted(e.hash for e in left) == sorted(a["hashes"]) and all("host" in e.tiers for e in left)
+    for p in (pa, pb):
+        p.join(60)
+        assert p.exitcode == 0
+
