@@ -181,7 +181,9 @@ async def register_model(request: web.Request) -> web.Response:
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    return _json(reporting.models_info(request.app[STORE]))
+    c, tenants = caller(request), request.app[TENANTS]  # a tenant counts only its own namespaces' entries
+    mine = None if c.is_admin else (lambda ns: tenants.partition_of(ns) == c.tenant)
+    return _json(reporting.models_info(request.app[STORE], counted=mine))
 
 
 async def compact_lookup(app: web.Application, c: Caller, raw: bytes) -> bytes:

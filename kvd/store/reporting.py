@@ -7,6 +7,7 @@ counter source, its Prometheus registry, so ``kvctl stats`` and ``/metrics`` alw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvd.core import protocol as P
@@ -83,9 +84,12 @@ def stats(store: Store) -> P.StatsResponse:
         counters=c)
 
 
-def models_info(store: Store) -> P.ModelsResponse:
+def models_info(store: Store, counted: Callable[[str], bool] | None = None) -> P.ModelsResponse:
+    """Every registered model, with the entries and bytes of those namespaces ``counted`` accepts (None: all)."""
     per_model: dict[str, tuple[int, dict[str, int]]] = {fp: (0, {}) for fp in store.registry.models}
     for e in store.index:
+        if counted is not None and not counted(e.namespace):
+            continue
         n, by_tier = per_model.setdefault(e.fingerprint, (0, {}))
         for x in e.extents.values():
             for t in x.copies:

@@ -220,6 +220,11 @@ def send_and_hang_up(w, socket_path: str, requests: list[tuple[str, bytes]]) -> 
     w.send({"sent": len(requests)})
 
 
+def list_models(w, socket_path: str) -> None:
+    with KvdClient(socket_path, register_cuda=False) as c:
+        w.send({"models": {m.model_id: m.num_entries for m in c.models().models}})
+
+
 def _answered(daemon, route: str) -> dict[str, float]:
     """``status -> count`` of requests the daemon answered on ``route`` (from /metrics)."""
     import urllib.request
@@ -256,3 +261,16 @@ def test_a_tenant_that_hangs_up_is_not_served_as_an_admin(daemon):
         p.join(60)
         assert p.exitcode == 0
 
+
+def test_models_count_only_the_callers_own_entries(daemon):
+    """``GET /v1/models`` answered every tenant with the entries and bytes of every tenant's
+    namespaces (found by audit 7): B saw how much A had stored of each model."""
+    pa, fa = forked_as(UID_A, store_as, daemon.socket, "a")
+    assert read_line(fa)["stored"] == 2
+    pb, fb = forked_as(UID_B, list_models, daemon.socket)
+    assert read_line(fb)["models"] == {"toy": 0}  # the model is shared; A's entries are not B's to count
+    with daemon.client() as c:  # an admin counts everyone's
+        assert {m.model_id: m.num_entries for m in c.models().models} == {"toy": 2}
+    for p in (pa, pb):
+        p.join(60)
+        assert p.exitcode == 0
