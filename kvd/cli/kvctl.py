@@ -13,6 +13,7 @@ process killed by SIGPIPE would be.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -35,6 +36,17 @@ DAEMON_COMMANDS = {"status": cmd.cmd_status, "models": cmd.cmd_models, "ls": cmd
                    "config": cmd.cmd_config}
 
 
+def _seconds(text: str) -> float:
+    """``--timeout``: a positive, finite number of seconds (a socket takes no other; it raised before)."""
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not 0 < s < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0 and 1e6 (e.g. 10)")
+    return s
+
+
 def _global_flags(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     """The flags every command takes. On the subcommands they default to SUPPRESS, so a flag given
     before the command is not reset by the subcommand's parser."""
@@ -44,7 +56,7 @@ def _global_flags(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--config", metavar="FILE", default=d(None),
                    help="the daemon's config file, to find its socket (default: $KVD_CONFIG or /etc/kvd/kvd.toml)")
     p.add_argument("--json", action="store_true", default=d(False), help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=d(10.0), metavar="S", help="seconds to wait for an answer")
+    p.add_argument("--timeout", type=_seconds, default=d(10.0), metavar="S", help="seconds to wait for an answer")
     p.add_argument("--progress", choices=["auto", "always", "never"], default=d("auto"),
                    help="progress bars on stderr (auto: on a terminal)")
 

@@ -70,6 +70,14 @@ def test_every_failure_says_why(live, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_bad_timeout_is_a_usage_error(tmp_path, capsys):
+    """``--timeout -1`` (or nan, inf) ended kvctl with a ValueError traceback from the socket (audit 7)."""
+    for value in ("-1", "nan", "inf", "0", "soon"):
+        assert kvctl_main(["--socket", str(tmp_path / "none.sock"), f"--timeout={value}", "status"]) == 2, value
+        err = capsys.readouterr().err
+        assert "--timeout" in err and "seconds" in err, (value, err)
+
+
 def test_ls_limit_zero_lists_everything(live, capsys):
     """``ls --limit 0`` answered with the daemon's internal URL in an error."""
     code, out, err = run(live, "--json", "ls", "--limit", "0", capsys=capsys)
