@@ -56,15 +56,16 @@ from kvd.store.store import Store
 logger = logging.getLogger("kvd")
 
 EXPIRE_INTERVAL_S = 0.5
-# Settings SIGHUP can change without a restart: (section, key).
+# Settings SIGHUP can change without a restart: (section, key): those read where they are used.
+# Not max_request_bytes, zstd_level, threads, recency_half_life_s: the HTTP server, the compressor and
+# the eviction policies take them when built (a reload reported them applied while they were not).
 RELOADABLE = {
-    ("daemon", "log_level"), ("daemon", "shutdown_timeout_s"), ("daemon", "max_request_bytes"),
+    ("daemon", "log_level"), ("daemon", "shutdown_timeout_s"),
     ("daemon", "max_entries_per_request"), ("daemon", "max_tokens_per_request"),
     ("host", "high_watermark"), ("host", "low_watermark"), ("host", "lease_ttl_s"),
     ("host", "reservation_ttl_s"), ("host", "verify_on_commit"),
     ("ssd", "admit_after"), ("ssd", "prefetch_deadline_s"), ("ssd", "write_batch"),
     ("codec", "hot_codec"), ("codec", "local_cold_codec"), ("codec", "global_cold_codec"),
-    ("codec", "zstd_level"), ("codec", "threads"), ("policy", "recency_half_life_s"),
 }
 
 

@@ -238,3 +238,53 @@ async def test_async_client_round_trip(daemon):
         await c.release(P.ReleaseRequest(lease_id=le.lease_id))
     finally:
         await c.close()
+
+
+def test_sighup_applies_what_it_says_it_applied(tmp_path, caplog):
+    """SIGHUP reported daemon.max_request_bytes, codec.zstd_level, codec.threads and
+    policy.recency_half_life_s as reloaded, while the HTTP server, the zstd compressor and the
+    eviction policies kept the values they were built with (found by audit 7). Each is either in
+    force after the reload or reported as needing a restart."""
+    import asyncio
+    import logging
+
+    from tests.daemon.rawhttp import send
+    from tests.daemon_thread import ThreadDaemon, settings_for
+
+    def toml(max_request_bytes: int, zstd_level: int, threads: int, half_life_s: float) -> str:
+        return (f"[daemon]\nmax_request_bytes = {max_request_bytes}\n[codec]\nzstd_level = {zstd_level}\n"
+                f"threads = {threads}\n[policy]\nrecency_half_life_s = {half_life_s}\n")
+
+    cfg = tmp_path / "kvd.toml"
+    over = dict(daemon={"max_request_bytes": 64 << 10}, codec={"zstd_level": 1, "threads": 1},
+                policy={"recency_half_life_s": 300.0})
+    d = ThreadDaemon(settings_for(tmp_path, ssd={"enabled": False}, **over))
+    d.daemon.config_path = str(cfg)
+    d.daemon.overrides = {"daemon": {"socket": d.socket, "metrics_addr": ""}, "host": {"path": str(tmp_path / "kvd.arena")},
+                          "ssd": {"enabled": False, "path": str(tmp_path / "ssd")}}
+    d.start()
+    try:
+        body = b"{}" + b" " * (100 << 10)  # between the old limit and the new one
+        assert send(d.socket, "POST", "/v1/lookup", body)[0] == 413
+        cfg.write_text(toml(1 << 20, 9, 2, 60.0))
+        with caplog.at_level(logging.INFO, logger="kvd"):
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), d._loop).result(10)  # the loop runs
+            d._loop.call_soon_threadsafe(d.daemon.reload)
+            deadline = time.monotonic() + 10
+            while "SIGHUP: reloaded" not in caplog.text:
+                assert time.monotonic() < deadline, "no reload logged"
+                time.sleep(0.05)
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("SIGHUP: reloaded"))
+        applied = line.split("; need a restart")[0]
+        zstd = d.store.pipeline.forms.codecs._zstd
+        in_force = {
+            "daemon.max_request_bytes": send(d.socket, "POST", "/v1/lookup", body)[0] != 413,
+            "codec.zstd_level": zstd.level == 9,
+            "codec.threads": zstd.threads == 2,
+            "policy.recency_half_life_s": all(lv.policy.half_life_s == 60.0 for lv in d.store.index.levels),
+        }
+        for key, ok in in_force.items():
+            assert ok or key not in applied, f"{key} reported reloaded but not in force: {line}"
+            assert key in line, line  # reported either way
+    finally:
+        d.stop()
