@@ -32,6 +32,7 @@ from kvd.core.errors import (
     InvalidRequest,
     KvdError,
     RequestTimeout,
+    RequestTooLarge,
     ShuttingDown,
     UnsupportedMediaType,
 )
@@ -78,6 +79,8 @@ def failure(e: BaseException, what: str, metrics: Metrics) -> tuple[int, str, st
         return e.status, e.code, str(e)
     if isinstance(e, ValidationError):
         return 400, "invalid_request", P.describe_validation_error(e)
+    if isinstance(e, web.HTTPRequestEntityTooLarge):  # aiohttp's body limit: the code and words of frames' 413
+        return e.status, RequestTooLarge.code, f"{(e.text or '').rstrip('.')} (daemon.max_request_bytes); send less per request"
     if isinstance(e, web.HTTPException):
         return e.status, "http", e.reason or str(e)
     logger.error("unhandled error in %s", what, exc_info=e)
