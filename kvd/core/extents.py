@@ -34,6 +34,7 @@ span; ``covers`` says whether a trimmed extent holds all a reader at a position 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -160,6 +161,15 @@ class ExtentPlan:
     @property
     def num_segments(self) -> int:
         return len(self.heads)
+
+    @cached_property
+    def layout(self) -> str:
+        """Which heads the extent holds, and how (class, members, sink, window, head_dim, dtype), as 16 hex
+        digits; not its tokens (a trimmed extent has its whole form's). The model fingerprint leaves the
+        head map out, so daemons that register one model with different head maps name extents alike
+        that hold other heads: records carry this (``kvd.tiers.record``) so neither is served as the other."""
+        doc = repr((self.head_class, self.heads, self.sink, self.window, self.head_dim, self.dtype_bytes))
+        return hashlib.blake2b(doc.encode(), digest_size=8).hexdigest()
 
     @cached_property
     def _index(self) -> dict[tuple[int, int], int]:

@@ -21,12 +21,12 @@ from collections.abc import Callable
 import xxhash
 
 from kvd.codecs import Codecs, is_lossy
-from kvd.core.errors import CorruptData
+from kvd.core.errors import CorruptData, RecordMissing
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, Extent
 from kvd.store.index import Level
 from kvd.tiers.base import Buffer, Tier
-from kvd.tiers.record import check_record, decode_record_into, encode_record
+from kvd.tiers.record import check_record, decode_record_into, encode_record, unpack_header
 
 Payload = tuple[bytes, str, int | None]  # (bytes for the lower tier, codec, checksum of what a reader gets)
 
@@ -54,7 +54,7 @@ class Forms:
         t0 = time.perf_counter()
         rec = encode_record(self.codecs, e.name(x.head_class), raw, dtype=self.dtype_of(e.fingerprint),
                             shape=(x.plan.num_segments, x.plan.num_tokens, x.plan.head_dim), codec=codec,
-                            raw_xxh=copy.checksum)
+                            raw_xxh=copy.checksum, layout=x.plan.layout)
         self.metrics.codec_seconds.labels(rec.codec, "encode").inc(time.perf_counter() - t0)
         self.metrics.codec_raw_bytes.labels(rec.codec, "encode").inc(x.nbytes)
         self.metrics.codec_encoded_bytes.labels(rec.codec, "encode").inc(len(rec.data))
@@ -66,13 +66,19 @@ class Forms:
         return [[xxhash.xxh3_64_intdigest(tiers[t].read(c.loc)[: x.nbytes])
                  for x in e.extents.values() for t, c in x.copies.items()] for e in entries]
 
-    def place_into(self, src: Level, copy: Copy, data: Buffer, out: memoryview) -> tuple[str, int | None]:
+    def place_into(self, src: Level, copy: Copy, data: Buffer, out: memoryview, layout: str) -> tuple[str, int | None]:
         """Write what ``src``'s tier returned for ``copy`` into ``out`` (a memory tier's slots); returns
-        the new copy's codec and checksum. ``CorruptData`` if any check fails (``out`` is then garbage)."""
+        the new copy's codec and checksum. ``CorruptData`` if any check fails (``out`` is then garbage);
+        ``RecordMissing`` for a record of another extent layout than ``layout`` (the extent plan's): in a
+        shared tier, another daemon's (another head map) stored under this key since, or never ours."""
         if not src.tier.holds_records:  # the GPU pool, for a reader of the arena only
             out[:] = memoryview(data)[: out.nbytes]
             verify(out, copy.checksum, f"{src.name} copy at {copy.loc.offset}")
             return copy.codec, copy.checksum
+        found = unpack_header(data, copy.loc.key)[0].layout
+        if found != layout and (found or src.tier.shared):  # "": written before layouts (a private tier's own)
+            raise RecordMissing(f"{src.name} record {copy.loc.key!r} holds other heads (layout {found or 'unknown'}, "
+                                f"this model's head map makes {layout}): another head map's; not served")
         t0 = time.perf_counter()
         header = decode_record_into(self.codecs, data, copy.loc.key, out)
         self.metrics.codec_seconds.labels(header.codec, "decode").inc(time.perf_counter() - t0)

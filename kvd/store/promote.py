@@ -103,7 +103,8 @@ class Promotion:
         out = top.tier.read(loc)[: x.nbytes]
         try:
             data = await self.pipeline.on_io(src, src.tier.read, copy.loc)
-            codec, checksum = await self.pipeline.on_cpu(self.pipeline.forms.place_into, src, copy, data, out)
+            codec, checksum = await self.pipeline.on_cpu(self.pipeline.forms.place_into, src, copy, data, out,
+                                                         x.plan.layout)
             # The decode has finished reading it (and only then: a cancelled await may leave the worker
             # thread still reading, so that path does not give it back).
             src.tier.recycle(data)

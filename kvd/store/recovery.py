@@ -141,7 +141,7 @@ def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
     added = 0
     for tier, rec in parts:
         x = e.extents.get(rec.name.head_class)
-        plan = _fits(rec, x, e) if x is not None and not x.copies else None
+        plan = _fits(rec, x, e, index.by_name[tier].tier.shared) if x is not None and not x.copies else None
         if plan is None:
             continue
         copy = _copy(rec)
@@ -157,11 +157,15 @@ def fill(index, e: Entry, parts: list[tuple[str, StoredRecord]]) -> int:
     return added
 
 
-def _fits(rec: StoredRecord, x: Extent, span) -> ExtentPlan | None:
+def _fits(rec: StoredRecord, x: Extent, span, shared: bool) -> ExtentPlan | None:
     """The layout ``rec`` holds of extent ``x`` of the entry ``span`` (an ``Entry`` or the ``ExtentName``
-    of one of its records), or None if it is not one of its: the same kind, tokens and attention, and
+    of one of its records), or None if it is not one of its: the same heads (the plan's layout tag:
+    another daemon's head map makes extents of the same names and sizes of other heads; a record
+    with none, written before tags, only from a private tier), kind, tokens and attention, and
     the size of ``x``'s layout or of its trimmed form (capacity mode; ``keep_span`` is a function of
     the entry alone, so the span is found again, whatever the settings now)."""
+    if rec.layout != x.plan.layout and (rec.layout or shared):
+        return None
     n = rec.name
     if (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under) != (
             span.kind, span.start_token, span.end_token, span.num_tokens, span.computed_under):
@@ -199,7 +203,8 @@ def _rebuild(store, key: EntryKey, parts: list[tuple[str, StoredRecord]], now: f
     extents = {c: Extent(plan=p) for c, p in model.plans(first.num_tokens).items()}
     for tier, rec in parts:
         x = extents.get(rec.name.head_class)
-        plan = _fits(rec, x, first) if x is not None and tier not in x.copies else None
+        plan = (_fits(rec, x, first, store.index.by_name[tier].tier.shared)
+                if x is not None and tier not in x.copies else None)
         if plan is None:
             return None
         x.set_plan(plan)

@@ -69,6 +69,7 @@ class StoredRecord:
     codec: str
     raw_nbytes: int
     raw_xxh: int
+    layout: str = ""  # the extent plan's layout tag the record was written with ("": not known)
 
 
 @dataclass(slots=True, frozen=True)

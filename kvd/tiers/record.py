@@ -7,6 +7,11 @@ A record is a checked header in front of one codec payload (``kvd.codecs``). Lay
     | created_s f64 | key_len u16 | fingerprint_len u16 | key | fingerprint (ascii) | header_xxh u64
     | payload
 
+The fingerprint field is ``<fingerprint>/<layout>``: the extent plan's ``layout`` tag (which heads it
+holds; ``kvd.core.extents.ExtentPlan.layout``), so a record of another head map under the same key (a
+daemon that registered the model with another map) is told apart; records written before it, and by
+callers that give no layout, carry the fingerprint alone (``ExtentHeader.layout`` is then empty).
+
 ``raw_xxh`` is xxh3-64 of the bytes a decode returns (for lossy codecs: the dequantized bytes),
 ``payload_xxh`` of the payload, ``header_xxh`` of everything before it. The key is repeated inside the
 record so a value found under another key (a damaged B-tree page, a mixed-up remote value) is caught.
@@ -85,6 +90,11 @@ class ExtentHeader:
     payload_xxh: int
     created_s: float
 
+    @property
+    def layout(self) -> str:
+        """The layout tag the record was written with (``""``: none given, or written before it existed)."""
+        return self.fingerprint.partition("/")[2]
+
 
 def pack_header(h: ExtentHeader) -> bytes:
     fp = h.fingerprint.encode("ascii")
@@ -142,10 +152,10 @@ class Record:
 
 
 def encode_record(codecs: Codecs, name: ExtentName, raw: Buffer, *, dtype: str, shape: Shape, codec: str,
-                  raw_xxh: int | None = None, created_s: float | None = None) -> Record:
+                  raw_xxh: int | None = None, created_s: float | None = None, layout: str = "") -> Record:
     """Build the record of ``raw`` (CPU only, no I/O, any thread). ``raw_xxh``: xxh3-64 of ``raw`` when
-    the caller has it already (the commit checksum). ``InvalidRequest`` for a bad codec, dtype or a
-    length that does not fit ``shape``."""
+    the caller has it already (the commit checksum); ``layout``: the extent plan's layout tag.
+    ``InvalidRequest`` for a bad codec, dtype or a length that does not fit ``shape``."""
     key = name_key(name)
     c = codecs.get(codec)
     payload = c.encode(raw, dtype=dtype, shape=shape)
@@ -154,9 +164,9 @@ def encode_record(codecs: Codecs, name: ExtentName, raw: Buffer, *, dtype: str, 
         digest = raw_xxh if raw_xxh is not None else xxhash.xxh3_64_intdigest(raw)
     else:  # the bytes a read returns are the dequantized ones
         digest = xxhash.xxh3_64_intdigest(c.decode(payload, dtype=dtype, shape=shape))
-    header = ExtentHeader(key, name.fingerprint, used, dtype, tuple(shape), memoryview(raw).cast("B").nbytes,
-                          digest, len(payload), xxhash.xxh3_64_intdigest(payload),
-                          time.time() if created_s is None else created_s)
+    fp = f"{name.fingerprint}/{layout}" if layout else name.fingerprint
+    header = ExtentHeader(key, fp, used, dtype, tuple(shape), memoryview(raw).cast("B").nbytes, digest, len(payload),
+                          xxhash.xxh3_64_intdigest(payload), time.time() if created_s is None else created_s)
     return Record(b"".join([pack_header(header), payload]), used, digest)
 
 

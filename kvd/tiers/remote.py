@@ -199,7 +199,7 @@ class RemoteTier(Tier):
             for k in self.record_keys(loc.key):
                 pipe.set(k, bytes(data), px=self.ttl_ms)
             facts = json.dumps({"key": loc.key.decode(), "codec": header.codec, "raw_nbytes": header.raw_nbytes,
-                                "raw_xxh": header.raw_xxh, "nbytes": memoryview(data).nbytes})
+                                "raw_xxh": header.raw_xxh, "nbytes": memoryview(data).nbytes, "layout": header.layout})
             mkey = self.manifest_key(name.namespace, name.fingerprint, name.hash)
             pipe.hset(mkey, name.head_class, facts)
             if self.ttl_ms:
@@ -350,7 +350,7 @@ class RemoteTier(Tier):
                     key = f["key"].encode()
                     name = parse_key(key)
                     rec = StoredRecord(Location(self.name, 0, int(f["nbytes"]), key), name, str(f["codec"]),
-                                       int(f["raw_nbytes"]), int(f["raw_xxh"]))
+                                       int(f["raw_nbytes"]), int(f["raw_xxh"]), str(f.get("layout", "")))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     logger.warning("remote tier: an unreadable manifest field was skipped")
                     continue

@@ -357,7 +357,7 @@ class SsdTier(Tier):
                     continue
                 if name is not None:
                     out.append(StoredRecord(Location(self.name, 0, value.nbytes, k), name, header.codec,
-                                            header.raw_nbytes, header.raw_xxh))
+                                            header.raw_nbytes, header.raw_xxh, header.layout))
         return out
 
     def put_meta(self, name: str, value: bytes) -> None:

@@ -115,13 +115,13 @@ async def test_a_failed_promotion_frees_its_slots_only_after_every_decode_into_t
         forms = w.store.pipeline.forms
         real, events = forms.place_into, []
 
-        def place_into(src, copy, data, out):
+        def place_into(src, copy, data, out, layout):
             if out.nbytes == e.extents["global"].nbytes and not events:
                 events.append("raised")
                 raise InvalidRequest("output buffer of another size") if error == "InvalidRequest" else MemoryError()
             time.sleep(0.3)
             events.append("decoded")
-            return real(src, copy, data, out)
+            return real(src, copy, data, out, layout)
 
         discard = w.store.pipeline.discard
 
