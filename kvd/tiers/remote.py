@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -48,7 +49,7 @@ from kvd.tiers.resp import FastGet, FastGetUnavailable
 logger = logging.getLogger(__name__)
 
 MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
-SCAN_BATCH = 1000
+SCAN_BATCH, MAX_GONE = 1000, 65536  # MAX_GONE: manifest fields of records found gone kept (oldest go first)
 
 
 def connect(settings: RemoteSettings):
@@ -116,6 +117,8 @@ class RemoteTier(Tier):
         self.clock = clock
         self._lock = threading.Lock()
         self._sizes: dict[bytes, int] = {}  # record key -> bytes, of the records this host knows of
+        self._fields: dict[bytes, bytes] = {}  # record key -> its manifest field (each write's own: a nonce)
+        self._gone: dict[bytes, None] = {}  # manifest fields whose record a read found gone: finds skip them
         self._down_until = 0.0
         self._backoff = MIN_BACKOFF_S
         self._stale = False  # the cluster's layout must be learnt again before the next command
@@ -192,16 +195,18 @@ class RemoteTier(Tier):
         command failed; what did land is then deleted again, best effort."""
         self._guard()
         items = list(items)
-        pipe = self.client.pipeline(transaction=False)
+        pipe, fields = self.client.pipeline(transaction=False), []  # fields: each record's in the manifest
         for loc, data in items:
             header, _ = unpack_header(data, loc.key)
             name = parse_key(loc.key)
             for k in self.record_keys(loc.key):
                 pipe.set(k, bytes(data), px=self.ttl_ms)
             facts = json.dumps({"key": loc.key.decode(), "codec": header.codec, "raw_nbytes": header.raw_nbytes,
-                                "raw_xxh": header.raw_xxh, "nbytes": memoryview(data).nbytes, "layout": header.layout})
+                                "raw_xxh": header.raw_xxh, "nbytes": memoryview(data).nbytes, "layout": header.layout,
+                                "w": secrets.token_hex(6)})
             mkey = self.manifest_key(name.namespace, name.fingerprint, name.hash)
             pipe.hset(mkey, name.head_class, facts)
+            fields.append(facts.encode())
             if self.ttl_ms:
                 pipe.pexpire(mkey, self.ttl_ms)
         try:
@@ -215,8 +220,9 @@ class RemoteTier(Tier):
             raise self._trip("write", failed)
         self._ok()
         with self._lock:
-            for loc, data in items:
+            for (loc, data), field in zip(items, fields):
                 self._sizes[loc.key] = memoryview(data).nbytes
+                self._fields[loc.key] = field
 
     def read(self, loc: Location) -> bytes:
         """The record, its header checked; from the second copy when the first one's node fails.
@@ -235,8 +241,11 @@ class RemoteTier(Tier):
                 return value
         if last is not None:
             raise self._trip("read", last)
-        with self._lock:
+        with self._lock:  # its manifest field may outlive it (the cluster's LRU): later finds leave it out
             self._sizes.pop(loc.key, None)
+            self._gone[self._fields.pop(loc.key, b"")] = None
+            if len(self._gone) > MAX_GONE:
+                del self._gone[next(iter(self._gone))]
         raise RecordMissing(f"remote record {loc.key!r} is no longer in the cluster (evicted or expired)")
 
     def recycle(self, data) -> None:
@@ -270,6 +279,7 @@ class RemoteTier(Tier):
                 raise self._trip("delete", e) from None
         with self._lock:
             self._sizes.pop(key, None)
+            self._fields.pop(key, None)
 
     def stats(self) -> TierStats:
         """What this host wrote or found there (the cluster is shared; its INFO says the rest)."""
@@ -345,6 +355,8 @@ class RemoteTier(Tier):
         out = []
         for fields in manifests:
             for raw in (fields or {}).values():
+                if raw in self._gone:  # its record was found gone: a hit of it would be a miss at the load
+                    continue
                 try:
                     f = json.loads(raw)
                     key = f["key"].encode()
@@ -358,6 +370,7 @@ class RemoteTier(Tier):
                     out.append(rec)
                     with self._lock:
                         self._sizes[key] = rec.location.nbytes
+                        self._fields[key] = raw
         return out
 
     def put_meta(self, name: str, value: bytes) -> None:

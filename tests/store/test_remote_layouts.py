@@ -9,6 +9,7 @@ that one. Now every record says which heads it holds, and a record of another la
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import numpy as np
@@ -77,3 +78,35 @@ async def test_records_of_another_head_map_are_never_served(tmp_path, redis_clus
     finally:
         for api in made:
             await api.close()
+
+
+async def test_a_record_found_gone_is_not_a_hit_again(tmp_path, redis_cluster):
+    """The cluster's LRU dropped a record whose manifest (small, read by every find) it kept. Before, every
+    lookup on another host adopted the entry again from the manifest and answered it as a hit, and
+    every lease of it missed, for as long as the manifest lived. Now a host that found the record gone
+    leaves that manifest field out of its finds (nothing is deleted from the cluster); the record
+    written again (a new field) is found again."""
+    from tests.store.test_defects import MODEL as WITH_LOCAL
+    from tests.store.test_remote_hosts import two_hosts
+
+    async with two_hosts(tmp_path, redis_cluster, WITH_LOCAL, ssd={"enabled": False}) as (a, b):
+        hs, data = await a.store_seq(5, chunks=4)
+        assert (await a.post("/v1/flush", {}))["count"] == 4  # every extent in the cluster
+        tier = a.app[STORE].index.by_name["remote"].tier
+        e = a.app[STORE].index.get(("default", a.fp, hs[0]))
+        tier.client.delete(*tier.record_keys(e.extents["local"].copies["remote"].loc.key))  # evicted
+        assert (await b.lookup(hs))["num_prefix_hits"] == 4  # B cannot know before it reads
+        assert (await b.read_back(hs[:1]))[0] == ["missing"]
+        for _ in range(2):
+            assert (await b.lookup(hs))["num_prefix_hits"] == 0  # chunk 0's local heads are not there
+            assert (await b.read_back(hs[:1]))[0] == ["missing"]
+        assert set(tier.client.hgetall(tier.manifest_key("default", a.fp, hs[0]))) == {b"global", b"local"}
+
+        assert (await a.post("/v1/delete", {"fingerprint": a.fp, "hashes": hs[:1]}))["count"] == 1
+        await wait_for(lambda: asyncio.to_thread(lambda: not tier.client.hgetall(
+            tier.manifest_key("default", a.fp, hs[0]))))
+        again = (await a.store_seq(5, chunks=4))[1]  # chunk 0 stored again (the others are there)
+        assert again == {k: v for k, v in data.items() if k[0] == hs[0]}
+        assert (await a.post("/v1/flush", {}))["count"] == 4
+        assert (await b.lookup(hs))["num_prefix_hits"] == 4
+        assert await b.read_back(hs) == (["ok"] * 4, data)
