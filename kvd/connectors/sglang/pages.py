@@ -53,6 +53,7 @@ class HostPages:
         self.layout = layout
         self.page_size = int(pool.page_size)
         self.num_layers = int(pool.layer_num)
+        self.start_layer = int(getattr(pool, "start_layer", 0) or 0)  # the model's layer of layer 0 (pipeline stages)
         self.num_heads = int(pool.head_num)
         self.head_dim = int(pool.head_dim)
         self.dtype = pool.dtype

@@ -53,8 +53,10 @@ def import_sglang() -> str:
     return sglang.__version__
 
 
-def make_pool(layout: str, *, num_pages: int, page_size: int = 64, dtype=torch.bfloat16, **shape):
-    """SGLang's ``MHATokenToKVPoolHost`` (``layout``) over a CPU device pool, SmolLM2-shaped by default."""
+def make_pool(layout: str, *, num_pages: int, page_size: int = 64, dtype=torch.bfloat16, start_layer: int = 0,
+              **shape):
+    """SGLang's ``MHATokenToKVPoolHost`` (``layout``) over a CPU device pool, SmolLM2-shaped by default;
+    ``start_layer``: the first of its ``layers`` in the model (a pipeline stage's, as SGLang builds it)."""
     import_sglang()
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
@@ -63,11 +65,12 @@ def make_pool(layout: str, *, num_pages: int, page_size: int = 64, dtype=torch.b
     # SGLang's per-layer views of page_head / layer_first pools index dim 0 by layer (mha.py,
     # _initialize_transfer_views), so a pool holds at least as many pages as layers, as real ones do.
     num_pages = max(num_pages, s["layers"])
+    end_layer = start_layer + s["layers"]
     device = MHATokenToKVPool(page_size * 4, page_size, dtype, s["heads"], s["head_dim"], s["layers"], "cpu", False,
-                              start_layer=0, end_layer=s["layers"])
+                              start_layer=start_layer, end_layer=end_layer)
     host = MHATokenToKVPoolHost(device.get_device_pool_infos()[0].buffer_info, 1.0, 0, page_size, layout,
-                                pin_memory=False, device_capacity_tokens=device.size, start_layer=0,
-                                end_layer=s["layers"], host_token_capacity=num_pages * page_size)
+                                pin_memory=False, device_capacity_tokens=device.size, start_layer=start_layer,
+                                end_layer=end_layer, host_token_capacity=num_pages * page_size)
     host._kvd_device_pool = device  # the controller needs it too
     return host
 
