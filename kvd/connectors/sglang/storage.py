@@ -30,7 +30,12 @@ import logging
 from typing import Any
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang.srt.mem_cache.hicache_storage import (
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+    PoolName,
+)
 
 from kvd.connectors.sglang.io import PageIO
 from kvd.connectors.sglang.pages import HostPages
@@ -41,6 +46,7 @@ from kvd.connectors.sglang.settings import (
     model_spec_from_sglang,
     open_session,
 )
+from kvd.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,15 @@ class KvdHiCacheStorage(HiCacheStorage):
                          verify=self.settings.verify_checksums)
         session.require_compatible()
         logger.info("kvd HiCache backend ready: %s", describe(spec, pages))
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        """SGLang names each host pool here (hybrid controllers). A side pool (SWA, Mamba, indexer,
+        draft sidecars) is served only through ``batch_*_v2``, which kvd does not implement: refused."""
+        if host_pool_name != PoolName.KV:
+            raise ConfigError(f"SGLang host pool {str(host_pool_name)!r} ({type(host_pool).__name__}) is not supported "
+                              "by kvd: it stores the KV pool only, and models with side pools (SWA, Mamba, indexer, "
+                              "draft sidecars) need SGLang's batch_*_v2 storage API (remove the kvd backend)")
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
 
     def _page_views(self, keys: list[str], host_indices: torch.Tensor) -> list[torch.Tensor] | None:
         assert self.pages is not None, "pages are set with the I/O at registration"

@@ -175,3 +175,16 @@ def test_daemon_down_means_misses_and_the_backend_reconnects(sglang_version, tmp
     finally:
         c.close()
         d.kill()
+
+
+def test_side_pools_are_refused_at_attach(controller):
+    """Hybrid models (SWA, Mamba, indexer, draft sidecars) register side pools next to the KV pool
+    (``HybridCacheController.attach_storage_backend``) and then ask ``batch_exists_v2`` /
+    ``batch_get_v2`` / ``batch_set_v2``, which kvd does not implement: such a set-up is refused when
+    the pool registers, not failed with NotImplementedError on every hit query and backup."""
+    from sglang.srt.mem_cache.hicache_storage import PoolName
+
+    c = controller("page_first")
+    c.backend.register_mem_host_pool_v2(c.pool, PoolName.KV)  # the anchor KV pool: kvd's own
+    with pytest.raises(ConfigError, match="swa"):
+        c.backend.register_mem_host_pool_v2(make_pool("page_first", num_pages=32, page_size=P), PoolName.SWA)
