@@ -57,12 +57,15 @@ class PageIO:
     reservation, and the client serialises control calls on its connection."""
 
     def __init__(self, session: DaemonSession, *, page_size: int, load_wait_s: float, verify: bool,
-                 copy_threads: int = 2) -> None:
+                 copy_threads: int = 2, log_transfers: bool = True) -> None:
         self.session = session
         self.page_size = page_size
         self.load_wait_s = load_wait_s
         self.verify = verify
         self.log = TransferLog()
+        # Only when someone takes it (SGLang calls get_stats with --enable-storage-metrics only): else
+        # it would grow by every call for the life of the server.
+        self.log_transfers = log_transfers
         # A batch's page copies run on a few threads (numpy releases the GIL while copying): 64 pages of
         # SmolLM2 (92 MB) took 14 ms on one thread, 10.5 ms on two, on the 2-core test machine.
         self._pool = ThreadPoolExecutor(copy_threads, thread_name_prefix="kvd-sglang-copy") if copy_threads > 1 else None
@@ -156,7 +159,7 @@ class PageIO:
         out[:k] = [True] * k
         self.counters["loaded_pages"] += k
         self.counters["load_missed_pages"] += n - k
-        if k:
+        if k and self.log_transfers:
             self.log.prefetch_pgs.append(k)
             self.log.prefetch_bandwidth.append(k * self._page_bytes(lease.handle) / 1e9
                                                / max(time.perf_counter() - t0, 1e-9))
@@ -209,7 +212,7 @@ class PageIO:
         out = [s == "exists" or x in committed for s, x in zip(res.states, res.hashes)]
         self.counters["stored_pages"] += len(committed)
         self.counters["store_failed_pages"] += res.num_reserved - len(committed)
-        if committed:
+        if committed and self.log_transfers:
             self.log.backup_pgs.append(len(committed))
             self.log.backup_bandwidth.append(len(committed) * self._page_bytes(res.handle) / 1e9
                                              / max(time.perf_counter() - t0, 1e-9))

@@ -71,7 +71,8 @@ class KvdHiCacheStorage(HiCacheStorage):
             self.io.close()
         self.pages = pages
         self.io = PageIO(session, page_size=pages.page_size, load_wait_s=self.settings.load_wait_s,
-                         verify=self.settings.verify_checksums)
+                         verify=self.settings.verify_checksums,
+                         log_transfers=bool(self.storage_config.enable_storage_metrics))
         session.require_compatible()
         logger.info("kvd HiCache backend ready: %s", describe(spec, pages))
 

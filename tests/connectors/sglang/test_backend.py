@@ -188,3 +188,19 @@ def test_side_pools_are_refused_at_attach(controller):
     c.backend.register_mem_host_pool_v2(c.pool, PoolName.KV)  # the anchor KV pool: kvd's own
     with pytest.raises(ConfigError, match="swa"):
         c.backend.register_mem_host_pool_v2(make_pool("page_first", num_pages=32, page_size=P), PoolName.SWA)
+
+
+def test_transfer_log_is_kept_only_for_storage_metrics(controller):
+    """``get_stats`` (which takes the per-call sizes and speeds) is called by SGLang only with
+    ``--enable-storage-metrics``; without it nothing may pile up per call for the server's lifetime."""
+    c = controller("page_first")
+    assert not c.cc.enable_storage_metrics
+    toks = tokens(91, 2)
+    keys = page_keys(toks, P)
+    idx = c.pool.alloc(2 * P)
+    fill_random(c.pool, idx, seed=91)
+    for _ in range(3):
+        assert c.backend.batch_set_v1(keys, idx) == [True, True]
+        assert c.backend.batch_get_v1(keys, idx) == [True, True]
+    log = c.backend.io.log
+    assert (log.prefetch_pgs, log.backup_pgs, log.prefetch_bandwidth, log.backup_bandwidth) == ([], [], [], [])
