@@ -101,7 +101,7 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
     shard = [f"{what}{rank}/{size}" for what, rank, size in (
         ("tp", storage_config.tp_rank, storage_config.tp_size), ("pp", storage_config.pp_rank, storage_config.pp_size),
         ("cp", storage_config.attn_cp_rank, storage_config.attn_cp_size)) if size > 1 and whole_heads is None]
-    if storage_config.pp_size > 1 and whole_heads is None:  # a stage's layers depend on SGLANG_PP_LAYER_PARTITION, not on its rank alone
+    if storage_config.pp_size > 1 and whole_heads is None:  # a stage's layers: SGLANG_PP_LAYER_PARTITION's
         shard.append(f"layers{pages.start_layer}-{pages.start_layer + pages.num_layers}")
     path = Path(settings.model_path or str(storage_config.model_name or "")).expanduser()
     rope = _rope_of(path) if str(path) else None
