@@ -20,7 +20,7 @@ from kvd.core import protocol as P
 from kvd.core.config import Settings
 from kvd.core.errors import InvalidRequest
 from kvd.store.background import Background
-from kvd.store.entries import Entry
+from kvd.store.entries import Entry, ModelRecord
 from kvd.store.index import Index, Level
 from kvd.store.pipeline import Pipeline
 
@@ -122,14 +122,25 @@ class Admin:
 
     # ---- registrations -------------------------------------------------------------------------
 
-    def persist_model(self, req: P.RegisterModelRequest, fingerprint: str) -> None:
-        """Keep the registration beside the records of every persistent tier (for the start-up rebuild)."""
+    def persist_model(self, req: P.RegisterModelRequest, fingerprint: str, levels: list[Level] | None = None) -> None:
+        """Keep the registration beside the records of every persistent tier (or of ``levels``), for the
+        start-up rebuild of this daemon and, in a shared tier, of every other host."""
         doc = req.model_copy(update={"fingerprint": fingerprint}).model_dump_json().encode()
-        for lv in self.index.records:
+        for lv in self.index.records if levels is None else levels:
             task = asyncio.get_running_loop().create_task(
                 self.pipeline.on_io(lv, lv.tier.put_meta, MODEL_META + fingerprint, doc))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def persist_models(self, models: dict[str, ModelRecord], lv: Level) -> None:
+        """Every registration so far into ``lv``, a tier that joined while serving (the remote cluster
+        reachable again): without them, other hosts' start-up rebuilds drop this host's records there."""
+        for fp, m in models.items():
+            s = m.spec
+            req = P.RegisterModelRequest(model_id=s.model_id, revision=s.revision, num_layers=s.num_layers,
+                                         num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, kv_dtype=s.kv_dtype,
+                                         rope=s.rope, layout=s.layout, head_map=m.head_map)
+            self.persist_model(req, fp, [lv])
 
     async def close(self) -> None:
         if self._tasks:

@@ -97,6 +97,8 @@ class Store:
         """A tier joins at the bottom while serving (the remote cluster, reachable again)."""
         lv = Level.of(len(self.index.levels), tier, self.settings)
         self.index.add_level(lv)
+        if tier.holds_records:
+            self.admin.persist_models(self.registry.models, lv)
 
     @property
     def shared(self) -> bool:

@@ -382,3 +382,31 @@ async def test_a_write_through_that_fails_is_tried_again_later(tmp_path, redis_c
         assert (await b.lookup(hs))["num_prefix_hits"] == 2
         status, got = await b.read_back(hs)
         assert status == ["ok", "ok"] and got == data
+
+
+async def test_a_cluster_that_joins_later_gets_the_registrations_made_before(tmp_path, redis_cluster):
+    """A daemon that started while the cluster was down (``join_remote_later``) writes its models'
+    registrations there when the cluster joins, as it does for every registration made after: other
+    hosts' start-up rebuilds need them to index this host's records (audit 5)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvd.core.config import load_settings
+    from kvd.daemon.build import remote_tier
+    from kvd.store.admin import MODEL_META
+
+    a = await Api(tmp_path, {}).start(MODEL)  # no remote tier yet; the model registered
+    io = ThreadPoolExecutor(1)
+    try:
+        settings = load_settings(None, environ={}, overrides={"remote": remote(redis_cluster, "j" + uuid.uuid4().hex[:8])})
+        tier = await remote_tier(settings, io)
+        assert tier is not None
+        a.app[STORE].add_tier(tier)
+
+        async def persisted():
+            return await asyncio.get_running_loop().run_in_executor(io, tier.get_meta, MODEL_META + a.fp) is not None
+        await wait_for(persisted)
+        doc = await asyncio.get_running_loop().run_in_executor(io, tier.get_meta, MODEL_META + a.fp)
+        assert b'"model_id":"toy"' in doc and f'"fingerprint":"{a.fp}"'.encode() in doc
+    finally:
+        await a.close()
+        io.shutdown()
