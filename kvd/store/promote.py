@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from kvd.core.errors import CorruptData, KvdError, RecordMissing, TierUnavailable
+from kvd.core.errors import CorruptData, KvdError, RecordMissing, StorageFormatError, TierUnavailable
 from kvd.core.extents import class_kind
 from kvd.store.entries import Copy, Entry, Extent
 from kvd.store.index import Level
@@ -111,6 +111,10 @@ class Promotion:
             return Copy(loc, codec, checksum)
         except RecordMissing as err:
             logger.info("%s", err)
+            self.pipeline.metrics.tier_misses.labels(src.name).inc()
+            return "missing"
+        except StorageFormatError as err:  # another kvd version's record (a rolling upgrade): a miss here,
+            logger.warning("not served: %s", err)  # left for the hosts that read it, never deleted as corrupt
             self.pipeline.metrics.tier_misses.labels(src.name).inc()
             return "missing"
         except CorruptData as err:

@@ -410,3 +410,35 @@ async def test_a_cluster_that_joins_later_gets_the_registrations_made_before(tmp
     finally:
         await a.close()
         io.shutdown()
+
+
+async def test_a_record_of_a_newer_format_is_a_miss_and_stays_in_the_cluster(hosts):
+    """During a rolling upgrade a newer kvd writes records of a format this one cannot read: a host
+    of this version misses them, and leaves them in the cluster for the hosts that can (before, it
+    counted them as corrupt and deleted them for everyone)."""
+    import xxhash
+
+    from kvd.tiers.record import RECORD_FORMAT, RECORD_HEAD
+
+    a, b = hosts
+    hs, _ = await a.store_seq(6, chunks=1)
+    store_a = a.app[STORE]
+    e = store_a.index.get(("default", a.fp, hs[0]))
+
+    async def written_through():
+        await store_a.background.step()
+        return "remote" in e.extents["global"].copies
+    await wait_for(written_through)
+    tier = store_a.index.by_name["remote"].tier
+    keys = tier.record_keys(e.extents["global"].copies["remote"].loc.key)
+    for k in keys:  # the same record, as format RECORD_FORMAT + 1 would head it (header checksum valid)
+        v = bytearray(tier.client.get(k))
+        fields = list(RECORD_HEAD.unpack_from(v))
+        fields[1] = RECORD_FORMAT + 1
+        RECORD_HEAD.pack_into(v, 0, *fields)
+        end = RECORD_HEAD.size + fields[-2] + fields[-1]
+        v[end : end + 8] = xxhash.xxh3_64_intdigest(bytes(v[:end])).to_bytes(8, "little")
+        tier.client.set(k, bytes(v))
+    status, got = await b.read_back(hs)
+    assert status == ["missing"] and got == {}
+    assert all(tier.client.exists(k) for k in keys)  # left for the hosts that read it
