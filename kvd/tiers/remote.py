@@ -25,8 +25,7 @@ timeout) opens a circuit breaker: for a back-off (0.5 s, doubling to 30 s) every
 again, and a success closes the breaker. Replicated global extents are read from the second copy when
 the first one's node fails.
 
-Threads: every method blocks on the network; the store calls them on its I/O executor. The redis
-client is thread-safe (a connection pool).
+Threads: every method blocks on the network, on the store's I/O executor (redis-py's pool is thread-safe).
 """
 
 from __future__ import annotations
@@ -146,10 +145,9 @@ class RemoteTier(Tier):
             self._refresh()
 
     def _refresh(self) -> None:
-        """The first call after a back-off learns the cluster's layout again before it tries: a failover
-        may have finished meanwhile. (Learning it at the failure, as before, kept the layout of the
-        middle of a failover: the next try went to the dead master, and each such miss doubled the
-        back-off, so recovery could take tens of seconds after the replica's promotion.)"""
+        """The first call after a back-off learns the cluster's layout again before it tries: a failover may
+        have finished meanwhile (learnt at the failure, the layout was the failover's middle: retries hit the
+        dead master, each doubling the back-off, for tens of seconds after the replica's promotion)."""
         with self._refreshing:
             if not self._stale:
                 return
@@ -390,6 +388,8 @@ class RemoteTier(Tier):
             raise self._trip("get_meta", e) from None
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         try:
             self.client.close()
         except self._errors:

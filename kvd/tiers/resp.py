@@ -43,6 +43,8 @@ class FastGet:
     def __init__(self, *, username: str | None, password: str | None, timeout_s: float) -> None:
         self.username, self.password, self.timeout_s = username, password, timeout_s
         self._local = threading.local()  # (host, port) -> socket, per thread
+        self._open: set[socket.socket] = set()  # every thread's, for ``close``
+        self._open_lock = threading.Lock()
         self._buffers = BufferPool()  # receive buffers, given back by the values' readers (``recycle``)
 
     def _socket(self, host: str, port: int) -> socket.socket:
@@ -59,6 +61,8 @@ class FastGet:
                     s.close()
                     raise FastGetUnavailable(f"AUTH refused: {reply[:80]!r}")
             socks[(host, port)] = s
+            with self._open_lock:
+                self._open.add(s)
         return s
 
     def get(self, host: str, port: int, key: bytes) -> memoryview | None:
@@ -125,6 +129,15 @@ class FastGet:
     def forget(self, host: str, port: int) -> None:
         s = self._local.__dict__.get("socks", {}).pop((host, port), None)
         if s is not None:
+            with self._open_lock:
+                self._open.discard(s)
+            s.close()
+
+    def close(self) -> None:
+        """Close every thread's connections (the I/O threads outlive the tier; their sockets did too)."""
+        with self._open_lock:
+            socks, self._open = self._open, set()
+        for s in socks:
             s.close()
 
 

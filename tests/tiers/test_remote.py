@@ -195,3 +195,27 @@ def test_receive_buffers_are_reused_only_once_given_back(tier):
     tier.recycle(again)
     tier.recycle(b"not ours")  # bytes (redis-py's path) are ignored
     assert get(tier, loc_small) == small_raw
+
+
+def test_close_closes_every_threads_fast_path_connections(redis_cluster):
+    """The fast read path keeps a connection per I/O thread and node; the I/O threads outlive a closed
+    tier, so closing it closes their connections (they stayed open before)."""
+    import threading
+
+    s = settings(redis_cluster)
+    t = RemoteTier(connect(s), s)
+    if t._fast is None:
+        t.close()
+        pytest.skip("TLS: redis-py reads")
+    loc, rec = put(t, name("e" * 32), kv(5))
+    got = []
+    th = [threading.Thread(target=lambda: got.append(bytes(t.read(loc)))) for _ in range(2)]
+    for x in th:
+        x.start()
+    for x in th:
+        x.join()
+    assert got == [rec.data] * 2
+    socks = list(t._fast._open)
+    assert len(socks) >= 2 and all(x.fileno() >= 0 for x in socks)
+    t.close()
+    assert all(x.fileno() == -1 for x in socks)
