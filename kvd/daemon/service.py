@@ -57,10 +57,11 @@ logger = logging.getLogger("kvd")
 
 EXPIRE_INTERVAL_S = 0.5
 # Settings SIGHUP can change without a restart: (section, key): those read where they are used.
-# Not max_request_bytes, zstd_level, threads, recency_half_life_s: the HTTP server, the compressor and
-# the eviction policies take them when built (a reload reported them applied while they were not).
+# Not max_request_bytes, zstd_level, threads, recency_half_life_s, shutdown_timeout_s: the HTTP server,
+# the compressor, the eviction policies and aiohttp's runner take them when built (a reload reported
+# them applied while they were not).
 RELOADABLE = {
-    ("daemon", "log_level"), ("daemon", "shutdown_timeout_s"),
+    ("daemon", "log_level"),
     ("daemon", "max_entries_per_request"), ("daemon", "max_tokens_per_request"),
     ("host", "high_watermark"), ("host", "low_watermark"), ("host", "lease_ttl_s"),
     ("host", "reservation_ttl_s"), ("host", "verify_on_commit"),

@@ -117,7 +117,7 @@ class SsdTier(Tier):
         self.path = Path(path)
         self.capacity_bytes = int(settings.capacity_bytes)
         self.map_size_bytes = int(settings.map_size_bytes) or int(self.capacity_bytes * 1.25)
-        self.write_batch = settings.write_batch
+        self.settings = settings  # write_batch is read where used: SIGHUP changes it in place
         self._sync = sync
         self._buffers = BufferPool()  # what read returns, given back by the promotion (recycle)
         self._lock = threading.Lock()  # guards the accounting below
@@ -277,8 +277,9 @@ class SsdTier(Tier):
             self._check_record(loc, data)
         done = 0
         with self._gate:
-            for start in range(0, len(items), self.write_batch):
-                batch = items[start : start + self.write_batch]
+            n = self.settings.write_batch
+            for start in range(0, len(items), n):
+                batch = items[start : start + n]
                 try:
                     with self._env.begin(write=True, db=self._data) as txn:
                         for loc, data in batch:

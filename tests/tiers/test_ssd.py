@@ -307,6 +307,26 @@ def test_write_many_commits_all_batches(tmp_path):
     t.close()
 
 
+def test_write_batch_changed_in_place_by_a_reload_is_followed(tmp_path):
+    """SIGHUP changes ``ssd.write_batch`` in the running settings (kvd.daemon.service.reload_settings):
+    the tier's transactions follow it (it kept the start value before; audit 7's suspicion)."""
+    t = make_tier(tmp_path / "ssd", write_batch=2)
+
+    def write(tag: str) -> int:  # LMDB write transactions taken by one write_many of 5 records
+        items = []
+        for i in range(5):
+            rec = record(f"{tag}{i}", kv_bytes(i)).data
+            items.append((t.reserve(len(rec), name(f"{tag}{i}")), rec))
+        before = t._env.info()["last_txnid"]
+        t.write_many(items)
+        return t._env.info()["last_txnid"] - before
+
+    assert write("x") == 3
+    object.__setattr__(t.settings, "write_batch", 5)  # as reload_settings copies a reloaded value
+    assert write("y") == 1
+    t.close()
+
+
 def test_lmdb_map_full_raises_ssd_full_and_keeps_earlier_batches(tmp_path):
     # Capacity accounting thinks there is room, but the LMDB map is tiny: the second batch cannot fit.
     t = make_tier(tmp_path / "ssd", capacity_bytes=64 << 20, map_size_bytes=256 << 10, write_batch=2)
