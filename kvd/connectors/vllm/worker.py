@@ -66,6 +66,7 @@ class _Step:
     layers_loaded: set[int] = field(default_factory=set)
     layers_saved: set[int] = field(default_factory=set)
     forward_started: bool = False
+    loads_finished: bool = False  # checked, exchanged and released (``_finish_loads``)
     t_load_s: float = 0.0
     t_save_s: float = 0.0
 
@@ -199,11 +200,13 @@ class WorkerIO:
             return
         if not st.loads:
             st.forward_started = True
+            st.layers_loaded.add(layer)  # nothing (left) to load into it: the same on every rank
             return
         t0 = time.perf_counter()
         self._keep_loads_alive()
         if not st.loads:
             st.forward_started = True
+            st.layers_loaded.add(layer)
             return
         try:
             self.copier.load_layer(self.kv_caches[layer_name], layer, [p for ld in st.loads for p in ld.pieces])
@@ -333,23 +336,7 @@ class WorkerIO:
         if st is None:
             return
         num_layers = len(self.layer_index)
-        t0 = time.perf_counter()
-        if st.loads:
-            try:
-                if len(st.layers_loaded) != num_layers:
-                    self._abandon_loads(f"only {len(st.layers_loaded)} of {num_layers} layers were loaded")
-                self._check_sums()
-            except Exception as e:  # a boundary; and every tensor-parallel rank must reach the exchange
-                logger.exception("kvd: checking the step's loads failed")
-                self._abandon_loads(f"checking them failed: {e}")
-        if st.plan.loads:  # the same plan on every rank: each makes this call (a collective under TP)
-            for spec, first in self.failures.from_other_ranks(st.plan.loads):
-                self._fail(spec, first, "another tensor-parallel rank failed to load it")
-        if st.loads:
-            for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
-                self._release(ld, st.t_load_s / len(st.loads))
-                self.counters["loaded_tokens"] += sum(p.t1 - p.t0 for p in ld.pieces)
-            st.t_load_s += time.perf_counter() - t0
+        self._finish_loads()
         if st.saves:
             t0 = time.perf_counter()
             # Saves reserved before a failure they read was known (kvd.connectors.vllm.failures).
@@ -367,6 +354,35 @@ class WorkerIO:
         self.counters["save_s"] += st.t_save_s
         self.step = None
 
+    def _finish_loads(self) -> None:
+        """Check the step's loads, learn what other ranks failed, release the leases: once a step, at
+        ``end_step`` or, when vLLM takes the load errors first (it defers ``wait_for_save`` past the
+        drafter under speculative decoding), at ``take_load_errors`` once every layer was loaded, so
+        the errors reach vLLM with the step whose output read the blocks."""
+        st = self.step
+        if st is None or st.loads_finished:
+            return
+        st.loads_finished = True
+        num_layers = len(self.layer_index)
+        t0 = time.perf_counter()
+        if st.loads:
+            try:
+                if len(st.layers_loaded) != num_layers:
+                    self._abandon_loads(f"only {len(st.layers_loaded)} of {num_layers} layers were loaded")
+                self._check_sums()
+            except Exception as e:  # a boundary; and every tensor-parallel rank must reach the exchange
+                logger.exception("kvd: checking the step's loads failed")
+                self._abandon_loads(f"checking them failed: {e}")
+        if st.plan.loads:  # the same plan on every rank: each makes this call (a collective under TP)
+            for spec, first in self.failures.from_other_ranks(st.plan.loads):
+                self._fail(spec, first, "another tensor-parallel rank failed to load it")
+        if st.loads:
+            for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
+                self._release(ld, st.t_load_s / len(st.loads))
+                self.counters["loaded_tokens"] += sum(p.t1 - p.t0 for p in ld.pieces)
+            st.loads = []
+            st.t_load_s += time.perf_counter() - t0
+
     def _check_sums(self) -> None:
         """Compare the checksums taken during the copies (before any save of the step is committed): a
         chunk that fails is reported with every chunk after it, and its request stores nothing."""
@@ -379,6 +395,9 @@ class WorkerIO:
                 self._fail(ld.spec, bad[0], "an extent failed its checksum, found after the copy")
 
     def take_load_errors(self) -> set[int]:
+        st = self.step
+        if st is not None and len(st.layers_loaded) == len(self.layer_index):
+            self._finish_loads()  # taken before wait_for_save (``_finish_loads``)
         out, self.load_errors = self.load_errors, set()
         self.failures.end_step(out)
         return out

@@ -427,3 +427,24 @@ def test_a_failed_load_taints_the_requests_saves_until_the_scheduler_has_heard_o
     assert "s" in w.failures.tainted
     run_step(w, StepPlan(finished=("s",)))
     assert "s" not in w.failures.tainted
+
+
+def test_with_speculative_decoding_a_corrupt_load_is_reported_in_its_own_step(daemon):
+    """With a speculative config vLLM defers ``wait_for_save`` until after the drafter ran, and takes
+    ``get_block_ids_with_load_errors`` before it (``_get_kv_connector_output(defer_finalize=True)``,
+    0.32). A chunk failing its checksum (found after the copy) must still be reported in the step that
+    read it: reported a step late, vLLM keeps the token that step sampled from the corrupt KV."""
+    src, hs = stored_prompt(daemon, "deferred-finalize", 17)
+    corrupt_chunk(src, hs[1])
+    dst = make_worker(daemon, "deferred-finalize", seed=18)
+    more = toks_for(71, 1024)
+    dst.begin_step(StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),),
+                            saves=(SaveSpec("b", NS, 0, hashes(dst, more)[3:], tuple(range(16, 24)), len(more)),)))
+    dst.start_loads()
+    for name, kv in dst.kv_caches.items():
+        dst.load_layer(name)
+        dst.save_layer(name, kv)
+    assert dst.take_load_errors() == {12, 13, 14, 15}  # taken before wait_for_save
+    dst.end_step()
+    assert dst.counters["checksum_failures"] == 1 and dst.counters["stored_chunks"] == 0
+    assert dst.take_load_errors() == set()  # not reported again in the next step
