@@ -25,7 +25,8 @@ A load that fails leaves blocks holding nothing; vLLM recomputes them (``kv_load
   after the failure can still take them as a prefix hit. The scheduler guards each failed block
   (``BlockGuard``, sent in every plan as ``StepPlan.guarded``) until the loading request's recompute
   has reached its end, or vLLM allocates the block afresh to a request (its content is replaced);
-  a save that reads a guarded block is dropped.
+  a save that reads a guarded block is dropped. A recompute starts at or before the block: progress
+  past a block taken back as a prefix hit (the loader resumed after preemption) rewrites nothing.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ class BlockGuard:
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.blocks: dict[int, tuple[str, int]] = {}  # block -> (loading request, token its recompute must reach)
+        # block -> (loading request, the block's first token, its end: the recompute's start and end)
+        self.blocks: dict[int, tuple[str, int, int]] = {}
+        self.recomputing: set[int] = set()  # guarded blocks their request is computing from their start
         self.heard: set[int] = set()  # failed blocks learnt of since the last plan (``StepPlan.heard``)
 
     def failed(self, bad: set[int], block_lists: Mapping[str, Sequence[int]]) -> None:
@@ -105,15 +108,23 @@ class BlockGuard:
         for rid, blocks in block_lists.items():
             for i, b in enumerate(blocks):
                 if b in bad:
-                    self.blocks[b] = (rid, (i + 1) * self.block_size)
+                    self.blocks[b] = (rid, i * self.block_size, (i + 1) * self.block_size)
+                    self.recomputing.discard(b)
                     owned.add(b)
         for b in bad - owned:  # no tracked request recomputes it: guarded until allocated afresh
-            self.blocks[b] = ("", NO_FAILURE)
+            self.blocks[b] = ("", NO_FAILURE, NO_FAILURE)
 
-    def reached(self, rid: str, token: int) -> None:
-        """Request ``rid`` has computed (or computes in this step) its tokens up to ``token``."""
-        for b in [b for b, (owner, end) in self.blocks.items() if owner == rid and end <= token]:
-            del self.blocks[b]
+    def reached(self, rid: str, computed: int, token: int) -> None:
+        """Request ``rid``, having computed ``computed`` tokens, computes in this step up to ``token``.
+        A block is recomputed once its request computes it from its start: a request past its start
+        (vLLM gave it back as a prefix hit, e.g. to the loader resumed after preemption, or it is one
+        vLLM lets keep a block another request recomputes) never rewrites it."""
+        for b, (owner, start, end) in list(self.blocks.items()):
+            if owner == rid and (b in self.recomputing or computed <= start):
+                self.recomputing.add(b)
+                if end <= token:
+                    del self.blocks[b]
+                    self.recomputing.discard(b)
 
     def allocated(self, so, pending_load: Mapping[str, int]) -> None:
         """Let go of the blocks vLLM's ``SchedulerOutput`` ``so`` allocated anew: a request's blocks past
@@ -130,6 +141,7 @@ class BlockGuard:
                 fresh += new[0][hit // self.block_size:]
         for b in fresh:
             self.blocks.pop(b, None)
+            self.recomputing.discard(b)
 
     def plan_fields(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(heard, guarded)`` for the next plan; ``heard`` only once."""

@@ -296,7 +296,7 @@ class SchedulerPlanner:
             self._progress(t, rid, cached.num_computed_tokens[i], h, loads)
         for rid, n in so.num_scheduled_tokens.items():  # recomputed in this step, before anything reads them
             if (t := self.requests.get(rid)) is not None:
-                self.guard.reached(rid, t.computed + n)
+                self.guard.reached(rid, t.computed, t.computed + n)
         saves = [s for rid, n in so.num_scheduled_tokens.items() if (s := self._save(rid, n, h)) is not None]
         return StepPlan(tuple(loads), tuple(saves), finished, *self.guard.plan_fields())
 

@@ -104,3 +104,21 @@ def test_failed_blocks_stay_guarded_until_the_loader_recomputes_them_or_vllm_rea
     assert w.counters["stored_chunks"] == 0 and w.counters["store_aborted_chunks"] == 1
     run_step(w, StepPlan(saves=(save,)))
     assert w.counters["stored_chunks"] == 1
+
+
+def test_a_loader_that_gets_its_failed_blocks_back_as_a_prefix_hit_does_not_lift_their_guard(daemon):
+    """The loader preempted before its recompute: vLLM keeps the failed blocks in its prefix cache, so
+    the resumed loader can take them back as its own hit and compute past them without ever rewriting
+    them. Its progress past a block is then no recompute of it: the block stays guarded (else its own
+    save of that chunk, under the new epoch, stores what the failed load left)."""
+    from tests.connectors.vllm.test_scheduler import planner, request, step, tokens
+
+    p = planner(daemon)
+    assert p.num_new_matched_tokens(request("r", tokens(1200, 11)), 0) == 0
+    blocks = [1, 2, 3, 4, 5, 6, 7, 8]
+    p.build(step(new=[("r", blocks, 0)], scheduled={"r": 1000}))
+    p.on_load_errors({3, 4})  # r's tokens [256, 512)
+    # Preempted, then resumed with vLLM's own hit of its 1000 computed tokens, failed blocks included.
+    plan = p.build(step(cached=[("r", blocks, 896, True)], scheduled={"r": 200}))
+    assert sorted(plan.guarded) == [3, 4]
+    assert any(3 in s.block_ids for s in plan.saves)  # its save of chunk 1: the worker must drop it
