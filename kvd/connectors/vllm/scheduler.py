@@ -213,10 +213,7 @@ class SchedulerPlanner:
         hits = min(t.hits, ready)
         tail = t.tail_tokens if t.tail_hit and hits == len(t.hashes) and ready > hits else 0
         t.offer_end = min(hits * c + tail, limit)
-        n = t.offer_end - num_computed
-        if n > 0:
-            self.session.counters["lookup_hit_tokens"] += n
-        return max(n, 0)
+        return max(t.offer_end - num_computed, 0)  # counted once vLLM takes it (``after_alloc``)
 
     def _arena_ready(self, t: _Tracked) -> int | None:
         """How many of ``t``'s leading hit entries (the tail is entry ``len(hashes)``) to offer, or None:
@@ -255,6 +252,7 @@ class SchedulerPlanner:
         t = self.requests.get(request.request_id)
         if t is not None and num_external > 0:
             t.pending_load = num_external
+            self.session.counters["lookup_hit_tokens"] += num_external
 
     def hit_sources(self, request, num_external: int) -> dict[str, int]:
         """``{"host"|"disk": tokens}`` of the planned load, by the tier each chunk was found in."""

@@ -22,7 +22,7 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 # session counter -> (metric name without "vllm:kvd_" and "_total", documentation)
 COUNTERS = {
     "lookups": ("lookups", "Prompt lookups the scheduler sent to kvd"),
-    "lookup_hit_tokens": ("lookup_hit_tokens", "Tokens kvd offered beyond vLLM's own prefix cache"),
+    "lookup_hit_tokens": ("lookup_hit_tokens", "Tokens vLLM took from kvd beyond its own prefix cache"),
     "loaded_tokens": ("loaded_tokens", "Tokens loaded from kvd into vLLM's KV cache"),
     "load_failed_tokens": ("load_failed_tokens", "Tokens offered but not loaded (vLLM recomputed them)"),
     "checksum_failures": ("checksum_failures", "Extents whose bytes failed verification before a load"),

@@ -510,3 +510,21 @@ def test_under_tensor_parallelism_a_chunk_is_a_hit_when_every_rank_holds_it(daem
     assert p.hit_sources(request("b", toks), 512) == {"host": 512}
     plan = p.build(step(new=[("b", list(range(1, 10)), 512)], scheduled={"b": 487}))
     assert [(s.first_chunk, s.hashes) for s in plan.saves] == [(2, (h0.hashes(toks)[2], p.requests["b"].tail))]
+
+
+def test_hit_tokens_count_what_vllm_took_once(daemon):
+    """vLLM asks again each step a request it could not allocate blocks for (and ignores a hit no
+    longer than its own partial block): ``lookup_hit_tokens`` counts what it took, once, as
+    ``loaded_tokens`` and ``load_failed_tokens`` account for it."""
+    toks = tokens(1000, 31)
+    store(daemon, toks[:768])
+    p = planner(daemon)
+    r = request("r", toks)
+    for _ in range(3):  # allocate_slots found no room: asked again the next steps
+        assert p.num_new_matched_tokens(r, 0) == 768
+    p.after_alloc(r, 768)
+    assert p.session.counters["lookup_hit_tokens"] == 768
+    q = request("q", toks)
+    assert p.num_new_matched_tokens(q, 0) == 768
+    p.after_alloc(q, 0)  # not taken
+    assert p.session.counters["lookup_hit_tokens"] == 768
