@@ -395,4 +395,5 @@ class SchedulerPlanner:
                 t.tail_hit = t.tail_saved = False  # it comes after the failed blocks: recomputed, saved again
 
     def finished(self, req_id: str) -> None:
-        self.requests.pop(req_id, None)
+        if (t := self.requests.pop(req_id, None)) is not None and t.waiting_since is not None:  # aborted waiting
+            self.session.counters["promote_wait_s"] += self.clock() - t.waiting_since

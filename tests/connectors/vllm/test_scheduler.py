@@ -528,3 +528,19 @@ def test_hit_tokens_count_what_vllm_took_once(daemon):
     assert p.num_new_matched_tokens(q, 0) == 768
     p.after_alloc(q, 0)  # not taken
     assert p.session.counters["lookup_hit_tokens"] == 768
+
+
+def test_a_request_aborted_while_waiting_unscheduled_counts_its_wait(daemon):
+    toks = tokens(1000, 64)
+    store(daemon, toks[:768], namespace="ssd-abort")
+    to_ssd(daemon, "ssd-abort")
+    clock = [100.0]
+    with NoPrefetchClient(daemon.socket, timeout_s=1.0) as client:  # a promotion that never comes
+        p = planner(daemon, namespace="ssd-abort", client=client, clock=lambda: clock[0])
+        assert p.num_new_matched_tokens(request("a", toks), 0) is None
+        clock[0] += 0.5
+        assert p.num_new_matched_tokens(request("a", toks), 0) is None
+        clock[0] += 0.25
+        p.finished("a")  # the client gave up: vLLM aborts it from the waiting queue
+        assert p.session.counters["promote_waits"] == 1
+        assert p.session.counters["promote_wait_s"] == pytest.approx(0.75)
