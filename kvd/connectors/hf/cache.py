@@ -27,21 +27,18 @@ Lifecycle: one ``KvdCache`` serves one request (a batch of equal-length prompts 
 ``cache.fresh()`` gives an empty cache with the same model, head map, daemon handle and chunk store.
 ``detach(model)`` removes the hooks and restores the previous attention implementation.
 
-Example::
+Example (more in docs/transformers.md and docs/chunk_reuse.md)::
 
     cache = attach(model, head_map=HeadMap.load("config/heads/smollm2-135m.json"), client=KvdClient())
     out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
-    cache = cache.fresh()
-    res = cache.reuse([Segment(system), Segment(doc_a, reusable=True), Segment(doc_b, reusable=True),
-                       Segment(question)], leave_last=True)
-    out = model.generate(res.input_ids, past_key_values=cache, max_new_tokens=32)
+    res = cache.fresh().reuse([Segment(system), Segment(doc, reusable=True), Segment(question)])
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,7 +48,7 @@ from kvd.connectors.hf import attention as hf_attention
 from kvd.connectors.hf import attention_switch
 from kvd.connectors.hf.guard import GuardConfig, LilGuard
 from kvd.connectors.hf.pool import PagePool
-from kvd.connectors.hf.restore import TrimStash, restore_full_kv
+from kvd.connectors.hf.restore import TrimStash, daemon_restores, restore_full_kv
 from kvd.connectors.hf.reuse import ReuseResult, reuse_request
 from kvd.connectors.hf.spec import model_spec
 from kvd.core.headmap import HeadMap
@@ -207,6 +204,9 @@ class KvdCache(Cache):
         from kvd.core.errors import KvdError
 
         h = self.att.handle
+        if self.trimmed is not None and not daemon_restores(self.att.guard.keep_prompt, h.chunk_tokens,
+                                                            self.att.page_tokens):
+            h = replace(h, reader="exact")  # the stash keeps what the load trims: every row, not a map's reads
         ids = input_ids[0].tolist()
         limit = len(ids) - 1
         if len(ids) < h.chunk_tokens:  # no whole chunk: nothing can be stored for it
@@ -272,7 +272,7 @@ class KvdCache(Cache):
         """Prefix entries cover ``[0, tokens)``: the guard's stash need not keep the pages of their
         whole chunks (a restore leases those back; the last chunk of a load may be in part: not counted)."""
         c, n = self.att.handle.chunk_tokens, self.att.page_tokens
-        if self.trimmed is not None and not self.att.guard.keep_prompt and c % n == 0 and tokens >= c:
+        if self.trimmed is not None and daemon_restores(self.att.guard.keep_prompt, c, n) and tokens >= c:
             self.trimmed.forget_below(tokens // c * c, n)
 
     def _restore_full_kv(self) -> str | None:

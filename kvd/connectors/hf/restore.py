@@ -68,6 +68,14 @@ class TrimStash:
             self.pages[layer] = kept
 
 
+def daemon_restores(keep_prompt: bool, chunk_tokens: int, page_tokens: int) -> bool:
+    """Whether a restore leases the prompt's whole chunks back from the daemon (pages within chunks,
+    ``keep_prompt`` off). Otherwise the stash keeps every page trimmed, the prompt's too, so a prefix
+    load must bring every local row (an exact read): a head-aware lease copies only what the map reads
+    from the load's end and leaves the other rows zero, which a restore would put back."""
+    return not keep_prompt and chunk_tokens % page_tokens == 0
+
+
 @dataclass(slots=True, frozen=True)
 class Restored:
     from_daemon: int  # positions whose local-head KV came from daemon prefix entries
@@ -155,4 +163,4 @@ def restore_full_kv(pool: PagePool, stash: TrimStash, *, handle=None, token_ids:
     return Restored(from_daemon=daemon_tokens, from_stash=pages)
 
 
-__all__ = ["Restored", "TrimStash", "restore_full_kv"]
+__all__ = ["Restored", "TrimStash", "daemon_restores", "restore_full_kv"]
