@@ -182,16 +182,16 @@ class KvdCache(Cache):
         """Prefill a request given as ``segments`` into this (empty) cache, reusing chunk entries.
 
         ``method``: ``kvd`` (head-level recovery, the default), or a baseline (``recompute``, ``naive``,
-        ``cacheblend``, ``epic``); ``settings`` go to ``ReuseConfig`` (e.g. ``cacheblend_ratio``).
-        The baselines are meant for a cache attached with an all-global map (they attend with full
-        KV only then). Returns the assembled ``input_ids [1, S]`` and, unless ``leave_last``, the
-        next-token logits. With ``leave_last`` the final token is left for ``model.generate``.
+        ``cacheblend``, ``epic``: for a cache attached with an all-global map, they attend with full KV
+        only then); ``settings`` go to ``ReuseConfig``. Returns the assembled ``input_ids [1, S]`` and,
+        unless ``leave_last`` (the final token is left for ``model.generate``), the next-token logits.
         """
         cfg = ReuseConfig(method=method, sparse_ffn=sparse_ffn, **settings)
         pool = self.ensure_pool()
         res = reuse_request(self.att.model, segments, cfg, pool, self.att.chunk_store,
                             namespace=self.att.namespace, fingerprint=self.att.fingerprint, leave_last=leave_last)
         self.stored_chunks = 1 << 30  # an assembled context is not a prefix to store
+        self.token_ids = res.input_ids[0, : pool.num_tokens[0]].tolist()  # the guard starts at the next forward
         return res
 
     # ---- prefix entries (daemon) -------------------------------------------------------------
@@ -309,7 +309,7 @@ def _pre_forward(module, args, kwargs):
     cache.token_ids.extend(ids[0].tolist())
     cache.stash = {} if ids.shape[1] > 1 and cache.att.handle is not None else None
     if cache.guard is not None:
-        if first:
+        if first or cache.guard.prompt_tokens is None:  # (after cache.reuse the cache is not empty)
             cache.guard.start(len(cache.token_ids))
         else:
             cache.guard.see(cache.token_ids)  # may restore full KV before this forward runs
