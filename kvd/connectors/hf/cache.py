@@ -50,7 +50,7 @@ from kvd.connectors.hf.guard import GuardConfig, LilGuard
 from kvd.connectors.hf.pool import PagePool
 from kvd.connectors.hf.restore import TrimStash, daemon_restores, restore_full_kv
 from kvd.connectors.hf.reuse import ReuseResult, reuse_request
-from kvd.connectors.hf.spec import model_spec
+from kvd.connectors.hf.spec import head_map_for, model_spec
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import EXACT, attention_tag
 from kvd.reuse.chunks import ChunkStore, DaemonChunkStore, LocalChunkStore
@@ -349,7 +349,7 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
     att = _attachment(model, spec, head_map, client, namespace, page_tokens, chunk_store, guard)
     if guard is not None and guard.action == "rerun" and not att.head_map.is_all_global:
         # The guard's rerun decodes again with every head global: an exact reader of the same daemon.
-        att.exact = _attachment(model, spec, None, client, namespace, page_tokens, None, None, layout=head_map)
+        att.exact = _attachment(model, spec, None, client, namespace, page_tokens, None, None, layout=att.head_map)
     previous = attention_switch.attach(model, hf_attention.ATTN_NAME, hf_attention.kvd_attention)
     if getattr(model, "_kvd_hooks", None) is None:  # attached again: keep what the first attach replaced
         model._kvd_hooks = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
@@ -362,8 +362,8 @@ def _attachment(model, spec, head_map: HeadMap | None, client, namespace: str, p
                 layout: HeadMap | None = None) -> Attachment:
     """``layout``: an exact cache's (``head_map`` None) registration keeps the daemon's map of the model."""
     cfg = model.config
-    pool_map = head_map if head_map is not None else \
-        HeadMap.all_global(spec.model_id, cfg.num_hidden_layers, cfg.num_key_value_heads)
+    head_map = head_map_for(head_map, spec) if head_map is not None else None  # or HeadMapError
+    pool_map = head_map or HeadMap.all_global(spec.model_id, cfg.num_hidden_layers, cfg.num_key_value_heads)
     pool_map.check_fits(cfg.num_hidden_layers, cfg.num_key_value_heads, model=spec.model_id)
     # KV computed under a head map is not exact KV from the second layer on: it is keyed (and offered)
     # only to readers of the same map, never to an exact reader such as vLLM on the same model.

@@ -15,9 +15,12 @@ directory, or a hub name resolved in the local cache at ``config._commit_hash``)
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
-from kvd.core.errors import ConfigError
+from kvd.core.dtypes import DTYPE_BYTES
+from kvd.core.errors import ConfigError, HeadMapError
+from kvd.core.headmap import HeadMap
 from kvd.core.identity import choose_model_id, resolve_model_dir
 from kvd.core.keys import ModelSpec
 
@@ -54,4 +57,21 @@ def model_spec(model: Any, *, model_id: str | None = None) -> ModelSpec:
     return ModelSpec.from_hf_config(cfg, model_id=mid, kv_dtype=dtype, revision=rev)
 
 
-__all__ = ["model_spec"]
+def head_map_for(head_map: HeadMap, spec: ModelSpec) -> HeadMap:
+    """``head_map`` as the adapter uses and registers it for the model of ``spec``, or ``HeadMapError``.
+
+    A map fits the model's shape, and its ``fingerprint`` (when set) names these weights: it is the
+    model's fingerprint under the KV dtype the map was taken in. Taken in another dtype than the one
+    this model serves (the shipped map: bf16; the fp32 model on a CPU), it is the same weights' map and
+    is registered without the fingerprint, which the daemon would otherwise hold against this dtype's."""
+    head_map.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
+    fp = head_map.fingerprint
+    if fp is None or fp == spec.fingerprint():
+        return head_map
+    if any(fp == replace(spec, kv_dtype=d).fingerprint() for d in DTYPE_BYTES):
+        return head_map.model_copy(update={"fingerprint": None})
+    raise HeadMapError(f"head map for {head_map.model!r} was made for other weights (fingerprint {fp}); "
+                       f"{spec.model_id} is not them: profile a head map for this model (kvctl profile)")
+
+
+__all__ = ["head_map_for", "model_spec"]
