@@ -222,7 +222,9 @@ class SsdTier(Tier):
                                      f"reads {marker.decode()}: use the matching kvd or clear the directory")
 
     def _load_accounting(self) -> None:
+        """The accounting, rebuilt from the headers and swapped in whole (reserve/drop never wait for compact)."""
         bad: list[bytes] = []
+        sizes: dict[bytes, int] = {}
         with self._env.begin(buffers=True) as txn:
             for key, value in txn.cursor(db=self._data):
                 k = bytes(key)
@@ -234,7 +236,7 @@ class SsdTier(Tier):
                 if parse_key(k) is None:  # not an extent name of this format (e.g. written before computed_under)
                     bad.append(k)
                     continue
-                self._sizes[k] = value.nbytes
+                sizes[k] = value.nbytes
         if bad:
             with self._env.begin(write=True) as txn:
                 for k in bad:
@@ -242,8 +244,9 @@ class SsdTier(Tier):
             self.num_dropped_at_open = len(bad)
             logger.warning("ssd tier %s: removed %d records with corrupt headers or keys of another format at open",
                            self.path, len(bad))
-        self._used = sum(self._sizes.values())
-        logger.info("ssd tier %s: %d records, %d bytes of %d", self.path, len(self._sizes), self._used,
+        with self._lock:
+            self._sizes, self._used = sizes, sum(sizes.values())
+        logger.info("ssd tier %s: %d records, %d bytes of %d", self.path, len(sizes), self._used,
                     self.capacity_bytes)
 
     # ---- Tier ---------------------------------------------------------------------------------
@@ -387,10 +390,7 @@ class SsdTier(Tier):
             self._close_env()
             os.replace(tmp / "data.mdb", data_file)
             shutil.rmtree(tmp, ignore_errors=True)
-            with self._lock:
-                self._sizes.clear()
-                self._used = 0
-            self._open()
+            self._open()  # the accounting stays whole meanwhile: reserve and drop do not wait for this
             after = data_file.stat().st_size
         logger.info("ssd tier %s compacted: %d -> %d bytes", self.path, before, after)
         return before, after

@@ -20,7 +20,7 @@ import pytest
 from kvd.codecs import Codecs, raw_nbytes
 from kvd.core.config import SsdSettings
 from kvd.core.errors import ConfigError, CorruptData, InvalidRequest, StorageFormatError
-from kvd.tiers.base import ExtentName
+from kvd.tiers.base import ExtentName, Location
 from kvd.tiers.record import (
     RECORD_HEAD,
     RECORD_MAGIC,
@@ -453,3 +453,50 @@ def test_reads_reuse_a_buffer_once_given_back_and_stay_right(tier):
     out = bytearray(len(raws["r2"]))
     decode_record_into(CODECS, second, locs["r2"].key, out)
     assert bytes(out) == raws["r2"] and bytes(held) == bytes(tier.read(locs["r1"]))
+
+
+def test_compaction_keeps_the_accounting_for_reserves_and_drops_meanwhile(tmp_path):
+    """``compact`` emptied the capacity accounting and rebuilt it by walking every header after the swap;
+    reserve and drop do not wait for compaction, so meanwhile a full tier reported 0 bytes used and took
+    reservations past ``capacity_bytes``, and a drop of a live record failed its "dropped twice" check
+    (the record stayed on disk, counted, owned by no entry, and its key could never be reserved again)."""
+    shape = (1, 16, 32)  # small records: many of them, so the rebuild takes a while
+    size = len(record("c0000", kv_bytes(0, shape), "raw", shape).data)  # every record's size
+    t = make_tier(tmp_path / "ssd", capacity_bytes=1500 * size, map_size_bytes=64 << 20)
+    locs = [put(t, f"c{i:04d}", kv_bytes(i, shape), "raw", shape) for i in range(1500)]
+    assert t.reserve(size, name("extra", shape)) is None  # full
+
+    def while_compacting(action) -> None:
+        compacting = threading.Thread(target=t.compact)
+        compacting.start()
+        while compacting.is_alive():
+            action()
+        compacting.join()
+
+    over: list[Location] = []  # reservations a full tier granted
+    while_compacting(lambda: (loc := t.reserve(size, name(f"x{len(over)}", shape))) and over.append(loc))
+    assert over == [], f"a full tier took {len(over)} reservations past capacity_bytes during compaction"
+    failed: list[BaseException] = []
+
+    droppers: list[threading.Thread] = []
+
+    def drop(loc: Location) -> None:
+        try:
+            t.drop(loc)
+        except AssertionError as e:
+            failed.append(e)
+
+    def drop_one() -> None:  # each on a thread of its own: a drop waits while compaction holds the file
+        if locs:
+            droppers.append(threading.Thread(target=drop, args=(locs.pop(),)))
+            droppers[-1].start()
+        time.sleep(0.0005)
+
+    while_compacting(drop_one)
+    for th in droppers:
+        th.join()
+    assert failed == [], f"drops of live records failed during compaction: {failed[:1]}"
+    on_disk = t.scan()
+    assert t.stats().num_records == len(on_disk) == len(locs)
+    assert t.stats().used_bytes == sum(r.location.nbytes for r in on_disk)
+    t.close()
