@@ -272,8 +272,8 @@ class SsdTier(Tier):
     def write_many(self, items: Iterable[tuple[Location, Buffer]]) -> None:
         """Commit records in transactions of ``write_batch``; each commit is durable on return.
 
-        Raises ``SsdFull`` when a transaction does not fit: its records are not written (their
-        reservations stay, for the caller to ``drop``), ``num_written`` leading items were committed.
+        ``SsdFull`` when a transaction does not fit or fails (a full disk: LMDB reports a short write as EIO):
+        its records are not written (reservations stay, for the caller to ``drop``); ``num_written`` were.
         """
         items = list(items)
         for loc, data in items:
@@ -287,9 +287,9 @@ class SsdTier(Tier):
                     with self._env.begin(write=True, db=self._data) as txn:
                         for loc, data in batch:
                             txn.put(loc.key, data, db=self._data)
-                except (lmdb.MapFullError, lmdb.DiskError) as e:
+                except lmdb.Error as e:  # MapFullError, DiskError, or a failed write (disk full: EIO, EFBIG)
                     raise SsdFull(f"SSD tier {self.path}: LMDB could not take {len(batch)} records "
-                                  f"({e.__class__.__name__}); raise ssd.map_size_bytes or free disk space",
+                                  f"({e.__class__.__name__}: {e}); raise ssd.map_size_bytes or free disk space",
                                   num_written=done) from None
                 with self._lock:
                     for loc, data in batch:

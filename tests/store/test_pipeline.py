@@ -1,6 +1,7 @@
 """Scenario tests of arena <-> SSD movement: admission, placement, demotion, prefetch, corruption, restart."""
 
 import asyncio
+import resource
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -375,5 +376,33 @@ async def test_lookup_rows_follow_an_entry_down_to_ssd_and_back(tmp_path):
         status, got = await w.read_back(hs)  # the lease waits for those promotions
         assert status == ["ok", "ok"] and got == data
         assert {r.tier for r in (await w.lookup(hs)).prefix} == {"host"}
+    finally:
+        w.close()
+
+
+async def test_a_full_disk_fails_writes_down_as_ssd_full_and_relief_goes_on(tmp_path):
+    """A full disk makes LMDB's commit fail with a plain ``lmdb.Error`` (a short write is EIO, a file size
+    limit EFBIG), not ``MapFullError``/``DiskError``: it escaped ``write_many`` as an unexpected error, so
+    every write-down raised, watermark relief (and every promotion or reserve that had to evict an
+    admitted entry) failed each round, and no write failure was counted. The disk is made full here by a
+    file size limit at the LMDB file's current size (any growth fails)."""
+    w = World(tmp_path, ssd={"admit_after": 1}, host={"low_watermark": 0.25, "high_watermark": 0.5})
+    try:
+        for seed in range(2):  # the whole arena, every entry admitted
+            await w.store_seq(seed)
+        size = (tmp_path / "ssd" / "data.mdb").stat().st_size
+        old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, old[1]))
+        try:
+            await w.store.background.step()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        await w.store.pipeline.drain()
+        assert w.host.stats().usage <= 0.25  # relieved: the victims could not be kept, as on SsdFull
+        assert w.metric("kvd_tier_write_failures_total", {"tier": "ssd"}) > 0
+        assert w.ssd.stats().num_records == 0 and w.ssd.stats().used_bytes == 0  # no reservation left behind
+        hs, data = await w.store_seq(5, chunks=1)  # room again: writes go on
+        await w.step()
+        assert w.ssd.stats().num_records == 2 and await w.read_back(hs) == (["ok"], data)
     finally:
         w.close()
