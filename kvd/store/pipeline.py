@@ -184,8 +184,12 @@ class Pipeline:
             loc = lv.tier.reserve(nbytes, name)
             if loc is not None:
                 return loc
+            need = nbytes
+            if lv.tier.holds_records:  # a byte budget: over it (capacity lowered across a restart), free the excess too
+                st = lv.tier.stats()
+                need = max(nbytes, st.used_bytes + nbytes - st.capacity_bytes)
             victims = (self.space.by_place(lv, nbytes, partition) if by_place
-                       else self.space.victims(lv, nbytes, partition=partition))
+                       else self.space.victims(lv, need, partition=partition))
             if victims:
                 await self.evict(victims, lv)
         return lv.tier.reserve(nbytes, name)

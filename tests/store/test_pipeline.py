@@ -406,3 +406,26 @@ async def test_a_full_disk_fails_writes_down_as_ssd_full_and_relief_goes_on(tmp_
         assert w.ssd.stats().num_records == 2 and await w.read_back(hs) == (["ok"], data)
     finally:
         w.close()
+
+
+async def test_an_ssd_over_its_capacity_after_a_restart_makes_room_for_the_next_write(tmp_path):
+    """``ssd.capacity_bytes`` lowered across a restart: the tier holds more than its budget. A write then
+    evicted victims worth only its own size, still found no room, and failed, each time (entries evicted
+    for nothing, the budget exceeded until enough writes had failed). It now frees the excess too."""
+    w = World(tmp_path, host={"capacity_bytes": 4 << 20}, ssd={"admit_after": 1, "capacity_bytes": 64 * EXTENT})
+    try:
+        for seed in range(4):
+            await w.store_seq(seed)
+            await w.step()
+        assert w.ssd.stats().num_records == 32
+        w.over["ssd"]["capacity_bytes"] = 8 * EXTENT  # less than the records there take
+        assert await w.restart() == 16 and w.ssd.stats().used_bytes > w.ssd.capacity_bytes
+        hs, data = await w.store_seq(9, chunks=1)
+        await w.step()
+        assert w.metric("kvd_tier_write_failures_total", {"tier": "ssd"}) == 0
+        assert all("ssd" in x.copies for x in w.entry(hs[0]).extents.values())
+        assert w.ssd.stats().used_bytes <= w.ssd.capacity_bytes
+        w.store.pipeline.drop_copies(w.entry(hs[0]), w.store.index.levels[0])  # on SSD only now
+        assert await w.read_back(hs) == (["ok"], data)
+    finally:
+        w.close()
