@@ -99,7 +99,9 @@ class Promotion:
     async def _fetch(self, e: Entry, x: Extent, src: Level, top: Level, loc: Location) -> Copy | str:
         """Bring ``x``'s copy at ``src`` into ``loc`` (top): the new copy, or why not: ``corrupt`` (failed
         verification), ``missing`` (the tier no longer holds it), ``unavailable`` (cannot be asked now)."""
-        copy = x.copies[src.name]
+        copy = x.copies.get(src.name)
+        if copy is None:  # the entry was deleted while this promotion made room: its records went with it
+            return "missing"
         out = top.tier.read(loc)[: x.nbytes]
         try:
             data = await self.pipeline.on_io(src, src.tier.read, copy.loc)

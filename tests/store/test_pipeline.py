@@ -429,3 +429,30 @@ async def test_an_ssd_over_its_capacity_after_a_restart_makes_room_for_the_next_
         assert await w.read_back(hs) == (["ok"], data)
     finally:
         w.close()
+
+
+async def test_an_entry_deleted_while_its_promotion_makes_room_is_a_plain_miss(tmp_path):
+    """A promotion picks its sources, then reserves arena slots (evicting, writing victims down); an
+    entry deleted meanwhile has no SSD copy left, and the fetch raised KeyError: logged as a failed
+    promotion with a traceback and counted in ``kvd_errors_total{kind="promote"}``. It is a miss."""
+    w = World(tmp_path, ssd={"admit_after": 1}, host={"high_watermark": 1.0})
+    try:
+        hs, _ = await w.store_seq(1, chunks=1)
+        await w.step()
+        w.store.pipeline.drop_copies(w.entry(hs[0]), w.store.index.levels[0])  # on SSD only
+        await w.store_seq(2)
+        await w.store_seq(3)  # the arena is full of admitted entries with no copy below yet
+        gate = threading.Event()  # the I/O executor is busy: the victims' write-down waits for the gate
+        for _ in range(2):
+            w.io.submit(gate.wait, 10)
+        lease = asyncio.create_task(w.store.lease(P.LeaseRequest(fingerprint=w.fp, hashes=hs, wait_s=5)))
+        await asyncio.sleep(0.1)
+        assert w.store.delete(P.EntriesRequest(fingerprint=w.fp, hashes=hs)).count == 1
+        gate.set()
+        assert [e.status for e in (await lease).entries] == ["missing"]
+        await w.store.pipeline.drain()
+        assert w.metric("kvd_errors_total", {"kind": "promote"}) == 0
+        assert w.host.stats().used_bytes == sum(c.loc.nbytes for e in w.store.index
+                                                for x in e.extents.values() if (c := x.copies.get("host")))
+    finally:
+        w.close()
