@@ -17,9 +17,8 @@ full, nothing changes) → ``write``/``write_many`` commit it (batched: one LMDB
 reservation never written). One key is in exactly one state at a time; reserving a key that is
 reserved or stored is a store bug.
 
-Durability: transactions commit with ``sync`` and ``metasync`` on (LMDB's defaults), so a write that
-returned is on disk and survives ``kill -9`` and power loss; LMDB's copy-on-write B-tree never leaves
-a half-written transaction visible. kvd acknowledges "on SSD" only after commit.
+Durability: transactions commit with ``sync`` and ``metasync`` on (LMDB's defaults): a write that returned
+survives ``kill -9`` and power loss, and no half-written transaction is ever visible. "On SSD" = committed.
 
 Restart: opening walks every header once (headers only; payloads are verified when read), drops
 records whose header is corrupt or whose key is not an extent name of this format, and rebuilds the

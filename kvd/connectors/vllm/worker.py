@@ -8,9 +8,10 @@ Runs in each vLLM worker process, one step at a time, driven by the hooks vLLM c
                                                      (and hash what it copied: kvd.connectors.vllm.sums)
     save_layer(name, kv)  save_kv_layer              first call: one reservation per request; then copy
                                                      that layer of every reserved chunk into the arena
-    end_step()            wait_for_save              release leases; commit reservations whose every
-                                                     layer was written, abort the others
-    take_load_errors()    get_block_ids_with_load_errors
+    end_step()            wait_for_save              check and release the loads; commit reservations
+                                                     whose every layer was written, abort the others
+    take_load_errors()    get_block_ids_with_load_errors (checks the loads first when vLLM asks before
+                                                     wait_for_save: speculative decoding defers it)
 
 Everything is synchronous inside the step: a saved chunk's bytes are in the arena before the step
 ends, so vLLM may free or reuse its blocks right after (``request_finished`` never delays a free).
@@ -193,30 +194,22 @@ class WorkerIO:
 
     def load_layer(self, layer_name: str) -> None:
         st = self.step
-        if st is None:
-            return
-        layer = self.layer_index.get(layer_name)
+        layer = None if st is None else self.layer_index.get(layer_name)
         if layer is None or layer in st.layers_loaded:
             return
-        if not st.loads:
-            st.forward_started = True
-            st.layers_loaded.add(layer)  # nothing (left) to load into it: the same on every rank
-            return
         t0 = time.perf_counter()
-        self._keep_loads_alive()
-        if not st.loads:
-            st.forward_started = True
-            st.layers_loaded.add(layer)
-            return
-        try:
-            self.copier.load_layer(self.kv_caches[layer_name], layer, [p for ld in st.loads for p in ld.pieces])
-            for ld in st.loads:
-                if ld.sums is not None:
-                    ld.sums.layer_copied(layer)
-        except Exception as e:  # a boundary: vLLM must recompute, never crash on a cache fault
-            logger.exception("kvd: copying layer %s into vLLM failed", layer_name)
-            self._abandon_loads(f"copy failed: {e}")
-        st.layers_loaded.add(layer)
+        if st.loads:
+            self._keep_loads_alive()  # (may fail them all)
+        if st.loads:
+            try:
+                self.copier.load_layer(self.kv_caches[layer_name], layer, [p for ld in st.loads for p in ld.pieces])
+                for ld in st.loads:
+                    if ld.sums is not None:
+                        ld.sums.layer_copied(layer)
+            except Exception as e:  # a boundary: vLLM must recompute, never crash on a cache fault
+                logger.exception("kvd: copying layer %s into vLLM failed", layer_name)
+                self._abandon_loads(f"copy failed: {e}")
+        st.layers_loaded.add(layer)  # also with nothing (left) to load into it: the same on every rank
         st.forward_started = True
         st.t_load_s += time.perf_counter() - t0
 
