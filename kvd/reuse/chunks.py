@@ -125,12 +125,15 @@ class DaemonChunkStore(ChunkStore):
 
         h = self.handle
         n = kv.shape[3]
+        if kv.dtype != getattr(torch, h.spec.kv_dtype):  # a model cast after attach, autocast: not this KV
+            logger.warning("chunk %s computed in %s is not stored as %s KV", key, kv.dtype, h.spec.kv_dtype)
+            return False
         try:
             entry = P.ReserveEntry(hash=key, kind="chunk", num_tokens=n, start_token=0, end_token=n)
             with reserve(h, [entry]) as res:  # commits on exit; aborts if the copy raises
                 view = res.entry(0)
                 if view is not None:
-                    view.write_from(kv.to(getattr(torch, h.spec.kv_dtype)))
+                    view.write_from(kv)
                     res.written(0)
             return res.num_reserved + res.num_exists == 1
         except KvdError as e:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvd.client import prefix as kvio
 from kvd.connectors.hf import attention as hf_attention
 from kvd.connectors.hf import attention_switch
 from kvd.connectors.hf.guard import GuardConfig, LilGuard
@@ -51,6 +52,7 @@ from kvd.connectors.hf.pool import PagePool
 from kvd.connectors.hf.restore import TrimStash, daemon_restores, restore_full_kv
 from kvd.connectors.hf.reuse import ReuseResult, reuse_request
 from kvd.connectors.hf.spec import head_map_for, model_spec
+from kvd.core.errors import KvdError
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import EXACT, attention_tag
 from kvd.reuse.chunks import ChunkStore, DaemonChunkStore, LocalChunkStore
@@ -200,8 +202,6 @@ class KvdCache(Cache):
         """Load the longest stored prefix of ``input_ids [1, T]`` into the empty pool, up to all but
         its last token (which the model computes): the last stored chunk may load in part, so the same
         prompt again computes one token. Returns the tokens loaded (0 on a miss or a fault)."""
-        from kvd.client import prefix as kvio
-        from kvd.core.errors import KvdError
 
         h = self.att.handle
         if self.trimmed is not None and not daemon_restores(self.att.guard.keep_prompt, h.chunk_tokens,
@@ -236,8 +236,6 @@ class KvdCache(Cache):
     def store_prefix(self) -> int:
         """Store the whole chunks of this request's prompt that the last forward computed; returns the
         number of chunks newly stored (0 on a fault)."""
-        from kvd.client import prefix as kvio
-        from kvd.core.errors import KvdError
 
         h, stash, pool = self.att.handle, self.stash, self.pool
         self.stash = None
@@ -249,9 +247,12 @@ class KvdCache(Cache):
         first = max(self.stored_chunks, -(-start // c))
         if first >= n_full:
             return 0
-        end = n_full * c
-        s = h.spec
+        end, s = n_full * c, h.spec
         kv = torch.empty(s.num_layers, 2, s.num_kv_heads, end, s.head_dim, dtype=getattr(torch, s.kv_dtype))
+        if any(t.dtype != kv.dtype for _, k, v in stash.values() for t in (k, v)):  # a cast after attach, autocast
+            self.att.warn_once("dtype", "KV computed in %s is not stored under this model's %s fingerprint (cast "
+                               "after attach? attach again)", next(iter(stash.values()))[1].dtype, kv.dtype)
+            return 0
         for layer, (st, k, v) in stash.items():
             lo = first * c
             kv[layer, 0, :, lo:end] = k[:, lo - st : end - st].cpu()
@@ -370,9 +371,6 @@ def _attachment(model, spec, head_map: HeadMap | None, client, namespace: str, p
     computed_under = EXACT if pool_map.is_all_global else attention_tag(pool_map.sinks, pool_map.windows)
     handle = None
     if client is not None:
-        from kvd.client import prefix as kvio
-        from kvd.core.errors import KvdError
-
         try:
             handle = kvio.register(client, spec, layout or head_map, namespace=namespace,
                                    computed_under=computed_under,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvd.connectors.hf.spec import model_spec
-from kvd.connectors.vllm.settings import ConnectorSettings, model_spec_from_vllm
+from kvd.connectors.vllm.settings import ConnectorSettings, load_head_map, model_spec_from_vllm
 from kvd.core.errors import ConfigError
 from kvd.core.headmap import HeadMap
 from kvd.core.identity import model_identity
@@ -30,7 +30,7 @@ def _vllm_configs(model_dir, hf_config, *, quantization=None, revision=None, tp=
         parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                         decode_context_parallel_size=dcp),
         model_config=SimpleNamespace(model=str(model_dir), revision=revision, hf_config=hf_config,
-                                     quantization=quantization))
+                                     quantization=quantization, get_total_num_kv_heads=lambda: 3))
     return vllm_config, kv_cache_config
 
 
@@ -79,16 +79,23 @@ def test_weights_changed_on_load_are_marked_or_refused(bf16_model, smollm2_dir):
 
 
 def test_tensor_parallel_ranks_are_models_of_their_own(bf16_model, smollm2_dir):
-    """Each rank holds its own heads: the rank is in the model id, so ranks never share entries, and a
-    head map (made for every head) or pipeline parallelism is refused with what to change."""
+    """Each rank holds its own heads: the rank is in the model id, so ranks never share entries. The
+    whole model's spec (``tp_rank=None``) is the one-rank engine's, the adapter's, against which the
+    shipped head map is checked before each rank takes its head's column of it. Pipeline parallelism
+    is refused with what to change."""
     configs = _vllm_configs(smollm2_dir, bf16_model.config, tp=3)
     ranks = [model_spec_from_vllm(*configs, ConnectorSettings(), tp_rank=r) for r in range(3)]
     whole = model_spec(bf16_model)
     assert [s.model_id for s in ranks] == [f"{whole.model_id} [tp{r}/3]" for r in range(3)]
     assert {s.num_kv_heads for s in ranks} == {1}
     assert len({s.fingerprint() for s in ranks} | {whole.fingerprint()}) == 4
-    with pytest.raises(ConfigError, match="head_map"):
-        model_spec_from_vllm(*configs, ConnectorSettings(head_map=str(SHIPPED)))
+    tp_whole = model_spec_from_vllm(*configs, ConnectorSettings(), tp_rank=None)
+    assert tp_whole == whole and tp_whole.fingerprint() == HeadMap.load(SHIPPED).fingerprint
+    settings = ConnectorSettings(head_map=str(SHIPPED))
+    for r, spec in enumerate(ranks):
+        part = load_head_map(settings, spec, whole=tp_whole, rank=r, size=3)
+        assert part.fingerprint == spec.fingerprint()
+        assert part.class_grid() == [[row[r]] for row in HeadMap.load(SHIPPED).class_grid()]
     with pytest.raises(ConfigError, match="pipeline_parallel_size"):
         model_spec_from_vllm(*_vllm_configs(smollm2_dir, bf16_model.config, pp=2), ConnectorSettings())
 
