@@ -120,6 +120,8 @@ class Promotion:
             self.pipeline.metrics.tier_misses.labels(src.name).inc()
             return "missing"
         except CorruptData as err:
+            if x.copies.get(src.name) is not copy:  # deleted (or moved) while read: gone, not damaged
+                return "missing"
             logger.error("not served: %s", err)
             self.pipeline.metrics.checksum_failures.labels(src.name).inc()
             return "corrupt"

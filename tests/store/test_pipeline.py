@@ -456,3 +456,40 @@ async def test_an_entry_deleted_while_its_promotion_makes_room_is_a_plain_miss(t
                                                 for x in e.extents.values() if (c := x.copies.get("host")))
     finally:
         w.close()
+
+
+async def test_an_entry_deleted_while_its_record_is_read_is_a_miss_not_a_checksum_failure(tmp_path):
+    """A delete drops an entry's SSD records on another I/O thread while a promotion reads one: the read
+    finds the key gone, which a store whose index says it is there takes for damage. The entry is gone
+    meanwhile, so it is a plain miss: no ``kvd_checksum_failures_total``, no "not served" error (audit 9)."""
+    w = World(tmp_path, ssd={"admit_after": 1})
+    try:
+        hs, _ = await w.store_seq(1, chunks=1)
+        await w.step()
+        w.store.pipeline.drop_copies(w.entry(hs[0]), w.store.index.levels[0])  # on SSD only
+        reading, deleted = threading.Event(), threading.Event()
+        real_read = w.ssd.read
+
+        def read_after_the_delete(loc):  # the promotion's read of one extent, held until the drop ran
+            if b"\x1fglobal\x1f" in loc.key:  # (the other I/O thread stays free for the drop)
+                reading.set()
+                assert deleted.wait(10)
+            return real_read(loc)
+        w.ssd.read = read_after_the_delete
+        lease = asyncio.create_task(w.store.lease(P.LeaseRequest(fingerprint=w.fp, hashes=hs, wait_s=5)))
+        while not reading.is_set():
+            await asyncio.sleep(0.01)
+        keys = [x.copies["ssd"].loc.key for x in w.entry(hs[0]).extents.values()]
+        assert w.store.delete(P.EntriesRequest(fingerprint=w.fp, hashes=hs)).count == 1
+
+        def on_disk() -> bool:
+            with w.ssd._env.begin(db=w.ssd._data) as txn:
+                return any(txn.get(k) is not None for k in keys)
+        while on_disk():  # the drop, on the other I/O thread
+            await asyncio.sleep(0.01)
+        deleted.set()
+        assert [e.status for e in (await lease).entries] == ["missing"]
+        await w.store.pipeline.drain()
+        assert w.metric("kvd_checksum_failures_total", {"tier": "ssd"}) == 0
+    finally:
+        w.close()
