@@ -44,7 +44,6 @@ from kvd.tiers.record import name_key
 logger = logging.getLogger(__name__)
 
 
-
 class Pipeline:
     def __init__(self, index: Index, *, codecs: Codecs, cpu: Executor, io: Executor, metrics: Metrics,
                  admitted: Callable[[Entry], bool], dtype_of: Callable[[str], str],
@@ -106,8 +105,9 @@ class Pipeline:
 
     # ---- freeing -------------------------------------------------------------------------------
 
-    def discard(self, lv: Level, locs: list[Location]) -> asyncio.Task | None:
-        """Give ``locs`` back to ``lv``'s tier: now for memory tiers, in the I/O executor otherwise."""
+    def discard(self, lv: Level, locs: list[Location], *, written: bool = True) -> asyncio.Task | None:
+        """Give ``locs`` back to ``lv``'s tier: now for memory tiers, in the I/O executor otherwise.
+        ``written=False``: reservations a failed write never filled (not counted as records dropped)."""
         if not locs:
             return None
         if not lv.tier.blocking:
@@ -129,7 +129,8 @@ class Pipeline:
         for k in keys:  # a new copy of the same record waits for this drop (``reserve``)
             self._dropping[k] = task
         task.add_done_callback(lambda t: [self._dropping.pop(k, None) for k in keys if self._dropping.get(k) is t])
-        self.metrics.tier_drops.labels(lv.name).inc(len(locs))
+        if written:
+            self.metrics.tier_drops.labels(lv.name).inc(len(locs))
         return task
 
     def drop_copies(self, e: Entry, lv: Level) -> asyncio.Task | None:
@@ -383,7 +384,7 @@ class Pipeline:
             ok = getattr(err, "num_written", 0)
             logger.warning("%s", err)
             if isinstance(err, SsdFull):
-                self.discard(lower, [loc for loc, _ in items[ok:]])
+                self.discard(lower, [loc for loc, _ in items[ok:]], written=False)
             self.metrics.tier_write_failures.labels(lower.name).inc(len(items) - ok)
         except BaseException:  # unexpected (an LMDB panic): the reservations go back, none is indexed
             self.discard(lower, [loc for loc, _ in items])

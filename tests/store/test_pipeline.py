@@ -491,5 +491,33 @@ async def test_an_entry_deleted_while_its_record_is_read_is_a_miss_not_a_checksu
         assert [e.status for e in (await lease).entries] == ["missing"]
         await w.store.pipeline.drain()
         assert w.metric("kvd_checksum_failures_total", {"tier": "ssd"}) == 0
+
+
+async def test_a_failed_write_is_counted_as_refused_not_as_records_deleted(tmp_path):
+    """A write-down that LMDB could not take gave its reservations back through the record-drop path,
+    which counted each one in ``kvd_tier_drops_total`` ("records deleted"): every refused record read
+    as refused *and* deleted on the dashboard, though nothing was ever written or deleted."""
+    w = World(tmp_path, ssd={"admit_after": 1}, host={"low_watermark": 0.25, "high_watermark": 0.5})
+    try:
+        for seed in range(2):
+            await w.store_seq(seed)
+        size = (tmp_path / "ssd" / "data.mdb").stat().st_size
+        old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, old[1]))  # the disk is full: every commit fails
+        try:
+            await w.store.background.step()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        await w.store.pipeline.drain()
+        assert w.metric("kvd_tier_write_failures_total", {"tier": "ssd"}) > 0
+        assert w.metric("kvd_tier_writes_total", {"tier": "ssd"}) == 0 and w.ssd.stats().num_records == 0
+        assert w.metric("kvd_tier_drops_total", {"tier": "ssd"}) == 0
+        hs, _ = await w.store_seq(5, chunks=1)  # room again: written, then deleted: one drop per record
+        await w.step()
+        written = w.metric("kvd_tier_writes_total", {"tier": "ssd"})
+        assert written == w.ssd.stats().num_records == 2
+        w.store.delete(P.EntriesRequest(fingerprint=w.fp, hashes=hs))
+        await w.store.pipeline.drain()
+        assert w.metric("kvd_tier_drops_total", {"tier": "ssd"}) == written and w.ssd.stats().num_records == 0
     finally:
         w.close()
