@@ -70,7 +70,8 @@ def resolve_entries(c: KvdClient, prefixes: list[str], *, namespace: str | None,
         if len(found) > 1:
             raise _ambiguous("hash", given, [_entry_name(e) for e in found])
         e = found[0]
-        out[(e.namespace, e.fingerprint)].append(e.hash)
+        if e.hash not in out[(e.namespace, e.fingerprint)]:  # two prefixes of one entry name it once
+            out[(e.namespace, e.fingerprint)].append(e.hash)
     return dict(out)
 
 

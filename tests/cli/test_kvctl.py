@@ -147,3 +147,15 @@ def test_evict_dry_run_changes_nothing(live, capsys):
     assert code == 0 and doc["dry_run"] and doc["count"] == 1 and doc["nbytes"] > 0
     code, out, _ = run(live, "--json", "ls", "--tier", "host", capsys=capsys)
     assert {e["hash"] for e in json.loads(out)["entries"]} == before  # still there
+
+
+def test_an_entry_named_twice_is_counted_once(live, capsys):
+    """Two prefixes of one entry (or one hash given twice) made the daemon select that entry twice:
+    kvctl printed "deleted 2 of 2 entries" and the admin log "2 deleted" for the one entry there was."""
+    h = live.spare[5]  # test_kvctl_table deletes spare[0..4]
+    code, out, err = run(live, "--json", "delete", h[:8], h, capsys=capsys)
+    assert (code, json.loads(out), err) == (0, {"count": 1, "asked": 1}, "")
+    assert f"delete 1 entries (namespace default, model {live.fp[:12]})" in live.log.read_text()
+    with live.client() as c:  # a client that sends a hash twice: the count is of entries, as done
+        twice = P.EntriesRequest(fingerprint=live.fp, hashes=[live.hashes[2]] * 2)
+        assert c.pin(twice).count == 1 and c.unpin(twice).count == 1
