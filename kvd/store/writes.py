@@ -146,6 +146,11 @@ class Writes:
             if unknown:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
             entries = [res.entries[h] for h in chosen]
+            by_tier: dict[str, int] = {}  # what the writer copied: taken before trimming lets tokens go
+            for e in entries:
+                for x in e.extents.values():
+                    for t in x.copies:
+                        by_tier[t] = by_tier.get(t, 0) + x.nbytes
             given = _given_checksums(req, res)
             trims = [t for e in entries for t in self._place(e)]
             if trims:  # before the checksums: they are taken of the bytes kept
@@ -158,11 +163,6 @@ class Writes:
         for e in res.entries.values():
             if e.hash not in set(chosen):
                 self._free_pending(e)
-        by_tier: dict[str, int] = {}
-        for e in entries:
-            for x in e.extents.values():
-                for t in x.copies:
-                    by_tier[t] = by_tier.get(t, 0) + x.nbytes
         count_moved(self.metrics, "store", by_tier, req.transfer_s)
         self.metrics.reservations_open.set(len(self.holds.reservations))
         return P.CommitResponse(committed=chosen)

@@ -167,3 +167,16 @@ async def test_writer_checksums_are_kept_but_not_for_extents_trimmed_at_commit(t
         assert le.entries[0].status == "ok"  # the trimmed extents' bytes and checksums agree
     finally:
         w.close()
+
+
+async def test_store_bytes_moved_count_what_the_writer_copied_before_trimming(tmp_path):
+    """``kvd_moved_bytes_total{direction="store"}`` was summed after commit had trimmed the extents, so
+    in capacity mode it left out the trimmed tokens the engine had copied into the arena (and the
+    store transfer speed, bytes / the writer's seconds, read low by as much)."""
+    w = world(tmp_path, local_cold_codec="drop")
+    try:
+        _, data = await w.store_seq(1, chunks=CHUNKS, computed_under=TAG)
+        assert w.metric("kvd_trimmed_bytes_total") > 0
+        assert w.metric("kvd_moved_bytes_total", {"direction": "store", "tier": "host"}) == sum(map(len, data.values()))
+    finally:
+        w.close()
