@@ -491,6 +491,8 @@ async def test_an_entry_deleted_while_its_record_is_read_is_a_miss_not_a_checksu
         assert [e.status for e in (await lease).entries] == ["missing"]
         await w.store.pipeline.drain()
         assert w.metric("kvd_checksum_failures_total", {"tier": "ssd"}) == 0
+    finally:
+        w.close()
 
 
 async def test_a_failed_write_is_counted_as_refused_not_as_records_deleted(tmp_path):
