@@ -72,15 +72,15 @@ class Pipeline:
     async def on_cpu(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
 
-    async def on_io(self, lv: Level, fn, *args):
-        """``fn(*args)`` for ``lv``'s tier: on the I/O executor for blocking tiers (timed per operation)."""
+    async def on_io(self, lv: Level, fn, *args, op: str | None = None):
+        """``fn(*args)`` for ``lv``'s tier: on the I/O executor for blocking tiers, timed as ``op`` (or fn's name)."""
         if not lv.tier.blocking:
             return fn(*args)
         t0 = time.perf_counter()
         try:
             return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
         finally:
-            self.metrics.tier_io_seconds.labels(lv.name, fn.__name__).observe(time.perf_counter() - t0)
+            self.metrics.tier_io_seconds.labels(lv.name, op or fn.__name__).observe(time.perf_counter() - t0)
 
     def below(self, lv: Level) -> Level | None:
         return self.levels[lv.level + 1] if lv.level + 1 < len(self.levels) else None
@@ -122,7 +122,7 @@ class Pipeline:
                 except Exception:  # noqa: BLE001 - a failed delete leaks disk, never data; logged
                     logger.warning("could not drop %s record %s", lv.name, loc.key, exc_info=True)
 
-        task = asyncio.get_running_loop().create_task(self.on_io(lv, drop_all))
+        task = asyncio.get_running_loop().create_task(self.on_io(lv, drop_all, op="drop"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         keys = [(lv.name, loc.key) for loc in locs]
@@ -349,7 +349,7 @@ class Pipeline:
             return out
 
         if lv.tier.holds_records:  # record -> record: reading is the work
-            return await self.on_io(lv, produce)
+            return await self.on_io(lv, produce, op="read")  # records read to be re-encoded
         return await self.on_cpu(produce)
 
     async def _put_all(self, jobs: list[tuple[Entry, Extent]], payloads: list[Payload], lower: Level) -> int:

@@ -523,3 +523,22 @@ async def test_a_failed_write_is_counted_as_refused_not_as_records_deleted(tmp_p
         assert w.metric("kvd_tier_drops_total", {"tier": "ssd"}) == written and w.ssd.stats().num_records == 0
     finally:
         w.close()
+
+
+async def test_tier_io_latency_is_labelled_by_the_operations_the_readme_names(tmp_path):
+    """``kvd_tier_io_seconds{op}`` named inner helper functions (``drop_all``, ``produce``) for drops
+    and record reads (audit 12): its ops are the documented ones."""
+    w = World(tmp_path, ssd={"admit_after": 1})
+    try:
+        hs, _ = await w.store_seq(1, chunks=2)
+        await w.step()  # written down
+        w.store.pipeline.drop_copies(w.entry(hs[0]), w.store.index.levels[0])
+        await w.store.lease(P.LeaseRequest(fingerprint=w.fp, hashes=hs[:1], wait_s=5))  # read back up
+        w.store.delete(P.EntriesRequest(fingerprint=w.fp, hashes=hs))
+        await w.store.pipeline.drain()
+        ops = {s.labels["op"] for m in w.store.metrics.registry.collect() if m.name == "kvd_tier_io_seconds"
+               for s in m.samples if s.name.endswith("_count")}
+        assert {"write_many", "read", "drop"} <= ops <= {"read", "write_many", "drop", "find", "scan", "get_meta",
+                                                         "put_meta"}, ops
+    finally:
+        w.close()
