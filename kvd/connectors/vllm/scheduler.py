@@ -169,7 +169,7 @@ class SchedulerPlanner:
                 prefetch=prefetch, max_tokens=most, accept_lossy=self.settings.accept_lossy)))
 
         resp = ask(self.session, keys, max_tokens)
-        self.session.counters["lookups"] += 1
+        self.session.counters["lookups"] += resp is not None  # answered (skipped, failed: lookup_skipped, ...)
         found, tiers = (resp.num_prefix_hits, resp.leading_tiers()) if resp is not None else (0, [])
         for shard in self.shards:  # a hit is a chunk every rank holds; counted once, in rank 0's lookup
             other = ask(shard, keys[:found], 0) if found else None

@@ -21,7 +21,7 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 
 # session counter -> (metric name without "vllm:kvd_" and "_total", documentation)
 COUNTERS = {
-    "lookups": ("lookups", "Prompt lookups the scheduler sent to kvd"),
+    "lookups": ("lookups", "Prompt lookups kvd answered (re-polls of a waiting request included)"),
     "lookup_hit_tokens": ("lookup_hit_tokens", "Tokens vLLM took from kvd beyond its own prefix cache"),
     "loaded_tokens": ("loaded_tokens", "Tokens loaded from kvd into vLLM's KV cache"),
     "load_failed_tokens": ("load_failed_tokens", "Tokens offered but not loaded (vLLM recomputed them)"),
@@ -39,7 +39,7 @@ COUNTERS = {
 STORE_OUTCOMES = {"stored_chunks": "stored", "store_exists_chunks": "exists", "store_no_space_chunks": "no_space",
                   "store_aborted_chunks": "aborted", "store_failed_chunks": "failed"}
 CALL_OUTCOMES = ("skipped", "refused")  # session counters "<call>_skipped", "<call>_refused"
-CALLS = ("lookup", "lease", "release", "reserve", "commit", "abort")  # the vLLM connector's session calls
+CALLS = ("lookup", "lease", "renew", "release", "reserve", "commit", "abort")  # the vLLM connector's session calls
 
 
 class KvdConnectorStats(KVConnectorStats):

@@ -234,6 +234,7 @@ def test_daemon_down_means_no_hits_and_few_attempts(tmp_path):
         assert p.num_new_matched_tokens(request(f"r{i}", tokens(600, 100 + i)), 0) == 0
     assert time.monotonic() - t0 < 2.0
     assert s.counters["daemon_failures"] == 1  # the breaker stops further attempts
+    assert s.counters["lookups"] == 1 and s.counters["lookup_skipped"] >= 49  # only answered lookups count
 
 
 def test_chunk_not_a_multiple_of_the_block_is_refused(tmp_path):
