@@ -54,7 +54,7 @@ from kvd.client.handle import ModelHandle
 from kvd.client.renewal import Renewal
 from kvd.client.views import EntryView, answer_plan, entry_views
 from kvd.core import protocol as P
-from kvd.core.errors import DaemonUnavailable
+from kvd.core.errors import DaemonUnavailable, HeadMapError
 from kvd.core.extents import covers, matches, needed
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Lease:
         for x in e.extents:
             try:
                 plan = answer_plan(plans, x)
-            except ValueError:
+            except (ValueError, HeadMapError):
                 return False
             if exact_size and x.nbytes != plan.nbytes:
                 return False

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from kvd.client.handle import ModelHandle
 from kvd.core import protocol as P
-from kvd.core.errors import DaemonUnavailable
+from kvd.core.errors import DaemonUnavailable, HeadMapError
 from kvd.core.extents import ExtentPlan
 
 if TYPE_CHECKING:
@@ -114,8 +114,14 @@ class EntryView:
 
 def answer_plan(plans: dict[str, ExtentPlan], x: P.ExtentInfo) -> ExtentPlan:
     """The layout of an answered extent: its class's plan, trimmed to ``x.tokens`` when the daemon
-    kept only those (``ValueError`` if they are not a span of it)."""
-    plan = plans[x.head_class]
+    kept only those (``ValueError`` if they are not a span of it). ``HeadMapError`` when the daemon
+    lays the extent out by another head map than this client's (another engine registered the model
+    with another map since): its bytes would be read or written as other heads."""
+    plan = plans.get(x.head_class)
+    if plan is None or (x.layout is not None and x.layout != plan.layout):
+        raise HeadMapError(f"the daemon lays out extent {x.head_class!r} by another head map than this client "
+                           "registered (another engine registered the model with another map): not read or "
+                           "written; give every engine of this model the same head map, or register a new revision")
     return plan.trim(*x.tokens) if x.tokens is not None else plan
 
 

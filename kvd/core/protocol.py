@@ -103,9 +103,7 @@ class ArenaInfo(_Model):
     slot_bytes: int
     arena_id: str
     index_path: str | None = None  # the shared lookup index beside the arena (kvd.core.index_file), if published
-    # "<st_dev>:<st_ino>" of the arena file this arena_id names: a client checks the file it opened at
-    # ``path`` is that one (a daemon restarted again between its answer and the open replaced it).
-    file_id: str | None = None
+    file_id: str | None = None  # "<st_dev>:<st_ino>" of its file: a client checks it opened that one at path
 
 
 class RegisterModelResponse(_Model):
@@ -148,6 +146,8 @@ class ExtentInfo(_Model):
     lossy: bool = False  # bytes from a lossy codec (fp8/int8): only ever sent to readers that accept them
     tier: Literal["host", "gpu"] = "host"  # the memory tier it lies in (kvd.tiers.gpu: the GPU pool)
     tokens: tuple[int, int] | None = None  # trimmed (capacity mode): only the entry's tokens [lo, hi)
+    # its plan's ``ExtentPlan.layout`` (which heads, how): a client of another plan neither reads nor writes it
+    layout: str | None = None
 
 
 class PrefixAlias(_Model):
@@ -238,8 +238,7 @@ class LookupRequest(_Read):
     # Chunk entries (content hashes) to look up, any order, with their lengths (optional; hit-rate denominator).
     chunk_hashes: list[Hash] | None = None
     chunk_num_tokens: list[Annotated[int, Field(ge=0, le=1 << 20)]] | None = None
-    # Start moving entries found only on slower tiers into the arena.
-    prefetch: bool = True
+    prefetch: bool = True  # start moving entries found only on slower tiers into the arena
     # The most prefix tokens the reader can use (e.g. all but the last prompt token): hit-rate metrics
     # count at most this many; a head-aware reader's prefix hits stop there too.
     max_tokens: int | None = Field(default=None, ge=0, le=MAX_POSITION)
@@ -349,11 +348,9 @@ class EvictRequest(_Model):
     tier: TierName = "host"
     namespace: NamespaceStr | None = None
     fingerprint: str | None = None
-    # Evict entries in the tier's eviction-policy order until at least this many bytes are freed
-    # (None: everything evictable that matches).
+    # in the tier's eviction-policy order until at least this many bytes are freed (None: all that match)
     max_bytes: int | None = Field(default=None, ge=0, le=1 << 62)
-    # Answer what would be evicted; change nothing.
-    dry_run: bool = False
+    dry_run: bool = False  # answer what would be evicted; change nothing
 
 
 class EvictResponse(_Model):

@@ -170,7 +170,7 @@ def extent_infos(e: Entry, tiers: list[str], classes: list[str] | None = None,
         out.append(P.ExtentInfo(head_class=c, offset=copy.loc.offset, nbytes=x.nbytes,
                                 checksum=None if copy.checksum is None else f"{copy.checksum:016x}",
                                 lossy=copy.is_lossy, tier=tier,
-                                tokens=x.plan.span if x.plan.is_trimmed else None))
+                                tokens=x.plan.span if x.plan.is_trimmed else None, layout=x.plan.layout))
     return out
 
 
