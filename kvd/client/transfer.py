@@ -21,8 +21,8 @@ the slots to another entry).
 
 GPU tier (``kvd.tiers.gpu``): a handle with ``gpu`` pools asks for GPU extents; an extent answered with
 ``tier = "gpu"`` is a view of the daemon's GPU pool (``kvd.client.gpu_pool``), so copies are device to
-device. Before a commit or a release that spans GPU extents the process's device work is waited for:
-the daemon reads what was written, and may reuse what was read, as soon as it is told.
+device. Before a commit, an abort or a release that spans GPU extents the process's device work is waited
+for: the daemon reads what was written, and may reuse the slots, as soon as it is told.
 
 Verification (the only place it is done): an entry is usable only if the daemon answered ``ok``, its
 extents cover the head classes asked for, it holds at least the tokens the reader needs, no extent is
@@ -372,9 +372,10 @@ class Reservation:
                                                          checksums=self._sums or None)).committed
 
     def abort(self) -> None:
-        """Give the space back; nothing becomes visible. A no-op once closed."""
+        """Give the space back (once copies into GPU slots are done); nothing becomes visible. No-op once closed."""
         self._entries = [None] * len(self._entries)
         if self.reservation_id is not None:
+            _wait_for_gpu(self.handle, self.gpu_pool)
             rid, self.reservation_id = self.reservation_id, None
             self.handle.client.abort(P.AbortRequest(reservation_id=rid))
 
@@ -390,9 +391,8 @@ class Reservation:
 
 def reserve(handle: ModelHandle, entries: Sequence[P.ReserveEntry], *, namespace: str | None = None,
             computed_under: str | None = None) -> Reservation:
-    """Reserve arena space for ``entries`` (in ``namespace``, default the handle's). Per entry the
-    daemon answers ``reserved`` (views in ``entry(i)``), ``exists`` or ``no_space``. Raises the
-    daemon's errors; nothing is held when it does."""
+    """Reserve arena space for ``entries`` (in ``namespace``, default the handle's). Per entry the daemon
+    answers ``reserved`` (views in ``entry(i)``), ``exists`` or ``no_space``; raises its errors, holding nothing."""
     resp = handle.client.reserve(P.ReserveRequest(
         fingerprint=handle.fingerprint, namespace=namespace or handle.namespace,
         computed_under=computed_under or handle.computed_under, entries=list(entries), gpu=handle.gpu is not None))

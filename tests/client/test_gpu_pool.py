@@ -128,3 +128,48 @@ def test_a_new_pool_on_the_same_gpu_replaces_the_old_mapping():
     assert pools.pool(old).sum() == 0 and pools.pool(new).sum() == 16
     assert list(pools._pools) == ["new"]  # the restarted daemon's pool: the old one is let go
     assert isinstance(new, GpuPoolInfo)
+
+
+class StreamedPools(GpuPools):
+    """``GpuPools`` of a process whose device work lags behind its calls, as on a CUDA stream: ``queued``
+    holds copies into the pool (a gather kernel launched, not yet run); they run when the process
+    synchronizes, as ``torch.cuda.synchronize`` would wait for it."""
+
+    def __init__(self, ipc) -> None:
+        super().__init__(ipc)
+        self.queued: list = []
+
+    def synchronize(self, info) -> None:
+        while self.queued:
+            self.queued.pop(0)()
+        super().synchronize(info)
+
+
+def test_an_abort_waits_for_the_copies_still_running_into_the_pool(tmp_path, request):
+    """A writer that aborts after launching copies into its GPU slots (vLLM's worker aborts a step's
+    saves when a later layer fails) must not hand the slots back while those copies run: another
+    writer gets them next, and the late copy would land in its committed entry, which GPU readers do
+    not hash by default."""
+    ipc = InProcessIpc()
+    d = gpu_daemon(tmp_path, ipc, gpu_bytes=2 * ENTRY, host_bytes=8 * ENTRY)
+    c = KvdClient(d.socket, register_cuda=False)
+    try:
+        a_pools = StreamedPools(ipc)
+        a = register(c, SPEC, HM, namespace=request.node.name + "-a", gpu=a_pools)
+        b = register(c, SPEC, HM, namespace=request.node.name + "-b", gpu=GpuPools(ipc))
+        toks, kv_a, kv_b = list(range(C)), kv_for(C, 20), kv_for(C, 21)
+        res = reserve(a, [P.ReserveEntry(hash=a.hashes(toks)[0], num_tokens=C, end_token=C)])
+        view = res.entry(0)
+        a_pools.queued.append(lambda: view.write_from(kv_a, 0))  # its copy is launched, not yet run
+        assert res.gpu_pool is not None
+        res.abort()  # the step failed: its saves are aborted
+        # another writer gets the same slots at once, writes, and commits
+        got = store(b, toks, kv_b)
+        assert [x.offset for x in got._answers[0].extents] == [x.offset for x in res._answers[0].extents]
+        a_pools.synchronize(res.gpu_pool)  # writer a's device work is done, whenever that is
+        states, out, tiers = load(b, toks)
+        assert states == ["ok"] and tiers == {"gpu"}
+        assert torch.equal(out, kv_b), "the aborted writer's late copy landed in another entry"
+    finally:
+        c.close()
+        d.stop()
