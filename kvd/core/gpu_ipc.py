@@ -38,12 +38,21 @@ class CudaIpc:
 
     def __init__(self, device_index: int = 0) -> None:
         self.device_index = device_index
+        self._mem_pools: list = []  # one private torch MemPool per pool, kept while the daemon lives
 
     def allocate(self, nbytes: int) -> torch.Tensor:
-        """``nbytes`` of GPU memory as a uint8 tensor (its own allocation: nothing else shares it)."""
+        """``nbytes`` of GPU memory as a uint8 tensor, in allocations of its own: an IPC handle maps the
+        whole ``cudaMalloc`` segment around a tensor, and torch's caching allocator puts allocations
+        under 10 MiB (or any, in a cached free block) beside others in one segment, so two tenants'
+        pools allocated one after the other shared a handle (seen on an H100, torch 2.11). A private
+        ``MemPool`` per pool keeps every other allocation out of its segments."""
         import torch
 
-        return torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", self.device_index))
+        device = torch.device("cuda", self.device_index)
+        mem_pool = torch.cuda.MemPool()
+        self._mem_pools.append(mem_pool)
+        with torch.cuda.use_mem_pool(mem_pool, device=device):
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def export(self, pool_id: str, pool: torch.Tensor) -> GpuPoolInfo:
         import torch

@@ -98,3 +98,18 @@ def test_no_cuda_ipc_without_cuda(caplog):
     with caplog.at_level(logging.WARNING, logger="kvd.tiers.gpu"):
         assert cuda_ipc(0) is None
     assert "not available" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a CUDA device")
+def test_each_cuda_pool_is_an_ipc_allocation_of_its_own():
+    """A client maps the whole allocation its pool's IPC handle names, so two partitions' pools must never
+    share one. torch's caching allocator puts allocations under 10 MiB side by side in one segment: two
+    4 MiB tenant pools made one after the other had the same handle, the second at offset 4 MiB."""
+    from kvd.core.gpu_ipc import CudaIpc
+
+    tier = GpuTier(CudaIpc(0), 4 << 20, 128 << 10, partitions={"": 4 << 20, "a": 4 << 20, "b": 512 << 10})
+    try:
+        handles = [tier.info(p).handle for p in ("", "a", "b")]
+        assert len(set(handles)) == 3, "two partitions' pools are mapped by one IPC handle"
+    finally:
+        tier.close()
