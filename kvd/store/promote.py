@@ -149,6 +149,10 @@ class Promotion:
                     if not e.is_whole():
                         self.pipeline.remove(e)
                 continue
+            if e.holds and top.name in x.copies:  # the lossy copy up there was leased meanwhile: it stays
+                self.pipeline.discard(top, [loc])  # (freed, its reader would read another entry's bytes)
+                ok = False
+                continue
             old = self.pipeline.index.unplace(e, x, top)  # a lossy copy an exact one replaces
             self.pipeline.discard(top, [old.loc] if old else [])
             self.pipeline.index.place(e, x, top, copy)
