@@ -187,7 +187,7 @@ class Metrics:
             "loads (ssd.yield_to_loads_s)", registry=r)
         self.prefetch_latency = Histogram("kvd_prefetch_duration_seconds", "Promotion latency per entry",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.prefetches = Counter("kvd_prefetches", "Promotions into the arena", registry=r)
+        self.prefetches = Counter("kvd_prefetches", "Promotions that brought every extent asked into the arena", registry=r)
         self.prefetch_failures = Counter("kvd_prefetch_failures", "Promotions that found no room", registry=r)
         self.tier_writes = Counter("kvd_tier_writes", "Records written to a tier", ["tier"], registry=r)
         self.tier_write_failures = Counter("kvd_tier_write_failures", "Records a tier could not take", ["tier"],

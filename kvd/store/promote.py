@@ -91,8 +91,9 @@ class Promotion:
             self.pipeline.busy.discard(e.key)
             self.pipeline.unhold(e)
         ok = self._place_promoted(e, slots, results, top)
-        self.pipeline.metrics.prefetches.inc()
-        self.pipeline.metrics.prefetch_latency.observe(time.perf_counter() - t0)
+        if ok:  # (a copy found corrupt or gone counts there: kvd_checksum_failures, kvd_tier_misses)
+            self.pipeline.metrics.prefetches.inc()
+            self.pipeline.metrics.prefetch_latency.observe(time.perf_counter() - t0)
         self.pipeline.metrics.moved_seconds.labels("promote", sources[0].name).inc(time.perf_counter() - t0)
         return ok
 

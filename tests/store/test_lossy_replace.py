@@ -49,6 +49,7 @@ async def test_a_lossy_copy_leased_during_a_promotion_is_not_freed_under_its_rea
         await w.store.pipeline.drain()
         held = x.copies["host"]
         assert held.loc.offset == lossy_at and held.is_lossy, "the leased lossy copy was replaced and freed"
+        assert w.metric("kvd_prefetches_total") == 0  # a promotion that placed nothing is not counted as one
         arena = w.host.arena()
         slot = lossy_at // arena.slot_bytes
         assert not any(s <= slot < s + n for s, n in arena.allocator.free_runs()), "its slots are free"
