@@ -3,7 +3,8 @@
 The pipeline (``kvd.store.pipeline``) decides what moves and keeps the books; this module only turns
 bytes of one tier's form into another's, with the codecs and their metrics:
 
-- memory -> record: ``encode_record`` with the extent's placement codec (its exact checksum reused);
+- memory -> record: ``encode_record`` with the extent's placement codec (its exact checksum reused;
+  8-bit KV is not quantized again: a lossy codec becomes ``lossless`` for it);
 - record -> record: the record as it is, its payload verified (nothing decodes it on the way);
 - memory -> memory (GPU pool -> arena): the raw bytes, verified against the commit checksum (an
   engine maps the pool read-write, so a stray write there is caught before it spreads);
@@ -21,6 +22,7 @@ from collections.abc import Callable
 import xxhash
 
 from kvd.codecs import Codecs, is_lossy
+from kvd.core.dtypes import DTYPE_BYTES
 from kvd.core.errors import CorruptData, RecordMissing
 from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, Extent
@@ -49,10 +51,13 @@ class Forms:
             verify(raw, copy.checksum, f"{lv.name} copy of {e.hash} {x.head_class}")
             return bytes(raw), copy.codec, copy.checksum
         codec = x.lower_codec or "lossless"
+        dtype = self.dtype_of(e.fingerprint)
+        if is_lossy(codec) and DTYPE_BYTES[dtype] < 2:  # fp8 KV: the lossy codecs refuse it; kept exact
+            codec = "lossless"
         if codec == "lossless" and lower.exact_codec is not None:  # the tier's own choice (remote.exact_codec)
             codec = lower.exact_codec
         t0 = time.perf_counter()
-        rec = encode_record(self.codecs, e.name(x.head_class), raw, dtype=self.dtype_of(e.fingerprint),
+        rec = encode_record(self.codecs, e.name(x.head_class), raw, dtype=dtype,
                             shape=(x.plan.num_segments, x.plan.num_tokens, x.plan.head_dim), codec=codec,
                             raw_xxh=copy.checksum, layout=x.plan.layout)
         self.metrics.codec_seconds.labels(rec.codec, "encode").inc(time.perf_counter() - t0)
