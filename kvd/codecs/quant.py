@@ -3,7 +3,8 @@
 ``s_k[s, d] = max_t |K[s, t, d]| / QMAX``, ``s_v[s, t] = max_d |V[s, t, d]| / QMAX`` in fp32, a zero scale
 becomes 1.0; ``q = x_f32 / s`` (IEEE division), fp8: clamp to ±448 then cast to ``torch.float8_e4m3fn``
 (round to nearest even); int8: ``torch.round`` (half to even) then clamp to ±127. Decode:
-``(q.float() * s).to(dtype)``. The quantized
+``(q.float() * s).to(dtype)``, for fp32 KV clamped to ±fp32 max first (``127 × (max / 127)`` can round
+to Inf; the value it stands for is finite). The quantized
 bytes then go through the same probe-and-zstd plane step as ``lossless``. An extent holding NaN or ±Inf
 cannot be scaled, so it is encoded ``lossless`` instead; the payload says which codec it used, and
 callers learn it from the payload (``payload_info``), never assume it.
@@ -30,6 +31,8 @@ from kvd.codecs.framing import (
 from kvd.codecs.lossless import LosslessCodec
 from kvd.core.dtypes import DTYPE_BYTES
 from kvd.core.errors import InvalidRequest
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class QuantCodec(Codec):
@@ -113,5 +116,8 @@ class QuantCodec(Codec):
         else:
             qf = torch.from_numpy(qraw.view(np.int8).astype(np.float32)).view(s, 2, t, d)
         target = getattr(torch, info.dtype)
-        result = torch.stack([qf[:, 0] * s_k, qf[:, 1] * s_v], dim=1).to(target)
+        result = torch.stack([qf[:, 0] * s_k, qf[:, 1] * s_v], dim=1)
+        if target is torch.float32:  # q × s rounds past the largest float near it (int8: 127 × (max/127))
+            result = result.clamp(-_F32_MAX, _F32_MAX)
+        result = result.to(target)
         memoryview(out).cast("B")[:] = result.reshape(-1).view(torch.uint8).numpy().data

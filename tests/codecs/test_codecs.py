@@ -249,3 +249,22 @@ def test_codecs_are_safe_to_share_between_threads():
     for t in threads:
         t.join()
     assert errors == []
+
+
+# ---- audit 14 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8"])
+def test_lossy_decode_of_the_largest_fp32_values_stays_finite(name):
+    """int8 decoded fp32 KV at ±fp32 max as ±Inf: q × s = 127 × (max / 127) rounds past the largest
+    float. Every finite extent must decode finite and within the stated error."""
+    fmax = torch.finfo(torch.float32).max
+    x = torch.full((1, 2, 4, 4), fmax)
+    x[0, :, 1::2] *= -1
+    x[0, 1, 0] = fmax / 3
+    raw = x.reshape(-1).view(torch.uint8).numpy().tobytes()
+    codec = CODECS.get(name)
+    out = codec.decode(codec.encode(raw, dtype="float32", shape=(1, 4, 4)), dtype="float32", shape=(1, 4, 4))
+    y = torch.frombuffer(out, dtype=torch.float32).view(1, 2, 4, 4)
+    assert torch.isfinite(y).all(), f"{name} decoded finite fp32 KV as {y[~torch.isfinite(y)][:2].tolist()}"
+    assert ((y.double() - x.double()).abs() <= x.double().abs() * 2**-4).all()
