@@ -70,8 +70,9 @@ class QuantCodec(Codec):
         if DTYPE_BYTES[dtype] < 2:
             raise InvalidRequest(f"codec {self.name!r} quantizes 16- and 32-bit KV; {dtype} is already 8-bit, "
                                  "use 'lossless'")
-        if view.nbytes == 0:
-            return frame(CODEC_IDS[self.name], dtype, shape, [(STORED, b"", 0), (STORED, b"", 0)])
+        if view.nbytes == 0:  # no elements, yet s × (d + t) scales (0 tokens: s × d): unit ones
+            ones = np.ones(shape[0] * (shape[1] + shape[2]), dtype="<f4")
+            return frame(CODEC_IDS[self.name], dtype, shape, [(STORED, ones.data, ones.nbytes), (STORED, b"", 0)])
         torch = self._torch
         x = self._tensor(view, dtype, shape).float()
         k, v = x[:, 0], x[:, 1]  # [S, T, D] each
