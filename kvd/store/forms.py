@@ -3,8 +3,9 @@
 The pipeline (``kvd.store.pipeline``) decides what moves and keeps the books; this module only turns
 bytes of one tier's form into another's, with the codecs and their metrics:
 
-- memory -> record: ``encode_record`` with the extent's placement codec (its exact checksum reused;
-  8-bit KV is not quantized again: a lossy codec becomes ``lossless`` for it);
+- memory -> record: ``encode_record`` with the extent's placement codec (its exact checksum reused,
+  the bytes verified against it first; 8-bit KV is not quantized again: a lossy codec becomes
+  ``lossless`` for it);
 - record -> record: the record as it is, its payload verified (nothing decodes it on the way);
 - memory -> memory (GPU pool -> arena): the raw bytes, verified against the commit checksum (an
   engine maps the pool read-write, so a stray write there is caught before it spreads);
@@ -47,8 +48,10 @@ class Forms:
             check_record(data, copy.loc.key)
             return bytes(data), copy.codec, copy.checksum
         raw = memoryview(data)[: x.nbytes]
+        # Checked before it goes anywhere: a record reuses this checksum (lossless) or takes one of its
+        # dequantized bytes (lossy), so overwritten bytes would go down as a valid record.
+        verify(raw, copy.checksum, f"{lv.name} copy of {e.hash} {x.head_class}")
         if not lower.tier.holds_records:
-            verify(raw, copy.checksum, f"{lv.name} copy of {e.hash} {x.head_class}")
             return bytes(raw), copy.codec, copy.checksum
         codec = x.lower_codec or "lossless"
         dtype = self.dtype_of(e.fingerprint)
