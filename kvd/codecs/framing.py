@@ -114,6 +114,8 @@ def unframe(payload: Buffer, expect_planes: list[int]) -> list[tuple[int, memory
     if num_planes != len(expect_planes):
         raise CorruptData(f"payload has {num_planes} planes, its codec and dtype need {len(expect_planes)}")
     pos = _HEAD.size + num_planes * _PLANE.size
+    if view.nbytes < pos:
+        raise CorruptData(f"payload of {view.nbytes} bytes is shorter than its {pos}-byte header and plane table")
     out = []
     for i, want in enumerate(expect_planes):
         mode, stored, n = _PLANE.unpack_from(view, _HEAD.size + i * _PLANE.size)

@@ -277,3 +277,13 @@ def test_lossy_codecs_round_trip_empty_extents(name, shape):
     its decode wanted s × (d + t) scales: the codec's own payload did not decode (CorruptData)."""
     codec = CODECS.get(name)
     assert codec.decode(codec.encode(b"", dtype="bfloat16", shape=shape), dtype="bfloat16", shape=shape) == b""
+
+
+@pytest.mark.parametrize("name", ["raw", "lossless", "fp8", "int8"])
+def test_every_truncation_of_a_payload_raises_corrupt_data(name):
+    """A payload cut inside its plane table raised struct.error, not the CorruptData decode promises."""
+    shape = (2, 8, 4)
+    payload = CODECS.get(name).encode(_kv_like(shape), dtype="bfloat16", shape=shape)
+    for n in range(len(payload)):
+        with pytest.raises(CorruptData):
+            CODECS.get(name).decode(payload[:n], dtype="bfloat16", shape=shape)
