@@ -23,7 +23,7 @@ EXACT = ("raw", "lossless")
 
 
 @st.composite
-def extents(draw, dtypes=("bfloat16", "float16", "float32")):
+def extents(draw, dtypes=tuple(DTYPE_BYTES)):  # every KV dtype kvd accepts, fp8 included
     """Any bit patterns at all, in a small (segments, tokens, head_dim) shape."""
     dtype = draw(st.sampled_from(dtypes))
     shape = (draw(st.integers(0, 3)), draw(st.integers(0, 9)), draw(st.integers(0, 9)))
@@ -287,3 +287,31 @@ def test_every_truncation_of_a_payload_raises_corrupt_data(name):
     for n in range(len(payload)):
         with pytest.raises(CorruptData):
             CODECS.get(name).decode(payload[:n], dtype="bfloat16", shape=shape)
+
+
+REL = {"bfloat16": 2**-8, "float16": 2**-11, "float32": 2**-24}  # rounding back to the dtype, relative
+TINY = {"bfloat16": 2.0**-133, "float16": 2.0**-24, "float32": 2.0**-149}  # its smallest subnormal
+
+
+@settings(max_examples=300, deadline=None)
+@given(extents(("bfloat16", "float16", "float32")), st.sampled_from(["fp8", "int8"]))
+def test_lossy_codecs_keep_any_finite_extent_finite_and_within_the_stated_error(ext, name):
+    """Any finite bit patterns (NaN/Inf zeroed): subnormals, extremes, constant runs. Error per element
+    as in the test above, plus a few subnormal steps (a subnormal scale is itself rounded)."""
+    dtype, shape, raw = ext
+    s, t, d = shape
+    x = torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)) if raw else torch.zeros(0)
+    x = x.masked_fill(~torch.isfinite(x), 0).to(getattr(torch, dtype))
+    raw = x.view(torch.uint8).numpy().tobytes()
+    codec = CODECS.get(name)
+    out = codec.decode(codec.encode(raw, dtype=dtype, shape=shape), dtype=dtype, shape=shape)
+    if not raw:
+        return
+    xs = x.double().view(s, 2, t, d)
+    y = torch.frombuffer(out, dtype=getattr(torch, dtype)).double().view(s, 2, t, d)
+    assert torch.isfinite(y).all()
+    qmax = LOSSY[name][0]
+    for i, sc in ((0, xs[:, 0].abs().amax(dim=1, keepdim=True) / qmax), (1, xs[:, 1].abs().amax(dim=2, keepdim=True) / qmax)):
+        err, a = (xs[:, i] - y[:, i]).abs(), xs[:, i].abs()
+        bound = 0.5 * sc + a * REL[dtype] if name == "int8" else a * (2**-4 + REL[dtype]) + sc * 2**-9
+        assert (err <= bound * 1.001 + 300 * TINY["float32"] + 2 * TINY[dtype]).all()
