@@ -26,6 +26,7 @@ class DaemonProc:
     root: Path
     env_extra: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
+    wrapper: list[str] = field(default_factory=list)  # a command the daemon runs under (unshare ...)
     proc: subprocess.Popen | None = None
     port: int = 0
 
@@ -52,7 +53,7 @@ class DaemonProc:
 
     def start(self, timeout: float = 30.0) -> DaemonProc:
         self.port = self.port or free_port()
-        cmd = [sys.executable, "-m", "kvd.daemon.service", "--socket", self.socket,
+        cmd = [*self.wrapper, sys.executable, "-m", "kvd.daemon.service", "--socket", self.socket,
                "--metrics-addr", f"127.0.0.1:{self.port}", *self.args]
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -37,6 +37,8 @@ from kvd.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 OWNER_SUFFIX = ".owner"
+# Files the store keeps beside an arena (kvd.store.published: the lookup index), removed with a stale one.
+COMPANION_SUFFIXES = (".index",)
 
 
 class SlotAllocator:
@@ -143,7 +145,11 @@ class Arena:
         space and the setting. A new file every start: old mappings of a previous daemon keep the old
         inode, and the new ``arena_id`` tells their clients to remap."""
         parent = self.path.parent
-        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"host.path {self.path}: cannot create its directory {parent} ({e.strerror}); "
+                              "create it, or choose another host.path (KVD_HOST__PATH)") from None
         free = _free_bytes(parent)
         if free is not None and free < self.capacity_bytes:
             raise ConfigError(self._too_big(free))
@@ -209,18 +215,31 @@ def _allocate(fd: int, nbytes: int, why: Callable[[], str]) -> None:
 # ---- owners: stale arenas and sockets of dead daemons -------------------------------------------
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (a container has its own): pids of another one mean nothing here."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _write_owner(path: Path, socket_path: str) -> None:
     owner = Path(str(path) + OWNER_SUFFIX)
     tmp = owner.with_name(owner.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "socket": socket_path}, f)
+        json.dump({"pid": os.getpid(), "socket": socket_path, "pid_ns": _pid_namespace()}, f)
     os.replace(tmp, owner)
 
 
 def _owner(path: Path) -> dict | None:
+    """The owner record of the arena at ``path``, if both files are this user's (in a shared directory
+    such as /dev/shm, anyone may plant a file under our name pattern: it is never ours to judge)."""
+    owner = Path(str(path) + OWNER_SUFFIX)
     try:
-        doc = json.loads(Path(str(path) + OWNER_SUFFIX).read_text())
+        if path.lstat().st_uid != os.getuid() or owner.lstat().st_uid != os.getuid():
+            return None
+        doc = json.loads(owner.read_text())
         return doc if isinstance(doc.get("pid"), int) else None
     except (OSError, ValueError, AttributeError):
         return None
@@ -236,26 +255,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _owner_died(owner: dict) -> bool:
+    """Whether the daemon of an owner record is gone. Its pid is judged only in the PID namespace it
+    was written in: a daemon in another container sharing /dev/shm (``--ipc=host``) has a pid this one
+    cannot see, and is gone only if its socket is here and nobody answers on it."""
+    if not _same_pid_namespace(owner):
+        sock = owner.get("socket") or ""
+        return bool(sock) and _is_dead_socket(Path(sock))
+    return owner["pid"] == os.getpid() or not _alive(owner["pid"])
+
+
+def _same_pid_namespace(owner: dict) -> bool:
+    return owner.get("pid_ns", _pid_namespace()) == _pid_namespace()  # records before pid_ns: this one
+
+
 def _is_stale_arena(path: Path) -> bool:
     owner = _owner(path)
-    return owner is not None and (owner["pid"] == os.getpid() or not _alive(owner["pid"]))
+    return owner is not None and _owner_died(owner)
 
 
 def remove_stale(directory: Path, pattern: str) -> int:
-    """Remove arenas (matching ``pattern``) in ``directory`` whose owner process is dead, with their
-    owner records and sockets (only a path that is a socket nobody answers on). Returns how many.
-    Run at every daemon start, so a kill -9 leaves nothing behind for long, whatever socket the next
-    daemon uses."""
+    """Remove arenas (matching ``pattern``) in ``directory`` whose owner daemon is gone (``_owner_died``),
+    with their owner records, lookup indexes and sockets (only a path that is a socket nobody answers
+    on); files of other users are left alone. Returns how many. Run at every daemon start, so a kill -9
+    leaves nothing behind for long, whatever socket the next daemon uses."""
     removed = 0
     for arena in directory.glob(pattern):
         owner = _owner(arena)
-        if owner is None or owner["pid"] == os.getpid() or _alive(owner["pid"]) or not arena.is_file():
+        if owner is None or not arena.is_file() or not _owner_died(owner) or (
+                _same_pid_namespace(owner) and owner["pid"] == os.getpid()):  # this process's own
             continue
         sock = Path(owner.get("socket") or "")
-        if str(sock) and _is_dead_socket(sock):
-            sock.unlink(missing_ok=True)
-        arena.unlink(missing_ok=True)
-        Path(str(arena) + OWNER_SUFFIX).unlink(missing_ok=True)
+        try:
+            if str(sock) and _is_dead_socket(sock):
+                sock.unlink(missing_ok=True)
+            for companion in (arena, *(Path(str(arena) + s) for s in (*COMPANION_SUFFIXES, OWNER_SUFFIX))):
+                companion.unlink(missing_ok=True)
+        except OSError as e:
+            logger.warning("cannot remove the stale arena %s of dead kvd pid %d: %s", arena, owner["pid"], e)
+            continue
         removed += 1
         logger.info("removed the stale arena %s of dead kvd pid %d", arena, owner["pid"])
     return removed

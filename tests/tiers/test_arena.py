@@ -117,3 +117,26 @@ def test_stale_arenas_of_dead_daemons_are_removed_at_the_next_start(tmp_path):
     # A stale arena at the configured path itself is replaced at start.
     subprocess.run([sys.executable, "-c", script.replace("kvd-1-dead", "kvd-1-again")])
     HostTier(tmp_path / "kvd-1-again.arena", 1 << 20, 64 << 10).close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's files needs root")
+def test_files_another_user_planted_under_our_pattern_are_never_judged(tmp_path):
+    """In /dev/shm anyone may create ``kvd-<our uid>-x.arena`` and an owner record naming a dead pid:
+    the next daemon of ours took it for its own stale arena; not root, it could not unlink it (sticky
+    /dev/shm) and stopped with a PermissionError traceback (any local user could keep another's kvd
+    from starting); root deleted the other user's files."""
+    planted = tmp_path / "kvd-0-planted.arena"
+    planted.write_bytes(b"")
+    Path(str(planted) + OWNER_SUFFIX).write_text('{"pid": 999999999, "socket": ""}')
+    for p in (planted, Path(str(planted) + OWNER_SUFFIX)):
+        os.chown(p, 61003, 61003)
+    assert remove_stale(tmp_path, "kvd-0-*.arena") == 0
+    assert planted.exists()
+    with pytest.raises(ConfigError, match="not the arena of a kvd that has died"):  # nor replaced at our path
+        HostTier(planted, 1 << 20, 64 << 10)
+
+
+def test_an_arena_directory_that_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="host.path .*cannot create its directory"):
+        HostTier(tmp_path / "file" / "arena", 1 << 20, 64 << 10)
