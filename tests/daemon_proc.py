@@ -51,11 +51,16 @@ class DaemonProc:
         env.update(self.env_extra)
         return env
 
-    def start(self, timeout: float = 30.0) -> DaemonProc:
+    def start_in_background(self) -> DaemonProc:
+        """Start the process and return at once (``start`` waits until it answers)."""
         self.port = self.port or free_port()
         cmd = [*self.wrapper, sys.executable, "-m", "kvd.daemon.service", "--socket", self.socket,
                "--metrics-addr", f"127.0.0.1:{self.port}", *self.args]
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        return self
+
+    def start(self, timeout: float = 30.0) -> DaemonProc:
+        self.start_in_background()
         deadline = time.monotonic() + timeout
         c = KvdClient(self.socket, timeout_s=1.0, register_cuda=False)
         try:

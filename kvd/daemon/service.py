@@ -20,13 +20,10 @@ import logging
 import os
 import resource
 import signal
-import socket
-import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from aiohttp import web
 
@@ -46,6 +43,7 @@ from kvd.daemon.api import (
 from kvd.daemon.build import build_tiers, join_remote_later
 from kvd.daemon.collector import Collector
 from kvd.daemon.frames import ControlServer
+from kvd.daemon.listen import bind, prepare_socket
 from kvd.daemon.metrics import Metrics
 from kvd.daemon.systemd import Notifier
 from kvd.daemon.tenants import Tenants
@@ -154,25 +152,6 @@ async def _expiry_ctx(app: web.Application) -> AsyncIterator[None]:
 # ---- serving ------------------------------------------------------------------------------------
 
 
-def _prepare_socket(path: Path) -> None:
-    """Make room for the socket: a stale socket of a dead daemon is removed; anything else at the path
-    (a regular file, a directory, a link, a live daemon) stops the start: kvd never deletes what is
-    not its own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if path.is_symlink() or not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"daemon.socket {path} exists and is not a socket; kvd will not replace it: "
-                              "remove it or pass another --socket")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            try:
-                s.connect(str(path))
-            except OSError:
-                path.unlink()  # stale socket of a daemon that died
-                return
-        raise ConfigError(f"another kvd is already serving on {path}; stop it or pass --socket")
-
-
 def reload_settings(current: Settings, fresh: Settings) -> tuple[list[str], list[str]]:
     """Copy what may change at run time from ``fresh`` into ``current``. Returns (applied, need restart)."""
     applied, ignored = [], []
@@ -210,11 +189,13 @@ class Daemon:
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self._control: ControlServer | None = None
+        self._serving = False
+        self._reload_pending = False  # a SIGHUP before the socket served: reloaded once it does
 
     async def start(self) -> None:
         s = self.settings
         path = s.socket_path()
-        _prepare_socket(path)
+        prepare_socket(path)
         # keepalive_timeout: aiohttp arms it from the connection's start and after each answer, and a
         # partial request does not reset it: it closes idle and slow-header connections alike.
         # auto_decompress off: compressed bodies are refused (415), never inflated on the loop.
@@ -236,15 +217,12 @@ class Daemon:
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on {s.daemon.metrics_addr}: {e.strerror}; "
                                   "pass another --metrics-addr (or empty to disable)") from None
-        mode = int(s.daemon.socket_mode, 8)
-        old_umask = os.umask(0o777 & ~mode)
-        try:
-            await self._control.start(str(path), s.daemon.listen_backlog)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
+        await bind(self._control, path, int(s.daemon.socket_mode, 8), s.daemon.listen_backlog)
         logger.info("kvd %s serving on %s (metrics %s)", __version__, path, s.daemon.metrics_addr or "off")
         self.notifier.ready(f"serving on {path}")
+        self._serving = True
+        if self._reload_pending:
+            self.reload()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -252,7 +230,13 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read the file and the environment, apply what may change at run time. systemd
         hears RELOADING=1 first and READY=1 after, with a STATUS that says what changed, or that the
-        reload failed and the running configuration stays (and an ERRNO, for ``systemctl status``)."""
+        reload failed and the running configuration stays (and an ERRNO, for ``systemctl status``).
+        A SIGHUP during start-up waits until the daemon serves: its READY=1 would tell systemd the daemon
+        serves while the socket is not there yet."""
+        if not self._serving:
+            self._reload_pending = True
+            logger.info("SIGHUP during start-up: reloading once serving")
+            return
         self.notifier.reloading()
         serving = f"serving on {self.settings.socket_path()}"
         try:
