@@ -292,8 +292,9 @@ def default_config_text() -> str:
 def _source(loc: tuple[str, ...], sources: dict[tuple[str, ...], str], default_source: str) -> str:
     """Where the value at ``loc`` came from; for a section-wide error (``loc`` a section), every
     environment variable or flag that set something in it, and the file."""
-    if loc in sources:
-        return sources[loc]
+    for i in range(len(loc), 0, -1):  # the value itself, or the list or table it is an item of
+        if loc[:i] in sources:
+            return sources[loc[:i]]
     inside = sorted({src for path, src in sources.items() if path[: len(loc)] == loc})
     return ", ".join(inside + [default_source]) if inside else default_source
 
@@ -352,6 +353,9 @@ def load_settings(
             raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); TOML files are "
+                              "UTF-8") from None
     env_tree, sources = env_overrides(os.environ if environ is None else environ, Settings)
     data = _merge(data, env_tree)
     if overrides:

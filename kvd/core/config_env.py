@@ -5,8 +5,9 @@ ignored). ``kvd.core.config`` merges what this returns between the file and the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_origin
 
 from pydantic import BaseModel
 
@@ -41,7 +42,7 @@ def env_overrides(environ: Mapping[str, str], settings: type[BaseModel]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"environment variable {name}: {p} is a value, not a section")
-        node[path[-1]] = value
+        node[path[-1]] = _list(name, value) if get_origin(_annotation(settings, path)) is list else value
         sources[path] = f"environment variable {name}"
     return tree, sources
 
@@ -59,3 +60,26 @@ def _unknown_env(name: str, settings: type[BaseModel]) -> str:
     return (f"environment variable {name} is not a kvd setting: {hint}settings are KVD_<SECTION>__<KEY>, with "
             f"two underscores between section and key (kvd --print-default-config lists them); the other "
             f"KVD_ variables are {others}. Unset it or correct its name")
+
+
+def _annotation(settings: type[BaseModel], path: tuple[str, ...]) -> Any:
+    """The type of the setting at ``path`` (None where there is none: validation names the key)."""
+    model: Any = settings
+    for p in path:
+        field = model.model_fields.get(p) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def _list(name: str, value: str) -> list[Any]:
+    """A list setting from one variable: a JSON array (``["a:7000", "b:7000"]``, ``[0, 1001]``) or items
+    separated by commas (``a:7000,b:7000``); each item is then validated as the setting's item type."""
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError as e:
+            raise ConfigError(f"environment variable {name}: {value!r} is not a JSON array ({e})") from None
+        return items if isinstance(items, list) else [items]
+    return [v.strip() for v in value.split(",") if v.strip()]

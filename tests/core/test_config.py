@@ -56,6 +56,18 @@ def test_bad_file_is_named(tmp_path):
         load_settings(tmp_path / "missing.toml", environ={})
 
 
+def test_a_config_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path):
+    """A file saved as Latin-1 or UTF-16 stopped ``kvd --config`` and ``--check-config`` with a
+    UnicodeDecodeError traceback."""
+    p = tmp_path / "latin1.toml"
+    p.write_bytes('[daemon]\n# caf\u00e9\nlog_level = "INFO"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml is not UTF-8 text \(byte 14"):
+        load_settings(p, environ={})
+    r = subprocess.run([sys.executable, "-m", "kvd.daemon.service", "--check-config", str(p)],
+                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_check_and_print(tmp_path):
     kvd = [sys.executable, "-m", "kvd.daemon.service"]
     out = subprocess.run([*kvd, "--print-default-config"], capture_output=True, text=True, check=True).stdout

@@ -52,3 +52,21 @@ def test_daemon_refuses_a_misspelt_variable_at_start(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvd.daemon.service", "--check-config", "/dev/null"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "KVD_HOST__CAPACITY_BYTES" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_list_settings_can_be_set_from_the_environment():
+    """No value of KVD_REMOTE__STARTUP_NODES or KVD_ADMIN__UIDS was accepted ("Input should be a valid
+    list"), so a list setting could not be overridden from the environment at all (Kubernetes, Docker)."""
+    s = load_settings(None, environ={"KVD_REMOTE__STARTUP_NODES": "10.0.0.1:7000, 10.0.0.2:7000",
+                                     "KVD_ADMIN__UIDS": "[0, 1001]", "KVD_ADMIN__GIDS": "2001"})
+    assert s.remote.startup_nodes == ["10.0.0.1:7000", "10.0.0.2:7000"]
+    assert (s.admin.uids, s.admin.gids) == ([0, 1001], [2001])
+    s = load_settings(None, environ={"KVD_REMOTE__STARTUP_NODES": '["10.0.0.3:7000"]'})
+    assert s.remote.startup_nodes == ["10.0.0.3:7000"]
+    with pytest.raises(ConfigError, match=r"remote.startup_nodes = \['nohost'\] \(from environment variable "
+                                          r"KVD_REMOTE__STARTUP_NODES\).*not HOST:PORT"):
+        load_settings(None, environ={"KVD_REMOTE__STARTUP_NODES": "nohost"})
+    with pytest.raises(ConfigError, match=r"admin.uids.1 = 'b' \(from environment variable KVD_ADMIN__UIDS\)"):
+        load_settings(None, environ={"KVD_ADMIN__UIDS": "0,b"})
+    with pytest.raises(ConfigError, match="KVD_ADMIN__UIDS: '\\[0,' is not a JSON array"):
+        load_settings(None, environ={"KVD_ADMIN__UIDS": "[0,"})
