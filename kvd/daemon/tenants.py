@@ -19,6 +19,7 @@ namespaces ``team-a:salt-…``). Patterns of two tenants may not overlap (checke
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Tenants:
         self.settings = settings
         self.tenants = settings.tenants
         self._check_overlaps()
+        self._check_groups()
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +79,22 @@ class Tenants:
                         raise ConfigError(f"tenants.{name}.namespaces {pat!r} overlaps tenants.{other}'s {opat!r}: "
                                           "a namespace belongs to one tenant")
                 seen.append((name, pat))
+
+    def _check_groups(self) -> None:
+        """A tenant's arena and lookup index are readable by their group (mode 0660): a group of the
+        tenant's own, never another tenant's nor the daemon's (every client that reaches the socket is
+        in that one), or a tenant would map another's KV."""
+        seen: dict[int, str] = {}
+        for name, t in self.tenants.items():
+            gid = _arena_group(t)
+            if gid is None or gid == os.getegid():
+                what = "none" if gid is None else f"the daemon's group {gid}"
+                raise ConfigError(f"tenants.{name}: its arena needs a group of its own (group = GID, or gids), not "
+                                  f"{what}: the arena would be readable by every client of the daemon's socket")
+            if gid in seen:
+                raise ConfigError(f"tenants.{name} and tenants.{seen[gid]} both give their arena group {gid}: "
+                                  "each could map the other's; give each tenant a group of its own")
+            seen[gid] = name
 
     # ---- who ------------------------------------------------------------------------------------
 
@@ -129,8 +147,8 @@ class Tenants:
             return None
         out = {"": ArenaSpec(base, capacity_bytes)}
         for name, t in self.tenants.items():
-            gid = t.group if t.group is not None else (t.gids[0] if t.gids else None)
-            out[name] = ArenaSpec(base.with_name(f"{base.stem}-{name}{base.suffix}"), int(t.arena_bytes), gid)
+            out[name] = ArenaSpec(base.with_name(f"{base.stem}-{name}{base.suffix}"), int(t.arena_bytes),
+                                  _arena_group(t))
         return out
 
     def gpu_pools(self, capacity_bytes: int) -> dict[str, int] | None:
@@ -143,3 +161,8 @@ class Tenants:
     def ssd_quota(self, partition: str) -> int | None:
         t = self.tenants.get(partition)
         return int(t.ssd_bytes) if t is not None else None
+
+
+def _arena_group(t) -> int | None:
+    """The gid owning a tenant's arena file: its ``group``, else its first gid."""
+    return t.group if t.group is not None else (t.gids[0] if t.gids else None)

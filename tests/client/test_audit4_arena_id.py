@@ -25,6 +25,7 @@ def tenant_daemon(tmp_path):
         enabled = false
         [tenants.a]
         uids = [4242]
+        gids = [4242]
         namespaces = ["a", "a:*"]
         arena_bytes = "16MiB"
     """))
