@@ -158,7 +158,7 @@ class Arena:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
         try:
             if gid is not None:  # a tenant's arena: its group maps it, no one else
-                os.fchown(fd, -1, gid)
+                _give_to_group(fd, gid, self.path)
             os.fchmod(fd, file_mode)
             _allocate(fd, self.capacity_bytes, lambda: self._too_big(_free_bytes(parent)))
             mapping = mmap.mmap(fd, self.capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -210,6 +210,15 @@ def _allocate(fd: int, nbytes: int, why: Callable[[], str]) -> None:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise ConfigError(f"cannot allocate the host arena ({e.strerror}): {why()}") from None
         os.ftruncate(fd, nbytes)  # a filesystem without fallocate: the statvfs check above stands
+
+
+def _give_to_group(fd: int, gid: int, path: Path) -> None:
+    try:
+        os.fchown(fd, -1, gid)
+    except PermissionError:  # not root: only to a group the daemon's user is in, and chown not filtered out
+        raise ConfigError(f"cannot give the tenant arena {path} to group {gid}: the daemon's user must be a member "
+                          f"of it (systemd: SupplementaryGroups={gid} and SystemCallFilter=@chown in kvd.service; docs/security.md)"
+                          ) from None
 
 
 # ---- owners: stale arenas and sockets of dead daemons -------------------------------------------

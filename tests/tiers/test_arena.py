@@ -140,3 +140,35 @@ def test_an_arena_directory_that_cannot_be_made_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="host.path .*cannot create its directory"):
         HostTier(tmp_path / "file" / "arena", 1 << 20, 64 << 10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to another uid in a child")
+def test_a_tenant_arena_for_a_group_the_daemon_is_not_in_is_a_clear_error(tmp_path):
+    """A daemon that is not root may give a tenant's arena only to a group its user is in (and the
+    shipped unit filters chown out until told otherwise): a PermissionError traceback at start before;
+    now a ConfigError naming the group and what to set (audit 13's suspicion)."""
+    from kvd.tiers.arena import Arena
+
+    for d in (tmp_path, *tmp_path.parents):  # the child (another uid) must reach the directory
+        if d == Path("/"):
+            break
+        d.chmod(d.stat().st_mode | 0o111)
+    tmp_path.chmod(0o777)
+    pid = os.fork()
+    if pid == 0:  # the child: a daemon user with no supplementary groups
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(43210)
+            os.setuid(43210)
+            try:
+                Arena(tmp_path / "t.arena", 1 << 20, 1 << 16, gid=49999)
+            except ConfigError as e:
+                code = 0 if "SupplementaryGroups=49999" in str(e) else 2
+        except BaseException as e:  # noqa: BLE001 - reported by the parent's assertion
+            print(f"child: {e!r}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not list(tmp_path.glob("t.arena*"))  # nothing left behind
