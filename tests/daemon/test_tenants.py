@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import tempfile
 import textwrap
 import time
@@ -158,6 +159,7 @@ def daemon():
     d = DaemonProc(root, env_extra={"KVD_HOST__CAPACITY_BYTES": "16MiB"}, args=["--config", str(cfg)]).start()
     yield d
     d.kill()
+    shutil.rmtree(root, ignore_errors=True)  # its arenas: 48 MiB a run
 
 
 def test_a_tenant_cannot_reach_another_tenants_kv(daemon):
