@@ -111,15 +111,18 @@ class KernelCopier:
         self.scatter = scatter_segments if use_triton else scatter_segments_ref
 
     def _calls(self, kv_layer, layer: int, pieces: Sequence[Piece]):
-        """Yield ``(block_ids [S, nb], head_ids, buf, offsets [S, nh], T)``: per head class, one call for
-        the whole-chunk pieces (segments read in place) and one per partial piece (staged)."""
+        """Yield ``(block_ids [S, nb], head_ids, buf, offsets [S, nh], T)``: per head class, entry size
+        and buffer, one call for the whole-entry pieces (segments read in place) and one per partial
+        piece (staged). A call's offsets index one buffer with one segment size: entries of a class
+        differ in size (a tail entry) and may lie in different buffers."""
         dev = kv_layer.device
-        by_class: dict[str, list[tuple[Piece, ExtentPlan, torch.Tensor]]] = {}
+        by_class: dict[tuple[str, int, int], list[tuple[Piece, ExtentPlan, torch.Tensor]]] = {}
         for p in pieces:
             for plan, view, *_ in p.extents:
-                by_class.setdefault(plan.head_class, []).append((p, plan, view))
+                key = (plan.head_class, plan.num_tokens, view.untyped_storage().data_ptr())
+                by_class.setdefault(key, []).append((p, plan, view))
         for rows in by_class.values():
-            plan = rows[0][1]  # one model: every piece of a class has the same plan
+            plan = rows[0][1]  # the same plan for every piece of a group
             s0, s1, _ = self.rows(plan, layer)
             if s1 == s0:
                 continue

@@ -421,3 +421,34 @@ def test_strided_copier_on_runs_of_blocks_equals_perm_copier(name, runs, offset)
     for a, b in zip(out_s, out_p):
         assert torch.equal(a, b)
     assert torch.equal(out_s[0][8], src[0][blocks[0][1]]) and torch.equal(out_s[0][1], src[0][blocks[1][1]])
+
+
+@pytest.mark.parametrize("name", ["LBHNC", "LBNHC"])
+def test_kernel_copier_calls_group_entries_by_size_and_buffer(name):
+    """One kernel call's offsets index one buffer with one segment size. A step's pieces of one class
+    may be a tail entry (fewer tokens) and a chunk loaded up to as many tokens, or lie in two buffers:
+    each piece's segments are read at their own offsets, and a store writes only its own extents."""
+    spec = ModelSpec("m", num_layers=L, num_kv_heads=H, head_dim=D, kv_dtype="bfloat16")
+    tail, chunk = plan_extents(spec, None, N)["global"], plan_extents(spec, None, CHUNK)["global"]
+    g = torch.Generator().manual_seed(5)
+    arena = torch.randn(tail.num_segments * 2 * N * D + chunk.num_segments * 2 * CHUNK * D, generator=g).bfloat16()
+    a = arena[: tail.num_segments * 2 * N * D].view(tail.num_segments, 2, N, D)
+    b = arena[tail.num_segments * 2 * N * D :].view(chunk.num_segments, 2, CHUNK, D)
+    kern = KernelCopier(name, block_tokens=N, head_dim=D, use_triton=False)
+    dst = [layer_tensor(name, 6) for _ in range(L)]
+    pieces = [Piece([1], 0, N, [(tail, a)]), Piece([4], 0, N, [(chunk, b)])]  # the tail entry first
+    for layer in range(L):
+        kern.load_layer(dst[layer], layer, pieces)
+    for i, (layer, head) in enumerate(chunk.heads):
+        got = dst[layer][4, head]
+        assert torch.equal(got[:, :D], b[i, 0, :N]) and torch.equal(got[:, D:], b[i, 1, :N]), (layer, head)
+    src = fill_layers(name, 12)
+    stores = [make_entries(1, None)[1][0] for _ in range(2)]  # two arenas: two buffers
+    for layer in range(L):
+        kern.save_layer(src[layer], layer, [Piece(blocks, 0, CHUNK, e) for blocks, e in zip(BLOCKS, stores)])
+    for blocks, ((plan, view),) in zip(BLOCKS, stores):
+        for i, (layer, head) in enumerate(plan.heads):
+            want = torch.empty(2 * CHUNK * D, dtype=torch.bfloat16)
+            gather_segments_ref(src[layer], torch.tensor(blocks), torch.tensor([head]), want, torch.tensor([0]),
+                                layout=name)
+            assert torch.equal(view[i].reshape(-1), want), (blocks, layer, head)
