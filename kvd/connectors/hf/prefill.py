@@ -186,13 +186,14 @@ def _layer(ctx: _Ctx, layer_idx: int, mod, x: torch.Tensor, act: torch.Tensor, s
     A, D = act.numel(), attn.head_dim
     stats.active_tokens.append(A)
     h = mod.input_layernorm(x)
-    q = _rotate(attn.q_proj(h).view(A, -1, D), ctx.cos[act], ctx.sin[act])
-    k = _rotate(attn.k_proj(h).view(A, -1, D), ctx.cos[act], ctx.sin[act])
-    v = attn.v_proj(h).view(A, -1, D)
+    # unflatten, not view(A, -1, D): A may be 0 (every token left to prefill is cached)
+    q = _rotate(attn.q_proj(h).unflatten(-1, (-1, D)), ctx.cos[act], ctx.sin[act])
+    k = _rotate(attn.k_proj(h).unflatten(-1, (-1, D)), ctx.cos[act], ctx.sin[act])
+    v = attn.v_proj(h).unflatten(-1, (-1, D))
     if ctx.collect is not None:
         ctx.collect.append(torch.stack((k.transpose(0, 1), v.transpose(0, 1))))
     K, V = _layer_kv(ctx, layer_idx, act, k, v)
-    out = _attend(ctx, layer_idx, q, act, K, V, attn.scaling).reshape(A, -1)
+    out = _attend(ctx, layer_idx, q, act, K, V, attn.scaling).flatten(1)
     x = x + attn.o_proj(out)
     sf = cfg.sparse_ffn
     sel = None

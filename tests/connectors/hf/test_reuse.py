@@ -78,3 +78,20 @@ def test_chunk_reuse_at_new_positions_recovers_and_decodes(model):
         out = model.generate(left.input_ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == left.input_ids.shape[1] + 4
     assert out[0, -4] == res.logits[0].argmax()
+
+
+@pytest.mark.parametrize("method,settings", [("naive", {}), ("epic", {"epic_tokens": 0}),
+                                             ("cacheblend", {"cacheblend_ratio": 0.0})])
+def test_leave_last_when_every_token_left_to_prefill_is_cached(model, method, settings):
+    """A cached document and a one-token question with ``leave_last``: a method that computes only
+    uncached tokens has none to compute (from its first layer, or after CacheBlend's check layer); the
+    cached KV still fills the cache and generate() computes the question token as the request would."""
+    segs = [Segment(_ids(50, 5), reusable=True), Segment(_ids(1, 6))]
+    with torch.no_grad():
+        kvd = hf.attach(model)
+        whole = kvd.reuse(segs, method=method, **settings)
+        cache = kvd.fresh()
+        left = cache.reuse(segs, method=method, leave_last=True, **settings)
+        assert left.num_cached_tokens == 50 and cache.get_seq_length() == 50
+        out = model.generate(left.input_ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
+    assert out[0, -1] == whole.logits[0].argmax()
