@@ -76,7 +76,7 @@ def _rope_shift_kernel(
     sin = tl.sin(reduced)[:, None, :]
 
     # -- rotate both halves of every (token, head) -------------------------------------------
-    offs = (offs_t.to(tl.int64)[:, None, None] * stride_kt + offs_h[None, :, None] * stride_kh
+    offs = (offs_t.to(tl.int64)[:, None, None] * stride_kt + offs_h.to(tl.int64)[None, :, None] * stride_kh
             + offs_f[None, None, :])
     mask = mask_t[:, None, None] & (offs_h < num_heads)[None, :, None] & mask_f[None, None, :]
     x1 = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
