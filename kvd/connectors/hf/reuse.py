@@ -32,7 +32,7 @@ class ReuseResult:
     logits: torch.Tensor | None  # [1, vocab] next-token logits after the last computed token
     num_cached_tokens: int  # tokens that came with chunk KV
     chunks_hit: int  # reusable segments found in the chunk store
-    chunks_computed: int  # reusable segments computed now (and stored)
+    chunks_computed: int  # chunk entries computed now (and stored): once per distinct segment
     active_fraction: float  # hidden states computed / (tokens x layers)
     ffn_fraction: float  # FFN rows run / (tokens x layers)
 
@@ -87,12 +87,14 @@ def load_chunks(model, segments: Sequence[Segment], store: ChunkStore, *, namesp
                 classes: Sequence[str] | None = None) -> tuple[list[torch.Tensor | None], int, int]:
     """Chunk KV per segment (None for segments not reusable), computing and storing misses.
 
-    Returns ``(kv per segment, hits, computed)``. A miss is computed on its own and used as cached in
+    Returns ``(kv per segment, hits, computed)``: hits count the segments whose entry the store had,
+    computed the entries computed now (a segment repeated in the request is computed once). A miss is computed on its own and used as cached in
     this request too, so a request's result does not depend on what was cached before it.
     """
     device = model.model.embed_tokens.weight.device
     keys = {i: chunk_key(s, namespace=namespace, fingerprint=fingerprint) for i, s in enumerate(segments) if s.reusable}
     found = store.get(list(dict.fromkeys(keys.values())), classes=classes, device=device)
+    stored = set(found)  # a segment repeated in the request is a hit only if the store had it
     out: list[torch.Tensor | None] = [None] * len(segments)
     hits = computed = 0
     for i, key in keys.items():
@@ -102,8 +104,7 @@ def load_chunks(model, segments: Sequence[Segment], store: ChunkStore, *, namesp
             store.put(key, kv)
             found[key] = kv
             computed += 1
-        else:
-            hits += 1
+        hits += key in stored
         out[i] = kv
     return out, hits, computed
 

@@ -95,3 +95,17 @@ def test_leave_last_when_every_token_left_to_prefill_is_cached(model, method, se
         assert left.num_cached_tokens == 50 and cache.get_seq_length() == 50
         out = model.generate(left.input_ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
     assert out[0, -1] == whole.logits[0].argmax()
+
+
+def test_a_document_twice_in_a_request_is_computed_once_and_not_counted_a_hit(model):
+    """The same reusable document twice in one request, with nothing stored: computed once, and its
+    second occurrence uses that KV without being counted as found in the chunk store."""
+    doc = _ids(30, 7)
+    segs = [Segment(doc, reusable=True), Segment(_ids(5, 8)), Segment(doc, reusable=True), Segment(_ids(4, 9))]
+    with torch.no_grad():
+        kvd = hf.attach(model)
+        first = kvd.reuse(segs, method="naive")
+        again = kvd.fresh().reuse(segs, method="naive")
+    assert (first.chunks_hit, first.chunks_computed, first.num_cached_tokens) == (0, 1, 60)
+    assert (again.chunks_hit, again.chunks_computed) == (2, 0)
+    assert torch.equal(first.logits, again.logits)
