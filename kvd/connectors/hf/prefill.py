@@ -47,19 +47,11 @@ class PrefillResult:
 
 
 def model_inv_freq(model) -> torch.Tensor:
-    """The rotary ``inv_freq`` in fp32 (recomputed if a dtype cast has rounded the buffer)."""
-    rot = model.model.rotary_emb
-    inv = rot.inv_freq
-    if inv.dtype == torch.float32:
-        return inv
-    cfg = model.config
-    if rot.rope_type == "default":
-        inv, _ = type(rot).compute_default_rope_parameters(cfg)
-    else:
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        inv, _ = ROPE_INIT_FUNCTIONS[rot.rope_type](cfg, inv.device)
-    return inv.to(device=rot.inv_freq.device, dtype=torch.float32)
+    """The rotary ``inv_freq`` the model's RoPE uses, in fp32. A dtype cast after loading
+    (``model.to(torch.bfloat16)``) rounds the buffer, and transformers' rotary embedding (hence every
+    key the model and ``prefill`` compute) uses the rounded values as they are: so does the shift, or a
+    shifted key would be off by ``delta * (exact - rounded)`` radians."""
+    return model.model.rotary_emb.inv_freq.float()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -109,3 +109,23 @@ def test_a_document_twice_in_a_request_is_computed_once_and_not_counted_a_hit(mo
     assert (first.chunks_hit, first.chunks_computed, first.num_cached_tokens) == (0, 1, 60)
     assert (again.chunks_hit, again.chunks_computed) == (2, 0)
     assert torch.equal(first.logits, again.logits)
+
+
+def test_rope_shift_uses_the_frequencies_of_a_model_cast_to_bf16(model):
+    """``model.to(torch.bfloat16)`` rounds the rotary ``inv_freq`` buffer, and the model's RoPE uses the
+    rounded values: a chunk's keys shifted by 2000 must match the cast model's own keys there (to bf16
+    rounding), not be rotated by the unrounded frequencies (radians off at that offset)."""
+    import copy
+
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    assert m.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    doc = Segment(_ids(40, 1), reusable=True)
+    with torch.no_grad():
+        kv = compute_chunk(m, doc)
+        asm = assemble([Segment(_ids(2000, 2)), doc], [False, True])
+        cached = assemble_cached(asm, [None, kv], model_inv_freq(m), num_layers=30, num_kv_heads=3,
+                                 head_dim=64, dtype=torch.float32, device="cpu")
+        dc = DynamicCache(config=m.config)
+        m(torch.tensor([doc.token_ids]), position_ids=torch.arange(2000, 2040)[None], past_key_values=dc)
+    want = dc.layers[0].keys[0].float()  # [3, 40, 64], |k| up to about 7
+    assert (cached[0, 0, :, 2000:2040] - want).abs().max() <= 0.1
