@@ -75,7 +75,8 @@ class LocalChunkStore(ChunkStore):
 class DaemonChunkStore(ChunkStore):
     """Chunk entries in the kvd daemon, through a registered ``kvd.client.handle.ModelHandle``.
 
-    Each call is one ``kvd.client.transfer`` transaction. Storing reserves a ``kind="chunk"`` entry at
+    Each call is one ``kvd.client.transfer`` transaction, computed under ``exact`` whatever the handle's
+    attention: a chunk entry is computed with every head global, so attachments of any head map share it. Storing reserves a ``kind="chunk"`` entry at
     ``[0, n)`` (so the daemon's head-aware placement sees a sequence that ends with the chunk), copies
     each extent straight into the arena, and commits. Loading leases the asked head classes; the
     entries that pass the transaction's checks (checksums, shapes, no lossy bytes) are copied out, the
@@ -94,11 +95,13 @@ class DaemonChunkStore(ChunkStore):
     def get(self, keys, *, classes=None, device=None):
         from kvd.client.transfer import open_lease
         from kvd.core.errors import KvdError, NotFound
+        from kvd.core.keys import EXACT
 
         if not keys:
             return {}
         try:
-            lease = open_lease(self.handle, list(keys), classes=classes, verify=self.verify, leading=False)
+            lease = open_lease(self.handle, list(keys), classes=classes, verify=self.verify, leading=False,
+                               computed_under=EXACT)
         except KvdError as e:
             logger.warning("chunk lookup failed, recomputing %d chunks: %s", len(keys), e)
             return {}
@@ -122,6 +125,7 @@ class DaemonChunkStore(ChunkStore):
         from kvd.client.transfer import reserve
         from kvd.core import protocol as P
         from kvd.core.errors import KvdError
+        from kvd.core.keys import EXACT
 
         h = self.handle
         n = kv.shape[3]
@@ -130,7 +134,7 @@ class DaemonChunkStore(ChunkStore):
             return False
         try:
             entry = P.ReserveEntry(hash=key, kind="chunk", num_tokens=n, start_token=0, end_token=n)
-            with reserve(h, [entry]) as res:  # commits on exit; aborts if the copy raises
+            with reserve(h, [entry], computed_under=EXACT) as res:  # commits on exit; aborts if the copy raises
                 view = res.entry(0)
                 if view is not None:
                     view.write_from(kv)

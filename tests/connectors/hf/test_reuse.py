@@ -129,3 +129,30 @@ def test_rope_shift_uses_the_frequencies_of_a_model_cast_to_bf16(model):
         m(torch.tensor([doc.token_ids]), position_ids=torch.arange(2000, 2040)[None], past_key_values=dc)
     want = dc.layers[0].keys[0].float()  # [3, 40, 64], |k| up to about 7
     assert (cached[0, 0, :, 2000:2040] - want).abs().max() <= 0.1
+
+
+def test_chunk_entries_in_the_daemon_are_shared_by_head_mapped_and_exact_caches(model, tmp_path):
+    """A chunk entry is computed on its own with every head global (exact KV) whatever the map of the
+    cache that stores it: the exact cache of a head-mapped attachment (the guard's rerun) finds the
+    chunks the head-mapped cache stored in the daemon, and the other way round."""
+    from kvd.connectors.hf import GuardConfig
+    from tests.daemon_proc import DaemonProc
+
+    hm = HeadMap.load("config/heads/smollm2-135m.json")
+    docs = [_ids(n, 20 + i) for i, n in enumerate((30, 40))]
+    segs = [*[Segment(d, reusable=True) for d in docs], Segment(_ids(6, 22))]
+    other = [Segment(_ids(35, 23), reusable=True), Segment(_ids(6, 24))]
+    d = DaemonProc(tmp_path).start()
+    try:
+        with d.client() as client, torch.no_grad():
+            mapped = hf.attach(model, head_map=hm, client=client, guard=GuardConfig(action="rerun"))
+            assert mapped.reuse(segs, local_kv="cached").chunks_computed == 2
+            exact = mapped.exact()
+            got = exact.reuse(segs, method="naive")
+            assert (got.chunks_hit, got.chunks_computed) == (2, 0)
+            assert exact.fresh().reuse(other, method="naive").chunks_computed == 1
+            back = mapped.fresh().reuse(other, local_kv="cached")
+            assert (back.chunks_hit, back.chunks_computed) == (1, 0)
+    finally:
+        hf.detach(model)
+        d.kill()
