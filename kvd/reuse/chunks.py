@@ -76,9 +76,9 @@ class DaemonChunkStore(ChunkStore):
     """Chunk entries in the kvd daemon, through a registered ``kvd.client.handle.ModelHandle``.
 
     Each call is one ``kvd.client.transfer`` transaction, computed under ``exact`` whatever the handle's
-    attention: a chunk entry is computed with every head global, so attachments of any head map share it. Storing reserves a ``kind="chunk"`` entry at
-    ``[0, n)`` (so the daemon's head-aware placement sees a sequence that ends with the chunk), copies
-    each extent straight into the arena, and commits. Loading leases the asked head classes; the
+    attention: a chunk entry is computed with every head global, so attachments of any head map share
+    it. Storing reserves a ``kind="chunk"`` entry at ``[0, n)`` (so the daemon's head-aware placement sees
+    a sequence that ends with the chunk), copies each extent straight into the arena, and commits. Loading leases the asked head classes; the
     entries that pass the transaction's checks (checksums, shapes, no lossy bytes) are copied out, the
     others are absent from the answer (recomputed); then the lease is released.
     """

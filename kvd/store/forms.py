@@ -29,7 +29,7 @@ from kvd.daemon.metrics import Metrics
 from kvd.store.entries import Copy, Entry, Extent
 from kvd.store.index import Level
 from kvd.tiers.base import Buffer, Tier
-from kvd.tiers.record import check_record, decode_record_into, encode_record, unpack_header
+from kvd.tiers.record import check_record, decode_record_into, encode_record, other_layout, unpack_header
 
 Payload = tuple[bytes, str, int | None]  # (bytes for the lower tier, codec, checksum of what a reader gets)
 
@@ -84,7 +84,7 @@ class Forms:
             verify(out, copy.checksum, f"{src.name} copy at {copy.loc.offset}")
             return copy.codec, copy.checksum
         found = unpack_header(data, copy.loc.key)[0].layout
-        if found != layout and (found or src.tier.shared):  # "": written before layouts (a private tier's own)
+        if other_layout(found, layout, src.tier.shared):
             raise RecordMissing(f"{src.name} record {copy.loc.key!r} holds other heads (layout {found or 'unknown'}, "
                                 f"this model's head map makes {layout}): another head map's; not served")
         t0 = time.perf_counter()

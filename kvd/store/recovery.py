@@ -32,6 +32,7 @@ from kvd.core.extents import ExtentPlan, class_kind, keep_span
 from kvd.store.admin import MODEL_META
 from kvd.store.entries import Copy, Entry, EntryKey, Extent
 from kvd.tiers.base import StoredRecord
+from kvd.tiers.record import other_layout
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def _fits(rec: StoredRecord, x: Extent, span, shared: bool) -> ExtentPlan | None
     with none, written before tags, only from a private tier), kind, tokens and attention, and
     the size of ``x``'s layout or of its trimmed form (capacity mode; ``keep_span`` is a function of
     the entry alone, so the span is found again, whatever the settings now)."""
-    if rec.layout != x.plan.layout and (rec.layout or shared):
+    if other_layout(rec.layout, x.plan.layout, shared):
         return None
     n = rec.name
     if (n.kind, n.start_token, n.end_token, n.num_tokens, n.computed_under) != (

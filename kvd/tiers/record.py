@@ -96,6 +96,12 @@ class ExtentHeader:
         return self.fingerprint.partition("/")[2]
 
 
+def other_layout(found: str, want: str, shared: bool) -> bool:
+    """Whether a record of layout tag ``found`` is not a record of an extent laid out as ``want``: another
+    tag, or none (written before tags) in a shared tier, where another daemon's head map may have made it."""
+    return found != want and (bool(found) or shared)
+
+
 def pack_header(h: ExtentHeader) -> bytes:
     fp = h.fingerprint.encode("ascii")
     body = RECORD_HEAD.pack(RECORD_MAGIC, RECORD_FORMAT, CODEC_IDS[h.codec], DTYPE_IDS[h.dtype], *h.shape,

@@ -202,7 +202,6 @@ class KvdCache(Cache):
         """Load the longest stored prefix of ``input_ids [1, T]`` into the empty pool, up to all but
         its last token (which the model computes): the last stored chunk may load in part, so the same
         prompt again computes one token. Returns the tokens loaded (0 on a miss or a fault)."""
-
         h = self.att.handle
         if self.trimmed is not None and not daemon_restores(self.att.guard.keep_prompt, h.chunk_tokens,
                                                             self.att.page_tokens):
@@ -236,7 +235,6 @@ class KvdCache(Cache):
     def store_prefix(self) -> int:
         """Store the whole chunks of this request's prompt that the last forward computed; returns the
         number of chunks newly stored (0 on a fault)."""
-
         h, stash, pool = self.att.handle, self.stash, self.pool
         self.stash = None
         if h is None or not stash or pool is None:
@@ -247,12 +245,12 @@ class KvdCache(Cache):
         first = max(self.stored_chunks, -(-start // c))
         if first >= n_full:
             return 0
-        end, s = n_full * c, h.spec
-        kv = torch.empty(s.num_layers, 2, s.num_kv_heads, end, s.head_dim, dtype=getattr(torch, s.kv_dtype))
-        if any(t.dtype != kv.dtype for _, k, v in stash.values() for t in (k, v)):  # a cast after attach, autocast
+        end, s, dtype = n_full * c, h.spec, getattr(torch, h.spec.kv_dtype)
+        if any(t.dtype != dtype for _, k, v in stash.values() for t in (k, v)):  # a cast after attach, autocast
             self.att.warn_once("dtype", "KV computed in %s is not stored under this model's %s fingerprint (cast "
-                               "after attach? attach again)", next(iter(stash.values()))[1].dtype, kv.dtype)
+                               "after attach? attach again)", next(iter(stash.values()))[1].dtype, dtype)
             return 0
+        kv = torch.empty(s.num_layers, 2, s.num_kv_heads, end, s.head_dim, dtype=dtype)
         for layer, (st, k, v) in stash.items():
             lo = first * c
             kv[layer, 0, :, lo:end] = k[:, lo - st : end - st].cpu()

@@ -88,8 +88,9 @@ def load_chunks(model, segments: Sequence[Segment], store: ChunkStore, *, namesp
     """Chunk KV per segment (None for segments not reusable), computing and storing misses.
 
     Returns ``(kv per segment, hits, computed)``: hits count the segments whose entry the store had,
-    computed the entries computed now (a segment repeated in the request is computed once). A miss is computed on its own and used as cached in
-    this request too, so a request's result does not depend on what was cached before it.
+    computed the entries computed now (a segment repeated in the request is computed once). A miss is
+    computed on its own and used as cached in this request too, so a request's result does not depend
+    on what was cached before it.
     """
     device = model.model.embed_tokens.weight.device
     keys = {i: chunk_key(s, namespace=namespace, fingerprint=fingerprint) for i, s in enumerate(segments) if s.reusable}

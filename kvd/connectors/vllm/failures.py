@@ -96,9 +96,8 @@ class BlockGuard:
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        # block -> (loading request, the block's first token, its end: the recompute's start and end)
-        self.blocks: dict[int, tuple[str, int, int]] = {}
-        self.recomputing: set[int] = set()  # guarded blocks their request is computing from their start
+        # block -> (loading request, the block's first token (None once its recompute started), its end)
+        self.blocks: dict[int, tuple[str, int | None, int]] = {}
         self.heard: set[int] = set()  # failed blocks learnt of since the last plan (``StepPlan.heard``)
 
     def failed(self, bad: set[int], block_lists: Mapping[str, Sequence[int]]) -> None:
@@ -109,7 +108,6 @@ class BlockGuard:
             for i, b in enumerate(blocks):
                 if b in bad:
                     self.blocks[b] = (rid, i * self.block_size, (i + 1) * self.block_size)
-                    self.recomputing.discard(b)
                     owned.add(b)
         for b in bad - owned:  # no tracked request recomputes it: guarded until allocated afresh
             self.blocks[b] = ("", NO_FAILURE, NO_FAILURE)
@@ -120,11 +118,11 @@ class BlockGuard:
         (vLLM gave it back as a prefix hit, e.g. to the loader resumed after preemption, or it is one
         vLLM lets keep a block another request recomputes) never rewrites it."""
         for b, (owner, start, end) in list(self.blocks.items()):
-            if owner == rid and (b in self.recomputing or computed <= start):
-                self.recomputing.add(b)
+            if owner == rid and (start is None or computed <= start):
                 if end <= token:
                     del self.blocks[b]
-                    self.recomputing.discard(b)
+                else:
+                    self.blocks[b] = (owner, None, end)  # under way: later steps continue it
 
     def allocated(self, so, pending_load: Mapping[str, int]) -> None:
         """Let go of the blocks vLLM's ``SchedulerOutput`` ``so`` allocated anew: a request's blocks past
@@ -141,7 +139,6 @@ class BlockGuard:
                 fresh += new[0][hit // self.block_size:]
         for b in fresh:
             self.blocks.pop(b, None)
-            self.recomputing.discard(b)
 
     def plan_fields(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(heard, guarded)`` for the next plan; ``heard`` only once."""
