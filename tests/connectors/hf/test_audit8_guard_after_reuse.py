@@ -29,13 +29,6 @@ def _map() -> HeadMap:
     return HeadMap.from_classes("smollm2-test", (torch.rand(30, 3, generator=g) < 0.2).tolist(), sink=4, window=32)
 
 
-@pytest.fixture
-def model(smollm2_fp32):
-    m, _ = smollm2_fp32
-    yield m
-    hf.detach(m)
-
-
 def test_the_guard_watches_a_request_prefilled_by_chunk_reuse(model):
     segments = [Segment(_ids(8, 1)), Segment(_ids(40, 2), reusable=True), Segment(_ids(30, 3), reusable=True),
                 Segment(_ids(10, 4))]

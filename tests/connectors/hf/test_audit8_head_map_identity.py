@@ -20,13 +20,6 @@ pytestmark = pytest.mark.model
 SHIPPED = "config/heads/smollm2-135m.json"
 
 
-@pytest.fixture
-def model(smollm2_fp32):
-    m, _ = smollm2_fp32
-    yield m
-    hf.detach(m)
-
-
 def test_a_head_map_made_for_other_weights_is_refused(model):
     other = HeadMap.load(SHIPPED).model_copy(update={"fingerprint": "0" * 32})
     with pytest.raises(HeadMapError, match="other weights"):

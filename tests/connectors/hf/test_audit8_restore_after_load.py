@@ -30,13 +30,6 @@ def _map() -> HeadMap:
                                 window=torch.randint(16, 48, (30, 3), generator=g).tolist())
 
 
-@pytest.fixture
-def model(smollm2_fp32):
-    m, _ = smollm2_fp32
-    yield m
-    hf.detach(m)
-
-
 def test_restore_after_a_head_aware_prefix_load_gives_the_stored_kv_back(model, tmp_path):
     ids = torch.randint(100, 20000, (1, 100), generator=torch.Generator().manual_seed(4))
     d = DaemonProc(tmp_path, env_extra={"KVD_KEYS__CHUNK_TOKENS": "32"}).start()

@@ -29,13 +29,6 @@ def _small_window_map(seed: int = 0) -> HeadMap:
     return HeadMap.from_classes("smollm2-test", is_global, sink=4, window=windows)
 
 
-@pytest.fixture
-def model(smollm2_fp32):
-    m, _ = smollm2_fp32
-    yield m
-    hf.detach(m)
-
-
 def test_all_global_equals_plain_transformers_in_two_chunks(model):
     ids = _ids(120, 1)
     with torch.no_grad():

@@ -26,13 +26,6 @@ SHIPPED = HeadMap.load(Path(__file__).resolve().parents[3] / "kvd/data/heads/smo
 C, N = 32, 19  # chunk tokens; chunks stored by request 1 (608 tokens)
 
 
-@pytest.fixture
-def model(smollm2_fp32):
-    m, _ = smollm2_fp32
-    yield m
-    hf.detach(m)
-
-
 def _expected(plans, position: int, chunks: int) -> list[set[str]]:
     return [{c for c, p in plans.items() if needed(p, i * C, C, position)} for i in range(chunks)]
 

@@ -52,13 +52,6 @@ def prompt(smollm2_fp32) -> torch.Tensor:
     return tok(tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True), return_tensors="pt")["input_ids"]
 
 
-@pytest.fixture
-def model(smollm2_fp32):
-    m, _ = smollm2_fp32
-    yield m
-    hf.detach(m)
-
-
 def guarded(model, ids: torch.Tensor, max_new: int, **attach):
     with torch.no_grad():
         cache = hf.attach(model, head_map=aggressive_map(), guard=GUARD, **attach)

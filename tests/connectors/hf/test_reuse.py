@@ -20,32 +20,30 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture
-def model(smollm2_fp32):
-    m, _ = smollm2_fp32
-    yield m
-    hf.detach(m)
-
-
 def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
     p, q = ref.float().log_softmax(-1), got.float().log_softmax(-1)
     return float((p.exp() * (p - q)).sum())
 
 
+def _shifted_and_computed(m, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 40-token chunk's KV computed at [0, 40) and shifted to ``offset`` (``assemble_cached``), and the
+    model's own layer-0 keys of those tokens computed at [offset, offset + 40): ``(cached, kv, keys)``."""
+    doc = Segment(_ids(40, 1), reusable=True)
+    with torch.no_grad():
+        kv = compute_chunk(m, doc)
+        asm = assemble([Segment(_ids(offset, 2)), doc], [False, True])
+        cached = assemble_cached(asm, [None, kv], model_inv_freq(m), num_layers=30, num_kv_heads=3,
+                                 head_dim=64, dtype=torch.float32, device="cpu")
+        dc = DynamicCache(config=m.config)
+        m(torch.tensor([doc.token_ids]), position_ids=torch.arange(offset, offset + 40)[None], past_key_values=dc)
+    return cached, kv, dc.layers[0].keys[0]  # keys: [3, 40, 64]
+
+
 def test_rope_shift_of_layer0_keys_matches_keys_computed_at_new_positions(model):
     """Layer-0 keys depend on token and position only: the chunk's keys computed at [0, 40) and shifted
     by 300 equal the keys computed at [300, 340)."""
-    doc = Segment(_ids(40, 1), reusable=True)
-    with torch.no_grad():
-        kv = compute_chunk(model, doc)
-        asm = assemble([Segment(_ids(300, 2)), doc], [False, True])
-        cached = assemble_cached(asm, [None, kv], model_inv_freq(model), num_layers=30, num_kv_heads=3,
-                                 head_dim=64, dtype=torch.float32, device="cpu")
-        dc = DynamicCache(config=model.config)
-        model(torch.tensor([doc.token_ids]), position_ids=torch.arange(300, 340)[None], past_key_values=dc)
-    want = dc.layers[0].keys[0]  # [3, 40, 64]
-    got = cached[0, 0, :, 300:340]
-    assert (got - want).abs().max() <= 1e-4
+    cached, kv, want = _shifted_and_computed(model, 300)
+    assert (cached[0, 0, :, 300:340] - want).abs().max() <= 1e-4
     assert torch.equal(cached[1, 0, :, 300:340], kv[0, 1])  # values are not rotated
 
 
@@ -119,16 +117,8 @@ def test_rope_shift_uses_the_frequencies_of_a_model_cast_to_bf16(model):
 
     m = copy.deepcopy(model).to(torch.bfloat16)
     assert m.model.rotary_emb.inv_freq.dtype == torch.bfloat16
-    doc = Segment(_ids(40, 1), reusable=True)
-    with torch.no_grad():
-        kv = compute_chunk(m, doc)
-        asm = assemble([Segment(_ids(2000, 2)), doc], [False, True])
-        cached = assemble_cached(asm, [None, kv], model_inv_freq(m), num_layers=30, num_kv_heads=3,
-                                 head_dim=64, dtype=torch.float32, device="cpu")
-        dc = DynamicCache(config=m.config)
-        m(torch.tensor([doc.token_ids]), position_ids=torch.arange(2000, 2040)[None], past_key_values=dc)
-    want = dc.layers[0].keys[0].float()  # [3, 40, 64], |k| up to about 7
-    assert (cached[0, 0, :, 2000:2040] - want).abs().max() <= 0.1
+    cached, _, want = _shifted_and_computed(m, 2000)
+    assert (cached[0, 0, :, 2000:2040] - want.float()).abs().max() <= 0.1  # |k| up to about 7
 
 
 def test_chunk_entries_in_the_daemon_are_shared_by_head_mapped_and_exact_caches(model, tmp_path):
