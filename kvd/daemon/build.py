@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 from kvd.core.config import Settings
@@ -51,12 +52,31 @@ async def build_tiers(settings: Settings, tenants: Tenants, io: ThreadPoolExecut
         logger.info("host arena %s%s: %d MiB in %d slots of %d KiB", a.path, f" (tenant {p})" if p else "",
                     a.capacity_bytes >> 20, a.num_slots, a.slot_bytes >> 10)
     if settings.ssd.enabled:
-        tiers.append(await asyncio.get_running_loop().run_in_executor(
-            io, lambda: SsdTier(settings.ssd_path(), settings.ssd)))
+        ssd = await asyncio.get_running_loop().run_in_executor(io, lambda: SsdTier(settings.ssd_path(), settings.ssd))
+        tiers.append(ssd)
+        check_disk_room(ssd)
     remote = await remote_tier(settings, io) if settings.remote.enabled else None
     if remote is not None:
         tiers.append(remote)
     return remote
+
+
+def check_disk_room(ssd: SsdTier) -> bool:
+    """Warn when the disk under ``ssd.path`` cannot hold ``ssd.capacity_bytes``; True if it can.
+
+    Not an error: the daemon serves on (a disk that fills makes LMDB's write fail, the records stay
+    unwritten and are counted in ``kvd_tier_write_failures_total``; nothing written is lost), and
+    disks are shared, so what is free now says little of later. But a capacity the disk cannot reach
+    is a setting to fix, and the log at start is where an operator looks."""
+    data = ssd.path / "data.mdb"
+    kept = data.stat().st_blocks * 512 if data.exists() else 0  # what LMDB's file already holds on disk
+    room = shutil.disk_usage(ssd.path).free + kept
+    if room >= ssd.capacity_bytes:
+        return True
+    logger.warning("ssd.capacity_bytes = %d, but the disk under %s has room for %d bytes (%d free, %d in kvd's "
+                   "file): the disk fills first, and then demotions to SSD fail (kvd_tier_write_failures_total); "
+                   "lower ssd.capacity_bytes or free the disk", ssd.capacity_bytes, ssd.path, room, room - kept, kept)
+    return False
 
 
 def gpu_tier(settings: Settings, tenants: Tenants, ipc=None) -> GpuTier | None:

@@ -73,3 +73,25 @@ def test_sighup_during_start_up_sends_no_ready_before_the_socket_serves(tmp_path
         d.kill()
         notify.close()
         silent.close()
+
+
+def test_an_ssd_capacity_the_disk_cannot_hold_is_warned_at_start(tmp_path, caplog):
+    """ssd.capacity_bytes (64 GiB by default) was never compared with the disk: a daemon on a small
+    disk started silently and its demotions began failing once the disk filled."""
+    import shutil
+
+    from kvd.core.config import SsdSettings
+    from kvd.daemon.build import check_disk_room
+    from kvd.tiers.ssd import SsdTier
+
+    free = shutil.disk_usage(tmp_path).free
+    fits = SsdTier(tmp_path / "fits", SsdSettings(capacity_bytes=1 << 20), sync=False)
+    too_big = SsdTier(tmp_path / "big", SsdSettings(capacity_bytes=2 * free, map_size_bytes=1 << 24), sync=False)
+    try:
+        with caplog.at_level("WARNING", logger="kvd"):
+            assert check_disk_room(fits) and not caplog.records
+            assert not check_disk_room(too_big)
+        assert "ssd.capacity_bytes" in caplog.text and str(tmp_path / "big") in caplog.text
+    finally:
+        fits.close()
+        too_big.close()
