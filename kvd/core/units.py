@@ -49,6 +49,8 @@ def parse_size(value: object) -> object:
     >>> parse_size("16G") == parse_size("16GiB") == 16 << 30, parse_size("2GB")
     (True, 2000000000)
     """
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        raise ValueError(f"{value} is negative: a size is a number of bytes, 0 or more")
     if not isinstance(value, str):
         return value
     m = _SIZE.match(value)

@@ -24,6 +24,14 @@ def test_bad_sizes_say_how_to_write_one(text):
         parse_size(text)
 
 
+@pytest.mark.parametrize("value", [-5, -1.0])
+def test_a_negative_number_of_bytes_says_so(value):
+    """``capacity_bytes = -5`` in TOML was refused as "could not parse value and unit from byte
+    string" (pydantic's words for a string), though it is a number and the fault is its sign."""
+    with pytest.raises(ValueError, match="negative"):
+        parse_size(value)
+
+
 @given(st.integers(min_value=0, max_value=1 << 50), st.sampled_from(["K", "KiB", "M", "MiB", "G", "GiB"]))
 def test_binary_suffixes_round_trip(n, unit):
     assert parse_size(f"{n}{unit}") == n * 1024 ** (1 + "KMG".index(unit[0]))
