@@ -285,7 +285,7 @@ def _control_plane_note(d: dict) -> str:
         f"(milliseconds): {share:.2%} of this run's lookups did. The share is about the lookup's own time "
         "over the scheduler's slice, so the back-to-back p99 is under 2 ms only while it stays under 1 %: "
         "1.5 % with a 45-83 µs lookup (2026-12-06, p99 12.2 ms); 0.73 %, 0.65 % and 0.89 % in three runs "
-        "of the commit before this run's (`control_plane.rerun.json`, `.run2.json`, `.run3.json`: p99 0.14, "
+        "at 2e08505 (`control_plane.rerun.json`, `.run2.json`, `.run3.json`: p99 0.14, "
         "0.11 and 0.15 ms), since the lookup takes half the time: 17.9 against "
         "36.0 µs, the fastest of alternated runs of the two commits (`local_lookup.ab.json`). With 1 ms "
         "between one client's lookups (the paced rows) the cores have room and p99 is the lookup's own "
