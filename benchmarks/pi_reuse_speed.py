@@ -14,9 +14,10 @@ global-head share and the window mix are the ones the fidelity benchmark measure
 come from ``kvd.reuse.plan.method_config``, shared with benchmarks/pi_reuse_fidelity.py.
 
 Checks before timing (written to the JSON): the Triton SegPaged and RoPE-shift kernels against their
-torch references on random inputs; the engine's full recompute against ``model.forward``; kvd's
-forward with the Triton kernels against the sdpa fallback. If the kernels fail, every method runs
-with the sdpa fallbacks (``attention_backend`` says which).
+torch references on random inputs; the engine's full recompute against ``model.forward`` (a gate: its
+last-token logits must agree in argmax and to cosine ``RECOMPUTE_MIN_COS``, else nothing is timed and
+the run exits non-zero); kvd's forward with the Triton kernels against the sdpa fallback. If the
+kernels fail, every method runs with the sdpa fallbacks (``attention_backend`` says which).
 
 Run on the device: ``python benchmarks/pi_reuse_speed.py --out $OUT``; locally: ``--smoke`` (a tiny
 model on the CPU, to check the script). ``--plot`` draws accuracy (from pi_reuse_fidelity.json)
@@ -55,6 +56,23 @@ FULL = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hi
 SMOKE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, head_dim=16)
 NAMESPACE, FINGERPRINT = "bench", "0" * 32
+RECOMPUTE_MIN_COS = 0.999  # the engine's recompute vs model.forward, last-token logits (1.0000 on the H200)
+
+
+class GateFailed(RuntimeError):
+    """A correctness check before timing failed: nothing is timed."""
+
+
+def recompute_gate(checks: dict) -> str | None:
+    """Why the engine's full recompute disagrees with ``model.forward`` (None: it agrees). The engine
+    path (page pool, chunk store, ``reuse_request``) is what every method is timed through, so a
+    recompute that gives other logits than the model means every TTFT below times a wrong computation."""
+    cos, top1 = checks.get("recompute_vs_model_cos"), checks.get("recompute_vs_model_top1")
+    if cos is None or top1 is None:
+        return "the recompute check did not run"
+    if not top1 or not cos >= RECOMPUTE_MIN_COS:
+        return f"the engine's recompute differs from model.forward: cos {cos:.6f}, same top-1 {top1}"
+    return None
 
 
 def split_methods(text: str) -> list[str]:
@@ -185,6 +203,11 @@ def run_checks(model, segs, store, head_map, device: str, dtype, res: dict) -> s
             backend = "dense"
     res.setdefault("checks", {}).update(out)
     res["attention_backend"] = backend
+    why = recompute_gate(out)
+    res["gate_passed"] = why is None
+    if why is not None:
+        res["gate_failure"] = why
+        raise GateFailed(why)
     return backend
 
 
@@ -239,7 +262,12 @@ def main(argv=None) -> int:
         res["chunks_s"] = round(time.perf_counter() - t0, 2)
         res["num_tokens"] = sum(len(s) for s in segs)
         save()
-        backend = run_checks(model, segs, store, head_map, device, dtype, res)
+        try:
+            backend = run_checks(model, segs, store, head_map, device, dtype, res)
+        except GateFailed as e:
+            save()
+            print(f"correctness gate failed, nothing timed: {e}", file=sys.stderr)
+            return 1
         save()
         time_methods(model, segs, store, head_map, device, dtype, backend, args, res, save)
     save()
