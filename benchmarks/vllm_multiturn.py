@@ -32,7 +32,8 @@ kvd connector; they differ only in ``save_decode``.
    ``vllm_e2e.py``, 2 GB L1), at its defaults: engine ``store_lmcache`` answers turn 1 of every
    conversation through ``LMCacheMPConnector``, then a fresh ``reader_lmcache`` serves turn 2 (its
    own answer's tokens). Gate: its answers equal the recompute of the same tokens (computed by
-   ``reader`` under an unused salt); the tokens it loads are reported, whatever they are. Timed in
+   ``reader`` under an unused salt) and it loaded some tokens (a miss would time a recompute); how many
+   it loads is reported, whatever it is. Timed in
    its own phase after the kvd reader's (one engine at a time on the pinned core), same rounds.
 
 That loading KV computed by other weights or tokens fails this gate is shown by ``vllm_e2e.py
@@ -229,9 +230,11 @@ def lmcache_turn2(root: Path, model_dir: Path, turn2: dict, lmc: LMCacheServer, 
         for i in range(gate_n):
             got = eng.ask("check", f"lmcache:C{i}", salt="lmcache")  # turn 1's salt: LMCache keys by it too
             out["lmcache_gate"][f"C{i}"] = {"answer_equal": same_answer(got, refs[f"C{i}"]), "cached": got["cached"]}
-        out["lmcache_gate_passed"] = all(g["answer_equal"] for g in out["lmcache_gate"].values())
+        # a hit, not a recompute: an LMCache engine that loaded nothing answers as the recompute does, and its
+        # "TTFT" would be a recompute's (as vllm_e2e's gate, cached > 0)
+        out["lmcache_gate_passed"] = all(g["answer_equal"] and g["cached"] > 0 for g in out["lmcache_gate"].values())
         if not out["lmcache_gate_passed"]:
-            out["lmcache_blocker"] = "LMCache's turn-2 answers differ from the recompute: not timed"
+            out["lmcache_blocker"] = "LMCache's turn-2 answers differ from the recompute, or it loaded nothing: not timed"
             return out
         times, cached, wrong = [], [], 0
         for i in range(gate_n, n):
