@@ -26,7 +26,7 @@ Cost: what is read does not grow with the model's size, only with its tensor cou
 (16 GB, 291 tensors in 4 shards) 4 headers and 873 reads of at most 4 KiB (3.5 MB); for SmolLM2 (270
 MB, 272 tensors, one file) 2.7 MB, measured 0.09 s with the file out of the page cache and 6 ms in
 it (``full=True``: 0.4 s here; on an 8B model, 16 GB at the disk's speed). Each process computes it
-once per directory (cached by path and the files' sizes and modification times).
+once per directory (cached by path and the files' inodes, sizes, modification and change times).
 
 ``model_id`` is ``<model_type>@<32 hex>`` (``llama@635f…``): equal for the same weights wherever the
 directory lives or however it is named, different when any hashed byte differs. A hub name
@@ -118,18 +118,21 @@ def _hash_tensors(h, files: list[Path], full: bool) -> int | None:
     """Every tensor of a safetensors model, in name order: name, dtype, shape, sampled bytes (offsets
     relative to the tensor). Independent of file names, sharding and layout order; None if a file is
     not safetensors."""
-    tensors: dict[str, tuple[Path, str, list[int], int, int]] = {}
+    # name -> every file's copy of it, in file order: a name in two files (shards beside a leftover
+    # single file) is hashed in both, since which one an engine loads is not the directory's to say
+    tensors: dict[str, list[tuple[Path, str, list[int], int, int]]] = {}
     for path in files:
         index = _safetensors_index(path)
         if index is None:
             return None
-        tensors.update({name: (path, *entry) for name, entry in index.items()})
+        for name, entry in index.items():
+            tensors.setdefault(name, []).append((path, *entry))
     read = 0
     for name in sorted(tensors):
-        path, dtype, shape, lo, hi = tensors[name]
-        h.update(f"tensor\0{name}\0{dtype}\0{shape}\0{hi - lo}\0".encode())
-        ranges = [(lo, hi)] if full else _sample_ranges(lo, hi)
-        read += _read(path, ranges, h, base=lo)
+        for path, dtype, shape, lo, hi in tensors[name]:
+            h.update(f"tensor\0{name}\0{dtype}\0{shape}\0{hi - lo}\0".encode())
+            ranges = [(lo, hi)] if full else _sample_ranges(lo, hi)
+            read += _read(path, ranges, h, base=lo)
     return read
 
 
@@ -197,7 +200,8 @@ _CACHE: dict[tuple, ModelIdentity | None] = {}
 
 
 def _signature(root: Path) -> tuple:
-    """What invalidates a cached identity: the files' names, sizes and modification times."""
+    """What invalidates a cached identity: the files' names, inodes, sizes, modification times and
+    change times (which no one can set back: bytes rewritten with the size and mtime kept still count)."""
     paths = _weight_files(root) + ([root / "config.json"] if root.is_dir() else [])
     out = []
     for p in paths:
@@ -205,7 +209,7 @@ def _signature(root: Path) -> tuple:
             st = p.stat()
         except OSError:
             continue
-        out.append((p.name, st.st_size, st.st_mtime_ns))
+        out.append((p.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(out)
 
 

@@ -162,3 +162,36 @@ def test_smollm2_identity_reads_little(smollm2_dir):
     size = (smollm2_dir / "model.safetensors").stat().st_size
     assert ident.model_id.startswith("llama@")
     assert ident.bytes_read < 0.02 * size
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_is_identified_again(tmp_path):
+    """The per-process cache must not outlive the bytes: weights replaced by others of the same size
+    with the old modification time put back (``cp -p``, ``rsync -t``, ``tar x``, or files whose mtime a
+    build pinned) are other weights. The cache keyed on name, size and mtime kept the old identity."""
+    a = make_model(tmp_path / "a")
+    weights = a / "model.safetensors"
+    st = weights.stat()
+    first = model_identity(a)
+    other = make_model(tmp_path / "other", seed=1) / "model.safetensors"
+    assert other.stat().st_size == st.st_size
+    weights.write_bytes(other.read_bytes())
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert model_identity(a).model_id != first.model_id
+    assert model_identity(a).model_id == model_identity(tmp_path / "other").model_id
+
+
+def test_a_tensor_name_in_two_files_counts_in_both(tmp_path):
+    """A directory holding its shards and a leftover single file with the same tensor names (vLLM and
+    transformers load the shards the index names): the identity hashed only the name's last file in
+    sorted order, so two models with different shards beside the same leftover got one identity."""
+    rng = np.random.default_rng(7)
+    leftover = {"embed": rng.standard_normal((512, 64), dtype=np.float32),
+                "layers.0.q": rng.standard_normal((64, 64), dtype=np.float32), "norm": np.ones(64, dtype=np.float32)}
+    ids = []
+    for seed in (1, 2):
+        root = tmp_path / f"m{seed}"
+        make_model(root, seed=seed, name="model-00001-of-00001.safetensors")
+        write_safetensors(root / "model.safetensors", leftover)  # sorts after the shard: it won
+        ids.append(model_identity(root).model_id)
+    assert ids[0] != ids[1]
