@@ -13,6 +13,7 @@ registers it (``tests/connectors/sglang/test_cross_engine.py`` checks it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from kvd.connectors.sglang.pages import HostPages
 from kvd.core import dtypes
 from kvd.core.errors import ConfigError, InvalidRequest
 from kvd.core.headmap import HeadMap, load_for_rank
-from kvd.core.identity import choose_model_id
+from kvd.core.identity import choose_model_id, resolve_model_dir
 from kvd.core.keys import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -85,14 +86,56 @@ def _rope_of(path: Path) -> dict[str, Any] | None:
     return dict(rope)
 
 
+def _load_changes(server_args: Any, config_dir: Path | None, kv_dtype: str) -> str | None:
+    """What SGLang changes of the files' model on load (``choose_model_id``'s ``variant``), from its
+    server arguments: weights quantized at load (``--quantization`` on a checkpoint whose config.json
+    has no ``quantization_config``), config overrides (``--json-model-override-args``, e.g. YaRN RoPE),
+    and fp8 KV scaled by a file's factors (``--quantization-param-path``). Each computes other KV than
+    the plain files, so it must never share the plain files' fingerprint."""
+    if server_args is None:
+        return None
+    parts = []
+    method = getattr(server_args, "quantization", None)
+    if method and "quantization_config" not in _file_config(config_dir):
+        parts.append(str(method))
+    overrides = getattr(server_args, "json_model_override_args", None) or "{}"
+    try:
+        doc = json.loads(overrides) if isinstance(overrides, str) else overrides
+    except ValueError:
+        doc = overrides
+    if doc:
+        parts.append("cfg-" + _digest(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()))
+    scales = getattr(server_args, "quantization_param_path", None)
+    if scales and kv_dtype.startswith("float8"):  # SGLang reads the factors only for fp8 KV
+        try:
+            raw = Path(scales).read_bytes()
+        except OSError:
+            raw = str(scales).encode()
+        parts.append("kvscales-" + _digest(raw))
+    return "+".join(parts) or None
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def _file_config(config_dir: Path | None) -> dict[str, Any]:
+    try:
+        doc = json.loads((config_dir / "config.json").read_text()) if config_dir is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: BackendSettings, *,
-                           whole_heads: int | None = None) -> ModelSpec:
+                           whole_heads: int | None = None, server_args: Any = None) -> ModelSpec:
     """The ``ModelSpec`` of this rank's KV. Refuses (``ConfigError``) what kvd cannot key correctly.
 
     A rank that holds part of the model (tensor, pipeline or attention context parallelism) keys its
     own heads or layers: the shard goes into ``model_id``, so ranks never read each other's KV.
     ``whole_heads``: the whole model's spec instead (that many KV heads, no shard), as a one-rank engine
-    registers it, against which a head map is checked before it is split (``load_head_map``)."""
+    registers it, against which a head map is checked before it is split (``load_head_map``).
+    ``server_args``: SGLang's, for what it changes of the model on load (``_load_changes``)."""
     if getattr(storage_config, "is_mla_model", False):
         raise ConfigError("kvd's SGLang backend stores MHA KV per head; this model uses MLA (remove the kvd backend)")
     name = settings.model_id or storage_config.model_name or ""
@@ -105,10 +148,6 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
         shard.append(f"layers{pages.start_layer}-{pages.start_layer + pages.num_layers}")
     path = Path(settings.model_path or str(storage_config.model_name or "")).expanduser()
     rope = _rope_of(path) if str(path) else None
-    # The content identity of the model's files (kvd.core.identity), as vLLM's connector and the
-    # transformers adapter derive it: one model, one fingerprint, whichever engine registers it.
-    model_id, revision = choose_model_id(path if str(path) else name, explicit=settings.model_id,
-                                         revision=settings.revision)
     if rope is None:
         logger.warning("kvd: no model config found for %r; the fingerprint has no RoPE parameters, so KV is "
                        "shared only with engines that also leave them out (set \"model_path\")", name)
@@ -116,13 +155,19 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
         kv_dtype = dtypes.kv_dtype_name(pages.dtype)
     except InvalidRequest as e:
         raise ConfigError(f"SGLang's host KV pool: {e}") from None
+    # The content identity of the model's files (kvd.core.identity), as vLLM's connector and the
+    # transformers adapter derive it: one model, one fingerprint, whichever engine registers it.
+    source = path if str(path) else name
+    model_id, revision = choose_model_id(source, explicit=settings.model_id, revision=settings.revision,
+                                         variant=_load_changes(server_args, resolve_model_dir(
+                                             source, settings.revision or None), kv_dtype))
     return ModelSpec(model_id=model_id + (f" [{' '.join(shard)}]" if shard else ""), revision=revision,
                      num_layers=pages.num_layers, num_kv_heads=whole_heads or pages.num_heads, head_dim=pages.head_dim,
                      kv_dtype=kv_dtype, rope=rope or {}, layout="canonical")
 
 
-def load_head_map(settings: BackendSettings, spec: ModelSpec, storage_config: Any, pages: HostPages
-                  ) -> HeadMap | None:
+def load_head_map(settings: BackendSettings, spec: ModelSpec, storage_config: Any, pages: HostPages,
+                  server_args: Any = None) -> HeadMap | None:
     """The ``head_map`` setting's map for this rank: under tensor parallelism, the rank's heads' part of
     the whole model's map (``kvd.core.headmap.load_for_rank``; the whole model's KV head count is read
     from its config.json). Pipeline or context parallelism with a head map is refused."""
@@ -138,7 +183,7 @@ def load_head_map(settings: BackendSettings, spec: ModelSpec, storage_config: An
     if total is None:
         raise ConfigError("a head_map under tensor parallelism needs the model's config.json (its KV head count "
                           "is split over the ranks); set \"model_path\" in the extra config")
-    whole = model_spec_from_sglang(storage_config, pages, settings, whole_heads=total)
+    whole = model_spec_from_sglang(storage_config, pages, settings, whole_heads=total, server_args=server_args)
     return load_for_rank(settings.head_map, spec, whole=whole, rank=int(storage_config.tp_rank), size=tp)
 
 

@@ -53,6 +53,20 @@ logger = logging.getLogger(__name__)
 SUPPORTED_SGLANG = ("0.5.23",)  # the storage API and host layouts this module was written and tested against
 
 
+def _server_args() -> Any:
+    """SGLang's server arguments in this process (what it changes of the model on load goes into the
+    fingerprint: ``settings._load_changes``); None, with a warning, where this SGLang does not say."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        return get_server_args()
+    except Exception as e:  # noqa: BLE001 - another SGLang version, or no context published
+        logger.warning("kvd: SGLang's server arguments are not readable here (%s); --quantization, "
+                       "--json-model-override-args and --quantization-param-path are not in the fingerprint: "
+                       "set \"model_id\" to tell such servers apart", e)
+        return None
+
+
 class KvdHiCacheStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None) -> None:
         self.storage_config = storage_config
@@ -65,8 +79,10 @@ class KvdHiCacheStorage(HiCacheStorage):
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
         pages = HostPages(mem_pool_host)
-        spec = model_spec_from_sglang(self.storage_config, pages, self.settings)
-        session = open_session(self.settings, spec, load_head_map(self.settings, spec, self.storage_config, pages))
+        args = _server_args()
+        spec = model_spec_from_sglang(self.storage_config, pages, self.settings, server_args=args)
+        session = open_session(self.settings, spec,
+                               load_head_map(self.settings, spec, self.storage_config, pages, server_args=args))
         if self.io is not None:
             self.io.close()
         self.pages = pages
