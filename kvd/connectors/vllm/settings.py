@@ -11,6 +11,8 @@ weights. ``open_session`` builds the role's
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -124,7 +126,7 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
     # derive the same one from the same files, so KV is shared across engines without a model_id.
     model_id, revision = choose_model_id(str(mc.model), explicit=settings.model_id,
                                          revision=str(getattr(mc, "revision", None) or ""),
-                                         variant=_quantized_on_load(mc))
+                                         variant=_load_changes(mc, settings))
     return ModelSpec(
         model_id=model_id + (f" [tp{tp_rank}/{tp}]" if tp > 1 else ""),
         revision=revision,
@@ -141,6 +143,23 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
 
 def tp_size(vllm_config: Any) -> int:
     return int(vllm_config.parallel_config.tensor_parallel_size)
+
+
+def _load_changes(mc: Any, settings: ConnectorSettings) -> str | None:
+    """What vLLM changes of the files' model on load, as ``choose_model_id``'s ``variant``: weights
+    quantized at load (``_quantized_on_load``) and ``hf_overrides`` (``cfg-<hash>``: any overridden
+    config value may change the KV, and the content identity hashes the files' config.json). A callable
+    override cannot be named: refused unless ``model_id`` names the model."""
+    parts = [_quantized_on_load(mc)]
+    overrides = getattr(mc, "hf_overrides", None)
+    if callable(overrides):
+        if not settings.model_id:
+            raise ConfigError("vLLM's hf_overrides is a function, whose changes to the model kvd cannot name; set "
+                              "model_id in kv_connector_extra_config to name the model it makes")
+    elif overrides:
+        blob = json.dumps(overrides, sort_keys=True, separators=(",", ":"), default=str).encode()
+        parts.append("cfg-" + hashlib.blake2b(blob, digest_size=8).hexdigest())
+    return "+".join(p for p in parts if p) or None
 
 
 def _quantized_on_load(mc: Any) -> str | None:
