@@ -100,6 +100,7 @@ class Writes:
         if existing is not None:
             existing.seen += 1
             existing.last_access = self.clock()
+            self.background.on_seen(existing)  # a sighting: admission counts it, and may queue its write-back
             if existing.computed_under == computed_under:
                 for a in r.aliases:
                     self.index.add_alias(existing, a.hash, a.num_tokens)
