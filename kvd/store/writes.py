@@ -114,8 +114,9 @@ class Writes:
         end = r.end_token if r.end_token is not None else r.start_token + r.num_tokens
         entry = new_entry(model, key, kind=r.kind, num_tokens=r.num_tokens, start_token=r.start_token, end_token=end,
                           computed_under=computed_under, now=now)
-        for lv in levels:
-            if not lv.tier.fits(entry.nbytes, entry.name(next(iter(entry.extents)))):
+        name = entry.name(next(iter(entry.extents)))
+        for lv in levels:  # each extent takes whole slots: the entry needs the sum of their footprints
+            if not lv.tier.fits(sum(lv.tier.footprint(x.nbytes, name) for x in entry.extents.values()), name):
                 continue  # can never fit there: refused before anything is evicted
             if await self._reserve_in(entry, lv):
                 return entry

@@ -85,9 +85,9 @@ class TierStats:
 
 
 class Tier(ABC):
-    """One place that holds bytes. Five abstract methods; ``fits``, ``write_many``, ``scan``,
-    ``put_meta``/``get_meta`` and ``close`` are optional hooks (refusing what can never fit, batched
-    writes for transactional stores, the index rebuild at start, OS resources)."""
+    """One place that holds bytes. Five abstract methods; ``fits``/``footprint``, ``write_many``,
+    ``scan``, ``put_meta``/``get_meta`` and ``close`` are optional hooks (refusing what can never fit,
+    batched writes for transactional stores, the index rebuild at start, OS resources)."""
 
     name: str
     capacity_bytes: int
@@ -128,6 +128,11 @@ class Tier(ABC):
         extent's partition of it) empty: a request that can never fit is refused at once instead of
         evicting everything first."""
         return nbytes <= self.capacity_bytes
+
+    def footprint(self, nbytes: int, name: ExtentName | None = None) -> int:
+        """Bytes a reservation of ``nbytes`` takes here (memory tiers: whole slots): what several
+        extents need together is the sum of their footprints, not of their sizes."""
+        return nbytes
 
     def write_many(self, items: Iterable[tuple[Location, Buffer]]) -> None:
         """Store several extents; tiers with transactions (LMDB) override this to batch them."""

@@ -118,6 +118,10 @@ class GpuTier(Tier):
         pool = self.pools.get(self.partition_of(name.namespace) if name is not None else "")
         return pool is not None and pool.slots_for(nbytes) <= pool.num_slots
 
+    def footprint(self, nbytes: int, name: ExtentName | None = None) -> int:
+        pool = self.pools.get(self.partition_of(name.namespace) if name is not None else "")
+        return nbytes if pool is None else pool.slots_for(nbytes) * pool.slot_bytes
+
     def reserve(self, nbytes: int, name: ExtentName | None = None) -> Location | None:
         p = self.partition_of(name.namespace) if name is not None else ""
         pool = self.pools.get(p)

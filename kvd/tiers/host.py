@@ -76,6 +76,10 @@ class HostTier(Tier):
         a = self.arena_of(name)
         return a.slots_for(nbytes) <= a.num_slots
 
+    def footprint(self, nbytes: int, name: ExtentName | None = None) -> int:
+        a = self.arena_of(name)
+        return a.slots_for(nbytes) * a.slot_bytes
+
     def reserve(self, nbytes: int, name: ExtentName | None = None) -> Location | None:
         p = self.partition_of(name.namespace) if name is not None else ""
         a = self.arena(p)

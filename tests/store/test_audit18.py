@@ -26,3 +26,20 @@ async def test_an_entry_admitted_by_a_second_store_is_written_back(tmp_path):
     finally:
         w.close()
 
+
+
+async def test_an_entry_whose_extents_can_never_fit_the_arena_together_evicts_nothing(tmp_path):
+    """A request larger than the tier is refused before anything is evicted (docs/tiers.md). The check
+    compared the entry's bytes with the arena, but each extent takes whole slots: two extents of 7.5
+    slots fit "15 slots" and need 16. The reserve evicted for the first extent, then found no room for
+    the second: entries were dropped for a store that could never be made."""
+    w = World(tmp_path, host={"capacity_bytes": 15 * (128 << 10)})  # 15 slots of 128 KiB
+    try:
+        hs, _ = await w.store_seq(1)  # 4 entries × 2 extents × 1 slot: 8 slots, not admitted
+        r = await w.store.reserve(P.ReserveRequest(fingerprint=w.fp, entries=[
+            P.ReserveEntry(hash="b" * 32, num_tokens=1920)]))  # 2 extents of 7.5 slots: 16 slots
+        assert r.entries[0].status == "no_space"
+        assert all(w.entry(h) is not None for h in hs), "entries were evicted for a store that cannot fit"
+        assert w.host.stats().used_bytes == 8 * (128 << 10)
+    finally:
+        w.close()
