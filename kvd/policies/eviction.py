@@ -4,7 +4,8 @@ A policy decides from metadata only (sizes, counts, times, position, head-class 
 touches bytes and never removes anything itself. The store tells it what happens and asks it whom to
 evict; one policy instance serves one tier:
 
-- ``on_insert(key, meta, now=None)``: the key now lives in the tier (again: its meta is replaced).
+- ``on_insert(key, meta, now=None)``: the key now lives in the tier (again: its meta is replaced and
+  its place kept; the index re-inserts whenever an entry's size there changes, which is not a use).
 - ``on_access(key, now)``: a hit (a lease was taken on it).
 - ``on_remove(key)``: the key left the tier, whatever the reason (eviction, delete, corruption).
 - ``victims(nbytes_needed, *, now, can_evict)``: keys, in eviction order, whose sizes sum to at least
@@ -129,8 +130,7 @@ class LruEviction(EvictionPolicy):
 
     def on_insert(self, key: Key, meta: EntryMeta, now: float | None = None) -> None:
         self._at(now)
-        self._order[key] = meta
-        self._order.move_to_end(key)
+        self._order[key] = meta  # a new key comes last; a known one keeps its place
 
     def on_access(self, key: Key, now: float) -> None:
         self._at(now)
@@ -297,8 +297,8 @@ class CostAwareEviction(EvictionPolicy):
         t = self._at(now)
         cost = recompute_cost(meta.num_tokens, meta.num_layers, meta.start_token, meta.global_fraction,
                               **self._cost_kw)
-        old = self._entries.get(key)
-        s = _Scored(meta, cost, old.reuse_count if old else 0, t)
+        old = self._entries.get(key)  # known: a new size, same history (its score's recency too)
+        s = _Scored(meta, cost, old.reuse_count, old.last_access) if old else _Scored(meta, cost, 0, t)
         self._entries[key] = s
         self._push(key, s)
 

@@ -237,6 +237,18 @@ def test_unknown_keys_are_ignored_and_reinsert_updates_meta(name):
     assert len(policy) == 1
 
 
+
+@pytest.mark.parametrize("name", ["lru", "arc", "cost_aware"])
+def test_reinsert_with_a_new_size_keeps_the_keys_place(name):
+    """The index re-inserts a key whenever its size in the tier changes (an extent written down and let
+    go): not a use. LRU and cost_aware moved it to the most recent end."""
+    policy = make_eviction(PolicySettings(eviction=name))
+    policy.on_insert("old", meta(nbytes=20), now=0)
+    policy.on_insert("new", meta(nbytes=20), now=500)
+    policy.on_insert("old", meta(nbytes=10), now=600)  # half of it left the tier
+    assert policy.victims(1, now=600, can_evict=everyone) == ["old"]
+    assert policy.victims(30, now=600, can_evict=everyone) == ["old", "new"]
+
 def test_make_eviction_names_supported_policies_on_error():
     bad = PolicySettings.model_construct(eviction="fifo", recency_half_life_s=300.0)
     with pytest.raises(ConfigError, match="lru, arc, cost_aware"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvd.core import protocol as P
 from tests.store.test_pipeline import World
 
@@ -41,5 +43,27 @@ async def test_an_entry_whose_extents_can_never_fit_the_arena_together_evicts_no
         assert r.entries[0].status == "no_space"
         assert all(w.entry(h) is not None for h in hs), "entries were evicted for a store that cannot fit"
         assert w.host.stats().used_bytes == 8 * (128 << 10)
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "cost_aware"])
+async def test_writing_entries_down_does_not_make_them_recent_in_the_arena(tmp_path, policy):
+    """The index tells a tier's policy of every copy an entry gains or loses there (``on_insert`` with
+    its new size). LRU and cost_aware took that for a use: when a flush (or a write-back) let an old
+    entry's cold extents leave the arena, it became the most recent there, and entries used since were
+    evicted before it. A size update now keeps an entry's place, as ARC's always did."""
+    w = World(tmp_path, policy=policy)
+    try:
+        old, _ = await w.store_seq(1)
+        w.clock.advance(600)
+        new, _ = await w.store_seq(2)
+        await w.read_back(new)  # used since
+        w.clock.advance(10)
+        assert (await w.store.flush(P.FlushRequest())).count == 8  # cold extents (chunks 1, 2 local) leave the arena
+        assert "host" not in w.entry(old[1]).extents["local"].copies
+        host = w.store.index.landing
+        order = [e.hash for e in w.store.pipeline.space.victims(host, w.host.capacity_bytes, partial=True)]
+        assert set(order[:4]) == set(old), f"entries used since went first: {order}"
     finally:
         w.close()
