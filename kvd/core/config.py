@@ -112,6 +112,9 @@ class GpuSettings(_Section):
     slot_bytes: Size = Field(default=ByteSize(2 << 20), ge=4096, multiple_of=4096)
 
 
+MIN_SSD_BYTES = 64 << 10
+
+
 class SsdSettings(_Section):
     enabled: bool = True
     path: str = ""  # empty: $STATE_DIRECTORY, $XDG_DATA_HOME/kvd or ~/.local/share/kvd, then /ssd
@@ -123,6 +126,18 @@ class SsdSettings(_Section):
     prefetch_deadline_s: float = Field(default=5.0, gt=0, le=600)
     # Longest a write-back / write-through batch waits while engines load (kvd.store.background).
     yield_to_loads_s: float = Field(default=1.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SsdSettings:
+        # LMDB cannot open a map under ~32 KiB (it failed as "not a kvd SSD store"), and a capacity of
+        # 0 stored nothing while every write-down failed.
+        if self.enabled and self.capacity_bytes < MIN_SSD_BYTES:
+            raise ValueError(f"capacity_bytes={int(self.capacity_bytes)} is below 64 KiB; to run without the SSD "
+                             "tier, set enabled = false")
+        if 0 < self.map_size_bytes < MIN_SSD_BYTES:
+            raise ValueError(f"map_size_bytes={int(self.map_size_bytes)} is below LMDB's smallest usable map "
+                             "(64 KiB); 0 means capacity_bytes x 1.25")
+        return self
 
 
 class CodecSettings(_Section):

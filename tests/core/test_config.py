@@ -80,3 +80,16 @@ def test_cli_check_and_print(tmp_path):
     bad.write_text("[host]\ncapacity_bytes = -5\n")
     r = subprocess.run([*kvd, "--check-config", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "host.capacity_bytes = -5" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KVD_SSD__CAPACITY_BYTES": "0"}, "capacity_bytes=0 is below 64 KiB; to run without the SSD tier"),
+    ({"KVD_SSD__CAPACITY_BYTES": "1000"}, "capacity_bytes=1000 is below 64 KiB"),
+    ({"KVD_SSD__MAP_SIZE_BYTES": "4096"}, "map_size_bytes=4096 is below LMDB's smallest usable map"),
+])
+def test_ssd_sizes_lmdb_cannot_use_name_the_setting(env, message):
+    """capacity_bytes = 0 was accepted (nothing stored, every write-down failed) and a map under ~32 KiB
+    stopped the start with "not a kvd SSD store: move it away", blaming an empty directory."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, environ=env)
+    load_settings(None, environ={"KVD_SSD__ENABLED": "false", "KVD_SSD__CAPACITY_BYTES": "0"})  # off: any size
