@@ -254,19 +254,26 @@ class Background:
 
     async def write_back(self) -> None:
         batch_size = self.settings.ssd.write_batch
+        busy: list[EntryKey] = []  # being moved now: queued again for the next step, not dropped
         while self._queue and self.has_lower:
             batch: list[Entry] = []
             nbytes = 0
             while self._queue and nbytes < BATCH_BYTES and len(batch) < batch_size:
                 key, _ = self._queue.popitem(last=False)
                 e = self.index.get(key)
-                if e is not None and self.pipeline.needs_write(e) and key not in self.pipeline.busy:
-                    batch.append(e)
-                    nbytes += e.nbytes
+                if e is None or not self.pipeline.needs_write(e):
+                    continue
+                if key in self.pipeline.busy:
+                    busy.append(key)
+                    continue
+                batch.append(e)
+                nbytes += e.nbytes
             if batch:
                 await self.yield_to_loads()
             for lv in self.index.memory:  # GPU pool -> arena, then arena -> SSD
                 await self.pipeline.write_down(batch, lv)
+        for key in busy:
+            self._queue.setdefault(key, None)
 
     async def relieve(self) -> None:
         """Bring each memory tier under its low watermark once it passed the high one (top first: the

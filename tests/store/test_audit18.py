@@ -67,3 +67,22 @@ async def test_writing_entries_down_does_not_make_them_recent_in_the_arena(tmp_p
         assert set(order[:4]) == set(old), f"entries used since went first: {order}"
     finally:
         w.close()
+
+
+async def test_an_entry_busy_when_its_write_back_comes_is_written_at_the_next_step(tmp_path):
+    """write_back took an entry off its queue and dropped it when a move held it (pipeline.busy): it was
+    never queued again, so a pinned entry (never evicted, so never demoted) stayed in the arena alone."""
+    w = World(tmp_path)
+    try:
+        hs, _ = await w.store_seq(1)
+        w.store.set_pinned(P.EntriesRequest(fingerprint=w.fp, hashes=hs), True)
+        keys = [w.entry(h).key for h in hs]
+        w.store.pipeline.busy.update(keys)  # a move holds them when the write-back comes
+        await w.step()
+        assert not any("ssd" in x.copies for h in hs for x in w.entry(h).extents.values())
+        w.store.pipeline.busy.difference_update(keys)
+        await w.step()
+        assert all("ssd" in x.copies for h in hs for x in w.entry(h).extents.values()), \
+            "a busy entry left the write-back queue for good"
+    finally:
+        w.close()
