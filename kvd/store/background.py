@@ -271,7 +271,9 @@ class Background:
             if batch:
                 await self.yield_to_loads()
             for lv in self.index.memory:  # GPU pool -> arena, then arena -> SSD
-                await self.pipeline.write_down(batch, lv)
+                below = self.pipeline.below(lv)
+                if below is not None and not below.tier.shared:  # to the cluster only as it leaves the host
+                    await self.pipeline.write_down(batch, lv)  # (docs/remote.md), or written through
         for key in busy:
             self._queue.setdefault(key, None)
 
