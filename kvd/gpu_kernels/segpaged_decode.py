@@ -281,6 +281,7 @@ def check_decode_positions(page_table, num_kv_heads, page_pos, q_pos, sink_token
     for name, t in given.items():
         if t.dtype != torch.int32 or tuple(t.shape) != want[name]:
             raise ValueError(f"{name} must be int32 of shape {want[name]}, got {t.dtype} {tuple(t.shape)}")
+        check_last_dim_contiguous(name, t)  # the kernel reads them with unit stride
         check_same_device(page_table=page_table, **{name: t})
     return page_pos, q_pos, sink_tokens, window_tokens
 

@@ -161,3 +161,15 @@ def test_decode_with_positions_needs_all_four():
                         **{k: v for k, v in pos.items() if k != "window_tokens"})
     with pytest.raises(ValueError, match="q_pos must be int32 of shape"):
         segpaged_decode(q, k_pool, v_pool, table, lens, scale=0.1, num_kv_heads=3, **{**pos, "q_pos": pos["q_pos"][:1]})
+
+
+def test_decode_rejects_strided_positions():
+    """The kernel reads page_pos rows, q_pos, sink and window with unit stride (as prefill's checks
+    require): a strided view must be refused, not read as if contiguous (it gave wrong outputs)."""
+    q, k_pool, v_pool, table, lens, pos = _positioned(torch.bfloat16, seed=7)
+    strided = {"page_pos": pos["page_pos"].t().contiguous().t(),
+               **{n: torch.stack([pos[n], pos[n]], 1)[:, 0] for n in ("q_pos", "sink_tokens", "window_tokens")}}
+    for name, t in strided.items():
+        assert torch.equal(t, pos[name]) and t.stride(-1) != 1
+        with pytest.raises(ValueError, match=f"{name}.*contiguous"):
+            segpaged_decode(q, k_pool, v_pool, table, lens, scale=0.1, num_kv_heads=3, **{**pos, name: t})
