@@ -101,10 +101,12 @@ def _check(k, inv_freq, delta):
         raise ValueError(f"head dim {D} must be even for RoPE")
     if inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32:
         raise ValueError(f"inv_freq must be fp32 [{D // 2}], got {inv_freq.dtype} {tuple(inv_freq.shape)}")
+    check_last_dim_contiguous("inv_freq", inv_freq)  # the kernel reads it, and delta, with unit stride
     if isinstance(delta, torch.Tensor):
         if delta.shape != (k.shape[0],) or delta.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"delta tensor must be int32/int64 [{k.shape[0]}], got {delta.dtype} "
                              f"{tuple(delta.shape)}")
+        check_last_dim_contiguous("delta", delta)
         if delta.device != k.device:
             raise ValueError(f"delta on {delta.device}, k on {k.device}")
     if inv_freq.device != k.device:

@@ -108,3 +108,16 @@ def test_rejects_bad_arguments():
         rope_shift(k, _inv_freq(64), torch.ones(5, dtype=torch.int32))
     with pytest.raises(ValueError, match="contiguous"):
         rope_shift(torch.randn(64, 4).t(), _inv_freq(4), 1)
+
+
+def test_rejects_strided_delta_and_inv_freq():
+    """The kernel reads delta and inv_freq with unit stride: strided views must be refused, not read
+    as if contiguous (a [::2]-like delta rotated tokens by their neighbours' zeros)."""
+    k = torch.randn(4, 2, 64)
+    delta = torch.stack([torch.tensor([3, -5, 7, 100]), torch.zeros(4, dtype=torch.int64)], 1)[:, 0]
+    inv = torch.stack([_inv_freq(64), torch.zeros(32)], 1)[:, 0]
+    assert delta.stride() == (2,) and inv.stride() == (2,)
+    with pytest.raises(ValueError, match="delta.*contiguous"):
+        rope_shift(k, _inv_freq(64), delta)
+    with pytest.raises(ValueError, match="inv_freq.*contiguous"):
+        rope_shift(k, inv, 5)
