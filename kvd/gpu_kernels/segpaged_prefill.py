@@ -7,7 +7,7 @@ Shapes (B requests, T new tokens in all, Hq / Hkv heads, G = Hq / Hkv, D head di
     page_table    [B * Hkv, max_pages]  int32; row r = b * Hkv + h lists (request b, KV head h)'s pages
     page_pos      [B * Hkv, max_pages]  int32 absolute position of token 0 of each listed page; a page
                                         holds consecutive positions; ascending along the row
-    seq_lens      [B * Hkv]             int32 tokens listed in row r (every page full but the last)
+    seq_lens      [B * Hkv]             int32 tokens listed in row r (every page full but the last; <= max_pages * N)
     q_pos         [T]                   int32 absolute position of each new token; ascending per request
     cu_seqlens_q  [B + 1]               int32; request b's tokens are q[cu[b]:cu[b+1]]
     sink_tokens   [Hkv]                 int32 per KV head of this layer (from the head map)
@@ -164,7 +164,7 @@ def _segpaged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, lse_ptr, table_ptr, ppos_ptr, lens_ptr, qpos_ptr,
     cu_q_ptr, sink_ptr, window_ptr,
     # sizes
-    num_kv_heads, qk_scale,
+    num_kv_heads, max_tokens, qk_scale,
     # strides
     stride_qt, stride_qh, stride_kp, stride_kn, stride_vp, stride_vn, stride_tr, stride_pr,
     stride_ot, stride_oh, stride_lt, stride_lh,
@@ -200,7 +200,7 @@ def _segpaged_prefill_kernel(
         window = tl.load(window_ptr + h)
         is_local = window > 0
         sink = tl.where(is_local, sink, 0)
-        seq_len = tl.load(lens_ptr + row)
+        seq_len = tl.minimum(tl.load(lens_ptr + row), max_tokens)  # never past the row's table entries
         table_row = table_ptr + row.to(tl.int64) * stride_tr
         ppos_row = ppos_ptr + row.to(tl.int64) * stride_pr
         n_sink, n_skip, n_win, n_causal, n_end = _count_pages(
@@ -389,7 +389,7 @@ def segpaged_prefill(
     if config["BLOCK_M"] < block_g:
         raise ValueError(f"BLOCK_M={config['BLOCK_M']} must hold a GQA group of {group} (padded {block_g})")
     args = (q, k_pool, v_pool, out, lse, page_table, page_pos, seq_lens, q_pos, cu_seqlens_q,
-            sink_tokens, window_tokens, num_kv_heads, scale * LOG2E,
+            sink_tokens, window_tokens, num_kv_heads, page_table.shape[1] * k_pool.shape[1], scale * LOG2E,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             page_table.stride(0), page_pos.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
     _launch(args, rows, max_seqlen_q, block_g, config, GROUP=group, BLOCK_G=block_g, HEAD_DIM=D,

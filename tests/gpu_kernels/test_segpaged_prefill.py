@@ -147,3 +147,19 @@ def test_prefill_rejects_unsorted_dtype_and_shape_errors():
     with pytest.raises(ValueError, match="q_pos"):
         segpaged_prefill(q, k_pool, v_pool, table, page_pos, seq_lens, q_pos[:2], cu, s, w,
                          scale=0.1, num_kv_heads=Hkv)
+
+
+def test_prefill_length_past_the_table_reads_only_the_table(poison, close):
+    """A seq_len longer than the row's max_pages * N lists no more than the row's entries (as in the
+    decode kernel and both references): the kernel read on into the next row's pages and disagreed
+    with the reference (the last row would read past the table's end)."""
+    case = ("long", [40], [8], 2, 2, 64, 16, [0, 4], [0, 8])
+    _, ctx, new, Hkv, G, D, N, sink, window = case
+    q, k_pool, v_pool, table, page_pos, seq_lens, q_pos, cu = _case(ctx, new, Hkv, G, D, N, torch.float16, 9)
+    seq_lens[0] = 2 * table.shape[1] * N  # row 0 "lists" row 1's pages too
+    args = (q, k_pool, v_pool, table, page_pos, seq_lens, q_pos, cu,
+            torch.tensor(sink, dtype=torch.int32), torch.tensor(window, dtype=torch.int32))
+    kw = dict(scale=D ** -0.5, num_kv_heads=Hkv, return_lse=True)
+    (out, lse), (ref, ref_lse) = segpaged_prefill(*args, **kw), segpaged_prefill_ref(*args, **kw)
+    close("out", out, ref, **TOL[torch.float16])
+    close("lse", lse, ref_lse, atol=1e-4, rtol=1e-5)
