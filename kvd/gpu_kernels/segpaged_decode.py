@@ -98,7 +98,8 @@ def _work_map(lens_ptr, num_rows, max_tokens, split_tokens, BLOCK_R: tl.constexp
     # row -> [first item, first item + n_items): items of one row are consecutive, rows in order
     offs_r = tl.arange(0, BLOCK_R)
     lens = tl.load(lens_ptr + offs_r, mask=offs_r < num_rows, other=0)
-    lens = tl.minimum(lens, max_tokens)  # a bad length must not write past the partial buffers
+    # a bad length must not write past the partial buffers, nor (negative) shift later rows' items
+    lens = tl.minimum(tl.maximum(lens, 0), max_tokens)
     n_items = (lens + split_tokens - 1) // split_tokens
     item_end = tl.cumsum(n_items, 0)
     return offs_r, lens, n_items, item_end

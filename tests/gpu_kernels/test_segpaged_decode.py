@@ -173,3 +173,15 @@ def test_decode_rejects_strided_positions():
         assert torch.equal(t, pos[name]) and t.stride(-1) != 1
         with pytest.raises(ValueError, match=f"{name}.*contiguous"):
             segpaged_decode(q, k_pool, v_pool, table, lens, scale=0.1, num_kv_heads=3, **{**pos, name: t})
+
+
+def test_decode_negative_length_lists_nothing_and_spares_other_rows(poison, close):
+    """A negative seq_len is an empty list (as the reference reads it): it made a negative item count
+    in the work map, which shifted every later row's items (inf outputs there)."""
+    q, k_pool, v_pool, table, seq_lens = _case(1, 3, 2, 64, 16, [40, 40, 40], torch.float16, seed=8)
+    seq_lens[0] = -100
+    kw = dict(scale=0.125, num_kv_heads=3, return_lse=True, split_tokens=16)
+    out, lse = segpaged_decode(q, k_pool, v_pool, table, seq_lens, **kw)
+    ref, ref_lse = segpaged_decode_ref(q, k_pool, v_pool, table, seq_lens, **kw)
+    close("out", out, ref, **TOL[torch.float16])
+    close("lse", lse, ref_lse, atol=1e-4, rtol=1e-5)
