@@ -112,7 +112,7 @@ def segpaged_prefill_ref(
         qpos = q_pos[s0:s1].long()
         for h in range(num_kv_heads):
             r = b * num_kv_heads + h
-            n = int(seq_lens[r])
+            n = min(max(int(seq_lens[r]), 0), page_table.shape[1] * page_tokens)  # as the kernel cuts it
             n_pages = -(-n // page_tokens)
             pages = page_table[r, :n_pages].long()
             k = k_pool[pages].reshape(-1, D)[:n].float()

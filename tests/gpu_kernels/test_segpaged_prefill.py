@@ -163,3 +163,19 @@ def test_prefill_length_past_the_table_reads_only_the_table(poison, close):
     (out, lse), (ref, ref_lse) = segpaged_prefill(*args, **kw), segpaged_prefill_ref(*args, **kw)
     close("out", out, ref, **TOL[torch.float16])
     close("lse", lse, ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_prefill_negative_length_lists_nothing(poison, close):
+    """A negative seq_len is an empty list in the kernel and in the decode reference; the prefill
+    reference sliced the table with a negative page count and attended to most of the row."""
+    case = ("neg", [40], [8], 2, 2, 64, 8, [0, 4], [0, 8])
+    _, ctx, new, Hkv, G, D, N, sink, window = case
+    q, k_pool, v_pool, table, page_pos, seq_lens, q_pos, cu = _case(ctx, new, Hkv, G, D, N, torch.float16, 10)
+    seq_lens[0] = -12  # -(12 // 8) = -1 pages: table[0, :-1]
+    args = (q, k_pool, v_pool, table, page_pos, seq_lens, q_pos, cu,
+            torch.tensor(sink, dtype=torch.int32), torch.tensor(window, dtype=torch.int32))
+    kw = dict(scale=D ** -0.5, num_kv_heads=Hkv, return_lse=True)
+    (out, lse), (ref, ref_lse) = segpaged_prefill(*args, **kw), segpaged_prefill_ref(*args, **kw)
+    assert torch.equal(ref[:, :G].float(), torch.zeros(8, G, D)) and torch.isinf(ref_lse[:, :G]).all()
+    close("out", out, ref, **TOL[torch.float16])
+    close("lse", lse, ref_lse, atol=1e-4, rtol=1e-5)
