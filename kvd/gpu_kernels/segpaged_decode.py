@@ -161,7 +161,7 @@ def _segpaged_decode_kernel(
             seen = mask_t
             if HAS_POS:  # listed keys are read either way; hidden ones get no weight
                 kpos = _tile_pos(pos_row, tok0, offs_n, mask_t, PAGE_TOKENS, BLOCK_N)
-                seen = seen & (kpos <= q_at) & ((kpos < sink) | (kpos > q_at - window) | (window == 0))
+                seen = seen & (kpos <= q_at) & ((kpos < sink) | (kpos > q_at - window) | (window <= 0))
             kv_mask = mask_t[:, None] & mask_d[None, :]
             k = tl.load(k_ptr + (page * stride_kp + in_page * stride_kn)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)

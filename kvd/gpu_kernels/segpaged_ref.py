@@ -15,10 +15,10 @@ from kvd.gpu_kernels.segpaged_prefill import check_prefill_args
 
 def visible(kpos, at, sink, window):
     """Which keys at positions ``kpos`` a query at ``at`` sees, for a head of ``sink`` and ``window``
-    (window 0: global): ``kpos <= at`` and (global, or ``kpos < sink``, or ``at - window < kpos``). The
+    (window <= 0: global): ``kpos <= at`` and (global, or ``kpos < sink``, or ``at - window < kpos``). The
     kernels' rule, for broadcastable tensors or ints; ``kvd.calibrate.masked_attention`` keeps its
     own spelling of it, as the independent reference the calibration and the gates use."""
-    return (kpos <= at) & ((window == 0) | (kpos < sink) | (kpos > at - window))
+    return (kpos <= at) & ((window <= 0) | (kpos < sink) | (kpos > at - window))
 
 
 def segpaged_decode_ref(

@@ -179,3 +179,27 @@ def test_prefill_negative_length_lists_nothing(poison, close):
     assert torch.equal(ref[:, :G].float(), torch.zeros(8, G, D)) and torch.isinf(ref_lse[:, :G]).all()
     close("out", out, ref, **TOL[torch.float16])
     close("lse", lse, ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_negative_window_is_global_everywhere(close):
+    """window <= 0 is a global head in the prefill kernel and in calibrate's visibility_mask; the
+    references and the decode kernel read a negative window as local (only the sink seen)."""
+    from kvd.calibrate.masked_attention import visibility_mask
+    from kvd.gpu_kernels import segpaged_decode, segpaged_decode_ref
+
+    case = ("negw", [40], [8], 2, 2, 64, 16, [4, 4], [-3, 0])
+    _, ctx, new, Hkv, G, D, N, sink, window = case
+    q, k_pool, v_pool, table, page_pos, seq_lens, q_pos, cu = _case(ctx, new, Hkv, G, D, N, torch.float16, 11)
+    s, w = torch.tensor(sink, dtype=torch.int32), torch.tensor(window, dtype=torch.int32)
+    args = (q, k_pool, v_pool, table, page_pos, seq_lens, q_pos, cu, s, w)
+    kw = dict(scale=D ** -0.5, num_kv_heads=Hkv)
+    out, ref = segpaged_prefill(*args, **kw), segpaged_prefill_ref(*args, **kw)
+    mask = visibility_mask(sink, window, q_pos.long(), 40, G)
+    assert torch.equal(mask[0], mask[-1])  # calibration: the negative window's head sees what the global one does
+    close("kernel vs ref", out, ref, **TOL[torch.float16])
+    last = q[-1:].contiguous()
+    pos = dict(page_pos=page_pos, q_pos=q_pos[-1:].contiguous(), sink_tokens=s, window_tokens=w)
+    dec, dec_ref = segpaged_decode(last, k_pool, v_pool, table, seq_lens, **kw, **pos), \
+        segpaged_decode_ref(last, k_pool, v_pool, table, seq_lens, **kw, **pos)
+    close("decode vs prefill", dec, out[-1:], **TOL[torch.float16])
+    close("decode ref vs prefill", dec_ref, out[-1:], **TOL[torch.float16])
