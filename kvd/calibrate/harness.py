@@ -16,7 +16,7 @@ positions; ``top1`` = share of scored positions with the same argmax; task ``cor
 with the map over without; generation stops at end-of-sequence). ``kv_fraction``/``kv_bytes``: KV the
 map holds for the prompt (bf16, as served) over/of full KV.
 
-Full-KV references are cached on disk per prompt (``cache_dir``), so a map sweep pays for the full
+Full-KV references are cached on disk per prompt and model (``cache_dir``), so a map sweep pays for the full
 forward once. Everything runs in the model's dtype (fp32 on the CPU).
 """
 
@@ -108,6 +108,16 @@ def _kv_bytes(head_map: HeadMap | None, model, num_tokens: int) -> tuple[int, in
     return kept * per_token_head, full
 
 
+@torch.no_grad()
+def _model_key(model) -> str:
+    """``-m<hash>`` of the model's config, dtype and weights: a cached reference belongs to one model
+    (two models sharing a tokenizer give the same prompt ids)."""
+    h = hashlib.blake2b(model.config.to_json_string().encode(), digest_size=8)
+    for name, p in model.named_parameters():
+        h.update(f"{name}{p.dtype}{tuple(p.shape)}{float(p.sum(dtype=torch.float64))!r}".encode())
+    return f"-m{h.hexdigest()}"
+
+
 class Harness:
     """Evaluates maps on prompts; owns the model, tokenizer and the reference cache."""
 
@@ -115,6 +125,7 @@ class Harness:
         self.model, self.tok, self.gen_tokens = model, tok, gen_tokens
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._mem: dict[str, dict] = {}
+        self._model_key = _model_key(model) if self.cache_dir else ""
 
     # ---- forwards ----------------------------------------------------------------------------
 
@@ -153,7 +164,7 @@ class Harness:
 
     def reference(self, prompt: Prompt) -> dict:
         """Full-KV log-probs (and greedy tokens), from memory, disk, or one forward."""
-        key = f"{prompt.key}-g{self.gen_tokens}"
+        key = f"{prompt.key}-g{self.gen_tokens}{self._model_key}"
         if key in self._mem:
             return self._mem[key]
         path = self.cache_dir / f"{key}.pt" if self.cache_dir else None

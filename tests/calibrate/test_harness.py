@@ -46,3 +46,20 @@ def test_cli_writes_json(smollm2_dir, tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert set(doc["summary"]) == {"full", "local:32"}
     assert "multikey@256" in capsys.readouterr().out
+
+
+def test_reference_cache_is_not_shared_between_models(smollm2_fp32, tmp_path):
+    """The on-disk full-KV references belong to one model: another model with the same tokenizer
+    (same prompt ids) must not be scored against the first one's distributions."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, tok = smollm2_fp32
+    prompt = make_prompts(tok, "natural", 96, 1, kl_positions=32)[0]
+    Harness(model, tok, cache_dir=tmp_path).reference(prompt)
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         eos_token_id=model.config.eos_token_id)).eval()
+    r = Harness(other, tok, cache_dir=tmp_path).evaluate(prompt, None)
+    assert r.kl < 1e-6 and r.top1 == 1.0, "full KV against itself, not against the other model's cached reference"
