@@ -85,14 +85,18 @@ def _swap(choice, gains: torch.Tensor, costs: list[float], room: float, max_move
     return moves
 
 
-def refine(model, tok, head_map: HeadMap, *, recall_tokens: int = 4096, bound_tokens: int = 4096,
+def refine(model, tok, head_map: HeadMap, *, recall_tokens: int | None = None, bound_tokens: int | None = None,
            num_passkey: int = 2, rounds: int = 4, max_moves: int = 12, natural_slack: float = 1.2,
            windows: tuple[int, ...] | None = None, calib_tokens: int | None = None,
            progress: bool | str = False) -> HeadMap:
-    """A map with the same byte bound at ``bound_tokens`` and better recall there (see module doc)."""
+    """A map with the same byte bound at ``bound_tokens`` and better recall there (see module doc).
+
+    ``bound_tokens`` and ``recall_tokens`` default to the map's profile (``bound_tokens``, ``refine_tokens``)."""
     cal = head_map.calibration or {}
     conf = cal.get("config", {})
     cfg = ProfileConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.items()})
+    bound_tokens = bound_tokens or cfg.bound_tokens
+    recall_tokens = recall_tokens or cfg.refine_tokens or bound_tokens
     if windows is not None:
         cfg = replace(cfg, windows=windows)
     options = option_grid(cfg)
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", required=True, help="a transformers model directory (the test model's: "
                     "python -m kvd.testing.models path)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--recall-tokens", type=int, default=4096)
+    ap.add_argument("--recall-tokens", type=int, default=None, help="default: the map's refine_tokens")
+    ap.add_argument("--bound-tokens", type=int, default=None, help="default: the map's bound_tokens")
     ap.add_argument("--num-passkey", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args(argv)
@@ -158,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_causal_lm(a.model_dir)
     model.to(a.device)
     new = refine(model, tok, HeadMap.load(a.head_map), recall_tokens=a.recall_tokens,
-                 num_passkey=a.num_passkey, rounds=a.rounds)
+                 bound_tokens=a.bound_tokens, num_passkey=a.num_passkey, rounds=a.rounds)
     new.save(a.out)
-    print(json.dumps(new.calibration["refine"]), f"global={new.num_global}", f"kv_fraction_4k={new.kv_fraction(4096):.3f}")
+    bound = new.calibration["refine"]["bound_tokens"]
+    print(json.dumps(new.calibration["refine"]), f"global={new.num_global}",
+          f"kv_fraction({bound})={new.kv_fraction(bound):.3f}")
     return 0
 
 
