@@ -73,8 +73,8 @@ def _swap(choice, gains: torch.Tensor, costs: list[float], room: float, max_move
             plan.append((dl, dh, dk, saved))
             paid += saved
             loss += lo
-        if paid < dc or loss >= gain:
-            break  # nothing cheap enough left to pay for it
+        if paid < dc or loss >= gain or moves + 1 + len(plan) > max_moves:
+            break  # nothing cheap enough left to pay for it, or more head changes than the round may make
         choice[layer][head] = k
         touched.add((layer, head))
         for dl, dh, dk, _ in plan:

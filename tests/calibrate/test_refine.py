@@ -25,3 +25,20 @@ def test_refine_keeps_the_byte_bound_the_map_was_profiled_for(smollm2_fp32):
     assert new.calibration["refine"]["bound_tokens"] == 256
     assert new.calibration["refine"]["recall_tokens"] == 160
     assert new.kv_fraction(256) <= 0.5 + 1e-9
+
+
+def test_swap_changes_at_most_max_moves_heads():
+    """A round changes at most ``max_moves`` heads, downgrades that pay for an upgrade included: an
+    upgrade needing more downgrades than are left is not taken."""
+    import torch
+
+    from kvd.calibrate.refine import _swap
+
+    costs = [0.1, 0.2, 1.0]  # window, bigger window, global
+    choice = [[1] * 10]
+    gains = torch.zeros(1, 10, 3, dtype=torch.float64)
+    gains[0, 0, 2] = 0.9  # head 0 gains from going global (+0.8 bytes): eight downgrades (0.1 each) pay
+    before = [list(r) for r in choice]
+    moves = _swap(choice, gains, costs, room=0.0, max_moves=4)
+    changed = sum(a != b for ra, rb in zip(before, choice, strict=True) for a, b in zip(ra, rb, strict=True))
+    assert moves <= 4 and changed <= 4, (moves, choice)
