@@ -79,6 +79,16 @@ class ProfileConfig:
     # at 8K on a CPU they cost about as much as a KL-greedy round.
     baseline_scores: bool = True
 
+    def __post_init__(self) -> None:  # refuse what would fail only after minutes of model work
+        for flag, ok, need in (
+                ("--windows", min(self.windows, default=0) > 0, "> 0"), ("--round-fraction", self.round_fraction > 0, "> 0"),
+                ("--num-natural", self.num_natural >= max(self.baseline_scores, 1 - self.num_recall),
+                 "≥ 1 (or 0 with --no-baseline-scores and --num-recall ≥ 1)"),
+                ("--kl-positions", self.kl_positions > 0, "≥ 1"), ("--calib-tokens", self.calib_tokens > 1, "≥ 2"),
+                ("--refine-tokens", self.refine_tokens == 0 or self.refine_tokens >= 128, "0 (off) or ≥ 128")):
+            if not ok:
+                raise ValueError(f"{flag} must be {need}")
+
 
 def calibration_set(tok, cfg: ProfileConfig) -> list[CalibSeq]:
     """The calibration sequences (seeds < 1000: never used for evaluation): ``num_natural`` windows
@@ -362,13 +372,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="a bar per phase on stderr (auto: on a terminal)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k,
-                  bound_tokens=a.bound_tokens, kl_positions=a.kl_positions, max_fraction=a.max_fraction,
-                  round_fraction=a.round_fraction, global_ratio=a.global_ratio, seed=a.seed,
-                  windows=tuple(int(w) for w in a.windows.split(",")),
-                  num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens,
-                  baseline_scores=not a.no_baseline_scores,
-                  checkpoints=tuple(float(c) for c in a.checkpoints.split(",") if c))
+    try:
+        cfg = replace(d, calib_tokens=a.calib_tokens, kl_target=a.kl_target, max_fraction_4k=a.max_fraction_4k,
+                      bound_tokens=a.bound_tokens, kl_positions=a.kl_positions, max_fraction=a.max_fraction,
+                      round_fraction=a.round_fraction, global_ratio=a.global_ratio, seed=a.seed,
+                      windows=tuple(sorted({int(w) for w in a.windows.split(",")})),
+                      num_natural=a.num_natural, num_recall=a.num_recall, refine_tokens=a.refine_tokens,
+                      baseline_scores=not a.no_baseline_scores,
+                      checkpoints=tuple(sorted(float(c) for c in a.checkpoints.split(",") if c)))
+    except ValueError as e:  # ProfileConfig's range check, or a list item that is not a number
+        ap.error(str(e) if str(e).startswith("--") else f"--windows, --checkpoints: comma-separated numbers ({e})")
+    if Path(a.out).is_dir():
+        ap.error(f"--out {a.out} is a directory: name the head map file to write")
     model = tok = None
     if a.device != "cpu":
         model, tok = _load(a.model_dir, a.progress)

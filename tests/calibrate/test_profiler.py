@@ -91,3 +91,22 @@ def test_select_holds_the_byte_bound_at_bound_tokens():
     wide = {"kl": 0.1, "fraction": 0.25, "choice": [[1, 1, 1]] * 30}  # every head window 2048
     assert select([cheap, wide], cfg, "m") == 1  # 0.25 of full KV at 8K: within 0.3
     assert select([cheap, wide], ProfileConfig(windows=(64, 2048), max_fraction_4k=0.3), "m") == 0  # 0.5 at 4K
+
+
+@pytest.mark.parametrize("extra", [["--windows", "64,abc"], ["--windows", "0,64"], ["--num-natural", "0"],
+                                   ["--num-natural", "0", "--num-recall", "0", "--no-baseline-scores"],
+                                   ["--kl-positions", "0"], ["--checkpoints", "0.2,x"]])
+def test_main_rejects_bad_options_before_loading(smollm2_dir, tmp_path, capsys, extra):
+    """Bad options are an argparse error (exit 2, a message naming the option), not a traceback
+    after the model has loaded (``--num-natural 0`` died in edge mass with a TypeError)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(smollm2_dir), "--out", str(tmp_path / "m.json"), "--progress", "never", *extra])
+    assert e.value.code == 2
+    assert extra[0] in capsys.readouterr().err
+
+
+def test_main_rejects_an_unwritable_out_before_profiling(smollm2_dir, tmp_path, capsys):
+    """``--out`` naming a directory fails at once, not after the whole profile (minutes to hours)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(smollm2_dir), "--out", str(tmp_path), "--progress", "never"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
