@@ -241,15 +241,15 @@ def select(trajectory: list[dict], cfg: ProfileConfig, model_name: str) -> int:
 
 
 def reselect(head_map: HeadMap, **changes) -> HeadMap:
-    """The same profile with another selection rule (``kl_target``, ``max_fraction_4k``): no rerun."""
-    cal = dict(head_map.calibration or {})
+    """The same profile with another selection rule (``kl_target``, ``max_fraction_4k``): no rerun, no refinement."""
+    cal = {k: v for k, v in (head_map.calibration or {}).items() if k != "refine"}  # a state before refinement
     conf = {**cal["config"], **changes}
     cfg = ProfileConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.items()})
     idx = select(cal["trajectory"], cfg, head_map.model)
     cal.update(config=conf, selected_round=idx, calibration_kl=cal["trajectory"][idx]["kl"])
     scores = dict(head_map.scores or {})
     scores["window"] = [[float(x) for x in row] for row in _window_grid(cal["trajectory"][idx]["choice"], cfg)]
-    return map_from_choice(head_map.model, cal["trajectory"][idx]["choice"], cfg, method=head_map.method,
+    return map_from_choice(head_map.model, cal["trajectory"][idx]["choice"], cfg, method="kl_greedy",
                            scores=scores, calibration=cal, fingerprint=head_map.fingerprint)
 
 

@@ -110,3 +110,21 @@ def test_main_rejects_an_unwritable_out_before_profiling(smollm2_dir, tmp_path, 
     with pytest.raises(SystemExit) as e:
         main([str(smollm2_dir), "--out", str(tmp_path), "--progress", "never"])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_reselect_of_a_refined_map_does_not_claim_the_refinement():
+    """``reselect`` picks a trajectory state (before recall refinement): the map it returns must not
+    keep the refined map's method and refinement record, which describe other heads."""
+    from dataclasses import asdict
+
+    from kvd.calibrate.profiler import map_from_choice, reselect
+
+    cfg = ProfileConfig(windows=(64, 2048), max_fraction_4k=0.5)
+    states = [{"kl": 0.5, "fraction": 0.04, "choice": [[0, 0, 0]] * 30},
+              {"kl": 0.1, "fraction": 0.5, "choice": [[1, 1, 0]] * 30}]
+    cal = {"config": asdict(cfg), "trajectory": states, "selected_round": 0, "calibration_kl": 0.5,
+           "refine": {"bound_tokens": 4096, "rounds": []}}
+    refined = map_from_choice("m", [[2, 0, 0]] * 30, cfg, method="kl_greedy+recall_refine", calibration=cal)
+    again = reselect(refined, max_fraction_4k=0.3)
+    assert again.windows == ((64, 64, 64),) * 30  # the trajectory's state 0, not the refined heads
+    assert again.method == "kl_greedy" and "refine" not in again.calibration
