@@ -98,6 +98,11 @@ class KvdClient:
                     raise DaemonUnavailable(f"kvd at {self.socket_path} is unreachable ({e}); "
                                             "is the daemon running? (systemctl status kvd)") from e
                 attempt += 1
+            except BaseException:
+                # Cut off mid-exchange (KeyboardInterrupt, a malformed answer): the connection may still
+                # carry this request's answer, which the next call would read as its own.
+                self._close_conn(framed)
+                raise
 
     def _connection(self, framed: bool, timeout: float) -> UnixHttp | UnixFrames:
         if framed:

@@ -1,0 +1,51 @@
+"""Audit 22 of the client SDK (``kvd.client``), against a real daemon: a request cut off mid-exchange,
+and copies between entries and KV of another dtype or shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvd.client.client import KvdClient
+from kvd.client.http import UnixHttp
+from kvd.client.prefix import register
+from kvd.client.transfer import open_lease
+from tests.client.test_transfer import HM, SPEC, C, kv_for, store
+from tests.daemon_proc import DaemonProc
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = DaemonProc(tmp_path_factory.mktemp("kvd")).start()
+    yield d
+    d.kill()
+
+
+@pytest.fixture
+def handle(daemon, request):
+    c = KvdClient(daemon.socket, register_cuda=False)
+    yield register(c, SPEC, HM, namespace=request.node.name[:100].replace("[", "-").replace("]", ""))
+    c.close()
+
+
+def test_a_request_interrupted_before_its_answer_never_hands_that_answer_to_the_next_call(handle, monkeypatch):
+    """A KeyboardInterrupt (or any exception) after a request was sent left the kept-alive connection
+    carrying its answer, which the next call read as its own: a lease of other entries, or worse."""
+    toks_a, toks_b = list(range(C)), list(range(5000, 5000 + C))
+    kv_a, kv_b = kv_for(C, 1), kv_for(C, 2)
+    store(handle, toks_a, kv_a)
+    store(handle, toks_b, kv_b)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(UnixHttp, "_fill", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            open_lease(handle, handle.hashes(toks_a))  # sent; interrupted before its answer is read
+    with open_lease(handle, handle.hashes(toks_b)) as lease:
+        assert lease.hashes == handle.hashes(toks_b)
+        out = torch.zeros_like(kv_b)
+        lease.entry(0).read_into(out)
+    assert torch.equal(out, kv_b)
+    assert handle.client.health().status == "ok"
