@@ -100,16 +100,33 @@ class EntryView:
         """Copy the entry's first ``num_tokens`` (default all) tokens into ``kv[L, 2, H, start:, D]``.
         Synchronous, also to a GPU: the lease may be released right after."""
         for plan, view, *_ in self.extents:
-            src, dst_kv = host_arrays(view, kv)
+            src, dst_kv = host_arrays(view, _same_dtype(view, kv))
             for part, dst in extent_to_kv_views(plan, src, dst_kv, start, num_tokens):
-                copy_block(dst, part, non_blocking=False)
+                copy_block(_same_shape(dst, part), part, non_blocking=False)
 
     def write_from(self, kv, start: int = 0) -> None:
         """Copy ``kv[L, 2, H, start:start+T, D]`` into the entry's extents (all its tokens)."""
         for plan, view, *_ in self.extents:
-            dst, src_kv = host_arrays(view, kv)
+            dst, src_kv = host_arrays(view, _same_dtype(view, kv))
             for part, src in extent_to_kv_views(plan, dst, src_kv, start):
-                copy_block(part, src, non_blocking=False)
+                copy_block(part, _same_shape(src, part), non_blocking=False)
+
+
+def _same_dtype(view, kv):
+    """``kv``, if it holds the extent's dtype: host copies go through same-size integer views, which would
+    move another dtype's bits as they are (float16 as bfloat16), and torch's would convert."""
+    if kv.dtype != view.dtype:
+        raise ValueError(f"kv dtype {kv.dtype} is not the entry's KV dtype {view.dtype}")
+    return kv
+
+
+def _same_shape(kv_part, part):
+    """``kv_part``, if it has the extent part's shape: copies broadcast, so a kv of one token (or head)
+    there would fill every token (head) of the extent with it."""
+    if tuple(kv_part.shape) != tuple(part.shape):
+        raise ValueError(f"kv part of shape {tuple(kv_part.shape)} for an extent part of {tuple(part.shape)}: "
+                         "kv must be [layers, 2, kv heads, tokens, head_dim] and hold the entry's tokens from start")
+    return kv_part
 
 
 def answer_plan(plans: dict[str, ExtentPlan], x: P.ExtentInfo) -> ExtentPlan:

@@ -49,3 +49,27 @@ def test_a_request_interrupted_before_its_answer_never_hands_that_answer_to_the_
         lease.entry(0).read_into(out)
     assert torch.equal(out, kv_b)
     assert handle.client.health().status == "ok"
+
+
+def test_copies_between_an_entry_and_kv_of_another_dtype_or_too_few_tokens_refuse(handle):
+    """On the CPU, copies went through same-size integer views, so float16 KV read out of (or written into)
+    a bfloat16 entry moved the raw bits: other numbers, silently. And a KV slice of one token broadcast
+    into every token of the extent (numpy and torch copies broadcast): one token's KV stored T times."""
+    toks, kv = list(range(20000, 20000 + C)), kv_for(C, 3)
+    store(handle, toks, kv)
+    with open_lease(handle, handle.hashes(toks)) as lease:
+        out = torch.zeros(kv.shape, dtype=torch.float16)
+        with pytest.raises(ValueError, match="dtype"):
+            lease.entry(0).read_into(out)
+        assert not out.any()
+    toks2 = list(range(30000, 30000 + C))
+    from kvd.client.transfer import reserve
+    from tests.client.test_transfer import entries
+
+    with pytest.raises(ValueError, match="dtype"), reserve(handle, entries(handle, toks2)) as res:
+        res.entry(0).write_from(kv.half())
+    with pytest.raises(ValueError, match="shape"), reserve(handle, entries(handle, toks2)) as res:
+        res.entry(0).write_from(kv[:, :, :, :1])  # one token for an entry of C
+    assert handle.client.stats().reservations_open == 0
+    with open_lease(handle, handle.hashes(toks2)) as lease:
+        assert lease.states == ["missing"]  # aborted: nothing of the refused copies was committed
