@@ -152,6 +152,9 @@ def entry_views(h: ModelHandle, arena_id: str, key: str, extents: Sequence[P.Ext
 
 def _extent(h: ModelHandle, arena_id: str, x: P.ExtentInfo, plan: ExtentPlan,
             gpu_pool: P.GpuPoolInfo | None) -> ExtentView:
+    if x.nbytes != plan.nbytes:  # the view spans plan.nbytes: past the end of a smaller slot run
+        raise HeadMapError(f"the daemon answered extent {x.head_class!r} of {x.nbytes} bytes where this client's "
+                           f"layout has {plan.nbytes}: not read or written")
     if x.tier != "gpu":
         arena = h.client.arena(arena_id)
         base = arena.torch_bytes()  # uint8: its storage offset is in bytes

@@ -73,3 +73,30 @@ def test_copies_between_an_entry_and_kv_of_another_dtype_or_too_few_tokens_refus
     assert handle.client.stats().reservations_open == 0
     with open_lease(handle, handle.hashes(toks2)) as lease:
         assert lease.states == ["missing"]  # aborted: nothing of the refused copies was committed
+
+
+def test_a_reserved_extent_smaller_than_this_clients_layout_is_never_written(daemon, request):
+    """A reservation's extents were mapped at their offset with this client's plan's size, whatever size
+    the daemon answered: a slot run answered smaller had the writer copy past its end (over whatever
+    follows it in the arena), and ``written`` hashed other bytes than the view holds. Leases refuse such an
+    extent (``incomplete``); a reservation now refuses it too, and is given back."""
+    from kvd.client.transfer import reserve
+    from kvd.core import protocol as P
+    from kvd.core.errors import KvdError
+    from tests.client.test_transfer import entries
+
+    class Shrinking(KvdClient):
+        def reserve(self, req: P.ReserveRequest) -> P.ReserveResponse:
+            resp = super().reserve(req)
+            x = resp.entries[0].extents[0]
+            resp.entries[0].extents[0] = x.model_copy(update={"nbytes": x.nbytes // 2})
+            return resp
+
+    c = Shrinking(daemon.socket, register_cuda=False)
+    try:
+        h = register(c, SPEC, HM, namespace=request.node.name[:100])
+        with pytest.raises(KvdError, match="bytes"):
+            reserve(h, entries(h, list(range(C))))
+        assert c.stats().reservations_open == 0
+    finally:
+        c.close()
