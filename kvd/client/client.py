@@ -52,6 +52,17 @@ def _the_arena(mapped: ArenaMapping | None, arena_id: str | None) -> ArenaMappin
     return mapped
 
 
+DAEMON_LEASE_WAIT_S = 5.0  # ssd.prefetch_deadline_s's default: how long a lease without wait_s may wait
+
+
+def lease_wait(req: P.LeaseRequest) -> float:
+    """How long the daemon may hold a lease call while it brings entries up: ``wait_s``, or without one
+    the daemon's ``ssd.prefetch_deadline_s`` (its default here: pass ``wait_s`` where it is raised). The
+    call's timeout must add it, or a lease answered after a long promotion times out on the client
+    while the daemon grants it (and holds it until its TTL)."""
+    return req.wait_s if req.wait_s is not None else DAEMON_LEASE_WAIT_S
+
+
 class KvdClient:
     """Blocking client. Thread-safe: calls are serialised (one HTTP connection, and a framed one for
     compact lookups)."""
@@ -220,8 +231,7 @@ class KvdClient:
         return self.call("POST", "/v1/abort", req, P.CountResponse)
 
     def lease(self, req: P.LeaseRequest) -> P.LeaseResponse:
-        wait = req.wait_s if req.wait_s is not None else 0.0
-        return self.call("POST", "/v1/lease", req, P.LeaseResponse, timeout_s=self.timeout_s + wait)
+        return self.call("POST", "/v1/lease", req, P.LeaseResponse, timeout_s=self.timeout_s + lease_wait(req))
 
     def release(self, req: P.ReleaseRequest) -> P.CountResponse:
         return self.call("POST", "/v1/release", req, P.CountResponse)
@@ -363,8 +373,7 @@ class AsyncKvdClient:
         return await self.call("POST", "/v1/commit", req, P.CommitResponse)
 
     async def lease(self, req: P.LeaseRequest) -> P.LeaseResponse:
-        wait = req.wait_s if req.wait_s is not None else 0.0
-        return await self.call("POST", "/v1/lease", req, P.LeaseResponse, timeout_s=self.timeout_s + wait)
+        return await self.call("POST", "/v1/lease", req, P.LeaseResponse, timeout_s=self.timeout_s + lease_wait(req))
 
     async def release(self, req: P.ReleaseRequest) -> P.CountResponse:
         return await self.call("POST", "/v1/release", req, P.CountResponse)

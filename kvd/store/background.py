@@ -171,13 +171,14 @@ class Background:
         tasks = [t for e in entries if (t := self.prefetch(e, classes_of(e), accept_lossy, readable)) is not None]
         if not tasks:
             return  # nothing to bring, and nothing awaited: a second look would find the same
+        deadline = time.monotonic() + wait_s  # both waits together: a client times its call by wait_s
         if wait_s > 0:
             await asyncio.wait(tasks, timeout=wait_s)
         # A prefetch started for another reader may have brought less (e.g. exact only): one more try.
         again = [t for e in entries if self.promotion.missing(e, classes_of(e), accept_lossy, readable)
                  and (t := self.prefetch(e, classes_of(e), accept_lossy, readable)) is not None]
-        if again and wait_s > 0:
-            await asyncio.wait(again, timeout=wait_s)
+        if again and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(again, timeout=left)
 
     # ---- the background task -------------------------------------------------------------------
 

@@ -100,3 +100,15 @@ def test_a_reserved_extent_smaller_than_this_clients_layout_is_never_written(dae
         assert c.stats().reservations_open == 0
     finally:
         c.close()
+
+
+def test_a_lease_without_wait_s_is_given_the_daemons_default_wait_before_timing_out():
+    """A lease without wait_s timed out on the client after timeout_s (5 s) while the daemon may wait
+    ssd.prefetch_deadline_s (5 s) for promotions first: a lease of entries coming up from SSD raised
+    DaemonUnavailable (tripping the session's breaker) and the lease then granted was held by nobody."""
+    from kvd.client.client import lease_wait
+    from kvd.core import protocol as P
+    from kvd.core.config import SsdSettings
+
+    assert lease_wait(P.LeaseRequest(fingerprint="0" * 32, hashes=[])) == SsdSettings().prefetch_deadline_s
+    assert lease_wait(P.LeaseRequest(fingerprint="0" * 32, hashes=[], wait_s=1.5)) == 1.5

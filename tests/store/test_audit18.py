@@ -86,3 +86,33 @@ async def test_an_entry_busy_when_its_write_back_comes_is_written_at_the_next_st
             "a busy entry left the write-back queue for good"
     finally:
         w.close()
+
+
+async def test_a_lease_waits_for_promotions_at_most_wait_s_in_all(tmp_path):
+    """wait_for_top waited wait_s for the promotions, then wait_s again for those still missing: a lease
+    could take twice its wait_s, past the client's timeout (which adds wait_s once), and the lease the
+    daemon then granted was held by nobody until its TTL."""
+    import threading
+    import time
+
+    w = World(tmp_path, ssd={"admit_after": 1})
+    release = threading.Event()
+    try:
+        hs, _ = await w.store_seq(1, chunks=1)
+        await w.step()
+        await w.store.evict(P.EvictRequest(tier="host"))  # on SSD only now
+        real_read = w.ssd.read
+
+        def slow_read(loc):  # a promotion that outlasts the lease's wait
+            release.wait(10)
+            return real_read(loc)
+        w.ssd.read = slow_read
+        t0 = time.monotonic()
+        r = await w.store.lease(P.LeaseRequest(fingerprint=w.fp, hashes=hs, wait_s=0.5))
+        took = time.monotonic() - t0
+        assert r.entries[0].status == "timeout"
+        assert took < 0.9, f"a lease with wait_s 0.5 took {took:.2f} s"
+    finally:
+        release.set()
+        await w.store.pipeline.drain()
+        w.close()
