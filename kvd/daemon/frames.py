@@ -90,6 +90,7 @@ class FrameConnection(asyncio.Protocol):
         self.creds: tuple[int | None, int | None, int | None] = (None, None, None)
         self.task: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.arriving = False  # a frame has begun and its body_timeout_s runs (from its first byte)
         self.paused = False  # reading, while requests wait in the buffer
         self.write_paused = False  # the client is not reading its answers: serve nothing more meanwhile
 
@@ -128,7 +129,16 @@ class FrameConnection(asyncio.Protocol):
         answered first (a body that stalled), silently otherwise (idle)."""
         if self.timer is not None:
             self.timer.cancel()
+        self.arriving = error is not None
         self.timer = asyncio.get_running_loop().call_later(seconds, self._expire, error)
+
+    def _arriving(self) -> None:
+        """Part of a frame is here: the whole frame must arrive within ``body_timeout_s`` of its first
+        bytes, as an HTTP body must, however its bytes trickle in (re-arming at every read let a client
+        sending a byte at a time hold its connection forever)."""
+        if not self.arriving:
+            self._arm(self.settings.body_timeout_s, RequestTimeout(
+                f"the frame did not arrive within {self.settings.body_timeout_s} s (daemon.body_timeout_s)"))
 
     def _expire(self, error: Exception | None) -> None:
         if error is not None:
@@ -155,8 +165,7 @@ class FrameConnection(asyncio.Protocol):
             self.paused = False
         if len(self.buf) < REQUEST.size:
             if self.buf:
-                self._arm(self.settings.body_timeout_s, RequestTimeout(
-                    f"the frame did not arrive within {self.settings.body_timeout_s} s (daemon.body_timeout_s)"))
+                self._arriving()
             else:
                 self._arm(self.settings.idle_timeout_s, None)
             return
@@ -167,12 +176,12 @@ class FrameConnection(asyncio.Protocol):
             self.transport.close()
             return
         if len(self.buf) < REQUEST.size + n:
-            self._arm(self.settings.body_timeout_s, RequestTimeout(
-                f"the frame's body did not arrive within {self.settings.body_timeout_s} s (daemon.body_timeout_s)"))
+            self._arriving()
             return
         body = bytes(self.buf[REQUEST.size:REQUEST.size + n])
         del self.buf[:REQUEST.size + n]
         self.timer.cancel()
+        self.arriving = False
         self.task = asyncio.get_running_loop().create_task(self._serve(body))
 
     def _caller(self):

@@ -270,3 +270,32 @@ def test_a_client_that_does_not_read_its_answers_is_held_not_buffered(served):
         sender.join(10)
         s.close()
     assert {status for status, _ in got} == {200} and len({b for _, b in got}) == 1
+
+
+def test_a_frame_that_trickles_in_still_times_out_from_its_first_byte(served):
+    """daemon.body_timeout_s bounds a frame's whole arrival, as it bounds an HTTP body's: a client
+    sending one byte of its frame every 0.2 s (body_timeout_s = 0.5) used to re-arm the timer with
+    each byte, holding its connection (and the daemon's buffer for it) as long as it liked."""
+    d, req = served
+    data = frame(W.encode_lookup(req))
+    s = framed(d.socket)
+    try:
+        t0 = time.monotonic()
+        sent, head = 0, b""
+        s.settimeout(0.2)
+        while time.monotonic() - t0 < 3 and sent < len(data) - 1:
+            try:
+                s.sendall(data[sent:sent + 1])
+            except OSError:
+                break  # closed on us: what we wanted
+            sent += 1
+            try:
+                head = s.recv(4096)
+            except TimeoutError:
+                continue
+            break  # the answer (or the close) came
+        elapsed = time.monotonic() - t0
+    finally:
+        s.close()
+    assert elapsed < 2, f"a trickling frame held its connection for {elapsed:.1f} s ({sent} bytes sent)"
+    assert head[4:6] == struct.pack("<H", 408)
