@@ -153,9 +153,10 @@ class Arena:
         free = _free_bytes(parent)
         if free is not None and free < self.capacity_bytes:
             raise ConfigError(self._too_big(free))
-        # O_EXCL | O_NOFOLLOW: never open a file someone planted under our temporary name.
+        # O_EXCL | O_NOFOLLOW: never open a file someone planted under our temporary name. Mode 0600
+        # until it has its group: a tenant's arena must not be open to the daemon's group meanwhile.
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             if gid is not None:  # a tenant's arena: its group maps it, no one else
                 _give_to_group(fd, gid, self.path)

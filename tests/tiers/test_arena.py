@@ -172,3 +172,31 @@ def test_a_tenant_arena_for_a_group_the_daemon_is_not_in_is_a_clear_error(tmp_pa
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert not list(tmp_path.glob("t.arena*"))  # nothing left behind
+
+
+def test_a_tenant_arena_is_never_open_to_the_daemons_group_before_it_is_the_tenants(tmp_path, monkeypatch):
+    """A tenant's arena file was created with its final mode (0660) under the daemon's group, and only
+    then given to the tenant's group: a client of another tenant (every client of the socket is in the
+    daemon's group) that opened the new file in between (it is listed in /dev/shm; inotify says when)
+    kept a descriptor to that tenant's arena. No one but the daemon may open it until it has its group."""
+    import kvd.tiers.arena as arena_mod
+
+    seen: list[int] = []
+    real = arena_mod._give_to_group
+
+    def spy(fd: int, gid: int, path: Path) -> None:
+        seen.append(os.fstat(fd).st_mode & 0o777)
+        real(fd, gid, path)
+
+    monkeypatch.setattr(arena_mod, "_give_to_group", spy)
+    old = os.umask(0)  # the daemon's umask must not be what keeps the file closed
+    try:
+        t = HostTier(tmp_path / "unused", 0, 64 << 10, partitions={"a": ArenaSpec(tmp_path / "a.arena", 64 << 10,
+                                                                                     os.getgid())})
+    finally:
+        os.umask(old)
+    try:
+        assert seen and seen[0] & 0o077 == 0, f"mode {oct(seen[0])} before the tenant's group was set"
+        assert oct(os.stat(tmp_path / "a.arena").st_mode & 0o777) == "0o660"
+    finally:
+        t.close()
