@@ -50,6 +50,7 @@ class SlotAllocator:
         self._by_start: dict[int, int] = {0: num_slots}  # start -> length of a free run
         self._by_end: dict[int, int] = {num_slots: 0}  # end (exclusive) -> start
         self._by_len: dict[int, set[int]] = {num_slots: {0}}  # length -> starts
+        self._allocated: dict[int, int] = {}  # start -> length of an allocated run (frees are checked against it)
         self.used_slots = 0
 
     def _add(self, start: int, length: int) -> None:
@@ -81,14 +82,18 @@ class SlotAllocator:
         self._remove(start)
         if best > count:
             self._add(start + count, best - count)
+        self._allocated[start] = count
         self.used_slots += count
         return start
 
     def free(self, start: int, count: int) -> None:
         assert 0 <= start and start + count <= self.num_slots, f"run [{start}, {start + count}) out of range"
-        assert start not in self._by_start, f"double free of slot run at {start}"
+        # Exactly a run ``allocate`` gave out: a double free, or a free of part of a run or of slots
+        # already free, would add a free run over slots in use (handed out twice later).
+        assert self._allocated.get(start) == count, (
+            f"free of slots [{start}, {start + count}), not a run in use (double free?)")
+        del self._allocated[start]
         self.used_slots -= count
-        assert self.used_slots >= 0, "more slots freed than allocated"
         # Coalesce with the free run ending where this one starts and the one starting where it ends.
         if start in self._by_end:
             prev = self._by_end[start]

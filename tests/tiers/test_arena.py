@@ -45,6 +45,20 @@ def test_double_free_is_caught():
         a.free(s, 2)
 
 
+def test_a_free_of_slots_not_allocated_as_that_run_is_caught_and_changes_nothing():
+    """Only a double free at the very start of a free run was caught (or one that drove the count
+    below zero): freeing part of a run that was already free, while other runs were allocated, added a
+    second free run over the same slots, and the next allocations handed one slot run to two extents."""
+    a = SlotAllocator(8)
+    assert a.allocate(4) == 0 and a.allocate(4) == 4
+    a.free(0, 4)
+    for start, count in ((2, 2), (1, 1), (4, 2), (6, 2), (3, 3)):  # inside, partly inside, or across runs
+        with pytest.raises(AssertionError):
+            a.free(start, count)
+    assert a.used_slots == 4 and sorted(a.free_runs()) == [(0, 4)]
+    assert a.allocate(4) == 0 and a.allocate(1) is None
+
+
 def test_arena_write_read_and_accounting(tmp_path):
     t = HostTier(tmp_path / "arena", 1 << 20, 64 << 10)
     assert t.arena().num_slots == 16
