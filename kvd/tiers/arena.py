@@ -141,6 +141,8 @@ class Arena:
             raise ConfigError(f"host.path {p} exists and is not the arena of a kvd that has died (no "
                               f"{p.name}{OWNER_SUFFIX} naming a dead process); kvd will not replace it: "
                               "remove it or choose another host.path")
+        if p.exists():  # a dead kvd's: removed now, so its room counts as free for the new file
+            _remove_arena_files(p)
 
     def _create(self, file_mode: int, gid: int | None) -> mmap.mmap:
         """A new arena file, all of its pages allocated now. On a tmpfs a sparse file is accepted at any
@@ -304,14 +306,19 @@ def remove_stale(directory: Path, pattern: str) -> int:
         try:
             if str(sock) and _is_dead_socket(sock):
                 sock.unlink(missing_ok=True)
-            for companion in (arena, *(Path(str(arena) + s) for s in (*COMPANION_SUFFIXES, OWNER_SUFFIX))):
-                companion.unlink(missing_ok=True)
+            _remove_arena_files(arena)
         except OSError as e:
             logger.warning("cannot remove the stale arena %s of dead kvd pid %d: %s", arena, owner["pid"], e)
             continue
         removed += 1
         logger.info("removed the stale arena %s of dead kvd pid %d", arena, owner["pid"])
     return removed
+
+
+def _remove_arena_files(arena: Path) -> None:
+    """Unlink an arena with its lookup index and its owner record (the owner last)."""
+    for f in (arena, *(Path(str(arena) + s) for s in (*COMPANION_SUFFIXES, OWNER_SUFFIX))):
+        f.unlink(missing_ok=True)
 
 
 def _is_dead_socket(path: Path) -> bool:

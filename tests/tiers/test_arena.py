@@ -214,3 +214,37 @@ def test_a_tenant_arena_is_never_open_to_the_daemons_group_before_it_is_the_tena
         assert oct(os.stat(tmp_path / "a.arena").st_mode & 0o777) == "0o660"
     finally:
         t.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs of its own (a /dev/shm with room for one 2 MiB arena, not two)."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_restart_replaces_its_killed_arena_on_a_filesystem_without_room_for_two(small_tmpfs):
+    """A daemon killed with -9 whose arena was at ``host.path`` (a name remove_stale's pattern does not
+    match) could not start again: the free-space check and the allocation of the new file ran while the
+    dead daemon's arena, about to be replaced, still held its room, so a /dev/shm sized for one arena
+    (Docker's --shm-size) refused the restart with "does not fit" for good."""
+    path = small_tmpfs / "engine.arena"
+    script = (f"import sys, os, signal; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r});"
+              "from kvd.tiers.host import HostTier;"
+              f"HostTier({str(path)!r}, 2 << 20, 64 << 10);"
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", script])
+    assert path.exists() and Path(str(path) + OWNER_SUFFIX).exists()
+    t = HostTier(path, 2 << 20, 64 << 10)
+    try:
+        assert t.arena().capacity_bytes == 2 << 20 and os.stat(path).st_size == 2 << 20
+        assert sorted(p.name for p in small_tmpfs.iterdir()) == ["engine.arena", f"engine.arena{OWNER_SUFFIX}"]
+    finally:
+        t.close()
