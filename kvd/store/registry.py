@@ -2,8 +2,8 @@
 
 A model must be registered before its KV is stored or looked up; the answer tells the client its
 fingerprint, the chunk size and the arena to map. Registration is idempotent. Re-registering a model
-with a different head map is refused while entries stored under the old map exist (their extents
-follow the old map's head classes). A head map profiled for another model (its ``fingerprint`` is
+with a different head map (other global heads, sinks or windows) is refused while entries stored
+under the old map exist (their extents follow the old map's head classes and window groups). A head map profiled for another model (its ``fingerprint`` is
 another's) is refused. Registrations are persisted beside the data of persistent tiers so the index
 can be rebuilt at start (``kvd.store.recovery``).
 """
@@ -51,7 +51,10 @@ class ModelRegistry:
         else:
             hm = HeadMap.all_global(spec.model_id, spec.num_layers, spec.num_kv_heads)
         known = self.models.get(fp)
-        if known is not None and known.head_map.class_grid() != hm.class_grid() and has_entries(fp):
+        # Extents are grouped and tagged by each head's sink and window, not only by its class: a map
+        # of other windows lays out other extents even where the global heads are the same ones.
+        if known is not None and (known.head_map.sinks, known.head_map.windows) != (hm.sinks, hm.windows) \
+                and has_entries(fp):
             raise Conflict(
                 f"model {spec.model_id} ({fp}) is registered with another head map and has stored entries, "
                 "whose extents follow the old map; delete them (kvctl evict) or register a new revision")
