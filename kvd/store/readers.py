@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from kvd.core import protocol as P
 from kvd.core.errors import HeadMapError, InvalidRequest
-from kvd.core.extents import matches, needed, trimmed_from
+from kvd.core.extents import covers, matches, needed, trimmed_from
 from kvd.store.entries import Entry, ModelRecord
 
 
@@ -48,6 +48,15 @@ class Reader:
         if self.head_aware and e.kind == "prefix" and position is not None:
             out = [c for c in out if needed(e.extents[c].plan, e.start_token, e.num_tokens, position)]
         return out
+
+    def serves(self, e: Entry, position: int | None) -> bool:
+        """Every trimmed extent of ``e`` this reader reads at ``position`` holds all it reads there
+        (``covers``): one read from an earlier position, or without a position (every token), would
+        give the reader part of the tokens it attends to. An entry with no trimmed extent: always."""
+        if not e.is_trimmed:
+            return True
+        return self.head_aware and e.kind == "prefix" and position is not None and all(
+            covers(e.extents[c].plan, e.start_token, e.num_tokens, position) for c in self.wanted(e, position))
 
     def usable_from(self, e: Entry) -> float:
         """The least position at which this head-aware reader can load ``e`` (wholly or its leading

@@ -259,7 +259,8 @@ class Store:
         if self.shared:  # a lease without a lookup first (another process looked up) still finds them
             await find_shared(self, req.namespace, req.fingerprint, req.hashes, exact=not reader.head_aware)
         found = [self.index.resolve((req.namespace, req.fingerprint, h)) for h in req.hashes]
-        found = [f if f is not None and readable_by(reader, f[0], req.computed_under) else None for f in found]
+        found = [f if f is not None and readable_by(reader, f[0], req.computed_under)
+                 and reader.serves(f[0], req.position) else None for f in found]
         held = list({id(f[0]): f[0] for f in found if f is not None}.values())
         wanted = {id(e): reader.wanted(e, req.position) for e in held}
         readable = self.background.promotion.readable(req.gpu)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from kvd.core import protocol as P
 from kvd.core.errors import Conflict
 from kvd.core.headmap import HeadMap
 from tests.store.test_pipeline import HM, MODEL, World
+from tests.store.test_readers import CHUNKS, TAG, W64, head_aware
+from tests.store.test_readers import lease as trim_lease
+from tests.store.test_readers import world as trim_world
 
 
 @pytest.fixture
@@ -31,3 +35,25 @@ async def test_a_head_map_of_other_windows_is_refused_while_entries_follow_the_o
     model = w.store.registry.get(w.fp)
     assert model.head_map == HM
     assert model.plans(256)["local"].layout == w.entry(hs[0]).extents["local"].plan.layout
+
+
+async def test_a_lease_does_not_grant_a_trimmed_extent_that_lacks_what_the_reader_reads(tmp_path):
+    """A head-aware lookup counts a trimmed extent (capacity mode) only from the position where it holds
+    all the reader reads (``trimmed_from``), but the lease granted it ``ok`` at any position, and without
+    a position too (every token read): the reader of chunk 7 at 2000 was given w64's tokens [192, 256)
+    where its window reads from 145 on, while the lookup just before said 7 hits, not 8."""
+    w = trim_world(tmp_path, local_cold_codec="drop")
+    try:
+        hs, _ = await w.store_seq(1, chunks=CHUNKS, computed_under=TAG)
+        assert w.entry(hs[7]).extents[W64].plan.span == (192, 256)
+        found = await w.store.lookup(P.LookupRequest(fingerprint=w.fp, prefix_hashes=hs, computed_under=TAG,
+                                                     prefetch=False, max_tokens=2000, **head_aware()))
+        assert found.num_prefix_hits == 7
+        le = await trim_lease(w, hs, **head_aware(position=2000))
+        assert [e.status for e in le.entries] == ["ok"] * 7 + ["missing"]
+        le = await trim_lease(w, hs, **head_aware())  # no position: every token of every class
+        assert [e.status for e in le.entries] == ["missing"] + ["ok"] * 6 + ["missing"]
+        le = await trim_lease(w, hs, **head_aware(position=CHUNKS * 256))  # where the store kept them for
+        assert [e.status for e in le.entries] == ["ok"] * CHUNKS
+    finally:
+        w.close()
