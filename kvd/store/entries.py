@@ -182,6 +182,7 @@ class Entry:
     last_access: float
     pinned: bool = False
     holds: int = 0  # leases and pipeline moves in flight: while > 0 nothing is freed or evicted
+    waiting: int = 0  # of the holds, leases still being answered (their promotions run): none reads bytes yet
     reuse_count: int = 0  # leases that used it
     seen: int = 1  # times stored or looked up (admission to the next tier counts these)
     aliases: list[str] = field(default_factory=list)  # alias hashes that point to this entry

@@ -63,8 +63,8 @@ class Promotion:
         sources = [self.source(x, accept_lossy) for x in want]
         if not want or None in sources or e.key in self.pipeline.busy:
             return not want
-        if any(top.name in x.copies for x in want) and e.holds:
-            return False  # a lossy copy in use up there: an exact one cannot take its place now
+        if any(top.name in x.copies for x in want) and e.holds > e.waiting:
+            return False  # a lossy copy in use up there (leased): an exact one cannot take its place now
         t0 = time.perf_counter()
         self.pipeline.hold(e)
         self.pipeline.busy.add(e.key)
@@ -150,7 +150,7 @@ class Promotion:
                     if not e.is_whole():
                         self.pipeline.remove(e)
                 continue
-            if e.holds and top.name in x.copies:  # the lossy copy up there was leased meanwhile: it stays
+            if e.holds > e.waiting and top.name in x.copies:  # the lossy copy was leased meanwhile: it stays
                 self.pipeline.discard(top, [loc])  # (freed, its reader would read another entry's bytes)
                 ok = False
                 continue

@@ -266,13 +266,15 @@ class Store:
         readable = self.background.promotion.readable(req.gpu)
         # Hold the entries while their promotions run: otherwise promoting one can evict another
         # promoted a moment earlier for this same lease.
-        for e in held:
+        for e in held:  # (waiting: these holds read nothing, so a promotion may replace a lossy copy)
             self.pipeline.hold(e)
+            e.waiting += 1
         try:
             wait = self.settings.ssd.prefetch_deadline_s if req.wait_s is None else req.wait_s
             await self.background.wait_for_top(held, lambda e: wanted[id(e)], req.accept_lossy, wait, readable)
         finally:
             for e in held:
+                e.waiting -= 1
                 self.pipeline.unhold(e)
         now = self.clock()
         ttl = self.settings.host.lease_ttl_s
