@@ -51,7 +51,7 @@ from kvd.connectors.hf.guard import GuardConfig, LilGuard
 from kvd.connectors.hf.pool import PagePool
 from kvd.connectors.hf.restore import TrimStash, daemon_restores, restore_full_kv
 from kvd.connectors.hf.reuse import ReuseResult, reuse_request
-from kvd.connectors.hf.spec import head_map_for, model_spec
+from kvd.connectors.hf.spec import check_supported, head_map_for, model_spec
 from kvd.core.errors import KvdError
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import EXACT, attention_tag
@@ -341,9 +341,10 @@ def attach(model, head_map=None, client=None, *, namespace: str = "default", pag
             files (``kvd.connectors.hf.spec``), the one vLLM's and SGLang's connectors derive too.
         guard: the Lil guard of head-aware decoding (``GuardConfig()``: restore full KV when output
             starts to loop); None: off. Only with a head map that has local heads.
-    Raises ``HeadMapError`` if the head map does not fit the model, ``ConfigError`` if the model cannot
-    be identified without a ``model_id`` (PEFT adapters loaded).
+    Raises ``HeadMapError`` if the head map does not fit the model, ``ConfigError`` if its attention is
+    not supported (``spec.check_supported``) or it cannot be identified without a ``model_id`` (PEFT).
     """
+    check_supported(model)
     spec = model_spec(model, model_id=model_id)
     att = _attachment(model, spec, head_map, client, namespace, page_tokens, chunk_store, guard)
     if guard is not None and guard.action == "rerun" and not att.head_map.is_all_global:

@@ -43,6 +43,38 @@ def _quantized_on_load(cfg: Any, name_or_path: str, revision: str | None) -> str
     return str(getattr(method, "value", method) or "quantized")
 
 
+def check_supported(model: Any) -> None:
+    """``ConfigError`` unless ``model``'s attention is one the adapter computes: Llama-family layers
+    (``model.model.layers[i].self_attn`` with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and one
+    ``model.model.rotary_emb``) with full causal attention. kvd's attention applies no sliding window
+    (it would attend past it, silently), and MLA or other layouts have no K/V of the pool's shape."""
+    core = getattr(model, "model", None)
+    name = type(model).__name__
+    if core is None or not hasattr(core, "layers") or not hasattr(core, "embed_tokens"):
+        raise ConfigError(f"{name} is not a Llama-family causal LM (model.model.layers); kvd's transformers "
+                          "adapter supports those only")
+    if getattr(core, "rotary_emb", None) is None:
+        raise ConfigError(f"{name} has no rotary embedding (model.model.rotary_emb); kvd's transformers adapter "
+                          "supports RoPE models only")
+    for i, layer in enumerate(core.layers):
+        attn = getattr(layer, "self_attn", None)
+        missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, p)]
+        if missing:
+            raise ConfigError(f"{name} layer {i}: the attention has no {', '.join(missing)} (multi-head latent "
+                              "attention or another layout); kvd's transformers adapter supports Llama-style "
+                              "attention only")
+        if getattr(attn, "sliding_window", None) is not None:
+            raise ConfigError(f"{name} layer {i} uses a sliding window, which kvd's attention does not apply; "
+                              "sliding-window models are not supported")
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    sliding = any(t != "full_attention" for t in types) if types else getattr(cfg, "sliding_window", None) is not None
+    if sliding:
+        raise ConfigError(f"{name} uses sliding-window attention (config.sliding_window="
+                          f"{getattr(cfg, 'sliding_window', None)}, layer_types={types}), which kvd's attention does "
+                          "not apply; sliding-window models are not supported")
+
+
 def model_spec(model: Any, *, model_id: str | None = None) -> ModelSpec:
     """The spec (hence fingerprint) of ``model``'s KV: content identity, KV dtype = the model's dtype."""
     cfg = model.config
@@ -74,4 +106,4 @@ def head_map_for(head_map: HeadMap, spec: ModelSpec) -> HeadMap:
                        f"{spec.model_id} is not them: profile a head map for this model (kvctl profile)")
 
 
-__all__ = ["head_map_for", "model_spec"]
+__all__ = ["check_supported", "head_map_for", "model_spec"]
