@@ -151,6 +151,9 @@ class KvdCache(Cache):
         """An empty cache sharing this one's model, head map, daemon handle and chunk store."""
         return KvdCache(self.att)
 
+    def reset(self) -> None:  # transformers' Cache.reset: the pool, and the request's tokens, guard and stash
+        self.__init__(self.att)  # the state of a new request, as fresh() gives it
+
     def exact(self) -> KvdCache:
         """An empty cache that keeps every head's full KV, with no guard: the Lil guard's rerun
         (``GuardConfig(action="rerun")``; an exact reader of the same daemon, so it loads and stores
