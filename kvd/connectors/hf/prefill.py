@@ -30,6 +30,7 @@ from kvd.connectors.hf.attention import (
     windowed_attention,
 )
 from kvd.connectors.hf.pool import PagePool
+from kvd.core.errors import ConfigError
 from kvd.core.headmap import HeadMap
 from kvd.reuse.plan import Assembly, ReuseConfig
 from kvd.reuse.select import cacheblend_tokens, epic_tokens, received_attention, sparse_ffn_tokens
@@ -59,6 +60,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rot * sin[:, None]
+
+
+_LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def _check_layout(core) -> None:
+    """``ConfigError`` unless every decoder layer has only the parts ``_layer`` computes: any other
+    (Qwen3's ``q_norm``/``k_norm``) would be skipped, silently giving other KV and logits."""
+    for i, mod in enumerate(core.layers):
+        extra = sorted({n for n, _ in mod.named_children()} - _LAYER_PARTS)
+        extra += sorted({n for n, _ in mod.self_attn.named_children()} - _ATTN_PARTS)
+        if extra:
+            raise ConfigError(f"layer {i} has {', '.join(extra)}, which chunk reuse's prefill does not compute "
+                              "(it computes Llama layers: q/k/v/o_proj, RoPE, two RMSNorms, MLP)")
 
 
 # ---- the forward ------------------------------------------------------------------------------------
@@ -223,7 +239,8 @@ def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig,
     ``recompute``. The last token must be computed by the method (it is uncached, or the method
     computes every token) when ``compute_logits``. ``attention="dense"`` replaces SegPagedAttention by
     sdpa-based fallbacks (blockwise windows, masked blocks): for machines where the Triton kernels
-    do not run; the pool is still written. Raises ``HeadMapError`` if ``head_map`` does not fit.
+    do not run; the pool is still written. Raises ``HeadMapError`` if ``head_map`` does not fit,
+    ``ConfigError`` if a layer has parts this forward does not compute (Qwen3's q/k norms).
     """
     core = model.model
     device = core.embed_tokens.weight.device
@@ -231,6 +248,7 @@ def prefill(model, asm: Assembly, cached: torch.Tensor | None, cfg: ReuseConfig,
     if cfg.reads_cache and cached is None:
         raise ValueError(f"method {cfg.method!r} needs the cached KV (assemble_cached)")
     head_map.check_fits(len(core.layers), model.config.num_key_value_heads)
+    _check_layout(core)
     ids = asm.token_ids.to(device)
     positions = torch.arange(S, device=device)
     act = torch.nonzero(_initial_tokens(asm, cfg).to(device)).reshape(-1) if cfg.uses_cache else positions
