@@ -267,14 +267,15 @@ def load_for_rank(path: str | Path, spec: ModelSpec, *, whole: ModelSpec | None 
     the whole model's map. A map profiled for another model (its fingerprint, or its layer and head
     counts) is refused, naming both, before anything registers."""
     hm = HeadMap.load(Path(path).expanduser())
+    if size > 1 and whole is None:
+        raise HeadMapError("a tensor-parallel rank's head map needs the whole model's spec")
+    model = whole if size > 1 and whole is not None else spec  # the map's model: checked for every rank count
+    if hm.fingerprint is not None and hm.fingerprint != model.fingerprint():
+        raise HeadMapError(f"head map {path} was profiled for the model with fingerprint {hm.fingerprint}; "
+                           f"{model.model_id} has {model.fingerprint()}: profile one for it (kvctl profile)")
     if size > 1:
-        if whole is None:
-            raise HeadMapError("a tensor-parallel rank's head map needs the whole model's spec")
-        if hm.fingerprint is not None and hm.fingerprint != whole.fingerprint():
-            raise HeadMapError(f"head map {path} was profiled for the model with fingerprint {hm.fingerprint}; "
-                               f"{whole.model_id} has {whole.fingerprint()}: profile one for it (kvctl profile)")
-        hm.check_fits(whole.num_layers, whole.num_kv_heads, model=whole.model_id)
-        hm = hm.shard(tp_heads(whole.num_kv_heads, rank, size), model=f"{hm.model} [tp{rank}/{size}]",
+        hm.check_fits(model.num_layers, model.num_kv_heads, model=model.model_id)
+        hm = hm.shard(tp_heads(model.num_kv_heads, rank, size), model=f"{hm.model} [tp{rank}/{size}]",
                       fingerprint=None if hm.fingerprint is None else spec.fingerprint())
     hm.check_fits(spec.num_layers, spec.num_kv_heads, model=spec.model_id)
     return hm

@@ -187,3 +187,23 @@ def test_a_rank_refuses_a_map_of_another_model(tmp_path):
     rank = ModelSpec("other [tp0/3]", num_layers=30, num_kv_heads=2, head_dim=64)
     with pytest.raises(HeadMapError, match="3 KV heads"):
         load_for_rank(tmp_path / "anon.json", rank, whole=six, rank=0, size=3)
+
+
+def test_a_one_rank_engine_refuses_a_map_of_another_model_at_load(tmp_path):
+    """load_for_rank refuses a map profiled for another model before anything registers, also without
+    tensor parallelism: a one-rank vLLM or SGLang engine otherwise started, its registration was refused
+    by the daemon (FingerprintMismatch) and it served without kvd, logging 'not reachable', retrying."""
+    from kvd.core.headmap import load_for_rank
+    from kvd.core.keys import ModelSpec
+
+    spec = ModelSpec("smollm2", num_layers=30, num_kv_heads=3, head_dim=64)
+    full = HeadMap.load("kvd/data/heads/smollm2-135m.json")  # SmolLM2's fingerprint, not "smollm2"'s here
+    full.save(tmp_path / "map.json")
+    with pytest.raises(HeadMapError, match="profiled for the model with fingerprint"):
+        load_for_rank(tmp_path / "map.json", spec)
+    mine = full.model_copy(update={"fingerprint": spec.fingerprint()})
+    mine.save(tmp_path / "mine.json")
+    assert load_for_rank(tmp_path / "mine.json", spec) == mine
+    full.model_copy(update={"fingerprint": None}).save(tmp_path / "anon.json")
+    assert load_for_rank(tmp_path / "anon.json", spec).fingerprint is None
+

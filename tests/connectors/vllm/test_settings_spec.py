@@ -43,3 +43,24 @@ def test_callable_hf_overrides_need_a_model_id(tmp_path):
     with pytest.raises(ConfigError, match="hf_overrides"):
         _fp(root, lambda config: config)
     assert _fp(root, lambda config: config, ConnectorSettings(model_id="mine"))
+
+
+def test_a_one_rank_engine_refuses_a_head_map_of_other_weights_at_start(tmp_path):
+    """The head map is checked against the engine's model when it is loaded, as under tensor parallelism:
+    a map profiled for the plain files, given to an engine run with ``hf_overrides`` (another model),
+    used to pass, and the daemon then refused every registration (FingerprintMismatch) while vLLM
+    served without kvd, logging 'not reachable' and retrying (docs/vllm.md: such a set-up must not start)."""
+    from kvd.connectors.vllm.settings import load_head_map
+    from kvd.core.errors import HeadMapError
+    from kvd.core.headmap import HeadMap
+
+    root = make_model(tmp_path / "m")
+    plain = model_spec_from_vllm(*_vllm(root, {}), ConnectorSettings())
+    hm = HeadMap.from_classes("m", [[True, False], [False, True]], sink=4, window=64,
+                              fingerprint=plain.fingerprint())
+    hm.save(tmp_path / "map.json")
+    settings = ConnectorSettings(head_map=str(tmp_path / "map.json"))
+    assert load_head_map(settings, plain) == hm
+    other = model_spec_from_vllm(*_vllm(root, {"rms_norm_eps": 1e-5}), ConnectorSettings())
+    with pytest.raises(HeadMapError, match="profiled for the model with fingerprint"):
+        load_head_map(settings, other)
