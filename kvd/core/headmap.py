@@ -140,10 +140,10 @@ class HeadMap(BaseModel):
     def load(cls, path: str | Path) -> HeadMap:
         p = Path(path)
         try:
-            text = p.read_text()
+            raw = p.read_bytes()  # bytes: pydantic's JSON parser names what is wrong with text that is not UTF-8
         except OSError as e:
             raise HeadMapError(f"cannot read head map {p}: {e.strerror}") from None
-        return cls.parse(text, source=str(p))
+        return cls.parse(raw, source=str(p))
 
     def shard(self, heads: list[int], *, model: str, fingerprint: str | None) -> HeadMap:
         """The part of this map one tensor-parallel rank holds: its KV ``heads`` (``tp_heads``), in order,

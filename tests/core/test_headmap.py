@@ -207,3 +207,11 @@ def test_a_one_rank_engine_refuses_a_map_of_another_model_at_load(tmp_path):
     full.model_copy(update={"fingerprint": None}).save(tmp_path / "anon.json")
     assert load_for_rank(tmp_path / "anon.json", spec).fingerprint is None
 
+
+def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    """HeadMap.load read the file as UTF-8 text: one saved as UTF-16 (or any non-UTF-8 bytes) raised a
+    bare UnicodeDecodeError from the engine's start-up instead of the HeadMapError naming the file."""
+    p = tmp_path / "map.json"
+    p.write_bytes(b"\xff\xfe{\x00")  # UTF-16 with its BOM, as some editors save
+    with pytest.raises(HeadMapError, match="map.json.*Invalid JSON"):
+        HeadMap.load(p)
