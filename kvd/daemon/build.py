@@ -5,8 +5,8 @@ with ``gpu_bytes``) → host (one arena, or one per tenant: ``kvd.daemon.tenants
 ``ssd.enabled``) → remote (if ``remote.enabled``). Without a GPU the GPU tier is absent (logged) and
 torch is never imported: the presence of a GPU is asked of NVML first (``kvd.tiers.gpu.gpu_present``). Before the arenas are made, arenas and sockets that
 daemons killed with -9 left behind are removed (``kvd.tiers.arena.remove_stale``). A remote cluster
-that cannot be reached at start stops the daemon when ``remote.required``; otherwise the daemon starts
-without it and ``join_remote_later`` adds it when it answers.
+that cannot be reached or refuses the credentials at start stops the daemon when ``remote.required``;
+otherwise the daemon starts without it and ``join_remote_later`` adds it when it answers.
 """
 
 from __future__ import annotations
@@ -104,13 +104,19 @@ def gpu_tier(settings: Settings, tenants: Tenants, ipc=None) -> GpuTier | None:
 
 
 async def remote_tier(settings: Settings, io: ThreadPoolExecutor) -> RemoteTier | None:
-    """The remote tier, or None when the cluster is unreachable and not required (logged)."""
+    """The remote tier, or None when the cluster is unreachable or refuses the credentials and is not
+    required (logged)."""
     try:
         client = await asyncio.get_running_loop().run_in_executor(io, connect, settings.remote)
     except TierUnavailable as e:
         if settings.remote.required:
             raise ConfigError(f"{e} (remote.required = true)") from None
         logger.warning("%s; serving without the remote tier, retrying every %d s", e, REMOTE_RETRY_S)
+        return None
+    except ConfigError as e:  # the cluster answered but refused the credentials (or they cannot be read)
+        if settings.remote.required:
+            raise
+        logger.error("%s; serving without the remote tier, retrying every %d s", e, REMOTE_RETRY_S)
         return None
     logger.info("remote tier: Redis cluster at %s", ", ".join(settings.remote.startup_nodes))
     return RemoteTier(client, settings.remote)
@@ -119,11 +125,7 @@ async def remote_tier(settings: Settings, io: ThreadPoolExecutor) -> RemoteTier 
 async def join_remote_later(settings: Settings, io: ThreadPoolExecutor, store) -> None:
     while True:
         await asyncio.sleep(REMOTE_RETRY_S)
-        try:
-            remote = await remote_tier(settings, io)
-        except ConfigError as e:  # the cluster answered but refused us: say so, keep trying
-            logger.error("%s", e)
-            continue
+        remote = await remote_tier(settings, io)  # not required: None (logged) until the cluster takes us
         if remote is not None:
             store.add_tier(remote)
             return

@@ -219,3 +219,23 @@ def test_close_closes_every_threads_fast_path_connections(redis_cluster):
     assert len(socks) >= 2 and all(x.fileno() >= 0 for x in socks)
     t.close()
     assert all(x.fileno() == -1 for x in socks)
+
+
+async def test_refused_credentials_follow_remote_required(redis_cluster_factory):
+    """docs/remote.md, Failures: wrong credentials with ``required = true`` stop the start (naming the
+    setting); with ``required = false`` the daemon starts without the remote tier (logged) and the
+    join retries later. The start used to fail either way: the ConfigError went past ``required``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvd.core.config import Settings
+    from kvd.daemon.build import remote_tier
+
+    cluster = redis_cluster_factory(requirepass="s3cret")
+    io = ThreadPoolExecutor(2)
+    try:
+        required = Settings(remote=settings(cluster, password="wrong", required=True))
+        with pytest.raises(ConfigError, match="refused the credentials"):
+            await remote_tier(required, io)
+        assert await remote_tier(Settings(remote=settings(cluster, password="wrong")), io) is None
+    finally:
+        io.shutdown()
