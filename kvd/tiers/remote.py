@@ -65,8 +65,8 @@ def connect(settings: RemoteSettings):
               require_full_coverage=False,
               # two quick retries at most (a moved slot, a failover): the breaker handles the rest
               retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 2))
-    if settings.tls:
-        kw.update(ssl=True, ssl_ca_certs=settings.tls_ca_file or None)
+    if settings.tls:  # the host name too: redis-py 5 checks only the CA unless asked (ssl_check_hostname)
+        kw.update(ssl=True, ssl_ca_certs=settings.tls_ca_file or None, ssl_check_hostname=True)
     nodes = [ClusterNode(n.rpartition(":")[0], int(n.rpartition(":")[2])) for n in settings.startup_nodes]
     try:
         client = RedisCluster(startup_nodes=nodes, **kw)

@@ -239,3 +239,24 @@ async def test_refused_credentials_follow_remote_required(redis_cluster_factory)
         assert await remote_tier(Settings(remote=settings(cluster, password="wrong")), io) is None
     finally:
         io.shutdown()
+
+
+def test_tls_verifies_the_certificate_and_the_host_name(monkeypatch):
+    """``tls = true`` asks redis-py for the CA check and the host-name check by name: redis-py 5 (which
+    pyproject allows) defaults ``ssl_check_hostname`` to False, so any certificate the CA (by default
+    every public one) signed for any name was accepted, silently. The client is built with every node
+    refusing, so only the settings it was given are looked at."""
+    import redis.cluster
+
+    given = {}
+
+    class Refusing(redis.cluster.RedisCluster):
+        def __init__(self, **kw):
+            given.update(kw)
+            raise redis.exceptions.RedisClusterException("no node answered")
+
+    monkeypatch.setattr(redis.cluster, "RedisCluster", Refusing)
+    with pytest.raises(TierUnavailable):
+        connect(RemoteSettings(enabled=True, startup_nodes=["127.0.0.1:1"], tls=True, tls_ca_file="/etc/ca.pem"))
+    assert given["ssl"] is True and given["ssl_ca_certs"] == "/etc/ca.pem"
+    assert given.get("ssl_cert_reqs", "required") == "required" and given.get("ssl_check_hostname") is True
