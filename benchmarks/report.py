@@ -508,7 +508,27 @@ def render() -> str:
         lines += ["## Position-independent chunk reuse (issue 7)", "", f"Measured {where}. Scripts: "
                   "`benchmarks/pi_reuse_fidelity.py`, `benchmarks/pi_reuse_speed.py`.", ""]
         lines += _table(_reuse_rows(fid, speed)) + [""] + _plot("pi_reuse", "Position-independent chunk reuse")
+    lines += _reuse_heldout_lines(speed)
     return "\n".join(lines)
+
+
+def _reuse_heldout_lines(speed: dict | None) -> list[str]:
+    """The accuracy run on requests that chose nothing (seed 9: a corpus and requests generated after
+    every setting, window and threshold was fixed), with the same goals; dominance against the H200
+    TTFTs of the section above."""
+    held = _load("pi_reuse_heldout_seed9/pi_reuse_fidelity")
+    if not held:
+        return []
+    rows = [r for r in _reuse_rows(held, speed) if not r[0].startswith(("ttft_", "recompute / "))]
+    if "acc_kvd_sparse_ffn" in held and "acc_recompute" in held:
+        rows.append(("acc_kvd_sparse_ffn − acc_recompute", held["acc_kvd_sparse_ffn"] - held["acc_recompute"],
+                     "report", None))
+    return ["### Held out: requests that chose nothing", "",
+            f"{held['num_requests']} requests of a corpus generated with seed 9 after every setting was fixed "
+            f"(the head map, the Sparse FFN setting chosen on seed 8, the baselines' budgets): nothing was chosen "
+            f"on them. Measured {_where(held)}, {held.get('mean_tokens', 0):.0f} tokens per request on average. "
+            "Command: `python benchmarks/pi_reuse_fidelity.py --seed 9 --out "
+            "benchmarks/results/pi_reuse_heldout_seed9`.", ""] + _table(rows) + [""]
 
 
 def main() -> None:
