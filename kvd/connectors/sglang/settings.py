@@ -158,9 +158,11 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
     # The content identity of the model's files (kvd.core.identity), as vLLM's connector and the
     # transformers adapter derive it: one model, one fingerprint, whichever engine registers it.
     source = path if str(path) else name
-    model_id, revision = choose_model_id(source, explicit=settings.model_id, revision=settings.revision,
+    # SGLang's --revision names the hub snapshot it loads (as vLLM's, which its connector passes)
+    revision = settings.revision or str(getattr(server_args, "revision", None) or "")
+    model_id, revision = choose_model_id(source, explicit=settings.model_id, revision=revision,
                                          variant=_load_changes(server_args, resolve_model_dir(
-                                             source, settings.revision or None), kv_dtype))
+                                             source, revision or None), kv_dtype))
     return ModelSpec(model_id=model_id + (f" [{' '.join(shard)}]" if shard else ""), revision=revision,
                      num_layers=pages.num_layers, num_kv_heads=whole_heads or pages.num_heads, head_dim=pages.head_dim,
                      kv_dtype=kv_dtype, rope=rope or {}, layout="canonical")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from kvd.connectors.sglang.settings import BackendSettings, model_spec_from_sglang
+from kvd.core.identity import model_identity
 from tests.core.test_identity import CONFIG, make_model
 
 PAGES = SimpleNamespace(num_layers=2, num_heads=2, head_dim=32, dtype=torch.bfloat16)
@@ -25,7 +26,7 @@ def _storage(path) -> SimpleNamespace:
 
 def _args(**kw) -> SimpleNamespace:
     return SimpleNamespace(**{"quantization": None, "json_model_override_args": "{}",
-                              "quantization_param_path": None, **kw})
+                              "quantization_param_path": None, "revision": None, **kw})
 
 
 def _fp(path, pages=PAGES, **kw) -> str:
@@ -59,3 +60,25 @@ def test_fp8_kv_scaling_factors_from_a_file_are_part_of_the_key(tmp_path):
     assert _fp(root, FP8, quantization_param_path=str(other)) != _fp(root, FP8, quantization_param_path=str(scales))
     # bf16 KV is not scaled: the file changes nothing there
     assert _fp(root, quantization_param_path=str(scales)) == _fp(root)
+
+
+def test_a_hub_revision_is_the_weights_it_names(tmp_path, monkeypatch):
+    """``--model-path Org/Tiny --revision c2`` loads snapshot c2's weights. The backend resolved the hub
+    name at ``main`` (the revision setting empty), so a server on c2 and one on main registered one
+    fingerprint and shared pages computed by other weights; without a local copy both were "Org/Tiny"."""
+    hub = tmp_path / "hub"
+    repo = hub / "models--Org--Tiny"
+    main = make_model(repo / "snapshots" / "c1")
+    c2 = make_model(repo / "snapshots" / "c2", seed=1)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c1\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+
+    def spec(name, **kw):
+        return model_spec_from_sglang(_storage(name), PAGES, BackendSettings(), server_args=_args(**kw))
+
+    assert spec("Org/Tiny").model_id == model_identity(main).model_id
+    assert spec("Org/Tiny", revision="c2").model_id == model_identity(c2).model_id
+    assert spec("Org/Tiny", revision="c2").fingerprint() != spec("Org/Tiny").fingerprint()
+    # no local copy: the name and the revision
+    assert spec("Org/Gone", revision="v2").fingerprint() != spec("Org/Gone").fingerprint()
