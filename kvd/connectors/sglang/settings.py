@@ -88,13 +88,15 @@ def _rope_of(path: Path) -> dict[str, Any] | None:
 
 def _load_changes(server_args: Any, config_dir: Path | None, kv_dtype: str) -> str | None:
     """What SGLang changes of the files' model on load (``choose_model_id``'s ``variant``), from its
-    server arguments: weights quantized at load (``--quantization`` on a checkpoint whose config.json
-    has no ``quantization_config``), config overrides (``--json-model-override-args``, e.g. YaRN RoPE),
-    and fp8 KV scaled by a file's factors (``--quantization-param-path``). Each computes other KV than
+    server arguments: random weights (``--load-format dummy``), weights quantized at load
+    (``--quantization`` on a checkpoint whose config.json has no ``quantization_config``), config
+    overrides (``--json-model-override-args``, e.g. YaRN RoPE), and fp8 KV scaled by a file's factors (``--quantization-param-path``). Each computes other KV than
     the plain files, so it must never share the plain files' fingerprint."""
     if server_args is None:
         return None
     parts = []
+    if str(getattr(server_args, "load_format", None) or "") == "dummy":  # random weights, not the files'
+        parts.append("dummy")
     method = getattr(server_args, "quantization", None)
     if method and "quantization_config" not in _file_config(config_dir):
         parts.append(str(method))

@@ -26,7 +26,7 @@ def _storage(path) -> SimpleNamespace:
 
 def _args(**kw) -> SimpleNamespace:
     return SimpleNamespace(**{"quantization": None, "json_model_override_args": "{}",
-                              "quantization_param_path": None, "revision": None, **kw})
+                              "quantization_param_path": None, "revision": None, "load_format": "auto", **kw})
 
 
 def _fp(path, pages=PAGES, **kw) -> str:
@@ -82,3 +82,12 @@ def test_a_hub_revision_is_the_weights_it_names(tmp_path, monkeypatch):
     assert spec("Org/Tiny", revision="c2").fingerprint() != spec("Org/Tiny").fingerprint()
     # no local copy: the name and the revision
     assert spec("Org/Gone", revision="v2").fingerprint() != spec("Org/Gone").fingerprint()
+
+
+def test_dummy_weights_are_not_the_files(tmp_path):
+    """``--load-format dummy`` (benchmarks, warm-up runs) fills the weights with random values instead
+    of reading the files: its KV is noise, and it registered the files' fingerprint, so a real server
+    of the same files loaded that noise as its own prefix (the daemon and namespace shared)."""
+    root = make_model(tmp_path / "m")
+    assert _fp(root, load_format="dummy") != _fp(root)
+    assert _fp(root, load_format="safetensors") == _fp(root)
