@@ -126,7 +126,7 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
     # derive the same one from the same files, so KV is shared across engines without a model_id.
     model_id, revision = choose_model_id(str(mc.model), explicit=settings.model_id,
                                          revision=str(getattr(mc, "revision", None) or ""),
-                                         variant=_load_changes(mc, settings))
+                                         variant=_load_changes(mc, settings, getattr(vllm_config, "load_config", None)))
     return ModelSpec(
         model_id=model_id + (f" [tp{tp_rank}/{tp}]" if tp > 1 else ""),
         revision=revision,
@@ -145,12 +145,15 @@ def tp_size(vllm_config: Any) -> int:
     return int(vllm_config.parallel_config.tensor_parallel_size)
 
 
-def _load_changes(mc: Any, settings: ConnectorSettings) -> str | None:
-    """What vLLM changes of the files' model on load, as ``choose_model_id``'s ``variant``: weights
-    quantized at load (``_quantized_on_load``) and ``hf_overrides`` (``cfg-<hash>``: any overridden
-    config value may change the KV, and the content identity hashes the files' config.json). A callable
-    override cannot be named: refused unless ``model_id`` names the model."""
-    parts = [_quantized_on_load(mc)]
+def _load_changes(mc: Any, settings: ConnectorSettings, load_config: Any = None) -> str | None:
+    """What vLLM changes of the files' model on load, as ``choose_model_id``'s ``variant``: random
+    weights (``load_format="dummy"``, for benchmarks: its KV is noise), weights quantized at load
+    (``_quantized_on_load``) and ``hf_overrides`` (``cfg-<hash>``: any overridden config value may
+    change the KV, and the content identity hashes the files' config.json). A callable override cannot
+    be named: refused unless ``model_id`` names the model."""
+    dummy = str(getattr(getattr(load_config, "load_format", None), "value", None)
+                or getattr(load_config, "load_format", None) or "") == "dummy"
+    parts = ["dummy" if dummy else None, _quantized_on_load(mc)]
     overrides = getattr(mc, "hf_overrides", None)
     if callable(overrides):
         if not settings.model_id:

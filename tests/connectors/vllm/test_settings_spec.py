@@ -64,3 +64,19 @@ def test_a_one_rank_engine_refuses_a_head_map_of_other_weights_at_start(tmp_path
     other = model_spec_from_vllm(*_vllm(root, {"rms_norm_eps": 1e-5}), ConnectorSettings())
     with pytest.raises(HeadMapError, match="profiled for the model with fingerprint"):
         load_head_map(settings, other)
+
+
+def test_dummy_weights_are_not_the_files(tmp_path):
+    """vLLM's load_format="dummy" (random weights, for benchmarks) registered the files' fingerprint, so
+    its noise KV was loaded by a real engine of the same files on the same daemon and namespace."""
+    from vllm.config import LoadConfig
+
+    root = make_model(tmp_path / "m")
+    plain = _fp(root, {})
+
+    def fp(load_format):
+        cfg, kv = _vllm(root, {})
+        cfg.load_config = LoadConfig(load_format=load_format)
+        return model_spec_from_vllm(cfg, kv, ConnectorSettings()).fingerprint()
+    assert fp("dummy") != plain
+    assert fp("auto") == fp("safetensors") == plain
