@@ -204,9 +204,11 @@ def _rebuild(store, key: EntryKey, parts: list[tuple[str, StoredRecord]], now: f
     extents = {c: Extent(plan=p) for c, p in model.plans(first.num_tokens).items()}
     for tier, rec in parts:
         x = extents.get(rec.name.head_class)
-        plan = (_fits(rec, x, first, store.index.by_name[tier].tier.shared)
-                if x is not None and tier not in x.copies else None)
+        shared = store.index.by_name[tier].tier.shared
+        plan = _fits(rec, x, first, shared) if x is not None and tier not in x.copies else None
         if plan is None:
+            if shared:  # another host's record (another head map's, say): left out, never served; the
+                continue  # entry's own records here are not dropped for it
             return None
         x.set_plan(plan)
         x.copies[tier] = copy = _copy(rec)

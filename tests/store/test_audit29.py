@@ -1,0 +1,40 @@
+"""Defects found by audit 29 (admin actions, recovery, holds)."""
+
+from __future__ import annotations
+
+import uuid
+
+from kvd.daemon.api import STORE
+from tests.store.test_defects import MODEL, Api
+from tests.store.test_remote_hosts import remote
+from tests.store.test_remote_layouts import MODEL_SWAPPED, _store_other_bytes, _written
+
+
+async def test_a_shared_record_of_another_layout_does_not_make_recovery_drop_the_ssd_copies(tmp_path, redis_cluster):
+    """Host A keeps an entry on its SSD; host B (the same model under another head map) writes the same
+    names into the cluster. At A's restart the entry's records were rebuilt together: B's cluster
+    records did not fit A's layout, so the whole entry was refused and A's own, good SSD records were
+    dropped as orphans. A shared tier's misfit is only left out; A serves its SSD copy."""
+    prefix = "l" + uuid.uuid4().hex[:8]
+    later = {c: "write_back" for c in ("global", "local_hot", "local")}  # A's entries go to its SSD only
+    over = {"remote": {**remote(redis_cluster, prefix), "write_policy": later}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = await Api(tmp_path / "a", over).start(MODEL)
+    b = await Api(tmp_path / "b", {"remote": {**remote(redis_cluster, prefix), "write_policy": {"local": "write_through"}},
+                                   "ssd": {"enabled": False}}).start(MODEL_SWAPPED)
+    try:
+        hs, data_a = await a.store_seq(1, chunks=2)
+        assert (await a.post("/v1/flush", {}))["count"] == 2
+        ssd = a.app[STORE].index.by_name["ssd"].tier
+        assert len(ssd.scan()) == 4  # both extents of both entries, on A's SSD only
+        await _store_other_bytes(b, hs)  # over A's records in the cluster
+        await _written(b, hs)
+        await a.close()
+        a = await Api(tmp_path / "a", over).start(MODEL)
+        store = a.app[STORE]
+        assert all(store.index.get(("default", a.fp, h)) is not None for h in hs), "A's SSD entries dropped"
+        assert await a.read_back(hs) == (["ok", "ok"], data_a)
+    finally:
+        await a.close()
+        await b.close()
