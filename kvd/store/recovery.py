@@ -40,18 +40,26 @@ logger = logging.getLogger(__name__)
 async def recover(store) -> int:
     """Put every entry the persistent tiers hold back into ``store``'s index; returns how many."""
     found: dict[EntryKey, list[tuple[str, StoredRecord]]] = {}  # entry -> [(tier, record)]
+    scanned = []
     for lv in store.index.records:
         try:
             records = await store.pipeline.on_io(lv, lv.tier.scan)
             for rec in records:
                 n = rec.name
                 found.setdefault((n.namespace, n.fingerprint, n.hash), []).append((lv.name, rec))
+            scanned.append(lv)
+        except TierUnavailable as e:  # a shared tier that is down at start: its entries come with lookups
+            logger.warning("%s tier not scanned at start: %s", lv.name, e)
+    # This host's own registration first: another host's of the same model (another head map) may
+    # have overwritten the shared tier's, even where this host's tiers hold no record of the model.
+    for lv in sorted(scanned, key=lambda lv: lv.tier.shared):
+        try:
             for fp in {k[1] for k in found} - set(store.registry.models):
                 raw = await store.pipeline.on_io(lv, lv.tier.get_meta, MODEL_META + fp)
                 if raw is not None:
                     _register(store, fp, raw)
-        except TierUnavailable as e:  # a shared tier that is down at start: its entries come with lookups
-            logger.warning("%s tier not scanned at start: %s", lv.name, e)
+        except TierUnavailable as e:
+            logger.warning("%s tier: registrations not read at start: %s", lv.name, e)
     count = adopt(store, found)
     store.metrics.recovered_entries.inc(count)
     return count

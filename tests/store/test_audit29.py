@@ -38,3 +38,32 @@ async def test_a_shared_record_of_another_layout_does_not_make_recovery_drop_the
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_host_restarts_with_its_own_registration_not_the_one_another_host_left_in_the_cluster(
+        tmp_path, redis_cluster):
+    """A registers the model and writes its entries through to the cluster (none on its SSD yet); B
+    registers the same model under another head map, which overwrites the cluster's registration
+    record. At A's restart the rebuild took the model's registration from the cluster, B's, though A's
+    SSD kept A's own: A then adopted B's entries and refused its own engine's registration (409,
+    'registered with another head map and has stored entries'). Its own tiers' registration wins."""
+    prefix = "l" + uuid.uuid4().hex[:8]
+    over = {"remote": {**remote(redis_cluster, prefix), "write_policy": {"local": "write_through"}}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = await Api(tmp_path / "a", over).start(MODEL)
+    b = await Api(tmp_path / "b", {**over, "ssd": {"enabled": False}}).start(MODEL_SWAPPED)
+    try:
+        hs, data_a = await a.store_seq(1, chunks=2)
+        await _written(a, hs)
+        data_b = await _store_other_bytes(b, hs)  # over A's records and registration in the cluster
+        await _written(b, hs)
+        await a.close()
+        a = await Api(tmp_path / "a", over).start(MODEL)  # 409 before
+        status, got = await a.read_back(hs)
+        assert all(got[k] == data_a[k] for k in got) and not any(got[k] == data_b[k] for k in got)
+        assert status == ["missing", "missing"]  # the cluster holds B's heads only
+        assert await b.read_back(hs) == (["ok", "ok"], data_b)
+    finally:
+        await a.close()
+        await b.close()
