@@ -44,7 +44,11 @@ class Segment:
     reusable: bool = False
 
     def __init__(self, token_ids: Sequence[int] | torch.Tensor, reusable: bool = False) -> None:
-        ids = token_ids.reshape(-1).tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        shape = tuple(getattr(token_ids, "shape", ()))  # a tensor or array: one row, [n] or [1, n]
+        if len(shape) > 1 and any(d != 1 for d in shape[:-1]):
+            raise ValueError(f"a segment is one sequence of token ids, not a batch of shape {shape}: "
+                             "one request per row")
+        ids = token_ids.reshape(-1).tolist() if hasattr(token_ids, "reshape") else list(token_ids)
         if not ids:
             raise ValueError("a segment needs at least one token")
         object.__setattr__(self, "token_ids", tuple(int(t) for t in ids))
