@@ -117,6 +117,12 @@ def reuse_request(model, segments: Sequence[Segment], cfg: ReuseConfig, pool: Pa
     ``leave_last``: keep the final token out of the prefill, so that ``model.generate`` (which needs
     one uncached token) computes it and continues; then ``logits`` is None.
     """
+    if not isinstance(segments, Sequence) or not all(isinstance(s, Segment) for s in segments):
+        raise TypeError(f"a reuse request is a list of Segment (kvd.reuse.plan), not {type(segments).__name__}")
+    vocab = model.model.embed_tokens.num_embeddings
+    bad = next((t for s in segments for t in s.token_ids if not 0 <= t < vocab), None)
+    if bad is not None:  # (a GPU embedding would assert on the device)
+        raise ValueError(f"token id {bad} is outside the model's {vocab} embeddings")
     if not segments or segments[-1].reusable:
         raise ValueError("a reuse request must end with a segment that is not reusable (the question)")
     if any(n for n in pool.num_tokens):
