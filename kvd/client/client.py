@@ -28,7 +28,7 @@ from kvd.client.http import JSON, FramesUnsupported, UnixFrames, UnixHttp, raise
 from kvd.client.local_lookup import LocalLookups
 from kvd.core import lookup_wire
 from kvd.core import protocol as P
-from kvd.core.config import default_socket_path
+from kvd.core.config import SsdSettings, default_socket_path
 from kvd.core.errors import DaemonUnavailable
 from kvd.core.protocol_lookup import LookupReport
 
@@ -52,7 +52,7 @@ def _the_arena(mapped: ArenaMapping | None, arena_id: str | None) -> ArenaMappin
     return mapped
 
 
-DAEMON_LEASE_WAIT_S = 5.0  # ssd.prefetch_deadline_s's default: how long a lease without wait_s may wait
+DAEMON_LEASE_WAIT_S = SsdSettings.model_fields["prefetch_deadline_s"].default  # a lease without wait_s
 
 
 def lease_wait(req: P.LeaseRequest) -> float:

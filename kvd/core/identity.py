@@ -44,6 +44,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,14 @@ def _compute(root: Path, full: bool) -> ModelIdentity | None:
 
 
 _CACHE: dict[tuple, ModelIdentity | None] = {}
+
+
+def overrides_tag(overrides: Any) -> str:
+    """``cfg-<hash>`` of config overrides an engine applies on load (vLLM's ``hf_overrides``, SGLang's
+    ``--json-model-override-args``), for ``choose_model_id``'s ``variant``: the content identity hashes
+    the files' config.json, and any overridden value may change the KV."""
+    blob = json.dumps(overrides, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return "cfg-" + hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
 def _signature(root: Path) -> tuple:

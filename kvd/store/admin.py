@@ -59,8 +59,7 @@ class Admin:
         if not self.index.records:
             raise InvalidRequest("flush writes to the SSD tier, which is not enabled (ssd.enabled = false)")
         if req.hashes is not None:
-            found = (e for h in req.hashes if (e := self.index.get((req.namespace, req.fingerprint, h))))
-            chosen = list({id(e): e for e in found}.values())  # named twice: written (and counted) once
+            chosen = self.index.named(req.namespace, [req.fingerprint], req.hashes)
         else:
             chosen = [e for e in self.index if self._matches(req.namespace, req.fingerprint)(e)]
         deadline = time.monotonic() + self.settings.ssd.prefetch_deadline_s

@@ -111,6 +111,12 @@ class Index:
     def get(self, key: EntryKey) -> Entry | None:
         return self.entries.get(key)
 
+    def named(self, namespace: str, fingerprints: list[str], hashes: list[str]) -> list[Entry]:
+        """The entries ``hashes`` name under any of ``fingerprints``, each once (an entry named twice is
+        acted on, and counted, once)."""
+        found = (e for h in hashes for fp in fingerprints if (e := self.entries.get((namespace, fp, h))) is not None)
+        return list({id(e): e for e in found}.values())
+
     def resolve(self, key: EntryKey) -> tuple[Entry, int] | None:
         """The entry a key names and the tokens the key covers (all of them, or an alias's leading ones)."""
         e = self.entries.get(key)

@@ -346,8 +346,7 @@ class Store:
     def _select(self, req: P.EntriesRequest) -> list[Entry]:
         self._check_count(len(req.hashes))
         fps = [req.fingerprint] if req.fingerprint else list(self.registry.models)
-        found = (e for h in req.hashes for fp in fps if (e := self.index.get((req.namespace, fp, h))) is not None)
-        return list({id(e): e for e in found}.values())  # an entry named twice is acted on (and counted) once
+        return self.index.named(req.namespace, fps, req.hashes)
 
     async def evict(self, req: P.EvictRequest) -> P.EvictResponse:
         return await self.admin.evict(req)

@@ -10,22 +10,10 @@ from kvd.client.client import KvdClient
 from kvd.client.http import UnixHttp
 from kvd.client.prefix import register
 from kvd.client.transfer import open_lease
+from tests.client import test_transfer
 from tests.client.test_transfer import HM, SPEC, C, kv_for, store
-from tests.daemon_proc import DaemonProc
 
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = DaemonProc(tmp_path_factory.mktemp("kvd")).start()
-    yield d
-    d.kill()
-
-
-@pytest.fixture
-def handle(daemon, request):
-    c = KvdClient(daemon.socket, register_cuda=False)
-    yield register(c, SPEC, HM, namespace=request.node.name[:100].replace("[", "-").replace("]", ""))
-    c.close()
+daemon, handle = test_transfer.daemon, test_transfer.handle  # the transfer tests' daemon and handle
 
 
 def test_a_request_interrupted_before_its_answer_never_hands_that_answer_to_the_next_call(handle, monkeypatch):

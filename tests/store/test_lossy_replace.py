@@ -14,16 +14,23 @@ from kvd.store.entries import Copy
 from tests.store.test_pipeline import World
 
 
+async def _lossy_in_the_arena(w):
+    """One stored chunk, in the arena and on SSD (exact); then the arena's copy of "local" is made a
+    lossy (fp8) one. Returns its hashes, entry and local extent."""
+    hs, _ = await w.store_seq(1, chunks=1)
+    await w.step()
+    e = w.entry(hs[0])
+    host = w.store.index.levels[0]
+    x = e.extents["local"]
+    exact = w.store.index.unplace(e, x, host)
+    w.store.index.place(e, x, host, Copy(exact.loc, "fp8", exact.checksum))
+    return hs, e, x
+
+
 async def test_a_lossy_copy_leased_during_a_promotion_is_not_freed_under_its_reader(tmp_path):
     w = World(tmp_path, ssd={"admit_after": 1})
     try:
-        hs, _ = await w.store_seq(1, chunks=1)
-        await w.step()  # in the arena and on SSD, exact
-        e = w.entry(hs[0])
-        host = w.store.index.levels[0]
-        x = e.extents["local"]
-        exact = w.store.index.unplace(e, x, host)  # the arena's copy of "local" becomes a lossy one (fp8)
-        w.store.index.place(e, x, host, Copy(exact.loc, "fp8", exact.checksum))
+        hs, e, x = await _lossy_in_the_arena(w)
         reading, go = threading.Event(), threading.Event()
         real_read = w.ssd.read
 
@@ -65,13 +72,7 @@ async def test_an_exact_lease_replaces_a_lossy_arena_copy_nobody_reads(tmp_path)
     first got 'timeout' every time, though an exact copy lay on SSD and no one read the lossy one."""
     w = World(tmp_path, ssd={"admit_after": 1})
     try:
-        hs, data = await w.store_seq(1, chunks=1)
-        await w.step()  # in the arena and on SSD, exact
-        e = w.entry(hs[0])
-        host = w.store.index.levels[0]
-        x = e.extents["local"]
-        exact = w.store.index.unplace(e, x, host)
-        w.store.index.place(e, x, host, Copy(exact.loc, "fp8", exact.checksum))  # now lossy up there
+        hs, e, x = await _lossy_in_the_arena(w)
         le = await w.store.lease(P.LeaseRequest(fingerprint=w.fp, hashes=hs))
         assert le.entries[0].status == "ok", le.entries[0].status
         assert not x.copies["host"].is_lossy and all(not i.lossy for i in le.entries[0].extents)

@@ -29,7 +29,7 @@ from kvd.connectors.sglang.pages import HostPages
 from kvd.core import dtypes
 from kvd.core.errors import ConfigError, InvalidRequest
 from kvd.core.headmap import HeadMap, load_for_rank
-from kvd.core.identity import choose_model_id, resolve_model_dir
+from kvd.core.identity import choose_model_id, overrides_tag, resolve_model_dir
 from kvd.core.keys import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _load_changes(server_args: Any, config_dir: Path | None, kv_dtype: str) -> s
     except ValueError:
         doc = overrides
     if doc:
-        parts.append("cfg-" + _digest(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()))
+        parts.append(overrides_tag(doc))
     scales = getattr(server_args, "quantization_param_path", None)
     if scales and kv_dtype.startswith("float8"):  # SGLang reads the factors only for fp8 KV
         try:

@@ -11,8 +11,6 @@ weights. ``open_session`` builds the role's
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -24,7 +22,7 @@ from kvd.client.session import DaemonSession
 from kvd.core import dtypes
 from kvd.core.errors import ConfigError, InvalidRequest
 from kvd.core.headmap import HeadMap, load_for_rank
-from kvd.core.identity import choose_model_id
+from kvd.core.identity import choose_model_id, overrides_tag
 from kvd.core.keys import ModelSpec
 
 
@@ -151,17 +149,15 @@ def _load_changes(mc: Any, settings: ConnectorSettings, load_config: Any = None)
     (``_quantized_on_load``) and ``hf_overrides`` (``cfg-<hash>``: any overridden config value may
     change the KV, and the content identity hashes the files' config.json). A callable override cannot
     be named: refused unless ``model_id`` names the model."""
-    dummy = str(getattr(getattr(load_config, "load_format", None), "value", None)
-                or getattr(load_config, "load_format", None) or "") == "dummy"
-    parts = ["dummy" if dummy else None, _quantized_on_load(mc)]
+    fmt = getattr(load_config, "load_format", None)  # a str, or vLLM's LoadFormats enum
+    parts = ["dummy" if str(getattr(fmt, "value", fmt)) == "dummy" else None, _quantized_on_load(mc)]
     overrides = getattr(mc, "hf_overrides", None)
     if callable(overrides):
         if not settings.model_id:
             raise ConfigError("vLLM's hf_overrides is a function, whose changes to the model kvd cannot name; set "
                               "model_id in kv_connector_extra_config to name the model it makes")
     elif overrides:
-        blob = json.dumps(overrides, sort_keys=True, separators=(",", ":"), default=str).encode()
-        parts.append("cfg-" + hashlib.blake2b(blob, digest_size=8).hexdigest())
+        parts.append(overrides_tag(overrides))
     return "+".join(p for p in parts if p) or None
 
 
