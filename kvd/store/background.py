@@ -70,7 +70,9 @@ class Background:
 
     @property
     def has_lower(self) -> bool:
-        return len(self.index.levels) > 1
+        """A record tier of this host's own (SSD) to write admitted entries back to. The cluster is not
+        one: it gets extents written through, or as they leave this host (docs/remote.md)."""
+        return any(not lv.tier.shared for lv in self.index.records)
 
     # ---- hooks from the store ------------------------------------------------------------------
 
@@ -272,9 +274,7 @@ class Background:
             if batch:
                 await self.yield_to_loads()
             for lv in self.index.memory:  # GPU pool -> arena, then arena -> SSD
-                below = self.pipeline.below(lv)
-                if below is not None and not below.tier.shared:  # to the cluster only as it leaves the host
-                    await self.pipeline.write_down(batch, lv)  # (docs/remote.md), or written through
+                await self.pipeline.write_down(batch, lv)
         for key in busy:
             self._queue.setdefault(key, None)
 
