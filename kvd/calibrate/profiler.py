@@ -82,7 +82,7 @@ class ProfileConfig:
     def __post_init__(self) -> None:  # refuse what would fail only after minutes of model work
         for flag, ok, need in (
                 ("--windows", min(self.windows, default=0) > 0, "> 0"), ("--round-fraction", self.round_fraction > 0, "> 0"),
-                ("--num-natural", self.num_natural >= max(self.baseline_scores, 1 - self.num_recall),
+                ("--num-natural", self.num_natural >= 1 or (not self.baseline_scores and self.num_recall >= 1),
                  "≥ 1 (or 0 with --no-baseline-scores and --num-recall ≥ 1)"),
                 ("--kl-positions", self.kl_positions > 0, "≥ 1"), ("--calib-tokens", self.calib_tokens > 1, "≥ 2"),
                 ("--refine-tokens", self.refine_tokens == 0 or self.refine_tokens >= 128, "0 (off) or ≥ 128")):

@@ -30,6 +30,7 @@ from kvd.connectors.hf.attention import (
     windowed_attention,
 )
 from kvd.connectors.hf.pool import PagePool
+from kvd.connectors.hf.spec import ATTN_PROJECTIONS
 from kvd.core.errors import ConfigError
 from kvd.core.headmap import HeadMap
 from kvd.reuse.plan import Assembly, ReuseConfig
@@ -63,7 +64,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 _LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
-_ATTN_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_ATTN_PARTS = set(ATTN_PROJECTIONS)
 
 
 def _check_layout(core) -> None:

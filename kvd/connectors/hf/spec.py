@@ -43,6 +43,9 @@ def _quantized_on_load(cfg: Any, name_or_path: str, revision: str | None) -> str
     return str(getattr(method, "value", method) or "quantized")
 
 
+ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # a Llama-style attention's parts
+
+
 def check_supported(model: Any) -> None:
     """``ConfigError`` unless ``model``'s attention is one the adapter computes: Llama-family layers
     (``model.model.layers[i].self_attn`` with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and one
@@ -58,7 +61,7 @@ def check_supported(model: Any) -> None:
                           "supports RoPE models only")
     for i, layer in enumerate(core.layers):
         attn = getattr(layer, "self_attn", None)
-        missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, p)]
+        missing = [p for p in ATTN_PROJECTIONS if not hasattr(attn, p)]
         if missing:
             raise ConfigError(f"{name} layer {i}: the attention has no {', '.join(missing)} (multi-head latent "
                               "attention or another layout); kvd's transformers adapter supports Llama-style "
