@@ -149,7 +149,16 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
     if storage_config.pp_size > 1 and whole_heads is None:  # a stage's layers: SGLANG_PP_LAYER_PARTITION's
         shard.append(f"layers{pages.start_layer}-{pages.start_layer + pages.num_layers}")
     path = Path(settings.model_path or str(storage_config.model_name or "")).expanduser()
-    rope = _rope_of(path) if str(path) else None
+    # The content identity of the model's files (kvd.core.identity), as vLLM's connector and the
+    # transformers adapter derive it: one model, one fingerprint, whichever engine registers it.
+    source = path if str(path) else name
+    # SGLang's --revision names the hub snapshot it loads (as vLLM's, which its connector passes)
+    revision = settings.revision or str(getattr(server_args, "revision", None) or "")
+    # A hub name (org/model) reads its config from the local hub snapshot, as vLLM's hf_config does:
+    # looking only for a directory of that name left RoPE out, so the same model never shared KV
+    # between the two engines.
+    model_dir = resolve_model_dir(source, revision or None) if str(path) else None
+    rope = _rope_of(model_dir) if model_dir is not None and model_dir.is_dir() else None
     if rope is None:
         logger.warning("kvd: no model config found for %r; the fingerprint has no RoPE parameters, so KV is "
                        "shared only with engines that also leave them out (set \"model_path\")", name)
@@ -157,14 +166,8 @@ def model_spec_from_sglang(storage_config: Any, pages: HostPages, settings: Back
         kv_dtype = dtypes.kv_dtype_name(pages.dtype)
     except InvalidRequest as e:
         raise ConfigError(f"SGLang's host KV pool: {e}") from None
-    # The content identity of the model's files (kvd.core.identity), as vLLM's connector and the
-    # transformers adapter derive it: one model, one fingerprint, whichever engine registers it.
-    source = path if str(path) else name
-    # SGLang's --revision names the hub snapshot it loads (as vLLM's, which its connector passes)
-    revision = settings.revision or str(getattr(server_args, "revision", None) or "")
     model_id, revision = choose_model_id(source, explicit=settings.model_id, revision=revision,
-                                         variant=_load_changes(server_args, resolve_model_dir(
-                                             source, revision or None), kv_dtype))
+                                         variant=_load_changes(server_args, model_dir, kv_dtype))
     return ModelSpec(model_id=model_id + (f" [{' '.join(shard)}]" if shard else ""), revision=revision,
                      num_layers=pages.num_layers, num_kv_heads=whole_heads or pages.num_heads, head_dim=pages.head_dim,
                      kv_dtype=kv_dtype, rope=rope or {}, layout="canonical")

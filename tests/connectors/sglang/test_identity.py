@@ -40,3 +40,18 @@ def test_shards_and_explicit_ids_keep_their_meaning(smollm2_dir):
     assert tp.model_id == model_identity(smollm2_dir).model_id + " [tp0/2]"
     mine = model_spec_from_sglang(_storage(str(smollm2_dir)), PAGES, BackendSettings(model_id="prod", revision="v2"))
     assert (mine.model_id, mine.revision) == ("prod", "v2")
+
+
+def test_hub_name_reads_rope_from_the_hub_snapshot(smollm2_dir, tmp_path, monkeypatch):
+    """SGLang given a hub name (``org/model``) loads the cached snapshot; its RoPE must be in the
+    fingerprint, as vLLM's (read from the same snapshot's config) is, or the engines never share."""
+    repo = tmp_path / "hub" / "models--org--smol"
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "snapshots" / "abc123").symlink_to(smollm2_dir, target_is_directory=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    by_path = model_spec_from_sglang(_storage(str(smollm2_dir)), PAGES, BackendSettings())
+    by_hub = model_spec_from_sglang(_storage("org/smol"), PAGES, BackendSettings())
+    assert by_hub.rope and by_hub.rope == by_path.rope
+    assert by_hub.fingerprint() == by_path.fingerprint()
