@@ -104,8 +104,9 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
         raise ConfigError(f"KvdConnector supports models with one KV-cache group; this one has {len(groups)} "
                           "(hybrid / sliding-window layers); remove the kvd connector for this model")
     spec = groups[0].kv_cache_spec
-    head_v = getattr(spec, "head_size_v", None) or spec.head_size
-    if head_v != spec.head_size or not hasattr(spec, "num_kv_heads"):
+    _require_full_attention(spec)
+    head_v = getattr(spec, "head_size_v", None)  # None: unset (K's); MLA's 0 is no V at all
+    if (spec.head_size if head_v is None else head_v) != spec.head_size or not hasattr(spec, "num_kv_heads"):
         raise ConfigError(f"KvdConnector needs attention KV with equal K and V head sizes; got {type(spec).__name__}")
     par = vllm_config.parallel_config
     if par.pipeline_parallel_size != 1:
@@ -137,6 +138,22 @@ def model_spec_from_vllm(vllm_config: Any, kv_cache_config: Any, settings: Conne
         # CPU ISA's packing) on every copy, so KV is portable across engines, layouts and ISAs.
         layout="canonical",
     )
+
+
+def _require_full_attention(spec: Any) -> None:
+    """Refuse a KV-cache group whose blocks do not all hold the KV of their tokens as a causal prefix
+    computes it. One group of ``SlidingWindowSpec`` (a model whose every layer is sliding-window; vLLM
+    promotes such layers to full allocation only beside full-attention ones) or ``ChunkedLocalAttentionSpec``
+    gets the null block in place of the blocks behind its window, which saves would read as a chunk's
+    KV; MLA holds one latent, not K and V; a non-causal (prefix-LM) layer's KV of a token depends on the
+    tokens after it, so no prefix key names it. A ``FullAttentionSpec`` with a ``sliding_window`` (a
+    hybrid model with HMA off) keeps every block and is accepted."""
+    from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+    if isinstance(spec, AttentionSpec) and (type(spec) is not FullAttentionSpec or spec.non_causal):
+        raise ConfigError(f"KvdConnector supports causal full-attention KV caches only; this model's is "
+                          f"{type(spec).__name__}{' (non-causal)' if getattr(spec, 'non_causal', False) else ''} "
+                          "(sliding-window, chunked-local, MLA or non-causal); remove the kvd connector for it")
 
 
 def tp_size(vllm_config: Any) -> int:
