@@ -31,12 +31,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from kvd.codecs import Codecs
-from kvd.core.errors import CorruptData, KvdError, SsdFull, TierUnavailable
-from kvd.core.extents import class_kind
+from kvd.core.errors import CorruptData, KvdError
 from kvd.daemon.metrics import Metrics
-from kvd.store.entries import Copy, Entry, EntryKey, Extent
+from kvd.store.entries import Entry, EntryKey, Extent
 from kvd.store.forms import Forms, Payload
 from kvd.store.index import Index, Level
+from kvd.store.puts import Puts
 from kvd.store.space import Space
 from kvd.tiers.base import ExtentName, Location
 from kvd.tiers.record import name_key
@@ -59,9 +59,7 @@ class Pipeline:
         self.busy: set[EntryKey] = set()
         self.space = Space(index, is_busy=self.busy.__contains__, clock=clock, partition_of=index.partition_of)
         self._tasks: set[asyncio.Task] = set()
-        # Bytes reserved in a tier with quotas but not yet placed in the index, per (tier, partition):
-        # a batch of writes reserves before any copy is indexed, and a quota must count those too.
-        self._in_flight: dict[tuple[str, str], int] = {}
+        self.puts = Puts(self)  # a batch of copies into one tier: reserve, write, index
         # Record drops still running, per (tier, record key): a record tier keys records by extent name,
         # so a new copy of an extent whose old copy is being dropped must wait for that drop (else the
         # tier still holds the key, or the late drop deletes the new record).
@@ -202,13 +200,13 @@ class Pipeline:
             return True
         if nbytes > quota:
             return False
-        in_flight = self._in_flight.get((lv.name, partition), 0)
+        in_flight = self.puts.in_flight.get((lv.name, partition), 0)
         over = self.index.usage(lv.name, partition) + in_flight + nbytes - quota
         if over > 0:
             victims = self.space.victims(lv, over, partition=partition)
             if victims:
                 await self.evict(victims, lv)
-        in_flight = self._in_flight.get((lv.name, partition), 0)
+        in_flight = self.puts.in_flight.get((lv.name, partition), 0)
         return self.index.usage(lv.name, partition) + in_flight + nbytes <= quota
 
     async def evict(self, entries: list[Entry], lv: Level) -> int:
@@ -295,7 +293,7 @@ class Pipeline:
         try:
             payloads = await self._produce_all(jobs, lv, lower, corrupt)
             kept = [(j, p) for j, p in zip(jobs, payloads) if p is not None]
-            written = await self._put_all([j for j, _ in kept], [p for _, p in kept], lower)
+            written = await self.puts.put_all([j for j, _ in kept], [p for _, p in kept], lower)
         finally:
             for e in held.values():
                 self.busy.discard(e.key)
@@ -351,50 +349,3 @@ class Pipeline:
         if lv.tier.holds_records:  # record -> record: reading is the work
             return await self.on_io(lv, produce, op="read")  # records read to be re-encoded
         return await self.on_cpu(produce)
-
-    async def _put_all(self, jobs: list[tuple[Entry, Extent]], payloads: list[Payload], lower: Level) -> int:
-        """Reserve, write and index a batch of copies in ``lower``. This is the only writer to the
-        tiers quotas apply to (record tiers): its reservations count against the quota until indexed."""
-        counted: dict[tuple[str, str], int] = {}
-        try:
-            return await self._reserve_and_put(jobs, payloads, lower, counted)
-        finally:
-            for k, n in counted.items():
-                self._in_flight[k] -= n
-
-    async def _reserve_and_put(self, jobs: list[tuple[Entry, Extent]], payloads: list[Payload], lower: Level,
-                               counted: dict[tuple[str, str], int]) -> int:
-        items, placed = [], []
-        for (e, x), (data, codec, checksum) in zip(jobs, payloads):
-            loc = await self.reserve(lower, len(data), e.name(x.head_class))
-            if loc is None:
-                self.metrics.tier_write_failures.labels(lower.name).inc()
-                continue
-            k = (lower.name, self.index.partition_of(e.namespace))
-            self._in_flight[k] = self._in_flight.get(k, 0) + loc.nbytes
-            counted[k] = counted.get(k, 0) + loc.nbytes
-            items.append((loc, data))
-            placed.append((e, x, Copy(loc, codec, checksum)))
-        if not items:
-            return 0
-        ok = len(items)
-        try:
-            await self.on_io(lower, lower.tier.write_many, items)
-        except (SsdFull, TierUnavailable) as err:
-            ok = getattr(err, "num_written", 0)
-            logger.warning("%s", err)
-            if isinstance(err, SsdFull):
-                self.discard(lower, [loc for loc, _ in items[ok:]], written=False)
-            self.metrics.tier_write_failures.labels(lower.name).inc(len(items) - ok)
-        except BaseException:  # unexpected (an LMDB panic): the reservations go back, none is indexed
-            self.discard(lower, [loc for loc, _ in items])
-            raise
-        for e, x, copy in placed[:ok]:
-            if self.index.get(e.key) is e and lower.name not in x.copies:
-                self.index.place(e, x, lower, copy)
-                self.metrics.demotions.labels(lower.name, class_kind(x.head_class)).inc()
-                self.metrics.moved_bytes.labels("demote", lower.name).inc(x.nbytes)
-            else:  # deleted (or placed by another move) meanwhile: this copy belongs to nobody
-                self.discard(lower, [copy.loc])
-        self.metrics.tier_writes.labels(lower.name).inc(ok)
-        return ok
