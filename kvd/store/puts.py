@@ -3,7 +3,7 @@
 For each copy: room in the tier (``Pipeline.reserve``, which may evict there in turn); then one write of
 them all (a transaction per ``write_batch`` in LMDB); then each copy that landed is placed in the index.
 Every reservation ends as an indexed copy or is given back: refused by the tier (``SsdFull``), its
-entry deleted (or placed by another move) meanwhile, or the write failing.
+entry deleted (or placed by another move) meanwhile, or the batch failing half-way.
 
 This is the only writer to the tiers quotas apply to (record tiers): a batch's reservations count
 against the quota until indexed (``in_flight``), since a batch reserves before it indexes anything.
@@ -45,16 +45,23 @@ class Puts:
                                counted: dict[tuple[str, str], int]) -> int:
         p = self.pipeline
         items, placed = [], []
-        for (e, x), (data, codec, checksum) in zip(jobs, payloads):
-            loc = await p.reserve(lower, len(data), e.name(x.head_class))
-            if loc is None:
-                p.metrics.tier_write_failures.labels(lower.name).inc()
-                continue
-            k = (lower.name, p.index.partition_of(e.namespace))
-            self.in_flight[k] = self.in_flight.get(k, 0) + loc.nbytes
-            counted[k] = counted.get(k, 0) + loc.nbytes
-            items.append((loc, data))
-            placed.append((e, x, Copy(loc, codec, checksum)))
+        try:
+            for (e, x), (data, codec, checksum) in zip(jobs, payloads):
+                loc = await p.reserve(lower, len(data), e.name(x.head_class))
+                if loc is None:
+                    p.metrics.tier_write_failures.labels(lower.name).inc()
+                    continue
+                k = (lower.name, p.index.partition_of(e.namespace))
+                self.in_flight[k] = self.in_flight.get(k, 0) + loc.nbytes
+                counted[k] = counted.get(k, 0) + loc.nbytes
+                items.append((loc, data))
+                placed.append((e, x, Copy(loc, codec, checksum)))
+        except BaseException:
+            # A reserve that raised (an eviction's write-down failing unexpectedly): the room this batch
+            # took goes back. Kept, the tier counted it as used until a restart, and a record tier kept
+            # those keys reserved, so every later write of those extents failed ('already reserved').
+            p.discard(lower, [loc for loc, _ in items], written=False)
+            raise
         if not items:
             return 0
         ok = len(items)

@@ -1,0 +1,49 @@
+"""Audit 31: moving extents between tiers (kvd.store.pipeline, batch writes, promotion, writes),
+reservations of room and their accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.store.test_pipeline import World
+
+
+@pytest.fixture
+async def w(tmp_path):
+    w = World(tmp_path, ssd={"admit_after": 1})
+    yield w
+    w.close()
+
+
+def failing_on_call(fn, n: int, err: BaseException):
+    """``fn`` that raises ``err`` on its ``n``-th call (and only then)."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise err
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+async def test_a_write_down_that_fails_half_way_through_its_reserves_gives_back_the_room_it_took(w):
+    """A batch reserves room below for each of its copies, one after the other (each reserve may
+    evict there, writing victims further down); one that raised (an eviction's write-down failing
+    unexpectedly) left the reservations taken before it in the tier: the SSD counted their bytes as
+    used until a restart, and kept their keys reserved, so every later write of those extents failed
+    on 'already reserved' and the entry could never be written down again."""
+    hs, data = await w.store_seq(1, chunks=1)  # one entry, two extents: two reserves in one batch
+    e, arena = w.entry(hs[0]), w.store.index.landing
+    real = w.ssd.reserve
+    w.ssd.reserve = failing_on_call(real, 2, RuntimeError("the second reserve fails"))
+    with pytest.raises(RuntimeError, match="second reserve"):
+        await w.store.pipeline.write_down([e], arena)
+    w.ssd.reserve = real
+    await w.store.pipeline.drain()
+    assert w.ssd.stats().used_bytes == 0 and w.ssd.stats().num_records == 0
+    assert not any("ssd" in x.copies for x in e.extents.values())
+    assert e.holds == 0 and e.key not in w.store.pipeline.busy
+    assert await w.store.pipeline.write_down([e], arena) == 2  # the same extents can be written later
+    w.store.pipeline.drop_copies(e, arena)  # on SSD only now
+    assert await w.read_back(hs) == (["ok"], data)
