@@ -213,15 +213,17 @@ class Pipeline:
         """Evict ``entries`` from ``lv`` (the one eviction path); returns the bytes freed there. Entries
         that must be kept are written to the next tier first; entries held meanwhile are skipped."""
         lower = self.below(lv)
+        # Measured before the write-down: the cold extents of a kept entry leave ``lv`` in it (``_cool``).
+        held_here = [self.index.meta(e, lv).nbytes for e in entries]
         if lower is not None:
             keep = [e for e in entries if self._must_keep(e, lv)]
             if keep:
                 await self.write_down(keep, lv)
         freed, tasks = 0, []
-        for e in entries:
+        for e, nbytes in zip(entries, held_here):
             if not self.space.evictable(e, lv):
                 continue
-            freed += self.index.meta(e, lv).nbytes
+            freed += nbytes
             tasks.append(self.drop_copies(e, lv))
             self.metrics.evicted_entries.labels(lv.name).inc()
         waits = [t for t in tasks if t is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvd.core import protocol as P
 from tests.store.test_pipeline import World
 
 
@@ -47,3 +48,16 @@ async def test_a_write_down_that_fails_half_way_through_its_reserves_gives_back_
     assert await w.store.pipeline.write_down([e], arena) == 2  # the same extents can be written later
     w.store.pipeline.drop_copies(e, arena)  # on SSD only now
     assert await w.read_back(hs) == (["ok"], data)
+
+
+async def test_an_eviction_answers_every_byte_it_freed_including_cold_extents_written_down_first(w):
+    """Evicting an admitted entry with no copy below writes it down first; its cold extents leave the
+    arena right then (placement), and the eviction counted only what was left after: ``kvctl evict``
+    answered 768 KiB for 1 MiB freed (its dry run said 1 MiB)."""
+    await w.store_seq(1)  # 4 entries × 2 extents × 128 KiB; the local extents of chunks 1 and 2 are cold
+    used = w.host.stats().used_bytes
+    dry = await w.store.evict(P.EvictRequest(tier="host", dry_run=True))
+    done = await w.store.evict(P.EvictRequest(tier="host"))
+    await w.store.pipeline.drain()
+    assert done.count == 4 and w.host.stats().used_bytes == 0
+    assert done.nbytes == dry.nbytes == used == 1 << 20
