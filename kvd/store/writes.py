@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -147,6 +148,9 @@ class Writes:
             unknown = [h for h in chosen if h not in res.entries]
             if unknown:
                 raise InvalidRequest(f"entries {unknown[:3]} are not part of reservation {rid}")
+            twice = [h for h, n in Counter(chosen).items() if n > 1]
+            if twice:  # as reserve refuses them: an entry indexed twice would fail half-way through the commit
+                raise InvalidRequest(f"entries {twice[:3]} appear twice in one commit request")
             entries = [res.entries[h] for h in chosen]
             by_tier: dict[str, int] = {}  # what the writer copied: taken before trimming lets tokens go
             for e in entries:
