@@ -11,12 +11,14 @@ can be rebuilt at start (``kvd.store.recovery``).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
+from typing import Any
 
 from kvd.core import protocol as P
 from kvd.core.config import DaemonSettings
 from kvd.core.dtypes import DTYPE_BYTES
-from kvd.core.errors import Conflict, FingerprintMismatch, NotFound, RequestTooLarge
+from kvd.core.errors import Conflict, FingerprintMismatch, InvalidRequest, NotFound, RequestTooLarge
 from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec
 from kvd.store.entries import ModelRecord
@@ -33,6 +35,7 @@ class ModelRegistry:
     def register(self, req: P.RegisterModelRequest, *, has_entries: Callable[[str], bool]) -> tuple[ModelRecord, bool]:
         """Validate and record the model. Returns (record, changed)."""
         self._check_size(req)
+        _check_finite(req)
         spec = ModelSpec(model_id=req.model_id, revision=req.revision, num_layers=req.num_layers,
                          num_kv_heads=req.num_kv_heads, head_dim=req.head_dim, kv_dtype=req.kv_dtype,
                          rope=req.rope, layout=req.layout)
@@ -84,3 +87,30 @@ class ModelRegistry:
             raise NotFound(f"model {fingerprint!r} is not registered with this daemon; register it first "
                            "(POST /v1/models; clients do this on connect and after a daemon restart)")
         return m
+
+
+def _check_finite(req: P.RegisterModelRequest) -> None:
+    """Refuse NaN and infinite numbers (JSON's ``NaN``, ``Infinity``, ``1e400``) in the free-form parts of a
+    registration: they enter the fingerprint, but the persisted registration (``Admin.persist_model``)
+    can only write them as null, so after a restart the model would not register under its fingerprint
+    and every record of it would be dropped as an unknown model's."""
+    parts: dict[str, Any] = {"rope": req.rope}
+    if req.head_map is not None:
+        parts.update({"head_map.scores": req.head_map.scores, "head_map.calibration": req.head_map.calibration})
+    for where, value in parts.items():
+        bad = _non_finite(where, value)
+        if bad is not None:
+            raise InvalidRequest(f"{bad[0]} = {bad[1]}: not a finite number; a registration may carry finite "
+                                 "numbers only (they are part of the model's fingerprint, and kept as JSON)")
+
+
+def _non_finite(where: str, value: Any) -> tuple[str, float] | None:
+    """``(path, value)`` of the first non-finite float in ``value`` (nested dicts and lists), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        bad = _non_finite(f"{where}.{k}", v)
+        if bad is not None:
+            return bad
+    return None

@@ -8,11 +8,13 @@ import pytest
 
 from kvd.client import prefix as kvio
 from kvd.core import protocol as P
+from kvd.core.headmap import HeadMap
 from kvd.core.keys import ModelSpec
 from tests.daemon.rawhttp import send
 from tests.daemon_proc import DaemonProc
 
 SPEC = ModelSpec("toy", num_layers=2, num_kv_heads=2, head_dim=32, kv_dtype="bfloat16")
+MODEL = {"model_id": "toy", "num_layers": 2, "num_kv_heads": 2, "head_dim": 32}
 
 
 @pytest.fixture
@@ -44,3 +46,41 @@ def test_a_commit_naming_an_entry_twice_is_a_400_and_leaves_the_reservation_whol
         assert c.commit(P.CommitRequest(reservation_id=rid, hashes=[h])).committed == [h]  # still open, whole
         assert [e.hash for e in c.entries().entries] == [h]
 
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_registration_with_a_non_finite_number_is_refused(daemon, number):
+    """JSON numbers kvd cannot write back (NaN, infinities, 1e400) were accepted in ``rope`` and the head
+    map's scores: the registration was persisted with null in their place, so on the next start its
+    fingerprint no longer matched, the model was not registered, and every SSD record of it was dropped."""
+    rope = b'{"model_id": "toy", "num_layers": 2, "num_kv_heads": 2, "head_dim": 32, "rope": {"rope_theta": %s}}'
+    status, doc = post(daemon, "/v1/models", rope % number.encode())
+    assert status == 400 and "rope.rope_theta" in doc["message"] and "finite" in doc["message"], doc
+    hm = json.loads(HeadMap.all_global("toy", 2, 2).model_dump_json())
+    hm["scores"] = {"retrieval": [[0.5, 0.5], [0.5, 0.0]]}
+    body = json.dumps({**MODEL, "head_map": hm}).replace("0.0]]", f"{number}]]").encode()
+    status, doc = post(daemon, "/v1/models", body)
+    assert status == 400 and "head_map.scores.retrieval.1.1" in doc["message"], doc
+    with daemon.client() as c:
+        assert c.models().models == []
+
+
+def test_a_finite_rope_registration_survives_a_restart(tmp_path):
+    """The refused numbers' neighbours still register, and their entries come back after a restart."""
+    d = DaemonProc(tmp_path).start()
+    body = json.dumps({**MODEL, "rope": {"rope_theta": 1e300, "scaling": [0.25, -3]}}).encode()
+    try:
+        status, doc = post(d, "/v1/models", body)
+        assert status == 200, doc
+        fp = doc["fingerprint"]
+        with d.client() as c:
+            rid = c.reserve(P.ReserveRequest(fingerprint=fp, entries=[P.ReserveEntry(hash="b" * 32, num_tokens=256)])
+                            ).reservation_id
+            c.commit(P.CommitRequest(reservation_id=rid))
+            assert c.flush(P.FlushRequest()).count == 1
+        assert d.stop() == 0
+        d.start()
+        with d.client() as c:
+            assert [e.hash for e in c.entries().entries] == ["b" * 32]
+        assert post(d, "/v1/models", body)[1]["fingerprint"] == fp
+    finally:
+        d.kill()
