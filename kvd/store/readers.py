@@ -93,7 +93,9 @@ def readable_by(reader: Reader, e: Entry, computed_under: str) -> bool:
 def reader_of(model: ModelRecord, req: P.LookupRequest | P.LeaseRequest) -> Reader:
     """The request's reader, checked against the registered model: a class filter must name its
     classes or kinds, a head-aware reader's head map must be the model's (else 400 naming both)."""
-    classes = tuple(req.classes) if isinstance(req, P.LeaseRequest) and req.classes is not None else None
+    # Each name once: a filter is matched against every extent of every entry leased, and repeats
+    # (a million, within the body limit) would hold the event loop that long for nothing.
+    classes = tuple(dict.fromkeys(req.classes)) if isinstance(req, P.LeaseRequest) and req.classes is not None else None
     if classes is not None:
         known = set(model.plans(1))
         bad = [c for c in classes if not any(matches(k, c) for k in known)]

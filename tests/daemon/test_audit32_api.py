@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
+import torch
 
 from kvd.client import prefix as kvio
 from kvd.core import protocol as P
@@ -84,3 +87,27 @@ def test_a_finite_rope_registration_survives_a_restart(tmp_path):
         assert post(d, "/v1/models", body)[1]["fingerprint"] == fp
     finally:
         d.kill()
+
+
+def test_a_lease_naming_one_class_a_million_times_does_not_hold_the_daemon(daemon):
+    """A lease's ``classes`` filter was matched in full against every extent of every entry: naming
+    "local" a million times (9 MB, under the body limit) over 200 entries held the event loop for
+    about 20 s, every other client's request with it. Repeats name nothing more: they are dropped."""
+    with daemon.client() as c:
+        h = kvio.register(c, SPEC, HeadMap.from_classes("toy", [[True, False]] * 2, sink=4, window=64))
+        tokens = list(range(256 * 200))
+        assert kvio.store_prefix(h, tokens, torch.ones((2, 2, 2, len(tokens), 32), dtype=torch.bfloat16)).stored == 200
+        hashes = h.hashes(tokens)
+    body = json.dumps({"fingerprint": h.fingerprint, "hashes": hashes, "classes": ["local"] * 1_000_000,
+                       "wait_s": 0}).encode()
+    answer: list = []
+    big = threading.Thread(target=lambda: answer.append(post(daemon, "/v1/lease", body, timeout=120)))
+    big.start()
+    time.sleep(0.5)  # the body is in and being served
+    status, doc = post(daemon, "/v1/lookup", json.dumps({"fingerprint": h.fingerprint, "prefix_hashes": hashes[:1],
+                                                         "prefetch": False}).encode(), timeout=5.0)
+    big.join(120)
+    assert status == 200 and doc["num_prefix_hits"] == 1, "the daemon did not answer another client meanwhile"
+    status, doc = answer[0]
+    assert status == 200 and all(e["status"] == "ok" and [x["head_class"] for x in e["extents"]] == ["local"]
+                                 for e in doc["entries"]), [(e["status"], e["extents"]) for e in doc["entries"]][:2]
