@@ -14,19 +14,18 @@ Lifecycle of a record: ``kvd.tiers.record.encode_record`` builds it (CPU, any th
 ``reserve(len(record), name)`` accounts its encoded size against ``capacity_bytes`` (``None`` when
 full, nothing changes) → ``write``/``write_many`` commit it (batched: one LMDB transaction per
 ``write_batch`` records) → ``read`` returns it verified → ``drop`` deletes it (or releases a
-reservation never written). One key is in exactly one state at a time; reserving a key that is
-reserved or stored is a store bug.
+reservation never written). Reserving a reserved key is a store bug; a stored key reserved again is
+a record the store no longer indexes (its drop failed): the new record replaces it.
 
-Durability: transactions commit with ``sync`` and ``metasync`` on (LMDB's defaults): a write that returned
-survives ``kill -9`` and power loss, and no half-written transaction is ever visible. "On SSD" = committed.
+Durability: commits ``sync`` and ``metasync`` (LMDB's defaults): a write that returned survives ``kill -9``
+and power loss; no half-written transaction is ever visible. "On SSD" = committed.
 
 Restart: opening walks every header once (headers only; payloads are verified when read), drops
 records whose header is corrupt or whose key is not an extent name of this format, and rebuilds the
 capacity accounting.
 
-Methods beyond the five of ``Tier``, and why: ``scan`` lists every record's name so the store can
-rebuild its index at start; ``put_meta``/``get_meta`` keep small daemon records (registered models) in
-the same durable file as the extents they describe; ``compact`` serves ``kvctl compact``.
+Beyond ``Tier``'s five methods: ``scan`` (every record's name, to rebuild the index at start),
+``put_meta``/``get_meta`` (registered models, durable beside their extents), ``compact`` (kvctl).
 
 Threads: every method blocks and may be called from any thread (the store's I/O executor, never the
 event loop). LMDB serialises writers and gives each reader a snapshot; the accounting is under a
@@ -56,8 +55,7 @@ from kvd.tiers.record import RECORD_FORMAT, name_key, parse_key, unpack_header
 logger = logging.getLogger(__name__)
 
 FORMAT_MARKER = b"kvd-ssd"
-# KV is tenant data: the directory and its files are the daemon's alone, whatever the umask (outside
-# systemd the default umask made data.mdb world-readable).
+# KV is tenant data: the directory and files are the daemon's alone (a default umask left data.mdb world-readable)
 DIR_MODE, FILE_MODE = 0o700, 0o600
 LOCK_FILE = "kvd.lock"
 _WILL_NEED_MIN_BYTES = 256 << 10  # smaller records: the kernel's own read-ahead is enough
@@ -256,9 +254,11 @@ class SsdTier(Tier):
             raise InvalidRequest("the SSD tier keys records by extent name; reserve(nbytes, name)")
         key = name_key(name)
         with self._lock:
-            assert key not in self._pending and key not in self._sizes, \
-                f"SSD key {key.hex()} is already reserved or stored; drop it first"
-            if self._used + self._reserved + nbytes > self.capacity_bytes:
+            assert key not in self._pending, f"SSD key {key.hex()} is already reserved; write or drop it first"
+            # Stored but no longer indexed (its delete failed, e.g. on a full disk): the new record replaces
+            # it on write. Refused, as before, it failed every later write-down of the extent and its batch.
+            orphan = self._sizes.get(key, 0)
+            if self._used - orphan + self._reserved + nbytes > self.capacity_bytes:
                 return None
             self._pending[key] = nbytes
             self._reserved += nbytes
@@ -293,8 +293,8 @@ class SsdTier(Tier):
                 with self._lock:
                     for loc, data in batch:
                         self._reserved -= self._pending.pop(loc.key)
+                        self._used += memoryview(data).nbytes - self._sizes.get(loc.key, 0)  # 0 unless replaced
                         self._sizes[loc.key] = memoryview(data).nbytes
-                        self._used += memoryview(data).nbytes
                 done += len(batch)
 
     def _check_record(self, loc: Location, data: Buffer) -> None:

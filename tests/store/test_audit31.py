@@ -61,3 +61,24 @@ async def test_an_eviction_answers_every_byte_it_freed_including_cold_extents_wr
     await w.store.pipeline.drain()
     assert done.count == 4 and w.host.stats().used_bytes == 0
     assert done.nbytes == dry.nbytes == used == 1 << 20
+
+
+async def test_a_record_whose_drop_failed_is_replaced_by_the_next_write_down_of_its_extent(w):
+    """A record delete that fails (LMDB on a full disk) leaves the record stored under its key after
+    the store has let the copy go. The next write-down of that extent asserted 'already reserved or
+    stored' in the SSD's reserve, failing that write-down and every batch it was part of, each round."""
+    import lmdb
+
+    hs, data = await w.store_seq(1, chunks=1)
+    e, arena = w.entry(hs[0]), w.store.index.landing
+    ssd = next(lv for lv in w.store.index.levels if lv.tier is w.ssd)
+    assert await w.store.pipeline.write_down([e], arena) == 2
+    w.ssd.drop = failing_on_call(failing_on_call(w.ssd.drop, 1, lmdb.DiskError("full")), 2, lmdb.DiskError("full"))
+    await w.store.pipeline.drop_copies(e, ssd)  # both deletes fail: two orphans on SSD
+    del w.ssd.drop
+    assert w.ssd.stats().num_records == 2 and not any("ssd" in x.copies for x in e.extents.values())
+    assert await w.store.pipeline.write_down([e], arena) == 2  # replaces them
+    stats = w.ssd.stats()
+    assert stats.num_records == 2 and stats.used_bytes == sum(x.copies["ssd"].loc.nbytes for x in e.extents.values())
+    w.store.pipeline.drop_copies(e, arena)  # on SSD only now
+    assert await w.read_back(hs) == (["ok"], data)
