@@ -65,12 +65,13 @@ class _TierCollector(Collector):
         segs = GaugeMetricFamily("kvd_tier_segments", "(entry, layer, KV head) segments in the tier", labels=["tier"])
         stats = self._read()
         self._on_tiers([s.name for s in stats])
+        counts = self._read_entries()  # only tiers holding something: an empty one reads 0, not absent
         for s in stats:
             used.add_metric([s.name], s.used_bytes)
             cap.add_metric([s.name], s.capacity_bytes)
-        for tier, (num_entries, num_segments) in self._read_entries().items():
-            ents.add_metric([tier], num_entries)
-            segs.add_metric([tier], num_segments)
+            num_entries, num_segments = counts.get(s.name, (0, 0))
+            ents.add_metric([s.name], num_entries)
+            segs.add_metric([s.name], num_segments)
         yield from (used, cap, ents, segs)
 
 
