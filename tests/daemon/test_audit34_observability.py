@@ -68,3 +68,24 @@ def test_the_dashboards_tier_gauges_have_data_on_an_empty_store(daemon, tmp_path
                 assert {r["metric"]["tier"] for r in result} == {"host", "ssd"}, (title, expr, result)
     finally:
         p.stop()
+
+
+def test_tokens_of_a_load_failed_after_the_copy_are_not_also_counted_loaded(tmp_path):
+    """A chunk failing its checksum after the copy (the default, checksums taken with the copy) had
+    its tokens and every later one's counted in vllm:kvd_load_failed_tokens_total and, all the same,
+    in vllm:kvd_loaded_tokens_total: loaded + failed came to more than the tokens the step asked for."""
+    from kvd.connectors.vllm.plan import LoadSpec, StepPlan
+    from tests.connectors.vllm.test_worker import NS, corrupt_chunk, make_worker, run_step, stored_prompt
+
+    d = DaemonProc(tmp_path).start()
+    try:
+        src, hs = stored_prompt(d, "audit34-loaded", 7)
+        corrupt_chunk(src, hs[1])
+        dst = make_worker(d, "audit34-loaded", seed=8)
+        assert dst.sums_with_copy
+        assert run_step(dst, StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),))) == {
+            12, 13, 14, 15}
+        assert dst.counters["checksum_failures"] == 1 and dst.counters["load_failed_tokens"] == 512
+        assert dst.counters["loaded_tokens"] == 256  # chunk 0 only: vLLM recomputes the rest
+    finally:
+        d.kill()

@@ -50,6 +50,7 @@ class _Load:
     lease: Lease
     pieces: list[Piece]
     sums: LoadSums | None = None  # checksums taken as the layers are copied (kvd.connectors.vllm.sums)
+    starts: list[int] = field(default_factory=list)  # per piece: its chunk's first token in the request
 
 
 @dataclass
@@ -177,19 +178,18 @@ class WorkerIO:
         if end % self.kernel_tokens and not self.copier.partial_blocks:  # it can write whole blocks only
             end -= end % self.kernel_tokens
             self._fail(spec, end, f"{type(self.copier).__name__} cannot fill a block in part")
-        copied = []
         for i in range(n):  # an entry may hold more tokens than planned (an alias): copy the leading ones
             chunk = spec.first_chunk + i
             t0, t1 = max(spec.start, chunk * c), min(end, chunk * c + sizes[i])
             if t1 > t0:
                 load.pieces.append(Piece(self._kernel_blocks(spec.block_ids, t0, t1), t0 - chunk * c,
                                          t1 - chunk * c, list(lease.entry(i).extents)))
-                copied.append((chunk * c, load.pieces[-1]))
+                load.starts.append(chunk * c)
         if not load.pieces:
             self._release(load)
             return None
         if self.sums_with_copy:
-            load.sums = LoadSums(copied, len(self.layer_index))
+            load.sums = LoadSums(list(zip(load.starts, load.pieces)), len(self.layer_index))
         return load
 
     def load_layer(self, layer_name: str) -> None:
@@ -372,7 +372,9 @@ class WorkerIO:
         if st.loads:
             for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
                 self._release(ld, st.t_load_s / len(st.loads))
-                self.counters["loaded_tokens"] += sum(p.t1 - p.t0 for p in ld.pieces)
+                cut = self.failures.first.get(ld.spec.req_id, ld.spec.end)  # failed from here: not loaded
+                self.counters["loaded_tokens"] += sum(max(0, min(s + p.t1, cut) - (s + p.t0))
+                                                      for s, p in zip(ld.starts, ld.pieces))
             st.loads = []
             st.t_load_s += time.perf_counter() - t0
 
