@@ -49,6 +49,7 @@ STORE: web.AppKey[Store] = web.AppKey("store", Store)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 STATE: web.AppKey[dict] = web.AppKey("state", dict)  # {"shutting_down": bool, "config": dict}
 TENANTS: web.AppKey[Tenants] = web.AppKey("tenants", Tenants)
+SCRAPES_ONLY: web.AppKey[bool] = web.AppKey("scrapes_only", bool)  # set on the metrics port's app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -106,7 +107,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = await handler(request)
     except Exception as e:  # noqa: BLE001 - the boundary: answer, keep serving
         resp = _error(*failure(e, f"{request.method} {request.path}", metrics))
-    if route not in METRICS_PATHS:  # scrapes and health probes are not control-API requests
+    # Nothing the metrics port answers is a control-API request: its scrapes and probes, nor a 404 for
+    # a stray GET / there (it counted as "unmatched" 404s, an error share no engine request had).
+    if not request.app.get(SCRAPES_ONLY, False):
         observe(metrics, request.method, route, resp.status, time.perf_counter() - t0)
     return resp
 
@@ -355,9 +358,6 @@ async def stats(request: web.Request) -> web.Response:
 
 
 # ---- metrics app (TCP) --------------------------------------------------------------------------
-
-
-METRICS_PATHS = frozenset({"/metrics", "/healthz"})
 
 
 async def metrics_handler(request: web.Request) -> web.StreamResponse:

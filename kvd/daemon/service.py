@@ -32,6 +32,7 @@ from kvd.core.config import Settings, default_config_text, load_settings
 from kvd.core.errors import ConfigError, KvdError
 from kvd.daemon.api import (
     METRICS,
+    SCRAPES_ONLY,
     STATE,
     STORE,
     TENANTS,
@@ -85,6 +86,7 @@ def create_metrics_app(control: web.Application) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[METRICS] = control[METRICS]
     app[STATE] = control[STATE]
+    app[SCRAPES_ONLY] = True
     app.add_routes(metrics_routes())
     return app
 

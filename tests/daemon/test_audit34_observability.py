@@ -3,6 +3,7 @@ daemon, for states the other tests pass by: an empty store, a tier emptied by ev
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 import pytest
@@ -89,3 +90,17 @@ def test_tokens_of_a_load_failed_after_the_copy_are_not_also_counted_loaded(tmp_
         assert dst.counters["loaded_tokens"] == 256  # chunk 0 only: vLLM recomputes the rest
     finally:
         d.kill()
+
+
+def test_stray_requests_to_the_metrics_port_are_not_counted_as_control_api_errors(daemon):
+    """A browser, a probe or a scraper with the wrong path on the metrics port (GET /, /favicon.ico,
+    /metrics/) was answered 404 and counted in kvd_requests_total{route="unmatched", status="404"} and
+    the latency histogram: the dashboard's request-error share rose with no engine request failing."""
+    for path in ("/", "/favicon.ico", "/metrics/"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}{path}", timeout=10)
+        assert e.value.code == 404
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10).read().decode()
+    counted = {(s.labels["route"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
+               if f.name == "kvd_requests" for s in f.samples if s.name == "kvd_requests_total" and s.value}
+    assert counted == {("/v1/health", "200"): 1.0}  # DaemonProc.start's readiness probe, on the socket
