@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from kvd.client.arena import ArenaMapping
-from kvd.client.http import JSON, FramesUnsupported, UnixFrames, UnixHttp, raise_for
+from kvd.client.http import JSON, FramesUnsupported, UnixFrames, UnixHttp, parse_answer, raise_for
 from kvd.client.local_lookup import LocalLookups
 from kvd.core import lookup_wire
 from kvd.core import protocol as P
 from kvd.core.config import SsdSettings, default_socket_path
-from kvd.core.errors import DaemonUnavailable
+from kvd.core.errors import DaemonUnavailable, ProtocolMismatch
 from kvd.core.protocol_lookup import LookupReport
 
 M = TypeVar("M", bound=BaseModel)
@@ -136,7 +136,7 @@ class KvdClient:
     def call(self, method: str, path: str, req: BaseModel | None, resp_model: type[M], *,
              timeout_s: float | None = None) -> M:
         body = req.model_dump_json().encode() if req is not None else None
-        return resp_model.model_validate_json(self._exchange(method, path, req, body, timeout_s or self.timeout_s))
+        return parse_answer(resp_model, self._exchange(method, path, req, body, timeout_s or self.timeout_s), path)
 
     def _exchange(self, method: str, path: str, req: BaseModel | None, body: bytes | None, timeout: float,
                   content_type: str = JSON) -> bytes:
@@ -156,7 +156,7 @@ class KvdClient:
         status, answer = self._request("POST", "/v1/models", body, self.timeout_s)
         if status >= 400:
             return False
-        self._arena_seen(P.RegisterModelResponse.model_validate_json(answer).arena)
+        self._arena_seen(parse_answer(P.RegisterModelResponse, answer, "/v1/models").arena)
         return True
 
     def get_json(self, path: str) -> Any:
@@ -213,7 +213,10 @@ class KvdClient:
                 return answer
         raw = self._exchange("POST", "/v1/lookup", req, lookup_wire.encode_lookup(req), self.timeout_s,
                              lookup_wire.CONTENT_TYPE)
-        answer = lookup_wire.decode_answer(raw, req)
+        try:
+            answer = lookup_wire.decode_answer(raw, req)
+        except ValueError as e:
+            raise ProtocolMismatch(f"/v1/lookup: {e}") from None
         if self.local is not None:
             self.local.vouch(req)
         return answer
@@ -337,7 +340,7 @@ class AsyncKvdClient:
                 status, raw = await self._request(method, path, body, timeout)
         if status >= 400:
             raise_for(status, raw, path)
-        return resp_model.model_validate_json(raw)
+        return parse_answer(resp_model, raw, path)
 
     async def register_model(self, req: P.RegisterModelRequest) -> P.RegisterModelResponse:
         resp = await self.call("POST", "/v1/models", req, P.RegisterModelResponse)

@@ -9,8 +9,14 @@ import json
 import socket
 import struct
 import time
+from typing import TypeVar
 
-from kvd.core.errors import ERRORS_BY_CODE, KvdError
+from pydantic import BaseModel, ValidationError
+
+from kvd.core.errors import ERRORS_BY_CODE, KvdError, ProtocolMismatch
+from kvd.core.protocol import describe_validation_error
+
+M = TypeVar("M", bound=BaseModel)
 
 JSON = "application/json"
 
@@ -131,3 +137,15 @@ def raise_for(status: int, body: bytes, path: str) -> None:
         err, msg = KvdError, body[:200].decode(errors="replace")
     e = err(f"{path}: {msg}" if msg else f"{path}: HTTP {status}")
     raise e
+
+
+def parse_answer(model: type[M], raw: bytes, path: str) -> M:
+    """A daemon's answer read as ``model``. Fields it does not know are ignored: a newer daemon may add
+    some (the models forbid them in requests, where the daemon names them in a 400), and an engine
+    whose client predates them keeps working across the daemon's upgrade. What does not fit at all
+    (a field missing, a wrong type) is a ``ProtocolMismatch`` naming it, never pydantic's own error."""
+    try:
+        return model.model_validate_json(raw, extra="ignore")
+    except ValidationError as e:
+        raise ProtocolMismatch(f"{path}: the daemon's answer does not fit this client ({describe_validation_error(e)}); "
+                               "are the daemon and the client of one kvd version? (kvctl --version, GET /v1/health)") from None

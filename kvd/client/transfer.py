@@ -54,7 +54,7 @@ from kvd.client.handle import ModelHandle
 from kvd.client.renewal import Renewal
 from kvd.client.views import EntryView, answer_plan, entry_views
 from kvd.core import protocol as P
-from kvd.core.errors import DaemonUnavailable, HeadMapError
+from kvd.core.errors import DaemonUnavailable, HeadMapError, ProtocolMismatch
 from kvd.core.extents import covers, matches, needed
 
 logger = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def open_lease(handle: ModelHandle, hashes: Sequence[str], *, namespace: str | N
     if [e.hash for e in resp.entries] != list(hashes):
         if resp.lease_id is not None:
             handle.client.release(P.ReleaseRequest(lease_id=resp.lease_id))
-        raise ValueError("the daemon answered a lease for other entries than asked")
+        raise ProtocolMismatch("/v1/lease: the daemon answered a lease for other entries than asked")
     return Lease(handle, resp, min_tokens=min_tokens, classes=classes, accept_lossy=accept_lossy, verify=verify,
                  leading=leading, position=position, verify_gpu=verify_gpu)
 
@@ -314,7 +314,7 @@ class Reservation:
         self._renewal = Renewal(resp.expires_in_s)
         try:
             if [e.hash for e in resp.entries] != self.hashes:
-                raise ValueError("the daemon answered a reservation for other entries than asked")
+                raise ProtocolMismatch("/v1/reserve: the daemon answered a reservation for other entries than asked")
             for want, got in zip(entries, resp.entries):
                 self._entries.append(entry_views(handle, self.arena_id, want.hash, got.extents, want.num_tokens,
                                             self.gpu_pool) if got.status == "reserved" else None)

@@ -78,6 +78,14 @@ class DaemonUnavailable(KvdError):
     code = "unavailable"
 
 
+class ProtocolMismatch(DaemonUnavailable):
+    """Client side: the daemon answered something this client cannot read (a daemon of another version
+    missing a field the client needs, or another answer than asked for). Engines recompute, as for a
+    daemon that is away; fields a newer daemon only added are ignored and raise nothing."""
+
+    code = "protocol_mismatch"
+
+
 class ConfigError(KvdError):
     """A setting is unknown or has a bad value; raised at startup, before anything is touched."""
 
@@ -143,6 +151,7 @@ ERRORS_BY_CODE: dict[str, type[KvdError]] = {
         FingerprintMismatch,
         ShuttingDown,
         DaemonUnavailable,
+        ProtocolMismatch,
         ConfigError,
         HeadMapError,
         CorruptData,
