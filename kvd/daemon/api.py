@@ -181,8 +181,9 @@ async def config(request: web.Request) -> web.Response:
 @routes.post("/v1/models")
 async def register_model(request: web.Request) -> web.Response:
     req = await _body(request, P.RegisterModelRequest)
-    c = caller(request)
-    return _json(request.app[STORE].register_model(req, partition=request.app[TENANTS].partition_for(c)))
+    c, tenants = caller(request), request.app[TENANTS]
+    return _json(request.app[STORE].register_model(req, partition=tenants.partition_for(c), tenant=c.tenant,
+                                                   may_remap=c.is_admin or not tenants.enabled))
 
 
 @routes.get("/v1/models")

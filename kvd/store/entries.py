@@ -36,6 +36,7 @@ class ModelRecord:
     spec: ModelSpec
     head_map: HeadMap
     registered_at: float
+    tenants: set[str] = field(default_factory=set)  # tenants that registered it (this run; kvd.store.registry)
     _plans: dict[int, dict[str, ExtentPlan]] = field(default_factory=dict)  # num_tokens -> plans
 
     @property

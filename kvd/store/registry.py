@@ -32,8 +32,11 @@ class ModelRegistry:
         self.limits = limits or DaemonSettings()  # max_model_heads, max_model_kv_bytes_per_token
         self.models: dict[str, ModelRecord] = {}  # fingerprint -> model
 
-    def register(self, req: P.RegisterModelRequest, *, has_entries: Callable[[str], bool]) -> tuple[ModelRecord, bool]:
-        """Validate and record the model. Returns (record, changed)."""
+    def register(self, req: P.RegisterModelRequest, *, has_entries: Callable[[str], bool], tenant: str | None = None,
+                 may_remap: bool = True) -> tuple[ModelRecord, bool]:
+        """Validate and record the model. Returns (record, changed). ``tenant``: the caller's (None: no
+        tenant, or one trust domain). ``may_remap``: whether the caller may change the head map of a
+        model another tenant registered (admins, and every client without tenants)."""
         self._check_size(req)
         _check_finite(req)
         spec = ModelSpec(model_id=req.model_id, revision=req.revision, num_layers=req.num_layers,
@@ -56,14 +59,22 @@ class ModelRegistry:
         known = self.models.get(fp)
         # Extents are grouped and tagged by each head's sink and window, not only by its class: a map
         # of other windows lays out other extents even where the global heads are the same ones.
-        if known is not None and (known.head_map.sinks, known.head_map.windows) != (hm.sinks, hm.windows) \
-                and has_entries(fp):
+        remap = known is not None and (known.head_map.sinks, known.head_map.windows) != (hm.sinks, hm.windows)
+        if remap and has_entries(fp):
             raise Conflict(
                 f"model {spec.model_id} ({fp}) is registered with another head map and has stored entries, "
                 "whose extents follow the old map; delete them (kvctl evict) or register a new revision")
+        # Models are daemon-wide: a map change would re-map other tenants' model under them (their
+        # head-aware reads refused until they registered again, and back). Which tenants registered a
+        # model is kept for this run only; after a restart its entries hold the map in place.
+        if remap and not may_remap and known.tenants - {tenant}:
+            raise Conflict(
+                f"model {spec.model_id} ({fp}) is registered by another tenant with another head map; tenants "
+                "of one daemon share a model's head map: register the same map, another revision, or ask an admin")
         if known is not None and known.head_map == hm:
+            known.tenants.update({tenant} - {None})
             return known, False
-        record = ModelRecord(fp, spec, hm, self.clock())
+        record = ModelRecord(fp, spec, hm, self.clock(), tenants=(known.tenants if known else set()) | ({tenant} - {None}))
         self.models[fp] = record
         logger.info("registered model %s (%s): %d layers × %d KV heads, %d global", spec.model_id, fp,
                     spec.num_layers, spec.num_kv_heads, hm.num_global)

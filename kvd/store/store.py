@@ -110,10 +110,12 @@ class Store:
 
     # ---- models ---------------------------------------------------------------------------------
 
-    def register_model(self, req: P.RegisterModelRequest, *, persist: bool = True,
-                       partition: str = "") -> P.RegisterModelResponse:
-        """Register (idempotent); the answer names the arena of the caller's ``partition`` (tenant)."""
-        record, changed = self.registry.register(req, has_entries=self.index.has_entries)
+    def register_model(self, req: P.RegisterModelRequest, *, persist: bool = True, partition: str = "",
+                       tenant: str | None = None, may_remap: bool = True) -> P.RegisterModelResponse:
+        """Register (idempotent); the answer names the arena of the caller's ``partition``. ``tenant``
+        and ``may_remap``: see ``ModelRegistry.register``."""
+        record, changed = self.registry.register(req, has_entries=self.index.has_entries, tenant=tenant,
+                                                 may_remap=may_remap)
         if changed and persist:
             self.admin.persist_model(req, record.fingerprint)
         return P.RegisterModelResponse(

@@ -325,3 +325,31 @@ async def test_lossy_flag_and_attention_tag_are_part_of_what_readers_see(store):
     le = await store.lease(P.LeaseRequest(fingerprint=store.fp, hashes=hs, computed_under="hm-" + "a" * 16))
     assert le.entries[0].status == "ok"
     store.release(P.ReleaseRequest(lease_id=le.lease_id))
+
+
+async def test_a_tenant_cannot_remap_a_model_another_tenant_registered(tmp_path):
+    """Models are registered daemon-wide. With no entries stored yet, any client's registration with
+    another head map replaced the model's map: under tenants, tenant B (or a client of no tenant)
+    could re-map tenant A's model, and A's head-aware reads were refused (head map mismatch) until A
+    registered again, and so back and forth. A map change is now refused while another tenant has
+    registered the model, unless an admin asks; the same map registers as before."""
+    s = make_store(tmp_path)
+    try:
+        req = P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64, head_map=HM)
+        other = req.model_copy(update={"head_map": HeadMap.all_global("toy", 2, 2)})
+        fp = s.register_model(req, tenant="a", may_remap=False).fingerprint
+        assert s.register_model(req, tenant="b", may_remap=False).fingerprint == fp  # same map
+        with pytest.raises(Conflict, match="another tenant"):
+            s.register_model(other, tenant="b", may_remap=False)
+        with pytest.raises(Conflict, match="another tenant"):
+            s.register_model(other, tenant=None, may_remap=False)  # a client of no tenant
+        assert s.registry.get(fp).head_map == HM
+        s.register_model(other, may_remap=True)  # an admin (or one trust domain): as before
+        assert s.registry.get(fp).head_map.num_global == 4
+        # a tenant alone with its model may change its own map while nothing is stored
+        s2 = make_store(tmp_path / "2")
+        s2.register_model(req, tenant="a", may_remap=False)
+        assert s2.register_model(other, tenant="a", may_remap=False).num_global_heads == 4
+        s2.host.close()
+    finally:
+        s.host.close()
