@@ -38,6 +38,11 @@ class Admin:
         self.settings = settings
         self._compactor = ThreadPoolExecutor(1, thread_name_prefix="kvd-compact")
         self._tasks: set[asyncio.Task] = set()
+        # Each model's registration document, and the record tiers it is durable in (tier -> fingerprints):
+        # a record is written below only once its model's registration is durable there (``registered``).
+        self._docs: dict[str, bytes] = {}
+        self._durable: dict[str, set[str]] = {}
+        self._meta_lock = asyncio.Lock()  # one registration write at a time: the latest document lands last
 
     def _level(self, tier: str) -> Level:
         lv = self.index.by_name.get(tier)
@@ -126,15 +131,43 @@ class Admin:
         """Keep the registration beside the records of every persistent tier (or of ``levels``), for the
         start-up rebuild of this daemon and, in a shared tier, of every other host."""
         doc = req.model_copy(update={"fingerprint": fingerprint}).model_dump_json().encode()
+        if self._docs.get(fingerprint) != doc:
+            self._docs[fingerprint] = doc
+            for fps in self._durable.values():
+                fps.discard(fingerprint)
         for lv in self.index.records if levels is None else levels:
-            task = asyncio.get_running_loop().create_task(
-                self.pipeline.on_io(lv, lv.tier.put_meta, MODEL_META + fingerprint, doc))
+            task = asyncio.get_running_loop().create_task(self._persist_logged(lv, fingerprint))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def registered(self, lv: Level, fingerprints: set[str]) -> None:
+        """Make the registrations of ``fingerprints`` durable in ``lv`` before records of them are written
+        there (``kvd.store.puts``); raises what the tier raised. The write at registration is not awaited
+        by anyone: one that failed (a full disk) was never tried again, and after a restart every record
+        of the model, flushes acknowledged, was dropped as an unknown model's (audit 36)."""
+        for fp in sorted(fingerprints - self._durable.get(lv.name, set())):
+            if fp in self._docs:
+                await self._persist(lv, fp)
+
+    async def _persist(self, lv: Level, fp: str) -> None:
+        async with self._meta_lock:
+            doc = self._docs[fp]
+            if fp in self._durable.get(lv.name, ()):
+                return
+            await self.pipeline.on_io(lv, lv.tier.put_meta, MODEL_META + fp, doc)
+            if self._docs.get(fp) == doc:  # not replaced meanwhile by another head map's, still to be written
+                self._durable.setdefault(lv.name, set()).add(fp)
+
+    async def _persist_logged(self, lv: Level, fp: str) -> None:
+        try:
+            await self._persist(lv, fp)
+        except Exception as e:  # the tier's own error (LMDB, the cluster): retried before the next record write
+            logger.warning("registration of model %s not written to the %s tier yet: %s", fp, lv.name, e)
 
     def persist_models(self, models: dict[str, ModelRecord], lv: Level) -> None:
         """Every registration so far into ``lv``, a tier that joined while serving (the remote cluster
         reachable again): without them, other hosts' start-up rebuilds drop this host's records there."""
+        self._durable.pop(lv.name, None)  # a tier that joined again: what it held before is not known
         for fp, m in models.items():
             s = m.spec
             req = P.RegisterModelRequest(model_id=s.model_id, revision=s.revision, num_layers=s.num_layers,

@@ -44,6 +44,10 @@ from kvd.tiers.record import name_key
 logger = logging.getLogger(__name__)
 
 
+async def _no_registrations(lv: Level, fingerprints: set[str]) -> None:
+    return None
+
+
 class Pipeline:
     def __init__(self, index: Index, *, codecs: Codecs, cpu: Executor, io: Executor, metrics: Metrics,
                  admitted: Callable[[Entry], bool], dtype_of: Callable[[str], str],
@@ -55,6 +59,7 @@ class Pipeline:
         self.metrics = metrics
         self.admitted = admitted  # may an entry be written below the top tier (kvd.policies.admission)
         self.keep_for: Callable[[Entry], bool] = lambda e: False  # owed to a lower tier (write-through)
+        self.registered = _no_registrations  # models' registrations made durable in a tier (Admin.registered)
         self.clock = clock
         self.busy: set[EntryKey] = set()
         self.space = Space(index, is_busy=self.busy.__contains__, clock=clock, partition_of=index.partition_of)

@@ -64,6 +64,14 @@ class Puts:
             raise
         if not items:
             return 0
+        try:  # records of a model whose registration is not there are dropped by a restart's rebuild
+            await p.registered(lower, {e.fingerprint for e, _, _ in placed})
+        except Exception as err:  # whatever the tier raises (a full disk, the cluster down): not written now
+            logger.warning("%d records not written to %s: their model registration could not be: %s",
+                           len(items), lower.name, err)
+            p.discard(lower, [loc for loc, _ in items], written=False)
+            p.metrics.tier_write_failures.labels(lower.name).inc(len(items))
+            return 0
         ok = len(items)
         try:
             await p.on_io(lower, lower.tier.write_many, items)

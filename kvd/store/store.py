@@ -80,6 +80,7 @@ class Store:
                                      metrics, leases_held=lambda: len(self.holds.leases))
         self.pipeline.keep_for = self.background.pending_through
         self.admin = Admin(self.index, self.pipeline, self.background, settings)
+        self.pipeline.registered = self.admin.registered
         self.writes = Writes(self.index, self.pipeline, self.background, self.registry, self.holds, settings,
                              metrics, clock)
         if settings.host.lookup_index and isinstance(self.index.landing.tier, HostTier):
@@ -116,8 +117,8 @@ class Store:
         and ``may_remap``: see ``ModelRegistry.register``."""
         record, changed = self.registry.register(req, has_entries=self.index.has_entries, tenant=tenant,
                                                  may_remap=may_remap)
-        if changed and persist:
-            self.admin.persist_model(req, record.fingerprint)
+        if changed:  # not persisted: read from a persistent tier at start (written again before records)
+            self.admin.persist_model(req, record.fingerprint, None if persist else [])
         return P.RegisterModelResponse(
             fingerprint=record.fingerprint, chunk_tokens=self.settings.keys.chunk_tokens,
             arena=self.arena_info(partition), head_map_method=record.head_map.method,
