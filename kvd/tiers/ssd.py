@@ -39,8 +39,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import lmdb
@@ -50,6 +49,7 @@ from kvd.core.config import SsdSettings
 from kvd.core.errors import ConfigError, CorruptData, InvalidRequest, SsdFull, StorageFormatError
 from kvd.tiers.base import Buffer, ExtentName, Location, StoredRecord, Tier, TierStats
 from kvd.tiers.buffers import BufferPool
+from kvd.tiers.gate import Gate
 from kvd.tiers.record import RECORD_FORMAT, name_key, parse_key, unpack_header
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ FORMAT_MARKER = b"kvd-ssd"
 # KV is tenant data: the directory and files are the daemon's alone (a default umask left data.mdb world-readable)
 DIR_MODE, FILE_MODE = 0o700, 0o600
 LOCK_FILE = "kvd.lock"
+# The compacted copy is made inside ssd.path, so that its rename over data.mdb stays on one filesystem
+# (ssd.path may be a mount point) and within the directories the daemon may write (ReadWritePaths).
+COMPACT_DIR = "compact.tmp"
 _WILL_NEED_MIN_BYTES = 256 << 10  # smaller records: the kernel's own read-ahead is enough
 _USER_META = b"user/"
 
@@ -68,39 +71,6 @@ def _private(path: Path) -> None:
     for f in path.iterdir():
         if f.is_file() and not f.is_symlink():
             os.chmod(f, FILE_MODE)
-
-
-class _Gate:
-    """Many operations at once (``with gate:``), or one exclusive (``with gate.exclusive():``, for
-    ``compact``/``close``) once none is in flight; new operations wait while it runs."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-        self._exclusive = False
-
-    def __enter__(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._active += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._active -= 1
-            self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._exclusive = True
-            self._cond.wait_for(lambda: self._active == 0)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
 
 
 class SsdTier(Tier):
@@ -118,7 +88,7 @@ class SsdTier(Tier):
         self._sync = sync
         self._buffers = BufferPool()  # what read returns, given back by the promotion (recycle)
         self._lock = threading.Lock()  # guards the accounting below
-        self._gate = _Gate()
+        self._gate = Gate()
         self._sizes: dict[bytes, int] = {}  # key -> encoded bytes of a committed record
         self._pending: dict[bytes, int] = {}  # key -> bytes reserved, not yet written
         self._used = 0
@@ -152,8 +122,8 @@ class SsdTier(Tier):
     # ---- open / format ------------------------------------------------------------------------
 
     def _open(self) -> None:
-        stale = self.path.with_name(self.path.name + ".compact")
-        shutil.rmtree(stale, ignore_errors=True)  # a compaction interrupted before its swap
+        for stale in (self.path / COMPACT_DIR, self.path.with_name(self.path.name + ".compact")):
+            shutil.rmtree(stale, ignore_errors=True)  # a compaction interrupted before its swap (beside: older kvd)
         data_file = self.path / "data.mdb"
         is_new = not data_file.exists() or data_file.stat().st_size == 0
         try:
@@ -377,19 +347,24 @@ class SsdTier(Tier):
         """Rewrite the LMDB file without free pages (``kvctl compact``); ``(bytes before, after)``.
 
         Blocks other operations of this tier meanwhile (it copies the whole live data set). The copy
-        is made beside the environment and swapped in with one rename, so a crash leaves either file.
+        is made inside the environment's directory and swapped in with one rename, so a crash leaves
+        either file; a swap that fails reopens the file it left in place, so the tier stays open.
         """
         data_file = self.path / "data.mdb"
-        tmp = self.path.with_name(self.path.name + ".compact")
+        tmp = self.path / COMPACT_DIR
         with self._gate.exclusive():
             before = data_file.stat().st_size
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self._env.copy(str(tmp), compact=True)
-            self._close_env()
-            os.replace(tmp / "data.mdb", data_file)
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._open()  # the accounting stays whole meanwhile: reserve and drop do not wait for this
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(mode=DIR_MODE)
+                self._env.copy(str(tmp), compact=True)
+                self._close_env()
+                try:
+                    os.replace(tmp / "data.mdb", data_file)
+                finally:
+                    self._open()  # the accounting stays whole meanwhile: reserve and drop do not wait for this
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed copy's part (a full disk) does not stay
             after = data_file.stat().st_size
         logger.info("ssd tier %s compacted: %d -> %d bytes", self.path, before, after)
         return before, after

@@ -56,3 +56,75 @@ async def test_records_are_written_only_once_their_model_registration_is_durable
         assert await w.read_back(hs) == (["ok", "ok"], data)
     finally:
         w.close()
+
+
+def test_compaction_works_when_ssd_path_is_a_mount_point_and_a_failed_swap_leaves_the_tier_open(tmp_path, monkeypatch):
+    """Compaction copied the file into a sibling of ``ssd.path`` (``<path>.compact``), then closed the
+    environment and renamed the copy over ``data.mdb``. With ``ssd.path`` a mount point (a volume, a
+    disk mounted there) the rename crosses filesystems (EXDEV): it failed after the close, and the tier
+    stayed closed, every later SSD read and write failing until a restart; under the documented
+    ``/nvme/kvd`` deployment (``ReadWritePaths``, a root-owned ``/nvme``) the sibling cannot even be
+    made, so ``kvctl compact`` never worked there."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from tests.tiers.test_ssd import get, kv_bytes, make_tier, put
+
+    ssd = tmp_path / "mnt" / "ssd"
+    real = os.replace
+
+    def replace_on_one_filesystem(src, dst):  # ``ssd`` is the mount point: nothing crosses it
+        if (ssd in Path(src).parents) != (ssd in Path(dst).parents):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_on_one_filesystem)
+    t = make_tier(ssd)
+    try:
+        locs = [put(t, f"m{i}", kv_bytes(i), "raw") for i in range(6)]
+        for loc in locs[:3]:
+            t.drop(loc)
+        before, after = t.compact()
+        assert after < before
+        assert [get(t, loc) for loc in locs[3:]] == [kv_bytes(i) for i in range(3, 6)]
+        assert sorted(p.name for p in ssd.parent.iterdir()) == ["ssd"]  # nothing left beside it
+        put(t, "later", kv_bytes(9), "raw")  # the tier is open and writable
+    finally:
+        t.close()
+
+
+def test_a_compaction_that_fails_part_way_leaves_no_partial_copy_behind(tmp_path):
+    """A compaction whose copy failed (a full disk: the case ``kvctl compact`` is run for) left its
+    partial copy on the disk until the next compaction or restart, taking what room was left."""
+    from pathlib import Path
+
+    from tests.tiers.test_ssd import get, kv_bytes, make_tier, put
+
+    t = make_tier(tmp_path / "ssd")
+
+    class FullDisk:  # the environment, whose copy fills the disk part-way
+        def __init__(self, env):
+            self.env = env
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def copy(self, path, compact=False):
+            (Path(path) / "data.mdb").write_bytes(b"\0" * (1 << 20))
+            raise lmdb.DiskError("No space left on device")
+
+    try:
+        loc = put(t, "x", kv_bytes(1), "raw")
+        real, t._env = t._env, FullDisk(t._env)
+        try:
+            t.compact()
+            raise AssertionError("the compaction did not fail")
+        except lmdb.DiskError:
+            pass
+        t._env = real
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ssd"]
+        assert not (tmp_path / "ssd" / "compact.tmp").exists()
+        assert get(t, loc) == kv_bytes(1)
+    finally:
+        t.close()
