@@ -73,6 +73,14 @@ def _private(path: Path) -> None:
             os.chmod(f, FILE_MODE)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SsdTier(Tier):
     """Encoded extents in LMDB. ``Location.key`` is the record's LMDB key; ``nbytes`` its encoded size."""
 
@@ -358,9 +366,11 @@ class SsdTier(Tier):
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(mode=DIR_MODE)
                 self._env.copy(str(tmp), compact=True)
+                _fsync(tmp / "data.mdb")  # LMDB's copy writes O_DIRECT and never syncs: durable before the swap
                 self._close_env()
                 try:
                     os.replace(tmp / "data.mdb", data_file)
+                    _fsync(self.path)  # and the swap itself (the directory entry)
                 finally:
                     self._open()  # the accounting stays whole meanwhile: reserve and drop do not wait for this
             finally:
