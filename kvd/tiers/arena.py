@@ -196,6 +196,7 @@ class Arena:
         except BufferError:
             # A zero-copy view handed out by read() is still alive; the mapping goes with the process.
             pass
+        release_pages(self.path)  # engines still mapping it must not hold its memory from the next daemon
         self.path.unlink(missing_ok=True)
         Path(str(self.path) + OWNER_SUFFIX).unlink(missing_ok=True)
 
@@ -316,7 +317,8 @@ def remove_stale(directory: Path, pattern: str) -> int:
 
 
 def _remove_arena_files(arena: Path) -> None:
-    """Unlink an arena with its lookup index and its owner record (the owner last)."""
+    """Unlink an arena with its lookup index and its owner record (the owner last), its pages freed first."""
+    release_pages(arena)
     for f in (arena, *(Path(str(arena) + s) for s in (*COMPANION_SUFFIXES, OWNER_SUFFIX))):
         f.unlink(missing_ok=True)
 
@@ -334,3 +336,25 @@ def _is_dead_socket(path: Path) -> bool:
         except OSError:
             return True
     return False
+
+
+def release_pages(arena: Path) -> None:
+    """Free an arena file's pages now (a hole punched over it), whoever still maps it. Engines keep a
+    mapping of a daemon that died or stopped, and a tmpfs file's pages live until its last mapping
+    goes: the next daemon's arena did not fit beside the old one in a /dev/shm sized for one, and kvd
+    could not start until every engine exited. A copy still reading it reads zeros, never used: its
+    lease's release fails (the daemon that granted it is gone), which already means "discard". A
+    filesystem without hole punching keeps the pages, as before."""
+    try:
+        fd = os.open(arena, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size and stat.S_ISREG(os.fstat(fd).st_mode):
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                m.madvise(mmap.MADV_REMOVE)
+    except (OSError, ValueError, AttributeError):  # no MADV_REMOVE here, or not supported by the filesystem
+        pass
+    finally:
+        os.close(fd)

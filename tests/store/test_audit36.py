@@ -162,3 +162,67 @@ def test_compaction_makes_its_copy_durable_before_the_rename_and_the_rename_afte
     at = events.index(("replace", str(ssd / "compact.tmp" / "data.mdb")))
     assert ("fsync", str(ssd / "compact.tmp" / "data.mdb")) in events[:at]
     assert ("fsync", str(ssd)) in events[at:]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_dead_daemons_arena_gives_its_memory_back_although_engines_still_map_it(tmp_path):
+    """A daemon killed while engines map its arena: the next daemon unlinked the stale file, but a
+    tmpfs file's pages live until its last mapping goes, and engines never unmap it on their own. The
+    restarted daemon's arena then did not fit beside it in /dev/shm sized for one (the documented
+    ``--shm-size=18g`` for a 16 GiB arena, a Kubernetes ``sizeLimit``): kvd refused to start, blaming
+    host.capacity_bytes, until every engine exited. A straggling copy out of the old arena reads zeros,
+    and its lease's release fails (the daemon that granted it is gone), so it is never used."""
+    import json
+    import mmap
+    import os
+
+    from kvd.tiers.arena import Arena, _pid_namespace
+
+    path = tmp_path / "arena"
+    size = 4 << 20
+    with open(path, "wb") as f:  # the dead daemon's arena, every page written
+        f.write(b"\x5a" * size)
+    (tmp_path / "arena.owner").write_text(json.dumps({"pid": _dead_pid(), "socket": "", "pid_ns": _pid_namespace()}))
+    fd = os.open(path, os.O_RDWR)
+    engine = mmap.mmap(fd, size)  # an engine's mapping of it, still open
+    try:
+        assert os.fstat(fd).st_blocks * 512 >= size
+        new = Arena(path, size, 1 << 20)
+        try:
+            assert os.fstat(fd).st_blocks == 0  # the old file's pages are free
+            assert engine[:4] == b"\0\0\0\0" and engine[-4:] == b"\0\0\0\0"  # zeros, no SIGBUS
+            assert os.stat(path).st_ino != os.fstat(fd).st_ino  # a new file in its place
+        finally:
+            new.close()
+    finally:
+        engine.close()
+        os.close(fd)
+
+
+def test_a_stopped_daemons_arena_gives_its_memory_back_although_engines_still_map_it(tmp_path):
+    """The same at a graceful stop (``systemctl restart kvd``, an upgrade): the arena was unlinked, its
+    pages kept by every engine's mapping, and the next daemon did not fit beside them."""
+    import mmap
+    import os
+
+    from kvd.tiers.arena import Arena
+
+    size = 4 << 20
+    a = Arena(tmp_path / "arena", size, 1 << 20)
+    a.view[:] = b"\x5a" * size
+    fd = os.open(tmp_path / "arena", os.O_RDWR)
+    engine = mmap.mmap(fd, size)
+    try:
+        a.close()
+        assert os.fstat(fd).st_blocks == 0 and engine[:4] == b"\0\0\0\0"
+    finally:
+        engine.close()
+        os.close(fd)
