@@ -280,6 +280,7 @@ async def delete(request: web.Request) -> web.Response:
     req = await _body(request, P.EntriesRequest)
     _allowed(request, req.namespace)
     r = request.app[STORE].delete(req)
+    await request.app[STORE].pipeline.drain()  # records gone from disk first: a kill -9 would bring them back
     audit.admin_action(request, f"delete {len(req.hashes)} entries ({audit.scope(req.namespace, req.fingerprint)})",
                        f"{r.count} deleted")
     return _json(r)
