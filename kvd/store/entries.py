@@ -254,7 +254,8 @@ class Entry:
         glob = sum(x.nbytes for x in exts if x.head_class == "global")
         total = sum(x.nbytes for x in exts)
         return EntryMeta(nbytes=nbytes, num_tokens=self.num_tokens, num_layers=num_layers,
-                         start_token=self.start_token, global_fraction=glob / total if total else 1.0,
+                         start_token=self.start_token, end_token=self.end_token if self.kind == "prefix" else 0,
+                         global_fraction=glob / total if total else 1.0,
                          pinned=self.pinned)
 
 

@@ -203,6 +203,11 @@ class Index:
         k = (tier, self.partition_of(e.namespace))
         self._usage[k] = self._usage.get(k, 0) + delta
 
+    def touch_all(self, entries: list[Entry], now: float) -> None:
+        """``touch`` a request's entries, tail first (``tail_first``)."""
+        for e in tail_first(entries):
+            self.touch(e, now)
+
     def touch(self, e: Entry, now: float) -> None:
         """A reader used the entry: every tier holding it learns of the hit."""
         e.last_access = now
@@ -223,3 +228,11 @@ class Index:
             lv.policy.on_insert(e.key, self.meta(e, lv), self.clock())
         else:
             lv.policy.on_remove(e.key)
+
+
+def tail_first(entries):
+    """A batch of entries in the order the policies must meet them: later positions first. A prefix
+    entry is reachable only while every entry before it in its sequence is there, so a sequence must
+    lose its tail before its head; met head first (as requests list them), the head was the least
+    recent of its sequence under LRU and ARC, evicted first, and the rest of the sequence unreachable."""
+    return sorted(entries, key=lambda e: -e.start_token)

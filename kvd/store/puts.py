@@ -84,7 +84,7 @@ class Puts:
         except BaseException:  # unexpected (an LMDB panic): the reservations go back, none is indexed
             p.discard(lower, [loc for loc, _ in items])
             raise
-        for e, x, copy in placed[:ok]:
+        for e, x, copy in sorted(placed[:ok], key=lambda p: -p[0].start_token):  # tail first (index.tail_first)
             if p.index.get(e.key) is e and lower.name not in x.copies:
                 p.index.place(e, x, lower, copy)
                 p.metrics.demotions.labels(lower.name, class_kind(x.head_class)).inc()

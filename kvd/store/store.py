@@ -285,6 +285,7 @@ class Store:
         order = [lv.name for lv in self.index.memory if lv.name in readable]  # fastest first
         out = [self._lease_one(lease, h, f, wanted[id(f[0])] if f is not None else [], req.accept_lossy, now, order)
                for h, f in zip(req.hashes, found)]
+        self.index.touch_all(lease.entries, now)
         if lease.entries:
             self.holds.add_lease(lease)
             self.metrics.leases_held.set(len(self.holds.leases))
@@ -304,8 +305,7 @@ class Store:
                                  start_token=e.start_token)
         self.pipeline.hold(e)
         e.reuse_count += 1
-        self.index.touch(e, now)
-        lease.entries.append(e)
+        lease.entries.append(e)  # touched with the others, tail first (Index.touch_all)
         infos = L.extent_infos(e, order, want, accept_lossy)
         for x in infos:
             lease.nbytes[x.tier] = lease.nbytes.get(x.tier, 0) + x.nbytes

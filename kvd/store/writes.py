@@ -31,7 +31,7 @@ from kvd.store import answers as L
 from kvd.store.background import Background
 from kvd.store.entries import Copy, Entry, EntryKey, Extent, ModelRecord, Reservation, new_entry
 from kvd.store.holds import HoldTable
-from kvd.store.index import Index, Level
+from kvd.store.index import Index, Level, tail_first
 from kvd.store.pipeline import Pipeline
 from kvd.store.registry import ModelRegistry
 
@@ -193,7 +193,7 @@ class Writes:
         touched: list[Entry] = []
         now = self.clock()
         try:
-            for e in entries:
+            for e in tail_first(entries):  # the policies meet a sequence's head last: it outlives its tail
                 touched.append(e)
                 e.created = e.last_access = now
                 self.index.insert(e)

@@ -353,3 +353,32 @@ async def test_a_tenant_cannot_remap_a_model_another_tenant_registered(tmp_path)
         s2.host.close()
     finally:
         s.host.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc", "cost_aware"])
+async def test_eviction_takes_a_sequences_tail_before_its_head(tmp_path, policy):
+    """A prefix entry is reachable only while every entry before it in its sequence is there, so under
+    pressure a sequence must lose its tail first. Every policy took the head first: LRU and ARC met a
+    sequence's entries head first (commit and lease touch them in order, so the head was the least
+    recent), and cost-aware scored a chunk by its own recompute cost, lowest at the start; one eviction
+    then left the whole rest of the sequence unreachable (an audit's run: 93 of 94 SSD entries were
+    third chunks whose first chunks were gone)."""
+    s = make_store(tmp_path, policy=policy)  # 4 entries fit
+    try:
+        s.fp = s.register_model(P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64,
+                                                       head_map=HM)).fingerprint
+        seqs = [hashes(2, start=10 * k) for k in range(3)]
+        for hs in seqs[:2]:
+            r = await s.reserve(P.ReserveRequest(fingerprint=s.fp, entries=[
+                P.ReserveEntry(hash=h, num_tokens=256, start_token=256 * i, end_token=512) for i, h in enumerate(hs)]))
+            await commit(s, r.reservation_id)
+            s.clock_fake.advance(1.0)
+        held = await lease(s, seqs[0])  # the first sequence read again, in order
+        s.release(P.ReleaseRequest(lease_id=held.lease_id))
+        r = await s.reserve(P.ReserveRequest(fingerprint=s.fp, entries=[
+            P.ReserveEntry(hash=seqs[2][0], num_tokens=256, start_token=0, end_token=256)]))  # evicts one entry
+        assert r.entries[0].status == "reserved"
+        hits = [(await lookup(s, hs)).num_prefix_hits for hs in seqs[:2]]
+        assert sorted(hits) == [1, 2], hits  # a tail went; both heads stayed
+    finally:
+        s.host.close()
