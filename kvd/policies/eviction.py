@@ -56,7 +56,7 @@ class EntryMeta:
     num_tokens: int = 0
     num_layers: int = 1
     start_token: int = 0  # position of its first token in the sequence it was computed in
-    end_token: int = 0  # a prefix entry's sequence end at store time (0: its own end): what evicting it cuts off
+    end_token: int = 0  # a prefix entry's sequence end at store time (0: none, a chunk entry)
     global_fraction: float = 1.0  # share of its bytes that belong to global heads (0..1)
     pinned: bool = False  # never a victim
 
@@ -264,8 +264,8 @@ class CostAwareEviction(EvictionPolicy):
     """Lowest ``priority = (reuse_count + 1) × recompute_cost × 0.5 ** (age / half_life)`` first.
 
     ``reuse_count``: hits since insertion; ``age``: seconds since the last insert or hit;
-    ``recompute_cost``: ``recompute_cost()`` of the tokens its eviction cuts off (a prefix entry: from its
-    start to its sequence's end, so a sequence loses its tail first). Order is kept in a heap without re-scoring anything
+    ``recompute_cost``: ``recompute_cost()`` of its tokens, a prefix entry's priced at its sequence's last
+    chunk (so a sequence's entries are priced alike and it loses its tail first). Order is kept in a heap without re-scoring anything
     when time passes: for two entries the recency factors share ``0.5 ** (now / half_life)``, so the
     order of priorities equals the order of ``ln((reuse + 1) · cost) + last_access · ln 2 / half_life``,
     a number fixed between accesses. ``victims`` pops in that order (O(k log n)) and pushes back.
@@ -297,11 +297,14 @@ class CostAwareEviction(EvictionPolicy):
 
     def on_insert(self, key: Key, meta: EntryMeta, now: float | None = None) -> None:
         t = self._at(now)
-        # A prefix entry's loss is every token from its start to its sequence's end: a lookup stops at
-        # the first missing entry. Priced by its own tokens only, a sequence's head was the cheapest of
-        # its entries, evicted first, and everything after it unreachable.
-        span = max(meta.num_tokens, meta.end_token - meta.start_token)
-        cost = recompute_cost(span, meta.num_layers, meta.start_token, meta.global_fraction, **self._cost_kw)
+        # A prefix entry is priced as its sequence's last chunk (the dearest: attention over the longest
+        # context), so a sequence's entries are priced alike and its order comes from recency and reuse,
+        # the batches reaching the policy tail first (kvd.store.index.tail_first). Priced by its own
+        # position, a sequence's head was its cheapest entry, evicted first, and everything after it
+        # unreachable (a lookup stops at the first missing entry). Priced as all it cuts off (start to
+        # end), cold sequences' heads outranked hot sequences' tails: a Zipf trace hit less than LRU.
+        at = max(meta.start_token, meta.end_token - meta.num_tokens)
+        cost = recompute_cost(meta.num_tokens, meta.num_layers, at, meta.global_fraction, **self._cost_kw)
         old = self._entries.get(key)  # known: a new size, same history (its score's recency too)
         s = _Scored(meta, cost, old.reuse_count, old.last_access) if old else _Scored(meta, cost, 0, t)
         self._entries[key] = s
