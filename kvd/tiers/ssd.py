@@ -366,6 +366,7 @@ class SsdTier(Tier):
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(mode=DIR_MODE)
                 self._env.copy(str(tmp), compact=True)
+                os.chmod(tmp / "data.mdb", FILE_MODE)  # LMDB's copy is created by the umask (0644)
                 _fsync(tmp / "data.mdb")  # LMDB's copy writes O_DIRECT and never syncs: durable before the swap
                 self._close_env()
                 try:

@@ -439,6 +439,22 @@ def test_directory_and_files_are_private_whatever_the_umask(tmp_path):
         assert f.stat().st_mode & 0o077 == 0, f"{f.name} is readable by others"
 
 
+def test_compaction_keeps_the_data_file_private_whatever_the_umask(tmp_path):
+    """kvctl compact swapped in LMDB's copy, created 0644 under the usual umask: data.mdb was readable by
+    every user (through a directory opened to them) until the next start tightened it (audit 37)."""
+    old = os.umask(0o022)
+    try:
+        t = make_tier(tmp_path / "ssd")
+        put(t, "k", kv_bytes(1))
+        t.compact()
+        put(t, "k2", kv_bytes(2))
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "ssd").iterdir():
+        assert f.stat().st_mode & 0o077 == 0, f"{f.name} is readable by others after compaction"
+    t.close()
+
+
 def test_reads_reuse_a_buffer_once_given_back_and_stay_right(tier):
     """``read`` copies the record out of LMDB into a pooled buffer; once its reader gives it back
     (``recycle``, as the promotion does after decoding) the next read reuses it, with its own bytes."""
