@@ -25,11 +25,13 @@ the lease itself holds them off once it comes.)
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -48,6 +50,11 @@ REOPEN_S = 1.0  # a lost mapping is tried again at most this often
 # still in flight when the daemon dies is. Asked on every lookup it cost 2-5 us of a 30-45 us lookup.
 ALIVE_S = 0.001
 MAX_NOTED = 1 << 14  # distinct lookups noted between reports; past it, the lookup itself sends one
+# (namespace, model) pairs vouched for, least recently used forgotten first. A vLLM request's cache_salt is
+# part of its namespace, so an engine salting per user met a new pair per user: kept until the daemon
+# restarted, the set grew by about 200 bytes per salt for the engine's life. A pair forgotten costs
+# one lookup through the daemon, which vouches for it again.
+MAX_VOUCHED = 1 << 12
 _DEFAULTS = {name: f.get_default(call_default_factory=True) for name, f in P.LookupRequest.model_fields.items()}
 _FREE = frozenset({"fingerprint", "namespace", "prefix_hashes", "prefetch", "max_tokens"})
 
@@ -154,7 +161,7 @@ class LocalLookups:
         self._records: frozenset[int] = frozenset()
         self._sets: list[tuple[str, ...]] = []
         self._shared = False
-        self._vouched: set[tuple[str, str]] = set()
+        self._vouched: OrderedDict[tuple[str, str], None] = OrderedDict()  # bounded: MAX_VOUCHED
         self._noted: dict[tuple, Noted] = {}  # (namespace, model, tags, max_tokens) -> count and answer
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -231,14 +238,18 @@ class LocalLookups:
         if self._m is None:
             self._reopen()
         if self._m is not None:
-            self._vouched.add((req.namespace, req.fingerprint))
+            self._vouched[(req.namespace, req.fingerprint)] = None
+            while len(self._vouched) > MAX_VOUCHED:
+                self._vouched.popitem(last=False)
 
     # ---- answers ---------------------------------------------------------------------------------
 
     def answer(self, req: P.LookupRequest) -> LookupAnswer | None:
-        m = self._m
-        if m is None or (req.namespace, req.fingerprint) not in self._vouched or not _eligible(req):
+        m, pair = self._m, (req.namespace, req.fingerprint)
+        if m is None or pair not in self._vouched or not _eligible(req):
             return None
+        with contextlib.suppress(KeyError):  # forgotten by another thread meanwhile: still answered, once
+            self._vouched.move_to_end(pair)
         if m.words[F.W_STATE] != F.OPEN or not self._daemon_alive():
             # Moved (a bigger table at the same path), closed (the daemon stopped) or nobody's (the
             # daemon was killed): the path may hold this daemon's current table; else ask the daemon
