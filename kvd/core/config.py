@@ -61,6 +61,8 @@ class DaemonSettings(_Section):
     # KV heads, and KV bytes per token (2 × layers × KV heads × head_dim × dtype bytes).
     max_model_heads: int = Field(default=16384, gt=0)
     max_model_kv_bytes_per_token: Size = ByteSize(8 << 20)
+    # A model with no entries left and no registration or request for this long is forgotten (0: never).
+    model_idle_s: float = Field(default=86400.0, ge=0)
     # The full pass of Python's garbage collector over everything, frozen objects included, every this
     # many seconds (0: never); between passes full collections scan only new objects (kvd.daemon.collector).
     gc_full_interval_s: float = Field(default=3600.0, ge=0, le=86400)

@@ -175,6 +175,12 @@ class Admin:
                                          rope=s.rope, layout=s.layout, head_map=m.head_map)
             self.persist_model(req, fp, [lv])
 
+    def forget_model(self, fp: str) -> None:
+        """The registry forgot the model (``ModelRegistry.prune``): its document goes too."""
+        self._docs.pop(fp, None)
+        for fps in self._durable.values():
+            fps.discard(fp)
+
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -37,6 +37,7 @@ class ModelRecord:
     head_map: HeadMap
     registered_at: float
     tenants: set[str] = field(default_factory=set)  # tenants that registered it (this run; kvd.store.registry)
+    last_used: float = 0.0  # clock of its last registration or request (kvd.store.registry.prune)
     _plans: dict[int, dict[str, ExtentPlan]] = field(default_factory=dict)  # num_tokens -> plans
 
     @property

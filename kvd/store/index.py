@@ -77,6 +77,7 @@ class Index:
         self.pending: dict[EntryKey, str] = {}
         self.doomed: dict[int, Entry] = {}  # id(entry) -> entry
         self.aliases: dict[EntryKey, tuple[EntryKey, int]] = {}
+        self._per_model: dict[str, int] = {}  # fingerprint -> its entries in ``entries``
         self.published = None  # the shared lookup index (kvd.store.published.Publisher), once the store opens it
         self._levels_changed()
 
@@ -132,6 +133,7 @@ class Index:
         """Make a committed (or recovered) entry visible, with the copies it has."""
         assert e.key not in self.entries, f"entry {e.key} inserted twice"
         self.entries[e.key] = e
+        self._per_model[e.fingerprint] = self._per_model.get(e.fingerprint, 0) + 1
         self.aliases.pop(e.key, None)  # the real entry serves its own key from now on
         for x in e.extents.values():
             for tier, c in x.copies.items():
@@ -159,6 +161,8 @@ class Index:
         if self.published is not None:
             self.published.unwatch(e)
         del self.entries[e.key]
+        if (n := self._per_model.pop(e.fingerprint) - 1) > 0:
+            self._per_model[e.fingerprint] = n
         for x in e.extents.values():
             for tier, c in x.copies.items():
                 self._account(tier, e, -c.loc.nbytes)
@@ -175,7 +179,12 @@ class Index:
         return len(self.entries)
 
     def has_entries(self, fingerprint: str) -> bool:
-        return any(e.fingerprint == fingerprint for e in self.entries.values())
+        return fingerprint in self._per_model
+
+    def in_use(self, fingerprint: str) -> bool:
+        """Entries of the model exist: indexed, being stored, or deleted and still read."""
+        return fingerprint in self._per_model or any(k[1] == fingerprint for k in self.pending) \
+            or any(e.fingerprint == fingerprint for e in self.doomed.values())
 
     # ---- copies --------------------------------------------------------------------------------
 

@@ -73,8 +73,10 @@ class ModelRegistry:
                 "of one daemon share a model's head map: register the same map, another revision, or ask an admin")
         if known is not None and known.head_map == hm:
             known.tenants.update({tenant} - {None})
+            known.last_used = self.clock()
             return known, False
-        record = ModelRecord(fp, spec, hm, self.clock(), tenants=(known.tenants if known else set()) | ({tenant} - {None}))
+        record = ModelRecord(fp, spec, hm, self.clock(), tenants=(known.tenants if known else set()) | ({tenant} - {None}),
+                             last_used=self.clock())
         self.models[fp] = record
         logger.info("registered model %s (%s): %d layers × %d KV heads, %d global", spec.model_id, fp,
                     spec.num_layers, spec.num_kv_heads, hm.num_global)
@@ -97,7 +99,24 @@ class ModelRegistry:
         if m is None:
             raise NotFound(f"model {fingerprint!r} is not registered with this daemon; register it first "
                            "(POST /v1/models; clients do this on connect and after a daemon restart)")
+        m.last_used = self.clock()
         return m
+
+    def prune(self, idle_s: float, in_use: Callable[[str], bool]) -> list[str]:
+        """Forget the models nothing has used for ``idle_s`` seconds (0: never) that hold no entry
+        (``in_use``); returns their fingerprints. Every checkpoint or revision an engine ever registered
+        was kept for the daemon's whole run (about 270 KB each with a profiled head map: its scores and
+        registration document), where a restart keeps only models with records. A client that registered
+        one is told "not registered" at its next call and registers it again (``kvd.client``); which
+        tenants had registered it is forgotten with it (``register``'s head-map lock between tenants)."""
+        if idle_s <= 0:
+            return []
+        now = self.clock()
+        gone = [fp for fp, m in self.models.items() if now - m.last_used > idle_s and not in_use(fp)]
+        for fp in gone:
+            logger.info("model %s (%s) forgotten: no entries, unused for %.0f s (daemon.model_idle_s)",
+                        self.models.pop(fp).spec.model_id, fp, idle_s)
+        return gone
 
 
 def _check_finite(req: P.RegisterModelRequest) -> None:

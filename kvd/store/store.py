@@ -363,7 +363,7 @@ class Store:
     # ---- background: expiry ---------------------------------------------------------------------
 
     def expire(self, now: float | None = None, *, is_alive: Callable[[int], bool] = owner_is_alive) -> int:
-        """Take back reservations and leases past their TTL or whose owner process died."""
+        """Take back reservations and leases past their TTL or whose owner process died; forget idle models."""
         now = self.clock() if now is None else now
         reservations, leases = self.holds.take_expired(now, is_alive)
         for res in reservations:
@@ -374,6 +374,8 @@ class Store:
             self.metrics.leases_expired.labels(reason).inc()
             logger.warning("lease %s of pid %s taken back (%s), %d entries", lease.lease_id, lease.owner_pid,
                            reason, len(lease.entries))
+        for fp in self.registry.prune(self.settings.daemon.model_idle_s, self.index.in_use):
+            self.admin.forget_model(fp)
         return len(reservations) + len(leases)
 
     # ---- stats ----------------------------------------------------------------------------------
