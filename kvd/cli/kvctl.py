@@ -26,6 +26,7 @@ from kvd.cli.target import find_socket
 from kvd.client.client import KvdClient
 from kvd.core import protocol as P
 from kvd.core.errors import ConfigError, DaemonUnavailable, KvdError
+from kvd.core.units import parse_size
 
 TIERS = ["gpu", "host", "ssd", "remote"]
 EXIT_SIGPIPE = 128 + 13
@@ -45,6 +46,14 @@ def _seconds(text: str) -> float:
     if not 0 < s < 1e6:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0 and 1e6 (e.g. 10)")
     return s
+
+
+def _size(text: str) -> int:
+    """``--max-bytes``: a size as the settings spell it (``4096``, ``512M``, ``2GiB``: kvd.core.units)."""
+    try:
+        return int(parse_size(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _global_flags(p: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -90,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--tier", choices=TIERS, default="host")
     ev.add_argument("--namespace")
     ev.add_argument("--model", metavar="FP")
-    ev.add_argument("--max-bytes", type=int, help="evict in the tier's policy order until this many bytes are freed")
+    ev.add_argument("--max-bytes", type=_size, metavar="SIZE",
+                    help="evict in the tier's policy order until this much is freed (bytes, or 512M, 2GiB, ...)")
     ev.add_argument("--dry-run", action="store_true", help="say what would be evicted; change nothing")
     fl = add("flush", "write host-tier entries to SSD now")
     fl.add_argument("--namespace")

@@ -149,6 +149,14 @@ def test_evict_dry_run_changes_nothing(live, capsys):
     assert {e["hash"] for e in json.loads(out)["entries"]} == before  # still there
 
 
+def test_evict_max_bytes_takes_a_size_as_the_settings_spell_it(live, capsys):
+    """``--max-bytes 1K`` was a usage error (an int only) where every size setting takes units."""
+    code, out, _ = run(live, "--json", "evict", "--tier", "host", "--max-bytes", "1K", "--dry-run", capsys=capsys)
+    assert code == 0 and json.loads(out)["count"] == 1
+    code, _, err = run(live, "evict", "--max-bytes", "1X", "--dry-run", capsys=capsys)
+    assert code == 2 and "'1X' is not a size" in err
+
+
 def test_an_entry_named_twice_is_counted_once(live, capsys):
     """Two prefixes of one entry (or one hash given twice) made the daemon select that entry twice:
     kvctl printed "deleted 2 of 2 entries" and the admin log "2 deleted" for the one entry there was."""
