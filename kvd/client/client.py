@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from kvd.client.arena import ArenaMapping
-from kvd.client.http import JSON, FramesUnsupported, UnixFrames, UnixHttp, parse_answer, raise_for
+from kvd.client.http import JSON, FramesUnsupported, UnixFrames, UnixHttp, left, parse_answer, raise_for, turn
 from kvd.client.local_lookup import LocalLookups
 from kvd.core import lookup_wire
 from kvd.core import protocol as P
@@ -140,28 +140,28 @@ class KvdClient:
 
     def _exchange(self, method: str, path: str, req: BaseModel | None, body: bytes | None, timeout: float,
                   content_type: str = JSON) -> bytes:
-        with self._lock:
-            status, raw = self._request(method, path, body, timeout, content_type)
-            if status == 404 and self._reregister(req, raw):
-                status, raw = self._request(method, path, body, timeout, content_type)
+        with turn(self._lock, timeout, f"kvd at {self.socket_path} did not answer {path}") as deadline:
+            status, raw = self._request(method, path, body, left(deadline), content_type)
+            if status == 404 and self._reregister(req, raw, deadline):
+                status, raw = self._request(method, path, body, left(deadline), content_type)
         if status >= 400:
             raise_for(status, raw, path)
         return raw
 
-    def _reregister(self, req: BaseModel | None, raw: bytes) -> bool:
+    def _reregister(self, req: BaseModel | None, raw: bytes, deadline: float) -> bool:
         fp = getattr(req, "fingerprint", None)
         if fp is None or fp not in self._models.by_fingerprint or b"not registered" not in raw:
             return False
         body = self._models.by_fingerprint[fp].model_dump_json().encode()
-        status, answer = self._request("POST", "/v1/models", body, self.timeout_s)
+        status, answer = self._request("POST", "/v1/models", body, left(deadline))
         if status >= 400:
             return False
         self._arena_seen(parse_answer(P.RegisterModelResponse, answer, "/v1/models").arena)
         return True
 
     def get_json(self, path: str) -> Any:
-        with self._lock:
-            status, raw = self._request("GET", path, None, self.timeout_s)
+        with turn(self._lock, self.timeout_s, f"kvd at {self.socket_path} did not answer {path}") as deadline:
+            status, raw = self._request("GET", path, None, left(deadline))
         if status >= 400:
             raise_for(status, raw, path)
         return json.loads(raw)

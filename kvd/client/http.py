@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from kvd.core.errors import ERRORS_BY_CODE, KvdError, ProtocolMismatch
+from kvd.core.errors import ERRORS_BY_CODE, DaemonUnavailable, KvdError, ProtocolMismatch
 from kvd.core.protocol import describe_validation_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -42,6 +45,25 @@ def _connect(path: str, timeout: float) -> socket.socket:
         except OSError:
             sock.close()
             raise
+
+
+@contextmanager
+def turn(lock: threading.RLock, timeout: float, what: str) -> Iterator[float]:
+    """The client's connections, one call at a time, waited for within the call's ``timeout``: another
+    thread's call (the lookup report, against a hung daemon) may hold them for its own whole timeout,
+    which must not add to this one's. Yields the call's deadline (``time.monotonic()``)."""
+    deadline = time.monotonic() + timeout
+    if not lock.acquire(timeout=timeout):
+        raise DaemonUnavailable(f"{what} within {timeout} s: another call of this client waited on it")
+    try:
+        yield deadline
+    finally:
+        lock.release()
+
+
+def left(deadline: float) -> float:
+    """The seconds a call has left (at least 1 ms: a socket timeout of 0 would make it non-blocking)."""
+    return max(deadline - time.monotonic(), 0.001)
 
 
 class _UnixConnection:
