@@ -47,6 +47,7 @@ from kvd.daemon.frames import ControlServer
 from kvd.daemon.listen import bind, prepare_socket
 from kvd.daemon.metrics import Metrics
 from kvd.daemon.systemd import Notifier
+from kvd.daemon.teardown import close_within, exit_now
 from kvd.daemon.tenants import Tenants
 from kvd.store.recovery import recover
 from kvd.store.reporting import entry_counts
@@ -121,14 +122,9 @@ def _store_ctx(settings: Settings, clock: Callable[[], float], gpu_ipc=None):
                     t.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await t
-            if store is not None:
-                await store.background.close()
-                await store.admin.close()
-                store.close()
-            for tier in reversed(tiers):
-                tier.close()
-            io.shutdown(wait=True, cancel_futures=True)
-            cpu.shutdown(wait=True, cancel_futures=True)
+            by = app[STATE].get("stop_by") or time.monotonic() + settings.daemon.shutdown_timeout_s
+            if not await close_within(store, tiers, [io, cpu], by):
+                app[STATE]["io_stuck"] = True  # the process exits without joining its I/O threads
 
     return ctx
 
@@ -288,6 +284,7 @@ class Daemon:
     async def shutdown(self) -> None:
         t0 = time.monotonic()
         self.app[STATE]["shutting_down"] = True
+        self.app[STATE]["stop_by"] = t0 + 2 * self.settings.daemon.shutdown_timeout_s  # tiers closed by then
         self.notifier.stopping()
         store = self.app.get(STORE)
         if store is None:  # setup failed before the store existed
@@ -377,7 +374,10 @@ def _loop_factory():
 
 async def _amain(settings: Settings, config_path: str | None, overrides: dict) -> int:
     daemon = Daemon(settings, config_path=config_path, overrides=overrides)
-    return await daemon.run()
+    code = await daemon.run()
+    if daemon.app[STATE].get("io_stuck"):
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":
