@@ -100,7 +100,7 @@ class KvdClient:
                 self._framed = False
             except TimeoutError as e:
                 self._close_conn(framed)
-                raise DaemonUnavailable(f"kvd at {self.socket_path} did not answer {path} within {timeout} s") from e
+                raise DaemonUnavailable(f"kvd at {self.socket_path} did not answer {path} within {timeout:.3g} s") from e
             except OSError as e:
                 # A kept-alive connection the daemon closed (restart, idle timeout) fails here; one
                 # fresh connection is tried before the daemon is called unreachable.
