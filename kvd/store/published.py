@@ -41,8 +41,9 @@ class IndexWriter:
     """One index file and the daemon's books of it: which keys share each tag, and the tag's slot."""
 
     def __init__(self, path: Path, *, arena_id: str, chunk_tokens: int, like: Path,
-                 capacity: int = INITIAL_SLOTS) -> None:
+                 capacity: int = INITIAL_SLOTS, private: bool = False) -> None:
         self.path, self.arena_id, self.chunk_tokens, self.like = path, arena_id, chunk_tokens, like
+        self.private = private  # the daemon's user's alone (0600), not the arena's mode
         self._owners: dict[int, dict[EntryKey, int]] = {}  # tag -> key -> value (one key, but for collisions)
         self._slot: dict[int, int] = {}  # tag -> its slot
         self._meta = b""
@@ -52,7 +53,8 @@ class IndexWriter:
             old.words[F.W_STATE] = F.CLOSED
 
     def _create(self, capacity: int) -> tuple[F.Mapped, int, F.Mapped | None]:
-        """A new file at ``path`` with the owner, group and mode of the arena beside it, its version odd
+        """A new file at ``path`` with the owner, group and mode of the arena beside it (0600 if
+        ``private``), its version odd
         (being written) until the caller is done with it, and an exclusive flock held on it; the file
         it replaced, mapped, if it was a kvd lookup index (never another file)."""
         p = self.path
@@ -69,7 +71,7 @@ class IndexWriter:
         try:
             if st.st_gid != os.getegid():
                 os.fchown(fd, -1, st.st_gid)
-            os.fchmod(fd, st.st_mode & 0o777)
+            os.fchmod(fd, 0o600 if self.private else st.st_mode & 0o777)
             os.ftruncate(fd, F.file_bytes(capacity))
             mm = mmap.mmap(fd, F.file_bytes(capacity), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             mm[: 13 * 8] = F.header(capacity, self.arena_id, self.chunk_tokens, version=1)
@@ -201,9 +203,15 @@ class Publisher:
         self.host = host = index.landing.tier
         self.writers: dict[str, IndexWriter] = {}
         try:
+            # Under tenants the default partition holds the namespaces no tenant lists: an admin's, and
+            # those of other hosts' tenants the remote tier's scan adopted. Its arena has the socket's
+            # mode (every client's), so its index would let any tenant test, tag by tag, whether
+            # another host's tenant stored a given prompt: it is the daemon's user's (and root's) only.
+            tenants = len(host.arenas) > 1  # type: ignore[attr-defined]
             for part, arena in host.arenas.items():  # type: ignore[attr-defined]
                 self.writers[part] = IndexWriter(index_path(arena.path), arena_id=arena.arena_id,
-                                                 chunk_tokens=chunk_tokens, like=arena.path)
+                                                 chunk_tokens=chunk_tokens, like=arena.path,
+                                                 private=tenants and part == "")
         except BaseException:
             self.close()
             raise
