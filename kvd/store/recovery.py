@@ -72,7 +72,9 @@ def adopt(store, found: dict[EntryKey, list[tuple[str, StoredRecord]]]) -> int:
     now = store.clock()
     count = 0
     orphans: dict[str, list] = {}
-    for key, parts in found.items():
+    # Tail first, as every batch reaches the policies (``kvd.store.index.tail_first``): in the order
+    # found (record keys, i.e. hashes) a sequence's head could be its first victim after a restart.
+    for key, parts in sorted(found.items(), key=lambda kv: -kv[1][0][1].name.start_token):
         if key in store.index.pending:
             continue  # being stored here: this host's copies will serve it
         if (known := store.index.get(key)) is not None:
