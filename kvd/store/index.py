@@ -178,11 +178,9 @@ class Index:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def has_entries(self, fingerprint: str) -> bool:
-        return fingerprint in self._per_model
-
     def in_use(self, fingerprint: str) -> bool:
-        """Entries of the model exist: indexed, being stored, or deleted and still read."""
+        """Entries of the model exist: indexed, being stored, or deleted and still read (a model is not
+        forgotten, nor its head map changed, while any does)."""
         return fingerprint in self._per_model or any(k[1] == fingerprint for k in self.pending) \
             or any(e.fingerprint == fingerprint for e in self.doomed.values())
 

@@ -115,7 +115,7 @@ class Store:
                        tenant: str | None = None, may_remap: bool = True) -> P.RegisterModelResponse:
         """Register (idempotent); the answer names the arena of the caller's ``partition``. ``tenant``
         and ``may_remap``: see ``ModelRegistry.register``."""
-        record, changed = self.registry.register(req, has_entries=self.index.has_entries, tenant=tenant,
+        record, changed = self.registry.register(req, has_entries=self.index.in_use, tenant=tenant,
                                                  may_remap=may_remap)
         if changed:  # not persisted: read from a persistent tier at start (written again before records)
             self.admin.persist_model(req, record.fingerprint, None if persist else [])

@@ -2,7 +2,11 @@
 
 import pytest
 
+from kvd.core import protocol as P
+from kvd.core.errors import Conflict
+from kvd.core.headmap import HeadMap
 from tests.store.test_pipeline import World
+from tests.store.test_store import HM, commit, hashes, make_store, reserve
 
 
 @pytest.mark.parametrize("policy", ["lru", "arc", "cost_aware"])
@@ -21,3 +25,22 @@ async def test_entries_recovered_at_start_reach_the_policies_tail_first(tmp_path
         assert order == [1280, 1024, 768, 512, 256, 0], order
     finally:
         w.close()
+
+
+async def test_a_head_map_change_waits_for_the_entries_being_stored_under_the_old_map(tmp_path):
+    """A model's head map may change only while no entry follows the old one. The registry asked
+    ``Index.has_entries`` (indexed entries only), where ``Index.in_use`` (made for forgetting models)
+    also counts entries being stored: a map changed between a reserve and its commit, and the commit then
+    indexed entries whose extents follow the old map under the new one (readers and the start-up
+    rebuild match extents against the model's map)."""
+    s = make_store(tmp_path)
+    try:
+        req = P.RegisterModelRequest(model_id="toy", num_layers=2, num_kv_heads=2, head_dim=64, head_map=HM)
+        s.fp = s.register_model(req).fingerprint
+        r = await reserve(s, hashes(1))
+        with pytest.raises(Conflict, match="another head map"):
+            s.register_model(req.model_copy(update={"head_map": HeadMap.all_global("toy", 2, 2)}))
+        await commit(s, r.reservation_id)
+        assert s.registry.models[s.fp].head_map == HM
+    finally:
+        s.host.close()
