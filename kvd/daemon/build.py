@@ -55,10 +55,29 @@ async def build_tiers(settings: Settings, tenants: Tenants, io: ThreadPoolExecut
         ssd = await asyncio.get_running_loop().run_in_executor(io, lambda: SsdTier(settings.ssd_path(), settings.ssd))
         tiers.append(ssd)
         check_disk_room(ssd)
+        check_ssd_quotas(settings)
     remote = await remote_tier(settings, io) if settings.remote.enabled else None
     if remote is not None:
         tiers.append(remote)
     return remote
+
+
+def check_ssd_quotas(settings: Settings) -> bool:
+    """Warn when the tenants' SSD quotas add up to more than the SSD tier; True if they fit.
+
+    A quota (``ssd_bytes``) is a cap, not a reservation, and a tenant makes room on SSD by evicting
+    only its own entries: with the caps over the tier, one tenant within its cap can fill the shared
+    SSD, and another's demotions then find no room, its arena entries dropped unwritten. Overcommit
+    may be a choice (bursty tenants), so it is a warning, not an error (audit 40)."""
+    quotas = {name: int(t.ssd_bytes) for name, t in settings.tenants.items()}
+    total, capacity = sum(quotas.values()), int(settings.ssd.capacity_bytes)
+    if not quotas or total <= capacity:
+        return True
+    logger.warning("the tenants' ssd_bytes add up to %d bytes (%s), more than ssd.capacity_bytes = %d: a tenant "
+                   "within its quota can fill the SSD tier, and the others' demotions then fail (their arena "
+                   "entries are dropped unwritten); lower the quotas to fit", total,
+                   ", ".join(f"{k} {v}" for k, v in sorted(quotas.items())), capacity)
+    return False
 
 
 def check_disk_room(ssd: SsdTier) -> bool:

@@ -96,3 +96,22 @@ def test_an_ssd_capacity_the_disk_cannot_hold_is_warned_at_start(tmp_path, caplo
     finally:
         fits.close()
         too_big.close()
+
+
+def test_tenant_ssd_quotas_that_overcommit_the_ssd_are_warned_at_start(caplog):
+    """Tenants' ssd_bytes are caps, not reservations: with their sum over ssd.capacity_bytes (the
+    defaults do it with five tenants: 16 GiB each against 64 GiB), one tenant within its cap can fill
+    the shared SSD, and another's demotions then find no room (it may evict only its own entries), so
+    its arena entries are dropped unwritten. Nothing said so (audit 40)."""
+    from kvd.core.config import load_settings
+    from kvd.daemon.build import check_ssd_quotas
+
+    def settings(n: int, each: str):
+        return load_settings(None, environ={}, overrides={"ssd": {"capacity_bytes": "64GiB"}, "tenants": {
+            f"t{i}": {"uids": [61000 + i], "namespaces": [f"ns{i}"], "ssd_bytes": each} for i in range(n)}})
+
+    with caplog.at_level("WARNING", logger="kvd"):
+        caplog.clear()
+        assert check_ssd_quotas(settings(4, "16GiB")) and not caplog.records
+        assert not check_ssd_quotas(settings(5, "16GiB"))
+    assert "ssd_bytes" in caplog.text and "ssd.capacity_bytes" in caplog.text
