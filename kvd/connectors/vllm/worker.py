@@ -28,49 +28,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from kvd.client.session import DaemonSession
-from kvd.client.transfer import Lease, Reservation, open_lease, reserve
+from kvd.client.transfer import open_lease, reserve
 from kvd.connectors.vllm.copy import KernelCopier, PermCopier, Piece, StridedCopier
 from kvd.connectors.vllm.failures import LoadFailures
 from kvd.connectors.vllm.plan import LoadSpec, SaveSpec, StepPlan, entry_sizes
 from kvd.connectors.vllm.settings import ConnectorSettings
+from kvd.connectors.vllm.step_state import StepLoad, StepSave, StepState
 from kvd.connectors.vllm.sums import LoadSums
 from kvd.core import protocol as P
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Load:
-    spec: LoadSpec
-    lease: Lease
-    pieces: list[Piece]
-    sums: LoadSums | None = None  # checksums taken as the layers are copied (kvd.connectors.vllm.sums)
-    starts: list[int] = field(default_factory=list)  # per piece: its chunk's first token in the request
-
-
-@dataclass
-class _Save:
-    spec: SaveSpec
-    reservation: Reservation
-    pieces: list[Piece]
-
-
-@dataclass
-class _Step:
-    plan: StepPlan
-    loads: list[_Load] = field(default_factory=list)
-    saves: list[_Save] | None = None  # None until the first save_layer of the step
-    layers_loaded: set[int] = field(default_factory=set)
-    layers_saved: set[int] = field(default_factory=set)
-    forward_started: bool = False
-    loads_finished: bool = False  # checked, exchanged and released (``_finish_loads``)
-    t_load_s: float = 0.0
-    t_save_s: float = 0.0
 
 
 class WorkerIO:
@@ -97,7 +68,7 @@ class WorkerIO:
             raise ValueError(f"KV layer of shape {tuple(first.shape)} does not tile {num_blocks} blocks of "
                              f"{block_size} tokens")
         self.kernel_tokens = block_size // self.ratio
-        self.step: _Step | None = None
+        self.step: StepState | None = None
         self.load_errors: set[int] = set()
         self.failures = LoadFailures(merge_failures)  # which saves failed loads spoil (tensor parallel: all ranks')
 
@@ -133,7 +104,7 @@ class WorkerIO:
     # ---- step ------------------------------------------------------------------------------------
 
     def begin_step(self, plan: StepPlan) -> None:
-        self.step = _Step(plan)
+        self.step = StepState(plan)
         self.failures.begin_step(plan)
 
     def start_loads(self) -> None:
@@ -150,7 +121,7 @@ class WorkerIO:
                 st.loads.append(load)
         st.t_load_s += time.perf_counter() - t0
 
-    def _lease(self, spec: LoadSpec) -> _Load | None:
+    def _lease(self, spec: LoadSpec) -> StepLoad | None:
         """Lease the spec's entries and plan the copy of the usable leading ones; report the rest."""
         h = self.session.handle()
         if h is None:
@@ -173,7 +144,7 @@ class WorkerIO:
         if n < len(sizes):
             chunk = spec.first_chunk + n
             self._fail(spec, chunk * c, f"entry {chunk} is {lease.states[n]}")
-        load = _Load(spec, lease, [])
+        load = StepLoad(spec, lease, [])
         end = spec.end
         if end % self.kernel_tokens and not self.copier.partial_blocks:  # it can write whole blocks only
             end -= end % self.kernel_tokens
@@ -238,9 +209,9 @@ class WorkerIO:
             self._fail(ld.spec, ld.spec.start, why)
         st.loads = []
 
-    def _release(self, ld: _Load, transfer_s: float = 0.0) -> None:
-        if not ld.lease.closed:
-            self.session.call("release", lambda h: ld.lease.release(transfer_s))
+    def _release(self, ld: StepLoad, transfer_s: float = 0.0) -> bool:
+        """False if the release failed or was skipped: the daemon that granted the lease may be gone."""
+        return ld.lease.closed or self.session.call("release", lambda h: ld.lease.release(transfer_s)) is not None
 
     # ---- saves -----------------------------------------------------------------------------------
 
@@ -269,7 +240,7 @@ class WorkerIO:
                 self._abort_saves()
         st.t_save_s += time.perf_counter() - t0
 
-    def _reserve(self, spec: SaveSpec) -> _Save | None:
+    def _reserve(self, spec: SaveSpec) -> StepSave | None:
         """Reserve the spec's entries (with their prefix aliases) and plan the copies into them."""
         if self.failures.spoils(spec, self.load_errors):
             self.counters["store_aborted_chunks"] += len(spec.hashes)
@@ -291,7 +262,7 @@ class WorkerIO:
         self.counters["store_no_space_chunks"] += res.num_no_space
         if res.closed:
             return None
-        save = _Save(spec, res, [])
+        save = StepSave(spec, res, [])
         try:
             for i, n in enumerate(sizes):
                 if (view := res.entry(i)) is not None:
@@ -313,10 +284,10 @@ class WorkerIO:
             self._abort(s)
         st.saves = []
 
-    def _abort(self, save: _Save) -> None:
+    def _abort(self, save: StepSave) -> None:
         self.session.call("abort", lambda h: save.reservation.abort())
 
-    def _commit(self, save: _Save, transfer_s: float) -> None:
+    def _commit(self, save: StepSave, transfer_s: float) -> None:
         committed = self.session.call("commit", lambda h: save.reservation.commit(transfer_s))
         n = save.reservation.num_reserved
         self.counters["stored_chunks"] += len(committed or [])
@@ -366,12 +337,19 @@ class WorkerIO:
             except Exception as e:  # a boundary; and every tensor-parallel rank must reach the exchange
                 logger.exception("kvd: checking the step's loads failed")
                 self._abandon_loads(f"checking them failed: {e}")
+        # Released before the exchange, so a failed release fails the load on every rank. A daemon that
+        # restarted during the copy frees the dead one's arena pages (kvd.tiers.arena.release_pages), and
+        # the rest of the copy read zeros: caught by checksums taken with the copy, not by those before it.
+        checked_before = self.settings.verify_checksums and not self.sums_with_copy
+        for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
+            if not self._release(ld, st.t_load_s / len(st.loads)) and checked_before:
+                self._fail(ld.spec, ld.spec.start, "its lease's release failed (the daemon may have restarted "
+                           "during the copy, whose bytes were checked before it)")
         if st.plan.loads:  # the same plan on every rank: each makes this call (a collective under TP)
             for spec, first in self.failures.from_other_ranks(st.plan.loads):
                 self._fail(spec, first, "another tensor-parallel rank failed to load it")
         if st.loads:
-            for ld in st.loads:  # the step's copy time, shared out, feeds the daemon's load MB/s
-                self._release(ld, st.t_load_s / len(st.loads))
+            for ld in st.loads:
                 cut = self.failures.first.get(ld.spec.req_id, ld.spec.end)  # failed from here: not loaded
                 self.counters["loaded_tokens"] += sum(max(0, min(s + p.t1, cut) - (s + p.t0))
                                                       for s, p in zip(ld.starts, ld.pieces))

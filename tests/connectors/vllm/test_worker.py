@@ -448,3 +448,25 @@ def test_with_speculative_decoding_a_corrupt_load_is_reported_in_its_own_step(da
     dst.end_step()
     assert dst.counters["checksum_failures"] == 1 and dst.counters["stored_chunks"] == 0
     assert dst.take_load_errors() == set()  # not reported again in the next step
+
+
+@pytest.mark.parametrize("verify_with_copy", [False, True], ids=["checked-before-copy", "checked-with-copy"])
+def test_a_load_whose_release_fails_is_failed_when_its_bytes_were_checked_before_the_copy(tmp_path, verify_with_copy):
+    """The daemon dies during a step's load. A new daemon started before the copy ends frees the dead
+    one's arena pages (so its own fits /dev/shm), and the rest of the copy reads zeros. Checksums
+    taken with the copy catch that; checked before the copy (verify_with_copy false) nothing did, and
+    the failed release was ignored: the copied bytes were used. Now that load fails (vLLM recomputes)."""
+    d = DaemonProc(tmp_path).start()
+    try:
+        src, hs = stored_prompt(d, "release-fails", 7)
+        dst = make_worker(d, "release-fails", seed=8, verify_with_copy=verify_with_copy)
+        dst.begin_step(StepPlan(loads=(LoadSpec("b", NS, 0, hs, 0, 768, tuple(range(10, 16))),)))
+        dst.start_loads()
+        for name in dst.kv_caches:
+            dst.load_layer(name)
+        d.kill()  # after the copy, before the release
+        dst.end_step()
+        errors = dst.take_load_errors()
+        assert errors == (set() if verify_with_copy else set(range(10, 16)))
+    finally:
+        d.kill()
